@@ -1,0 +1,53 @@
+//! Protocol constants: ports, versions, size limits and chunking parameters.
+//! Kept in one place so the numbers both peers depend on are easy to audit.
+
+/// The vsock CID of the host as seen from a guest (`VMADDR_CID_HOST`).
+pub const HOST_CID: u32 = 2;
+
+/// Well-known vsock port the host daemon listens on and the agent dials.
+pub const DEFAULT_PORT: u32 = 7075;
+
+/// Oldest protocol version this build speaks.
+pub const PROTOCOL_MIN: u16 = 1;
+
+/// Newest protocol version this build speaks.
+pub const PROTOCOL_MAX: u16 = 1;
+
+/// Default (and proposed) maximum frame size: 1 MiB.
+pub const DEFAULT_MAX_FRAME: u32 = 1 << 20;
+
+/// No peer may negotiate a frame limit below this: a maximum-size chunk plus
+/// its request header must always fit in one frame.
+pub const MIN_MAX_FRAME: u32 = MAX_CHUNK + 16 * 1024;
+
+/// Hard ceiling for a negotiated frame size (16 MiB). Anything larger would
+/// let one peer make the other allocate too much per connection.
+pub const MAX_MAX_FRAME: u32 = 16 << 20;
+
+/// FastCDC minimum chunk size (see `chunker` for the measurement behind it).
+pub const MIN_CHUNK: u32 = 16 * 1024;
+
+/// FastCDC target average chunk size.
+pub const AVG_CHUNK: u32 = 64 * 1024;
+
+/// FastCDC maximum chunk size; also the largest chunk a peer may send.
+pub const MAX_CHUNK: u32 = 256 * 1024;
+
+/// Default heartbeat interval the host proposes in `Welcome`.
+pub const DEFAULT_HEARTBEAT_MS: u32 = 5_000;
+
+/// A peer silent for this many heartbeat intervals is considered dead.
+pub const HEARTBEAT_MISSES: u32 = 3;
+
+/// Longest user, session, UA or monitor name accepted on the wire.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// Longest free-text field (reasons, messages) accepted on the wire.
+pub const MAX_TEXT_LEN: usize = 1024;
+
+/// Serialized size of one [`crate::manifest::ChunkRef`] in the worst case
+/// (32-byte hash + 5-byte varint length).
+pub const CHUNK_REF_MAX_WIRE: u32 = 37;
+
+/// Bytes reserved in a manifest page frame for everything but the chunk refs.
+pub const PAGE_OVERHEAD: u32 = 4096;
