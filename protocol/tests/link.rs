@@ -1,0 +1,225 @@
+//! Link behaviour over real Unix socket pairs: multiplexing, priority of
+//! control frames over bulk frames, heartbeats, dead-peer detection,
+//! goodbye, and containment of garbage.
+
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+use tokio_util::codec::FramedRead;
+use uve_protocol::codec::FrameCodec;
+use uve_protocol::defs::DEFAULT_MAX_FRAME;
+use uve_protocol::link::{self, Incoming, LinkConfig, LinkEnd, LinkError, LinkHandle};
+use uve_protocol::message::{ErrorCode, Request, Response};
+use uve_protocol::{Hash, Response as R};
+
+fn cfg(hb_ms: u64) -> LinkConfig {
+    LinkConfig::new(Duration::from_millis(hb_ms), DEFAULT_MAX_FRAME)
+}
+
+fn start(s: UnixStream, c: LinkConfig) -> (LinkHandle, tokio::sync::mpsc::Receiver<Incoming>) {
+    let (r, w) = s.into_split();
+    link::spawn(FramedRead::new(r, FrameCodec::new(c.max_frame)), w, c)
+}
+
+fn pair(
+    hb_ms: u64,
+) -> (
+    (LinkHandle, tokio::sync::mpsc::Receiver<Incoming>),
+    (LinkHandle, tokio::sync::mpsc::Receiver<Incoming>),
+) {
+    let (a, b) = UnixStream::pair().expect("pair");
+    (start(a, cfg(hb_ms)), start(b, cfg(hb_ms)))
+}
+
+/// Answers Ping with Pong and everything else with Ok, recording the order.
+fn echo_server(
+    mut rx: tokio::sync::mpsc::Receiver<Incoming>,
+) -> tokio::task::JoinHandle<Vec<Request>> {
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some(inc) = rx.recv().await {
+            let resp = match &inc.request {
+                Request::Ping { nonce } => Response::Pong { nonce: *nonce },
+                _ => Response::Ok,
+            };
+            seen.push(inc.request);
+            let _ = inc.responder.send(resp).await;
+        }
+        seen
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_flow_both_ways_concurrently() {
+    let ((a, a_in), (b, b_in)) = pair(1000);
+    echo_server(a_in);
+    echo_server(b_in);
+    let mut tasks = Vec::new();
+    for i in 0..200u64 {
+        let (a, b) = (a.clone(), b.clone());
+        tasks.push(tokio::spawn(async move {
+            assert_eq!(
+                a.request(Request::Ping { nonce: i }).await.expect("a→b"),
+                R::Pong { nonce: i }
+            );
+            assert_eq!(
+                b.request(Request::Ping { nonce: i + 1000 })
+                    .await
+                    .expect("b→a"),
+                R::Pong { nonce: i + 1000 }
+            );
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_frames_overtake_queued_bulk_frames() {
+    // A slow receiver (1-slot incoming queue, 10 ms per bulk request) makes
+    // the bulk frames back up in the sender's queue and the socket.
+    let (x, y) = UnixStream::pair().expect("pair");
+    let (a, _a_in) = start(x, cfg(1000));
+    let slow = LinkConfig {
+        incoming_queue: 1,
+        ..cfg(1000)
+    };
+    let (_b, mut b_in) = start(y, slow);
+    let server = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some(inc) = b_in.recv().await {
+            let resp = match &inc.request {
+                Request::Ping { nonce } => Response::Pong { nonce: *nonce },
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    Response::Ok
+                }
+            };
+            seen.push(inc.request);
+            let _ = inc.responder.send(resp).await;
+        }
+        seen
+    });
+    const BULK: usize = 32;
+    let mut bulk = Vec::new();
+    for i in 0..BULK {
+        let a = a.clone();
+        bulk.push(tokio::spawn(async move {
+            a.request(Request::ChunkUpload {
+                upload: i as u64,
+                hash: Hash([0; 32]),
+                data: vec![i as u8; 200 * 1024],
+            })
+            .await
+            .expect("bulk")
+        }));
+    }
+    // Let the bulk senders fill the queue and the socket.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        a.request(Request::Ping { nonce: 7 }).await.expect("ping"),
+        R::Pong { nonce: 7 }
+    );
+    for t in bulk {
+        t.await.expect("bulk task");
+    }
+    a.close();
+    let seen = server.await.expect("server");
+    let pos = seen
+        .iter()
+        .position(|r| matches!(r, Request::Ping { .. }))
+        .expect("ping seen");
+    assert_eq!(seen.len(), BULK + 1);
+    assert!(
+        pos < BULK / 2,
+        "ping arrived after {pos} of {BULK} bulk frames queued before it"
+    );
+}
+
+#[tokio::test]
+async fn idle_link_stays_up_on_heartbeats() {
+    let ((a, _ai), (b, _bi)) = pair(50);
+    tokio::time::sleep(Duration::from_millis(400)).await; // 8 intervals
+    assert!(!a.is_closed() && !b.is_closed());
+}
+
+#[tokio::test]
+async fn silent_peer_is_declared_dead_and_requests_fail() {
+    let (a, peer) = UnixStream::pair().expect("pair");
+    let (h, _in) = start(a, cfg(50));
+    let started = std::time::Instant::now();
+    let err = h
+        .request(Request::Ping { nonce: 1 })
+        .await
+        .expect_err("dead peer");
+    assert!(
+        matches!(err, LinkError::Closed(LinkEnd::DeadPeer(_))),
+        "{err}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    assert!(matches!(h.closed().await, LinkEnd::DeadPeer(_)));
+    drop(peer);
+}
+
+#[tokio::test]
+async fn goodbye_is_seen_as_orderly_by_the_peer() {
+    let ((a, _ai), (b, _bi)) = pair(1000);
+    a.goodbye("agent shutting down").await;
+    assert_eq!(
+        b.closed().await,
+        LinkEnd::Goodbye("agent shutting down".into())
+    );
+    assert!(a.closed().await.is_orderly());
+}
+
+#[tokio::test]
+async fn garbage_closes_only_that_link_with_a_reason() {
+    let (a, mut raw) = UnixStream::pair().expect("pair");
+    let (h, _in) = start(a, cfg(1000));
+    raw.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff])
+        .await
+        .expect("write");
+    match h.closed().await {
+        LinkEnd::BadFrame(why) => assert!(why.contains("undecodable"), "{why}"),
+        other => panic!("expected BadFrame, got {other:?}"),
+    }
+    let (a, mut raw) = UnixStream::pair().expect("pair");
+    let (h, _in) = start(a, cfg(1000));
+    raw.write_all(&u32::MAX.to_le_bytes()).await.expect("write");
+    match h.closed().await {
+        LinkEnd::BadFrame(why) => assert!(why.contains("exceeds the limit"), "{why}"),
+        other => panic!("expected BadFrame, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn unanswered_request_gets_internal_error_not_a_hang() {
+    let ((a, _ai), (_b, mut b_in)) = pair(1000);
+    tokio::spawn(async move {
+        while let Some(inc) = b_in.recv().await {
+            drop(inc); // dispatcher bug: never answers
+        }
+    });
+    let err = a
+        .request_timeout(Request::Ping { nonce: 1 }, Duration::from_secs(5))
+        .await
+        .expect_err("must fail");
+    assert_eq!(err.remote_code(), Some(ErrorCode::Internal), "{err}");
+}
+
+#[tokio::test]
+async fn oversized_request_is_refused_to_the_caller() {
+    let ((a, _ai), (_b, _bi)) = pair(1000);
+    let err = a
+        .request(Request::ChunkUpload {
+            upload: 1,
+            hash: Hash([0; 32]),
+            data: vec![0; DEFAULT_MAX_FRAME as usize],
+        })
+        .await
+        .expect_err("too big");
+    assert!(matches!(err, LinkError::Frame(_)), "{err}");
+    assert!(!a.is_closed(), "a refused frame must not close the link");
+}
