@@ -1,0 +1,3 @@
+//! `uvectl`: operator CLI for the uve-host management API (in progress).
+
+fn main() {}

@@ -1,0 +1,449 @@
+//! [`LocalStore`]: the UIF store over a local directory.
+//!
+//! ```text
+//! <root>/chunks/<2 hex>/<64 hex>     chunk bytes
+//! <root>/users/<user>/state.json     head, next version number, retained versions
+//! <root>/users/<user>/v/<n>          manifest of version n (postcard)
+//! <root>/tmp/                        temp files; emptied at open
+//! ```
+//!
+//! The commit point of a version is the atomic replacement of `state.json`:
+//! the manifest file is written (durably) first, the state naming it second.
+//! A crash before the state write leaves an orphan manifest that recovery
+//! deletes; the old head stays intact. Chunks are written before either.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::{ErrorKind, Read};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use uve_protocol::defs::MAX_CHUNK;
+use uve_protocol::manifest::{Hash, Manifest};
+use uve_protocol::message::Version;
+use uve_protocol::names;
+
+use super::{
+    ChunkPins, CommitOutcome, GcReport, PinTable, StoreError, StorePolicy, StoreResult, UifStore,
+    VersionInfo, VersionKind, now_ms,
+};
+use crate::durable;
+
+/// Per-user state file: the single source of truth of what is visible.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct UserState {
+    head: Option<Version>,
+    next: Version,
+    versions: Vec<VersionInfo>,
+}
+
+/// A UIF store in a local directory.
+pub struct LocalStore {
+    root: PathBuf,
+    tmp: PathBuf,
+    policy: StorePolicy,
+    /// Serialises commits per user (read-modify-write of `state.json`).
+    user_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Writers (chunk puts, commits) share it; GC takes it exclusively, so
+    /// a sweep never races a version being made visible.
+    gc_lock: RwLock<()>,
+    pins: Arc<PinTable>,
+}
+
+impl LocalStore {
+    /// Opens (creating if needed) a store at `root` and recovers from a
+    /// crash: temp files are deleted, manifests no state names are deleted.
+    /// A state file that cannot be read is an error, never silently reset.
+    pub fn open(root: &Path, policy: StorePolicy) -> StoreResult<Self> {
+        let store = LocalStore {
+            root: root.to_path_buf(),
+            tmp: root.join("tmp"),
+            policy,
+            user_locks: Mutex::new(HashMap::new()),
+            gc_lock: RwLock::new(()),
+            pins: Arc::new(PinTable::default()),
+        };
+        for d in [root.join("chunks"), root.join("users")] {
+            fs::create_dir_all(&d)
+                .map_err(|e| StoreError::io(format!("create {}", d.display()), e))?;
+        }
+        let cleared = durable::clear_dir(&store.tmp)
+            .map_err(|e| StoreError::io("clear store temp directory", e))?;
+        if cleared > 0 {
+            tracing::info!(cleared, "removed temp leftovers of an earlier run");
+        }
+        for user in store.users()? {
+            store.remove_orphans(&user)?;
+        }
+        Ok(store)
+    }
+
+    fn user_dir(&self, user: &str) -> PathBuf {
+        self.root.join("users").join(user)
+    }
+
+    fn manifest_path(&self, user: &str, v: Version) -> PathBuf {
+        self.user_dir(user).join("v").join(v.to_string())
+    }
+
+    fn chunk_path(&self, hash: &Hash) -> PathBuf {
+        let hex = hash.to_hex();
+        self.root.join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    fn user_lock(&self, user: &str) -> Arc<Mutex<()>> {
+        self.user_locks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(user.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn read_state(&self, user: &str) -> StoreResult<UserState> {
+        let path = self.user_dir(user).join("state.json");
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                path: path.display().to_string(),
+                why: e.to_string(),
+            }),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(UserState {
+                next: 1,
+                ..UserState::default()
+            }),
+            Err(e) => Err(StoreError::io(format!("read {}", path.display()), e)),
+        }
+    }
+
+    fn write_state(&self, user: &str, state: &UserState) -> StoreResult<()> {
+        let path = self.user_dir(user).join("state.json");
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Corrupt {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })?;
+        durable::write_atomic(&self.tmp, &path, &bytes)
+            .map_err(|e| StoreError::io(format!("write {}", path.display()), e))
+    }
+
+    /// Deletes manifest files of `user` that its state does not list
+    /// (written by a commit that crashed before its state write, or left
+    /// by a prune that crashed before deleting).
+    fn remove_orphans(&self, user: &str) -> StoreResult<()> {
+        let state = self.read_state(user)?;
+        let keep: HashSet<Version> = state.versions.iter().map(|v| v.version).collect();
+        let dir = self.user_dir(user).join("v");
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let listed = name
+                .to_str()
+                .and_then(|n| n.parse::<Version>().ok())
+                .is_some_and(|v| keep.contains(&v));
+            if !listed {
+                tracing::info!(user, file = ?name, "removing orphan manifest");
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    fn write_manifest(&self, user: &str, v: Version, manifest: &Manifest) -> StoreResult<()> {
+        let dir = self.user_dir(user).join("v");
+        fs::create_dir_all(&dir)
+            .map_err(|e| StoreError::io(format!("create {}", dir.display()), e))?;
+        let bytes = postcard::to_stdvec(manifest).map_err(|e| StoreError::Corrupt {
+            path: dir.display().to_string(),
+            why: e.to_string(),
+        })?;
+        durable::write_atomic(&self.tmp, &self.manifest_path(user, v), &bytes)
+            .map_err(|e| StoreError::io("write manifest", e))
+    }
+
+    /// Adds a version under the user lock; `decide` sees the current state
+    /// and says whether the new version becomes head.
+    fn add_version(
+        &self,
+        user: &str,
+        manifest: &Manifest,
+        base: Option<Version>,
+        origin: &str,
+        decide: impl FnOnce(&UserState) -> bool,
+    ) -> StoreResult<CommitOutcome> {
+        names::user(user)?;
+        manifest.validate()?;
+        if manifest.header.size > self.policy.quota_bytes {
+            return Err(StoreError::QuotaExceeded {
+                size: manifest.header.size,
+                quota: self.policy.quota_bytes,
+            });
+        }
+        let _gc = self.gc_lock.read().unwrap_or_else(PoisonError::into_inner);
+        for c in &manifest.chunks {
+            if !self.has_chunk(&c.hash)? {
+                return Err(StoreError::MissingChunk(c.hash));
+            }
+        }
+        let lock = self.user_lock(user);
+        let _user = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.read_state(user)?;
+        let v = state.next.max(1);
+        self.write_manifest(user, v, manifest)?;
+        let becomes_head = decide(&state);
+        let previous_head = state.head;
+        state.next = v + 1;
+        state.versions.push(VersionInfo {
+            version: v,
+            kind: if becomes_head {
+                VersionKind::Committed
+            } else {
+                VersionKind::Conflict
+            },
+            created_ms: now_ms(),
+            size: manifest.header.size,
+            digest: manifest.header.digest.to_hex(),
+            chunk_count: manifest.header.chunk_count,
+            base,
+            origin: origin.to_string(),
+        });
+        if becomes_head {
+            state.head = Some(v);
+        }
+        let pruned = self.prune(&mut state);
+        self.write_state(user, &state)?;
+        for p in pruned {
+            let _ = fs::remove_file(self.manifest_path(user, p));
+        }
+        Ok(if becomes_head {
+            CommitOutcome::Committed(v)
+        } else {
+            CommitOutcome::Conflict {
+                kept_as: v,
+                head: previous_head,
+            }
+        })
+    }
+
+    /// Drops versions beyond the retention policy from `state`; returns
+    /// their numbers (their manifests are deleted after the state write).
+    fn prune(&self, state: &mut UserState) -> Vec<Version> {
+        let now = now_ms();
+        let max_age = u64::try_from(self.policy.conflict_max_age.as_millis()).unwrap_or(u64::MAX);
+        let committed: Vec<Version> = state
+            .versions
+            .iter()
+            .filter(|v| v.kind == VersionKind::Committed)
+            .map(|v| v.version)
+            .collect();
+        let conflicts: Vec<&VersionInfo> = state
+            .versions
+            .iter()
+            .filter(|v| v.kind == VersionKind::Conflict)
+            .collect();
+        let mut drop: HashSet<Version> = HashSet::new();
+        let keep = self.policy.history_keep.max(1);
+        if committed.len() > keep {
+            drop.extend(committed[..committed.len() - keep].iter().copied());
+        }
+        let excess = conflicts.len().saturating_sub(self.policy.conflict_keep);
+        for (i, c) in conflicts.iter().enumerate() {
+            if i < excess || now.saturating_sub(c.created_ms) > max_age {
+                drop.insert(c.version);
+            }
+        }
+        if let Some(h) = state.head {
+            drop.remove(&h);
+        }
+        state.versions.retain(|v| !drop.contains(&v.version));
+        let mut out: Vec<Version> = drop.into_iter().collect();
+        out.sort_unstable();
+        out
+    }
+
+    fn chunk_files(&self) -> Vec<(PathBuf, Hash)> {
+        let mut out = Vec::new();
+        let Ok(prefixes) = fs::read_dir(self.root.join("chunks")) else {
+            return out;
+        };
+        for prefix in prefixes.flatten() {
+            let Ok(files) = fs::read_dir(prefix.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                if let Some(h) = f.file_name().to_str().and_then(Hash::from_hex) {
+                    out.push((f.path(), h));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl UifStore for LocalStore {
+    fn has_chunk(&self, hash: &Hash) -> StoreResult<bool> {
+        match fs::metadata(self.chunk_path(hash)) {
+            Ok(m) => Ok(m.is_file()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StoreError::io("stat chunk", e)),
+        }
+    }
+
+    fn put_chunk(&self, hash: &Hash, data: &[u8]) -> StoreResult<()> {
+        if data.len() > MAX_CHUNK as usize || Hash::of(data) != *hash {
+            return Err(StoreError::BadChunk(*hash));
+        }
+        let _gc = self.gc_lock.read().unwrap_or_else(PoisonError::into_inner);
+        let path = self.chunk_path(hash);
+        if path.is_file() {
+            // Refresh the mtime so a concurrent GC's grace period covers it.
+            let _ = fs::File::options()
+                .append(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(SystemTime::now()));
+            return Ok(());
+        }
+        let dir = path.parent().unwrap_or(&self.root);
+        fs::create_dir_all(dir).map_err(|e| StoreError::io("create chunk directory", e))?;
+        durable::write_atomic(&self.tmp, &path, data).map_err(|e| StoreError::io("write chunk", e))
+    }
+
+    fn read_chunk(&self, hash: &Hash) -> StoreResult<Vec<u8>> {
+        let path = self.chunk_path(hash);
+        let f = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(StoreError::MissingChunk(*hash));
+            }
+            Err(e) => return Err(StoreError::io("open chunk", e)),
+        };
+        let mut data = Vec::with_capacity(64 * 1024);
+        f.take(u64::from(MAX_CHUNK) + 1)
+            .read_to_end(&mut data)
+            .map_err(|e| StoreError::io("read chunk", e))?;
+        if data.len() > MAX_CHUNK as usize || Hash::of(&data) != *hash {
+            return Err(StoreError::BadChunk(*hash));
+        }
+        Ok(data)
+    }
+
+    fn head(&self, user: &str) -> StoreResult<Option<Version>> {
+        names::user(user)?;
+        Ok(self.read_state(user)?.head)
+    }
+
+    fn manifest(&self, user: &str, version: Version) -> StoreResult<Manifest> {
+        names::user(user)?;
+        let listed = self
+            .read_state(user)?
+            .versions
+            .iter()
+            .any(|v| v.version == version);
+        let missing = || StoreError::NoSuchVersion {
+            user: user.to_string(),
+            version,
+        };
+        if !listed {
+            return Err(missing());
+        }
+        let path = self.manifest_path(user, version);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(missing()),
+            Err(e) => return Err(StoreError::io("read manifest", e)),
+        };
+        let m: Manifest = postcard::from_bytes(&bytes).map_err(|e| StoreError::Corrupt {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    fn versions(&self, user: &str) -> StoreResult<Vec<VersionInfo>> {
+        names::user(user)?;
+        Ok(self.read_state(user)?.versions)
+    }
+
+    fn users(&self) -> StoreResult<Vec<String>> {
+        let dir = self.root.join("users");
+        let mut out: Vec<String> = fs::read_dir(&dir)
+            .map_err(|e| StoreError::io("list users", e))?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|n| names::user(n).is_ok())
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    fn commit(
+        &self,
+        user: &str,
+        manifest: &Manifest,
+        base: Option<Version>,
+        lease_ok: bool,
+        origin: &str,
+    ) -> StoreResult<CommitOutcome> {
+        self.add_version(user, manifest, base, origin, |state| {
+            lease_ok && state.head == base
+        })
+    }
+
+    fn rollback(&self, user: &str, to: Version) -> StoreResult<Version> {
+        let manifest = self.manifest(user, to)?;
+        let origin = format!("rollback:{to}");
+        match self.add_version(user, &manifest, Some(to), &origin, |_| true)? {
+            CommitOutcome::Committed(v) => Ok(v),
+            CommitOutcome::Conflict { kept_as, .. } => Ok(kept_as),
+        }
+    }
+
+    fn gc(&self, grace: Duration) -> StoreResult<GcReport> {
+        let _gc = self.gc_lock.write().unwrap_or_else(PoisonError::into_inner);
+        let mut referenced: HashSet<Hash> = HashSet::new();
+        for user in self.users()? {
+            for v in self.versions(&user)? {
+                let m = self.manifest(&user, v.version)?;
+                referenced.extend(m.chunks.iter().map(|c| c.hash));
+            }
+        }
+        let now = SystemTime::now();
+        let mut report = GcReport::default();
+        for (path, hash) in self.chunk_files() {
+            report.scanned += 1;
+            if referenced.contains(&hash) {
+                report.referenced += 1;
+                continue;
+            }
+            let meta = fs::metadata(&path).ok();
+            let young = meta
+                .as_ref()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| now.duration_since(t).ok())
+                .is_none_or(|age| age < grace);
+            if young || self.pins.is_pinned(&hash) {
+                report.spared += 1;
+                continue;
+            }
+            if fs::remove_file(&path).is_ok() {
+                report.deleted += 1;
+                report.bytes_freed += meta.map_or(0, |m| m.len());
+            }
+        }
+        Ok(report)
+    }
+
+    fn pin(&self, hashes: &[Hash]) -> ChunkPins {
+        self.pins.pin(hashes)
+    }
+
+    fn policy(&self) -> &StorePolicy {
+        &self.policy
+    }
+}
+
+#[cfg(test)]
+mod tests;

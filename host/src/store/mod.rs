@@ -1,0 +1,222 @@
+//! The UIF store: content-addressed chunks keyed by BLAKE3 hash, per-user
+//! manifests as numbered versions, and a per-user head pointer changed only
+//! by compare-and-swap ([`UifStore::commit`]).
+//!
+//! Policy decided here (and documented in `host/API.md`):
+//!
+//! - **Versions** are numbered per user from 1, strictly increasing, never
+//!   reused; conflict versions and rollbacks get numbers too.
+//! - **History:** the newest `history_keep` committed versions (the head
+//!   always among them) are retained; conflict versions are pruned
+//!   separately, beyond `conflict_keep` or when older than
+//!   `conflict_max_age`.
+//! - **Quota:** per user, the logical size of a *new* version
+//!   (`header.size`) must not exceed `quota_bytes`. Deduplicated history is
+//!   not charged: old versions share most chunks with the head, and a quota
+//!   that a user can exceed by merely keeping history would be surprising.
+//! - **GC** removes chunk files referenced by no retained version, not
+//!   pinned by an upload in flight, and older than a grace period.
+
+mod local;
+mod pins;
+
+pub use local::LocalStore;
+pub use pins::{ChunkPins, PinTable};
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uve_protocol::manifest::{Hash, Manifest};
+use uve_protocol::message::Version;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A user name failed validation.
+    #[error(transparent)]
+    InvalidName(#[from] uve_protocol::names::NameError),
+    /// The user has no such version.
+    #[error("user {user} has no version {version}")]
+    NoSuchVersion {
+        /// The user.
+        user: String,
+        /// The version asked for.
+        version: Version,
+    },
+    /// The chunk is not in the store.
+    #[error("chunk {0} is not in the store")]
+    MissingChunk(Hash),
+    /// Chunk bytes do not match their hash (or are too long).
+    #[error("chunk {0} is corrupt or does not match its hash")]
+    BadChunk(Hash),
+    /// The manifest is inconsistent.
+    #[error("invalid manifest: {0}")]
+    BadManifest(#[from] uve_protocol::manifest::ManifestError),
+    /// The version is larger than the user's quota.
+    #[error("version of {size} bytes exceeds the quota of {quota} bytes")]
+    QuotaExceeded {
+        /// Size of the version.
+        size: u64,
+        /// The quota.
+        quota: u64,
+    },
+    /// A stored file could not be decoded.
+    #[error("corrupt store file {path}: {why}")]
+    Corrupt {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// Filesystem error.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        StoreError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Result of a store operation.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Retention and quota settings of a store.
+#[derive(Debug, Clone)]
+pub struct StorePolicy {
+    /// Committed versions kept per user (the head always among them).
+    pub history_keep: usize,
+    /// Conflict versions kept per user.
+    pub conflict_keep: usize,
+    /// Conflict versions older than this are pruned.
+    pub conflict_max_age: Duration,
+    /// Largest version a user may store, in bytes.
+    pub quota_bytes: u64,
+}
+
+impl Default for StorePolicy {
+    fn default() -> Self {
+        StorePolicy {
+            history_keep: 10,
+            conflict_keep: 10,
+            conflict_max_age: Duration::from_secs(30 * 24 * 3600),
+            quota_bytes: 64 << 30,
+        }
+    }
+}
+
+/// Whether a version became head or was kept aside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionKind {
+    /// Committed by compare-and-swap (or import/rollback); was head.
+    Committed,
+    /// Upload whose base or lease was stale; kept, never head.
+    Conflict,
+}
+
+/// Metadata of one retained version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// Version number.
+    pub version: Version,
+    /// Committed or conflict.
+    pub kind: VersionKind,
+    /// When it was stored (Unix ms).
+    pub created_ms: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Whole-file BLAKE3 digest, hex.
+    pub digest: String,
+    /// Number of chunks.
+    pub chunk_count: u32,
+    /// The version it was based on, as announced.
+    pub base: Option<Version>,
+    /// Who wrote it (`vm:<id>`, `import`, `rollback:<v>`).
+    pub origin: String,
+}
+
+/// Outcome of [`UifStore::commit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// The version is the new head.
+    Committed(Version),
+    /// Compare-and-swap failed; the upload is kept as a conflict version.
+    Conflict {
+        /// Number of the conflict version.
+        kept_as: Version,
+        /// The head at the time.
+        head: Option<Version>,
+    },
+}
+
+/// What a garbage collection did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcReport {
+    /// Chunk files examined.
+    pub scanned: u64,
+    /// Chunk files still referenced.
+    pub referenced: u64,
+    /// Unreferenced chunk files spared because they are young or pinned.
+    pub spared: u64,
+    /// Chunk files deleted.
+    pub deleted: u64,
+    /// Bytes freed.
+    pub bytes_freed: u64,
+}
+
+/// A content-addressed, versioned UIF store. Blocking: call from
+/// `spawn_blocking` in async code.
+pub trait UifStore: Send + Sync + 'static {
+    /// True if the chunk is stored.
+    fn has_chunk(&self, hash: &Hash) -> StoreResult<bool>;
+    /// Stores a chunk durably after checking `hash == BLAKE3(data)`.
+    fn put_chunk(&self, hash: &Hash, data: &[u8]) -> StoreResult<()>;
+    /// Reads a chunk (at most `MAX_CHUNK` bytes) and verifies its hash.
+    fn read_chunk(&self, hash: &Hash) -> StoreResult<Vec<u8>>;
+    /// The user's head version.
+    fn head(&self, user: &str) -> StoreResult<Option<Version>>;
+    /// A retained version's manifest.
+    fn manifest(&self, user: &str, version: Version) -> StoreResult<Manifest>;
+    /// The user's retained versions, oldest first.
+    fn versions(&self, user: &str) -> StoreResult<Vec<VersionInfo>>;
+    /// Users with a store entry.
+    fn users(&self) -> StoreResult<Vec<String>>;
+    /// Stores `manifest` as a new version. It becomes head only if the head
+    /// is `base` and `lease_ok`; otherwise it is kept as a conflict version.
+    /// Every chunk must already be stored.
+    fn commit(
+        &self,
+        user: &str,
+        manifest: &Manifest,
+        base: Option<Version>,
+        lease_ok: bool,
+        origin: &str,
+    ) -> StoreResult<CommitOutcome>;
+    /// Makes a copy of retained version `to` the new head (a new version).
+    fn rollback(&self, user: &str, to: Version) -> StoreResult<Version>;
+    /// Deletes unreferenced, unpinned chunks older than `grace`.
+    fn gc(&self, grace: Duration) -> StoreResult<GcReport>;
+    /// Protects chunks from GC until the returned guard is dropped.
+    fn pin(&self, hashes: &[Hash]) -> ChunkPins;
+    /// The store's retention and quota policy.
+    fn policy(&self) -> &StorePolicy;
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
