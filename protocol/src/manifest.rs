@@ -76,13 +76,70 @@ pub struct ChunkRef {
     pub len: u32,
 }
 
+/// Domain-separation prefix of the manifest digest.
+const DIGEST_CONTEXT: &[u8] = b"uve.uif.manifest.v1";
+
+/// Incrementally computes the manifest digest and header while chunks are
+/// produced: `BLAKE3(context || for each chunk: hash || len as u32 LE)`.
+/// Because every chunk hash commits to the chunk's bytes and the lengths
+/// commit to the boundaries, this digest identifies the whole byte stream
+/// as strongly as a BLAKE3 over the bytes, at no extra hashing pass.
+#[derive(Clone)]
+pub struct DigestBuilder {
+    hasher: blake3::Hasher,
+    size: u64,
+    count: u32,
+}
+
+impl Default for DigestBuilder {
+    fn default() -> Self {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(DIGEST_CONTEXT);
+        DigestBuilder {
+            hasher,
+            size: 0,
+            count: 0,
+        }
+    }
+}
+
+impl DigestBuilder {
+    /// Adds the next chunk.
+    pub fn push(&mut self, chunk: &ChunkRef) {
+        self.hasher.update(&chunk.hash.0);
+        self.hasher.update(&chunk.len.to_le_bytes());
+        self.size += u64::from(chunk.len);
+        self.count = self.count.saturating_add(1);
+    }
+
+    /// The header of the chunks pushed so far.
+    pub fn header(&self) -> ManifestHeader {
+        ManifestHeader {
+            size: self.size,
+            digest: Hash(*self.hasher.finalize().as_bytes()),
+            chunk_count: self.count,
+        }
+    }
+}
+
+/// The manifest digest of a chunk list (see [`DigestBuilder`]).
+pub fn digest_of(chunks: &[ChunkRef]) -> Hash {
+    let mut b = DigestBuilder::default();
+    for c in chunks {
+        b.push(c);
+    }
+    b.header().digest
+}
+
 /// Everything about a manifest except its chunk list: small enough to travel
 /// in any frame; the chunk list follows in pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestHeader {
     /// Total size of the UIF in bytes (sum of chunk lengths).
     pub size: u64,
-    /// BLAKE3 of the whole UIF byte stream.
+    /// Digest of the whole UIF: BLAKE3 over the chunk list (see
+    /// [`DigestBuilder`]); verifies all pages and, with the chunk hashes,
+    /// every byte.
     pub digest: Hash,
     /// Number of chunks.
     pub chunk_count: u32,
@@ -115,6 +172,9 @@ pub enum ManifestError {
         /// Its announced length.
         len: u32,
     },
+    /// The chunk list does not hash to the header's digest.
+    #[error("manifest chunk list does not match its digest")]
+    Digest,
     /// A page index is beyond the last page.
     #[error("page {page} requested, the manifest has {pages}")]
     NoSuchPage {
@@ -135,7 +195,20 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// Checks that header and chunk list agree and every length is legal.
+    /// Builds a manifest (header computed) from a chunk list.
+    pub fn from_chunks(chunks: Vec<ChunkRef>) -> Self {
+        let mut b = DigestBuilder::default();
+        for c in &chunks {
+            b.push(c);
+        }
+        Manifest {
+            header: b.header(),
+            chunks,
+        }
+    }
+
+    /// Checks that header and chunk list agree (count, size, digest) and
+    /// every length is legal.
     pub fn validate(&self) -> Result<(), ManifestError> {
         if self.chunks.len() != self.header.chunk_count as usize {
             return Err(ManifestError::ChunkCount {
@@ -155,6 +228,9 @@ impl Manifest {
                 announced: self.header.size,
                 summed,
             });
+        }
+        if digest_of(&self.chunks) != self.header.digest {
+            return Err(ManifestError::Digest);
         }
         Ok(())
     }
@@ -198,6 +274,7 @@ pub fn page_count(chunk_count: u32, max_frame: u32) -> u32 {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use crate::defs::DEFAULT_MAX_FRAME;
@@ -209,14 +286,7 @@ mod tests {
                 len: 1000 + i,
             })
             .collect();
-        Manifest {
-            header: ManifestHeader {
-                size: chunks.iter().map(|c| u64::from(c.len)).sum(),
-                digest: Hash([7; 32]),
-                chunk_count: n,
-            },
-            chunks,
-        }
+        Manifest::from_chunks(chunks)
     }
 
     #[test]

@@ -3,6 +3,12 @@
 //! agent already baked into a VM image. Append new variants instead (see
 //! WIRE.md §11), and add their vectors here.
 
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation
+)]
+
 mod samples;
 
 use uve_protocol::codec::{FrameCodec, encode_frame};

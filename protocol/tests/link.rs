@@ -2,6 +2,12 @@
 //! control frames over bulk frames, heartbeats, dead-peer detection,
 //! goodbye, and containment of garbage.
 
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation
+)]
+
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;

@@ -2,6 +2,12 @@
 //! unchanged, for arbitrary field values; and the decoder never panics or
 //! over-allocates on arbitrary bytes.
 
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation
+)]
+
 mod samples;
 
 use bytes::BytesMut;

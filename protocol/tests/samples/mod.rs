@@ -5,10 +5,12 @@
 use uve_protocol::manifest::{ChunkRef, Hash, ManifestHeader};
 use uve_protocol::message::*;
 
+/// A hash made of one repeated byte.
 pub fn h(b: u8) -> Hash {
     Hash([b; 32])
 }
 
+/// A fixed manifest header.
 pub fn header() -> ManifestHeader {
     ManifestHeader {
         size: 300,
