@@ -1,0 +1,93 @@
+//! The CLI verbs' side of the control socket: send one request line, read
+//! one response line, print it, turn it into an exit code. Blocking std
+//! i/o: a verb needs no async runtime.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::control::{ControlRequest, ControlResponse};
+
+/// Sends `req` to the agent at `socket` and returns its answer.
+pub fn call(socket: &Path, req: &ControlRequest) -> anyhow::Result<ControlResponse> {
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach the uve-agent daemon at {} (is it running?)",
+            socket.display()
+        )
+    })?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    stream.write_all(&line).context("send request")?;
+    let mut reader = BufReader::new(stream);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).context("read answer")?;
+    if answer.trim().is_empty() {
+        anyhow::bail!("the agent closed the connection without answering");
+    }
+    serde_json::from_str(answer.trim()).context("malformed answer from the agent")
+}
+
+/// Runs a verb: prints the outcome, returns the process exit code.
+pub fn run(socket: &Path, req: ControlRequest, json: bool) -> anyhow::Result<i32> {
+    let is_check = matches!(req, ControlRequest::MonitorCheck { .. });
+    let is_status = matches!(req, ControlRequest::Status);
+    let resp = call(socket, &req)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&resp)?);
+    } else if is_status {
+        print_status(&resp);
+    } else if resp.ok {
+        println!("{}", resp.message);
+    } else {
+        eprintln!("uve-agent: {}", resp.message);
+    }
+    if is_check {
+        return Ok(if resp.allowed == Some(true) { 0 } else { 1 });
+    }
+    Ok(if resp.ok { 0 } else { 1 })
+}
+
+fn print_status(resp: &ControlResponse) {
+    let Some(s) = &resp.status else {
+        eprintln!("uve-agent: {}", resp.message);
+        return;
+    };
+    println!(
+        "host {} ({}{})",
+        s.host,
+        if s.connected {
+            "connected"
+        } else {
+            "NOT connected"
+        },
+        s.vm_id
+            .as_ref()
+            .map(|v| format!(", vm {v}"))
+            .unwrap_or_default()
+    );
+    println!("sessions: {}", s.sessions.len());
+    for x in &s.sessions {
+        println!(
+            "  {} user={} ua={} pid={} {}",
+            x.session,
+            x.user,
+            x.ua.as_deref().unwrap_or("-"),
+            x.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            if x.suspended { "SUSPENDED" } else { "" }
+        );
+    }
+    println!("attached UIFs: {}", s.attached.join(", "));
+    for (name, cur, prev) in &s.uas {
+        println!(
+            "UA {name}: current {cur}, previous {}",
+            prev.as_deref().unwrap_or("-")
+        );
+    }
+    println!(
+        "spooled updates: {}, pending disconnect notices: {}, monitor grants: {}",
+        s.spooled_updates, s.pending_notices, s.monitor_grants
+    );
+}

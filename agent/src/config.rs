@@ -1,0 +1,256 @@
+//! The agent's configuration file (TOML). Every field has a default, so the
+//! agent runs without a file. Example with every field:
+//!
+//! ```toml
+//! host = "vsock:2:7075"            # or "unix:/path" (tests), "hybrid:..."
+//! state_dir = "/var/lib/uve-agent"
+//! control_socket = "/run/uve-agent.sock"
+//! control_socket_mode = "0600"     # octal; widen to let UAs run monitor-check
+//! login_timeout_secs = 30          # wait this long for the host at login
+//! on_retrieve_failure = "fail"     # or "temporary": run on an empty UIF
+//! checkpoint_interval_secs = 0     # 0 = no periodic checkpoints
+//! fetch_parallel = 12              # ChunkFetch requests in flight
+//! max_ua_bundle = 268435456        # refuse larger UA bundles
+//! shutdown_flush_secs = 20         # SIGTERM: how long to try flushing
+//!
+//! [uif]
+//! mode = "file"                    # or "directory"
+//! path = "/var/lib/uve-agent/uif/{user}.img"
+//! attach = ["/usr/local/sbin/uif-attach", "{path}", "{user}"]
+//! detach = ["/usr/local/sbin/uif-detach", "{path}", "{user}"]
+//! home = "/home/{user}"            # directory mode
+//! owner = "passwd"                 # or "1000:1000"
+//! exclude = [".cache", "*.tmp"]
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use uve_protocol::transport::Endpoint;
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: toml::de::Error,
+    },
+    /// A value is out of range or malformed.
+    #[error("invalid config value: {0}")]
+    Value(String),
+}
+
+/// How a user's UIF appears in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UifMode {
+    /// The UIF is an image file placed at `path` (hooks attach it).
+    File,
+    /// The UIF is a tar archive unpacked into the user's home.
+    Directory,
+}
+
+/// What to do when a retrieve fails at login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetrieveFailure {
+    /// Login fails with the error.
+    Fail,
+    /// Login continues on an empty temporary UIF (its update has no base).
+    Temporary,
+}
+
+/// The `[uif]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UifConfig {
+    /// File or directory mode.
+    pub mode: UifMode,
+    /// Image path template (file mode); `{user}` is replaced.
+    pub path: String,
+    /// Attach hook argv (file mode); `{path}`, `{user}` are replaced.
+    pub attach: Vec<String>,
+    /// Detach hook argv (file mode).
+    pub detach: Vec<String>,
+    /// Home directory template (directory mode).
+    pub home: String,
+    /// Owner of unpacked files: `passwd` or `uid:gid`.
+    pub owner: String,
+    /// Glob patterns (relative to the home) left out when packing.
+    pub exclude: Vec<String>,
+}
+
+impl Default for UifConfig {
+    fn default() -> Self {
+        UifConfig {
+            mode: UifMode::File,
+            path: "/var/lib/uve-agent/uif/{user}.img".into(),
+            attach: Vec::new(),
+            detach: Vec::new(),
+            home: "/home/{user}".into(),
+            owner: "passwd".into(),
+            exclude: Vec::new(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Host endpoint to dial.
+    pub host: String,
+    /// Where the agent keeps its state (cache, spool, journals, UAs).
+    pub state_dir: PathBuf,
+    /// Local control socket for the CLI verbs.
+    pub control_socket: PathBuf,
+    /// Octal permission bits of the control socket.
+    pub control_socket_mode: String,
+    /// How long a login waits for a host connection.
+    pub login_timeout_secs: u64,
+    /// Behaviour when the retrieve fails.
+    pub on_retrieve_failure: RetrieveFailure,
+    /// Periodic checkpoint interval; 0 disables.
+    pub checkpoint_interval_secs: u64,
+    /// Chunk fetches kept in flight during a retrieve.
+    pub fetch_parallel: usize,
+    /// Largest UA bundle accepted.
+    pub max_ua_bundle: u64,
+    /// How long SIGTERM waits for the host to take the final flushes.
+    pub shutdown_flush_secs: u64,
+    /// UIF materialisation.
+    pub uif: UifConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            host: "vsock:2:7075".into(),
+            state_dir: "/var/lib/uve-agent".into(),
+            control_socket: "/run/uve-agent.sock".into(),
+            control_socket_mode: "0600".into(),
+            login_timeout_secs: 30,
+            on_retrieve_failure: RetrieveFailure::Fail,
+            checkpoint_interval_secs: 0,
+            fetch_parallel: 12,
+            max_ua_bundle: 256 << 20,
+            shutdown_flush_secs: 20,
+            uif: UifConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path`, or the defaults when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let cfg = match path {
+            None => Config::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: p.to_path_buf(),
+                    source,
+                })?
+            }
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        self.endpoint()?;
+        self.socket_mode()?;
+        if self.fetch_parallel == 0 || self.fetch_parallel > 64 {
+            return Err(ConfigError::Value("fetch_parallel must be 1..=64".into()));
+        }
+        if self.uif.mode == UifMode::File && !self.uif.path.contains("{user}") {
+            return Err(ConfigError::Value("uif.path must contain {user}".into()));
+        }
+        if self.uif.mode == UifMode::Directory && !self.uif.home.contains("{user}") {
+            return Err(ConfigError::Value("uif.home must contain {user}".into()));
+        }
+        self.owner_override()?;
+        Ok(())
+    }
+
+    /// The parsed host endpoint.
+    pub fn endpoint(&self) -> Result<Endpoint, ConfigError> {
+        self.host
+            .parse()
+            .map_err(|e| ConfigError::Value(format!("host: {e}")))
+    }
+
+    /// The control socket's permission bits.
+    pub fn socket_mode(&self) -> Result<u32, ConfigError> {
+        u32::from_str_radix(self.control_socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| ConfigError::Value("control_socket_mode must be octal".into()))
+    }
+
+    /// `Some((uid, gid))` when `uif.owner` names ids instead of `passwd`.
+    pub fn owner_override(&self) -> Result<Option<(u32, u32)>, ConfigError> {
+        if self.uif.owner == "passwd" {
+            return Ok(None);
+        }
+        let bad = || ConfigError::Value("uif.owner must be `passwd` or `uid:gid`".into());
+        let (u, g) = self.uif.owner.split_once(':').ok_or_else(bad)?;
+        Ok(Some((
+            u.parse().map_err(|_| bad())?,
+            g.parse().map_err(|_| bad())?,
+        )))
+    }
+
+    /// The image path of `user`'s UIF in file mode; in directory mode the
+    /// tar archive kept in the state dir.
+    pub fn uif_path(&self, user: &str) -> PathBuf {
+        match self.uif.mode {
+            UifMode::File => PathBuf::from(self.uif.path.replace("{user}", user)),
+            UifMode::Directory => self.state_dir.join("uif").join(format!("{user}.tar")),
+        }
+    }
+
+    /// The home directory of `user` in directory mode.
+    pub fn home_path(&self, user: &str) -> PathBuf {
+        PathBuf::from(self.uif.home.replace("{user}", user))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let d = Config::load(None).unwrap();
+        assert_eq!(
+            d.endpoint().unwrap(),
+            Endpoint::Vsock { cid: 2, port: 7075 }
+        );
+        assert_eq!(d.socket_mode().unwrap(), 0o600);
+        let c: Config = toml::from_str(
+            "host = \"unix:/tmp/x\"\n[uif]\nmode = \"directory\"\nowner = \"1:2\"\n",
+        )
+        .unwrap();
+        c.check().unwrap();
+        assert_eq!(c.owner_override().unwrap(), Some((1, 2)));
+        assert_eq!(c.home_path("bob"), PathBuf::from("/home/bob"));
+        assert!(toml::from_str::<Config>("nonsense = 1").is_err());
+    }
+}

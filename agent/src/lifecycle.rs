@@ -1,0 +1,558 @@
+//! Session lifecycles: login (retrieve + attach + optional supervised UA),
+//! logout, unexpected disconnect, VM switch release, periodic checkpoint and
+//! agent shutdown — and the flush they share: detach/pack, chunk, journal
+//! in the spool, upload. An update is always journalled before it is sent,
+//! so "committed" and "safely spooled" are the only two outcomes of a flush
+//! that did not fail locally.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use uve_protocol::message::{DisconnectNotice, Request, UpdateBegin, UpdateCause, Version};
+use uve_protocol::names::{self, NameError};
+
+use crate::agent::Agent;
+use crate::config::{Config, RetrieveFailure};
+use crate::conn::Connected;
+use crate::fsutil;
+use crate::session::{SessionRecord, UifRecord};
+use crate::uif::spool::SpoolEntry;
+use crate::uif::update::{self, UpdateOutcome};
+use crate::uif::{UifError, blocking, cache, materialise, retrieve};
+
+/// How long a logout waits for a connection before spooling.
+const FLUSH_CONNECT_WAIT: Duration = Duration::from_secs(3);
+
+/// Why a lifecycle operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    /// A name is malformed.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// No such session.
+    #[error("no open session {0}")]
+    NoSuchSession(String),
+    /// The session id is in use by another user.
+    #[error("session {0} is already open for another user")]
+    SessionTaken(String),
+    /// The UA named at login is not deployed.
+    #[error("UA {0} is not deployed on this VM")]
+    UaNotDeployed(String),
+    /// An earlier update of the user could not be delivered yet.
+    #[error("an earlier update of {0} is still waiting for the host; try again when connected")]
+    PendingUpdate(String),
+    /// A UIF step failed.
+    #[error("UIF of {user}: {source}")]
+    Uif {
+        /// Whose UIF.
+        user: String,
+        /// What failed.
+        source: UifError,
+    },
+    /// Starting the UA failed.
+    #[error("cannot start UA: {0}")]
+    Supervise(#[from] crate::supervise::SuperviseError),
+    /// Journalling failed.
+    #[error("cannot journal: {0}")]
+    Journal(std::io::Error),
+}
+
+fn uif_err(user: &str) -> impl FnOnce(UifError) -> LifecycleError + '_ {
+    move |source| LifecycleError::Uif {
+        user: user.to_string(),
+        source,
+    }
+}
+
+/// What a flush achieved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FlushOutcome {
+    /// The update is the user's new head.
+    Committed(Version),
+    /// The host kept the update as a conflict version.
+    Conflict {
+        /// Version it was kept as.
+        kept_as: Version,
+        /// The head at the time.
+        head: Option<Version>,
+    },
+    /// Journalled; delivered after reconnect.
+    Spooled(String),
+    /// The host refused the update for good (kept under `spool/rejected`).
+    Rejected(String),
+    /// Nothing to flush (no UIF attached, or other sessions still use it).
+    Nothing(String),
+}
+
+impl std::fmt::Display for FlushOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FlushOutcome::Committed(v) => write!(f, "committed as version {v}"),
+            FlushOutcome::Conflict { kept_as, head } => write!(
+                f,
+                "committed as conflict version {kept_as} (head is {head:?})"
+            ),
+            FlushOutcome::Spooled(why) => {
+                write!(f, "spooled ({why}); delivered when the host is back")
+            }
+            FlushOutcome::Rejected(why) => write!(f, "rejected by the host: {why}"),
+            FlushOutcome::Nothing(why) => write!(f, "nothing flushed ({why})"),
+        }
+    }
+}
+
+/// Opens a session: retrieves and attaches the user's UIF unless another
+/// session of the user already has it, starts the UA if asked, announces
+/// the session. Returns a human-readable summary.
+pub async fn login(
+    agent: &Arc<Agent>,
+    user: &str,
+    session: &str,
+    ua: Option<&str>,
+) -> Result<String, LifecycleError> {
+    names::user(user)?;
+    names::session(session)?;
+    if let Some(ua) = ua {
+        names::ua(ua)?;
+        if agent.uas.current(ua).is_none() {
+            return Err(LifecycleError::UaNotDeployed(ua.into()));
+        }
+    }
+    let lock = agent.user_lock(user);
+    let _guard = lock.lock().await;
+    if let Some(existing) = agent.snapshot().sessions.get(session) {
+        return if existing.user == user {
+            Ok(format!("session {session} is already open"))
+        } else {
+            Err(LifecycleError::SessionTaken(session.into()))
+        };
+    }
+    let cfg = agent.config();
+    let mut summary = String::new();
+    if agent.snapshot().uifs.contains_key(user) {
+        summary = format!("UIF of {user} already attached");
+    } else {
+        let rec = obtain_uif(agent, &cfg, user, session, &mut summary).await?;
+        materialise::attach(&cfg, user, session, rec.temporary)
+            .await
+            .map_err(uif_err(user))?;
+        agent.with_table(|t| t.uifs.insert(user.to_string(), rec));
+    }
+    let record = SessionRecord {
+        session: session.into(),
+        user: user.into(),
+        ua: ua.map(str::to_string),
+        started: fsutil::now_ms(),
+    };
+    agent.with_table(|t| t.sessions.insert(session.to_string(), record.clone()));
+    if let Some(Err(e)) = ua.map(|ua| crate::supervise::start(agent, &record, ua)) {
+        drop(_guard);
+        let _ = logout(agent, session).await;
+        return Err(e.into());
+    }
+    if let Some(c) = agent.conn.current() {
+        let req = Request::SessionStarted {
+            session: session.into(),
+            user: user.into(),
+            ua: ua.map(str::to_string),
+        };
+        if let Err(e) = c.link.request(req).await {
+            tracing::warn!(
+                session,
+                "SessionStarted not delivered (re-announced later): {e}"
+            );
+        }
+    }
+    tracing::info!(user, session, "login: {summary}");
+    Ok(summary)
+}
+
+/// Retrieves the user's UIF (delivering any pending update of theirs
+/// first), or falls back to an empty temporary UIF if configured.
+async fn obtain_uif(
+    agent: &Arc<Agent>,
+    cfg: &Config,
+    user: &str,
+    session: &str,
+    summary: &mut String,
+) -> Result<UifRecord, LifecycleError> {
+    let dest = cfg.uif_path(user);
+    let result = match agent
+        .conn
+        .wait(Duration::from_secs(cfg.login_timeout_secs))
+        .await
+    {
+        None => Err(UifError::NotConnected),
+        Some(c) => {
+            deliver_user_spool(agent, &c, user).await;
+            if !agent.spool.for_user(user).is_empty() {
+                return Err(LifecycleError::PendingUpdate(user.into()));
+            }
+            let parallel = cfg
+                .fetch_parallel
+                .min(
+                    usize::try_from(c.welcome.limits.max_inflight)
+                        .unwrap_or(1)
+                        .saturating_sub(2),
+                )
+                .max(1);
+            retrieve::retrieve(&c.link, &agent.state_dir, user, session, &dest, parallel).await
+        }
+    };
+    match result {
+        Ok(r) => {
+            *summary = match r.base {
+                Some(v) => format!(
+                    "retrieved version {v} ({} chunks fetched, {} reused){}",
+                    r.fetched,
+                    r.reused,
+                    if r.handover_timed_out {
+                        "; hand-over from the previous VM timed out"
+                    } else {
+                        ""
+                    }
+                ),
+                None => "new user: empty UIF".into(),
+            };
+            Ok(UifRecord {
+                base: r.base,
+                lease: r.lease,
+                temporary: false,
+            })
+        }
+        Err(e)
+            if cfg.on_retrieve_failure == RetrieveFailure::Temporary
+                && agent.spool.for_user(user).is_empty() =>
+        {
+            tracing::error!(user, "retrieve failed, continuing on a temporary UIF: {e}");
+            retrieve::write_empty(&dest).map_err(uif_err(user))?;
+            cache::forget(&agent.state_dir, user);
+            *summary = format!("retrieve failed ({e}); running on an empty TEMPORARY UIF");
+            Ok(UifRecord {
+                base: None,
+                lease: 0,
+                temporary: true,
+            })
+        }
+        Err(e) => Err(uif_err(user)(e)),
+    }
+}
+
+/// Ends a session by logout: stops its UA, flushes the UIF if it was the
+/// user's last session, announces the end.
+pub async fn logout(agent: &Arc<Agent>, session: &str) -> Result<FlushOutcome, LifecycleError> {
+    names::session(session)?;
+    let user = session_user(agent, session)?;
+    let lock = agent.user_lock(&user);
+    let _guard = lock.lock().await;
+    session_user(agent, session)?;
+    crate::supervise::stop(agent, session).await;
+    let outcome = end_session(agent, &user, session, UpdateCause::Logout).await?;
+    if let Some(c) = agent.conn.current() {
+        let req = Request::SessionEnded {
+            session: session.into(),
+        };
+        if let Err(e) = c.link.request(req).await {
+            tracing::warn!(session, "SessionEnded not delivered: {e}");
+        }
+    }
+    tracing::info!(user, session, "logout: {outcome}");
+    Ok(outcome)
+}
+
+/// Ends a session unexpectedly (UA died, or the `disconnect` verb):
+/// journals a disconnect notice for the host, then flushes the UIF.
+pub async fn disconnect(
+    agent: &Arc<Agent>,
+    session: &str,
+    reason: &str,
+) -> Result<FlushOutcome, LifecycleError> {
+    names::session(session)?;
+    let user = session_user(agent, session)?;
+    let lock = agent.user_lock(&user);
+    let _guard = lock.lock().await;
+    let ua = agent
+        .snapshot()
+        .sessions
+        .get(session)
+        .ok_or_else(|| LifecycleError::NoSuchSession(session.into()))?
+        .ua
+        .clone();
+    let notice = DisconnectNotice {
+        id: fsutil::random_u64(),
+        session: session.into(),
+        user: user.clone(),
+        ua,
+        reason: reason
+            .chars()
+            .take(uve_protocol::defs::MAX_TEXT_LEN)
+            .collect(),
+        at: fsutil::now_ms(),
+    };
+    agent
+        .notices
+        .add(&notice)
+        .map_err(LifecycleError::Journal)?;
+    agent.kick.notify_one();
+    crate::supervise::stop(agent, session).await;
+    let outcome = end_session(agent, &user, session, UpdateCause::Disconnect).await?;
+    tracing::warn!(user, session, reason, "unexpected disconnect: {outcome}");
+    Ok(outcome)
+}
+
+/// VM switch: ends every session of `user` and flushes their UIF with
+/// cause `Release`. Returns the committed version, if any.
+pub async fn release(agent: &Arc<Agent>, user: &str) -> Option<Version> {
+    let lock = agent.user_lock(user);
+    let _guard = lock.lock().await;
+    let sessions = agent.snapshot().sessions_of(user);
+    for s in &sessions {
+        crate::supervise::stop(agent, s).await;
+    }
+    agent.with_table(|t| {
+        for s in &sessions {
+            t.sessions.remove(s);
+        }
+    });
+    let session = sessions
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "release".into());
+    let outcome = match flush_user(agent, user, &session, UpdateCause::Release, false).await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(user, "release flush failed: {e}");
+            return None;
+        }
+    };
+    if let Some(c) = agent.conn.current() {
+        for s in sessions {
+            let _ = c.link.request(Request::SessionEnded { session: s }).await;
+        }
+    }
+    tracing::info!(user, "released: {outcome}");
+    match outcome {
+        FlushOutcome::Committed(v) => Some(v),
+        _ => None,
+    }
+}
+
+/// Agent shutdown: flushes every attached UIF (cause `Shutdown`); the
+/// sessions end. Updates the host cannot take stay in the spool.
+pub async fn shutdown(agent: &Arc<Agent>) {
+    let users: Vec<String> = agent.snapshot().uifs.keys().cloned().collect();
+    for user in users {
+        let lock = agent.user_lock(&user);
+        let _guard = lock.lock().await;
+        let sessions = agent.snapshot().sessions_of(&user);
+        let session = sessions
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "shutdown".into());
+        match flush_user(agent, &user, &session, UpdateCause::Shutdown, false).await {
+            Ok(o) => tracing::info!(user, "shutdown flush: {o}"),
+            Err(e) => tracing::error!(user, "shutdown flush failed: {e}"),
+        }
+        agent.with_table(|t| {
+            for s in &sessions {
+                t.sessions.remove(s);
+            }
+        });
+        if let Some(c) = agent.conn.current() {
+            for s in sessions {
+                let _ = c
+                    .link
+                    .request_timeout(Request::SessionEnded { session: s }, Duration::from_secs(2))
+                    .await;
+            }
+        }
+    }
+}
+
+/// Periodic checkpoint: uploads every attached UIF without detaching it.
+pub async fn checkpoint(agent: &Arc<Agent>) {
+    let users: Vec<String> = agent.snapshot().uifs.keys().cloned().collect();
+    for user in users {
+        let lock = agent.user_lock(&user);
+        let _guard = lock.lock().await;
+        let session = agent
+            .snapshot()
+            .sessions_of(&user)
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "checkpoint".into());
+        match flush_user(agent, &user, &session, UpdateCause::Checkpoint, true).await {
+            Ok(o) => tracing::info!(user, "checkpoint: {o}"),
+            Err(e) => tracing::warn!(user, "checkpoint failed: {e}"),
+        }
+    }
+}
+
+fn session_user(agent: &Agent, session: &str) -> Result<String, LifecycleError> {
+    agent
+        .snapshot()
+        .sessions
+        .get(session)
+        .map(|s| s.user.clone())
+        .ok_or_else(|| LifecycleError::NoSuchSession(session.into()))
+}
+
+/// Removes `session`; flushes the user's UIF if it was their last one.
+async fn end_session(
+    agent: &Arc<Agent>,
+    user: &str,
+    session: &str,
+    cause: UpdateCause,
+) -> Result<FlushOutcome, LifecycleError> {
+    let others = agent.with_table(|t| {
+        t.sessions.remove(session);
+        t.sessions_of(user).len()
+    });
+    if others > 0 {
+        return Ok(FlushOutcome::Nothing(format!(
+            "{user} has {others} other open session(s)"
+        )));
+    }
+    flush_user(agent, user, session, cause, false).await
+}
+
+/// Detaches (unless `keep_attached`), chunks, journals and uploads the
+/// user's UIF. The caller holds the user's lock.
+pub async fn flush_user(
+    agent: &Arc<Agent>,
+    user: &str,
+    session: &str,
+    cause: UpdateCause,
+    keep_attached: bool,
+) -> Result<FlushOutcome, LifecycleError> {
+    let Some(rec) = agent.snapshot().uifs.get(user).cloned() else {
+        return Ok(FlushOutcome::Nothing(format!("no UIF of {user} attached")));
+    };
+    let cfg = agent.config();
+    if let Err(e) = materialise::detach(&cfg, user, session, keep_attached).await {
+        match e {
+            UifError::Hook(_) => tracing::error!(user, "detach hook failed, flushing anyway: {e}"),
+            e => return Err(uif_err(user)(e)),
+        }
+    }
+    let path = cfg.uif_path(user);
+    let p2 = path.clone();
+    let manifest = blocking(move || {
+        uve_protocol::chunker::chunk_file(&p2).map_err(|e| UifError::at("chunk", &p2, e))
+    })
+    .await
+    .map_err(uif_err(user))?;
+    if let Err(e) = cache::save(&agent.state_dir, user, &manifest) {
+        tracing::warn!(user, "cannot record cache manifest: {e}");
+    }
+    let entry = SpoolEntry {
+        id: fsutil::random_u64(),
+        user: user.into(),
+        session: session.into(),
+        base: rec.base,
+        lease: rec.lease,
+        cause,
+        file: path,
+        created: fsutil::now_ms(),
+    };
+    if cause != UpdateCause::Checkpoint || !keep_attached {
+        agent
+            .spool
+            .add(&entry, &manifest)
+            .map_err(LifecycleError::Journal)?;
+    }
+    if !keep_attached {
+        agent.with_table(|t| t.uifs.remove(user));
+    }
+    let outcome = match agent.conn.wait(FLUSH_CONNECT_WAIT).await {
+        None => FlushOutcome::Spooled("host unreachable".into()),
+        Some(c) => deliver_entry(agent, &c, &entry, &manifest, cause, keep_attached).await,
+    };
+    if let (true, FlushOutcome::Committed(v)) = (keep_attached, &outcome) {
+        agent.with_table(|t| {
+            if let Some(r) = t.uifs.get_mut(user) {
+                r.base = Some(*v);
+            }
+        });
+    }
+    Ok(outcome)
+}
+
+/// Uploads one update; removes its spool entry once the host took it.
+async fn deliver_entry(
+    agent: &Agent,
+    c: &Connected,
+    entry: &SpoolEntry,
+    manifest: &uve_protocol::manifest::Manifest,
+    cause: UpdateCause,
+    live_checkpoint: bool,
+) -> FlushOutcome {
+    let begin = UpdateBegin {
+        user: entry.user.clone(),
+        session: entry.session.clone(),
+        base: entry.base,
+        lease: entry.lease,
+        header: manifest.header,
+        cause,
+    };
+    match update::upload(&c.link, &entry.file, manifest, begin).await {
+        Ok(UpdateOutcome::Committed(v)) => {
+            agent.spool.remove(entry.id);
+            FlushOutcome::Committed(v)
+        }
+        Ok(UpdateOutcome::Conflict { kept_as, head }) => {
+            agent.spool.remove(entry.id);
+            tracing::warn!(user = %entry.user, kept_as, ?head, "update landed as a conflict version");
+            FlushOutcome::Conflict { kept_as, head }
+        }
+        Err(e) if live_checkpoint => FlushOutcome::Rejected(format!("checkpoint not taken: {e}")),
+        Err(e) if e.is_transient() => FlushOutcome::Spooled(e.to_string()),
+        Err(e) => {
+            tracing::error!(user = %entry.user, id = entry.id, "host refused update for good: {e}");
+            agent.spool.reject(entry.id);
+            FlushOutcome::Rejected(e.to_string())
+        }
+    }
+}
+
+/// Delivers the spooled updates of one user (caller holds the user lock).
+async fn deliver_user_spool(agent: &Agent, c: &Connected, user: &str) {
+    for entry in agent.spool.for_user(user) {
+        if !deliver_one(agent, c, &entry).await {
+            return;
+        }
+    }
+}
+
+/// Delivers one spooled entry; false if it stays spooled.
+async fn deliver_one(agent: &Agent, c: &Connected, entry: &SpoolEntry) -> bool {
+    let manifest = match agent.spool.manifest(entry.id) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(
+                id = entry.id,
+                "unreadable spool manifest, moving aside: {e}"
+            );
+            agent.spool.reject(entry.id);
+            return true;
+        }
+    };
+    let outcome = deliver_entry(agent, c, entry, &manifest, UpdateCause::Spooled, false).await;
+    tracing::info!(user = %entry.user, id = entry.id, "spooled update: {outcome}");
+    !matches!(outcome, FlushOutcome::Spooled(_))
+}
+
+/// Delivers the whole spool in order; stops at the first transient failure.
+pub async fn deliver_spool(agent: &Arc<Agent>, c: &Connected) {
+    for entry in agent.spool.list() {
+        let lock = agent.user_lock(&entry.user);
+        let _guard = lock.lock().await;
+        // Someone (a login) may have delivered it while we waited.
+        if !agent.spool.list().iter().any(|e| e.id == entry.id) {
+            continue;
+        }
+        if !deliver_one(agent, c, &entry).await {
+            return;
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! User Image Files in the guest: retrieving a version from the host
+//! ([`retrieve`]), reusing the previous version's bytes ([`cache`]),
+//! uploading a new version ([`update`]), keeping updates the host could not
+//! take yet ([`spool`]) and making the UIF appear to the user
+//! ([`materialise`]).
+
+pub mod cache;
+pub mod materialise;
+pub mod retrieve;
+pub mod spool;
+pub mod update;
+
+use std::path::Path;
+
+use uve_protocol::link::LinkError;
+use uve_protocol::message::ErrorCode;
+
+/// Why a UIF operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UifError {
+    /// No connection to the host.
+    #[error("the host is not reachable")]
+    NotConnected,
+    /// The request failed on the link or the host refused it.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The host sent something inconsistent.
+    #[error("host sent inconsistent data: {0}")]
+    Protocol(String),
+    /// A local file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The attach or detach hook failed.
+    #[error("hook failed: {0}")]
+    Hook(String),
+    /// Packing or unpacking a home directory failed.
+    #[error(transparent)]
+    Archive(#[from] crate::archive::ArchiveError),
+}
+
+impl UifError {
+    /// Wraps an i/o error with context.
+    pub fn io(context: impl std::fmt::Display, source: std::io::Error) -> Self {
+        UifError::Io {
+            context: context.to_string(),
+            source,
+        }
+    }
+
+    /// Wraps an i/o error about `path`.
+    pub fn at(what: &str, path: &Path, source: std::io::Error) -> Self {
+        UifError::io(format!("{what} {}", path.display()), source)
+    }
+
+    /// True if retrying later (after a reconnect) may succeed: the link
+    /// broke, or the host was busy or shutting down.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            UifError::NotConnected => true,
+            UifError::Link(LinkError::Remote(e)) => matches!(
+                e.code,
+                ErrorCode::Busy
+                    | ErrorCode::Timeout
+                    | ErrorCode::ShuttingDown
+                    | ErrorCode::Internal
+            ),
+            UifError::Link(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Runs blocking file work off the runtime thread, so heartbeats keep
+/// flowing while a multi-GiB file is hashed or packed.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, UifError> + Send + 'static,
+) -> Result<T, UifError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| UifError::io("blocking task", std::io::Error::other(e.to_string())))?
+}
