@@ -1,7 +1,7 @@
 //! Golden byte vectors: the exact encoding of every message. If one of
 //! these fails, an existing message's encoding changed, which breaks every
 //! agent already baked into a VM image. Append new variants instead (see
-//! WIRE.md §11), and add their vectors here.
+//! WIRE.md §12), and add their vectors here.
 
 #![allow(
     clippy::expect_used,
