@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use std::time::Duration;
+
 use tokio::sync::Notify;
 use uve_protocol::message::Request;
 
@@ -119,6 +121,9 @@ impl Agent {
     }
 }
 
+/// Retry interval of the outbox while deliveries are pending.
+const RETRY: Duration = Duration::from_secs(3);
+
 /// The outbox loop: never returns.
 pub async fn outbox(agent: Arc<Agent>) {
     let mut rx = agent.conn.subscribe();
@@ -132,9 +137,18 @@ pub async fn outbox(agent: Arc<Agent>) {
             agent.notices.deliver(&c.link).await;
             crate::lifecycle::deliver_spool(&agent, &c).await;
         }
+        // Retry later while something is still pending (host busy, link
+        // flapping), even without a reconnect or a new kick.
+        let pending = agent.notices.count() + agent.spool.count() > 0;
+        let retry = if pending {
+            RETRY
+        } else {
+            Duration::from_secs(3600)
+        };
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },
             () = agent.kick.notified() => {}
+            () = tokio::time::sleep(retry) => {}
         }
     }
 }

@@ -1,6 +1,6 @@
 //! UIF retrieve (WIRE.md §6): ask for the grant, read the manifest pages,
 //! take every chunk the local cache has intact, fetch the rest with several
-//! `ChunkFetch` requests in flight, verify each chunk and the whole digest,
+//! `ChunkFetch` requests in flight, verify each chunk and the manifest digest,
 //! then write temp → fsync → rename into place. Until the rename the
 //! previous file is untouched.
 
@@ -113,18 +113,23 @@ pub async fn retrieve(
             return Err(e);
         }
     };
-    let digest = manifest.header.digest;
+    // The manifest digest (checked by `validate`) commits to the chunk
+    // list, and every chunk was verified against its hash, so a file of
+    // the announced size is the version, byte for byte.
+    let size = manifest.header.size;
     let tmp2 = tmp.clone();
-    let whole = blocking(move || {
+    let written = blocking(move || {
         out.sync_all()
             .map_err(|e| UifError::at("fsync", &tmp2, e))?;
-        hash_file(&tmp2)
+        out.metadata()
+            .map(|m| m.len())
+            .map_err(|e| UifError::at("stat", &tmp2, e))
     })
     .await?;
-    if whole != digest {
+    if written != size {
         let _ = std::fs::remove_file(&tmp);
         return Err(UifError::Protocol(format!(
-            "whole-file digest mismatch for {user} version {version}"
+            "assembled {written} bytes for {user} version {version}, expected {size}"
         )));
     }
     std::fs::rename(&tmp, dest).map_err(|e| UifError::at("rename into", dest, e))?;
@@ -211,24 +216,9 @@ async fn fill(
     Ok((fetched, reused))
 }
 
-/// BLAKE3 of a whole file, streamed.
-pub fn hash_file(path: &Path) -> Result<Hash, UifError> {
-    let mut f = File::open(path).map_err(|e| UifError::at("open", path, e))?;
-    let mut h = blake3::Hasher::new();
-    std::io::copy(&mut f, &mut h).map_err(|e| UifError::at("read", path, e))?;
-    Ok(Hash(*h.finalize().as_bytes()))
-}
-
 /// The manifest of an empty UIF.
 pub fn empty_manifest() -> Manifest {
-    Manifest {
-        header: uve_protocol::manifest::ManifestHeader {
-            size: 0,
-            digest: Hash::of(b""),
-            chunk_count: 0,
-        },
-        chunks: Vec::new(),
-    }
+    Manifest::from_chunks(Vec::new())
 }
 
 /// Replaces `dest` with an empty file, durably.

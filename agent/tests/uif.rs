@@ -1,0 +1,228 @@
+//! UIF retrieve/update end to end: the real agent binary against the test
+//! host, in file and directory mode, incremental fetches, and the offline
+//! spool across a host outage and an agent SIGKILL.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+
+use common::{AgentProc, LONG, TestHost, noise, wait_for};
+use uve_protocol::message::UpdateCause;
+
+fn file_mode(dir: &std::path::Path) -> String {
+    format!(
+        "[uif]\nmode = \"file\"\npath = \"{0}/uif/{{user}}.img\"\nattach = [\"/bin/sh\", \"-c\", \"echo attach $UVE_USER {{path}} >> {0}/hooks.log\"]\ndetach = [\"/bin/sh\", \"-c\", \"echo detach $UVE_USER >> {0}/hooks.log\"]\n",
+        dir.display()
+    )
+}
+
+#[test]
+fn file_mode_round_trip_and_incremental_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    let original = noise(3 << 20, 7);
+    let v1 = host.with(|h| h.seed("alice", &original));
+    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    agent.wait_connected();
+
+    let out = agent.ok(&["login", "--user", "alice", "--session", "s1"]);
+    assert!(out.contains(&format!("retrieved version {v1}")), "{out}");
+    let img = dir.path().join("uif/alice.img");
+    assert_eq!(std::fs::read(&img).unwrap(), original, "retrieved bytes");
+    let total_chunks = host.with(|h| h.chunk_fetches);
+    assert!(total_chunks > 10, "fetched {total_chunks} chunks");
+    let hooks = std::fs::read_to_string(dir.path().join("hooks.log")).unwrap();
+    assert!(
+        hooks.contains(&format!("attach alice {}", img.display())),
+        "{hooks}"
+    );
+    wait_for("SessionStarted", LONG, || {
+        host.with(|h| h.sessions_started.contains(&"s1".to_string()))
+            .then_some(())
+    });
+
+    // The user changes a few bytes in the middle.
+    let mut modified = original.clone();
+    modified[1_500_000..1_500_100].copy_from_slice(&[0xAB; 100]);
+    std::fs::write(&img, &modified).unwrap();
+    let out = agent.ok(&["logout", "--session", "s1"]);
+    assert!(out.contains("committed"), "{out}");
+    let hooks = std::fs::read_to_string(dir.path().join("hooks.log")).unwrap();
+    assert!(hooks.contains("detach alice"), "{hooks}");
+    let (head, uploads) = host.with(|h| (h.head_bytes("alice").unwrap(), h.chunk_uploads));
+    assert_eq!(head, modified, "committed bytes");
+    assert!(
+        uploads <= 3,
+        "uploaded {uploads} chunks for a 100-byte change"
+    );
+    assert!(host.with(|h| h.sessions_ended.contains(&"s1".to_string())));
+    let commit = host.with(|h| h.commits.last().cloned().unwrap());
+    assert_eq!(commit.cause, UpdateCause::Logout);
+    assert_eq!(commit.base, Some(v1));
+    assert!(!commit.conflict);
+
+    // Another VM (or an operator) changes a small part of the head: the
+    // next login fetches only the changed chunks.
+    let mut third = modified.clone();
+    third[2_800_000..2_800_010].copy_from_slice(b"0123456789");
+    let v3 = host.with(|h| h.seed("alice", &third));
+    let before = host.with(|h| h.chunk_fetches);
+    let out = agent.ok(&["login", "--user", "alice", "--session", "s2"]);
+    assert!(out.contains(&format!("retrieved version {v3}")), "{out}");
+    let fetched = host.with(|h| h.chunk_fetches) - before;
+    assert!(
+        (1..=3).contains(&fetched),
+        "second login fetched {fetched} chunks (of {total_chunks})"
+    );
+    assert_eq!(std::fs::read(&img).unwrap(), third);
+    agent.ok(&["logout", "--session", "s2"]);
+}
+
+#[test]
+fn directory_mode_round_trip_with_owner_and_excludes() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    let root = common::is_root();
+    // As root, unpack as `nobody` (from /etc/passwd); otherwise as ourselves.
+    let (user, owner) = if root {
+        ("nobody".to_string(), "passwd".to_string())
+    } else {
+        // SAFETY: getuid/getgid have no preconditions.
+        let (u, g) = unsafe { (libc::getuid(), libc::getgid()) };
+        ("carol".to_string(), format!("{u}:{g}"))
+    };
+    let cfg = format!(
+        "[uif]\nmode = \"directory\"\nhome = \"{}/home/{{user}}\"\nowner = \"{owner}\"\nexclude = [\".cache\", \"*.tmp\"]\n",
+        dir.path().display()
+    );
+    let agent = AgentProc::start(dir.path(), &cfg);
+    agent.wait_connected();
+    let out = agent.ok(&["login", "--user", &user, "--session", "d1"]);
+    assert!(out.contains("new user"), "{out}");
+    let home = dir.path().join("home").join(&user);
+    assert!(home.is_dir());
+    let big = noise(700_000, 3);
+    std::fs::create_dir_all(home.join("docs/deep")).unwrap();
+    std::fs::write(home.join("docs/deep/report.bin"), &big).unwrap();
+    std::fs::write(home.join("notes.txt"), b"remember the milk\n").unwrap();
+    std::os::unix::fs::symlink("docs/deep/report.bin", home.join("link")).unwrap();
+    std::fs::create_dir_all(home.join(".cache")).unwrap();
+    std::fs::write(home.join(".cache/junk"), b"junk").unwrap();
+    std::fs::write(home.join("scratch.tmp"), b"tmp").unwrap();
+    let out = agent.ok(&["logout", "--session", "d1"]);
+    assert!(out.contains("committed"), "{out}");
+
+    // The head is a tar of the home without the excluded paths.
+    let tar = host.with(|h| h.head_bytes(&user).unwrap());
+    let mut names: Vec<String> = tar::Archive::new(&tar[..])
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "docs",
+            "docs/deep",
+            "docs/deep/report.bin",
+            "link",
+            "notes.txt"
+        ]
+    );
+
+    // Wipe the home; the next login restores it byte for byte.
+    std::fs::remove_dir_all(&home).unwrap();
+    agent.ok(&["login", "--user", &user, "--session", "d2"]);
+    assert_eq!(
+        std::fs::read(home.join("docs/deep/report.bin")).unwrap(),
+        big
+    );
+    assert_eq!(
+        std::fs::read(home.join("notes.txt")).unwrap(),
+        b"remember the milk\n"
+    );
+    assert_eq!(
+        std::fs::read_link(home.join("link")).unwrap(),
+        std::path::Path::new("docs/deep/report.bin")
+    );
+    assert!(!home.join(".cache").exists());
+    if root {
+        for p in ["", "docs", "docs/deep/report.bin", "notes.txt"] {
+            let m = std::fs::symlink_metadata(home.join(p)).unwrap();
+            assert_eq!((m.uid(), m.gid()), (65534, 65534), "owner of {p:?}");
+        }
+    }
+    std::fs::write(home.join("notes.txt"), b"milk bought\n").unwrap();
+    agent.ok(&["logout", "--session", "d2"]);
+    let tar = host.with(|h| h.head_bytes(&user).unwrap());
+    let mut ar = tar::Archive::new(&tar[..]);
+    let mut found = false;
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.path().unwrap().to_string_lossy() == "notes.txt" {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut e, &mut s).unwrap();
+            assert_eq!(s, "milk bought\n");
+            found = true;
+        }
+    }
+    assert!(found);
+}
+
+#[test]
+fn host_down_at_logout_spools_and_delivers_also_after_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    let original = noise(1 << 20, 11);
+    host.with(|h| h.seed("bob", &original));
+    let mut agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    agent.wait_connected();
+    let img = dir.path().join("uif/bob.img");
+
+    // 1. Host down at logout; it comes back while the agent runs.
+    agent.ok(&["login", "--user", "bob", "--session", "a"]);
+    let mut v2 = original.clone();
+    v2[10..20].copy_from_slice(b"second....");
+    std::fs::write(&img, &v2).unwrap();
+    host.down();
+    let out = agent.ok(&["logout", "--session", "a"]);
+    assert!(out.contains("spooled"), "{out}");
+    assert_eq!(agent.status()["spooled_updates"], 1);
+    host.up();
+    wait_for("spooled update committed", LONG, || {
+        host.with(|h| (h.head_bytes("bob") == Some(v2.clone())).then_some(()))
+    });
+    let c = host.with(|h| h.commits.last().cloned().unwrap());
+    assert_eq!(c.cause, UpdateCause::Spooled);
+    assert!(!c.conflict, "spooled update should commit on its base");
+    wait_for("spool empty", LONG, || {
+        (agent.status()["spooled_updates"] == 0).then_some(())
+    });
+
+    // 2. Host down at logout, agent SIGKILLed, restarted, host back.
+    agent.ok(&["login", "--user", "bob", "--session", "b"]);
+    assert_eq!(std::fs::read(&img).unwrap(), v2);
+    let mut v3 = v2.clone();
+    v3[500_000..500_010].copy_from_slice(b"third.....");
+    std::fs::write(&img, &v3).unwrap();
+    host.down();
+    let out = agent.ok(&["logout", "--session", "b"]);
+    assert!(out.contains("spooled"), "{out}");
+    agent.kill();
+    agent.spawn();
+    assert_eq!(agent.status()["spooled_updates"], 1);
+    let commits_before = host.with(|h| h.commits.len());
+    host.up();
+    wait_for("spooled update committed after restart", LONG, || {
+        host.with(|h| (h.head_bytes("bob") == Some(v3.clone())).then_some(()))
+    });
+    wait_for("spool empty", LONG, || {
+        (agent.status()["spooled_updates"] == 0).then_some(())
+    });
+    // Delivered exactly once.
+    assert_eq!(host.with(|h| h.commits.len()), commits_before + 1);
+    assert_eq!(agent.terminate(), Some(0));
+}
