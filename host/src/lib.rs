@@ -5,7 +5,25 @@
 //! UVE-2 (UA management, suspend/resume, monitoring, user release) and
 //! offers a management API on a Unix socket.
 //!
-//! Dependencies run one way: `link → dispatcher → domain → handle`.
+//! Dependencies run one way: `server` (link) → `dispatch` → domain
+//! (`uve5`, `switch`, `uve2`, `store`, ...) → link handle.
 
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod conns;
+pub mod daemon;
+pub mod dispatch;
 pub mod durable;
+pub mod events;
+pub mod handover;
+pub mod host;
+pub mod leases;
+pub mod metrics;
+pub mod registry;
+pub mod server;
+pub mod sessions;
 pub mod store;
+pub mod switch;
+pub mod uve2;
+pub mod uve5;

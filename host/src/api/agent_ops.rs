@@ -1,0 +1,237 @@
+//! UVE-2 operations on a VM's agent: UA deploy/update/rollback/delete,
+//! session suspend/resume, monitoring grants, status and ping. Each returns
+//! the agent's answer or a clear error (503 when the VM is not connected).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use uve_protocol::message::{Request, Response};
+
+use super::spool::spool;
+use super::{ApiError, ApiResult, check_name};
+use crate::daemon::Daemon;
+use crate::store::now_ms;
+use crate::uve2::{self, UaDeploy, Uve2Error};
+
+fn known_vm(d: &Daemon, id: &str) -> ApiResult<()> {
+    if d.host.registry.vm(id).is_some() {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!("no VM {id}")))
+    }
+}
+
+fn unexpected(r: Response) -> ApiError {
+    Uve2Error::Unexpected(format!("{r:?}")).into()
+}
+
+/// Query of `POST /v1/vms/{id}/ua`.
+#[derive(Deserialize)]
+pub struct DeployQuery {
+    name: String,
+    version: String,
+    #[serde(default)]
+    entry: String,
+    #[serde(default)]
+    update: bool,
+}
+
+/// `POST /v1/vms/{id}/ua?name=&version=&entry=&update=`: raw body = tar bundle.
+pub async fn deploy(
+    State(d): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    Query(q): Query<DeployQuery>,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    known_vm(&d, &id)?;
+    check_name("UA", &q.name)?;
+    check_name("UA", &q.version)?;
+    uve2::link(&d.host, &id)?;
+    let bundle = spool(body, &d.host.tmp, d.host.config.max_ua_bundle).await?;
+    let ua = UaDeploy {
+        name: q.name.clone(),
+        version: q.version.clone(),
+        entry: q.entry.split_whitespace().map(str::to_string).collect(),
+        update: q.update,
+    };
+    let current =
+        uve2::deploy_ua(&d.host, &id, ua, &bundle.path, bundle.size, bundle.digest).await?;
+    d.host.events.emit(
+        "ua_deployed",
+        json!({"vm": id, "name": q.name, "version": current, "update": q.update, "size": bundle.size}),
+    );
+    Ok(Json(json!({"vm": id, "name": q.name, "current": current,
+                   "size": bundle.size, "digest": bundle.digest.to_hex()})))
+}
+
+/// `POST /v1/vms/{id}/ua/{name}/rollback`.
+pub async fn ua_rollback(
+    State(d): State<Arc<Daemon>>,
+    Path((id, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    known_vm(&d, &id)?;
+    check_name("UA", &name)?;
+    match uve2::call(&d.host, &id, Request::UaRollback { name: name.clone() }).await? {
+        Response::UaCurrent { version } => {
+            d.host.events.emit(
+                "ua_rolled_back",
+                json!({"vm": id, "name": name, "version": version}),
+            );
+            Ok(Json(json!({"vm": id, "name": name, "current": version})))
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `DELETE /v1/vms/{id}/ua/{name}[?force=true]`.
+pub async fn ua_delete(
+    State(d): State<Arc<Daemon>>,
+    Path((id, name)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    known_vm(&d, &id)?;
+    check_name("UA", &name)?;
+    let force = q.get("force").is_some_and(|f| f == "true" || f == "1");
+    let req = Request::UaDelete {
+        name: name.clone(),
+        force,
+    };
+    match uve2::call(&d.host, &id, req).await? {
+        Response::UaDeleted { stopped_sessions } => {
+            d.host.events.emit(
+                "ua_deleted",
+                json!({"vm": id, "name": name, "stopped_sessions": stopped_sessions}),
+            );
+            Ok(Json(
+                json!({"vm": id, "name": name, "stopped_sessions": stopped_sessions}),
+            ))
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `POST /v1/vms/{id}/sessions/{session}/{suspend|resume}`.
+pub async fn session_action(
+    State(d): State<Arc<Daemon>>,
+    Path((id, session, action)): Path<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    known_vm(&d, &id)?;
+    check_name("session", &session)?;
+    let req = match action.as_str() {
+        "suspend" => Request::SessionSuspend {
+            session: session.clone(),
+        },
+        "resume" => Request::SessionResume {
+            session: session.clone(),
+        },
+        _ => return Err(ApiError::not_found("action must be suspend or resume")),
+    };
+    uve2::expect_ok(uve2::call(&d.host, &id, req).await?)?;
+    let kind = if action == "suspend" {
+        "session_suspended"
+    } else {
+        "session_resumed"
+    };
+    d.host
+        .events
+        .emit(kind, json!({"vm": id, "session": session}));
+    Ok(Json(
+        json!({"vm": id, "session": session, "action": action}),
+    ))
+}
+
+/// Body of `POST /v1/vms/{id}/monitor`.
+#[derive(Deserialize)]
+pub struct MonitorBody {
+    session: String,
+    monitor: String,
+    #[serde(default = "default_ttl")]
+    ttl_secs: u64,
+}
+
+fn default_ttl() -> u64 {
+    3600
+}
+
+/// `POST /v1/vms/{id}/monitor`.
+pub async fn monitor_grant(
+    State(d): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    Json(b): Json<MonitorBody>,
+) -> ApiResult<Json<Value>> {
+    known_vm(&d, &id)?;
+    check_name("session", &b.session)?;
+    check_name("user", &b.monitor)?;
+    let expires = now_ms().saturating_add(b.ttl_secs.saturating_mul(1000));
+    let req = Request::MonitorGrant {
+        session: b.session.clone(),
+        monitor: b.monitor.clone(),
+        expires,
+    };
+    uve2::expect_ok(uve2::call(&d.host, &id, req).await?)?;
+    d.host.events.emit(
+        "monitor_granted",
+        json!({"vm": id, "session": b.session, "monitor": b.monitor, "expires": expires}),
+    );
+    Ok(Json(
+        json!({"vm": id, "session": b.session, "monitor": b.monitor, "expires": expires}),
+    ))
+}
+
+/// `DELETE /v1/vms/{id}/monitor?session=&monitor=`.
+pub async fn monitor_revoke(
+    State(d): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    known_vm(&d, &id)?;
+    let (Some(session), Some(monitor)) = (q.get("session"), q.get("monitor")) else {
+        return Err(ApiError::bad_request("session and monitor are required"));
+    };
+    check_name("session", session)?;
+    check_name("user", monitor)?;
+    let req = Request::MonitorRevoke {
+        session: session.clone(),
+        monitor: monitor.clone(),
+    };
+    uve2::expect_ok(uve2::call(&d.host, &id, req).await?)?;
+    d.host.events.emit(
+        "monitor_revoked",
+        json!({"vm": id, "session": session, "monitor": monitor}),
+    );
+    Ok(Json(
+        json!({"vm": id, "session": session, "monitor": monitor, "revoked": true}),
+    ))
+}
+
+/// `GET /v1/vms/{id}/status`.
+pub async fn status(
+    State(d): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    known_vm(&d, &id)?;
+    match uve2::call(&d.host, &id, Request::AgentStatus).await? {
+        Response::Status(s) => Ok(Json(json!({
+            "vm": id,
+            "sessions": s.sessions.iter().map(|x| json!({"session": x.session, "user": x.user, "ua": x.ua, "suspended": x.suspended})).collect::<Vec<_>>(),
+            "uas": s.uas.iter().map(|u| json!({"name": u.name, "current": u.current, "previous": u.previous})).collect::<Vec<_>>(),
+            "spooled_updates": s.spooled_updates,
+        }))),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `POST /v1/vms/{id}/ping`.
+pub async fn ping(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    known_vm(&d, &id)?;
+    let nonce = now_ms();
+    match uve2::call(&d.host, &id, Request::Ping { nonce }).await? {
+        Response::Pong { nonce: n } if n == nonce => Ok(Json(json!({"vm": id, "pong": true}))),
+        other => Err(unexpected(other)),
+    }
+}

@@ -1,0 +1,88 @@
+//! The event stream (`GET /v1/events`, JSON lines, `?since=N`,
+//! `?follow=false` to stop after the retained events) and `GET /metrics`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::daemon::Daemon;
+use crate::events::Event;
+
+/// Query of `GET /v1/events`.
+#[derive(Deserialize)]
+pub struct EventsQuery {
+    #[serde(default)]
+    since: u64,
+    #[serde(default = "yes")]
+    follow: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn line(e: &Event) -> Bytes {
+    let mut v = serde_json::to_vec(e).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+/// `GET /v1/events`.
+pub async fn events(State(d): State<Arc<Daemon>>, Query(q): Query<EventsQuery>) -> Response {
+    let (past, mut rx) = d.host.events.since(q.since);
+    let stop = d.host.shutdown.clone();
+    let (tx, body_rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
+    tokio::spawn(async move {
+        let mut last = q.since;
+        for e in &past {
+            last = e.seq;
+            if tx.send(Ok(line(e))).await.is_err() {
+                return;
+            }
+        }
+        if !q.follow {
+            return;
+        }
+        loop {
+            let e = tokio::select! {
+                () = stop.cancelled() => return,
+                () = tx.closed() => return,
+                e = rx.recv() => e,
+            };
+            match e {
+                Ok(e) if e.seq > last => {
+                    last = e.seq;
+                    if tx.send(Ok(line(&e))).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(body_rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(d): State<Arc<Daemon>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        d.host.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,194 @@
+//! The management API: HTTP/JSON on a Unix socket (axum). Routes are
+//! grouped by resource in the submodules; every handler maps domain errors
+//! to a status and a JSON body `{"error": code, "message": text}`.
+//! The contract is documented in `host/API.md`.
+
+mod agent_ops;
+mod feed;
+mod spool;
+mod users;
+mod vms;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use uve_protocol::message::ErrorCode;
+
+use crate::daemon::Daemon;
+use crate::registry::RegistryError;
+use crate::store::StoreError;
+use crate::uve2::Uve2Error;
+
+/// An API error: status, machine-readable code, message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    /// A new error.
+    pub fn new(status: StatusCode, code: &'static str, message: impl std::fmt::Display) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.to_string(),
+        }
+    }
+
+    /// 400.
+    pub fn bad_request(message: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// 404.
+    pub fn not_found(message: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 500.
+    pub fn internal(message: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": self.code, "message": self.message})),
+        )
+            .into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match &e {
+            StoreError::InvalidName(_) => Self::new(StatusCode::BAD_REQUEST, "invalid_name", e),
+            StoreError::NoSuchVersion { .. } => Self::not_found(e),
+            StoreError::MissingChunk(_) | StoreError::BadChunk(_) | StoreError::BadManifest(_) => {
+                Self::bad_request(e)
+            }
+            StoreError::QuotaExceeded { .. } => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded", e)
+            }
+            StoreError::Corrupt { .. } | StoreError::Io { .. } => Self::internal(e),
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match &e {
+            RegistryError::InvalidName(_) => Self::new(StatusCode::BAD_REQUEST, "invalid_name", e),
+            RegistryError::BadTransport => Self::bad_request(e),
+            RegistryError::Duplicate(_) => Self::new(StatusCode::CONFLICT, "conflict", e),
+            RegistryError::NoSuchVm(_) | RegistryError::NotAssigned(_) => Self::not_found(e),
+            RegistryError::Io(_) => Self::internal(e),
+        }
+    }
+}
+
+impl From<Uve2Error> for ApiError {
+    fn from(e: Uve2Error) -> Self {
+        match &e {
+            Uve2Error::NotConnected(_) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "vm_not_connected", e)
+            }
+            Uve2Error::Timeout => Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout", e),
+            Uve2Error::Agent(w) => match w.code {
+                ErrorCode::NotFound => Self::not_found(e),
+                ErrorCode::UaInUse | ErrorCode::Busy => {
+                    Self::new(StatusCode::CONFLICT, "conflict", e)
+                }
+                ErrorCode::InvalidName
+                | ErrorCode::BadRequest
+                | ErrorCode::BundleRejected
+                | ErrorCode::BadDigest => {
+                    Self::new(StatusCode::UNPROCESSABLE_ENTITY, "agent_refused", e)
+                }
+                _ => Self::new(StatusCode::BAD_GATEWAY, "agent_error", e),
+            },
+            Uve2Error::Link(_) | Uve2Error::Unexpected(_) => {
+                Self::new(StatusCode::BAD_GATEWAY, "agent_error", e)
+            }
+            Uve2Error::Bundle(_) => Self::internal(e),
+        }
+    }
+}
+
+/// Result of a handler.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Validates a name from a URL or body.
+pub fn check_name(kind: &'static str, name: &str) -> ApiResult<()> {
+    uve_protocol::names::validate(kind, name)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_name", e))
+}
+
+/// The API router.
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/v1/vms", get(vms::list).post(vms::create))
+        .route("/v1/vms/{id}", get(vms::show).delete(vms::remove))
+        .route("/v1/assignments", get(vms::assignments))
+        .route(
+            "/v1/assignments/{user}",
+            put(vms::assign).delete(vms::unassign),
+        )
+        .route("/v1/sessions", get(vms::sessions))
+        .route("/v1/users", get(users::list))
+        .route("/v1/users/{user}/versions", get(users::versions))
+        .route("/v1/users/{user}/import", post(users::import))
+        .route("/v1/users/{user}/versions/{v}/export", get(users::export))
+        .route("/v1/users/{user}/rollback", post(users::rollback))
+        .route("/v1/gc", post(users::gc))
+        .route("/v1/events", get(feed::events))
+        .route("/metrics", get(feed::metrics))
+        .route("/v1/vms/{id}/ua", post(agent_ops::deploy))
+        .route(
+            "/v1/vms/{id}/ua/{name}/rollback",
+            post(agent_ops::ua_rollback),
+        )
+        .route("/v1/vms/{id}/ua/{name}", delete(agent_ops::ua_delete))
+        .route(
+            "/v1/vms/{id}/sessions/{session}/{action}",
+            post(agent_ops::session_action),
+        )
+        .route(
+            "/v1/vms/{id}/monitor",
+            post(agent_ops::monitor_grant).delete(agent_ops::monitor_revoke),
+        )
+        .route("/v1/vms/{id}/status", get(agent_ops::status))
+        .route("/v1/vms/{id}/ping", post(agent_ops::ping))
+        .with_state(daemon)
+}
+
+/// Serves the API on the Unix socket `path` until `stop` is cancelled.
+pub async fn serve(
+    daemon: Arc<Daemon>,
+    path: PathBuf,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let path = path.as_path();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = uve_protocol::transport::bind_unix(path)?;
+    tracing::info!(path = %path.display(), "management API listening");
+    let app = router(daemon);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await?;
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! UIF administration: list versions, import, export, rollback, GC.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use uve_protocol::chunker::chunk_stream;
+use uve_protocol::message::Version;
+
+use super::spool::spool;
+use super::{ApiResult, check_name};
+use crate::daemon::Daemon;
+use crate::store::CommitOutcome;
+
+/// `GET /v1/users`: users with a store entry, their head and assignment.
+pub async fn list(State(d): State<Arc<Daemon>>) -> ApiResult<Json<Value>> {
+    let users = d
+        .host
+        .store_call(|s| {
+            let mut out = Vec::new();
+            for u in s.users()? {
+                let head = s.head(&u)?;
+                out.push((u, head));
+            }
+            Ok(out)
+        })
+        .await?;
+    let rows: Vec<Value> = users
+        .into_iter()
+        .map(|(u, head)| {
+            json!({"user": u, "head": head, "assigned_to": d.host.registry.assignment(&u),
+                   "lease": d.host.leases.get(&u)})
+        })
+        .collect();
+    Ok(Json(Value::Array(rows)))
+}
+
+/// `GET /v1/users/{user}/versions`.
+pub async fn versions(
+    State(d): State<Arc<Daemon>>,
+    Path(user): Path<String>,
+) -> ApiResult<Json<Value>> {
+    check_name("user", &user)?;
+    let (head, versions) = d
+        .host
+        .store_call(move |s| Ok((s.head(&user)?, s.versions(&user)?)))
+        .await?;
+    Ok(Json(json!({"head": head, "versions": versions})))
+}
+
+/// `POST /v1/users/{user}/import`: the raw body is the UIF; it becomes the
+/// new head (an operator import is authoritative; a VM's later update based
+/// on the old head lands as a conflict version).
+pub async fn import(
+    State(d): State<Arc<Daemon>>,
+    Path(user): Path<String>,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    check_name("user", &user)?;
+    let host = d.host.clone();
+    let limit = host.config.max_import.unwrap_or(host.config.max_uif_size);
+    let spooled = spool(body, &host.tmp, limit).await?;
+    let path = spooled.path.clone();
+    let gate = host.leases.gate(&user);
+    let _user_gate = gate.lock().await;
+    let _commit = host.commit_guard();
+    let u = user.clone();
+    let (outcome, manifest) = host
+        .store_call(move |s| {
+            let file = std::fs::File::open(&path)
+                .map_err(|e| crate::store::StoreError::io("open spooled import", e))?;
+            let mut pins = Vec::new();
+            let m = chunk_stream(std::io::BufReader::new(file), |c, bytes| {
+                pins.push(s.pin(&[c.hash]));
+                s.put_chunk(&c.hash, bytes).map_err(std::io::Error::other)
+            })
+            .map_err(|e| crate::store::StoreError::io("chunk import", e))?;
+            let head = s.head(&u)?;
+            let outcome = s.commit(&u, &m, head, true, "import")?;
+            drop(pins);
+            Ok((outcome, m))
+        })
+        .await?;
+    drop(spooled);
+    let version = match outcome {
+        CommitOutcome::Committed(v) => v,
+        CommitOutcome::Conflict { kept_as, .. } => kept_as,
+    };
+    crate::metrics::add(&host.metrics.commits, 1);
+    host.events.emit(
+        "import",
+        json!({"user": user, "version": version, "size": manifest.header.size,
+               "chunks": manifest.header.chunk_count}),
+    );
+    Ok(Json(json!({
+        "user": user, "version": version, "size": manifest.header.size,
+        "digest": manifest.header.digest.to_hex(), "chunks": manifest.header.chunk_count,
+    })))
+}
+
+/// `GET /v1/users/{user}/versions/{v}/export`: streams the UIF bytes,
+/// one chunk in memory at a time.
+pub async fn export(
+    State(d): State<Arc<Daemon>>,
+    Path((user, v)): Path<(String, Version)>,
+) -> ApiResult<Response> {
+    check_name("user", &user)?;
+    let u = user.clone();
+    let manifest = d.host.store_call(move |s| s.manifest(&u, v)).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let store = d.host.store.clone();
+    let header = manifest.header;
+    tokio::task::spawn_blocking(move || {
+        for c in &manifest.chunks {
+            let item = store
+                .read_chunk(&c.hash)
+                .map(Bytes::from)
+                .map_err(std::io::Error::other);
+            let failed = item.is_err();
+            if tx.blocking_send(item).is_err() || failed {
+                return;
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, header.size.to_string()),
+            (
+                header::HeaderName::from_static("x-uve-digest"),
+                header.digest.to_hex(),
+            ),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Body of `POST /v1/users/{user}/rollback`.
+#[derive(Deserialize)]
+pub struct RollbackBody {
+    version: Version,
+}
+
+/// `POST /v1/users/{user}/rollback`: a copy of `version` becomes the head.
+pub async fn rollback(
+    State(d): State<Arc<Daemon>>,
+    Path(user): Path<String>,
+    Json(body): Json<RollbackBody>,
+) -> ApiResult<Json<Value>> {
+    check_name("user", &user)?;
+    let host = d.host.clone();
+    let gate = host.leases.gate(&user);
+    let _user_gate = gate.lock().await;
+    let _commit = host.commit_guard();
+    let u = user.clone();
+    let to = body.version;
+    let head = host.store_call(move |s| s.rollback(&u, to)).await?;
+    host.events.emit(
+        "rollback",
+        json!({"user": user, "from_version": to, "version": head}),
+    );
+    Ok(Json(
+        json!({"user": user, "version": head, "copied_from": to}),
+    ))
+}
+
+/// Query of `POST /v1/gc`.
+#[derive(Deserialize)]
+pub struct GcQuery {
+    grace_secs: Option<u64>,
+}
+
+/// `POST /v1/gc[?grace_secs=]`.
+pub async fn gc(State(d): State<Arc<Daemon>>, Query(q): Query<GcQuery>) -> ApiResult<Json<Value>> {
+    let grace = Duration::from_secs(q.grace_secs.unwrap_or(d.host.config.gc_grace_secs));
+    let report = d.host.store_call(move |s| s.gc(grace)).await?;
+    d.host.events.emit("gc", json!(report));
+    Ok(Json(json!(report)))
+}

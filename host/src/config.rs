@@ -1,0 +1,194 @@
+//! Daemon configuration: a TOML file where every field is optional and has
+//! a documented default, so `uve-host run` with no file works.
+//!
+//! Precedence: `--data-dir` / `UVE_HOST_DATA_DIR` > file > default.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use uve_protocol::defs::{DEFAULT_HEARTBEAT_MS, DEFAULT_MAX_FRAME, DEFAULT_PORT};
+
+use crate::store::StorePolicy;
+
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/uve-host";
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("parse config {path}: {source}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The error.
+        #[source]
+        source: toml::de::Error,
+    },
+}
+
+/// The daemon configuration. Field docs state the defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Data directory (store, registry, leases). Default `/var/lib/uve-host`.
+    pub data_dir: PathBuf,
+    /// Management API socket. Default `<data_dir>/api.sock`.
+    pub api_socket: Option<PathBuf>,
+    /// Listen on kernel AF_VSOCK (QEMU/vhost-vsock). Default `false`.
+    pub vsock_listen: bool,
+    /// AF_VSOCK port, and the guest port of hybrid-vsock listeners
+    /// (`<uds_path>_<port>`) unless a VM sets its own. Default 7075.
+    pub port: u32,
+    /// Heartbeat interval proposed to agents, ms. Default 5000.
+    pub heartbeat_ms: u32,
+    /// Frame limit proposed to agents, bytes. Default 1 MiB.
+    pub max_frame: u32,
+    /// Requests an agent may have open at once. Default 32.
+    pub max_inflight: u32,
+    /// Largest UIF accepted, bytes. Default 64 GiB.
+    pub max_uif_size: u64,
+    /// Largest chunk count of one UIF. Default 1,048,576.
+    pub max_chunks: u32,
+    /// Per-user quota: largest version, bytes. Default = `max_uif_size`.
+    pub user_quota_bytes: Option<u64>,
+    /// Uploads one connection may have open at once. Default 4.
+    pub max_uploads_per_vm: usize,
+    /// Committed versions kept per user. Default 10.
+    pub history_keep: usize,
+    /// Conflict versions kept per user. Default 10.
+    pub conflict_keep: usize,
+    /// Conflict versions older than this are pruned, seconds. Default 30 days.
+    pub conflict_max_age_secs: u64,
+    /// Unreferenced chunks younger than this survive GC, seconds. Default 3600.
+    pub gc_grace_secs: u64,
+    /// How long a retrieve waits for the previous VM's release, ms. Default 30000.
+    pub handover_timeout_ms: u64,
+    /// Time limit of UVE-2 requests to agents, ms. Default 30000.
+    pub uve2_timeout_ms: u64,
+    /// Time limit of each handshake step, ms. Default 10000.
+    pub handshake_timeout_ms: u64,
+    /// How long shutdown waits for in-flight commits, ms. Default 30000.
+    pub shutdown_grace_ms: u64,
+    /// Events kept in memory for `GET /v1/events?since=`. Default 4096.
+    pub event_ring: usize,
+    /// Largest UA bundle accepted by the API, bytes. Default 1 GiB.
+    pub max_ua_bundle: u64,
+    /// Largest UIF accepted by `POST .../import`, bytes. Default = `max_uif_size`.
+    pub max_import: Option<u64>,
+    /// Runtime worker threads. Default 2.
+    pub worker_threads: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            api_socket: None,
+            vsock_listen: false,
+            port: DEFAULT_PORT,
+            heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+            max_frame: DEFAULT_MAX_FRAME,
+            max_inflight: 32,
+            max_uif_size: 64 << 30,
+            max_chunks: 1 << 20,
+            user_quota_bytes: None,
+            max_uploads_per_vm: 4,
+            history_keep: 10,
+            conflict_keep: 10,
+            conflict_max_age_secs: 30 * 24 * 3600,
+            gc_grace_secs: 3600,
+            handover_timeout_ms: 30_000,
+            uve2_timeout_ms: 30_000,
+            handshake_timeout_ms: 10_000,
+            shutdown_grace_ms: 30_000,
+            event_ring: 4096,
+            max_ua_bundle: 1 << 30,
+            max_import: None,
+            worker_threads: 2,
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path` (if given) over the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// Parses TOML text over the defaults.
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// The API socket path.
+    pub fn api_socket(&self) -> PathBuf {
+        self.api_socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("api.sock"))
+    }
+
+    /// The store's retention and quota policy.
+    pub fn store_policy(&self) -> StorePolicy {
+        StorePolicy {
+            history_keep: self.history_keep,
+            conflict_keep: self.conflict_keep,
+            conflict_max_age: Duration::from_secs(self.conflict_max_age_secs),
+            quota_bytes: self.user_quota_bytes.unwrap_or(self.max_uif_size),
+        }
+    }
+
+    /// Milliseconds as a duration (helper for the `*_ms` fields).
+    pub fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults_and_vsock_is_off() {
+        let c = Config::parse("").unwrap();
+        assert!(!c.vsock_listen);
+        assert_eq!(c.port, 7075);
+        assert_eq!(c.api_socket(), PathBuf::from("/var/lib/uve-host/api.sock"));
+        assert_eq!(c.store_policy().quota_bytes, 64 << 30);
+    }
+
+    #[test]
+    fn fields_override_and_unknown_fields_are_refused() {
+        let c = Config::parse(
+            "data_dir = \"/tmp/x\"\nvsock_listen = true\nport = 9000\nhistory_keep = 3\n",
+        )
+        .unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        assert!(c.vsock_listen);
+        assert_eq!(c.port, 9000);
+        assert_eq!(c.history_keep, 3);
+        assert_eq!(c.api_socket(), PathBuf::from("/tmp/x/api.sock"));
+        assert!(Config::parse("no_such_field = 1").is_err());
+    }
+}

@@ -1,0 +1,125 @@
+//! Wiring and lifetime of the daemon: open the data directory (one daemon
+//! per directory, enforced with `flock`), recover the store, load registry
+//! and leases, start listeners and the API, and on SIGTERM/SIGINT shut down
+//! gracefully: stop accepting, refuse new updates, let commits in flight
+//! finish, say `Goodbye` to every agent, exit.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::host::Host;
+use crate::leases::Leases;
+use crate::registry::Registry;
+use crate::server::{self, VmListeners};
+use crate::store::LocalStore;
+use crate::{api, durable};
+
+/// What the API handlers share: the host state and the listeners.
+pub struct Daemon {
+    /// Shared state.
+    pub host: Arc<Host>,
+    /// Per-VM listeners.
+    pub listeners: VmListeners,
+}
+
+/// Takes an exclusive `flock` on `<data_dir>/lock` for the process lifetime.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
+    use std::os::fd::AsRawFd;
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .with_context(|| format!("open {}/lock", dir.display()))?;
+    // SAFETY: flock on a file descriptor we own and keep open; no memory is
+    // passed to the kernel.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        anyhow::bail!(
+            "another uve-host is using {} ({})",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(file)
+}
+
+/// Opens everything and builds the daemon state (no tasks started).
+pub fn open(config: Config) -> anyhow::Result<(Arc<Daemon>, File)> {
+    let data = config.data_dir.clone();
+    std::fs::create_dir_all(&data).with_context(|| format!("create {}", data.display()))?;
+    let lock = lock_data_dir(&data)?;
+    let tmp = data.join("tmp");
+    durable::clear_dir(&tmp).context("clear temp directory")?;
+    let store =
+        LocalStore::open(&data.join("store"), config.store_policy()).context("open UIF store")?;
+    let registry = Registry::load(&data, &tmp, config.port)?;
+    let leases = Leases::load(&data, &tmp)?;
+    let host = Arc::new(Host::new(config, tmp, Arc::new(store), registry, leases));
+    Ok((
+        Arc::new(Daemon {
+            host,
+            listeners: VmListeners::default(),
+        }),
+        lock,
+    ))
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let (daemon, _lock) = open(config)?;
+    let host = daemon.host.clone();
+    for spec in host.registry.vms() {
+        if let Err(e) = daemon.listeners.start(&host, &spec) {
+            tracing::error!(vm = spec.id, error = %e, "cannot listen for VM");
+        }
+    }
+    if host.config.vsock_listen {
+        server::start_vsock(&host)?;
+    }
+    let api_stop = CancellationToken::new();
+    let api_path = host.config.api_socket();
+    let api = tokio::spawn(api::serve(daemon.clone(), api_path, api_stop.clone()));
+    tracing::info!(data_dir = %host.config.data_dir.display(), "uve-host running");
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    host.shutdown.cancel();
+    api_stop.cancel();
+    let grace = Host::ms(host.config.shutdown_grace_ms);
+    if !host.commits_drained(grace).await {
+        tracing::warn!("commits still running after the shutdown grace period");
+    }
+    let goodbyes: Vec<_> = host
+        .conns
+        .all()
+        .into_iter()
+        .map(|(_, c)| tokio::spawn(async move { c.handle.goodbye("host shutting down").await }))
+        .collect();
+    for g in goodbyes {
+        let _ = g.await;
+    }
+    match tokio::time::timeout(Duration::from_secs(5), api).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "API server ended with an error"),
+        Ok(_) => {}
+        Err(_) => tracing::warn!("API server did not stop in time"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! The per-connection dispatcher: consumes the link's incoming requests and
+//! calls the UVE-5 domain handlers. Requests whose order matters
+//! (`UpdateBegin`, `UpdatePage`, session notices) are handled inline, in
+//! arrival order; the rest run as tasks, at most `max_inflight` at a time
+//! per connection, so one VM's burst cannot starve the others.
+
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc};
+use uve_protocol::link::Incoming;
+use uve_protocol::message::{ErrorCode, Request, Response, WireError};
+
+use crate::uve5::{Conn, Handled, notices, retrieve, update};
+
+/// Runs until the link closes.
+pub async fn run(conn: Arc<Conn>, mut incoming: mpsc::Receiver<Incoming>) {
+    let permits = Arc::new(Semaphore::new(
+        usize::try_from(conn.host.config.max_inflight.max(1)).unwrap_or(32),
+    ));
+    while let Some(Incoming { request, responder }) = incoming.recv().await {
+        let answer: Handled = match request {
+            Request::UpdateBegin(b) => update::begin(&conn, b),
+            Request::UpdatePage {
+                upload,
+                page,
+                chunks,
+            } => update::page(&conn, upload, page, chunks).await,
+            Request::UpdateAbort { upload } => update::abort(&conn, upload),
+            Request::SessionStarted { session, user, ua } => {
+                notices::started(&conn, &session, &user, ua)
+            }
+            Request::SessionEnded { session } => notices::ended(&conn, &session),
+            Request::UnexpectedDisconnect(n) => notices::disconnect(&conn, n),
+            other => {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    break;
+                };
+                let chunk_guard = match &other {
+                    Request::ChunkUpload { upload, .. } => {
+                        update::chunk_guard(&conn, *upload).await
+                    }
+                    _ => None,
+                };
+                let conn = conn.clone();
+                tokio::spawn(async move {
+                    let answer = handle(&conn, other).await;
+                    drop(chunk_guard);
+                    drop(permit);
+                    let _ = responder.send(flatten(answer)).await;
+                });
+                continue;
+            }
+        };
+        let _ = responder.send(flatten(answer)).await;
+    }
+}
+
+fn flatten(h: Handled) -> Response {
+    h.unwrap_or_else(Response::Error)
+}
+
+async fn handle(conn: &Conn, request: Request) -> Handled {
+    match request {
+        Request::UifRetrieve { user, session } => retrieve::grant(conn, &user, &session).await,
+        Request::ManifestPage {
+            user,
+            version,
+            page,
+        } => retrieve::page(conn, &user, version, page).await,
+        Request::ChunkFetch { user, hash } => retrieve::fetch(conn, &user, hash).await,
+        Request::ChunkUpload { upload, hash, data } => {
+            update::chunk(conn, upload, hash, data).await
+        }
+        Request::UpdateCommit { upload } => update::commit(conn, upload).await,
+        Request::Ping { nonce } => Ok(Response::Pong { nonce }),
+        _ => Err(WireError::new(
+            ErrorCode::Unsupported,
+            "this request is served by the agent, not the host",
+        )),
+    }
+}

@@ -1,0 +1,149 @@
+//! [`Host`]: the daemon's shared state, one field per concern (store,
+//! registry, leases, hand-overs, sessions, connections, events, metrics),
+//! each with its own lock. Domain modules take `&Host`; nothing here knows
+//! about sockets or HTTP.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uve_protocol::message::{ErrorCode, WireError};
+
+use crate::config::Config;
+use crate::conns::Conns;
+use crate::events::Events;
+use crate::handover::Handovers;
+use crate::leases::Leases;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::sessions::Sessions;
+use crate::store::{StoreError, StoreResult, UifStore};
+
+/// Shared daemon state.
+pub struct Host {
+    /// Configuration.
+    pub config: Config,
+    /// Temp directory for durable writes outside the store.
+    pub tmp: PathBuf,
+    /// The UIF store.
+    pub store: Arc<dyn UifStore>,
+    /// VMs and assignments.
+    pub registry: Registry,
+    /// Writer leases.
+    pub leases: Leases,
+    /// VM switch hand-overs.
+    pub handovers: Handovers,
+    /// Open sessions.
+    pub sessions: Sessions,
+    /// Live agent connections.
+    pub conns: Conns,
+    /// Event log.
+    pub events: Events,
+    /// Counters.
+    pub metrics: Metrics,
+    /// Cancelled when the daemon begins shutting down.
+    pub shutdown: CancellationToken,
+    commits: AtomicUsize,
+    commits_idle: Notify,
+}
+
+/// Marks a commit in flight; shutdown waits for all of them.
+pub struct CommitGuard<'a> {
+    host: &'a Host,
+}
+
+impl Drop for CommitGuard<'_> {
+    fn drop(&mut self) {
+        if self.host.commits.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.host.commits_idle.notify_waiters();
+        }
+    }
+}
+
+impl Host {
+    /// Assembles the shared state.
+    pub fn new(
+        config: Config,
+        tmp: PathBuf,
+        store: Arc<dyn UifStore>,
+        registry: Registry,
+        leases: Leases,
+    ) -> Self {
+        let events = Events::new(config.event_ring);
+        Host {
+            config,
+            tmp,
+            store,
+            registry,
+            leases,
+            handovers: Handovers::default(),
+            sessions: Sessions::default(),
+            conns: Conns::default(),
+            events,
+            metrics: Metrics::default(),
+            shutdown: CancellationToken::new(),
+            commits: AtomicUsize::new(0),
+            commits_idle: Notify::new(),
+        }
+    }
+
+    /// Runs a blocking store operation off the async workers.
+    pub async fn store_call<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn UifStore) -> StoreResult<T> + Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(|e| StoreError::io("store task", std::io::Error::other(e)))?
+    }
+
+    /// Registers a commit in flight.
+    pub fn commit_guard(&self) -> CommitGuard<'_> {
+        self.commits.fetch_add(1, Ordering::AcqRel);
+        CommitGuard { host: self }
+    }
+
+    /// Waits (bounded) until no commit is in flight.
+    pub async fn commits_drained(&self, limit: Duration) -> bool {
+        let wait = async {
+            loop {
+                let idle = self.commits_idle.notified();
+                if self.commits.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
+    }
+
+    /// A time limit from a `*_ms` config field.
+    pub fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+}
+
+/// Maps a store error to the wire error an agent sees.
+pub fn wire_store_error(e: &StoreError) -> WireError {
+    let code = match e {
+        StoreError::InvalidName(_) => ErrorCode::InvalidName,
+        StoreError::NoSuchVersion { .. } => ErrorCode::NotFound,
+        StoreError::MissingChunk(_) => ErrorCode::BadRequest,
+        StoreError::BadChunk(_) => ErrorCode::BadChunk,
+        StoreError::BadManifest(uve_protocol::manifest::ManifestError::Digest) => {
+            ErrorCode::BadDigest
+        }
+        StoreError::BadManifest(_) => ErrorCode::BadRequest,
+        StoreError::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
+        StoreError::Corrupt { .. } | StoreError::Io { .. } => {
+            tracing::error!(error = %e, "store failure");
+            ErrorCode::Internal
+        }
+    };
+    WireError::new(code, e)
+}

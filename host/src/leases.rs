@@ -1,0 +1,160 @@
+//! Writer leases: the fencing tokens of UVE-5. Every retrieve grant bumps
+//! the user's lease epoch and names the VM holding it; a commit becomes
+//! head only if it presents the current epoch from the holding VM.
+//!
+//! Epochs are globally increasing and persisted in `<data_dir>/leases.json`
+//! so an agent's retry after a host restart still presents a valid lease
+//! (and an old lease can never match a new grant). A per-user async gate
+//! makes "check lease + commit" atomic against a concurrent grant.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde::{Deserialize, Serialize};
+
+use crate::durable;
+
+/// Previous holders remembered per user (they may still send a late update,
+/// which is accepted and kept as a conflict version).
+const PAST_HOLDERS: usize = 8;
+
+/// One user's lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserLease {
+    /// Current epoch.
+    pub epoch: u64,
+    /// VM holding it.
+    pub vm: String,
+    /// Earlier holders, newest last.
+    pub past: Vec<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct LeaseData {
+    next_epoch: u64,
+    users: BTreeMap<String, UserLease>,
+}
+
+/// Lease table.
+pub struct Leases {
+    path: PathBuf,
+    tmp: PathBuf,
+    data: Mutex<LeaseData>,
+    gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Why the lease file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[error("lease file {path}: {why}")]
+pub struct LeaseError {
+    path: String,
+    why: String,
+}
+
+impl Leases {
+    /// Loads `<data_dir>/leases.json` (empty if absent).
+    pub fn load(data_dir: &Path, tmp: &Path) -> Result<Self, LeaseError> {
+        let path = data_dir.join("leases.json");
+        let err = |why: String| LeaseError {
+            path: path.display().to_string(),
+            why,
+        };
+        let mut data: LeaseData = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| err(e.to_string()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => LeaseData::default(),
+            Err(e) => return Err(err(e.to_string())),
+        };
+        data.next_epoch = data.next_epoch.max(1);
+        Ok(Leases {
+            path,
+            tmp: tmp.to_path_buf(),
+            data: Mutex::new(data),
+            gates: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The per-user gate serialising grants and commits.
+    pub fn gate(&self, user: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.gates
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(user.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Grants a new lease on `user` to `vm` (durably) and returns its epoch.
+    pub fn grant(&self, user: &str, vm: &str) -> Result<u64, LeaseError> {
+        let mut data = self.data.lock().unwrap_or_else(PoisonError::into_inner);
+        let epoch = data.next_epoch;
+        data.next_epoch += 1;
+        let entry = data.users.entry(user.to_string()).or_insert(UserLease {
+            epoch,
+            vm: vm.to_string(),
+            past: Vec::new(),
+        });
+        if entry.vm != vm {
+            let old = std::mem::replace(&mut entry.vm, vm.to_string());
+            entry.past.retain(|p| *p != old && p != vm);
+            entry.past.push(old);
+            if entry.past.len() > PAST_HOLDERS {
+                entry.past.remove(0);
+            }
+        }
+        entry.epoch = epoch;
+        let bytes = serde_json::to_vec_pretty(&*data).map_err(|e| LeaseError {
+            path: self.path.display().to_string(),
+            why: e.to_string(),
+        })?;
+        durable::write_atomic(&self.tmp, &self.path, &bytes).map_err(|e| LeaseError {
+            path: self.path.display().to_string(),
+            why: e.to_string(),
+        })?;
+        Ok(epoch)
+    }
+
+    /// The user's lease, if any.
+    pub fn get(&self, user: &str) -> Option<UserLease> {
+        self.data
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .users
+            .get(user)
+            .cloned()
+    }
+
+    /// True if `vm` holds `user`'s current lease with epoch `lease`.
+    pub fn is_current(&self, user: &str, lease: u64, vm: &str) -> bool {
+        self.get(user)
+            .is_some_and(|l| l.epoch == lease && l.vm == vm)
+    }
+
+    /// True if `vm` holds or held a lease on `user`.
+    pub fn held_by(&self, user: &str, vm: &str) -> bool {
+        self.get(user)
+            .is_some_and(|l| l.vm == vm || l.past.iter().any(|p| p == vm))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn epochs_increase_and_survive_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Leases::load(dir.path(), dir.path()).unwrap();
+        let a = l.grant("alice", "vm1").unwrap();
+        assert!(l.is_current("alice", a, "vm1"));
+        let b = l.grant("alice", "vm2").unwrap();
+        assert!(b > a);
+        assert!(!l.is_current("alice", a, "vm1"));
+        assert!(l.held_by("alice", "vm1"));
+        assert!(!l.held_by("alice", "vm3"));
+        let l = Leases::load(dir.path(), dir.path()).unwrap();
+        assert!(l.is_current("alice", b, "vm2"));
+        assert!(l.grant("bob", "vm1").unwrap() > b);
+    }
+}

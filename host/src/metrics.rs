@@ -1,0 +1,154 @@
+//! Prometheus counters of the daemon, rendered as text for `GET /metrics`.
+//! Plain atomics: the hot paths (chunk transfer) only add.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+/// Daemon counters.
+#[derive(Default)]
+pub struct Metrics {
+    /// Agent connections open now.
+    pub connections: AtomicU64,
+    /// Agent connections accepted since start.
+    pub connections_total: AtomicU64,
+    /// UIF and bundle bytes received from agents.
+    pub bytes_in: AtomicU64,
+    /// UIF and bundle bytes sent to agents.
+    pub bytes_out: AtomicU64,
+    /// Retrieve grants.
+    pub retrieves: AtomicU64,
+    /// Versions committed as head.
+    pub commits: AtomicU64,
+    /// Uploads kept as conflict versions.
+    pub conflicts: AtomicU64,
+    /// Chunks served to agents.
+    pub chunks_fetched: AtomicU64,
+    /// Chunks received from agents.
+    pub chunks_uploaded: AtomicU64,
+    /// Unexpected session disconnects reported (agent or host).
+    pub unexpected_disconnects: AtomicU64,
+    per_user: Mutex<BTreeMap<String, (u64, u64)>>,
+}
+
+/// Adds `n` to a counter.
+pub fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Metrics {
+    /// Counts a chunk served to `user`'s VM.
+    pub fn chunk_fetched(&self, user: &str, bytes: u64) {
+        add(&self.chunks_fetched, 1);
+        add(&self.bytes_out, bytes);
+        self.per_user
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(user.to_string())
+            .or_default()
+            .0 += 1;
+    }
+
+    /// Counts a chunk received for `user`.
+    pub fn chunk_uploaded(&self, user: &str, bytes: u64) {
+        add(&self.chunks_uploaded, 1);
+        add(&self.bytes_in, bytes);
+        self.per_user
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(user.to_string())
+            .or_default()
+            .1 += 1;
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let rows: [(&str, &str, &str, u64); 10] = [
+            (
+                "uve_connections",
+                "gauge",
+                "Agent connections open",
+                g(&self.connections),
+            ),
+            (
+                "uve_connections_total",
+                "counter",
+                "Agent connections accepted",
+                g(&self.connections_total),
+            ),
+            (
+                "uve_bytes_in_total",
+                "counter",
+                "UIF bytes received from agents",
+                g(&self.bytes_in),
+            ),
+            (
+                "uve_bytes_out_total",
+                "counter",
+                "UIF and bundle bytes sent to agents",
+                g(&self.bytes_out),
+            ),
+            (
+                "uve_retrieves_total",
+                "counter",
+                "UIF retrieve grants",
+                g(&self.retrieves),
+            ),
+            (
+                "uve_commits_total",
+                "counter",
+                "Versions committed as head",
+                g(&self.commits),
+            ),
+            (
+                "uve_conflicts_total",
+                "counter",
+                "Uploads kept as conflict versions",
+                g(&self.conflicts),
+            ),
+            (
+                "uve_chunks_fetched_total",
+                "counter",
+                "Chunks served to agents",
+                g(&self.chunks_fetched),
+            ),
+            (
+                "uve_chunks_uploaded_total",
+                "counter",
+                "Chunks received from agents",
+                g(&self.chunks_uploaded),
+            ),
+            (
+                "uve_unexpected_disconnects_total",
+                "counter",
+                "Unexpected session disconnects",
+                g(&self.unexpected_disconnects),
+            ),
+        ];
+        for (name, kind, help, v) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+        let per_user = self.per_user.lock().unwrap_or_else(PoisonError::into_inner);
+        let _ = writeln!(
+            out,
+            "# HELP uve_user_chunks_fetched_total Chunks served per user\n# TYPE uve_user_chunks_fetched_total counter"
+        );
+        for (user, (f, _)) in per_user.iter() {
+            let _ = writeln!(out, "uve_user_chunks_fetched_total{{user=\"{user}\"}} {f}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP uve_user_chunks_uploaded_total Chunks received per user\n# TYPE uve_user_chunks_uploaded_total counter"
+        );
+        for (user, (_, u)) in per_user.iter() {
+            let _ = writeln!(out, "uve_user_chunks_uploaded_total{{user=\"{user}\"}} {u}");
+        }
+        out
+    }
+}

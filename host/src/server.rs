@@ -1,0 +1,239 @@
+//! Agent connections: accept loops per listener, the handshake, binding a
+//! connection to the VM the *listener* names (peer CID or the socket path
+//! it arrived on — never anything in `Hello`), starting the link and its
+//! dispatcher, and reporting how the connection ended.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde_json::json;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use uve_protocol::codec::FrameCodec;
+use uve_protocol::defs::{DEFAULT_MAX_FRAME, MAX_CHUNK};
+use uve_protocol::handshake::{HostOffer, answer, negotiate, read_hello};
+use uve_protocol::link::{self, LinkConfig};
+use uve_protocol::message::{ErrorCode, Limits, Reject};
+use uve_protocol::transport::{BoxStream, Endpoint, Listener, Peer};
+
+use crate::conns::{ConnEntry, ConnSummary};
+use crate::host::Host;
+use crate::metrics;
+use crate::registry::VmSpec;
+use crate::store::now_ms;
+use crate::uve5::Conn;
+use crate::{dispatch, metrics::add};
+
+/// Accept loops of per-VM listeners, by VM id.
+#[derive(Default)]
+pub struct VmListeners {
+    tasks: Mutex<HashMap<String, CancellationToken>>,
+}
+
+/// Which VM a listener serves.
+#[derive(Clone)]
+enum Binding {
+    /// A per-VM Unix or hybrid-vsock socket.
+    Vm(String),
+    /// The shared AF_VSOCK listener: the peer CID names the VM.
+    ByCid,
+}
+
+impl VmListeners {
+    /// Starts listening for `spec`'s agent (Unix / hybrid VMs only; vsock
+    /// VMs arrive on the shared vsock listener).
+    pub fn start(&self, host: &Arc<Host>, spec: &VmSpec) -> anyhow::Result<Option<PathBuf>> {
+        let Some(path) = spec.listen_path(host.config.port) else {
+            return Ok(None);
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let listener = Listener::bind(&Endpoint::Unix(path.clone()))?;
+        let token = host.shutdown.child_token();
+        if let Some(old) = self
+            .tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(spec.id.clone(), token.clone())
+        {
+            old.cancel();
+        }
+        tracing::info!(vm = spec.id, path = %path.display(), "listening for agent");
+        tokio::spawn(accept_loop(
+            host.clone(),
+            listener,
+            Binding::Vm(spec.id.clone()),
+            token,
+        ));
+        Ok(Some(path))
+    }
+
+    /// Stops `vm`'s listener (its socket file is removed).
+    pub fn stop(&self, vm: &str) {
+        if let Some(t) = self
+            .tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(vm)
+        {
+            t.cancel();
+        }
+    }
+}
+
+/// Starts the shared AF_VSOCK listener (only when configured).
+pub fn start_vsock(host: &Arc<Host>) -> anyhow::Result<()> {
+    let ep = Endpoint::Vsock {
+        cid: uve_protocol::transport::CID_ANY,
+        port: host.config.port,
+    };
+    let listener = Listener::bind(&ep)?;
+    tracing::info!(%ep, "listening on AF_VSOCK");
+    tokio::spawn(accept_loop(
+        host.clone(),
+        listener,
+        Binding::ByCid,
+        host.shutdown.child_token(),
+    ));
+    Ok(())
+}
+
+async fn accept_loop(
+    host: Arc<Host>,
+    listener: Listener,
+    binding: Binding,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let vm = match (&binding, &peer) {
+                    (Binding::Vm(id), _) => Some(id.clone()),
+                    (Binding::ByCid, Peer::Vsock { cid }) => host.registry.vm_by_cid(*cid),
+                    (Binding::ByCid, Peer::Unix { .. }) => None,
+                };
+                tokio::spawn(serve(host.clone(), stream, vm, peer));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+    drop(listener);
+}
+
+/// One connection from handshake to end.
+async fn serve(host: Arc<Host>, stream: BoxStream, vm: Option<String>, peer: Peer) {
+    let (r, w) = tokio::io::split(stream);
+    let mut reader = FramedRead::new(r, FrameCodec::new(DEFAULT_MAX_FRAME));
+    let mut writer = FramedWrite::new(w, FrameCodec::new(DEFAULT_MAX_FRAME));
+    let limit = Host::ms(host.config.handshake_timeout_ms);
+    let hello = match read_hello(&mut reader, limit).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::info!(?peer, error = %e, "handshake failed");
+            return;
+        }
+    };
+    let verdict = match &vm {
+        _ if host.shutdown.is_cancelled() => Err(Reject {
+            code: ErrorCode::ShuttingDown,
+            reason: "host is shutting down".into(),
+        }),
+        None => Err(Reject {
+            code: ErrorCode::UnknownVm,
+            reason: format!("no VM registered for {peer:?}"),
+        }),
+        Some(id) => negotiate(&hello, &offer(&host, id)),
+    };
+    let welcome = match answer(&mut reader, &mut writer, verdict, limit).await {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::info!(?peer, error = %e, "agent refused");
+            return;
+        }
+    };
+    let Some(vm) = vm else { return };
+    let config = LinkConfig::new(Host::ms(u64::from(welcome.heartbeat_ms)), welcome.max_frame);
+    let (handle, incoming) = link::spawn(reader, writer.into_inner(), config);
+    let conn_id = host.conns.next_id();
+    let summary = ConnSummary {
+        conn_id,
+        agent_version: hello.agent_version.chars().take(128).collect(),
+        capabilities: hello.capabilities,
+        boot_id: hello.boot_id.iter().map(|b| format!("{b:02x}")).collect(),
+        protocol: welcome.protocol,
+        connected_ms: now_ms(),
+    };
+    host.conns.install(
+        &vm,
+        ConnEntry {
+            summary: summary.clone(),
+            handle: handle.clone(),
+        },
+    );
+    add(&host.metrics.connections_total, 1);
+    add(&host.metrics.connections, 1);
+    host.events.emit(
+        "vm_connected",
+        json!({"vm": vm, "conn_id": conn_id, "agent_version": summary.agent_version}),
+    );
+    let conn = Arc::new(Conn::new(
+        host.clone(),
+        vm.clone(),
+        conn_id,
+        welcome.max_frame,
+    ));
+    let dispatcher = tokio::spawn(dispatch::run(conn, incoming));
+    let end = handle.closed().await;
+    dispatcher.abort();
+    host.metrics
+        .connections
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    if !host.conns.remove_if(&vm, conn_id) {
+        tracing::info!(vm, conn_id, %end, "replaced connection ended");
+        return;
+    }
+    let sessions = host.sessions.drain_vm(&vm);
+    if end.is_orderly() {
+        host.events.emit(
+            "vm_disconnected",
+            json!({"vm": vm, "conn_id": conn_id, "reason": end.to_string()}),
+        );
+        return;
+    }
+    for s in sessions {
+        metrics::add(&host.metrics.unexpected_disconnects, 1);
+        host.events.emit(
+            "unexpected_disconnect",
+            json!({"vm": vm, "session": s.session, "user": s.user, "ua": s.ua,
+                   "reason": format!("connection lost: {end}"), "at": now_ms(), "source": "host"}),
+        );
+    }
+    host.events.emit(
+        "vm_lost",
+        json!({"vm": vm, "conn_id": conn_id, "reason": end.to_string()}),
+    );
+}
+
+fn offer(host: &Host, vm: &str) -> HostOffer {
+    let c = &host.config;
+    HostOffer {
+        host_version: env!("CARGO_PKG_VERSION").to_string(),
+        vm_id: vm.to_string(),
+        heartbeat_ms: c.heartbeat_ms,
+        max_frame: c.max_frame,
+        limits: Limits {
+            max_inflight: c.max_inflight,
+            max_uif_size: c.max_uif_size.min(c.user_quota_bytes.unwrap_or(u64::MAX)),
+            max_chunk: MAX_CHUNK,
+        },
+    }
+}

@@ -1,0 +1,142 @@
+//! Sessions open on each VM as the agents report them, and de-duplication
+//! of unexpected-disconnect notices by `(vm, id)` (bounded memory: the last
+//! `NOTICE_MEMORY` ids per VM).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Mutex, PoisonError};
+
+use serde::Serialize;
+
+use crate::store::now_ms;
+
+/// Notice ids remembered per VM for de-duplication.
+const NOTICE_MEMORY: usize = 4096;
+
+/// An open session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionRec {
+    /// The VM.
+    pub vm: String,
+    /// Session id.
+    pub session: String,
+    /// Its user.
+    pub user: String,
+    /// Its UA.
+    pub ua: Option<String>,
+    /// When it was first reported (Unix ms).
+    pub started_ms: u64,
+}
+
+#[derive(Default)]
+struct Seen {
+    ids: HashSet<u64>,
+    order: VecDeque<u64>,
+}
+
+#[derive(Default)]
+struct Data {
+    open: BTreeMap<(String, String), SessionRec>,
+    seen: HashMap<String, Seen>,
+}
+
+/// Session table.
+#[derive(Default)]
+pub struct Sessions {
+    data: Mutex<Data>,
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Data> {
+        self.data.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a session (idempotent); true if it was new.
+    pub fn started(&self, vm: &str, session: &str, user: &str, ua: Option<String>) -> bool {
+        let key = (vm.to_string(), session.to_string());
+        let mut d = self.lock();
+        if d.open.contains_key(&key) {
+            return false;
+        }
+        d.open.insert(
+            key,
+            SessionRec {
+                vm: vm.to_string(),
+                session: session.to_string(),
+                user: user.to_string(),
+                ua,
+                started_ms: now_ms(),
+            },
+        );
+        true
+    }
+
+    /// Removes a session; returns it if it was open.
+    pub fn ended(&self, vm: &str, session: &str) -> Option<SessionRec> {
+        self.lock()
+            .open
+            .remove(&(vm.to_string(), session.to_string()))
+    }
+
+    /// True the first time notice `id` from `vm` is seen.
+    pub fn first_notice(&self, vm: &str, id: u64) -> bool {
+        let mut d = self.lock();
+        let seen = d.seen.entry(vm.to_string()).or_default();
+        if !seen.ids.insert(id) {
+            return false;
+        }
+        seen.order.push_back(id);
+        if seen.order.len() > NOTICE_MEMORY
+            && let Some(old) = seen.order.pop_front()
+        {
+            seen.ids.remove(&old);
+        }
+        true
+    }
+
+    /// Removes and returns every session of `vm`.
+    pub fn drain_vm(&self, vm: &str) -> Vec<SessionRec> {
+        let mut d = self.lock();
+        let keys: Vec<_> = d.open.keys().filter(|(v, _)| v == vm).cloned().collect();
+        keys.iter().filter_map(|k| d.open.remove(k)).collect()
+    }
+
+    /// All open sessions (optionally of one VM).
+    pub fn list(&self, vm: Option<&str>) -> Vec<SessionRec> {
+        self.lock()
+            .open
+            .values()
+            .filter(|s| vm.is_none_or(|v| s.vm == v))
+            .cloned()
+            .collect()
+    }
+
+    /// True if `vm` has an open session of `user`.
+    pub fn has_user(&self, vm: &str, user: &str) -> bool {
+        self.lock()
+            .open
+            .values()
+            .any(|s| s.vm == vm && s.user == user)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn sessions_and_notice_dedup() {
+        let s = Sessions::default();
+        assert!(s.started("vm1", "s1", "alice", None));
+        assert!(!s.started("vm1", "s1", "alice", None));
+        assert!(s.started("vm2", "s1", "bob", None));
+        assert!(s.has_user("vm1", "alice"));
+        assert!(s.first_notice("vm1", 7));
+        assert!(!s.first_notice("vm1", 7));
+        assert!(s.first_notice("vm2", 7));
+        assert_eq!(s.drain_vm("vm1").len(), 1);
+        assert_eq!(s.list(None).len(), 1);
+        assert!(s.ended("vm2", "s1").is_some());
+        assert!(s.ended("vm2", "s1").is_none());
+    }
+}

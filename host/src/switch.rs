@@ -1,0 +1,104 @@
+//! User ↔ VM assignment changes and the VM switch hand-over: when the VM
+//! holding a user's lease loses the user, it is asked to release them
+//! (`UserRelease`), and the next retrieve waits for that (see
+//! `handover`). A VM that does not answer makes the retrieve proceed with
+//! the last committed head and `handover_timed_out`.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::json;
+use uve_protocol::message::{Request, Response};
+
+use crate::handover::HandoverOutcome;
+use crate::host::Host;
+use crate::registry::RegistryError;
+
+/// Result of an assignment change.
+#[derive(Debug, Clone, Serialize)]
+pub struct AssignOutcome {
+    /// The user.
+    pub user: String,
+    /// The VM now assigned (None after unassign).
+    pub vm: Option<String>,
+    /// The VM assigned before.
+    pub previous: Option<String>,
+    /// The VM asked to release the user, if any.
+    pub release_requested_from: Option<String>,
+}
+
+/// Assigns `user` to `vm`.
+pub fn assign(host: &Arc<Host>, user: &str, vm: &str) -> Result<AssignOutcome, RegistryError> {
+    let previous = host.registry.assign(user, vm)?;
+    let released = release_holder(host, user, Some(vm));
+    host.events.emit(
+        "assigned",
+        json!({"user": user, "vm": vm, "previous": previous, "release_requested_from": released}),
+    );
+    Ok(AssignOutcome {
+        user: user.to_string(),
+        vm: Some(vm.to_string()),
+        previous,
+        release_requested_from: released,
+    })
+}
+
+/// Removes `user`'s assignment.
+pub fn unassign(host: &Arc<Host>, user: &str) -> Result<AssignOutcome, RegistryError> {
+    let previous = host.registry.unassign(user)?;
+    let released = release_holder(host, user, None);
+    host.events.emit(
+        "unassigned",
+        json!({"user": user, "previous": previous, "release_requested_from": released}),
+    );
+    Ok(AssignOutcome {
+        user: user.to_string(),
+        vm: None,
+        previous: Some(previous),
+        release_requested_from: released,
+    })
+}
+
+/// If a connected VM other than `new_vm` holds `user`'s lease, asks it to
+/// release the user and records the hand-over. Returns that VM.
+fn release_holder(host: &Arc<Host>, user: &str, new_vm: Option<&str>) -> Option<String> {
+    let holder = host.leases.get(user)?.vm;
+    if Some(holder.as_str()) == new_vm {
+        return None;
+    }
+    let conn = host.conns.get(&holder)?;
+    let ticket = host.handovers.start(user);
+    let deadline_ms = u32::try_from(host.config.handover_timeout_ms).unwrap_or(u32::MAX);
+    let (host, user, from) = (host.clone(), user.to_string(), holder.clone());
+    tokio::spawn(async move {
+        let req = Request::UserRelease {
+            user: user.clone(),
+            deadline_ms,
+        };
+        let answer = conn
+            .handle
+            .request_timeout(req, Host::ms(u64::from(deadline_ms)))
+            .await;
+        match answer {
+            Ok(Response::Released { committed }) => {
+                ticket.finish(HandoverOutcome::Released);
+                host.events.emit(
+                    "user_released",
+                    json!({"user": user, "vm": from, "committed": committed}),
+                );
+            }
+            other => {
+                ticket.finish(HandoverOutcome::Failed);
+                let why = match other {
+                    Ok(r) => format!("unexpected answer {r:?}"),
+                    Err(e) => e.to_string(),
+                };
+                host.events.emit(
+                    "handover_failed",
+                    json!({"user": user, "vm": from, "reason": why}),
+                );
+            }
+        }
+    });
+    Some(holder)
+}

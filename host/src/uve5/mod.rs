@@ -1,0 +1,99 @@
+//! UVE-5, the host side: what an agent may ask of the host (retrieve,
+//! update, session notices). [`Conn`] is the per-connection context the
+//! dispatcher passes to every handler: which VM (from the listener, never
+//! from the guest), what was served to it, which uploads it has open.
+
+pub mod notices;
+pub mod retrieve;
+pub mod update;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use uve_protocol::manifest::{Hash, Manifest};
+use uve_protocol::message::{ErrorCode, Response, Version, WireError};
+
+use crate::host::Host;
+
+/// Result of a UVE-5 handler: the response or the error to send.
+pub type Handled = Result<Response, WireError>;
+
+/// Per-connection context.
+pub struct Conn {
+    /// Shared daemon state.
+    pub host: Arc<Host>,
+    /// The VM this connection belongs to.
+    pub vm: String,
+    /// Connection number.
+    pub conn_id: u64,
+    /// Negotiated frame limit.
+    pub max_frame: u32,
+    state: Mutex<ConnState>,
+}
+
+#[derive(Default)]
+struct ConnState {
+    /// Versions granted per user on this connection.
+    granted: HashMap<String, HashSet<Version>>,
+    /// Chunks listed in manifest pages served per user: the only chunks
+    /// this connection may fetch.
+    fetchable: HashMap<String, HashSet<Hash>>,
+    /// Recently served manifests (small cache; pages are asked in a row).
+    manifests: Vec<((String, Version), Arc<Manifest>)>,
+    /// Open uploads.
+    uploads: HashMap<u64, Arc<update::Upload>>,
+    next_upload: u64,
+}
+
+impl Conn {
+    /// A context for a new connection of `vm`.
+    pub fn new(host: Arc<Host>, vm: String, conn_id: u64, max_frame: u32) -> Self {
+        Conn {
+            host,
+            vm,
+            conn_id,
+            max_frame,
+            state: Mutex::new(ConnState::default()),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, ConnState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Refuses unless `user` is assigned to this VM.
+    pub fn check_assigned(&self, user: &str) -> Result<(), WireError> {
+        if self.host.registry.assignment(user).as_deref() == Some(self.vm.as_str()) {
+            Ok(())
+        } else {
+            Err(WireError::new(
+                ErrorCode::NotAssigned,
+                format!("user {user} is not assigned to VM {}", self.vm),
+            ))
+        }
+    }
+
+    /// Origin string recorded with versions this VM writes.
+    pub fn origin(&self) -> String {
+        format!("vm:{}", self.vm)
+    }
+}
+
+/// Validates a name from the peer, mapping the error to `InvalidName`.
+pub fn check_name(kind: &'static str, name: &str) -> Result<(), WireError> {
+    uve_protocol::names::validate(kind, name).map_err(|e| WireError::new(ErrorCode::InvalidName, e))
+}
+
+/// Validates free text from the peer.
+pub fn check_text(what: &str, text: &str) -> Result<(), WireError> {
+    if text.len() > uve_protocol::defs::MAX_TEXT_LEN {
+        return Err(WireError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "{what} is longer than {} bytes",
+                uve_protocol::defs::MAX_TEXT_LEN
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,62 @@
+//! Session notices from the agent: `SessionStarted`, `SessionEnded` (both
+//! idempotent) and `UnexpectedDisconnect` (de-duplicated by `(vm, id)` so
+//! at-least-once delivery yields exactly one event).
+
+use serde_json::json;
+use uve_protocol::message::{DisconnectNotice, Response};
+
+use super::{Conn, Handled, check_name, check_text};
+use crate::metrics;
+
+/// `SessionStarted`.
+pub fn started(conn: &Conn, session: &str, user: &str, ua: Option<String>) -> Handled {
+    check_name("session", session)?;
+    check_name("user", user)?;
+    if let Some(ua) = &ua {
+        check_name("UA", ua)?;
+    }
+    conn.check_assigned(user)?;
+    if conn
+        .host
+        .sessions
+        .started(&conn.vm, session, user, ua.clone())
+    {
+        conn.host.events.emit(
+            "session_started",
+            json!({"vm": conn.vm, "session": session, "user": user, "ua": ua}),
+        );
+    }
+    Ok(Response::Ok)
+}
+
+/// `SessionEnded`.
+pub fn ended(conn: &Conn, session: &str) -> Handled {
+    check_name("session", session)?;
+    if let Some(s) = conn.host.sessions.ended(&conn.vm, session) {
+        conn.host.events.emit(
+            "session_ended",
+            json!({"vm": conn.vm, "session": session, "user": s.user, "ua": s.ua}),
+        );
+    }
+    Ok(Response::Ok)
+}
+
+/// `UnexpectedDisconnect`.
+pub fn disconnect(conn: &Conn, n: DisconnectNotice) -> Handled {
+    check_name("session", &n.session)?;
+    check_name("user", &n.user)?;
+    if let Some(ua) = &n.ua {
+        check_name("UA", ua)?;
+    }
+    check_text("reason", &n.reason)?;
+    if conn.host.sessions.first_notice(&conn.vm, n.id) {
+        conn.host.sessions.ended(&conn.vm, &n.session);
+        metrics::add(&conn.host.metrics.unexpected_disconnects, 1);
+        conn.host.events.emit(
+            "unexpected_disconnect",
+            json!({"vm": conn.vm, "session": n.session, "user": n.user, "ua": n.ua,
+                   "reason": n.reason, "at": n.at, "id": n.id, "source": "agent"}),
+        );
+    }
+    Ok(Response::Ok)
+}

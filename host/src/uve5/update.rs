@@ -1,0 +1,311 @@
+//! UIF update (logout, VM switch, checkpoint): `UpdateBegin` checks
+//! everything announced (names, rights, sizes, quota) before allocating;
+//! pages arrive in order and are answered with the chunks the store lacks;
+//! uploaded chunks are checked against hash and announced length; commit
+//! checks the manifest digest, then compare-and-swaps under the user's
+//! lease gate. A stale base or lease keeps the upload as a conflict version.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde_json::json;
+use tokio::sync::{OwnedRwLockReadGuard, RwLock};
+use uve_protocol::defs::MAX_CHUNK;
+use uve_protocol::manifest::{ChunkRef, Hash, Manifest, ManifestError, chunks_per_page};
+use uve_protocol::message::{ErrorCode, Response, UpdateBegin, WireError};
+
+use super::{Conn, Handled, check_name};
+use crate::host::wire_store_error;
+use crate::metrics;
+use crate::store::{ChunkPins, CommitOutcome, StoreError};
+
+/// An upload in progress on one connection.
+pub struct Upload {
+    begin: UpdateBegin,
+    /// Chunk uploads hold it shared, commit exclusively: a commit pipelined
+    /// right behind the last chunk waits for that chunk to be stored.
+    gate: Arc<RwLock<()>>,
+    state: Mutex<UploadState>,
+}
+
+#[derive(Default)]
+struct UploadState {
+    chunks: Vec<ChunkRef>,
+    next_page: u32,
+    /// Every hash listed so far with its length (what uploads may carry).
+    listed: HashMap<Hash, u32>,
+    uploaded: u64,
+    pins: Vec<ChunkPins>,
+}
+
+fn bad(code: ErrorCode, msg: impl std::fmt::Display) -> WireError {
+    WireError::new(code, msg)
+}
+
+fn get(conn: &Conn, upload: u64) -> Result<Arc<Upload>, WireError> {
+    conn.state()
+        .uploads
+        .get(&upload)
+        .cloned()
+        .ok_or_else(|| bad(ErrorCode::NotFound, format!("no upload {upload}")))
+}
+
+/// `UpdateBegin`.
+pub fn begin(conn: &Conn, b: UpdateBegin) -> Handled {
+    check_name("user", &b.user)?;
+    check_name("session", &b.session)?;
+    let host = &conn.host;
+    if host.shutdown.is_cancelled() {
+        return Err(bad(ErrorCode::ShuttingDown, "host is shutting down"));
+    }
+    let assigned = host.registry.assignment(&b.user).as_deref() == Some(conn.vm.as_str());
+    if !assigned && !host.leases.held_by(&b.user, &conn.vm) {
+        return Err(bad(
+            ErrorCode::NotAssigned,
+            format!(
+                "user {} is not assigned to VM {} and it holds no lease",
+                b.user, conn.vm
+            ),
+        ));
+    }
+    let h = b.header;
+    let cfg = &host.config;
+    if h.size > cfg.max_uif_size {
+        return Err(bad(
+            ErrorCode::TooLarge,
+            format!(
+                "UIF of {} bytes exceeds the limit of {}",
+                h.size, cfg.max_uif_size
+            ),
+        ));
+    }
+    let quota = host.store.policy().quota_bytes;
+    if h.size > quota {
+        return Err(bad(
+            ErrorCode::QuotaExceeded,
+            format!("UIF of {} bytes exceeds the quota of {quota}", h.size),
+        ));
+    }
+    if h.chunk_count > cfg.max_chunks {
+        return Err(bad(
+            ErrorCode::TooLarge,
+            format!(
+                "{} chunks exceed the limit of {}",
+                h.chunk_count, cfg.max_chunks
+            ),
+        ));
+    }
+    let count = u64::from(h.chunk_count);
+    if count > h.size || h.size > count * u64::from(MAX_CHUNK) {
+        return Err(bad(
+            ErrorCode::BadRequest,
+            format!("{} bytes cannot be {} chunks", h.size, h.chunk_count),
+        ));
+    }
+    let mut st = conn.state();
+    if st.uploads.len() >= cfg.max_uploads_per_vm {
+        return Err(bad(
+            ErrorCode::Busy,
+            "too many uploads open on this connection",
+        ));
+    }
+    st.next_upload += 1;
+    let id = st.next_upload;
+    st.uploads.insert(
+        id,
+        Arc::new(Upload {
+            begin: b,
+            gate: Arc::new(RwLock::new(())),
+            state: Mutex::new(UploadState::default()),
+        }),
+    );
+    Ok(Response::UpdateAccepted { upload: id })
+}
+
+/// `UpdatePage`: returns the indices (within the page) the store lacks.
+pub async fn page(conn: &Conn, upload: u64, page: u32, chunks: Vec<ChunkRef>) -> Handled {
+    let up = get(conn, upload)?;
+    let per = chunks_per_page(conn.max_frame) as usize;
+    {
+        let st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if page != st.next_page {
+            return Err(bad(
+                ErrorCode::BadRequest,
+                format!("page {page} out of order, expected {}", st.next_page),
+            ));
+        }
+        let total = st.chunks.len() + chunks.len();
+        if chunks.len() > per || total > up.begin.header.chunk_count as usize {
+            return Err(bad(
+                ErrorCode::TooLarge,
+                "page lists more chunks than announced",
+            ));
+        }
+    }
+    if let Some(c) = chunks.iter().find(|c| c.len == 0 || c.len > MAX_CHUNK) {
+        return Err(bad(
+            ErrorCode::BadRequest,
+            format!("chunk length {} out of range", c.len),
+        ));
+    }
+    let hashes: Vec<Hash> = chunks.iter().map(|c| c.hash).collect();
+    // Pin first, then look: a chunk reported present cannot be swept
+    // before the commit that references it.
+    let pins = conn.host.store.pin(&hashes);
+    let present = conn
+        .host
+        .store_call(move |s| {
+            hashes
+                .iter()
+                .map(|h| s.has_chunk(h))
+                .collect::<Result<Vec<bool>, StoreError>>()
+        })
+        .await
+        .map_err(|e| wire_store_error(&e))?;
+    let mut st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut missing = Vec::new();
+    for (i, (c, here)) in chunks.iter().zip(present).enumerate() {
+        let new = match st.listed.get(&c.hash) {
+            Some(len) if *len != c.len => {
+                return Err(bad(
+                    ErrorCode::BadRequest,
+                    "one hash listed with two lengths",
+                ));
+            }
+            Some(_) => false,
+            None => {
+                st.listed.insert(c.hash, c.len);
+                true
+            }
+        };
+        if new && !here {
+            missing.push(u32::try_from(i).unwrap_or(u32::MAX));
+        }
+    }
+    st.chunks.extend_from_slice(&chunks);
+    st.next_page += 1;
+    st.pins.push(pins);
+    Ok(Response::Missing(missing))
+}
+
+/// Takes the shared side of an upload's gate (in the dispatcher, before the
+/// chunk's handler is spawned, so a later commit waits for it).
+pub async fn chunk_guard(conn: &Conn, upload: u64) -> Option<OwnedRwLockReadGuard<()>> {
+    let up = get(conn, upload).ok()?;
+    Some(up.gate.clone().read_owned().await)
+}
+
+/// `ChunkUpload`.
+pub async fn chunk(conn: &Conn, upload: u64, hash: Hash, data: Vec<u8>) -> Handled {
+    let up = get(conn, upload)?;
+    let listed = up
+        .state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .listed
+        .get(&hash)
+        .copied();
+    match listed {
+        None => {
+            return Err(bad(
+                ErrorCode::BadRequest,
+                format!("chunk {hash} was not listed"),
+            ));
+        }
+        Some(len) if len as usize != data.len() => {
+            return Err(bad(
+                ErrorCode::BadChunk,
+                format!("chunk {hash} is {} bytes, listed as {len}", data.len()),
+            ));
+        }
+        Some(_) => {}
+    }
+    if Hash::of(&data) != hash {
+        return Err(bad(
+            ErrorCode::BadChunk,
+            format!("bytes do not hash to {hash}"),
+        ));
+    }
+    let n = data.len() as u64;
+    conn.host
+        .store_call(move |s| s.put_chunk(&hash, &data))
+        .await
+        .map_err(|e| wire_store_error(&e))?;
+    up.state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .uploaded += 1;
+    conn.host.metrics.chunk_uploaded(&up.begin.user, n);
+    Ok(Response::Ok)
+}
+
+/// `UpdateAbort`.
+pub fn abort(conn: &Conn, upload: u64) -> Handled {
+    conn.state()
+        .uploads
+        .remove(&upload)
+        .map(|_| Response::Ok)
+        .ok_or_else(|| bad(ErrorCode::NotFound, format!("no upload {upload}")))
+}
+
+/// `UpdateCommit`.
+pub async fn commit(conn: &Conn, upload: u64) -> Handled {
+    let up = get(conn, upload)?;
+    let _exclusive = up.gate.clone().write_owned().await;
+    let host = conn.host.clone();
+    let _commit = host.commit_guard();
+    let (manifest, uploaded) = {
+        let st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let m = Manifest {
+            header: up.begin.header,
+            chunks: st.chunks.clone(),
+        };
+        (m, st.uploaded)
+    };
+    // Count, size, lengths and the manifest digest (which commits to every
+    // chunk hash, hence every byte); the store checks every chunk is present.
+    manifest.validate().map_err(|e| match e {
+        ManifestError::Digest => bad(ErrorCode::BadDigest, e),
+        e => bad(
+            ErrorCode::BadRequest,
+            format!("incomplete or inconsistent upload: {e}"),
+        ),
+    })?;
+    let m = Arc::new(manifest);
+    let b = &up.begin;
+    let gate = host.leases.gate(&b.user);
+    let outcome = {
+        let _user = gate.lock().await;
+        let lease_ok = host.leases.is_current(&b.user, b.lease, &conn.vm);
+        let (user, base, origin, m) = (b.user.clone(), b.base, conn.origin(), m.clone());
+        host.store_call(move |s| s.commit(&user, &m, base, lease_ok, &origin))
+            .await
+            .map_err(|e| wire_store_error(&e))?
+    };
+    conn.state().uploads.remove(&upload);
+    let fields = |v: serde_json::Value| {
+        let mut o = json!({"user": b.user, "vm": conn.vm, "session": b.session,
+            "cause": format!("{:?}", b.cause).to_lowercase(), "base": b.base,
+            "size": m.header.size, "chunks": m.header.chunk_count, "chunks_uploaded": uploaded});
+        if let (Some(o), serde_json::Value::Object(extra)) = (o.as_object_mut(), v) {
+            o.extend(extra);
+        }
+        o
+    };
+    Ok(match outcome {
+        CommitOutcome::Committed(version) => {
+            metrics::add(&host.metrics.commits, 1);
+            host.events
+                .emit("commit", fields(json!({"version": version})));
+            Response::Committed { version }
+        }
+        CommitOutcome::Conflict { kept_as, head } => {
+            metrics::add(&host.metrics.conflicts, 1);
+            host.events.emit(
+                "conflict",
+                fields(json!({"kept_as": kept_as, "head": head})),
+            );
+            Response::Conflict { kept_as, head }
+        }
+    })
+}
