@@ -1,1 +1,19 @@
-//! End-to-end suites for uve: real binaries, real QEMU guests (filled by the QEMU e2e issue).
+//! # uve-e2e: end-to-end suites
+//!
+//! The real `uve-host` daemon on this machine, the real static `uve-agent`
+//! inside QEMU guests (a Debian kernel, a busybox initramfs) talking over a
+//! real virtio-vsock device (rust-vmm's `vhost-device-vsock`, hybrid vsock
+//! on the host side). Modules:
+//!
+//! - [`ingredients`]: finds the cached kernel, backend and static binaries
+//!   (prepared by `tests/prepare.sh`), or says what is missing;
+//! - [`initramfs`]: builds a guest initramfs per scenario;
+//! - [`vm`]: boots and kills a guest, and talks to it through [`channel`];
+//! - [`channel`]: the host ↔ guest command channel protocol;
+//! - [`rogue`]: the hostile-guest probes run inside a guest.
+
+pub mod channel;
+pub mod ingredients;
+pub mod initramfs;
+pub mod rogue;
+pub mod vm;

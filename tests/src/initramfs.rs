@@ -1,0 +1,159 @@
+//! Builds a guest initramfs (cpio newc, gzip -1): busybox, the static agent
+//! and guest helper, the virtio/vsock modules, an `/init` that loads them
+//! and starts the command server and (optionally) the agent, plus any
+//! scenario files.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::ingredients::Ingredients;
+
+/// Modules in load order (from each `.ko`'s `depends=`).
+const MODULES: &[&str] = &[
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_mmio.ko",
+    "drivers/virtio/virtio_pci_modern_dev.ko",
+    "drivers/virtio/virtio_pci_legacy_dev.ko",
+    "drivers/virtio/virtio_pci.ko",
+    "net/vmw_vsock/vsock.ko",
+    "net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
+    "net/vmw_vsock/vmw_vsock_virtio_transport.ko",
+];
+
+/// A guest image being assembled.
+pub struct Initramfs {
+    staging: tempfile::TempDir,
+    start_agent: bool,
+}
+
+fn io_err(what: &str, e: impl std::fmt::Display) -> String {
+    format!("{what}: {e}")
+}
+
+impl Initramfs {
+    /// Base image: busybox, agent, guest helper, modules, users.
+    pub fn new(ing: &Ingredients) -> Result<Self, String> {
+        let staging = tempfile::tempdir().map_err(|e| io_err("tempdir", e))?;
+        let root = staging.path();
+        for d in [
+            "bin",
+            "sbin",
+            "lib/modules",
+            "etc",
+            "proc",
+            "sys",
+            "dev",
+            "tmp",
+            "run",
+            "home",
+            "var/lib",
+        ] {
+            std::fs::create_dir_all(root.join(d)).map_err(|e| io_err(d, e))?;
+        }
+        copy_exec(&ing.busybox, &root.join("bin/busybox"))?;
+        copy_exec(&ing.agent, &root.join("bin/uve-agent"))?;
+        copy_exec(&ing.guest, &root.join("bin/e2e-guest"))?;
+        for m in MODULES {
+            let name = Path::new(m)
+                .file_name()
+                .map_or_else(|| m.to_string(), |n| n.to_string_lossy().into_owned());
+            std::fs::copy(ing.modules.join(m), root.join("lib/modules").join(name))
+                .map_err(|e| io_err(m, e))?;
+        }
+        let img = Initramfs {
+            staging,
+            start_agent: true,
+        };
+        img.file(
+            "etc/passwd",
+            b"root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000:Alice:/home/alice:/bin/sh\nbob:x:1001:1001:Bob:/home/bob:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        )?;
+        img.file(
+            "etc/group",
+            b"root:x:0:\nalice:x:1000:\nbob:x:1001:\nnogroup:x:65534:\n",
+        )?;
+        Ok(img)
+    }
+
+    /// Adds a file (parent directories created).
+    pub fn file(&self, path: &str, data: &[u8]) -> Result<&Self, String> {
+        let p = self.staging.path().join(path);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io_err(path, e))?;
+        }
+        std::fs::write(&p, data).map_err(|e| io_err(path, e))?;
+        Ok(self)
+    }
+
+    /// Whether `/init` starts `uve-agent run` (default: yes).
+    pub fn start_agent(&mut self, yes: bool) -> &mut Self {
+        self.start_agent = yes;
+        self
+    }
+
+    /// Writes `/init` and packs the image to `out`.
+    pub fn build(&self, out: &Path) -> Result<PathBuf, String> {
+        let agent = if self.start_agent {
+            "uve-agent run --config /etc/uve-agent.toml >/dev/ttyS0 2>&1 &\n"
+        } else {
+            ""
+        };
+        let init = format!(
+            "#!/bin/busybox sh\n\
+             /bin/busybox --install -s /bin\n\
+             export PATH=/bin:/sbin\n\
+             mount -t proc proc /proc\n\
+             mount -t sysfs sys /sys\n\
+             mount -t devtmpfs dev /dev\n\
+             mount -t tmpfs tmp /tmp\n\
+             mount -t tmpfs run /run\n\
+             mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null\n\
+             for m in {mods}; do insmod /lib/modules/$m.ko 2>/dev/null; done\n\
+             echo 'E2E: init done'\n\
+             UVE_E2E_GUEST=1 /bin/e2e-guest serve >/dev/ttyS0 2>&1 &\n\
+             export UVE_LOG=${{UVE_LOG:-info}}\n\
+             {agent}\
+             while true; do sleep 3600; done\n",
+            mods = MODULES
+                .iter()
+                .map(|m| Path::new(m)
+                    .file_stem()
+                    .map_or_else(String::new, |s| s.to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+        self.file("init", init.as_bytes())?;
+        set_exec(&self.staging.path().join("init"))?;
+        let mut find = Command::new("sh")
+            .arg("-c")
+            .arg("find . | cpio -o -H newc --quiet | gzip -1")
+            .current_dir(self.staging.path())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| io_err("cpio", e))?;
+        let mut bytes = Vec::new();
+        if let Some(mut o) = find.stdout.take() {
+            std::io::Read::read_to_end(&mut o, &mut bytes).map_err(|e| io_err("cpio output", e))?;
+        }
+        let status = find.wait().map_err(|e| io_err("cpio", e))?;
+        if !status.success() || bytes.is_empty() {
+            return Err(format!("cpio/gzip failed: {status}"));
+        }
+        let mut f = std::fs::File::create(out).map_err(|e| io_err("initramfs", e))?;
+        f.write_all(&bytes).map_err(|e| io_err("initramfs", e))?;
+        Ok(out.to_path_buf())
+    }
+}
+
+fn copy_exec(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::copy(from, to).map_err(|e| io_err(&from.display().to_string(), e))?;
+    set_exec(to)
+}
+
+fn set_exec(p: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| io_err("chmod", e))
+}

@@ -1,0 +1,266 @@
+//! One QEMU guest with a real virtio-vsock device: `vhost-device-vsock`
+//! (vhost-user backend, hybrid vsock on the host side) plus
+//! `qemu-system-x86_64` under TCG, booting the Debian `vmlinux` with a
+//! scenario initramfs. The guest's console goes to a file; every child is
+//! killed (by PID) when the `Vm` is dropped.
+//!
+//! Host ↔ guest: the guest's agent dials CID 2 port 7075, which the backend
+//! turns into a connection to `<run>/v.sock_7075` (where `uve-host`
+//! listens); the harness reaches the guest command server with
+//! `CONNECT 9000` on `<run>/v.sock`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::channel::{self, GUEST_PORT, OP_GET, OP_PUT, OP_SH};
+use crate::ingredients::Ingredients;
+
+/// A running guest.
+pub struct Vm {
+    /// Scenario-visible name (also the uve VM id).
+    pub name: String,
+    /// Run directory (sockets, console log).
+    pub dir: PathBuf,
+    vhost: Option<Child>,
+    qemu: Option<Child>,
+    booted: Instant,
+}
+
+impl Vm {
+    /// The hybrid-vsock socket of this VM (`uds_path` for uve-host).
+    pub fn uds(&self) -> PathBuf {
+        self.dir.join("v.sock")
+    }
+
+    /// The guest console log.
+    pub fn console(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    /// Starts the backend and QEMU. `dir` must be short (socket paths are
+    /// limited to 108 bytes) and exist.
+    pub fn boot(
+        ing: &Ingredients,
+        name: &str,
+        dir: &Path,
+        initramfs: &Path,
+    ) -> Result<Self, String> {
+        let vhu = dir.join("vhu.sock");
+        let uds = dir.join("v.sock");
+        let vhost = Command::new(&ing.vhost)
+            .arg("--vm")
+            .arg(format!(
+                "guest-cid=3,socket={},uds-path={}",
+                vhu.display(),
+                uds.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(log_file(dir, "vhost.log")?)
+            .stderr(log_file(dir, "vhost.log")?)
+            .spawn()
+            .map_err(|e| format!("start vhost-device-vsock: {e}"))?;
+        let mut vm = Vm {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            vhost: Some(vhost),
+            qemu: None,
+            booted: Instant::now(),
+        };
+        if !wait_for(Duration::from_secs(20), || vhu.exists()) {
+            return Err("vhost-device-vsock did not create its socket".into());
+        }
+        let qemu = Command::new(&ing.qemu)
+            .args([
+                "-machine",
+                "q35,memory-backend=mem",
+                "-accel",
+                "tcg",
+                "-cpu",
+                "max",
+                "-smp",
+                "1",
+                "-m",
+                "256M",
+            ])
+            .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+            .arg("-kernel")
+            .arg(&ing.vmlinux)
+            .arg("-initrd")
+            .arg(initramfs)
+            .args(["-append", "console=ttyS0 quiet panic=-1"])
+            .args(["-nographic", "-nodefaults", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!("file:{}", vm.console().display()))
+            .arg("-chardev")
+            .arg(format!("socket,id=vhu,path={}", vhu.display()))
+            .args(["-device", "vhost-user-vsock-pci,chardev=vhu"])
+            .stdin(Stdio::null())
+            .stdout(log_file(dir, "qemu.log")?)
+            .stderr(log_file(dir, "qemu.log")?)
+            .spawn()
+            .map_err(|e| format!("start qemu: {e}"))?;
+        vm.qemu = Some(qemu);
+        vm.booted = Instant::now();
+        Ok(vm)
+    }
+
+    /// Waits until the guest command server answers; returns the boot time.
+    pub fn wait_ready(&mut self, limit: Duration) -> Result<Duration, String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok((0, _)) = self.try_sh("true", Duration::from_secs(5)) {
+                return Ok(self.booted.elapsed());
+            }
+            if let Some(q) = self.qemu.as_mut()
+                && let Ok(Some(status)) = q.try_wait()
+            {
+                return Err(format!(
+                    "qemu exited during boot ({status}); console:\n{}",
+                    self.console_text()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "guest not ready after {limit:?}; console:\n{}",
+                    self.console_text()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// The console log so far.
+    pub fn console_text(&self) -> String {
+        std::fs::read_to_string(self.console()).unwrap_or_default()
+    }
+
+    fn connect(&self, limit: Duration) -> Result<UnixStream, String> {
+        let mut s = UnixStream::connect(self.uds())
+            .map_err(|e| format!("connect {}: {e}", self.uds().display()))?;
+        s.set_read_timeout(Some(limit)).map_err(|e| e.to_string())?;
+        s.set_write_timeout(Some(limit))
+            .map_err(|e| e.to_string())?;
+        s.write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while b[0] != b'\n' {
+            let n = s
+                .read(&mut b)
+                .map_err(|e| format!("read CONNECT ack: {e}"))?;
+            if n == 0 || line.len() > 64 {
+                return Err("guest command server not reachable".into());
+            }
+            line.push(b[0]);
+        }
+        if !line.starts_with(b"OK ") {
+            return Err(format!(
+                "muxer answered {:?}",
+                String::from_utf8_lossy(&line)
+            ));
+        }
+        Ok(s)
+    }
+
+    fn request(&self, op: u8, fields: &[&[u8]], limit: Duration) -> Result<(i32, Vec<u8>), String> {
+        let mut s = self.connect(limit)?;
+        s.write_all(&[op]).map_err(|e| e.to_string())?;
+        for f in fields {
+            channel::put_field(&mut s, f).map_err(|e| e.to_string())?;
+        }
+        channel::get_response(&mut s).map_err(|e| format!("guest response: {e}"))
+    }
+
+    fn try_sh(&self, cmd: &str, limit: Duration) -> Result<(i32, String), String> {
+        let (code, out) = self.request(OP_SH, &[cmd.as_bytes()], limit)?;
+        Ok((code, String::from_utf8_lossy(&out).into_owned()))
+    }
+
+    /// Runs a shell command in the guest (stdout+stderr combined).
+    pub fn sh(&self, cmd: &str) -> (i32, String) {
+        self.try_sh(cmd, Duration::from_secs(120))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: `{cmd}` failed to run: {e}\nconsole:\n{}",
+                    self.name,
+                    self.console_text()
+                )
+            })
+    }
+
+    /// Runs a shell command that must succeed; returns its output.
+    pub fn ok(&self, cmd: &str) -> String {
+        let (code, out) = self.sh(cmd);
+        assert_eq!(
+            code,
+            0,
+            "{}: `{cmd}` exited {code}:\n{out}\nconsole:\n{}",
+            self.name,
+            self.console_text()
+        );
+        out
+    }
+
+    /// Writes a file in the guest.
+    pub fn put(&self, path: &str, data: &[u8]) {
+        let (code, out) = self
+            .request(OP_PUT, &[path.as_bytes(), data], Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("{}: put {path}: {e}", self.name));
+        assert_eq!(
+            code,
+            0,
+            "{}: put {path}: {}",
+            self.name,
+            String::from_utf8_lossy(&out)
+        );
+    }
+
+    /// Reads a file from the guest (`None` if it does not exist).
+    pub fn get(&self, path: &str) -> Option<Vec<u8>> {
+        let (code, out) = self
+            .request(OP_GET, &[path.as_bytes()], Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("{}: get {path}: {e}", self.name));
+        (code == 0).then_some(out)
+    }
+
+    /// Kills QEMU with SIGKILL: a VM crash as the host sees it.
+    pub fn crash(&mut self) {
+        if let Some(mut q) = self.qemu.take() {
+            let _ = q.kill();
+            let _ = q.wait();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        for child in [self.qemu.take(), self.vhost.take()].into_iter().flatten() {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn log_file(dir: &Path, name: &str) -> Result<std::fs::File, String> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(name))
+        .map_err(|e| format!("{name}: {e}"))
+}
+
+/// Polls `ready` every 50 ms until it holds (true) or `limit` passes (false).
+pub fn wait_for(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
