@@ -10,6 +10,7 @@
 //! - [`initramfs`]: builds a guest initramfs per scenario;
 //! - [`vm`]: boots and kills a guest, and talks to it through [`channel`];
 //! - [`channel`]: the host ↔ guest command channel protocol;
+//! - [`host`]: the real `uve-host` daemon driven through `uvectl`;
 //! - [`rogue`]: the hostile-guest probes run inside a guest.
 
 pub mod channel;
@@ -17,3 +18,4 @@ pub mod ingredients;
 pub mod initramfs;
 pub mod rogue;
 pub mod vm;
+pub mod host;

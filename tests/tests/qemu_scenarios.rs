@@ -1,0 +1,359 @@
+//! End-to-end scenarios: the real `uve-host` on this machine, the real
+//! static `uve-agent` inside QEMU guests, connected by real virtio-vsock
+//! (vhost-device-vsock, hybrid vsock on the host side). Each test boots its
+//! guests once and runs several checks per boot; every assertion is on real
+//! outcomes: UIF bytes in the guest and in the host store, versions, events
+//! and counters of the host, and the agent's answers.
+//!
+//! Run one scenario: `cargo nextest run -p uve-e2e -E 'test(file_mode)'`.
+//! Logs: each test prints its run directory (`/tmp/uve-e2e-*`, kept on
+//! failure) holding `host.log`, `console.log` (guest console, agent log
+//! included), `vhost.log` and `qemu.log`.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use uve_e2e::host::HostDaemon;
+use uve_e2e::ingredients::Ingredients;
+use uve_e2e::initramfs::Initramfs;
+use uve_e2e::vm::{Vm, wait_for};
+
+const AGENT_FILE_MODE: &str = r#"
+host = "vsock:2:7075"
+[uif]
+mode = "file"
+path = "/var/lib/uve-agent/uif/{user}.img"
+"#;
+
+const AGENT_DIR_MODE: &str = r#"
+host = "vsock:2:7075"
+[uif]
+mode = "directory"
+home = "/home/{user}"
+"#;
+
+/// Deterministic pseudo-random bytes.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A scenario's run directory: kept (and printed) if the test fails.
+struct RunDir(Option<tempfile::TempDir>);
+
+impl RunDir {
+    fn new(name: &str) -> Self {
+        let d = tempfile::Builder::new()
+            .prefix("uve-e2e-")
+            .tempdir_in("/tmp")
+            .expect("run dir");
+        eprintln!("{name}: run directory {}", d.path().display());
+        RunDir(Some(d))
+    }
+    fn path(&self) -> &Path {
+        self.0.as_ref().map(tempfile::TempDir::path).expect("dir")
+    }
+    fn sub(&self, name: &str) -> std::path::PathBuf {
+        let p = self.path().join(name);
+        std::fs::create_dir_all(&p).expect("mkdir");
+        p
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(d) = self.0.take()
+        {
+            eprintln!("kept {} for inspection", d.keep().display());
+        }
+    }
+}
+
+fn boot(ing: &Ingredients, run: &RunDir, name: &str, agent_config: &str) -> Vm {
+    let dir = run.sub(name);
+    let img = Initramfs::new(ing).expect("initramfs");
+    img.file("etc/uve-agent.toml", agent_config.as_bytes()).expect("config");
+    let initrd = img.build(&dir.join("initramfs.cpio.gz")).expect("build initramfs");
+    let mut vm = Vm::boot(ing, name, &dir, &initrd).expect("boot");
+    let t = vm.wait_ready(Duration::from_secs(120)).expect("guest ready");
+    eprintln!("{name}: guest ready after {t:?}");
+    vm
+}
+
+fn wait_connected(host: &HostDaemon, vm: &str) {
+    let ok = wait_for(Duration::from_secs(60), || {
+        host.ok(&["vm", "show", vm])["connected"] == Value::Bool(true)
+    });
+    assert!(ok, "{vm} never connected; host log:\n{}", host.log_tail());
+}
+
+fn versions(host: &HostDaemon, user: &str) -> Value {
+    host.ok(&["versions", user])
+}
+
+fn head(host: &HostDaemon, user: &str) -> u64 {
+    versions(host, user)["head"].as_u64().expect("head version")
+}
+
+fn user_chunks_fetched(host: &HostDaemon, user: &str) -> u64 {
+    host.metric(&format!("uve_user_chunks_fetched_total{{user=\"{user}\"}}"))
+}
+
+fn step(name: &str, t: &mut Instant) {
+    eprintln!("  step {name}: {:?}", t.elapsed());
+    *t = Instant::now();
+}
+
+/// File mode on one VM: login → retrieve → modify → logout → update; a
+/// second login fetches only changed chunks; the host restarts under the
+/// running guest; monitoring; UA deploy/update/rollback/delete; a
+/// supervised UA suspended, resumed and killed (unexpected disconnect);
+/// finally the VM crashes with a session open.
+#[test]
+fn file_mode_lifecycle_on_one_vm() {
+    let Some(ing) = Ingredients::require("file_mode_lifecycle_on_one_vm") else {
+        return;
+    };
+    let run = RunDir::new("file_mode_lifecycle_on_one_vm");
+    let mut t = Instant::now();
+    let mut host = HostDaemon::start(&ing, run.path(), "").expect("host");
+    let vm_dir = run.sub("vm-a");
+    // The host must listen on <uds>_7075 before the guest boots.
+    host.ok(&["vm", "add", "vm-a", "--uds-path", &vm_dir.join("v.sock").display().to_string()]);
+    host.ok(&["assign", "alice", "vm-a"]);
+    let v1 = noise(4 << 20, 1);
+    let import = run.path().join("alice-v1.img");
+    std::fs::write(&import, &v1).unwrap();
+    host.ok(&["import", "alice", &import.display().to_string()]);
+    let v1_head = head(&host, "alice");
+    step("host up, alice imported", &mut t);
+
+    let mut vm = boot(&ing, &run, "vm-a", AGENT_FILE_MODE);
+    wait_connected(&host, "vm-a");
+    step("boot + agent connected", &mut t);
+
+    // --- login → retrieve: the guest holds exactly the imported bytes.
+    let img = "/var/lib/uve-agent/uif/alice.img";
+    let fetched0 = user_chunks_fetched(&host, "alice");
+    vm.ok("uve-agent login --user alice --session s1");
+    assert_eq!(vm.get(img).expect("UIF in guest"), v1, "retrieved UIF differs");
+    let cold = user_chunks_fetched(&host, "alice") - fetched0;
+    assert!(cold >= 40, "cold retrieve of 4 MiB fetched only {cold} chunks");
+    step("login (cold retrieve)", &mut t);
+
+    // --- modify → logout → update: the store holds the guest's bytes.
+    let mut v2 = v1.clone();
+    v2[1 << 20..(1 << 20) + 65536].copy_from_slice(&noise(65536, 2));
+    vm.put(img, &v2);
+    vm.ok("uve-agent logout --session s1");
+    let v2_head = head(&host, "alice");
+    assert!(v2_head > v1_head, "logout did not commit a new head");
+    assert_eq!(host.export("alice", v2_head, run.path()), v2, "store differs from what the guest wrote");
+    step("logout (update)", &mut t);
+
+    // --- second login on the same VM fetches only the changed chunks.
+    let before = user_chunks_fetched(&host, "alice");
+    let mut v3 = v2.clone();
+    v3[3 << 20..(3 << 20) + 4096].copy_from_slice(&noise(4096, 3));
+    // Change the store behind the VM's back (import), so there is
+    // something to fetch: 1-3 chunks around the 4 KiB edit.
+    std::fs::write(&import, &v3).unwrap();
+    host.ok(&["import", "alice", &import.display().to_string()]);
+    vm.ok("uve-agent login --user alice --session s2");
+    assert_eq!(vm.get(img).expect("UIF"), v3);
+    let warm = user_chunks_fetched(&host, "alice") - before;
+    assert!((1..=4).contains(&warm), "warm login fetched {warm} chunks (cold: {cold})");
+    eprintln!("  warm login fetched {warm} chunks, cold {cold}");
+    step("warm login", &mut t);
+
+    // --- host restart while the guest runs: the agent reconnects by itself.
+    host.restart(true).expect("restart host");
+    wait_connected(&host, "vm-a");
+    let mut v4 = v3.clone();
+    v4[..4096].copy_from_slice(&noise(4096, 4));
+    vm.put(img, &v4);
+    vm.ok("uve-agent logout --session s2");
+    let v4_head = head(&host, "alice");
+    assert_eq!(host.export("alice", v4_head, run.path()), v4);
+    step("host restart + logout", &mut t);
+
+    // --- monitoring grant, expiry, revoke.
+    vm.ok("uve-agent login --user alice --session s3");
+    assert_ne!(vm.sh("uve-agent monitor-check --session s3 --user bob").0, 0, "granted before any grant");
+    host.ok(&["monitor", "grant", "vm-a", "s3", "bob", "--ttl-secs", "4"]);
+    assert_eq!(vm.sh("uve-agent monitor-check --session s3 --user bob").0, 0, "grant not visible");
+    assert_ne!(vm.sh("uve-agent monitor-check --session s3 --user carol").0, 0, "grant leaked to another user");
+    assert!(
+        wait_for(Duration::from_secs(20), || vm.sh("uve-agent monitor-check --session s3 --user bob").0 != 0),
+        "grant did not expire"
+    );
+    host.ok(&["monitor", "grant", "vm-a", "s3", "bob"]);
+    assert_eq!(vm.sh("uve-agent monitor-check --session s3 --user bob").0, 0);
+    host.ok(&["monitor", "revoke", "vm-a", "s3", "bob"]);
+    assert_ne!(vm.sh("uve-agent monitor-check --session s3 --user bob").0, 0, "revoke not effective");
+    vm.ok("uve-agent logout --session s3");
+    step("monitoring", &mut t);
+
+    // --- UA deploy → update → rollback → delete, checked inside the guest.
+    let bundle = |version: &str| {
+        let dir = run.sub(&format!("ua-{version}"));
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        std::fs::write(dir.join("VERSION"), version).unwrap();
+        std::fs::write(
+            dir.join("bin/desk.sh"),
+            "#!/bin/sh\nn=0\nwhile true; do n=$((n+1)); echo $n > /tmp/desk-progress; sleep 0.2; done\n",
+        )
+        .unwrap();
+        let tar = run.path().join(format!("desk-{version}.tar"));
+        let st = std::process::Command::new("tar")
+            .arg("-cf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(&dir)
+            .args(["VERSION", "bin"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        tar.display().to_string()
+    };
+    let ua_version = |vm: &Vm| vm.get("/var/lib/uve-agent/ua/desk/current/VERSION").map(|b| String::from_utf8_lossy(&b).into_owned());
+    host.ok(&["ua", "deploy", "vm-a", &bundle("1.0"), "--name", "desk", "--version", "1.0", "--entry", "/bin/sh bin/desk.sh"]);
+    assert_eq!(ua_version(&vm).as_deref(), Some("1.0"));
+    host.ok(&[
+        "ua", "deploy", "vm-a", &bundle("2.0"), "--name", "desk", "--version", "2.0", "--entry", "/bin/sh bin/desk.sh", "--update",
+    ]);
+    assert_eq!(ua_version(&vm).as_deref(), Some("2.0"));
+    host.ok(&["ua", "rollback", "vm-a", "desk"]);
+    assert_eq!(ua_version(&vm).as_deref(), Some("1.0"));
+    host.ok(&["ua", "rm", "vm-a", "desk"]);
+    assert_eq!(ua_version(&vm), None, "UA still present after delete");
+    host.ok(&["ua", "deploy", "vm-a", &bundle("3.0"), "--name", "desk", "--version", "3.0", "--entry", "/bin/sh bin/desk.sh"]);
+    step("UA deploy/update/rollback/delete", &mut t);
+
+    // --- supervised UA: suspend stops its progress, resume continues it.
+    vm.ok("uve-agent login --user alice --session s4 --ua desk");
+    let progress = |vm: &Vm| -> u64 {
+        vm.get("/tmp/desk-progress")
+            .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(wait_for(Duration::from_secs(20), || progress(&vm) >= 3), "UA made no progress");
+    host.ok(&["suspend", "vm-a", "s4"]);
+    let frozen = progress(&vm);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(progress(&vm) <= frozen + 1, "UA kept running while suspended ({frozen} → {})", progress(&vm));
+    host.ok(&["resume", "vm-a", "s4"]);
+    let resumed = progress(&vm);
+    assert!(wait_for(Duration::from_secs(20), || progress(&vm) >= resumed + 3), "UA did not resume");
+    step("suspend/resume", &mut t);
+
+    // --- the UA dies without logout: unexpected disconnect + UIF flushed.
+    let since = host.last_seq();
+    let head_before = head(&host, "alice");
+    vm.ok("kill -9 $(pgrep -f bin/desk.sh | head -n 1)");
+    let ev = host.wait_event(since, "unexpected_disconnect", Duration::from_secs(60), |e| e["session"] == "s4");
+    assert_eq!(ev["user"], "alice", "{ev}");
+    assert_eq!(ev["ua"], "desk", "{ev}");
+    assert!(ev["reason"].as_str().is_some_and(|r| !r.is_empty()), "{ev}");
+    assert!(
+        wait_for(Duration::from_secs(60), || head(&host, "alice") > head_before),
+        "UIF not flushed after the UA died"
+    );
+    step("UA killed → unexpected disconnect", &mut t);
+
+    // --- the VM crashes with a session open.
+    vm.ok("uve-agent login --user alice --session s5");
+    let committed = head(&host, "alice");
+    let committed_bytes = host.export("alice", committed, run.path());
+    let since = host.last_seq();
+    vm.crash();
+    host.wait_event(since, "vm_lost", Duration::from_secs(30), |e| e["vm"] == "vm-a");
+    host.wait_event(since, "unexpected_disconnect", Duration::from_secs(30), |e| e["session"] == "s5");
+    assert_eq!(head(&host, "alice"), committed, "head moved after the crash");
+    assert_eq!(host.export("alice", committed, run.path()), committed_bytes);
+    step("VM crash", &mut t);
+}
+
+/// Directory mode on two VMs: a home directory round trip, a VM switch
+/// (the old VM flushes on `UserRelease`, the new one sees its data), and a
+/// rogue guest that is refused while the host and the other VM keep working.
+#[test]
+fn directory_mode_switch_and_rogue_guest() {
+    let Some(ing) = Ingredients::require("directory_mode_switch_and_rogue_guest") else {
+        return;
+    };
+    let run = RunDir::new("directory_mode_switch_and_rogue_guest");
+    let mut t = Instant::now();
+    let host = HostDaemon::start(&ing, run.path(), "").expect("host");
+    for name in ["vm-a", "vm-b"] {
+        let uds = run.sub(name).join("v.sock").display().to_string();
+        host.ok(&["vm", "add", name, "--uds-path", &uds]);
+    }
+    host.ok(&["assign", "bob", "vm-a"]);
+    let a = boot(&ing, &run, "vm-a", AGENT_DIR_MODE);
+    let b = boot(&ing, &run, "vm-b", AGENT_DIR_MODE);
+    wait_connected(&host, "vm-a");
+    wait_connected(&host, "vm-b");
+    step("two VMs up", &mut t);
+
+    // --- first login (no UIF yet), write a home, logout → a version.
+    a.ok("uve-agent login --user bob --session a1");
+    a.ok("mkdir -p /home/bob/docs && echo 'hello from A' > /home/bob/docs/note.txt && chown -R 1001:1001 /home/bob");
+    let blob = noise(300_000, 9);
+    a.put("/home/bob/docs/blob.bin", &blob);
+    a.ok("uve-agent logout --session a1");
+    let v1 = head(&host, "bob");
+    let tar = host.export("bob", v1, run.path());
+    let out = run.sub("bob-v1");
+    let tar_path = run.path().join("bob-v1.tar");
+    std::fs::write(&tar_path, &tar).unwrap();
+    let st = std::process::Command::new("tar").arg("-xf").arg(&tar_path).arg("-C").arg(&out).status().unwrap();
+    assert!(st.success(), "exported UIF is not a tar archive");
+    assert_eq!(std::fs::read_to_string(out.join("docs/note.txt")).unwrap(), "hello from A\n");
+    assert_eq!(std::fs::read(out.join("docs/blob.bin")).unwrap(), blob);
+    step("directory round trip", &mut t);
+
+    // --- VM switch: bob works on A, is assigned to B; A flushes on release.
+    a.ok("uve-agent login --user bob --session a2");
+    assert_eq!(a.ok("cat /home/bob/docs/note.txt"), "hello from A\n");
+    a.ok("echo 'written on A before the switch' > /home/bob/docs/late.txt");
+    let since = host.last_seq();
+    host.ok(&["assign", "bob", "vm-b"]);
+    host.wait_event(since, "user_released", Duration::from_secs(60), |e| e["user"] == "bob");
+    b.ok("uve-agent login --user bob --session b1");
+    assert_eq!(b.ok("cat /home/bob/docs/late.txt"), "written on A before the switch\n");
+    assert_eq!(b.get("/home/bob/docs/blob.bin").expect("blob on B"), blob);
+    let owner = b.ok("stat -c %u:%g /home/bob/docs/late.txt");
+    assert_eq!(owner.trim(), "1001:1001", "ownership not restored on B");
+    step("VM switch", &mut t);
+
+    // --- a rogue program on A (bob is no longer assigned there) is refused;
+    // oversized and garbage frames only cost it its own connection.
+    let (code, out) = a.sh("UVE_E2E_GUEST=1 e2e-guest rogue --user bob");
+    assert_eq!(code, 0, "rogue guest not contained:\n{out}");
+    assert_eq!(out.matches("contained:").count(), 3, "{out}");
+    // The host and the other VM keep working.
+    b.ok("echo after-rogue > /home/bob/after.txt");
+    b.ok("uve-agent logout --session b1");
+    let v_last = head(&host, "bob");
+    let tar = host.export("bob", v_last, run.path());
+    assert!(
+        tar.windows(b"after-rogue".len()).any(|w| w == b"after-rogue"),
+        "B's logout after the rogue probes did not commit"
+    );
+    // The rogue's connections came through A's socket, so the host bound
+    // them to A and they displaced A's agent for a moment: it must be back.
+    wait_connected(&host, "vm-a");
+    step("rogue guest contained", &mut t);
+}
