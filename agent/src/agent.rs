@@ -51,7 +51,9 @@ impl Agent {
     /// Builds the agent from a configuration, loading persisted state.
     pub fn new(config: Config) -> std::io::Result<Agent> {
         let state_dir = config.state_dir.clone();
-        crate::fsutil::ensure_dir(&state_dir)?;
+        // Traverse-only for others: UAs running as the session's user must
+        // reach `ua/`; everything else below is 0700.
+        crate::fsutil::ensure_dir_mode(&state_dir, 0o711)?;
         let boot_id = crate::fsutil::random_bytes::<16>()?;
         Ok(Agent {
             table: Mutex::new(Table::load(&state_dir)),

@@ -69,6 +69,13 @@ pub fn ensure_dir(dir: &Path) -> io::Result<()> {
         .create(dir)
 }
 
+/// Creates `dir` and its parents if missing, and gives `dir` mode `mode`.
+pub fn ensure_dir_mode(dir: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    ensure_dir(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+}
+
 /// Random bytes from the kernel (`/dev/urandom`).
 pub fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
     let mut out = [0u8; N];

@@ -266,15 +266,16 @@ pub async fn set_suspended(
     loop {
         let reached = match &cgroup {
             Some(cg) => cgroup_frozen(cg) == Some(freeze),
-            None => process_stopped(pid) == Some(freeze),
+            None => group_stopped(pid) == Some(freeze),
         };
         if reached {
             break;
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(SuperviseError::State(format!(
-                "session {session} did not {} in time",
-                if freeze { "freeze" } else { "thaw" }
+                "session {session} did not {} in time (process group {pid}: {:?})",
+                if freeze { "freeze" } else { "thaw" },
+                group_states(pid)
             )));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -294,12 +295,43 @@ fn cgroup_frozen(cg: &Path) -> Option<bool> {
         .map(|v| v.trim() == "1")
 }
 
-/// `Some(true)` if the process is stopped (state `T`), from /proc.
-fn process_stopped(pid: i32) -> Option<bool> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The state follows the parenthesised command name, which may contain
-    // spaces and parentheses: take the text after the last ')'.
-    let rest = stat.rsplit_once(')')?.1;
-    let state = rest.trim_start().chars().next()?;
-    Some(matches!(state, 'T' | 't'))
+/// The state letters of every process in process group `pgid`, from /proc.
+fn group_states(pgid: i32) -> Vec<char> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the parenthesised command name (which may contain
+            // spaces and parentheses): state, ppid, pgrp, ...
+            let rest = stat.rsplit_once(')')?.1;
+            let mut f = rest.split_whitespace();
+            let state = f.next()?.chars().next()?;
+            let _ppid = f.next()?;
+            let pgrp: i32 = f.next()?.parse().ok()?;
+            (pgrp == pgid).then_some(state)
+        })
+        .collect()
+}
+
+/// `Some(true)` when no process of the group can run user code: each is
+/// stopped (`T`), or blocked in the kernel (`D`, e.g. a shell's vfork
+/// parent whose child was stopped before exec) with the stop pending.
+/// `Some(false)` when none is stopped. `None` while in between.
+fn group_stopped(pgid: i32) -> Option<bool> {
+    let states = group_states(pgid);
+    if states.iter().all(|c| matches!(c, 'T' | 't' | 'D')) && !states.is_empty() {
+        Some(true)
+    } else if states.iter().all(|c| !matches!(c, 'T' | 't')) {
+        Some(false)
+    } else {
+        None
+    }
 }

@@ -267,10 +267,12 @@ fn set_link(dir: &Path, link: &str, target: &str) -> std::io::Result<()> {
 /// `current`; versions other than the new current and previous are removed.
 fn install(root: &Path, b: &UaBundle, bundle: &Path) -> Result<String, WireError> {
     let dir = root.join(&b.name);
-    fsutil::ensure_dir(&dir).map_err(internal("create UA dir"))?;
+    // Readable by everyone: the UA runs as the session's user.
+    fsutil::ensure_dir_mode(root, 0o755).map_err(internal("create UA dir"))?;
+    fsutil::ensure_dir_mode(&dir, 0o755).map_err(internal("create UA dir"))?;
     let staging = dir.join(format!(".staging-{}", b.transfer));
     let _ = fs::remove_dir_all(&staging);
-    fs::create_dir(&staging).map_err(internal("create staging dir"))?;
+    fsutil::ensure_dir_mode(&staging, 0o755).map_err(internal("create staging dir"))?;
     let policy = UnpackPolicy {
         symlinks_anywhere: false,
         strict_types: true,

@@ -2,7 +2,12 @@
 //! host, in file and directory mode, incremental fetches, and the offline
 //! spool across a host outage and an agent SIGKILL.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    missing_docs
+)]
 
 mod common;
 

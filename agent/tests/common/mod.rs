@@ -6,7 +6,13 @@
 //! send UVE-2 requests. It runs on its own thread and runtime so tests are
 //! plain synchronous functions that poll with deadlines.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, dead_code, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    dead_code,
+    missing_docs
+)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};

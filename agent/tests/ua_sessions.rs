@@ -1,0 +1,562 @@
+//! UVE-2 and session supervision end to end: UA deploy/update/rollback/
+//! delete (and malicious bundles refused with nothing written outside),
+//! supervised UA crash → disconnect notice acknowledged once and UIF
+//! flushed, suspend/resume really stopping the UA, monitoring grants.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    missing_docs
+)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{AgentProc, LONG, TestHost, skip_unless_root, wait_for};
+use uve_protocol::manifest::Hash;
+use uve_protocol::message::{ErrorCode, Request, Response, UaBundle, UpdateCause};
+
+/// A tar entry for hand-made (possibly hostile) archives.
+enum E<'a> {
+    File(&'a str, &'a [u8], u32),
+    Dir(&'a str),
+    Symlink(&'a str, &'a str),
+}
+
+/// Builds a tar with raw names (the tar crate's builder refuses `..` and
+/// absolute paths, which is exactly what hostile bundles contain).
+fn raw_tar(entries: &[E]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        let (name, link, data, kind, mode): (&str, Option<&str>, &[u8], tar::EntryType, u32) =
+            match e {
+                E::File(n, d, m) => (n, None, d, tar::EntryType::Regular, *m),
+                E::Dir(n) => (n, None, b"", tar::EntryType::Directory, 0o755),
+                E::Symlink(n, t) => (n, Some(t), b"", tar::EntryType::Symlink, 0o777),
+            };
+        {
+            let gnu = h.as_gnu_mut().unwrap();
+            gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+            if let Some(t) = link {
+                gnu.linkname[..t.len()].copy_from_slice(t.as_bytes());
+            }
+        }
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(data.len() as u64);
+        h.set_mtime(1_700_000_000);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+static NEXT_TRANSFER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Deploys a bundle through UaBegin / UaBundleData / UaCommit.
+fn deploy(host: &TestHost, name: &str, version: &str, entry: &[&str], bundle: &[u8]) -> Response {
+    let transfer = NEXT_TRANSFER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let r = host
+        .request(Request::UaBegin(UaBundle {
+            transfer,
+            name: name.into(),
+            version: version.into(),
+            entry: entry.iter().map(|s| s.to_string()).collect(),
+            digest: Hash::of(bundle),
+            size: bundle.len() as u64,
+            update: false,
+        }))
+        .unwrap();
+    assert_eq!(r, Response::Ok);
+    for (i, piece) in bundle.chunks(100_000).enumerate() {
+        let r = host
+            .request(Request::UaBundleData {
+                transfer,
+                offset: (i * 100_000) as u64,
+                data: piece.to_vec(),
+            })
+            .unwrap();
+        assert_eq!(r, Response::Ok);
+    }
+    match host.request(Request::UaCommit { transfer }) {
+        Ok(r) => r,
+        Err(uve_protocol::link::LinkError::Remote(e)) => Response::Error(e),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn code_of(r: &Response) -> Option<ErrorCode> {
+    match r {
+        Response::Error(e) => Some(e.code),
+        _ => None,
+    }
+}
+
+fn host_req(host: &TestHost, req: Request) -> Response {
+    match host.request(req) {
+        Ok(r) => r,
+        Err(uve_protocol::link::LinkError::Remote(e)) => Response::Error(e),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// A directory nobody can write into (for UAs running as `nobody`).
+fn open_dir(dir: &Path) {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+}
+
+fn file_cfg(dir: &Path) -> String {
+    format!(
+        "[uif]\nmode = \"file\"\npath = \"{}/uif/{{user}}.img\"\n",
+        dir.display()
+    )
+}
+
+const TICKER: &[u8] = b"#!/bin/sh\nwhile true; do echo tick >> \"$1\"; sleep 0.02; done\n";
+
+#[test]
+fn ua_deploy_update_rollback_delete_and_hostile_bundles() {
+    if skip_unless_root("ua_deploy_update_rollback_delete_and_hostile_bundles") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    open_dir(dir.path());
+    let host = TestHost::start(dir.path());
+    let agent = AgentProc::start(dir.path(), &file_cfg(dir.path()));
+    agent.wait_connected();
+    let ticks = dir.path().join("ticks");
+    let ticks_s = ticks.to_str().unwrap();
+
+    let v1 = raw_tar(&[E::Dir("bin"), E::File("bin/run.sh", TICKER, 0o755)]);
+    let r = deploy(&host, "ticker", "1.0", &["bin/run.sh", ticks_s], &v1);
+    assert_eq!(
+        r,
+        Response::UaCurrent {
+            version: "1.0".into()
+        }
+    );
+    let ua_dir = agent.state.join("ua/ticker");
+    assert_eq!(
+        std::fs::read(ua_dir.join("1.0/bin/run.sh")).unwrap(),
+        TICKER
+    );
+    assert_eq!(
+        std::fs::read_link(ua_dir.join("current")).unwrap(),
+        Path::new("1.0")
+    );
+
+    let v2 = raw_tar(&[
+        E::Dir("bin"),
+        E::File("bin/run.sh", TICKER, 0o755),
+        E::File("VERSION", b"2\n", 0o644),
+        E::Symlink("latest", "bin/run.sh"),
+    ]);
+    let r = deploy(&host, "ticker", "2.0", &["bin/run.sh", ticks_s], &v2);
+    assert_eq!(
+        r,
+        Response::UaCurrent {
+            version: "2.0".into()
+        }
+    );
+    assert_eq!(
+        std::fs::read_link(ua_dir.join("previous")).unwrap(),
+        Path::new("1.0")
+    );
+    let st = host_req(&host, Request::AgentStatus);
+    let Response::Status(st) = st else {
+        panic!("{st:?}")
+    };
+    assert_eq!(st.uas.len(), 1);
+    assert_eq!(st.uas[0].current, "2.0");
+    assert_eq!(st.uas[0].previous.as_deref(), Some("1.0"));
+
+    // Rollback: current back to 1.0.
+    let r = host_req(
+        &host,
+        Request::UaRollback {
+            name: "ticker".into(),
+        },
+    );
+    assert_eq!(
+        r,
+        Response::UaCurrent {
+            version: "1.0".into()
+        }
+    );
+    assert_eq!(
+        std::fs::read_link(ua_dir.join("current")).unwrap(),
+        Path::new("1.0")
+    );
+
+    // Wrong digest: refused, current unchanged.
+    let transfer = 9_000;
+    host.request(Request::UaBegin(UaBundle {
+        transfer,
+        name: "ticker".into(),
+        version: "3.0".into(),
+        entry: vec!["bin/run.sh".into()],
+        digest: Hash([0; 32]),
+        size: v1.len() as u64,
+        update: true,
+    }))
+    .unwrap();
+    host.request(Request::UaBundleData {
+        transfer,
+        offset: 0,
+        data: v1.clone(),
+    })
+    .unwrap();
+    let r = host_req(&host, Request::UaCommit { transfer });
+    assert_eq!(code_of(&r), Some(ErrorCode::BadDigest), "{r:?}");
+    // Larger than announced: refused.
+    let r = host_req(
+        &host,
+        Request::UaBegin(UaBundle {
+            transfer: 9_001,
+            name: "ticker".into(),
+            version: "3.1".into(),
+            entry: vec!["x".into()],
+            digest: Hash([0; 32]),
+            size: 10,
+            update: true,
+        }),
+    );
+    assert_eq!(r, Response::Ok);
+    let r = host_req(
+        &host,
+        Request::UaBundleData {
+            transfer: 9_001,
+            offset: 0,
+            data: vec![0; 11],
+        },
+    );
+    assert_eq!(code_of(&r), Some(ErrorCode::TooLarge), "{r:?}");
+
+    // Hostile bundles: nothing may land outside the UA directory.
+    let outside = dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let abs_target = format!("{}/abs-pwned", outside.display());
+    let hostile: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "dotdot",
+            raw_tar(&[E::File("../../../../outside-pwned", b"x", 0o644)]),
+        ),
+        ("absolute", raw_tar(&[E::File(&abs_target, b"x", 0o644)])),
+        (
+            "symlink-abs",
+            raw_tar(&[
+                E::Symlink("out", outside.to_str().unwrap()),
+                E::File("out/pwned", b"x", 0o644),
+            ]),
+        ),
+        (
+            "symlink-rel",
+            raw_tar(&[
+                E::Symlink("up", "../../../../../../../../.."),
+                E::File("up/pwned", b"x", 0o644),
+            ]),
+        ),
+    ];
+    for (what, bundle) in hostile {
+        let r = deploy(&host, "evil", what, &["run"], &bundle);
+        assert_eq!(
+            code_of(&r),
+            Some(ErrorCode::BundleRejected),
+            "{what}: {r:?}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "written outside"
+    );
+    assert!(!dir.path().join("outside-pwned").exists());
+    assert!(!agent.state.join("outside-pwned").exists());
+    assert!(!Path::new("/outside-pwned").exists());
+    assert!(
+        agent.status()["uas"].as_array().unwrap().len() == 1,
+        "evil not deployed"
+    );
+
+    // Delete while a session uses it: refused unless forced.
+    agent.ok(&[
+        "login",
+        "--user",
+        "nobody",
+        "--session",
+        "u1",
+        "--ua",
+        "ticker",
+    ]);
+    wait_for("UA ticking", LONG, || {
+        (std::fs::metadata(&ticks).map(|m| m.len()).unwrap_or(0) > 0).then_some(())
+    });
+    let r = host_req(
+        &host,
+        Request::UaDelete {
+            name: "ticker".into(),
+            force: false,
+        },
+    );
+    assert_eq!(code_of(&r), Some(ErrorCode::UaInUse), "{r:?}");
+    assert!(ua_dir.exists());
+    let r = host_req(
+        &host,
+        Request::UaDelete {
+            name: "ticker".into(),
+            force: true,
+        },
+    );
+    assert_eq!(
+        r,
+        Response::UaDeleted {
+            stopped_sessions: vec!["u1".into()]
+        }
+    );
+    assert!(!ua_dir.exists());
+    assert!(agent.status()["sessions"].as_array().unwrap().is_empty());
+    // A forced stop is not an unexpected disconnect.
+    assert!(host.with(|h| h.notices.is_empty()));
+}
+
+#[test]
+fn ua_crash_sends_one_disconnect_notice_and_flushes() {
+    if skip_unless_root("ua_crash_sends_one_disconnect_notice_and_flushes") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    open_dir(dir.path());
+    let host = TestHost::start(dir.path());
+    let agent = AgentProc::start(dir.path(), &file_cfg(dir.path()));
+    agent.wait_connected();
+    let go = dir.path().join("crash-now");
+    let script = format!(
+        "#!/bin/sh\nwhile [ ! -e {} ]; do sleep 0.02; done\nexit 3\n",
+        go.display()
+    );
+    let bundle = raw_tar(&[E::File("crash.sh", script.as_bytes(), 0o755)]);
+    let r = deploy(&host, "crashy", "1", &["crash.sh"], &bundle);
+    assert_eq!(
+        r,
+        Response::UaCurrent {
+            version: "1".into()
+        }
+    );
+    host.with(|h| h.seed("nobody", b"hello world, this is the nobody UIF"));
+    agent.ok(&[
+        "login",
+        "--user",
+        "nobody",
+        "--session",
+        "c1",
+        "--ua",
+        "crashy",
+    ]);
+    let img = dir.path().join("uif/nobody.img");
+    std::fs::write(&img, b"changed before the crash").unwrap();
+    // The host is busy the first time: the notice must be retried.
+    host.with(|h| h.busy_notices = 1);
+    std::fs::write(&go, b"").unwrap();
+    wait_for("disconnect notice", LONG, || {
+        host.with(|h| (!h.notices.is_empty()).then_some(()))
+    });
+    wait_for("journal drained", LONG, || {
+        (agent.status()["pending_notices"] == 0).then_some(())
+    });
+    let (notices, sessions) = host.with(|h| (h.notices.clone(), h.notice_sessions.clone()));
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert_eq!(notices.values().copied().collect::<Vec<_>>(), [1]);
+    assert_eq!(sessions[0].1, "c1");
+    assert!(sessions[0].2.contains("exit"), "{}", sessions[0].2);
+    wait_for("UIF flushed", LONG, || {
+        host.with(|h| {
+            (h.head_bytes("nobody").as_deref() == Some(&b"changed before the crash"[..]))
+                .then_some(())
+        })
+    });
+    let c = host.with(|h| h.commits.last().cloned().unwrap());
+    assert_eq!(c.cause, UpdateCause::Disconnect);
+    assert!(agent.status()["sessions"].as_array().unwrap().is_empty());
+
+    // The `disconnect` verb does the same for an unsupervised session.
+    agent.ok(&["login", "--user", "nobody", "--session", "c2"]);
+    let out = agent.ok(&[
+        "disconnect",
+        "--session",
+        "c2",
+        "--reason",
+        "display closed",
+    ]);
+    assert!(out.contains("committed"), "{out}");
+    wait_for("second notice", LONG, || {
+        host.with(|h| (h.notices.len() == 2).then_some(()))
+    });
+    let reasons = host.with(|h| h.notice_sessions.clone());
+    assert_eq!(reasons[1].1, "c2");
+    assert_eq!(reasons[1].2, "display closed");
+    assert!(host.with(|h| h.notices.values().all(|n| *n == 1)));
+}
+
+#[test]
+fn suspend_and_resume_really_stop_the_ua() {
+    if skip_unless_root("suspend_and_resume_really_stop_the_ua") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    open_dir(dir.path());
+    let host = TestHost::start(dir.path());
+    let agent = AgentProc::start(dir.path(), &file_cfg(dir.path()));
+    agent.wait_connected();
+    let ticks = dir.path().join("ticks");
+    let bundle = raw_tar(&[E::File("run.sh", TICKER, 0o755)]);
+    let r = deploy(
+        &host,
+        "ticker",
+        "1",
+        &["run.sh", ticks.to_str().unwrap()],
+        &bundle,
+    );
+    assert_eq!(
+        r,
+        Response::UaCurrent {
+            version: "1".into()
+        }
+    );
+    agent.ok(&[
+        "login",
+        "--user",
+        "nobody",
+        "--session",
+        "t1",
+        "--ua",
+        "ticker",
+    ]);
+    let size = || std::fs::metadata(&ticks).map(|m| m.len()).unwrap_or(0);
+    wait_for("UA writes", LONG, || (size() > 0).then_some(()));
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&ticks).unwrap());
+    assert_eq!(owner, 65534, "UA runs as nobody");
+
+    let r = host_req(
+        &host,
+        Request::SessionSuspend {
+            session: "t1".into(),
+        },
+    );
+    assert_eq!(r, Response::Ok);
+    assert_eq!(agent.status()["sessions"][0]["suspended"], true);
+    // Frozen: the size stays the same over several observations.
+    let frozen = size();
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(size(), frozen, "file grew while suspended");
+    }
+    let r = host_req(
+        &host,
+        Request::SessionResume {
+            session: "t1".into(),
+        },
+    );
+    assert_eq!(r, Response::Ok);
+    wait_for("UA writes again", LONG, || (size() > frozen).then_some(()));
+    let r = host_req(
+        &host,
+        Request::SessionSuspend {
+            session: "nope".into(),
+        },
+    );
+    assert_eq!(code_of(&r), Some(ErrorCode::NotFound));
+
+    // Logout stops the UA without a disconnect notice.
+    let out = agent.ok(&["logout", "--session", "t1"]);
+    assert!(out.contains("committed"), "{out}");
+    let after = size();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(size(), after, "UA still running after logout");
+    }
+    assert!(host.with(|h| h.notices.is_empty()));
+}
+
+#[test]
+fn monitor_grants_expire_and_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    let mut agent = AgentProc::start(dir.path(), "");
+    agent.wait_connected();
+    let check = |a: &AgentProc, m: &str| {
+        a.cli(&["monitor-check", "--session", "s1", "--user", m])
+            .status
+            .code()
+    };
+    assert_eq!(check(&agent, "mallory"), Some(1));
+    let now = uve_protocol_now();
+    let r = host_req(
+        &host,
+        Request::MonitorGrant {
+            session: "s1".into(),
+            monitor: "helpdesk".into(),
+            expires: now + 3_600_000,
+        },
+    );
+    assert_eq!(r, Response::Ok);
+    assert_eq!(check(&agent, "helpdesk"), Some(0));
+    assert_eq!(check(&agent, "mallory"), Some(1));
+    // Persisted across an agent restart.
+    agent.kill();
+    agent.spawn();
+    agent.wait_connected();
+    assert_eq!(check(&agent, "helpdesk"), Some(0));
+    let r = host_req(
+        &host,
+        Request::MonitorRevoke {
+            session: "s1".into(),
+            monitor: "helpdesk".into(),
+        },
+    );
+    assert_eq!(r, Response::Ok);
+    assert_eq!(check(&agent, "helpdesk"), Some(1));
+    // A short grant expires by itself.
+    let r = host_req(
+        &host,
+        Request::MonitorGrant {
+            session: "s1".into(),
+            monitor: "trainee".into(),
+            expires: uve_protocol_now() + 1_500,
+        },
+    );
+    assert_eq!(r, Response::Ok);
+    wait_for("grant expired", LONG, || {
+        (check(&agent, "trainee") == Some(1)).then_some(())
+    });
+    let r = host_req(
+        &host,
+        Request::MonitorGrant {
+            session: "../etc".into(),
+            monitor: "x".into(),
+            expires: 0,
+        },
+    );
+    assert_eq!(code_of(&r), Some(ErrorCode::InvalidName));
+    let r = host_req(&host, Request::Ping { nonce: 42 });
+    assert_eq!(r, Response::Pong { nonce: 42 });
+    let r = host_req(
+        &host,
+        Request::ChunkFetch {
+            user: "x".into(),
+            hash: Hash([0; 32]),
+        },
+    );
+    assert_eq!(code_of(&r), Some(ErrorCode::Unsupported));
+}
+
+fn uve_protocol_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
