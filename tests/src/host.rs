@@ -26,7 +26,10 @@ impl HostDaemon {
     /// logging to `<dir>/host.log`.
     pub fn start(ing: &Ingredients, dir: &Path, extra_config: &str) -> Result<Self, String> {
         if !ing.uvectl.exists() {
-            return Err(format!("missing {}; run tests/prepare.sh", ing.uvectl.display()));
+            return Err(format!(
+                "missing {}; run tests/prepare.sh",
+                ing.uvectl.display()
+            ));
         }
         let data = dir.join("host-data");
         std::fs::create_dir_all(&data).map_err(|e| format!("data dir: {e}"))?;
@@ -71,7 +74,7 @@ impl HostDaemon {
         self.child = Some(child);
         let sock = self.data.join("api.sock");
         if !wait_for(Duration::from_secs(20), || {
-            sock.exists() && self.uvectl(&["vm", "ls"]).0 == 0
+            sock.exists() && self.uvectl(&["vm", "list"]).0 == 0
         }) {
             return Err(format!("uve-host API not up; log:\n{}", self.log_text()));
         }
@@ -87,7 +90,9 @@ impl HostDaemon {
                     // child, not yet reaped, so it cannot name another process.
                     let _ = unsafe { libc::kill(pid, libc::SIGTERM) };
                 }
-                if !wait_for(Duration::from_secs(40), || matches!(c.try_wait(), Ok(Some(_)))) {
+                if !wait_for(Duration::from_secs(40), || {
+                    matches!(c.try_wait(), Ok(Some(_)))
+                }) {
                     let _ = c.kill();
                 }
             } else {
@@ -128,7 +133,12 @@ impl HostDaemon {
     /// Runs a `uvectl` command that must succeed; returns its JSON output.
     pub fn ok(&self, args: &[&str]) -> serde_json::Value {
         let (code, out) = self.uvectl(args);
-        assert_eq!(code, 0, "uvectl {args:?} exited {code}:\n{out}\nhost log tail:\n{}", self.log_tail());
+        assert_eq!(
+            code,
+            0,
+            "uvectl {args:?} exited {code}:\n{out}\nhost log tail:\n{}",
+            self.log_tail()
+        );
         serde_json::from_str(out.trim()).unwrap_or(serde_json::Value::String(out))
     }
 
@@ -158,13 +168,22 @@ impl HostDaemon {
                 .find(|e| e["kind"] == kind && pred(e));
             found.is_some()
         });
-        assert!(ok, "no `{kind}` event within {limit:?}; events: {:#?}\nhost log tail:\n{}", self.events(since), self.log_tail());
+        assert!(
+            ok,
+            "no `{kind}` event within {limit:?}; events: {:#?}\nhost log tail:\n{}",
+            self.events(since),
+            self.log_tail()
+        );
         found.unwrap_or_default()
     }
 
     /// The highest event sequence number so far (0 if none).
     pub fn last_seq(&self) -> u64 {
-        self.events(0).iter().filter_map(|e| e["seq"].as_u64()).max().unwrap_or(0)
+        self.events(0)
+            .iter()
+            .filter_map(|e| e["seq"].as_u64())
+            .max()
+            .unwrap_or(0)
     }
 
     /// A Prometheus counter (first sample whose line starts with `name`).
@@ -174,7 +193,12 @@ impl HostDaemon {
             .arg(self.data.join("api.sock"))
             .arg("metrics")
             .output()
-            .map(|o| (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned()))
+            .map(|o| {
+                (
+                    o.status.code().unwrap_or(-1),
+                    String::from_utf8_lossy(&o.stdout).into_owned(),
+                )
+            })
             .unwrap_or((-1, String::new()));
         assert_eq!(code, 0, "uvectl metrics failed");
         out.lines()

@@ -14,8 +14,8 @@
 //! - [`rogue`]: the hostile-guest probes run inside a guest.
 
 pub mod channel;
+pub mod host;
 pub mod ingredients;
 pub mod initramfs;
 pub mod rogue;
 pub mod vm;
-pub mod host;

@@ -10,7 +10,11 @@
 //! failure) holding `host.log`, `console.log` (guest console, agent log
 //! included), `vhost.log` and `qemu.log`.
 
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::cast_possible_truncation)]
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation
+)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -83,10 +87,15 @@ impl Drop for RunDir {
 fn boot(ing: &Ingredients, run: &RunDir, name: &str, agent_config: &str) -> Vm {
     let dir = run.sub(name);
     let img = Initramfs::new(ing).expect("initramfs");
-    img.file("etc/uve-agent.toml", agent_config.as_bytes()).expect("config");
-    let initrd = img.build(&dir.join("initramfs.cpio.gz")).expect("build initramfs");
+    img.file("etc/uve-agent.toml", agent_config.as_bytes())
+        .expect("config");
+    let initrd = img
+        .build(&dir.join("initramfs.cpio.gz"))
+        .expect("build initramfs");
     let mut vm = Vm::boot(ing, name, &dir, &initrd).expect("boot");
-    let t = vm.wait_ready(Duration::from_secs(120)).expect("guest ready");
+    let t = vm
+        .wait_ready(Duration::from_secs(120))
+        .expect("guest ready");
     eprintln!("{name}: guest ready after {t:?}");
     vm
 }
@@ -130,7 +139,13 @@ fn file_mode_lifecycle_on_one_vm() {
     let mut host = HostDaemon::start(&ing, run.path(), "").expect("host");
     let vm_dir = run.sub("vm-a");
     // The host must listen on <uds>_7075 before the guest boots.
-    host.ok(&["vm", "add", "vm-a", "--uds-path", &vm_dir.join("v.sock").display().to_string()]);
+    host.ok(&[
+        "vm",
+        "add",
+        "vm-a",
+        "--uds-path",
+        &vm_dir.join("v.sock").display().to_string(),
+    ]);
     host.ok(&["assign", "alice", "vm-a"]);
     let v1 = noise(4 << 20, 1);
     let import = run.path().join("alice-v1.img");
@@ -147,9 +162,16 @@ fn file_mode_lifecycle_on_one_vm() {
     let img = "/var/lib/uve-agent/uif/alice.img";
     let fetched0 = user_chunks_fetched(&host, "alice");
     vm.ok("uve-agent login --user alice --session s1");
-    assert_eq!(vm.get(img).expect("UIF in guest"), v1, "retrieved UIF differs");
+    assert_eq!(
+        vm.get(img).expect("UIF in guest"),
+        v1,
+        "retrieved UIF differs"
+    );
     let cold = user_chunks_fetched(&host, "alice") - fetched0;
-    assert!(cold >= 40, "cold retrieve of 4 MiB fetched only {cold} chunks");
+    assert!(
+        cold >= 40,
+        "cold retrieve of 4 MiB fetched only {cold} chunks"
+    );
     step("login (cold retrieve)", &mut t);
 
     // --- modify → logout → update: the store holds the guest's bytes.
@@ -159,7 +181,11 @@ fn file_mode_lifecycle_on_one_vm() {
     vm.ok("uve-agent logout --session s1");
     let v2_head = head(&host, "alice");
     assert!(v2_head > v1_head, "logout did not commit a new head");
-    assert_eq!(host.export("alice", v2_head, run.path()), v2, "store differs from what the guest wrote");
+    assert_eq!(
+        host.export("alice", v2_head, run.path()),
+        v2,
+        "store differs from what the guest wrote"
+    );
     step("logout (update)", &mut t);
 
     // --- second login on the same VM fetches only the changed chunks.
@@ -173,7 +199,10 @@ fn file_mode_lifecycle_on_one_vm() {
     vm.ok("uve-agent login --user alice --session s2");
     assert_eq!(vm.get(img).expect("UIF"), v3);
     let warm = user_chunks_fetched(&host, "alice") - before;
-    assert!((1..=4).contains(&warm), "warm login fetched {warm} chunks (cold: {cold})");
+    assert!(
+        (1..=4).contains(&warm),
+        "warm login fetched {warm} chunks (cold: {cold})"
+    );
     eprintln!("  warm login fetched {warm} chunks, cold {cold}");
     step("warm login", &mut t);
 
@@ -190,18 +219,40 @@ fn file_mode_lifecycle_on_one_vm() {
 
     // --- monitoring grant, expiry, revoke.
     vm.ok("uve-agent login --user alice --session s3");
-    assert_ne!(vm.sh("uve-agent monitor-check --session s3 --user bob").0, 0, "granted before any grant");
+    assert_ne!(
+        vm.sh("uve-agent monitor-check --session s3 --user bob").0,
+        0,
+        "granted before any grant"
+    );
     host.ok(&["monitor", "grant", "vm-a", "s3", "bob", "--ttl-secs", "4"]);
-    assert_eq!(vm.sh("uve-agent monitor-check --session s3 --user bob").0, 0, "grant not visible");
-    assert_ne!(vm.sh("uve-agent monitor-check --session s3 --user carol").0, 0, "grant leaked to another user");
+    assert_eq!(
+        vm.sh("uve-agent monitor-check --session s3 --user bob").0,
+        0,
+        "grant not visible"
+    );
+    assert_ne!(
+        vm.sh("uve-agent monitor-check --session s3 --user carol").0,
+        0,
+        "grant leaked to another user"
+    );
     assert!(
-        wait_for(Duration::from_secs(20), || vm.sh("uve-agent monitor-check --session s3 --user bob").0 != 0),
+        wait_for(Duration::from_secs(20), || vm
+            .sh("uve-agent monitor-check --session s3 --user bob")
+            .0
+            != 0),
         "grant did not expire"
     );
     host.ok(&["monitor", "grant", "vm-a", "s3", "bob"]);
-    assert_eq!(vm.sh("uve-agent monitor-check --session s3 --user bob").0, 0);
+    assert_eq!(
+        vm.sh("uve-agent monitor-check --session s3 --user bob").0,
+        0
+    );
     host.ok(&["monitor", "revoke", "vm-a", "s3", "bob"]);
-    assert_ne!(vm.sh("uve-agent monitor-check --session s3 --user bob").0, 0, "revoke not effective");
+    assert_ne!(
+        vm.sh("uve-agent monitor-check --session s3 --user bob").0,
+        0,
+        "revoke not effective"
+    );
     vm.ok("uve-agent logout --session s3");
     step("monitoring", &mut t);
 
@@ -210,11 +261,14 @@ fn file_mode_lifecycle_on_one_vm() {
         let dir = run.sub(&format!("ua-{version}"));
         std::fs::create_dir_all(dir.join("bin")).unwrap();
         std::fs::write(dir.join("VERSION"), version).unwrap();
+        let script = dir.join("bin/desk.sh");
         std::fs::write(
-            dir.join("bin/desk.sh"),
+            &script,
             "#!/bin/sh\nn=0\nwhile true; do n=$((n+1)); echo $n > /tmp/desk-progress; sleep 0.2; done\n",
         )
         .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         let tar = run.path().join(format!("desk-{version}.tar"));
         let st = std::process::Command::new("tar")
             .arg("-cf")
@@ -227,18 +281,53 @@ fn file_mode_lifecycle_on_one_vm() {
         assert!(st.success());
         tar.display().to_string()
     };
-    let ua_version = |vm: &Vm| vm.get("/var/lib/uve-agent/ua/desk/current/VERSION").map(|b| String::from_utf8_lossy(&b).into_owned());
-    host.ok(&["ua", "deploy", "vm-a", &bundle("1.0"), "--name", "desk", "--version", "1.0", "--entry", "/bin/sh bin/desk.sh"]);
+    let ua_version = |vm: &Vm| {
+        vm.get("/var/lib/uve-agent/ua/desk/current/VERSION")
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    };
+    host.ok(&[
+        "ua",
+        "deploy",
+        "vm-a",
+        &bundle("1.0"),
+        "--name",
+        "desk",
+        "--version",
+        "1.0",
+        "--entry",
+        "bin/desk.sh",
+    ]);
     assert_eq!(ua_version(&vm).as_deref(), Some("1.0"));
     host.ok(&[
-        "ua", "deploy", "vm-a", &bundle("2.0"), "--name", "desk", "--version", "2.0", "--entry", "/bin/sh bin/desk.sh", "--update",
+        "ua",
+        "deploy",
+        "vm-a",
+        &bundle("2.0"),
+        "--name",
+        "desk",
+        "--version",
+        "2.0",
+        "--entry",
+        "bin/desk.sh",
+        "--update",
     ]);
     assert_eq!(ua_version(&vm).as_deref(), Some("2.0"));
     host.ok(&["ua", "rollback", "vm-a", "desk"]);
     assert_eq!(ua_version(&vm).as_deref(), Some("1.0"));
     host.ok(&["ua", "rm", "vm-a", "desk"]);
     assert_eq!(ua_version(&vm), None, "UA still present after delete");
-    host.ok(&["ua", "deploy", "vm-a", &bundle("3.0"), "--name", "desk", "--version", "3.0", "--entry", "/bin/sh bin/desk.sh"]);
+    host.ok(&[
+        "ua",
+        "deploy",
+        "vm-a",
+        &bundle("3.0"),
+        "--name",
+        "desk",
+        "--version",
+        "3.0",
+        "--entry",
+        "bin/desk.sh",
+    ]);
     step("UA deploy/update/rollback/delete", &mut t);
 
     // --- supervised UA: suspend stops its progress, resume continues it.
@@ -248,26 +337,42 @@ fn file_mode_lifecycle_on_one_vm() {
             .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok())
             .unwrap_or(0)
     };
-    assert!(wait_for(Duration::from_secs(20), || progress(&vm) >= 3), "UA made no progress");
+    assert!(
+        wait_for(Duration::from_secs(20), || progress(&vm) >= 3),
+        "UA made no progress"
+    );
     host.ok(&["suspend", "vm-a", "s4"]);
     let frozen = progress(&vm);
     std::thread::sleep(Duration::from_secs(2));
-    assert!(progress(&vm) <= frozen + 1, "UA kept running while suspended ({frozen} → {})", progress(&vm));
+    assert!(
+        progress(&vm) <= frozen + 1,
+        "UA kept running while suspended ({frozen} → {})",
+        progress(&vm)
+    );
     host.ok(&["resume", "vm-a", "s4"]);
     let resumed = progress(&vm);
-    assert!(wait_for(Duration::from_secs(20), || progress(&vm) >= resumed + 3), "UA did not resume");
+    assert!(
+        wait_for(Duration::from_secs(20), || progress(&vm) >= resumed + 3),
+        "UA did not resume"
+    );
     step("suspend/resume", &mut t);
 
     // --- the UA dies without logout: unexpected disconnect + UIF flushed.
     let since = host.last_seq();
     let head_before = head(&host, "alice");
-    vm.ok("kill -9 $(pgrep -f bin/desk.sh | head -n 1)");
-    let ev = host.wait_event(since, "unexpected_disconnect", Duration::from_secs(60), |e| e["session"] == "s4");
+    vm.ok("kill -9 $(ps -o pid,args | grep [b]in/desk.sh | head -n 1 | awk '{print $1}')");
+    let ev = host.wait_event(
+        since,
+        "unexpected_disconnect",
+        Duration::from_secs(60),
+        |e| e["session"] == "s4",
+    );
     assert_eq!(ev["user"], "alice", "{ev}");
     assert_eq!(ev["ua"], "desk", "{ev}");
     assert!(ev["reason"].as_str().is_some_and(|r| !r.is_empty()), "{ev}");
     assert!(
-        wait_for(Duration::from_secs(60), || head(&host, "alice") > head_before),
+        wait_for(Duration::from_secs(60), || head(&host, "alice")
+            > head_before),
         "UIF not flushed after the UA died"
     );
     step("UA killed → unexpected disconnect", &mut t);
@@ -278,9 +383,20 @@ fn file_mode_lifecycle_on_one_vm() {
     let committed_bytes = host.export("alice", committed, run.path());
     let since = host.last_seq();
     vm.crash();
-    host.wait_event(since, "vm_lost", Duration::from_secs(30), |e| e["vm"] == "vm-a");
-    host.wait_event(since, "unexpected_disconnect", Duration::from_secs(30), |e| e["session"] == "s5");
-    assert_eq!(head(&host, "alice"), committed, "head moved after the crash");
+    host.wait_event(since, "vm_lost", Duration::from_secs(30), |e| {
+        e["vm"] == "vm-a"
+    });
+    host.wait_event(
+        since,
+        "unexpected_disconnect",
+        Duration::from_secs(30),
+        |e| e["session"] == "s5",
+    );
+    assert_eq!(
+        head(&host, "alice"),
+        committed,
+        "head moved after the crash"
+    );
     assert_eq!(host.export("alice", committed, run.path()), committed_bytes);
     step("VM crash", &mut t);
 }
@@ -318,9 +434,18 @@ fn directory_mode_switch_and_rogue_guest() {
     let out = run.sub("bob-v1");
     let tar_path = run.path().join("bob-v1.tar");
     std::fs::write(&tar_path, &tar).unwrap();
-    let st = std::process::Command::new("tar").arg("-xf").arg(&tar_path).arg("-C").arg(&out).status().unwrap();
+    let st = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(&tar_path)
+        .arg("-C")
+        .arg(&out)
+        .status()
+        .unwrap();
     assert!(st.success(), "exported UIF is not a tar archive");
-    assert_eq!(std::fs::read_to_string(out.join("docs/note.txt")).unwrap(), "hello from A\n");
+    assert_eq!(
+        std::fs::read_to_string(out.join("docs/note.txt")).unwrap(),
+        "hello from A\n"
+    );
     assert_eq!(std::fs::read(out.join("docs/blob.bin")).unwrap(), blob);
     step("directory round trip", &mut t);
 
@@ -330,9 +455,14 @@ fn directory_mode_switch_and_rogue_guest() {
     a.ok("echo 'written on A before the switch' > /home/bob/docs/late.txt");
     let since = host.last_seq();
     host.ok(&["assign", "bob", "vm-b"]);
-    host.wait_event(since, "user_released", Duration::from_secs(60), |e| e["user"] == "bob");
+    host.wait_event(since, "user_released", Duration::from_secs(60), |e| {
+        e["user"] == "bob"
+    });
     b.ok("uve-agent login --user bob --session b1");
-    assert_eq!(b.ok("cat /home/bob/docs/late.txt"), "written on A before the switch\n");
+    assert_eq!(
+        b.ok("cat /home/bob/docs/late.txt"),
+        "written on A before the switch\n"
+    );
     assert_eq!(b.get("/home/bob/docs/blob.bin").expect("blob on B"), blob);
     let owner = b.ok("stat -c %u:%g /home/bob/docs/late.txt");
     assert_eq!(owner.trim(), "1001:1001", "ownership not restored on B");
@@ -349,7 +479,8 @@ fn directory_mode_switch_and_rogue_guest() {
     let v_last = head(&host, "bob");
     let tar = host.export("bob", v_last, run.path());
     assert!(
-        tar.windows(b"after-rogue".len()).any(|w| w == b"after-rogue"),
+        tar.windows(b"after-rogue".len())
+            .any(|w| w == b"after-rogue"),
         "B's logout after the rogue probes did not commit"
     );
     // The rogue's connections came through A's socket, so the host bound
