@@ -204,8 +204,8 @@ impl HostDaemon {
         out.lines()
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
             .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .map_or(0, |v| v as u64)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
     }
 
     /// Exports a version's bytes.
