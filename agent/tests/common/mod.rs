@@ -112,6 +112,8 @@ pub struct HostState {
     pub unassigned: HashSet<String>,
     /// Refuse this many next notices with Busy (tests retry).
     pub busy_notices: usize,
+    /// Drop the connection (no goodbye) at the next chunk upload.
+    pub drop_on_upload: bool,
     max_frame: u32,
 }
 
@@ -306,6 +308,19 @@ async fn serve_conn(
             () = stop.cancelled() => { link.close(); break }
             item = incoming.recv() => {
                 let Some(Incoming { request, responder }) = item else { break };
+                let drop_now = {
+                    let mut st = state.lock().unwrap();
+                    let hit = st.drop_on_upload && matches!(request, Request::ChunkUpload { .. });
+                    if hit {
+                        st.drop_on_upload = false;
+                    }
+                    hit
+                };
+                if drop_now {
+                    std::mem::forget(responder);
+                    link.close();
+                    break;
+                }
                 let answer = handle(&state, request);
                 let _ = responder.send(answer).await;
             }

@@ -1,0 +1,195 @@
+//! Session lifecycle end to end: the PAM hook, clear login failures, the
+//! temporary-UIF fallback that can never overwrite the real head, SIGTERM
+//! flushing, re-announcing sessions after a host restart, VM-switch
+//! release, and a connection reset in the middle of an update.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    missing_docs
+)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{AgentProc, LONG, TestHost, noise, wait_for};
+use uve_protocol::message::{Request, Response, UpdateCause};
+
+fn file_cfg(dir: &Path, extra: &str) -> String {
+    format!(
+        "{extra}\n[uif]\nmode = \"file\"\npath = \"{}/uif/{{user}}.img\"\n",
+        dir.display()
+    )
+}
+
+#[test]
+fn pam_hook_opens_and_closes_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    let data = noise(300_000, 5);
+    host.with(|h| h.seed("dave", &data));
+    let agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
+    agent.wait_connected();
+    let hook = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/pam/uve-pam-hook");
+    let run = |ty: &str| {
+        Command::new("/bin/sh")
+            .arg(&hook)
+            .env("PAM_TYPE", ty)
+            .env("PAM_USER", "dave")
+            .env("PAM_SERVICE", "sshd")
+            .env("UVE_AGENT", common::agent_bin())
+            .env("UVE_SOCKET", &agent.socket)
+            .env("UVE_SESSION", "pam session/1")
+            .output()
+            .unwrap()
+    };
+    let out = run("open_session");
+    assert!(out.status.success(), "{out:?}");
+    let st = agent.status();
+    assert_eq!(st["sessions"][0]["session"], "pam_session_1");
+    assert_eq!(st["sessions"][0]["user"], "dave");
+    let img = dir.path().join("uif/dave.img");
+    assert_eq!(std::fs::read(&img).unwrap(), data);
+    std::fs::write(&img, b"edited over ssh").unwrap();
+    let out = run("close_session");
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("committed"));
+    assert_eq!(
+        host.with(|h| h.head_bytes("dave")).as_deref(),
+        Some(&b"edited over ssh"[..])
+    );
+    assert!(run("auth").status.success());
+}
+
+#[test]
+fn failed_retrieve_fails_login_or_runs_on_a_temporary_uif_that_never_wins() {
+    // Default: login fails with a clear error.
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    let real = noise(200_000, 9);
+    let head = host.with(|h| {
+        h.unassigned.insert("erin".into());
+        h.seed("erin", &real)
+    });
+    let mut agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
+    agent.wait_connected();
+    let out = agent.cli(&["login", "--user", "erin", "--session", "e1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("NotAssigned"), "{err}");
+    assert!(agent.status()["sessions"].as_array().unwrap().is_empty());
+    // Invalid names are refused before anything happens.
+    let out = agent.cli(&["login", "--user", "../root", "--session", "e1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("user name"));
+    agent.kill();
+
+    // With on_retrieve_failure = "temporary": login proceeds on an empty
+    // UIF; its update has no base and lands as a conflict version.
+    let cfg = file_cfg(dir.path(), "on_retrieve_failure = \"temporary\"");
+    let agent = AgentProc::start(dir.path(), &cfg);
+    agent.wait_connected();
+    let out = agent.ok(&["login", "--user", "erin", "--session", "e2"]);
+    assert!(out.contains("TEMPORARY"), "{out}");
+    let img = dir.path().join("uif/erin.img");
+    assert_eq!(std::fs::read(&img).unwrap(), b"");
+    std::fs::write(&img, b"work done on the temporary profile").unwrap();
+    host.with(|h| h.unassigned.clear());
+    let out = agent.ok(&["logout", "--session", "e2"]);
+    assert!(out.contains("conflict"), "{out}");
+    let (now_head, last) = host.with(|h| (h.heads["erin"], h.commits.last().cloned().unwrap()));
+    assert_eq!(now_head, head, "the real head must not move");
+    assert_eq!(host.with(|h| h.head_bytes("erin")).unwrap(), real);
+    assert!(last.conflict);
+    assert_eq!(last.base, None);
+}
+
+#[test]
+fn sigterm_flushes_open_sessions_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    host.with(|h| h.seed("frank", b"before"));
+    let mut agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
+    agent.wait_connected();
+    agent.ok(&["login", "--user", "frank", "--session", "f1"]);
+    std::fs::write(dir.path().join("uif/frank.img"), b"after").unwrap();
+    assert_eq!(agent.terminate(), Some(0));
+    assert_eq!(
+        host.with(|h| h.head_bytes("frank")).as_deref(),
+        Some(&b"after"[..])
+    );
+    let c = host.with(|h| h.commits.last().cloned().unwrap());
+    assert_eq!(c.cause, UpdateCause::Shutdown);
+    assert!(host.with(|h| h.sessions_ended.contains(&"f1".to_string())));
+}
+
+#[test]
+fn host_restart_reannounces_sessions_then_user_release_flushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    host.with(|h| h.seed("gina", b"gina v1"));
+    let agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
+    agent.wait_connected();
+    agent.ok(&["login", "--user", "gina", "--session", "g1"]);
+    host.down();
+    host.up();
+    wait_for("re-announce after reconnect", LONG, || {
+        host.with(|h| {
+            (h.connections >= 2 && h.sessions_started.iter().filter(|s| *s == "g1").count() >= 2)
+                .then_some(())
+        })
+    });
+    std::fs::write(dir.path().join("uif/gina.img"), b"gina v2").unwrap();
+    let r = host
+        .request(Request::UserRelease {
+            user: "gina".into(),
+            deadline_ms: 20_000,
+        })
+        .unwrap();
+    let Response::Released { committed: Some(v) } = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(host.with(|h| h.heads["gina"]), v);
+    assert_eq!(
+        host.with(|h| h.head_bytes("gina")).as_deref(),
+        Some(&b"gina v2"[..])
+    );
+    let c = host.with(|h| h.commits.last().cloned().unwrap());
+    assert_eq!(c.cause, UpdateCause::Release);
+    assert!(agent.status()["sessions"].as_array().unwrap().is_empty());
+    // Nothing left to release: answered with no version.
+    let r = host
+        .request(Request::UserRelease {
+            user: "gina".into(),
+            deadline_ms: 5_000,
+        })
+        .unwrap();
+    assert_eq!(r, Response::Released { committed: None });
+}
+
+#[test]
+fn connection_reset_mid_update_is_spooled_and_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    host.with(|h| h.seed("hank", &noise(600_000, 1)));
+    let agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
+    agent.wait_connected();
+    agent.ok(&["login", "--user", "hank", "--session", "h1"]);
+    let new = noise(900_000, 2);
+    std::fs::write(dir.path().join("uif/hank.img"), &new).unwrap();
+    host.with(|h| h.drop_on_upload = true);
+    let out = agent.ok(&["logout", "--session", "h1"]);
+    assert!(out.contains("spooled"), "{out}");
+    wait_for("retried update committed", LONG, || {
+        host.with(|h| (h.head_bytes("hank") == Some(new.clone())).then_some(()))
+    });
+    let c = host.with(|h| h.commits.last().cloned().unwrap());
+    assert_eq!(c.cause, UpdateCause::Spooled);
+    assert!(!c.conflict);
+    wait_for("spool empty", LONG, || {
+        (agent.status()["spooled_updates"] == 0).then_some(())
+    });
+}
