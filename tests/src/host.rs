@@ -25,11 +25,23 @@ impl HostDaemon {
     /// Starts a daemon with `heartbeat_ms` and a short hand-over timeout,
     /// logging to `<dir>/host.log`.
     pub fn start(ing: &Ingredients, dir: &Path, extra_config: &str) -> Result<Self, String> {
-        if !ing.uvectl.exists() {
-            return Err(format!(
-                "missing {}; run tests/prepare.sh",
-                ing.uvectl.display()
-            ));
+        Self::start_with(&ing.host, &ing.uvectl, dir, extra_config)
+    }
+
+    /// Like [`start`](Self::start) with explicit binary paths.
+    pub fn start_with(
+        host_bin: &Path,
+        uvectl: &Path,
+        dir: &Path,
+        extra_config: &str,
+    ) -> Result<Self, String> {
+        for bin in [host_bin, uvectl] {
+            if !bin.exists() {
+                return Err(format!(
+                    "missing {}; build it (cargo build --release -p uve-host)",
+                    bin.display()
+                ));
+            }
         }
         let data = dir.join("host-data");
         std::fs::create_dir_all(&data).map_err(|e| format!("data dir: {e}"))?;
@@ -43,8 +55,8 @@ impl HostDaemon {
         )
         .map_err(|e| format!("config: {e}"))?;
         let mut h = HostDaemon {
-            host_bin: ing.host.clone(),
-            uvectl: ing.uvectl.clone(),
+            host_bin: host_bin.to_path_buf(),
+            uvectl: uvectl.to_path_buf(),
             data,
             log: dir.join("host.log"),
             config,
@@ -128,6 +140,17 @@ impl HostDaemon {
             }
             Err(e) => (-1, e.to_string()),
         }
+    }
+
+    /// Runs `uvectl <args>` in its human (table) format.
+    pub fn uvectl_human(&self, args: &[&str]) -> String {
+        Command::new(&self.uvectl)
+            .arg("--socket")
+            .arg(self.data.join("api.sock"))
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| e.to_string())
     }
 
     /// Runs a `uvectl` command that must succeed; returns its JSON output.
@@ -214,6 +237,16 @@ impl HostDaemon {
         let o = out.display().to_string();
         self.ok(&["export", user, &version.to_string(), "-o", &o]);
         std::fs::read(&out).unwrap_or_default()
+    }
+
+    /// The daemon's PID (while running).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The daemon's API socket.
+    pub fn api_socket(&self) -> PathBuf {
+        self.data.join("api.sock")
     }
 
     /// The daemon log.

@@ -10,9 +10,13 @@
 //! - [`initramfs`]: builds a guest initramfs per scenario;
 //! - [`vm`]: boots and kills a guest, and talks to it through [`channel`];
 //! - [`channel`]: the host ↔ guest command channel protocol;
+//! - [`agent`]: a real `uve-agent` process on this machine (demo, benchmarks);
+//! - [`binaries`]: locates (and under cargo, builds) the release binaries;
 //! - [`host`]: the real `uve-host` daemon driven through `uvectl`;
 //! - [`rogue`]: the hostile-guest probes run inside a guest.
 
+pub mod agent;
+pub mod binaries;
 pub mod channel;
 pub mod host;
 pub mod ingredients;
