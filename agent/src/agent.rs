@@ -119,6 +119,7 @@ impl Agent {
         Table {
             sessions: t.sessions.clone(),
             uifs: t.uifs.clone(),
+            ended_unsent: t.ended_unsent.clone(),
         }
     }
 }
@@ -136,12 +137,14 @@ pub async fn outbox(agent: Arc<Agent>) {
             if c.generation != announced && announce(&agent, &c).await {
                 announced = c.generation;
             }
+            crate::lifecycle::deliver_ended(&agent, &c).await;
             agent.notices.deliver(&c.link).await;
             crate::lifecycle::deliver_spool(&agent, &c).await;
         }
         // Retry later while something is still pending (host busy, link
         // flapping), even without a reconnect or a new kick.
-        let pending = agent.notices.count() + agent.spool.count() > 0;
+        let pending = agent.notices.count() + agent.spool.count() > 0
+            || !agent.snapshot().ended_unsent.is_empty();
         let retry = if pending {
             RETRY
         } else {

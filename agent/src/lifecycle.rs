@@ -143,8 +143,12 @@ pub async fn login(
         user: user.into(),
         ua: ua.map(str::to_string),
         started: fsutil::now_ms(),
+        ua_process: None,
     };
-    agent.with_table(|t| t.sessions.insert(session.to_string(), record.clone()));
+    agent.with_table(|t| {
+        t.ended_unsent.retain(|s| s != session);
+        t.sessions.insert(session.to_string(), record.clone())
+    });
     if let Some(Err(e)) = ua.map(|ua| crate::supervise::start(agent, &record, ua)) {
         drop(_guard);
         let _ = logout(agent, session).await;
@@ -248,14 +252,7 @@ pub async fn logout(agent: &Arc<Agent>, session: &str) -> Result<FlushOutcome, L
     session_user(agent, session)?;
     crate::supervise::stop(agent, session).await;
     let outcome = end_session(agent, &user, session, UpdateCause::Logout).await?;
-    if let Some(c) = agent.conn.current() {
-        let req = Request::SessionEnded {
-            session: session.into(),
-        };
-        if let Err(e) = c.link.request(req).await {
-            tracing::warn!(session, "SessionEnded not delivered: {e}");
-        }
-    }
+    announce_end(agent, &[session.to_string()]).await;
     tracing::info!(user, session, "logout: {outcome}");
     Ok(outcome)
 }
@@ -325,11 +322,7 @@ pub async fn release(agent: &Arc<Agent>, user: &str) -> Option<Version> {
             return None;
         }
     };
-    if let Some(c) = agent.conn.current() {
-        for s in sessions {
-            let _ = c.link.request(Request::SessionEnded { session: s }).await;
-        }
-    }
+    announce_end(agent, &sessions).await;
     tracing::info!(user, "released: {outcome}");
     match outcome {
         FlushOutcome::Committed(v) => Some(v),
@@ -358,12 +351,36 @@ pub async fn shutdown(agent: &Arc<Agent>) {
                 t.sessions.remove(s);
             }
         });
-        if let Some(c) = agent.conn.current() {
-            for s in sessions {
-                let _ = c
-                    .link
-                    .request_timeout(Request::SessionEnded { session: s }, Duration::from_secs(2))
-                    .await;
+        announce_end(agent, &sessions).await;
+    }
+}
+
+/// Journals `SessionEnded` for `sessions` and tries to deliver it now; the
+/// outbox retries whatever is left after a reconnect.
+async fn announce_end(agent: &Agent, sessions: &[String]) {
+    if sessions.is_empty() {
+        return;
+    }
+    agent.with_table(|t| t.ended_unsent.extend(sessions.iter().cloned()));
+    if let Some(c) = agent.conn.current() {
+        deliver_ended(agent, &c).await;
+    }
+}
+
+/// Sends every journalled `SessionEnded`; stops at the first failure.
+pub async fn deliver_ended(agent: &Agent, c: &Connected) {
+    let pending = agent.snapshot().ended_unsent;
+    for session in pending {
+        let req = Request::SessionEnded {
+            session: session.clone(),
+        };
+        match c.link.request_timeout(req, Duration::from_secs(10)).await {
+            Ok(_) | Err(uve_protocol::link::LinkError::Remote(_)) => {
+                agent.with_table(|t| t.ended_unsent.retain(|s| *s != session));
+            }
+            Err(e) => {
+                tracing::warn!(session, "SessionEnded not delivered yet: {e}");
+                return;
             }
         }
     }

@@ -22,6 +22,10 @@ pub struct SessionRecord {
     pub ua: Option<String>,
     /// When it started (Unix ms).
     pub started: u64,
+    /// The supervised UA's process (pid, start time in clock ticks), so a
+    /// restarted agent can keep watching it.
+    #[serde(default)]
+    pub ua_process: Option<(i32, u64)>,
 }
 
 /// A user's attached UIF.
@@ -42,6 +46,9 @@ pub struct Table {
     pub sessions: BTreeMap<String, SessionRecord>,
     /// Attached UIFs by user.
     pub uifs: BTreeMap<String, UifRecord>,
+    /// Ended sessions whose `SessionEnded` the host has not acknowledged.
+    #[serde(default)]
+    pub ended_unsent: Vec<String>,
 }
 
 impl Table {

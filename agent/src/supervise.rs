@@ -161,7 +161,6 @@ pub fn start(agent: &Arc<Agent>, rec: &SessionRecord, ua: &str) -> Result<i32, S
         .id()
         .and_then(|p| i32::try_from(p).ok())
         .ok_or_else(|| SuperviseError::State("spawned UA has no pid".into()))?;
-    let exited = Arc::new(tokio::sync::Notify::new());
     agent.supervisor.with(|p| {
         p.insert(
             rec.session.clone(),
@@ -170,34 +169,120 @@ pub fn start(agent: &Arc<Agent>, rec: &SessionRecord, ua: &str) -> Result<i32, S
                 cgroup,
                 suspended: false,
                 stopping: false,
-                exited: exited.clone(),
+                exited: Arc::new(tokio::sync::Notify::new()),
             },
         )
     });
     tracing::info!(session = %rec.session, ua, pid, "UA started");
-    let agent = agent.clone();
+    if let Some(start) = start_time(pid) {
+        agent.with_table(|t| {
+            if let Some(r) = t.sessions.get_mut(&rec.session) {
+                r.ua_process = Some((pid, start));
+            }
+        });
+    }
+    let a = agent.clone();
     let session = rec.session.clone();
     tokio::spawn(async move {
-        let status = child.wait().await;
-        let reason = match &status {
+        let reason = match child.wait().await {
             Ok(s) => format!("UA exited: {s}"),
             Err(e) => format!("UA wait failed: {e}"),
         };
-        let proc_ = agent.supervisor.with(|p| p.remove(&session));
-        exited.notify_waiters();
-        let Some(proc_) = proc_ else { return };
-        if let Some(cg) = &proc_.cgroup {
-            let _ = std::fs::remove_dir(cg);
-        }
-        if proc_.stopping {
-            return;
-        }
-        tracing::warn!(session, "{reason} without logout");
-        if let Err(e) = crate::lifecycle::disconnect(&agent, &session, &reason).await {
-            tracing::error!(session, "cannot handle UA exit: {e}");
-        }
+        on_exit(a, session, reason).await;
     });
     Ok(pid)
+}
+
+/// After an agent restart: keeps watching UAs that survived it (they are
+/// no longer our children, so their exit is polled), and reports sessions
+/// whose UA died meanwhile as disconnected.
+pub fn adopt(agent: &Arc<Agent>) {
+    for rec in agent.snapshot().sessions.into_values() {
+        let Some((pid, start)) = rec.ua_process else {
+            continue;
+        };
+        let a = agent.clone();
+        let session = rec.session.clone();
+        if !alive(pid, start) {
+            tokio::spawn(on_exit(
+                a,
+                session,
+                "UA exited while the agent was not running".into(),
+            ));
+            continue;
+        }
+        let cgroup = Path::new(CGROUP_ROOT).join("uve-agent").join(&session);
+        let cgroup = cgroup.join("cgroup.procs").exists().then_some(cgroup);
+        agent.supervisor.with(|p| {
+            p.insert(
+                session.clone(),
+                Proc {
+                    pid,
+                    cgroup,
+                    suspended: group_stopped(pid) == Some(true),
+                    stopping: false,
+                    exited: Arc::new(tokio::sync::Notify::new()),
+                },
+            )
+        });
+        tracing::info!(session, pid, "watching UA that survived an agent restart");
+        tokio::spawn(async move {
+            while alive(pid, start) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            on_exit(
+                a,
+                session,
+                "UA exited (exit status unknown after an agent restart)".into(),
+            )
+            .await;
+        });
+    }
+}
+
+/// Handles a UA's end: forget it, and unless it was stopped on purpose,
+/// report the session as unexpectedly disconnected.
+async fn on_exit(agent: Arc<Agent>, session: String, reason: String) {
+    let proc_ = agent.supervisor.with(|p| p.remove(&session));
+    if let Some(p) = &proc_ {
+        p.exited.notify_waiters();
+        if let Some(cg) = &p.cgroup {
+            let _ = std::fs::remove_dir(cg);
+        }
+        if p.stopping {
+            return;
+        }
+    }
+    if !agent.snapshot().sessions.contains_key(&session) {
+        return;
+    }
+    tracing::warn!(session, "{reason} without logout");
+    if let Err(e) = crate::lifecycle::disconnect(&agent, &session, &reason).await {
+        tracing::error!(session, "cannot handle UA exit: {e}");
+    }
+}
+
+/// The process's start time (clock ticks after boot), from /proc.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// True if `pid` is the same process (same start time) and not a zombie.
+fn alive(pid: i32, start: u64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f.first() != Some(&"Z") && f.get(19).and_then(|s| s.parse().ok()) == Some(start)
 }
 
 fn unsafe_free_getuid() -> u32 {

@@ -193,3 +193,79 @@ fn connection_reset_mid_update_is_spooled_and_retried() {
         (agent.status()["spooled_updates"] == 0).then_some(())
     });
 }
+
+#[test]
+fn checkpoints_commit_while_the_session_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    host.with(|h| h.seed("ivan", b"start"));
+    let agent = AgentProc::start(
+        dir.path(),
+        &file_cfg(dir.path(), "checkpoint_interval_secs = 1"),
+    );
+    agent.wait_connected();
+    agent.ok(&["login", "--user", "ivan", "--session", "i1"]);
+    let img = dir.path().join("uif/ivan.img");
+    std::fs::write(&img, b"midway").unwrap();
+    let cp = wait_for("checkpoint commit", LONG, || {
+        host.with(|h| {
+            h.commits
+                .iter()
+                .find(|c| c.cause == UpdateCause::Checkpoint && !c.conflict)
+                .filter(|c| h.version_bytes("ivan", c.version).as_deref() == Some(&b"midway"[..]))
+                .cloned()
+        })
+    });
+    assert_eq!(agent.status()["sessions"][0]["session"], "i1");
+    std::fs::write(&img, b"the end").unwrap();
+    let out = agent.ok(&["logout", "--session", "i1"]);
+    assert!(out.contains("committed"), "{out}");
+    let last = host.with(|h| h.commits.last().cloned().unwrap());
+    assert_eq!(last.cause, UpdateCause::Logout);
+    assert!(!last.conflict);
+    assert!(
+        last.base >= Some(cp.version),
+        "logout based on a checkpoint"
+    );
+    assert_eq!(
+        host.with(|h| h.head_bytes("ivan")).as_deref(),
+        Some(&b"the end"[..])
+    );
+}
+
+#[test]
+fn sighup_reloads_the_host_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let host_a = TestHost::start(dir.path());
+    let host_b = TestHost::start(dir_b.path());
+    let agent = AgentProc::start(dir.path(), "");
+    agent.wait_connected();
+    // Point the agent at host B and reload.
+    let text = std::fs::read_to_string(&agent.config).unwrap().replace(
+        &TestHost::socket_path(dir.path()).display().to_string(),
+        &TestHost::socket_path(dir_b.path()).display().to_string(),
+    );
+    std::fs::write(&agent.config, text).unwrap();
+    // SAFETY: signalling the agent process this test started.
+    unsafe {
+        libc::kill(agent.pid(), libc::SIGHUP);
+    }
+    wait_for("reload logged", LONG, || {
+        std::fs::read_to_string(dir.path().join("agent.log"))
+            .unwrap()
+            .contains("configuration reloaded")
+            .then_some(())
+    });
+    assert_eq!(host_b.with(|h| h.connections), 0);
+    host_a.down();
+    wait_for("agent on host B", LONG, || {
+        (host_b.with(|h| h.connections) == 1).then_some(())
+    });
+    if let Some(kib) = common::rss_kib(agent.pid()) {
+        eprintln!(
+            "agent RSS while connected and idle: {kib} KiB ({})",
+            common::agent_bin()
+        );
+    }
+}

@@ -560,3 +560,62 @@ fn uve_protocol_now() -> u64 {
         .unwrap()
         .as_millis() as u64
 }
+
+#[test]
+fn ua_surviving_an_agent_restart_is_still_supervised() {
+    if skip_unless_root("ua_surviving_an_agent_restart_is_still_supervised") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    open_dir(dir.path());
+    let host = TestHost::start(dir.path());
+    let mut agent = AgentProc::start(dir.path(), &file_cfg(dir.path()));
+    agent.wait_connected();
+    let go = dir.path().join("crash-now");
+    let script = format!(
+        "#!/bin/sh\nwhile [ ! -e {} ]; do sleep 0.02; done\nexit 3\n",
+        go.display()
+    );
+    let bundle = raw_tar(&[E::File("crash.sh", script.as_bytes(), 0o755)]);
+    let r = deploy(&host, "crashy", "1", &["crash.sh"], &bundle);
+    assert_eq!(
+        r,
+        Response::UaCurrent {
+            version: "1".into()
+        }
+    );
+    agent.ok(&[
+        "login",
+        "--user",
+        "nobody",
+        "--session",
+        "r1",
+        "--ua",
+        "crashy",
+    ]);
+    let pid = agent.status()["sessions"][0]["pid"].as_i64().unwrap();
+    agent.kill();
+    agent.spawn();
+    agent.wait_connected();
+    let st = agent.status();
+    assert_eq!(st["sessions"][0]["session"], "r1");
+    assert_eq!(st["sessions"][0]["pid"].as_i64(), Some(pid), "adopted");
+    std::fs::write(&go, b"").unwrap();
+    wait_for("disconnect notice after restart", LONG, || {
+        host.with(|h| {
+            h.notice_sessions
+                .iter()
+                .any(|(_, s, _)| s == "r1")
+                .then_some(())
+        })
+    });
+    wait_for("session gone", LONG, || {
+        agent.status()["sessions"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+            .then_some(())
+    });
+    let c = host.with(|h| h.commits.last().cloned().unwrap());
+    assert_eq!(c.cause, UpdateCause::Disconnect);
+}

@@ -495,8 +495,22 @@ pub struct AgentProc {
     child: Option<Child>,
 }
 
-pub fn agent_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_uve-agent")
+/// The agent binary under test; `UVE_AGENT_BIN` overrides it (e.g. to run
+/// the suite against the static release build).
+pub fn agent_bin() -> String {
+    std::env::var("UVE_AGENT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_uve-agent").into())
+}
+
+/// Resident set size of a process in KiB.
+pub fn rss_kib(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 impl AgentProc {
