@@ -161,6 +161,17 @@ pub fn start(agent: &Arc<Agent>, rec: &SessionRecord, ua: &str) -> Result<i32, S
         .id()
         .and_then(|p| i32::try_from(p).ok())
         .ok_or_else(|| SuperviseError::State("spawned UA has no pid".into()))?;
+    // Freezing an empty cgroup "succeeds" without stopping anything: use the
+    // cgroup only if the UA really landed in it, else signals.
+    let cgroup = cgroup.filter(|cg| {
+        let inside = std::fs::read_to_string(cg.join("cgroup.procs"))
+            .is_ok_and(|s| s.lines().any(|l| l.trim() == pid.to_string()));
+        if !inside {
+            tracing::warn!(session = %rec.session, "UA not in its cgroup; using signals");
+            let _ = std::fs::remove_dir(cg);
+        }
+        inside
+    });
     agent.supervisor.with(|p| {
         p.insert(
             rec.session.clone(),

@@ -79,6 +79,15 @@ impl UaStore {
         if bundle.entry.is_empty() || bundle.entry.iter().any(|a| a.contains('\0')) {
             return Err(err(ErrorCode::BadRequest, "empty or invalid entry command"));
         }
+        if Path::new(&bundle.entry[0])
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(err(
+                ErrorCode::BadRequest,
+                "entry command may not contain `..`",
+            ));
+        }
         if bundle.entry.len() > 256 || bundle.entry.iter().map(String::len).sum::<usize>() > 65536 {
             return Err(err(ErrorCode::TooLarge, "entry command too long"));
         }

@@ -156,28 +156,20 @@ async fn fill(
     state_dir: &Path,
     parallel: usize,
 ) -> Result<(usize, usize), UifError> {
-    let cache = cache::ChunkCache::open(dest, cache::load(state_dir, user));
-    let mut wanted: HashMap<Hash, Vec<u64>> = HashMap::new();
-    let mut order: Vec<ChunkRef> = Vec::new();
-    let mut reused = 0usize;
-    for (off, c) in manifest.offsets() {
-        if let Some(places) = wanted.get_mut(&c.hash) {
-            places.push(off);
-            continue;
-        }
-        match cache.get(&c.hash).filter(|d| d.len() == c.len as usize) {
-            Some(data) => {
-                out.write_all_at(&data, off)
-                    .map_err(|e| UifError::io("write retrieved chunk", e))?;
-                reused += 1;
-            }
-            None => {
-                wanted.insert(c.hash, vec![off]);
-                order.push(*c);
-            }
-        }
-    }
-    drop(cache);
+    // Reading and verifying cached chunks is CPU and disk work: off the
+    // runtime thread, so the link keeps answering heartbeats.
+    let (wanted, order, reused) = {
+        let out = out
+            .try_clone()
+            .map_err(|e| UifError::io("clone retrieve file", e))?;
+        let (dest, state_dir, user) = (
+            dest.to_path_buf(),
+            state_dir.to_path_buf(),
+            user.to_string(),
+        );
+        let manifest = manifest.clone();
+        blocking(move || reuse_cached(&out, &dest, &state_dir, &user, &manifest)).await?
+    };
     let mut fetched = 0usize;
     let mut queue = order.into_iter();
     let mut inflight: JoinSet<Result<(ChunkRef, Vec<u8>), UifError>> = JoinSet::new();
@@ -214,6 +206,41 @@ async fn fill(
         fetched += 1;
     }
     Ok((fetched, reused))
+}
+
+/// Copies every chunk the cache has intact into `out`; returns the
+/// chunks still wanted (hash → offsets), their fetch order and the number
+/// reused.
+#[allow(clippy::type_complexity)]
+fn reuse_cached(
+    out: &File,
+    dest: &Path,
+    state_dir: &Path,
+    user: &str,
+    manifest: &Manifest,
+) -> Result<(HashMap<Hash, Vec<u64>>, Vec<ChunkRef>, usize), UifError> {
+    let cache = cache::ChunkCache::open(dest, cache::load(state_dir, user));
+    let mut wanted: HashMap<Hash, Vec<u64>> = HashMap::new();
+    let mut order: Vec<ChunkRef> = Vec::new();
+    let mut reused = 0usize;
+    for (off, c) in manifest.offsets() {
+        if let Some(places) = wanted.get_mut(&c.hash) {
+            places.push(off);
+            continue;
+        }
+        match cache.get(&c.hash).filter(|d| d.len() == c.len as usize) {
+            Some(data) => {
+                out.write_all_at(&data, off)
+                    .map_err(|e| UifError::io("write retrieved chunk", e))?;
+                reused += 1;
+            }
+            None => {
+                wanted.insert(c.hash, vec![off]);
+                order.push(*c);
+            }
+        }
+    }
+    Ok((wanted, order, reused))
 }
 
 /// The manifest of an empty UIF.
