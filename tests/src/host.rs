@@ -46,13 +46,20 @@ impl HostDaemon {
         let data = dir.join("host-data");
         std::fs::create_dir_all(&data).map_err(|e| format!("data dir: {e}"))?;
         let config = dir.join("host.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "data_dir = \"{}\"\nheartbeat_ms = 1000\nhandover_timeout_ms = 15000\n{extra_config}\n",
-                data.display()
-            ),
-        )
+        std::fs::write(&config, {
+            // Scenario defaults, unless `extra_config` sets the key itself.
+            let mut text = format!("data_dir = \"{}\"\n{extra_config}\n", data.display());
+            for (key, line) in [
+                ("heartbeat_ms", "heartbeat_ms = 1000"),
+                ("handover_timeout_ms", "handover_timeout_ms = 15000"),
+            ] {
+                if !extra_config.contains(key) {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+            }
+            text
+        })
         .map_err(|e| format!("config: {e}"))?;
         let mut h = HostDaemon {
             host_bin: host_bin.to_path_buf(),

@@ -1,0 +1,307 @@
+//! `uve-bench`: measures uve against baselines run side by side on the same
+//! data in the same run, and prints one table (see `bench/README.md`).
+//!
+//! `cargo run --release -p uve-bench -- all` (1 GiB UIFs, 1,000 agents;
+//! a few minutes on 2 cores). `--size-mib` and `--agents` shrink it (CI
+//! runs a smoke size so the harness cannot rot).
+
+// A benchmark program: a broken setup should stop it loudly.
+#![allow(clippy::expect_used, clippy::cast_possible_truncation)]
+
+mod data;
+mod incremental;
+mod rig;
+mod scale;
+mod sys;
+mod transfer;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+
+/// One line of the result table.
+pub struct Row {
+    what: String,
+    ours: String,
+    baseline: String,
+    theirs: String,
+    ratio: String,
+}
+
+impl Row {
+    /// A measured row with a numeric baseline; ratio = ours / baseline.
+    pub fn new(
+        what: impl Into<String>,
+        ours: f64,
+        baseline: &str,
+        theirs: f64,
+        _throughput: bool,
+    ) -> Self {
+        Row {
+            what: what.into(),
+            ours: fmt(ours),
+            baseline: baseline.into(),
+            theirs: fmt(theirs),
+            ratio: if theirs > 0.0 {
+                format!("{:.2}", ours / theirs)
+            } else {
+                "-".into()
+            },
+        }
+    }
+
+    /// A row with a time and a byte count and no baseline.
+    pub fn info(what: impl Into<String>, took: Duration, bytes: u64) -> Self {
+        Row::text(
+            what,
+            format!("{:.2} s / {:.1} MB", took.as_secs_f64(), bytes as f64 / 1e6),
+            "",
+            "",
+        )
+    }
+
+    /// A free-form row.
+    pub fn text(
+        what: impl Into<String>,
+        ours: impl Into<String>,
+        baseline: &str,
+        theirs: &str,
+    ) -> Self {
+        Row {
+            what: what.into(),
+            ours: ours.into(),
+            baseline: baseline.into(),
+            theirs: theirs.into(),
+            ratio: String::new(),
+        }
+    }
+}
+
+fn fmt(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 1.0 {
+        format!("{x:.2}")
+    } else {
+        format!("{x:.3}")
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Which {
+    All,
+    Transfer,
+    Incremental,
+    Scale,
+    Footprint,
+    Chunking,
+}
+
+#[derive(Parser)]
+#[command(about = "uve benchmarks, side by side with their baselines")]
+struct Cli {
+    /// Which benchmark.
+    #[arg(value_enum, default_value = "all")]
+    which: Which,
+    /// UIF size for transfer / incremental / chunking (MiB).
+    #[arg(long, default_value_t = 1024)]
+    size_mib: usize,
+    /// Simulated agents in the scale benchmark.
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// Agents pushing updates during the scale benchmark.
+    #[arg(long, default_value_t = 4)]
+    bulk_agents: usize,
+    /// Size of each update in the scale benchmark (MiB).
+    #[arg(long, default_value_t = 256)]
+    bulk_mib: usize,
+    /// Length of the scale benchmark's measured phase (s).
+    #[arg(long, default_value_t = 20)]
+    phase_secs: u64,
+    /// Work directory (default: a temporary directory under target/).
+    #[arg(long)]
+    work: Option<std::path::PathBuf>,
+}
+
+fn chunking(work: &Path, size: usize) -> Vec<Row> {
+    let f = work.join("chunking.img");
+    data::write_file(&f, &data::random(size, 31)).expect("write");
+    let best = |mut run: Box<dyn FnMut()>| {
+        (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                run();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min)
+    };
+    let p = f.clone();
+    let ours = best(Box::new(move || {
+        uve_protocol::chunker::chunk_file(&p).expect("chunk");
+    }));
+    let p = f.clone();
+    let b3 = best(Box::new(move || {
+        let mut h = blake3::Hasher::new();
+        h.update_reader(std::fs::File::open(&p).expect("open"))
+            .expect("read");
+        std::hint::black_box(h.finalize());
+    }));
+    let mut rows = vec![Row::new(
+        format!("chunk + hash {} MiB (MB/s)", size >> 20),
+        size as f64 / 1e6 / ours,
+        "plain BLAKE3 of the file",
+        size as f64 / 1e6 / b3,
+        true,
+    )];
+    let t = Instant::now();
+    if let Ok(o) = std::process::Command::new("sha256sum").arg(&f).output()
+        && o.status.success()
+    {
+        let secs = t.elapsed().as_secs_f64();
+        rows.push(Row::new(
+            format!("chunk + hash {} MiB (MB/s)", size >> 20),
+            size as f64 / 1e6 / ours,
+            "sha256sum",
+            size as f64 / 1e6 / secs,
+            true,
+        ));
+    }
+    let _ = std::fs::remove_file(&f);
+    rows
+}
+
+fn footprint(
+    bins: &uve_e2e::binaries::Binaries,
+    rig: Option<&rig::Rig>,
+    flush_hwm: Option<u64>,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."));
+    let static_bin = repo.join("target/static/x86_64-unknown-linux-gnu/release/uve-agent");
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len() as f64 / 1e6).ok();
+    match size(&static_bin) {
+        Some(s) => rows.push(Row::text(
+            "agent static binary, stripped (MB)",
+            format!("{s:.2}"),
+            "",
+            "",
+        )),
+        None => rows.push(Row::text(
+            "agent release binary, dynamic (MB)",
+            format!("{:.2}", size(&bins.agent).unwrap_or(0.0)),
+            "static build: tests/prepare.sh",
+            "",
+        )),
+    }
+    if let Some(pid) = rig.and_then(|r| r.agent.pid()) {
+        let rss = sys::status_kib(pid, "VmRSS").unwrap_or(0);
+        rows.push(Row::text(
+            "agent RSS, connected and idle (MiB)",
+            format!("{:.1}", rss as f64 / 1024.0),
+            "goal",
+            "<= 8",
+        ));
+    }
+    if let Some(hwm) = flush_hwm {
+        rows.push(Row::text(
+            "agent peak RSS through a full update (MiB)",
+            format!("{:.1}", hwm as f64 / 1024.0),
+            "",
+            "",
+        ));
+    }
+    rows
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let bins = match uve_e2e::binaries::release() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("uve-bench: {e}");
+            std::process::exit(1);
+        }
+    };
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let base = cli.work.clone().unwrap_or_else(|| repo.join("target"));
+    std::fs::create_dir_all(&base).expect("work base");
+    let work = tempfile::Builder::new()
+        .prefix("bench-")
+        .tempdir_in(&base)
+        .expect("work dir");
+    let size = cli.size_mib << 20;
+    let run = |w: Which| cli.which == Which::All || cli.which == w;
+    let mut rows = Vec::new();
+    let started = Instant::now();
+
+    if run(Which::Chunking) {
+        eprintln!("chunking…");
+        rows.extend(chunking(work.path(), size));
+    }
+    let mut flush_hwm = None;
+    if run(Which::Transfer) || run(Which::Footprint) {
+        eprintln!("transfer…");
+        let dir = work.path().join("transfer");
+        std::fs::create_dir_all(&dir).expect("dir");
+        let rig = rig::Rig::start(&bins, &dir, false).expect("start host + agent");
+        if run(Which::Footprint) {
+            std::thread::sleep(Duration::from_secs(1));
+            rows.extend(footprint(&bins, Some(&rig), None));
+        }
+        if run(Which::Transfer) {
+            let (r, hwm) = transfer::run(&rig, &dir, size);
+            rows.extend(r);
+            flush_hwm = hwm;
+            if run(Which::Footprint) {
+                rows.extend(footprint(&bins, None, flush_hwm).into_iter().skip(1));
+            }
+        }
+    }
+    if run(Which::Incremental) {
+        eprintln!("incremental…");
+        let dir = work.path().join("incremental");
+        std::fs::create_dir_all(&dir).expect("dir");
+        let rig = rig::Rig::start(&bins, &dir, true).expect("start host + agent");
+        rows.extend(incremental::run(&rig, &dir, size));
+    }
+    if run(Which::Scale) {
+        eprintln!("scale…");
+        // Unix socket paths are limited to 108 bytes: keep this one short.
+        let dir = tempfile::Builder::new()
+            .prefix("ub-")
+            .tempdir_in("/tmp")
+            .expect("scale dir");
+        let p = scale::Params {
+            agents: cli.agents,
+            bulk_agents: cli.bulk_agents.min(cli.agents),
+            bulk_size: cli.bulk_mib << 20,
+            phase: Duration::from_secs(cli.phase_secs),
+        };
+        match scale::run(&bins, dir.path(), &p) {
+            Ok(r) => rows.extend(r),
+            Err(e) => rows.push(Row::text("scale", format!("failed: {e}"), "", "")),
+        }
+    }
+    let _ = flush_hwm;
+
+    println!("\n| benchmark | uve | baseline | baseline figure | uve / baseline |");
+    println!("|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            r.what, r.ours, r.baseline, r.theirs, r.ratio
+        );
+    }
+    println!(
+        "\n{} cores, {} MiB UIFs, total {:.0} s",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cli.size_mib,
+        started.elapsed().as_secs_f64()
+    );
+}

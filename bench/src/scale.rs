@@ -1,0 +1,403 @@
+//! Scale benchmark: many simulated agents (in this process, speaking the
+//! real protocol over real Unix sockets, one registered VM each) hold
+//! connections with heartbeats against the real `uve-host` binary, send
+//! pings and unexpected-disconnect notices, while a few of them push large
+//! UIF updates. Reports the host's RSS and CPU and the latency of control
+//! requests under bulk load.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use uve_e2e::binaries::Binaries;
+use uve_e2e::host::HostDaemon;
+use uve_protocol::chunker::chunk_stream;
+use uve_protocol::codec::FrameCodec;
+use uve_protocol::defs::{DEFAULT_MAX_FRAME, PROTOCOL_MAX, PROTOCOL_MIN};
+use uve_protocol::handshake;
+use uve_protocol::link::{self, LinkConfig, LinkHandle};
+use uve_protocol::manifest::chunks_per_page;
+use uve_protocol::message::{DisconnectNotice, Hello, Request, Response, UpdateBegin, UpdateCause};
+use uve_protocol::transport::{Endpoint, dial};
+
+use crate::Row;
+use crate::data;
+use crate::sys;
+
+/// Parameters of a scale run.
+pub struct Params {
+    /// Simulated agents (VMs).
+    pub agents: usize,
+    /// Agents that push updates meanwhile.
+    pub bulk_agents: usize,
+    /// Size of each update.
+    pub bulk_size: usize,
+    /// Length of the measured phase.
+    pub phase: Duration,
+}
+
+#[derive(Default)]
+struct Samples {
+    ping_us: Vec<u64>,
+    notice_us: Vec<u64>,
+    bulk_bytes: u64,
+    bulk_commits: u64,
+    errors: Vec<String>,
+}
+
+fn vm_dir(root: &Path, i: usize) -> PathBuf {
+    root.join(format!("v{i:04}"))
+}
+
+async fn connect(root: &Path, i: usize) -> Result<LinkHandle, String> {
+    let ep = Endpoint::Unix(vm_dir(root, i).join("v.sock_7075"));
+    let s = dial(&ep, Duration::from_secs(10))
+        .await
+        .map_err(|e| format!("vm {i}: {e}"))?;
+    let (r, w) = tokio::io::split(s);
+    let mut reader = FramedRead::new(r, FrameCodec::default());
+    let mut writer = FramedWrite::new(w, FrameCodec::default());
+    let hello = Hello {
+        protocol_min: PROTOCOL_MIN,
+        protocol_max: PROTOCOL_MAX,
+        agent_version: "uve-bench".into(),
+        boot_id: [0; 16],
+        capabilities: 0,
+        max_frame: DEFAULT_MAX_FRAME,
+    };
+    let welcome = handshake::client(&mut reader, &mut writer, hello, Duration::from_secs(30))
+        .await
+        .map_err(|e| format!("vm {i}: {e}"))?;
+    let cfg = LinkConfig::new(
+        Duration::from_millis(u64::from(welcome.heartbeat_ms)),
+        welcome.max_frame,
+    );
+    let (h, mut incoming) = link::spawn(reader, writer.into_inner(), cfg);
+    tokio::spawn(async move {
+        while let Some(inc) = incoming.recv().await {
+            let _ = inc.responder.send(Response::Ok).await;
+        }
+    });
+    Ok(h)
+}
+
+/// One agent's control traffic: a ping about every second, one
+/// unexpected-disconnect notice at a random moment.
+async fn control_loop(h: LinkHandle, i: usize, phase: Duration, samples: Arc<Mutex<Samples>>) {
+    let start = Instant::now();
+    let mut rng = data::Rng::new(i as u64 + 1);
+    let notice_at = Duration::from_millis(rng.next() % phase.as_millis().max(1) as u64);
+    tokio::time::sleep(Duration::from_millis(rng.next() % 1000)).await;
+    let mut noticed = false;
+    while start.elapsed() < phase {
+        let t = Instant::now();
+        let r = h
+            .request_timeout(Request::Ping { nonce: i as u64 }, Duration::from_secs(10))
+            .await;
+        let us = t.elapsed().as_micros() as u64;
+        {
+            let mut s = samples.lock().unwrap_or_else(PoisonError::into_inner);
+            match r {
+                Ok(_) => s.ping_us.push(us),
+                Err(e) => s.errors.push(format!("vm {i} ping: {e}")),
+            }
+        }
+        if !noticed && start.elapsed() >= notice_at {
+            noticed = true;
+            let n = DisconnectNotice {
+                id: rng.next(),
+                session: format!("s{i}"),
+                user: format!("user{i}"),
+                ua: Some("desk".into()),
+                reason: "simulated UA crash".into(),
+                at: 0,
+            };
+            let t = Instant::now();
+            let r = h
+                .request_timeout(Request::UnexpectedDisconnect(n), Duration::from_secs(10))
+                .await;
+            let us = t.elapsed().as_micros() as u64;
+            let mut s = samples.lock().unwrap_or_else(PoisonError::into_inner);
+            match r {
+                Ok(_) => s.notice_us.push(us),
+                Err(e) => s.errors.push(format!("vm {i} notice: {e}")),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(900 + rng.next() % 200)).await;
+    }
+}
+
+/// Pushes fresh `size`-byte UIFs for `user` until the phase ends.
+async fn bulk_loop(
+    h: LinkHandle,
+    i: usize,
+    size: usize,
+    phase: Duration,
+    samples: Arc<Mutex<Samples>>,
+) {
+    let start = Instant::now();
+    let user = format!("bulk{i}");
+    let mut round = 0u64;
+    while start.elapsed() < phase {
+        round += 1;
+        match one_update(&h, &user, size, i as u64 * 1000 + round).await {
+            Ok(bytes) => {
+                let mut s = samples.lock().unwrap_or_else(PoisonError::into_inner);
+                s.bulk_bytes += bytes;
+                s.bulk_commits += 1;
+            }
+            Err(e) => {
+                samples
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .errors
+                    .push(format!("bulk {i}: {e}"));
+                return;
+            }
+        }
+    }
+}
+
+async fn one_update(h: &LinkHandle, user: &str, size: usize, seed: u64) -> Result<u64, String> {
+    let bytes = tokio::task::spawn_blocking(move || data::random(size, seed))
+        .await
+        .map_err(|e| e.to_string())?;
+    let bytes = Arc::new(bytes);
+    let b2 = bytes.clone();
+    let manifest = tokio::task::spawn_blocking(move || chunk_stream(&b2[..], |_, _| Ok(())))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let grant = match h
+        .request(Request::UifRetrieve {
+            user: user.into(),
+            session: format!("{user}-s"),
+        })
+        .await
+        .map_err(|e| format!("retrieve: {e}"))?
+    {
+        Response::Retrieve(g) => g,
+        other => return Err(format!("retrieve answered {other:?}")),
+    };
+    let upload = match h
+        .request(Request::UpdateBegin(UpdateBegin {
+            user: user.into(),
+            session: format!("{user}-s"),
+            base: grant.version,
+            lease: grant.lease,
+            header: manifest.header,
+            cause: UpdateCause::Checkpoint,
+        }))
+        .await
+        .map_err(|e| format!("begin: {e}"))?
+    {
+        Response::UpdateAccepted { upload } => upload,
+        other => return Err(format!("begin answered {other:?}")),
+    };
+    let per = chunks_per_page(h.max_frame()) as usize;
+    let offsets: Vec<usize> = manifest.offsets().map(|(o, _)| o as usize).collect();
+    let mut sent = 0u64;
+    for (p, page) in manifest.chunks.chunks(per).enumerate() {
+        let missing = match h
+            .request(Request::UpdatePage {
+                upload,
+                page: p as u32,
+                chunks: page.to_vec(),
+            })
+            .await
+            .map_err(|e| format!("page: {e}"))?
+        {
+            Response::Missing(m) => m,
+            other => return Err(format!("page answered {other:?}")),
+        };
+        let mut inflight = JoinSet::new();
+        for idx in missing {
+            let k = p * per + idx as usize;
+            let c = manifest.chunks.get(k).copied().ok_or("bad missing index")?;
+            let off = offsets[k];
+            let data = bytes[off..off + c.len as usize].to_vec();
+            sent += u64::from(c.len);
+            let h = h.clone();
+            inflight.spawn(async move {
+                h.request(Request::ChunkUpload {
+                    upload,
+                    hash: c.hash,
+                    data,
+                })
+                .await
+            });
+            while inflight.len() >= 8 {
+                if let Some(r) = inflight.join_next().await {
+                    r.map_err(|e| e.to_string())?
+                        .map_err(|e| format!("upload: {e}"))?;
+                }
+            }
+        }
+        while let Some(r) = inflight.join_next().await {
+            r.map_err(|e| e.to_string())?
+                .map_err(|e| format!("upload: {e}"))?;
+        }
+    }
+    match h
+        .request(Request::UpdateCommit { upload })
+        .await
+        .map_err(|e| format!("commit: {e}"))?
+    {
+        Response::Committed { .. } => Ok(sent),
+        other => Err(format!("commit answered {other:?}")),
+    }
+}
+
+fn percentile(v: &mut [u64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_unstable();
+    let k = ((v.len() - 1) as f64 * p).round() as usize;
+    v[k] as f64 / 1000.0
+}
+
+/// Runs the scale benchmark; returns rows.
+pub fn run(bins: &Binaries, work: &Path, p: &Params) -> Result<Vec<Row>, String> {
+    let limit = sys::raise_nofile();
+    if limit < (p.agents as u64) * 3 + 100 {
+        return Err(format!(
+            "open-file limit {limit} too low for {} agents",
+            p.agents
+        ));
+    }
+    let host = HostDaemon::start_with(
+        &bins.host,
+        &bins.uvectl,
+        work,
+        "heartbeat_ms = 1000\nmax_uploads_per_vm = 4\n",
+    )?;
+    let root = work.join("s");
+    let t = Instant::now();
+    for i in 0..p.agents {
+        let d = vm_dir(&root, i);
+        std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
+        host.ok(&[
+            "vm",
+            "add",
+            &format!("vm{i:04}"),
+            "--uds-path",
+            &d.join("v.sock").display().to_string(),
+        ]);
+    }
+    for i in 0..p.bulk_agents {
+        host.ok(&["assign", &format!("bulk{i}"), &format!("vm{i:04}")]);
+    }
+    eprintln!("  registered {} VMs in {:?}", p.agents, t.elapsed());
+    let pid = host.pid().ok_or("host not running")?;
+    let idle_rss = sys::status_kib(pid, "VmRSS").unwrap_or(0);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let samples = Arc::new(Mutex::new(Samples::default()));
+    let (handles, connected_rss, cpu0, rss_peak, wall) = rt.block_on(async {
+        let mut handles = Vec::with_capacity(p.agents);
+        for i in 0..p.agents {
+            handles.push(connect(&root, i).await?);
+        }
+        let connected_rss = sys::status_kib(pid, "VmRSS").unwrap_or(0);
+        let cpu0 = sys::cpu_secs(pid).unwrap_or(0.0);
+        let t0 = Instant::now();
+        let mut tasks = JoinSet::new();
+        for (i, h) in handles.iter().enumerate() {
+            tasks.spawn(control_loop(h.clone(), i, p.phase, samples.clone()));
+            if i < p.bulk_agents {
+                tasks.spawn(bulk_loop(h.clone(), i, p.bulk_size, p.phase, samples.clone()));
+            }
+        }
+        let mut rss_peak = connected_rss;
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        while !tasks.is_empty() {
+            tokio::select! {
+                _ = tasks.join_next() => {}
+                _ = tick.tick() => rss_peak = rss_peak.max(sys::status_kib(pid, "VmRSS").unwrap_or(0)),
+            }
+        }
+        Ok::<_, String>((handles, connected_rss, cpu0, rss_peak, t0.elapsed()))
+    })?;
+    let cpu = sys::cpu_secs(pid).unwrap_or(0.0) - cpu0;
+    let alive = handles.iter().filter(|h| !h.is_closed()).count();
+    let hwm = sys::status_kib(pid, "VmHWM").unwrap_or(0);
+    drop(handles);
+    drop(rt);
+    let mut s = samples.lock().unwrap_or_else(PoisonError::into_inner);
+    if !s.errors.is_empty() {
+        eprintln!("  {} errors, first: {}", s.errors.len(), s.errors[0]);
+    }
+    let n = p.agents;
+    let mb = |kib: u64| kib as f64 / 1024.0;
+    let rows = vec![
+        Row::text(
+            format!("{n} agents: connections alive after {:?}", p.phase),
+            format!("{alive}/{n}"),
+            "all",
+            "",
+        ),
+        Row::text(
+            format!(
+                "{} agents × {} MiB updates meanwhile",
+                p.bulk_agents,
+                p.bulk_size >> 20
+            ),
+            format!(
+                "{} commits, {:.0} MB/s",
+                s.bulk_commits,
+                s.bulk_bytes as f64 / 1e6 / wall.as_secs_f64()
+            ),
+            "",
+            "",
+        ),
+        Row::text(
+            "ping round trip p50 / p99 / max (ms)",
+            format!(
+                "{:.2} / {:.2} / {:.2}",
+                percentile(&mut s.ping_us, 0.5),
+                percentile(&mut s.ping_us, 0.99),
+                percentile(&mut s.ping_us, 1.0)
+            ),
+            "goal p99",
+            "< 10",
+        ),
+        Row::text(
+            "disconnect notice ack p50 / p99 / max (ms)",
+            format!(
+                "{:.2} / {:.2} / {:.2}",
+                percentile(&mut s.notice_us, 0.5),
+                percentile(&mut s.notice_us, 0.99),
+                percentile(&mut s.notice_us, 1.0)
+            ),
+            "goal p99",
+            "< 10",
+        ),
+        Row::text(
+            "host RSS idle / connected / peak (MiB)",
+            format!(
+                "{:.1} / {:.1} / {:.1} (VmHWM {:.1})",
+                mb(idle_rss),
+                mb(connected_rss),
+                mb(rss_peak),
+                mb(hwm)
+            ),
+            "goal",
+            "< 256",
+        ),
+        Row::text(
+            "host CPU during the phase",
+            format!("{:.0} % of one core", cpu * 100.0 / wall.as_secs_f64()),
+            "",
+            "",
+        ),
+        Row::text("errors", s.errors.len().to_string(), "", "0"),
+    ];
+    Ok(rows)
+}
