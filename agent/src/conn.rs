@@ -14,10 +14,10 @@ use tokio_util::sync::CancellationToken;
 use uve_protocol::FrameCodec;
 use uve_protocol::defs::{DEFAULT_MAX_FRAME, PROTOCOL_MAX, PROTOCOL_MIN};
 use uve_protocol::handshake::{self, HandshakeError};
-use uve_protocol::link::{self, Incoming, LinkConfig, LinkHandle};
+use uve_protocol::link::{self, Incoming, LinkConfig, LinkError, LinkHandle};
 use uve_protocol::message::{
     CAP_MONITOR, CAP_SUPERVISE, CAP_SUSPEND, CAP_UA_MANAGEMENT, CAP_UIF_DIRECTORY, CAP_UIF_FILE,
-    Hello, Welcome,
+    Hello, Request, Response, Welcome,
 };
 use uve_protocol::transport::{self, Endpoint, TransportError};
 
@@ -29,11 +29,57 @@ const STEP_LIMIT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
+/// The agent's handle for requests to the host: the link plus a
+/// semaphore that keeps at most `Welcome.limits.max_inflight` of our
+/// requests open at once (WIRE.md §3), however many tasks send.
+#[derive(Clone)]
+pub struct HostLink {
+    link: LinkHandle,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl HostLink {
+    fn new(link: LinkHandle, max_inflight: u32) -> HostLink {
+        let n = usize::try_from(max_inflight).unwrap_or(1).clamp(1, 1024);
+        HostLink {
+            link,
+            permits: Arc::new(tokio::sync::Semaphore::new(n)),
+        }
+    }
+
+    /// Sends a request and waits for the answer (see [`LinkHandle::request`]).
+    pub async fn request(&self, body: Request) -> Result<Response, LinkError> {
+        let _permit = self.permits.acquire().await;
+        self.link.request(body).await
+    }
+
+    /// Like [`request`](Self::request), bounded in time (queueing included).
+    pub async fn request_timeout(
+        &self,
+        body: Request,
+        limit: Duration,
+    ) -> Result<Response, LinkError> {
+        tokio::time::timeout(limit, self.request(body))
+            .await
+            .map_err(|_| LinkError::Timeout(limit))?
+    }
+
+    /// True once the link has ended.
+    pub fn is_closed(&self) -> bool {
+        self.link.is_closed()
+    }
+
+    /// The negotiated frame limit.
+    pub fn max_frame(&self) -> u32 {
+        self.link.max_frame()
+    }
+}
+
 /// A live, handshaken connection.
 #[derive(Clone)]
 pub struct Connected {
     /// Handle for requests to the host.
-    pub link: LinkHandle,
+    pub link: HostLink,
     /// What the host said in `Welcome`.
     pub welcome: Welcome,
     /// Increases with every new connection.
@@ -160,7 +206,7 @@ pub async fn run(agent: Arc<Agent>, stop: CancellationToken) {
                 );
                 tokio::spawn(crate::dispatch::serve(agent.clone(), incoming));
                 agent.conn.publish(Some(Connected {
-                    link: link.clone(),
+                    link: HostLink::new(link.clone(), welcome.limits.max_inflight),
                     welcome,
                     generation,
                 }));

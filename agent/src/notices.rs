@@ -6,7 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use uve_protocol::link::{LinkError, LinkHandle};
+use uve_protocol::link::LinkError;
+
+use crate::conn::HostLink;
 use uve_protocol::message::{DisconnectNotice, ErrorCode, Request};
 
 use crate::fsutil;
@@ -53,7 +55,7 @@ impl Journal {
     }
 
     /// Sends every pending notice; stops at the first transient failure.
-    pub async fn deliver(&self, link: &LinkHandle) {
+    pub async fn deliver(&self, link: &HostLink) {
         for notice in self.list() {
             let id = notice.id;
             match link

@@ -269,3 +269,60 @@ fn sighup_reloads_the_host_endpoint() {
         );
     }
 }
+
+#[test]
+fn lost_notice_ack_is_redelivered_with_the_same_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    let agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
+    agent.wait_connected();
+    agent.ok(&["login", "--user", "jane", "--session", "j1"]);
+    host.with(|h| h.drop_after_notice = true);
+    agent.ok(&["disconnect", "--session", "j1", "--reason", "network cable"]);
+    wait_for("notice redelivered and acknowledged", LONG, || {
+        (agent.status()["pending_notices"] == 0
+            && host.with(|h| h.notices.values().any(|n| *n >= 2)))
+        .then_some(())
+    });
+    let (ids, events) = host.with(|h| (h.notices.clone(), h.notice_sessions.clone()));
+    assert_eq!(ids.len(), 1, "one notice id: {ids:?}");
+    assert_eq!(events.len(), 1, "one event after dedupe: {events:?}");
+    assert_eq!(events[0].1, "j1");
+}
+
+#[test]
+fn sigterm_with_host_down_spools_and_delivers_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    host.with(|h| h.seed("kim", b"kim v1"));
+    let mut agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
+    agent.wait_connected();
+    agent.ok(&["login", "--user", "kim", "--session", "k1"]);
+    let out = agent.cli(&[
+        "login",
+        "--user",
+        "kim",
+        "--session",
+        "k2",
+        "--ua",
+        "missing",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not deployed"));
+    std::fs::write(dir.path().join("uif/kim.img"), b"kim v2").unwrap();
+    host.down();
+    assert_eq!(agent.terminate(), Some(0));
+    agent.spawn();
+    assert_eq!(agent.status()["spooled_updates"], 1);
+    host.up();
+    wait_for("delivered after restart", LONG, || {
+        host.with(|h| (h.head_bytes("kim").as_deref() == Some(&b"kim v2"[..])).then_some(()))
+    });
+    let c = host.with(|h| h.commits.last().cloned().unwrap());
+    assert_eq!(c.cause, UpdateCause::Spooled);
+    assert!(!c.conflict);
+    // The session ended at shutdown; its end reaches the host too.
+    wait_for("SessionEnded delivered", LONG, || {
+        host.with(|h| h.sessions_ended.contains(&"k1".to_string()).then_some(()))
+    });
+}

@@ -9,8 +9,8 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use crate::conn::HostLink;
 use tokio::task::JoinSet;
-use uve_protocol::link::LinkHandle;
 use uve_protocol::manifest::{ChunkRef, Hash, Manifest, chunks_per_page, page_count};
 use uve_protocol::message::{Request, Response, Version};
 
@@ -35,7 +35,7 @@ pub struct Retrieved {
 /// Retrieves `user`'s head into `dest`, reusing chunks of the file already
 /// at `dest` (described by the cached manifest under `state_dir`).
 pub async fn retrieve(
-    link: &LinkHandle,
+    link: &HostLink,
     state_dir: &Path,
     user: &str,
     session: &str,
@@ -148,7 +148,7 @@ pub async fn retrieve(
 /// Writes every chunk of `manifest` into `out`: from the cache when intact,
 /// otherwise fetched (each distinct hash once, `parallel` at a time).
 async fn fill(
-    link: &LinkHandle,
+    link: &HostLink,
     user: &str,
     dest: &Path,
     out: &File,

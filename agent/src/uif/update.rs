@@ -9,8 +9,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::conn::HostLink;
 use tokio::task::JoinSet;
-use uve_protocol::link::LinkHandle;
 use uve_protocol::manifest::{Manifest, chunks_per_page};
 use uve_protocol::message::{Request, Response, UpdateBegin, Version};
 
@@ -36,7 +36,7 @@ pub enum UpdateOutcome {
 /// Uploads `file`, whose content `manifest` describes, as a new version.
 /// On failure after `UpdateBegin` the upload is aborted (best effort).
 pub async fn upload(
-    link: &LinkHandle,
+    link: &HostLink,
     file: &Path,
     manifest: &Manifest,
     begin: UpdateBegin,
@@ -63,7 +63,7 @@ pub async fn upload(
 }
 
 async fn send_body(
-    link: &LinkHandle,
+    link: &HostLink,
     f: &Arc<File>,
     manifest: &Manifest,
     upload: u64,

@@ -114,6 +114,9 @@ pub struct HostState {
     pub busy_notices: usize,
     /// Drop the connection (no goodbye) at the next chunk upload.
     pub drop_on_upload: bool,
+    /// Record the next disconnect notice, then drop the connection before
+    /// acknowledging it (the agent must redeliver the same id).
+    pub drop_after_notice: bool,
     max_frame: u32,
 }
 
@@ -321,7 +324,21 @@ async fn serve_conn(
                     link.close();
                     break;
                 }
+                let lose_ack = {
+                    let mut st = state.lock().unwrap();
+                    let hit = st.drop_after_notice
+                        && matches!(request, Request::UnexpectedDisconnect(_));
+                    if hit {
+                        st.drop_after_notice = false;
+                    }
+                    hit
+                };
                 let answer = handle(&state, request);
+                if lose_ack {
+                    std::mem::forget(responder);
+                    link.close();
+                    break;
+                }
                 let _ = responder.send(answer).await;
             }
         }
