@@ -48,13 +48,26 @@ impl Conns {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Installs `entry` as `vm`'s connection and closes the one it replaces.
-    pub fn install(&self, vm: &str, entry: ConnEntry) {
-        let old = self
-            .map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(vm.to_string(), entry);
+    /// Installs `entry` as `vm`'s connection and closes the one it
+    /// replaces. Connection ids are taken at accept time, so "newer" means
+    /// accepted later: if a later connection finished its handshake first,
+    /// this (older) one is closed instead and `false` is returned.
+    pub fn install(&self, vm: &str, entry: ConnEntry) -> bool {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(cur) = map.get(vm)
+            && cur.summary.conn_id > entry.summary.conn_id
+        {
+            drop(map);
+            tracing::info!(
+                vm,
+                conn = entry.summary.conn_id,
+                "superseded before it started"
+            );
+            entry.handle.close();
+            return false;
+        }
+        let old = map.insert(vm.to_string(), entry);
+        drop(map);
         if let Some(old) = old {
             tracing::info!(
                 vm,
@@ -63,6 +76,7 @@ impl Conns {
             );
             old.handle.close();
         }
+        true
     }
 
     /// Removes `vm`'s connection if it is still `conn_id`; true if removed.

@@ -118,7 +118,9 @@ async fn accept_loop(
                     (Binding::ByCid, Peer::Vsock { cid }) => host.registry.vm_by_cid(*cid),
                     (Binding::ByCid, Peer::Unix { .. }) => None,
                 };
-                tokio::spawn(serve(host.clone(), stream, vm, peer));
+                // Numbered in accept order: the latest connection of a VM wins.
+                let conn_id = host.conns.next_id();
+                tokio::spawn(serve(host.clone(), stream, vm, peer, conn_id));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -130,7 +132,7 @@ async fn accept_loop(
 }
 
 /// One connection from handshake to end.
-async fn serve(host: Arc<Host>, stream: BoxStream, vm: Option<String>, peer: Peer) {
+async fn serve(host: Arc<Host>, stream: BoxStream, vm: Option<String>, peer: Peer, conn_id: u64) {
     let (r, w) = tokio::io::split(stream);
     let mut reader = FramedRead::new(r, FrameCodec::new(DEFAULT_MAX_FRAME));
     let mut writer = FramedWrite::new(w, FrameCodec::new(DEFAULT_MAX_FRAME));
@@ -163,7 +165,6 @@ async fn serve(host: Arc<Host>, stream: BoxStream, vm: Option<String>, peer: Pee
     let Some(vm) = vm else { return };
     let config = LinkConfig::new(Host::ms(u64::from(welcome.heartbeat_ms)), welcome.max_frame);
     let (handle, incoming) = link::spawn(reader, writer.into_inner(), config);
-    let conn_id = host.conns.next_id();
     let summary = ConnSummary {
         conn_id,
         agent_version: hello.agent_version.chars().take(128).collect(),
@@ -172,13 +173,16 @@ async fn serve(host: Arc<Host>, stream: BoxStream, vm: Option<String>, peer: Pee
         protocol: welcome.protocol,
         connected_ms: now_ms(),
     };
-    host.conns.install(
+    let installed = host.conns.install(
         &vm,
         ConnEntry {
             summary: summary.clone(),
             handle: handle.clone(),
         },
     );
+    if !installed {
+        return;
+    }
     add(&host.metrics.connections_total, 1);
     add(&host.metrics.connections, 1);
     host.events.emit(
