@@ -188,7 +188,7 @@ async fn obtain_uif(
     {
         None => Err(UifError::NotConnected),
         Some(c) => {
-            deliver_user_spool(agent, &c, user).await;
+            let _ = deliver_user_spool(agent, &c, user).await;
             if !agent.spool.for_user(user).is_empty() {
                 return Err(LifecycleError::PendingUpdate(user.into()));
             }
@@ -315,6 +315,11 @@ pub async fn release(agent: &Arc<Agent>, user: &str) -> Option<Version> {
         .first()
         .cloned()
         .unwrap_or_else(|| "release".into());
+    // Older updates of the user still in the spool go first, in order.
+    let spooled = match agent.conn.current() {
+        Some(c) => deliver_user_spool(agent, &c, user).await,
+        None => None,
+    };
     let outcome = match flush_user(agent, user, &session, UpdateCause::Release, false).await {
         Ok(o) => o,
         Err(e) => {
@@ -326,6 +331,7 @@ pub async fn release(agent: &Arc<Agent>, user: &str) -> Option<Version> {
     tracing::info!(user, "released: {outcome}");
     match outcome {
         FlushOutcome::Committed(v) => Some(v),
+        FlushOutcome::Nothing(_) => spooled,
         _ => None,
     }
 }
@@ -533,16 +539,21 @@ async fn deliver_entry(
 }
 
 /// Delivers the spooled updates of one user (caller holds the user lock).
-async fn deliver_user_spool(agent: &Agent, c: &Connected, user: &str) {
+/// Returns the last version they committed, if any.
+async fn deliver_user_spool(agent: &Agent, c: &Connected, user: &str) -> Option<Version> {
+    let mut committed = None;
     for entry in agent.spool.for_user(user) {
-        if !deliver_one(agent, c, &entry).await {
-            return;
+        match deliver_one(agent, c, &entry).await {
+            FlushOutcome::Spooled(_) => break,
+            FlushOutcome::Committed(v) => committed = Some(v),
+            _ => {}
         }
     }
+    committed
 }
 
-/// Delivers one spooled entry; false if it stays spooled.
-async fn deliver_one(agent: &Agent, c: &Connected, entry: &SpoolEntry) -> bool {
+/// Delivers one spooled entry.
+async fn deliver_one(agent: &Agent, c: &Connected, entry: &SpoolEntry) -> FlushOutcome {
     let manifest = match agent.spool.manifest(entry.id) {
         Ok(m) => m,
         Err(e) => {
@@ -551,12 +562,12 @@ async fn deliver_one(agent: &Agent, c: &Connected, entry: &SpoolEntry) -> bool {
                 "unreadable spool manifest, moving aside: {e}"
             );
             agent.spool.reject(entry.id);
-            return true;
+            return FlushOutcome::Rejected(format!("unreadable spool manifest: {e}"));
         }
     };
     let outcome = deliver_entry(agent, c, entry, &manifest, UpdateCause::Spooled, false).await;
     tracing::info!(user = %entry.user, id = entry.id, "spooled update: {outcome}");
-    !matches!(outcome, FlushOutcome::Spooled(_))
+    outcome
 }
 
 /// Delivers the whole spool in order; stops at the first transient failure.
@@ -568,7 +579,7 @@ pub async fn deliver_spool(agent: &Arc<Agent>, c: &Connected) {
         if !agent.spool.list().iter().any(|e| e.id == entry.id) {
             continue;
         }
-        if !deliver_one(agent, c, &entry).await {
+        if let FlushOutcome::Spooled(_) = deliver_one(agent, c, &entry).await {
             return;
         }
     }
