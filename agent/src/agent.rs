@@ -120,6 +120,7 @@ impl Agent {
             sessions: t.sessions.clone(),
             uifs: t.uifs.clone(),
             ended_unsent: t.ended_unsent.clone(),
+            kernel_boot: t.kernel_boot.clone(),
         }
     }
 }

@@ -336,6 +336,59 @@ pub async fn release(agent: &Arc<Agent>, user: &str) -> Option<Version> {
     }
 }
 
+/// At startup: if the session table was written during another boot of
+/// the VM (crash, power loss, reboot), its sessions are gone. Each is
+/// reported as an unexpected disconnect and each attached UIF (still on
+/// disk) is flushed with cause `Disconnect`, in the background.
+pub fn recover_after_reboot(agent: &Arc<Agent>) {
+    let Ok(now) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else {
+        return;
+    };
+    let now = now.trim().to_string();
+    let before = agent.snapshot();
+    agent.with_table(|t| t.kernel_boot = Some(now.clone()));
+    match &before.kernel_boot {
+        Some(b) if *b != now => {}
+        _ => return,
+    }
+    tracing::warn!(
+        sessions = before.sessions.len(),
+        "the VM restarted since the sessions were recorded; reporting them as disconnected"
+    );
+    for s in before.sessions.values() {
+        let notice = DisconnectNotice {
+            id: fsutil::random_u64(),
+            session: s.session.clone(),
+            user: s.user.clone(),
+            ua: s.ua.clone(),
+            reason: "the VM restarted; session lost".into(),
+            at: fsutil::now_ms(),
+        };
+        if let Err(e) = agent.notices.add(&notice) {
+            tracing::error!(session = %s.session, "cannot journal disconnect notice: {e}");
+        }
+    }
+    agent.with_table(|t| t.sessions.clear());
+    agent.kick.notify_one();
+    for user in before.uifs.keys() {
+        let session = before
+            .sessions_of(user)
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "reboot".into());
+        let user = user.clone();
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let lock = agent.user_lock(&user);
+            let _guard = lock.lock().await;
+            match flush_user(&agent, &user, &session, UpdateCause::Disconnect, false).await {
+                Ok(o) => tracing::info!(user, "UIF from before the restart: {o}"),
+                Err(e) => tracing::error!(user, "UIF from before the restart: {e}"),
+            }
+        });
+    }
+}
+
 /// Agent shutdown: flushes every attached UIF (cause `Shutdown`); the
 /// sessions end. Updates the host cannot take stay in the spool.
 pub async fn shutdown(agent: &Arc<Agent>) {

@@ -184,6 +184,7 @@ fn run_daemon(config_path: Option<&Path>, socket: Option<PathBuf>) -> anyhow::Re
         let listener = control::bind(&socket, mode)
             .with_context(|| format!("bind control socket {}", socket.display()))?;
         tracing::info!(socket = %socket.display(), state = %agent.state_dir.display(), "uve-agent running");
+        lifecycle::recover_after_reboot(&agent);
         supervise::adopt(&agent);
         let stop = CancellationToken::new();
         let conn_task = tokio::spawn(conn::run(agent.clone(), stop.clone()));

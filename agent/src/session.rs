@@ -49,6 +49,10 @@ pub struct Table {
     /// Ended sessions whose `SessionEnded` the host has not acknowledged.
     #[serde(default)]
     pub ended_unsent: Vec<String>,
+    /// The kernel's boot id when the table was written: sessions in a
+    /// table from another boot are gone.
+    #[serde(default)]
+    pub kernel_boot: Option<String>,
 }
 
 impl Table {

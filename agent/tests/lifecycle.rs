@@ -326,3 +326,44 @@ fn sigterm_with_host_down_spools_and_delivers_after_restart() {
         host.with(|h| h.sessions_ended.contains(&"k1".to_string()).then_some(()))
     });
 }
+
+#[test]
+fn sessions_from_a_previous_boot_are_reported_and_flushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    host.with(|h| h.seed("lea", b"lea v1"));
+    let mut agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
+    agent.wait_connected();
+    agent.ok(&["login", "--user", "lea", "--session", "l1"]);
+    std::fs::write(
+        dir.path().join("uif/lea.img"),
+        b"lea v2, written before the crash",
+    )
+    .unwrap();
+    agent.kill();
+    // Pretend the table was written during another boot of the VM.
+    let table = agent.state.join("sessions.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&table).unwrap()).unwrap();
+    assert!(v["kernel_boot"].is_string(), "{v}");
+    v["kernel_boot"] = "an-earlier-boot".into();
+    std::fs::write(&table, serde_json::to_vec(&v).unwrap()).unwrap();
+    agent.spawn();
+    wait_for("stale session reported", LONG, || {
+        host.with(|h| {
+            h.notice_sessions
+                .iter()
+                .any(|(_, s, _)| s == "l1")
+                .then_some(())
+        })
+    });
+    wait_for("UIF from before the crash committed", LONG, || {
+        host.with(|h| {
+            (h.head_bytes("lea").as_deref() == Some(&b"lea v2, written before the crash"[..]))
+                .then_some(())
+        })
+    });
+    assert!(agent.status()["sessions"].as_array().unwrap().is_empty());
+    let c = host.with(|h| h.commits.last().cloned().unwrap());
+    assert_eq!(c.cause, UpdateCause::Disconnect);
+}
