@@ -95,6 +95,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if !host.commits_drained(grace).await {
         tracing::warn!("commits still running after the shutdown grace period");
     }
+    // Connections in the middle of their set-up finish installing first.
+    let limit = Host::ms(host.config.handshake_timeout_ms);
+    let _setup = tokio::time::timeout(limit, host.setup.write()).await;
     let goodbyes: Vec<_> = host
         .conns
         .all()

@@ -46,6 +46,10 @@ pub struct Host {
     pub metrics: Metrics,
     /// Cancelled when the daemon begins shutting down.
     pub shutdown: CancellationToken,
+    /// Held shared by each connection from accept until it is installed;
+    /// shutdown takes it exclusively so no half-set-up connection misses
+    /// its `Goodbye`.
+    pub setup: Arc<tokio::sync::RwLock<()>>,
     commits: AtomicUsize,
     commits_idle: Notify,
 }
@@ -85,6 +89,7 @@ impl Host {
             events,
             metrics: Metrics::default(),
             shutdown: CancellationToken::new(),
+            setup: Arc::new(tokio::sync::RwLock::new(())),
             commits: AtomicUsize::new(0),
             commits_idle: Notify::new(),
         }

@@ -120,7 +120,8 @@ async fn accept_loop(
                 };
                 // Numbered in accept order: the latest connection of a VM wins.
                 let conn_id = host.conns.next_id();
-                tokio::spawn(serve(host.clone(), stream, vm, peer, conn_id));
+                let setup = host.setup.clone().read_owned().await;
+                tokio::spawn(serve(host.clone(), stream, vm, peer, conn_id, setup));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -132,7 +133,14 @@ async fn accept_loop(
 }
 
 /// One connection from handshake to end.
-async fn serve(host: Arc<Host>, stream: BoxStream, vm: Option<String>, peer: Peer, conn_id: u64) {
+async fn serve(
+    host: Arc<Host>,
+    stream: BoxStream,
+    vm: Option<String>,
+    peer: Peer,
+    conn_id: u64,
+    setup: tokio::sync::OwnedRwLockReadGuard<()>,
+) {
     let (r, w) = tokio::io::split(stream);
     let mut reader = FramedRead::new(r, FrameCodec::new(DEFAULT_MAX_FRAME));
     let mut writer = FramedWrite::new(w, FrameCodec::new(DEFAULT_MAX_FRAME));
@@ -180,8 +188,12 @@ async fn serve(host: Arc<Host>, stream: BoxStream, vm: Option<String>, peer: Pee
             handle: handle.clone(),
         },
     );
+    drop(setup);
     if !installed {
         return;
+    }
+    if host.shutdown.is_cancelled() {
+        handle.goodbye("host shutting down").await;
     }
     add(&host.metrics.connections_total, 1);
     add(&host.metrics.connections, 1);

@@ -1,0 +1,229 @@
+//! Host restarts and crashes against the real daemon: a restart mid-update
+//! leaves the previous head intact and the retry commits; SIGTERM shuts
+//! down gracefully (exit 0, Goodbye); and a crash test SIGKILLs the host at
+//! many points during concurrent updates, then checks every user's head is
+//! complete and digest-valid and no acknowledged version was lost.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{HostProc, TestAgent, manifest_of, noise};
+use uve_protocol::link::LinkEnd;
+use uve_protocol::message::{Request, Response, UpdateBegin, UpdateCause};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_mid_update_keeps_head_and_retry_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut host = HostProc::start(dir.path(), "").await;
+    let path = host.add_unix_vm("vm1").await;
+    host.assign("alice", "vm1").await;
+    let agent = TestAgent::connect(&path).await.unwrap();
+    let (g, _) = agent.retrieve("alice", "s1").await.unwrap();
+    let v1 = noise(2 << 20, 20);
+    agent
+        .update("alice", "s1", None, g.lease, &v1)
+        .await
+        .unwrap();
+
+    // start v2 and upload half of its missing chunks, then crash the host
+    let v2 = noise(2 << 20, 21);
+    let (m, bytes) = manifest_of(&v2);
+    let begin = UpdateBegin {
+        user: "alice".into(),
+        session: "s1".into(),
+        base: Some(1),
+        lease: g.lease,
+        header: m.header,
+        cause: UpdateCause::Logout,
+    };
+    let Response::UpdateAccepted { upload } =
+        agent.request(Request::UpdateBegin(begin)).await.unwrap()
+    else {
+        panic!("not accepted")
+    };
+    let Response::Missing(missing) = agent
+        .request(Request::UpdatePage {
+            upload,
+            page: 0,
+            chunks: m.chunks.clone(),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("no Missing")
+    };
+    let total = missing.len();
+    for &i in &missing[..total / 2] {
+        let c = m.chunks[i as usize];
+        agent
+            .request(Request::ChunkUpload {
+                upload,
+                hash: c.hash,
+                data: bytes[&c.hash].clone(),
+            })
+            .await
+            .unwrap();
+    }
+    host.kill();
+    host.spawn().await;
+    let v = host.versions("alice").await;
+    assert_eq!(v["head"], 1);
+    assert_eq!(v["versions"].as_array().unwrap().len(), 1);
+    assert!(host.export("alice", 1).await == v1, "previous head intact");
+
+    // the retry (same base, same lease: leases survive restarts) commits
+    let agent = TestAgent::connect_retry(&path, Duration::from_secs(10)).await;
+    let r = agent
+        .update("alice", "s1", Some(1), g.lease, &v2)
+        .await
+        .unwrap();
+    assert_eq!(r.answer, Response::Committed { version: 2 });
+    assert!(
+        r.missing <= total - total / 2,
+        "chunks stored before the crash are not resent ({} of {total})",
+        r.missing
+    );
+    assert!(host.export("alice", 2).await == v2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_says_goodbye_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut host = HostProc::start(dir.path(), "").await;
+    let path = host.add_unix_vm("vm1").await;
+    let agent = TestAgent::connect(&path).await.unwrap();
+    assert_eq!(host.terminate(), Some(0));
+    let end = agent.handle.closed().await;
+    let log = std::fs::read_to_string(dir.path().join("host.log")).unwrap_or_default();
+    assert!(matches!(end, LinkEnd::Goodbye(_)), "{end:?}\n{log}");
+    assert!(!dir.path().join("api.sock").exists(), "API socket removed");
+}
+
+/// What the crash test's clients learned.
+#[derive(Default)]
+struct Ledger {
+    /// (user, version) → manifest digest of every acknowledged commit.
+    acked: HashMap<(String, u64), String>,
+    /// Manifest digests of everything any client tried to commit.
+    attempted: HashSet<String>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_test_sigkill_during_concurrent_updates() {
+    const KILLS: usize = 50;
+    const USERS: usize = 3;
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let mut host =
+        HostProc::start(dir.path(), "history_keep = 100000\nconflict_keep = 100000").await;
+    let mut paths = Vec::new();
+    for i in 0..USERS {
+        paths.push(host.add_unix_vm(&format!("vm{i}")).await);
+        host.assign(&format!("user{i}"), &format!("vm{i}")).await;
+    }
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let mut seed = 1000u64;
+    for round in 0..KILLS {
+        let mut tasks = Vec::new();
+        for (i, path) in paths.iter().enumerate() {
+            let (path, ledger) = (path.clone(), ledger.clone());
+            let user = format!("user{i}");
+            seed += 100;
+            let base_seed = seed;
+            tasks.push(tokio::spawn(async move {
+                let Ok(agent) = TestAgent::connect(&path).await else {
+                    return;
+                };
+                let Ok((g, data)) = agent.retrieve(&user, "s").await else {
+                    return;
+                };
+                if let Some(h) = g.header {
+                    let digest = h.digest.to_hex();
+                    assert!(
+                        ledger.lock().unwrap().attempted.contains(&digest),
+                        "head of {user} is something nobody wrote"
+                    );
+                    assert_eq!(manifest_of(&data).0.header.digest, h.digest);
+                }
+                let mut base = g.version;
+                for k in 0.. {
+                    let len = 100_000 + ((base_seed + k) % 7) as usize * 60_000;
+                    let mut data = noise(len, base_seed + k);
+                    data.extend_from_slice(&noise(200_000, i as u64)); // shared tail
+                    let digest = manifest_of(&data).0.header.digest.to_hex();
+                    ledger.lock().unwrap().attempted.insert(digest.clone());
+                    match agent.update(&user, "s", base, g.lease, &data).await {
+                        Ok(r) => match r.answer {
+                            Response::Committed { version } => {
+                                ledger
+                                    .lock()
+                                    .unwrap()
+                                    .acked
+                                    .insert((user.clone(), version), digest);
+                                base = Some(version);
+                            }
+                            other => panic!("{user}: unexpected {other:?}"),
+                        },
+                        Err(_) => return, // host killed
+                    }
+                }
+            }));
+        }
+        // let the updates run for a varying time, then kill the host
+        let ms = 30 + (round as u64 * 37) % 170;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        host.kill();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        host.spawn().await;
+    }
+    // verify: every acknowledged version is retained with its digest, and
+    // every retained version (heads included) exports digest-valid bytes
+    let ledger = ledger.lock().unwrap();
+    assert!(
+        ledger.acked.len() >= KILLS / 2,
+        "too few commits: {}",
+        ledger.acked.len()
+    );
+    for i in 0..USERS {
+        let user = format!("user{i}");
+        let v = host.versions(&user).await;
+        let listed: HashMap<u64, String> = v["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| {
+                (
+                    x["version"].as_u64().unwrap(),
+                    x["digest"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let head = v["head"].as_u64().expect("every user has a head");
+        for ((u, version), digest) in ledger.acked.iter() {
+            if *u == user {
+                assert_eq!(listed.get(version), Some(digest), "{user} v{version} lost");
+                assert!(head >= *version);
+            }
+        }
+        for (version, digest) in &listed {
+            let bytes = host.export(&user, *version).await;
+            assert_eq!(&manifest_of(&bytes).0.header.digest.to_hex(), digest);
+            assert!(ledger.attempted.contains(digest));
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(90),
+        "crash test took {:?}",
+        started.elapsed()
+    );
+}

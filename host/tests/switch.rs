@@ -1,0 +1,103 @@
+//! VM switch hand-over against the real daemon: the old VM is asked to
+//! release the user; the new VM's retrieve waits for its commit, or gets
+//! the last committed head with `handover_timed_out` when the old VM stays
+//! silent. A late update from the old VM is fenced into a conflict version.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{HostProc, ReleaseMode, TestAgent, noise};
+use hyper::Method;
+use serde_json::json;
+use uve_protocol::message::Response;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_waits_for_the_old_vm_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostProc::start(dir.path(), "").await;
+    let pa = host.add_unix_vm("vmA").await;
+    let pb = host.add_hybrid_vm("vmB").await;
+    host.assign("alice", "vmA").await;
+    let a = TestAgent::connect(&pa).await.unwrap();
+    let b = TestAgent::connect(&pb).await.unwrap();
+    a.retrieve("alice", "s1").await.unwrap();
+    let v1 = noise(700_000, 10);
+    let r = a.update_from_lease("alice", &v1).await.unwrap();
+    assert_eq!(r.answer, Response::Committed { version: 1 });
+    let flushed = noise(700_000, 11);
+    a.state
+        .lock()
+        .unwrap()
+        .release
+        .insert("alice".into(), ReleaseMode::Flush(flushed.clone()));
+    let (s, v) = host
+        .call(Method::PUT, "/v1/assignments/alice", json!({"vm": "vmB"}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["release_requested_from"], "vmA");
+    let (g, data) = b.retrieve("alice", "s2").await.unwrap();
+    assert_eq!(g.version, Some(2), "B waited for A's flush");
+    assert!(!g.handover_timed_out);
+    assert!(data == flushed);
+    host.wait_event(|e| e["kind"] == "user_released" && e["vm"] == "vmA")
+        .await;
+    // A's late update (stale lease) can never become head
+    let late = a
+        .update_from_lease("alice", &noise(1000, 12))
+        .await
+        .unwrap();
+    assert!(
+        matches!(late.answer, Response::Conflict { head: Some(2), .. }),
+        "{:?}",
+        late.answer
+    );
+    assert_eq!(host.versions("alice").await["head"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_with_silent_old_vm_times_out_and_serves_last_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostProc::start(dir.path(), "handover_timeout_ms = 1500").await;
+    let pa = host.add_unix_vm("vmA").await;
+    let pb = host.add_unix_vm("vmB").await;
+    host.assign("alice", "vmA").await;
+    let a = TestAgent::connect(&pa).await.unwrap();
+    let b = TestAgent::connect(&pb).await.unwrap();
+    a.retrieve("alice", "s1").await.unwrap();
+    let v1 = noise(300_000, 13);
+    a.update_from_lease("alice", &v1).await.unwrap();
+    a.state
+        .lock()
+        .unwrap()
+        .release
+        .insert("alice".into(), ReleaseMode::Ignore);
+    host.assign("alice", "vmB").await;
+    let (g, data) = b.retrieve("alice", "s2").await.unwrap();
+    assert_eq!(g.version, Some(1));
+    assert!(g.handover_timed_out);
+    assert!(data == v1);
+    let ev = host.wait_event(|e| e["kind"] == "handover_timeout").await;
+    assert_eq!(ev["user"], "alice");
+    assert_eq!(ev["vm"], "vmB");
+    // B works on; A's late flush lands as a conflict, B's commit is head
+    let rb = b
+        .update_from_lease("alice", &noise(300_000, 14))
+        .await
+        .unwrap();
+    assert_eq!(rb.answer, Response::Committed { version: 2 });
+    let ra = a
+        .update_from_lease("alice", &noise(300_000, 15))
+        .await
+        .unwrap();
+    assert_eq!(
+        ra.answer,
+        Response::Conflict {
+            kept_as: 3,
+            head: Some(2)
+        }
+    );
+    assert!(
+        host.export("alice", 3).await == noise(300_000, 15),
+        "conflict kept"
+    );
+}
