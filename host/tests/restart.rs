@@ -188,7 +188,7 @@ async fn crash_test_sigkill_during_concurrent_updates() {
     }
     // verify: every acknowledged version is retained with its digest, and
     // every retained version (heads included) exports digest-valid bytes
-    let ledger = ledger.lock().unwrap();
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
     assert!(
         ledger.acked.len() >= KILLS / 2,
         "too few commits: {}",
