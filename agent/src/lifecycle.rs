@@ -389,28 +389,25 @@ pub fn recover_after_reboot(agent: &Arc<Agent>) {
     }
 }
 
-/// Agent shutdown: flushes every attached UIF (cause `Shutdown`); the
-/// sessions end. Updates the host cannot take stay in the spool.
+/// Agent shutdown: flushes every attached UIF (cause `Shutdown`) without
+/// detaching it; updates the host cannot take stay in the spool. Sessions
+/// stay recorded: after an agent restart they continue (their UAs are
+/// adopted); after a VM restart [`recover_after_reboot`] ends them.
 pub async fn shutdown(agent: &Arc<Agent>) {
     let users: Vec<String> = agent.snapshot().uifs.keys().cloned().collect();
     for user in users {
         let lock = agent.user_lock(&user);
         let _guard = lock.lock().await;
-        let sessions = agent.snapshot().sessions_of(&user);
-        let session = sessions
+        let session = agent
+            .snapshot()
+            .sessions_of(&user)
             .first()
             .cloned()
             .unwrap_or_else(|| "shutdown".into());
-        match flush_user(agent, &user, &session, UpdateCause::Shutdown, false).await {
+        match flush_user(agent, &user, &session, UpdateCause::Shutdown, true).await {
             Ok(o) => tracing::info!(user, "shutdown flush: {o}"),
             Err(e) => tracing::error!(user, "shutdown flush failed: {e}"),
         }
-        agent.with_table(|t| {
-            for s in &sessions {
-                t.sessions.remove(s);
-            }
-        });
-        announce_end(agent, &sessions).await;
     }
 }
 
@@ -511,6 +508,12 @@ pub async fn flush_user(
             e => return Err(uif_err(user)(e)),
         }
     }
+    if keep_attached && cfg.uif.mode == crate::config::UifMode::File {
+        // The image may be mounted: write the filesystem's dirty pages into
+        // it first, so the snapshot is at least crash-consistent.
+        // SAFETY: sync(2) has no preconditions.
+        unsafe { libc::sync() };
+    }
     let path = cfg.uif_path(user);
     let p2 = path.clone();
     let manifest = blocking(move || {
@@ -536,21 +539,25 @@ pub async fn flush_user(
             .spool
             .add(&entry, &manifest)
             .map_err(LifecycleError::Journal)?;
+        // Older pending snapshots of the same file are superseded: the file
+        // holds newer data now, and none of them was committed, so they all
+        // share this entry's base.
+        for old in agent.spool.for_user(user) {
+            if old.id != entry.id && old.file == entry.file {
+                agent.spool.remove(old.id);
+            }
+        }
     }
     if !keep_attached {
         agent.with_table(|t| t.uifs.remove(user));
     }
     let outcome = match agent.conn.wait(FLUSH_CONNECT_WAIT).await {
         None => FlushOutcome::Spooled("host unreachable".into()),
-        Some(c) => deliver_entry(agent, &c, &entry, &manifest, cause, keep_attached).await,
+        Some(c) => {
+            let live_checkpoint = keep_attached && cause == UpdateCause::Checkpoint;
+            deliver_entry(agent, &c, &entry, &manifest, cause, live_checkpoint).await
+        }
     };
-    if let (true, FlushOutcome::Committed(v)) = (keep_attached, &outcome) {
-        agent.with_table(|t| {
-            if let Some(r) = t.uifs.get_mut(user) {
-                r.base = Some(*v);
-            }
-        });
-    }
     Ok(outcome)
 }
 
@@ -571,9 +578,39 @@ async fn deliver_entry(
         header: manifest.header,
         cause,
     };
-    match update::upload(&c.link, &entry.file, manifest, begin).await {
+    let mut result = update::upload(&c.link, &entry.file, manifest, begin.clone()).await;
+    if matches!(result, Err(UifError::Changed)) && !live_checkpoint {
+        // The UIF is still attached and was written to since it was
+        // spooled: send what it holds now (newer data of the same user).
+        let path = entry.file.clone();
+        match blocking(move || {
+            uve_protocol::chunker::chunk_file(&path).map_err(|e| UifError::at("chunk", &path, e))
+        })
+        .await
+        {
+            Ok(fresh) => {
+                if let Err(e) = agent.spool.add(entry, &fresh) {
+                    tracing::warn!(id = entry.id, "cannot rewrite spool manifest: {e}");
+                }
+                let _ = cache::save(&agent.state_dir, &entry.user, &fresh);
+                let begin = UpdateBegin {
+                    header: fresh.header,
+                    ..begin
+                };
+                result = update::upload(&c.link, &entry.file, &fresh, begin).await;
+            }
+            Err(e) => result = Err(e),
+        }
+    }
+    match result {
         Ok(UpdateOutcome::Committed(v)) => {
             agent.spool.remove(entry.id);
+            // A UIF still attached (checkpoint, shutdown) is now based on v.
+            agent.with_table(|t| {
+                if let Some(r) = t.uifs.get_mut(&entry.user) {
+                    r.base = Some(v);
+                }
+            });
             FlushOutcome::Committed(v)
         }
         Ok(UpdateOutcome::Conflict { kept_as, head }) => {

@@ -115,7 +115,8 @@ fn sigterm_flushes_open_sessions_and_exits_zero() {
     let mut agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     agent.ok(&["login", "--user", "frank", "--session", "f1"]);
-    std::fs::write(dir.path().join("uif/frank.img"), b"after").unwrap();
+    let img = dir.path().join("uif/frank.img");
+    std::fs::write(&img, b"after").unwrap();
     assert_eq!(agent.terminate(), Some(0));
     assert_eq!(
         host.with(|h| h.head_bytes("frank")).as_deref(),
@@ -123,6 +124,21 @@ fn sigterm_flushes_open_sessions_and_exits_zero() {
     );
     let c = host.with(|h| h.commits.last().cloned().unwrap());
     assert_eq!(c.cause, UpdateCause::Shutdown);
+    // An agent restart is not the end of the session: it is re-announced,
+    // and the later logout builds on the shutdown flush.
+    let started = host.with(|h| h.sessions_started.len());
+    agent.spawn();
+    agent.wait_connected();
+    assert_eq!(agent.status()["sessions"][0]["session"], "f1");
+    wait_for("re-announced", LONG, || {
+        (host.with(|h| h.sessions_started.len()) > started).then_some(())
+    });
+    std::fs::write(&img, b"after the restart").unwrap();
+    let out = agent.ok(&["logout", "--session", "f1"]);
+    assert!(out.contains("committed"), "{out}");
+    let last = host.with(|h| h.commits.last().cloned().unwrap());
+    assert_eq!(last.base, Some(c.version));
+    assert!(!last.conflict);
     assert!(host.with(|h| h.sessions_ended.contains(&"f1".to_string())));
 }
 
@@ -309,22 +325,42 @@ fn sigterm_with_host_down_spools_and_delivers_after_restart() {
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not deployed"));
-    std::fs::write(dir.path().join("uif/kim.img"), b"kim v2").unwrap();
+    let img = dir.path().join("uif/kim.img");
+    std::fs::write(&img, b"kim v2").unwrap();
     host.down();
     assert_eq!(agent.terminate(), Some(0));
     agent.spawn();
     assert_eq!(agent.status()["spooled_updates"], 1);
+    // The session goes on and writes more before the host is back: the
+    // spooled snapshot is stale, the newest content is delivered.
+    std::fs::write(&img, b"kim v3, written after the restart").unwrap();
     host.up();
     wait_for("delivered after restart", LONG, || {
-        host.with(|h| (h.head_bytes("kim").as_deref() == Some(&b"kim v2"[..])).then_some(()))
+        host.with(|h| {
+            (h.head_bytes("kim").as_deref() == Some(&b"kim v3, written after the restart"[..]))
+                .then_some(())
+        })
     });
     let c = host.with(|h| h.commits.last().cloned().unwrap());
     assert_eq!(c.cause, UpdateCause::Spooled);
     assert!(!c.conflict);
-    // The session ended at shutdown; its end reaches the host too.
-    wait_for("SessionEnded delivered", LONG, || {
-        host.with(|h| h.sessions_ended.contains(&"k1".to_string()).then_some(()))
+    wait_for("spool empty", LONG, || {
+        (agent.status()["spooled_updates"] == 0).then_some(())
     });
+    std::fs::write(&img, b"kim v4").unwrap();
+    let out = agent.ok(&["logout", "--session", "k1"]);
+    assert!(out.contains("committed"), "{out}");
+    let last = host.with(|h| h.commits.last().cloned().unwrap());
+    assert_eq!(
+        last.base,
+        Some(c.version),
+        "logout builds on the spooled commit"
+    );
+    assert!(!last.conflict);
+    assert_eq!(
+        host.with(|h| h.commits.iter().filter(|c| c.conflict).count()),
+        0
+    );
 }
 
 #[test]

@@ -616,6 +616,12 @@ fn ua_surviving_an_agent_restart_is_still_supervised() {
             .is_empty()
             .then_some(())
     });
-    let c = host.with(|h| h.commits.last().cloned().unwrap());
-    assert_eq!(c.cause, UpdateCause::Disconnect);
+    wait_for("UIF flushed after the adopted UA died", LONG, || {
+        host.with(|h| {
+            h.commits
+                .iter()
+                .any(|c| c.user == "nobody" && c.cause == UpdateCause::Disconnect)
+                .then_some(())
+        })
+    });
 }

@@ -38,6 +38,10 @@ pub enum UifError {
     /// The attach or detach hook failed.
     #[error("hook failed: {0}")]
     Hook(String),
+    /// The UIF file no longer matches the manifest it was chunked into
+    /// (it is still attached and was written to since).
+    #[error("the UIF file changed after it was chunked")]
+    Changed,
     /// Packing or unpacking a home directory failed.
     #[error(transparent)]
     Archive(#[from] crate::archive::ArchiveError),

@@ -101,10 +101,7 @@ async fn send_body(
             f.read_exact_at(&mut data, *off)
                 .map_err(|e| UifError::io("read chunk to upload", e))?;
             if !uve_protocol::chunker::chunk_matches(c, &data) {
-                return Err(UifError::io(
-                    "read chunk to upload",
-                    std::io::Error::other("the UIF file changed after it was chunked"),
-                ));
+                return Err(UifError::Changed);
             }
             let link = link.clone();
             let hash = c.hash;
