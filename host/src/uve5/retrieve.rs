@@ -47,6 +47,11 @@ pub async fn grant(conn: &Conn, user: &str, session: &str) -> Handled {
     let header = manifest.as_ref().map(|m| m.header);
     {
         let mut st = conn.state();
+        // A new grant supersedes the previous one of this user on this
+        // connection: only the current head's chunks stay fetchable, which
+        // also bounds the per-connection bookkeeping.
+        st.granted.remove(user);
+        st.fetchable.remove(user);
         if let (Some(v), Some(m)) = (version, manifest) {
             st.granted.entry(user.to_string()).or_default().insert(v);
             cache_manifest(&mut st, user, v, Arc::new(m));
