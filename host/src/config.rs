@@ -72,6 +72,8 @@ pub struct Config {
     pub conflict_max_age_secs: u64,
     /// Unreferenced chunks younger than this survive GC, seconds. Default 3600.
     pub gc_grace_secs: u64,
+    /// Interval of the automatic GC, seconds; 0 disables it. Default 86400.
+    pub gc_interval_secs: u64,
     /// How long a retrieve waits for the previous VM's release, ms. Default 30000.
     pub handover_timeout_ms: u64,
     /// Time limit of UVE-2 requests to agents, ms. Default 30000.
@@ -108,6 +110,7 @@ impl Default for Config {
             conflict_keep: 10,
             conflict_max_age_secs: 30 * 24 * 3600,
             gc_grace_secs: 3600,
+            gc_interval_secs: 86_400,
             handover_timeout_ms: 30_000,
             uve2_timeout_ms: 30_000,
             handshake_timeout_ms: 10_000,

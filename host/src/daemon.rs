@@ -83,6 +83,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if host.config.vsock_listen {
         server::start_vsock(&host)?;
     }
+    if host.config.gc_interval_secs > 0 {
+        tokio::spawn(periodic_gc(host.clone()));
+    }
     let api_stop = CancellationToken::new();
     let api_path = host.config.api_socket();
     let api = tokio::spawn(api::serve(daemon.clone(), api_path, api_stop.clone()));
@@ -114,6 +117,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Runs the store GC every `gc_interval_secs` until shutdown.
+async fn periodic_gc(host: Arc<Host>) {
+    let every = Duration::from_secs(host.config.gc_interval_secs);
+    let grace = Duration::from_secs(host.config.gc_grace_secs);
+    loop {
+        tokio::select! {
+            () = host.shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        match host.store_call(move |s| s.gc(grace)).await {
+            Ok(report) => {
+                host.events.emit("gc", serde_json::json!(report));
+            }
+            Err(e) => tracing::warn!(error = %e, "periodic GC failed"),
+        }
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

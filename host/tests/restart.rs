@@ -222,7 +222,7 @@ async fn crash_test_sigkill_during_concurrent_updates() {
         }
     }
     assert!(
-        started.elapsed() < Duration::from_secs(90),
+        started.elapsed() < Duration::from_secs(120),
         "crash test took {:?}",
         started.elapsed()
     );
