@@ -99,7 +99,7 @@ async fn sigterm_says_goodbye_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let mut host = HostProc::start(dir.path(), "").await;
     let path = host.add_unix_vm("vm1").await;
-    let agent = TestAgent::connect(&path).await.unwrap();
+    let agent = host.connect_agent(&path, "vm1").await;
     assert_eq!(host.terminate(), Some(0));
     let end = agent.handle.closed().await;
     let log = std::fs::read_to_string(dir.path().join("host.log")).unwrap_or_default();

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{HostProc, TestAgent, noise, poll};
+use common::{HostProc, noise, poll};
 use hyper::Method;
 use serde_json::json;
 use std::time::Duration;
@@ -17,7 +17,7 @@ async fn ua_management_round_trips_to_the_agent() {
     let dir = tempfile::tempdir().unwrap();
     let host = HostProc::start(dir.path(), "").await;
     let path = host.add_unix_vm("vm1").await;
-    let agent = TestAgent::connect(&path).await.unwrap();
+    let agent = host.connect_agent(&path, "vm1").await;
     let v1 = noise(700_000, 30);
     let v2 = noise(300_000, 31);
     for (ver, bundle, update) in [("1.0", &v1, false), ("2.0", &v2, true)] {
@@ -91,7 +91,7 @@ async fn suspend_resume_and_monitoring_reach_the_agent() {
     let dir = tempfile::tempdir().unwrap();
     let host = HostProc::start(dir.path(), "").await;
     let path = host.add_hybrid_vm("vm1").await;
-    let agent = TestAgent::connect(&path).await.unwrap();
+    let agent = host.connect_agent(&path, "vm1").await;
     let (s, _) = host
         .call(Method::POST, "/v1/vms/vm1/sessions/s7/suspend", json!({}))
         .await;
@@ -144,7 +144,7 @@ async fn unknown_or_disconnected_vms_give_clear_errors() {
     assert_eq!((s, v["error"].as_str()), (503, Some("vm_not_connected")));
     let (s, _) = host.get("/v1/vms/ghost/status").await;
     assert_eq!(s, 404);
-    let agent = TestAgent::connect(&path).await.unwrap();
+    let agent = host.connect_agent(&path, "vm1").await;
     let (s, _) = host.get("/v1/vms/vm1/status").await;
     assert_eq!(s, 200);
     agent.handle.close();

@@ -44,7 +44,7 @@ async fn round_trip_is_byte_identical_over_hybrid_and_unix() {
         assert!(back == data, "retrieved bytes differ");
         assert!(host.export(user, 1).await == data, "exported bytes differ");
     }
-    let (_, vm) = host.get("/v1/vms/fc1").await;
+    let (_, vm) = host.get("/v1/vms/fc1").await; // installed: it served requests
     assert_eq!(vm["connected"], true);
     assert_eq!(vm["connection"]["agent_version"], "test-agent");
 }
@@ -371,6 +371,12 @@ async fn new_connection_replaces_old_one() {
         second.request(Request::Ping { nonce: 5 }).await.unwrap(),
         Response::Pong { nonce: 5 }
     );
+    let connected = common::poll(std::time::Duration::from_secs(10), || async {
+        let (_, v) = host.get("/v1/vms/vm1").await;
+        (v["connected"] == true).then_some(())
+    })
+    .await;
+    assert!(connected.is_some());
     let (s, v) = host.call(Method::POST, "/v1/vms/vm1/ping", json!({})).await;
     assert_eq!((s, v["pong"].as_bool()), (200, Some(true)));
     let lost = host

@@ -178,6 +178,19 @@ impl HostProc {
         PathBuf::from(p)
     }
 
+    /// Connects a test agent and waits until the host lists the VM as
+    /// connected (the host installs the connection just after `Welcome`).
+    pub async fn connect_agent(&self, path: &Path, vm: &str) -> TestAgent {
+        let agent = TestAgent::connect(path).await.unwrap();
+        let ok = poll(Duration::from_secs(10), || async {
+            let (_, v) = self.get(&format!("/v1/vms/{vm}")).await;
+            (v["connected"] == true).then_some(())
+        })
+        .await;
+        assert!(ok.is_some(), "{vm} never showed as connected");
+        agent
+    }
+
     pub async fn assign(&self, user: &str, vm: &str) {
         let (s, v) = self
             .call(
