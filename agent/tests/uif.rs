@@ -231,3 +231,40 @@ fn host_down_at_logout_spools_and_delivers_also_after_sigkill() {
     assert_eq!(host.with(|h| h.commits.len()), commits_before + 1);
     assert_eq!(agent.terminate(), Some(0));
 }
+
+/// A larger UIF (64 MiB): prints timings and the agent's peak RSS. Ignored
+/// by default (slow in debug builds); run with `--ignored --nocapture`,
+/// ideally with `UVE_AGENT_BIN` pointing at the static release build.
+#[test]
+#[ignore]
+fn large_uif_round_trip_reports_rss() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    let data = noise(64 << 20, 21);
+    host.with(|h| h.seed("big", &data));
+    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    agent.wait_connected();
+    let t = std::time::Instant::now();
+    agent.ok(&["login", "--user", "big", "--session", "b1"]);
+    let retrieve = t.elapsed();
+    let img = dir.path().join("uif/big.img");
+    assert_eq!(std::fs::read(&img).unwrap().len(), data.len());
+    let mut changed = data.clone();
+    for i in 0..changed.len() / 4096 {
+        changed[i * 4096] ^= 0xff; // every chunk changes: a full upload
+    }
+    std::fs::write(&img, &changed).unwrap();
+    let t = std::time::Instant::now();
+    agent.ok(&["logout", "--session", "b1"]);
+    let update = t.elapsed();
+    assert!(host.with(|h| h.head_bytes("big").unwrap() == changed));
+    let hwm = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .map(str::to_string);
+    eprintln!(
+        "64 MiB: retrieve {retrieve:?}, full update {update:?}, agent {hwm:?} ({})",
+        common::agent_bin()
+    );
+}
