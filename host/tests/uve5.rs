@@ -387,3 +387,26 @@ async fn new_connection_replaces_old_one() {
         .count();
     assert_eq!(lost, 0, "a replaced connection is not a lost VM");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_uif_round_trips_and_gc_keeps_live_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostProc::start(dir.path(), "").await;
+    let path = host.add_unix_vm("vm1").await;
+    host.assign("alice", "vm1").await;
+    let agent = TestAgent::connect(&path).await.unwrap();
+    agent.retrieve("alice", "s1").await.unwrap();
+    let data = noise(900_000, 50);
+    agent.update_from_lease("alice", &data).await.unwrap();
+    let r = agent.update_from_lease("alice", b"").await.unwrap();
+    assert_eq!(r.answer, Response::Committed { version: 2 });
+    let (g, back) = agent.retrieve("alice", "s2").await.unwrap();
+    assert_eq!((g.version, back.len()), (Some(2), 0));
+    // version 1 is still retained: a zero-grace GC must not touch its chunks
+    let (s, report) = host
+        .call(Method::POST, "/v1/gc?grace_secs=0", json!({}))
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(report["deleted"], 0, "{report}");
+    assert!(host.export("alice", 1).await == data);
+}
