@@ -140,7 +140,7 @@ pub async fn outbox(agent: Arc<Agent>) {
             }
             crate::lifecycle::deliver_ended(&agent, &c).await;
             agent.notices.deliver(&c.link).await;
-            crate::lifecycle::deliver_spool(&agent, &c).await;
+            crate::flush::deliver_spool(&agent, &c).await;
         }
         // Retry later while something is still pending (host busy, link
         // flapping), even without a reconnect or a new kick.

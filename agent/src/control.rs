@@ -18,7 +18,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use crate::agent::Agent;
-use crate::lifecycle::{self, FlushOutcome};
+use crate::flush::FlushOutcome;
+use crate::lifecycle;
 
 /// Longest request line accepted.
 const MAX_LINE: u64 = 64 * 1024;

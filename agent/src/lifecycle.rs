@@ -1,27 +1,21 @@
 //! Session lifecycles: login (retrieve + attach + optional supervised UA),
-//! logout, unexpected disconnect, VM switch release, periodic checkpoint and
-//! agent shutdown — and the flush they share: detach/pack, chunk, journal
-//! in the spool, upload. An update is always journalled before it is sent,
-//! so "committed" and "safely spooled" are the only two outcomes of a flush
-//! that did not fail locally.
+//! logout, unexpected disconnect, VM switch release, periodic checkpoint,
+//! agent shutdown and recovery after a VM restart. The flush they share
+//! lives in [`crate::flush`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use uve_protocol::message::{DisconnectNotice, Request, UpdateBegin, UpdateCause, Version};
+use uve_protocol::message::{DisconnectNotice, Request, UpdateCause, Version};
 use uve_protocol::names::{self, NameError};
 
 use crate::agent::Agent;
 use crate::config::{Config, RetrieveFailure};
 use crate::conn::Connected;
+use crate::flush::{FlushOutcome, deliver_user_spool, flush_user};
 use crate::fsutil;
 use crate::session::{SessionRecord, UifRecord};
-use crate::uif::spool::SpoolEntry;
-use crate::uif::update::{self, UpdateOutcome};
-use crate::uif::{UifError, blocking, cache, materialise, retrieve};
-
-/// How long a logout waits for a connection before spooling.
-const FLUSH_CONNECT_WAIT: Duration = Duration::from_secs(3);
+use crate::uif::{UifError, cache, materialise, retrieve};
 
 /// Why a lifecycle operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,43 +55,6 @@ fn uif_err(user: &str) -> impl FnOnce(UifError) -> LifecycleError + '_ {
     move |source| LifecycleError::Uif {
         user: user.to_string(),
         source,
-    }
-}
-
-/// What a flush achieved.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FlushOutcome {
-    /// The update is the user's new head.
-    Committed(Version),
-    /// The host kept the update as a conflict version.
-    Conflict {
-        /// Version it was kept as.
-        kept_as: Version,
-        /// The head at the time.
-        head: Option<Version>,
-    },
-    /// Journalled; delivered after reconnect.
-    Spooled(String),
-    /// The host refused the update for good (kept under `spool/rejected`).
-    Rejected(String),
-    /// Nothing to flush (no UIF attached, or other sessions still use it).
-    Nothing(String),
-}
-
-impl std::fmt::Display for FlushOutcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            FlushOutcome::Committed(v) => write!(f, "committed as version {v}"),
-            FlushOutcome::Conflict { kept_as, head } => write!(
-                f,
-                "committed as conflict version {kept_as} (head is {head:?})"
-            ),
-            FlushOutcome::Spooled(why) => {
-                write!(f, "spooled ({why}); delivered when the host is back")
-            }
-            FlushOutcome::Rejected(why) => write!(f, "rejected by the host: {why}"),
-            FlushOutcome::Nothing(why) => write!(f, "nothing flushed ({why})"),
-        }
     }
 }
 
@@ -487,190 +444,4 @@ async fn end_session(
         )));
     }
     flush_user(agent, user, session, cause, false).await
-}
-
-/// Detaches (unless `keep_attached`), chunks, journals and uploads the
-/// user's UIF. The caller holds the user's lock.
-pub async fn flush_user(
-    agent: &Arc<Agent>,
-    user: &str,
-    session: &str,
-    cause: UpdateCause,
-    keep_attached: bool,
-) -> Result<FlushOutcome, LifecycleError> {
-    let Some(rec) = agent.snapshot().uifs.get(user).cloned() else {
-        return Ok(FlushOutcome::Nothing(format!("no UIF of {user} attached")));
-    };
-    let cfg = agent.config();
-    if let Err(e) = materialise::detach(&cfg, user, session, keep_attached).await {
-        match e {
-            UifError::Hook(_) => tracing::error!(user, "detach hook failed, flushing anyway: {e}"),
-            e => return Err(uif_err(user)(e)),
-        }
-    }
-    if keep_attached && cfg.uif.mode == crate::config::UifMode::File {
-        // The image may be mounted: write the filesystem's dirty pages into
-        // it first, so the snapshot is at least crash-consistent.
-        // SAFETY: sync(2) has no preconditions.
-        unsafe { libc::sync() };
-    }
-    let path = cfg.uif_path(user);
-    let p2 = path.clone();
-    let manifest = blocking(move || {
-        uve_protocol::chunker::chunk_file(&p2).map_err(|e| UifError::at("chunk", &p2, e))
-    })
-    .await
-    .map_err(uif_err(user))?;
-    if let Err(e) = cache::save(&agent.state_dir, user, &manifest) {
-        tracing::warn!(user, "cannot record cache manifest: {e}");
-    }
-    let entry = SpoolEntry {
-        id: fsutil::random_u64(),
-        user: user.into(),
-        session: session.into(),
-        base: rec.base,
-        lease: rec.lease,
-        cause,
-        file: path,
-        created: fsutil::now_ms(),
-    };
-    if cause != UpdateCause::Checkpoint || !keep_attached {
-        agent
-            .spool
-            .add(&entry, &manifest)
-            .map_err(LifecycleError::Journal)?;
-        // Older pending snapshots of the same file are superseded: the file
-        // holds newer data now, and none of them was committed, so they all
-        // share this entry's base.
-        for old in agent.spool.for_user(user) {
-            if old.id != entry.id && old.file == entry.file {
-                agent.spool.remove(old.id);
-            }
-        }
-    }
-    if !keep_attached {
-        agent.with_table(|t| t.uifs.remove(user));
-    }
-    let outcome = match agent.conn.wait(FLUSH_CONNECT_WAIT).await {
-        None => FlushOutcome::Spooled("host unreachable".into()),
-        Some(c) => {
-            let live_checkpoint = keep_attached && cause == UpdateCause::Checkpoint;
-            deliver_entry(agent, &c, &entry, &manifest, cause, live_checkpoint).await
-        }
-    };
-    Ok(outcome)
-}
-
-/// Uploads one update; removes its spool entry once the host took it.
-async fn deliver_entry(
-    agent: &Agent,
-    c: &Connected,
-    entry: &SpoolEntry,
-    manifest: &uve_protocol::manifest::Manifest,
-    cause: UpdateCause,
-    live_checkpoint: bool,
-) -> FlushOutcome {
-    let begin = UpdateBegin {
-        user: entry.user.clone(),
-        session: entry.session.clone(),
-        base: entry.base,
-        lease: entry.lease,
-        header: manifest.header,
-        cause,
-    };
-    let mut result = update::upload(&c.link, &entry.file, manifest, begin.clone()).await;
-    if matches!(result, Err(UifError::Changed)) && !live_checkpoint {
-        // The UIF is still attached and was written to since it was
-        // spooled: send what it holds now (newer data of the same user).
-        let path = entry.file.clone();
-        match blocking(move || {
-            uve_protocol::chunker::chunk_file(&path).map_err(|e| UifError::at("chunk", &path, e))
-        })
-        .await
-        {
-            Ok(fresh) => {
-                if let Err(e) = agent.spool.add(entry, &fresh) {
-                    tracing::warn!(id = entry.id, "cannot rewrite spool manifest: {e}");
-                }
-                let _ = cache::save(&agent.state_dir, &entry.user, &fresh);
-                let begin = UpdateBegin {
-                    header: fresh.header,
-                    ..begin
-                };
-                result = update::upload(&c.link, &entry.file, &fresh, begin).await;
-            }
-            Err(e) => result = Err(e),
-        }
-    }
-    match result {
-        Ok(UpdateOutcome::Committed(v)) => {
-            agent.spool.remove(entry.id);
-            // A UIF still attached (checkpoint, shutdown) is now based on v.
-            agent.with_table(|t| {
-                if let Some(r) = t.uifs.get_mut(&entry.user) {
-                    r.base = Some(v);
-                }
-            });
-            FlushOutcome::Committed(v)
-        }
-        Ok(UpdateOutcome::Conflict { kept_as, head }) => {
-            agent.spool.remove(entry.id);
-            tracing::warn!(user = %entry.user, kept_as, ?head, "update landed as a conflict version");
-            FlushOutcome::Conflict { kept_as, head }
-        }
-        Err(e) if live_checkpoint => FlushOutcome::Rejected(format!("checkpoint not taken: {e}")),
-        Err(e) if e.is_transient() => FlushOutcome::Spooled(e.to_string()),
-        Err(e) => {
-            tracing::error!(user = %entry.user, id = entry.id, "host refused update for good: {e}");
-            agent.spool.reject(entry.id);
-            FlushOutcome::Rejected(e.to_string())
-        }
-    }
-}
-
-/// Delivers the spooled updates of one user (caller holds the user lock).
-/// Returns the last version they committed, if any.
-async fn deliver_user_spool(agent: &Agent, c: &Connected, user: &str) -> Option<Version> {
-    let mut committed = None;
-    for entry in agent.spool.for_user(user) {
-        match deliver_one(agent, c, &entry).await {
-            FlushOutcome::Spooled(_) => break,
-            FlushOutcome::Committed(v) => committed = Some(v),
-            _ => {}
-        }
-    }
-    committed
-}
-
-/// Delivers one spooled entry.
-async fn deliver_one(agent: &Agent, c: &Connected, entry: &SpoolEntry) -> FlushOutcome {
-    let manifest = match agent.spool.manifest(entry.id) {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::error!(
-                id = entry.id,
-                "unreadable spool manifest, moving aside: {e}"
-            );
-            agent.spool.reject(entry.id);
-            return FlushOutcome::Rejected(format!("unreadable spool manifest: {e}"));
-        }
-    };
-    let outcome = deliver_entry(agent, c, entry, &manifest, UpdateCause::Spooled, false).await;
-    tracing::info!(user = %entry.user, id = entry.id, "spooled update: {outcome}");
-    outcome
-}
-
-/// Delivers the whole spool in order; stops at the first transient failure.
-pub async fn deliver_spool(agent: &Arc<Agent>, c: &Connected) {
-    for entry in agent.spool.list() {
-        let lock = agent.user_lock(&entry.user);
-        let _guard = lock.lock().await;
-        // Someone (a login) may have delivered it while we waited.
-        if !agent.spool.list().iter().any(|e| e.id == entry.id) {
-            continue;
-        }
-        if let FlushOutcome::Spooled(_) = deliver_one(agent, c, &entry).await {
-            return;
-        }
-    }
 }

@@ -9,6 +9,7 @@ mod config;
 mod conn;
 mod control;
 mod dispatch;
+mod flush;
 mod fsutil;
 mod lifecycle;
 mod monitor;
