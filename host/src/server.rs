@@ -217,7 +217,7 @@ async fn serve(
         tracing::info!(vm, conn_id, %end, "replaced connection ended");
         return;
     }
-    let sessions = host.sessions.drain_vm(&vm);
+    let sessions = host.sessions.drain_vm(&vm, !end.is_orderly());
     if end.is_orderly() {
         host.events.emit(
             "vm_disconnected",

@@ -37,6 +37,9 @@ struct Seen {
 struct Data {
     open: BTreeMap<(String, String), SessionRec>,
     seen: HashMap<String, Seen>,
+    /// (vm, user) pairs whose session was open when the VM's connection
+    /// was lost: that VM may hold changes of the user nobody committed.
+    lost: HashSet<(String, String)>,
 }
 
 /// Session table.
@@ -93,11 +96,28 @@ impl Sessions {
         true
     }
 
-    /// Removes and returns every session of `vm`.
-    pub fn drain_vm(&self, vm: &str) -> Vec<SessionRec> {
+    /// Removes and returns every session of `vm`; with `lost`, remembers
+    /// their users as possibly unflushed on that VM.
+    pub fn drain_vm(&self, vm: &str, lost: bool) -> Vec<SessionRec> {
         let mut d = self.lock();
         let keys: Vec<_> = d.open.keys().filter(|(v, _)| v == vm).cloned().collect();
-        keys.iter().filter_map(|k| d.open.remove(k)).collect()
+        let out: Vec<SessionRec> = keys.iter().filter_map(|k| d.open.remove(k)).collect();
+        if lost {
+            for s in &out {
+                d.lost.insert((vm.to_string(), s.user.clone()));
+            }
+        }
+        out
+    }
+
+    /// True (once) if `user` had a session on `vm` when `vm` was lost.
+    pub fn take_lost(&self, vm: &str, user: &str) -> bool {
+        self.lock().lost.remove(&(vm.to_string(), user.to_string()))
+    }
+
+    /// Forgets a lost-session mark (the VM committed or re-announced).
+    pub fn clear_lost(&self, vm: &str, user: &str) {
+        self.take_lost(vm, user);
     }
 
     /// All open sessions (optionally of one VM).
@@ -134,7 +154,9 @@ mod tests {
         assert!(s.first_notice("vm1", 7));
         assert!(!s.first_notice("vm1", 7));
         assert!(s.first_notice("vm2", 7));
-        assert_eq!(s.drain_vm("vm1").len(), 1);
+        assert_eq!(s.drain_vm("vm1", true).len(), 1);
+        assert!(s.take_lost("vm1", "alice"));
+        assert!(!s.take_lost("vm1", "alice"));
         assert_eq!(s.list(None).len(), 1);
         assert!(s.ended("vm2", "s1").is_some());
         assert!(s.ended("vm2", "s1").is_none());

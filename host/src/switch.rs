@@ -66,7 +66,19 @@ fn release_holder(host: &Arc<Host>, user: &str, new_vm: Option<&str>) -> Option<
     if Some(holder.as_str()) == new_vm {
         return None;
     }
-    let conn = host.conns.get(&holder)?;
+    let Some(conn) = host.conns.get(&holder) else {
+        // The holder is gone. If it was lost with a session of the user
+        // open, its last changes may be missing (or still in its spool):
+        // the next retrieve says so instead of waiting for nobody.
+        if host.sessions.take_lost(&holder, user) {
+            host.handovers.start(user).finish(HandoverOutcome::Failed);
+            host.events.emit(
+                "handover_failed",
+                json!({"user": user, "vm": holder, "reason": "previous VM was lost with the user's session open"}),
+            );
+        }
+        return None;
+    };
     let ticket = host.handovers.start(user);
     let deadline_ms = u32::try_from(host.config.handover_timeout_ms).unwrap_or(u32::MAX);
     let (host, user, from) = (host.clone(), user.to_string(), holder.clone());

@@ -101,3 +101,37 @@ async fn switch_with_silent_old_vm_times_out_and_serves_last_head() {
         "conflict kept"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_away_from_a_lost_vm_flags_the_retrieve() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostProc::start(dir.path(), "").await;
+    let pa = host.add_unix_vm("vmA").await;
+    let pb = host.add_unix_vm("vmB").await;
+    host.assign("alice", "vmA").await;
+    host.assign("bob", "vmA").await;
+    let a = TestAgent::connect(&pa).await.unwrap();
+    a.retrieve("alice", "s1").await.unwrap();
+    let v1 = noise(200_000, 16);
+    a.update_from_lease("alice", &v1).await.unwrap();
+    a.retrieve("alice", "s1").await.unwrap();
+    let started = uve_protocol::message::Request::SessionStarted {
+        session: "s1".into(),
+        user: "alice".into(),
+        ua: None,
+    };
+    a.request(started).await.unwrap();
+    // bob logged out properly on vmA long ago: no session open
+    a.retrieve("bob", "s0").await.unwrap();
+    a.handle.close();
+    host.wait_event(|e| e["kind"] == "vm_lost").await;
+    host.assign("alice", "vmB").await;
+    host.assign("bob", "vmB").await;
+    let b = TestAgent::connect(&pb).await.unwrap();
+    let (g, data) = b.retrieve("alice", "s2").await.unwrap();
+    assert_eq!(g.version, Some(1));
+    assert!(g.handover_timed_out, "alice's session died with vmA");
+    assert!(data == v1);
+    let (g, _) = b.retrieve("bob", "s3").await.unwrap();
+    assert!(!g.handover_timed_out, "bob had nothing open on vmA");
+}

@@ -294,6 +294,7 @@ pub async fn commit(conn: &Conn, upload: u64) -> Handled {
     };
     Ok(match outcome {
         CommitOutcome::Committed(version) => {
+            host.sessions.clear_lost(&conn.vm, &b.user);
             metrics::add(&host.metrics.commits, 1);
             host.events
                 .emit("commit", fields(json!({"version": version})));
