@@ -13,7 +13,9 @@
 //! - [`agent`]: a real `uve-agent` process on this machine (demo, benchmarks);
 //! - [`binaries`]: locates (and under cargo, builds) the release binaries;
 //! - [`host`]: the real `uve-host` daemon driven through `uvectl`;
-//! - [`rogue`]: the hostile-guest probes run inside a guest.
+//! - [`rogue`]: the hostile-guest probes run inside a guest;
+//! - [`rootdisk`]: a Debian guest disk baked with the uve-agent package
+//!   (`packaging/bake-image.sh`) and the initramfs that boots it.
 
 pub mod agent;
 pub mod binaries;
@@ -22,4 +24,5 @@ pub mod host;
 pub mod ingredients;
 pub mod initramfs;
 pub mod rogue;
+pub mod rootdisk;
 pub mod vm;

@@ -18,6 +18,27 @@ use std::time::{Duration, Instant};
 use crate::channel::{self, GUEST_PORT, OP_GET, OP_PUT, OP_SH};
 use crate::ingredients::Ingredients;
 
+/// How [`Vm::boot_with`] starts QEMU; the default is what [`Vm::boot`] uses.
+#[derive(Debug, Clone)]
+pub struct BootOptions {
+    /// Guest memory, MiB (default 256).
+    pub memory_mib: u32,
+    /// Kernel command line (default `console=ttyS0 quiet panic=-1`).
+    pub append: String,
+    /// A raw disk image attached as the first virtio disk (`/dev/vda`).
+    pub disk: Option<PathBuf>,
+}
+
+impl Default for BootOptions {
+    fn default() -> Self {
+        BootOptions {
+            memory_mib: 256,
+            append: "console=ttyS0 quiet panic=-1".into(),
+            disk: None,
+        }
+    }
+}
+
 /// A running guest.
 pub struct Vm {
     /// Scenario-visible name (also the uve VM id).
@@ -35,6 +56,11 @@ impl Vm {
         self.dir.join("v.sock")
     }
 
+    /// Time since QEMU was started.
+    pub fn since_boot(&self) -> Duration {
+        self.booted.elapsed()
+    }
+
     /// The guest console log.
     pub fn console(&self) -> PathBuf {
         self.dir.join("console.log")
@@ -47,6 +73,18 @@ impl Vm {
         name: &str,
         dir: &Path,
         initramfs: &Path,
+    ) -> Result<Self, String> {
+        Self::boot_with(ing, name, dir, initramfs, &BootOptions::default())
+    }
+
+    /// Like [`boot`](Self::boot) with a root disk, another kernel command
+    /// line or more memory (see [`BootOptions`]).
+    pub fn boot_with(
+        ing: &Ingredients,
+        name: &str,
+        dir: &Path,
+        initramfs: &Path,
+        opts: &BootOptions,
     ) -> Result<Self, String> {
         let vhu = dir.join("vhu.sock");
         let uds = dir.join("v.sock");
@@ -72,25 +110,36 @@ impl Vm {
         if !wait_for(Duration::from_secs(20), || vhu.exists()) {
             return Err("vhost-device-vsock did not create its socket".into());
         }
-        let qemu = Command::new(&ing.qemu)
-            .args([
-                "-machine",
-                "q35,memory-backend=mem",
-                "-accel",
-                "tcg",
-                "-cpu",
-                "max",
-                "-smp",
-                "1",
-                "-m",
-                "256M",
-            ])
-            .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
-            .arg("-kernel")
-            .arg(&ing.vmlinux)
-            .arg("-initrd")
-            .arg(initramfs)
-            .args(["-append", "console=ttyS0 quiet panic=-1"])
+        let mem = format!("{}M", opts.memory_mib);
+        let mut qemu = Command::new(&ing.qemu);
+        qemu.args([
+            "-machine",
+            "q35,memory-backend=mem",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-smp",
+            "1",
+            "-m",
+            &mem,
+        ])
+        .args([
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+        ])
+        .arg("-kernel")
+        .arg(&ing.vmlinux)
+        .arg("-initrd")
+        .arg(initramfs)
+        .args(["-append", &opts.append]);
+        if let Some(disk) = &opts.disk {
+            qemu.arg("-drive").arg(format!(
+                "file={},if=virtio,format=raw,cache=unsafe",
+                disk.display()
+            ));
+        }
+        let qemu = qemu
             .args(["-nographic", "-nodefaults", "-no-reboot"])
             .arg("-serial")
             .arg(format!("file:{}", vm.console().display()))

@@ -1,0 +1,303 @@
+//! Packaging end to end: a Debian bookworm guest image built the way an
+//! operator builds one (`debootstrap` → `packaging/bake-image.sh` installs
+//! the real `uve-agent` .deb, enables its unit, writes
+//! `/etc/uve/agent.toml`; `mkfs.ext4 -d` turns it into a disk without any
+//! mount), booted under QEMU (TCG) with **systemd as init** and a real
+//! virtio-vsock device. The agent must come up by itself from its unit,
+//! connect to the real `uve-host` on this machine, and serve a login /
+//! logout round trip that commits a new version on the host.
+//!
+//! The image also carries the `uve-host` package, so its hardened unit is
+//! started by a real systemd (inside the guest) and must be active with an
+//! answering API. For the test only, the static `e2e-guest` command server
+//! is baked in with its own unit (`UVE_E2E_GUEST=1`).
+//!
+//! Slow-ish (a systemd boot under TCG, ~1 min; debootstrap once, cached
+//! under `target/e2e-cache/rootfs`). Needs root, debootstrap, e2fsprogs and
+//! `packaging/build-debs.sh`'s packages; skipped without them unless
+//! `E2E_REQUIRE=1`. Run it: `cargo nextest run -p uve-e2e -E
+//! 'test(baked_image)'`; its run directory (`/tmp/uve-e2e-*`, kept on
+//! failure) holds `bake.log`, `console.log` (kernel + systemd + journal),
+//! `host.log`.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use uve_e2e::host::HostDaemon;
+use uve_e2e::ingredients::Ingredients;
+use uve_e2e::rootdisk::{BakeIngredients, root_initramfs};
+use uve_e2e::vm::{BootOptions, Vm, wait_for};
+
+/// The configuration the bake writes (the defaults, spelled out, plus a
+/// marker value the test reads back from the guest).
+const AGENT_CONFIG: &str = r#"# written by bake-image.sh --config (baked_image test)
+host = "vsock:2:7075"
+login_timeout_secs = 45
+[uif]
+mode = "file"
+path = "/var/lib/uve-agent/uif/{user}.img"
+"#;
+
+/// Test-only unit: the e2e command server on vsock port 9000.
+const GUEST_UNIT: &str = "[Unit]
+Description=uve e2e command server (test images only)
+After=systemd-modules-load.service
+
+[Service]
+Environment=UVE_E2E_GUEST=1
+ExecStart=/usr/local/bin/e2e-guest serve
+Restart=always
+RestartSec=1
+
+[Install]
+WantedBy=multi-user.target
+";
+
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[3]
+        })
+        .collect()
+}
+
+/// The run directory: removed on success, kept (and printed) on failure.
+struct RunDir(Option<tempfile::TempDir>);
+
+impl RunDir {
+    fn path(&self) -> &Path {
+        self.0.as_ref().map(tempfile::TempDir::path).expect("dir")
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(d) = self.0.take()
+        {
+            eprintln!("kept {} for inspection", d.keep().display());
+        }
+    }
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[test]
+fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
+    const NAME: &str = "baked_debian_image_boots_agent_by_systemd_and_round_trips";
+    let Some(ing) = Ingredients::require(NAME) else {
+        return;
+    };
+    let Some(bake) = BakeIngredients::require(&ing, NAME) else {
+        return;
+    };
+    let run = RunDir(Some(
+        tempfile::Builder::new()
+            .prefix("uve-e2e-")
+            .tempdir_in("/tmp")
+            .expect("run dir"),
+    ));
+    let dir = run.path();
+    eprintln!("{NAME}: run directory {}", dir.display());
+
+    // --- bake: debootstrap (cached) + the packages + config + test unit.
+    let cached = bake.rootfs_cached();
+    std::fs::write(dir.join("agent.toml"), AGENT_CONFIG).unwrap();
+    std::fs::write(dir.join("uve-e2e-guest.service"), GUEST_UNIT).unwrap();
+    let disk = dir.join("disk.img");
+    let args: Vec<String> = vec![
+        "--rootfs".into(),
+        s(&dir.join("rootfs")),
+        "--deb".into(),
+        s(&bake.host_deb),
+        "--config".into(),
+        s(&dir.join("agent.toml")),
+        "--modules-from".into(),
+        s(ing
+            .modules
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::parent)
+            .and_then(Path::parent)
+            .expect("kernel root above lib/modules/<v>/kernel")),
+        "--copy-in".into(),
+        s(&ing.guest),
+        "/usr/local/bin/e2e-guest".into(),
+        "--copy-in".into(),
+        s(&dir.join("uve-e2e-guest.service")),
+        "/etc/systemd/system/uve-e2e-guest.service".into(),
+        "--enable".into(),
+        "uve-e2e-guest.service".into(),
+        "--disk".into(),
+        s(&disk),
+    ];
+    let took = bake.bake(dir, &args).expect("bake");
+    eprintln!(
+        "{NAME}: image baked in {took:?} ({})",
+        if cached {
+            "debootstrap from cache"
+        } else {
+            "cold: debootstrap included"
+        }
+    );
+    // The rootfs tree is no longer needed once it is in the disk image.
+    let _ = std::fs::remove_dir_all(dir.join("rootfs"));
+    let initrd = root_initramfs(&ing, &dir.join("initramfs.cpio.gz")).expect("initramfs");
+
+    // --- the real host, listening for the VM before it boots.
+    let host = HostDaemon::start(&ing, dir, "").expect("host");
+    let vm_dir = dir.join("vm");
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    host.ok(&[
+        "vm",
+        "add",
+        "vm-baked",
+        "--uds-path",
+        &s(&vm_dir.join("v.sock")),
+    ]);
+    host.ok(&["assign", "alice", "vm-baked"]);
+    let v1 = noise(1 << 20, 7);
+    let import = dir.join("alice-v1.img");
+    std::fs::write(&import, &v1).unwrap();
+    host.ok(&["import", "alice", &s(&import)]);
+    let v1_head = host.ok(&["versions", "alice"])["head"]
+        .as_u64()
+        .expect("head");
+
+    // --- boot with systemd as init.
+    let opts = BootOptions {
+        memory_mib: 512,
+        append: "console=ttyS0 panic=-1 loglevel=4 systemd.journald.forward_to_console=1".into(),
+        disk: Some(disk.clone()),
+    };
+    let mut vm = Vm::boot_with(&ing, "vm-baked", &vm_dir, &initrd, &opts).expect("boot");
+    let connected = wait_for(Duration::from_secs(240), || {
+        host.ok(&["vm", "show", "vm-baked"])["connected"] == Value::Bool(true)
+    });
+    assert!(
+        connected,
+        "the agent started by systemd never connected; host log:\n{}\nconsole:\n{}",
+        host.log_tail(),
+        vm.console_text()
+    );
+    let to_connected = vm.since_boot();
+    eprintln!("{NAME}: boot to agent connected (TCG, systemd): {to_connected:?}");
+    let ready = vm
+        .wait_ready(Duration::from_secs(120))
+        .expect("command server");
+    eprintln!("{NAME}: boot to command server ready: {ready:?}");
+
+    // --- what systemd did with the packaged units.
+    assert_eq!(
+        vm.ok("systemctl is-enabled uve-agent.service").trim(),
+        "enabled"
+    );
+    assert_eq!(
+        vm.ok("systemctl is-active uve-agent.service").trim(),
+        "active"
+    );
+    assert_eq!(
+        vm.ok("systemctl show -p ExecMainPID --value uve-agent.service")
+            .trim(),
+        vm.ok("pidof uve-agent").trim(),
+        "the running agent is the unit's main process"
+    );
+    let before = vm.ok("systemctl show -p Before --value uve-agent.service");
+    for unit in ["systemd-user-sessions.service", "display-manager.service"] {
+        assert!(
+            before.contains(unit),
+            "uve-agent not ordered before {unit}: {before}"
+        );
+    }
+    assert!(
+        vm.ok("cat /proc/modules")
+            .contains("vmw_vsock_virtio_transport "),
+        "vsock transport not loaded"
+    );
+    assert!(
+        vm.ok("cat /usr/lib/modules-load.d/uve-agent.conf")
+            .contains("vmw_vsock_virtio_transport")
+    );
+    assert!(
+        vm.ok("cat /etc/uve/agent.toml")
+            .contains("login_timeout_secs = 45"),
+        "bake did not write /etc/uve/agent.toml"
+    );
+    assert!(
+        vm.ok("readlink -f /usr/lib/uve/uve-pam-hook").trim()
+            == "/usr/share/uve-agent/uve-pam-hook"
+    );
+    let status = vm.ok("uve-agent status");
+    assert!(
+        status.contains("connected") && !status.contains("NOT connected"),
+        "uve-agent status: {status}"
+    );
+    // The hardened uve-host unit under a real systemd: active, API answers.
+    let host_ok = wait_for(Duration::from_secs(60), || {
+        vm.sh("systemctl is-active uve-host.service").1.trim() == "active"
+    });
+    assert!(
+        host_ok,
+        "uve-host.service (hardened) not active in the guest:\n{}",
+        vm.sh("systemctl status uve-host.service; journalctl -b -u uve-host --no-pager | tail -30")
+            .1
+    );
+    assert_eq!(vm.sh("uvectl vm list").0, 0, "uvectl in the guest");
+    let (_, security) = vm.sh("systemd-analyze security uve-host.service --no-pager | tail -1");
+    eprintln!(
+        "{NAME}: in-guest systemd-analyze security uve-host: {}",
+        security.trim()
+    );
+    eprintln!(
+        "{NAME}: failed units in the guest: {}",
+        vm.sh("systemctl --failed --no-legend --plain | cut -d' ' -f1 | tr '\\n' ' '")
+            .1
+            .trim()
+    );
+
+    // --- login → retrieve, modify, logout → update committed on the host.
+    let t = Instant::now();
+    vm.ok("id alice >/dev/null 2>&1 || useradd -m alice");
+    vm.ok("uve-agent login --user alice --session s1");
+    let img = "/var/lib/uve-agent/uif/alice.img";
+    assert_eq!(
+        vm.get(img).expect("UIF in the guest"),
+        v1,
+        "retrieved UIF differs"
+    );
+    let mut v2 = v1.clone();
+    v2[4096..8192].copy_from_slice(&noise(4096, 8));
+    vm.put(img, &v2);
+    vm.ok("uve-agent logout --session s1");
+    let v2_head = host.ok(&["versions", "alice"])["head"]
+        .as_u64()
+        .expect("head");
+    assert!(v2_head > v1_head, "logout committed no new version");
+    assert_eq!(
+        host.export("alice", v2_head, dir),
+        v2,
+        "the host's new version differs from what the guest wrote"
+    );
+    eprintln!("{NAME}: login/logout round trip: {:?}", t.elapsed());
+
+    // --- a clean shutdown stops the agent through its unit.
+    vm.ok("systemctl stop uve-agent.service");
+    let gone = wait_for(Duration::from_secs(30), || {
+        host.ok(&["vm", "show", "vm-baked"])["connected"] == Value::Bool(false)
+    });
+    assert!(gone, "host still sees the agent after systemctl stop");
+    assert!(
+        vm.sh("systemctl is-active uve-agent.service").1.trim() == "inactive",
+        "uve-agent not inactive after stop"
+    );
+    drop(vm);
+}
