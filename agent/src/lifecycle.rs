@@ -17,6 +17,9 @@ use crate::fsutil;
 use crate::session::{SessionRecord, UifRecord};
 use crate::uif::{UifError, cache, materialise, retrieve};
 
+/// Pause before retrying an interrupted retrieve.
+const RETRY_PAUSE: Duration = Duration::from_millis(300);
+
 /// Why a lifecycle operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
@@ -138,26 +141,37 @@ async fn obtain_uif(
     summary: &mut String,
 ) -> Result<UifRecord, LifecycleError> {
     let dest = cfg.uif_path(user);
-    let result = match agent
-        .conn
-        .wait(Duration::from_secs(cfg.login_timeout_secs))
-        .await
-    {
-        None => Err(UifError::NotConnected),
-        Some(c) => {
-            let _ = deliver_user_spool(agent, &c, user).await;
-            if !agent.spool.for_user(user).is_empty() {
-                return Err(LifecycleError::PendingUpdate(user.into()));
+    // A connection that drops (or a busy host) during the login is retried
+    // until the login timeout, so a host restart does not fail logins.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.login_timeout_secs);
+    let result = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(c) = agent.conn.wait(left).await else {
+            break Err(UifError::NotConnected);
+        };
+        let _ = deliver_user_spool(agent, &c, user).await;
+        let retry_possible = tokio::time::Instant::now() + RETRY_PAUSE < deadline;
+        if !agent.spool.for_user(user).is_empty() {
+            if c.link.is_closed() && retry_possible {
+                tokio::time::sleep(RETRY_PAUSE).await;
+                continue;
             }
-            let parallel = cfg
-                .fetch_parallel
-                .min(
-                    usize::try_from(c.welcome.limits.max_inflight)
-                        .unwrap_or(1)
-                        .saturating_sub(2),
-                )
-                .max(1);
-            retrieve::retrieve(&c.link, &agent.state_dir, user, session, &dest, parallel).await
+            return Err(LifecycleError::PendingUpdate(user.into()));
+        }
+        let parallel = cfg
+            .fetch_parallel
+            .min(
+                usize::try_from(c.welcome.limits.max_inflight)
+                    .unwrap_or(1)
+                    .saturating_sub(2),
+            )
+            .max(1);
+        match retrieve::retrieve(&c.link, &agent.state_dir, user, session, &dest, parallel).await {
+            Err(e) if e.is_transient() && retry_possible => {
+                tracing::warn!(user, "retrieve interrupted, retrying: {e}");
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            other => break other,
         }
     };
     match result {

@@ -232,6 +232,28 @@ fn host_down_at_logout_spools_and_delivers_also_after_sigkill() {
     assert_eq!(agent.terminate(), Some(0));
 }
 
+#[test]
+fn connection_reset_during_retrieve_is_retried_within_the_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    let data = noise(2 << 20, 33);
+    host.with(|h| {
+        h.seed("olga", &data);
+        h.drop_on_fetch = true;
+    });
+    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    agent.wait_connected();
+    let out = agent.ok(&["login", "--user", "olga", "--session", "o1"]);
+    assert!(out.contains("retrieved version"), "{out}");
+    assert_eq!(host.with(|h| h.connections), 2, "reconnected once");
+    assert_eq!(
+        std::fs::read(dir.path().join("uif/olga.img")).unwrap(),
+        data
+    );
+    // The partial file of the interrupted attempt is gone.
+    assert!(!dir.path().join("uif/olga.img.uve-part").exists());
+}
+
 /// A larger UIF (64 MiB): prints timings and the agent's peak RSS. Ignored
 /// by default (slow in debug builds); run with `--ignored --nocapture`,
 /// ideally with `UVE_AGENT_BIN` pointing at the static release build.

@@ -114,6 +114,8 @@ pub struct HostState {
     pub busy_notices: usize,
     /// Drop the connection (no goodbye) at the next chunk upload.
     pub drop_on_upload: bool,
+    /// Drop the connection (no goodbye) at the next chunk fetch.
+    pub drop_on_fetch: bool,
     /// Record the next disconnect notice, then drop the connection before
     /// acknowledging it (the agent must redeliver the same id).
     pub drop_after_notice: bool,
@@ -313,11 +315,15 @@ async fn serve_conn(
                 let Some(Incoming { request, responder }) = item else { break };
                 let drop_now = {
                     let mut st = state.lock().unwrap();
-                    let hit = st.drop_on_upload && matches!(request, Request::ChunkUpload { .. });
-                    if hit {
+                    let upload = st.drop_on_upload && matches!(request, Request::ChunkUpload { .. });
+                    let fetch = st.drop_on_fetch && matches!(request, Request::ChunkFetch { .. });
+                    if upload {
                         st.drop_on_upload = false;
                     }
-                    hit
+                    if fetch {
+                        st.drop_on_fetch = false;
+                    }
+                    upload || fetch
                 };
                 if drop_now {
                     std::mem::forget(responder);
