@@ -54,7 +54,10 @@ impl Agent {
         // Traverse-only for others: UAs running as the session's user must
         // reach `ua/`; everything else below is 0700.
         crate::fsutil::ensure_dir_mode(&state_dir, 0o711)?;
-        let boot_id = crate::fsutil::random_bytes::<16>()?;
+        let boot_id = match kernel_boot_id() {
+            Some(id) => id,
+            None => crate::fsutil::random_bytes::<16>()?,
+        };
         Ok(Agent {
             table: Mutex::new(Table::load(&state_dir)),
             supervisor: Supervisor::default(),
@@ -125,6 +128,18 @@ impl Agent {
     }
 }
 
+/// The kernel's random per-boot id (a UUID), so `Hello.boot_id` tells the
+/// host a VM reboot from an agent restart or reconnect.
+fn kernel_boot_id() -> Option<[u8; 16]> {
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let hex: String = text.trim().chars().filter(|c| *c != '-').collect();
+    let mut out = [0u8; 16];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    (hex.len() == 32).then_some(out)
+}
+
 /// Retry interval of the outbox while deliveries are pending.
 const RETRY: Duration = Duration::from_secs(3);
 
@@ -173,4 +188,14 @@ async fn announce(agent: &Agent, c: &Connected) -> bool {
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kernel_boot_id_is_stable_within_a_boot() {
+        let a = super::kernel_boot_id();
+        assert!(a.is_some(), "/proc/sys/kernel/random/boot_id unreadable");
+        assert_eq!(a, super::kernel_boot_id());
+    }
 }
