@@ -444,4 +444,62 @@ mod tests {
             Err(ArchiveError::Unsafe { .. })
         ));
     }
+
+    fn raw(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, kind, link) in entries {
+            let mut h = tar::Header::new_gnu();
+            let gnu = h.as_gnu_mut().unwrap();
+            gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+            gnu.linkname[..link.len()].copy_from_slice(link.as_bytes());
+            let data: &[u8] = if *kind == tar::EntryType::Regular {
+                b"x"
+            } else {
+                b""
+            };
+            h.set_entry_type(*kind);
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            h.set_cksum();
+            b.append(&h, data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn home_policy_still_refuses_escapes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let home = UnpackPolicy {
+            symlinks_anywhere: true,
+            strict_types: false,
+            owner: None,
+        };
+        let out = outside.to_str().unwrap().to_string();
+        let cases: Vec<Vec<u8>> = vec![
+            raw(&[("../escape", tar::EntryType::Regular, "")]),
+            raw(&[("/abs", tar::EntryType::Regular, "")]),
+            raw(&[
+                ("ln", tar::EntryType::Symlink, out.as_str()),
+                ("ln/pwned", tar::EntryType::Regular, ""),
+            ]),
+            raw(&[
+                ("f", tar::EntryType::Regular, ""),
+                ("hl", tar::EntryType::Link, "../../etc/passwd"),
+            ]),
+        ];
+        for (i, ar) in cases.iter().enumerate() {
+            let path = tmp.path().join(format!("{i}.tar"));
+            fs::write(&path, ar).unwrap();
+            let dst = tmp.path().join(format!("dst{i}"));
+            fs::create_dir(&dst).unwrap();
+            assert!(
+                matches!(unpack(&path, &dst, home), Err(ArchiveError::Unsafe { .. })),
+                "case {i}"
+            );
+        }
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+        assert!(!tmp.path().join("escape").exists());
+    }
 }
