@@ -379,6 +379,9 @@ async fn new_connection_replaces_old_one() {
     assert!(connected.is_some());
     let (s, v) = host.call(Method::POST, "/v1/vms/vm1/ping", json!({})).await;
     assert_eq!((s, v["pong"].as_bool()), (200, Some(true)));
+    // a UVE-2 request sent to the host is answered Unsupported
+    let e = second.request(Request::AgentStatus).await.unwrap_err();
+    assert_eq!(code(&e), Some(ErrorCode::Unsupported));
     let lost = host
         .events()
         .await
