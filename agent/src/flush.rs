@@ -127,7 +127,14 @@ pub async fn flush_user(
     if !keep_attached {
         agent.with_table(|t| t.uifs.remove(user));
     }
-    let outcome = match agent.conn.wait(FLUSH_CONNECT_WAIT).await {
+    // At shutdown every second counts (systemd's stop timeout): only use a
+    // connection that is up now.
+    let wait = if cause == UpdateCause::Shutdown {
+        Duration::ZERO
+    } else {
+        FLUSH_CONNECT_WAIT
+    };
+    let outcome = match agent.conn.wait(wait).await {
         None => FlushOutcome::Spooled("host unreachable".into()),
         Some(c) => {
             let live_checkpoint = keep_attached && cause == UpdateCause::Checkpoint;
