@@ -150,7 +150,7 @@ fi
 i=0
 while [ $i -lt ${#copies[@]} ]; do
   src=${copies[$i]} dst=${copies[$((i + 1))]}
-  install -D "$src" "$rootfs$dst"
+  install -D -m "$(stat -c %a "$src")" "$src" "$rootfs$dst"
   i=$((i + 2))
 done
 for u in "${enables[@]}"; do

@@ -49,7 +49,10 @@ done
 if [ "$lint" = 1 ]; then
   command -v lintian >/dev/null 2>&1 || { log "lintian missing: apt-get install lintian"; exit 1; }
   log "lintian"
-  # --fail-on error,warning: accepted findings must carry an override.
-  lintian --fail-on error,warning --display-info --show-overrides "$host_deb" "$agent_deb"
+  # --fail-on error,warning: accepted findings must carry an override
+  # (packaging/lintian/, shipped in the packages; --show-overrides would
+  # count them as failures, so they are listed from the files instead).
+  lintian --fail-on error,warning --display-info "$host_deb" "$agent_deb"
+  log "accepted (overridden): $(grep -hv '^#' packaging/lintian/* | sed 's/ \[.*//' | sort -u | paste -sd';' | sed 's/;/; /g')"
   log "lintian clean (errors and warnings: none beyond the overrides)"
 fi

@@ -252,6 +252,17 @@ fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
             .1
     );
     assert_eq!(vm.sh("uvectl vm list").0, 0, "uvectl in the guest");
+    // The packaged units pass systemd's own checks (binaries installed).
+    let (code, out) = vm.sh("systemd-analyze verify uve-host.service uve-agent.service");
+    assert_eq!(code, 0, "systemd-analyze verify:\n{out}");
+    // ExecReload (SIGHUP: configuration reload) keeps the agent running.
+    let pid = vm.ok("pidof uve-agent");
+    vm.ok("systemctl reload uve-agent.service");
+    assert_eq!(
+        vm.ok("systemctl is-active uve-agent.service").trim(),
+        "active"
+    );
+    assert_eq!(vm.ok("pidof uve-agent"), pid, "reload restarted the agent");
     let (_, security) = vm.sh("systemd-analyze security uve-host.service --no-pager | tail -1");
     eprintln!(
         "{NAME}: in-guest systemd-analyze security uve-host: {}",
