@@ -180,7 +180,9 @@ pub struct GcReport {
 pub trait UifStore: Send + Sync + 'static {
     /// True if the chunk is stored.
     fn has_chunk(&self, hash: &Hash) -> StoreResult<bool>;
-    /// Stores a chunk durably after checking `hash == BLAKE3(data)`.
+    /// Stores a chunk after checking `hash == BLAKE3(data)` (else
+    /// `BadChunk`). It is durable no later than the commit of the first
+    /// version that refers to it.
     fn put_chunk(&self, hash: &Hash, data: &[u8]) -> StoreResult<()>;
     /// Reads a chunk (at most `MAX_CHUNK` bytes) and verifies its hash.
     fn read_chunk(&self, hash: &Hash) -> StoreResult<Vec<u8>>;

@@ -256,3 +256,61 @@ fn corrupt_state_is_an_error_not_a_reset() {
         Err(StoreError::Corrupt { .. })
     ));
 }
+
+#[test]
+fn uploaded_chunks_are_staged_until_a_commit_promotes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let data = noise(400_000, 7);
+    let m = put(&s, &data);
+    for c in &m.chunks {
+        assert!(
+            s.has_chunk(&c.hash).unwrap(),
+            "a staged chunk counts as stored"
+        );
+        assert!(s.staged_path(&c.hash).is_file());
+        assert!(
+            !s.chunk_path(&c.hash).exists(),
+            "not promoted before a commit"
+        );
+    }
+    assert_eq!(
+        s.commit("alice", &m, None, true, "t").unwrap(),
+        CommitOutcome::Committed(1)
+    );
+    for c in &m.chunks {
+        assert!(s.chunk_path(&c.hash).is_file(), "promoted by the commit");
+        assert!(!s.staged_path(&c.hash).exists());
+    }
+    assert_eq!(read_all(&s, "alice", 1), data);
+}
+
+#[test]
+fn torn_staged_chunks_are_dropped_at_open_and_intact_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = {
+        let s = open(dir.path());
+        put(&s, &noise(400_000, 8))
+    };
+    let (torn, intact) = (m.chunks[0], m.chunks[1]);
+    let s = open(dir.path());
+    // What an OS crash can leave of a never-synced file: a short one.
+    std::fs::write(s.staged_path(&torn.hash), b"short").unwrap();
+    std::fs::write(s.staging.join("123.4.tmp"), b"junk").unwrap();
+    drop(s);
+    let s = open(dir.path());
+    assert!(
+        !s.has_chunk(&torn.hash).unwrap(),
+        "torn staged chunk must be re-uploaded"
+    );
+    assert!(
+        s.has_chunk(&intact.hash).unwrap(),
+        "intact staged chunk is kept for the retry"
+    );
+    assert!(!s.staging.join("123.4.tmp").exists());
+    assert!(matches!(
+        s.commit("alice", &m, None, true, "t"),
+        Err(StoreError::MissingChunk(h)) if h == torn.hash
+    ));
+    assert_eq!(s.head("alice").unwrap(), None);
+}
