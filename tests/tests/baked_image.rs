@@ -263,6 +263,19 @@ fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
         "active"
     );
     assert_eq!(vm.ok("pidof uve-agent"), pid, "reload restarted the agent");
+    // The AF_VSOCK listener (vsock_listen, for --cid VMs) under the same
+    // hardening: the guest kernel has a vsock transport, so the bind is real.
+    vm.put("/etc/uve/host.toml", b"vsock_listen = true\n");
+    vm.ok("systemctl restart uve-host.service");
+    assert_eq!(
+        vm.ok("systemctl is-active uve-host.service").trim(),
+        "active"
+    );
+    assert!(
+        vm.ok("journalctl -b -u uve-host.service --no-pager -o cat")
+            .contains("listening on AF_VSOCK"),
+        "uve-host did not listen on AF_VSOCK under its unit"
+    );
     let (_, security) = vm.sh("systemd-analyze security uve-host.service --no-pager | tail -1");
     eprintln!(
         "{NAME}: in-guest systemd-analyze security uve-host: {}",
