@@ -17,7 +17,7 @@
 #
 # Usage:
 #   packaging/bake-image.sh --rootfs DIR [--debootstrap [--suite S]
-#       [--mirror URL] [--include pkg,pkg] [--cache DIR]]
+#       [--mirror URL (default: debootstrap's)] [--include pkg,pkg] [--cache DIR]]
 #       [--agent-deb FILE] [--deb FILE]... [--config agent.toml]
 #       [--modules-from KROOT] [--copy-in SRC DST]... [--enable UNIT]...
 #       [--run 'CMD']... [--hostname NAME] [--disk IMG [--disk-size 2G]]
@@ -43,7 +43,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 log() { printf 'bake-image: [%3ss] %s\n' "$SECONDS" "$*" >&2; }
 die() { printf 'bake-image: error: %s\n' "$*" >&2; exit 1; }
 
-rootfs="" debootstrap=0 suite=bookworm mirror=http://deb.debian.org/debian
+rootfs="" debootstrap=0 suite=bookworm mirror=""
 include="systemd-sysv,udev,kmod" extra_include="" cache=""
 agent_deb="$repo/target/debian/uve-agent.deb" config="" modules_from=""
 hostname=uve-guest disk="" disk_size=2G
@@ -81,7 +81,7 @@ if [ "$debootstrap" = 1 ]; then
   command -v debootstrap >/dev/null || die "debootstrap missing (apt-get install debootstrap)"
   [ ! -e "$rootfs" ] || [ -z "$(ls -A "$rootfs")" ] || die "$rootfs exists and is not empty"
   pkgs="$include${extra_include:+,$extra_include}"
-  key=$(printf '%s\n' "$suite" minbase "$pkgs" "$mirror" | sha256sum | cut -c1-16)
+  key=$(printf '%s\n' "$suite" minbase "$pkgs" "${mirror:-default}" | sha256sum | cut -c1-16)
   tarball="${cache:+$cache/debootstrap-$suite-$key.tar}"
   mkdir -p "$rootfs"
   if [ -n "$tarball" ] && [ -s "$tarball" ]; then
@@ -89,7 +89,8 @@ if [ "$debootstrap" = 1 ]; then
     tar -C "$rootfs" --numeric-owner -xpf "$tarball"
   else
     log "debootstrap $suite minbase +$pkgs (a few minutes)"
-    debootstrap --variant=minbase --include="$pkgs" "$suite" "$rootfs" "$mirror" >"$rootfs.debootstrap.log" 2>&1 \
+    # No mirror given: debootstrap's own default Debian mirror.
+    debootstrap --variant=minbase --include="$pkgs" "$suite" "$rootfs" ${mirror:+"$mirror"} >"$rootfs.debootstrap.log" 2>&1 \
       || { tail -20 "$rootfs.debootstrap.log" >&2; die "debootstrap failed (log: $rootfs.debootstrap.log)"; }
     rm -f "$rootfs.debootstrap.log"
     # Nothing of the build host's apt state is useful inside the image.

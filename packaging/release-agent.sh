@@ -41,7 +41,7 @@ build() { # <rust target> <artifact arch> [linker]
 build x86_64-unknown-linux-gnu x86_64
 
 if ! rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu; then
-  log "aarch64 skipped: the aarch64-unknown-linux-gnu Rust target is not installed (rustup target add needs static.rust-lang.org, which this environment cannot reach; Debian's own rustc is too old for edition 2024)"
+  log "aarch64 skipped: the aarch64-unknown-linux-gnu Rust target is not installed (rustup target add downloads it from the Rust project, which this build environment cannot reach; Debian's own rustc is too old for edition 2024)"
 elif ! command -v aarch64-linux-gnu-gcc >/dev/null; then
   log "aarch64 skipped: no cross linker (apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross)"
 else
