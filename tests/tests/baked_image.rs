@@ -16,7 +16,7 @@
 //! under `target/e2e-cache/rootfs`). Needs root, debootstrap, e2fsprogs and
 //! `packaging/build-debs.sh`'s packages; skipped without them unless
 //! `E2E_REQUIRE=1`. Run it: `cargo nextest run -p uve-e2e -E
-//! 'test(baked_image)'`; its run directory (`/tmp/uve-e2e-*`, kept on
+//! 'binary(baked_image)'`; its run directory (`/tmp/uve-e2e-*`, kept on
 //! failure) holds `bake.log`, `console.log` (kernel + systemd + journal),
 //! `host.log`.
 
