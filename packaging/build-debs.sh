@@ -46,6 +46,17 @@ for d in "$host_deb" "$agent_deb"; do
   log "$(basename "$d"): $(du -k "$d" | cut -f1) KiB"
 done
 
+# Hardening guard: the host unit's exposure (systemd-analyze security,
+# offline) must stay where packaging/README.md says it is (1.4 "OK").
+if command -v systemd-analyze >/dev/null 2>&1; then
+  score=$(systemd-analyze security --offline=true packaging/systemd/uve-host.service 2>/dev/null | tail -1)
+  log "uve-host.service: ${score#→ }"
+  systemd-analyze security --offline=true --threshold=20 packaging/systemd/uve-host.service >/dev/null 2>&1 ||
+    { log "uve-host.service exposure above 2.0: a hardening option was lost"; exit 1; }
+else
+  log "systemd-analyze missing (apt-get install systemd): hardening score not checked"
+fi
+
 if [ "$lint" = 1 ]; then
   command -v lintian >/dev/null 2>&1 || { log "lintian missing: apt-get install lintian"; exit 1; }
   log "lintian"
