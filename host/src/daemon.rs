@@ -88,10 +88,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let api_stop = CancellationToken::new();
     let api_path = host.config.api_socket();
-    let api = tokio::spawn(api::serve(daemon.clone(), api_path, api_stop.clone()));
+    let api_listener = api::bind(&api_path)?;
+    let api = tokio::spawn(api::serve(
+        daemon.clone(),
+        api_listener,
+        api_path,
+        api_stop.clone(),
+    ));
     tracing::info!(data_dir = %host.config.data_dir.display(), "uve-host running");
+    // Listeners and API are bound: dependents (VMMs) may start now.
+    crate::notify::notify("READY=1\nSTATUS=listening");
     wait_for_signal().await?;
     tracing::info!("shutting down");
+    crate::notify::notify("STOPPING=1");
     host.shutdown.cancel();
     api_stop.cancel();
     let grace = Host::ms(host.config.shutdown_grace_ms);

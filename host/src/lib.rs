@@ -20,6 +20,7 @@ pub mod handover;
 pub mod host;
 pub mod leases;
 pub mod metrics;
+pub mod notify;
 pub mod registry;
 pub mod server;
 pub mod sessions;

@@ -173,18 +173,24 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .with_state(daemon)
 }
 
-/// Serves the API on the Unix socket `path` until `stop` is cancelled.
-pub async fn serve(
-    daemon: Arc<Daemon>,
-    path: PathBuf,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
-    let path = path.as_path();
+/// Binds the API's Unix socket at `path` (creating its directory).
+pub fn bind(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let listener = uve_protocol::transport::bind_unix(path)?;
     tracing::info!(path = %path.display(), "management API listening");
+    Ok(listener)
+}
+
+/// Serves the API on `listener` (bound at `path`) until `stop` is cancelled.
+pub async fn serve(
+    daemon: Arc<Daemon>,
+    listener: tokio::net::UnixListener,
+    path: PathBuf,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let path = path.as_path();
     let app = router(daemon);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
