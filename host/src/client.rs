@@ -77,8 +77,19 @@ pub fn json(v: &serde_json::Value) -> ReqBody {
 
 /// A body streamed from a file.
 pub async fn file(path: &Path) -> Result<ReqBody, ClientError> {
+    file_counted(path, |_| {}).await
+}
+
+/// A body streamed from a file, calling `sent(n)` as each piece of `n`
+/// bytes is handed to the connection (for progress display).
+pub async fn file_counted(
+    path: &Path,
+    sent: impl Fn(u64) + Send + Sync + 'static,
+) -> Result<ReqBody, ClientError> {
     let f = tokio::fs::File::open(path).await?;
-    let stream = tokio_util::io::ReaderStream::new(f).map_ok(Frame::data);
+    let stream = tokio_util::io::ReaderStream::new(f)
+        .inspect_ok(move |b| sent(b.len() as u64))
+        .map_ok(Frame::data);
     Ok(BodyExt::boxed(StreamBody::new(stream)))
 }
 

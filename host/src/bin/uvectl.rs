@@ -9,7 +9,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use http_body_util::BodyExt;
+use hyper::body::Body as _;
 use hyper::{Method, StatusCode};
+use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use uve_host::client::{self, Answer, ApiClient};
 
@@ -343,13 +345,19 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Users => c.get("/v1/users").await?,
         Cmd::Versions { user } => c.get(&format!("/v1/users/{}/versions", q(&user))).await?,
         Cmd::Import { user, file } => {
-            let body = client::file(&file).await?;
-            c.call(
-                Method::POST,
-                &format!("/v1/users/{}/import", q(&user)),
-                body,
-            )
-            .await?
+            let len = std::fs::metadata(&file).map(|m| m.len()).ok();
+            let bar = progress(len, &format!("import {user}"));
+            let counter = bar.clone();
+            let body = client::file_counted(&file, move |n| counter.inc(n)).await?;
+            let answer = c
+                .call(
+                    Method::POST,
+                    &format!("/v1/users/{}/import", q(&user)),
+                    body,
+                )
+                .await;
+            bar.finish_and_clear();
+            answer?
         }
         Cmd::Export {
             user,
@@ -545,14 +553,40 @@ async fn export(
         Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p)?)),
         None => Box::new(std::io::stdout().lock()),
     };
+    let bar = progress(
+        body.size_hint().exact(),
+        &format!("export {user} v{version}"),
+    );
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| anyhow::anyhow!("export interrupted: {e}"))?;
         if let Ok(data) = frame.into_data() {
             out.write_all(&data)?;
+            bar.inc(data.len() as u64);
         }
     }
     out.flush()?;
+    bar.finish_and_clear();
     Ok(0)
+}
+
+/// A byte progress bar on stderr for long transfers; indicatif hides it
+/// when stderr is not a terminal, so scripts see nothing of it.
+fn progress(len: Option<u64>, what: &str) -> ProgressBar {
+    let (bar, template) = match len {
+        Some(n) => (
+            ProgressBar::new(n),
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        ),
+        None => (
+            ProgressBar::new_spinner(),
+            "{msg} {bytes} {binary_bytes_per_sec}",
+        ),
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
 }
 
 async fn events(c: &ApiClient, since: u64, follow: bool) -> anyhow::Result<u8> {
