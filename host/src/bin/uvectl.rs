@@ -469,6 +469,12 @@ fn print(a: &Answer, raw: bool) -> u8 {
         }
         return code;
     }
+    if !raw && v["versions"].is_array() {
+        // `versions USER`: the head, then one row per retained version.
+        println!("head: {}", v["head"]);
+        table(&v["versions"]);
+        return 0;
+    }
     if raw || !v.is_array() {
         if raw {
             println!("{v}");
