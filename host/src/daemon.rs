@@ -17,7 +17,9 @@ use crate::host::Host;
 use crate::leases::Leases;
 use crate::registry::Registry;
 use crate::server::{self, VmListeners};
-use crate::store::LocalStore;
+#[cfg(feature = "s3")]
+use crate::store::S3Store;
+use crate::store::{LocalStore, UifStore};
 use crate::{api, durable};
 
 /// What the API handlers share: the host state and the listeners.
@@ -50,6 +52,28 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
     Ok(file)
 }
 
+/// Opens the UIF store the configuration names: S3 when `[s3]` is set,
+/// else the local store under `<data_dir>/store`.
+fn open_store(config: &Config, data: &Path) -> anyhow::Result<Arc<dyn UifStore>> {
+    match &config.s3 {
+        None => Ok(Arc::new(
+            LocalStore::open(&data.join("store"), config.store_policy())
+                .context("open UIF store")?,
+        )),
+        #[cfg(feature = "s3")]
+        Some(s3) => {
+            let grace = Duration::from_secs(config.gc_grace_secs);
+            let store = S3Store::open(s3, config.store_policy(), grace)
+                .with_context(|| format!("open the S3 UIF store (bucket {:?})", s3.bucket))?;
+            Ok(Arc::new(store))
+        }
+        #[cfg(not(feature = "s3"))]
+        Some(_) => anyhow::bail!(
+            "the configuration has an [s3] store but this uve-host was built without the `s3` feature"
+        ),
+    }
+}
+
 /// Opens everything and builds the daemon state (no tasks started).
 pub fn open(config: Config) -> anyhow::Result<(Arc<Daemon>, File)> {
     let data = config.data_dir.clone();
@@ -57,11 +81,10 @@ pub fn open(config: Config) -> anyhow::Result<(Arc<Daemon>, File)> {
     let lock = lock_data_dir(&data)?;
     let tmp = data.join("tmp");
     durable::clear_dir(&tmp).context("clear temp directory")?;
-    let store =
-        LocalStore::open(&data.join("store"), config.store_policy()).context("open UIF store")?;
+    let store = open_store(&config, &data)?;
     let registry = Registry::load(&data, &tmp, config.port)?;
     let leases = Leases::load(&data, &tmp)?;
-    let host = Arc::new(Host::new(config, tmp, Arc::new(store), registry, leases));
+    let host = Arc::new(Host::new(config, tmp, store, registry, leases));
     Ok((
         Arc::new(Daemon {
             host,
@@ -73,7 +96,10 @@ pub fn open(config: Config) -> anyhow::Result<(Arc<Daemon>, File)> {
 
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let (daemon, _lock) = open(config)?;
+    // Opening may block on the network (S3 self-test): off the async workers.
+    let (daemon, _lock) = tokio::task::spawn_blocking(move || open(config))
+        .await
+        .context("open task")??;
     let host = daemon.host.clone();
     for spec in host.registry.vms() {
         if let Err(e) = daemon.listeners.start(&host, &spec) {

@@ -145,7 +145,11 @@ pub fn wire_store_error(e: &StoreError) -> WireError {
         }
         StoreError::BadManifest(_) => ErrorCode::BadRequest,
         StoreError::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
-        StoreError::Corrupt { .. } | StoreError::Io { .. } => {
+        StoreError::Contended { .. } => ErrorCode::Busy,
+        StoreError::Corrupt { .. }
+        | StoreError::Io { .. }
+        | StoreError::Remote { .. }
+        | StoreError::UnsafeStore(_) => {
             tracing::error!(error = %e, "store failure");
             ErrorCode::Internal
         }

@@ -3,7 +3,7 @@
 # one folder, for the S3 store tests. Needs Debian's radosgw ceph-mon
 # ceph-osd uuid-runtime curl (installed by .ci/run).
 #
-#   tests/s3/rgw.sh start DIR   # prints the S3 environment, also in DIR/env
+#   tests/s3/rgw.sh start DIR   # prints the S3 environment (and bucket uve-test), also in DIR/env
 #   tests/s3/rgw.sh stop DIR    # stops the daemons by PID, removes DIR
 #
 # The recipe (auth none, size-1 pools, bluestore on a sparse file, CRUSH by
@@ -108,12 +108,17 @@ CONF
   local key=uvetestaccesskey secret=uvetestsecretkey0123456789
   timeout 30 radosgw-admin -c "$conf" user create --uid=test --display-name=test \
     --access-key="$key" --secret-key="$secret" >/dev/null
+  # The bucket the tests use (each test under its own key prefix).
+  curl -sf -X PUT --aws-sigv4 "aws:amz:us-east-1:s3" --user "$key:$secret" \
+    -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" "http://127.0.0.1:$rgw_port/uve-test" >/dev/null \
+    || { echo "cannot create bucket uve-test" >&2; return 1; }
   cat > "$dir/env" <<ENV
 export AWS_ENDPOINT_URL=http://127.0.0.1:$rgw_port
 export AWS_ACCESS_KEY_ID=$key
 export AWS_SECRET_ACCESS_KEY=$secret
 export AWS_REGION=us-east-1
 export AWS_ALLOW_HTTP=true
+export UVE_S3_BUCKET=uve-test
 ENV
   cat "$dir/env"
 }

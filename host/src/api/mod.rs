@@ -81,7 +81,13 @@ impl From<StoreError> for ApiError {
             StoreError::QuotaExceeded { .. } => {
                 Self::new(StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded", e)
             }
-            StoreError::Corrupt { .. } | StoreError::Io { .. } => Self::internal(e),
+            StoreError::Contended { .. } => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "contended", e)
+            }
+            StoreError::Remote { .. } => Self::new(StatusCode::BAD_GATEWAY, "store_unavailable", e),
+            StoreError::Corrupt { .. } | StoreError::Io { .. } | StoreError::UnsafeStore(_) => {
+                Self::internal(e)
+            }
         }
     }
 }

@@ -30,7 +30,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
 use uve_protocol::defs::MAX_CHUNK;
 use uve_protocol::manifest::{Hash, Manifest};
 use uve_protocol::message::Version;
@@ -38,17 +37,9 @@ use uve_protocol::names;
 
 use super::{
     ChunkPins, CommitOutcome, GcReport, PinTable, StoreError, StorePolicy, StoreResult, UifStore,
-    VersionInfo, VersionKind, now_ms,
+    UserState, VersionInfo, VersionKind, now_ms,
 };
 use crate::durable;
-
-/// Per-user state file: the single source of truth of what is visible.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct UserState {
-    head: Option<Version>,
-    next: Version,
-    versions: Vec<VersionInfo>,
-}
 
 /// A UIF store in a local directory.
 pub struct LocalStore {
@@ -297,7 +288,7 @@ impl LocalStore {
         if becomes_head {
             state.head = Some(v);
         }
-        let pruned = self.prune(&mut state);
+        let pruned = super::prune(&self.policy, &mut state);
         self.write_state(user, &state)?;
         for p in pruned {
             let _ = fs::remove_file(self.manifest_path(user, p));
@@ -310,42 +301,6 @@ impl LocalStore {
                 head: previous_head,
             }
         })
-    }
-
-    /// Drops versions beyond the retention policy from `state`; returns
-    /// their numbers (their manifests are deleted after the state write).
-    fn prune(&self, state: &mut UserState) -> Vec<Version> {
-        let now = now_ms();
-        let max_age = u64::try_from(self.policy.conflict_max_age.as_millis()).unwrap_or(u64::MAX);
-        let committed: Vec<Version> = state
-            .versions
-            .iter()
-            .filter(|v| v.kind == VersionKind::Committed)
-            .map(|v| v.version)
-            .collect();
-        let conflicts: Vec<&VersionInfo> = state
-            .versions
-            .iter()
-            .filter(|v| v.kind == VersionKind::Conflict)
-            .collect();
-        let mut drop: HashSet<Version> = HashSet::new();
-        let keep = self.policy.history_keep.max(1);
-        if committed.len() > keep {
-            drop.extend(committed[..committed.len() - keep].iter().copied());
-        }
-        let excess = conflicts.len().saturating_sub(self.policy.conflict_keep);
-        for (i, c) in conflicts.iter().enumerate() {
-            if i < excess || now.saturating_sub(c.created_ms) > max_age {
-                drop.insert(c.version);
-            }
-        }
-        if let Some(h) = state.head {
-            drop.remove(&h);
-        }
-        state.versions.retain(|v| !drop.contains(&v.version));
-        let mut out: Vec<Version> = drop.into_iter().collect();
-        out.sort_unstable();
-        out
     }
 
     fn chunk_files(&self) -> Vec<(PathBuf, Hash)> {

@@ -19,9 +19,13 @@
 
 mod local;
 mod pins;
+#[cfg(feature = "s3")]
+mod s3;
 
 pub use local::LocalStore;
 pub use pins::{ChunkPins, PinTable};
+#[cfg(feature = "s3")]
+pub use s3::{S3Config, S3Store};
 
 use std::time::Duration;
 
@@ -68,6 +72,25 @@ pub enum StoreError {
         /// What is wrong.
         why: String,
     },
+    /// The object store failed (network, credentials, server error).
+    #[error("object store: {context}: {message}")]
+    Remote {
+        /// What we were doing.
+        context: String,
+        /// The client's error.
+        message: String,
+    },
+    /// The object store does not honour conditional writes.
+    #[error("the object store is unsafe for compare-and-swap, refusing to use it: {0}")]
+    UnsafeStore(String),
+    /// The user's head kept changing under a commit.
+    #[error("the head of {user} changed {attempts} times in a row during a commit; try again")]
+    Contended {
+        /// The user.
+        user: String,
+        /// Attempts made.
+        attempts: u32,
+    },
     /// Filesystem error.
     #[error("{context}: {source}")]
     Io {
@@ -90,6 +113,55 @@ impl StoreError {
 
 /// Result of a store operation.
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Per-user state (the local `state.json`, the S3 head object): the single
+/// source of truth of which versions exist and which is head.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct UserState {
+    pub(crate) head: Option<Version>,
+    pub(crate) next: Version,
+    pub(crate) versions: Vec<VersionInfo>,
+    /// Nonce of the write that produced this state (S3: recognises a
+    /// compare-and-swap whose answer was lost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) writer: Option<String>,
+}
+
+/// Drops versions beyond the retention policy from `state`; returns their
+/// numbers (oldest first).
+pub(crate) fn prune(policy: &StorePolicy, state: &mut UserState) -> Vec<Version> {
+    let now = now_ms();
+    let max_age = u64::try_from(policy.conflict_max_age.as_millis()).unwrap_or(u64::MAX);
+    let committed: Vec<Version> = state
+        .versions
+        .iter()
+        .filter(|v| v.kind == VersionKind::Committed)
+        .map(|v| v.version)
+        .collect();
+    let conflicts: Vec<&VersionInfo> = state
+        .versions
+        .iter()
+        .filter(|v| v.kind == VersionKind::Conflict)
+        .collect();
+    let mut drop: std::collections::HashSet<Version> = std::collections::HashSet::new();
+    let keep = policy.history_keep.max(1);
+    if committed.len() > keep {
+        drop.extend(committed[..committed.len() - keep].iter().copied());
+    }
+    let excess = conflicts.len().saturating_sub(policy.conflict_keep);
+    for (i, c) in conflicts.iter().enumerate() {
+        if i < excess || now.saturating_sub(c.created_ms) > max_age {
+            drop.insert(c.version);
+        }
+    }
+    if let Some(h) = state.head {
+        drop.remove(&h);
+    }
+    state.versions.retain(|v| !drop.contains(&v.version));
+    let mut out: Vec<Version> = drop.into_iter().collect();
+    out.sort_unstable();
+    out
+}
 
 /// Retention and quota settings of a store.
 #[derive(Debug, Clone)]
@@ -180,6 +252,11 @@ pub struct GcReport {
 pub trait UifStore: Send + Sync + 'static {
     /// True if the chunk is stored.
     fn has_chunk(&self, hash: &Hash) -> StoreResult<bool>;
+    /// [`has_chunk`](Self::has_chunk) for many chunks at once (a remote
+    /// store asks concurrently).
+    fn has_chunks(&self, hashes: &[Hash]) -> StoreResult<Vec<bool>> {
+        hashes.iter().map(|h| self.has_chunk(h)).collect()
+    }
     /// Stores a chunk after checking `hash == BLAKE3(data)` (else
     /// `BadChunk`). It is durable no later than the commit of the first
     /// version that refers to it.

@@ -17,7 +17,7 @@ use uve_protocol::message::{ErrorCode, Response, UpdateBegin, WireError};
 use super::{Conn, Handled, check_name};
 use crate::host::wire_store_error;
 use crate::metrics;
-use crate::store::{ChunkPins, CommitOutcome, StoreError};
+use crate::store::{ChunkPins, CommitOutcome};
 
 /// An upload in progress on one connection.
 pub struct Upload {
@@ -154,12 +154,7 @@ pub async fn page(conn: &Conn, upload: u64, page: u32, chunks: Vec<ChunkRef>) ->
     let pins = conn.host.store.pin(&hashes);
     let present = conn
         .host
-        .store_call(move |s| {
-            hashes
-                .iter()
-                .map(|h| s.has_chunk(h))
-                .collect::<Result<Vec<bool>, StoreError>>()
-        })
+        .store_call(move |s| s.has_chunks(&hashes))
         .await
         .map_err(|e| wire_store_error(&e))?;
     let mut st = up.state.lock().unwrap_or_else(PoisonError::into_inner);

@@ -31,6 +31,8 @@ use uve_protocol::message::{
 };
 use uve_protocol::transport::{Endpoint, dial};
 
+pub mod rgw;
+
 /// Deterministic pseudo-random bytes.
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

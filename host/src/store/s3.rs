@@ -1,0 +1,916 @@
+//! [`S3Store`]: the UIF store on S3-compatible object storage, shared by
+//! every hypervisor host of a Data Centre.
+//!
+//! ```text
+//! <prefix>/chunks/<64 hex>            chunk bytes: content-addressed, immutable
+//! <prefix>/users/<user>/head.json     head object: head, next number, retained versions
+//! <prefix>/users/<user>/m/<64 hex>    manifest (postcard), keyed by its manifest digest
+//! <prefix>/selftest/<nonce>           start-up self-test objects (deleted after)
+//! ```
+//!
+//! **Commit point.** Chunks and manifests are written first with plain
+//! PUTs under content-derived keys (idempotent; a racing writer can only
+//! write the same bytes). The small per-user head object is then replaced
+//! by compare-and-swap: `If-None-Match: *` for a user's first version,
+//! `If-Match: <ETag read before>` after. A precondition failure means
+//! another host changed the head: the state is read again and the decision
+//! (head or conflict version) re-made, exactly as the local store decides
+//! under its lock. Each write carries a nonce, so a PUT that succeeded but
+//! whose answer was lost (and got a 412 on retry) is recognised as ours.
+//! Multipart uploads are never used for the CAS (RGW ignores conditions on
+//! CompleteMultipartUpload).
+//!
+//! **Start-up self-test.** [`S3Store::open`] checks on the real bucket that
+//! a second create fails and that a stale `If-Match` fails, and finds out
+//! whether the server wants the ETag quoted in `If-Match` (Ceph RGW wants
+//! it bare). A server that ignores either condition is refused.
+//!
+//! **GC with several hosts.** Any host may collect. A chunk is deleted
+//! only if no retained version of any user refers to it (marked from every
+//! head object, read again after listing to catch commits that landed
+//! meanwhile), it is not pinned here, its `Last-Modified` is older than the
+//! grace period, and a HEAD right before the DELETE still says so. The other
+//! side of the bargain is in commit: a chunk the new version refers to that
+//! no retained version of the user refers to, and that this process has
+//! not seen written within half the grace period, is checked and, if old,
+//! rewritten (GET + PUT) before the head moves, so that it is young again
+//! when it becomes referenced. What remains is the gap between one GC's
+//! HEAD and its DELETE (one round trip) meeting such a rewrite.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{StreamExt, TryStreamExt, stream};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
+use uve_protocol::defs::MAX_CHUNK;
+use uve_protocol::manifest::{Hash, Manifest};
+use uve_protocol::message::Version;
+use uve_protocol::names;
+
+pub use crate::config::S3Config;
+
+use super::{
+    ChunkPins, CommitOutcome, GcReport, PinTable, StoreError, StorePolicy, StoreResult, UifStore,
+    UserState, VersionInfo, VersionKind, now_ms,
+};
+
+/// How many times a commit re-reads the head after losing a race.
+const CAS_ATTEMPTS: u32 = 32;
+/// Manifests kept decoded in memory (they are immutable).
+const MANIFEST_CACHE: usize = 256;
+/// Chunk freshness records kept in memory before the table is reset.
+const KNOWN_CHUNKS: usize = 1 << 20;
+
+/// A UIF store in an S3 bucket.
+pub struct S3Store {
+    /// Runs the object-store futures; the store's methods are blocking.
+    rt: Option<tokio::runtime::Runtime>,
+    s3: Arc<AmazonS3>,
+    prefix: String,
+    policy: StorePolicy,
+    /// Below this age a chunk is safe from any host's GC without a check.
+    fresh: Duration,
+    concurrency: usize,
+    /// Whether `If-Match` wants the ETag in quotes (found by the self-test).
+    quote_etag: bool,
+    pins: Arc<PinTable>,
+    /// Chunks known to exist, with the newest `Last-Modified` seen (ms).
+    known: Mutex<HashMap<Hash, u64>>,
+    manifests: Mutex<HashMap<Hash, Arc<Manifest>>>,
+    nonce: AtomicU64,
+}
+
+/// What a GC mark found: every referenced chunk, and per user the digests
+/// of the manifests its head object names.
+struct Marked {
+    chunks: HashSet<Hash>,
+    manifests: HashMap<String, HashSet<Hash>>,
+}
+
+/// A head object and the version tag to compare-and-swap against.
+struct Head {
+    state: UserState,
+    tag: Option<UpdateVersion>,
+}
+
+fn remote(context: impl Into<String>, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Remote {
+        context: context.into(),
+        message: e.to_string(),
+    }
+}
+
+impl S3Store {
+    /// Connects to the bucket, runs the conditional-write self-test and
+    /// returns the store. `gc_grace` is the GC grace period of every host
+    /// sharing the bucket (chunks younger than half of it are reused
+    /// without a check).
+    pub fn open(config: &S3Config, policy: StorePolicy, gc_grace: Duration) -> StoreResult<Self> {
+        if config.bucket.is_empty() {
+            return Err(remote("s3 configuration", "`bucket` is required"));
+        }
+        // reqwest is built without a default crypto provider (see Cargo.toml).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut b = AmazonS3Builder::from_env().with_bucket_name(&config.bucket);
+        if let Some(e) = &config.endpoint {
+            b = b.with_endpoint(e);
+        }
+        let endpoint = config
+            .endpoint
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+            .or_else(|| std::env::var("AWS_ENDPOINT").ok())
+            .unwrap_or_default();
+        let allow_http = config
+            .allow_http
+            .unwrap_or_else(|| endpoint.starts_with("http://"));
+        b = b.with_allow_http(allow_http);
+        let region = config
+            .region
+            .clone()
+            .or_else(|| std::env::var("AWS_REGION").ok())
+            .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+            .unwrap_or_else(|| "us-east-1".to_string());
+        b = b.with_region(region);
+        if let Some(k) = &config.access_key_id {
+            b = b.with_access_key_id(k);
+        }
+        if let Some(k) = &config.secret_access_key {
+            b = b.with_secret_access_key(k);
+        }
+        if let Some(t) = &config.session_token {
+            b = b.with_token(t);
+        }
+        let s3 = b.build().map_err(|e| remote("s3 configuration", e))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("uve-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::io("start the S3 client runtime", e))?;
+        let prefix = config.prefix.trim_matches('/').to_string();
+        let mut store = S3Store {
+            rt: Some(rt),
+            s3: Arc::new(s3),
+            prefix,
+            policy,
+            fresh: gc_grace / 2,
+            concurrency: config.concurrency.unwrap_or(32).max(1),
+            quote_etag: true,
+            pins: Arc::new(PinTable::default()),
+            known: Mutex::new(HashMap::new()),
+            manifests: Mutex::new(HashMap::new()),
+            nonce: AtomicU64::new(0),
+        };
+        store.quote_etag = store.self_test()?;
+        tracing::info!(
+            bucket = config.bucket,
+            prefix = store.prefix,
+            endpoint,
+            quote_etag = store.quote_etag,
+            "S3 store ready (conditional writes verified)"
+        );
+        Ok(store)
+    }
+
+    fn block_on<F: Future>(&self, f: F) -> F::Output {
+        match &self.rt {
+            Some(rt) => rt.block_on(f),
+            // `rt` is only taken in `drop`.
+            None => unreachable!("S3 store used after drop"),
+        }
+    }
+
+    fn key(&self, rel: &str) -> Path {
+        if self.prefix.is_empty() {
+            Path::from(rel)
+        } else {
+            Path::from(format!("{}/{rel}", self.prefix))
+        }
+    }
+
+    fn chunk_key(&self, hash: &Hash) -> Path {
+        self.key(&format!("chunks/{}", hash.to_hex()))
+    }
+
+    fn head_key(&self, user: &str) -> Path {
+        self.key(&format!("users/{user}/head.json"))
+    }
+
+    fn manifest_key(&self, user: &str, digest: &Hash) -> Path {
+        self.key(&format!("users/{user}/m/{}", digest.to_hex()))
+    }
+
+    fn next_nonce(&self) -> String {
+        let n = self.nonce.fetch_add(1, Ordering::Relaxed);
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let mut h = blake3::Hasher::new();
+        h.update(&std::process::id().to_le_bytes());
+        h.update(&t.to_le_bytes());
+        h.update(&n.to_le_bytes());
+        h.finalize().to_hex()[..20].to_string()
+    }
+
+    fn if_match(&self, e_tag: &str) -> String {
+        let bare = e_tag.trim_matches('"');
+        if self.quote_etag {
+            format!("\"{bare}\"")
+        } else {
+            bare.to_string()
+        }
+    }
+
+    /// Checks that the bucket honours `If-None-Match: *` and `If-Match`, and
+    /// whether `If-Match` wants a quoted ETag. Returns that quoting.
+    fn self_test(&self) -> StoreResult<bool> {
+        let key = self.key(&format!("selftest/{}", self.next_nonce()));
+        let s3 = self.s3.clone();
+        let result = self.block_on(async move {
+            let create = |body: &'static str| {
+                s3.put_opts(&key, PutPayload::from(body), PutMode::Create.into())
+            };
+            create("a")
+                .await
+                .map_err(|e| remote("self-test: first create of a new object", e))?;
+            match create("b").await {
+                Err(object_store::Error::AlreadyExists { .. })
+                | Err(object_store::Error::Precondition { .. }) => {}
+                Ok(_) => {
+                    return Err(StoreError::UnsafeStore(
+                        "it ignores `If-None-Match: *`: a second create of the same key \
+                         succeeded and overwrote the first"
+                            .into(),
+                    ));
+                }
+                Err(e) => return Err(remote("self-test: second create", e)),
+            }
+            let meta = s3
+                .head(&key)
+                .await
+                .map_err(|e| remote("self-test: read back", e))?;
+            let Some(tag) = meta.e_tag else {
+                return Err(StoreError::UnsafeStore(
+                    "it returns no ETag, so If-Match cannot be used".into(),
+                ));
+            };
+            let bare = tag.trim_matches('"').to_string();
+            let mut quote = None;
+            for (q, form) in [(true, format!("\"{bare}\"")), (false, bare.clone())] {
+                let put = s3
+                    .put_opts(
+                        &key,
+                        PutPayload::from("c"),
+                        PutMode::Update(UpdateVersion {
+                            e_tag: Some(form),
+                            version: None,
+                        })
+                        .into(),
+                    )
+                    .await;
+                match put {
+                    Ok(_) => {
+                        quote = Some(q);
+                        break;
+                    }
+                    Err(object_store::Error::Precondition { .. }) => {}
+                    Err(e) => return Err(remote("self-test: conditional update", e)),
+                }
+            }
+            let Some(quote) = quote else {
+                return Err(StoreError::UnsafeStore(
+                    "it refuses `If-Match` with the object's current ETag, quoted or bare".into(),
+                ));
+            };
+            let stale = if quote {
+                format!("\"{bare}\"")
+            } else {
+                bare.clone()
+            };
+            let stale_put = s3
+                .put_opts(
+                    &key,
+                    PutPayload::from("d"),
+                    PutMode::Update(UpdateVersion {
+                        e_tag: Some(stale),
+                        version: None,
+                    })
+                    .into(),
+                )
+                .await;
+            match stale_put {
+                Err(object_store::Error::Precondition { .. }) => Ok(quote),
+                Ok(_) => Err(StoreError::UnsafeStore(
+                    "it ignores `If-Match`: an update with a stale ETag succeeded".into(),
+                )),
+                Err(e) => Err(remote("self-test: stale update", e)),
+            }
+        });
+        let key = self.key("selftest");
+        let s3 = self.s3.clone();
+        // Best effort: GC also sweeps old self-test objects.
+        let _ = self.block_on(async move {
+            let metas: Vec<_> = s3.list(Some(&key)).try_collect().await?;
+            for m in metas {
+                let _ = s3.delete(&m.location).await;
+            }
+            Ok::<_, object_store::Error>(())
+        });
+        result
+    }
+
+    fn remember(&self, hash: Hash, modified_ms: u64) {
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        if known.len() >= KNOWN_CHUNKS {
+            known.clear();
+        }
+        let e = known.entry(hash).or_insert(0);
+        *e = (*e).max(modified_ms);
+    }
+
+    fn forget(&self, hash: &Hash) {
+        self.known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(hash);
+    }
+
+    /// True if this process knows the chunk exists and is young enough
+    /// that no host's GC can take it before it is referenced.
+    fn known_fresh(&self, hash: &Hash) -> bool {
+        let fresh_ms = u64::try_from(self.fresh.as_millis()).unwrap_or(u64::MAX);
+        self.known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(hash)
+            .is_some_and(|m| now_ms().saturating_sub(*m) < fresh_ms)
+    }
+
+    fn read_head(&self, user: &str) -> StoreResult<Head> {
+        let key = self.head_key(user);
+        let s3 = self.s3.clone();
+        self.block_on(async move {
+            match s3.get(&key).await {
+                Ok(r) => {
+                    let tag = UpdateVersion {
+                        e_tag: r.meta.e_tag.clone(),
+                        version: r.meta.version.clone(),
+                    };
+                    let bytes = r.bytes().await.map_err(|e| remote("read head object", e))?;
+                    let state: UserState =
+                        serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                            path: key.to_string(),
+                            why: e.to_string(),
+                        })?;
+                    Ok(Head {
+                        state,
+                        tag: Some(tag),
+                    })
+                }
+                Err(object_store::Error::NotFound { .. }) => Ok(Head {
+                    state: UserState {
+                        next: 1,
+                        ..UserState::default()
+                    },
+                    tag: None,
+                }),
+                Err(e) => Err(remote(format!("read {key}"), e)),
+            }
+        })
+    }
+
+    /// Writes the head object if it is still `prev`; `Ok(false)` if another
+    /// writer got there first.
+    fn write_head(
+        &self,
+        user: &str,
+        state: &UserState,
+        prev: Option<&UpdateVersion>,
+    ) -> StoreResult<bool> {
+        let key = self.head_key(user);
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Corrupt {
+            path: key.to_string(),
+            why: e.to_string(),
+        })?;
+        let mode = match prev {
+            None => PutMode::Create,
+            Some(v) => PutMode::Update(UpdateVersion {
+                e_tag: v.e_tag.as_deref().map(|t| self.if_match(t)),
+                version: v.version.clone(),
+            }),
+        };
+        let s3 = self.s3.clone();
+        self.block_on(async move {
+            match s3
+                .put_opts(&key, PutPayload::from(bytes), PutOptions::from(mode))
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::Precondition { .. })
+                | Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                Err(e) => Err(remote(format!("write {key}"), e)),
+            }
+        })
+    }
+
+    fn load_manifest(&self, user: &str, digest: &Hash) -> StoreResult<Arc<Manifest>> {
+        if let Some(m) = self
+            .manifests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(digest)
+        {
+            return Ok(m.clone());
+        }
+        let key = self.manifest_key(user, digest);
+        let s3 = self.s3.clone();
+        let k = key.clone();
+        let bytes = self.block_on(async move {
+            let r = s3.get(&k).await?;
+            r.bytes().await
+        });
+        let bytes = match bytes {
+            Ok(b) => b,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(StoreError::Corrupt {
+                    path: key.to_string(),
+                    why: "manifest named by the head object is missing".into(),
+                });
+            }
+            Err(e) => return Err(remote(format!("read {key}"), e)),
+        };
+        let m: Manifest = postcard::from_bytes(&bytes).map_err(|e| StoreError::Corrupt {
+            path: key.to_string(),
+            why: e.to_string(),
+        })?;
+        m.validate()?;
+        if m.header.digest != *digest {
+            return Err(StoreError::Corrupt {
+                path: key.to_string(),
+                why: "manifest digest does not match its key".into(),
+            });
+        }
+        let m = Arc::new(m);
+        let mut cache = self
+            .manifests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= MANIFEST_CACHE {
+            cache.clear();
+        }
+        cache.insert(*digest, m.clone());
+        Ok(m)
+    }
+
+    fn version_digest(info: &VersionInfo) -> StoreResult<Hash> {
+        Hash::from_hex(&info.digest).ok_or_else(|| StoreError::Corrupt {
+            path: format!("version {}", info.version),
+            why: "bad digest in head object".into(),
+        })
+    }
+
+    /// Every chunk referred to by a retained version of `state`.
+    fn referenced(&self, user: &str, state: &UserState) -> StoreResult<HashSet<Hash>> {
+        let mut out = HashSet::new();
+        let mut seen = HashSet::new();
+        for info in &state.versions {
+            let d = Self::version_digest(info)?;
+            if seen.insert(d) {
+                out.extend(self.load_manifest(user, &d)?.chunks.iter().map(|c| c.hash));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes sure every chunk of `manifest` that `protected` does not cover
+    /// exists and is young enough to outlive any GC until it is referenced
+    /// (old ones are rewritten).
+    fn secure_chunks(&self, manifest: &Manifest, protected: &HashSet<Hash>) -> StoreResult<()> {
+        let mut seen = HashSet::new();
+        let check: Vec<Hash> = manifest
+            .chunks
+            .iter()
+            .map(|c| c.hash)
+            .filter(|h| seen.insert(*h) && !protected.contains(h) && !self.known_fresh(h))
+            .collect();
+        if check.is_empty() {
+            return Ok(());
+        }
+        let fresh_ms = u64::try_from(self.fresh.as_millis()).unwrap_or(u64::MAX);
+        let s3 = self.s3.clone();
+        let keys: Vec<(Hash, Path)> = check.iter().map(|h| (*h, self.chunk_key(h))).collect();
+        let results: Vec<StoreResult<(Hash, u64)>> = self.block_on(
+            stream::iter(keys)
+                .map(|(h, key)| {
+                    let s3 = s3.clone();
+                    async move {
+                        let meta = match s3.head(&key).await {
+                            Ok(m) => m,
+                            Err(object_store::Error::NotFound { .. }) => {
+                                return Err(StoreError::MissingChunk(h));
+                            }
+                            Err(e) => return Err(remote(format!("check {key}"), e)),
+                        };
+                        let modified =
+                            u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0);
+                        if now_ms().saturating_sub(modified) < fresh_ms {
+                            return Ok((h, modified));
+                        }
+                        // Old and unreferenced: rewrite so a GC that listed it
+                        // before now sees it young.
+                        let data = match s3.get(&key).await {
+                            Ok(r) => r.bytes().await.map_err(|e| remote("refresh chunk", e))?,
+                            Err(object_store::Error::NotFound { .. }) => {
+                                return Err(StoreError::MissingChunk(h));
+                            }
+                            Err(e) => return Err(remote("refresh chunk", e)),
+                        };
+                        if Hash::of(&data) != h {
+                            return Err(StoreError::BadChunk(h));
+                        }
+                        s3.put(&key, PutPayload::from(data))
+                            .await
+                            .map_err(|e| remote("refresh chunk", e))?;
+                        Ok((h, now_ms()))
+                    }
+                })
+                .buffer_unordered(self.concurrency)
+                .collect(),
+        );
+        for r in results {
+            match r {
+                Ok((h, m)) => self.remember(h, m),
+                Err(e) => {
+                    if let StoreError::MissingChunk(h) | StoreError::BadChunk(h) = &e {
+                        self.forget(h);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a version by compare-and-swap of the head object; `decide` sees
+    /// the current state and says whether the new version becomes head.
+    fn add_version(
+        &self,
+        user: &str,
+        manifest: &Manifest,
+        base: Option<Version>,
+        origin: &str,
+        decide: impl Fn(&UserState) -> bool,
+    ) -> StoreResult<CommitOutcome> {
+        names::user(user)?;
+        manifest.validate()?;
+        if manifest.header.size > self.policy.quota_bytes {
+            return Err(StoreError::QuotaExceeded {
+                size: manifest.header.size,
+                quota: self.policy.quota_bytes,
+            });
+        }
+        // The manifest object is content-addressed: idempotent, and the PUT
+        // makes it young for any GC that is looking at it.
+        let digest = manifest.header.digest;
+        let key = self.manifest_key(user, &digest);
+        let bytes = postcard::to_stdvec(manifest).map_err(|e| StoreError::Corrupt {
+            path: key.to_string(),
+            why: e.to_string(),
+        })?;
+        let s3 = self.s3.clone();
+        self.block_on(async move { s3.put(&key, PutPayload::from(bytes)).await })
+            .map_err(|e| remote("write manifest", e))?;
+        for attempt in 0..CAS_ATTEMPTS {
+            let Head { mut state, tag } = self.read_head(user)?;
+            let protected = self.referenced(user, &state)?;
+            self.secure_chunks(manifest, &protected)?;
+            let nonce = self.next_nonce();
+            let v = state.next.max(1);
+            let becomes_head = decide(&state);
+            let previous_head = state.head;
+            state.next = v + 1;
+            state.versions.push(VersionInfo {
+                version: v,
+                kind: if becomes_head {
+                    VersionKind::Committed
+                } else {
+                    VersionKind::Conflict
+                },
+                created_ms: now_ms(),
+                size: manifest.header.size,
+                digest: digest.to_hex(),
+                chunk_count: manifest.header.chunk_count,
+                base,
+                origin: origin.to_string(),
+            });
+            if becomes_head {
+                state.head = Some(v);
+            }
+            super::prune(&self.policy, &mut state);
+            state.writer = Some(nonce.clone());
+            let won = self.write_head(user, &state, tag.as_ref())?
+                // A lost answer to a PUT that did land looks like a lost race.
+                || self.read_head(user)?.state.writer.as_deref() == Some(nonce.as_str());
+            if won {
+                return Ok(if becomes_head {
+                    CommitOutcome::Committed(v)
+                } else {
+                    CommitOutcome::Conflict {
+                        kept_as: v,
+                        head: previous_head,
+                    }
+                });
+            }
+            tracing::debug!(
+                user,
+                attempt,
+                "head object changed under the commit; retrying"
+            );
+            std::thread::sleep(Duration::from_millis(5 + 10 * u64::from(attempt.min(10))));
+        }
+        Err(StoreError::Contended {
+            user: user.to_string(),
+            attempts: CAS_ATTEMPTS,
+        })
+    }
+
+    /// Every chunk or manifest referred to by some retained version.
+    fn mark(&self) -> StoreResult<Marked> {
+        let mut chunks = HashSet::new();
+        let mut manifests = HashMap::new();
+        for user in self.users()? {
+            let state = self.read_head(&user)?.state;
+            let mut digests = HashSet::new();
+            for info in &state.versions {
+                digests.insert(Self::version_digest(info)?);
+            }
+            chunks.extend(self.referenced(&user, &state)?);
+            manifests.insert(user, digests);
+        }
+        Ok(Marked { chunks, manifests })
+    }
+
+    fn list(&self, rel: &str) -> StoreResult<Vec<object_store::ObjectMeta>> {
+        let key = self.key(rel);
+        let s3 = self.s3.clone();
+        self.block_on(async move { s3.list(Some(&key)).try_collect::<Vec<_>>().await })
+            .map_err(|e| remote(format!("list {rel}"), e))
+    }
+
+    /// Deletes `keys` whose `Last-Modified` is still older than `cutoff_ms`
+    /// when looked at right before; returns (deleted, bytes).
+    fn delete_if_old(&self, keys: Vec<Path>, cutoff_ms: u64) -> (u64, u64) {
+        let s3 = self.s3.clone();
+        let results: Vec<Option<u64>> = self.block_on(
+            stream::iter(keys)
+                .map(|key| {
+                    let s3 = s3.clone();
+                    async move {
+                        let meta = s3.head(&key).await.ok()?;
+                        let modified =
+                            u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0);
+                        if modified >= cutoff_ms {
+                            return None;
+                        }
+                        s3.delete(&key).await.ok().map(|()| meta.size)
+                    }
+                })
+                .buffer_unordered(self.concurrency)
+                .collect(),
+        );
+        results
+            .into_iter()
+            .flatten()
+            .fold((0, 0), |(n, b), size| (n + 1, b + size))
+    }
+}
+
+impl Drop for S3Store {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which panics inside async code.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl UifStore for S3Store {
+    fn has_chunk(&self, hash: &Hash) -> StoreResult<bool> {
+        Ok(self.has_chunks(std::slice::from_ref(hash))?.first() == Some(&true))
+    }
+
+    fn has_chunks(&self, hashes: &[Hash]) -> StoreResult<Vec<bool>> {
+        let s3 = self.s3.clone();
+        let todo: Vec<(usize, Hash, Path)> = hashes
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| !self.known_fresh(h))
+            .map(|(i, h)| (i, *h, self.chunk_key(h)))
+            .collect();
+        let mut out = vec![true; hashes.len()];
+        let found: Vec<StoreResult<(usize, Hash, Option<u64>)>> = self.block_on(
+            stream::iter(todo)
+                .map(|(i, h, key)| {
+                    let s3 = s3.clone();
+                    async move {
+                        match s3.head(&key).await {
+                            Ok(m) => Ok((
+                                i,
+                                h,
+                                Some(
+                                    u64::try_from(m.last_modified.timestamp_millis()).unwrap_or(0),
+                                ),
+                            )),
+                            Err(object_store::Error::NotFound { .. }) => Ok((i, h, None)),
+                            Err(e) => Err(remote(format!("check {key}"), e)),
+                        }
+                    }
+                })
+                .buffer_unordered(self.concurrency)
+                .collect(),
+        );
+        for r in found {
+            let (i, h, modified) = r?;
+            match modified {
+                Some(m) => self.remember(h, m),
+                None => {
+                    if let Some(slot) = out.get_mut(i) {
+                        *slot = false;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn put_chunk(&self, hash: &Hash, data: &[u8]) -> StoreResult<()> {
+        if data.len() > MAX_CHUNK as usize || Hash::of(data) != *hash {
+            return Err(StoreError::BadChunk(*hash));
+        }
+        if self.known_fresh(hash) {
+            return Ok(());
+        }
+        let key = self.chunk_key(hash);
+        let payload = PutPayload::from(data.to_vec());
+        let s3 = self.s3.clone();
+        self.block_on(async move { s3.put(&key, payload).await })
+            .map_err(|e| remote("write chunk", e))?;
+        self.remember(*hash, now_ms());
+        Ok(())
+    }
+
+    fn read_chunk(&self, hash: &Hash) -> StoreResult<Vec<u8>> {
+        let key = self.chunk_key(hash);
+        let s3 = self.s3.clone();
+        let bytes = self.block_on(async move {
+            let r = s3.get(&key).await?;
+            r.bytes().await
+        });
+        let data = match bytes {
+            Ok(b) => b,
+            Err(object_store::Error::NotFound { .. }) => {
+                self.forget(hash);
+                return Err(StoreError::MissingChunk(*hash));
+            }
+            Err(e) => return Err(remote("read chunk", e)),
+        };
+        if data.len() > MAX_CHUNK as usize || Hash::of(&data) != *hash {
+            return Err(StoreError::BadChunk(*hash));
+        }
+        Ok(data.to_vec())
+    }
+
+    fn head(&self, user: &str) -> StoreResult<Option<Version>> {
+        names::user(user)?;
+        Ok(self.read_head(user)?.state.head)
+    }
+
+    fn manifest(&self, user: &str, version: Version) -> StoreResult<Manifest> {
+        names::user(user)?;
+        let state = self.read_head(user)?.state;
+        let info = state
+            .versions
+            .iter()
+            .find(|v| v.version == version)
+            .ok_or_else(|| StoreError::NoSuchVersion {
+                user: user.to_string(),
+                version,
+            })?;
+        let m = self.load_manifest(user, &Self::version_digest(info)?)?;
+        Ok(Manifest::clone(&m))
+    }
+
+    fn versions(&self, user: &str) -> StoreResult<Vec<VersionInfo>> {
+        names::user(user)?;
+        Ok(self.read_head(user)?.state.versions)
+    }
+
+    fn users(&self) -> StoreResult<Vec<String>> {
+        let key = self.key("users");
+        let s3 = self.s3.clone();
+        let listed = self
+            .block_on(async move { s3.list_with_delimiter(Some(&key)).await })
+            .map_err(|e| remote("list users", e))?;
+        let mut out: Vec<String> = listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .filter(|n| names::user(n).is_ok())
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    fn commit(
+        &self,
+        user: &str,
+        manifest: &Manifest,
+        base: Option<Version>,
+        lease_ok: bool,
+        origin: &str,
+    ) -> StoreResult<CommitOutcome> {
+        self.add_version(user, manifest, base, origin, |state| {
+            lease_ok && state.head == base
+        })
+    }
+
+    fn rollback(&self, user: &str, to: Version) -> StoreResult<Version> {
+        let manifest = self.manifest(user, to)?;
+        let origin = format!("rollback:{to}");
+        match self.add_version(user, &manifest, Some(to), &origin, |_| true)? {
+            CommitOutcome::Committed(v) => Ok(v),
+            CommitOutcome::Conflict { kept_as, .. } => Ok(kept_as),
+        }
+    }
+
+    fn gc(&self, grace: Duration) -> StoreResult<GcReport> {
+        let cutoff = now_ms().saturating_sub(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
+        let referenced = self.mark()?.chunks;
+        let mut report = GcReport::default();
+        let mut candidates = Vec::new();
+        for meta in self.list("chunks")? {
+            let Some(hash) = meta.location.filename().and_then(Hash::from_hex) else {
+                continue;
+            };
+            report.scanned += 1;
+            if referenced.contains(&hash) {
+                report.referenced += 1;
+                continue;
+            }
+            let young = u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0) >= cutoff;
+            if young || self.pins.is_pinned(&hash) {
+                report.spared += 1;
+                continue;
+            }
+            candidates.push(hash);
+        }
+        // Commits that landed while we listed: mark again.
+        let Marked {
+            chunks: referenced,
+            manifests,
+        } = self.mark()?;
+        let before = candidates.len();
+        candidates.retain(|h| !referenced.contains(h) && !self.pins.is_pinned(h));
+        report.spared += (before - candidates.len()) as u64;
+        for h in &candidates {
+            self.forget(h);
+        }
+        let keys = candidates.iter().map(|h| self.chunk_key(h)).collect();
+        let (deleted, bytes) = self.delete_if_old(keys, cutoff);
+        report.deleted = deleted;
+        report.bytes_freed = bytes;
+        report.spared += candidates.len() as u64 - deleted;
+        // Manifests no head object names (pruned versions, a crashed
+        // commit), and self-test leftovers.
+        let mut stale = Vec::new();
+        for (user, keep) in &manifests {
+            for meta in self.list(&format!("users/{user}/m"))? {
+                let named = meta
+                    .location
+                    .filename()
+                    .and_then(Hash::from_hex)
+                    .is_some_and(|d| keep.contains(&d));
+                if !named {
+                    stale.push(meta.location);
+                }
+            }
+        }
+        stale.extend(self.list("selftest")?.into_iter().map(|m| m.location));
+        self.delete_if_old(stale, cutoff);
+        Ok(report)
+    }
+
+    fn pin(&self, hashes: &[Hash]) -> ChunkPins {
+        self.pins.pin(hashes)
+    }
+
+    fn policy(&self) -> &StorePolicy {
+        &self.policy
+    }
+}

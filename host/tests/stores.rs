@@ -1,0 +1,494 @@
+//! One store test suite, two backends: every case below runs against the
+//! local store and against `S3Store` on a real Ceph RGW started by the test
+//! (`tests/s3/rgw.sh`). The RGW test also runs two `uve-host` processes
+//! sharing one bucket: a user moves from a VM on host 1 to a VM on host 2,
+//! and racing updates from both hosts leave one head and one conflict.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+#[cfg(feature = "s3")]
+use common::rgw::Rgw;
+#[cfg(feature = "s3")]
+use common::{HostProc, TestAgent};
+use common::{manifest_of, noise};
+#[cfg(feature = "s3")]
+use uve_host::store::S3Store;
+use uve_host::store::{CommitOutcome, LocalStore, StoreError, StorePolicy, UifStore, VersionKind};
+use uve_protocol::manifest::{Hash, Manifest};
+#[cfg(feature = "s3")]
+use uve_protocol::message::Response;
+use uve_protocol::message::Version;
+
+/// Opens a store (two handles that act as two hosts) at a fresh location.
+trait Backend {
+    fn name(&self) -> &str;
+    /// Two handles on one store at `location`, as two hosts would hold.
+    /// (The local store is single-host: both handles are the same store.)
+    fn open_pair(
+        &self,
+        location: &str,
+        policy: StorePolicy,
+        grace: Duration,
+    ) -> (Arc<dyn UifStore>, Arc<dyn UifStore>);
+    fn open(&self, location: &str, policy: StorePolicy) -> Arc<dyn UifStore> {
+        self.open_pair(location, policy, Duration::from_secs(3600))
+            .0
+    }
+}
+
+struct Local(PathBuf);
+
+impl Backend for Local {
+    fn name(&self) -> &str {
+        "local"
+    }
+    fn open_pair(
+        &self,
+        location: &str,
+        policy: StorePolicy,
+        _grace: Duration,
+    ) -> (Arc<dyn UifStore>, Arc<dyn UifStore>) {
+        let s: Arc<dyn UifStore> =
+            Arc::new(LocalStore::open(&self.0.join(location), policy).unwrap());
+        (s.clone(), s)
+    }
+}
+
+#[cfg(feature = "s3")]
+struct S3<'a>(&'a Rgw);
+
+#[cfg(feature = "s3")]
+impl Backend for S3<'_> {
+    fn name(&self) -> &str {
+        "s3"
+    }
+    fn open_pair(
+        &self,
+        location: &str,
+        policy: StorePolicy,
+        grace: Duration,
+    ) -> (Arc<dyn UifStore>, Arc<dyn UifStore>) {
+        let cfg = self.0.config(location);
+        let a = S3Store::open(&cfg, policy.clone(), grace).unwrap();
+        let b = S3Store::open(&cfg, policy, grace).unwrap();
+        (Arc::new(a), Arc::new(b))
+    }
+}
+
+fn put_all(store: &dyn UifStore, data: &[u8]) -> Manifest {
+    let (m, bytes) = manifest_of(data);
+    for (h, b) in &bytes {
+        store.put_chunk(h, b).unwrap();
+    }
+    m
+}
+
+fn read_all(store: &dyn UifStore, user: &str, v: Version) -> Vec<u8> {
+    let m = store.manifest(user, v).unwrap();
+    let mut out = Vec::new();
+    for c in &m.chunks {
+        out.extend(store.read_chunk(&c.hash).unwrap());
+    }
+    out
+}
+
+fn committed(o: CommitOutcome) -> Version {
+    match o {
+        CommitOutcome::Committed(v) => v,
+        other => panic!("expected a commit, got {other:?}"),
+    }
+}
+
+fn policy(history_keep: usize) -> StorePolicy {
+    StorePolicy {
+        history_keep,
+        ..StorePolicy::default()
+    }
+}
+
+fn cas_commits_and_keeps_conflicts(b: &dyn Backend) {
+    let s = b.open("cas", policy(10));
+    let (d1, d2) = (noise(300_000, 1), noise(300_000, 2));
+    let m1 = put_all(s.as_ref(), &d1);
+    assert_eq!(s.head("alice").unwrap(), None);
+    assert_eq!(
+        s.commit("alice", &m1, None, true, "vm:a").unwrap(),
+        CommitOutcome::Committed(1)
+    );
+    let m2 = put_all(s.as_ref(), &d2);
+    assert_eq!(
+        s.commit("alice", &m2, None, true, "vm:b").unwrap(),
+        CommitOutcome::Conflict {
+            kept_as: 2,
+            head: Some(1)
+        },
+        "stale base"
+    );
+    assert_eq!(
+        s.commit("alice", &m2, Some(1), false, "vm:b").unwrap(),
+        CommitOutcome::Conflict {
+            kept_as: 3,
+            head: Some(1)
+        },
+        "stale lease"
+    );
+    assert_eq!(
+        s.commit("alice", &m2, Some(1), true, "vm:b").unwrap(),
+        CommitOutcome::Committed(4)
+    );
+    assert_eq!(s.head("alice").unwrap(), Some(4));
+    assert!(read_all(s.as_ref(), "alice", 1) == d1);
+    assert!(read_all(s.as_ref(), "alice", 2) == d2);
+    assert!(read_all(s.as_ref(), "alice", 4) == d2);
+    let kinds: Vec<(Version, VersionKind, String)> = s
+        .versions("alice")
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.version, v.kind, v.origin))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (1, VersionKind::Committed, "vm:a".into()),
+            (2, VersionKind::Conflict, "vm:b".into()),
+            (3, VersionKind::Conflict, "vm:b".into()),
+            (4, VersionKind::Committed, "vm:b".into()),
+        ]
+    );
+    assert_eq!(s.users().unwrap(), vec!["alice".to_string()]);
+    assert!(matches!(
+        s.manifest("alice", 99),
+        Err(StoreError::NoSuchVersion { version: 99, .. })
+    ));
+    // A second handle (another host) sees the same store.
+    let again = b.open("cas", policy(10));
+    assert_eq!(again.head("alice").unwrap(), Some(4));
+    assert!(read_all(again.as_ref(), "alice", 4) == d2);
+}
+
+fn refuses_bad_input(b: &dyn Backend) {
+    let s = b.open(
+        "refusals",
+        StorePolicy {
+            quota_bytes: 100_000,
+            ..StorePolicy::default()
+        },
+    );
+    let small = noise(50_000, 3);
+    let (m, bytes) = manifest_of(&small);
+    let (h, data) = bytes.iter().next().unwrap();
+    // A chunk whose bytes do not match its hash is refused and not stored.
+    let wrong = Hash::of(b"something else");
+    assert!(matches!(
+        s.put_chunk(&wrong, data),
+        Err(StoreError::BadChunk(x)) if x == wrong
+    ));
+    assert!(!s.has_chunk(&wrong).unwrap());
+    // Committing before the chunks are there.
+    assert!(matches!(
+        s.commit("bob", &m, None, true, "vm:a"),
+        Err(StoreError::MissingChunk(_))
+    ));
+    assert_eq!(s.head("bob").unwrap(), None);
+    s.put_chunk(h, data).unwrap();
+    assert_eq!(s.has_chunks(&[*h, wrong]).unwrap(), vec![true, false]);
+    for hostile in ["../etc", "a/b", "", ".."] {
+        assert!(matches!(s.head(hostile), Err(StoreError::InvalidName(_))));
+        assert!(matches!(
+            s.commit(hostile, &m, None, true, "vm:a"),
+            Err(StoreError::InvalidName(_))
+        ));
+    }
+    let big = put_all(s.as_ref(), &noise(150_000, 4));
+    assert!(matches!(
+        s.commit("bob", &big, None, true, "vm:a"),
+        Err(StoreError::QuotaExceeded {
+            size: 150_000,
+            quota: 100_000
+        })
+    ));
+    // A manifest whose digest does not match its chunk list.
+    let mut forged = m.clone();
+    forged.header.digest = Hash::of(b"forged");
+    assert!(matches!(
+        s.commit("bob", &forged, None, true, "vm:a"),
+        Err(StoreError::BadManifest(_))
+    ));
+    assert_eq!(s.head("bob").unwrap(), None);
+    assert!(s.versions("bob").unwrap().is_empty());
+}
+
+fn history_is_pruned_and_rollback_makes_a_new_head(b: &dyn Backend) {
+    let s = b.open("history", policy(3));
+    let data: Vec<Vec<u8>> = (0..5).map(|i| noise(120_000, 10 + i)).collect();
+    let mut base = None;
+    for d in &data {
+        let m = put_all(s.as_ref(), d);
+        base = Some(committed(
+            s.commit("carol", &m, base, true, "vm:a").unwrap(),
+        ));
+    }
+    let kept: Vec<Version> = s
+        .versions("carol")
+        .unwrap()
+        .iter()
+        .map(|v| v.version)
+        .collect();
+    assert_eq!(kept, vec![3, 4, 5]);
+    assert!(matches!(
+        s.manifest("carol", 1),
+        Err(StoreError::NoSuchVersion { .. })
+    ));
+    assert_eq!(s.rollback("carol", 3).unwrap(), 6);
+    assert_eq!(s.head("carol").unwrap(), Some(6));
+    assert!(read_all(s.as_ref(), "carol", 6) == data[2]);
+    let v6 = s.versions("carol").unwrap().pop().unwrap();
+    assert_eq!(v6.origin, "rollback:3");
+    assert_eq!(v6.kind, VersionKind::Committed);
+    assert!(matches!(
+        s.rollback("carol", 1),
+        Err(StoreError::NoSuchVersion { .. })
+    ));
+}
+
+fn gc_sweeps_only_unreferenced_old_unpinned_chunks(b: &dyn Backend) {
+    let s = b.open("gc", policy(1));
+    let (d1, d2) = (noise(200_000, 20), noise(200_000, 21));
+    let m1 = put_all(s.as_ref(), &d1);
+    let v1 = committed(s.commit("dave", &m1, None, true, "vm:a").unwrap());
+    let m2 = put_all(s.as_ref(), &d2);
+    committed(s.commit("dave", &m2, Some(v1), true, "vm:a").unwrap());
+    let only_v1: Vec<Hash> = m1.chunks.iter().map(|c| c.hash).collect();
+    let orphan = noise(40_000, 22);
+    let orphan_hash = Hash::of(&orphan);
+    s.put_chunk(&orphan_hash, &orphan).unwrap();
+    let pinned = noise(40_000, 23);
+    let pinned_hash = Hash::of(&pinned);
+    s.put_chunk(&pinned_hash, &pinned).unwrap();
+    let pin = s.pin(&[pinned_hash]);
+    let young = s.gc(Duration::from_secs(3600)).unwrap();
+    assert_eq!(young.deleted, 0, "{young:?}");
+    assert!(s.has_chunk(&orphan_hash).unwrap());
+    // S3 Last-Modified has one-second resolution.
+    std::thread::sleep(Duration::from_millis(1100));
+    let r = s.gc(Duration::ZERO).unwrap();
+    assert_eq!(
+        r.deleted,
+        only_v1.len() as u64 + 1,
+        "v1's chunks (pruned) and the orphan: {r:?}"
+    );
+    assert!(!s.has_chunk(&orphan_hash).unwrap());
+    for h in &only_v1 {
+        assert!(!s.has_chunk(h).unwrap());
+    }
+    assert!(s.has_chunk(&pinned_hash).unwrap(), "pinned chunk survives");
+    assert!(read_all(s.as_ref(), "dave", 2) == d2, "head intact");
+    drop(pin);
+    let r = s.gc(Duration::ZERO).unwrap();
+    assert_eq!(r.deleted, 1, "{r:?}");
+    assert!(read_all(s.as_ref(), "dave", 2) == d2, "head intact");
+}
+
+/// Whatever the interleaving of a reuse of an old unreferenced chunk and a
+/// GC on another host, no committed version may refer to a missing chunk:
+/// the commit fails (and the retry uploads it) or the chunk survives.
+fn reusing_an_old_orphan_never_dangles(b: &dyn Backend) {
+    let grace = Duration::from_secs(2);
+    let (h1, h2) = b.open_pair("orphans", policy(10), grace);
+    // 1: the orphan is collected between "present" and the commit.
+    let d = noise(150_000, 30);
+    let m = put_all(h1.as_ref(), &d);
+    std::thread::sleep(grace + Duration::from_millis(1100));
+    let hashes: Vec<Hash> = m.chunks.iter().map(|c| c.hash).collect();
+    assert!(h2.has_chunks(&hashes).unwrap().iter().all(|p| *p));
+    let r = h1.gc(grace).unwrap();
+    assert_eq!(r.deleted, hashes.len() as u64, "{r:?}");
+    assert!(matches!(
+        h2.commit("erin", &m, None, true, "vm:b"),
+        Err(StoreError::MissingChunk(_))
+    ));
+    assert_eq!(h2.head("erin").unwrap(), None);
+    assert!(h2.has_chunks(&hashes).unwrap().iter().all(|p| !*p));
+    put_all(h2.as_ref(), &d);
+    let v = committed(h2.commit("erin", &m, None, true, "vm:b").unwrap());
+    assert!(read_all(h1.as_ref(), "erin", v) == d);
+    // 2: an orphan older than half the grace is reused; a GC right after
+    // the commit must find it referenced or young.
+    let d2 = noise(150_000, 31);
+    let m2 = put_all(h1.as_ref(), &d2);
+    std::thread::sleep(grace / 2 + Duration::from_millis(1100));
+    let hashes2: Vec<Hash> = m2.chunks.iter().map(|c| c.hash).collect();
+    assert!(h2.has_chunks(&hashes2).unwrap().iter().all(|p| *p));
+    let v2 = committed(h2.commit("erin", &m2, Some(v), true, "vm:b").unwrap());
+    h1.gc(grace).unwrap();
+    assert!(read_all(h1.as_ref(), "erin", v2) == d2);
+}
+
+/// Two hosts commit on the same base at the same moment, many rounds:
+/// exactly one wins each round, the other is kept as a conflict version.
+fn racing_commits_leave_one_head_and_one_conflict(b: &dyn Backend, rounds: u32) {
+    let (h1, h2) = b.open_pair("race", policy(5), Duration::from_secs(3600));
+    let first = put_all(h1.as_ref(), &noise(80_000, 40));
+    let mut head = committed(h1.commit("frank", &first, None, true, "vm:a").unwrap());
+    let mut numbers = HashSet::from([head]);
+    for round in 0..rounds {
+        let da = noise(80_000, 1000 + u64::from(round) * 2);
+        let db = noise(80_000, 1001 + u64::from(round) * 2);
+        let ma = put_all(h1.as_ref(), &da);
+        let mb = put_all(h2.as_ref(), &db);
+        let barrier = Arc::new(Barrier::new(2));
+        let spawn = |s: Arc<dyn UifStore>, m: Manifest, origin: &'static str| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                s.commit("frank", &m, Some(head), true, origin).unwrap()
+            })
+        };
+        let ta = spawn(h1.clone(), ma, "vm:a");
+        let tb = spawn(h2.clone(), mb, "vm:b");
+        let (oa, ob) = (ta.join().unwrap(), tb.join().unwrap());
+        let (winner, loser, winner_data) = match (oa, ob) {
+            (CommitOutcome::Committed(w), CommitOutcome::Conflict { kept_as, head: h }) => {
+                assert_eq!(h, Some(w), "round {round}");
+                (w, kept_as, &da)
+            }
+            (CommitOutcome::Conflict { kept_as, head: h }, CommitOutcome::Committed(w)) => {
+                assert_eq!(h, Some(w), "round {round}");
+                (w, kept_as, &db)
+            }
+            other => panic!("round {round}: not one winner and one conflict: {other:?}"),
+        };
+        assert!(
+            numbers.insert(winner) && numbers.insert(loser),
+            "numbers reused"
+        );
+        assert_eq!(h1.head("frank").unwrap(), Some(winner));
+        assert_eq!(h2.head("frank").unwrap(), Some(winner));
+        assert!(read_all(h2.as_ref(), "frank", winner) == *winner_data);
+        let versions = h1.versions("frank").unwrap();
+        let kind = |v| versions.iter().find(|i| i.version == v).map(|i| i.kind);
+        assert_eq!(kind(winner), Some(VersionKind::Committed));
+        assert_eq!(kind(loser), Some(VersionKind::Conflict));
+        head = winner;
+    }
+}
+
+fn run_suite(b: &dyn Backend, race_rounds: u32) {
+    let t = Instant::now();
+    cas_commits_and_keeps_conflicts(b);
+    refuses_bad_input(b);
+    history_is_pruned_and_rollback_makes_a_new_head(b);
+    gc_sweeps_only_unreferenced_old_unpinned_chunks(b);
+    reusing_an_old_orphan_never_dangles(b);
+    racing_commits_leave_one_head_and_one_conflict(b, race_rounds);
+    eprintln!("{} store suite passed in {:.1?}", b.name(), t.elapsed());
+}
+
+#[test]
+fn local_store_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    run_suite(&Local(dir.path().to_path_buf()), 20);
+}
+
+#[cfg(feature = "s3")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_store_on_ceph_rgw() {
+    let Some(rgw) = tokio::task::spawn_blocking(|| Rgw::start("stores"))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let rgw = Arc::new(rgw);
+    let r = rgw.clone();
+    tokio::task::spawn_blocking(move || run_suite(&S3(&r), 20))
+        .await
+        .unwrap();
+    two_hosts_share_one_bucket(&rgw, 10).await;
+}
+
+/// Two `uve-host` processes on one bucket: alice commits on host 1, moves
+/// to a VM on host 2 and gets that version; then both VMs update on the
+/// same base at once, `rounds` times.
+#[cfg(feature = "s3")]
+async fn two_hosts_share_one_bucket(rgw: &Rgw, rounds: u32) {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = rgw.toml("two-hosts");
+    let host1 = HostProc::start(&dir.path().join("h1"), &toml).await;
+    let host2 = HostProc::start(&dir.path().join("h2"), &toml).await;
+    let pa = host1.add_unix_vm("vmA").await;
+    let pb = host2.add_unix_vm("vmB").await;
+    host1.assign("alice", "vmA").await;
+    let a = TestAgent::connect(&pa).await.unwrap();
+    let (g, data) = a.retrieve("alice", "s1").await.unwrap();
+    assert_eq!((g.version, data.len()), (None, 0));
+    let v1 = noise(500_000, 50);
+    let r = a.update_from_lease("alice", &v1).await.unwrap();
+    assert_eq!(r.answer, Response::Committed { version: 1 });
+    // The user moves to a VM on the other hypervisor.
+    host2.assign("alice", "vmB").await;
+    let b = TestAgent::connect(&pb).await.unwrap();
+    let (g, data) = b.retrieve("alice", "s2").await.unwrap();
+    assert_eq!(g.version, Some(1));
+    assert!(data == v1, "host 2 serves what host 1 committed");
+    let mut head = 1;
+    let lease = |agent: &TestAgent| agent.state.lock().unwrap().leases["alice"].1;
+    let (la, lb) = (lease(&a), lease(&b));
+    for round in 0..rounds {
+        let da = noise(300_000, 2000 + u64::from(round) * 2);
+        let db = noise(300_000, 2001 + u64::from(round) * 2);
+        let (ra, rb) = tokio::join!(
+            a.update("alice", "s1", Some(head), la, &da),
+            b.update("alice", "s2", Some(head), lb, &db)
+        );
+        let (ra, rb) = (ra.unwrap().answer, rb.unwrap().answer);
+        let (winner, loser) = match (&ra, &rb) {
+            (Response::Committed { version }, Response::Conflict { kept_as, head: h })
+            | (Response::Conflict { kept_as, head: h }, Response::Committed { version }) => {
+                assert_eq!(*h, Some(*version), "round {round}");
+                (*version, *kept_as)
+            }
+            other => panic!("round {round}: not one head and one conflict: {other:?}"),
+        };
+        for host in [&host1, &host2] {
+            let v = host.versions("alice").await;
+            assert_eq!(v["head"], winner, "round {round}: {v}");
+        }
+        let v = host1.versions("alice").await;
+        let kinds: Vec<(u64, String)> = v["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    i["version"].as_u64().unwrap(),
+                    i["kind"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert!(kinds.contains(&(winner, "committed".into())), "{kinds:?}");
+        assert!(kinds.contains(&(loser, "conflict".into())), "{kinds:?}");
+        let expected = if matches!(ra, Response::Committed { .. }) {
+            &da
+        } else {
+            &db
+        };
+        assert!(host2.export("alice", winner).await == *expected);
+        head = winner;
+    }
+    // Each host reported its own side of every race.
+    let count = |events: Vec<serde_json::Value>, kind: &str| {
+        events.iter().filter(|e| e["kind"] == kind).count()
+    };
+    let (e1, e2) = (host1.events().await, host2.events().await);
+    let commits = count(e1.clone(), "commit") + count(e2.clone(), "commit");
+    let conflicts = count(e1, "conflict") + count(e2, "conflict");
+    assert_eq!(commits, 1 + rounds as usize);
+    assert_eq!(conflicts, rounds as usize);
+}
