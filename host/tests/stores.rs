@@ -410,6 +410,7 @@ async fn s3_store_on_ceph_rgw() {
     tokio::task::spawn_blocking(move || run_suite(&S3(&r), 20))
         .await
         .unwrap();
+    unsafe_server_is_refused(&rgw).await;
     two_hosts_share_one_bucket(&rgw, 10).await;
 }
 
@@ -491,4 +492,92 @@ async fn two_hosts_share_one_bucket(rgw: &Rgw, rounds: u32) {
     let conflicts = count(e1, "conflict") + count(e2, "conflict");
     assert_eq!(commits, 1 + rounds as usize);
     assert_eq!(conflicts, rounds as usize);
+}
+
+/// An HTTP proxy in front of RGW that answers "200 OK" where RGW said
+/// "412 Precondition Failed": from the client's side, a server that ignores
+/// conditional writes (as Garage does). One request per connection.
+#[cfg(feature = "s3")]
+async fn lying_proxy(upstream: String) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = upstream.trim_start_matches("http://").to_string();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let Ok(server) = TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                    let _ = sw.shutdown().await;
+                });
+                let mut sr = BufReader::new(&mut sr);
+                let mut head = Vec::new();
+                loop {
+                    let mut line = String::new();
+                    if sr.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if head.is_empty() && line.contains(" 412 ") {
+                        head.push("HTTP/1.1 200 OK\r\n".to_string());
+                        head.push("ETag: \"forged\"\r\n".to_string());
+                    } else if line == "\r\n" {
+                        head.push("Connection: close\r\n\r\n".into());
+                        break;
+                    } else if !line.to_ascii_lowercase().starts_with("connection:") {
+                        head.push(line);
+                    }
+                }
+                if cw.write_all(head.concat().as_bytes()).await.is_err() {
+                    return;
+                }
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// A server that ignores conditional writes is refused at start-up, by the
+/// store and by the daemon, with an error that names the behaviour.
+#[cfg(feature = "s3")]
+async fn unsafe_server_is_refused(rgw: &Rgw) {
+    let proxy = lying_proxy(rgw.endpoint.clone()).await;
+    let mut cfg = rgw.config("unsafe");
+    cfg.endpoint = Some(proxy.clone());
+    let err = tokio::task::spawn_blocking(move || {
+        S3Store::open(&cfg, StorePolicy::default(), Duration::from_secs(3600))
+    })
+    .await
+    .unwrap()
+    .err()
+    .expect("a server that ignores If-None-Match must be refused");
+    assert!(matches!(err, StoreError::UnsafeStore(_)), "{err}");
+    assert!(err.to_string().contains("If-None-Match"), "{err}");
+    // The daemon refuses to start and says why.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("host.toml");
+    let toml = rgw.toml("unsafe").replace(&rgw.endpoint, &proxy);
+    std::fs::write(&config, format!("data_dir = {:?}\n{toml}", dir.path())).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_uve-host"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "uve-host started on an unsafe store");
+    assert!(
+        stderr.contains("unsafe for compare-and-swap") && stderr.contains("If-None-Match"),
+        "{stderr}"
+    );
 }
