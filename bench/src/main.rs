@@ -11,6 +11,7 @@
 mod data;
 mod incremental;
 mod rig;
+mod s3store;
 mod scale;
 mod sys;
 mod transfer;
@@ -96,6 +97,8 @@ enum Which {
     Scale,
     Footprint,
     Chunking,
+    /// S3 store on a real Ceph RGW vs the local store (not in `all`).
+    S3,
 }
 
 #[derive(Parser)]
@@ -236,7 +239,7 @@ fn main() {
         .tempdir_in(&base)
         .expect("work dir");
     let size = cli.size_mib << 20;
-    let run = |w: Which| cli.which == Which::All || cli.which == w;
+    let run = |w: Which| (cli.which == Which::All && w != Which::S3) || cli.which == w;
     let mut rows = Vec::new();
     let started = Instant::now();
 
@@ -289,6 +292,10 @@ fn main() {
         }
     }
     let _ = flush_hwm;
+    if run(Which::S3) {
+        eprintln!("S3 store (Ceph RGW) vs local store…");
+        rows.extend(s3store::run(&bins, work.path(), size));
+    }
 
     println!("\n| benchmark | uve | baseline | baseline figure | uve / baseline |");
     println!("|---|---|---|---|---|");

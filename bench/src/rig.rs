@@ -86,7 +86,22 @@ impl Rig {
     /// Starts host and agent under `dir` (which should be on the disk the
     /// baselines use too).
     pub fn start(bins: &Binaries, dir: &Path, counted: bool) -> Result<Rig, String> {
-        let host = HostDaemon::start_with(&bins.host, &bins.uvectl, dir, "heartbeat_ms = 2000\n")?;
+        Self::start_with(bins, dir, counted, "")
+    }
+
+    /// [`Rig::start`] with extra `host.toml` lines (e.g. an `[s3]` store).
+    pub fn start_with(
+        bins: &Binaries,
+        dir: &Path,
+        counted: bool,
+        host_config: &str,
+    ) -> Result<Rig, String> {
+        let host = HostDaemon::start_with(
+            &bins.host,
+            &bins.uvectl,
+            dir,
+            &format!("heartbeat_ms = 2000\n{host_config}"),
+        )?;
         let vm_dir = dir.join("vm");
         std::fs::create_dir_all(&vm_dir).map_err(|e| e.to_string())?;
         let uds = vm_dir.join("v.sock");

@@ -47,8 +47,9 @@ impl HostDaemon {
         std::fs::create_dir_all(&data).map_err(|e| format!("data dir: {e}"))?;
         let config = dir.join("host.toml");
         std::fs::write(&config, {
-            // Scenario defaults, unless `extra_config` sets the key itself.
-            let mut text = format!("data_dir = \"{}\"\n{extra_config}\n", data.display());
+            // Scenario defaults, unless `extra_config` sets the key itself;
+            // top-level keys first, so `extra_config` may end in a table.
+            let mut text = format!("data_dir = \"{}\"\n", data.display());
             for (key, line) in [
                 ("heartbeat_ms", "heartbeat_ms = 1000"),
                 ("handover_timeout_ms", "handover_timeout_ms = 15000"),
@@ -58,6 +59,8 @@ impl HostDaemon {
                     text.push('\n');
                 }
             }
+            text.push_str(extra_config);
+            text.push('\n');
             text
         })
         .map_err(|e| format!("config: {e}"))?;
