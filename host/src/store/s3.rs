@@ -63,7 +63,7 @@ const CAS_ATTEMPTS: u32 = 32;
 /// Manifests kept decoded in memory (they are immutable).
 const MANIFEST_CACHE: usize = 256;
 /// Chunk freshness records kept in memory before the table is reset.
-const KNOWN_CHUNKS: usize = 1 << 20;
+const KNOWN_CHUNKS: usize = 1 << 18;
 
 /// A UIF store in an S3 bucket.
 pub struct S3Store {

@@ -5,7 +5,7 @@
 //! checks the manifest digest, then compare-and-swaps under the user's
 //! lease gate. A stale base or lease keeps the upload as a conflict version.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde_json::json;
@@ -36,6 +36,10 @@ struct UploadState {
     listed: HashMap<Hash, u32>,
     uploaded: u64,
     pins: Vec<ChunkPins>,
+    /// Chunks of the base version (loaded with the first page): present
+    /// without asking the store. Should the base be pruned before the
+    /// commit, the store's commit checks them like any other chunk.
+    base_chunks: Option<Arc<HashSet<Hash>>>,
 }
 
 fn bad(code: ErrorCode, msg: impl std::fmt::Display) -> WireError {
@@ -152,11 +156,22 @@ pub async fn page(conn: &Conn, upload: u64, page: u32, chunks: Vec<ChunkRef>) ->
     // Pin first, then look: a chunk reported present cannot be swept
     // before the commit that references it.
     let pins = conn.host.store.pin(&hashes);
-    let present = conn
+    let base_chunks = base_chunks(conn, &up).await;
+    let ask: Vec<Hash> = hashes
+        .iter()
+        .filter(|h| !base_chunks.contains(h))
+        .copied()
+        .collect();
+    let answers = conn
         .host
-        .store_call(move |s| s.has_chunks(&hashes))
+        .store_call(move |s| s.has_chunks(&ask))
         .await
         .map_err(|e| wire_store_error(&e))?;
+    let mut answers = answers.into_iter();
+    let present: Vec<bool> = hashes
+        .iter()
+        .map(|h| base_chunks.contains(h) || answers.next().unwrap_or(false))
+        .collect();
     let mut st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
     let mut missing = Vec::new();
     for (i, (c, here)) in chunks.iter().zip(present).enumerate() {
@@ -181,6 +196,38 @@ pub async fn page(conn: &Conn, upload: u64, page: u32, chunks: Vec<ChunkRef>) ->
     st.next_page += 1;
     st.pins.push(pins);
     Ok(Response::Missing(missing))
+}
+
+/// The chunk set of the upload's base version, loaded once (empty when
+/// there is no base or it cannot be read: then the store is asked).
+async fn base_chunks(conn: &Conn, up: &Upload) -> Arc<HashSet<Hash>> {
+    if let Some(set) = &up
+        .state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .base_chunks
+    {
+        return set.clone();
+    }
+    let set = match up.begin.base {
+        None => HashSet::new(),
+        Some(base) => {
+            let user = up.begin.user.clone();
+            match conn.host.store_call(move |s| s.manifest(&user, base)).await {
+                Ok(m) => m.chunks.iter().map(|c| c.hash).collect(),
+                Err(e) => {
+                    tracing::debug!(user = up.begin.user, base, error = %e, "base manifest unavailable");
+                    HashSet::new()
+                }
+            }
+        }
+    };
+    let set = Arc::new(set);
+    up.state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .base_chunks = Some(set.clone());
+    set
 }
 
 /// Takes the shared side of an upload's gate (in the dispatcher, before the
