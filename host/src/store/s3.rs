@@ -850,6 +850,18 @@ impl UifStore for S3Store {
     }
 
     fn gc(&self, grace: Duration) -> StoreResult<GcReport> {
+        // Other hosts trust that chunks younger than the configured grace
+        // survive until their commit; a shorter grace asked for here (e.g.
+        // `POST /v1/gc?grace_secs=0`) would break that promise.
+        let floor = self.fresh * 2;
+        if grace < floor {
+            tracing::warn!(
+                asked = grace.as_secs(),
+                used = floor.as_secs(),
+                "GC grace raised to the configured gc_grace_secs: the S3 store is shared"
+            );
+        }
+        let grace = grace.max(floor);
         let cutoff = now_ms().saturating_sub(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
         let referenced = self.mark()?.chunks;
         let mut report = GcReport::default();
