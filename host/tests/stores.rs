@@ -413,6 +413,7 @@ async fn s3_store_on_ceph_rgw() {
         .await
         .unwrap();
     unsafe_server_is_refused(&rgw).await;
+    missing_bucket_is_a_clear_error(&rgw).await;
     two_hosts_share_one_bucket(&rgw, 10).await;
 }
 
@@ -582,4 +583,46 @@ async fn unsafe_server_is_refused(rgw: &Rgw) {
         stderr.contains("unsafe for compare-and-swap") && stderr.contains("If-None-Match"),
         "{stderr}"
     );
+}
+
+/// An https endpoint goes through the TLS stack (rustls with ring, the
+/// system's CA store) and an unreachable one is a clear error, not a hang
+/// or a panic.
+#[cfg(feature = "s3")]
+#[test]
+fn unreachable_https_endpoint_is_a_clear_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = uve_host::config::S3Config {
+        endpoint: Some(format!("https://127.0.0.1:{port}")),
+        bucket: "uve".into(),
+        access_key_id: Some("k".into()),
+        secret_access_key: Some("s".into()),
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let err = S3Store::open(&cfg, StorePolicy::default(), Duration::from_secs(3600))
+        .err()
+        .expect("nothing listens there");
+    assert!(matches!(err, StoreError::Remote { .. }), "{err}");
+    assert!(err.to_string().contains("self-test"), "{err}");
+    eprintln!("refused after {:.1?}: {err}", t.elapsed());
+}
+
+#[cfg(feature = "s3")]
+async fn missing_bucket_is_a_clear_error(rgw: &Rgw) {
+    let mut cfg = rgw.config("x");
+    cfg.bucket = "no-such-bucket".into();
+    let err = tokio::task::spawn_blocking(move || {
+        S3Store::open(&cfg, StorePolicy::default(), Duration::from_secs(3600))
+    })
+    .await
+    .unwrap()
+    .err()
+    .expect("the bucket does not exist");
+    assert!(matches!(err, StoreError::Remote { .. }), "{err}");
+    assert!(err.to_string().contains("NoSuchBucket"), "{err}");
 }
