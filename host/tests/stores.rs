@@ -225,32 +225,45 @@ fn refuses_bad_input(b: &dyn Backend) {
 }
 
 fn history_is_pruned_and_rollback_makes_a_new_head(b: &dyn Backend) {
-    let s = b.open("history", policy(3));
-    let data: Vec<Vec<u8>> = (0..5).map(|i| noise(120_000, 10 + i)).collect();
-    let mut base = None;
-    for d in &data {
-        let m = put_all(s.as_ref(), d);
-        base = Some(committed(
-            s.commit("carol", &m, base, true, "vm:a").unwrap(),
+    let s = b.open(
+        "history",
+        StorePolicy {
+            history_keep: 3,
+            conflict_keep: 2,
+            ..StorePolicy::default()
+        },
+    );
+    let mut head = None;
+    for i in 0..6u64 {
+        let m = put_all(s.as_ref(), &noise(1000, i + 10));
+        head = Some(committed(
+            s.commit("carol", &m, head, true, "vm:a").unwrap(),
         ));
+        // A stale upload each round: a conflict version.
+        s.commit("carol", &m, None, true, "vm:b").unwrap();
     }
-    let kept: Vec<Version> = s
-        .versions("carol")
-        .unwrap()
-        .iter()
-        .map(|v| v.version)
-        .collect();
-    assert_eq!(kept, vec![3, 4, 5]);
+    let vs = s.versions("carol").unwrap();
+    let of_kind = |k| {
+        vs.iter()
+            .filter(|v| v.kind == k)
+            .map(|v| v.version)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of_kind(VersionKind::Committed), vec![7, 9, 11]);
+    assert_eq!(of_kind(VersionKind::Conflict), vec![10, 12]);
+    assert_eq!(head, Some(11));
     assert!(matches!(
         s.manifest("carol", 1),
         Err(StoreError::NoSuchVersion { .. })
     ));
-    assert_eq!(s.rollback("carol", 3).unwrap(), 6);
-    assert_eq!(s.head("carol").unwrap(), Some(6));
-    assert!(read_all(s.as_ref(), "carol", 6) == data[2]);
-    let v6 = s.versions("carol").unwrap().pop().unwrap();
-    assert_eq!(v6.origin, "rollback:3");
-    assert_eq!(v6.kind, VersionKind::Committed);
+    assert!(read_all(s.as_ref(), "carol", 11) == noise(1000, 15));
+    // Rollback makes a copy of an old version the new head.
+    assert_eq!(s.rollback("carol", 7).unwrap(), 13);
+    assert_eq!(s.head("carol").unwrap(), Some(13));
+    assert!(read_all(s.as_ref(), "carol", 13) == noise(1000, 13));
+    let v13 = s.versions("carol").unwrap().pop().unwrap();
+    assert_eq!(v13.origin, "rollback:7");
+    assert_eq!(v13.kind, VersionKind::Committed);
     assert!(matches!(
         s.rollback("carol", 1),
         Err(StoreError::NoSuchVersion { .. })
