@@ -3,11 +3,20 @@
 //! 127.0.0.1 (started with `tests/s3/rgw.sh`), next to the same through a
 //! `uve-host` on the local store, in the same run. Not part of `all`: it
 //! needs Ceph (`apt install radosgw ceph-mon ceph-osd uuid-runtime`).
+//! A second baseline is the store alone: `S3Store::put_chunk` /
+//! `read_chunk` of the same chunks from as many threads as the agent keeps
+//! requests in flight, no protocol, no agent, no files.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use uve_host::config::S3Config;
+use uve_host::store::{S3Store, StorePolicy, UifStore};
+use uve_protocol::manifest::Hash;
 
 use crate::rig::Rig;
 use crate::{Row, data};
@@ -48,6 +57,18 @@ impl Rgw {
         })
     }
 
+    fn config(&self, prefix: &str) -> S3Config {
+        let get = |k: &str| self.env.get(k).cloned();
+        S3Config {
+            endpoint: get("AWS_ENDPOINT_URL"),
+            bucket: get("UVE_S3_BUCKET").unwrap_or_default(),
+            prefix: prefix.into(),
+            access_key_id: get("AWS_ACCESS_KEY_ID"),
+            secret_access_key: get("AWS_SECRET_ACCESS_KEY"),
+            ..S3Config::default()
+        }
+    }
+
     fn toml(&self, prefix: &str) -> String {
         let get = |k: &str| self.env.get(k).cloned().unwrap_or_default();
         format!(
@@ -83,6 +104,52 @@ fn round(rig: &Rig, work: &Path, size: usize) -> (Duration, Duration) {
     (down, up)
 }
 
+/// Runs `f` on every item from `threads` threads; returns the wall time.
+fn parallel<T: Sync>(items: &[T], threads: usize, f: impl Fn(&T) + Sync) -> Duration {
+    let next = AtomicUsize::new(0);
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                while let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    f(item);
+                }
+            });
+        }
+    });
+    t.elapsed()
+}
+
+/// The store alone: puts then reads of `size` bytes of chunks.
+fn store_alone(rgw: &Rgw, size: usize) -> Result<(Duration, Duration), String> {
+    let store = S3Store::open(
+        &rgw.config("bench-raw"),
+        StorePolicy::default(),
+        Duration::from_secs(3600),
+    )
+    .map_err(|e| e.to_string())?;
+    let data = data::random(size, 63);
+    let mut chunks: Vec<(Hash, Vec<u8>)> = Vec::new();
+    uve_protocol::chunker::chunk_stream(&data[..], |c, b| {
+        chunks.push((c.hash, b.to_vec()));
+        Ok(())
+    })
+    .map_err(|e| e.to_string())?;
+    let store = Arc::new(store);
+    let put = parallel(&chunks, UPLOAD_PARALLEL, |(h, b)| {
+        store.put_chunk(h, b).expect("put_chunk");
+    });
+    let get = parallel(&chunks, FETCH_PARALLEL, |(h, _)| {
+        store.read_chunk(h).expect("read_chunk");
+    });
+    Ok((get, put))
+}
+
+/// Chunk uploads the agent keeps in flight (`agent/src/uif/update.rs`).
+const UPLOAD_PARALLEL: usize = 8;
+/// Chunk fetches the agent keeps in flight (`fetch_parallel` default).
+const FETCH_PARALLEL: usize = 12;
+
 fn mbps(bytes: usize, t: Duration) -> f64 {
     bytes as f64 / 1e6 / t.as_secs_f64().max(1e-9)
 }
@@ -105,7 +172,7 @@ pub fn run(bins: &uve_e2e::binaries::Binaries, work: &Path, size: usize) -> Vec<
     let (sd, su) = round(&s3, &s3_dir, size);
     eprintln!("  local: retrieve {ld:?}, update {lu:?}; RGW: retrieve {sd:?}, update {su:?}");
     let mib = size >> 20;
-    vec![
+    let mut rows = vec![
         Row::new(
             format!("cold retrieve {mib} MiB, S3 store on Ceph RGW (MB/s)"),
             mbps(size, sd),
@@ -120,5 +187,26 @@ pub fn run(bins: &uve_e2e::binaries::Binaries, work: &Path, size: usize) -> Vec<
             mbps(size, lu),
             true,
         ),
-    ]
+    ];
+    match store_alone(&rgw, size) {
+        Ok((get, put)) => {
+            eprintln!("  S3Store alone: read {get:?}, put {put:?}");
+            rows.push(Row::new(
+                format!("cold retrieve {mib} MiB, S3 store on Ceph RGW (MB/s)"),
+                mbps(size, sd),
+                &format!("S3Store::read_chunk alone, {FETCH_PARALLEL} threads"),
+                mbps(size, get),
+                true,
+            ));
+            rows.push(Row::new(
+                format!("full update {mib} MiB, S3 store on Ceph RGW (MB/s)"),
+                mbps(size, su),
+                &format!("S3Store::put_chunk alone, {UPLOAD_PARALLEL} threads"),
+                mbps(size, put),
+                true,
+            ));
+        }
+        Err(e) => rows.push(Row::text("S3 store alone", format!("failed: {e}"), "", "")),
+    }
+    rows
 }
