@@ -92,12 +92,17 @@ pub async fn flush_user(
     }
     let path = cfg.uif_path(user);
     let p2 = path.clone();
-    let manifest = blocking(move || {
-        uve_protocol::chunker::chunk_file(&p2).map_err(|e| UifError::at("chunk", &p2, e))
+    // The file's identity is taken before it is read: any write after that
+    // changes its ctime, so the stamp can only vouch for what was chunked.
+    let (manifest, id) = blocking(move || {
+        let id = cache::settled_id(&p2);
+        let m =
+            uve_protocol::chunker::chunk_file(&p2).map_err(|e| UifError::at("chunk", &p2, e))?;
+        Ok((m, id))
     })
     .await
     .map_err(uif_err(user))?;
-    if let Err(e) = cache::save(&agent.state_dir, user, &manifest) {
+    if let Err(e) = cache::record(&agent.state_dir, user, &manifest, id) {
         tracing::warn!(user, "cannot record cache manifest: {e}");
     }
     let entry = SpoolEntry {

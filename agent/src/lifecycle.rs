@@ -178,9 +178,10 @@ async fn obtain_uif(
         Ok(r) => {
             *summary = match r.base {
                 Some(v) => format!(
-                    "retrieved version {v} ({} chunks fetched, {} reused){}",
+                    "retrieved version {v} ({} chunks fetched, {} reused{}){}",
                     r.fetched,
                     r.reused,
+                    if r.patched { ", patched in place" } else { "" },
                     if r.handover_timed_out {
                         "; hand-over from the previous VM timed out"
                     } else {
