@@ -194,6 +194,7 @@ async fn obtain_uif(
                 base: r.base,
                 lease: r.lease,
                 temporary: false,
+                base_digest: Some(r.digest),
             })
         }
         Err(e)
@@ -208,6 +209,7 @@ async fn obtain_uif(
                 base: None,
                 lease: 0,
                 temporary: true,
+                base_digest: None,
             })
         }
         Err(e) => Err(uif_err(user)(e)),
@@ -303,7 +305,7 @@ pub async fn release(agent: &Arc<Agent>, user: &str) -> Option<Version> {
     tracing::info!(user, "released: {outcome}");
     match outcome {
         FlushOutcome::Committed(v) => Some(v),
-        FlushOutcome::Nothing(_) => spooled,
+        FlushOutcome::Nothing(_) | FlushOutcome::Unchanged(_) => spooled,
         _ => None,
     }
 }

@@ -454,3 +454,57 @@ fn a_patch_marker_left_by_a_crash_forces_a_full_retrieve() {
     assert!(out.contains("patched in place"), "{out}");
     assert_eq!(std::fs::read(&img).unwrap(), again);
 }
+
+#[test]
+fn logout_of_an_unchanged_uif_commits_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    agent.wait_connected();
+    let data = noise(1 << 20, 59);
+    let v1 = host.with(|h| h.seed("una", &data));
+    agent.ok(&["login", "--user", "una", "--session", "u1"]);
+    let before = host.with(|h| (h.commits.len(), h.chunk_uploads));
+    let out = agent.ok(&["logout", "--session", "u1"]);
+    assert!(
+        out.contains(&format!("unchanged since version {v1}; nothing committed")),
+        "{out}"
+    );
+    assert_eq!(host.with(|h| (h.commits.len(), h.chunk_uploads)), before);
+    // The file was not written since the retrieve stamped it: not re-read.
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
+    assert!(log.contains("not re-chunked"), "{log}");
+    assert_eq!(host.with(|h| h.heads["una"]), v1);
+    assert!(host.with(|h| h.sessions_ended.contains(&"u1".to_string())));
+    assert_eq!(agent.status()["spooled_updates"], 0);
+
+    // A changed file is committed as before, on the same base.
+    agent.ok(&["login", "--user", "una", "--session", "u2"]);
+    let img = dir.path().join("uif/una.img");
+    let mut changed = data.clone();
+    changed[7] ^= 1;
+    std::fs::write(&img, &changed).unwrap();
+    let out = agent.ok(&["logout", "--session", "u2"]);
+    assert!(out.contains("committed"), "{out}");
+    let c = host.with(|h| h.commits.last().cloned().unwrap());
+    assert_eq!(c.base, Some(v1));
+    assert_eq!(host.with(|h| h.head_bytes("una").unwrap()), changed);
+
+    // A change undone before logout is no change.
+    let v2 = host.with(|h| h.heads["una"]);
+    agent.ok(&["login", "--user", "una", "--session", "u3"]);
+    std::fs::write(&img, &data).unwrap();
+    std::fs::write(&img, &changed).unwrap();
+    let out = agent.ok(&["logout", "--session", "u3"]);
+    assert!(
+        out.contains(&format!("unchanged since version {v2}")),
+        "{out}"
+    );
+
+    // A new user who leaves the empty UIF empty commits nothing either.
+    let out = agent.ok(&["login", "--user", "neu", "--session", "n1"]);
+    assert!(out.contains("new user"), "{out}");
+    let out = agent.ok(&["logout", "--session", "n1"]);
+    assert!(out.contains("unchanged (still the empty UIF)"), "{out}");
+    assert!(host.with(|h| !h.heads.contains_key("neu")));
+}

@@ -13,8 +13,14 @@
 //! file and patch only the chunks that differ, in place. ctime cannot be set
 //! from user space and changes with every write, so a stale stamp means a
 //! changed file; a stamp taken within [`RACY`] of the file's last change is
-//! not trusted (a write in the same timestamp tick would not change ctime:
-//! git's "racily clean" problem).
+//! not recorded (a write in the same timestamp tick would not change ctime:
+//! git's "racily clean" problem). The one write that can escape a stamp is
+//! one through a shared mapping made writable before the stamp was taken;
+//! the file is stamped when the agent wrote it or right after the detach
+//! hook, when nothing should map it.
+//!
+//! A flush also uses the stamp: a file still stamped as holding the recorded
+//! manifest is not re-read and re-chunked.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -25,11 +31,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use uve_protocol::manifest::{Hash, Manifest};
 
-/// A stamp is trusted only if the file's ctime was at least this much
+/// A stamp is recorded only if the file's ctime was at least this much
 /// older than the clock when the stamp was taken: the kernel stamps
-/// changes with a coarse clock (one jiffy, ≤ 10 ms), so a write within the
-/// same tick as the recorded ctime would leave ctime unchanged.
-pub const RACY: Duration = Duration::from_millis(50);
+/// changes with a coarse clock (one jiffy, ≤ 10 ms at `HZ=100`), so a write
+/// within the same tick as the recorded ctime would leave ctime unchanged.
+/// Two jiffies guarantee that any later write gets a later ctime.
+pub const RACY: Duration = Duration::from_millis(25);
 
 /// Where the manifest describing `user`'s UIF file is kept.
 pub fn manifest_path(state_dir: &Path, user: &str) -> PathBuf {
@@ -146,11 +153,6 @@ pub fn settled_id(path: &Path) -> Option<FileId> {
         );
     }
     None
-}
-
-/// The identity of `path` if it is already settled (no waiting).
-pub fn id_if_settled(path: &Path) -> Option<FileId> {
-    FileId::of(path).filter(|id| id.settled_at(now_ns()))
 }
 
 /// Records that the file with identity `id` holds the manifest with

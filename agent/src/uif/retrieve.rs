@@ -45,6 +45,9 @@ pub struct Retrieved {
     pub handover_timed_out: bool,
     /// The file was patched in place (only changed chunks written).
     pub patched: bool,
+    /// Digest of the version now on disk (of the empty UIF if `base` is
+    /// `None`).
+    pub digest: Hash,
 }
 
 /// Most bytes of moved chunks a patch holds in memory; a version whose
@@ -86,6 +89,7 @@ pub async fn retrieve(
             reused: 0,
             handover_timed_out: grant.handover_timed_out,
             patched: false,
+            digest: empty.header.digest,
         });
     };
     let max_frame = link.max_frame();
@@ -116,6 +120,7 @@ pub async fn retrieve(
     manifest
         .validate()
         .map_err(|e| UifError::Protocol(e.to_string()))?;
+    let digest = manifest.header.digest;
     let done = |fetched, reused, patched| Retrieved {
         base: Some(version),
         lease: grant.lease,
@@ -123,6 +128,7 @@ pub async fn retrieve(
         reused,
         handover_timed_out: grant.handover_timed_out,
         patched,
+        digest,
     };
 
     let previous = cache::load(state_dir, user);
@@ -201,11 +207,12 @@ pub async fn retrieve(
     Ok(done(fetched, reused, false))
 }
 
-/// Records that `dest` now holds `manifest` (see [`cache::record`]), with
-/// a stamp only if the file's ctime has settled already: no waiting at
-/// login; without a stamp the next retrieve verifies instead of trusting.
+/// Records that `dest` now holds `manifest` (see [`cache::record`]) with a
+/// stamp, waiting up to [`cache::RACY`] for the just-written file's ctime
+/// to settle: then a logout that finds the file unchanged need not re-read
+/// it, and a later retrieve may patch it.
 fn record(state_dir: &Path, user: &str, dest: &Path, manifest: &Manifest) -> Result<(), UifError> {
-    cache::record(state_dir, user, manifest, cache::id_if_settled(dest))
+    cache::record(state_dir, user, manifest, cache::settled_id(dest))
         .map_err(|e| UifError::at("record cache manifest for", dest, e))
 }
 
