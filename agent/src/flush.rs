@@ -103,6 +103,7 @@ pub async fn flush_user(
     let path = cfg.uif_path(user);
     let p2 = path.clone();
     let (state_dir, u2) = (agent.state_dir.clone(), user.to_string());
+    let started = std::time::Instant::now();
     let (manifest, id) = blocking(move || {
         // A file still stamped as holding the recorded manifest (not
         // written since the retrieve or the last flush) need not be read.
@@ -124,6 +125,12 @@ pub async fn flush_user(
     match id {
         None => tracing::debug!(user, "UIF file unchanged since stamped; not re-chunked"),
         Some(id) => {
+            tracing::info!(
+                user,
+                chunk_ms = started.elapsed().as_millis(),
+                chunks = manifest.chunks.len(),
+                "flush: UIF file chunked"
+            );
             if let Err(e) = cache::record(&agent.state_dir, user, &manifest, id) {
                 tracing::warn!(user, "cannot record cache manifest: {e}");
             }
@@ -205,7 +212,8 @@ async fn deliver_entry(
         cause,
     };
     let mut digest = manifest.header.digest;
-    let mut result = update::upload(&c.link, &entry.file, manifest, begin.clone()).await;
+    let stamped = cache::stamped_id(&agent.state_dir, &entry.user, manifest);
+    let mut result = update::upload(&c.link, &entry.file, manifest, begin.clone(), stamped).await;
     if matches!(result, Err(UifError::Changed)) && !live_checkpoint {
         // The UIF is still attached and was written to since it was
         // spooled: send what it holds now (newer data of the same user).
@@ -225,7 +233,7 @@ async fn deliver_entry(
                     ..begin
                 };
                 digest = fresh.header.digest;
-                result = update::upload(&c.link, &entry.file, &fresh, begin).await;
+                result = update::upload(&c.link, &entry.file, &fresh, begin, None).await;
             }
             Err(e) => result = Err(e),
         }

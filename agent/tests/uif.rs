@@ -508,3 +508,33 @@ fn logout_of_an_unchanged_uif_commits_nothing() {
     assert!(out.contains("unchanged (still the empty UIF)"), "{out}");
     assert!(host.with(|h| !h.heads.contains_key("neu")));
 }
+
+#[test]
+fn a_spooled_update_whose_file_changed_since_is_sent_as_the_file_is_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    agent.wait_connected();
+    let img = dir.path().join("uif/sam.img");
+    let v1 = noise(2 << 20, 61);
+    host.with(|h| h.seed("sam", &v1));
+    agent.ok(&["login", "--user", "sam", "--session", "s1"]);
+    let v2 = scribble(&v1, &[900_000], 100, 6);
+    std::fs::write(&img, &v2).unwrap();
+    host.down();
+    let out = agent.ok(&["logout", "--session", "s1"]);
+    assert!(out.contains("spooled"), "{out}");
+    // While the update waits, the file is written again where the spooled
+    // manifest says new bytes are: the stamp no longer matches, so the
+    // bytes read for upload are hashed, found changed, and the file is
+    // chunked and sent as it is now.
+    let v3 = scribble(&v2, &[900_050], 10, 7);
+    std::fs::write(&img, &v3).unwrap();
+    host.up();
+    wait_for("the file's current bytes committed", LONG, || {
+        host.with(|h| (h.head_bytes("sam") == Some(v3.clone())).then_some(()))
+    });
+    wait_for("spool empty", LONG, || {
+        (agent.status()["spooled_updates"] == 0).then_some(())
+    });
+}

@@ -122,6 +122,10 @@ struct Cli {
     /// Work directory (default: a temporary directory under target/).
     #[arg(long)]
     work: Option<std::path::PathBuf>,
+    /// Keep the work directory (logs of host and agent) instead of
+    /// removing it at the end; its path is printed.
+    #[arg(long)]
+    keep: bool,
 }
 
 fn chunking(work: &Path, size: usize) -> Vec<Row> {
@@ -289,6 +293,9 @@ fn main() {
         }
     }
     let _ = flush_hwm;
+    if cli.keep {
+        eprintln!("work directory kept: {}", work.keep().display());
+    }
 
     println!("\n| benchmark | uve | baseline | baseline figure | uve / baseline |");
     println!("|---|---|---|---|---|");

@@ -97,19 +97,25 @@ impl FileId {
     /// The identity of the regular file at `path` (not following a
     /// symlink); `None` if it is missing or not a regular file.
     pub fn of(path: &Path) -> Option<FileId> {
-        use std::os::unix::fs::MetadataExt;
         let m = std::fs::symlink_metadata(path).ok()?;
-        if !m.file_type().is_file() {
-            return None;
-        }
+        m.file_type().is_file().then(|| FileId::from_metadata(&m))
+    }
+
+    /// The identity of the open file `f` (`fstat`).
+    pub fn of_file(f: &File) -> Option<FileId> {
+        f.metadata().ok().map(|m| FileId::from_metadata(&m))
+    }
+
+    fn from_metadata(m: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
         let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
-        Some(FileId {
+        FileId {
             dev: m.dev(),
             ino: m.ino(),
             size: m.size(),
             mtime_ns: ns(m.mtime(), m.mtime_nsec()),
             ctime_ns: ns(m.ctime(), m.ctime_nsec()),
-        })
+        }
     }
 
     /// True if the last change is older than [`RACY`] at `now_ns`, so any
@@ -183,15 +189,22 @@ pub fn save_stamp(
 /// for this manifest's digest, and the file still has the stamped
 /// identity and size.
 pub fn trusted(state_dir: &Path, user: &str, file: &Path, manifest: &Manifest) -> bool {
+    stamped_id(state_dir, user, manifest).is_some_and(|id| FileId::of(file) == Some(id))
+}
+
+/// The identity a file must still have to hold `manifest`, per the stamp
+/// of `user` (no interrupted patch, stamp of this manifest's digest).
+/// Whoever reads the file compares it with the file's identity after
+/// reading: equal means the bytes read are the manifest's.
+pub fn stamped_id(state_dir: &Path, user: &str, manifest: &Manifest) -> Option<FileId> {
     if patch_marker_path(state_dir, user).exists() {
-        return false;
+        return None;
     }
-    let Ok(Some(stamp)) = crate::fsutil::read_json::<Stamp>(&stamp_path(state_dir, user)) else {
-        return false;
-    };
-    stamp.digest == manifest.header.digest
-        && stamp.file.size == manifest.header.size
-        && FileId::of(file) == Some(stamp.file)
+    let stamp = crate::fsutil::read_json::<Stamp>(&stamp_path(state_dir, user))
+        .ok()
+        .flatten()?;
+    (stamp.digest == manifest.header.digest && stamp.file.size == manifest.header.size)
+        .then_some(stamp.file)
 }
 
 /// Durably marks `user`'s file as being patched in place: until

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::time::Instant;
 
 use crate::conn::HostLink;
 use tokio::task::JoinSet;
@@ -67,6 +68,7 @@ pub async fn retrieve(
     if let Some(dir) = dest.parent() {
         fsutil::ensure_dir(dir).map_err(|e| UifError::at("create", dir, e))?;
     }
+    let started = Instant::now();
     let grant = match link
         .request(Request::UifRetrieve {
             user: user.into(),
@@ -131,6 +133,7 @@ pub async fn retrieve(
         digest,
     };
 
+    let manifest_ms = started.elapsed().as_millis();
     let previous = cache::load(state_dir, user);
     if cache::patch_interrupted(state_dir, user) {
         tracing::warn!(
@@ -147,8 +150,18 @@ pub async fn retrieve(
             blocking(move || Ok(plan_patch(&prev, &next, &dest))).await?
         };
         if let Some(plan) = plan {
+            let t = Instant::now();
             let (fetched, reused) =
                 patch(link, state_dir, user, dest, &manifest, plan, parallel).await?;
+            tracing::info!(
+                user,
+                version,
+                manifest_ms,
+                patch_ms = t.elapsed().as_millis(),
+                fetched,
+                reused,
+                "retrieve: patched the file in place"
+            );
             return Ok(done(fetched, reused, true));
         }
         tracing::info!(
@@ -165,6 +178,7 @@ pub async fn retrieve(
         .truncate(true)
         .open(&tmp)
         .map_err(|e| UifError::at("create", &tmp, e))?;
+    let t = Instant::now();
     let result = fill(
         link,
         user,
@@ -186,6 +200,8 @@ pub async fn retrieve(
     // list, and every chunk was verified against its hash, so a file of
     // the announced size is the version, byte for byte.
     let size = manifest.header.size;
+    let chunks_ms = t.elapsed().as_millis();
+    let t = Instant::now();
     let tmp2 = tmp.clone();
     let written = blocking(move || {
         out.sync_all()
@@ -201,9 +217,20 @@ pub async fn retrieve(
             "assembled {written} bytes for {user} version {version}, expected {size}"
         )));
     }
+    let fsync_ms = t.elapsed().as_millis();
     std::fs::rename(&tmp, dest).map_err(|e| UifError::at("rename into", dest, e))?;
     fsutil::sync_parent(dest).map_err(|e| UifError::at("fsync dir of", dest, e))?;
     record(state_dir, user, dest, &manifest)?;
+    tracing::info!(
+        user,
+        version,
+        manifest_ms,
+        chunks_ms,
+        fsync_ms,
+        fetched,
+        reused,
+        "retrieve: wrote a new file"
+    );
     Ok(done(fetched, reused, false))
 }
 
@@ -321,7 +348,7 @@ async fn patch(
         })
         .await?
     };
-    let fetched = fetch_missing(link, user, &out, &wanted, order, parallel).await?;
+    let fetched = fetch_missing(link, user, &out, wanted, order, parallel).await?;
     let dest2 = dest.to_path_buf();
     let written = blocking(move || {
         out.sync_all()
@@ -365,44 +392,84 @@ async fn fill(
         })
         .await?
     };
-    let fetched = fetch_missing(link, user, out, &wanted, order, parallel).await?;
+    let fetched = fetch_missing(link, user, out, wanted, order, parallel).await?;
     Ok((fetched, reused))
 }
 
 /// Fetches the chunks in `order` (`parallel` requests in flight), verifies
 /// each and writes it at its offsets in `wanted`. Returns the number
 /// fetched.
+///
+/// The runtime thread only moves frames; verifying (BLAKE3) and writing
+/// (a copy into the page cache) run on a blocking thread fed through a
+/// bounded channel, so they overlap with receiving the next chunks and
+/// heartbeats never wait behind them.
 async fn fetch_missing(
     link: &HostLink,
     user: &str,
     out: &File,
-    wanted: &HashMap<Hash, Vec<u64>>,
+    wanted: HashMap<Hash, Vec<u64>>,
     order: Vec<ChunkRef>,
     parallel: usize,
 ) -> Result<usize, UifError> {
+    let parallel = parallel.max(1);
+    let file = out
+        .try_clone()
+        .map_err(|e| UifError::io("clone retrieve file", e))?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<(ChunkRef, Vec<u8>)>(parallel);
+    let writer = tokio::task::spawn_blocking(move || write_fetched(&file, &wanted, rx));
     let mut fetched = 0usize;
     let mut queue = order.into_iter();
     let mut inflight: JoinSet<Result<(ChunkRef, Vec<u8>), UifError>> = JoinSet::new();
-    loop {
-        while inflight.len() < parallel.max(1) {
-            let Some(c) = queue.next() else { break };
-            let link = link.clone();
-            let user = user.to_string();
-            inflight.spawn(async move {
-                match link
-                    .request(Request::ChunkFetch { user, hash: c.hash })
-                    .await?
-                {
-                    Response::Chunk(data) => Ok((c, data)),
-                    other => Err(unexpected("ChunkFetch", &other)),
-                }
-            });
+    let received: Result<(), UifError> = async {
+        loop {
+            while inflight.len() < parallel {
+                let Some(c) = queue.next() else { break };
+                let link = link.clone();
+                let user = user.to_string();
+                inflight.spawn(async move {
+                    match link
+                        .request(Request::ChunkFetch { user, hash: c.hash })
+                        .await?
+                    {
+                        Response::Chunk(data) => Ok((c, data)),
+                        other => Err(unexpected("ChunkFetch", &other)),
+                    }
+                });
+            }
+            let Some(done) = inflight.join_next().await else {
+                return Ok(());
+            };
+            let chunk =
+                done.map_err(|e| UifError::Protocol(format!("fetch task failed: {e}")))??;
+            if tx.send(chunk).await.is_err() {
+                // The writer stopped: its error is reported below.
+                return Ok(());
+            }
+            fetched += 1;
         }
-        let Some(done) = inflight.join_next().await else {
-            break;
-        };
-        let (c, data) =
-            done.map_err(|e| UifError::Protocol(format!("fetch task failed: {e}")))??;
+    }
+    .await;
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| UifError::io("chunk writer", std::io::Error::other(e.to_string())))?;
+    received?;
+    written?;
+    Ok(fetched)
+}
+
+/// The blocking half of [`fetch_missing`]: verifies each fetched chunk,
+/// writes it at its offsets and starts writeback every
+/// [`fsutil::WRITEBACK_STEP`] bytes, so the disk works while the rest
+/// arrives and the final fsync finds little left.
+fn write_fetched(
+    out: &File,
+    wanted: &HashMap<Hash, Vec<u64>>,
+    mut rx: tokio::sync::mpsc::Receiver<(ChunkRef, Vec<u8>)>,
+) -> Result<(), UifError> {
+    let mut unflushed = 0u64;
+    while let Some((c, data)) = rx.blocking_recv() {
         if !uve_protocol::chunker::chunk_matches(&c, &data) {
             return Err(UifError::Protocol(format!(
                 "chunk {} does not match its hash or length",
@@ -412,10 +479,14 @@ async fn fetch_missing(
         for off in wanted.get(&c.hash).map(Vec::as_slice).unwrap_or_default() {
             out.write_all_at(&data, *off)
                 .map_err(|e| UifError::io("write fetched chunk", e))?;
+            unflushed += u64::from(c.len);
         }
-        fetched += 1;
+        if unflushed >= fsutil::WRITEBACK_STEP {
+            unflushed = 0;
+            let _ = fsutil::start_writeback(out);
+        }
     }
-    Ok(fetched)
+    Ok(())
 }
 
 /// Copies every chunk the cache has intact into `out`; returns the
@@ -430,7 +501,12 @@ fn reuse_cached(
     let mut wanted: HashMap<Hash, Vec<u64>> = HashMap::new();
     let mut order: Vec<ChunkRef> = Vec::new();
     let mut reused = 0usize;
+    let mut unflushed = 0u64;
     for (off, c) in manifest.offsets() {
+        if unflushed >= fsutil::WRITEBACK_STEP {
+            unflushed = 0;
+            let _ = fsutil::start_writeback(out);
+        }
         if let Some(places) = wanted.get_mut(&c.hash) {
             places.push(off);
             continue;
@@ -439,6 +515,7 @@ fn reuse_cached(
             Some(data) => {
                 out.write_all_at(&data, off)
                     .map_err(|e| UifError::io("write retrieved chunk", e))?;
+                unflushed += u64::from(c.len);
                 reused += 1;
             }
             None => {
