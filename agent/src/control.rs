@@ -174,6 +174,7 @@ fn flushed(outcome: FlushOutcome) -> ControlResponse {
         FlushOutcome::Conflict { .. } => (true, "conflict"),
         FlushOutcome::Spooled(_) => (true, "spooled"),
         FlushOutcome::Nothing(_) => (true, "nothing"),
+        FlushOutcome::Unchanged(_) => (true, "unchanged"),
         FlushOutcome::Rejected(_) => (false, "rejected"),
     };
     ControlResponse {

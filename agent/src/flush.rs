@@ -1,8 +1,9 @@
 //! The flush every lifecycle shares — detach/pack, chunk, journal in the
 //! spool, upload — and the delivery of spooled updates after a reconnect.
 //! An update is always journalled before it is sent, so "committed" and
-//! "safely spooled" are the only outcomes of a flush that did not fail
-//! locally.
+//! "safely spooled" are the outcomes of a flush that did not fail locally,
+//! besides "unchanged": a UIF whose manifest digest is still that of the
+//! version it was retrieved as (or last committed) is not uploaded at all.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +47,9 @@ pub enum FlushOutcome {
     Rejected(String),
     /// Nothing to flush (no UIF attached, or other sessions still use it).
     Nothing(String),
+    /// The UIF still holds its base version (same manifest digest): no new
+    /// version was uploaded or committed.
+    Unchanged(Option<Version>),
 }
 
 impl std::fmt::Display for FlushOutcome {
@@ -61,6 +65,12 @@ impl std::fmt::Display for FlushOutcome {
             }
             FlushOutcome::Rejected(why) => write!(f, "rejected by the host: {why}"),
             FlushOutcome::Nothing(why) => write!(f, "nothing flushed ({why})"),
+            FlushOutcome::Unchanged(Some(v)) => {
+                write!(f, "unchanged since version {v}; nothing committed")
+            }
+            FlushOutcome::Unchanged(None) => {
+                write!(f, "unchanged (still the empty UIF); nothing committed")
+            }
         }
     }
 }
@@ -92,13 +102,53 @@ pub async fn flush_user(
     }
     let path = cfg.uif_path(user);
     let p2 = path.clone();
-    let manifest = blocking(move || {
-        uve_protocol::chunker::chunk_file(&p2).map_err(|e| UifError::at("chunk", &p2, e))
+    let (state_dir, u2) = (agent.state_dir.clone(), user.to_string());
+    let started = std::time::Instant::now();
+    let (manifest, id) = blocking(move || {
+        // A file still stamped as holding the recorded manifest (not
+        // written since the retrieve or the last flush) need not be read.
+        if let Some(m) = cache::load(&state_dir, &u2)
+            && cache::trusted(&state_dir, &u2, &p2, &m)
+        {
+            return Ok((m, None));
+        }
+        // The file's identity is taken before it is read: any write after
+        // that changes its ctime, so the stamp vouches only for what was
+        // chunked.
+        let id = cache::settled_id(&p2);
+        let m =
+            uve_protocol::chunker::chunk_file(&p2).map_err(|e| UifError::at("chunk", &p2, e))?;
+        Ok((m, Some(id)))
     })
     .await
     .map_err(uif_err(user))?;
-    if let Err(e) = cache::save(&agent.state_dir, user, &manifest) {
-        tracing::warn!(user, "cannot record cache manifest: {e}");
+    match id {
+        None => tracing::debug!(user, "UIF file unchanged since stamped; not re-chunked"),
+        Some(id) => {
+            tracing::info!(
+                user,
+                chunk_ms = started.elapsed().as_millis(),
+                chunks = manifest.chunks.len(),
+                "flush: UIF file chunked"
+            );
+            if let Err(e) = cache::record(&agent.state_dir, user, &manifest, id) {
+                tracing::warn!(user, "cannot record cache manifest: {e}");
+            }
+        }
+    }
+    if rec.base_digest == Some(manifest.header.digest) {
+        // Older pending snapshots of this file (never committed) are
+        // superseded by its current content, which the host already has.
+        for old in agent.spool.for_user(user) {
+            if old.file == path {
+                agent.spool.remove(old.id);
+            }
+        }
+        if !keep_attached {
+            agent.with_table(|t| t.uifs.remove(user));
+        }
+        tracing::info!(user, base = ?rec.base, ?cause, "UIF unchanged; nothing to commit");
+        return Ok(FlushOutcome::Unchanged(rec.base));
     }
     let entry = SpoolEntry {
         id: fsutil::random_u64(),
@@ -161,7 +211,9 @@ async fn deliver_entry(
         header: manifest.header,
         cause,
     };
-    let mut result = update::upload(&c.link, &entry.file, manifest, begin.clone()).await;
+    let mut digest = manifest.header.digest;
+    let stamped = cache::stamped_id(&agent.state_dir, &entry.user, manifest);
+    let mut result = update::upload(&c.link, &entry.file, manifest, begin.clone(), stamped).await;
     if matches!(result, Err(UifError::Changed)) && !live_checkpoint {
         // The UIF is still attached and was written to since it was
         // spooled: send what it holds now (newer data of the same user).
@@ -180,7 +232,8 @@ async fn deliver_entry(
                     header: fresh.header,
                     ..begin
                 };
-                result = update::upload(&c.link, &entry.file, &fresh, begin).await;
+                digest = fresh.header.digest;
+                result = update::upload(&c.link, &entry.file, &fresh, begin, None).await;
             }
             Err(e) => result = Err(e),
         }
@@ -192,6 +245,7 @@ async fn deliver_entry(
             agent.with_table(|t| {
                 if let Some(r) = t.uifs.get_mut(&entry.user) {
                     r.base = Some(v);
+                    r.base_digest = Some(digest);
                 }
             });
             FlushOutcome::Committed(v)

@@ -178,9 +178,10 @@ async fn obtain_uif(
         Ok(r) => {
             *summary = match r.base {
                 Some(v) => format!(
-                    "retrieved version {v} ({} chunks fetched, {} reused){}",
+                    "retrieved version {v} ({} chunks fetched, {} reused{}){}",
                     r.fetched,
                     r.reused,
+                    if r.patched { ", patched in place" } else { "" },
                     if r.handover_timed_out {
                         "; hand-over from the previous VM timed out"
                     } else {
@@ -193,6 +194,7 @@ async fn obtain_uif(
                 base: r.base,
                 lease: r.lease,
                 temporary: false,
+                base_digest: Some(r.digest),
             })
         }
         Err(e)
@@ -207,6 +209,7 @@ async fn obtain_uif(
                 base: None,
                 lease: 0,
                 temporary: true,
+                base_digest: None,
             })
         }
         Err(e) => Err(uif_err(user)(e)),
@@ -302,7 +305,7 @@ pub async fn release(agent: &Arc<Agent>, user: &str) -> Option<Version> {
     tracing::info!(user, "released: {outcome}");
     match outcome {
         FlushOutcome::Committed(v) => Some(v),
-        FlushOutcome::Nothing(_) => spooled,
+        FlushOutcome::Nothing(_) | FlushOutcome::Unchanged(_) => spooled,
         _ => None,
     }
 }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use uve_protocol::manifest::Hash;
 use uve_protocol::message::Version;
 
 use crate::fsutil;
@@ -37,6 +38,12 @@ pub struct UifRecord {
     pub lease: u64,
     /// True if the retrieve failed and the user runs on an empty UIF.
     pub temporary: bool,
+    /// Manifest digest of `base` as it was put on disk (the empty UIF's for
+    /// a new user): a flush whose file still has this digest has nothing
+    /// to commit. `None` (temporary UIF, table of an older agent): always
+    /// upload.
+    #[serde(default)]
+    pub base_digest: Option<Hash>,
 }
 
 /// Sessions and attached UIFs.

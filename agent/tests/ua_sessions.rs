@@ -600,6 +600,8 @@ fn ua_surviving_an_agent_restart_is_still_supervised() {
     let st = agent.status();
     assert_eq!(st["sessions"][0]["session"], "r1");
     assert_eq!(st["sessions"][0]["pid"].as_i64(), Some(pid), "adopted");
+    // The session wrote to its UIF, so the flush has something to commit.
+    std::fs::write(dir.path().join("uif/nobody.img"), b"the session's work").unwrap();
     std::fs::write(&go, b"").unwrap();
     wait_for("disconnect notice after restart", LONG, || {
         host.with(|h| {

@@ -290,3 +290,251 @@ fn large_uif_round_trip_reports_rss() {
         common::agent_bin()
     );
 }
+
+fn inode(p: &std::path::Path) -> u64 {
+    std::fs::metadata(p).unwrap().ino()
+}
+
+/// Logs `user` in and out once with a small change, so the agent holds a
+/// stamped copy of a committed version; returns that version's bytes.
+fn settle_a_version(agent: &AgentProc, host: &TestHost, user: &str, data: &[u8]) -> Vec<u8> {
+    host.with(|h| h.seed(user, data));
+    let out = agent.ok(&["login", "--user", user, "--session", "warmup"]);
+    assert!(!out.contains("patched in place"), "cold login: {out}");
+    let img = agent.dir.join(format!("uif/{user}.img"));
+    let mut mine = data.to_vec();
+    mine[100..110].copy_from_slice(b"warming up");
+    std::fs::write(&img, &mine).unwrap();
+    let out = agent.ok(&["logout", "--session", "warmup"]);
+    assert!(out.contains("committed"), "{out}");
+    assert!(agent.state.join(format!("cache/{user}.stamp")).exists());
+    mine
+}
+
+/// `data` with `len` bytes overwritten at each of `places`.
+fn scribble(data: &[u8], places: &[usize], len: usize, seed: u64) -> Vec<u8> {
+    let mut out = data.to_vec();
+    for (i, p) in places.iter().enumerate() {
+        out[*p..*p + len].copy_from_slice(&noise(len, seed + i as u64));
+    }
+    out
+}
+
+#[test]
+fn warm_login_patches_only_the_changed_chunks_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    agent.wait_connected();
+    let img = dir.path().join("uif/pat.img");
+    let base = settle_a_version(&agent, &host, "pat", &noise(4 << 20, 41));
+    let ino = inode(&img);
+    let total = base.len() / (64 << 10);
+
+    // 1. Another VM changed three places: only their chunks are fetched
+    //    and written; the file keeps its inode (patched, not replaced).
+    let next = scribble(&base, &[300_000, 1_900_000, 3_500_000], 50, 1);
+    let v = host.with(|h| h.seed("pat", &next));
+    let before = host.with(|h| h.chunk_fetches);
+    let out = agent.ok(&["login", "--user", "pat", "--session", "p1"]);
+    assert!(out.contains(&format!("retrieved version {v}")), "{out}");
+    assert!(out.contains("patched in place"), "{out}");
+    let fetched = host.with(|h| h.chunk_fetches) - before;
+    assert!((3..=6).contains(&fetched), "fetched {fetched} of ~{total}");
+    assert_eq!(std::fs::read(&img).unwrap(), next, "patched bytes");
+    assert_eq!(inode(&img), ino, "patched in place");
+    assert!(!agent.state.join("cache/pat.patching").exists());
+    let mut mine = next.clone();
+    mine[0] ^= 1;
+    std::fs::write(&img, &mine).unwrap();
+    agent.ok(&["logout", "--session", "p1"]);
+
+    // 2. A shorter version whose two halves swapped places: every chunk
+    //    is already in the file, most at another offset; they are moved,
+    //    not fetched, and the file shrinks.
+    let half = 1 << 20;
+    let mut swapped = mine[2 * half..3 * half].to_vec();
+    swapped.extend_from_slice(&mine[..2 * half]);
+    let v = host.with(|h| h.seed("pat", &swapped));
+    let before = host.with(|h| h.chunk_fetches);
+    let out = agent.ok(&["login", "--user", "pat", "--session", "p2"]);
+    assert!(out.contains(&format!("retrieved version {v}")), "{out}");
+    assert!(out.contains("patched in place"), "{out}");
+    let fetched = host.with(|h| h.chunk_fetches) - before;
+    let chunks = host.with(|h| h.versions[&("pat".to_string(), v)].chunks.len());
+    assert!(
+        fetched * 4 <= chunks,
+        "fetched {fetched} of {chunks} chunks for a swap"
+    );
+    assert_eq!(std::fs::read(&img).unwrap(), swapped, "moved bytes");
+    assert_eq!(inode(&img), ino);
+    std::fs::write(&img, [&swapped[..], b"grown"].concat()).unwrap();
+    agent.ok(&["logout", "--session", "p2"]);
+}
+
+#[test]
+fn a_file_changed_behind_the_agents_back_is_not_patched() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    agent.wait_connected();
+    let img = dir.path().join("uif/tom.img");
+    let base = settle_a_version(&agent, &host, "tom", &noise(2 << 20, 43));
+    // Someone writes into the detached image: same size, one byte.
+    let mut tampered = base.clone();
+    tampered[1_000_000] ^= 0x55;
+    std::fs::write(&img, &tampered).unwrap();
+    let next = scribble(&base, &[1_500_000], 20, 2);
+    host.with(|h| h.seed("tom", &next));
+    let ino = inode(&img);
+    let out = agent.ok(&["login", "--user", "tom", "--session", "t1"]);
+    assert!(!out.contains("patched in place"), "{out}");
+    assert_eq!(std::fs::read(&img).unwrap(), next);
+    assert_ne!(inode(&img), ino, "rewritten as a new file");
+}
+
+#[test]
+fn a_patch_interrupted_mid_way_is_followed_by_a_full_retrieve() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    agent.wait_connected();
+    let img = dir.path().join("uif/ida.img");
+    let base = settle_a_version(&agent, &host, "ida", &noise(4 << 20, 47));
+    let ino = inode(&img);
+    // Six changed chunks; the connection drops after two were fetched (and
+    // written into the file): the file is half patched. The login retries
+    // on a new connection, finds the marker and rewrites the file whole.
+    let places: Vec<usize> = (0..6).map(|i| 200_000 + i * 600_000).collect();
+    let next = scribble(&base, &places, 30, 3);
+    host.with(|h| {
+        h.seed("ida", &next);
+        h.drop_after_fetches = Some(2);
+    });
+    let out = agent.ok(&["login", "--user", "ida", "--session", "i1"]);
+    assert_eq!(host.with(|h| h.connections), 2, "reconnected once");
+    assert!(!out.contains("patched in place"), "{out}");
+    assert_eq!(std::fs::read(&img).unwrap(), next);
+    assert_ne!(inode(&img), ino, "rewritten as a new file");
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
+    assert!(log.contains("interrupted while patching"), "{log}");
+    assert!(!agent.state.join("cache/ida.patching").exists());
+}
+
+#[test]
+fn a_patch_marker_left_by_a_crash_forces_a_full_retrieve() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    let mut agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    agent.wait_connected();
+    let img = dir.path().join("uif/kim.img");
+    let base = settle_a_version(&agent, &host, "kim", &noise(2 << 20, 53));
+    // The agent dies while patching: the marker is what it leaves behind
+    // (written durably before the first byte of the file is touched).
+    agent.kill();
+    std::fs::write(agent.state.join("cache/kim.patching"), b"crash").unwrap();
+    agent.spawn();
+    agent.wait_connected();
+    let next = scribble(&base, &[700_000], 20, 4);
+    host.with(|h| h.seed("kim", &next));
+    let ino = inode(&img);
+    let out = agent.ok(&["login", "--user", "kim", "--session", "k1"]);
+    assert!(!out.contains("patched in place"), "{out}");
+    assert_eq!(std::fs::read(&img).unwrap(), next);
+    assert_ne!(inode(&img), ino, "rewritten as a new file");
+    assert!(!agent.state.join("cache/kim.patching").exists());
+    // Known again: the next warm login patches.
+    let mut mine = next.clone();
+    mine[5] ^= 1;
+    std::fs::write(&img, &mine).unwrap();
+    agent.ok(&["logout", "--session", "k1"]);
+    let again = scribble(&mine, &[1_200_000], 20, 5);
+    host.with(|h| h.seed("kim", &again));
+    let out = agent.ok(&["login", "--user", "kim", "--session", "k2"]);
+    assert!(out.contains("patched in place"), "{out}");
+    assert_eq!(std::fs::read(&img).unwrap(), again);
+}
+
+#[test]
+fn logout_of_an_unchanged_uif_commits_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    agent.wait_connected();
+    let data = noise(1 << 20, 59);
+    let v1 = host.with(|h| h.seed("una", &data));
+    agent.ok(&["login", "--user", "una", "--session", "u1"]);
+    let before = host.with(|h| (h.commits.len(), h.chunk_uploads));
+    let out = agent.ok(&["logout", "--session", "u1"]);
+    assert!(
+        out.contains(&format!("unchanged since version {v1}; nothing committed")),
+        "{out}"
+    );
+    assert_eq!(host.with(|h| (h.commits.len(), h.chunk_uploads)), before);
+    // The file was not written since the retrieve stamped it: not re-read.
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
+    assert!(log.contains("not re-chunked"), "{log}");
+    assert_eq!(host.with(|h| h.heads["una"]), v1);
+    assert!(host.with(|h| h.sessions_ended.contains(&"u1".to_string())));
+    assert_eq!(agent.status()["spooled_updates"], 0);
+
+    // A changed file is committed as before, on the same base.
+    agent.ok(&["login", "--user", "una", "--session", "u2"]);
+    let img = dir.path().join("uif/una.img");
+    let mut changed = data.clone();
+    changed[7] ^= 1;
+    std::fs::write(&img, &changed).unwrap();
+    let out = agent.ok(&["logout", "--session", "u2"]);
+    assert!(out.contains("committed"), "{out}");
+    let c = host.with(|h| h.commits.last().cloned().unwrap());
+    assert_eq!(c.base, Some(v1));
+    assert_eq!(host.with(|h| h.head_bytes("una").unwrap()), changed);
+
+    // A change undone before logout is no change.
+    let v2 = host.with(|h| h.heads["una"]);
+    agent.ok(&["login", "--user", "una", "--session", "u3"]);
+    std::fs::write(&img, &data).unwrap();
+    std::fs::write(&img, &changed).unwrap();
+    let out = agent.ok(&["logout", "--session", "u3"]);
+    assert!(
+        out.contains(&format!("unchanged since version {v2}")),
+        "{out}"
+    );
+
+    // A new user who leaves the empty UIF empty commits nothing either.
+    let out = agent.ok(&["login", "--user", "neu", "--session", "n1"]);
+    assert!(out.contains("new user"), "{out}");
+    let out = agent.ok(&["logout", "--session", "n1"]);
+    assert!(out.contains("unchanged (still the empty UIF)"), "{out}");
+    assert!(host.with(|h| !h.heads.contains_key("neu")));
+}
+
+#[test]
+fn a_spooled_update_whose_file_changed_since_is_sent_as_the_file_is_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    agent.wait_connected();
+    let img = dir.path().join("uif/sam.img");
+    let v1 = noise(2 << 20, 61);
+    host.with(|h| h.seed("sam", &v1));
+    agent.ok(&["login", "--user", "sam", "--session", "s1"]);
+    let v2 = scribble(&v1, &[900_000], 100, 6);
+    std::fs::write(&img, &v2).unwrap();
+    host.down();
+    let out = agent.ok(&["logout", "--session", "s1"]);
+    assert!(out.contains("spooled"), "{out}");
+    // While the update waits, the file is written again where the spooled
+    // manifest says new bytes are: the stamp no longer matches, so the
+    // bytes read for upload are hashed, found changed, and the file is
+    // chunked and sent as it is now.
+    let v3 = scribble(&v2, &[900_050], 10, 7);
+    std::fs::write(&img, &v3).unwrap();
+    host.up();
+    wait_for("the file's current bytes committed", LONG, || {
+        host.with(|h| (h.head_bytes("sam") == Some(v3.clone())).then_some(()))
+    });
+    wait_for("spool empty", LONG, || {
+        (agent.status()["spooled_updates"] == 0).then_some(())
+    });
+}

@@ -119,7 +119,7 @@ pub fn run(rig: &Rig, work: &Path, size: usize) -> Vec<Row> {
     let cold = rig.login("u-inc", "i0");
     let (_, d1) = wire.get();
     let cold_bytes = d1 - d0;
-    rig.logout("i0");
+    rig.logout_unchanged("i0");
     rows.push(Row::info(
         format!("cold login {} MiB: time / bytes on the wire", size >> 20),
         cold,
@@ -193,7 +193,11 @@ pub fn run(rig: &Rig, work: &Path, size: usize) -> Vec<Row> {
         let (_, d0) = wire.get();
         let warm = rig.login("u-inc", &s);
         let (_, d1) = wire.get();
-        rig.logout(&s);
+        assert!(
+            std::fs::read(rig.uif("u-inc")).expect("read UIF") == base,
+            "warm login did not restore the base version"
+        );
+        rig.logout_unchanged(&s);
         rows.push(Row::new(
             format!("warm login after {label}: time (s)"),
             warm.as_secs_f64(),

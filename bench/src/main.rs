@@ -125,6 +125,10 @@ struct Cli {
     /// Work directory (default: a temporary directory under target/).
     #[arg(long)]
     work: Option<std::path::PathBuf>,
+    /// Keep the work directory (logs of host and agent) instead of
+    /// removing it at the end; its path is printed.
+    #[arg(long)]
+    keep: bool,
 }
 
 fn chunking(work: &Path, size: usize) -> Vec<Row> {
@@ -295,6 +299,9 @@ fn main() {
     if run(Which::S3) {
         eprintln!("S3 store (Ceph RGW) vs local store…");
         rows.extend(s3store::run(&bins, work.path(), size));
+    }
+    if cli.keep {
+        eprintln!("work directory kept: {}", work.keep().display());
     }
 
     println!("\n| benchmark | uve | baseline | baseline figure | uve / baseline |");

@@ -163,11 +163,25 @@ impl Rig {
         t.elapsed()
     }
 
-    /// Timed `uve-agent logout`.
+    /// Timed `uve-agent logout` that must commit a new version (the UIF
+    /// was changed since the login).
     pub fn logout(&self, session: &str) -> Duration {
+        self.logout_expecting(session, "committed as version")
+    }
+
+    /// Timed `uve-agent logout` of a UIF left as retrieved: nothing is
+    /// committed.
+    pub fn logout_unchanged(&self, session: &str) -> Duration {
+        self.logout_expecting(session, "unchanged since version")
+    }
+
+    fn logout_expecting(&self, session: &str, outcome: &str) -> Duration {
         let t = Instant::now();
         let out = self.agent.ok(&["logout", "--session", session]);
-        assert!(out.contains("committed"), "logout did not commit: {out}");
+        assert!(
+            out.contains(outcome),
+            "logout: expected {outcome:?}, got {out}"
+        );
         t.elapsed()
     }
 

@@ -52,6 +52,7 @@ pub struct Host {
     pub setup: Arc<tokio::sync::RwLock<()>>,
     commits: AtomicUsize,
     commits_idle: Notify,
+    bulk: BulkPool,
 }
 
 /// Marks a commit in flight; shutdown waits for all of them.
@@ -92,7 +93,38 @@ impl Host {
             setup: Arc::new(tokio::sync::RwLock::new(())),
             commits: AtomicUsize::new(0),
             commits_idle: Notify::new(),
+            bulk: BulkPool::start(),
         }
+    }
+
+    /// Runs a bulk store operation (reading or writing one chunk) on the
+    /// bulk threads, which run at a lower CPU priority ([`BULK_NICE`]) than
+    /// the async workers: under a multi-GiB transfer, heartbeats, pings and
+    /// disconnect notices are answered first instead of waiting for a CPU
+    /// share among dozens of hashing threads. Falls back to
+    /// [`store_call`](Self::store_call) if the pool is gone.
+    pub async fn store_call_bulk<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn UifStore) -> StoreResult<T> + Send + 'static,
+    {
+        let store = self.store.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: BulkJob = Box::new(move || {
+            let _ = tx.send(f(store.as_ref()));
+        });
+        if let Err(job) = self.bulk.submit(job) {
+            // No bulk thread could be started: run it like any store call.
+            tokio::task::spawn_blocking(job)
+                .await
+                .map_err(|e| StoreError::io("store task", std::io::Error::other(e)))?;
+        }
+        rx.await.map_err(|_| {
+            StoreError::io(
+                "bulk store task",
+                std::io::Error::other("bulk task ended without an answer"),
+            )
+        })?
     }
 
     /// Runs a blocking store operation off the async workers.
@@ -155,4 +187,80 @@ pub fn wire_store_error(e: &StoreError) -> WireError {
         }
     };
     WireError::new(code, e)
+}
+
+/// Nice value of the bulk threads (the async workers keep 0).
+pub const BULK_NICE: i32 = 10;
+
+type BulkJob = Box<dyn FnOnce() + Send + 'static>;
+
+/// A few threads running bulk store work at [`BULK_NICE`]; jobs queue in
+/// a channel, so the number of threads hashing and writing chunks at once
+/// is bounded too.
+struct BulkPool {
+    tx: Option<std::sync::mpsc::Sender<BulkJob>>,
+}
+
+impl BulkPool {
+    /// Starts `2 × cores` (2..=16) threads; none if threads cannot be
+    /// created (then [`submit`](Self::submit) hands every job back).
+    fn start() -> BulkPool {
+        let threads = std::thread::available_parallelism()
+            .map_or(2, |n| n.get() * 2)
+            .clamp(2, 16);
+        let (tx, rx) = std::sync::mpsc::channel::<BulkJob>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        let mut started = 0;
+        for _ in 0..threads {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name("uve-bulk".into())
+                .spawn(move || bulk_thread(&rx));
+            if spawned.is_ok() {
+                started += 1;
+            }
+        }
+        BulkPool {
+            tx: (started > 0).then_some(tx),
+        }
+    }
+
+    /// Queues `job`; hands it back if there is no bulk thread.
+    fn submit(&self, job: BulkJob) -> Result<(), BulkJob> {
+        match self.tx.as_ref() {
+            Some(tx) => tx.send(job).map_err(|e| e.0),
+            None => Err(job),
+        }
+    }
+}
+
+fn bulk_thread(rx: &std::sync::Mutex<std::sync::mpsc::Receiver<BulkJob>>) {
+    // SAFETY: gettid and setpriority take no pointers; raising our own
+    // thread's nice value needs no privilege and cannot fail harmfully.
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(
+            libc::PRIO_PROCESS,
+            u32::try_from(tid).unwrap_or(0),
+            BULK_NICE,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(
+            "bulk thread keeps its priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    loop {
+        let job = {
+            let rx = rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match rx.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
+        // A panicking store call loses only its answer (the caller sees an
+        // error), not the thread.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+    }
 }

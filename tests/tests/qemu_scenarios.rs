@@ -358,6 +358,11 @@ fn file_mode_lifecycle_on_one_vm() {
     step("suspend/resume", &mut t);
 
     // --- the UA dies without logout: unexpected disconnect + UIF flushed.
+    // The session changed its UIF, so the flush has a new version to commit
+    // (an unchanged UIF is not committed again).
+    let mut v5 = v4.clone();
+    v5[2 << 20..(2 << 20) + 4096].copy_from_slice(&noise(4096, 5));
+    vm.put(img, &v5);
     let since = host.last_seq();
     let head_before = head(&host, "alice");
     vm.ok("kill -9 $(ps -o pid,args | grep [b]in/desk.sh | head -n 1 | awk '{print $1}')");
@@ -374,6 +379,11 @@ fn file_mode_lifecycle_on_one_vm() {
         wait_for(Duration::from_secs(60), || head(&host, "alice")
             > head_before),
         "UIF not flushed after the UA died"
+    );
+    assert_eq!(
+        host.export("alice", head(&host, "alice"), run.path()),
+        v5,
+        "flushed UIF differs from what the session wrote"
     );
     step("UA killed → unexpected disconnect", &mut t);
 

@@ -1,13 +1,27 @@
-//! UIF retrieve (WIRE.md §6): ask for the grant, read the manifest pages,
+//! UIF retrieve (WIRE.md §7): ask for the grant, read the manifest pages,
 //! take every chunk the local cache has intact, fetch the rest with several
-//! `ChunkFetch` requests in flight, verify each chunk and the manifest digest,
-//! then write temp → fsync → rename into place. Until the rename the
-//! previous file is untouched.
+//! `ChunkFetch` requests in flight, verify each chunk and the manifest
+//! digest. Two ways to put the version on disk:
+//!
+//! - **Patch in place** when the file is stamped as holding the previous
+//!   version (see [`cache::trusted`]): only the chunks whose content or
+//!   offset changed are written, then the file is fsynced, so a login after
+//!   a small change costs in proportion to the change. Chunks that moved are
+//!   read from the file before anything is written (up to
+//!   [`RELOCATE_BUDGET`]; beyond, e.g. after an insertion near the start,
+//!   the whole file changes anyway and is rewritten). A durable marker
+//!   ([`cache::begin_patch`]) is set before the first write and removed once
+//!   the file, its manifest and its new stamp are durable: a retrieve that
+//!   finds it (crash, dropped connection mid-patch) treats the file as
+//!   unknown and takes the rewrite path, verifying every cached chunk.
+//! - **Rewrite**: temp → fsync → rename into place; until the rename the
+//!   previous file is untouched.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::time::Instant;
 
 use crate::conn::HostLink;
 use tokio::task::JoinSet;
@@ -30,7 +44,16 @@ pub struct Retrieved {
     pub reused: usize,
     /// The host's hand-over from another VM timed out.
     pub handover_timed_out: bool,
+    /// The file was patched in place (only changed chunks written).
+    pub patched: bool,
+    /// Digest of the version now on disk (of the empty UIF if `base` is
+    /// `None`).
+    pub digest: Hash,
 }
+
+/// Most bytes of moved chunks a patch holds in memory; a version whose
+/// chunks moved more than this is written as a new file instead.
+pub const RELOCATE_BUDGET: u64 = 16 << 20;
 
 /// Retrieves `user`'s head into `dest`, reusing chunks of the file already
 /// at `dest` (described by the cached manifest under `state_dir`).
@@ -45,6 +68,7 @@ pub async fn retrieve(
     if let Some(dir) = dest.parent() {
         fsutil::ensure_dir(dir).map_err(|e| UifError::at("create", dir, e))?;
     }
+    let started = Instant::now();
     let grant = match link
         .request(Request::UifRetrieve {
             user: user.into(),
@@ -58,14 +82,16 @@ pub async fn retrieve(
     let (Some(version), Some(header)) = (grant.version, grant.header) else {
         // First login: an empty UIF.
         write_empty(dest)?;
-        cache::save(state_dir, user, &empty_manifest())
-            .map_err(|e| UifError::at("save cache manifest for", dest, e))?;
+        let empty = empty_manifest();
+        record(state_dir, user, dest, &empty)?;
         return Ok(Retrieved {
             base: None,
             lease: grant.lease,
             fetched: 0,
             reused: 0,
             handover_timed_out: grant.handover_timed_out,
+            patched: false,
+            digest: empty.header.digest,
         });
     };
     let max_frame = link.max_frame();
@@ -96,6 +122,53 @@ pub async fn retrieve(
     manifest
         .validate()
         .map_err(|e| UifError::Protocol(e.to_string()))?;
+    let digest = manifest.header.digest;
+    let done = |fetched, reused, patched| Retrieved {
+        base: Some(version),
+        lease: grant.lease,
+        fetched,
+        reused,
+        handover_timed_out: grant.handover_timed_out,
+        patched,
+        digest,
+    };
+
+    let manifest_ms = started.elapsed().as_millis();
+    let previous = cache::load(state_dir, user);
+    if cache::patch_interrupted(state_dir, user) {
+        tracing::warn!(
+            user,
+            "an earlier retrieve was interrupted while patching the UIF file; rewriting it whole"
+        );
+    }
+    let trusted = previous
+        .as_ref()
+        .is_some_and(|m| cache::trusted(state_dir, user, dest, m));
+    if trusted && let Some(prev) = &previous {
+        let plan = {
+            let (prev, next, dest) = (prev.clone(), manifest.clone(), dest.to_path_buf());
+            blocking(move || Ok(plan_patch(&prev, &next, &dest))).await?
+        };
+        if let Some(plan) = plan {
+            let t = Instant::now();
+            let (fetched, reused) =
+                patch(link, state_dir, user, dest, &manifest, plan, parallel).await?;
+            tracing::info!(
+                user,
+                version,
+                manifest_ms,
+                patch_ms = t.elapsed().as_millis(),
+                fetched,
+                reused,
+                "retrieve: patched the file in place"
+            );
+            return Ok(done(fetched, reused, true));
+        }
+        tracing::info!(
+            user,
+            "chunks moved by more than {RELOCATE_BUDGET} bytes: rewriting the UIF file"
+        );
+    }
 
     let tmp = fsutil::sibling(dest, ".uve-part");
     let out = OpenOptions::new()
@@ -105,7 +178,17 @@ pub async fn retrieve(
         .truncate(true)
         .open(&tmp)
         .map_err(|e| UifError::at("create", &tmp, e))?;
-    let result = fill(link, user, dest, &out, &manifest, state_dir, parallel).await;
+    let t = Instant::now();
+    let result = fill(
+        link,
+        user,
+        dest,
+        &out,
+        &manifest,
+        (previous, trusted),
+        parallel,
+    )
+    .await;
     let (fetched, reused) = match result {
         Ok(counts) => counts,
         Err(e) => {
@@ -117,6 +200,8 @@ pub async fn retrieve(
     // list, and every chunk was verified against its hash, so a file of
     // the announced size is the version, byte for byte.
     let size = manifest.header.size;
+    let chunks_ms = t.elapsed().as_millis();
+    let t = Instant::now();
     let tmp2 = tmp.clone();
     let written = blocking(move || {
         out.sync_all()
@@ -132,17 +217,154 @@ pub async fn retrieve(
             "assembled {written} bytes for {user} version {version}, expected {size}"
         )));
     }
+    let fsync_ms = t.elapsed().as_millis();
     std::fs::rename(&tmp, dest).map_err(|e| UifError::at("rename into", dest, e))?;
     fsutil::sync_parent(dest).map_err(|e| UifError::at("fsync dir of", dest, e))?;
-    cache::save(state_dir, user, &manifest)
-        .map_err(|e| UifError::at("save cache manifest for", dest, e))?;
-    Ok(Retrieved {
-        base: Some(version),
-        lease: grant.lease,
+    record(state_dir, user, dest, &manifest)?;
+    tracing::info!(
+        user,
+        version,
+        manifest_ms,
+        chunks_ms,
+        fsync_ms,
         fetched,
         reused,
-        handover_timed_out: grant.handover_timed_out,
+        "retrieve: wrote a new file"
+    );
+    Ok(done(fetched, reused, false))
+}
+
+/// Records that `dest` now holds `manifest` (see [`cache::record`]) with a
+/// stamp, waiting up to [`cache::RACY`] for the just-written file's ctime
+/// to settle: then a logout that finds the file unchanged need not re-read
+/// it, and a later retrieve may patch it.
+fn record(state_dir: &Path, user: &str, dest: &Path, manifest: &Manifest) -> Result<(), UifError> {
+    cache::record(state_dir, user, manifest, cache::settled_id(dest))
+        .map_err(|e| UifError::at("record cache manifest for", dest, e))
+}
+
+/// What an in-place patch has to write.
+#[derive(Debug, Default)]
+struct PatchPlan {
+    /// Chunks to fetch: hash → offsets in the new version.
+    wanted: HashMap<Hash, Vec<u64>>,
+    /// Fetch order (distinct hashes).
+    order: Vec<ChunkRef>,
+    /// Chunks found in the file at another offset, read before any write:
+    /// (bytes, offsets in the new version).
+    moved: Vec<(Vec<u8>, Vec<u64>)>,
+    /// Chunks already in place.
+    in_place: usize,
+}
+
+/// Plans patching `dest` (which holds `prev`) into `next`; `None` if more
+/// than [`RELOCATE_BUDGET`] bytes moved (then rewriting is as cheap and
+/// needs no memory). Moved chunks are read and verified here, before the
+/// file is touched; one that does not verify is fetched instead.
+fn plan_patch(prev: &Manifest, next: &Manifest, dest: &Path) -> Option<PatchPlan> {
+    let at: HashMap<u64, ChunkRef> = prev.offsets().map(|(off, c)| (off, *c)).collect();
+    let anywhere: HashMap<Hash, (u64, u32)> = prev
+        .offsets()
+        .map(|(off, c)| (c.hash, (off, c.len)))
+        .collect();
+    let mut plan = PatchPlan::default();
+    let mut moved: HashMap<Hash, (u64, u32, Vec<u64>)> = HashMap::new();
+    let mut moved_bytes = 0u64;
+    for (off, c) in next.offsets() {
+        if at.get(&off) == Some(c) {
+            plan.in_place += 1;
+        } else if let Some(places) = plan.wanted.get_mut(&c.hash) {
+            places.push(off);
+        } else if let Some((_, _, places)) = moved.get_mut(&c.hash) {
+            places.push(off);
+        } else if let Some(&(from, len)) = anywhere.get(&c.hash).filter(|(_, l)| *l == c.len) {
+            moved_bytes += u64::from(len);
+            if moved_bytes > RELOCATE_BUDGET {
+                return None;
+            }
+            moved.insert(c.hash, (from, len, vec![off]));
+        } else {
+            plan.wanted.insert(c.hash, vec![off]);
+            plan.order.push(*c);
+        }
+    }
+    if !moved.is_empty() {
+        let file = File::open(dest).ok()?;
+        for (hash, (from, len, places)) in moved {
+            let mut buf = vec![0u8; len as usize];
+            let ok = file.read_exact_at(&mut buf, from).is_ok() && Hash::of(&buf) == hash;
+            if ok {
+                plan.moved.push((buf, places));
+            } else {
+                plan.order.push(ChunkRef { hash, len });
+                plan.wanted.insert(hash, places);
+            }
+        }
+    }
+    Some(plan)
+}
+
+/// Patches `dest` into `manifest` following `plan`, behind the patch
+/// marker. Returns (chunks fetched, chunks reused).
+async fn patch(
+    link: &HostLink,
+    state_dir: &Path,
+    user: &str,
+    dest: &Path,
+    manifest: &Manifest,
+    plan: PatchPlan,
+    parallel: usize,
+) -> Result<(usize, usize), UifError> {
+    let PatchPlan {
+        wanted,
+        order,
+        moved,
+        in_place,
+    } = plan;
+    let reused = in_place + moved.len();
+    let size = manifest.header.size;
+    let out = {
+        let (state_dir, user, dest) = (
+            state_dir.to_path_buf(),
+            user.to_string(),
+            dest.to_path_buf(),
+        );
+        blocking(move || {
+            let out = OpenOptions::new()
+                .write(true)
+                .open(&dest)
+                .map_err(|e| UifError::at("open", &dest, e))?;
+            cache::begin_patch(&state_dir, &user)
+                .map_err(|e| UifError::at("mark patch of", &dest, e))?;
+            for (data, places) in &moved {
+                for off in places {
+                    out.write_all_at(data, *off)
+                        .map_err(|e| UifError::at("patch", &dest, e))?;
+                }
+            }
+            out.set_len(size)
+                .map_err(|e| UifError::at("resize", &dest, e))?;
+            Ok(out)
+        })
+        .await?
+    };
+    let fetched = fetch_missing(link, user, &out, wanted, order, parallel).await?;
+    let dest2 = dest.to_path_buf();
+    let written = blocking(move || {
+        out.sync_all()
+            .map_err(|e| UifError::at("fsync", &dest2, e))?;
+        out.metadata()
+            .map(|m| m.len())
+            .map_err(|e| UifError::at("stat", &dest2, e))
     })
+    .await?;
+    if written != size {
+        return Err(UifError::Protocol(format!(
+            "patched {written} bytes for {user}, expected {size}"
+        )));
+    }
+    record(state_dir, user, dest, manifest)?;
+    Ok((fetched, reused))
 }
 
 /// Writes every chunk of `manifest` into `out`: from the cache when intact,
@@ -153,7 +375,7 @@ async fn fill(
     dest: &Path,
     out: &File,
     manifest: &Manifest,
-    state_dir: &Path,
+    (previous, trusted): (Option<Manifest>, bool),
     parallel: usize,
 ) -> Result<(usize, usize), UifError> {
     // Reading and verifying cached chunks is CPU and disk work: off the
@@ -162,37 +384,92 @@ async fn fill(
         let out = out
             .try_clone()
             .map_err(|e| UifError::io("clone retrieve file", e))?;
-        let (dest, state_dir, user) = (
-            dest.to_path_buf(),
-            state_dir.to_path_buf(),
-            user.to_string(),
-        );
+        let dest = dest.to_path_buf();
         let manifest = manifest.clone();
-        blocking(move || reuse_cached(&out, &dest, &state_dir, &user, &manifest)).await?
+        blocking(move || {
+            let cache = cache::ChunkCache::open(&dest, previous, trusted);
+            reuse_cached(&out, &cache, &manifest)
+        })
+        .await?
     };
+    let fetched = fetch_missing(link, user, out, wanted, order, parallel).await?;
+    Ok((fetched, reused))
+}
+
+/// Fetches the chunks in `order` (`parallel` requests in flight), verifies
+/// each and writes it at its offsets in `wanted`. Returns the number
+/// fetched.
+///
+/// The runtime thread only moves frames; verifying (BLAKE3) and writing
+/// (a copy into the page cache) run on a blocking thread fed through a
+/// bounded channel, so they overlap with receiving the next chunks and
+/// heartbeats never wait behind them.
+async fn fetch_missing(
+    link: &HostLink,
+    user: &str,
+    out: &File,
+    wanted: HashMap<Hash, Vec<u64>>,
+    order: Vec<ChunkRef>,
+    parallel: usize,
+) -> Result<usize, UifError> {
+    let parallel = parallel.max(1);
+    let file = out
+        .try_clone()
+        .map_err(|e| UifError::io("clone retrieve file", e))?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<(ChunkRef, Vec<u8>)>(parallel);
+    let writer = tokio::task::spawn_blocking(move || write_fetched(&file, &wanted, rx));
     let mut fetched = 0usize;
     let mut queue = order.into_iter();
     let mut inflight: JoinSet<Result<(ChunkRef, Vec<u8>), UifError>> = JoinSet::new();
-    loop {
-        while inflight.len() < parallel.max(1) {
-            let Some(c) = queue.next() else { break };
-            let link = link.clone();
-            let user = user.to_string();
-            inflight.spawn(async move {
-                match link
-                    .request(Request::ChunkFetch { user, hash: c.hash })
-                    .await?
-                {
-                    Response::Chunk(data) => Ok((c, data)),
-                    other => Err(unexpected("ChunkFetch", &other)),
-                }
-            });
+    let received: Result<(), UifError> = async {
+        loop {
+            while inflight.len() < parallel {
+                let Some(c) = queue.next() else { break };
+                let link = link.clone();
+                let user = user.to_string();
+                inflight.spawn(async move {
+                    match link
+                        .request(Request::ChunkFetch { user, hash: c.hash })
+                        .await?
+                    {
+                        Response::Chunk(data) => Ok((c, data)),
+                        other => Err(unexpected("ChunkFetch", &other)),
+                    }
+                });
+            }
+            let Some(done) = inflight.join_next().await else {
+                return Ok(());
+            };
+            let chunk =
+                done.map_err(|e| UifError::Protocol(format!("fetch task failed: {e}")))??;
+            if tx.send(chunk).await.is_err() {
+                // The writer stopped: its error is reported below.
+                return Ok(());
+            }
+            fetched += 1;
         }
-        let Some(done) = inflight.join_next().await else {
-            break;
-        };
-        let (c, data) =
-            done.map_err(|e| UifError::Protocol(format!("fetch task failed: {e}")))??;
+    }
+    .await;
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| UifError::io("chunk writer", std::io::Error::other(e.to_string())))?;
+    received?;
+    written?;
+    Ok(fetched)
+}
+
+/// The blocking half of [`fetch_missing`]: verifies each fetched chunk,
+/// writes it at its offsets and starts writeback every
+/// [`fsutil::WRITEBACK_STEP`] bytes, so the disk works while the rest
+/// arrives and the final fsync finds little left.
+fn write_fetched(
+    out: &File,
+    wanted: &HashMap<Hash, Vec<u64>>,
+    mut rx: tokio::sync::mpsc::Receiver<(ChunkRef, Vec<u8>)>,
+) -> Result<(), UifError> {
+    let mut unflushed = 0u64;
+    while let Some((c, data)) = rx.blocking_recv() {
         if !uve_protocol::chunker::chunk_matches(&c, &data) {
             return Err(UifError::Protocol(format!(
                 "chunk {} does not match its hash or length",
@@ -202,10 +479,14 @@ async fn fill(
         for off in wanted.get(&c.hash).map(Vec::as_slice).unwrap_or_default() {
             out.write_all_at(&data, *off)
                 .map_err(|e| UifError::io("write fetched chunk", e))?;
+            unflushed += u64::from(c.len);
         }
-        fetched += 1;
+        if unflushed >= fsutil::WRITEBACK_STEP {
+            unflushed = 0;
+            let _ = fsutil::start_writeback(out);
+        }
     }
-    Ok((fetched, reused))
+    Ok(())
 }
 
 /// Copies every chunk the cache has intact into `out`; returns the
@@ -214,16 +495,18 @@ async fn fill(
 #[allow(clippy::type_complexity)]
 fn reuse_cached(
     out: &File,
-    dest: &Path,
-    state_dir: &Path,
-    user: &str,
+    cache: &cache::ChunkCache,
     manifest: &Manifest,
 ) -> Result<(HashMap<Hash, Vec<u64>>, Vec<ChunkRef>, usize), UifError> {
-    let cache = cache::ChunkCache::open(dest, cache::load(state_dir, user));
     let mut wanted: HashMap<Hash, Vec<u64>> = HashMap::new();
     let mut order: Vec<ChunkRef> = Vec::new();
     let mut reused = 0usize;
+    let mut unflushed = 0u64;
     for (off, c) in manifest.offsets() {
+        if unflushed >= fsutil::WRITEBACK_STEP {
+            unflushed = 0;
+            let _ = fsutil::start_writeback(out);
+        }
         if let Some(places) = wanted.get_mut(&c.hash) {
             places.push(off);
             continue;
@@ -232,6 +515,7 @@ fn reuse_cached(
             Some(data) => {
                 out.write_all_at(&data, off)
                     .map_err(|e| UifError::io("write retrieved chunk", e))?;
+                unflushed += u64::from(c.len);
                 reused += 1;
             }
             None => {

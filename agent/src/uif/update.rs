@@ -8,6 +8,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::conn::HostLink;
 use tokio::task::JoinSet;
@@ -15,6 +16,7 @@ use uve_protocol::manifest::{Manifest, chunks_per_page};
 use uve_protocol::message::{Request, Response, UpdateBegin, Version};
 
 use super::UifError;
+use super::cache::FileId;
 
 /// Chunk uploads kept in flight.
 const UPLOAD_PARALLEL: usize = 8;
@@ -35,18 +37,27 @@ pub enum UpdateOutcome {
 
 /// Uploads `file`, whose content `manifest` describes, as a new version.
 /// On failure after `UpdateBegin` the upload is aborted (best effort).
+///
+/// Every chunk read back from the file is checked before it is sent: by
+/// its hash, or, when `stamped` is the identity under which the file was
+/// recorded as holding `manifest` (see [`super::cache::stamped_id`]), by
+/// the open file still having that identity after the read (any write to
+/// the file changes its ctime first), which costs an `fstat` instead of a
+/// second BLAKE3 pass over every uploaded byte.
 pub async fn upload(
     link: &HostLink,
     file: &Path,
     manifest: &Manifest,
     begin: UpdateBegin,
+    stamped: Option<FileId>,
 ) -> Result<UpdateOutcome, UifError> {
+    let started = Instant::now();
     let f = Arc::new(File::open(file).map_err(|e| UifError::at("open", file, e))?);
     let upload = match link.request(Request::UpdateBegin(begin)).await? {
         Response::UpdateAccepted { upload } => upload,
         other => return Err(unexpected("UpdateBegin", &other)),
     };
-    match send_body(link, &f, manifest, upload).await {
+    match send_body(link, &f, manifest, upload, stamped, started).await {
         Ok(outcome) => Ok(outcome),
         Err(e) => {
             if !link.is_closed() {
@@ -67,7 +78,10 @@ async fn send_body(
     f: &Arc<File>,
     manifest: &Manifest,
     upload: u64,
+    stamped: Option<FileId>,
+    started: Instant,
 ) -> Result<UpdateOutcome, UifError> {
+    let (mut sent, mut hashed) = (0u64, 0usize);
     let offsets: Vec<u64> = manifest.offsets().map(|(off, _)| off).collect();
     let per = chunks_per_page(link.max_frame()) as usize;
     let mut start = 0usize;
@@ -100,9 +114,14 @@ async fn send_body(
             let mut data = vec![0u8; c.len as usize];
             f.read_exact_at(&mut data, *off)
                 .map_err(|e| UifError::io("read chunk to upload", e))?;
-            if !uve_protocol::chunker::chunk_matches(c, &data) {
-                return Err(UifError::Changed);
+            let unchanged = stamped.is_some_and(|id| FileId::of_file(f) == Some(id));
+            if !unchanged {
+                hashed += 1;
+                if !uve_protocol::chunker::chunk_matches(c, &data) {
+                    return Err(UifError::Changed);
+                }
             }
+            sent += u64::from(c.len);
             let link = link.clone();
             let hash = c.hash;
             inflight.spawn(async move {
@@ -124,7 +143,18 @@ async fn send_body(
             break;
         }
     }
-    match link.request(Request::UpdateCommit { upload }).await? {
+    let chunks_ms = started.elapsed().as_millis();
+    let t = Instant::now();
+    let answer = link.request(Request::UpdateCommit { upload }).await?;
+    tracing::info!(
+        upload,
+        chunks_ms,
+        commit_ms = t.elapsed().as_millis(),
+        sent,
+        rehashed = hashed,
+        "update: chunks sent, commit answered"
+    );
+    match answer {
         Response::Committed { version } => Ok(UpdateOutcome::Committed(version)),
         Response::Conflict { kept_as, head } => Ok(UpdateOutcome::Conflict { kept_as, head }),
         other => Err(unexpected("UpdateCommit", &other)),

@@ -116,6 +116,9 @@ pub struct HostState {
     pub drop_on_upload: bool,
     /// Drop the connection (no goodbye) at the next chunk fetch.
     pub drop_on_fetch: bool,
+    /// Serve this many more chunk fetches, then drop the connection (no
+    /// goodbye) at the next one.
+    pub drop_after_fetches: Option<usize>,
     /// Record the next disconnect notice, then drop the connection before
     /// acknowledging it (the agent must redeliver the same id).
     pub drop_after_notice: bool,
@@ -323,7 +326,14 @@ async fn serve_conn(
                     if fetch {
                         st.drop_on_fetch = false;
                     }
-                    upload || fetch
+                    let counted = match st.drop_after_fetches {
+                        Some(n) if matches!(request, Request::ChunkFetch { .. }) => {
+                            st.drop_after_fetches = n.checked_sub(1);
+                            n == 0
+                        }
+                        _ => false,
+                    };
+                    upload || fetch || counted
                 };
                 if drop_now {
                     std::mem::forget(responder);

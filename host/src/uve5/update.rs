@@ -266,7 +266,7 @@ pub async fn chunk(conn: &Conn, upload: u64, hash: Hash, data: Vec<u8>) -> Handl
     // here too would cost a second pass over every uploaded byte.
     let n = data.len() as u64;
     conn.host
-        .store_call(move |s| s.put_chunk(&hash, &data))
+        .store_call_bulk(move |s| s.put_chunk(&hash, &data))
         .await
         .map_err(|e| wire_store_error(&e))?;
     up.state
