@@ -78,6 +78,7 @@ impl Host {
         leases: Leases,
     ) -> Self {
         let events = Events::new(config.event_ring);
+        let bulk_threads = store.bulk_threads();
         Host {
             config,
             tmp,
@@ -93,7 +94,7 @@ impl Host {
             setup: Arc::new(tokio::sync::RwLock::new(())),
             commits: AtomicUsize::new(0),
             commits_idle: Notify::new(),
-            bulk: BulkPool::start(),
+            bulk: BulkPool::start(bulk_threads),
         }
     }
 
@@ -202,12 +203,10 @@ struct BulkPool {
 }
 
 impl BulkPool {
-    /// Starts `2 × cores` (2..=16) threads; none if threads cannot be
-    /// created (then [`submit`](Self::submit) hands every job back).
-    fn start() -> BulkPool {
-        let threads = std::thread::available_parallelism()
-            .map_or(2, |n| n.get() * 2)
-            .clamp(2, 16);
+    /// Starts `threads` threads (see [`UifStore::bulk_threads`]); none if
+    /// threads cannot be created (then [`submit`](Self::submit) hands every
+    /// job back).
+    fn start(threads: usize) -> BulkPool {
         let (tx, rx) = std::sync::mpsc::channel::<BulkJob>();
         let rx = Arc::new(std::sync::Mutex::new(rx));
         let mut started = 0;

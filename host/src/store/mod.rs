@@ -290,6 +290,15 @@ pub trait UifStore: Send + Sync + 'static {
     fn pin(&self, hashes: &[Hash]) -> ChunkPins;
     /// The store's retention and quota policy.
     fn policy(&self) -> &StorePolicy;
+    /// Threads the host should run chunk reads and writes on: CPU-bound
+    /// work on a local disk wants about two per core; a remote store
+    /// mostly waits on the network and wants as many as it serves requests
+    /// at once.
+    fn bulk_threads(&self) -> usize {
+        std::thread::available_parallelism()
+            .map_or(2, |n| n.get() * 2)
+            .clamp(2, 16)
+    }
 }
 
 /// Milliseconds since the Unix epoch, now.

@@ -925,4 +925,9 @@ impl UifStore for S3Store {
     fn policy(&self) -> &StorePolicy {
         &self.policy
     }
+
+    fn bulk_threads(&self) -> usize {
+        // Each chunk is one HTTP round trip; the threads mostly wait.
+        self.concurrency.clamp(4, 128)
+    }
 }
