@@ -306,7 +306,7 @@ fn settle_a_version(agent: &AgentProc, host: &TestHost, user: &str, data: &[u8])
     mine[100..110].copy_from_slice(b"warming up");
     std::fs::write(&img, &mine).unwrap();
     let out = agent.ok(&["logout", "--session", "warmup"]);
-    assert!(out.contains("committed"), "{out}");
+    assert!(out.contains("committed as version"), "{out}");
     assert!(agent.state.join(format!("cache/{user}.stamp")).exists());
     mine
 }
@@ -485,7 +485,7 @@ fn logout_of_an_unchanged_uif_commits_nothing() {
     changed[7] ^= 1;
     std::fs::write(&img, &changed).unwrap();
     let out = agent.ok(&["logout", "--session", "u2"]);
-    assert!(out.contains("committed"), "{out}");
+    assert!(out.contains("committed as version"), "{out}");
     let c = host.with(|h| h.commits.last().cloned().unwrap());
     assert_eq!(c.base, Some(v1));
     assert_eq!(host.with(|h| h.head_bytes("una").unwrap()), changed);
