@@ -20,18 +20,7 @@ use std::time::Instant;
 use uve_protocol::chunker::{ChunkParams, Chunker, chunk_stream_with};
 use uve_protocol::manifest::Hash;
 
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = vec![0u8; len];
-    for w in out.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x.to_le_bytes();
-        w.copy_from_slice(&b[..w.len()]);
-    }
-    out
-}
+use uve_protocol::testdata::noise;
 
 fn mbps(bytes: u64, secs: f64) -> f64 {
     bytes as f64 / 1e6 / secs

@@ -260,18 +260,7 @@ pub fn chunk_matches(expected: &ChunkRef, data: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    /// Deterministic pseudo-random bytes (xorshift), so tests need no RNG crate.
-    pub(crate) fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect()
-    }
+    use crate::testdata::noise;
 
     /// Reader returning at most `step` bytes per read, to exercise refills.
     struct Dribble<'a>(&'a [u8], usize);

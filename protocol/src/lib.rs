@@ -25,6 +25,7 @@ pub mod link;
 pub mod manifest;
 pub mod message;
 pub mod names;
+pub mod testdata;
 pub mod transport;
 
 pub use codec::{FrameCodec, FrameError};

@@ -56,17 +56,7 @@ RestartSec=1
 WantedBy=multi-user.target
 ";
 
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[3]
-        })
-        .collect()
-}
+use uve_protocol::testdata::noise;
 
 /// The run directory: removed on success, kept (and printed) on failure.
 struct RunDir(Option<tempfile::TempDir>);

@@ -39,18 +39,7 @@ mode = "directory"
 home = "/home/{user}"
 "#;
 
-/// Deterministic pseudo-random bytes.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+use uve_protocol::testdata::noise;
 
 /// A scenario's run directory: kept (and printed) if the test fails.
 struct RunDir(Option<tempfile::TempDir>);

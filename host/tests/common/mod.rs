@@ -33,18 +33,8 @@ use uve_protocol::transport::{Endpoint, dial};
 
 pub mod rgw;
 
-/// Deterministic pseudo-random bytes.
-pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+#[allow(unused_imports)] // not every test binary makes data
+pub use uve_protocol::testdata::noise;
 
 /// Polls `f` until it returns `Some` or `limit` passes.
 pub async fn poll<T, F, Fut>(limit: Duration, mut f: F) -> Option<T>

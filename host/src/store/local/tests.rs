@@ -10,17 +10,7 @@
 use super::*;
 use uve_protocol::chunker::chunk_stream;
 
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2).wrapping_add(1);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+use uve_protocol::testdata::noise;
 
 fn put(store: &LocalStore, data: &[u8]) -> Manifest {
     chunk_stream(data, |c, bytes| {
