@@ -7,89 +7,26 @@
 //! `read_chunk` of the same chunks from as many threads as the agent keeps
 //! requests in flight, no protocol, no agent, no files.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use uve_host::config::S3Config;
+use uve_e2e::rgw::Rgw;
+use uve_host::config::{Config, S3Config};
 use uve_host::store::{S3Store, StorePolicy, UifStore};
 use uve_protocol::manifest::Hash;
 
 use crate::rig::Rig;
 use crate::{Row, data};
 
-/// A single-node Ceph RGW, stopped (by PID, via the script) on drop.
-struct Rgw {
-    dir: PathBuf,
-    env: HashMap<String, String>,
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/s3/rgw.sh")
-}
-
-impl Rgw {
-    fn start(dir: &Path) -> Result<Rgw, String> {
-        let out = Command::new("bash")
-            .arg(script())
-            .arg("start")
-            .arg(dir)
-            .output()
-            .map_err(|e| format!("run rgw.sh: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "rgw.sh start failed (is Ceph installed?): {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let env = std::fs::read_to_string(dir.join("env"))
-            .map_err(|e| format!("rgw env: {e}"))?
-            .lines()
-            .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Ok(Rgw {
-            dir: dir.to_path_buf(),
-            env,
-        })
-    }
-
-    fn config(&self, prefix: &str) -> S3Config {
-        let get = |k: &str| self.env.get(k).cloned();
-        S3Config {
-            endpoint: get("AWS_ENDPOINT_URL"),
-            bucket: get("UVE_S3_BUCKET").unwrap_or_default(),
-            prefix: prefix.into(),
-            access_key_id: get("AWS_ACCESS_KEY_ID"),
-            secret_access_key: get("AWS_SECRET_ACCESS_KEY"),
-            ..S3Config::default()
-        }
-    }
-
-    fn toml(&self, prefix: &str) -> String {
-        let get = |k: &str| self.env.get(k).cloned().unwrap_or_default();
-        format!(
-            "[s3]\nendpoint = {:?}\nbucket = {:?}\nprefix = {prefix:?}\nregion = \"us-east-1\"\n\
-             access_key_id = {:?}\nsecret_access_key = {:?}\n",
-            get("AWS_ENDPOINT_URL"),
-            get("UVE_S3_BUCKET"),
-            get("AWS_ACCESS_KEY_ID"),
-            get("AWS_SECRET_ACCESS_KEY"),
-        )
-    }
-}
-
-impl Drop for Rgw {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(script())
-            .arg("stop")
-            .arg(&self.dir)
-            .status();
-    }
+/// Store configuration for keys under `prefix` of the RGW's bucket (the
+/// `[s3]` section the benchmark's `uve-host` is given).
+fn config(rgw: &Rgw, prefix: &str) -> Result<S3Config, String> {
+    Config::parse(&rgw.toml(prefix))
+        .map_err(|e| format!("rgw [s3] section: {e}"))?
+        .s3
+        .ok_or_else(|| "no [s3] section".to_string())
 }
 
 /// Import, cold login (retrieve), then a full update of new bytes.
@@ -123,7 +60,7 @@ fn parallel<T: Sync>(items: &[T], threads: usize, f: impl Fn(&T) + Sync) -> Dura
 /// The store alone: puts then reads of `size` bytes of chunks.
 fn store_alone(rgw: &Rgw, size: usize) -> Result<(Duration, Duration), String> {
     let store = S3Store::open(
-        &rgw.config("bench-raw"),
+        &config(rgw, "bench-raw")?,
         StorePolicy::default(),
         Duration::from_secs(3600),
     )

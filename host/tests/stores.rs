@@ -13,7 +13,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 #[cfg(feature = "s3")]
-use common::rgw::Rgw;
+use common::rgw::{self, Rgw};
 #[cfg(feature = "s3")]
 use common::{HostProc, TestAgent};
 use common::{manifest_of, noise};
@@ -74,7 +74,7 @@ impl Backend for S3<'_> {
         policy: StorePolicy,
         grace: Duration,
     ) -> (Arc<dyn UifStore>, Arc<dyn UifStore>) {
-        let cfg = self.0.config(location);
+        let cfg = rgw::config(self.0, location);
         let a = S3Store::open(&cfg, policy.clone(), grace).unwrap();
         let b = S3Store::open(&cfg, policy, grace).unwrap();
         (Arc::new(a), Arc::new(b))
@@ -414,7 +414,7 @@ fn local_store_suite() {
 #[cfg(feature = "s3")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_store_on_ceph_rgw() {
-    let Some(rgw) = tokio::task::spawn_blocking(|| Rgw::start("stores"))
+    let Some(rgw) = tokio::task::spawn_blocking(|| Rgw::start_for_test("stores"))
         .await
         .unwrap()
     else {
@@ -565,7 +565,7 @@ async fn lying_proxy(upstream: String) -> String {
 #[cfg(feature = "s3")]
 async fn unsafe_server_is_refused(rgw: &Rgw) {
     let proxy = lying_proxy(rgw.endpoint.clone()).await;
-    let mut cfg = rgw.config("unsafe");
+    let mut cfg = rgw::config(rgw, "unsafe");
     cfg.endpoint = Some(proxy.clone());
     let err = tokio::task::spawn_blocking(move || {
         S3Store::open(&cfg, StorePolicy::default(), Duration::from_secs(3600))
@@ -627,7 +627,7 @@ fn unreachable_https_endpoint_is_a_clear_error() {
 
 #[cfg(feature = "s3")]
 async fn missing_bucket_is_a_clear_error(rgw: &Rgw) {
-    let mut cfg = rgw.config("x");
+    let mut cfg = rgw::config(rgw, "x");
     cfg.bucket = "no-such-bucket".into();
     let err = tokio::task::spawn_blocking(move || {
         S3Store::open(&cfg, StorePolicy::default(), Duration::from_secs(3600))

@@ -13,6 +13,8 @@
 //! - [`agent`]: a real `uve-agent` process on this machine (demo, benchmarks);
 //! - [`binaries`]: locates (and under cargo, builds) the release binaries;
 //! - [`host`]: the real `uve-host` daemon driven through `uvectl`;
+//! - [`rgw`]: a real single-node Ceph RGW on loopback (S3 store tests,
+//!   `uve-bench s3`);
 //! - [`rogue`]: the hostile-guest probes run inside a guest;
 //! - [`rootdisk`]: a Debian guest disk baked with the uve-agent package
 //!   (`packaging/bake-image.sh`) and the initramfs that boots it.
@@ -23,6 +25,7 @@ pub mod channel;
 pub mod host;
 pub mod ingredients;
 pub mod initramfs;
+pub mod rgw;
 pub mod rogue;
 pub mod rootdisk;
 pub mod vm;

@@ -36,8 +36,8 @@ use uve_protocol::message::Version;
 use uve_protocol::names;
 
 use super::{
-    ChunkPins, CommitOutcome, GcReport, PinTable, StoreError, StorePolicy, StoreResult, UifStore,
-    UserState, VersionInfo, VersionKind, now_ms,
+    ChunkPins, CommitOutcome, GcReport, HeadRule, PinTable, StoreError, StorePolicy, StoreResult,
+    UifStore, UserState, VersionInfo, check_new_version,
 };
 use crate::durable;
 
@@ -231,78 +231,6 @@ impl LocalStore {
             .map_err(|e| StoreError::io("write manifest", e))
     }
 
-    /// Adds a version under the user lock; `decide` sees the current state
-    /// and says whether the new version becomes head.
-    fn add_version(
-        &self,
-        user: &str,
-        manifest: &Manifest,
-        base: Option<Version>,
-        origin: &str,
-        decide: impl FnOnce(&UserState) -> bool,
-    ) -> StoreResult<CommitOutcome> {
-        names::user(user)?;
-        manifest.validate()?;
-        if manifest.header.size > self.policy.quota_bytes {
-            return Err(StoreError::QuotaExceeded {
-                size: manifest.header.size,
-                quota: self.policy.quota_bytes,
-            });
-        }
-        let _gc = self.gc_lock.read().unwrap_or_else(PoisonError::into_inner);
-        let mut staged = Vec::new();
-        let mut seen = HashSet::new();
-        for c in &manifest.chunks {
-            if !seen.insert(c.hash) || self.chunk_path(&c.hash).is_file() {
-                continue;
-            }
-            if self.staged_path(&c.hash).is_file() {
-                staged.push(c.hash);
-            } else {
-                return Err(StoreError::MissingChunk(c.hash));
-            }
-        }
-        self.promote(&staged)?;
-        let lock = self.user_lock(user);
-        let _user = lock.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut state = self.read_state(user)?;
-        let v = state.next.max(1);
-        self.write_manifest(user, v, manifest)?;
-        let becomes_head = decide(&state);
-        let previous_head = state.head;
-        state.next = v + 1;
-        state.versions.push(VersionInfo {
-            version: v,
-            kind: if becomes_head {
-                VersionKind::Committed
-            } else {
-                VersionKind::Conflict
-            },
-            created_ms: now_ms(),
-            size: manifest.header.size,
-            digest: manifest.header.digest.to_hex(),
-            chunk_count: manifest.header.chunk_count,
-            base,
-            origin: origin.to_string(),
-        });
-        if becomes_head {
-            state.head = Some(v);
-        }
-        let pruned = super::prune(&self.policy, &mut state);
-        self.write_state(user, &state)?;
-        for p in pruned {
-            let _ = fs::remove_file(self.manifest_path(user, p));
-        }
-        Ok(if becomes_head {
-            CommitOutcome::Committed(v)
-        } else {
-            CommitOutcome::Conflict {
-                kept_as: v,
-                head: previous_head,
-            }
-        })
-    }
-
     fn chunk_files(&self) -> Vec<(PathBuf, Hash)> {
         let mut out = Vec::new();
         let Ok(prefixes) = fs::read_dir(self.root.join("chunks")) else {
@@ -438,26 +366,40 @@ impl UifStore for LocalStore {
         Ok(out)
     }
 
-    fn commit(
+    fn add_version(
         &self,
         user: &str,
         manifest: &Manifest,
         base: Option<Version>,
-        lease_ok: bool,
         origin: &str,
+        rule: HeadRule,
     ) -> StoreResult<CommitOutcome> {
-        self.add_version(user, manifest, base, origin, |state| {
-            lease_ok && state.head == base
-        })
-    }
-
-    fn rollback(&self, user: &str, to: Version) -> StoreResult<Version> {
-        let manifest = self.manifest(user, to)?;
-        let origin = format!("rollback:{to}");
-        match self.add_version(user, &manifest, Some(to), &origin, |_| true)? {
-            CommitOutcome::Committed(v) => Ok(v),
-            CommitOutcome::Conflict { kept_as, .. } => Ok(kept_as),
+        check_new_version(&self.policy, user, manifest)?;
+        let _gc = self.gc_lock.read().unwrap_or_else(PoisonError::into_inner);
+        let mut staged = Vec::new();
+        let mut seen = HashSet::new();
+        for c in &manifest.chunks {
+            if !seen.insert(c.hash) || self.chunk_path(&c.hash).is_file() {
+                continue;
+            }
+            if self.staged_path(&c.hash).is_file() {
+                staged.push(c.hash);
+            } else {
+                return Err(StoreError::MissingChunk(c.hash));
+            }
         }
+        self.promote(&staged)?;
+        let lock = self.user_lock(user);
+        let _user = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.read_state(user)?;
+        let (outcome, pruned) = state.add_version(&self.policy, manifest, base, origin, rule);
+        let (CommitOutcome::Committed(v) | CommitOutcome::Conflict { kept_as: v, .. }) = outcome;
+        self.write_manifest(user, v, manifest)?;
+        self.write_state(user, &state)?;
+        for p in pruned {
+            let _ = fs::remove_file(self.manifest_path(user, p));
+        }
+        Ok(outcome)
     }
 
     fn gc(&self, grace: Duration) -> StoreResult<GcReport> {

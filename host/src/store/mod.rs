@@ -32,6 +32,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use uve_protocol::manifest::{Hash, Manifest};
 use uve_protocol::message::Version;
+use uve_protocol::names;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -127,9 +128,94 @@ pub(crate) struct UserState {
     pub(crate) writer: Option<String>,
 }
 
+/// When a new version becomes the user's head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadRule {
+    /// Only if the head is still this version (compare-and-swap on the
+    /// update's base); otherwise it is kept as a conflict version.
+    IfHeadIs(Option<Version>),
+    /// Never: kept as a conflict version (an update under a lost lease).
+    Never,
+    /// Always (a rollback).
+    Always,
+}
+
+impl HeadRule {
+    fn admits(self, head: Option<Version>) -> bool {
+        match self {
+            HeadRule::IfHeadIs(base) => head == base,
+            HeadRule::Never => false,
+            HeadRule::Always => true,
+        }
+    }
+}
+
+/// The checks every store makes before adding a version: a valid user
+/// name, a consistent manifest, the quota.
+pub(crate) fn check_new_version(
+    policy: &StorePolicy,
+    user: &str,
+    manifest: &Manifest,
+) -> StoreResult<()> {
+    names::user(user)?;
+    manifest.validate()?;
+    if manifest.header.size > policy.quota_bytes {
+        return Err(StoreError::QuotaExceeded {
+            size: manifest.header.size,
+            quota: policy.quota_bytes,
+        });
+    }
+    Ok(())
+}
+
+impl UserState {
+    /// Records `manifest` as the next version (head or conflict by
+    /// `rule`) and prunes by `policy`. Returns the outcome and the
+    /// versions pruned (whose manifests the store may delete once the new
+    /// state is written).
+    pub(crate) fn add_version(
+        &mut self,
+        policy: &StorePolicy,
+        manifest: &Manifest,
+        base: Option<Version>,
+        origin: &str,
+        rule: HeadRule,
+    ) -> (CommitOutcome, Vec<Version>) {
+        let v = self.next.max(1);
+        let becomes_head = rule.admits(self.head);
+        let previous_head = self.head;
+        self.next = v + 1;
+        self.versions.push(VersionInfo {
+            version: v,
+            kind: if becomes_head {
+                VersionKind::Committed
+            } else {
+                VersionKind::Conflict
+            },
+            created_ms: now_ms(),
+            size: manifest.header.size,
+            digest: manifest.header.digest.to_hex(),
+            chunk_count: manifest.header.chunk_count,
+            base,
+            origin: origin.to_string(),
+        });
+        let outcome = if becomes_head {
+            self.head = Some(v);
+            CommitOutcome::Committed(v)
+        } else {
+            CommitOutcome::Conflict {
+                kept_as: v,
+                head: previous_head,
+            }
+        };
+        let pruned = prune(policy, self);
+        (outcome, pruned)
+    }
+}
+
 /// Drops versions beyond the retention policy from `state`; returns their
 /// numbers (oldest first).
-pub(crate) fn prune(policy: &StorePolicy, state: &mut UserState) -> Vec<Version> {
+fn prune(policy: &StorePolicy, state: &mut UserState) -> Vec<Version> {
     let now = now_ms();
     let max_age = u64::try_from(policy.conflict_max_age.as_millis()).unwrap_or(u64::MAX);
     let committed: Vec<Version> = state
@@ -271,6 +357,17 @@ pub trait UifStore: Send + Sync + 'static {
     fn versions(&self, user: &str) -> StoreResult<Vec<VersionInfo>>;
     /// Users with a store entry.
     fn users(&self) -> StoreResult<Vec<String>>;
+    /// Stores `manifest` as the user's next version, head or conflict
+    /// version as `rule` says against the current head (atomically with
+    /// respect to other writers). Every chunk must already be stored.
+    fn add_version(
+        &self,
+        user: &str,
+        manifest: &Manifest,
+        base: Option<Version>,
+        origin: &str,
+        rule: HeadRule,
+    ) -> StoreResult<CommitOutcome>;
     /// Stores `manifest` as a new version. It becomes head only if the head
     /// is `base` and `lease_ok`; otherwise it is kept as a conflict version.
     /// Every chunk must already be stored.
@@ -281,9 +378,22 @@ pub trait UifStore: Send + Sync + 'static {
         base: Option<Version>,
         lease_ok: bool,
         origin: &str,
-    ) -> StoreResult<CommitOutcome>;
+    ) -> StoreResult<CommitOutcome> {
+        let rule = if lease_ok {
+            HeadRule::IfHeadIs(base)
+        } else {
+            HeadRule::Never
+        };
+        self.add_version(user, manifest, base, origin, rule)
+    }
     /// Makes a copy of retained version `to` the new head (a new version).
-    fn rollback(&self, user: &str, to: Version) -> StoreResult<Version>;
+    fn rollback(&self, user: &str, to: Version) -> StoreResult<Version> {
+        let manifest = self.manifest(user, to)?;
+        let origin = format!("rollback:{to}");
+        match self.add_version(user, &manifest, Some(to), &origin, HeadRule::Always)? {
+            CommitOutcome::Committed(v) | CommitOutcome::Conflict { kept_as: v, .. } => Ok(v),
+        }
+    }
     /// Deletes unreferenced, unpinned chunks older than `grace`.
     fn gc(&self, grace: Duration) -> StoreResult<GcReport>;
     /// Protects chunks from GC until the returned guard is dropped.

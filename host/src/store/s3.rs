@@ -54,8 +54,8 @@ use uve_protocol::names;
 pub use crate::config::S3Config;
 
 use super::{
-    ChunkPins, CommitOutcome, GcReport, PinTable, StoreError, StorePolicy, StoreResult, UifStore,
-    UserState, VersionInfo, VersionKind, now_ms,
+    ChunkPins, CommitOutcome, GcReport, HeadRule, PinTable, StoreError, StorePolicy, StoreResult,
+    UifStore, UserState, VersionInfo, check_new_version, now_ms,
 };
 
 /// How many times a commit re-reads the head after losing a race.
@@ -557,89 +557,6 @@ impl S3Store {
         Ok(())
     }
 
-    /// Adds a version by compare-and-swap of the head object; `decide` sees
-    /// the current state and says whether the new version becomes head.
-    fn add_version(
-        &self,
-        user: &str,
-        manifest: &Manifest,
-        base: Option<Version>,
-        origin: &str,
-        decide: impl Fn(&UserState) -> bool,
-    ) -> StoreResult<CommitOutcome> {
-        names::user(user)?;
-        manifest.validate()?;
-        if manifest.header.size > self.policy.quota_bytes {
-            return Err(StoreError::QuotaExceeded {
-                size: manifest.header.size,
-                quota: self.policy.quota_bytes,
-            });
-        }
-        // The manifest object is content-addressed: idempotent, and the PUT
-        // makes it young for any GC that is looking at it.
-        let digest = manifest.header.digest;
-        let key = self.manifest_key(user, &digest);
-        let bytes = postcard::to_stdvec(manifest).map_err(|e| StoreError::Corrupt {
-            path: key.to_string(),
-            why: e.to_string(),
-        })?;
-        let s3 = self.s3.clone();
-        self.block_on(async move { s3.put(&key, PutPayload::from(bytes)).await })
-            .map_err(|e| remote("write manifest", e))?;
-        for attempt in 0..CAS_ATTEMPTS {
-            let Head { mut state, tag } = self.read_head(user)?;
-            let protected = self.referenced(user, &state)?;
-            self.secure_chunks(manifest, &protected)?;
-            let nonce = self.next_nonce();
-            let v = state.next.max(1);
-            let becomes_head = decide(&state);
-            let previous_head = state.head;
-            state.next = v + 1;
-            state.versions.push(VersionInfo {
-                version: v,
-                kind: if becomes_head {
-                    VersionKind::Committed
-                } else {
-                    VersionKind::Conflict
-                },
-                created_ms: now_ms(),
-                size: manifest.header.size,
-                digest: digest.to_hex(),
-                chunk_count: manifest.header.chunk_count,
-                base,
-                origin: origin.to_string(),
-            });
-            if becomes_head {
-                state.head = Some(v);
-            }
-            super::prune(&self.policy, &mut state);
-            state.writer = Some(nonce.clone());
-            let won = self.write_head(user, &state, tag.as_ref())?
-                // A lost answer to a PUT that did land looks like a lost race.
-                || self.read_head(user)?.state.writer.as_deref() == Some(nonce.as_str());
-            if won {
-                return Ok(if becomes_head {
-                    CommitOutcome::Committed(v)
-                } else {
-                    CommitOutcome::Conflict {
-                        kept_as: v,
-                        head: previous_head,
-                    }
-                });
-            }
-            tracing::debug!(
-                user,
-                attempt,
-                "head object changed under the commit; retrying"
-            );
-            std::thread::sleep(Duration::from_millis(5 + 10 * u64::from(attempt.min(10))));
-        }
-        Err(StoreError::Contended {
-            user: user.to_string(),
-            attempts: CAS_ATTEMPTS,
-        })
-    }
-
     /// Every chunk or manifest referred to by some retained version.
     fn mark(&self) -> StoreResult<Marked> {
         let mut chunks = HashSet::new();
@@ -827,26 +744,55 @@ impl UifStore for S3Store {
         Ok(out)
     }
 
-    fn commit(
+    /// Adds a version by compare-and-swap of the head object.
+    fn add_version(
         &self,
         user: &str,
         manifest: &Manifest,
         base: Option<Version>,
-        lease_ok: bool,
         origin: &str,
+        rule: HeadRule,
     ) -> StoreResult<CommitOutcome> {
-        self.add_version(user, manifest, base, origin, |state| {
-            lease_ok && state.head == base
-        })
-    }
-
-    fn rollback(&self, user: &str, to: Version) -> StoreResult<Version> {
-        let manifest = self.manifest(user, to)?;
-        let origin = format!("rollback:{to}");
-        match self.add_version(user, &manifest, Some(to), &origin, |_| true)? {
-            CommitOutcome::Committed(v) => Ok(v),
-            CommitOutcome::Conflict { kept_as, .. } => Ok(kept_as),
+        check_new_version(&self.policy, user, manifest)?;
+        // The manifest object is content-addressed: idempotent, and the PUT
+        // makes it young for any GC that is looking at it.
+        let digest = manifest.header.digest;
+        let key = self.manifest_key(user, &digest);
+        let bytes = postcard::to_stdvec(manifest).map_err(|e| StoreError::Corrupt {
+            path: key.to_string(),
+            why: e.to_string(),
+        })?;
+        let s3 = self.s3.clone();
+        self.block_on(async move { s3.put(&key, PutPayload::from(bytes)).await })
+            .map_err(|e| remote("write manifest", e))?;
+        for attempt in 0..CAS_ATTEMPTS {
+            let Head { mut state, tag } = self.read_head(user)?;
+            let protected = self.referenced(user, &state)?;
+            self.secure_chunks(manifest, &protected)?;
+            let nonce = self.next_nonce();
+            let (outcome, _) = state.add_version(&self.policy, manifest, base, origin, rule);
+            state.writer = Some(nonce.clone());
+            // A lost answer to a PUT that did land looks like a lost race:
+            // the nonce is looked for at once, not after the back-off, since
+            // another host's write in between would hide it and the version
+            // would be added twice (one GET more per lost race; the next
+            // attempt reads the head again after the back-off).
+            let won = self.write_head(user, &state, tag.as_ref())?
+                || self.read_head(user)?.state.writer.as_deref() == Some(nonce.as_str());
+            if won {
+                return Ok(outcome);
+            }
+            tracing::debug!(
+                user,
+                attempt,
+                "head object changed under the commit; retrying"
+            );
+            std::thread::sleep(Duration::from_millis(5 + 10 * u64::from(attempt.min(10))));
         }
+        Err(StoreError::Contended {
+            user: user.to_string(),
+            attempts: CAS_ATTEMPTS,
+        })
     }
 
     fn gc(&self, grace: Duration) -> StoreResult<GcReport> {
