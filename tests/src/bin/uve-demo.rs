@@ -132,7 +132,14 @@ fn run() -> Result<(), String> {
     host.ok(&["assign", "alice", "vm-b"]);
     show(&b.ok(&["login", "--user", "alice", "--session", "b-1"]));
     show("vm-b sees everything she did on vm-a:");
-    show(&std::fs::read_to_string(dir.join("vm-b/uif/alice.img")).map_err(|e| e.to_string())?);
+    let on_b =
+        std::fs::read_to_string(dir.join("vm-b/uif/alice.img")).map_err(|e| e.to_string())?;
+    show(&on_b);
+    if on_b != text {
+        return Err(format!(
+            "vm-b's UIF differs from what alice left on vm-a:\n{on_b}\nexpected:\n{text}"
+        ));
+    }
 
     say(
         t0,
