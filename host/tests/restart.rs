@@ -132,6 +132,7 @@ async fn crash_test_sigkill_during_concurrent_updates() {
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let mut seed = 1000u64;
     for round in 0..KILLS {
+        let acked_before = ledger.lock().unwrap().acked.len();
         let mut tasks = Vec::new();
         for (i, path) in paths.iter().enumerate() {
             let (path, ledger) = (path.clone(), ledger.clone());
@@ -177,6 +178,18 @@ async fn crash_test_sigkill_during_concurrent_updates() {
                 }
             }));
         }
+        // Every other round kills the host only once this round has had a
+        // commit acknowledged (however slow the machine), so the ledger
+        // checks below always have acknowledged versions to check; the other
+        // rounds kill at a time alone, possibly before any commit.
+        if round % 2 == 0 {
+            let progressed = common::poll(Duration::from_secs(60), || {
+                let ledger = ledger.clone();
+                async move { (ledger.lock().unwrap().acked.len() > acked_before).then_some(()) }
+            })
+            .await;
+            assert!(progressed.is_some(), "round {round}: no commit in 60 s");
+        }
         // let the updates run for a varying time, then kill the host
         let ms = 30 + (round as u64 * 37) % 170;
         tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -221,9 +234,9 @@ async fn crash_test_sigkill_during_concurrent_updates() {
             assert!(ledger.attempted.contains(digest));
         }
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(120),
-        "crash test took {:?}",
+    eprintln!(
+        "crash test: {KILLS} kills, {} acknowledged commits, {:?}",
+        ledger.acked.len(),
         started.elapsed()
     );
 }

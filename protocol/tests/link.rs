@@ -8,10 +8,13 @@
     clippy::cast_possible_truncation
 )]
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
+use tokio::sync::Semaphore;
 use tokio_util::codec::FramedRead;
 use uve_protocol::codec::FrameCodec;
 use uve_protocol::defs::DEFAULT_MAX_FRAME;
@@ -84,8 +87,10 @@ async fn requests_flow_both_ways_concurrently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_frames_overtake_queued_bulk_frames() {
-    // A slow receiver (1-slot incoming queue, 10 ms per bulk request) makes
-    // the bulk frames back up in the sender's queue and the socket.
+    // A receiver that holds the first bulk request until the ping has been
+    // queued (with a 1-slot incoming queue) makes the bulk frames back up in
+    // the sender's queue and the socket; how far they back up does not
+    // depend on timing, so neither does the ping's position.
     let (x, y) = UnixStream::pair().expect("pair");
     let (a, _a_in) = start(x, cfg(1000));
     let slow = LinkConfig {
@@ -93,20 +98,26 @@ async fn control_frames_overtake_queued_bulk_frames() {
         ..cfg(1000)
     };
     let (_b, mut b_in) = start(y, slow);
-    let server = tokio::spawn(async move {
-        let mut seen = Vec::new();
-        while let Some(inc) = b_in.recv().await {
-            let resp = match &inc.request {
-                Request::Ping { nonce } => Response::Pong { nonce: *nonce },
-                _ => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    Response::Ok
-                }
-            };
-            seen.push(inc.request);
-            let _ = inc.responder.send(resp).await;
+    let gate = Arc::new(Semaphore::new(0));
+    let (first_tx, mut first_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let server = tokio::spawn({
+        let gate = gate.clone();
+        async move {
+            let mut seen = Vec::new();
+            while let Some(inc) = b_in.recv().await {
+                let resp = match &inc.request {
+                    Request::Ping { nonce } => Response::Pong { nonce: *nonce },
+                    _ => {
+                        let _ = first_tx.try_send(());
+                        gate.acquire().await.expect("gate").forget();
+                        Response::Ok
+                    }
+                };
+                seen.push(inc.request);
+                let _ = inc.responder.send(resp).await;
+            }
+            seen
         }
-        seen
     });
     const BULK: usize = 32;
     let mut bulk = Vec::new();
@@ -122,12 +133,19 @@ async fn control_frames_overtake_queued_bulk_frames() {
             .expect("bulk")
         }));
     }
-    // Let the bulk senders fill the queue and the socket.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(
-        a.request(Request::Ping { nonce: 7 }).await.expect("ping"),
-        R::Pong { nonce: 7 }
+    // The first bulk request is held by the receiver: from here on the
+    // others can only queue up behind it.
+    first_rx.recv().await.expect("first bulk request");
+    // One poll queues the ping (the control queue has room); its answer
+    // cannot come before the gate opens.
+    let mut ping = Box::pin(a.request(Request::Ping { nonce: 7 }));
+    let polled = std::future::poll_fn(|cx| std::task::Poll::Ready(ping.as_mut().poll(cx))).await;
+    assert!(
+        polled.is_pending(),
+        "ping answered while the receiver is held"
     );
+    gate.add_permits(BULK);
+    assert_eq!(ping.await.expect("ping"), R::Pong { nonce: 7 });
     for t in bulk {
         t.await.expect("bulk task");
     }
@@ -151,11 +169,13 @@ async fn idle_link_stays_up_on_heartbeats() {
     assert!(!a.is_closed() && !b.is_closed());
 }
 
-#[tokio::test]
+// Paused time: "not before three missed intervals" is checked on tokio's
+// virtual clock, exactly, instead of on the wall clock.
+#[tokio::test(start_paused = true)]
 async fn silent_peer_is_declared_dead_and_requests_fail() {
     let (a, peer) = UnixStream::pair().expect("pair");
     let (h, _in) = start(a, cfg(50));
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let err = h
         .request(Request::Ping { nonce: 1 })
         .await

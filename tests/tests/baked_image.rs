@@ -261,9 +261,15 @@ fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
         vm.ok("systemctl is-active uve-host.service").trim(),
         "active"
     );
+    // The unit is active once the daemon sent READY=1, after logging the
+    // line; journald reads the service's stderr asynchronously, so the line
+    // can reach the journal a moment later: poll for it.
     assert!(
-        vm.ok("journalctl -b -u uve-host.service --no-pager -o cat")
-            .contains("listening on AF_VSOCK"),
+        wait_for(Duration::from_secs(60), || {
+            vm.sh("journalctl -b -u uve-host.service --no-pager -o cat")
+                .1
+                .contains("listening on AF_VSOCK")
+        }),
         "uve-host did not listen on AF_VSOCK under its unit"
     );
     let (_, security) = vm.sh("systemd-analyze security uve-host.service --no-pager | tail -1");

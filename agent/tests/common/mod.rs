@@ -65,6 +65,9 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
 
 pub const LONG: Duration = Duration::from_secs(30);
 
+/// Heartbeat interval the test host offers.
+const HEARTBEAT_MS: u32 = uve_protocol::defs::DEFAULT_HEARTBEAT_MS;
+
 #[derive(Debug, Clone)]
 pub struct Commit {
     pub user: String,
@@ -276,7 +279,13 @@ async fn serve_conn(
     let offer = HostOffer {
         host_version: "test-host".into(),
         vm_id: "vm-test".into(),
-        heartbeat_ms: 500,
+        // The production default (15 s to declare a peer dead), not a short
+        // test value: the agent's single runtime thread also does its fsyncs,
+        // and on a loaded machine one can take longer than 3 x 500 ms; the
+        // link would then drop (a spurious reconnect, a logout spooled
+        // instead of committed). No test waits for a heartbeat timeout: the
+        // test host closes its connections explicitly.
+        heartbeat_ms: HEARTBEAT_MS,
         max_frame: uve_protocol::defs::DEFAULT_MAX_FRAME,
         limits: Limits {
             max_inflight: 32,
@@ -291,7 +300,10 @@ async fn serve_conn(
     let (link, mut incoming) = link::spawn(
         reader,
         writer.into_inner(),
-        LinkConfig::new(Duration::from_millis(500), welcome.max_frame),
+        LinkConfig::new(
+            Duration::from_millis(u64::from(HEARTBEAT_MS)),
+            welcome.max_frame,
+        ),
     );
     {
         let mut st = state.lock().unwrap();
