@@ -96,9 +96,16 @@ pub async fn flush_user(
     }
     if keep_attached && cfg.uif.mode == crate::config::UifMode::File {
         // The image may be mounted: write the filesystem's dirty pages into
-        // it first, so the snapshot is at least crash-consistent.
-        // SAFETY: sync(2) has no preconditions.
-        unsafe { libc::sync() };
+        // it first, so the snapshot is at least crash-consistent. Off the
+        // runtime thread: with many dirty pages sync(2) takes seconds, and
+        // heartbeats must keep flowing meanwhile.
+        blocking(|| {
+            // SAFETY: sync(2) has no preconditions.
+            unsafe { libc::sync() };
+            Ok(())
+        })
+        .await
+        .map_err(uif_err(user))?;
     }
     let path = cfg.uif_path(user);
     let p2 = path.clone();
@@ -161,9 +168,12 @@ pub async fn flush_user(
         created: fsutil::now_ms(),
     };
     if cause != UpdateCause::Checkpoint || !keep_attached {
-        agent
-            .spool
-            .add(&entry, &manifest)
+        // Off the runtime thread: the manifest of a large UIF is a
+        // megabyte written and fsynced.
+        let (spool, e2, m2) = (agent.spool.clone(), entry.clone(), manifest.clone());
+        tokio::task::spawn_blocking(move || spool.add(&e2, &m2))
+            .await
+            .map_err(|e| LifecycleError::Journal(std::io::Error::other(e.to_string())))?
             .map_err(LifecycleError::Journal)?;
         // Older pending snapshots of the same file are superseded: the file
         // holds newer data now, and none of them was committed, so they all
