@@ -36,15 +36,23 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 pub struct HostLink {
     link: LinkHandle,
     permits: Arc<tokio::sync::Semaphore>,
+    protocol: u16,
 }
 
 impl HostLink {
-    fn new(link: LinkHandle, max_inflight: u32) -> HostLink {
+    fn new(link: LinkHandle, max_inflight: u32, protocol: u16) -> HostLink {
         let n = usize::try_from(max_inflight).unwrap_or(1).clamp(1, 1024);
         HostLink {
             link,
             permits: Arc::new(tokio::sync::Semaphore::new(n)),
+            protocol,
         }
+    }
+
+    /// The protocol version negotiated with the host: requests introduced
+    /// after it must not be sent.
+    pub fn protocol(&self) -> u16 {
+        self.protocol
     }
 
     /// Sends a request and waits for the answer (see [`LinkHandle::request`]).
@@ -206,7 +214,11 @@ pub async fn run(agent: Arc<Agent>, stop: CancellationToken) {
                 );
                 tokio::spawn(crate::dispatch::serve(agent.clone(), incoming));
                 agent.conn.publish(Some(Connected {
-                    link: HostLink::new(link.clone(), welcome.limits.max_inflight),
+                    link: HostLink::new(
+                        link.clone(),
+                        welcome.limits.max_inflight,
+                        welcome.protocol,
+                    ),
                     welcome,
                     generation,
                 }));

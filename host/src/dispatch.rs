@@ -36,7 +36,8 @@ pub async fn run(conn: Arc<Conn>, mut incoming: mpsc::Receiver<Incoming>) {
                     break;
                 };
                 let chunk_guard = match &other {
-                    Request::ChunkUpload { upload, .. } => {
+                    Request::ChunkUpload { upload, .. }
+                    | Request::ChunkDelta(uve_protocol::message::ChunkDelta { upload, .. }) => {
                         update::chunk_guard(&conn, *upload).await
                     }
                     _ => None,
@@ -72,6 +73,10 @@ async fn handle(conn: &Conn, request: Request) -> Handled {
             update::chunk(conn, upload, hash, data).await
         }
         Request::UpdateCommit { upload } => update::commit(conn, upload).await,
+        Request::BlockSignatures { upload, chunks } => {
+            update::signatures(conn, upload, chunks).await
+        }
+        Request::ChunkDelta(d) => update::chunk_delta(conn, d).await,
         Request::Ping { nonce } => Ok(Response::Pong { nonce }),
         _ => Err(WireError::new(
             ErrorCode::Unsupported,

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub chunks_fetched: AtomicU64,
     /// Chunks received from agents.
     pub chunks_uploaded: AtomicU64,
+    /// Of those, chunks received as block deltas against a base chunk.
+    pub chunk_deltas: AtomicU64,
     /// Unexpected session disconnects reported (agent or host).
     pub unexpected_disconnects: AtomicU64,
     per_user: Mutex<BTreeMap<String, (u64, u64)>>,
@@ -66,7 +68,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 10] = [
+        let rows: [(&str, &str, &str, u64); 11] = [
             (
                 "uve_connections",
                 "gauge",
@@ -120,6 +122,12 @@ impl Metrics {
                 "counter",
                 "Chunks received from agents",
                 g(&self.chunks_uploaded),
+            ),
+            (
+                "uve_chunk_deltas_total",
+                "counter",
+                "Chunks received as block deltas against a base chunk (also in uve_chunks_uploaded_total)",
+                g(&self.chunk_deltas),
             ),
             (
                 "uve_unexpected_disconnects_total",

@@ -206,6 +206,7 @@ async fn serve(
         vm.clone(),
         conn_id,
         welcome.max_frame,
+        welcome.protocol,
     ));
     let dispatcher = tokio::spawn(dispatch::run(conn, incoming));
     let end = handle.closed().await;

@@ -11,7 +11,26 @@ pub const DEFAULT_PORT: u32 = 7075;
 pub const PROTOCOL_MIN: u16 = 1;
 
 /// Newest protocol version this build speaks.
-pub const PROTOCOL_MAX: u16 = 1;
+pub const PROTOCOL_MAX: u16 = 2;
+
+/// First protocol version with sub-chunk block deltas on update
+/// (`BlockSignatures`, `ChunkDelta`; see [`crate::delta`]). Neither peer
+/// sends them on a connection that negotiated an older version.
+pub const PROTOCOL_BLOCK_DELTA: u16 = 2;
+
+/// Block size of a chunk delta: a chunk is compared with its base chunk in
+/// blocks of this many bytes (the last block of a chunk may be shorter).
+pub const DELTA_BLOCK: u32 = 4096;
+
+/// Bytes of a block digest: BLAKE3 of the block, truncated. The host
+/// checks the full BLAKE3 of every reconstructed chunk, so a digest only
+/// has to make a missed change improbable, not impossible.
+pub const BLOCK_DIGEST_LEN: usize = 16;
+
+/// Most chunks one `BlockSignatures` request may ask about. The worst-case
+/// answer (every chunk `MAX_CHUNK` long, 64 digests each: ~135 KB) fits in
+/// a frame of the smallest size a peer may negotiate (`MIN_MAX_FRAME`).
+pub const MAX_SIGNATURE_BATCH: u32 = 128;
 
 /// Default (and proposed) maximum frame size: 1 MiB.
 pub const DEFAULT_MAX_FRAME: u32 = 1 << 20;

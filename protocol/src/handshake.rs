@@ -214,6 +214,7 @@ mod tests {
         assert_eq!(w.protocol, PROTOCOL_MAX);
         assert_eq!(w.max_frame, DEFAULT_MAX_FRAME);
         let w = negotiate(&hello(1, 1, MIN_MAX_FRAME), &offer()).expect("welcome");
+        assert_eq!(w.protocol, 1, "an agent speaking only version 1 gets 1");
         assert_eq!(w.max_frame, MIN_MAX_FRAME);
         assert_eq!(w.vm_id, "vm1");
     }

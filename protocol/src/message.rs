@@ -286,6 +286,59 @@ pub enum Request {
     },
     /// Ask the agent for its sessions and UAs.
     AgentStatus,
+
+    // ---- UVE-5, agent → host, protocol 2 (`PROTOCOL_BLOCK_DELTA`) -------
+    /// Block digests of the base chunks of some chunks of an upload. Each
+    /// entry of `chunks` is an index into the new version's chunk list
+    /// (already sent in `UpdatePage`s); the host pairs it with the chunk
+    /// of the upload's base version that starts at the same offset and
+    /// has the same length, if any. At most `MAX_SIGNATURE_BATCH` entries.
+    BlockSignatures {
+        /// Upload id from `UpdateBegin`.
+        upload: u64,
+        /// Indices into the new version's chunk list.
+        chunks: Vec<u32>,
+    },
+    /// A chunk the host said it lacks, sent as a chunk of the base version
+    /// with some `DELTA_BLOCK`-sized blocks replaced.
+    ChunkDelta(ChunkDelta),
+}
+
+/// A new chunk expressed as a base chunk plus the blocks that differ.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkDelta {
+    /// Upload id.
+    pub upload: u64,
+    /// The new chunk's hash (listed in a page; checked after rebuilding).
+    pub hash: Hash,
+    /// The base chunk: a chunk of the upload's base version with the same
+    /// length as the new chunk (as named in a `BlockSignatures` answer).
+    pub base: Hash,
+    /// The blocks that replace the base chunk's, in increasing block order.
+    pub blocks: Vec<DeltaBlock>,
+}
+
+/// One replaced block of a [`ChunkDelta`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaBlock {
+    /// Block number within the chunk (byte offset `index * DELTA_BLOCK`).
+    pub index: u16,
+    /// The block's new bytes: `DELTA_BLOCK` bytes, or what is left of the
+    /// chunk for its last block.
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// Truncated BLAKE3 of one block (`BLOCK_DIGEST_LEN` bytes).
+pub type BlockDigest = [u8; crate::defs::BLOCK_DIGEST_LEN];
+
+/// A base chunk paired with a new chunk, and the digests of its blocks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseSignature {
+    /// The base chunk's hash (to name in `ChunkDelta::base`).
+    pub base: Hash,
+    /// Digest of each block of the base chunk, in order.
+    pub blocks: Vec<BlockDigest>,
 }
 
 /// Header of an update.
@@ -415,6 +468,11 @@ pub enum Response {
         /// Sessions that were stopped because of `force`.
         stopped_sessions: Vec<String>,
     },
+    /// Answer to `BlockSignatures` (protocol 2): one entry per requested
+    /// chunk, in order; `None` where the base version has no chunk at the
+    /// same offset with the same length (or it cannot be read): send that
+    /// chunk whole.
+    BlockSignatures(Vec<Option<BaseSignature>>),
 }
 
 /// Answer to `UifRetrieve`.
@@ -534,10 +592,12 @@ impl Frame {
         matches!(
             self,
             Frame::Request {
-                body: Request::ChunkUpload { .. } | Request::UaBundleData { .. },
+                body: Request::ChunkUpload { .. }
+                    | Request::ChunkDelta(_)
+                    | Request::UaBundleData { .. },
                 ..
             } | Frame::Response {
-                body: Response::Chunk(_),
+                body: Response::Chunk(_) | Response::BlockSignatures(_),
                 ..
             }
         )

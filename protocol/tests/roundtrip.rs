@@ -188,6 +188,25 @@ fn request() -> impl Strategy<Value = Request> {
         text().prop_map(|session| Request::SessionResume { session }),
         any::<u64>().prop_map(|nonce| Request::Ping { nonce }),
         Just(Request::AgentStatus),
+        (any::<u64>(), vec(any::<u32>(), 0..50))
+            .prop_map(|(upload, chunks)| Request::BlockSignatures { upload, chunks }),
+        (
+            any::<u64>(),
+            hash(),
+            hash(),
+            vec((any::<u16>(), bytes()), 0..4)
+        )
+            .prop_map(
+                |(upload, hash, base, blocks)| Request::ChunkDelta(ChunkDelta {
+                    upload,
+                    hash,
+                    base,
+                    blocks: blocks
+                        .into_iter()
+                        .map(|(index, data)| DeltaBlock { index, data })
+                        .collect(),
+                })
+            ),
     ]
 }
 
@@ -245,6 +264,13 @@ fn response() -> impl Strategy<Value = Response> {
             })),
         text().prop_map(|version| Response::UaCurrent { version }),
         vec(text(), 0..4).prop_map(|stopped_sessions| Response::UaDeleted { stopped_sessions }),
+        vec(option::of((hash(), vec(any::<[u8; 16]>(), 0..65))), 0..8).prop_map(|sigs| {
+            Response::BlockSignatures(
+                sigs.into_iter()
+                    .map(|s| s.map(|(base, blocks)| BaseSignature { base, blocks }))
+                    .collect(),
+            )
+        }),
     ]
 }
 
@@ -388,7 +414,9 @@ fn every_sample_variant_is_covered_by_the_strategies() {
                 | Request::SessionSuspend { .. }
                 | Request::SessionResume { .. }
                 | Request::Ping { .. }
-                | Request::AgentStatus => {}
+                | Request::AgentStatus
+                | Request::BlockSignatures { .. }
+                | Request::ChunkDelta(_) => {}
             },
             Frame::Response { body, .. } => match body {
                 Response::Ok
@@ -404,7 +432,8 @@ fn every_sample_variant_is_covered_by_the_strategies() {
                 | Response::Pong { .. }
                 | Response::Status(_)
                 | Response::UaCurrent { .. }
-                | Response::UaDeleted { .. } => {}
+                | Response::UaDeleted { .. }
+                | Response::BlockSignatures(_) => {}
             },
             Frame::Hello(_)
             | Frame::Welcome(_)

@@ -1,8 +1,16 @@
-//! UIF update (WIRE.md §7): `UpdateBegin`, the manifest in pages (the host
+//! UIF update (WIRE.md §8): `UpdateBegin`, the manifest in pages (the host
 //! answers which chunks it lacks), the missing chunks (several in flight,
 //! each re-verified as it is read back from the file), `UpdateCommit`. The
 //! host commits only if the base and lease still hold; otherwise the upload
 //! is kept as a conflict version.
+//!
+//! With protocol 2 and a base version, a missing chunk is sent as a block
+//! delta when that is smaller: the host names the base chunk at the same
+//! offset with the same length and the digests of its 4 KiB blocks
+//! (`BlockSignatures`, asked in batches ahead of the uploads), and the
+//! agent sends only the blocks whose digest differs (`ChunkDelta`). The
+//! agent needs no old bytes or base manifest for this, so a spooled update
+//! delivered after a restart gets deltas too.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -10,16 +18,26 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::collections::VecDeque;
+
 use crate::conn::HostLink;
-use tokio::task::JoinSet;
-use uve_protocol::manifest::{Manifest, chunks_per_page};
-use uve_protocol::message::{Request, Response, UpdateBegin, Version};
+use tokio::task::{JoinHandle, JoinSet};
+use uve_protocol::defs::{MAX_SIGNATURE_BATCH, PROTOCOL_BLOCK_DELTA};
+use uve_protocol::delta;
+use uve_protocol::link::LinkError;
+use uve_protocol::manifest::{Hash, Manifest, chunks_per_page};
+use uve_protocol::message::{
+    BaseSignature, ChunkDelta, ErrorCode, Request, Response, UpdateBegin, Version,
+};
 
 use super::UifError;
 use super::cache::FileId;
 
 /// Chunk uploads kept in flight.
 const UPLOAD_PARALLEL: usize = 8;
+
+/// `BlockSignatures` requests kept in flight ahead of the chunks being sent.
+const SIGNATURES_AHEAD: usize = 2;
 
 /// How the host took an update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,11 +71,14 @@ pub async fn upload(
 ) -> Result<UpdateOutcome, UifError> {
     let started = Instant::now();
     let f = Arc::new(File::open(file).map_err(|e| UifError::at("open", file, e))?);
+    let base = begin.base;
     let upload = match link.request(Request::UpdateBegin(begin)).await? {
         Response::UpdateAccepted { upload } => upload,
         other => return Err(unexpected("UpdateBegin", &other)),
     };
-    match send_body(link, &f, manifest, upload, stamped, started).await {
+    // Block deltas need protocol 2 and a base version to diff against.
+    let deltas = link.protocol() >= PROTOCOL_BLOCK_DELTA && base.is_some();
+    match send_body(link, &f, manifest, upload, stamped, started, deltas).await {
         Ok(outcome) => Ok(outcome),
         Err(e) => {
             if !link.is_closed() {
@@ -73,6 +94,25 @@ pub async fn upload(
     }
 }
 
+/// Per-update transfer statistics (logged).
+#[derive(Debug, Default)]
+struct Sent {
+    /// Chunk payload bytes sent (whole chunks and delta blocks).
+    bytes: u64,
+    /// Chunks sent whole.
+    whole: usize,
+    /// Chunks sent as block deltas.
+    deltas: usize,
+    /// Chunks re-hashed because the file's stamp did not vouch for them.
+    hashed: usize,
+}
+
+/// A chunk the host lacks, read back and verified.
+struct Pending {
+    hash: Hash,
+    data: Vec<u8>,
+}
+
 async fn send_body(
     link: &HostLink,
     f: &Arc<File>,
@@ -80,8 +120,9 @@ async fn send_body(
     upload: u64,
     stamped: Option<FileId>,
     started: Instant,
+    deltas: bool,
 ) -> Result<UpdateOutcome, UifError> {
-    let (mut sent, mut hashed) = (0u64, 0usize);
+    let mut sent = Sent::default();
     let offsets: Vec<u64> = manifest.offsets().map(|(off, _)| off).collect();
     let per = chunks_per_page(link.max_frame()) as usize;
     let mut start = 0usize;
@@ -100,42 +141,54 @@ async fn send_body(
             Response::Missing(m) => m,
             other => return Err(unexpected("UpdatePage", &other)),
         };
-        let mut inflight: JoinSet<Result<(), UifError>> = JoinSet::new();
+        // Indices into the whole chunk list, checked against this page.
+        let mut global = Vec::with_capacity(missing.len());
         for idx in missing {
-            let i = idx as usize;
-            let (Some(c), Some(off)) = (chunks.get(i), offsets.get(start + i)) else {
+            if (idx as usize) >= chunks.len() {
                 return Err(UifError::Protocol(format!(
                     "host reported missing chunk {idx} outside page {page}"
                 )));
-            };
-            while inflight.len() >= UPLOAD_PARALLEL {
-                join_one(&mut inflight).await?;
             }
-            let mut data = vec![0u8; c.len as usize];
-            f.read_exact_at(&mut data, *off)
-                .map_err(|e| UifError::io("read chunk to upload", e))?;
-            let unchanged = stamped.is_some_and(|id| FileId::of_file(f) == Some(id));
-            if !unchanged {
-                hashed += 1;
-                if !uve_protocol::chunker::chunk_matches(c, &data) {
-                    return Err(UifError::Changed);
+            global.push(start + idx as usize);
+        }
+        let mut inflight: JoinSet<Result<Sent, UifError>> = JoinSet::new();
+        let read = |i: usize, sent: &mut Sent| read_chunk(f, manifest, &offsets, i, stamped, sent);
+        if deltas {
+            // Signatures of a few batches ahead are requested while the
+            // chunks of the current batch are compared and sent.
+            let mut batches = global.chunks(MAX_SIGNATURE_BATCH as usize);
+            let mut ahead: VecDeque<(Vec<usize>, JoinHandle<SigResult>)> = VecDeque::new();
+            loop {
+                while ahead.len() < SIGNATURES_AHEAD {
+                    let Some(b) = batches.next() else { break };
+                    let task = tokio::spawn(signatures(link.clone(), upload, b.to_vec()));
+                    ahead.push_back((b.to_vec(), task));
+                }
+                let Some((batch, task)) = ahead.pop_front() else {
+                    break;
+                };
+                let sigs = task
+                    .await
+                    .map_err(|e| UifError::Protocol(format!("signature task failed: {e}")))??;
+                for (i, sig) in batch.into_iter().zip(sigs) {
+                    while inflight.len() >= UPLOAD_PARALLEL {
+                        join_one(&mut inflight, &mut sent).await?;
+                    }
+                    let p = read(i, &mut sent)?;
+                    inflight.spawn(send_chunk(link.clone(), upload, p, sig));
                 }
             }
-            sent += u64::from(c.len);
-            let link = link.clone();
-            let hash = c.hash;
-            inflight.spawn(async move {
-                match link
-                    .request(Request::ChunkUpload { upload, hash, data })
-                    .await?
-                {
-                    Response::Ok => Ok(()),
-                    other => Err(unexpected("ChunkUpload", &other)),
+        } else {
+            for i in global {
+                while inflight.len() >= UPLOAD_PARALLEL {
+                    join_one(&mut inflight, &mut sent).await?;
                 }
-            });
+                let p = read(i, &mut sent)?;
+                inflight.spawn(send_chunk(link.clone(), upload, p, None));
+            }
         }
         while !inflight.is_empty() {
-            join_one(&mut inflight).await?;
+            join_one(&mut inflight, &mut sent).await?;
         }
         page += 1;
         start = end;
@@ -150,8 +203,10 @@ async fn send_body(
         upload,
         chunks_ms,
         commit_ms = t.elapsed().as_millis(),
-        sent,
-        rehashed = hashed,
+        sent = sent.bytes,
+        whole = sent.whole,
+        deltas = sent.deltas,
+        rehashed = sent.hashed,
         "update: chunks sent, commit answered"
     );
     match answer {
@@ -161,9 +216,122 @@ async fn send_body(
     }
 }
 
-async fn join_one(set: &mut JoinSet<Result<(), UifError>>) -> Result<(), UifError> {
+/// Reads chunk `i` back from the file and checks it still is that chunk:
+/// by the file's stamp when it vouches for the manifest, else by hash.
+fn read_chunk(
+    f: &File,
+    manifest: &Manifest,
+    offsets: &[u64],
+    i: usize,
+    stamped: Option<FileId>,
+    sent: &mut Sent,
+) -> Result<Pending, UifError> {
+    let (Some(c), Some(off)) = (manifest.chunks.get(i), offsets.get(i)) else {
+        return Err(UifError::Protocol(format!(
+            "chunk {i} is not in the manifest"
+        )));
+    };
+    let mut data = vec![0u8; c.len as usize];
+    f.read_exact_at(&mut data, *off)
+        .map_err(|e| UifError::io("read chunk to upload", e))?;
+    let unchanged = stamped.is_some_and(|id| FileId::of_file(f) == Some(id));
+    if !unchanged {
+        sent.hashed += 1;
+        if !uve_protocol::chunker::chunk_matches(c, &data) {
+            return Err(UifError::Changed);
+        }
+    }
+    Ok(Pending { hash: c.hash, data })
+}
+
+type SigResult = Result<Vec<Option<BaseSignature>>, UifError>;
+
+/// Asks the host for the base-chunk signatures of chunks `indices`.
+async fn signatures(link: HostLink, upload: u64, indices: Vec<usize>) -> SigResult {
+    let chunks = indices
+        .iter()
+        .map(|&i| u32::try_from(i).map_err(|_| UifError::Protocol("chunk index overflow".into())))
+        .collect::<Result<Vec<u32>, _>>()?;
+    let n = chunks.len();
+    match link
+        .request(Request::BlockSignatures { upload, chunks })
+        .await?
+    {
+        Response::BlockSignatures(sigs) if sigs.len() == n => Ok(sigs),
+        other => Err(unexpected("BlockSignatures", &other)),
+    }
+}
+
+/// Sends one chunk: as a delta against its base chunk when the host named
+/// one and the differing blocks are smaller than the chunk, else whole. A
+/// delta the host cannot apply (base gone, or the rebuilt chunk does not
+/// match: a block digest collision) is retried whole.
+async fn send_chunk(
+    link: HostLink,
+    upload: u64,
+    p: Pending,
+    sig: Option<BaseSignature>,
+) -> Result<Sent, UifError> {
+    let delta = sig.and_then(|s| {
+        let blocks = delta::diff(&p.data, &s.blocks)?;
+        let size = delta::DELTA_FIXED_WIRE + delta::blocks_wire_size(&blocks);
+        (size < p.data.len()).then_some((s.base, blocks))
+    });
+    if let Some((base, blocks)) = delta {
+        let bytes: u64 = blocks.iter().map(|b| b.data.len() as u64).sum();
+        let request = Request::ChunkDelta(ChunkDelta {
+            upload,
+            hash: p.hash,
+            base,
+            blocks,
+        });
+        match link.request(request).await {
+            Ok(Response::Ok) => {
+                return Ok(Sent {
+                    bytes,
+                    deltas: 1,
+                    ..Sent::default()
+                });
+            }
+            Err(LinkError::Remote(e))
+                if matches!(e.code, ErrorCode::NotFound | ErrorCode::BadChunk) =>
+            {
+                tracing::warn!(chunk = %p.hash, %base, "delta refused ({e}); sending the chunk whole");
+            }
+            Ok(other) => return Err(unexpected("ChunkDelta", &other)),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let bytes = p.data.len() as u64;
+    match link
+        .request(Request::ChunkUpload {
+            upload,
+            hash: p.hash,
+            data: p.data,
+        })
+        .await?
+    {
+        Response::Ok => Ok(Sent {
+            bytes,
+            whole: 1,
+            ..Sent::default()
+        }),
+        other => Err(unexpected("ChunkUpload", &other)),
+    }
+}
+
+async fn join_one(
+    set: &mut JoinSet<Result<Sent, UifError>>,
+    total: &mut Sent,
+) -> Result<(), UifError> {
     match set.join_next().await {
-        Some(r) => r.map_err(|e| UifError::Protocol(format!("upload task failed: {e}")))?,
+        Some(r) => {
+            let s = r.map_err(|e| UifError::Protocol(format!("upload task failed: {e}")))??;
+            total.bytes += s.bytes;
+            total.whole += s.whole;
+            total.deltas += s.deltas;
+            Ok(())
+        }
         None => Ok(()),
     }
 }

@@ -28,6 +28,8 @@ pub struct Conn {
     pub conn_id: u64,
     /// Negotiated frame limit.
     pub max_frame: u32,
+    /// Negotiated protocol version (requests newer than it are refused).
+    pub protocol: u16,
     state: Mutex<ConnState>,
 }
 
@@ -47,12 +49,13 @@ struct ConnState {
 
 impl Conn {
     /// A context for a new connection of `vm`.
-    pub fn new(host: Arc<Host>, vm: String, conn_id: u64, max_frame: u32) -> Self {
+    pub fn new(host: Arc<Host>, vm: String, conn_id: u64, max_frame: u32, protocol: u16) -> Self {
         Conn {
             host,
             vm,
             conn_id,
             max_frame,
+            protocol,
             state: Mutex::new(ConnState::default()),
         }
     }
@@ -69,6 +72,22 @@ impl Conn {
             Err(WireError::new(
                 ErrorCode::NotAssigned,
                 format!("user {user} is not assigned to VM {}", self.vm),
+            ))
+        }
+    }
+
+    /// Refuses a request introduced in protocol `since` on a connection
+    /// that negotiated an older version.
+    pub fn check_protocol(&self, since: u16, what: &str) -> Result<(), WireError> {
+        if self.protocol >= since {
+            Ok(())
+        } else {
+            Err(WireError::new(
+                ErrorCode::Unsupported,
+                format!(
+                    "{what} needs protocol {since}; this connection speaks {}",
+                    self.protocol
+                ),
             ))
         }
     }

@@ -4,20 +4,29 @@
 //! uploaded chunks are checked against hash and announced length; commit
 //! checks the manifest digest, then compare-and-swaps under the user's
 //! lease gate. A stale base or lease keeps the upload as a conflict version.
+//!
+//! Protocol 2 adds block deltas: `BlockSignatures` pairs listed chunks with
+//! the base version's chunk at the same offset and length and answers the
+//! digests of its blocks; `ChunkDelta` rebuilds a chunk from such a base
+//! chunk (only chunks of the upload's own base version are accepted) and
+//! stores it through the same checked put as a whole chunk.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde_json::json;
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
-use uve_protocol::defs::MAX_CHUNK;
+use uve_protocol::defs::{MAX_CHUNK, MAX_SIGNATURE_BATCH, PROTOCOL_BLOCK_DELTA};
+use uve_protocol::delta::{self, BaseIndex};
 use uve_protocol::manifest::{ChunkRef, Hash, Manifest, ManifestError, chunks_per_page};
-use uve_protocol::message::{ErrorCode, Response, UpdateBegin, WireError};
+use uve_protocol::message::{
+    BaseSignature, ChunkDelta, ErrorCode, Response, UpdateBegin, WireError,
+};
 
 use super::{Conn, Handled, check_name};
 use crate::host::wire_store_error;
 use crate::metrics;
-use crate::store::{ChunkPins, CommitOutcome};
+use crate::store::{ChunkPins, CommitOutcome, StoreError};
 
 /// An upload in progress on one connection.
 pub struct Upload {
@@ -31,15 +40,20 @@ pub struct Upload {
 #[derive(Default)]
 struct UploadState {
     chunks: Vec<ChunkRef>,
+    /// Offset of each listed chunk in the new version (for pairing).
+    starts: Vec<u64>,
+    /// Offset just past the last listed chunk.
+    end: u64,
     next_page: u32,
     /// Every hash listed so far with its length (what uploads may carry).
     listed: HashMap<Hash, u32>,
     uploaded: u64,
     pins: Vec<ChunkPins>,
     /// Chunks of the base version (loaded with the first page): present
-    /// without asking the store. Should the base be pruned before the
-    /// commit, the store's commit checks them like any other chunk.
-    base_chunks: Option<Arc<HashSet<Hash>>>,
+    /// without asking the store, and the only possible delta bases. Should
+    /// the base be pruned before the commit, the store's commit checks them
+    /// like any other chunk.
+    base: Option<Arc<BaseIndex>>,
 }
 
 fn bad(code: ErrorCode, msg: impl std::fmt::Display) -> WireError {
@@ -156,7 +170,7 @@ pub async fn page(conn: &Conn, upload: u64, page: u32, chunks: Vec<ChunkRef>) ->
     // Pin first, then look: a chunk reported present cannot be swept
     // before the commit that references it.
     let pins = conn.host.store.pin(&hashes);
-    let base_chunks = base_chunks(conn, &up).await;
+    let base_chunks = base_index(conn, &up).await;
     let ask: Vec<Hash> = hashes
         .iter()
         .filter(|h| !base_chunks.contains(h))
@@ -192,42 +206,187 @@ pub async fn page(conn: &Conn, upload: u64, page: u32, chunks: Vec<ChunkRef>) ->
             missing.push(u32::try_from(i).unwrap_or(u32::MAX));
         }
     }
+    for c in &chunks {
+        let at = st.end;
+        st.starts.push(at);
+        st.end = at + u64::from(c.len);
+    }
     st.chunks.extend_from_slice(&chunks);
     st.next_page += 1;
     st.pins.push(pins);
     Ok(Response::Missing(missing))
 }
 
-/// The chunk set of the upload's base version, loaded once (empty when
-/// there is no base or it cannot be read: then the store is asked).
-async fn base_chunks(conn: &Conn, up: &Upload) -> Arc<HashSet<Hash>> {
-    if let Some(set) = &up
-        .state
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .base_chunks
-    {
-        return set.clone();
+/// The chunks of the upload's base version, loaded once (empty when
+/// there is no base or it cannot be read: then the store is asked and no
+/// chunk can be sent as a delta).
+async fn base_index(conn: &Conn, up: &Upload) -> Arc<BaseIndex> {
+    if let Some(ix) = &up.state.lock().unwrap_or_else(PoisonError::into_inner).base {
+        return ix.clone();
     }
-    let set = match up.begin.base {
-        None => HashSet::new(),
+    let ix = match up.begin.base {
+        None => BaseIndex::default(),
         Some(base) => {
             let user = up.begin.user.clone();
             match conn.host.store_call(move |s| s.manifest(&user, base)).await {
-                Ok(m) => m.chunks.iter().map(|c| c.hash).collect(),
+                Ok(m) => BaseIndex::new(&m),
                 Err(e) => {
                     tracing::debug!(user = up.begin.user, base, error = %e, "base manifest unavailable");
-                    HashSet::new()
+                    BaseIndex::default()
                 }
             }
         }
     };
-    let set = Arc::new(set);
+    let ix = Arc::new(ix);
+    up.state.lock().unwrap_or_else(PoisonError::into_inner).base = Some(ix.clone());
+    ix
+}
+
+/// `BlockSignatures` (protocol 2): for each listed chunk index, the base
+/// chunk at the same offset with the same length and its block digests,
+/// or `None` (no such base chunk, or it cannot be read: send it whole).
+pub async fn signatures(conn: &Conn, upload: u64, indices: Vec<u32>) -> Handled {
+    conn.check_protocol(PROTOCOL_BLOCK_DELTA, "BlockSignatures")?;
+    let up = get(conn, upload)?;
+    if indices.len() > MAX_SIGNATURE_BATCH as usize {
+        return Err(bad(
+            ErrorCode::TooLarge,
+            format!(
+                "{} chunks asked at once, at most {MAX_SIGNATURE_BATCH}",
+                indices.len()
+            ),
+        ));
+    }
+    let base = base_index(conn, &up).await;
+    let pairs: Vec<Option<Hash>> = {
+        let st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut pairs = Vec::with_capacity(indices.len());
+        for &i in &indices {
+            let (Some(c), Some(at)) = (st.chunks.get(i as usize), st.starts.get(i as usize)) else {
+                return Err(bad(
+                    ErrorCode::BadRequest,
+                    format!("chunk index {i} is not listed in this upload's pages"),
+                ));
+            };
+            pairs.push(base.paired(*at, c.len));
+        }
+        pairs
+    };
+    // One bulk job per base chunk, all in flight: a remote store reads
+    // them concurrently.
+    let mut reads = tokio::task::JoinSet::new();
+    for (slot, pair) in pairs.iter().enumerate() {
+        let Some(hash) = *pair else { continue };
+        let host = conn.host.clone();
+        reads.spawn(async move {
+            let r = host
+                .store_call_bulk(move |s| s.read_chunk(&hash).map(|b| delta::block_digests(&b)))
+                .await;
+            (slot, hash, r)
+        });
+    }
+    let mut out: Vec<Option<BaseSignature>> = vec![None; pairs.len()];
+    while let Some(joined) = reads.join_next().await {
+        let Ok((slot, hash, r)) = joined else {
+            continue;
+        };
+        match r {
+            Ok(blocks) => {
+                if let Some(o) = out.get_mut(slot) {
+                    *o = Some(BaseSignature { base: hash, blocks });
+                }
+            }
+            Err(e) => {
+                tracing::warn!(user = up.begin.user, chunk = %hash, error = %e,
+                    "base chunk unreadable; the agent will send the chunk whole");
+            }
+        }
+    }
+    Ok(Response::BlockSignatures(out))
+}
+
+/// `ChunkDelta` (protocol 2): rebuilds a listed chunk from a chunk of the
+/// upload's base version and the blocks sent, then stores it like an
+/// uploaded chunk (`BadChunk` if the result is not the announced hash).
+pub async fn chunk_delta(conn: &Conn, d: ChunkDelta) -> Handled {
+    conn.check_protocol(PROTOCOL_BLOCK_DELTA, "ChunkDelta")?;
+    let up = get(conn, d.upload)?;
+    let base = base_index(conn, &up).await;
+    let listed = up
+        .state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .listed
+        .get(&d.hash)
+        .copied();
+    let Some(len) = listed else {
+        return Err(bad(
+            ErrorCode::BadRequest,
+            format!("chunk {} was not listed", d.hash),
+        ));
+    };
+    // Only a chunk of this upload's base version can be a base: never a
+    // chunk of another user or version, whether the store has it or not.
+    let Some(base_len) = base.len_of(&d.base) else {
+        return Err(bad(
+            ErrorCode::BadRequest,
+            format!(
+                "delta base {} is not a chunk of the upload's base version ({:?})",
+                d.base, up.begin.base
+            ),
+        ));
+    };
+    if base_len != len {
+        return Err(bad(
+            ErrorCode::BadRequest,
+            format!(
+                "delta base {} is {base_len} bytes, chunk {} is listed as {len}",
+                d.base, d.hash
+            ),
+        ));
+    }
+    delta::check(len as usize, &d.blocks).map_err(|e| {
+        bad(
+            ErrorCode::BadRequest,
+            format!("malformed delta for chunk {}: {e}", d.hash),
+        )
+    })?;
+    let n: u64 = d.blocks.iter().map(|b| b.data.len() as u64).sum();
+    let (hash, base_hash, blocks) = (d.hash, d.base, d.blocks);
+    // Outer error: storing the rebuilt chunk failed (`BadChunk` if it is
+    // not `hash`); inner error: the base chunk is unusable.
+    let based = conn
+        .host
+        .store_call_bulk(move |s| {
+            let old = match s.read_chunk(&base_hash) {
+                Ok(old) => old,
+                Err(e) => return Ok(Err(e)),
+            };
+            // Lengths were checked against the base manifest; a store
+            // holding something else under that hash is caught here.
+            let Ok(new) = delta::apply(&old, &blocks) else {
+                return Ok(Err(StoreError::BadChunk(base_hash)));
+            };
+            s.put_chunk(&hash, &new).map(Ok)
+        })
+        .await
+        .map_err(|e| wire_store_error(&e))?;
+    if let Err(e) = based {
+        // The base is gone (pruned meanwhile) or damaged: the agent sends
+        // the chunk whole instead.
+        tracing::warn!(user = up.begin.user, base = %base_hash, error = %e, "delta base unusable");
+        return Err(bad(
+            ErrorCode::NotFound,
+            format!("delta base {base_hash} cannot be read ({e}); send chunk {hash} whole"),
+        ));
+    }
     up.state
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .base_chunks = Some(set.clone());
-    set
+        .uploaded += 1;
+    conn.host.metrics.chunk_uploaded(&up.begin.user, n);
+    metrics::add(&conn.host.metrics.chunk_deltas, 1);
+    Ok(Response::Ok)
 }
 
 /// Takes the shared side of an upload's gate (in the dispatcher, before the

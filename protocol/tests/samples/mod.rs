@@ -347,5 +347,50 @@ pub fn all() -> Vec<(&'static str, Frame)> {
                 },
             ),
         ),
+        // ---- protocol 2 ----
+        (
+            "block_signatures",
+            req(
+                24,
+                Request::BlockSignatures {
+                    upload: 9,
+                    chunks: vec![0, 300],
+                },
+            ),
+        ),
+        (
+            "chunk_delta",
+            req(
+                25,
+                Request::ChunkDelta(ChunkDelta {
+                    upload: 9,
+                    hash: h(2),
+                    base: h(3),
+                    blocks: vec![
+                        DeltaBlock {
+                            index: 1,
+                            data: vec![4, 5],
+                        },
+                        DeltaBlock {
+                            index: 300,
+                            data: vec![6],
+                        },
+                    ],
+                }),
+            ),
+        ),
+        (
+            "resp_block_signatures",
+            resp(
+                15,
+                Response::BlockSignatures(vec![
+                    Some(BaseSignature {
+                        base: h(3),
+                        blocks: vec![[0xa1; 16], [0xa2; 16]],
+                    }),
+                    None,
+                ]),
+            ),
+        ),
     ]
 }
