@@ -23,11 +23,14 @@ use std::time::{Duration, Instant};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use uve_protocol::FrameCodec;
+use uve_protocol::defs::PROTOCOL_BLOCK_DELTA;
+use uve_protocol::delta::{self, BaseIndex};
 use uve_protocol::handshake::{self, HostOffer};
 use uve_protocol::link::{self, Incoming, LinkConfig, LinkError, LinkHandle};
 use uve_protocol::manifest::{ChunkRef, Hash, Manifest, chunks_per_page};
 use uve_protocol::message::{
-    ErrorCode, Limits, Request, Response, RetrieveGrant, UpdateBegin, UpdateCause, Version,
+    BaseSignature, ErrorCode, Limits, Request, Response, RetrieveGrant, UpdateBegin, UpdateCause,
+    Version,
 };
 use uve_protocol::transport::bind_unix;
 
@@ -80,6 +83,9 @@ pub struct Commit {
 struct Upload {
     begin: UpdateBegin,
     chunks: Vec<ChunkRef>,
+    /// Offset of each listed chunk.
+    starts: Vec<u64>,
+    end: u64,
 }
 
 #[derive(Default)]
@@ -115,6 +121,19 @@ pub struct HostState {
     /// Record the next disconnect notice, then drop the connection before
     /// acknowledging it (the agent must redeliver the same id).
     pub drop_after_notice: bool,
+    /// Speak at most this protocol version (an old host); `None`: the
+    /// newest this build knows.
+    pub protocol_max: Option<u16>,
+    /// Protocol version negotiated on the latest connection.
+    pub protocol: u16,
+    /// Bytes of whole chunks uploaded.
+    pub upload_bytes: u64,
+    /// Chunks received as block deltas, and their block bytes.
+    pub chunk_deltas: usize,
+    pub delta_bytes: u64,
+    pub signature_requests: usize,
+    /// Refuse this many next deltas with `NotFound` (base unreadable).
+    pub refuse_deltas: usize,
     max_frame: u32,
 }
 
@@ -293,7 +312,13 @@ async fn serve_conn(
             max_chunk: uve_protocol::defs::MAX_CHUNK,
         },
     };
-    let verdict = handshake::negotiate(&hello, &offer);
+    let cap = state.lock().unwrap().protocol_max;
+    let verdict = handshake::negotiate(&hello, &offer).map(|mut w| {
+        if let Some(max) = cap {
+            w.protocol = w.protocol.min(max);
+        }
+        w
+    });
     let Ok(welcome) = handshake::answer(&mut reader, &mut writer, verdict, limit).await else {
         return;
     };
@@ -309,6 +334,7 @@ async fn serve_conn(
         let mut st = state.lock().unwrap();
         st.connections += 1;
         st.max_frame = welcome.max_frame;
+        st.protocol = welcome.protocol;
     }
     if let Some(old) = slot.lock().unwrap().replace(link.clone()) {
         old.close();
@@ -422,6 +448,8 @@ fn handle(state: &Mutex<HostState>, req: Request) -> Response {
                 Upload {
                     begin,
                     chunks: Vec::new(),
+                    starts: Vec::new(),
+                    end: 0,
                 },
             );
             Response::UpdateAccepted { upload: id }
@@ -444,6 +472,10 @@ fn handle(state: &Mutex<HostState>, req: Request) -> Response {
             if up.chunks.len() != page as usize * per {
                 return err(ErrorCode::BadRequest, "page out of order");
             }
+            for c in &chunks {
+                up.starts.push(up.end);
+                up.end += u64::from(c.len);
+            }
             up.chunks.extend(chunks);
             Response::Missing(missing)
         }
@@ -455,7 +487,73 @@ fn handle(state: &Mutex<HostState>, req: Request) -> Response {
                 return err(ErrorCode::BadChunk, "hash");
             }
             st.chunk_uploads += 1;
+            st.upload_bytes += data.len() as u64;
             st.chunks.insert(hash, data);
+            Response::Ok
+        }
+        Request::BlockSignatures { upload, chunks } => {
+            if st.protocol < PROTOCOL_BLOCK_DELTA {
+                return err(ErrorCode::Unsupported, "protocol 1 host");
+            }
+            st.signature_requests += 1;
+            let Some(up) = st.uploads.get(&upload) else {
+                return err(ErrorCode::NotFound, "upload");
+            };
+            let base = up
+                .begin
+                .base
+                .and_then(|b| st.versions.get(&(up.begin.user.clone(), b)))
+                .map(BaseIndex::new)
+                .unwrap_or_default();
+            let mut out = Vec::new();
+            for i in chunks {
+                let (Some(c), Some(at)) = (up.chunks.get(i as usize), up.starts.get(i as usize))
+                else {
+                    return err(ErrorCode::BadRequest, "chunk index not listed");
+                };
+                out.push(base.paired(*at, c.len).and_then(|h| {
+                    st.chunks.get(&h).map(|b| BaseSignature {
+                        base: h,
+                        blocks: delta::block_digests(b),
+                    })
+                }));
+            }
+            Response::BlockSignatures(out)
+        }
+        Request::ChunkDelta(d) => {
+            if st.protocol < PROTOCOL_BLOCK_DELTA {
+                return err(ErrorCode::Unsupported, "protocol 1 host");
+            }
+            if st.refuse_deltas > 0 {
+                st.refuse_deltas -= 1;
+                return err(ErrorCode::NotFound, "base chunk gone");
+            }
+            let Some(up) = st.uploads.get(&d.upload) else {
+                return err(ErrorCode::NotFound, "upload");
+            };
+            let Some(len) = up.chunks.iter().find(|c| c.hash == d.hash).map(|c| c.len) else {
+                return err(ErrorCode::BadRequest, "chunk not listed");
+            };
+            let in_base = up
+                .begin
+                .base
+                .and_then(|b| st.versions.get(&(up.begin.user.clone(), b)))
+                .is_some_and(|m| m.chunks.iter().any(|c| c.hash == d.base && c.len == len));
+            if !in_base {
+                return err(ErrorCode::BadRequest, "base not in the base version");
+            }
+            let Some(old) = st.chunks.get(&d.base) else {
+                return err(ErrorCode::NotFound, "base chunk");
+            };
+            let Ok(new) = delta::apply(old, &d.blocks) else {
+                return err(ErrorCode::BadRequest, "malformed delta");
+            };
+            if Hash::of(&new) != d.hash {
+                return err(ErrorCode::BadChunk, "hash");
+            }
+            st.chunk_deltas += 1;
+            st.delta_bytes += d.blocks.iter().map(|b| b.data.len() as u64).sum::<u64>();
+            st.chunks.insert(d.hash, new);
             Response::Ok
         }
         Request::UpdateCommit { upload } => {
