@@ -26,8 +26,8 @@ use uve_protocol::handshake;
 use uve_protocol::link::{self, Incoming, LinkConfig, LinkError, LinkHandle};
 use uve_protocol::manifest::{Hash, Manifest, digest_of};
 use uve_protocol::message::{
-    AgentStatus, Hello, Request, Response, RetrieveGrant, SessionInfo, UaInfo, UpdateBegin,
-    UpdateCause, Version, Welcome,
+    AgentStatus, ChunkDelta, Hello, Request, Response, RetrieveGrant, SessionInfo, UaInfo,
+    UpdateBegin, UpdateCause, Version, Welcome,
 };
 use uve_protocol::transport::{Endpoint, dial};
 
@@ -296,6 +296,12 @@ pub struct Updated {
 impl TestAgent {
     /// Dials `path`, handshakes and starts the UVE-2 responder.
     pub async fn connect(path: &Path) -> Result<Self, String> {
+        Self::connect_speaking(path, PROTOCOL_MAX).await
+    }
+
+    /// Like [`connect`](Self::connect), for an agent that speaks protocol
+    /// versions up to `protocol_max` only (an old agent).
+    pub async fn connect_speaking(path: &Path, protocol_max: u16) -> Result<Self, String> {
         let stream = dial(&Endpoint::Unix(path.to_path_buf()), Duration::from_secs(5))
             .await
             .map_err(|e| e.to_string())?;
@@ -304,7 +310,7 @@ impl TestAgent {
         let mut writer = FramedWrite::new(w, FrameCodec::new(DEFAULT_MAX_FRAME));
         let hello = Hello {
             protocol_min: PROTOCOL_MIN,
-            protocol_max: PROTOCOL_MAX,
+            protocol_max,
             agent_version: "test-agent".into(),
             boot_id: [7; 16],
             capabilities: 0,
@@ -505,6 +511,136 @@ pub async fn update(
     }
     let answer = handle.request(Request::UpdateCommit { upload }).await?;
     Ok(Updated { answer, missing })
+}
+
+/// An update begun and fully listed, its chunks not yet sent.
+pub struct Listed {
+    pub upload: u64,
+    pub manifest: Manifest,
+    pub bytes: HashMap<Hash, Vec<u8>>,
+    /// Indices (into the whole chunk list) the host said it lacks.
+    pub missing: Vec<usize>,
+}
+
+/// `UpdateBegin` + every `UpdatePage` of `data`; no chunk sent.
+pub async fn begin_and_list(
+    handle: &LinkHandle,
+    user: &str,
+    base: Option<Version>,
+    lease: u64,
+    data: &[u8],
+) -> Result<Listed, LinkError> {
+    let (manifest, bytes) = manifest_of(data);
+    let begin = UpdateBegin {
+        user: user.into(),
+        session: "s1".into(),
+        base,
+        lease,
+        header: manifest.header,
+        cause: UpdateCause::Logout,
+    };
+    let upload = match handle.request(Request::UpdateBegin(begin)).await? {
+        Response::UpdateAccepted { upload } => upload,
+        other => panic!("unexpected {other:?}"),
+    };
+    let per = uve_protocol::manifest::chunks_per_page(handle.max_frame()) as usize;
+    let mut missing = Vec::new();
+    for (p, page) in manifest.chunks.chunks(per.max(1)).enumerate() {
+        match handle
+            .request(Request::UpdatePage {
+                upload,
+                page: p as u32,
+                chunks: page.to_vec(),
+            })
+            .await?
+        {
+            Response::Missing(idx) => missing.extend(idx.iter().map(|i| p * per + *i as usize)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    Ok(Listed {
+        upload,
+        manifest,
+        bytes,
+        missing,
+    })
+}
+
+/// What an update by block deltas sent.
+#[derive(Debug)]
+pub struct DeltaUpdated {
+    pub answer: Response,
+    pub missing: usize,
+    pub deltas: usize,
+    pub delta_bytes: usize,
+    pub whole_bytes: usize,
+}
+
+/// An update as a protocol-2 agent sends it: block signatures for the
+/// missing chunks, then each as a delta when the host named a base chunk,
+/// else whole.
+pub async fn update_with_deltas(
+    handle: &LinkHandle,
+    user: &str,
+    base: Option<Version>,
+    lease: u64,
+    data: &[u8],
+) -> Result<DeltaUpdated, LinkError> {
+    let l = begin_and_list(handle, user, base, lease, data).await?;
+    let mut out = DeltaUpdated {
+        answer: Response::Ok,
+        missing: l.missing.len(),
+        deltas: 0,
+        delta_bytes: 0,
+        whole_bytes: 0,
+    };
+    let batch = uve_protocol::defs::MAX_SIGNATURE_BATCH as usize;
+    for idx in l.missing.chunks(batch) {
+        let sigs = match handle
+            .request(Request::BlockSignatures {
+                upload: l.upload,
+                chunks: idx.iter().map(|&i| i as u32).collect(),
+            })
+            .await?
+        {
+            Response::BlockSignatures(s) => s,
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(sigs.len(), idx.len());
+        for (&i, sig) in idx.iter().zip(sigs) {
+            let c = l.manifest.chunks[i];
+            let data = l.bytes[&c.hash].clone();
+            let request = match sig {
+                Some(sig) => {
+                    let blocks = uve_protocol::delta::diff(&data, &sig.blocks).unwrap();
+                    out.deltas += 1;
+                    out.delta_bytes += blocks.iter().map(|b| b.data.len()).sum::<usize>();
+                    Request::ChunkDelta(ChunkDelta {
+                        upload: l.upload,
+                        hash: c.hash,
+                        base: sig.base,
+                        blocks,
+                    })
+                }
+                None => {
+                    out.whole_bytes += data.len();
+                    Request::ChunkUpload {
+                        upload: l.upload,
+                        hash: c.hash,
+                        data,
+                    }
+                }
+            };
+            match handle.request(request).await? {
+                Response::Ok => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    out.answer = handle
+        .request(Request::UpdateCommit { upload: l.upload })
+        .await?;
+    Ok(out)
 }
 
 async fn serve_uve2(

@@ -1,0 +1,402 @@
+//! Block deltas on update (protocol 2) against the real daemon: a delta
+//! rebuilds its chunk byte-identical; only chunks of the upload's own base
+//! version are accepted as bases; wrong bytes are a `BadChunk` and nothing
+//! is committed; malformed deltas are refused and contained; an agent that
+//! speaks only protocol 1 updates with whole chunks and cannot send deltas.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::{HostProc, Listed, TestAgent, begin_and_list, manifest_of, noise, update_with_deltas};
+use uve_protocol::delta;
+use uve_protocol::link::LinkError;
+use uve_protocol::manifest::Hash;
+use uve_protocol::message::{ChunkDelta, DeltaBlock, ErrorCode, Request, Response};
+
+/// `data` with 4 KiB blocks overwritten at `count` block-aligned offsets.
+fn scattered(data: &[u8], count: usize, seed: u64) -> Vec<u8> {
+    let mut out = data.to_vec();
+    let blocks = data.len() / 4096;
+    for i in 0..count {
+        let b = (i * blocks / count + (i * 3) % 7) % blocks;
+        out[b * 4096..(b + 1) * 4096].copy_from_slice(&noise(4096, seed + i as u64));
+    }
+    out
+}
+
+/// A host with VM `vm1`, `alice` (and `bob`) assigned to it, a connected
+/// agent speaking up to `protocol`, and `base` committed as alice's
+/// version 1 (and `noise` as bob's).
+async fn setup(dir: &std::path::Path, protocol: u16, base: &[u8]) -> (HostProc, TestAgent) {
+    let host = HostProc::start(dir, "").await;
+    let path = host.add_unix_vm("vm1").await;
+    host.assign("alice", "vm1").await;
+    host.assign("bob", "vm1").await;
+    let agent = TestAgent::connect_speaking(&path, protocol).await.unwrap();
+    assert_eq!(agent.welcome.protocol, protocol);
+    for (user, data) in [("alice", base.to_vec()), ("bob", noise(2 << 20, 77))] {
+        agent.retrieve(user, "s1").await.unwrap();
+        let r = agent.update_from_lease(user, &data).await.unwrap();
+        assert!(matches!(r.answer, Response::Committed { .. }), "{r:?}");
+    }
+    (host, agent)
+}
+
+fn lease(agent: &TestAgent, user: &str) -> (Option<u64>, u64) {
+    agent.state.lock().unwrap().leases[user]
+}
+
+fn code(r: Result<Response, LinkError>) -> Option<ErrorCode> {
+    match r {
+        Err(e) => e.remote_code(),
+        Ok(other) => panic!("expected an error, got {other:?}"),
+    }
+}
+
+/// The signature of the base chunk paired with missing chunk `i`.
+async fn signature(
+    agent: &TestAgent,
+    l: &Listed,
+    i: usize,
+) -> uve_protocol::message::BaseSignature {
+    match agent
+        .request(Request::BlockSignatures {
+            upload: l.upload,
+            chunks: vec![i as u32],
+        })
+        .await
+        .unwrap()
+    {
+        Response::BlockSignatures(mut s) => s.pop().flatten().expect("a paired base chunk"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// A missing chunk of `l` with a paired base chunk, its bytes, its
+/// signature and the blocks that differ.
+async fn a_delta(
+    agent: &TestAgent,
+    l: &Listed,
+) -> (
+    usize,
+    Vec<u8>,
+    uve_protocol::message::BaseSignature,
+    Vec<DeltaBlock>,
+) {
+    for &i in &l.missing {
+        let c = l.manifest.chunks[i];
+        let sigs = match agent
+            .request(Request::BlockSignatures {
+                upload: l.upload,
+                chunks: vec![i as u32],
+            })
+            .await
+            .unwrap()
+        {
+            Response::BlockSignatures(s) => s,
+            other => panic!("unexpected {other:?}"),
+        };
+        if let Some(Some(sig)) = sigs.into_iter().next() {
+            let data = l.bytes[&c.hash].clone();
+            let blocks = delta::diff(&data, &sig.blocks).unwrap();
+            assert!(!blocks.is_empty());
+            return (i, data, sig, blocks);
+        }
+    }
+    panic!("no missing chunk has a base chunk");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_rebuilds_the_chunk_byte_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = noise(8 << 20, 5);
+    let (host, agent) = setup(dir.path(), 2, &base).await;
+    let new = scattered(&base, 16, 900);
+    let (v, l) = lease(&agent, "alice");
+    let r = update_with_deltas(&agent.handle, "alice", v, l, &new)
+        .await
+        .unwrap();
+    assert_eq!(r.answer, Response::Committed { version: 2 }, "{r:?}");
+    assert!(r.deltas >= 10, "{r:?}");
+    let (old_m, _) = manifest_of(&base);
+    let old: HashSet<Hash> = old_m.chunks.iter().map(|c| c.hash).collect();
+    let (new_m, _) = manifest_of(&new);
+    let whole: u32 = new_m
+        .chunks
+        .iter()
+        .filter(|c| !old.contains(&c.hash))
+        .map(|c| c.len)
+        .sum();
+    assert!(
+        (r.delta_bytes + r.whole_bytes) * 4 < whole as usize,
+        "{r:?}, whole chunks {whole}"
+    );
+    assert!(
+        host.export("alice", 2).await == new,
+        "exported bytes differ"
+    );
+    let (_, back) = agent.retrieve("alice", "s2").await.unwrap();
+    assert!(back == new, "retrieved bytes differ");
+    assert_eq!(host.metric("uve_chunk_deltas_total").await, r.deltas as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_against_a_chunk_outside_the_base_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = noise(4 << 20, 6);
+    let (host, agent) = setup(dir.path(), 2, &base).await;
+    let (v, l) = lease(&agent, "alice");
+    let listed = begin_and_list(&agent.handle, "alice", v, l, &scattered(&base, 8, 901))
+        .await
+        .unwrap();
+    let (i, _, sig, blocks) = a_delta(&agent, &listed).await;
+    let c = listed.manifest.chunks[i];
+    let (alice_m, _) = manifest_of(&base);
+    assert!(
+        alice_m
+            .chunks
+            .iter()
+            .any(|x| x.hash == sig.base && x.len == c.len),
+        "the host pairs with alice's base version only"
+    );
+    // Bob's chunks are in the store; a chunk no one has is not. Both are
+    // refused alike: no base outside alice's version 1, and no probing.
+    let (bob_m, _) = manifest_of(&noise(2 << 20, 77));
+    for foreign in [bob_m.chunks[0].hash, Hash([0x5a; 32])] {
+        let r = agent
+            .request(Request::ChunkDelta(ChunkDelta {
+                upload: listed.upload,
+                hash: c.hash,
+                base: foreign,
+                blocks: blocks.clone(),
+            }))
+            .await;
+        assert_eq!(code(r), Some(ErrorCode::BadRequest));
+    }
+    // The chunk was never stored: the commit fails and nothing changes.
+    let r = agent
+        .request(Request::UpdateCommit {
+            upload: listed.upload,
+        })
+        .await;
+    assert!(code(r).is_some());
+    let versions = host.versions("alice").await;
+    assert_eq!(versions["head"], 1, "{versions}");
+    assert_eq!(versions["versions"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_with_wrong_bytes_is_a_bad_chunk_and_nothing_is_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = noise(4 << 20, 7);
+    let (host, agent) = setup(dir.path(), 2, &base).await;
+    let (v, l) = lease(&agent, "alice");
+    let listed = begin_and_list(&agent.handle, "alice", v, l, &scattered(&base, 8, 902))
+        .await
+        .unwrap();
+    let (i, _, sig, mut blocks) = a_delta(&agent, &listed).await;
+    blocks[0].data[17] ^= 0x40;
+    let r = agent
+        .request(Request::ChunkDelta(ChunkDelta {
+            upload: listed.upload,
+            hash: listed.manifest.chunks[i].hash,
+            base: sig.base,
+            blocks,
+        }))
+        .await;
+    assert_eq!(code(r), Some(ErrorCode::BadChunk));
+    let r = agent
+        .request(Request::UpdateCommit {
+            upload: listed.upload,
+        })
+        .await;
+    assert!(code(r).is_some(), "commit without the chunk must fail");
+    let versions = host.versions("alice").await;
+    assert_eq!(versions["head"], 1, "{versions}");
+    assert_eq!(versions["versions"].as_array().unwrap().len(), 1);
+    assert_eq!(host.metric("uve_chunk_deltas_total").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_deltas_and_signature_requests_are_refused_and_contained() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = noise(4 << 20, 8);
+    let (host, agent) = setup(dir.path(), 2, &base).await;
+    let new = scattered(&base, 8, 903);
+    let (v, l) = lease(&agent, "alice");
+    let listed = begin_and_list(&agent.handle, "alice", v, l, &new)
+        .await
+        .unwrap();
+    let (i, data, sig, blocks) = a_delta(&agent, &listed).await;
+    let c = listed.manifest.chunks[i];
+    let last = delta::block_count(data.len());
+    let block = |index: u16, len: usize| DeltaBlock {
+        index,
+        data: vec![1; len],
+    };
+    let tail = data.len() - (last - 1) * 4096;
+    let cases: Vec<(&str, Hash, Hash, Vec<DeltaBlock>)> = vec![
+        (
+            "block past the end",
+            c.hash,
+            sig.base,
+            vec![block(last as u16, 4096)],
+        ),
+        (
+            "block index far out",
+            c.hash,
+            sig.base,
+            vec![block(u16::MAX, 4096)],
+        ),
+        ("short block", c.hash, sig.base, vec![block(0, 4095)]),
+        (
+            "long last block",
+            c.hash,
+            sig.base,
+            vec![block(last as u16 - 1, tail + 1)],
+        ),
+        (
+            "blocks out of order",
+            c.hash,
+            sig.base,
+            vec![block(1, 4096), block(0, 4096)],
+        ),
+        (
+            "repeated block",
+            c.hash,
+            sig.base,
+            vec![block(0, 4096), block(0, 4096)],
+        ),
+        ("unlisted chunk", Hash([0x33; 32]), sig.base, blocks.clone()),
+    ];
+    for (what, hash, base_hash, blocks) in cases {
+        let r = agent
+            .request(Request::ChunkDelta(ChunkDelta {
+                upload: listed.upload,
+                hash,
+                base: base_hash,
+                blocks,
+            }))
+            .await;
+        assert_eq!(code(r), Some(ErrorCode::BadRequest), "{what}");
+    }
+    // A base chunk of the base version, but of another length.
+    let (base_m, _) = manifest_of(&base);
+    let other = base_m.chunks.iter().find(|x| x.len != c.len).unwrap();
+    let r = agent
+        .request(Request::ChunkDelta(ChunkDelta {
+            upload: listed.upload,
+            hash: c.hash,
+            base: other.hash,
+            blocks: blocks.clone(),
+        }))
+        .await;
+    assert_eq!(
+        code(r),
+        Some(ErrorCode::BadRequest),
+        "base of another length"
+    );
+    // Signature requests: too many at once, an index never listed.
+    let r = agent
+        .request(Request::BlockSignatures {
+            upload: listed.upload,
+            chunks: vec![0; 129],
+        })
+        .await;
+    assert_eq!(code(r), Some(ErrorCode::TooLarge));
+    let r = agent
+        .request(Request::BlockSignatures {
+            upload: listed.upload,
+            chunks: vec![listed.manifest.chunks.len() as u32],
+        })
+        .await;
+    assert_eq!(code(r), Some(ErrorCode::BadRequest));
+    let r = agent
+        .request(Request::BlockSignatures {
+            upload: 999,
+            chunks: vec![0],
+        })
+        .await;
+    assert_eq!(code(r), Some(ErrorCode::NotFound));
+    assert_eq!(host.metric("uve_chunk_deltas_total").await, 0);
+    // Contained: the same upload still completes with good deltas.
+    let sig = signature(&agent, &listed, i).await;
+    let r = agent
+        .request(Request::ChunkDelta(ChunkDelta {
+            upload: listed.upload,
+            hash: c.hash,
+            base: sig.base,
+            blocks,
+        }))
+        .await
+        .unwrap();
+    assert_eq!(r, Response::Ok);
+    for &j in &listed.missing {
+        if j == i {
+            continue;
+        }
+        let cj = listed.manifest.chunks[j];
+        let r = agent
+            .request(Request::ChunkUpload {
+                upload: listed.upload,
+                hash: cj.hash,
+                data: listed.bytes[&cj.hash].clone(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(r, Response::Ok);
+    }
+    let r = agent
+        .request(Request::UpdateCommit {
+            upload: listed.upload,
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, Response::Committed { version: 2 });
+    assert!(host.export("alice", 2).await == new);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_agent_updates_with_whole_chunks_and_cannot_send_deltas() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = noise(4 << 20, 9);
+    let (host, agent) = setup(dir.path(), 1, &base).await;
+    let new = scattered(&base, 8, 904);
+    let (v, l) = lease(&agent, "alice");
+    let listed = begin_and_list(&agent.handle, "alice", v, l, &new)
+        .await
+        .unwrap();
+    let r = agent
+        .request(Request::BlockSignatures {
+            upload: listed.upload,
+            chunks: vec![listed.missing[0] as u32],
+        })
+        .await;
+    assert_eq!(code(r), Some(ErrorCode::Unsupported));
+    let c = listed.manifest.chunks[listed.missing[0]];
+    let r = agent
+        .request(Request::ChunkDelta(ChunkDelta {
+            upload: listed.upload,
+            hash: c.hash,
+            base: c.hash,
+            blocks: Vec::new(),
+        }))
+        .await;
+    assert_eq!(code(r), Some(ErrorCode::Unsupported));
+    agent
+        .request(Request::UpdateAbort {
+            upload: listed.upload,
+        })
+        .await
+        .unwrap();
+    let r = agent.update_from_lease("alice", &new).await.unwrap();
+    assert_eq!(r.answer, Response::Committed { version: 2 });
+    assert!(host.export("alice", 2).await == new);
+    assert_eq!(host.metric("uve_chunk_deltas_total").await, 0);
+}
