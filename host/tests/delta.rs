@@ -59,25 +59,6 @@ fn code(r: Result<Response, LinkError>) -> Option<ErrorCode> {
     }
 }
 
-/// The signature of the base chunk paired with missing chunk `i`.
-async fn signature(
-    agent: &TestAgent,
-    l: &Listed,
-    i: usize,
-) -> uve_protocol::message::BaseSignature {
-    match agent
-        .request(Request::BlockSignatures {
-            upload: l.upload,
-            chunks: vec![i as u32],
-        })
-        .await
-        .unwrap()
-    {
-        Response::BlockSignatures(mut s) => s.pop().flatten().expect("a paired base chunk"),
-        other => panic!("unexpected {other:?}"),
-    }
-}
-
 /// A missing chunk of `l` with a paired base chunk, its bytes, its
 /// signature and the blocks that differ.
 async fn a_delta(
@@ -202,15 +183,22 @@ async fn a_delta_with_wrong_bytes_is_a_bad_chunk_and_nothing_is_committed() {
         .unwrap();
     let (i, _, sig, mut blocks) = a_delta(&agent, &listed).await;
     blocks[0].data[17] ^= 0x40;
-    let r = agent
-        .request(Request::ChunkDelta(ChunkDelta {
-            upload: listed.upload,
-            hash: listed.manifest.chunks[i].hash,
-            base: sig.base,
-            blocks,
-        }))
-        .await;
+    let wrong = ChunkDelta {
+        upload: listed.upload,
+        hash: listed.manifest.chunks[i].hash,
+        base: sig.base,
+        blocks,
+    };
+    let r = agent.request(Request::ChunkDelta(wrong.clone())).await;
     assert_eq!(code(r), Some(ErrorCode::BadChunk));
+    // Bad deltas cost the host a base chunk read each: after 16 in one
+    // upload it asks for whole chunks instead.
+    for _ in 1..16 {
+        let r = agent.request(Request::ChunkDelta(wrong.clone())).await;
+        assert_eq!(code(r), Some(ErrorCode::BadChunk));
+    }
+    let r = agent.request(Request::ChunkDelta(wrong)).await;
+    assert_eq!(code(r), Some(ErrorCode::NotFound), "send it whole");
     let r = agent
         .request(Request::UpdateCommit {
             upload: listed.upload,
@@ -325,18 +313,38 @@ async fn malformed_deltas_and_signature_requests_are_refused_and_contained() {
         .await;
     assert_eq!(code(r), Some(ErrorCode::NotFound));
     assert_eq!(host.metric("uve_chunk_deltas_total").await, 0);
-    // Contained: the same upload still completes with good deltas.
-    let sig = signature(&agent, &listed, i).await;
+    // Each missing chunk's signatures are asked once; present chunks never.
     let r = agent
-        .request(Request::ChunkDelta(ChunkDelta {
+        .request(Request::BlockSignatures {
             upload: listed.upload,
-            hash: c.hash,
-            base: sig.base,
-            blocks,
-        }))
+            chunks: vec![i as u32],
+        })
+        .await;
+    assert_eq!(code(r), Some(ErrorCode::BadRequest), "asked twice");
+    let present = (0..listed.manifest.chunks.len())
+        .find(|j| !listed.missing.contains(j))
+        .unwrap();
+    let r = agent
+        .request(Request::BlockSignatures {
+            upload: listed.upload,
+            chunks: vec![present as u32],
+        })
+        .await;
+    assert_eq!(code(r), Some(ErrorCode::BadRequest), "a chunk the host has");
+    // Contained: the same upload still completes with good deltas.
+    let good = ChunkDelta {
+        upload: listed.upload,
+        hash: c.hash,
+        base: sig.base,
+        blocks,
+    };
+    let r = agent
+        .request(Request::ChunkDelta(good.clone()))
         .await
         .unwrap();
     assert_eq!(r, Response::Ok);
+    let r = agent.request(Request::ChunkDelta(good)).await;
+    assert_eq!(code(r), Some(ErrorCode::BadRequest), "stored already");
     for &j in &listed.missing {
         if j == i {
             continue;

@@ -45,8 +45,13 @@ struct UploadState {
     /// Offset just past the last listed chunk.
     end: u64,
     next_page: u32,
-    /// Every hash listed so far with its length (what uploads may carry).
-    listed: HashMap<Hash, u32>,
+    /// Every hash listed so far (what uploads may carry).
+    listed: HashMap<Hash, Listed>,
+    /// Bit `i`: the signatures of chunk `i` were asked (once per chunk, so
+    /// the host reads no more base chunks than the upload has chunks).
+    signed: Vec<u64>,
+    /// Deltas whose rebuilt chunk did not match its hash.
+    bad_deltas: u32,
     uploaded: u64,
     pins: Vec<ChunkPins>,
     /// Chunks of the base version (loaded with the first page): present
@@ -55,6 +60,21 @@ struct UploadState {
     /// like any other chunk.
     base: Option<Arc<BaseIndex>>,
 }
+
+/// A hash listed in an upload's pages.
+#[derive(Clone, Copy)]
+struct Listed {
+    /// Its length.
+    len: u32,
+    /// Reported missing and not stored by this upload yet: only such a
+    /// chunk may be asked about or sent as a delta.
+    awaited: bool,
+}
+
+/// Deltas per upload whose rebuilt chunk does not match its hash before
+/// the host refuses further deltas of that upload (each costs a base chunk
+/// read, for a few bytes from the agent; an honest agent sees none).
+const MAX_BAD_DELTAS: u32 = 16;
 
 fn bad(code: ErrorCode, msg: impl std::fmt::Display) -> WireError {
     WireError::new(code, msg)
@@ -190,7 +210,7 @@ pub async fn page(conn: &Conn, upload: u64, page: u32, chunks: Vec<ChunkRef>) ->
     let mut missing = Vec::new();
     for (i, (c, here)) in chunks.iter().zip(present).enumerate() {
         let new = match st.listed.get(&c.hash) {
-            Some(len) if *len != c.len => {
+            Some(l) if l.len != c.len => {
                 return Err(bad(
                     ErrorCode::BadRequest,
                     "one hash listed with two lengths",
@@ -198,7 +218,13 @@ pub async fn page(conn: &Conn, upload: u64, page: u32, chunks: Vec<ChunkRef>) ->
             }
             Some(_) => false,
             None => {
-                st.listed.insert(c.hash, c.len);
+                st.listed.insert(
+                    c.hash,
+                    Listed {
+                        len: c.len,
+                        awaited: !here,
+                    },
+                );
                 true
             }
         };
@@ -259,7 +285,8 @@ pub async fn signatures(conn: &Conn, upload: u64, indices: Vec<u32>) -> Handled 
     }
     let base = base_index(conn, &up).await;
     let pairs: Vec<Option<Hash>> = {
-        let st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = up.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let st = &mut *guard;
         let mut pairs = Vec::with_capacity(indices.len());
         for &i in &indices {
             let (Some(c), Some(at)) = (st.chunks.get(i as usize), st.starts.get(i as usize)) else {
@@ -268,6 +295,18 @@ pub async fn signatures(conn: &Conn, upload: u64, indices: Vec<u32>) -> Handled 
                     format!("chunk index {i} is not listed in this upload's pages"),
                 ));
             };
+            let (word, bit) = ((i / 64) as usize, 1u64 << (i % 64));
+            if st.signed.len() <= word {
+                st.signed.resize(word + 1, 0);
+            }
+            let awaited = st.listed.get(&c.hash).is_some_and(|l| l.awaited);
+            if !awaited || st.signed[word] & bit != 0 {
+                return Err(bad(
+                    ErrorCode::BadRequest,
+                    format!("chunk {i} was not reported missing, or was asked about already"),
+                ));
+            }
+            st.signed[word] |= bit;
             pairs.push(base.paired(*at, c.len));
         }
         pairs
@@ -312,19 +351,37 @@ pub async fn chunk_delta(conn: &Conn, d: ChunkDelta) -> Handled {
     conn.check_protocol(PROTOCOL_BLOCK_DELTA, "ChunkDelta")?;
     let up = get(conn, d.upload)?;
     let base = base_index(conn, &up).await;
-    let listed = up
-        .state
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .listed
-        .get(&d.hash)
-        .copied();
-    let Some(len) = listed else {
-        return Err(bad(
-            ErrorCode::BadRequest,
-            format!("chunk {} was not listed", d.hash),
-        ));
+    let (listed, bad_deltas) = {
+        let st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
+        (st.listed.get(&d.hash).copied(), st.bad_deltas)
     };
+    let len = match listed {
+        None => {
+            return Err(bad(
+                ErrorCode::BadRequest,
+                format!("chunk {} was not listed", d.hash),
+            ));
+        }
+        Some(l) if !l.awaited => {
+            return Err(bad(
+                ErrorCode::BadRequest,
+                format!(
+                    "chunk {} was not reported missing, or was stored already",
+                    d.hash
+                ),
+            ));
+        }
+        Some(l) => l.len,
+    };
+    if bad_deltas >= MAX_BAD_DELTAS {
+        return Err(bad(
+            ErrorCode::NotFound,
+            format!(
+                "{bad_deltas} bad deltas in this upload; send chunk {} whole",
+                d.hash
+            ),
+        ));
+    }
     // Only a chunk of this upload's base version can be a base: never a
     // chunk of another user or version, whether the store has it or not.
     let Some(base_len) = base.len_of(&d.base) else {
@@ -355,7 +412,7 @@ pub async fn chunk_delta(conn: &Conn, d: ChunkDelta) -> Handled {
     let (hash, base_hash, blocks) = (d.hash, d.base, d.blocks);
     // Outer error: storing the rebuilt chunk failed (`BadChunk` if it is
     // not `hash`); inner error: the base chunk is unusable.
-    let based = conn
+    let stored = conn
         .host
         .store_call_bulk(move |s| {
             let old = match s.read_chunk(&base_hash) {
@@ -369,8 +426,19 @@ pub async fn chunk_delta(conn: &Conn, d: ChunkDelta) -> Handled {
             };
             s.put_chunk(&hash, &new).map(Ok)
         })
-        .await
-        .map_err(|e| wire_store_error(&e))?;
+        .await;
+    let based = match stored {
+        Ok(based) => based,
+        Err(e) => {
+            if matches!(e, StoreError::BadChunk(_)) {
+                up.state
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .bad_deltas += 1;
+            }
+            return Err(wire_store_error(&e));
+        }
+    };
     if let Err(e) = based {
         // The base is gone (pruned meanwhile) or damaged: the agent sends
         // the chunk whole instead.
@@ -380,10 +448,7 @@ pub async fn chunk_delta(conn: &Conn, d: ChunkDelta) -> Handled {
             format!("delta base {base_hash} cannot be read ({e}); send chunk {hash} whole"),
         ));
     }
-    up.state
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .uploaded += 1;
+    mark_stored(&up, &hash);
     conn.host.metrics.chunk_uploaded(&up.begin.user, n);
     metrics::add(&conn.host.metrics.chunk_deltas, 1);
     Ok(Response::Ok)
@@ -406,7 +471,7 @@ pub async fn chunk(conn: &Conn, upload: u64, hash: Hash, data: Vec<u8>) -> Handl
         .listed
         .get(&hash)
         .copied();
-    match listed {
+    match listed.map(|l| l.len) {
         None => {
             return Err(bad(
                 ErrorCode::BadRequest,
@@ -428,12 +493,18 @@ pub async fn chunk(conn: &Conn, upload: u64, hash: Hash, data: Vec<u8>) -> Handl
         .store_call_bulk(move |s| s.put_chunk(&hash, &data))
         .await
         .map_err(|e| wire_store_error(&e))?;
-    up.state
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .uploaded += 1;
+    mark_stored(&up, &hash);
     conn.host.metrics.chunk_uploaded(&up.begin.user, n);
     Ok(Response::Ok)
+}
+
+/// Counts a chunk stored by this upload; it is no longer awaited.
+fn mark_stored(up: &Upload, hash: &Hash) {
+    let mut st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
+    st.uploaded += 1;
+    if let Some(l) = st.listed.get_mut(hash) {
+        l.awaited = false;
+    }
 }
 
 /// `UpdateAbort`.
