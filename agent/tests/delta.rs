@@ -1,8 +1,9 @@
 //! Block deltas on update (protocol 2), the real agent binary against the
 //! test host: scattered 4 KiB writes are sent as the differing blocks of
 //! their chunks and round-trip byte-identical, also from the spool after an
-//! outage and an agent restart; a refused delta is resent whole; a host
-//! that speaks only protocol 1 gets whole chunks.
+//! outage and an agent restart; a refused delta is resent whole, refused
+//! signatures mean whole chunks; a host that speaks only protocol 1 gets
+//! whole chunks.
 
 #![allow(
     clippy::unwrap_used,
@@ -174,6 +175,30 @@ fn a_refused_delta_is_resent_whole() {
     assert_eq!(left, 0, "three deltas were refused");
     assert!(uploads >= 3, "the refused ones went whole ({uploads})");
     assert!(deltas >= 1, "the others as deltas ({deltas})");
+}
+
+#[test]
+fn refused_signatures_mean_whole_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    let original = noise(4 << 20, 65);
+    host.with(|h| h.seed("hana", &original));
+    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    agent.wait_connected();
+    let new = login_and_scribble(&agent, "hana", &original, 12);
+    host.with(|h| h.refuse_signatures = 1);
+    let out = agent.ok(&["logout", "--session", "s1"]);
+    assert!(out.contains("committed as version"), "{out}");
+    let (head, deltas, whole_bytes) = host.with(|h| {
+        (
+            h.head_bytes("hana").unwrap(),
+            h.chunk_deltas,
+            h.upload_bytes,
+        )
+    });
+    assert!(head == new);
+    assert_eq!(deltas, 0);
+    assert_eq!(whole_bytes, whole_chunk_cost(&original, &new));
 }
 
 #[test]

@@ -246,7 +246,8 @@ fn read_chunk(
 
 type SigResult = Result<Vec<Option<BaseSignature>>, UifError>;
 
-/// Asks the host for the base-chunk signatures of chunks `indices`.
+/// Asks the host for the base-chunk signatures of chunks `indices`. A
+/// host that refuses the request gets those chunks whole.
 async fn signatures(link: HostLink, upload: u64, indices: Vec<usize>) -> SigResult {
     let chunks = indices
         .iter()
@@ -255,10 +256,18 @@ async fn signatures(link: HostLink, upload: u64, indices: Vec<usize>) -> SigResu
     let n = chunks.len();
     match link
         .request(Request::BlockSignatures { upload, chunks })
-        .await?
+        .await
     {
-        Response::BlockSignatures(sigs) if sigs.len() == n => Ok(sigs),
-        other => Err(unexpected("BlockSignatures", &other)),
+        Ok(Response::BlockSignatures(sigs)) if sigs.len() == n => Ok(sigs),
+        Ok(other) => Err(unexpected("BlockSignatures", &other)),
+        Err(LinkError::Remote(e)) => {
+            tracing::warn!(
+                upload,
+                "host refused block signatures ({e}); sending whole chunks"
+            );
+            Ok(vec![None; n])
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

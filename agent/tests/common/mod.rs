@@ -134,6 +134,8 @@ pub struct HostState {
     pub signature_requests: usize,
     /// Refuse this many next deltas with `NotFound` (base unreadable).
     pub refuse_deltas: usize,
+    /// Refuse this many next signature requests with `Internal`.
+    pub refuse_signatures: usize,
     max_frame: u32,
 }
 
@@ -496,6 +498,10 @@ fn handle(state: &Mutex<HostState>, req: Request) -> Response {
                 return err(ErrorCode::Unsupported, "protocol 1 host");
             }
             st.signature_requests += 1;
+            if st.refuse_signatures > 0 {
+                st.refuse_signatures -= 1;
+                return err(ErrorCode::Internal, "cannot sign now");
+            }
             let Some(up) = st.uploads.get(&upload) else {
                 return err(ErrorCode::NotFound, "upload");
             };
