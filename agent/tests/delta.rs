@@ -95,9 +95,12 @@ fn scattered_4k_writes_send_only_the_changed_blocks() {
     assert!(head == new, "committed bytes differ from the file");
     let commit = host.with(|h| h.commits.last().cloned().unwrap());
     assert_eq!((commit.base, commit.conflict), (Some(v1), false));
-    // Most of the 24 writes land inside a chunk whose boundaries stay put:
-    // those chunks travel as their changed 4 KiB blocks.
-    assert!(deltas >= 16, "{deltas} chunks sent as deltas");
+    // Every chunk touched by a write travels as its changed blocks, also
+    // those whose boundaries the write moved (the base is the old bytes at
+    // the same offset), and blocks are aligned to the file: exactly the 24
+    // written blocks are sent, nothing whole.
+    assert!(deltas >= 24, "{deltas} chunks sent as deltas");
+    assert_eq!((delta_bytes, whole_bytes), (24 * 4096, 0));
     assert!(
         (1..=2).contains(&sigs),
         "{sigs} signature requests (batched)"

@@ -1,8 +1,10 @@
 //! Block deltas on update (protocol 2) against the real daemon: a delta
-//! rebuilds its chunk byte-identical; only chunks of the upload's own base
-//! version are accepted as bases; wrong bytes are a `BadChunk` and nothing
-//! is committed; malformed deltas are refused and contained; an agent that
-//! speaks only protocol 1 updates with whole chunks and cannot send deltas.
+//! rebuilds its chunk byte-identical; the base is only ever the upload's own
+//! base version at the chunk's own offset (a chunk outside it, an upload
+//! without a base, a delta naming another chunk are refused); wrong bytes
+//! are a `BadChunk` and nothing is committed; malformed deltas are refused
+//! and contained; an agent that speaks only protocol 1 updates with whole
+//! chunks and cannot send deltas.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -17,7 +19,7 @@ use common::{HostProc, Listed, TestAgent, begin_and_list, manifest_of, noise, up
 use uve_protocol::delta;
 use uve_protocol::link::LinkError;
 use uve_protocol::manifest::Hash;
-use uve_protocol::message::{ChunkDelta, DeltaBlock, ErrorCode, Request, Response};
+use uve_protocol::message::{BlockDigest, ChunkDelta, DeltaBlock, ErrorCode, Request, Response};
 
 /// `data` with 4 KiB blocks overwritten at `count` block-aligned offsets.
 fn scattered(data: &[u8], count: usize, seed: u64) -> Vec<u8> {
@@ -59,17 +61,12 @@ fn code(r: Result<Response, LinkError>) -> Option<ErrorCode> {
     }
 }
 
-/// A missing chunk of `l` with a paired base chunk, its bytes, its
-/// signature and the blocks that differ.
+/// A missing chunk of `l` with base bytes: its index, bytes, the base's
+/// block digests and the blocks that differ.
 async fn a_delta(
     agent: &TestAgent,
     l: &Listed,
-) -> (
-    usize,
-    Vec<u8>,
-    uve_protocol::message::BaseSignature,
-    Vec<DeltaBlock>,
-) {
+) -> (usize, Vec<u8>, Vec<BlockDigest>, Vec<DeltaBlock>) {
     for &i in &l.missing {
         let c = l.manifest.chunks[i];
         let sigs = match agent
@@ -83,14 +80,14 @@ async fn a_delta(
             Response::BlockSignatures(s) => s,
             other => panic!("unexpected {other:?}"),
         };
-        if let Some(Some(sig)) = sigs.into_iter().next() {
+        if let Some(Some(digests)) = sigs.into_iter().next() {
             let data = l.bytes[&c.hash].clone();
-            let blocks = delta::diff(&data, &sig.blocks).unwrap();
+            let blocks = delta::diff(l.offset(i), &data, &digests).unwrap();
             assert!(!blocks.is_empty());
-            return (i, data, sig, blocks);
+            return (i, data, digests, blocks);
         }
     }
-    panic!("no missing chunk has a base chunk");
+    panic!("no missing chunk has base bytes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,7 +101,11 @@ async fn a_delta_rebuilds_the_chunk_byte_identical() {
         .await
         .unwrap();
     assert_eq!(r.answer, Response::Committed { version: 2 }, "{r:?}");
-    assert!(r.deltas >= 10, "{r:?}");
+    // Every touched chunk (also one whose boundary a write moved) has base
+    // bytes at its offset, and blocks are file-aligned: exactly the 16
+    // written blocks travel.
+    assert!(r.deltas >= 16, "{r:?}");
+    assert_eq!((r.delta_bytes, r.whole_bytes), (16 * 4096, 0), "{r:?}");
     let (old_m, _) = manifest_of(&base);
     let old: HashSet<Hash> = old_m.chunks.iter().map(|c| c.hash).collect();
     let (new_m, _) = manifest_of(&new);
@@ -128,39 +129,54 @@ async fn a_delta_rebuilds_the_chunk_byte_identical() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delta_against_a_chunk_outside_the_base_version_is_refused() {
+async fn a_delta_can_only_rebuild_from_the_uploads_own_base_version() {
     let dir = tempfile::tempdir().unwrap();
     let base = noise(4 << 20, 6);
     let (host, agent) = setup(dir.path(), 2, &base).await;
+    // The file grew: its new tail has no base bytes.
+    let mut new = scattered(&base, 8, 901);
+    new.extend_from_slice(&noise(300_000, 12));
     let (v, l) = lease(&agent, "alice");
-    let listed = begin_and_list(&agent.handle, "alice", v, l, &scattered(&base, 8, 901))
+    let listed = begin_and_list(&agent.handle, "alice", v, l, &new)
         .await
         .unwrap();
-    let (i, _, sig, blocks) = a_delta(&agent, &listed).await;
-    let c = listed.manifest.chunks[i];
-    let (alice_m, _) = manifest_of(&base);
-    assert!(
-        alice_m
-            .chunks
-            .iter()
-            .any(|x| x.hash == sig.base && x.len == c.len),
-        "the host pairs with alice's base version only"
+    let last = *listed.missing.last().unwrap();
+    assert!(listed.offset(last) + 4096 > base.len() as u64);
+    let r = agent
+        .request(Request::BlockSignatures {
+            upload: listed.upload,
+            chunks: vec![last as u32],
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, Response::BlockSignatures(vec![None]), "tail: send whole");
+    let c = listed.manifest.chunks[last];
+    let r = agent
+        .request(Request::ChunkDelta(ChunkDelta {
+            upload: listed.upload,
+            index: last as u32,
+            hash: c.hash,
+            blocks: Vec::new(),
+        }))
+        .await;
+    assert_eq!(code(r), Some(ErrorCode::BadRequest), "outside the base");
+    // A delta naming another chunk than the one at its index.
+    let (i, _, _, blocks) = a_delta(&agent, &listed).await;
+    let other = listed.missing.iter().find(|&&j| j != i).copied().unwrap();
+    let r = agent
+        .request(Request::ChunkDelta(ChunkDelta {
+            upload: listed.upload,
+            index: i as u32,
+            hash: listed.manifest.chunks[other].hash,
+            blocks: blocks.clone(),
+        }))
+        .await;
+    assert_eq!(
+        code(r),
+        Some(ErrorCode::BadRequest),
+        "hash of another index"
     );
-    // Bob's chunks are in the store; a chunk no one has is not. Both are
-    // refused alike: no base outside alice's version 1, and no probing.
-    let (bob_m, _) = manifest_of(&noise(2 << 20, 77));
-    for foreign in [bob_m.chunks[0].hash, Hash([0x5a; 32])] {
-        let r = agent
-            .request(Request::ChunkDelta(ChunkDelta {
-                upload: listed.upload,
-                hash: c.hash,
-                base: foreign,
-                blocks: blocks.clone(),
-            }))
-            .await;
-        assert_eq!(code(r), Some(ErrorCode::BadRequest));
-    }
-    // The chunk was never stored: the commit fails and nothing changes.
+    // The chunks were never stored: the commit fails and nothing changes.
     let r = agent
         .request(Request::UpdateCommit {
             upload: listed.upload,
@@ -170,6 +186,32 @@ async fn a_delta_against_a_chunk_outside_the_base_version_is_refused() {
     let versions = host.versions("alice").await;
     assert_eq!(versions["head"], 1, "{versions}");
     assert_eq!(versions["versions"].as_array().unwrap().len(), 1);
+
+    // An upload without a base version has no base bytes at all, although
+    // alice's version 1 (and bob's) hold the very same bytes.
+    let (_, l) = lease(&agent, "alice");
+    let listed = begin_and_list(&agent.handle, "alice", None, l, &new)
+        .await
+        .unwrap();
+    let i = listed.missing[0];
+    let r = agent
+        .request(Request::BlockSignatures {
+            upload: listed.upload,
+            chunks: vec![i as u32],
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, Response::BlockSignatures(vec![None]));
+    let r = agent
+        .request(Request::ChunkDelta(ChunkDelta {
+            upload: listed.upload,
+            index: i as u32,
+            hash: listed.manifest.chunks[i].hash,
+            blocks: Vec::new(),
+        }))
+        .await;
+    assert_eq!(code(r), Some(ErrorCode::BadRequest), "no base version");
+    assert_eq!(host.metric("uve_chunk_deltas_total").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,12 +223,12 @@ async fn a_delta_with_wrong_bytes_is_a_bad_chunk_and_nothing_is_committed() {
     let listed = begin_and_list(&agent.handle, "alice", v, l, &scattered(&base, 8, 902))
         .await
         .unwrap();
-    let (i, _, sig, mut blocks) = a_delta(&agent, &listed).await;
+    let (i, _, _, mut blocks) = a_delta(&agent, &listed).await;
     blocks[0].data[17] ^= 0x40;
     let wrong = ChunkDelta {
         upload: listed.upload,
+        index: i as u32,
         hash: listed.manifest.chunks[i].hash,
-        base: sig.base,
         blocks,
     };
     let r = agent.request(Request::ChunkDelta(wrong.clone())).await;
@@ -221,75 +263,76 @@ async fn malformed_deltas_and_signature_requests_are_refused_and_contained() {
     let listed = begin_and_list(&agent.handle, "alice", v, l, &new)
         .await
         .unwrap();
-    let (i, data, sig, blocks) = a_delta(&agent, &listed).await;
+    let (i, data, _, blocks) = a_delta(&agent, &listed).await;
     let c = listed.manifest.chunks[i];
-    let last = delta::block_count(data.len());
-    let block = |index: u16, len: usize| DeltaBlock {
-        index,
+    let at = listed.offset(i);
+    let places: Vec<_> = delta::blocks(at, data.len()).collect();
+    let last = places.len() - 1;
+    let block = |index: usize, len: usize| DeltaBlock {
+        index: index as u16,
         data: vec![1; len],
     };
-    let tail = data.len() - (last - 1) * 4096;
-    let cases: Vec<(&str, Hash, Hash, Vec<DeltaBlock>)> = vec![
+    let cases: Vec<(&str, u32, Hash, Vec<DeltaBlock>)> = vec![
         (
             "block past the end",
+            i as u32,
             c.hash,
-            sig.base,
-            vec![block(last as u16, 4096)],
+            vec![block(last + 1, 4096)],
         ),
         (
             "block index far out",
+            i as u32,
             c.hash,
-            sig.base,
-            vec![block(u16::MAX, 4096)],
+            vec![block(u16::MAX.into(), 4096)],
         ),
-        ("short block", c.hash, sig.base, vec![block(0, 4095)]),
+        (
+            "short first block",
+            i as u32,
+            c.hash,
+            vec![block(0, places[0].len() - 1)],
+        ),
         (
             "long last block",
+            i as u32,
             c.hash,
-            sig.base,
-            vec![block(last as u16 - 1, tail + 1)],
+            vec![block(last, places[last].len() + 1)],
         ),
         (
             "blocks out of order",
+            i as u32,
             c.hash,
-            sig.base,
-            vec![block(1, 4096), block(0, 4096)],
+            vec![block(2, 4096), block(1, 4096)],
         ),
         (
             "repeated block",
+            i as u32,
             c.hash,
-            sig.base,
-            vec![block(0, 4096), block(0, 4096)],
+            vec![block(1, 4096), block(1, 4096)],
         ),
-        ("unlisted chunk", Hash([0x33; 32]), sig.base, blocks.clone()),
+        (
+            "index never listed",
+            listed.manifest.chunks.len() as u32,
+            c.hash,
+            blocks.clone(),
+        ),
+        (
+            "another chunk's hash",
+            i as u32,
+            Hash([0x33; 32]),
+            blocks.clone(),
+        ),
     ];
-    for (what, hash, base_hash, blocks) in cases {
+    for (what, index, hash, blocks) in cases {
         let r = agent
             .request(Request::ChunkDelta(ChunkDelta {
                 upload: listed.upload,
+                index,
                 hash,
-                base: base_hash,
                 blocks,
             }))
             .await;
         assert_eq!(code(r), Some(ErrorCode::BadRequest), "{what}");
     }
-    // A base chunk of the base version, but of another length.
-    let (base_m, _) = manifest_of(&base);
-    let other = base_m.chunks.iter().find(|x| x.len != c.len).unwrap();
-    let r = agent
-        .request(Request::ChunkDelta(ChunkDelta {
-            upload: listed.upload,
-            hash: c.hash,
-            base: other.hash,
-            blocks: blocks.clone(),
-        }))
-        .await;
-    assert_eq!(
-        code(r),
-        Some(ErrorCode::BadRequest),
-        "base of another length"
-    );
     // Signature requests: too many at once, an index never listed.
     let r = agent
         .request(Request::BlockSignatures {
@@ -334,8 +377,8 @@ async fn malformed_deltas_and_signature_requests_are_refused_and_contained() {
     // Contained: the same upload still completes with good deltas.
     let good = ChunkDelta {
         upload: listed.upload,
+        index: i as u32,
         hash: c.hash,
-        base: sig.base,
         blocks,
     };
     let r = agent
@@ -391,8 +434,8 @@ async fn an_old_agent_updates_with_whole_chunks_and_cannot_send_deltas() {
     let r = agent
         .request(Request::ChunkDelta(ChunkDelta {
             upload: listed.upload,
+            index: listed.missing[0] as u32,
             hash: c.hash,
-            base: c.hash,
             blocks: Vec::new(),
         }))
         .await;

@@ -28,8 +28,9 @@ pub const DELTA_BLOCK: u32 = 4096;
 pub const BLOCK_DIGEST_LEN: usize = 16;
 
 /// Most chunks one `BlockSignatures` request may ask about. The worst-case
-/// answer (every chunk `MAX_CHUNK` long, 64 digests each: ~135 KB) fits in
-/// a frame of the smallest size a peer may negotiate (`MIN_MAX_FRAME`).
+/// answer (every chunk `MAX_CHUNK` long and unaligned, 65 digests each:
+/// ~134 KB) fits in a frame of the smallest size a peer may negotiate
+/// (`MIN_MAX_FRAME`).
 pub const MAX_SIGNATURE_BATCH: u32 = 128;
 
 /// Default (and proposed) maximum frame size: 1 MiB.

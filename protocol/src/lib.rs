@@ -8,8 +8,8 @@
 //!   per-frame size limit;
 //! - [`manifest`] and [`chunker`]: the content-addressed UIF model (FastCDC
 //!   chunk boundaries, BLAKE3 hashes, paged manifests);
-//! - [`delta`]: sub-chunk block deltas of an update (protocol 2): block
-//!   digests, diff, rebuild, and the base-chunk pairing rule;
+//! - [`delta`]: sub-chunk block deltas of an update (protocol 2):
+//!   file-aligned blocks, digests, diff, rebuild, base ranges;
 //! - [`names`]: validation of user, session and UA names received from peers;
 //! - [`link`]: the multiplexed request/response connection loop shared by
 //!   the host daemon and the guest agent (heartbeats, control/bulk priority);

@@ -288,58 +288,51 @@ pub enum Request {
     AgentStatus,
 
     // ---- UVE-5, agent → host, protocol 2 (`PROTOCOL_BLOCK_DELTA`) -------
-    /// Block digests of the base chunks of some chunks of an upload. Each
-    /// entry of `chunks` is an index into the new version's chunk list
-    /// (already sent in `UpdatePage`s); the host pairs it with the chunk
-    /// of the upload's base version that starts at the same offset and
-    /// has the same length, if any. At most `MAX_SIGNATURE_BATCH` entries.
+    /// Block digests of the base bytes of some chunks of an upload. Each
+    /// entry of `chunks` is an index into the new version's chunk list (of
+    /// a chunk the host reported missing); its base is what the upload's
+    /// base version holds at the same offset, over the same length. At most
+    /// `MAX_SIGNATURE_BATCH` entries.
     BlockSignatures {
         /// Upload id from `UpdateBegin`.
         upload: u64,
         /// Indices into the new version's chunk list.
         chunks: Vec<u32>,
     },
-    /// A chunk the host said it lacks, sent as a chunk of the base version
-    /// with some `DELTA_BLOCK`-sized blocks replaced.
+    /// A chunk the host said it lacks, sent as its base bytes with some
+    /// `DELTA_BLOCK`-sized, file-aligned blocks replaced.
     ChunkDelta(ChunkDelta),
 }
 
-/// A new chunk expressed as a base chunk plus the blocks that differ.
+/// A new chunk expressed as its base bytes (the base version's bytes at
+/// the chunk's offset) plus the blocks that differ.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkDelta {
     /// Upload id.
     pub upload: u64,
-    /// The new chunk's hash (listed in a page; checked after rebuilding).
+    /// The chunk's index in the new version's chunk list.
+    pub index: u32,
+    /// The chunk's hash (must be the one listed at `index`; checked after
+    /// rebuilding).
     pub hash: Hash,
-    /// The base chunk: a chunk of the upload's base version with the same
-    /// length as the new chunk (as named in a `BlockSignatures` answer).
-    pub base: Hash,
-    /// The blocks that replace the base chunk's, in increasing block order.
+    /// The blocks that replace the base's, in increasing block order.
     pub blocks: Vec<DeltaBlock>,
 }
 
 /// One replaced block of a [`ChunkDelta`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeltaBlock {
-    /// Block number within the chunk (byte offset `index * DELTA_BLOCK`).
+    /// Block number within the chunk: block `k` of a chunk at offset `s`
+    /// covers the file bytes `[(s / DELTA_BLOCK + k) * DELTA_BLOCK, +DELTA_BLOCK)`
+    /// clipped to the chunk.
     pub index: u16,
-    /// The block's new bytes: `DELTA_BLOCK` bytes, or what is left of the
-    /// chunk for its last block.
+    /// The block's new bytes, exactly as many as its place in the chunk.
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
 /// Truncated BLAKE3 of one block (`BLOCK_DIGEST_LEN` bytes).
 pub type BlockDigest = [u8; crate::defs::BLOCK_DIGEST_LEN];
-
-/// A base chunk paired with a new chunk, and the digests of its blocks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BaseSignature {
-    /// The base chunk's hash (to name in `ChunkDelta::base`).
-    pub base: Hash,
-    /// Digest of each block of the base chunk, in order.
-    pub blocks: Vec<BlockDigest>,
-}
 
 /// Header of an update.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -469,10 +462,10 @@ pub enum Response {
         stopped_sessions: Vec<String>,
     },
     /// Answer to `BlockSignatures` (protocol 2): one entry per requested
-    /// chunk, in order; `None` where the base version has no chunk at the
-    /// same offset with the same length (or it cannot be read): send that
-    /// chunk whole.
-    BlockSignatures(Vec<Option<BaseSignature>>),
+    /// chunk, in order: the digest of each block of the base bytes, or
+    /// `None` where the chunk's range is not wholly inside the base version
+    /// (or cannot be read): send that chunk whole.
+    BlockSignatures(Vec<Option<Vec<BlockDigest>>>),
 }
 
 /// Answer to `UifRetrieve`.

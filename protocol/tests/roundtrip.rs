@@ -192,15 +192,15 @@ fn request() -> impl Strategy<Value = Request> {
             .prop_map(|(upload, chunks)| Request::BlockSignatures { upload, chunks }),
         (
             any::<u64>(),
-            hash(),
+            any::<u32>(),
             hash(),
             vec((any::<u16>(), bytes()), 0..4)
         )
             .prop_map(
-                |(upload, hash, base, blocks)| Request::ChunkDelta(ChunkDelta {
+                |(upload, index, hash, blocks)| Request::ChunkDelta(ChunkDelta {
                     upload,
+                    index,
                     hash,
-                    base,
                     blocks: blocks
                         .into_iter()
                         .map(|(index, data)| DeltaBlock { index, data })
@@ -264,13 +264,7 @@ fn response() -> impl Strategy<Value = Response> {
             })),
         text().prop_map(|version| Response::UaCurrent { version }),
         vec(text(), 0..4).prop_map(|stopped_sessions| Response::UaDeleted { stopped_sessions }),
-        vec(option::of((hash(), vec(any::<[u8; 16]>(), 0..65))), 0..8).prop_map(|sigs| {
-            Response::BlockSignatures(
-                sigs.into_iter()
-                    .map(|s| s.map(|(base, blocks)| BaseSignature { base, blocks }))
-                    .collect(),
-            )
-        }),
+        vec(option::of(vec(any::<[u8; 16]>(), 0..66)), 0..8).prop_map(Response::BlockSignatures),
     ]
 }
 

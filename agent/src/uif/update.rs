@@ -5,10 +5,11 @@
 //! is kept as a conflict version.
 //!
 //! With protocol 2 and a base version, a missing chunk is sent as a block
-//! delta when that is smaller: the host names the base chunk at the same
-//! offset with the same length and the digests of its 4 KiB blocks
-//! (`BlockSignatures`, asked in batches ahead of the uploads), and the
-//! agent sends only the blocks whose digest differs (`ChunkDelta`). The
+//! delta when that is smaller: the host sends the digests of the
+//! file-aligned 4 KiB blocks of the bytes the base version holds at the
+//! chunk's offset (`BlockSignatures`, asked in batches ahead of the
+//! uploads), and the agent sends only the blocks whose digest differs
+//! (`ChunkDelta`). The
 //! agent needs no old bytes or base manifest for this, so a spooled update
 //! delivered after a restart gets deltas too.
 
@@ -27,7 +28,7 @@ use uve_protocol::delta;
 use uve_protocol::link::LinkError;
 use uve_protocol::manifest::{Hash, Manifest, chunks_per_page};
 use uve_protocol::message::{
-    BaseSignature, ChunkDelta, ErrorCode, Request, Response, UpdateBegin, Version,
+    BlockDigest, ChunkDelta, ErrorCode, Request, Response, UpdateBegin, Version,
 };
 
 use super::UifError;
@@ -109,6 +110,10 @@ struct Sent {
 
 /// A chunk the host lacks, read back and verified.
 struct Pending {
+    /// Its index in the manifest.
+    index: u32,
+    /// Its offset in the file.
+    offset: u64,
     hash: Hash,
     data: Vec<u8>,
 }
@@ -241,10 +246,16 @@ fn read_chunk(
             return Err(UifError::Changed);
         }
     }
-    Ok(Pending { hash: c.hash, data })
+    let index = u32::try_from(i).map_err(|_| UifError::Protocol("chunk index overflow".into()))?;
+    Ok(Pending {
+        index,
+        offset: *off,
+        hash: c.hash,
+        data,
+    })
 }
 
-type SigResult = Result<Vec<Option<BaseSignature>>, UifError>;
+type SigResult = Result<Vec<Option<Vec<BlockDigest>>>, UifError>;
 
 /// Asks the host for the base-chunk signatures of chunks `indices`. A
 /// host that refuses the request gets those chunks whole.
@@ -271,27 +282,27 @@ async fn signatures(link: HostLink, upload: u64, indices: Vec<usize>) -> SigResu
     }
 }
 
-/// Sends one chunk: as a delta against its base chunk when the host named
-/// one and the differing blocks are smaller than the chunk, else whole. A
-/// delta the host cannot apply (base gone, or the rebuilt chunk does not
-/// match: a block digest collision) is retried whole.
+/// Sends one chunk: as a delta against its base bytes when the host sent
+/// their block digests and the differing blocks are smaller than the
+/// chunk, else whole. A delta the host cannot apply (base gone, or the
+/// rebuilt chunk does not match: a block digest collision) is resent whole.
 async fn send_chunk(
     link: HostLink,
     upload: u64,
     p: Pending,
-    sig: Option<BaseSignature>,
+    base: Option<Vec<BlockDigest>>,
 ) -> Result<Sent, UifError> {
-    let delta = sig.and_then(|s| {
-        let blocks = delta::diff(&p.data, &s.blocks)?;
+    let blocks = base.and_then(|digests| {
+        let blocks = delta::diff(p.offset, &p.data, &digests)?;
         let size = delta::DELTA_FIXED_WIRE + delta::blocks_wire_size(&blocks);
-        (size < p.data.len()).then_some((s.base, blocks))
+        (size < p.data.len()).then_some(blocks)
     });
-    if let Some((base, blocks)) = delta {
+    if let Some(blocks) = blocks {
         let bytes: u64 = blocks.iter().map(|b| b.data.len() as u64).sum();
         let request = Request::ChunkDelta(ChunkDelta {
             upload,
+            index: p.index,
             hash: p.hash,
-            base,
             blocks,
         });
         match link.request(request).await {
@@ -305,7 +316,7 @@ async fn send_chunk(
             Err(LinkError::Remote(e))
                 if matches!(e.code, ErrorCode::NotFound | ErrorCode::BadChunk) =>
             {
-                tracing::warn!(chunk = %p.hash, %base, "delta refused ({e}); sending the chunk whole");
+                tracing::warn!(chunk = %p.hash, "delta refused ({e}); sending the chunk whole");
             }
             Ok(other) => return Err(unexpected("ChunkDelta", &other)),
             Err(e) => return Err(e.into()),

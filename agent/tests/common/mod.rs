@@ -29,8 +29,7 @@ use uve_protocol::handshake::{self, HostOffer};
 use uve_protocol::link::{self, Incoming, LinkConfig, LinkError, LinkHandle};
 use uve_protocol::manifest::{ChunkRef, Hash, Manifest, chunks_per_page};
 use uve_protocol::message::{
-    BaseSignature, ErrorCode, Limits, Request, Response, RetrieveGrant, UpdateBegin, UpdateCause,
-    Version,
+    ErrorCode, Limits, Request, Response, RetrieveGrant, UpdateBegin, UpdateCause, Version,
 };
 use uve_protocol::transport::bind_unix;
 
@@ -391,6 +390,18 @@ async fn serve_conn(
     }
 }
 
+/// The bytes the base version of `up` holds at `[at, at + len)`.
+fn base_bytes(st: &HostState, up: &Upload, at: u64, len: u32) -> Option<Vec<u8>> {
+    let base = up.begin.base?;
+    let m = st.versions.get(&(up.begin.user.clone(), base))?;
+    let parts = BaseIndex::new(m).covering(at, len)?;
+    delta::assemble(at, len as usize, &parts, |c| {
+        st.chunks.get(&c.hash).cloned().ok_or(())
+    })
+    .ok()
+    .flatten()
+}
+
 fn err(code: ErrorCode, msg: &str) -> Response {
     Response::Error(uve_protocol::WireError::new(code, msg))
 }
@@ -505,24 +516,13 @@ fn handle(state: &Mutex<HostState>, req: Request) -> Response {
             let Some(up) = st.uploads.get(&upload) else {
                 return err(ErrorCode::NotFound, "upload");
             };
-            let base = up
-                .begin
-                .base
-                .and_then(|b| st.versions.get(&(up.begin.user.clone(), b)))
-                .map(BaseIndex::new)
-                .unwrap_or_default();
             let mut out = Vec::new();
             for i in chunks {
                 let (Some(c), Some(at)) = (up.chunks.get(i as usize), up.starts.get(i as usize))
                 else {
                     return err(ErrorCode::BadRequest, "chunk index not listed");
                 };
-                out.push(base.paired(*at, c.len).and_then(|h| {
-                    st.chunks.get(&h).map(|b| BaseSignature {
-                        base: h,
-                        blocks: delta::block_digests(b),
-                    })
-                }));
+                out.push(base_bytes(&st, up, *at, c.len).map(|b| delta::block_digests(*at, &b)));
             }
             Response::BlockSignatures(out)
         }
@@ -537,21 +537,17 @@ fn handle(state: &Mutex<HostState>, req: Request) -> Response {
             let Some(up) = st.uploads.get(&d.upload) else {
                 return err(ErrorCode::NotFound, "upload");
             };
-            let Some(len) = up.chunks.iter().find(|c| c.hash == d.hash).map(|c| c.len) else {
-                return err(ErrorCode::BadRequest, "chunk not listed");
+            let i = d.index as usize;
+            let (Some(c), Some(at)) = (up.chunks.get(i), up.starts.get(i)) else {
+                return err(ErrorCode::BadRequest, "chunk index not listed");
             };
-            let in_base = up
-                .begin
-                .base
-                .and_then(|b| st.versions.get(&(up.begin.user.clone(), b)))
-                .is_some_and(|m| m.chunks.iter().any(|c| c.hash == d.base && c.len == len));
-            if !in_base {
-                return err(ErrorCode::BadRequest, "base not in the base version");
+            if c.hash != d.hash {
+                return err(ErrorCode::BadRequest, "not the chunk at that index");
             }
-            let Some(old) = st.chunks.get(&d.base) else {
-                return err(ErrorCode::NotFound, "base chunk");
+            let Some(old) = base_bytes(&st, up, *at, c.len) else {
+                return err(ErrorCode::BadRequest, "outside the base version");
             };
-            let Ok(new) = delta::apply(old, &d.blocks) else {
+            let Ok(new) = delta::apply(*at, &old, &d.blocks) else {
                 return err(ErrorCode::BadRequest, "malformed delta");
             };
             if Hash::of(&new) != d.hash {

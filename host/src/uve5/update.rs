@@ -5,11 +5,12 @@
 //! checks the manifest digest, then compare-and-swaps under the user's
 //! lease gate. A stale base or lease keeps the upload as a conflict version.
 //!
-//! Protocol 2 adds block deltas: `BlockSignatures` pairs listed chunks with
-//! the base version's chunk at the same offset and length and answers the
-//! digests of its blocks; `ChunkDelta` rebuilds a chunk from such a base
-//! chunk (only chunks of the upload's own base version are accepted) and
-//! stores it through the same checked put as a whole chunk.
+//! Protocol 2 adds block deltas: `BlockSignatures` answers, for chunks the
+//! host lacks, the digests of the file-aligned 4 KiB blocks of the bytes
+//! the upload's base version holds at the same offset; `ChunkDelta`
+//! rebuilds a chunk from those base bytes (only ever the upload's own base
+//! version, at the chunk's own offset) and the blocks sent, and stores it
+//! through the same checked put as a whole chunk.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -17,16 +18,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde_json::json;
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 use uve_protocol::defs::{MAX_CHUNK, MAX_SIGNATURE_BATCH, PROTOCOL_BLOCK_DELTA};
-use uve_protocol::delta::{self, BaseIndex};
+use uve_protocol::delta::{self, BaseIndex, BasePart};
 use uve_protocol::manifest::{ChunkRef, Hash, Manifest, ManifestError, chunks_per_page};
-use uve_protocol::message::{
-    BaseSignature, ChunkDelta, ErrorCode, Response, UpdateBegin, WireError,
-};
+use uve_protocol::message::{BlockDigest, ChunkDelta, ErrorCode, Response, UpdateBegin, WireError};
 
 use super::{Conn, Handled, check_name};
 use crate::host::wire_store_error;
 use crate::metrics;
-use crate::store::{ChunkPins, CommitOutcome, StoreError};
+use crate::store::{ChunkPins, CommitOutcome, StoreError, StoreResult, UifStore};
 
 /// An upload in progress on one connection.
 pub struct Upload {
@@ -268,9 +267,10 @@ async fn base_index(conn: &Conn, up: &Upload) -> Arc<BaseIndex> {
     ix
 }
 
-/// `BlockSignatures` (protocol 2): for each listed chunk index, the base
-/// chunk at the same offset with the same length and its block digests,
-/// or `None` (no such base chunk, or it cannot be read: send it whole).
+/// `BlockSignatures` (protocol 2): for each missing chunk index, the
+/// digests of the blocks of the base version's bytes over the same range,
+/// or `None` (the range is not inside the base version, or cannot be read:
+/// the agent sends the chunk whole).
 pub async fn signatures(conn: &Conn, upload: u64, indices: Vec<u32>) -> Handled {
     conn.check_protocol(PROTOCOL_BLOCK_DELTA, "BlockSignatures")?;
     let up = get(conn, upload)?;
@@ -284,10 +284,10 @@ pub async fn signatures(conn: &Conn, upload: u64, indices: Vec<u32>) -> Handled 
         ));
     }
     let base = base_index(conn, &up).await;
-    let pairs: Vec<Option<Hash>> = {
+    let ranges: Vec<(u64, u32, Option<Vec<BasePart>>)> = {
         let mut guard = up.state.lock().unwrap_or_else(PoisonError::into_inner);
         let st = &mut *guard;
-        let mut pairs = Vec::with_capacity(indices.len());
+        let mut ranges = Vec::with_capacity(indices.len());
         for &i in &indices {
             let (Some(c), Some(at)) = (st.chunks.get(i as usize), st.starts.get(i as usize)) else {
                 return Err(bad(
@@ -307,62 +307,81 @@ pub async fn signatures(conn: &Conn, upload: u64, indices: Vec<u32>) -> Handled 
                 ));
             }
             st.signed[word] |= bit;
-            pairs.push(base.paired(*at, c.len));
+            ranges.push((*at, c.len, base.covering(*at, c.len)));
         }
-        pairs
+        ranges
     };
-    // One bulk job per base chunk, all in flight: a remote store reads
-    // them concurrently.
+    // One bulk job per chunk, all in flight: a remote store reads them
+    // concurrently.
     let mut reads = tokio::task::JoinSet::new();
-    for (slot, pair) in pairs.iter().enumerate() {
-        let Some(hash) = *pair else { continue };
+    for (slot, (at, len, parts)) in ranges.into_iter().enumerate() {
+        let Some(parts) = parts else { continue };
         let host = conn.host.clone();
         reads.spawn(async move {
             let r = host
-                .store_call_bulk(move |s| s.read_chunk(&hash).map(|b| delta::block_digests(&b)))
+                .store_call_bulk(move |s| {
+                    let bytes = read_base(s, at, len, &parts)?;
+                    Ok(bytes.map(|b| delta::block_digests(at, &b)))
+                })
                 .await;
-            (slot, hash, r)
+            (slot, r)
         });
     }
-    let mut out: Vec<Option<BaseSignature>> = vec![None; pairs.len()];
+    let mut out: Vec<Option<Vec<BlockDigest>>> = vec![None; indices.len()];
     while let Some(joined) = reads.join_next().await {
-        let Ok((slot, hash, r)) = joined else {
-            continue;
-        };
+        let Ok((slot, r)) = joined else { continue };
         match r {
-            Ok(blocks) => {
+            Ok(digests) => {
                 if let Some(o) = out.get_mut(slot) {
-                    *o = Some(BaseSignature { base: hash, blocks });
+                    *o = digests;
                 }
             }
             Err(e) => {
-                tracing::warn!(user = up.begin.user, chunk = %hash, error = %e,
-                    "base chunk unreadable; the agent will send the chunk whole");
+                tracing::warn!(user = up.begin.user, error = %e,
+                    "base bytes unreadable; the agent will send the chunk whole");
             }
         }
     }
     Ok(Response::BlockSignatures(out))
 }
 
-/// `ChunkDelta` (protocol 2): rebuilds a listed chunk from a chunk of the
-/// upload's base version and the blocks sent, then stores it like an
-/// uploaded chunk (`BadChunk` if the result is not the announced hash).
+/// The base version's bytes `[at, at + len)` from the chunks covering them
+/// (each read checks its hash); `None` if a chunk has the wrong length.
+fn read_base(
+    s: &dyn UifStore,
+    at: u64,
+    len: u32,
+    parts: &[BasePart],
+) -> StoreResult<Option<Vec<u8>>> {
+    delta::assemble(at, len as usize, parts, |c| s.read_chunk(&c.hash))
+}
+
+/// `ChunkDelta` (protocol 2): rebuilds a missing chunk from the base
+/// version's bytes at its offset and the blocks sent, then stores it like
+/// an uploaded chunk (`BadChunk` if the result is not the announced hash).
 pub async fn chunk_delta(conn: &Conn, d: ChunkDelta) -> Handled {
     conn.check_protocol(PROTOCOL_BLOCK_DELTA, "ChunkDelta")?;
     let up = get(conn, d.upload)?;
     let base = base_index(conn, &up).await;
-    let (listed, bad_deltas) = {
+    let (at, len, bad_deltas) = {
         let st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
-        (st.listed.get(&d.hash).copied(), st.bad_deltas)
-    };
-    let len = match listed {
-        None => {
+        let i = d.index as usize;
+        let (Some(c), Some(at)) = (st.chunks.get(i), st.starts.get(i)) else {
             return Err(bad(
                 ErrorCode::BadRequest,
-                format!("chunk {} was not listed", d.hash),
+                format!(
+                    "chunk index {} is not listed in this upload's pages",
+                    d.index
+                ),
+            ));
+        };
+        if c.hash != d.hash {
+            return Err(bad(
+                ErrorCode::BadRequest,
+                format!("chunk {} is not {} but {}", d.index, d.hash, c.hash),
             ));
         }
-        Some(l) if !l.awaited => {
+        if !st.listed.get(&c.hash).is_some_and(|l| l.awaited) {
             return Err(bad(
                 ErrorCode::BadRequest,
                 format!(
@@ -371,7 +390,7 @@ pub async fn chunk_delta(conn: &Conn, d: ChunkDelta) -> Handled {
                 ),
             ));
         }
-        Some(l) => l.len,
+        (*at, c.len, st.bad_deltas)
     };
     if bad_deltas >= MAX_BAD_DELTAS {
         return Err(bad(
@@ -382,47 +401,44 @@ pub async fn chunk_delta(conn: &Conn, d: ChunkDelta) -> Handled {
             ),
         ));
     }
-    // Only a chunk of this upload's base version can be a base: never a
-    // chunk of another user or version, whether the store has it or not.
-    let Some(base_len) = base.len_of(&d.base) else {
+    // The base is the upload's own base version, at the chunk's own offset:
+    // never bytes of another user or version.
+    let Some(parts) = base.covering(at, len) else {
         return Err(bad(
             ErrorCode::BadRequest,
             format!(
-                "delta base {} is not a chunk of the upload's base version ({:?})",
-                d.base, up.begin.base
+                "chunk {} (bytes {at}..{}) is not inside the upload's base version ({:?})",
+                d.index,
+                at + u64::from(len),
+                up.begin.base
             ),
         ));
     };
-    if base_len != len {
-        return Err(bad(
-            ErrorCode::BadRequest,
-            format!(
-                "delta base {} is {base_len} bytes, chunk {} is listed as {len}",
-                d.base, d.hash
-            ),
-        ));
-    }
-    delta::check(len as usize, &d.blocks).map_err(|e| {
+    delta::check(at, len as usize, &d.blocks).map_err(|e| {
         bad(
             ErrorCode::BadRequest,
             format!("malformed delta for chunk {}: {e}", d.hash),
         )
     })?;
     let n: u64 = d.blocks.iter().map(|b| b.data.len() as u64).sum();
-    let (hash, base_hash, blocks) = (d.hash, d.base, d.blocks);
+    let (hash, blocks) = (d.hash, d.blocks);
     // Outer error: storing the rebuilt chunk failed (`BadChunk` if it is
-    // not `hash`); inner error: the base chunk is unusable.
+    // not `hash`); inner error: the base bytes are unusable.
     let stored = conn
         .host
         .store_call_bulk(move |s| {
-            let old = match s.read_chunk(&base_hash) {
-                Ok(old) => old,
-                Err(e) => return Ok(Err(e)),
+            let old = match read_base(s, at, len, &parts) {
+                Ok(Some(old)) => old,
+                Ok(None) => {
+                    return Ok(Err(format!(
+                        "a base chunk of bytes {at}.. has the wrong length"
+                    )));
+                }
+                Err(e) => return Ok(Err(e.to_string())),
             };
-            // Lengths were checked against the base manifest; a store
-            // holding something else under that hash is caught here.
-            let Ok(new) = delta::apply(&old, &blocks) else {
-                return Ok(Err(StoreError::BadChunk(base_hash)));
+            let new = match delta::apply(at, &old, &blocks) {
+                Ok(new) => new,
+                Err(e) => return Ok(Err(e.to_string())),
             };
             s.put_chunk(&hash, &new).map(Ok)
         })
@@ -442,10 +458,10 @@ pub async fn chunk_delta(conn: &Conn, d: ChunkDelta) -> Handled {
     if let Err(e) = based {
         // The base is gone (pruned meanwhile) or damaged: the agent sends
         // the chunk whole instead.
-        tracing::warn!(user = up.begin.user, base = %base_hash, error = %e, "delta base unusable");
+        tracing::warn!(user = up.begin.user, chunk = %hash, error = %e, "delta base unusable");
         return Err(bad(
             ErrorCode::NotFound,
-            format!("delta base {base_hash} cannot be read ({e}); send chunk {hash} whole"),
+            format!("the base of chunk {hash} cannot be read ({e}); send it whole"),
         ));
     }
     mark_stored(&up, &hash);

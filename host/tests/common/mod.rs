@@ -522,6 +522,16 @@ pub struct Listed {
     pub missing: Vec<usize>,
 }
 
+impl Listed {
+    /// File offset of chunk `i`.
+    pub fn offset(&self, i: usize) -> u64 {
+        self.manifest.chunks[..i]
+            .iter()
+            .map(|c| u64::from(c.len))
+            .sum()
+    }
+}
+
 /// `UpdateBegin` + every `UpdatePage` of `data`; no chunk sent.
 pub async fn begin_and_list(
     handle: &LinkHandle,
@@ -609,16 +619,17 @@ pub async fn update_with_deltas(
         assert_eq!(sigs.len(), idx.len());
         for (&i, sig) in idx.iter().zip(sigs) {
             let c = l.manifest.chunks[i];
+            let offset = l.offset(i);
             let data = l.bytes[&c.hash].clone();
             let request = match sig {
-                Some(sig) => {
-                    let blocks = uve_protocol::delta::diff(&data, &sig.blocks).unwrap();
+                Some(digests) => {
+                    let blocks = uve_protocol::delta::diff(offset, &data, &digests).unwrap();
                     out.deltas += 1;
                     out.delta_bytes += blocks.iter().map(|b| b.data.len()).sum::<usize>();
                     Request::ChunkDelta(ChunkDelta {
                         upload: l.upload,
+                        index: i as u32,
                         hash: c.hash,
-                        base: sig.base,
                         blocks,
                     })
                 }

@@ -364,8 +364,8 @@ pub fn all() -> Vec<(&'static str, Frame)> {
                 25,
                 Request::ChunkDelta(ChunkDelta {
                     upload: 9,
+                    index: 300,
                     hash: h(2),
-                    base: h(3),
                     blocks: vec![
                         DeltaBlock {
                             index: 1,
@@ -383,13 +383,7 @@ pub fn all() -> Vec<(&'static str, Frame)> {
             "resp_block_signatures",
             resp(
                 15,
-                Response::BlockSignatures(vec![
-                    Some(BaseSignature {
-                        base: h(3),
-                        blocks: vec![[0xa1; 16], [0xa2; 16]],
-                    }),
-                    None,
-                ]),
+                Response::BlockSignatures(vec![Some(vec![[0xa1; 16], [0xa2; 16]]), None]),
             ),
         ),
     ]
