@@ -27,7 +27,7 @@ pub struct Metrics {
     pub chunks_fetched: AtomicU64,
     /// Chunks received from agents.
     pub chunks_uploaded: AtomicU64,
-    /// Of those, chunks received as block deltas against a base chunk.
+    /// Of those, chunks received as block deltas against base bytes.
     pub chunk_deltas: AtomicU64,
     /// Unexpected session disconnects reported (agent or host).
     pub unexpected_disconnects: AtomicU64,
@@ -126,7 +126,7 @@ impl Metrics {
             (
                 "uve_chunk_deltas_total",
                 "counter",
-                "Chunks received as block deltas against a base chunk (also in uve_chunks_uploaded_total)",
+                "Chunks received as block deltas against the base version (also in uve_chunks_uploaded_total)",
                 g(&self.chunk_deltas),
             ),
             (

@@ -18,8 +18,9 @@ pub const PROTOCOL_MAX: u16 = 2;
 /// sends them on a connection that negotiated an older version.
 pub const PROTOCOL_BLOCK_DELTA: u16 = 2;
 
-/// Block size of a chunk delta: a chunk is compared with its base chunk in
-/// blocks of this many bytes (the last block of a chunk may be shorter).
+/// Block size of a chunk delta: a chunk is compared with its base bytes in
+/// blocks of this many bytes, aligned to the file (a chunk's first and last
+/// blocks may be shorter).
 pub const DELTA_BLOCK: u32 = 4096;
 
 /// Bytes of a block digest: BLAKE3 of the block, truncated. The host

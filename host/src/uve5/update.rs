@@ -47,7 +47,7 @@ struct UploadState {
     /// Every hash listed so far (what uploads may carry).
     listed: HashMap<Hash, Listed>,
     /// Bit `i`: the signatures of chunk `i` were asked (once per chunk, so
-    /// the host reads no more base chunks than the upload has chunks).
+    /// the host reads base bytes at most once per missing chunk).
     signed: Vec<u64>,
     /// Deltas whose rebuilt chunk did not match its hash.
     bad_deltas: u32,
@@ -71,7 +71,7 @@ struct Listed {
 }
 
 /// Deltas per upload whose rebuilt chunk does not match its hash before
-/// the host refuses further deltas of that upload (each costs a base chunk
+/// the host refuses further deltas of that upload (each costs a base bytes
 /// read, for a few bytes from the agent; an honest agent sees none).
 const MAX_BAD_DELTAS: u32 = 16;
 
