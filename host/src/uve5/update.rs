@@ -75,6 +75,10 @@ struct Listed {
 /// read, for a few bytes from the agent; an honest agent sees none).
 const MAX_BAD_DELTAS: u32 = 16;
 
+/// Base reads one `BlockSignatures` request keeps queued on the bulk
+/// threads at once.
+const SIGNATURE_READS_IN_FLIGHT: usize = 4;
+
 fn bad(code: ErrorCode, msg: impl std::fmt::Display) -> WireError {
     WireError::new(code, msg)
 }
@@ -311,24 +315,32 @@ pub async fn signatures(conn: &Conn, upload: u64, indices: Vec<u32>) -> Handled 
         }
         ranges
     };
-    // One bulk job per chunk, all in flight: a remote store reads them
-    // concurrently.
-    let mut reads = tokio::task::JoinSet::new();
-    for (slot, (at, len, parts)) in ranges.into_iter().enumerate() {
-        let Some(parts) = parts else { continue };
-        let host = conn.host.clone();
-        reads.spawn(async move {
-            let r = host
-                .store_call_bulk(move |s| {
-                    let bytes = read_base(s, at, len, &parts)?;
-                    Ok(bytes.map(|b| delta::block_digests(at, &b)))
-                })
-                .await;
-            (slot, r)
-        });
-    }
+    // One bulk job per chunk, a few in flight: a remote store reads them
+    // concurrently, and one request cannot flood the bulk queue that all
+    // VMs share (at most `max_inflight` requests × this many jobs per VM).
     let mut out: Vec<Option<Vec<BlockDigest>>> = vec![None; indices.len()];
-    while let Some(joined) = reads.join_next().await {
+    let mut reads = tokio::task::JoinSet::new();
+    let mut todo = ranges.into_iter().enumerate();
+    loop {
+        while reads.len() < SIGNATURE_READS_IN_FLIGHT {
+            let Some((slot, (at, len, parts))) = todo.next() else {
+                break;
+            };
+            let Some(parts) = parts else { continue };
+            let host = conn.host.clone();
+            reads.spawn(async move {
+                let r = host
+                    .store_call_bulk(move |s| {
+                        let bytes = read_base(s, at, len, &parts)?;
+                        Ok(bytes.map(|b| delta::block_digests(at, &b)))
+                    })
+                    .await;
+                (slot, r)
+            });
+        }
+        let Some(joined) = reads.join_next().await else {
+            break;
+        };
         let Ok((slot, r)) = joined else { continue };
         match r {
             Ok(digests) => {
