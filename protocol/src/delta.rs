@@ -68,7 +68,12 @@ pub fn blocks(offset: u64, len: usize) -> impl Iterator<Item = Range<usize>> {
     (first..).map_while(move |b| {
         let lo = (b * BLOCK).max(offset);
         let hi = ((b + 1) * BLOCK).min(end);
-        (lo < hi).then(|| (lo - offset) as usize..(hi - offset) as usize)
+        if lo >= hi {
+            return None;
+        }
+        let lo = usize::try_from(lo - offset).ok()?;
+        let hi = usize::try_from(hi - offset).ok()?;
+        Some(lo..hi)
     })
 }
 
@@ -78,7 +83,7 @@ pub fn block_count(offset: u64, len: usize) -> usize {
         return 0;
     }
     let end = offset + len as u64;
-    (end.div_ceil(BLOCK) - offset / BLOCK) as usize
+    usize::try_from(end.div_ceil(BLOCK) - offset / BLOCK).unwrap_or(usize::MAX)
 }
 
 /// The digest of one block: BLAKE3, truncated to [`BLOCK_DIGEST_LEN`] bytes.
@@ -276,7 +281,10 @@ pub fn assemble<E>(
         }
         let lo = offset.max(p.start) - p.start;
         let hi = end.min(p.start + u64::from(p.chunk.len)) - p.start;
-        let Some(piece) = bytes.get(lo as usize..hi as usize) else {
+        let (Ok(lo), Ok(hi)) = (usize::try_from(lo), usize::try_from(hi)) else {
+            return Ok(None);
+        };
+        let Some(piece) = bytes.get(lo..hi) else {
             return Ok(None);
         };
         out.extend_from_slice(piece);
@@ -286,7 +294,7 @@ pub fn assemble<E>(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
     use super::*;
     use crate::testdata::noise;
