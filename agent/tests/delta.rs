@@ -19,24 +19,13 @@ use std::collections::HashSet;
 use common::{AgentProc, LONG, TestHost, noise, wait_for};
 use uve_protocol::chunker::chunk_stream;
 use uve_protocol::message::UpdateCause;
+use uve_protocol::testdata::scattered_writes;
 
 fn file_mode(dir: &std::path::Path) -> String {
     format!(
         "[uif]\nmode = \"file\"\npath = \"{}/uif/{{user}}.img\"\n",
         dir.display()
     )
-}
-
-/// `data` with 4 KiB blocks overwritten at `count` block-aligned offsets
-/// spread over the file.
-fn scattered_writes(data: &[u8], count: usize, seed: u64) -> Vec<u8> {
-    let mut out = data.to_vec();
-    let blocks = data.len() / 4096;
-    for i in 0..count {
-        let b = (i * blocks / count + (i * 7) % 5) % blocks;
-        out[b * 4096..(b + 1) * 4096].copy_from_slice(&noise(4096, seed + i as u64));
-    }
-    out
 }
 
 /// Bytes an update from `old` to `new` costs when every chunk of `new`

@@ -20,17 +20,7 @@ use uve_protocol::delta;
 use uve_protocol::link::LinkError;
 use uve_protocol::manifest::Hash;
 use uve_protocol::message::{BlockDigest, ChunkDelta, DeltaBlock, ErrorCode, Request, Response};
-
-/// `data` with 4 KiB blocks overwritten at `count` block-aligned offsets.
-fn scattered(data: &[u8], count: usize, seed: u64) -> Vec<u8> {
-    let mut out = data.to_vec();
-    let blocks = data.len() / 4096;
-    for i in 0..count {
-        let b = (i * blocks / count + (i * 3) % 7) % blocks;
-        out[b * 4096..(b + 1) * 4096].copy_from_slice(&noise(4096, seed + i as u64));
-    }
-    out
-}
+use uve_protocol::testdata::scattered_writes;
 
 /// A host with VM `vm1`, `alice` (and `bob`) assigned to it, a connected
 /// agent speaking up to `protocol`, and `base` committed as alice's
@@ -95,7 +85,7 @@ async fn a_delta_rebuilds_the_chunk_byte_identical() {
     let dir = tempfile::tempdir().unwrap();
     let base = noise(8 << 20, 5);
     let (host, agent) = setup(dir.path(), 2, &base).await;
-    let new = scattered(&base, 16, 900);
+    let new = scattered_writes(&base, 16, 900);
     let (v, l) = lease(&agent, "alice");
     let r = update_with_deltas(&agent.handle, "alice", v, l, &new)
         .await
@@ -134,10 +124,10 @@ async fn a_delta_can_only_rebuild_from_the_uploads_own_base_version() {
     let base = noise(4 << 20, 6);
     let (host, agent) = setup(dir.path(), 2, &base).await;
     // The file grew: its new tail has no base bytes.
-    let mut new = scattered(&base, 8, 901);
+    let mut new = scattered_writes(&base, 8, 901);
     new.extend_from_slice(&noise(300_000, 12));
     let (v, l) = lease(&agent, "alice");
-    let listed = begin_and_list(&agent.handle, "alice", v, l, &new)
+    let listed = begin_and_list(&agent.handle, "alice", "s1", v, l, &new)
         .await
         .unwrap();
     let last = *listed.missing.last().unwrap();
@@ -190,7 +180,7 @@ async fn a_delta_can_only_rebuild_from_the_uploads_own_base_version() {
     // An upload without a base version has no base bytes at all, although
     // alice's version 1 (and bob's) hold the very same bytes.
     let (_, l) = lease(&agent, "alice");
-    let listed = begin_and_list(&agent.handle, "alice", None, l, &new)
+    let listed = begin_and_list(&agent.handle, "alice", "s1", None, l, &new)
         .await
         .unwrap();
     let i = listed.missing[0];
@@ -220,9 +210,16 @@ async fn a_delta_with_wrong_bytes_is_a_bad_chunk_and_nothing_is_committed() {
     let base = noise(4 << 20, 7);
     let (host, agent) = setup(dir.path(), 2, &base).await;
     let (v, l) = lease(&agent, "alice");
-    let listed = begin_and_list(&agent.handle, "alice", v, l, &scattered(&base, 8, 902))
-        .await
-        .unwrap();
+    let listed = begin_and_list(
+        &agent.handle,
+        "alice",
+        "s1",
+        v,
+        l,
+        &scattered_writes(&base, 8, 902),
+    )
+    .await
+    .unwrap();
     let (i, _, _, mut blocks) = a_delta(&agent, &listed).await;
     blocks[0].data[17] ^= 0x40;
     let wrong = ChunkDelta {
@@ -258,9 +255,9 @@ async fn malformed_deltas_and_signature_requests_are_refused_and_contained() {
     let dir = tempfile::tempdir().unwrap();
     let base = noise(4 << 20, 8);
     let (host, agent) = setup(dir.path(), 2, &base).await;
-    let new = scattered(&base, 8, 903);
+    let new = scattered_writes(&base, 8, 903);
     let (v, l) = lease(&agent, "alice");
-    let listed = begin_and_list(&agent.handle, "alice", v, l, &new)
+    let listed = begin_and_list(&agent.handle, "alice", "s1", v, l, &new)
         .await
         .unwrap();
     let (i, data, _, blocks) = a_delta(&agent, &listed).await;
@@ -418,9 +415,9 @@ async fn an_old_agent_updates_with_whole_chunks_and_cannot_send_deltas() {
     let dir = tempfile::tempdir().unwrap();
     let base = noise(4 << 20, 9);
     let (host, agent) = setup(dir.path(), 1, &base).await;
-    let new = scattered(&base, 8, 904);
+    let new = scattered_writes(&base, 8, 904);
     let (v, l) = lease(&agent, "alice");
-    let listed = begin_and_list(&agent.handle, "alice", v, l, &new)
+    let listed = begin_and_list(&agent.handle, "alice", "s1", v, l, &new)
         .await
         .unwrap();
     let r = agent

@@ -16,6 +16,20 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// `data` with `count` 4 KiB blocks overwritten by fresh [`noise`], at
+/// block-aligned offsets spread evenly over it (a little jitter so they do
+/// not fall on a regular stride); distinct blocks while `count` is well
+/// below `data.len() / 4096 / 8`.
+pub fn scattered_writes(data: &[u8], count: usize, seed: u64) -> Vec<u8> {
+    let mut out = data.to_vec();
+    let blocks = data.len() / 4096;
+    for i in 0..count {
+        let b = (i * blocks / count + (i * 3) % 7) % blocks;
+        out[b * 4096..(b + 1) * 4096].copy_from_slice(&noise(4096, seed + i as u64));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::noise;

@@ -462,6 +462,7 @@ pub fn manifest_of(data: &[u8]) -> (Manifest, HashMap<Hash, Vec<u8>>) {
     (m, bytes)
 }
 
+/// A whole update: begin, every page, the missing chunks whole, commit.
 pub async fn update(
     handle: &LinkHandle,
     user: &str,
@@ -470,47 +471,24 @@ pub async fn update(
     lease: u64,
     data: &[u8],
 ) -> Result<Updated, LinkError> {
-    let (m, bytes) = manifest_of(data);
-    let begin = UpdateBegin {
-        user: user.into(),
-        session: session.into(),
-        base,
-        lease,
-        header: m.header,
-        cause: UpdateCause::Logout,
-    };
-    let upload = match handle.request(Request::UpdateBegin(begin)).await? {
-        Response::UpdateAccepted { upload } => upload,
-        other => panic!("unexpected {other:?}"),
-    };
-    let per = uve_protocol::manifest::chunks_per_page(handle.max_frame()) as usize;
-    let mut missing = 0;
-    for (p, page) in m.chunks.chunks(per.max(1)).enumerate() {
-        let want = match handle
-            .request(Request::UpdatePage {
-                upload,
-                page: p as u32,
-                chunks: page.to_vec(),
+    let l = begin_and_list(handle, user, session, base, lease, data).await?;
+    for &i in &l.missing {
+        let hash = l.manifest.chunks[i].hash;
+        handle
+            .request(Request::ChunkUpload {
+                upload: l.upload,
+                hash,
+                data: l.bytes[&hash].clone(),
             })
-            .await?
-        {
-            Response::Missing(idx) => idx,
-            other => panic!("unexpected {other:?}"),
-        };
-        missing += want.len();
-        for i in want {
-            let c = page[i as usize];
-            handle
-                .request(Request::ChunkUpload {
-                    upload,
-                    hash: c.hash,
-                    data: bytes[&c.hash].clone(),
-                })
-                .await?;
-        }
+            .await?;
     }
-    let answer = handle.request(Request::UpdateCommit { upload }).await?;
-    Ok(Updated { answer, missing })
+    let answer = handle
+        .request(Request::UpdateCommit { upload: l.upload })
+        .await?;
+    Ok(Updated {
+        answer,
+        missing: l.missing.len(),
+    })
 }
 
 /// An update begun and fully listed, its chunks not yet sent.
@@ -536,6 +514,7 @@ impl Listed {
 pub async fn begin_and_list(
     handle: &LinkHandle,
     user: &str,
+    session: &str,
     base: Option<Version>,
     lease: u64,
     data: &[u8],
@@ -543,7 +522,7 @@ pub async fn begin_and_list(
     let (manifest, bytes) = manifest_of(data);
     let begin = UpdateBegin {
         user: user.into(),
-        session: "s1".into(),
+        session: session.into(),
         base,
         lease,
         header: manifest.header,
@@ -596,7 +575,7 @@ pub async fn update_with_deltas(
     lease: u64,
     data: &[u8],
 ) -> Result<DeltaUpdated, LinkError> {
-    let l = begin_and_list(handle, user, base, lease, data).await?;
+    let l = begin_and_list(handle, user, "s1", base, lease, data).await?;
     let mut out = DeltaUpdated {
         answer: Response::Ok,
         missing: l.missing.len(),
