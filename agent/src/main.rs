@@ -90,6 +90,17 @@ enum Verb {
         #[arg(long)]
         user: String,
     },
+    /// Internal: packs a home directory as a tar to stdout. The daemon runs
+    /// it as the home's user (privileges dropped), never as root.
+    #[command(hide = true)]
+    PackHome {
+        /// The home directory.
+        #[arg(long)]
+        home: PathBuf,
+        /// Glob patterns left out.
+        #[arg(long)]
+        exclude: Vec<String>,
+    },
 }
 
 fn main() {
@@ -109,6 +120,9 @@ fn real_main() -> anyhow::Result<i32> {
         Verb::Run => {
             init_logging();
             return run_daemon(cli.config.as_deref(), cli.socket).map(|()| 0);
+        }
+        Verb::PackHome { home, exclude } => {
+            return crate::uif::materialise::pack_child(&home, &exclude).map(|()| 0);
         }
         Verb::Login { user, session, ua } => (ControlRequest::Login { user, session, ua }, false),
         Verb::Logout { session } => (ControlRequest::Logout { session }, false),

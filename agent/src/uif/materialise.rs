@@ -153,3 +153,10 @@ async fn run_hook(
         Err(UifError::Hook(format!("{prog} exited with {status}")))
     }
 }
+
+/// The `pack-home` child: packs `home` as a tar archive to stdout. Runs
+/// with the privileges of the home's user (see [`detach`]).
+pub fn pack_child(home: &Path, excludes: &[String]) -> anyhow::Result<()> {
+    let _ = (home, excludes);
+    anyhow::bail!("pack-home is not implemented yet")
+}
