@@ -19,6 +19,7 @@ use crate::notices::Journal;
 use crate::session::Table;
 use crate::supervise::Supervisor;
 use crate::ua::UaStore;
+use crate::uif::preserve::Preserved;
 use crate::uif::spool::Spool;
 
 /// Everything the agent's tasks share.
@@ -40,6 +41,8 @@ pub struct Agent {
     pub uas: UaStore,
     /// Pending updates.
     pub spool: Spool,
+    /// Bytes of updates the host refused for good.
+    pub preserved: Preserved,
     /// Pending disconnect notices.
     pub notices: Journal,
     /// Wakes the outbox.
@@ -64,6 +67,7 @@ impl Agent {
             grants: Grants::load(&state_dir),
             uas: UaStore::new(&state_dir, config.max_ua_bundle),
             spool: Spool::new(&state_dir),
+            preserved: Preserved::new(&state_dir),
             notices: Journal::new(&state_dir),
             kick: Notify::new(),
             user_locks: Mutex::new(HashMap::new()),
@@ -131,8 +135,8 @@ impl Agent {
 /// The kernel's random per-boot id (a UUID), so `Hello.boot_id` tells the
 /// host a VM reboot from an agent restart or reconnect.
 fn kernel_boot_id() -> Option<[u8; 16]> {
-    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    let hex: String = text.trim().chars().filter(|c| *c != '-').collect();
+    let text = crate::fsutil::kernel_boot()?;
+    let hex: String = text.chars().filter(|c| *c != '-').collect();
     let mut out = [0u8; 16];
     for (i, byte) in out.iter_mut().enumerate() {
         *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;

@@ -34,11 +34,14 @@ pub fn call(socket: &Path, req: &ControlRequest) -> anyhow::Result<ControlRespon
 pub fn run(socket: &Path, req: ControlRequest, json: bool) -> anyhow::Result<i32> {
     let is_check = matches!(req, ControlRequest::MonitorCheck { .. });
     let is_status = matches!(req, ControlRequest::Status);
+    let is_list = matches!(req, ControlRequest::PreservedList);
     let resp = call(socket, &req)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&resp)?);
     } else if is_status {
         print_status(&resp);
+    } else if is_list && resp.ok {
+        print_preserved(&resp);
     } else if resp.ok {
         println!("{}", resp.message);
     } else {
@@ -48,6 +51,27 @@ pub fn run(socket: &Path, req: ControlRequest, json: bool) -> anyhow::Result<i32
         return Ok(if resp.allowed == Some(true) { 0 } else { 1 });
     }
     Ok(if resp.ok { 0 } else { 1 })
+}
+
+fn print_preserved(resp: &ControlResponse) {
+    let list = resp.preserved.as_deref().unwrap_or_default();
+    if list.is_empty() {
+        println!("no preserved copies");
+        return;
+    }
+    println!("ID                USER             SIZE        PRESERVED            REASON / WHERE");
+    for c in list {
+        println!(
+            "{:<17} {:<16} {:<11} {:<20} {:?}: {}",
+            c.id,
+            c.user,
+            crate::uif::preserve::human_size(c.size),
+            format!("{} ms", c.created),
+            c.code,
+            c.reason
+        );
+        println!("{:<67} {}", "", c.bytes.display());
+    }
 }
 
 fn print_status(resp: &ControlResponse) {
@@ -90,4 +114,11 @@ fn print_status(resp: &ControlResponse) {
         "spooled updates: {}, pending disconnect notices: {}, monitor grants: {}",
         s.spooled_updates, s.pending_notices, s.monitor_grants
     );
+    if s.preserved > 0 {
+        println!(
+            "PRESERVED copies of refused updates: {} ({}); see `uve-agent preserved list`",
+            s.preserved,
+            crate::uif::preserve::human_size(s.preserved_bytes)
+        );
+    }
 }

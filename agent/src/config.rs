@@ -5,7 +5,8 @@
 //! host = "vsock:2:7075"            # or "unix:/path" (tests), "hybrid:..."
 //! state_dir = "/var/lib/uve-agent"
 //! control_socket = "/run/uve-agent.sock"
-//! control_socket_mode = "0600"     # octal; widen to let UAs run monitor-check
+//! control_socket_mode = "0600"     # octal; 0666 lets UAs run monitor-check
+//!                                  # (each caller is checked by its uid)
 //! login_timeout_secs = 30          # wait this long for the host at login
 //! on_retrieve_failure = "fail"     # or "temporary": run on an empty UIF
 //! checkpoint_interval_secs = 0     # 0 = no periodic checkpoints
@@ -214,6 +215,15 @@ impl Config {
             u.parse().map_err(|_| bad())?,
             g.parse().map_err(|_| bad())?,
         )))
+    }
+
+    /// The uid and gid that own `user`'s files: the `uif.owner` override,
+    /// else the user's `/etc/passwd` entry; `None` if neither names one.
+    pub fn owner(&self, user: &str) -> Option<(u32, u32)> {
+        match self.owner_override() {
+            Ok(Some(ids)) => Some(ids),
+            _ => crate::passwd::lookup(user).map(|p| (p.uid, p.gid)),
+        }
     }
 
     /// The image path of `user`'s UIF in file mode; in directory mode the

@@ -1,17 +1,30 @@
 //! The local control socket: one JSON object per line in each direction,
 //! one request per connection. Used by the CLI verbs of this binary (and so
-//! by the PAM hook), display managers and UAs. Access is controlled by the
-//! socket's file mode (`control_socket_mode`, default 0600).
+//! by the PAM hook), display managers and UAs.
+//!
+//! Every connection is authorised by its caller's uid, read from the
+//! kernel (`SO_PEERCRED`), never from the request: root may do everything;
+//! the user of a session (for example its UA) may log it out, report its
+//! disconnect, ask `monitor-check` about it and see it in `status`; anyone
+//! else is refused with the rule that refused them. The socket's file mode
+//! (`control_socket_mode`, default 0600) is a second fence, no longer the
+//! only one. At most [`MAX_CLIENTS`] connections are served at once, and a
+//! request line must arrive within [`REQUEST_LIMIT`].
 //!
 //! Request: `{"op":"login","user":"alice","session":"s1","ua":null}`,
 //! `{"op":"logout","session":"s1"}`, `{"op":"disconnect","session":"s1",
 //! "reason":"..."}`, `{"op":"status"}`, `{"op":"monitor-check",
-//! "session":"s1","user":"bob"}`. Response: `{"ok":true,"message":"...",
-//! "outcome":"committed"|"spooled"|..., "allowed":bool, "status":{...}}`.
+//! "session":"s1","user":"bob"}`, `{"op":"preserved-list"}`,
+//! `{"op":"preserved-export","id":"…","to":"/abs/path"}`,
+//! `{"op":"preserved-push","id":"…","keep":false}`,
+//! `{"op":"preserved-delete","id":"…"}`. Response: `{"ok":true,
+//! "message":"...", "outcome":"committed"|"spooled"|..., "allowed":bool,
+//! "status":{...}, "preserved":[...]}`.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -20,9 +33,16 @@ use tokio::net::UnixStream;
 use crate::agent::Agent;
 use crate::flush::FlushOutcome;
 use crate::lifecycle;
+use crate::uif::preserve::PreservedCopy;
 
 /// Longest request line accepted.
 const MAX_LINE: u64 = 64 * 1024;
+
+/// Control connections served at once; more wait in the kernel's backlog.
+pub const MAX_CLIENTS: usize = 64;
+
+/// How long a client may take to send its request line.
+pub const REQUEST_LIMIT: Duration = Duration::from_secs(10);
 
 /// A request from a local client.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -59,6 +79,28 @@ pub enum ControlRequest {
         /// The would-be monitor.
         user: String,
     },
+    /// The preserved copies of refused updates.
+    PreservedList,
+    /// Copy a preserved copy's bytes to a new file.
+    PreservedExport {
+        /// The copy.
+        id: String,
+        /// Absolute path of the new file (never replaced if it exists).
+        to: PathBuf,
+    },
+    /// Send a preserved copy to the host as a conflict version.
+    PreservedPush {
+        /// The copy.
+        id: String,
+        /// Keep the copy after the host took it.
+        #[serde(default)]
+        keep: bool,
+    },
+    /// Delete a preserved copy.
+    PreservedDelete {
+        /// The copy.
+        id: String,
+    },
 }
 
 /// The answer to a [`ControlRequest`].
@@ -68,7 +110,8 @@ pub struct ControlResponse {
     pub ok: bool,
     /// Human-readable result or error.
     pub message: String,
-    /// For logout/disconnect: committed, conflict, spooled, rejected, nothing.
+    /// For logout/disconnect: committed, conflict, spooled, refused (the
+    /// bytes are preserved), nothing, unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<String>,
     /// For monitor-check.
@@ -77,6 +120,9 @@ pub struct ControlResponse {
     /// For status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<StatusReport>,
+    /// For preserved-list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preserved: Option<Vec<PreservedCopy>>,
 }
 
 /// The agent's state as shown by `uve-agent status`.
@@ -100,6 +146,12 @@ pub struct StatusReport {
     pub pending_notices: usize,
     /// Live monitoring grants.
     pub monitor_grants: usize,
+    /// Preserved copies of refused updates, and the bytes they hold.
+    #[serde(default)]
+    pub preserved: usize,
+    /// Bytes held by preserved copies.
+    #[serde(default)]
+    pub preserved_bytes: u64,
 }
 
 /// One session in [`StatusReport`].
@@ -127,36 +179,115 @@ pub fn bind(path: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> 
     Ok(listener)
 }
 
-/// Accepts control connections forever.
+/// Accepts control connections forever, at most [`MAX_CLIENTS`] at once.
 pub async fn serve(agent: Arc<Agent>, listener: tokio::net::UnixListener) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(client(agent.clone(), stream));
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    client(agent, stream).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 tracing::warn!("control accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
 }
 
+/// Who is calling, as the kernel says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// The caller's effective uid.
+    pub uid: u32,
+}
+
+impl Caller {
+    /// True for root.
+    pub fn is_root(self) -> bool {
+        self.uid == 0
+    }
+}
+
 async fn client(agent: Arc<Agent>, stream: UnixStream) {
+    let caller = match stream.peer_cred() {
+        Ok(c) => Caller { uid: c.uid() },
+        Err(e) => {
+            tracing::warn!("control client without credentials, refused: {e}");
+            return;
+        }
+    };
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_LINE));
-    let response = match reader.read_line(&mut line).await {
-        Ok(0) => return,
-        Ok(_) => match serde_json::from_str::<ControlRequest>(line.trim()) {
-            Ok(req) => handle(&agent, req).await,
+    let read = tokio::time::timeout(REQUEST_LIMIT, reader.read_line(&mut line)).await;
+    let response = match read {
+        Err(_) => failure(format!("no request within {REQUEST_LIMIT:?}")),
+        Ok(Ok(0)) => return,
+        Ok(Ok(_)) => match serde_json::from_str::<ControlRequest>(line.trim()) {
+            Ok(req) => match authorise(&agent, caller, &req) {
+                Ok(()) => handle(&agent, caller, req).await,
+                Err(why) => {
+                    tracing::warn!(uid = caller.uid, "control request refused: {why}");
+                    failure(format!("permission denied: {why}"))
+                }
+            },
             Err(e) => failure(format!("bad request: {e}")),
         },
-        Err(e) => failure(format!("cannot read request: {e}")),
+        Ok(Err(e)) => failure(format!("cannot read request: {e}")),
     };
     if let Ok(mut bytes) = serde_json::to_vec(&response) {
         bytes.push(b'\n');
         let _ = w.write_all(&bytes).await;
+    }
+}
+
+/// The uid that owns `user`'s files on this VM, if any.
+fn uid_of(agent: &Agent, user: &str) -> Option<u32> {
+    agent.config().owner(user).map(|(uid, _)| uid)
+}
+
+/// True if `caller` is the user of `session`.
+fn owns_session(agent: &Agent, caller: Caller, session: &str) -> bool {
+    let user = agent.snapshot().sessions.get(session).map(|s| s.user.clone());
+    user.is_some_and(|u| uid_of(agent, &u) == Some(caller.uid))
+}
+
+/// The one check at the top of every request: may `caller` make it?
+pub fn authorise(agent: &Agent, caller: Caller, req: &ControlRequest) -> Result<(), String> {
+    if caller.is_root() {
+        return Ok(());
+    }
+    let uid = caller.uid;
+    match req {
+        ControlRequest::Status => Ok(()),
+        ControlRequest::Logout { session }
+        | ControlRequest::Disconnect { session, .. }
+        | ControlRequest::MonitorCheck { session, .. } => {
+            if owns_session(agent, caller, session) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "uid {uid} may act only on its own sessions, and {session} is not one of them (root may act on any)"
+                ))
+            }
+        }
+        ControlRequest::Login { .. } => Err(format!(
+            "only root opens sessions (the PAM hook runs as root); uid {uid} may not"
+        )),
+        ControlRequest::PreservedList
+        | ControlRequest::PreservedExport { .. }
+        | ControlRequest::PreservedPush { .. }
+        | ControlRequest::PreservedDelete { .. } => Err(format!(
+            "only root handles preserved copies; uid {uid} may not"
+        )),
     }
 }
 
@@ -175,7 +306,8 @@ fn flushed(outcome: FlushOutcome) -> ControlResponse {
         FlushOutcome::Spooled(_) => (true, "spooled"),
         FlushOutcome::Nothing(_) => (true, "nothing"),
         FlushOutcome::Unchanged(_) => (true, "unchanged"),
-        FlushOutcome::Rejected(_) => (false, "rejected"),
+        FlushOutcome::Refused { .. } => (false, "refused"),
+        FlushOutcome::NotTaken(_) => (false, "not-taken"),
     };
     ControlResponse {
         ok,
@@ -185,16 +317,12 @@ fn flushed(outcome: FlushOutcome) -> ControlResponse {
     }
 }
 
-/// Serves one request.
-pub async fn handle(agent: &Arc<Agent>, req: ControlRequest) -> ControlResponse {
+/// Serves one request of an authorised caller (see [`authorise`]).
+pub async fn handle(agent: &Arc<Agent>, caller: Caller, req: ControlRequest) -> ControlResponse {
     match req {
         ControlRequest::Login { user, session, ua } => {
             match lifecycle::login(agent, &user, &session, ua.as_deref()).await {
-                Ok(message) => ControlResponse {
-                    ok: true,
-                    message,
-                    ..ControlResponse::default()
-                },
+                Ok(message) => success(message),
                 Err(e) => failure(e.to_string()),
             }
         }
@@ -211,24 +339,67 @@ pub async fn handle(agent: &Arc<Agent>, req: ControlRequest) -> ControlResponse 
         ControlRequest::MonitorCheck { session, user } => {
             let allowed = agent.grants.allowed(&session, &user);
             ControlResponse {
-                ok: true,
-                message: if allowed { "allowed" } else { "not allowed" }.into(),
                 allowed: Some(allowed),
-                ..ControlResponse::default()
+                ..success(if allowed { "allowed" } else { "not allowed" }.into())
             }
         }
         ControlRequest::Status => ControlResponse {
-            ok: true,
-            message: "ok".into(),
-            status: Some(report(agent)),
-            ..ControlResponse::default()
+            status: Some(report(agent, caller)),
+            ..success("ok".into())
         },
+        ControlRequest::PreservedList => {
+            let list = agent.preserved.list();
+            ControlResponse {
+                preserved: Some(list.clone()),
+                ..success(format!("{} preserved copies", list.len()))
+            }
+        }
+        ControlRequest::PreservedExport { id, to } => {
+            if !to.is_absolute() {
+                return failure(format!("{} is not an absolute path", to.display()));
+            }
+            let (preserved, id2, to2) = (agent.preserved.clone(), id.clone(), to.clone());
+            match tokio::task::spawn_blocking(move || preserved.export(&id2, &to2)).await {
+                Ok(Ok(n)) => success(format!(
+                    "exported preserved copy {id} ({n} bytes) to {}",
+                    to.display()
+                )),
+                Ok(Err(e)) => failure(format!("cannot export preserved copy {id}: {e}")),
+                Err(e) => failure(format!("export task failed: {e}")),
+            }
+        }
+        ControlRequest::PreservedPush { id, keep } => {
+            match lifecycle::push_preserved(agent, &id, keep).await {
+                Ok(o) => flushed(o),
+                Err(e) => failure(e.to_string()),
+            }
+        }
+        ControlRequest::PreservedDelete { id } => {
+            let (preserved, id2) = (agent.preserved.clone(), id.clone());
+            match tokio::task::spawn_blocking(move || preserved.remove(&id2)).await {
+                Ok(Ok(())) => success(format!("deleted preserved copy {id}")),
+                Ok(Err(e)) => failure(format!("cannot delete preserved copy {id}: {e}")),
+                Err(e) => failure(format!("delete task failed: {e}")),
+            }
+        }
     }
 }
 
-fn report(agent: &Agent) -> StatusReport {
+fn success(message: String) -> ControlResponse {
+    ControlResponse {
+        ok: true,
+        message,
+        ..ControlResponse::default()
+    }
+}
+
+/// The status `caller` may see: everything for root, only their own
+/// sessions and UIF for anyone else.
+fn report(agent: &Agent, caller: Caller) -> StatusReport {
     let conn = agent.conn.current();
     let table = agent.snapshot();
+    let visible = |user: &str| caller.is_root() || uid_of(agent, user) == Some(caller.uid);
+    let preserved = agent.preserved.list();
     StatusReport {
         connected: conn.is_some(),
         vm_id: conn.map(|c| c.welcome.vm_id),
@@ -236,6 +407,7 @@ fn report(agent: &Agent) -> StatusReport {
         sessions: table
             .sessions
             .values()
+            .filter(|s| visible(&s.user))
             .map(|s| SessionStatus {
                 session: s.session.clone(),
                 user: s.user.clone(),
@@ -244,7 +416,7 @@ fn report(agent: &Agent) -> StatusReport {
                 suspended: agent.supervisor.is_suspended(&s.session),
             })
             .collect(),
-        attached: table.uifs.keys().cloned().collect(),
+        attached: table.uifs.keys().filter(|u| visible(u)).cloned().collect(),
         uas: agent
             .uas
             .list()
@@ -254,5 +426,7 @@ fn report(agent: &Agent) -> StatusReport {
         spooled_updates: agent.spool.count(),
         pending_notices: agent.notices.count(),
         monitor_grants: agent.grants.count(),
+        preserved: preserved.len(),
+        preserved_bytes: preserved.iter().map(|c| c.size).sum(),
     }
 }

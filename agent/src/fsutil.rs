@@ -1,30 +1,64 @@
 //! Small file-system and entropy helpers every module relies on: durable
-//! atomic writes (temp + fsync + rename + fsync of the directory), reading
-//! JSON state files, random ids from the kernel and the wall clock.
+//! atomic writes (unique temp + fsync + rename + fsync of the directory),
+//! private state files (0600, never through a symlink), reading JSON state
+//! files, the kernel's boot id, random ids and the wall clock.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+/// Mode of every state file the agent writes: only root reads its state
+/// (sessions, grants, manifests, spool records name users and sessions).
+pub const STATE_FILE_MODE: u32 = 0o600;
+
+/// Creates a new private file at `path`: mode [`STATE_FILE_MODE`], failing
+/// if anything (a file, a symlink planted by someone) is already there.
+pub fn create_private(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .read(true)
+        .create_new(true)
+        .mode(STATE_FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// A temp name next to `path` that no other writer uses: the file name,
+/// `suffix`, and a random tag.
+fn unique_sibling(path: &Path, suffix: &str) -> PathBuf {
+    sibling(path, &format!("{suffix}-{:016x}", random_u64()))
+}
+
 /// Writes `data` to `path` so that a crash leaves either the old or the new
-/// content, never a mix: write a sibling temp file, fsync it, rename it over
-/// `path`, fsync the directory.
+/// content, never a mix: write a fresh, uniquely named sibling temp file
+/// (0600, `O_EXCL`, no symlink followed), fsync it, rename it over `path`,
+/// fsync the directory. On error the temp file is removed.
 pub fn atomic_write(path: &Path, data: &[u8]) -> io::Result<()> {
-    let tmp = sibling(path, ".uve-tmp");
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+    let tmp = unique_sibling(path, ".uve-tmp");
+    let written = create_private(&tmp).and_then(|mut f| {
         f.write_all(data)?;
-        f.sync_all()?;
+        f.sync_all()
+    });
+    let renamed = written.and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = renamed {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    fs::rename(&tmp, path)?;
     sync_parent(path)
+}
+
+/// Makes `path`'s content durable (`fsync` of that one file, which a
+/// read-only descriptor allows), without following a symlink.
+pub fn sync_file(path: &Path) -> io::Result<()> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?
+        .sync_all()
 }
 
 /// Serialises `value` as JSON and writes it with [`atomic_write`].
@@ -96,6 +130,15 @@ pub fn ensure_dir_mode(dir: &Path, mode: u32) -> io::Result<()> {
     fs::set_permissions(dir, fs::Permissions::from_mode(mode))
 }
 
+/// The kernel's random per-boot id (`/proc/sys/kernel/random/boot_id`, a
+/// UUID), trimmed; `None` where unreadable. State written during another
+/// boot tells a VM restart (power loss, crash) from an agent restart.
+pub fn kernel_boot() -> Option<String> {
+    let text = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let id = text.trim();
+    (!id.is_empty()).then(|| id.to_string())
+}
+
 /// Random bytes from the kernel (`/dev/urandom`).
 pub fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
     let mut out = [0u8; N];
@@ -133,8 +176,26 @@ mod tests {
         atomic_write(&p, b"one").unwrap();
         atomic_write(&p, b"two").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert!(!sibling(&p, ".uve-tmp").exists());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        // Nothing but the file itself is left in the directory.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
         let v: Option<Vec<u32>> = read_json(&dir.path().join("missing")).unwrap();
         assert!(v.is_none());
+    }
+
+    #[test]
+    fn private_files_refuse_planted_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        fs::write(&target, b"keep").unwrap();
+        let p = dir.path().join("state.json");
+        std::os::unix::fs::symlink(&target, &p).unwrap();
+        assert!(create_private(&p).is_err());
+        assert!(sync_file(&p).is_err());
+        // atomic_write replaces the link itself, never writes through it.
+        atomic_write(&p, b"new").unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"keep");
+        assert!(!fs::symlink_metadata(&p).unwrap().file_type().is_symlink());
     }
 }

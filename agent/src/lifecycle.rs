@@ -52,6 +52,9 @@ pub enum LifecycleError {
     /// Journalling failed.
     #[error("cannot journal: {0}")]
     Journal(std::io::Error),
+    /// No preserved copy has this id.
+    #[error("no preserved copy {0} (see `uve-agent preserved list`)")]
+    NoSuchPreserved(String),
 }
 
 fn uif_err(user: &str) -> impl FnOnce(UifError) -> LifecycleError + '_ {
@@ -126,6 +129,15 @@ pub async fn login(
                 "SessionStarted not delivered (re-announced later): {e}"
             );
         }
+    }
+    let preserved = agent.preserved.for_user(user);
+    if !preserved.is_empty() {
+        summary.push_str(&format!(
+            "; NOTE: {} earlier update(s) of {user} were refused by the host and are preserved on this VM (root: `uve-agent preserved list`): ",
+            preserved.len()
+        ));
+        let lines: Vec<String> = preserved.iter().map(|c| c.describe()).collect();
+        summary.push_str(&lines.join("; "));
     }
     tracing::info!(user, session, "login: {summary}");
     Ok(summary)
@@ -254,10 +266,7 @@ pub async fn disconnect(
         session: session.into(),
         user: user.clone(),
         ua,
-        reason: reason
-            .chars()
-            .take(uve_protocol::defs::MAX_TEXT_LEN)
-            .collect(),
+        reason: uve_protocol::defs::clip_text(reason).to_string(),
         at: fsutil::now_ms(),
     };
     agent
@@ -268,6 +277,63 @@ pub async fn disconnect(
     crate::supervise::stop(agent, session).await;
     let outcome = end_session(agent, &user, session, UpdateCause::Disconnect).await?;
     tracing::warn!(user, session, reason, "unexpected disconnect: {outcome}");
+    Ok(outcome)
+}
+
+/// Sends preserved copy `id` to the host as a conflict version (base
+/// `None`, so it can never replace the user's head; a user without any
+/// version yet gets it as their first). Removes the copy once the host
+/// took it, unless `keep`. A refusal leaves the copy as it is.
+pub async fn push_preserved(
+    agent: &Arc<Agent>,
+    id: &str,
+    keep: bool,
+) -> Result<FlushOutcome, LifecycleError> {
+    let copy = agent
+        .preserved
+        .get(id)
+        .ok_or_else(|| LifecycleError::NoSuchPreserved(id.into()))?;
+    let lock = agent.user_lock(&copy.user);
+    let _guard = lock.lock().await;
+    let wait = Duration::from_secs(agent.config().login_timeout_secs);
+    let c = agent.conn.wait(wait).await.ok_or_else(|| LifecycleError::Uif {
+        user: copy.user.clone(),
+        source: UifError::NotConnected,
+    })?;
+    let path = copy.bytes.clone();
+    let manifest = crate::uif::blocking(move || {
+        uve_protocol::chunker::chunk_file(&path).map_err(|e| UifError::at("chunk", &path, e))
+    })
+    .await
+    .map_err(uif_err(&copy.user))?;
+    let begin = uve_protocol::message::UpdateBegin {
+        user: copy.user.clone(),
+        session: copy.session.clone(),
+        base: None,
+        lease: 0,
+        header: manifest.header,
+        cause: UpdateCause::Spooled,
+    };
+    let outcome = crate::uif::update::upload(&c.link, &copy.bytes, &manifest, begin, None)
+        .await
+        .map_err(uif_err(&copy.user))?;
+    let outcome = match outcome {
+        crate::uif::update::UpdateOutcome::Committed(v) => FlushOutcome::Committed(v),
+        crate::uif::update::UpdateOutcome::Conflict { kept_as, head } => {
+            FlushOutcome::Conflict { kept_as, head }
+        }
+    };
+    tracing::info!(user = %copy.user, id, "preserved copy pushed: {outcome}");
+    if !keep {
+        let (preserved, id) = (agent.preserved.clone(), id.to_string());
+        crate::uif::blocking(move || {
+            preserved
+                .remove(&id)
+                .map_err(|e| UifError::io(format!("remove preserved copy {id}"), e))
+        })
+        .await
+        .map_err(uif_err(&copy.user))?;
+    }
     Ok(outcome)
 }
 
@@ -315,10 +381,9 @@ pub async fn release(agent: &Arc<Agent>, user: &str) -> Option<Version> {
 /// reported as an unexpected disconnect and each attached UIF (still on
 /// disk) is flushed with cause `Disconnect`, in the background.
 pub fn recover_after_reboot(agent: &Arc<Agent>) {
-    let Ok(now) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else {
+    let Some(now) = fsutil::kernel_boot() else {
         return;
     };
-    let now = now.trim().to_string();
     let before = agent.snapshot();
     agent.with_table(|t| t.kernel_boot = Some(now.clone()));
     match &before.kernel_boot {

@@ -9,6 +9,7 @@ mod config;
 mod conn;
 mod control;
 mod dispatch;
+mod fault;
 mod flush;
 mod fsutil;
 mod lifecycle;
@@ -90,6 +91,11 @@ enum Verb {
         #[arg(long)]
         user: String,
     },
+    /// Preserved copies of updates the host refused for good (root only).
+    Preserved {
+        #[command(subcommand)]
+        verb: PreservedVerb,
+    },
     /// Internal: packs a home directory as a tar to stdout. The daemon runs
     /// it as the home's user (privileges dropped), never as root.
     #[command(hide = true)]
@@ -100,6 +106,41 @@ enum Verb {
         /// Glob patterns left out.
         #[arg(long)]
         exclude: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PreservedVerb {
+    /// List them: id, user, size, why, where.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy one's bytes to a new file.
+    Export {
+        /// The copy's id.
+        #[arg(long)]
+        id: String,
+        /// The new file (must not exist).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Send one to the host as a conflict version (once the cause of the
+    /// refusal is fixed); removes it once the host took it.
+    Push {
+        /// The copy's id.
+        #[arg(long)]
+        id: String,
+        /// Keep the copy after the host took it.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Delete one for good.
+    Delete {
+        /// The copy's id.
+        #[arg(long)]
+        id: String,
     },
 }
 
@@ -133,6 +174,16 @@ fn real_main() -> anyhow::Result<i32> {
         Verb::MonitorCheck { session, user } => {
             (ControlRequest::MonitorCheck { session, user }, false)
         }
+        Verb::Preserved { verb } => match verb {
+            PreservedVerb::List { json } => (ControlRequest::PreservedList, json),
+            PreservedVerb::Export { id, to } => {
+                let to = std::path::absolute(&to)
+                    .with_context(|| format!("resolve {}", to.display()))?;
+                (ControlRequest::PreservedExport { id, to }, false)
+            }
+            PreservedVerb::Push { id, keep } => (ControlRequest::PreservedPush { id, keep }, false),
+            PreservedVerb::Delete { id } => (ControlRequest::PreservedDelete { id }, false),
+        },
     };
     let socket = match cli.socket {
         Some(s) => s,

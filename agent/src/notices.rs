@@ -6,10 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
-use uve_protocol::link::LinkError;
-
 use crate::conn::HostLink;
-use uve_protocol::message::{DisconnectNotice, ErrorCode, Request};
+use uve_protocol::message::{DisconnectNotice, Request};
 
 use crate::fsutil;
 
@@ -55,9 +53,13 @@ impl Journal {
     }
 
     /// Sends every pending notice; stops at the first transient failure.
+    /// A notice the host refuses for good (after its reason was clipped to
+    /// the wire's byte limit, for journals of older agents too) is dropped
+    /// with an error in the log, so it never blocks the notices behind it.
     pub async fn deliver(&self, link: &HostLink) {
-        for notice in self.list() {
+        for mut notice in self.list() {
             let id = notice.id;
+            notice.reason = uve_protocol::defs::clip_text(&notice.reason).to_string();
             match link
                 .request_timeout(
                     Request::UnexpectedDisconnect(notice),
@@ -69,9 +71,7 @@ impl Journal {
                     tracing::info!(id, "disconnect notice acknowledged");
                     self.remove(id);
                 }
-                Err(LinkError::Remote(e))
-                    if matches!(e.code, ErrorCode::BadRequest | ErrorCode::InvalidName) =>
-                {
+                Err(e) if e.refusal().is_some() => {
                     tracing::error!(id, "host refused disconnect notice for good: {e}");
                     self.remove(id);
                 }

@@ -34,22 +34,33 @@ fn pam_hook_opens_and_closes_sessions() {
     let agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     let hook = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/pam/uve-pam-hook");
+    // Options come only from the pam_exec line (arguments); the PAM
+    // environment, which pam_env may fill from the user's own files, is
+    // ignored: these would point the hook at another binary, socket and
+    // session.
     let run = |ty: &str| {
         Command::new("/bin/sh")
             .arg(&hook)
+            .arg("--agent")
+            .arg(common::agent_bin())
+            .arg("--socket")
+            .arg(&agent.socket)
             .env("PAM_TYPE", ty)
             .env("PAM_USER", "dave")
             .env("PAM_SERVICE", "sshd")
-            .env("UVE_AGENT", common::agent_bin())
-            .env("UVE_SOCKET", &agent.socket)
+            .env("UVE_AGENT", "/bin/false")
+            .env("UVE_SOCKET", dir.path().join("elsewhere.sock"))
             .env("UVE_SESSION", "pam session/1")
+            .env("PATH", dir.path())
             .output()
             .unwrap()
     };
     let out = run("open_session");
     assert!(out.status.success(), "{out:?}");
     let st = agent.status();
-    assert_eq!(st["sessions"][0]["session"], "pam_session_1");
+    // "<user>-<service>-<pid of the PAM process>": this test process.
+    let expected = format!("dave-sshd-{}", std::process::id());
+    assert_eq!(st["sessions"][0]["session"], expected.as_str());
     assert_eq!(st["sessions"][0]["user"], "dave");
     let img = dir.path().join("uif/dave.img");
     assert_eq!(std::fs::read(&img).unwrap(), data);

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub chunk_deltas: AtomicU64,
     /// Unexpected session disconnects reported (agent or host).
     pub unexpected_disconnects: AtomicU64,
+    /// Updates refused for good (quota, not assigned, too large, ...).
+    pub updates_refused: AtomicU64,
     per_user: Mutex<BTreeMap<String, (u64, u64)>>,
 }
 
@@ -68,7 +70,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 11] = [
+        let rows: [(&str, &str, &str, u64); 12] = [
             (
                 "uve_connections",
                 "gauge",
@@ -134,6 +136,12 @@ impl Metrics {
                 "counter",
                 "Unexpected session disconnects",
                 g(&self.unexpected_disconnects),
+            ),
+            (
+                "uve_updates_refused_total",
+                "counter",
+                "Updates refused for good (the agent keeps their bytes as a preserved copy)",
+                g(&self.updates_refused),
             ),
         ];
         for (name, kind, help, v) in rows {

@@ -63,8 +63,19 @@ pub const HEARTBEAT_MISSES: u32 = 3;
 /// Longest user, session, UA or monitor name accepted on the wire.
 pub const MAX_NAME_LEN: usize = 128;
 
-/// Longest free-text field (reasons, messages) accepted on the wire.
+/// Longest free-text field (reasons, messages) accepted on the wire, in
+/// bytes (not characters).
 pub const MAX_TEXT_LEN: usize = 1024;
+
+/// `text` cut to at most [`MAX_TEXT_LEN`] bytes at a UTF-8 character
+/// boundary: what a sender does with free text before it goes on the wire.
+pub fn clip_text(text: &str) -> &str {
+    let mut end = text.len().min(MAX_TEXT_LEN);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
 
 /// Serialized size of one [`crate::manifest::ChunkRef`] in the worst case
 /// (32-byte hash + 5-byte varint length).
@@ -72,3 +83,21 @@ pub const CHUNK_REF_MAX_WIRE: u32 = 37;
 
 /// Bytes reserved in a manifest page frame for everything but the chunk refs.
 pub const PAGE_OVERHEAD: u32 = 4096;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn clip_text_cuts_by_bytes_at_a_char_boundary() {
+        let short = "display closed";
+        assert_eq!(super::clip_text(short), short);
+        // 'é' is two bytes: 600 of them are 1200 bytes, 1024 is between two.
+        let long = "é".repeat(600);
+        let clipped = super::clip_text(&long);
+        assert_eq!(clipped.len(), super::MAX_TEXT_LEN);
+        assert_eq!(clipped.chars().count(), 512);
+        let odd = format!("x{long}");
+        let clipped = super::clip_text(&odd);
+        assert_eq!(clipped.len(), super::MAX_TEXT_LEN - 1);
+        assert!(odd.starts_with(clipped));
+    }
+}

@@ -124,6 +124,17 @@ impl LinkError {
             _ => None,
         }
     }
+
+    /// The peer's final refusal, if that is what this is: a remote error
+    /// whose code is not [transient](ErrorCode::is_transient). A closed
+    /// link, a timeout or an unencodable frame says nothing about what the
+    /// peer would answer, so a retry may succeed.
+    pub fn refusal(&self) -> Option<&WireError> {
+        match self {
+            LinkError::Remote(e) if !e.code.is_transient() => Some(e),
+            _ => None,
+        }
+    }
 }
 
 struct Shared {

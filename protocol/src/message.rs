@@ -537,6 +537,27 @@ impl WireError {
     }
 }
 
+impl From<crate::names::NameError> for WireError {
+    fn from(e: crate::names::NameError) -> Self {
+        WireError::new(ErrorCode::InvalidName, e)
+    }
+}
+
+impl ErrorCode {
+    /// True if the same request may succeed when retried later unchanged:
+    /// the peer was busy, slow, shutting down or failed internally. Every
+    /// other code is the peer's final answer to that request (a refusal
+    /// no retry fixes). Both daemons classify with this one rule; the
+    /// agent keeps an update it cannot deliver in its spool on a transient
+    /// code and sets its bytes aside on a final one.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::Busy | ErrorCode::Timeout | ErrorCode::ShuttingDown | ErrorCode::Internal
+        )
+    }
+}
+
 /// Error codes. Appended only, like every enum here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ErrorCode {

@@ -132,13 +132,24 @@ fn now_ns() -> i128 {
         .unwrap_or(0)
 }
 
-/// "`file` held the manifest with `digest` when it had identity `file`".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// "`file` held the manifest with `digest` when it had identity `file`",
+/// during kernel boot `boot`.
+///
+/// A stamp vouches only within the boot it was taken in: after a crash or
+/// power loss, data the kernel had not written back may be lost or half
+/// written while the inode's times still read as stamped (an overwrite in
+/// place journals no metadata before its data reaches the disk), so a file
+/// from an earlier boot is always verified by hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stamp {
     /// Digest of the manifest the file held.
     pub digest: Hash,
     /// The file's identity then.
     pub file: FileId,
+    /// The kernel boot id when the stamp was taken (`None`: a stamp of an
+    /// older agent, never trusted).
+    #[serde(default)]
+    pub boot: Option<String>,
 }
 
 /// Takes the identity of `path` for a stamp, waiting (at most twice
@@ -175,7 +186,8 @@ pub fn save_stamp(
             if let Some(dir) = path.parent() {
                 crate::fsutil::ensure_dir(dir)?;
             }
-            crate::fsutil::write_json(&path, &Stamp { digest, file })
+            let boot = crate::fsutil::kernel_boot();
+            crate::fsutil::write_json(&path, &Stamp { digest, file, boot })
         }
         None => match std::fs::remove_file(&path) {
             Ok(()) => crate::fsutil::sync_parent(&path),
@@ -203,7 +215,8 @@ pub fn stamped_id(state_dir: &Path, user: &str, manifest: &Manifest) -> Option<F
     let stamp = crate::fsutil::read_json::<Stamp>(&stamp_path(state_dir, user))
         .ok()
         .flatten()?;
-    (stamp.digest == manifest.header.digest && stamp.file.size == manifest.header.size)
+    let this_boot = stamp.boot.is_some() && stamp.boot == crate::fsutil::kernel_boot();
+    (this_boot && stamp.digest == manifest.header.digest && stamp.file.size == manifest.header.size)
         .then_some(stamp.file)
 }
 

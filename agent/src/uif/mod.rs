@@ -1,11 +1,13 @@
 //! User Image Files in the guest: retrieving a version from the host
 //! ([`retrieve`]), reusing the previous version's bytes ([`cache`]),
 //! uploading a new version ([`update`]), keeping updates the host could not
-//! take yet ([`spool`]) and making the UIF appear to the user
+//! take yet ([`spool`]), keeping the bytes of updates the host refused for
+//! good ([`preserve`]) and making the UIF appear to the user
 //! ([`materialise`]).
 
 pub mod cache;
 pub mod materialise;
+pub mod preserve;
 pub mod retrieve;
 pub mod spool;
 pub mod update;
@@ -13,7 +15,7 @@ pub mod update;
 use std::path::Path;
 
 use uve_protocol::link::LinkError;
-use uve_protocol::message::ErrorCode;
+use uve_protocol::message::WireError;
 
 /// Why a UIF operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +47,9 @@ pub enum UifError {
     /// Packing or unpacking a home directory failed.
     #[error(transparent)]
     Archive(#[from] crate::archive::ArchiveError),
+    /// A task of the agent's own failed (panicked or was cancelled).
+    #[error("agent task failed: {0}")]
+    Task(String),
 }
 
 impl UifError {
@@ -61,21 +66,20 @@ impl UifError {
         UifError::io(format!("{what} {}", path.display()), source)
     }
 
-    /// True if retrying later (after a reconnect) may succeed: the link
-    /// broke, or the host was busy or shutting down.
-    pub fn is_transient(&self) -> bool {
+    /// The host's final refusal, if that is why the operation failed
+    /// (see [`uve_protocol::message::ErrorCode::is_transient`]).
+    pub fn refusal(&self) -> Option<&WireError> {
         match self {
-            UifError::NotConnected => true,
-            UifError::Link(LinkError::Remote(e)) => matches!(
-                e.code,
-                ErrorCode::Busy
-                    | ErrorCode::Timeout
-                    | ErrorCode::ShuttingDown
-                    | ErrorCode::Internal
-            ),
-            UifError::Link(_) => true,
-            _ => false,
+            UifError::Link(e) => e.refusal(),
+            _ => None,
         }
+    }
+
+    /// True unless the host refused for good: a broken link, a busy host,
+    /// a local i/o error or a failed task may all go away, so the update
+    /// stays in the spool and is retried.
+    pub fn is_transient(&self) -> bool {
+        self.refusal().is_none()
     }
 }
 
@@ -86,5 +90,5 @@ pub async fn blocking<T: Send + 'static>(
 ) -> Result<T, UifError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| UifError::io("blocking task", std::io::Error::other(e.to_string())))?
+        .map_err(|e| UifError::Task(format!("blocking task: {e}")))?
 }

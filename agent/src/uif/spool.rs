@@ -3,8 +3,18 @@
 //! place), and removed once the host has committed it or kept it as a
 //! conflict version. So an update survives the host being down, the
 //! connection dropping mid-upload and the agent being killed; it is
-//! delivered after the next handshake. An entry the host refuses for good
-//! (e.g. `NotAssigned`) moves to `rejected/` for an operator.
+//! delivered after the next handshake.
+//!
+//! "Spooled" means durable: the flush fsyncs the UIF file before it adds
+//! the entry, and the entry's manifest and record are fsynced in that
+//! order (the record's presence makes the entry valid). The record names
+//! the kernel boot it was written in: after a VM restart the file is
+//! checked chunk by chunk against the manifest, and a file that no longer
+//! matches (torn by a power loss, or written after spooling) is sent only
+//! as a conflict version, never as the user's head.
+//!
+//! An entry the host refuses for good leaves the spool only after its file
+//! was moved into the preserved area ([`super::preserve`]).
 
 use std::path::{Path, PathBuf};
 
@@ -33,6 +43,18 @@ pub struct SpoolEntry {
     pub file: PathBuf,
     /// When it was spooled (Unix ms).
     pub created: u64,
+    /// The kernel boot id when it was spooled (`None`: unknown, treated as
+    /// another boot).
+    #[serde(default)]
+    pub boot: Option<String>,
+}
+
+impl SpoolEntry {
+    /// True if the entry was spooled during an earlier boot of the VM (or
+    /// the boot is unknown): its file may have been torn by a crash since.
+    pub fn from_earlier_boot(&self) -> bool {
+        self.boot.is_none() || self.boot != crate::fsutil::kernel_boot()
+    }
 }
 
 /// The spool directory.
@@ -89,16 +111,6 @@ impl Spool {
         let _ = std::fs::remove_file(self.record_path(id));
         let _ = std::fs::remove_file(self.manifest_path(id));
         let _ = fsutil::sync_parent(&self.record_path(id));
-    }
-
-    /// Moves an entry the host refused for good out of the queue.
-    pub fn reject(&self, id: u64) {
-        let dir = self.dir.join("rejected");
-        if fsutil::ensure_dir(&dir).is_ok() {
-            let _ = std::fs::rename(self.manifest_path(id), dir.join(format!("{id}.manifest")));
-            let _ = std::fs::rename(self.record_path(id), dir.join(format!("{id}.json")));
-        }
-        self.remove(id);
     }
 
     /// Number of pending entries.

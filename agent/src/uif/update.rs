@@ -174,7 +174,7 @@ async fn send_body(
                 };
                 let sigs = task
                     .await
-                    .map_err(|e| UifError::Protocol(format!("signature task failed: {e}")))??;
+                    .map_err(|e| UifError::Task(format!("signature task: {e}")))??;
                 for (i, sig) in batch.into_iter().zip(sigs) {
                     while inflight.len() >= UPLOAD_PARALLEL {
                         join_one(&mut inflight, &mut sent).await?;
@@ -237,6 +237,10 @@ fn read_chunk(
         )));
     };
     let mut data = vec![0u8; c.len as usize];
+    if crate::fault::hit("upload-read") {
+        let eio = std::io::Error::from_raw_os_error(libc::EIO);
+        return Err(UifError::io("read chunk to upload", eio));
+    }
     f.read_exact_at(&mut data, *off)
         .map_err(|e| UifError::io("read chunk to upload", e))?;
     let unchanged = stamped.is_some_and(|id| FileId::of_file(f) == Some(id));
@@ -346,7 +350,7 @@ async fn join_one(
 ) -> Result<(), UifError> {
     match set.join_next().await {
         Some(r) => {
-            let s = r.map_err(|e| UifError::Protocol(format!("upload task failed: {e}")))??;
+            let s = r.map_err(|e| UifError::Task(format!("upload task: {e}")))??;
             total.bytes += s.bytes;
             total.whole += s.whole;
             total.deltas += s.deltas;

@@ -110,6 +110,10 @@ pub struct HostState {
     pub unassigned: HashSet<String>,
     /// Refuse this many next notices with Busy (tests retry).
     pub busy_notices: usize,
+    /// Refuse this many next notices for good (`TooLarge`).
+    pub refuse_notices: usize,
+    /// Refuse every `UpdateBegin` for good with this code (quota, ...).
+    pub refuse_updates: Option<ErrorCode>,
     /// Drop the connection (no goodbye) at the next chunk upload.
     pub drop_on_upload: bool,
     /// Drop the connection (no goodbye) at the next chunk fetch.
@@ -454,6 +458,9 @@ fn handle(state: &Mutex<HostState>, req: Request) -> Response {
             if st.unassigned.contains(&begin.user) {
                 return err(ErrorCode::NotAssigned, "not assigned");
             }
+            if let Some(code) = st.refuse_updates {
+                return err(code, "refused by the test host");
+            }
             st.next_upload += 1;
             let id = st.next_upload;
             st.uploads.insert(
@@ -606,9 +613,17 @@ fn handle(state: &Mutex<HostState>, req: Request) -> Response {
             Response::Ok
         }
         Request::UnexpectedDisconnect(n) => {
+            // As the real host: free text is limited in bytes.
+            if n.reason.len() > uve_protocol::defs::MAX_TEXT_LEN {
+                return err(ErrorCode::TooLarge, "reason too long");
+            }
             if st.busy_notices > 0 {
                 st.busy_notices -= 1;
                 return err(ErrorCode::Busy, "try later");
+            }
+            if st.refuse_notices > 0 {
+                st.refuse_notices -= 1;
+                return err(ErrorCode::TooLarge, "refused for good");
             }
             let seen = st.notices.entry(n.id).or_insert(0);
             *seen += 1;
@@ -627,6 +642,8 @@ pub struct AgentProc {
     pub config: PathBuf,
     pub socket: PathBuf,
     pub state: PathBuf,
+    /// Extra environment of the daemon (e.g. `UVE_AGENT_FAULTS`).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -652,6 +669,11 @@ impl AgentProc {
     /// Writes a config (extra TOML appended, e.g. a `[uif]` section) and
     /// starts the agent; waits until its control socket answers.
     pub fn start(dir: &Path, extra: &str) -> AgentProc {
+        Self::start_with_env(dir, extra, &[])
+    }
+
+    /// Like [`start`](Self::start), with extra environment variables.
+    pub fn start_with_env(dir: &Path, extra: &str, env: &[(&str, &str)]) -> AgentProc {
         let state = dir.join("state");
         let socket = dir.join("ctl.sock");
         let config = dir.join("agent.toml");
@@ -667,6 +689,10 @@ impl AgentProc {
             config,
             socket,
             state,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         a.spawn();
@@ -683,6 +709,7 @@ impl AgentProc {
             .args(["run", "--config"])
             .arg(&self.config)
             .env("UVE_LOG", "debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -91,10 +91,34 @@ fn get(conn: &Conn, upload: u64) -> Result<Arc<Upload>, WireError> {
         .ok_or_else(|| bad(ErrorCode::NotFound, format!("no upload {upload}")))
 }
 
+/// Records an update refused for good: an `update_refused` event naming
+/// the VM, user, session, reason and size, so an operator learns of it at
+/// once (the agent keeps the bytes as a preserved copy; see the agent's
+/// README). Transient refusals (busy, shutting down) are retried by the
+/// agent and recorded nowhere.
+fn refused(conn: &Conn, b: &UpdateBegin, e: &WireError) {
+    if e.code.is_transient() {
+        return;
+    }
+    metrics::add(&conn.host.metrics.updates_refused, 1);
+    conn.host.events.emit(
+        "update_refused",
+        json!({"vm": conn.vm, "user": b.user, "session": b.session,
+               "cause": format!("{:?}", b.cause).to_lowercase(), "base": b.base,
+               "size": b.header.size, "code": format!("{:?}", e.code), "reason": e.message}),
+    );
+}
+
 /// `UpdateBegin`.
 pub fn begin(conn: &Conn, b: UpdateBegin) -> Handled {
+    // A malformed name is a hostile or broken peer, not a user's update.
     check_name("user", &b.user)?;
     check_name("session", &b.session)?;
+    let asked = b.clone();
+    open_upload(conn, b).inspect_err(|e| refused(conn, &asked, e))
+}
+
+fn open_upload(conn: &Conn, b: UpdateBegin) -> Handled {
     let host = &conn.host;
     if host.shutdown.is_cancelled() {
         return Err(bad(ErrorCode::ShuttingDown, "host is shutting down"));
@@ -166,6 +190,17 @@ pub fn begin(conn: &Conn, b: UpdateBegin) -> Handled {
 /// `UpdatePage`: returns the indices (within the page) the store lacks.
 pub async fn page(conn: &Conn, upload: u64, page: u32, chunks: Vec<ChunkRef>) -> Handled {
     let up = get(conn, upload)?;
+    list_page(conn, &up, page, chunks)
+        .await
+        .inspect_err(|e| refused(conn, &up.begin, e))
+}
+
+async fn list_page(
+    conn: &Conn,
+    up: &Arc<Upload>,
+    page: u32,
+    chunks: Vec<ChunkRef>,
+) -> Handled {
     let per = chunks_per_page(conn.max_frame) as usize;
     {
         let st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -547,6 +582,12 @@ pub fn abort(conn: &Conn, upload: u64) -> Handled {
 /// `UpdateCommit`.
 pub async fn commit(conn: &Conn, upload: u64) -> Handled {
     let up = get(conn, upload)?;
+    commit_upload(conn, &up, upload)
+        .await
+        .inspect_err(|e| refused(conn, &up.begin, e))
+}
+
+async fn commit_upload(conn: &Conn, up: &Arc<Upload>, upload: u64) -> Handled {
     let _exclusive = up.gate.clone().write_owned().await;
     let host = conn.host.clone();
     let _commit = host.commit_guard();
