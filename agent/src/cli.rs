@@ -66,7 +66,7 @@ fn print_preserved(resp: &ControlResponse) {
             c.id,
             c.user,
             crate::uif::preserve::human_size(c.size),
-            format!("{} ms", c.created),
+            crate::fsutil::utc(c.created),
             c.code,
             c.reason
         );
