@@ -29,12 +29,24 @@ impl AgentProc {
         host_endpoint: &str,
         uif_section: &str,
     ) -> Result<Self, String> {
+        Self::start_with(bin, dir, host_endpoint, "", uif_section)
+    }
+
+    /// Like [`start`](Self::start), with `top_level` lines (e.g.
+    /// `on_retrieve_failure = "temporary"`) before the `[uif]` table.
+    pub fn start_with(
+        bin: &Path,
+        dir: &Path,
+        host_endpoint: &str,
+        top_level: &str,
+        uif_section: &str,
+    ) -> Result<Self, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("agent dir: {e}"))?;
         let config = dir.join("agent.toml");
         std::fs::write(
             &config,
             format!(
-                "host = \"{host_endpoint}\"\nstate_dir = \"{state}\"\ncontrol_socket = \"{sock}\"\n\n[uif]\n{uif_section}\n",
+                "host = \"{host_endpoint}\"\nstate_dir = \"{state}\"\ncontrol_socket = \"{sock}\"\n{top_level}\n\n[uif]\n{uif_section}\n",
                 state = dir.join("state").display(),
                 sock = dir.join("control.sock").display(),
             ),
