@@ -20,7 +20,7 @@ pub struct Ingredients {
     pub qemu: PathBuf,
     /// `vhost-device-vsock`.
     pub vhost: PathBuf,
-    /// Static `uve-agent`.
+    /// Static `uve-agent` (`UVE_E2E_AGENT` overrides the path).
     pub agent: PathBuf,
     /// Static `e2e-guest`.
     pub guest: PathBuf,
@@ -76,7 +76,13 @@ impl Ingredients {
                 cache.join("vhost/bin/vhost-device-vsock"),
                 "vhost-device-vsock",
             ),
-            agent: need(static_dir.join("uve-agent"), "static uve-agent"),
+            // `UVE_E2E_AGENT` puts another static agent build into the
+            // guests (e.g. one with a local experiment).
+            agent: need(
+                std::env::var_os("UVE_E2E_AGENT")
+                    .map_or_else(|| static_dir.join("uve-agent"), PathBuf::from),
+                "static uve-agent",
+            ),
             guest: need(static_dir.join("e2e-guest"), "static e2e-guest"),
             host: need(
                 repo.join("target/release/uve-host"),
@@ -98,15 +104,35 @@ impl Ingredients {
     /// The ingredients, or `None` after printing why the scenario is
     /// skipped. With `E2E_REQUIRE=1` a missing ingredient panics instead.
     pub fn require(scenario: &str) -> Option<Self> {
-        match Self::find() {
-            Ok(i) => Some(i),
-            Err(why) if std::env::var("E2E_REQUIRE").as_deref() == Ok("1") => {
-                panic!("{scenario}: E2E_REQUIRE=1 but {why}")
-            }
-            Err(why) => {
-                eprintln!("skipped: {scenario}: {why}");
-                None
-            }
+        required(scenario, Self::find())
+    }
+
+    /// A tool a scenario runs on this machine (searched in `PATH`, then in
+    /// `/usr/sbin` and `/sbin`), such as `mkfs.ext4` from `package`; a
+    /// missing one is handled like a missing ingredient (see
+    /// [`require`](Self::require)).
+    pub fn require_tool(scenario: &str, name: &str, package: &str) -> Option<PathBuf> {
+        let found = which(name)
+            .or_else(|| {
+                ["/usr/sbin", "/sbin"]
+                    .iter()
+                    .map(|d| Path::new(d).join(name))
+                    .find(|p| p.is_file())
+            })
+            .ok_or_else(|| format!("missing {name} (apt-get install {package})"));
+        required(scenario, found)
+    }
+}
+
+fn required<T>(scenario: &str, found: Result<T, String>) -> Option<T> {
+    match found {
+        Ok(i) => Some(i),
+        Err(why) if std::env::var("E2E_REQUIRE").as_deref() == Ok("1") => {
+            panic!("{scenario}: E2E_REQUIRE=1 but {why}")
+        }
+        Err(why) => {
+            eprintln!("skipped: {scenario}: {why}");
+            None
         }
     }
 }

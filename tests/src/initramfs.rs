@@ -1,7 +1,9 @@
 //! Builds a guest initramfs (cpio newc, gzip -1): busybox, the static agent
 //! and guest helper, the virtio/vsock modules, an `/init` that loads them
 //! and starts the command server and (optionally) the agent, plus any
-//! scenario files.
+//! scenario files. A scenario may add modules ([`Initramfs::modules`], e.g.
+//! [`EXT4_DISK_MODULES`]) and filesystems that `/init` mounts before the
+//! agent starts ([`Initramfs::mount_before_agent`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -22,10 +24,29 @@ const MODULES: &[&str] = &[
     "net/vmw_vsock/vmw_vsock_virtio_transport.ko",
 ];
 
+/// What a persistent ext4 virtio disk (`/dev/vda`) needs, in load order
+/// after [`MODULES`] (from each `.ko`'s `depends=` and `softdep=` in the
+/// Debian 6.1 package: `jbd2` and `ext4` want `crypto-crc32c` first, which
+/// also checksums the metadata of a default `mkfs.ext4`).
+pub const EXT4_DISK_MODULES: &[&str] = &[
+    "drivers/block/virtio_blk.ko",
+    "crypto/crc32c_generic.ko",
+    "lib/crc16.ko",
+    "fs/mbcache.ko",
+    "fs/jbd2/jbd2.ko",
+    "fs/ext4/ext4.ko",
+];
+
 /// A guest image being assembled.
 pub struct Initramfs {
     staging: tempfile::TempDir,
     start_agent: bool,
+    modules_dir: PathBuf,
+    /// Stems of the modules `/init` loads, in order.
+    modules: Vec<String>,
+    /// Shell lines `/init` runs after loading the modules, before the
+    /// command server and the agent start.
+    mounts: Vec<String>,
 }
 
 fn io_err(what: &str, e: impl std::fmt::Display) -> String {
@@ -55,17 +76,14 @@ impl Initramfs {
         copy_exec(&ing.busybox, &root.join("bin/busybox"))?;
         copy_exec(&ing.agent, &root.join("bin/uve-agent"))?;
         copy_exec(&ing.guest, &root.join("bin/e2e-guest"))?;
-        for m in MODULES {
-            let name = Path::new(m)
-                .file_name()
-                .map_or_else(|| m.to_string(), |n| n.to_string_lossy().into_owned());
-            std::fs::copy(ing.modules.join(m), root.join("lib/modules").join(name))
-                .map_err(|e| io_err(m, e))?;
-        }
-        let img = Initramfs {
+        let mut img = Initramfs {
             staging,
             start_agent: true,
+            modules_dir: ing.modules.clone(),
+            modules: Vec::new(),
+            mounts: Vec::new(),
         };
+        img.modules(MODULES)?;
         img.file(
             "etc/passwd",
             b"root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000:Alice:/home/alice:/bin/sh\nbob:x:1001:1001:Bob:/home/bob:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
@@ -85,6 +103,44 @@ impl Initramfs {
         }
         std::fs::write(&p, data).map_err(|e| io_err(path, e))?;
         Ok(self)
+    }
+
+    /// Adds kernel modules (paths below the package's
+    /// `lib/modules/<version>/kernel`), loaded in this order after those
+    /// already added.
+    pub fn modules(&mut self, list: &[&str]) -> Result<&mut Self, String> {
+        for m in list {
+            let path = Path::new(m);
+            let (Some(name), Some(stem)) = (path.file_name(), path.file_stem()) else {
+                return Err(format!("module {m}: no file name"));
+            };
+            let stem = stem.to_string_lossy().into_owned();
+            if self.modules.contains(&stem) {
+                continue;
+            }
+            std::fs::copy(
+                self.modules_dir.join(m),
+                self.staging.path().join("lib/modules").join(name),
+            )
+            .map_err(|e| io_err(m, e))?;
+            self.modules.push(stem);
+        }
+        Ok(self)
+    }
+
+    /// Has `/init` mount `device` (waiting up to 10 s for its node) as
+    /// `fstype` on `target` after loading the modules and before the agent
+    /// starts. The console says `E2E: mounted <device>` or
+    /// `E2E: mount <device> FAILED`; a scenario should check the mount
+    /// (e.g. in `/proc/mounts`) before relying on it.
+    pub fn mount_before_agent(&mut self, device: &str, fstype: &str, target: &str) -> &mut Self {
+        self.mounts.push(format!(
+            "n=0; while [ ! -b {device} ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done\n\
+             mkdir -p {target}\n\
+             if mount -t {fstype} {device} {target}; then echo 'E2E: mounted {device} on {target}'; \
+             else echo 'E2E: mount {device} FAILED'; fi\n"
+        ));
+        self
     }
 
     /// Whether `/init` starts `uve-agent run` (default: yes).
@@ -111,18 +167,14 @@ impl Initramfs {
              mount -t tmpfs run /run\n\
              mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null\n\
              for m in {mods}; do insmod /lib/modules/$m.ko 2>/dev/null; done\n\
+             {mounts}\
              echo 'E2E: init done'\n\
              UVE_E2E_GUEST=1 /bin/e2e-guest serve >/dev/ttyS0 2>&1 &\n\
              export UVE_LOG=${{UVE_LOG:-info}}\n\
              {agent}\
              while true; do sleep 3600; done\n",
-            mods = MODULES
-                .iter()
-                .map(|m| Path::new(m)
-                    .file_stem()
-                    .map_or_else(String::new, |s| s.to_string_lossy().into_owned()))
-                .collect::<Vec<_>>()
-                .join(" "),
+            mods = self.modules.join(" "),
+            mounts = self.mounts.concat(),
         );
         self.file("init", init.as_bytes())?;
         set_exec(&self.staging.path().join("init"))?;

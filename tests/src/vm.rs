@@ -39,6 +39,20 @@ impl Default for BootOptions {
     }
 }
 
+/// How QEMU caches [`BootOptions::disk`] on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DiskCache {
+    /// `cache=unsafe`: the guest's flushes are ignored (fast; what
+    /// [`Vm::boot_with`] uses for throw-away root disks).
+    #[default]
+    Unsafe,
+    /// QEMU's default (`writeback`): writes go to the host page cache and
+    /// the guest's flushes are honoured. Killing QEMU ([`Vm::crash`]) then
+    /// loses exactly what the guest had not written to its disk yet — a
+    /// power loss as the guest sees it.
+    QemuDefault,
+}
+
 /// A running guest.
 pub struct Vm {
     /// Scenario-visible name (also the uve VM id).
@@ -78,7 +92,8 @@ impl Vm {
     }
 
     /// Like [`boot`](Self::boot) with a root disk, another kernel command
-    /// line or more memory (see [`BootOptions`]).
+    /// line or more memory (see [`BootOptions`]); a disk is attached with
+    /// [`DiskCache::Unsafe`].
     pub fn boot_with(
         ing: &Ingredients,
         name: &str,
@@ -86,8 +101,26 @@ impl Vm {
         initramfs: &Path,
         opts: &BootOptions,
     ) -> Result<Self, String> {
+        Self::boot_with_cache(ing, name, dir, initramfs, opts, DiskCache::Unsafe)
+    }
+
+    /// Like [`boot_with`](Self::boot_with), with the host-side cache mode
+    /// of the disk. `dir` may be that of an earlier (crashed) boot: the
+    /// guest then gets the same sockets, so a host keeps reaching it.
+    pub fn boot_with_cache(
+        ing: &Ingredients,
+        name: &str,
+        dir: &Path,
+        initramfs: &Path,
+        opts: &BootOptions,
+        cache: DiskCache,
+    ) -> Result<Self, String> {
         let vhu = dir.join("vhu.sock");
         let uds = dir.join("v.sock");
+        // A killed backend leaves its socket behind: without this, the wait
+        // below would not wait for the new one and QEMU could find nothing
+        // listening.
+        let _ = std::fs::remove_file(&vhu);
         let vhost = Command::new(&ing.vhost)
             .arg("--vm")
             .arg(format!(
@@ -134,8 +167,12 @@ impl Vm {
         .arg(initramfs)
         .args(["-append", &opts.append]);
         if let Some(disk) = &opts.disk {
+            let cache = match cache {
+                DiskCache::Unsafe => ",cache=unsafe",
+                DiskCache::QemuDefault => "",
+            };
             qemu.arg("-drive").arg(format!(
-                "file={},if=virtio,format=raw,cache=unsafe",
+                "file={},if=virtio,format=raw{cache}",
                 disk.display()
             ));
         }
