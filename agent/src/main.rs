@@ -14,6 +14,7 @@ mod flush;
 mod fsutil;
 mod lifecycle;
 mod monitor;
+mod nofollow;
 mod notices;
 mod passwd;
 mod session;
