@@ -406,9 +406,15 @@ fn skippable(e: Errno) -> bool {
     )
 }
 
+/// Device and inode: which file (see [`nofollow::id`]).
+type FileId = (u64, u64);
+
+/// A subdirectory still to visit: its name and identity when listed.
+type Subdir = (OsString, FileId);
+
 /// A regular file with several hard links, seen during the walk.
 struct LinkGroup {
-    id: (u64, u64),
+    id: FileId,
     /// Its paths found in the walk, in walk order.
     paths: Vec<PathBuf>,
     /// Its link count, as last seen.
@@ -419,7 +425,7 @@ struct LinkGroup {
 struct Frame {
     dir: OwnedFd,
     rel: PathBuf,
-    subdirs: std::vec::IntoIter<(OsString, (u64, u64))>,
+    subdirs: std::vec::IntoIter<Subdir>,
 }
 
 /// The walk of [`pack_to`].
@@ -428,7 +434,7 @@ struct Packer<'a, W: Write> {
     excludes: &'a [String],
     count: u64,
     groups: Vec<LinkGroup>,
-    group_of: HashMap<(u64, u64), usize>,
+    group_of: HashMap<FileId, usize>,
 }
 
 fn header(kind: tar::EntryType, st: &FileStat, size: u64) -> tar::Header {
@@ -521,11 +527,7 @@ impl<W: Write> Packer<'_, W> {
 
     /// Packs the entries of the open directory `dir` (at `rel`); returns
     /// its subdirectories (name and identity) to visit next.
-    fn pack_dir(
-        &mut self,
-        dir: BorrowedFd<'_>,
-        rel: &Path,
-    ) -> Result<Vec<(OsString, (u64, u64))>, ArchiveError> {
+    fn pack_dir(&mut self, dir: BorrowedFd<'_>, rel: &Path) -> Result<Vec<Subdir>, ArchiveError> {
         let names = match nofollow::list(dir) {
             Ok(n) => n,
             Err(e) if skippable(e) => {

@@ -122,7 +122,7 @@ fn check_home_parent(parent: &Path) -> Result<(), UifError> {
             parent,
             io::Error::new(
                 io::ErrorKind::PermissionDenied,
-                "must belong to root and not be writable by others (unless sticky)",
+                "must belong to root (or the agent's user) and not be writable by others unless sticky",
             ),
         ))
     }
