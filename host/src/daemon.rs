@@ -13,6 +13,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::events::Event;
 use crate::host::Host;
 use crate::leases::Leases;
 use crate::registry::Registry;
@@ -165,7 +166,7 @@ async fn periodic_gc(host: Arc<Host>) {
         }
         match host.store_call(move |s| s.gc(grace)).await {
             Ok(report) => {
-                host.events.emit("gc", serde_json::json!(report));
+                host.events.emit(Event::Gc(report));
             }
             Err(e) => tracing::warn!(error = %e, "periodic GC failed"),
         }

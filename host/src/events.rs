@@ -1,41 +1,46 @@
 //! Operator events (commit, conflict, unexpected_disconnect, vm_lost, ...):
 //! numbered, kept in a bounded in-memory ring for `GET /v1/events?since=N`
 //! and broadcast to live followers. Losing events to a slow follower is
-//! acceptable (it resumes with `since`); blocking the daemon is not.
+//! acceptable (it resumes with `since`); blocking the daemon is not. The
+//! kinds and their fields are the [`Event`] enum (`kinds`).
+
+#[cfg(test)]
+mod golden;
+mod kinds;
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
 
-use serde::Serialize;
-use serde_json::{Map, Value};
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
+
+pub use kinds::{DisconnectSource, Event, UpdateFields};
 
 use crate::store::now_ms;
 
-/// One event.
-#[derive(Debug, Clone, Serialize)]
-pub struct Event {
+/// One recorded event: a line of `GET /v1/events`,
+/// `{"seq", "at_ms", "kind", ...fields}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recorded {
     /// Sequence number, from 1, strictly increasing.
     pub seq: u64,
     /// When it happened (Unix ms).
     pub at_ms: u64,
-    /// What happened.
-    pub kind: String,
-    /// Event-specific fields (vm, user, session, version, ...).
+    /// What happened (its `kind` and fields).
     #[serde(flatten)]
-    pub fields: Map<String, Value>,
+    pub event: Event,
 }
 
 struct Ring {
     next: u64,
-    events: VecDeque<Event>,
+    events: VecDeque<Recorded>,
 }
 
 /// The event log.
 pub struct Events {
     cap: usize,
     ring: Mutex<Ring>,
-    tx: broadcast::Sender<Event>,
+    tx: broadcast::Sender<Recorded>,
 }
 
 impl Events {
@@ -51,40 +56,29 @@ impl Events {
         }
     }
 
-    /// Records an event; `fields` must be a JSON object (anything else is
-    /// stored under `detail`).
-    pub fn emit(&self, kind: &str, fields: Value) -> u64 {
-        let fields = match fields {
-            Value::Object(m) => m,
-            other => {
-                let mut m = Map::new();
-                m.insert("detail".into(), other);
-                m
-            }
-        };
+    /// Records an event and returns its sequence number.
+    pub fn emit(&self, event: Event) -> u64 {
         let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
-        let event = Event {
+        let recorded = Recorded {
             seq: ring.next,
             at_ms: now_ms(),
-            kind: kind.to_string(),
-            fields,
+            event,
         };
         ring.next += 1;
-        let shown = Value::Object(event.fields.clone());
-        tracing::info!(seq = event.seq, kind, fields = %shown, "event");
-        ring.events.push_back(event.clone());
+        log(&recorded);
+        ring.events.push_back(recorded.clone());
         while ring.events.len() > self.cap {
             ring.events.pop_front();
         }
-        let seq = event.seq;
+        let seq = recorded.seq;
         // Sent under the lock so followers see events in order.
-        let _ = self.tx.send(event);
+        let _ = self.tx.send(recorded);
         seq
     }
 
     /// Retained events with `seq > since`, and a receiver for later ones
     /// (subscribed atomically, so nothing falls between them).
-    pub fn since(&self, since: u64) -> (Vec<Event>, broadcast::Receiver<Event>) {
+    pub fn since(&self, since: u64) -> (Vec<Recorded>, broadcast::Receiver<Recorded>) {
         let ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
         let rx = self.tx.subscribe();
         let events = ring
@@ -97,24 +91,47 @@ impl Events {
     }
 }
 
+/// Logs an event as `kind` and its other fields.
+fn log(r: &Recorded) {
+    let mut fields = match serde_json::to_value(&r.event) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    let kind = fields.remove("kind");
+    let kind = kind
+        .as_ref()
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("?");
+    let shown = serde_json::Value::Object(fields);
+    tracing::info!(seq = r.seq, kind, fields = %shown, "event");
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
+    fn lost(vm: &str) -> Event {
+        Event::VmLost {
+            vm: vm.into(),
+            conn_id: 1,
+            reason: "gone".into(),
+        }
+    }
+
     #[test]
     fn ring_is_bounded_and_since_filters() {
         let ev = Events::new(3);
         for i in 0..5 {
-            ev.emit("commit", serde_json::json!({"i": i}));
+            ev.emit(lost(&format!("vm{i}")));
         }
         let (all, _) = ev.since(0);
         assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
         let (late, mut rx) = ev.since(4);
         assert_eq!(late.len(), 1);
-        ev.emit("vm_lost", serde_json::json!({"vm": "a"}));
+        ev.emit(Event::VmRegistered { vm: "a".into() });
         let e = rx.try_recv().unwrap();
-        assert_eq!((e.seq, e.kind.as_str()), (6, "vm_lost"));
-        assert_eq!(e.fields["vm"], "a");
+        assert_eq!(e.seq, 6);
+        assert_eq!(e.event, Event::VmRegistered { vm: "a".into() });
     }
 }

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use serde_json::json;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use uve_protocol::codec::FrameCodec;
@@ -18,6 +17,7 @@ use uve_protocol::message::{ErrorCode, Limits, Reject};
 use uve_protocol::transport::{BoxStream, Endpoint, Listener, Peer};
 
 use crate::conns::{ConnEntry, ConnSummary};
+use crate::events::{DisconnectSource, Event};
 use crate::host::Host;
 use crate::metrics;
 use crate::registry::VmSpec;
@@ -197,10 +197,11 @@ async fn serve(
     }
     add(&host.metrics.connections_total, 1);
     add(&host.metrics.connections, 1);
-    host.events.emit(
-        "vm_connected",
-        json!({"vm": vm, "conn_id": conn_id, "agent_version": summary.agent_version}),
-    );
+    host.events.emit(Event::VmConnected {
+        vm: vm.clone(),
+        conn_id,
+        agent_version: summary.agent_version.clone(),
+    });
     let conn = Arc::new(Conn::new(
         host.clone(),
         vm.clone(),
@@ -220,24 +221,31 @@ async fn serve(
     }
     let sessions = host.sessions.drain_vm(&vm, !end.is_orderly());
     if end.is_orderly() {
-        host.events.emit(
-            "vm_disconnected",
-            json!({"vm": vm, "conn_id": conn_id, "reason": end.to_string()}),
-        );
+        host.events.emit(Event::VmDisconnected {
+            vm,
+            conn_id,
+            reason: end.to_string(),
+        });
         return;
     }
     for s in sessions {
         metrics::add(&host.metrics.unexpected_disconnects, 1);
-        host.events.emit(
-            "unexpected_disconnect",
-            json!({"vm": vm, "session": s.session, "user": s.user, "ua": s.ua,
-                   "reason": format!("connection lost: {end}"), "at": now_ms(), "source": "host"}),
-        );
+        host.events.emit(Event::UnexpectedDisconnect {
+            vm: vm.clone(),
+            session: s.session,
+            user: s.user,
+            ua: s.ua,
+            reason: format!("connection lost: {end}"),
+            at: now_ms(),
+            id: None,
+            source: DisconnectSource::Host,
+        });
     }
-    host.events.emit(
-        "vm_lost",
-        json!({"vm": vm, "conn_id": conn_id, "reason": end.to_string()}),
-    );
+    host.events.emit(Event::VmLost {
+        vm,
+        conn_id,
+        reason: end.to_string(),
+    });
 }
 
 fn offer(host: &Host, vm: &str) -> HostOffer {

@@ -7,9 +7,9 @@
 use std::sync::Arc;
 
 use serde::Serialize;
-use serde_json::json;
 use uve_protocol::message::{Request, Response};
 
+use crate::events::Event;
 use crate::handover::HandoverOutcome;
 use crate::host::Host;
 use crate::registry::RegistryError;
@@ -31,10 +31,12 @@ pub struct AssignOutcome {
 pub fn assign(host: &Arc<Host>, user: &str, vm: &str) -> Result<AssignOutcome, RegistryError> {
     let previous = host.registry.assign(user, vm)?;
     let released = release_holder(host, user, Some(vm));
-    host.events.emit(
-        "assigned",
-        json!({"user": user, "vm": vm, "previous": previous, "release_requested_from": released}),
-    );
+    host.events.emit(Event::Assigned {
+        user: user.to_string(),
+        vm: vm.to_string(),
+        previous: previous.clone(),
+        release_requested_from: released.clone(),
+    });
     Ok(AssignOutcome {
         user: user.to_string(),
         vm: Some(vm.to_string()),
@@ -47,10 +49,11 @@ pub fn assign(host: &Arc<Host>, user: &str, vm: &str) -> Result<AssignOutcome, R
 pub fn unassign(host: &Arc<Host>, user: &str) -> Result<AssignOutcome, RegistryError> {
     let previous = host.registry.unassign(user)?;
     let released = release_holder(host, user, None);
-    host.events.emit(
-        "unassigned",
-        json!({"user": user, "previous": previous, "release_requested_from": released}),
-    );
+    host.events.emit(Event::Unassigned {
+        user: user.to_string(),
+        previous: previous.clone(),
+        release_requested_from: released.clone(),
+    });
     Ok(AssignOutcome {
         user: user.to_string(),
         vm: None,
@@ -72,10 +75,11 @@ fn release_holder(host: &Arc<Host>, user: &str, new_vm: Option<&str>) -> Option<
         // the next retrieve says so instead of waiting for nobody.
         if host.sessions.take_lost(&holder, user) {
             host.handovers.start(user).finish(HandoverOutcome::Failed);
-            host.events.emit(
-                "handover_failed",
-                json!({"user": user, "vm": holder, "reason": "previous VM was lost with the user's session open"}),
-            );
+            host.events.emit(Event::HandoverFailed {
+                user: user.to_string(),
+                vm: holder,
+                reason: "previous VM was lost with the user's session open".into(),
+            });
         }
         return None;
     };
@@ -94,10 +98,11 @@ fn release_holder(host: &Arc<Host>, user: &str, new_vm: Option<&str>) -> Option<
         match answer {
             Ok(Response::Released { committed }) => {
                 ticket.finish(HandoverOutcome::Released);
-                host.events.emit(
-                    "user_released",
-                    json!({"user": user, "vm": from, "committed": committed}),
-                );
+                host.events.emit(Event::UserReleased {
+                    user,
+                    vm: from,
+                    committed,
+                });
             }
             other => {
                 ticket.finish(HandoverOutcome::Failed);
@@ -105,10 +110,11 @@ fn release_holder(host: &Arc<Host>, user: &str, new_vm: Option<&str>) -> Option<
                     Ok(r) => format!("unexpected answer {r:?}"),
                     Err(e) => e.to_string(),
                 };
-                host.events.emit(
-                    "handover_failed",
-                    json!({"user": user, "vm": from, "reason": why}),
-                );
+                host.events.emit(Event::HandoverFailed {
+                    user,
+                    vm: from,
+                    reason: why,
+                });
             }
         }
     });

@@ -15,6 +15,7 @@ use uve_protocol::message::{Request, Response};
 use super::spool::spool;
 use super::{ApiError, ApiResult, check_name};
 use crate::daemon::Daemon;
+use crate::events::Event;
 use crate::store::now_ms;
 use crate::uve2::{self, UaDeploy, Uve2Error};
 
@@ -61,10 +62,13 @@ pub async fn deploy(
     };
     let current =
         uve2::deploy_ua(&d.host, &id, ua, &bundle.path, bundle.size, bundle.digest).await?;
-    d.host.events.emit(
-        "ua_deployed",
-        json!({"vm": id, "name": q.name, "version": current, "update": q.update, "size": bundle.size}),
-    );
+    d.host.events.emit(Event::UaDeployed {
+        vm: id.clone(),
+        name: q.name.clone(),
+        version: current.clone(),
+        update: q.update,
+        size: bundle.size,
+    });
     Ok(Json(json!({"vm": id, "name": q.name, "current": current,
                    "size": bundle.size, "digest": bundle.digest.to_hex()})))
 }
@@ -78,10 +82,11 @@ pub async fn ua_rollback(
     check_name("UA", &name)?;
     match uve2::call(&d.host, &id, Request::UaRollback { name: name.clone() }).await? {
         Response::UaCurrent { version } => {
-            d.host.events.emit(
-                "ua_rolled_back",
-                json!({"vm": id, "name": name, "version": version}),
-            );
+            d.host.events.emit(Event::UaRolledBack {
+                vm: id.clone(),
+                name: name.clone(),
+                version: version.clone(),
+            });
             Ok(Json(json!({"vm": id, "name": name, "current": version})))
         }
         other => Err(unexpected(other)),
@@ -103,10 +108,11 @@ pub async fn ua_delete(
     };
     match uve2::call(&d.host, &id, req).await? {
         Response::UaDeleted { stopped_sessions } => {
-            d.host.events.emit(
-                "ua_deleted",
-                json!({"vm": id, "name": name, "stopped_sessions": stopped_sessions}),
-            );
+            d.host.events.emit(Event::UaDeleted {
+                vm: id.clone(),
+                name: name.clone(),
+                stopped_sessions: stopped_sessions.clone(),
+            });
             Ok(Json(
                 json!({"vm": id, "name": name, "stopped_sessions": stopped_sessions}),
             ))
@@ -132,14 +138,12 @@ pub async fn session_action(
         _ => return Err(ApiError::not_found("action must be suspend or resume")),
     };
     uve2::expect_ok(uve2::call(&d.host, &id, req).await?)?;
-    let kind = if action == "suspend" {
-        "session_suspended"
+    let (vm, s) = (id.clone(), session.clone());
+    d.host.events.emit(if action == "suspend" {
+        Event::SessionSuspended { vm, session: s }
     } else {
-        "session_resumed"
-    };
-    d.host
-        .events
-        .emit(kind, json!({"vm": id, "session": session}));
+        Event::SessionResumed { vm, session: s }
+    });
     Ok(Json(
         json!({"vm": id, "session": session, "action": action}),
     ))
@@ -174,10 +178,12 @@ pub async fn monitor_grant(
         expires,
     };
     uve2::expect_ok(uve2::call(&d.host, &id, req).await?)?;
-    d.host.events.emit(
-        "monitor_granted",
-        json!({"vm": id, "session": b.session, "monitor": b.monitor, "expires": expires}),
-    );
+    d.host.events.emit(Event::MonitorGranted {
+        vm: id.clone(),
+        session: b.session.clone(),
+        monitor: b.monitor.clone(),
+        expires,
+    });
     Ok(Json(
         json!({"vm": id, "session": b.session, "monitor": b.monitor, "expires": expires}),
     ))
@@ -200,10 +206,11 @@ pub async fn monitor_revoke(
         monitor: monitor.clone(),
     };
     uve2::expect_ok(uve2::call(&d.host, &id, req).await?)?;
-    d.host.events.emit(
-        "monitor_revoked",
-        json!({"vm": id, "session": session, "monitor": monitor}),
-    );
+    d.host.events.emit(Event::MonitorRevoked {
+        vm: id.clone(),
+        session: session.clone(),
+        monitor: monitor.clone(),
+    });
     Ok(Json(
         json!({"vm": id, "session": session, "monitor": monitor, "revoked": true}),
     ))

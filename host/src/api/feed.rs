@@ -13,7 +13,7 @@ use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::daemon::Daemon;
-use crate::events::Event;
+use crate::events::Recorded;
 
 /// Query of `GET /v1/events`.
 #[derive(Deserialize)]
@@ -28,7 +28,7 @@ fn yes() -> bool {
     true
 }
 
-fn line(e: &Event) -> Bytes {
+fn line(e: &Recorded) -> Bytes {
     let mut v = serde_json::to_vec(e).unwrap_or_default();
     v.push(b'\n');
     Bytes::from(v)

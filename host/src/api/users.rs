@@ -17,6 +17,7 @@ use uve_protocol::message::Version;
 use super::spool::spool;
 use super::{ApiResult, check_name};
 use crate::daemon::Daemon;
+use crate::events::Event;
 use crate::store::CommitOutcome;
 
 /// `GET /v1/users`: users with a store entry, their head and assignment.
@@ -94,11 +95,12 @@ pub async fn import(
         CommitOutcome::Conflict { kept_as, .. } => kept_as,
     };
     crate::metrics::add(&host.metrics.commits, 1);
-    host.events.emit(
-        "import",
-        json!({"user": user, "version": version, "size": manifest.header.size,
-               "chunks": manifest.header.chunk_count}),
-    );
+    host.events.emit(Event::Import {
+        user: user.clone(),
+        version,
+        size: manifest.header.size,
+        chunks: manifest.header.chunk_count,
+    });
     Ok(Json(json!({
         "user": user, "version": version, "size": manifest.header.size,
         "digest": manifest.header.digest.to_hex(), "chunks": manifest.header.chunk_count,
@@ -166,10 +168,11 @@ pub async fn rollback(
     let u = user.clone();
     let to = body.version;
     let head = host.store_call(move |s| s.rollback(&u, to)).await?;
-    host.events.emit(
-        "rollback",
-        json!({"user": user, "from_version": to, "version": head}),
-    );
+    host.events.emit(Event::Rollback {
+        user: user.clone(),
+        from_version: to,
+        version: head,
+    });
     Ok(Json(
         json!({"user": user, "version": head, "copied_from": to}),
     ))
@@ -185,6 +188,6 @@ pub struct GcQuery {
 pub async fn gc(State(d): State<Arc<Daemon>>, Query(q): Query<GcQuery>) -> ApiResult<Json<Value>> {
     let grace = Duration::from_secs(q.grace_secs.unwrap_or(d.host.config.gc_grace_secs));
     let report = d.host.store_call(move |s| s.gc(grace)).await?;
-    d.host.events.emit("gc", json!(report));
+    d.host.events.emit(Event::Gc(report));
     Ok(Json(json!(report)))
 }

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 use super::{ApiError, ApiResult, check_name};
 use crate::daemon::Daemon;
+use crate::events::Event;
 use crate::registry::VmSpec;
 use crate::switch;
 
@@ -52,7 +53,9 @@ pub async fn create(
             "cannot listen for VM: {e:#}"
         )));
     }
-    d.host.events.emit("vm_registered", json!({"vm": spec.id}));
+    d.host.events.emit(Event::VmRegistered {
+        vm: spec.id.clone(),
+    });
     Ok((StatusCode::CREATED, Json(vm_json(&d, &spec))))
 }
 
@@ -84,7 +87,7 @@ pub async fn remove(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> Api
     if let Some(c) = d.host.conns.get(&id) {
         c.handle.goodbye("VM unregistered").await;
     }
-    d.host.events.emit("vm_unregistered", json!({"vm": id}));
+    d.host.events.emit(Event::VmUnregistered { vm: id });
     Ok(StatusCode::NO_CONTENT)
 }
 

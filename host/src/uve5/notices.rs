@@ -2,10 +2,10 @@
 //! idempotent) and `UnexpectedDisconnect` (de-duplicated by `(vm, id)` so
 //! at-least-once delivery yields exactly one event).
 
-use serde_json::json;
 use uve_protocol::message::{DisconnectNotice, Response};
 
 use super::{Conn, Handled, check_name, check_text};
+use crate::events::{DisconnectSource, Event};
 use crate::metrics;
 
 /// `SessionStarted`.
@@ -21,10 +21,12 @@ pub fn started(conn: &Conn, session: &str, user: &str, ua: Option<String>) -> Ha
         .sessions
         .started(&conn.vm, session, user, ua.clone())
     {
-        conn.host.events.emit(
-            "session_started",
-            json!({"vm": conn.vm, "session": session, "user": user, "ua": ua}),
-        );
+        conn.host.events.emit(Event::SessionStarted {
+            vm: conn.vm.clone(),
+            session: session.to_string(),
+            user: user.to_string(),
+            ua,
+        });
     }
     Ok(Response::Ok)
 }
@@ -33,10 +35,12 @@ pub fn started(conn: &Conn, session: &str, user: &str, ua: Option<String>) -> Ha
 pub fn ended(conn: &Conn, session: &str) -> Handled {
     check_name("session", session)?;
     if let Some(s) = conn.host.sessions.ended(&conn.vm, session) {
-        conn.host.events.emit(
-            "session_ended",
-            json!({"vm": conn.vm, "session": session, "user": s.user, "ua": s.ua}),
-        );
+        conn.host.events.emit(Event::SessionEnded {
+            vm: conn.vm.clone(),
+            session: session.to_string(),
+            user: s.user,
+            ua: s.ua,
+        });
     }
     Ok(Response::Ok)
 }
@@ -52,11 +56,16 @@ pub fn disconnect(conn: &Conn, n: DisconnectNotice) -> Handled {
     if conn.host.sessions.first_notice(&conn.vm, n.id) {
         conn.host.sessions.ended(&conn.vm, &n.session);
         metrics::add(&conn.host.metrics.unexpected_disconnects, 1);
-        conn.host.events.emit(
-            "unexpected_disconnect",
-            json!({"vm": conn.vm, "session": n.session, "user": n.user, "ua": n.ua,
-                   "reason": n.reason, "at": n.at, "id": n.id, "source": "agent"}),
-        );
+        conn.host.events.emit(Event::UnexpectedDisconnect {
+            vm: conn.vm.clone(),
+            session: n.session,
+            user: n.user,
+            ua: n.ua,
+            reason: n.reason,
+            at: n.at,
+            id: Some(n.id),
+            source: DisconnectSource::Agent,
+        });
     }
     Ok(Response::Ok)
 }

@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
-use serde_json::json;
 use uve_protocol::manifest::Hash;
 use uve_protocol::message::{ErrorCode, Response, RetrieveGrant, Version, WireError};
 
 use super::{Conn, Handled, check_name};
+use crate::events::Event;
 use crate::host::{Host, wire_store_error};
 use crate::metrics;
 
@@ -21,10 +21,11 @@ pub async fn grant(conn: &Conn, user: &str, session: &str) -> Handled {
     let limit = Host::ms(host.config.handover_timeout_ms);
     let timed_out = host.handovers.wait(user, limit).await == Some(true);
     if timed_out {
-        host.events.emit(
-            "handover_timeout",
-            json!({"user": user, "vm": conn.vm, "session": session}),
-        );
+        host.events.emit(Event::HandoverTimeout {
+            user: user.to_string(),
+            vm: conn.vm.clone(),
+            session: session.to_string(),
+        });
     }
     // The hand-over wait may have outlived the assignment.
     conn.check_assigned(user)?;
@@ -58,11 +59,14 @@ pub async fn grant(conn: &Conn, user: &str, session: &str) -> Handled {
         }
     }
     metrics::add(&host.metrics.retrieves, 1);
-    host.events.emit(
-        "retrieve",
-        json!({"user": user, "vm": conn.vm, "session": session, "version": version,
-               "lease": lease, "handover_timed_out": timed_out}),
-    );
+    host.events.emit(Event::Retrieve {
+        user: user.to_string(),
+        vm: conn.vm.clone(),
+        session: session.to_string(),
+        version,
+        lease,
+        handover_timed_out: timed_out,
+    });
     Ok(Response::Retrieve(RetrieveGrant {
         version,
         header,

@@ -15,7 +15,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use serde_json::json;
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 use uve_protocol::defs::{MAX_CHUNK, MAX_SIGNATURE_BATCH, PROTOCOL_BLOCK_DELTA};
 use uve_protocol::delta::{self, BaseIndex, BasePart};
@@ -23,6 +22,7 @@ use uve_protocol::manifest::{ChunkRef, Hash, Manifest, ManifestError, chunks_per
 use uve_protocol::message::{BlockDigest, ChunkDelta, ErrorCode, Response, UpdateBegin, WireError};
 
 use super::{Conn, Handled, check_name};
+use crate::events::{Event, UpdateFields};
 use crate::host::wire_store_error;
 use crate::metrics;
 use crate::store::{ChunkPins, CommitOutcome, StoreError, StoreResult, UifStore};
@@ -101,12 +101,16 @@ fn refused(conn: &Conn, b: &UpdateBegin, e: &WireError) {
         return;
     }
     metrics::add(&conn.host.metrics.updates_refused, 1);
-    conn.host.events.emit(
-        "update_refused",
-        json!({"vm": conn.vm, "user": b.user, "session": b.session,
-               "cause": format!("{:?}", b.cause).to_lowercase(), "base": b.base,
-               "size": b.header.size, "code": format!("{:?}", e.code), "reason": e.message}),
-    );
+    conn.host.events.emit(Event::UpdateRefused {
+        vm: conn.vm.clone(),
+        user: b.user.clone(),
+        session: b.session.clone(),
+        cause: b.cause,
+        base: b.base,
+        size: b.header.size,
+        code: e.code,
+        reason: e.message.clone(),
+    });
 }
 
 /// `UpdateBegin`.
@@ -195,12 +199,7 @@ pub async fn page(conn: &Conn, upload: u64, page: u32, chunks: Vec<ChunkRef>) ->
         .inspect_err(|e| refused(conn, &up.begin, e))
 }
 
-async fn list_page(
-    conn: &Conn,
-    up: &Arc<Upload>,
-    page: u32,
-    chunks: Vec<ChunkRef>,
-) -> Handled {
+async fn list_page(conn: &Conn, up: &Arc<Upload>, page: u32, chunks: Vec<ChunkRef>) -> Handled {
     let per = chunks_per_page(conn.max_frame) as usize;
     {
         let st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -228,7 +227,7 @@ async fn list_page(
     // Pin first, then look: a chunk reported present cannot be swept
     // before the commit that references it.
     let pins = conn.host.store.pin(&hashes);
-    let base_chunks = base_index(conn, &up).await;
+    let base_chunks = base_index(conn, up).await;
     let ask: Vec<Hash> = hashes
         .iter()
         .filter(|h| !base_chunks.contains(h))
@@ -620,29 +619,30 @@ async fn commit_upload(conn: &Conn, up: &Arc<Upload>, upload: u64) -> Handled {
             .map_err(|e| wire_store_error(&e))?
     };
     conn.state().uploads.remove(&upload);
-    let fields = |v: serde_json::Value| {
-        let mut o = json!({"user": b.user, "vm": conn.vm, "session": b.session,
-            "cause": format!("{:?}", b.cause).to_lowercase(), "base": b.base,
-            "size": m.header.size, "chunks": m.header.chunk_count, "chunks_uploaded": uploaded});
-        if let (Some(o), serde_json::Value::Object(extra)) = (o.as_object_mut(), v) {
-            o.extend(extra);
-        }
-        o
+    let update = UpdateFields {
+        user: b.user.clone(),
+        vm: conn.vm.clone(),
+        session: b.session.clone(),
+        cause: b.cause,
+        base: b.base,
+        size: m.header.size,
+        chunks: m.header.chunk_count,
+        chunks_uploaded: uploaded,
     };
     Ok(match outcome {
         CommitOutcome::Committed(version) => {
             host.sessions.clear_lost(&conn.vm, &b.user);
             metrics::add(&host.metrics.commits, 1);
-            host.events
-                .emit("commit", fields(json!({"version": version})));
+            host.events.emit(Event::Commit { update, version });
             Response::Committed { version }
         }
         CommitOutcome::Conflict { kept_as, head } => {
             metrics::add(&host.metrics.conflicts, 1);
-            host.events.emit(
-                "conflict",
-                fields(json!({"kept_as": kept_as, "head": head})),
-            );
+            host.events.emit(Event::Conflict {
+                update,
+                kept_as,
+                head,
+            });
             Response::Conflict { kept_as, head }
         }
     })
