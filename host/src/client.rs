@@ -56,6 +56,11 @@ impl Answer {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
     }
+
+    /// The body decoded as one of the API's types (`crate::api::types`).
+    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(&self.body)
+    }
 }
 
 /// An empty body.
@@ -70,8 +75,8 @@ pub fn bytes(b: impl Into<Bytes>) -> ReqBody {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
-/// A JSON body.
-pub fn json(v: &serde_json::Value) -> ReqBody {
+/// A JSON body (a `serde_json::Value` or one of the API's types).
+pub fn json<T: serde::Serialize + ?Sized>(v: &T) -> ReqBody {
     bytes(serde_json::to_vec(v).unwrap_or_default())
 }
 

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, PoisonError};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::store::now_ms;
 
@@ -13,7 +13,7 @@ use crate::store::now_ms;
 const NOTICE_MEMORY: usize = 4096;
 
 /// An open session.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRec {
     /// The VM.
     pub vm: String,

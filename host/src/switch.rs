@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use uve_protocol::message::{Request, Response};
 
 use crate::events::Event;
@@ -15,7 +15,7 @@ use crate::host::Host;
 use crate::registry::RegistryError;
 
 /// Result of an assignment change.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AssignOutcome {
     /// The user.
     pub user: String,

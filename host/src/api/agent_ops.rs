@@ -2,17 +2,18 @@
 //! session suspend/resume, monitoring grants, status and ping. Each returns
 //! the agent's answer or a clear error (503 when the VM is not connected).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use serde::Deserialize;
-use serde_json::{Value, json};
 use uve_protocol::message::{Request, Response};
 
 use super::spool::spool;
+use super::types::{
+    DeployQuery, MonitorBody, MonitorGranted, MonitorRevokeQuery, MonitorRevoked, Pong,
+    SessionAction, SessionActionDone, UaCurrent, UaDeleteQuery, UaDeleted, UaDeployed, VmStatus,
+};
 use super::{ApiError, ApiResult, check_name};
 use crate::daemon::Daemon;
 use crate::events::Event;
@@ -31,24 +32,13 @@ fn unexpected(r: Response) -> ApiError {
     Uve2Error::Unexpected(format!("{r:?}")).into()
 }
 
-/// Query of `POST /v1/vms/{id}/ua`.
-#[derive(Deserialize)]
-pub struct DeployQuery {
-    name: String,
-    version: String,
-    #[serde(default)]
-    entry: String,
-    #[serde(default)]
-    update: bool,
-}
-
 /// `POST /v1/vms/{id}/ua?name=&version=&entry=&update=`: raw body = tar bundle.
 pub async fn deploy(
     State(d): State<Arc<Daemon>>,
     Path(id): Path<String>,
     Query(q): Query<DeployQuery>,
     body: Body,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<UaDeployed>> {
     known_vm(&d, &id)?;
     check_name("UA", &q.name)?;
     check_name("UA", &q.version)?;
@@ -69,15 +59,20 @@ pub async fn deploy(
         update: q.update,
         size: bundle.size,
     });
-    Ok(Json(json!({"vm": id, "name": q.name, "current": current,
-                   "size": bundle.size, "digest": bundle.digest.to_hex()})))
+    Ok(Json(UaDeployed {
+        vm: id,
+        name: q.name,
+        current,
+        size: bundle.size,
+        digest: bundle.digest.to_hex(),
+    }))
 }
 
 /// `POST /v1/vms/{id}/ua/{name}/rollback`.
 pub async fn ua_rollback(
     State(d): State<Arc<Daemon>>,
     Path((id, name)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<UaCurrent>> {
     known_vm(&d, &id)?;
     check_name("UA", &name)?;
     match uve2::call(&d.host, &id, Request::UaRollback { name: name.clone() }).await? {
@@ -87,7 +82,11 @@ pub async fn ua_rollback(
                 name: name.clone(),
                 version: version.clone(),
             });
-            Ok(Json(json!({"vm": id, "name": name, "current": version})))
+            Ok(Json(UaCurrent {
+                vm: id,
+                name,
+                current: version,
+            }))
         }
         other => Err(unexpected(other)),
     }
@@ -97,14 +96,13 @@ pub async fn ua_rollback(
 pub async fn ua_delete(
     State(d): State<Arc<Daemon>>,
     Path((id, name)): Path<(String, String)>,
-    Query(q): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+    Query(q): Query<UaDeleteQuery>,
+) -> ApiResult<Json<UaDeleted>> {
     known_vm(&d, &id)?;
     check_name("UA", &name)?;
-    let force = q.get("force").is_some_and(|f| f == "true" || f == "1");
     let req = Request::UaDelete {
         name: name.clone(),
-        force,
+        force: q.force,
     };
     match uve2::call(&d.host, &id, req).await? {
         Response::UaDeleted { stopped_sessions } => {
@@ -113,9 +111,11 @@ pub async fn ua_delete(
                 name: name.clone(),
                 stopped_sessions: stopped_sessions.clone(),
             });
-            Ok(Json(
-                json!({"vm": id, "name": name, "stopped_sessions": stopped_sessions}),
-            ))
+            Ok(Json(UaDeleted {
+                vm: id,
+                name,
+                stopped_sessions,
+            }))
         }
         other => Err(unexpected(other)),
     }
@@ -125,41 +125,28 @@ pub async fn ua_delete(
 pub async fn session_action(
     State(d): State<Arc<Daemon>>,
     Path((id, session, action)): Path<(String, String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SessionActionDone>> {
     known_vm(&d, &id)?;
     check_name("session", &session)?;
-    let req = match action.as_str() {
-        "suspend" => Request::SessionSuspend {
-            session: session.clone(),
-        },
-        "resume" => Request::SessionResume {
-            session: session.clone(),
-        },
-        _ => return Err(ApiError::not_found("action must be suspend or resume")),
+    let Some(action) = SessionAction::parse(&action) else {
+        return Err(ApiError::not_found("action must be suspend or resume"));
+    };
+    let s = session.clone();
+    let req = match action {
+        SessionAction::Suspend => Request::SessionSuspend { session: s },
+        SessionAction::Resume => Request::SessionResume { session: s },
     };
     uve2::expect_ok(uve2::call(&d.host, &id, req).await?)?;
     let (vm, s) = (id.clone(), session.clone());
-    d.host.events.emit(if action == "suspend" {
-        Event::SessionSuspended { vm, session: s }
-    } else {
-        Event::SessionResumed { vm, session: s }
+    d.host.events.emit(match action {
+        SessionAction::Suspend => Event::SessionSuspended { vm, session: s },
+        SessionAction::Resume => Event::SessionResumed { vm, session: s },
     });
-    Ok(Json(
-        json!({"vm": id, "session": session, "action": action}),
-    ))
-}
-
-/// Body of `POST /v1/vms/{id}/monitor`.
-#[derive(Deserialize)]
-pub struct MonitorBody {
-    session: String,
-    monitor: String,
-    #[serde(default = "default_ttl")]
-    ttl_secs: u64,
-}
-
-fn default_ttl() -> u64 {
-    3600
+    Ok(Json(SessionActionDone {
+        vm: id,
+        session,
+        action,
+    }))
 }
 
 /// `POST /v1/vms/{id}/monitor`.
@@ -167,7 +154,7 @@ pub async fn monitor_grant(
     State(d): State<Arc<Daemon>>,
     Path(id): Path<String>,
     Json(b): Json<MonitorBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<MonitorGranted>> {
     known_vm(&d, &id)?;
     check_name("session", &b.session)?;
     check_name("user", &b.monitor)?;
@@ -184,23 +171,26 @@ pub async fn monitor_grant(
         monitor: b.monitor.clone(),
         expires,
     });
-    Ok(Json(
-        json!({"vm": id, "session": b.session, "monitor": b.monitor, "expires": expires}),
-    ))
+    Ok(Json(MonitorGranted {
+        vm: id,
+        session: b.session,
+        monitor: b.monitor,
+        expires,
+    }))
 }
 
 /// `DELETE /v1/vms/{id}/monitor?session=&monitor=`.
 pub async fn monitor_revoke(
     State(d): State<Arc<Daemon>>,
     Path(id): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+    Query(q): Query<MonitorRevokeQuery>,
+) -> ApiResult<Json<MonitorRevoked>> {
     known_vm(&d, &id)?;
-    let (Some(session), Some(monitor)) = (q.get("session"), q.get("monitor")) else {
+    let (Some(session), Some(monitor)) = (q.session, q.monitor) else {
         return Err(ApiError::bad_request("session and monitor are required"));
     };
-    check_name("session", session)?;
-    check_name("user", monitor)?;
+    check_name("session", &session)?;
+    check_name("user", &monitor)?;
     let req = Request::MonitorRevoke {
         session: session.clone(),
         monitor: monitor.clone(),
@@ -211,34 +201,32 @@ pub async fn monitor_revoke(
         session: session.clone(),
         monitor: monitor.clone(),
     });
-    Ok(Json(
-        json!({"vm": id, "session": session, "monitor": monitor, "revoked": true}),
-    ))
+    Ok(Json(MonitorRevoked {
+        vm: id,
+        session,
+        monitor,
+        revoked: true,
+    }))
 }
 
 /// `GET /v1/vms/{id}/status`.
 pub async fn status(
     State(d): State<Arc<Daemon>>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<VmStatus>> {
     known_vm(&d, &id)?;
     match uve2::call(&d.host, &id, Request::AgentStatus).await? {
-        Response::Status(s) => Ok(Json(json!({
-            "vm": id,
-            "sessions": s.sessions.iter().map(|x| json!({"session": x.session, "user": x.user, "ua": x.ua, "suspended": x.suspended})).collect::<Vec<_>>(),
-            "uas": s.uas.iter().map(|u| json!({"name": u.name, "current": u.current, "previous": u.previous})).collect::<Vec<_>>(),
-            "spooled_updates": s.spooled_updates,
-        }))),
+        Response::Status(s) => Ok(Json(VmStatus::new(id, s))),
         other => Err(unexpected(other)),
     }
 }
 
 /// `POST /v1/vms/{id}/ping`.
-pub async fn ping(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn ping(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult<Json<Pong>> {
     known_vm(&d, &id)?;
     let nonce = now_ms();
     match uve2::call(&d.host, &id, Request::Ping { nonce }).await? {
-        Response::Pong { nonce: n } if n == nonce => Ok(Json(json!({"vm": id, "pong": true}))),
+        Response::Pong { nonce: n } if n == nonce => Ok(Json(Pong { vm: id, pong: true })),
         other => Err(unexpected(other)),
     }
 }

@@ -9,24 +9,11 @@ use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
+use super::types::EventsQuery;
 use crate::daemon::Daemon;
 use crate::events::Recorded;
-
-/// Query of `GET /v1/events`.
-#[derive(Deserialize)]
-pub struct EventsQuery {
-    #[serde(default)]
-    since: u64,
-    #[serde(default = "yes")]
-    follow: bool,
-}
-
-fn yes() -> bool {
-    true
-}
 
 fn line(e: &Recorded) -> Bytes {
     let mut v = serde_json::to_vec(e).unwrap_or_default();

@@ -1,11 +1,13 @@
 //! The management API: HTTP/JSON on a Unix socket (axum). Routes are
 //! grouped by resource in the submodules; every handler maps domain errors
 //! to a status and a JSON body `{"error": code, "message": text}`.
-//! The contract is documented in `host/API.md`.
+//! The contract is the types of `types`, documented in `host/API.md` and
+//! `host/openapi.json`.
 
 mod agent_ops;
 mod feed;
 mod spool;
+pub mod types;
 mod users;
 mod vms;
 
@@ -14,31 +16,29 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uve_protocol::message::ErrorCode;
 
+use self::types::{ApiErrorCode, ErrorBody};
 use crate::daemon::Daemon;
 use crate::registry::RegistryError;
 use crate::store::StoreError;
 use crate::uve2::Uve2Error;
 
-/// An API error: status, machine-readable code, message.
+/// An API error: its code (which decides the status) and message,
+/// answered as [`ErrorBody`].
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
+    code: ApiErrorCode,
     message: String,
 }
 
 impl ApiError {
     /// A new error.
-    pub fn new(status: StatusCode, code: &'static str, message: impl std::fmt::Display) -> Self {
+    pub fn new(code: ApiErrorCode, message: impl std::fmt::Display) -> Self {
         ApiError {
-            status,
             code,
             message: message.to_string(),
         }
@@ -46,45 +46,41 @@ impl ApiError {
 
     /// 400.
     pub fn bad_request(message: impl std::fmt::Display) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+        Self::new(ApiErrorCode::BadRequest, message)
     }
 
     /// 404.
     pub fn not_found(message: impl std::fmt::Display) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+        Self::new(ApiErrorCode::NotFound, message)
     }
 
     /// 500.
     pub fn internal(message: impl std::fmt::Display) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+        Self::new(ApiErrorCode::Internal, message)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({"error": self.code, "message": self.message})),
-        )
-            .into_response()
+        let body = ErrorBody {
+            error: self.code,
+            message: self.message,
+        };
+        (self.code.status(), Json(body)).into_response()
     }
 }
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match &e {
-            StoreError::InvalidName(_) => Self::new(StatusCode::BAD_REQUEST, "invalid_name", e),
+            StoreError::InvalidName(_) => Self::new(ApiErrorCode::InvalidName, e),
             StoreError::NoSuchVersion { .. } => Self::not_found(e),
             StoreError::MissingChunk(_) | StoreError::BadChunk(_) | StoreError::BadManifest(_) => {
                 Self::bad_request(e)
             }
-            StoreError::QuotaExceeded { .. } => {
-                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded", e)
-            }
-            StoreError::Contended { .. } => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "contended", e)
-            }
-            StoreError::Remote { .. } => Self::new(StatusCode::BAD_GATEWAY, "store_unavailable", e),
+            StoreError::QuotaExceeded { .. } => Self::new(ApiErrorCode::QuotaExceeded, e),
+            StoreError::Contended { .. } => Self::new(ApiErrorCode::Contended, e),
+            StoreError::Remote { .. } => Self::new(ApiErrorCode::StoreUnavailable, e),
             StoreError::Corrupt { .. } | StoreError::Io { .. } | StoreError::UnsafeStore(_) => {
                 Self::internal(e)
             }
@@ -95,9 +91,9 @@ impl From<StoreError> for ApiError {
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         match &e {
-            RegistryError::InvalidName(_) => Self::new(StatusCode::BAD_REQUEST, "invalid_name", e),
+            RegistryError::InvalidName(_) => Self::new(ApiErrorCode::InvalidName, e),
             RegistryError::BadTransport => Self::bad_request(e),
-            RegistryError::Duplicate(_) => Self::new(StatusCode::CONFLICT, "conflict", e),
+            RegistryError::Duplicate(_) => Self::new(ApiErrorCode::Conflict, e),
             RegistryError::NoSuchVm(_) | RegistryError::NotAssigned(_) => Self::not_found(e),
             RegistryError::Io(_) => Self::internal(e),
         }
@@ -107,26 +103,18 @@ impl From<RegistryError> for ApiError {
 impl From<Uve2Error> for ApiError {
     fn from(e: Uve2Error) -> Self {
         match &e {
-            Uve2Error::NotConnected(_) => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "vm_not_connected", e)
-            }
-            Uve2Error::Timeout => Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout", e),
+            Uve2Error::NotConnected(_) => Self::new(ApiErrorCode::VmNotConnected, e),
+            Uve2Error::Timeout => Self::new(ApiErrorCode::Timeout, e),
             Uve2Error::Agent(w) => match w.code {
                 ErrorCode::NotFound => Self::not_found(e),
-                ErrorCode::UaInUse | ErrorCode::Busy => {
-                    Self::new(StatusCode::CONFLICT, "conflict", e)
-                }
+                ErrorCode::UaInUse | ErrorCode::Busy => Self::new(ApiErrorCode::Conflict, e),
                 ErrorCode::InvalidName
                 | ErrorCode::BadRequest
                 | ErrorCode::BundleRejected
-                | ErrorCode::BadDigest => {
-                    Self::new(StatusCode::UNPROCESSABLE_ENTITY, "agent_refused", e)
-                }
-                _ => Self::new(StatusCode::BAD_GATEWAY, "agent_error", e),
+                | ErrorCode::BadDigest => Self::new(ApiErrorCode::AgentRefused, e),
+                _ => Self::new(ApiErrorCode::AgentError, e),
             },
-            Uve2Error::Link(_) | Uve2Error::Unexpected(_) => {
-                Self::new(StatusCode::BAD_GATEWAY, "agent_error", e)
-            }
+            Uve2Error::Link(_) | Uve2Error::Unexpected(_) => Self::new(ApiErrorCode::AgentError, e),
             Uve2Error::Bundle(_) => Self::internal(e),
         }
     }
@@ -138,7 +126,7 @@ pub type ApiResult<T> = Result<T, ApiError>;
 /// Validates a name from a URL or body.
 pub fn check_name(kind: &'static str, name: &str) -> ApiResult<()> {
     uve_protocol::names::validate(kind, name)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_name", e))
+        .map_err(|e| ApiError::new(ApiErrorCode::InvalidName, e))
 }
 
 /// The API router.

@@ -6,12 +6,12 @@
 use std::path::{Path, PathBuf};
 
 use axum::body::Body;
-use axum::http::StatusCode;
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use uve_protocol::manifest::Hash;
 
 use super::ApiError;
+use super::types::ApiErrorCode;
 
 /// A spooled body.
 pub struct Spooled {
@@ -47,8 +47,7 @@ pub async fn spool(body: Body, dir: &Path, limit: u64) -> Result<Spooled, ApiErr
         spooled.size += piece.len() as u64;
         if spooled.size > limit {
             return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
+                ApiErrorCode::TooLarge,
                 format!("body exceeds the limit of {limit} bytes"),
             ));
         }

@@ -9,19 +9,18 @@ use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use serde::Deserialize;
-use serde_json::{Value, json};
 use uve_protocol::chunker::chunk_stream;
 use uve_protocol::message::Version;
 
 use super::spool::spool;
+use super::types::{GcQuery, GcReport, Imported, RollbackBody, RolledBack, UserRow, VersionList};
 use super::{ApiResult, check_name};
 use crate::daemon::Daemon;
 use crate::events::Event;
 use crate::store::CommitOutcome;
 
 /// `GET /v1/users`: users with a store entry, their head and assignment.
-pub async fn list(State(d): State<Arc<Daemon>>) -> ApiResult<Json<Value>> {
+pub async fn list(State(d): State<Arc<Daemon>>) -> ApiResult<Json<Vec<UserRow>>> {
     let users = d
         .host
         .store_call(|s| {
@@ -33,27 +32,29 @@ pub async fn list(State(d): State<Arc<Daemon>>) -> ApiResult<Json<Value>> {
             Ok(out)
         })
         .await?;
-    let rows: Vec<Value> = users
+    let rows = users
         .into_iter()
-        .map(|(u, head)| {
-            json!({"user": u, "head": head, "assigned_to": d.host.registry.assignment(&u),
-                   "lease": d.host.leases.get(&u)})
+        .map(|(user, head)| UserRow {
+            assigned_to: d.host.registry.assignment(&user),
+            lease: d.host.leases.get(&user),
+            user,
+            head,
         })
         .collect();
-    Ok(Json(Value::Array(rows)))
+    Ok(Json(rows))
 }
 
 /// `GET /v1/users/{user}/versions`.
 pub async fn versions(
     State(d): State<Arc<Daemon>>,
     Path(user): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<VersionList>> {
     check_name("user", &user)?;
     let (head, versions) = d
         .host
         .store_call(move |s| Ok((s.head(&user)?, s.versions(&user)?)))
         .await?;
-    Ok(Json(json!({"head": head, "versions": versions})))
+    Ok(Json(VersionList { head, versions }))
 }
 
 /// `POST /v1/users/{user}/import`: the raw body is the UIF; it becomes the
@@ -63,7 +64,7 @@ pub async fn import(
     State(d): State<Arc<Daemon>>,
     Path(user): Path<String>,
     body: Body,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Imported>> {
     check_name("user", &user)?;
     let host = d.host.clone();
     let limit = host.config.max_import.unwrap_or(host.config.max_uif_size);
@@ -101,10 +102,13 @@ pub async fn import(
         size: manifest.header.size,
         chunks: manifest.header.chunk_count,
     });
-    Ok(Json(json!({
-        "user": user, "version": version, "size": manifest.header.size,
-        "digest": manifest.header.digest.to_hex(), "chunks": manifest.header.chunk_count,
-    })))
+    Ok(Json(Imported {
+        user,
+        version,
+        size: manifest.header.size,
+        digest: manifest.header.digest.to_hex(),
+        chunks: manifest.header.chunk_count,
+    }))
 }
 
 /// `GET /v1/users/{user}/versions/{v}/export`: streams the UIF bytes,
@@ -148,18 +152,12 @@ pub async fn export(
         .into_response())
 }
 
-/// Body of `POST /v1/users/{user}/rollback`.
-#[derive(Deserialize)]
-pub struct RollbackBody {
-    version: Version,
-}
-
 /// `POST /v1/users/{user}/rollback`: a copy of `version` becomes the head.
 pub async fn rollback(
     State(d): State<Arc<Daemon>>,
     Path(user): Path<String>,
     Json(body): Json<RollbackBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<RolledBack>> {
     check_name("user", &user)?;
     let host = d.host.clone();
     let gate = host.leases.gate(&user);
@@ -173,21 +171,20 @@ pub async fn rollback(
         from_version: to,
         version: head,
     });
-    Ok(Json(
-        json!({"user": user, "version": head, "copied_from": to}),
-    ))
-}
-
-/// Query of `POST /v1/gc`.
-#[derive(Deserialize)]
-pub struct GcQuery {
-    grace_secs: Option<u64>,
+    Ok(Json(RolledBack {
+        user,
+        version: head,
+        copied_from: to,
+    }))
 }
 
 /// `POST /v1/gc[?grace_secs=]`.
-pub async fn gc(State(d): State<Arc<Daemon>>, Query(q): Query<GcQuery>) -> ApiResult<Json<Value>> {
+pub async fn gc(
+    State(d): State<Arc<Daemon>>,
+    Query(q): Query<GcQuery>,
+) -> ApiResult<Json<GcReport>> {
     let grace = Duration::from_secs(q.grace_secs.unwrap_or(d.host.config.gc_grace_secs));
     let report = d.host.store_call(move |s| s.gc(grace)).await?;
     d.host.events.emit(Event::Gc(report));
-    Ok(Json(json!(report)))
+    Ok(Json(report))
 }

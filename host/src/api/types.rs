@@ -1,0 +1,493 @@
+//! The management API's contract: the request bodies, queries and answers
+//! of every route, shared by the handlers (which answer `Json<T>` of these)
+//! and `uvectl` (which sends and decodes them). host/API.md describes them
+//! and host/openapi.json is their OpenAPI 3 document; a change here is a
+//! change of the wire form, pinned by `tests::answers_keep_their_wire_form`.
+//!
+//! Domain types answered as they are (a VM's spec, sessions, versions,
+//! leases, GC reports, assignment outcomes) are re-exported from here, so
+//! this module names the whole contract.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use uve_protocol::message::{AgentStatus, SessionInfo, UaInfo, Version};
+
+pub use crate::conns::ConnSummary;
+pub use crate::events::Recorded as EventLine;
+pub use crate::leases::UserLease;
+pub use crate::registry::VmSpec;
+pub use crate::sessions::SessionRec;
+pub use crate::store::{GcReport, VersionInfo, VersionKind};
+pub use crate::switch::AssignOutcome;
+
+/// The machine-readable code of an error answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiErrorCode {
+    /// Malformed request (400).
+    BadRequest,
+    /// A name failed validation (400).
+    InvalidName,
+    /// No such VM, user, version, UA or session (404).
+    NotFound,
+    /// Already exists, or in use (409).
+    Conflict,
+    /// A body exceeds its limit (413).
+    TooLarge,
+    /// The user's quota would be exceeded (413).
+    QuotaExceeded,
+    /// The agent refused the request (422).
+    AgentRefused,
+    /// The agent failed or answered nonsense (502).
+    AgentError,
+    /// The S3 store cannot be reached (502).
+    StoreUnavailable,
+    /// The VM has no live connection (503).
+    VmNotConnected,
+    /// A user's head kept changing under a commit (503).
+    Contended,
+    /// The agent did not answer in time (504).
+    Timeout,
+    /// Anything else (500).
+    Internal,
+}
+
+impl ApiErrorCode {
+    /// Every code.
+    pub const ALL: [ApiErrorCode; 13] = [
+        Self::BadRequest,
+        Self::InvalidName,
+        Self::NotFound,
+        Self::Conflict,
+        Self::TooLarge,
+        Self::QuotaExceeded,
+        Self::AgentRefused,
+        Self::AgentError,
+        Self::StoreUnavailable,
+        Self::VmNotConnected,
+        Self::Contended,
+        Self::Timeout,
+        Self::Internal,
+    ];
+
+    /// The code as written on the wire (`not_found`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::InvalidName => "invalid_name",
+            Self::NotFound => "not_found",
+            Self::Conflict => "conflict",
+            Self::TooLarge => "too_large",
+            Self::QuotaExceeded => "quota_exceeded",
+            Self::AgentRefused => "agent_refused",
+            Self::AgentError => "agent_error",
+            Self::StoreUnavailable => "store_unavailable",
+            Self::VmNotConnected => "vm_not_connected",
+            Self::Contended => "contended",
+            Self::Timeout => "timeout",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// The HTTP status answered with this code.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::BadRequest | Self::InvalidName => StatusCode::BAD_REQUEST,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::Conflict => StatusCode::CONFLICT,
+            Self::TooLarge | Self::QuotaExceeded => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::AgentRefused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::AgentError | Self::StoreUnavailable => StatusCode::BAD_GATEWAY,
+            Self::VmNotConnected | Self::Contended => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What kind of error.
+    pub error: ApiErrorCode,
+    /// Human-readable text.
+    pub message: String,
+}
+
+// ---- VMs, assignments, sessions -------------------------------------------
+
+/// Body of `POST /v1/vms`: the id and exactly one transport.
+pub type NewVm = VmSpec;
+
+/// A VM in `GET /v1/vms` and the answer of `POST /v1/vms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// VM id.
+    pub id: String,
+    /// AF_VSOCK context id.
+    pub cid: Option<u32>,
+    /// Hybrid-vsock socket of the VMM.
+    pub uds_path: Option<PathBuf>,
+    /// Hybrid-vsock guest port.
+    pub port: Option<u32>,
+    /// Plain Unix listen path.
+    pub unix: Option<PathBuf>,
+    /// The Unix socket the host listens on (`null` for vsock).
+    pub listen_path: Option<PathBuf>,
+    /// Whether its agent is connected.
+    pub connected: bool,
+    /// The live connection.
+    pub connection: Option<ConnSummary>,
+}
+
+/// `GET /v1/vms/{id}`: the VM, its open sessions and assigned users.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDetail {
+    /// The VM.
+    #[serde(flatten)]
+    pub vm: VmInfo,
+    /// Sessions open on it.
+    pub sessions: Vec<SessionRec>,
+    /// Users assigned to it.
+    pub assigned_users: Vec<String>,
+}
+
+/// `GET /v1/assignments`: user → VM.
+pub type Assignments = BTreeMap<String, String>;
+
+/// Body of `PUT /v1/assignments/{user}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignBody {
+    /// The VM to assign the user to.
+    pub vm: String,
+}
+
+/// Query of `GET /v1/sessions`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionsQuery {
+    /// Only this VM's sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+}
+
+// ---- UIF administration ---------------------------------------------------
+
+/// A row of `GET /v1/users`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRow {
+    /// The user.
+    pub user: String,
+    /// Their head version.
+    pub head: Option<Version>,
+    /// The VM they are assigned to.
+    pub assigned_to: Option<String>,
+    /// Their writer lease.
+    pub lease: Option<UserLease>,
+}
+
+/// `GET /v1/users/{user}/versions`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionList {
+    /// The head version.
+    pub head: Option<Version>,
+    /// Retained versions, committed and conflict.
+    pub versions: Vec<VersionInfo>,
+}
+
+/// Answer of `POST /v1/users/{user}/import`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Imported {
+    /// The user.
+    pub user: String,
+    /// The version stored.
+    pub version: Version,
+    /// Size in bytes.
+    pub size: u64,
+    /// Manifest digest, hex.
+    pub digest: String,
+    /// Number of chunks.
+    pub chunks: u32,
+}
+
+/// Body of `POST /v1/users/{user}/rollback`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackBody {
+    /// The version to restore.
+    pub version: Version,
+}
+
+/// Answer of `POST /v1/users/{user}/rollback`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolledBack {
+    /// The user.
+    pub user: String,
+    /// The new head (a copy).
+    pub version: Version,
+    /// The version copied.
+    pub copied_from: Version,
+}
+
+/// Query of `POST /v1/gc`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcQuery {
+    /// Spare unreferenced chunks younger than this (default: configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_secs: Option<u64>,
+}
+
+/// Query of `GET /v1/events`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventsQuery {
+    /// Only events after this sequence number.
+    #[serde(default)]
+    pub since: u64,
+    /// Keep streaming new events (default `true`).
+    #[serde(default = "yes")]
+    pub follow: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+// ---- UVE-2, answered by the VM's agent -------------------------------------
+
+/// Query of `POST /v1/vms/{id}/ua` (the body is the tar bundle).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployQuery {
+    /// UA name.
+    pub name: String,
+    /// UA version.
+    pub version: String,
+    /// Entry command, whitespace-separated argv.
+    #[serde(default)]
+    pub entry: String,
+    /// Update an existing UA.
+    #[serde(default)]
+    pub update: bool,
+}
+
+/// Answer of `POST /v1/vms/{id}/ua`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UaDeployed {
+    /// The VM.
+    pub vm: String,
+    /// UA name.
+    pub name: String,
+    /// The version now current.
+    pub current: String,
+    /// Bundle size in bytes.
+    pub size: u64,
+    /// Bundle BLAKE3 digest, hex.
+    pub digest: String,
+}
+
+/// Answer of `POST /v1/vms/{id}/ua/{name}/rollback`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UaCurrent {
+    /// The VM.
+    pub vm: String,
+    /// UA name.
+    pub name: String,
+    /// The version now current.
+    pub current: String,
+}
+
+/// Query of `DELETE /v1/vms/{id}/ua/{name}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UaDeleteQuery {
+    /// Stop the sessions using it (`true` or `1`; anything else is false).
+    #[serde(default, with = "flag")]
+    pub force: bool,
+}
+
+/// Answer of `DELETE /v1/vms/{id}/ua/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UaDeleted {
+    /// The VM.
+    pub vm: String,
+    /// UA name.
+    pub name: String,
+    /// Sessions stopped because of `force`.
+    pub stopped_sessions: Vec<String>,
+}
+
+/// The `{action}` of `POST /v1/vms/{id}/sessions/{session}/{action}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionAction {
+    /// Suspend the session.
+    Suspend,
+    /// Resume it.
+    Resume,
+}
+
+impl SessionAction {
+    /// The path segment.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Suspend => "suspend",
+            Self::Resume => "resume",
+        }
+    }
+
+    /// Parses the path segment.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Suspend, Self::Resume]
+            .into_iter()
+            .find(|a| a.as_str() == s)
+    }
+}
+
+/// Answer of a session suspend or resume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionActionDone {
+    /// The VM.
+    pub vm: String,
+    /// Session id.
+    pub session: String,
+    /// What was done.
+    pub action: SessionAction,
+}
+
+/// Body of `POST /v1/vms/{id}/monitor`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorBody {
+    /// Session id.
+    pub session: String,
+    /// Monitoring user.
+    pub monitor: String,
+    /// Validity in seconds (default 3600).
+    #[serde(default = "default_ttl")]
+    pub ttl_secs: u64,
+}
+
+fn default_ttl() -> u64 {
+    3600
+}
+
+/// Answer of `POST /v1/vms/{id}/monitor`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorGranted {
+    /// The VM.
+    pub vm: String,
+    /// Session id.
+    pub session: String,
+    /// Monitoring user.
+    pub monitor: String,
+    /// When the grant expires (Unix ms).
+    pub expires: u64,
+}
+
+/// Query of `DELETE /v1/vms/{id}/monitor` (both are required; a missing
+/// one is answered `bad_request`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorRevokeQuery {
+    /// Session id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// Monitoring user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<String>,
+}
+
+/// Answer of `DELETE /v1/vms/{id}/monitor`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorRevoked {
+    /// The VM.
+    pub vm: String,
+    /// Session id.
+    pub session: String,
+    /// Monitoring user.
+    pub monitor: String,
+    /// Always `true`.
+    pub revoked: bool,
+}
+
+/// Answer of `GET /v1/vms/{id}/status`: the agent's view of itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// The VM.
+    pub vm: String,
+    /// Sessions the agent has open.
+    pub sessions: Vec<AgentSession>,
+    /// UAs deployed on it.
+    pub uas: Vec<AgentUa>,
+    /// Updates waiting in its offline spool.
+    pub spooled_updates: u32,
+}
+
+/// A session as the agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentSession {
+    /// Session id.
+    pub session: String,
+    /// Its user.
+    pub user: String,
+    /// Its UA.
+    pub ua: Option<String>,
+    /// Whether it is suspended.
+    pub suspended: bool,
+}
+
+/// A UA as the agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentUa {
+    /// UA name.
+    pub name: String,
+    /// The version `current` points at.
+    pub current: String,
+    /// The version kept for rollback.
+    pub previous: Option<String>,
+}
+
+impl VmStatus {
+    /// The API form of an agent's `AgentStatus`.
+    pub fn new(vm: String, s: AgentStatus) -> Self {
+        let session = |x: SessionInfo| AgentSession {
+            session: x.session,
+            user: x.user,
+            ua: x.ua,
+            suspended: x.suspended,
+        };
+        let ua = |u: UaInfo| AgentUa {
+            name: u.name,
+            current: u.current,
+            previous: u.previous,
+        };
+        VmStatus {
+            vm,
+            sessions: s.sessions.into_iter().map(session).collect(),
+            uas: s.uas.into_iter().map(ua).collect(),
+            spooled_updates: s.spooled_updates,
+        }
+    }
+}
+
+/// Answer of `POST /v1/vms/{id}/ping`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    /// The VM.
+    pub vm: String,
+    /// Always `true`.
+    pub pong: bool,
+}
+
+/// A query flag written `true`/`false` and read leniently: `true` or `1`
+/// is true, anything else false (what `?force=` always accepted).
+mod flag {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's `with` signature
+    pub(super) fn serialize<S: Serializer>(b: &bool, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bool(*b)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(s == "true" || s == "1")
+    }
+}

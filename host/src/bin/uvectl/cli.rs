@@ -1,0 +1,229 @@
+//! The command line of `uvectl` (clap): every command, its arguments and
+//! their help text.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// `uvectl [--socket PATH] [--json] <command>`.
+#[derive(Parser)]
+#[command(name = "uvectl", version, about = "Control a uve-host daemon", long_about = None)]
+pub struct Cli {
+    /// API socket (default: $UVE_HOST_SOCKET, else $UVE_HOST_DATA_DIR/api.sock,
+    /// else /var/lib/uve-host/api.sock — the daemon's default).
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
+    /// Print the raw JSON answer instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+/// The commands.
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// VMs: list, add, show, rm, status, ping.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Assign a user to a VM (a VM switch asks the old VM to release the user).
+    Assign {
+        /// User.
+        user: String,
+        /// VM id.
+        vm: String,
+    },
+    /// Remove a user's assignment.
+    Unassign {
+        /// User.
+        user: String,
+    },
+    /// List assignments.
+    Assignments,
+    /// List open sessions.
+    Sessions {
+        /// Only this VM.
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// List users with a UIF.
+    Users,
+    /// List a user's versions.
+    Versions {
+        /// User.
+        user: String,
+    },
+    /// Import a UIF file as the user's new head.
+    Import {
+        /// User.
+        user: String,
+        /// UIF file.
+        file: PathBuf,
+    },
+    /// Export a version's bytes.
+    Export {
+        /// User.
+        user: String,
+        /// Version.
+        version: u64,
+        /// Output file (default: stdout).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Make a copy of an old version the head.
+    Rollback {
+        /// User.
+        user: String,
+        /// Version to restore.
+        version: u64,
+    },
+    /// Garbage-collect unreferenced chunks.
+    Gc {
+        /// Spare unreferenced chunks younger than this (default: daemon's).
+        #[arg(long)]
+        grace_secs: Option<u64>,
+    },
+    /// Print events (JSON lines).
+    Events {
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Keep following new events.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Print Prometheus metrics.
+    Metrics,
+    /// User agents on a VM: deploy, rollback, rm.
+    #[command(subcommand)]
+    Ua(UaCmd),
+    /// Suspend a session.
+    Suspend {
+        /// VM id.
+        vm: String,
+        /// Session id.
+        session: String,
+    },
+    /// Resume a session.
+    Resume {
+        /// VM id.
+        vm: String,
+        /// Session id.
+        session: String,
+    },
+    /// Monitoring grants: grant, revoke.
+    #[command(subcommand)]
+    Monitor(MonitorCmd),
+}
+
+/// `uvectl vm ...`.
+#[derive(Subcommand)]
+pub enum VmCmd {
+    /// List VMs.
+    List,
+    /// Register a VM (exactly one of --cid, --uds-path, --unix).
+    Add {
+        /// VM id.
+        id: String,
+        /// AF_VSOCK CID.
+        #[arg(long)]
+        cid: Option<u32>,
+        /// Hybrid-vsock socket of the VMM (host listens on <uds-path>_<port>).
+        #[arg(long)]
+        uds_path: Option<PathBuf>,
+        /// Hybrid-vsock guest port (default 7075).
+        #[arg(long)]
+        port: Option<u32>,
+        /// Plain Unix listen path.
+        #[arg(long)]
+        unix: Option<PathBuf>,
+    },
+    /// Show a VM (connection, sessions, assigned users).
+    Show {
+        /// VM id.
+        id: String,
+    },
+    /// Unregister a VM.
+    Rm {
+        /// VM id.
+        id: String,
+    },
+    /// Ask the VM's agent for its status.
+    Status {
+        /// VM id.
+        id: String,
+    },
+    /// Round trip to the VM's agent.
+    Ping {
+        /// VM id.
+        id: String,
+    },
+}
+
+/// `uvectl ua ...`.
+#[derive(Subcommand)]
+pub enum UaCmd {
+    /// Deploy (or --update) a UA from a tar bundle.
+    Deploy {
+        /// VM id.
+        vm: String,
+        /// Bundle (uncompressed tar).
+        bundle: PathBuf,
+        /// UA name.
+        #[arg(long)]
+        name: String,
+        /// UA version.
+        #[arg(long)]
+        version: String,
+        /// Entry command (whitespace-separated argv).
+        #[arg(long, default_value = "")]
+        entry: String,
+        /// Update an existing UA.
+        #[arg(long)]
+        update: bool,
+    },
+    /// Switch a UA back to its previous version.
+    Rollback {
+        /// VM id.
+        vm: String,
+        /// UA name.
+        name: String,
+    },
+    /// Delete a UA.
+    Rm {
+        /// VM id.
+        vm: String,
+        /// UA name.
+        name: String,
+        /// Stop sessions using it.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `uvectl monitor ...`.
+#[derive(Subcommand)]
+pub enum MonitorCmd {
+    /// Allow MONITOR to monitor SESSION.
+    Grant {
+        /// VM id.
+        vm: String,
+        /// Session id.
+        session: String,
+        /// Monitoring user.
+        monitor: String,
+        /// Validity in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+    },
+    /// Withdraw a grant.
+    Revoke {
+        /// VM id.
+        vm: String,
+        /// Session id.
+        session: String,
+        /// Monitoring user.
+        monitor: String,
+    },
+}

@@ -1,0 +1,141 @@
+//! How `uvectl` shows answers: decoded into the API's types, then lists as
+//! tables, objects as pretty JSON, errors as `uvectl: STATUS (code): text`
+//! on stderr; with `--json` the raw answer as it came. Also the exit code
+//! of each status.
+
+use hyper::StatusCode;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+use uve_host::api::types::{ErrorBody, VersionList};
+use uve_host::client::Answer;
+
+/// Exit code of an answer's status: 0 ok, 3 not found, 4 conflict, 5 VM
+/// not connected, 1 anything else.
+pub fn exit_for(status: StatusCode) -> u8 {
+    match status.as_u16() {
+        200..=299 => 0,
+        404 => 3,
+        409 => 4,
+        503 => 5,
+        _ => 1,
+    }
+}
+
+/// Shows an answer whose success body is a `T`: `render` gets the decoded
+/// value (or `--json` prints the body as it is). Returns the exit code.
+pub fn answer<T: DeserializeOwned>(a: &Answer, raw: bool, render: impl FnOnce(&T)) -> u8 {
+    let code = exit_for(a.status);
+    if code != 0 {
+        return error(a, raw);
+    }
+    if raw {
+        println!("{}", a.json());
+        return 0;
+    }
+    match a.decode::<T>() {
+        Ok(t) => {
+            render(&t);
+            0
+        }
+        Err(e) => {
+            eprintln!(
+                "uvectl: unexpected answer ({e}): {}",
+                String::from_utf8_lossy(&a.body)
+            );
+            1
+        }
+    }
+}
+
+/// Shows an answer without a body (`204`): nothing, or `null` with `--json`.
+pub fn done(a: &Answer, raw: bool) -> u8 {
+    if exit_for(a.status) != 0 {
+        return error(a, raw);
+    }
+    if raw {
+        println!("{}", a.json());
+    }
+    0
+}
+
+/// Prints an error answer on stderr (and its JSON on stdout with
+/// `--json`); returns the exit code of its status.
+pub fn error(a: &Answer, raw: bool) -> u8 {
+    let (code, message) = match a.decode::<ErrorBody>() {
+        Ok(e) => (e.error.as_str(), e.message),
+        Err(_) => ("error", String::from_utf8_lossy(&a.body).into_owned()),
+    };
+    eprintln!("uvectl: {} ({code}): {message}", a.status);
+    if raw {
+        println!("{}", a.json());
+    }
+    exit_for(a.status)
+}
+
+/// Pretty JSON of an object answer.
+pub fn object<T: Serialize>(t: &T) {
+    let v = serde_json::to_value(t).unwrap_or(Value::Null);
+    if !v.is_null() {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    }
+}
+
+/// A table of a list answer.
+pub fn rows<T: Serialize>(rows: &[T]) {
+    let v: Vec<Value> = rows
+        .iter()
+        .filter_map(|r| serde_json::to_value(r).ok())
+        .collect();
+    table(&v);
+}
+
+/// `versions USER`: the head, then one row per retained version.
+pub fn versions(v: &VersionList) {
+    match v.head {
+        Some(h) => println!("head: {h}"),
+        None => println!("head: null"),
+    }
+    rows(&v.versions);
+}
+
+/// A table of objects: the first row's scalar fields as columns.
+fn table(rows: &[Value]) {
+    let rows: Vec<&Map<String, Value>> = rows.iter().filter_map(Value::as_object).collect();
+    let Some(first) = rows.first() else {
+        println!("(none)");
+        return;
+    };
+    let cols: Vec<&String> = first
+        .iter()
+        .filter(|(_, x)| !x.is_object() && !x.is_array())
+        .map(|(k, _)| k)
+        .collect();
+    let cell = |r: &Map<String, Value>, k: &str| match r.get(k) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(x) => x.to_string(),
+    };
+    let widths: Vec<usize> = cols
+        .iter()
+        .map(|k| {
+            rows.iter()
+                .map(|r| cell(r, k).len())
+                .chain([k.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(cols.iter().map(|k| k.to_uppercase()).collect());
+    for r in &rows {
+        line(cols.iter().map(|k| cell(r, k)).collect());
+    }
+}
