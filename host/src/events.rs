@@ -5,7 +5,7 @@
 //! kinds and their fields are the [`Event`] enum (`kinds`).
 
 #[cfg(test)]
-mod golden;
+pub(crate) mod golden;
 mod kinds;
 
 use std::collections::VecDeque;

@@ -6,6 +6,9 @@
 
 mod agent_ops;
 mod feed;
+#[cfg(test)]
+mod openapi_check;
+pub mod routes;
 mod spool;
 pub mod types;
 mod users;
@@ -17,7 +20,6 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
 use tokio_util::sync::CancellationToken;
 use uve_protocol::message::ErrorCode;
 
@@ -129,42 +131,9 @@ pub fn check_name(kind: &'static str, name: &str) -> ApiResult<()> {
         .map_err(|e| ApiError::new(ApiErrorCode::InvalidName, e))
 }
 
-/// The API router.
+/// The API router (the routes of [`routes::routes`]).
 pub fn router(daemon: Arc<Daemon>) -> Router {
-    Router::new()
-        .route("/v1/vms", get(vms::list).post(vms::create))
-        .route("/v1/vms/{id}", get(vms::show).delete(vms::remove))
-        .route("/v1/assignments", get(vms::assignments))
-        .route(
-            "/v1/assignments/{user}",
-            put(vms::assign).delete(vms::unassign),
-        )
-        .route("/v1/sessions", get(vms::sessions))
-        .route("/v1/users", get(users::list))
-        .route("/v1/users/{user}/versions", get(users::versions))
-        .route("/v1/users/{user}/import", post(users::import))
-        .route("/v1/users/{user}/versions/{v}/export", get(users::export))
-        .route("/v1/users/{user}/rollback", post(users::rollback))
-        .route("/v1/gc", post(users::gc))
-        .route("/v1/events", get(feed::events))
-        .route("/metrics", get(feed::metrics))
-        .route("/v1/vms/{id}/ua", post(agent_ops::deploy))
-        .route(
-            "/v1/vms/{id}/ua/{name}/rollback",
-            post(agent_ops::ua_rollback),
-        )
-        .route("/v1/vms/{id}/ua/{name}", delete(agent_ops::ua_delete))
-        .route(
-            "/v1/vms/{id}/sessions/{session}/{action}",
-            post(agent_ops::session_action),
-        )
-        .route(
-            "/v1/vms/{id}/monitor",
-            post(agent_ops::monitor_grant).delete(agent_ops::monitor_revoke),
-        )
-        .route("/v1/vms/{id}/status", get(agent_ops::status))
-        .route("/v1/vms/{id}/ping", post(agent_ops::ping))
-        .with_state(daemon)
+    routes::routes().into_router().with_state(daemon)
 }
 
 /// Binds the API's Unix socket at `path` (creating its directory).

@@ -8,6 +8,9 @@
 //! leases, GC reports, assignment outcomes) are re-exported from here, so
 //! this module names the whole contract.
 
+#[cfg(test)]
+pub(crate) mod golden;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 

@@ -328,7 +328,8 @@ fn agents() -> Vec<(Event, Value)> {
     ]
 }
 
-fn samples() -> Vec<(Event, Value)> {
+/// One sample of every kind and its JSON (without `seq` and `at_ms`).
+pub(crate) fn samples() -> Vec<(Event, Value)> {
     [vms(), sessions(), uifs(), switches(), agents()].concat()
 }
 
