@@ -66,11 +66,10 @@ impl Metrics {
             .1 += 1;
     }
 
-    /// Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
+    /// The daemon-wide metrics: name, type, help text, value.
+    fn rows(&self) -> [(&'static str, &'static str, &'static str, u64); 12] {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 12] = [
+        [
             (
                 "uve_connections",
                 "gauge",
@@ -143,8 +142,13 @@ impl Metrics {
                 "Updates refused for good (the agent keeps their bytes as a preserved copy)",
                 g(&self.updates_refused),
             ),
-        ];
-        for (name, kind, help, v) in rows {
+        ]
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for (name, kind, help, v) in self.rows() {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"

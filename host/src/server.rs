@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use uve_protocol::codec::FrameCodec;
 use uve_protocol::defs::{DEFAULT_MAX_FRAME, MAX_CHUNK};
 use uve_protocol::handshake::{HostOffer, answer, negotiate, read_hello};
-use uve_protocol::link::{self, LinkConfig};
-use uve_protocol::message::{ErrorCode, Limits, Reject};
+use uve_protocol::link::{self, LinkConfig, LinkEnd};
+use uve_protocol::message::{ErrorCode, Hello, Limits, Reject};
 use uve_protocol::transport::{BoxStream, Endpoint, Listener, Peer};
 
 use crate::conns::{ConnEntry, ConnSummary};
@@ -173,14 +173,7 @@ async fn serve(
     let Some(vm) = vm else { return };
     let config = LinkConfig::new(Host::ms(u64::from(welcome.heartbeat_ms)), welcome.max_frame);
     let (handle, incoming) = link::spawn(reader, writer.into_inner(), config);
-    let summary = ConnSummary {
-        conn_id,
-        agent_version: hello.agent_version.chars().take(128).collect(),
-        capabilities: hello.capabilities,
-        boot_id: hello.boot_id.iter().map(|b| format!("{b:02x}")).collect(),
-        protocol: welcome.protocol,
-        connected_ms: now_ms(),
-    };
+    let summary = summary(conn_id, &hello, welcome.protocol);
     let installed = host.conns.install(
         &vm,
         ConnEntry {
@@ -219,6 +212,25 @@ async fn serve(
         tracing::info!(vm, conn_id, %end, "replaced connection ended");
         return;
     }
+    ended(&host, vm, conn_id, &end);
+}
+
+/// What the API shows of a new connection.
+fn summary(conn_id: u64, hello: &Hello, protocol: u16) -> ConnSummary {
+    ConnSummary {
+        conn_id,
+        agent_version: hello.agent_version.chars().take(128).collect(),
+        capabilities: hello.capabilities,
+        boot_id: hello.boot_id.iter().map(|b| format!("{b:02x}")).collect(),
+        protocol,
+        connected_ms: now_ms(),
+    }
+}
+
+/// Records the end of a VM's current connection: `vm_disconnected` if it
+/// was orderly, else an `unexpected_disconnect` for each session it had
+/// open and `vm_lost`.
+fn ended(host: &Host, vm: String, conn_id: u64, end: &LinkEnd) {
     let sessions = host.sessions.drain_vm(&vm, !end.is_orderly());
     if end.is_orderly() {
         host.events.emit(Event::VmDisconnected {

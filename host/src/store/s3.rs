@@ -37,15 +37,19 @@
 //! when it becomes referenced. What remains is the gap between one GC's
 //! HEAD and its DELETE (one round trip) meeting such a rewrite.
 
+mod gc;
+mod head;
+mod selftest;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::{StreamExt, TryStreamExt, stream};
+use futures_util::{StreamExt, stream};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use uve_protocol::defs::MAX_CHUNK;
 use uve_protocol::manifest::{Hash, Manifest};
 use uve_protocol::message::Version;
@@ -55,7 +59,7 @@ pub use crate::config::S3Config;
 
 use super::{
     ChunkPins, CommitOutcome, GcReport, HeadRule, PinTable, StoreError, StorePolicy, StoreResult,
-    UifStore, UserState, VersionInfo, check_new_version, now_ms,
+    UifStore, UserState, VersionInfo, now_ms,
 };
 
 /// How many times a commit re-reads the head after losing a race.
@@ -82,19 +86,6 @@ pub struct S3Store {
     known: Mutex<HashMap<Hash, u64>>,
     manifests: Mutex<HashMap<Hash, Arc<Manifest>>>,
     nonce: AtomicU64,
-}
-
-/// What a GC mark found: every referenced chunk, and per user the digests
-/// of the manifests its head object names.
-struct Marked {
-    chunks: HashSet<Hash>,
-    manifests: HashMap<String, HashSet<Hash>>,
-}
-
-/// A head object and the version tag to compare-and-swap against.
-struct Head {
-    state: UserState,
-    tag: Option<UpdateVersion>,
 }
 
 fn remote(context: impl Into<String>, e: impl std::fmt::Display) -> StoreError {
@@ -227,104 +218,6 @@ impl S3Store {
         }
     }
 
-    /// Checks that the bucket honours `If-None-Match: *` and `If-Match`, and
-    /// whether `If-Match` wants a quoted ETag. Returns that quoting.
-    fn self_test(&self) -> StoreResult<bool> {
-        let key = self.key(&format!("selftest/{}", self.next_nonce()));
-        let s3 = self.s3.clone();
-        let result = self.block_on(async move {
-            let create = |body: &'static str| {
-                s3.put_opts(&key, PutPayload::from(body), PutMode::Create.into())
-            };
-            create("a")
-                .await
-                .map_err(|e| remote("self-test: first create of a new object", e))?;
-            match create("b").await {
-                Err(object_store::Error::AlreadyExists { .. })
-                | Err(object_store::Error::Precondition { .. }) => {}
-                Ok(_) => {
-                    return Err(StoreError::UnsafeStore(
-                        "it ignores `If-None-Match: *`: a second create of the same key \
-                         succeeded and overwrote the first"
-                            .into(),
-                    ));
-                }
-                Err(e) => return Err(remote("self-test: second create", e)),
-            }
-            let meta = s3
-                .head(&key)
-                .await
-                .map_err(|e| remote("self-test: read back", e))?;
-            let Some(tag) = meta.e_tag else {
-                return Err(StoreError::UnsafeStore(
-                    "it returns no ETag, so If-Match cannot be used".into(),
-                ));
-            };
-            let bare = tag.trim_matches('"').to_string();
-            let mut quote = None;
-            for (q, form) in [(true, format!("\"{bare}\"")), (false, bare.clone())] {
-                let put = s3
-                    .put_opts(
-                        &key,
-                        PutPayload::from("c"),
-                        PutMode::Update(UpdateVersion {
-                            e_tag: Some(form),
-                            version: None,
-                        })
-                        .into(),
-                    )
-                    .await;
-                match put {
-                    Ok(_) => {
-                        quote = Some(q);
-                        break;
-                    }
-                    Err(object_store::Error::Precondition { .. }) => {}
-                    Err(e) => return Err(remote("self-test: conditional update", e)),
-                }
-            }
-            let Some(quote) = quote else {
-                return Err(StoreError::UnsafeStore(
-                    "it refuses `If-Match` with the object's current ETag, quoted or bare".into(),
-                ));
-            };
-            let stale = if quote {
-                format!("\"{bare}\"")
-            } else {
-                bare.clone()
-            };
-            let stale_put = s3
-                .put_opts(
-                    &key,
-                    PutPayload::from("d"),
-                    PutMode::Update(UpdateVersion {
-                        e_tag: Some(stale),
-                        version: None,
-                    })
-                    .into(),
-                )
-                .await;
-            match stale_put {
-                Err(object_store::Error::Precondition { .. }) => Ok(quote),
-                Ok(_) => Err(StoreError::UnsafeStore(
-                    "it ignores `If-Match`: an update with a stale ETag succeeded".into(),
-                )),
-                Err(e) => Err(remote("self-test: stale update", e)),
-            }
-        });
-        let key = self.key("selftest");
-        let s3 = self.s3.clone();
-        // Best effort: GC also sweeps old self-test objects.
-        let _ = self.block_on(async move {
-            let metas: Vec<_> = s3.list(Some(&key)).try_collect().await?;
-            for m in metas {
-                let _ = s3.delete(&m.location).await;
-            }
-            Ok::<_, object_store::Error>(())
-        });
-        result
-    }
-
     fn remember(&self, hash: Hash, modified_ms: u64) {
         let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
         if known.len() >= KNOWN_CHUNKS {
@@ -350,73 +243,6 @@ impl S3Store {
             .unwrap_or_else(PoisonError::into_inner)
             .get(hash)
             .is_some_and(|m| now_ms().saturating_sub(*m) < fresh_ms)
-    }
-
-    fn read_head(&self, user: &str) -> StoreResult<Head> {
-        let key = self.head_key(user);
-        let s3 = self.s3.clone();
-        self.block_on(async move {
-            match s3.get(&key).await {
-                Ok(r) => {
-                    let tag = UpdateVersion {
-                        e_tag: r.meta.e_tag.clone(),
-                        version: r.meta.version.clone(),
-                    };
-                    let bytes = r.bytes().await.map_err(|e| remote("read head object", e))?;
-                    let state: UserState =
-                        serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
-                            path: key.to_string(),
-                            why: e.to_string(),
-                        })?;
-                    Ok(Head {
-                        state,
-                        tag: Some(tag),
-                    })
-                }
-                Err(object_store::Error::NotFound { .. }) => Ok(Head {
-                    state: UserState {
-                        next: 1,
-                        ..UserState::default()
-                    },
-                    tag: None,
-                }),
-                Err(e) => Err(remote(format!("read {key}"), e)),
-            }
-        })
-    }
-
-    /// Writes the head object if it is still `prev`; `Ok(false)` if another
-    /// writer got there first.
-    fn write_head(
-        &self,
-        user: &str,
-        state: &UserState,
-        prev: Option<&UpdateVersion>,
-    ) -> StoreResult<bool> {
-        let key = self.head_key(user);
-        let bytes = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Corrupt {
-            path: key.to_string(),
-            why: e.to_string(),
-        })?;
-        let mode = match prev {
-            None => PutMode::Create,
-            Some(v) => PutMode::Update(UpdateVersion {
-                e_tag: v.e_tag.as_deref().map(|t| self.if_match(t)),
-                version: v.version.clone(),
-            }),
-        };
-        let s3 = self.s3.clone();
-        self.block_on(async move {
-            match s3
-                .put_opts(&key, PutPayload::from(bytes), PutOptions::from(mode))
-                .await
-            {
-                Ok(_) => Ok(true),
-                Err(object_store::Error::Precondition { .. })
-                | Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-                Err(e) => Err(remote(format!("write {key}"), e)),
-            }
-        })
     }
 
     fn load_manifest(&self, user: &str, digest: &Hash) -> StoreResult<Arc<Manifest>> {
@@ -555,56 +381,6 @@ impl S3Store {
             }
         }
         Ok(())
-    }
-
-    /// Every chunk or manifest referred to by some retained version.
-    fn mark(&self) -> StoreResult<Marked> {
-        let mut chunks = HashSet::new();
-        let mut manifests = HashMap::new();
-        for user in self.users()? {
-            let state = self.read_head(&user)?.state;
-            let mut digests = HashSet::new();
-            for info in &state.versions {
-                digests.insert(Self::version_digest(info)?);
-            }
-            chunks.extend(self.referenced(&user, &state)?);
-            manifests.insert(user, digests);
-        }
-        Ok(Marked { chunks, manifests })
-    }
-
-    fn list(&self, rel: &str) -> StoreResult<Vec<object_store::ObjectMeta>> {
-        let key = self.key(rel);
-        let s3 = self.s3.clone();
-        self.block_on(async move { s3.list(Some(&key)).try_collect::<Vec<_>>().await })
-            .map_err(|e| remote(format!("list {rel}"), e))
-    }
-
-    /// Deletes `keys` whose `Last-Modified` is still older than `cutoff_ms`
-    /// when looked at right before; returns (deleted, bytes).
-    fn delete_if_old(&self, keys: Vec<Path>, cutoff_ms: u64) -> (u64, u64) {
-        let s3 = self.s3.clone();
-        let results: Vec<Option<u64>> = self.block_on(
-            stream::iter(keys)
-                .map(|key| {
-                    let s3 = s3.clone();
-                    async move {
-                        let meta = s3.head(&key).await.ok()?;
-                        let modified =
-                            u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0);
-                        if modified >= cutoff_ms {
-                            return None;
-                        }
-                        s3.delete(&key).await.ok().map(|()| meta.size)
-                    }
-                })
-                .buffer_unordered(self.concurrency)
-                .collect(),
-        );
-        results
-            .into_iter()
-            .flatten()
-            .fold((0, 0), |(n, b), size| (n + 1, b + size))
     }
 }
 
@@ -753,115 +529,11 @@ impl UifStore for S3Store {
         origin: &str,
         rule: HeadRule,
     ) -> StoreResult<CommitOutcome> {
-        check_new_version(&self.policy, user, manifest)?;
-        // The manifest object is content-addressed: idempotent, and the PUT
-        // makes it young for any GC that is looking at it.
-        let digest = manifest.header.digest;
-        let key = self.manifest_key(user, &digest);
-        let bytes = postcard::to_stdvec(manifest).map_err(|e| StoreError::Corrupt {
-            path: key.to_string(),
-            why: e.to_string(),
-        })?;
-        let s3 = self.s3.clone();
-        self.block_on(async move { s3.put(&key, PutPayload::from(bytes)).await })
-            .map_err(|e| remote("write manifest", e))?;
-        for attempt in 0..CAS_ATTEMPTS {
-            let Head { mut state, tag } = self.read_head(user)?;
-            let protected = self.referenced(user, &state)?;
-            self.secure_chunks(manifest, &protected)?;
-            let nonce = self.next_nonce();
-            let (outcome, _) = state.add_version(&self.policy, manifest, base, origin, rule);
-            state.writer = Some(nonce.clone());
-            // A lost answer to a PUT that did land looks like a lost race:
-            // the nonce is looked for at once, not after the back-off, since
-            // another host's write in between would hide it and the version
-            // would be added twice (one GET more per lost race; the next
-            // attempt reads the head again after the back-off).
-            let won = self.write_head(user, &state, tag.as_ref())?
-                || self.read_head(user)?.state.writer.as_deref() == Some(nonce.as_str());
-            if won {
-                return Ok(outcome);
-            }
-            tracing::debug!(
-                user,
-                attempt,
-                "head object changed under the commit; retrying"
-            );
-            std::thread::sleep(Duration::from_millis(5 + 10 * u64::from(attempt.min(10))));
-        }
-        Err(StoreError::Contended {
-            user: user.to_string(),
-            attempts: CAS_ATTEMPTS,
-        })
+        self.commit_cas(user, manifest, base, origin, rule)
     }
 
     fn gc(&self, grace: Duration) -> StoreResult<GcReport> {
-        // Other hosts trust that chunks younger than the configured grace
-        // survive until their commit; a shorter grace asked for here (e.g.
-        // `POST /v1/gc?grace_secs=0`) would break that promise.
-        let floor = self.fresh * 2;
-        if grace < floor {
-            tracing::warn!(
-                asked = grace.as_secs(),
-                used = floor.as_secs(),
-                "GC grace raised to the configured gc_grace_secs: the S3 store is shared"
-            );
-        }
-        let grace = grace.max(floor);
-        let cutoff = now_ms().saturating_sub(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
-        let referenced = self.mark()?.chunks;
-        let mut report = GcReport::default();
-        let mut candidates = Vec::new();
-        for meta in self.list("chunks")? {
-            let Some(hash) = meta.location.filename().and_then(Hash::from_hex) else {
-                continue;
-            };
-            report.scanned += 1;
-            if referenced.contains(&hash) {
-                report.referenced += 1;
-                continue;
-            }
-            let young = u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0) >= cutoff;
-            if young || self.pins.is_pinned(&hash) {
-                report.spared += 1;
-                continue;
-            }
-            candidates.push(hash);
-        }
-        // Commits that landed while we listed: mark again.
-        let Marked {
-            chunks: referenced,
-            manifests,
-        } = self.mark()?;
-        let before = candidates.len();
-        candidates.retain(|h| !referenced.contains(h) && !self.pins.is_pinned(h));
-        report.spared += (before - candidates.len()) as u64;
-        for h in &candidates {
-            self.forget(h);
-        }
-        let keys = candidates.iter().map(|h| self.chunk_key(h)).collect();
-        let (deleted, bytes) = self.delete_if_old(keys, cutoff);
-        report.deleted = deleted;
-        report.bytes_freed = bytes;
-        report.spared += candidates.len() as u64 - deleted;
-        // Manifests no head object names (pruned versions, a crashed
-        // commit), and self-test leftovers.
-        let mut stale = Vec::new();
-        for (user, keep) in &manifests {
-            for meta in self.list(&format!("users/{user}/m"))? {
-                let named = meta
-                    .location
-                    .filename()
-                    .and_then(Hash::from_hex)
-                    .is_some_and(|d| keep.contains(&d));
-                if !named {
-                    stale.push(meta.location);
-                }
-            }
-        }
-        stale.extend(self.list("selftest")?.into_iter().map(|m| m.location));
-        self.delete_if_old(stale, cutoff);
-        Ok(report)
+        self.collect(grace)
     }
 
     fn pin(&self, hashes: &[Hash]) -> ChunkPins {

@@ -140,13 +140,8 @@ fn vms() -> Vec<Sample> {
     ]
 }
 
-fn users() -> Vec<Sample> {
-    let lease = UserLease {
-        epoch: 4,
-        vm: s("vm1"),
-        past: vec![s("vm0")],
-    };
-    let version = VersionInfo {
+fn version() -> VersionInfo {
+    VersionInfo {
         version: 2,
         kind: VersionKind::Conflict,
         created_ms: 9,
@@ -155,6 +150,14 @@ fn users() -> Vec<Sample> {
         chunk_count: 1,
         base: Some(1),
         origin: s("vm:vm1"),
+    }
+}
+
+fn users() -> Vec<Sample> {
+    let lease = UserLease {
+        epoch: 4,
+        vm: s("vm1"),
+        past: vec![s("vm0")],
     };
     vec![
         case(
@@ -182,7 +185,7 @@ fn users() -> Vec<Sample> {
             "VersionList",
             VersionList {
                 head: Some(1),
-                versions: vec![version],
+                versions: vec![version()],
             },
             json!({"head": 1, "versions": [{"version": 2, "kind": "conflict", "created_ms": 9,
                    "size": 100, "digest": "ab", "chunk_count": 1, "base": 1,
