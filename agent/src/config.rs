@@ -107,6 +107,41 @@ impl Default for UifConfig {
     }
 }
 
+/// The configuration in force, replaceable at run time (SIGHUP): readers
+/// take a snapshot with [`get`](Self::get).
+pub struct SharedConfig(std::sync::Mutex<std::sync::Arc<Config>>);
+
+impl SharedConfig {
+    /// Holds `config`.
+    pub fn new(config: Config) -> SharedConfig {
+        SharedConfig(std::sync::Mutex::new(std::sync::Arc::new(config)))
+    }
+
+    /// The configuration now.
+    pub fn get(&self) -> std::sync::Arc<Config> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the configuration. The state dir and control socket keep
+    /// their values until restart.
+    pub fn reload(&self, mut config: Config) {
+        let old = self.get();
+        if config.state_dir != old.state_dir || config.control_socket != old.control_socket {
+            tracing::warn!("state_dir and control_socket changes take effect after a restart");
+            config.state_dir = old.state_dir.clone();
+            config.control_socket = old.control_socket.clone();
+        }
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = std::sync::Arc::new(config);
+        tracing::info!("configuration reloaded");
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]

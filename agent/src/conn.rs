@@ -1,98 +1,34 @@
 //! The connection to the host: dial, handshake, start the link, publish it
-//! to the rest of the agent, wait for it to end, redial with jittered
+//! on the [`LinkWatch`], wait for it to end, redial with jittered
 //! exponential backoff (100 ms → 10 s) — forever, until shutdown. The
-//! connection loop knows nothing of sessions or UIFs: incoming requests go
-//! to [`crate::dispatch`], and domain code picks up the current
-//! [`LinkHandle`] from [`Conn`].
+//! connection loop knows nothing of sessions or UIFs: each connection's
+//! incoming requests are handed over a channel to whoever serves them (the
+//! dispatcher), and domain code picks up the current [`HostLink`] from the
+//! watch.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use uve_protocol::FrameCodec;
 use uve_protocol::defs::{DEFAULT_MAX_FRAME, PROTOCOL_MAX, PROTOCOL_MIN};
 use uve_protocol::handshake::{self, HandshakeError};
-use uve_protocol::link::{self, Incoming, LinkConfig, LinkError, LinkHandle};
+use uve_protocol::link::{self, Incoming, LinkConfig, LinkHandle};
 use uve_protocol::message::{
     CAP_MONITOR, CAP_SUPERVISE, CAP_SUSPEND, CAP_UA_MANAGEMENT, CAP_UIF_DIRECTORY, CAP_UIF_FILE,
-    Hello, Request, Response, Welcome,
+    Hello, Welcome,
 };
 use uve_protocol::transport::{self, Endpoint, TransportError};
 
-use crate::agent::Agent;
+use crate::config::SharedConfig;
+use crate::link::{Connected, HostLink, LinkWatch};
 
 /// Time limit of every dial and handshake step.
 const STEP_LIMIT: Duration = Duration::from_secs(10);
 /// First and largest reconnect delay.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
-
-/// The agent's handle for requests to the host: the link plus a
-/// semaphore that keeps at most `Welcome.limits.max_inflight` of our
-/// requests open at once (WIRE.md §3), however many tasks send.
-#[derive(Clone)]
-pub struct HostLink {
-    link: LinkHandle,
-    permits: Arc<tokio::sync::Semaphore>,
-    protocol: u16,
-}
-
-impl HostLink {
-    fn new(link: LinkHandle, max_inflight: u32, protocol: u16) -> HostLink {
-        let n = usize::try_from(max_inflight).unwrap_or(1).clamp(1, 1024);
-        HostLink {
-            link,
-            permits: Arc::new(tokio::sync::Semaphore::new(n)),
-            protocol,
-        }
-    }
-
-    /// The protocol version negotiated with the host: requests introduced
-    /// after it must not be sent.
-    pub fn protocol(&self) -> u16 {
-        self.protocol
-    }
-
-    /// Sends a request and waits for the answer (see [`LinkHandle::request`]).
-    pub async fn request(&self, body: Request) -> Result<Response, LinkError> {
-        let _permit = self.permits.acquire().await;
-        self.link.request(body).await
-    }
-
-    /// Like [`request`](Self::request), bounded in time (queueing included).
-    pub async fn request_timeout(
-        &self,
-        body: Request,
-        limit: Duration,
-    ) -> Result<Response, LinkError> {
-        tokio::time::timeout(limit, self.request(body))
-            .await
-            .map_err(|_| LinkError::Timeout(limit))?
-    }
-
-    /// True once the link has ended.
-    pub fn is_closed(&self) -> bool {
-        self.link.is_closed()
-    }
-
-    /// The negotiated frame limit.
-    pub fn max_frame(&self) -> u32 {
-        self.link.max_frame()
-    }
-}
-
-/// A live, handshaken connection.
-#[derive(Clone)]
-pub struct Connected {
-    /// Handle for requests to the host.
-    pub link: HostLink,
-    /// What the host said in `Welcome`.
-    pub welcome: Welcome,
-    /// Increases with every new connection.
-    pub generation: u64,
-}
 
 /// Why one connection attempt failed.
 #[derive(Debug, thiserror::Error)]
@@ -103,55 +39,6 @@ pub enum ConnError {
     /// The handshake failed.
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
-}
-
-/// The agent's view of its connection.
-pub struct Conn {
-    tx: watch::Sender<Option<Connected>>,
-}
-
-impl Default for Conn {
-    fn default() -> Self {
-        Conn {
-            tx: watch::channel(None).0,
-        }
-    }
-}
-
-impl Conn {
-    /// The current connection, if any and still alive.
-    pub fn current(&self) -> Option<Connected> {
-        self.tx.borrow().clone().filter(|c| !c.link.is_closed())
-    }
-
-    /// Waits up to `limit` for a connection.
-    pub async fn wait(&self, limit: Duration) -> Option<Connected> {
-        let mut rx = self.tx.subscribe();
-        let wait = async {
-            loop {
-                if let Some(c) = rx
-                    .borrow_and_update()
-                    .clone()
-                    .filter(|c| !c.link.is_closed())
-                {
-                    return Some(c);
-                }
-                if rx.changed().await.is_err() {
-                    return None;
-                }
-            }
-        };
-        tokio::time::timeout(limit, wait).await.ok().flatten()
-    }
-
-    /// Notified on every connect and disconnect.
-    pub fn subscribe(&self) -> watch::Receiver<Option<Connected>> {
-        self.tx.subscribe()
-    }
-
-    fn publish(&self, c: Option<Connected>) {
-        self.tx.send_replace(c);
-    }
 }
 
 /// The `Hello` this agent sends.
@@ -191,19 +78,26 @@ pub async fn connect_once(
 }
 
 /// Keeps the agent connected until `stop` is cancelled; then says goodbye.
-pub async fn run(agent: Arc<Agent>, stop: CancellationToken) {
+/// Each connection's incoming requests go to `serve`.
+pub async fn run(
+    config: &SharedConfig,
+    boot_id: [u8; 16],
+    watch: &LinkWatch,
+    serve: mpsc::Sender<mpsc::Receiver<Incoming>>,
+    stop: CancellationToken,
+) {
     let mut backoff = BACKOFF_MIN;
     let mut generation = 0u64;
     let mut failures = 0u32;
     while !stop.is_cancelled() {
-        let endpoint = match agent.config().endpoint() {
+        let endpoint = match config.get().endpoint() {
             Ok(e) => e,
             Err(e) => {
                 tracing::error!("{e}");
                 break;
             }
         };
-        match connect_once(&endpoint, agent.boot_id).await {
+        match connect_once(&endpoint, boot_id).await {
             Ok((link, incoming, welcome)) => {
                 generation += 1;
                 failures = 0;
@@ -212,8 +106,10 @@ pub async fn run(agent: Arc<Agent>, stop: CancellationToken) {
                     %endpoint, vm = %welcome.vm_id, protocol = welcome.protocol,
                     "connected to host"
                 );
-                tokio::spawn(crate::dispatch::serve(agent.clone(), incoming));
-                agent.conn.publish(Some(Connected {
+                if serve.send(incoming).await.is_err() {
+                    break;
+                }
+                watch.publish(Some(Connected {
                     link: HostLink::new(
                         link.clone(),
                         welcome.limits.max_inflight,
@@ -228,7 +124,7 @@ pub async fn run(agent: Arc<Agent>, stop: CancellationToken) {
                         link.goodbye("agent shutting down").await;
                     }
                 }
-                agent.conn.publish(None);
+                watch.publish(None);
             }
             Err(e) => {
                 failures += 1;
@@ -244,7 +140,7 @@ pub async fn run(agent: Arc<Agent>, stop: CancellationToken) {
             () = stop.cancelled() => {}
         }
     }
-    agent.conn.publish(None);
+    watch.publish(None);
 }
 
 /// `d` scaled by a random factor in [0.5, 1.0].

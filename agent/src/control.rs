@@ -30,9 +30,11 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::agent::Agent;
+use tokio_util::task::TaskTracker;
+
 use crate::flush::FlushOutcome;
-use crate::lifecycle;
+use crate::lifecycle::Lifecycle;
+use crate::monitor::Grants;
 use crate::uif::preserve::PreservedCopy;
 
 /// Longest request line accepted.
@@ -179,24 +181,45 @@ pub fn bind(path: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> 
     Ok(listener)
 }
 
-/// Accepts control connections forever, at most [`MAX_CLIENTS`] at once.
-pub async fn serve(agent: Arc<Agent>, listener: tokio::net::UnixListener) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let agent = agent.clone();
-                tokio::spawn(async move {
-                    client(agent, stream).await;
-                    drop(slot);
-                });
-            }
-            Err(e) => {
-                tracing::warn!("control accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+/// What control requests are answered from.
+pub struct Control {
+    /// Sessions, UIFs, UAs, preserved copies.
+    pub lifecycle: Arc<Lifecycle>,
+    /// Monitoring grants.
+    pub grants: Arc<Grants>,
+    /// Where client tasks run.
+    pub tasks: TaskTracker,
+}
+
+impl Control {
+    /// Accepts control connections until `stop` is cancelled, at most
+    /// [`MAX_CLIENTS`] at once.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::UnixListener,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+        loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = stop.cancelled() => return,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let me = self.clone();
+                    self.tasks.spawn(async move {
+                        me.client(stream).await;
+                        drop(slot);
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("control accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         }
     }
@@ -216,78 +239,192 @@ impl Caller {
     }
 }
 
-async fn client(agent: Arc<Agent>, stream: UnixStream) {
-    let caller = match stream.peer_cred() {
-        Ok(c) => Caller { uid: c.uid() },
-        Err(e) => {
-            tracing::warn!("control client without credentials, refused: {e}");
-            return;
-        }
-    };
-    let (r, mut w) = stream.into_split();
-    let mut line = String::new();
-    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_LINE));
-    let read = tokio::time::timeout(REQUEST_LIMIT, reader.read_line(&mut line)).await;
-    let response = match read {
-        Err(_) => failure(format!("no request within {REQUEST_LIMIT:?}")),
-        Ok(Ok(0)) => return,
-        Ok(Ok(_)) => match serde_json::from_str::<ControlRequest>(line.trim()) {
-            Ok(req) => match authorise(&agent, caller, &req) {
-                Ok(()) => handle(&agent, caller, req).await,
-                Err(why) => {
-                    tracing::warn!(uid = caller.uid, "control request refused: {why}");
-                    failure(format!("permission denied: {why}"))
-                }
+impl Control {
+    /// Serves one connection: credentials, one request, one answer.
+    async fn client(&self, stream: UnixStream) {
+        let caller = match stream.peer_cred() {
+            Ok(c) => Caller { uid: c.uid() },
+            Err(e) => {
+                tracing::warn!("control client without credentials, refused: {e}");
+                return;
+            }
+        };
+        let (r, mut w) = stream.into_split();
+        let mut line = String::new();
+        let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_LINE));
+        let read = tokio::time::timeout(REQUEST_LIMIT, reader.read_line(&mut line)).await;
+        let response = match read {
+            Err(_) => failure(format!("no request within {REQUEST_LIMIT:?}")),
+            Ok(Ok(0)) => return,
+            Ok(Ok(_)) => match serde_json::from_str::<ControlRequest>(line.trim()) {
+                Ok(req) => match self.authorise(caller, &req) {
+                    Ok(()) => self.handle(caller, req).await,
+                    Err(why) => {
+                        tracing::warn!(uid = caller.uid, "control request refused: {why}");
+                        failure(format!("permission denied: {why}"))
+                    }
+                },
+                Err(e) => failure(format!("bad request: {e}")),
             },
-            Err(e) => failure(format!("bad request: {e}")),
-        },
-        Ok(Err(e)) => failure(format!("cannot read request: {e}")),
-    };
-    if let Ok(mut bytes) = serde_json::to_vec(&response) {
-        bytes.push(b'\n');
-        let _ = w.write_all(&bytes).await;
+            Ok(Err(e)) => failure(format!("cannot read request: {e}")),
+        };
+        if let Ok(mut bytes) = serde_json::to_vec(&response) {
+            bytes.push(b'\n');
+            let _ = w.write_all(&bytes).await;
+        }
     }
-}
 
-/// The uid that owns `user`'s files on this VM, if any.
-fn uid_of(agent: &Agent, user: &str) -> Option<u32> {
-    agent.config().owner(user).map(|(uid, _)| uid)
-}
-
-/// True if `caller` is the user of `session`.
-fn owns_session(agent: &Agent, caller: Caller, session: &str) -> bool {
-    let user = agent.snapshot().sessions.get(session).map(|s| s.user.clone());
-    user.is_some_and(|u| uid_of(agent, &u) == Some(caller.uid))
-}
-
-/// The one check at the top of every request: may `caller` make it?
-pub fn authorise(agent: &Agent, caller: Caller, req: &ControlRequest) -> Result<(), String> {
-    if caller.is_root() {
-        return Ok(());
+    /// The uid that owns `user`'s files on this VM, if any.
+    fn uid_of(&self, user: &str) -> Option<u32> {
+        self.lifecycle.config.get().owner(user).map(|(uid, _)| uid)
     }
-    let uid = caller.uid;
-    match req {
-        ControlRequest::Status => Ok(()),
-        ControlRequest::Logout { session }
-        | ControlRequest::Disconnect { session, .. }
-        | ControlRequest::MonitorCheck { session, .. } => {
-            if owns_session(agent, caller, session) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "uid {uid} may act only on its own sessions, and {session} is not one of them (root may act on any)"
-                ))
+
+    /// True if `caller` is the user of `session`.
+    fn owns_session(&self, caller: Caller, session: &str) -> bool {
+        let user = self.lifecycle.table.session(session).map(|s| s.user);
+        user.is_some_and(|u| self.uid_of(&u) == Some(caller.uid))
+    }
+
+    /// The one check at the top of every request: may `caller` make it?
+    pub fn authorise(&self, caller: Caller, req: &ControlRequest) -> Result<(), String> {
+        if caller.is_root() {
+            return Ok(());
+        }
+        let uid = caller.uid;
+        match req {
+            ControlRequest::Status => Ok(()),
+            ControlRequest::Logout { session }
+            | ControlRequest::Disconnect { session, .. }
+            | ControlRequest::MonitorCheck { session, .. } => {
+                if self.owns_session(caller, session) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "uid {uid} may act only on its own sessions, and {session} is not one of them (root may act on any)"
+                    ))
+                }
+            }
+            ControlRequest::Login { .. } => Err(format!(
+                "only root opens sessions (the PAM hook runs as root); uid {uid} may not"
+            )),
+            ControlRequest::PreservedList
+            | ControlRequest::PreservedExport { .. }
+            | ControlRequest::PreservedPush { .. }
+            | ControlRequest::PreservedDelete { .. } => Err(format!(
+                "only root handles preserved copies; uid {uid} may not"
+            )),
+        }
+    }
+
+    /// Serves one request of an authorised caller (see [`authorise`]).
+    pub async fn handle(&self, caller: Caller, req: ControlRequest) -> ControlResponse {
+        match req {
+            ControlRequest::Login { user, session, ua } => {
+                match self.lifecycle.login(&user, &session, ua.as_deref()).await {
+                    Ok(message) => success(message),
+                    Err(e) => failure(e.to_string()),
+                }
+            }
+            ControlRequest::Logout { session } => match self.lifecycle.logout(&session).await {
+                Ok(o) => flushed(o),
+                Err(e) => failure(e.to_string()),
+            },
+            ControlRequest::Disconnect { session, reason } => {
+                match self.lifecycle.disconnect(&session, &reason).await {
+                    Ok(o) => flushed(o),
+                    Err(e) => failure(e.to_string()),
+                }
+            }
+            ControlRequest::MonitorCheck { session, user } => {
+                let allowed = self.grants.allowed(&session, &user);
+                ControlResponse {
+                    allowed: Some(allowed),
+                    ..success(if allowed { "allowed" } else { "not allowed" }.into())
+                }
+            }
+            ControlRequest::Status => ControlResponse {
+                status: Some(self.report(caller)),
+                ..success("ok".into())
+            },
+            ControlRequest::PreservedList => {
+                let list = self.lifecycle.flusher.preserved.list();
+                ControlResponse {
+                    preserved: Some(list.clone()),
+                    ..success(format!("{} preserved copies", list.len()))
+                }
+            }
+            ControlRequest::PreservedExport { id, to } => {
+                if !to.is_absolute() {
+                    return failure(format!("{} is not an absolute path", to.display()));
+                }
+                let (preserved, id2, to2) = (
+                    self.lifecycle.flusher.preserved.clone(),
+                    id.clone(),
+                    to.clone(),
+                );
+                match tokio::task::spawn_blocking(move || preserved.export(&id2, &to2)).await {
+                    Ok(Ok(n)) => success(format!(
+                        "exported preserved copy {id} ({n} bytes) to {}",
+                        to.display()
+                    )),
+                    Ok(Err(e)) => failure(format!("cannot export preserved copy {id}: {e}")),
+                    Err(e) => failure(format!("export task failed: {e}")),
+                }
+            }
+            ControlRequest::PreservedPush { id, keep } => {
+                match self.lifecycle.push_preserved(&id, keep).await {
+                    Ok(o) => flushed(o),
+                    Err(e) => failure(e.to_string()),
+                }
+            }
+            ControlRequest::PreservedDelete { id } => {
+                let (preserved, id2) = (self.lifecycle.flusher.preserved.clone(), id.clone());
+                match tokio::task::spawn_blocking(move || preserved.remove(&id2)).await {
+                    Ok(Ok(())) => success(format!("deleted preserved copy {id}")),
+                    Ok(Err(e)) => failure(format!("cannot delete preserved copy {id}: {e}")),
+                    Err(e) => failure(format!("delete task failed: {e}")),
+                }
             }
         }
-        ControlRequest::Login { .. } => Err(format!(
-            "only root opens sessions (the PAM hook runs as root); uid {uid} may not"
-        )),
-        ControlRequest::PreservedList
-        | ControlRequest::PreservedExport { .. }
-        | ControlRequest::PreservedPush { .. }
-        | ControlRequest::PreservedDelete { .. } => Err(format!(
-            "only root handles preserved copies; uid {uid} may not"
-        )),
+    }
+
+    /// The status `caller` may see: everything for root, only their own
+    /// sessions and UIF for anyone else.
+    fn report(&self, caller: Caller) -> StatusReport {
+        let lc = &self.lifecycle;
+        let conn = lc.link.current();
+        let table = lc.table.snapshot();
+        let visible = |user: &str| caller.is_root() || self.uid_of(user) == Some(caller.uid);
+        let preserved = self.lifecycle.flusher.preserved.list();
+        StatusReport {
+            connected: conn.is_some(),
+            vm_id: conn.map(|c| c.welcome.vm_id),
+            host: lc.config.get().host.clone(),
+            sessions: table
+                .sessions
+                .values()
+                .filter(|s| visible(&s.user))
+                .map(|s| SessionStatus {
+                    session: s.session.clone(),
+                    user: s.user.clone(),
+                    ua: s.ua.clone(),
+                    pid: lc.supervisor.pid(&s.session),
+                    suspended: lc.supervisor.is_suspended(&s.session),
+                })
+                .collect(),
+            attached: table.uifs.keys().filter(|u| visible(u)).cloned().collect(),
+            uas: lc
+                .uas
+                .list()
+                .into_iter()
+                .map(|u| (u.name, u.current, u.previous))
+                .collect(),
+            spooled_updates: lc.flusher.spool.count(),
+            pending_notices: lc.notices.count(),
+            monitor_grants: self.grants.count(),
+            preserved: preserved.len(),
+            preserved_bytes: preserved.iter().map(|c| c.size).sum(),
+        }
     }
 }
 
@@ -317,116 +454,10 @@ fn flushed(outcome: FlushOutcome) -> ControlResponse {
     }
 }
 
-/// Serves one request of an authorised caller (see [`authorise`]).
-pub async fn handle(agent: &Arc<Agent>, caller: Caller, req: ControlRequest) -> ControlResponse {
-    match req {
-        ControlRequest::Login { user, session, ua } => {
-            match lifecycle::login(agent, &user, &session, ua.as_deref()).await {
-                Ok(message) => success(message),
-                Err(e) => failure(e.to_string()),
-            }
-        }
-        ControlRequest::Logout { session } => match lifecycle::logout(agent, &session).await {
-            Ok(o) => flushed(o),
-            Err(e) => failure(e.to_string()),
-        },
-        ControlRequest::Disconnect { session, reason } => {
-            match lifecycle::disconnect(agent, &session, &reason).await {
-                Ok(o) => flushed(o),
-                Err(e) => failure(e.to_string()),
-            }
-        }
-        ControlRequest::MonitorCheck { session, user } => {
-            let allowed = agent.grants.allowed(&session, &user);
-            ControlResponse {
-                allowed: Some(allowed),
-                ..success(if allowed { "allowed" } else { "not allowed" }.into())
-            }
-        }
-        ControlRequest::Status => ControlResponse {
-            status: Some(report(agent, caller)),
-            ..success("ok".into())
-        },
-        ControlRequest::PreservedList => {
-            let list = agent.preserved.list();
-            ControlResponse {
-                preserved: Some(list.clone()),
-                ..success(format!("{} preserved copies", list.len()))
-            }
-        }
-        ControlRequest::PreservedExport { id, to } => {
-            if !to.is_absolute() {
-                return failure(format!("{} is not an absolute path", to.display()));
-            }
-            let (preserved, id2, to2) = (agent.preserved.clone(), id.clone(), to.clone());
-            match tokio::task::spawn_blocking(move || preserved.export(&id2, &to2)).await {
-                Ok(Ok(n)) => success(format!(
-                    "exported preserved copy {id} ({n} bytes) to {}",
-                    to.display()
-                )),
-                Ok(Err(e)) => failure(format!("cannot export preserved copy {id}: {e}")),
-                Err(e) => failure(format!("export task failed: {e}")),
-            }
-        }
-        ControlRequest::PreservedPush { id, keep } => {
-            match lifecycle::push_preserved(agent, &id, keep).await {
-                Ok(o) => flushed(o),
-                Err(e) => failure(e.to_string()),
-            }
-        }
-        ControlRequest::PreservedDelete { id } => {
-            let (preserved, id2) = (agent.preserved.clone(), id.clone());
-            match tokio::task::spawn_blocking(move || preserved.remove(&id2)).await {
-                Ok(Ok(())) => success(format!("deleted preserved copy {id}")),
-                Ok(Err(e)) => failure(format!("cannot delete preserved copy {id}: {e}")),
-                Err(e) => failure(format!("delete task failed: {e}")),
-            }
-        }
-    }
-}
-
 fn success(message: String) -> ControlResponse {
     ControlResponse {
         ok: true,
         message,
         ..ControlResponse::default()
-    }
-}
-
-/// The status `caller` may see: everything for root, only their own
-/// sessions and UIF for anyone else.
-fn report(agent: &Agent, caller: Caller) -> StatusReport {
-    let conn = agent.conn.current();
-    let table = agent.snapshot();
-    let visible = |user: &str| caller.is_root() || uid_of(agent, user) == Some(caller.uid);
-    let preserved = agent.preserved.list();
-    StatusReport {
-        connected: conn.is_some(),
-        vm_id: conn.map(|c| c.welcome.vm_id),
-        host: agent.config().host.clone(),
-        sessions: table
-            .sessions
-            .values()
-            .filter(|s| visible(&s.user))
-            .map(|s| SessionStatus {
-                session: s.session.clone(),
-                user: s.user.clone(),
-                ua: s.ua.clone(),
-                pid: agent.supervisor.pid(&s.session),
-                suspended: agent.supervisor.is_suspended(&s.session),
-            })
-            .collect(),
-        attached: table.uifs.keys().filter(|u| visible(u)).cloned().collect(),
-        uas: agent
-            .uas
-            .list()
-            .into_iter()
-            .map(|u| (u.name, u.current, u.previous))
-            .collect(),
-        spooled_updates: agent.spool.count(),
-        pending_notices: agent.notices.count(),
-        monitor_grants: agent.grants.count(),
-        preserved: preserved.len(),
-        preserved_bytes: preserved.iter().map(|c| c.size).sum(),
     }
 }

@@ -11,6 +11,37 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+thread_local! {
+    /// Set on the thread that drives the agent's runtime.
+    static RUNTIME_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as the agent's runtime thread (the daemon
+/// calls it before `block_on`): durable writes from it are a bug, since
+/// it also drives heartbeats and one fsync under dirty pages can take
+/// seconds.
+pub fn mark_runtime_thread() {
+    RUNTIME_THREAD.with(|t| t.set(true));
+}
+
+/// In debug and test builds, aborts the process if called on the runtime
+/// thread, with a backtrace naming the caller: a blocking call that comes
+/// back fails every test that exercises its path, deterministically.
+fn assert_off_runtime(what: &str) {
+    if cfg!(debug_assertions) && RUNTIME_THREAD.with(std::cell::Cell::get) {
+        let trace = std::backtrace::Backtrace::force_capture().to_string();
+        let ours: Vec<&str> = trace
+            .lines()
+            .filter(|l| l.contains("uve_agent::"))
+            .collect();
+        eprintln!(
+            "BUG: {what} on the agent's runtime thread, from:\n{}",
+            ours.join("\n")
+        );
+        std::process::abort();
+    }
+}
+
 /// Mode of every state file the agent writes: only root reads its state
 /// (sessions, grants, manifests, spool records name users and sessions).
 pub const STATE_FILE_MODE: u32 = 0o600;
@@ -38,6 +69,7 @@ fn unique_sibling(path: &Path, suffix: &str) -> PathBuf {
 /// (0600, `O_EXCL`, no symlink followed), fsync it, rename it over `path`,
 /// fsync the directory. On error the temp file is removed.
 pub fn atomic_write(path: &Path, data: &[u8]) -> io::Result<()> {
+    assert_off_runtime("atomic_write");
     let tmp = unique_sibling(path, ".uve-tmp");
     let written = create_private(&tmp).and_then(|mut f| {
         f.write_all(data)?;
@@ -54,6 +86,7 @@ pub fn atomic_write(path: &Path, data: &[u8]) -> io::Result<()> {
 /// Makes `path`'s content durable (`fsync` of that one file, which a
 /// read-only descriptor allows), without following a symlink.
 pub fn sync_file(path: &Path) -> io::Result<()> {
+    assert_off_runtime("sync_file");
     OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
@@ -80,6 +113,7 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
 
 /// Fsyncs the directory holding `path`, making a rename in it durable.
 pub fn sync_parent(path: &Path) -> io::Result<()> {
+    assert_off_runtime("sync_parent");
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -199,7 +233,10 @@ mod tests {
         atomic_write(&p, b"two").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         // Nothing but the file itself is left in the directory.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
         let v: Option<Vec<u32>> = read_json(&dir.path().join("missing")).unwrap();

@@ -1,21 +1,30 @@
 //! Session lifecycles: login (retrieve + attach + optional supervised UA),
-//! logout, unexpected disconnect, VM switch release, periodic checkpoint,
-//! agent shutdown and recovery after a VM restart. The flush they share
-//! lives in [`crate::flush`].
+//! logout, unexpected disconnect, VM switch release; and in
+//! [`maintain`] the ones the agent starts itself: periodic checkpoint,
+//! shutdown, recovery after a VM restart, a UA's unexpected exit, the
+//! push of a preserved copy. The flush they share is [`crate::flush`].
+//! Every lifecycle of a user runs under that user's lock.
 
+mod maintain;
+
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
+use tokio_util::task::TaskTracker;
 use uve_protocol::message::{DisconnectNotice, Request, UpdateCause, Version};
 use uve_protocol::names::{self, NameError};
 
-use crate::agent::Agent;
-use crate::config::{Config, RetrieveFailure};
-use crate::conn::Connected;
-use crate::flush::{FlushOutcome, deliver_user_spool, flush_user};
+use crate::config::{Config, RetrieveFailure, SharedConfig};
+use crate::flush::{FlushError, FlushOutcome, Flusher};
 use crate::fsutil;
-use crate::session::{SessionRecord, UifRecord};
-use crate::uif::{UifError, cache, materialise, retrieve};
+use crate::link::LinkWatch;
+use crate::notices::Journal;
+use crate::session::{SessionRecord, SessionTable, UifRecord, UserGuard, UserLocks};
+use crate::supervise::Supervisor;
+use crate::ua::UaStore;
+use crate::uif::{UifError, blocking, cache, materialise, retrieve};
 
 /// Pause before retrying an interrupted retrieve.
 const RETRY_PAUSE: Duration = Duration::from_millis(300);
@@ -46,6 +55,9 @@ pub enum LifecycleError {
         /// What failed.
         source: UifError,
     },
+    /// The flush failed before anything was journalled.
+    #[error(transparent)]
+    Flush(#[from] FlushError),
     /// Starting the UA failed.
     #[error("cannot start UA: {0}")]
     Supervise(#[from] crate::supervise::SuperviseError),
@@ -64,466 +76,368 @@ fn uif_err(user: &str) -> impl FnOnce(UifError) -> LifecycleError + '_ {
     }
 }
 
-/// Opens a session: retrieves and attaches the user's UIF unless another
-/// session of the user already has it, starts the UA if asked, announces
-/// the session. Returns a human-readable summary.
-pub async fn login(
-    agent: &Arc<Agent>,
-    user: &str,
-    session: &str,
-    ua: Option<&str>,
-) -> Result<String, LifecycleError> {
-    names::user(user)?;
-    names::session(session)?;
-    if let Some(ua) = ua {
-        names::ua(ua)?;
-        if agent.uas.current(ua).is_none() {
-            return Err(LifecycleError::UaNotDeployed(ua.into()));
+/// The parts the lifecycles work with.
+pub struct Lifecycle {
+    /// The configuration in force.
+    pub config: Arc<SharedConfig>,
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// Sessions and attached UIFs.
+    pub table: Arc<SessionTable>,
+    /// The per-user locks.
+    pub locks: Arc<UserLocks>,
+    /// The flush, and through it the spool and the preserved copies.
+    pub flusher: Arc<Flusher>,
+    /// Supervised UAs.
+    pub supervisor: Arc<Supervisor>,
+    /// Deployed UAs.
+    pub uas: Arc<UaStore>,
+    /// Pending disconnect notices.
+    pub notices: Journal,
+    /// The host connection.
+    pub link: Arc<LinkWatch>,
+    /// Wakes the outbox.
+    pub kick: Arc<Notify>,
+    /// Background work (flushes after a VM restart), joined at shutdown.
+    pub tasks: TaskTracker,
+}
+
+impl Lifecycle {
+    /// Opens a session: retrieves and attaches the user's UIF unless
+    /// another session of the user already has it, starts the UA if
+    /// asked, announces the session. Returns a human-readable summary.
+    pub async fn login(
+        &self,
+        user: &str,
+        session: &str,
+        ua: Option<&str>,
+    ) -> Result<String, LifecycleError> {
+        names::user(user)?;
+        names::session(session)?;
+        if let Some(ua) = ua {
+            names::ua(ua)?;
+            if self.uas.current(ua).is_none() {
+                return Err(LifecycleError::UaNotDeployed(ua.into()));
+            }
         }
-    }
-    let lock = agent.user_lock(user);
-    let _guard = lock.lock().await;
-    if let Some(existing) = agent.snapshot().sessions.get(session) {
-        return if existing.user == user {
-            Ok(format!("session {session} is already open"))
-        } else {
-            Err(LifecycleError::SessionTaken(session.into()))
-        };
-    }
-    let cfg = agent.config();
-    let mut summary = String::new();
-    if agent.snapshot().uifs.contains_key(user) {
-        summary = format!("UIF of {user} already attached");
-    } else {
-        let rec = obtain_uif(agent, &cfg, user, session, &mut summary).await?;
-        materialise::attach(&cfg, user, session, rec.temporary)
-            .await
-            .map_err(uif_err(user))?;
-        agent.with_table(|t| t.uifs.insert(user.to_string(), rec));
-    }
-    let record = SessionRecord {
-        session: session.into(),
-        user: user.into(),
-        ua: ua.map(str::to_string),
-        started: fsutil::now_ms(),
-        ua_process: None,
-    };
-    agent.with_table(|t| {
-        t.ended_unsent.retain(|s| s != session);
-        t.sessions.insert(session.to_string(), record.clone())
-    });
-    if let Some(Err(e)) = ua.map(|ua| crate::supervise::start(agent, &record, ua)) {
-        drop(_guard);
-        let _ = logout(agent, session).await;
-        return Err(e.into());
-    }
-    if let Some(c) = agent.conn.current() {
-        let req = Request::SessionStarted {
+        let guard = self.locks.lock(user).await;
+        if let Some(existing) = self.table.session(session) {
+            return if existing.user == user {
+                Ok(format!("session {session} is already open"))
+            } else {
+                Err(LifecycleError::SessionTaken(session.into()))
+            };
+        }
+        let mut summary = self.attach(&guard, session).await?;
+        let record = SessionRecord {
             session: session.into(),
             user: user.into(),
             ua: ua.map(str::to_string),
+            started: fsutil::now_ms(),
+            ua_process: None,
         };
-        if let Err(e) = c.link.request(req).await {
-            tracing::warn!(
-                session,
-                "SessionStarted not delivered (re-announced later): {e}"
-            );
-        }
-    }
-    let preserved = agent.preserved.for_user(user);
-    if !preserved.is_empty() {
-        summary.push_str(&format!(
-            "; NOTE: {} earlier update(s) of {user} were refused by the host and are preserved on this VM (root: `uve-agent preserved list`): ",
-            preserved.len()
-        ));
-        let lines: Vec<String> = preserved.iter().map(|c| c.describe()).collect();
-        summary.push_str(&lines.join("; "));
-    }
-    tracing::info!(user, session, "login: {summary}");
-    Ok(summary)
-}
-
-/// Retrieves the user's UIF (delivering any pending update of theirs
-/// first), or falls back to an empty temporary UIF if configured.
-async fn obtain_uif(
-    agent: &Arc<Agent>,
-    cfg: &Config,
-    user: &str,
-    session: &str,
-    summary: &mut String,
-) -> Result<UifRecord, LifecycleError> {
-    let dest = cfg.uif_path(user);
-    // A connection that drops (or a busy host) during the login is retried
-    // until the login timeout, so a host restart does not fail logins.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.login_timeout_secs);
-    let result = loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let Some(c) = agent.conn.wait(left).await else {
-            break Err(UifError::NotConnected);
-        };
-        let _ = deliver_user_spool(agent, &c, user).await;
-        let retry_possible = tokio::time::Instant::now() + RETRY_PAUSE < deadline;
-        if !agent.spool.for_user(user).is_empty() {
-            if c.link.is_closed() && retry_possible {
-                tokio::time::sleep(RETRY_PAUSE).await;
-                continue;
-            }
-            return Err(LifecycleError::PendingUpdate(user.into()));
-        }
-        let parallel = cfg
-            .fetch_parallel
-            .min(
-                usize::try_from(c.welcome.limits.max_inflight)
-                    .unwrap_or(1)
-                    .saturating_sub(2),
-            )
-            .max(1);
-        match retrieve::retrieve(&c.link, &agent.state_dir, user, session, &dest, parallel).await {
-            Err(e) if e.is_transient() && retry_possible => {
-                tracing::warn!(user, "retrieve interrupted, retrying: {e}");
-                tokio::time::sleep(RETRY_PAUSE).await;
-            }
-            other => break other,
-        }
-    };
-    match result {
-        Ok(r) => {
-            *summary = match r.base {
-                Some(v) => format!(
-                    "retrieved version {v} ({} chunks fetched, {} reused{}){}",
-                    r.fetched,
-                    r.reused,
-                    if r.patched { ", patched in place" } else { "" },
-                    if r.handover_timed_out {
-                        "; hand-over from the previous VM timed out"
-                    } else {
-                        ""
-                    }
-                ),
-                None => "new user: empty UIF".into(),
-            };
-            Ok(UifRecord {
-                base: r.base,
-                lease: r.lease,
-                temporary: false,
-                base_digest: Some(r.digest),
-            })
-        }
-        Err(e)
-            if cfg.on_retrieve_failure == RetrieveFailure::Temporary
-                && agent.spool.for_user(user).is_empty() =>
+        self.table.open(record.clone()).await;
+        if let Some(ua) = ua
+            && let Err(e) = self.start_ua(&record, ua).await
         {
-            tracing::error!(user, "retrieve failed, continuing on a temporary UIF: {e}");
-            retrieve::write_empty(&dest).map_err(uif_err(user))?;
-            cache::forget(&agent.state_dir, user);
-            *summary = format!("retrieve failed ({e}); running on an empty TEMPORARY UIF");
-            Ok(UifRecord {
-                base: None,
-                lease: 0,
-                temporary: true,
-                base_digest: None,
-            })
+            drop(guard);
+            let _ = self.logout(session).await;
+            return Err(e);
         }
-        Err(e) => Err(uif_err(user)(e)),
+        self.announce_start(&record).await;
+        summary.push_str(&self.preserved_note(user));
+        tracing::info!(user, session, "login: {summary}");
+        Ok(summary)
     }
-}
 
-/// Ends a session by logout: stops its UA, flushes the UIF if it was the
-/// user's last session, announces the end.
-pub async fn logout(agent: &Arc<Agent>, session: &str) -> Result<FlushOutcome, LifecycleError> {
-    names::session(session)?;
-    let user = session_user(agent, session)?;
-    let lock = agent.user_lock(&user);
-    let _guard = lock.lock().await;
-    session_user(agent, session)?;
-    crate::supervise::stop(agent, session).await;
-    let outcome = end_session(agent, &user, session, UpdateCause::Logout).await?;
-    announce_end(agent, &[session.to_string()]).await;
-    tracing::info!(user, session, "logout: {outcome}");
-    Ok(outcome)
-}
-
-/// Ends a session unexpectedly (UA died, or the `disconnect` verb):
-/// journals a disconnect notice for the host, then flushes the UIF.
-pub async fn disconnect(
-    agent: &Arc<Agent>,
-    session: &str,
-    reason: &str,
-) -> Result<FlushOutcome, LifecycleError> {
-    names::session(session)?;
-    let user = session_user(agent, session)?;
-    let lock = agent.user_lock(&user);
-    let _guard = lock.lock().await;
-    let ua = agent
-        .snapshot()
-        .sessions
-        .get(session)
-        .ok_or_else(|| LifecycleError::NoSuchSession(session.into()))?
-        .ua
-        .clone();
-    let notice = DisconnectNotice {
-        id: fsutil::random_u64(),
-        session: session.into(),
-        user: user.clone(),
-        ua,
-        reason: uve_protocol::defs::clip_text(reason).to_string(),
-        at: fsutil::now_ms(),
-    };
-    agent
-        .notices
-        .add(&notice)
-        .map_err(LifecycleError::Journal)?;
-    agent.kick.notify_one();
-    crate::supervise::stop(agent, session).await;
-    let outcome = end_session(agent, &user, session, UpdateCause::Disconnect).await?;
-    tracing::warn!(user, session, reason, "unexpected disconnect: {outcome}");
-    Ok(outcome)
-}
-
-/// Sends preserved copy `id` to the host as a conflict version (base
-/// `None`, so it can never replace the user's head; a user without any
-/// version yet gets it as their first). Removes the copy once the host
-/// took it, unless `keep`. A refusal leaves the copy as it is.
-pub async fn push_preserved(
-    agent: &Arc<Agent>,
-    id: &str,
-    keep: bool,
-) -> Result<FlushOutcome, LifecycleError> {
-    let copy = agent
-        .preserved
-        .get(id)
-        .ok_or_else(|| LifecycleError::NoSuchPreserved(id.into()))?;
-    let lock = agent.user_lock(&copy.user);
-    let _guard = lock.lock().await;
-    let wait = Duration::from_secs(agent.config().login_timeout_secs);
-    let c = agent.conn.wait(wait).await.ok_or_else(|| LifecycleError::Uif {
-        user: copy.user.clone(),
-        source: UifError::NotConnected,
-    })?;
-    let path = copy.bytes.clone();
-    let manifest = crate::uif::blocking(move || {
-        uve_protocol::chunker::chunk_file(&path).map_err(|e| UifError::at("chunk", &path, e))
-    })
-    .await
-    .map_err(uif_err(&copy.user))?;
-    let begin = uve_protocol::message::UpdateBegin {
-        user: copy.user.clone(),
-        session: copy.session.clone(),
-        base: None,
-        lease: 0,
-        header: manifest.header,
-        cause: UpdateCause::Spooled,
-    };
-    let outcome = crate::uif::update::upload(&c.link, &copy.bytes, &manifest, begin, None)
-        .await
-        .map_err(uif_err(&copy.user))?;
-    let outcome = match outcome {
-        crate::uif::update::UpdateOutcome::Committed(v) => FlushOutcome::Committed(v),
-        crate::uif::update::UpdateOutcome::Conflict { kept_as, head } => {
-            FlushOutcome::Conflict { kept_as, head }
+    /// Attaches the user's UIF unless it already is; returns the summary.
+    async fn attach(&self, guard: &UserGuard, session: &str) -> Result<String, LifecycleError> {
+        let user = guard.user();
+        if self.table.uif(user).is_some() {
+            return Ok(format!("UIF of {user} already attached"));
         }
-    };
-    tracing::info!(user = %copy.user, id, "preserved copy pushed: {outcome}");
-    if !keep {
-        let (preserved, id) = (agent.preserved.clone(), id.to_string());
-        crate::uif::blocking(move || {
-            preserved
-                .remove(&id)
-                .map_err(|e| UifError::io(format!("remove preserved copy {id}"), e))
-        })
-        .await
-        .map_err(uif_err(&copy.user))?;
+        let cfg = self.config.get();
+        let (rec, summary) = self.obtain_uif(guard, &cfg, session).await?;
+        materialise::attach(&cfg, user, session, rec.temporary)
+            .await
+            .map_err(uif_err(user))?;
+        self.table.attach(guard, rec).await;
+        Ok(summary)
     }
-    Ok(outcome)
-}
 
-/// VM switch: ends every session of `user` and flushes their UIF with
-/// cause `Release`. Returns the committed version, if any.
-pub async fn release(agent: &Arc<Agent>, user: &str) -> Option<Version> {
-    let lock = agent.user_lock(user);
-    let _guard = lock.lock().await;
-    let sessions = agent.snapshot().sessions_of(user);
-    for s in &sessions {
-        crate::supervise::stop(agent, s).await;
-    }
-    agent.with_table(|t| {
-        for s in &sessions {
-            t.sessions.remove(s);
+    async fn start_ua(&self, record: &SessionRecord, ua: &str) -> Result<(), LifecycleError> {
+        let socket = self.config.get().control_socket.clone();
+        let started = self.supervisor.start(&self.uas, &socket, record, ua)?;
+        if let Some(start) = started.start {
+            self.table
+                .set_ua_process(&record.session, started.pid, start)
+                .await;
         }
-    });
-    let session = sessions
-        .first()
-        .cloned()
-        .unwrap_or_else(|| "release".into());
-    // Older updates of the user still in the spool go first, in order.
-    let spooled = match agent.conn.current() {
-        Some(c) => deliver_user_spool(agent, &c, user).await,
-        None => None,
-    };
-    let outcome = match flush_user(agent, user, &session, UpdateCause::Release, false).await {
-        Ok(o) => o,
-        Err(e) => {
-            tracing::error!(user, "release flush failed: {e}");
-            return None;
-        }
-    };
-    announce_end(agent, &sessions).await;
-    tracing::info!(user, "released: {outcome}");
-    match outcome {
-        FlushOutcome::Committed(v) => Some(v),
-        FlushOutcome::Nothing(_) | FlushOutcome::Unchanged(_) => spooled,
-        _ => None,
+        Ok(())
     }
-}
 
-/// At startup: if the session table was written during another boot of
-/// the VM (crash, power loss, reboot), its sessions are gone. Each is
-/// reported as an unexpected disconnect and each attached UIF (still on
-/// disk) is flushed with cause `Disconnect`, in the background.
-pub fn recover_after_reboot(agent: &Arc<Agent>) {
-    let Some(now) = fsutil::kernel_boot() else {
-        return;
-    };
-    let before = agent.snapshot();
-    agent.with_table(|t| t.kernel_boot = Some(now.clone()));
-    match &before.kernel_boot {
-        Some(b) if *b != now => {}
-        _ => return,
+    async fn announce_start(&self, record: &SessionRecord) {
+        if let Some(c) = self.link.current() {
+            let req = Request::SessionStarted {
+                session: record.session.clone(),
+                user: record.user.clone(),
+                ua: record.ua.clone(),
+            };
+            if let Err(e) = c.link.request(req).await {
+                tracing::warn!(
+                    session = %record.session,
+                    "SessionStarted not delivered (re-announced later): {e}"
+                );
+            }
+        }
     }
-    tracing::warn!(
-        sessions = before.sessions.len(),
-        "the VM restarted since the sessions were recorded; reporting them as disconnected"
-    );
-    for s in before.sessions.values() {
+
+    /// What the login says about preserved copies of `user` ("" if none).
+    fn preserved_note(&self, user: &str) -> String {
+        let preserved = self.flusher.preserved.for_user(user);
+        if preserved.is_empty() {
+            return String::new();
+        }
+        let lines: Vec<String> = preserved.iter().map(|c| c.describe()).collect();
+        format!(
+            "; NOTE: {} earlier update(s) of {user} were refused by the host and are preserved on this VM (root: `uve-agent preserved list`): {}",
+            preserved.len(),
+            lines.join("; ")
+        )
+    }
+
+    /// Retrieves the user's UIF (delivering any pending update of theirs
+    /// first), or falls back to an empty temporary UIF if configured.
+    async fn obtain_uif(
+        &self,
+        guard: &UserGuard,
+        cfg: &Config,
+        session: &str,
+    ) -> Result<(UifRecord, String), LifecycleError> {
+        let user = guard.user();
+        let dest = cfg.uif_path(user);
+        match self.retrieve(guard, cfg, session, &dest).await? {
+            Ok(r) => {
+                let summary = match r.base {
+                    Some(v) => format!(
+                        "retrieved version {v} ({} chunks fetched, {} reused{}){}",
+                        r.fetched,
+                        r.reused,
+                        if r.patched { ", patched in place" } else { "" },
+                        if r.handover_timed_out {
+                            "; hand-over from the previous VM timed out"
+                        } else {
+                            ""
+                        }
+                    ),
+                    None => "new user: empty UIF".into(),
+                };
+                let rec = UifRecord {
+                    base: r.base,
+                    lease: r.lease,
+                    temporary: false,
+                    base_digest: Some(r.digest),
+                };
+                Ok((rec, summary))
+            }
+            Err(e)
+                if cfg.on_retrieve_failure == RetrieveFailure::Temporary
+                    && self.flusher.spool.for_user(user).is_empty() =>
+            {
+                tracing::error!(user, "retrieve failed, continuing on a temporary UIF: {e}");
+                let (d2, state_dir, u2) = (dest.clone(), self.state_dir.clone(), user.to_string());
+                blocking(move || {
+                    retrieve::write_empty(&d2)?;
+                    cache::forget(&state_dir, &u2);
+                    Ok(())
+                })
+                .await
+                .map_err(uif_err(user))?;
+                let rec = UifRecord {
+                    base: None,
+                    lease: 0,
+                    temporary: true,
+                    base_digest: None,
+                };
+                Ok((
+                    rec,
+                    format!("retrieve failed ({e}); running on an empty TEMPORARY UIF"),
+                ))
+            }
+            Err(e) => Err(uif_err(user)(e)),
+        }
+    }
+
+    /// Retrieves into `dest`. A connection that drops (or a busy host)
+    /// during the login is retried until the login timeout, so a host
+    /// restart does not fail logins. The outer error: an earlier update
+    /// of the user is still pending (nothing may overwrite its file).
+    async fn retrieve(
+        &self,
+        guard: &UserGuard,
+        cfg: &Config,
+        session: &str,
+        dest: &std::path::Path,
+    ) -> Result<Result<retrieve::Retrieved, UifError>, LifecycleError> {
+        let user = guard.user();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.login_timeout_secs);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Some(c) = self.link.wait(left).await else {
+                return Ok(Err(UifError::NotConnected));
+            };
+            let _ = self.flusher.deliver_user_spool(guard, &c).await;
+            let retry_possible = tokio::time::Instant::now() + RETRY_PAUSE < deadline;
+            if !self.flusher.spool.for_user(user).is_empty() {
+                if c.link.is_closed() && retry_possible {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    continue;
+                }
+                return Err(LifecycleError::PendingUpdate(user.into()));
+            }
+            let parallel = cfg
+                .fetch_parallel
+                .min(
+                    usize::try_from(c.welcome.limits.max_inflight)
+                        .unwrap_or(1)
+                        .saturating_sub(2),
+                )
+                .max(1);
+            let got =
+                retrieve::retrieve(&c.link, &self.state_dir, user, session, dest, parallel).await;
+            match got {
+                Err(e) if e.is_transient() && retry_possible => {
+                    tracing::warn!(user, "retrieve interrupted, retrying: {e}");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// Ends a session by logout: stops its UA, flushes the UIF if it was
+    /// the user's last session, announces the end.
+    pub async fn logout(&self, session: &str) -> Result<FlushOutcome, LifecycleError> {
+        names::session(session)?;
+        let user = self.session_user(session)?;
+        let guard = self.locks.lock(&user).await;
+        self.session_user(session)?;
+        self.supervisor.stop(session).await;
+        let outcome = self
+            .end_session(&guard, session, UpdateCause::Logout)
+            .await?;
+        self.announce_end(&[session.to_string()]).await;
+        tracing::info!(user, session, "logout: {outcome}");
+        Ok(outcome)
+    }
+
+    /// Ends a session unexpectedly (UA died, or the `disconnect` verb):
+    /// journals a disconnect notice for the host, then flushes the UIF.
+    pub async fn disconnect(
+        &self,
+        session: &str,
+        reason: &str,
+    ) -> Result<FlushOutcome, LifecycleError> {
+        names::session(session)?;
+        let user = self.session_user(session)?;
+        let guard = self.locks.lock(&user).await;
+        let ua = self
+            .table
+            .session(session)
+            .ok_or_else(|| LifecycleError::NoSuchSession(session.into()))?
+            .ua;
         let notice = DisconnectNotice {
             id: fsutil::random_u64(),
-            session: s.session.clone(),
-            user: s.user.clone(),
-            ua: s.ua.clone(),
-            reason: "the VM restarted; session lost".into(),
+            session: session.into(),
+            user: user.clone(),
+            ua,
+            reason: uve_protocol::defs::clip_text(reason).to_string(),
             at: fsutil::now_ms(),
         };
-        if let Err(e) = agent.notices.add(&notice) {
-            tracing::error!(session = %s.session, "cannot journal disconnect notice: {e}");
-        }
+        self.notices
+            .add(&notice)
+            .await
+            .map_err(LifecycleError::Journal)?;
+        self.kick.notify_one();
+        self.supervisor.stop(session).await;
+        let outcome = self
+            .end_session(&guard, session, UpdateCause::Disconnect)
+            .await?;
+        tracing::warn!(user, session, reason, "unexpected disconnect: {outcome}");
+        Ok(outcome)
     }
-    agent.with_table(|t| t.sessions.clear());
-    agent.kick.notify_one();
-    for user in before.uifs.keys() {
-        let session = before
-            .sessions_of(user)
+
+    /// VM switch: ends every session of `user` and flushes their UIF with
+    /// cause `Release`. Returns the committed version, if any.
+    pub async fn release(&self, user: &str) -> Option<Version> {
+        let guard = self.locks.lock(user).await;
+        let sessions = self.table.sessions_of(user);
+        for s in &sessions {
+            self.supervisor.stop(s).await;
+            self.table.end(user, s).await;
+        }
+        let session = sessions
             .first()
             .cloned()
-            .unwrap_or_else(|| "reboot".into());
-        let user = user.clone();
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            let lock = agent.user_lock(&user);
-            let _guard = lock.lock().await;
-            match flush_user(&agent, &user, &session, UpdateCause::Disconnect, false).await {
-                Ok(o) => tracing::info!(user, "UIF from before the restart: {o}"),
-                Err(e) => tracing::error!(user, "UIF from before the restart: {e}"),
-            }
-        });
-    }
-}
-
-/// Agent shutdown: flushes every attached UIF (cause `Shutdown`) without
-/// detaching it; updates the host cannot take stay in the spool. Sessions
-/// stay recorded: after an agent restart they continue (their UAs are
-/// adopted); after a VM restart [`recover_after_reboot`] ends them.
-pub async fn shutdown(agent: &Arc<Agent>) {
-    let users: Vec<String> = agent.snapshot().uifs.keys().cloned().collect();
-    for user in users {
-        let lock = agent.user_lock(&user);
-        let _guard = lock.lock().await;
-        let session = agent
-            .snapshot()
-            .sessions_of(&user)
-            .first()
-            .cloned()
-            .unwrap_or_else(|| "shutdown".into());
-        match flush_user(agent, &user, &session, UpdateCause::Shutdown, true).await {
-            Ok(o) => tracing::info!(user, "shutdown flush: {o}"),
-            Err(e) => tracing::error!(user, "shutdown flush failed: {e}"),
-        }
-    }
-}
-
-/// Journals `SessionEnded` for `sessions` and tries to deliver it now; the
-/// outbox retries whatever is left after a reconnect.
-async fn announce_end(agent: &Agent, sessions: &[String]) {
-    if sessions.is_empty() {
-        return;
-    }
-    agent.with_table(|t| t.ended_unsent.extend(sessions.iter().cloned()));
-    if let Some(c) = agent.conn.current() {
-        deliver_ended(agent, &c).await;
-    }
-}
-
-/// Sends every journalled `SessionEnded`; stops at the first failure.
-pub async fn deliver_ended(agent: &Agent, c: &Connected) {
-    let pending = agent.snapshot().ended_unsent;
-    for session in pending {
-        let req = Request::SessionEnded {
-            session: session.clone(),
+            .unwrap_or_else(|| "release".into());
+        // Older updates of the user still in the spool go first, in order.
+        let spooled = match self.link.current() {
+            Some(c) => self.flusher.deliver_user_spool(&guard, &c).await,
+            None => None,
         };
-        match c.link.request_timeout(req, Duration::from_secs(10)).await {
-            Ok(_) | Err(uve_protocol::link::LinkError::Remote(_)) => {
-                agent.with_table(|t| t.ended_unsent.retain(|s| *s != session));
-            }
+        let flushed = self
+            .flusher
+            .flush(&guard, &session, UpdateCause::Release, false)
+            .await;
+        let outcome = match flushed {
+            Ok(o) => o,
             Err(e) => {
-                tracing::warn!(session, "SessionEnded not delivered yet: {e}");
-                return;
+                tracing::error!(user, "release flush failed: {e}");
+                return None;
             }
+        };
+        self.announce_end(&sessions).await;
+        tracing::info!(user, "released: {outcome}");
+        match outcome {
+            FlushOutcome::Committed(v) => Some(v),
+            FlushOutcome::Nothing(_) | FlushOutcome::Unchanged(_) => spooled,
+            _ => None,
         }
     }
-}
 
-/// Periodic checkpoint: uploads every attached UIF without detaching it.
-pub async fn checkpoint(agent: &Arc<Agent>) {
-    let users: Vec<String> = agent.snapshot().uifs.keys().cloned().collect();
-    for user in users {
-        let lock = agent.user_lock(&user);
-        let _guard = lock.lock().await;
-        let session = agent
-            .snapshot()
-            .sessions_of(&user)
-            .first()
-            .cloned()
-            .unwrap_or_else(|| "checkpoint".into());
-        match flush_user(agent, &user, &session, UpdateCause::Checkpoint, true).await {
-            Ok(o) => tracing::info!(user, "checkpoint: {o}"),
-            Err(e) => tracing::warn!(user, "checkpoint failed: {e}"),
+    /// Journals `SessionEnded` for `sessions` and tries to deliver it now;
+    /// the outbox retries whatever is left after a reconnect.
+    async fn announce_end(&self, sessions: &[String]) {
+        if sessions.is_empty() {
+            return;
+        }
+        self.table.mark_ended(sessions).await;
+        if let Some(c) = self.link.current() {
+            self.deliver_ended(&c).await;
         }
     }
-}
 
-fn session_user(agent: &Agent, session: &str) -> Result<String, LifecycleError> {
-    agent
-        .snapshot()
-        .sessions
-        .get(session)
-        .map(|s| s.user.clone())
-        .ok_or_else(|| LifecycleError::NoSuchSession(session.into()))
-}
-
-/// Removes `session`; flushes the user's UIF if it was their last one.
-async fn end_session(
-    agent: &Arc<Agent>,
-    user: &str,
-    session: &str,
-    cause: UpdateCause,
-) -> Result<FlushOutcome, LifecycleError> {
-    let others = agent.with_table(|t| {
-        t.sessions.remove(session);
-        t.sessions_of(user).len()
-    });
-    if others > 0 {
-        return Ok(FlushOutcome::Nothing(format!(
-            "{user} has {others} other open session(s)"
-        )));
+    fn session_user(&self, session: &str) -> Result<String, LifecycleError> {
+        self.table
+            .session(session)
+            .map(|s| s.user)
+            .ok_or_else(|| LifecycleError::NoSuchSession(session.into()))
     }
-    flush_user(agent, user, session, cause, false).await
+
+    /// Removes `session`; flushes the user's UIF if it was their last one.
+    async fn end_session(
+        &self,
+        guard: &UserGuard,
+        session: &str,
+        cause: UpdateCause,
+    ) -> Result<FlushOutcome, LifecycleError> {
+        let user = guard.user();
+        let others = self.table.end(user, session).await;
+        if others > 0 {
+            return Ok(FlushOutcome::Nothing(format!(
+                "{user} has {others} other open session(s)"
+            )));
+        }
+        Ok(self.flusher.flush(guard, session, cause, false).await?)
+    }
 }

@@ -1,37 +1,14 @@
-//! `uve-agent`: the uve guest agent. `uve-agent run` is the daemon (dials
-//! the host, serves UVE-2, materialises UIFs, supervises sessions); the
-//! other verbs talk to a running daemon over its control socket.
+//! `uve-agent`: the uve guest agent's binary — command-line parsing only.
+//! `uve-agent run` is the daemon ([`uve_agent::daemon`]); the other verbs
+//! talk to a running daemon over its control socket ([`uve_agent::cli`]).
 
-mod agent;
-mod archive;
-mod cli;
-mod config;
-mod conn;
-mod control;
-mod dispatch;
-mod fault;
-mod flush;
-mod fsutil;
-mod lifecycle;
-mod monitor;
-mod nofollow;
-mod notices;
-mod passwd;
-mod session;
-mod supervise;
-mod ua;
-mod uif;
-
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
-
-use crate::config::Config;
-use crate::control::ControlRequest;
+use uve_agent::config::Config;
+use uve_agent::control::ControlRequest;
+use uve_agent::{cli, daemon};
 
 #[derive(Parser)]
 #[command(name = "uve-agent", version, about = "uve guest agent")]
@@ -161,10 +138,10 @@ fn real_main() -> anyhow::Result<i32> {
     let (req, json) = match cli.verb {
         Verb::Run => {
             init_logging();
-            return run_daemon(cli.config.as_deref(), cli.socket).map(|()| 0);
+            return daemon::run(cli.config.as_deref(), cli.socket).map(|()| 0);
         }
         Verb::PackHome { home, exclude } => {
-            return crate::uif::materialise::pack_child(&home, &exclude).map(|()| 0);
+            return uve_agent::uif::materialise::pack_child(&home, &exclude).map(|()| 0);
         }
         Verb::Login { user, session, ua } => (ControlRequest::Login { user, session, ua }, false),
         Verb::Logout { session } => (ControlRequest::Logout { session }, false),
@@ -202,90 +179,3 @@ fn init_logging() {
         .with_ansi(false)
         .init();
 }
-
-/// Signals the daemon reacts to.
-enum Sig {
-    Terminate,
-    Reload,
-}
-
-/// Forwards SIGTERM/SIGINT/SIGHUP from a small signal-hook thread.
-fn signals() -> anyhow::Result<tokio::sync::mpsc::UnboundedReceiver<Sig>> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .stack_size(64 * 1024)
-        .spawn(move || {
-            for s in signals.forever() {
-                let sig = if s == SIGHUP {
-                    Sig::Reload
-                } else {
-                    Sig::Terminate
-                };
-                if tx.send(sig).is_err() {
-                    break;
-                }
-            }
-        })?;
-    Ok(rx)
-}
-
-fn run_daemon(config_path: Option<&Path>, socket: Option<PathBuf>) -> anyhow::Result<()> {
-    let mut cfg = Config::load(config_path)?;
-    if let Some(s) = socket {
-        cfg.control_socket = s;
-    }
-    let mut sigs = signals()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(4)
-        .thread_stack_size(256 * 1024)
-        .build()?;
-    rt.block_on(async move {
-        let mode = cfg.socket_mode()?;
-        let socket = cfg.control_socket.clone();
-        let checkpoint = cfg.checkpoint_interval_secs;
-        let agent = Arc::new(Agent::new(cfg).context("initialise state directory")?);
-        let listener = control::bind(&socket, mode)
-            .with_context(|| format!("bind control socket {}", socket.display()))?;
-        tracing::info!(socket = %socket.display(), state = %agent.state_dir.display(), "uve-agent running");
-        lifecycle::recover_after_reboot(&agent);
-        supervise::adopt(&agent);
-        let stop = CancellationToken::new();
-        let conn_task = tokio::spawn(conn::run(agent.clone(), stop.clone()));
-        tokio::spawn(agent::outbox(agent.clone()));
-        let control_task = tokio::spawn(control::serve(agent.clone(), listener));
-        if checkpoint > 0 {
-            let a = agent.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(checkpoint));
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    lifecycle::checkpoint(&a).await;
-                }
-            });
-        }
-        while let Some(Sig::Reload) = sigs.recv().await {
-            match Config::load(config_path) {
-                Ok(c) => agent.reload(c),
-                Err(e) => tracing::error!("reload failed, keeping the old config: {e}"),
-            }
-        }
-        tracing::info!("shutting down: flushing open sessions");
-        control_task.abort();
-        let limit = Duration::from_secs(agent.config().shutdown_flush_secs);
-        if tokio::time::timeout(limit, lifecycle::shutdown(&agent)).await.is_err() {
-            tracing::warn!("shutdown flush did not finish in time; what is left stays spooled");
-        }
-        stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(3), conn_task).await;
-        let _ = std::fs::remove_file(&socket);
-        tracing::info!("bye");
-        anyhow::Ok(())
-    })
-}
-
-use crate::agent::Agent;

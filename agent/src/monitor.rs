@@ -3,13 +3,13 @@
 //! queried locally by `uve-agent monitor-check`. Expired grants answer no
 //! and are dropped at the next change.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use uve_protocol::message::UnixMillis;
 
 use crate::fsutil;
+use crate::state_file::StateFile;
 
 /// One grant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,31 +24,36 @@ pub struct Grant {
 
 /// The persisted set of grants.
 pub struct Grants {
-    path: PathBuf,
-    grants: Mutex<Vec<Grant>>,
+    file: StateFile<Vec<Grant>>,
 }
 
 impl Grants {
     /// Loads the grants under `state_dir`.
     pub fn load(state_dir: &Path) -> Grants {
-        let path = state_dir.join("monitor.json");
-        let grants = fsutil::read_json(&path).ok().flatten().unwrap_or_default();
-        Grants {
-            path,
-            grants: Mutex::new(grants),
+        let (file, error) = StateFile::load(&state_dir.join("monitor.json"));
+        if let Some(e) = error {
+            tracing::error!("cannot read monitoring grants, starting with none: {e}");
         }
+        Grants { file }
     }
 
-    fn change(&self, f: impl FnOnce(&mut Vec<Grant>)) -> std::io::Result<()> {
-        let mut g = self.grants.lock().unwrap_or_else(PoisonError::into_inner);
-        f(&mut g);
-        let now = fsutil::now_ms();
-        g.retain(|x| x.expires > now);
-        fsutil::write_json(&self.path, &*g)
+    async fn change(&self, f: impl FnOnce(&mut Vec<Grant>)) -> std::io::Result<()> {
+        self.file
+            .change(|g| {
+                f(g);
+                let now = fsutil::now_ms();
+                g.retain(|x| x.expires > now);
+            })
+            .await
     }
 
     /// Records (or extends) a grant.
-    pub fn grant(&self, session: &str, monitor: &str, expires: UnixMillis) -> std::io::Result<()> {
+    pub async fn grant(
+        &self,
+        session: &str,
+        monitor: &str,
+        expires: UnixMillis,
+    ) -> std::io::Result<()> {
         self.change(|g| {
             g.retain(|x| !(x.session == session && x.monitor == monitor));
             g.push(Grant {
@@ -57,31 +62,28 @@ impl Grants {
                 expires,
             });
         })
+        .await
     }
 
     /// Removes a grant (no error if absent).
-    pub fn revoke(&self, session: &str, monitor: &str) -> std::io::Result<()> {
+    pub async fn revoke(&self, session: &str, monitor: &str) -> std::io::Result<()> {
         self.change(|g| g.retain(|x| !(x.session == session && x.monitor == monitor)))
+            .await
     }
 
     /// True if `monitor` may monitor `session` now.
     pub fn allowed(&self, session: &str, monitor: &str) -> bool {
         let now = fsutil::now_ms();
-        self.grants
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .any(|x| x.session == session && x.monitor == monitor && x.expires > now)
+        self.file.read(|g| {
+            g.iter()
+                .any(|x| x.session == session && x.monitor == monitor && x.expires > now)
+        })
     }
 
     /// Number of live grants.
     pub fn count(&self) -> usize {
         let now = fsutil::now_ms();
-        self.grants
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .filter(|x| x.expires > now)
-            .count()
+        self.file
+            .read(|g| g.iter().filter(|x| x.expires > now).count())
     }
 }

@@ -5,7 +5,7 @@
 //! `AT_SYMLINK_NOFOLLOW`), and ownership and modes are set on descriptors
 //! (`fchown`, `fchmod`). A directory is identified by the descriptor once
 //! opened, so renaming or replacing its path afterwards cannot redirect
-//! the caller. Used by the archive code ([`crate::archive`]) to unpack and
+//! the caller. Used by the archive code (`archive`) to unpack and
 //! pack directory-mode homes and UA bundles.
 
 use std::ffi::{OsStr, OsString};

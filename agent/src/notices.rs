@@ -4,52 +4,69 @@
 //! answers `Ok`. Delivery is at-least-once; the notice id makes it
 //! idempotent at the host.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::conn::HostLink;
+use crate::link::HostLink;
 use uve_protocol::message::{DisconnectNotice, Request};
 
 use crate::fsutil;
 
-/// The notice journal.
+/// The notice journal, with an in-memory index (read once at start). File
+/// work runs on blocking threads.
 #[derive(Debug, Clone)]
 pub struct Journal {
     dir: PathBuf,
+    index: Arc<Mutex<BTreeMap<u64, DisconnectNotice>>>,
 }
 
 impl Journal {
-    /// The journal under `state_dir`.
-    pub fn new(state_dir: &Path) -> Journal {
+    /// The journal under `state_dir`, its notices loaded.
+    pub fn load(state_dir: &Path) -> Journal {
+        let dir = state_dir.join("notices");
+        let index = std::fs::read_dir(&dir)
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                    .filter_map(|e| fsutil::read_json::<Record>(&e.path()).ok().flatten())
+                    .map(|r| (r.id, DisconnectNotice::from(r)))
+                    .collect()
+            })
+            .unwrap_or_default();
         Journal {
-            dir: state_dir.join("notices"),
+            dir,
+            index: Arc::new(Mutex::new(index)),
         }
     }
 
+    fn index(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, DisconnectNotice>> {
+        self.index.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Journals a notice durably.
-    pub fn add(&self, notice: &DisconnectNotice) -> std::io::Result<()> {
-        fsutil::ensure_dir(&self.dir)?;
-        let record = Record::from(notice);
-        fsutil::write_json(&self.path(notice.id), &record)
+    pub async fn add(&self, notice: &DisconnectNotice) -> std::io::Result<()> {
+        let (dir, path, record) = (self.dir.clone(), self.path(notice.id), Record::from(notice));
+        tokio::task::spawn_blocking(move || {
+            fsutil::ensure_dir(&dir)?;
+            fsutil::write_json(&path, &record)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        self.index().insert(notice.id, notice.clone());
+        Ok(())
     }
 
     /// Pending notices, oldest first.
     pub fn list(&self) -> Vec<DisconnectNotice> {
-        let Ok(rd) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
-        let mut out: Vec<DisconnectNotice> = rd
-            .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-            .filter_map(|e| fsutil::read_json::<Record>(&e.path()).ok().flatten())
-            .map(DisconnectNotice::from)
-            .collect();
+        let mut out: Vec<DisconnectNotice> = self.index().values().cloned().collect();
         out.sort_by_key(|n| (n.at, n.id));
         out
     }
 
     /// Number of pending notices.
     pub fn count(&self) -> usize {
-        self.list().len()
+        self.index().len()
     }
 
     /// Sends every pending notice; stops at the first transient failure.
@@ -69,11 +86,11 @@ impl Journal {
             {
                 Ok(_) => {
                     tracing::info!(id, "disconnect notice acknowledged");
-                    self.remove(id);
+                    self.remove(id).await;
                 }
                 Err(e) if e.refusal().is_some() => {
                     tracing::error!(id, "host refused disconnect notice for good: {e}");
-                    self.remove(id);
+                    self.remove(id).await;
                 }
                 Err(e) => {
                     tracing::warn!(id, "disconnect notice not delivered yet: {e}");
@@ -83,8 +100,10 @@ impl Journal {
         }
     }
 
-    fn remove(&self, id: u64) {
-        let _ = std::fs::remove_file(self.path(id));
+    async fn remove(&self, id: u64) {
+        self.index().remove(&id);
+        let path = self.path(id);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
     }
 
     fn path(&self, id: u64) -> PathBuf {

@@ -4,6 +4,10 @@
 //! an exit that was not asked for into an unexpected disconnect. Suspend and
 //! resume freeze/thaw the cgroup, or send SIGSTOP/SIGCONT to the process
 //! group, and wait until the kernel reports the new state.
+//!
+//! The supervisor knows processes, not sessions' meaning: a UA that ends
+//! without being stopped is reported upward as a [`UaExited`] on a
+//! channel; the lifecycle layer turns it into an unexpected disconnect.
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
@@ -11,8 +15,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::agent::Agent;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
 use crate::session::SessionRecord;
+use crate::ua::UaStore;
 
 /// How long a stopped UA gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -53,13 +63,42 @@ struct Proc {
     exited: Arc<tokio::sync::Notify>,
 }
 
+/// A supervised UA ended without being stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UaExited {
+    /// Its session.
+    pub session: String,
+    /// How it ended.
+    pub reason: String,
+}
+
+type Procs = Arc<Mutex<HashMap<String, Proc>>>;
+
 /// The supervised processes, by session.
-#[derive(Default)]
 pub struct Supervisor {
-    procs: Mutex<HashMap<String, Proc>>,
+    procs: Procs,
+    exits: mpsc::UnboundedSender<UaExited>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
 }
 
 impl Supervisor {
+    /// A supervisor reporting exits on `exits`; its watchers run on `tasks`
+    /// and end when `stop` is cancelled (the UAs live on: an agent restart
+    /// adopts them).
+    pub fn new(
+        exits: mpsc::UnboundedSender<UaExited>,
+        tasks: TaskTracker,
+        stop: CancellationToken,
+    ) -> Supervisor {
+        Supervisor {
+            procs: Procs::default(),
+            exits,
+            tasks,
+            stop,
+        }
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, Proc>) -> T) -> T {
         f(&mut self.procs.lock().unwrap_or_else(PoisonError::into_inner))
     }
@@ -72,6 +111,18 @@ impl Supervisor {
     /// The UA's pid, if supervised.
     pub fn pid(&self, session: &str) -> Option<i32> {
         self.with(|p| p.get(session).map(|x| x.pid))
+    }
+
+    /// Watches `session`'s process until `ended` resolves with the reason
+    /// (or the agent stops).
+    fn watch(&self, session: String, ended: impl Future<Output = String> + Send + 'static) {
+        let (procs, exits, stop) = (self.procs.clone(), self.exits.clone(), self.stop.clone());
+        self.tasks.spawn(async move {
+            tokio::select! {
+                reason = ended => exited(&procs, &exits, session, reason),
+                () = stop.cancelled() => {}
+            }
+        });
     }
 }
 
@@ -86,175 +137,182 @@ fn make_cgroup(session: &str) -> Option<PathBuf> {
     dir.join("cgroup.procs").exists().then_some(dir)
 }
 
-/// Starts UA `ua` for `rec` and watches it.
-pub fn start(agent: &Arc<Agent>, rec: &SessionRecord, ua: &str) -> Result<i32, SuperviseError> {
-    let (dir, entry) = agent
-        .uas
-        .current(ua)
-        .ok_or_else(|| SuperviseError::NotDeployed(ua.into()))?;
-    let (prog, args) = entry
-        .split_first()
-        .ok_or_else(|| SuperviseError::NotDeployed(ua.into()))?;
-    let prog_path = if Path::new(prog).is_absolute() {
-        PathBuf::from(prog)
-    } else {
-        dir.join(prog)
-    };
-    let root = unsafe_free_getuid() == 0;
-    let pw = crate::passwd::lookup(&rec.user);
-    if root && pw.is_none() {
-        return Err(SuperviseError::UnknownUser(rec.user.clone()));
-    }
-    let home = pw
-        .as_ref()
-        .map(|p| p.home.clone())
-        .filter(|h| h.is_dir())
-        .unwrap_or_else(|| PathBuf::from("/"));
-    let mut cmd = tokio::process::Command::new(&prog_path);
-    cmd.args(args)
-        .current_dir(&home)
-        .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .env("HOME", &home)
-        .env("USER", &rec.user)
-        .env("LOGNAME", &rec.user)
-        .env("UVE_SESSION", &rec.session)
-        .env("UVE_USER", &rec.user)
-        .env("UVE_UA", ua)
-        .env("UVE_UA_DIR", &dir)
-        .env("UVE_AGENT_SOCKET", &agent.config().control_socket)
-        .stdin(std::process::Stdio::null())
-        .process_group(0);
-    if let (true, Some(p)) = (root, &pw) {
-        cmd.gid(p.gid).uid(p.uid);
-    }
-    let cgroup = if root {
-        make_cgroup(&rec.session)
-    } else {
-        None
-    };
-    let procs_file = cgroup.as_ref().and_then(|d| {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(d.join("cgroup.procs"))
-            .ok()
-    });
-    if let Some(f) = &procs_file {
-        let fd = f.as_raw_fd();
-        // SAFETY: the closure runs in the forked child before exec and only
-        // calls write(2), which is async-signal-safe; `fd` stays open in the
-        // child until exec (close-on-exec). Writing "0" moves the writer
-        // into the cgroup, so the UA and all its children start inside it.
-        unsafe {
-            cmd.pre_exec(move || {
-                let _ = libc::write(fd, b"0".as_ptr().cast(), 1);
-                Ok(())
-            });
-        }
-    }
-    let mut child = cmd.spawn().map_err(|source| SuperviseError::Spawn {
-        cmd: prog_path.display().to_string(),
-        source,
-    })?;
-    drop(procs_file);
-    let pid = child
-        .id()
-        .and_then(|p| i32::try_from(p).ok())
-        .ok_or_else(|| SuperviseError::State("spawned UA has no pid".into()))?;
-    // Freezing an empty cgroup "succeeds" without stopping anything: use the
-    // cgroup only if the UA really landed in it, else signals.
-    let cgroup = cgroup.filter(|cg| {
-        let inside = std::fs::read_to_string(cg.join("cgroup.procs"))
-            .is_ok_and(|s| s.lines().any(|l| l.trim() == pid.to_string()));
-        if !inside {
-            tracing::warn!(session = %rec.session, "UA not in its cgroup; using signals");
-            let _ = std::fs::remove_dir(cg);
-        }
-        inside
-    });
-    agent.supervisor.with(|p| {
-        p.insert(
-            rec.session.clone(),
-            Proc {
-                pid,
-                cgroup,
-                suspended: false,
-                stopping: false,
-                exited: Arc::new(tokio::sync::Notify::new()),
-            },
-        )
-    });
-    tracing::info!(session = %rec.session, ua, pid, "UA started");
-    if let Some(start) = start_time(pid) {
-        agent.with_table(|t| {
-            if let Some(r) = t.sessions.get_mut(&rec.session) {
-                r.ua_process = Some((pid, start));
-            }
-        });
-    }
-    let a = agent.clone();
-    let session = rec.session.clone();
-    tokio::spawn(async move {
-        let reason = match child.wait().await {
-            Ok(s) => format!("UA exited: {s}"),
-            Err(e) => format!("UA wait failed: {e}"),
-        };
-        on_exit(a, session, reason).await;
-    });
-    Ok(pid)
+/// What [`Supervisor::start`] started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    /// The UA's pid.
+    pub pid: i32,
+    /// Its start time in clock ticks (to recognise it after a restart).
+    pub start: Option<u64>,
 }
 
-/// After an agent restart: keeps watching UAs that survived it (they are
-/// no longer our children, so their exit is polled), and reports sessions
-/// whose UA died meanwhile as disconnected.
-pub fn adopt(agent: &Arc<Agent>) {
-    for rec in agent.snapshot().sessions.into_values() {
-        let Some((pid, start)) = rec.ua_process else {
-            continue;
+impl Supervisor {
+    /// Starts UA `ua` (from `uas`) for `rec` and watches it; the UA learns
+    /// the control socket `socket` from its environment.
+    pub fn start(
+        &self,
+        uas: &UaStore,
+        socket: &Path,
+        rec: &SessionRecord,
+        ua: &str,
+    ) -> Result<Started, SuperviseError> {
+        let (dir, entry) = uas
+            .current(ua)
+            .ok_or_else(|| SuperviseError::NotDeployed(ua.into()))?;
+        let (prog, args) = entry
+            .split_first()
+            .ok_or_else(|| SuperviseError::NotDeployed(ua.into()))?;
+        let prog_path = if Path::new(prog).is_absolute() {
+            PathBuf::from(prog)
+        } else {
+            dir.join(prog)
         };
-        let a = agent.clone();
-        let session = rec.session.clone();
-        if !alive(pid, start) {
-            tokio::spawn(on_exit(
-                a,
-                session,
-                "UA exited while the agent was not running".into(),
-            ));
-            continue;
+        let root = nix::unistd::getuid().is_root();
+        let pw = crate::passwd::lookup(&rec.user);
+        if root && pw.is_none() {
+            return Err(SuperviseError::UnknownUser(rec.user.clone()));
         }
-        let cgroup = Path::new(CGROUP_ROOT).join("uve-agent").join(&session);
-        let cgroup = cgroup.join("cgroup.procs").exists().then_some(cgroup);
-        agent.supervisor.with(|p| {
+        let home = pw
+            .as_ref()
+            .map(|p| p.home.clone())
+            .filter(|h| h.is_dir())
+            .unwrap_or_else(|| PathBuf::from("/"));
+        let mut cmd = tokio::process::Command::new(&prog_path);
+        cmd.args(args)
+            .current_dir(&home)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("HOME", &home)
+            .env("USER", &rec.user)
+            .env("LOGNAME", &rec.user)
+            .env("UVE_SESSION", &rec.session)
+            .env("UVE_USER", &rec.user)
+            .env("UVE_UA", ua)
+            .env("UVE_UA_DIR", &dir)
+            .env("UVE_AGENT_SOCKET", socket)
+            .stdin(std::process::Stdio::null())
+            .process_group(0);
+        if let (true, Some(p)) = (root, &pw) {
+            cmd.gid(p.gid).uid(p.uid);
+        }
+        let cgroup = if root {
+            make_cgroup(&rec.session)
+        } else {
+            None
+        };
+        let procs_file = cgroup.as_ref().and_then(|d| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(d.join("cgroup.procs"))
+                .ok()
+        });
+        if let Some(f) = &procs_file {
+            let fd = f.as_raw_fd();
+            // SAFETY: the closure runs in the forked child before exec and only
+            // calls write(2), which is async-signal-safe; `fd` stays open in the
+            // child until exec (close-on-exec). Writing "0" moves the writer
+            // into the cgroup, so the UA and all its children start inside it.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let _ = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().map_err(|source| SuperviseError::Spawn {
+            cmd: prog_path.display().to_string(),
+            source,
+        })?;
+        drop(procs_file);
+        let pid = child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(|| SuperviseError::State("spawned UA has no pid".into()))?;
+        // Freezing an empty cgroup "succeeds" without stopping anything: use the
+        // cgroup only if the UA really landed in it, else signals.
+        let cgroup = cgroup.filter(|cg| {
+            let inside = std::fs::read_to_string(cg.join("cgroup.procs"))
+                .is_ok_and(|s| s.lines().any(|l| l.trim() == pid.to_string()));
+            if !inside {
+                tracing::warn!(session = %rec.session, "UA not in its cgroup; using signals");
+                let _ = std::fs::remove_dir(cg);
+            }
+            inside
+        });
+        self.with(|p| {
             p.insert(
-                session.clone(),
+                rec.session.clone(),
                 Proc {
                     pid,
                     cgroup,
-                    suspended: group_stopped(pid) == Some(true),
+                    suspended: false,
                     stopping: false,
                     exited: Arc::new(tokio::sync::Notify::new()),
                 },
             )
         });
-        tracing::info!(session, pid, "watching UA that survived an agent restart");
-        tokio::spawn(async move {
-            while alive(pid, start) {
-                tokio::time::sleep(Duration::from_millis(500)).await;
+        tracing::info!(session = %rec.session, ua, pid, "UA started");
+        self.watch(rec.session.clone(), async move {
+            match child.wait().await {
+                Ok(s) => format!("UA exited: {s}"),
+                Err(e) => format!("UA wait failed: {e}"),
             }
-            on_exit(
-                a,
-                session,
-                "UA exited (exit status unknown after an agent restart)".into(),
-            )
-            .await;
         });
+        Ok(Started {
+            pid,
+            start: start_time(pid),
+        })
     }
 }
 
-/// Handles a UA's end: forget it, and unless it was stopped on purpose,
-/// report the session as unexpectedly disconnected.
-async fn on_exit(agent: Arc<Agent>, session: String, reason: String) {
-    let proc_ = agent.supervisor.with(|p| p.remove(&session));
+impl Supervisor {
+    /// After an agent restart: keeps watching the UAs of `sessions` that
+    /// survived it (they are no longer our children, so their exit is
+    /// polled), and reports sessions whose UA died meanwhile.
+    pub fn adopt(&self, sessions: Vec<SessionRecord>) {
+        for rec in sessions {
+            let Some((pid, start)) = rec.ua_process else {
+                continue;
+            };
+            let session = rec.session.clone();
+            if !alive(pid, start) {
+                let _ = self.exits.send(UaExited {
+                    session,
+                    reason: "UA exited while the agent was not running".into(),
+                });
+                continue;
+            }
+            let cgroup = Path::new(CGROUP_ROOT).join("uve-agent").join(&session);
+            let cgroup = cgroup.join("cgroup.procs").exists().then_some(cgroup);
+            self.with(|p| {
+                p.insert(
+                    session.clone(),
+                    Proc {
+                        pid,
+                        cgroup,
+                        suspended: group_stopped(pid) == Some(true),
+                        stopping: false,
+                        exited: Arc::new(tokio::sync::Notify::new()),
+                    },
+                )
+            });
+            tracing::info!(session, pid, "watching UA that survived an agent restart");
+            self.watch(session, async move {
+                while alive(pid, start) {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                "UA exited (exit status unknown after an agent restart)".to_string()
+            });
+        }
+    }
+}
+
+/// A UA's end: forget it, and unless it was stopped on purpose, report it.
+fn exited(procs: &Procs, exits: &mpsc::UnboundedSender<UaExited>, session: String, reason: String) {
+    let proc_ = procs
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&session);
     if let Some(p) = &proc_ {
         p.exited.notify_waiters();
         if let Some(cg) = &p.cgroup {
@@ -264,13 +322,7 @@ async fn on_exit(agent: Arc<Agent>, session: String, reason: String) {
             return;
         }
     }
-    if !agent.snapshot().sessions.contains_key(&session) {
-        return;
-    }
-    tracing::warn!(session, "{reason} without logout");
-    if let Err(e) = crate::lifecycle::disconnect(&agent, &session, &reason).await {
-        tracing::error!(session, "cannot handle UA exit: {e}");
-    }
+    let _ = exits.send(UaExited { session, reason });
 }
 
 /// The process's start time (clock ticks after boot), from /proc.
@@ -296,92 +348,88 @@ fn alive(pid: i32, start: u64) -> bool {
     f.first() != Some(&"Z") && f.get(19).and_then(|s| s.parse().ok()) == Some(start)
 }
 
-fn unsafe_free_getuid() -> u32 {
-    // SAFETY: getuid(2) has no preconditions and cannot fail.
-    unsafe { libc::getuid() }
+/// Signals process group `pgid` (which the UA leads: `process_group(0)`).
+fn kill_group(pgid: i32, sig: Signal) {
+    let _ = killpg(Pid::from_raw(pgid), sig);
 }
 
-fn kill_group(pid: i32, sig: i32) {
-    // SAFETY: kill(2) with a negative pid signals the process group `pid`,
-    // which the UA leads (process_group(0)); it touches no memory.
-    unsafe {
-        libc::kill(-pid, sig);
-    }
-}
-
-/// Stops a session's UA (SIGTERM, then SIGKILL after a grace period) and
-/// waits for it; its exit is not reported as a disconnect.
-pub async fn stop(agent: &Agent, session: &str) {
-    let Some((pid, cgroup, exited)) = agent.supervisor.with(|p| {
-        p.get_mut(session).map(|x| {
-            x.stopping = true;
-            (x.pid, x.cgroup.clone(), x.exited.clone())
-        })
-    }) else {
-        return;
-    };
-    let wait = exited.notified();
-    tokio::pin!(wait);
-    wait.as_mut().enable();
-    if let Some(cg) = &cgroup {
-        let _ = std::fs::write(cg.join("cgroup.freeze"), "0");
-    }
-    kill_group(pid, libc::SIGCONT);
-    kill_group(pid, libc::SIGTERM);
-    if tokio::time::timeout(STOP_GRACE, wait.as_mut())
-        .await
-        .is_err()
-    {
-        if let Some(cg) = &cgroup {
-            let _ = std::fs::write(cg.join("cgroup.kill"), "1");
-        }
-        kill_group(pid, libc::SIGKILL);
-        let _ = tokio::time::timeout(STOP_GRACE, wait).await;
-    }
-}
-
-/// Freezes (`true`) or thaws (`false`) a session's processes and waits for
-/// the kernel to confirm.
-pub async fn set_suspended(
-    agent: &Agent,
-    session: &str,
-    freeze: bool,
-) -> Result<(), SuperviseError> {
-    let (pid, cgroup) = agent
-        .supervisor
-        .with(|p| p.get(session).map(|x| (x.pid, x.cgroup.clone())))
-        .ok_or_else(|| SuperviseError::NotSupervised(session.into()))?;
-    match &cgroup {
-        Some(cg) => {
-            std::fs::write(cg.join("cgroup.freeze"), if freeze { "1" } else { "0" })
-                .map_err(|e| SuperviseError::State(format!("cgroup.freeze: {e}")))?;
-        }
-        None => kill_group(pid, if freeze { libc::SIGSTOP } else { libc::SIGCONT }),
-    }
-    let deadline = tokio::time::Instant::now() + STATE_WAIT;
-    loop {
-        let reached = match &cgroup {
-            Some(cg) => cgroup_frozen(cg) == Some(freeze),
-            None => group_stopped(pid) == Some(freeze),
+impl Supervisor {
+    /// Stops a session's UA (SIGTERM, then SIGKILL after a grace period) and
+    /// waits for it; its exit is not reported as a disconnect.
+    pub async fn stop(&self, session: &str) {
+        let Some((pid, cgroup, exited)) = self.with(|p| {
+            p.get_mut(session).map(|x| {
+                x.stopping = true;
+                (x.pid, x.cgroup.clone(), x.exited.clone())
+            })
+        }) else {
+            return;
         };
-        if reached {
-            break;
+        let wait = exited.notified();
+        tokio::pin!(wait);
+        wait.as_mut().enable();
+        if let Some(cg) = &cgroup {
+            let _ = std::fs::write(cg.join("cgroup.freeze"), "0");
         }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(SuperviseError::State(format!(
-                "session {session} did not {} in time (process group {pid}: {:?})",
-                if freeze { "freeze" } else { "thaw" },
-                group_states(pid)
-            )));
+        kill_group(pid, Signal::SIGCONT);
+        kill_group(pid, Signal::SIGTERM);
+        if tokio::time::timeout(STOP_GRACE, wait.as_mut())
+            .await
+            .is_err()
+        {
+            if let Some(cg) = &cgroup {
+                let _ = std::fs::write(cg.join("cgroup.kill"), "1");
+            }
+            kill_group(pid, Signal::SIGKILL);
+            let _ = tokio::time::timeout(STOP_GRACE, wait).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    agent.supervisor.with(|p| {
-        if let Some(x) = p.get_mut(session) {
-            x.suspended = freeze;
+
+    /// Freezes (`true`) or thaws (`false`) a session's processes and waits for
+    /// the kernel to confirm.
+    pub async fn set_suspended(&self, session: &str, freeze: bool) -> Result<(), SuperviseError> {
+        let (pid, cgroup) = self
+            .with(|p| p.get(session).map(|x| (x.pid, x.cgroup.clone())))
+            .ok_or_else(|| SuperviseError::NotSupervised(session.into()))?;
+        match &cgroup {
+            Some(cg) => {
+                std::fs::write(cg.join("cgroup.freeze"), if freeze { "1" } else { "0" })
+                    .map_err(|e| SuperviseError::State(format!("cgroup.freeze: {e}")))?;
+            }
+            None => kill_group(
+                pid,
+                if freeze {
+                    Signal::SIGSTOP
+                } else {
+                    Signal::SIGCONT
+                },
+            ),
         }
-    });
-    Ok(())
+        let deadline = tokio::time::Instant::now() + STATE_WAIT;
+        loop {
+            let reached = match &cgroup {
+                Some(cg) => cgroup_frozen(cg) == Some(freeze),
+                None => group_stopped(pid) == Some(freeze),
+            };
+            if reached {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(SuperviseError::State(format!(
+                    "session {session} did not {} in time (process group {pid}: {:?})",
+                    if freeze { "freeze" } else { "thaw" },
+                    group_states(pid)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.with(|p| {
+            if let Some(x) = p.get_mut(session) {
+                x.suspended = freeze;
+            }
+        });
+        Ok(())
+    }
 }
 
 fn cgroup_frozen(cg: &Path) -> Option<bool> {

@@ -161,57 +161,32 @@ impl UaStore {
             .transfers()
             .remove(&transfer)
             .ok_or_else(|| err(ErrorCode::NotFound, format!("no transfer {transfer}")))?;
-        let result = self.verify(&tr);
-        let bundle = tr.bundle.clone();
-        let path = tr.path.clone();
-        drop(tr);
-        if let Err(e) = result {
-            let _ = fs::remove_file(&path);
-            return Err(e);
-        }
         let root = self.root.clone();
-        tokio::task::spawn_blocking(move || install(&root, &bundle, &path))
+        tokio::task::spawn_blocking(move || {
+            let result = verify(&tr);
+            let (bundle, path) = (tr.bundle.clone(), tr.path.clone());
+            drop(tr);
+            if let Err(e) = result {
+                let _ = fs::remove_file(&path);
+                return Err(e);
+            }
+            install(&root, &bundle, &path)
+        })
+        .await
+        .map_err(|e| err(ErrorCode::Internal, e))?
+    }
+
+    /// Points `current` back at `previous`; returns the version now current.
+    pub async fn rollback(&self, name: &str) -> Result<String, WireError> {
+        check_name("name", name)?;
+        let dir = self.root.join(name);
+        tokio::task::spawn_blocking(move || switch_back(&dir))
             .await
             .map_err(|e| err(ErrorCode::Internal, e))?
     }
 
-    fn verify(&self, tr: &Transfer) -> Result<(), WireError> {
-        if tr.written != tr.bundle.size {
-            return Err(err(
-                ErrorCode::BadRequest,
-                format!("bundle has {} of {} bytes", tr.written, tr.bundle.size),
-            ));
-        }
-        tr.file.sync_all().map_err(internal("fsync bundle"))?;
-        if *tr.hasher.finalize().as_bytes() != tr.bundle.digest.0 {
-            return Err(err(ErrorCode::BadDigest, "bundle digest mismatch"));
-        }
-        Ok(())
-    }
-
-    /// Points `current` back at `previous`; returns the version now current.
-    pub fn rollback(&self, name: &str) -> Result<String, WireError> {
-        check_name("name", name)?;
-        let dir = self.root.join(name);
-        let prev = read_link_name(&dir.join("previous")).ok_or_else(|| {
-            err(
-                ErrorCode::NotFound,
-                format!("UA {name} has no previous version"),
-            )
-        })?;
-        let cur = read_link_name(&dir.join("current"));
-        set_link(&dir, "current", &prev).map_err(internal("switch current"))?;
-        match cur {
-            Some(c) => set_link(&dir, "previous", &c).map_err(internal("switch previous"))?,
-            None => {
-                let _ = fs::remove_file(dir.join("previous"));
-            }
-        }
-        Ok(prev)
-    }
-
     /// Removes every file of UA `name`.
-    pub fn remove(&self, name: &str) -> Result<(), WireError> {
+    pub async fn remove(&self, name: &str) -> Result<(), WireError> {
         check_name("name", name)?;
         let dir = self.root.join(name);
         if !dir.exists() {
@@ -220,7 +195,10 @@ impl UaStore {
                 format!("UA {name} is not deployed"),
             ));
         }
-        fs::remove_dir_all(&dir).map_err(internal("remove UA"))
+        tokio::task::spawn_blocking(move || fs::remove_dir_all(&dir))
+            .await
+            .map_err(|e| err(ErrorCode::Internal, e))?
+            .map_err(internal("remove UA"))
     }
 
     /// The current version's directory and entry argv of UA `name`.
@@ -261,6 +239,41 @@ fn read_link_name(link: &Path) -> Option<String> {
     let target = fs::read_link(link).ok()?;
     let name = target.to_str()?.to_string();
     names::ua(&name).ok().map(|()| name)
+}
+
+/// Checks a received bundle: size, durability, digest.
+fn verify(tr: &Transfer) -> Result<(), WireError> {
+    if tr.written != tr.bundle.size {
+        return Err(err(
+            ErrorCode::BadRequest,
+            format!("bundle has {} of {} bytes", tr.written, tr.bundle.size),
+        ));
+    }
+    tr.file.sync_all().map_err(internal("fsync bundle"))?;
+    if *tr.hasher.finalize().as_bytes() != tr.bundle.digest.0 {
+        return Err(err(ErrorCode::BadDigest, "bundle digest mismatch"));
+    }
+    Ok(())
+}
+
+/// Points `dir/current` back at `dir/previous` (durably); returns the
+/// version now current.
+fn switch_back(dir: &Path) -> Result<String, WireError> {
+    let prev = read_link_name(&dir.join("previous")).ok_or_else(|| {
+        err(
+            ErrorCode::NotFound,
+            format!("UA {} has no previous version", dir.display()),
+        )
+    })?;
+    let cur = read_link_name(&dir.join("current"));
+    set_link(dir, "current", &prev).map_err(internal("switch current"))?;
+    match cur {
+        Some(c) => set_link(dir, "previous", &c).map_err(internal("switch previous"))?,
+        None => {
+            let _ = fs::remove_file(dir.join("previous"));
+        }
+    }
+    Ok(prev)
 }
 
 /// Atomically points `<dir>/<link>` at `target` (a sibling name).

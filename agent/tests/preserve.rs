@@ -59,9 +59,15 @@ fn refused_logout(
     refuse(host);
     let out = agent.cli(&["logout", "--session", &format!("{user}-1")]);
     let said = text(&out);
-    assert!(!out.status.success(), "a refused logout must not say ok: {said}");
+    assert!(
+        !out.status.success(),
+        "a refused logout must not say ok: {said}"
+    );
     assert!(said.contains("REFUSED") && said.contains(code), "{said}");
-    assert!(said.contains("nothing is lost") && said.contains("preserved"), "{said}");
+    assert!(
+        said.contains("nothing is lost") && said.contains("preserved"),
+        "{said}"
+    );
     let copy = preserved(agent)
         .into_iter()
         .find(|c| c["user"] == user)
@@ -71,7 +77,11 @@ fn refused_logout(
     let id = copy["id"].as_str().unwrap().to_string();
     assert!(said.contains(&id), "the answer names the copy: {said}");
     let path = PathBuf::from(copy["bytes"].as_str().unwrap());
-    assert_eq!(std::fs::read(&path).unwrap(), work, "preserved byte-identical");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        work,
+        "preserved byte-identical"
+    );
     assert!(!img.exists(), "the UIF path is free for the next retrieve");
     (work, id, path)
 }
@@ -82,7 +92,8 @@ fn refused_updates_are_preserved_and_survive_the_next_login() {
     let host = TestHost::start(dir.path());
     let agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
-    let cases: [(&str, &str, fn(&TestHost)); 3] = [
+    type Refuse = fn(&TestHost);
+    let cases: [(&str, &str, Refuse); 3] = [
         // Unassigned during the session.
         ("ann", "NotAssigned", |h| {
             h.with(|s| s.unassigned.insert("ann".into()));
@@ -99,7 +110,11 @@ fn refused_updates_are_preserved_and_survive_the_next_login() {
         let v1 = host.with(|h| h.seed(user, &seed));
         let commits_before = host.with(|h| h.commits.len());
         let (work, id, path) = refused_logout(dir.path(), &host, &agent, user, refuse, code);
-        assert_eq!(host.with(|h| h.commits.len()), commits_before, "nothing committed");
+        assert_eq!(
+            host.with(|h| h.commits.len()),
+            commits_before,
+            "nothing committed"
+        );
         host.with(|h| {
             h.unassigned.clear();
             h.refuse_updates = None;
@@ -114,9 +129,23 @@ fn refused_updates_are_preserved_and_survive_the_next_login() {
         assert_eq!(std::fs::read(&path).unwrap(), work);
         // Export: a byte-identical copy, never over an existing file.
         let out = dir.path().join(format!("{user}-export.img"));
-        agent.ok(&["preserved", "export", "--id", &id, "--to", out.to_str().unwrap()]);
+        agent.ok(&[
+            "preserved",
+            "export",
+            "--id",
+            &id,
+            "--to",
+            out.to_str().unwrap(),
+        ]);
         assert_eq!(std::fs::read(&out).unwrap(), work);
-        let again = agent.cli(&["preserved", "export", "--id", &id, "--to", out.to_str().unwrap()]);
+        let again = agent.cli(&[
+            "preserved",
+            "export",
+            "--id",
+            &id,
+            "--to",
+            out.to_str().unwrap(),
+        ]);
         assert!(!again.status.success());
         // Push: a conflict version holding exactly what the user wrote;
         // the head stays, the copy is gone once the host took it.
@@ -149,7 +178,11 @@ fn directory_mode_refusal_preserves_the_packed_home() {
     std::fs::write(home.join("dora/essay.txt"), &essay).unwrap();
     host.with(|h| h.refuse_updates = Some(ErrorCode::QuotaExceeded));
     let out = agent.cli(&["logout", "--session", "d1"]);
-    assert!(!out.status.success() && text(&out).contains("REFUSED"), "{}", text(&out));
+    assert!(
+        !out.status.success() && text(&out).contains("REFUSED"),
+        "{}",
+        text(&out)
+    );
     host.with(|h| h.refuse_updates = None);
     let copy = preserved(&agent).pop().expect("a preserved copy");
     let path = PathBuf::from(copy["bytes"].as_str().unwrap());
@@ -184,7 +217,10 @@ fn a_local_read_error_during_upload_stays_spooled_and_is_retried() {
     let work = noise(400_000, 4);
     std::fs::write(dir.path().join("uif/eve.img"), &work).unwrap();
     let said = agent.ok(&["logout", "--session", "e1"]);
-    assert!(said.contains("spooled") && said.contains("read chunk"), "{said}");
+    assert!(
+        said.contains("spooled") && said.contains("read chunk"),
+        "{said}"
+    );
     wait_for("the spooled update delivered", LONG, || {
         (host.with(|h| h.head_bytes("eve")).as_deref() == Some(work.as_slice())).then_some(())
     });
@@ -250,7 +286,10 @@ fn after_a_vm_restart_a_spooled_image_must_match_or_lands_only_as_a_conflict() {
     // The torn one never became the head: it is kept as a conflict version.
     assert!(finn.conflict && finn.base.is_none(), "{finn:?}");
     assert_eq!(host.with(|h| h.heads.get("finn").copied()), Some(v_torn));
-    assert_eq!(host.with(|h| h.version_bytes("finn", finn.version)), Some(torn));
+    assert_eq!(
+        host.with(|h| h.version_bytes("finn", finn.version)),
+        Some(torn)
+    );
 }
 
 #[test]
@@ -268,7 +307,14 @@ fn overlong_reasons_are_clipped_by_bytes_and_a_refused_notice_blocks_nothing() {
     wait_for("clipped notice delivered", LONG, || {
         host.with(|h| h.notice_sessions.iter().find(|n| n.1 == "n1").cloned())
     });
-    let reason = host.with(|h| h.notice_sessions.iter().find(|n| n.1 == "n1").unwrap().2.clone());
+    let reason = host.with(|h| {
+        h.notice_sessions
+            .iter()
+            .find(|n| n.1 == "n1")
+            .unwrap()
+            .2
+            .clone()
+    });
     assert!(reason.len() <= uve_protocol::defs::MAX_TEXT_LEN && long.starts_with(&reason));
     assert_eq!(reason.chars().count(), 512);
     // A notice the host refuses for good is dropped; the next one arrives.
@@ -318,7 +364,10 @@ fn the_control_socket_serves_each_caller_by_uid() {
     let denied = |out: &Output, rule: &str| {
         let said = text(out);
         assert!(!out.status.success(), "{said}");
-        assert!(said.contains("permission denied") && said.contains(rule), "{said}");
+        assert!(
+            said.contains("permission denied") && said.contains(rule),
+            "{said}"
+        );
     };
     // Its own status only.
     let out = as_uid(&agent, nobody, &["status", "--json"]);
@@ -333,22 +382,41 @@ fn the_control_socket_serves_each_caller_by_uid() {
     assert_eq!(sessions, ["sn"]);
     // Another user's session: refused, naming the rule.
     let rule = "may act only on its own sessions";
-    denied(&as_uid(&agent, nobody, &["logout", "--session", "sd"]), rule);
     denied(
-        &as_uid(&agent, nobody, &["disconnect", "--session", "sd", "--reason", "x"]),
+        &as_uid(&agent, nobody, &["logout", "--session", "sd"]),
         rule,
     );
     denied(
-        &as_uid(&agent, nobody, &["monitor-check", "--session", "sd", "--user", "m"]),
+        &as_uid(
+            &agent,
+            nobody,
+            &["disconnect", "--session", "sd", "--reason", "x"],
+        ),
         rule,
     );
     denied(
-        &as_uid(&agent, nobody, &["login", "--user", "nobody", "--session", "sx"]),
+        &as_uid(
+            &agent,
+            nobody,
+            &["monitor-check", "--session", "sd", "--user", "m"],
+        ),
+        rule,
+    );
+    denied(
+        &as_uid(
+            &agent,
+            nobody,
+            &["login", "--user", "nobody", "--session", "sx"],
+        ),
         "only root opens sessions",
     );
     denied(&as_uid(&agent, nobody, &["preserved", "list"]), "only root");
     // Its own session: monitor-check answers, logout works.
-    let out = as_uid(&agent, nobody, &["monitor-check", "--session", "sn", "--user", "m"]);
+    let out = as_uid(
+        &agent,
+        nobody,
+        &["monitor-check", "--session", "sn", "--user", "m"],
+    );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("not allowed"), "{}", text(&out));
     let out = as_uid(&agent, nobody, &["logout", "--session", "sn"]);

@@ -23,7 +23,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Instant;
 
-use crate::conn::HostLink;
+use crate::link::HostLink;
 use tokio::task::JoinSet;
 use uve_protocol::manifest::{ChunkRef, Hash, Manifest, chunks_per_page, page_count};
 use uve_protocol::message::{Request, Response, Version};
@@ -81,9 +81,18 @@ pub async fn retrieve(
     };
     let (Some(version), Some(header)) = (grant.version, grant.header) else {
         // First login: an empty UIF.
-        write_empty(dest)?;
         let empty = empty_manifest();
-        record(state_dir, user, dest, &empty)?;
+        let (sd, u, d, m) = (
+            state_dir.to_path_buf(),
+            user.to_string(),
+            dest.to_path_buf(),
+            empty.clone(),
+        );
+        blocking(move || {
+            write_empty(&d)?;
+            record(&sd, &u, &d, &m)
+        })
+        .await?;
         return Ok(Retrieved {
             base: None,
             lease: grant.lease,
@@ -171,13 +180,8 @@ pub async fn retrieve(
     }
 
     let tmp = fsutil::sibling(dest, ".uve-part");
-    let out = OpenOptions::new()
-        .write(true)
-        .read(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(|e| UifError::at("create", &tmp, e))?;
+    let _ = std::fs::remove_file(&tmp);
+    let out = fsutil::create_private(&tmp).map_err(|e| UifError::at("create", &tmp, e))?;
     let t = Instant::now();
     let result = fill(
         link,
@@ -218,9 +222,18 @@ pub async fn retrieve(
         )));
     }
     let fsync_ms = t.elapsed().as_millis();
-    std::fs::rename(&tmp, dest).map_err(|e| UifError::at("rename into", dest, e))?;
-    fsutil::sync_parent(dest).map_err(|e| UifError::at("fsync dir of", dest, e))?;
-    record(state_dir, user, dest, &manifest)?;
+    let (sd, u, d, m) = (
+        state_dir.to_path_buf(),
+        user.to_string(),
+        dest.to_path_buf(),
+        manifest.clone(),
+    );
+    blocking(move || {
+        std::fs::rename(&tmp, &d).map_err(|e| UifError::at("rename into", &d, e))?;
+        fsutil::sync_parent(&d).map_err(|e| UifError::at("fsync dir of", &d, e))?;
+        record(&sd, &u, &d, &m)
+    })
+    .await?;
     tracing::info!(
         user,
         version,
@@ -363,7 +376,13 @@ async fn patch(
             "patched {written} bytes for {user}, expected {size}"
         )));
     }
-    record(state_dir, user, dest, manifest)?;
+    let (sd, u, d, m) = (
+        state_dir.to_path_buf(),
+        user.to_string(),
+        dest.to_path_buf(),
+        manifest.clone(),
+    );
+    blocking(move || record(&sd, &u, &d, &m)).await?;
     Ok((fetched, reused))
 }
 

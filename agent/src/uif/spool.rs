@@ -16,7 +16,9 @@
 //! An entry the host refuses for good leaves the spool only after its file
 //! was moved into the preserved area ([`super::preserve`]).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use uve_protocol::manifest::Manifest;
@@ -57,65 +59,100 @@ impl SpoolEntry {
     }
 }
 
-/// The spool directory.
+/// The spool directory, with an in-memory index of its records (read once
+/// at start: the outbox asks for it every round). File work runs on
+/// blocking threads.
 #[derive(Debug, Clone)]
 pub struct Spool {
     dir: PathBuf,
+    index: Arc<Mutex<BTreeMap<u64, SpoolEntry>>>,
 }
 
 impl Spool {
-    /// The spool under `state_dir`.
-    pub fn new(state_dir: &Path) -> Spool {
+    /// The spool under `state_dir`, its records loaded.
+    pub fn load(state_dir: &Path) -> Spool {
+        let dir = state_dir.join("spool");
+        let index = std::fs::read_dir(&dir)
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                    .filter_map(|e| fsutil::read_json::<SpoolEntry>(&e.path()).ok().flatten())
+                    .map(|e| (e.id, e))
+                    .collect()
+            })
+            .unwrap_or_default();
         Spool {
-            dir: state_dir.join("spool"),
+            dir,
+            index: Arc::new(Mutex::new(index)),
         }
     }
 
-    /// Journals `entry` durably: manifest first, then the record (whose
-    /// presence makes the entry valid).
-    pub fn add(&self, entry: &SpoolEntry, manifest: &Manifest) -> std::io::Result<()> {
-        fsutil::ensure_dir(&self.dir)?;
-        let bytes = postcard::to_stdvec(manifest).map_err(std::io::Error::other)?;
-        fsutil::atomic_write(&self.manifest_path(entry.id), &bytes)?;
-        fsutil::write_json(&self.record_path(entry.id), entry)
+    fn index(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, SpoolEntry>> {
+        self.index.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// All valid entries, oldest first.
+    /// Journals `entry` durably: manifest first, then the record (whose
+    /// presence makes the entry valid). Replaces an entry of the same id.
+    pub async fn add(&self, entry: &SpoolEntry, manifest: &Manifest) -> std::io::Result<()> {
+        let bytes = postcard::to_stdvec(manifest).map_err(std::io::Error::other)?;
+        let (dir, e2) = (self.dir.clone(), entry.clone());
+        let (mpath, rpath) = (self.manifest_path(entry.id), self.record_path(entry.id));
+        tokio::task::spawn_blocking(move || {
+            fsutil::ensure_dir(&dir)?;
+            fsutil::atomic_write(&mpath, &bytes)?;
+            fsutil::write_json(&rpath, &e2)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        self.index().insert(entry.id, entry.clone());
+        Ok(())
+    }
+
+    /// All entries, oldest first.
     pub fn list(&self) -> Vec<SpoolEntry> {
-        let Ok(rd) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
-        let mut out: Vec<SpoolEntry> = rd
-            .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-            .filter_map(|e| fsutil::read_json::<SpoolEntry>(&e.path()).ok().flatten())
-            .collect();
+        let mut out: Vec<SpoolEntry> = self.index().values().cloned().collect();
         out.sort_by_key(|e| (e.created, e.id));
         out
     }
 
-    /// Entries of one user.
+    /// Entries of one user, oldest first.
     pub fn for_user(&self, user: &str) -> Vec<SpoolEntry> {
         self.list().into_iter().filter(|e| e.user == user).collect()
     }
 
+    /// True if entry `id` is still pending.
+    pub fn contains(&self, id: u64) -> bool {
+        self.index().contains_key(&id)
+    }
+
     /// The manifest of entry `id`.
-    pub fn manifest(&self, id: u64) -> std::io::Result<Manifest> {
-        let bytes = std::fs::read(self.manifest_path(id))?;
+    pub async fn manifest(&self, id: u64) -> std::io::Result<Manifest> {
+        let path = self.manifest_path(id);
+        let bytes = tokio::task::spawn_blocking(move || std::fs::read(path))
+            .await
+            .map_err(std::io::Error::other)??;
         postcard::from_bytes(&bytes)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 
-    /// Removes a delivered entry.
-    pub fn remove(&self, id: u64) {
-        let _ = std::fs::remove_file(self.record_path(id));
-        let _ = std::fs::remove_file(self.manifest_path(id));
-        let _ = fsutil::sync_parent(&self.record_path(id));
+    /// Removes a delivered (or superseded) entry, durably.
+    pub async fn remove(&self, id: u64) {
+        self.index().remove(&id);
+        let (rpath, mpath) = (self.record_path(id), self.manifest_path(id));
+        let done = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_file(&rpath);
+            let _ = std::fs::remove_file(&mpath);
+            fsutil::sync_parent(&rpath)
+        })
+        .await;
+        if let Ok(Err(e)) = done {
+            tracing::warn!(id, "spool entry removed, directory not synced: {e}");
+        }
     }
 
     /// Number of pending entries.
     pub fn count(&self) -> usize {
-        self.list().len()
+        self.index().len()
     }
 
     fn record_path(&self, id: u64) -> PathBuf {

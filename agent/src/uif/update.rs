@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use std::collections::VecDeque;
 
-use crate::conn::HostLink;
+use crate::link::HostLink;
 use tokio::task::{JoinHandle, JoinSet};
 use uve_protocol::defs::{MAX_SIGNATURE_BATCH, PROTOCOL_BLOCK_DELTA};
 use uve_protocol::delta;
