@@ -112,10 +112,10 @@ pub struct ControlResponse {
     pub ok: bool,
     /// Human-readable result or error.
     pub message: String,
-    /// For logout/disconnect: committed, conflict, spooled, refused (the
-    /// bytes are preserved), nothing, unchanged.
+    /// For logout, disconnect and preserved-push: what became of the
+    /// user's bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outcome: Option<String>,
+    pub outcome: Option<Outcome>,
     /// For monitor-check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed: Option<bool>,
@@ -125,6 +125,42 @@ pub struct ControlResponse {
     /// For preserved-list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preserved: Option<Vec<PreservedCopy>>,
+}
+
+/// What a flush did with the user's bytes, as the control protocol says
+/// it (see agent/README.md, "The user's bytes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// The new head version.
+    Committed,
+    /// Kept as a conflict version beside the head.
+    Conflict,
+    /// Durable in the spool; delivered later.
+    Spooled,
+    /// Refused for good by the host; the bytes are preserved.
+    Refused,
+    /// A live checkpoint was not taken.
+    NotTaken,
+    /// Nothing to flush.
+    Nothing,
+    /// Unchanged since its base version.
+    Unchanged,
+}
+
+impl Outcome {
+    /// The outcome of `o`, and whether it counts as success.
+    pub fn of(o: &FlushOutcome) -> (Outcome, bool) {
+        match o {
+            FlushOutcome::Committed(_) => (Outcome::Committed, true),
+            FlushOutcome::Conflict { .. } => (Outcome::Conflict, true),
+            FlushOutcome::Spooled(_) => (Outcome::Spooled, true),
+            FlushOutcome::Nothing(_) => (Outcome::Nothing, true),
+            FlushOutcome::Unchanged(_) => (Outcome::Unchanged, true),
+            FlushOutcome::Refused { .. } => (Outcome::Refused, false),
+            FlushOutcome::NotTaken(_) => (Outcome::NotTaken, false),
+        }
+    }
 }
 
 /// The agent's state as shown by `uve-agent status`.
@@ -437,19 +473,11 @@ fn failure(message: String) -> ControlResponse {
 }
 
 fn flushed(outcome: FlushOutcome) -> ControlResponse {
-    let (ok, kind) = match &outcome {
-        FlushOutcome::Committed(_) => (true, "committed"),
-        FlushOutcome::Conflict { .. } => (true, "conflict"),
-        FlushOutcome::Spooled(_) => (true, "spooled"),
-        FlushOutcome::Nothing(_) => (true, "nothing"),
-        FlushOutcome::Unchanged(_) => (true, "unchanged"),
-        FlushOutcome::Refused { .. } => (false, "refused"),
-        FlushOutcome::NotTaken(_) => (false, "not-taken"),
-    };
+    let (kind, ok) = Outcome::of(&outcome);
     ControlResponse {
         ok,
         message: outcome.to_string(),
-        outcome: Some(kind.into()),
+        outcome: Some(kind),
         ..ControlResponse::default()
     }
 }

@@ -345,3 +345,99 @@ impl Flusher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use uve_protocol::message::{ErrorCode, Request};
+
+    use super::*;
+    use crate::session::UifRecord;
+    use crate::testing::{COMMITTED, Rig};
+
+    /// Attaches a UIF of `user` holding `bytes`, based on version 1.
+    async fn attached(rig: &Rig, user: &str, bytes: &[u8]) -> UserGuard {
+        let path = rig.uif(user);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        let guard = rig.lifecycle.locks.lock(user).await;
+        let rec = UifRecord {
+            base: Some(1),
+            lease: 1,
+            temporary: false,
+            base_digest: None,
+        };
+        rig.lifecycle.table.attach(&guard, rec).await;
+        guard
+    }
+
+    #[tokio::test]
+    async fn a_changed_uif_is_committed_and_nothing_stays_spooled() {
+        let rig = Rig::new();
+        let data = uve_protocol::testdata::noise(300_000, 1);
+        let g = attached(&rig, "ann", &data).await;
+        let f = &rig.lifecycle.flusher;
+        let out = f.flush(&g, "s1", UpdateCause::Logout, false).await.unwrap();
+        assert_eq!(out, FlushOutcome::Committed(COMMITTED));
+        assert_eq!(f.spool.count(), 0);
+        assert!(rig.lifecycle.table.uif("ann").is_none(), "detached");
+        let uploaded = rig.count(|r| matches!(r, Request::ChunkUpload { .. }));
+        assert!(uploaded > 0);
+    }
+
+    #[tokio::test]
+    async fn a_refusal_preserves_the_bytes_and_frees_the_path() {
+        let rig = Rig::new();
+        rig.host.lock().unwrap().refuse_updates = Some(ErrorCode::QuotaExceeded);
+        let data = uve_protocol::testdata::noise(100_000, 2);
+        let g = attached(&rig, "ben", &data).await;
+        let f = &rig.lifecycle.flusher;
+        let out = f.flush(&g, "s1", UpdateCause::Logout, false).await.unwrap();
+        let FlushOutcome::Refused {
+            refusal,
+            kept: Kept::Preserved(copy),
+        } = out
+        else {
+            panic!("not preserved: {out:?}");
+        };
+        assert_eq!(refusal.code, ErrorCode::QuotaExceeded);
+        assert_eq!(std::fs::read(&copy.bytes).unwrap(), data);
+        assert!(!rig.uif("ben").exists());
+        assert_eq!(f.spool.count(), 0);
+        assert_eq!(f.preserved.list(), vec![copy]);
+    }
+
+    #[tokio::test]
+    async fn a_transient_refusal_leaves_it_spooled_durably() {
+        let rig = Rig::new();
+        rig.host.lock().unwrap().refuse_updates = Some(ErrorCode::Busy);
+        let g = attached(&rig, "cat", b"cat's work").await;
+        let f = &rig.lifecycle.flusher;
+        let out = f.flush(&g, "s1", UpdateCause::Logout, false).await.unwrap();
+        assert!(matches!(out, FlushOutcome::Spooled(_)), "{out:?}");
+        let entries = f.spool.list();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].boot, fsutil::kernel_boot());
+        // What a restarted agent finds on disk.
+        let again = Spool::load(rig.state());
+        assert_eq!(again.count(), 1);
+        let m = again.manifest(entries[0].id).await.unwrap();
+        assert_eq!(m.header.size, 10);
+        assert!(rig.uif("cat").exists(), "the bytes stay in place");
+    }
+
+    #[tokio::test]
+    async fn an_unchanged_uif_is_not_uploaded() {
+        let rig = Rig::new();
+        let g = attached(&rig, "dan", b"same as base").await;
+        let digest = uve_protocol::chunker::chunk_file(&rig.uif("dan"))
+            .unwrap()
+            .header
+            .digest;
+        rig.lifecycle.table.rebase("dan", 1, digest).await;
+        let f = &rig.lifecycle.flusher;
+        let out = f.flush(&g, "s1", UpdateCause::Logout, false).await.unwrap();
+        assert_eq!(out, FlushOutcome::Unchanged(Some(1)));
+        assert_eq!(rig.count(|r| matches!(r, Request::UpdateBegin(_))), 0);
+    }
+}

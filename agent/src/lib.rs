@@ -43,3 +43,6 @@ pub mod state_file;
 pub mod supervise;
 pub mod ua;
 pub mod uif;
+
+#[cfg(test)]
+pub mod testing;

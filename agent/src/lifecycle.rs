@@ -441,3 +441,92 @@ impl Lifecycle {
         Ok(self.flusher.flush(guard, session, cause, false).await?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use uve_protocol::message::Request;
+
+    use super::*;
+    use crate::testing::{COMMITTED, Rig};
+
+    #[tokio::test]
+    async fn login_then_logout_commits_and_announces_both() {
+        let rig = Rig::new();
+        let lc = &rig.lifecycle;
+        let said = lc.login("eve", "e1", None).await.unwrap();
+        assert_eq!(said, "new user: empty UIF");
+        assert_eq!(std::fs::read(rig.uif("eve")).unwrap(), b"");
+        assert!(lc.table.session("e1").is_some() && lc.table.uif("eve").is_some());
+        let again = lc.login("eve", "e1", None).await.unwrap();
+        assert!(again.contains("already open"), "{again}");
+        assert!(matches!(
+            lc.login("fay", "e1", None).await,
+            Err(LifecycleError::SessionTaken(_))
+        ));
+        std::fs::write(rig.uif("eve"), b"eve's notes").unwrap();
+        let out = lc.logout("e1").await.unwrap();
+        assert_eq!(out, FlushOutcome::Committed(COMMITTED));
+        assert!(lc.table.session("e1").is_none() && lc.table.uif("eve").is_none());
+        assert_eq!(
+            rig.count(|r| matches!(r, Request::SessionStarted { .. })),
+            1
+        );
+        assert_eq!(rig.count(|r| matches!(r, Request::SessionEnded { .. })), 1);
+        assert!(lc.table.ended_unsent().is_empty(), "acknowledged");
+    }
+
+    #[tokio::test]
+    async fn the_last_session_of_a_user_flushes_and_a_disconnect_is_journalled() {
+        let rig = Rig::new();
+        let lc = &rig.lifecycle;
+        lc.login("gus", "g1", None).await.unwrap();
+        let second = lc.login("gus", "g2", None).await.unwrap();
+        assert!(second.contains("already attached"), "{second}");
+        std::fs::write(rig.uif("gus"), b"gus").unwrap();
+        let first = lc.logout("g1").await.unwrap();
+        assert!(matches!(first, FlushOutcome::Nothing(_)), "{first:?}");
+        let out = lc.disconnect("g2", "display died").await.unwrap();
+        assert_eq!(out, FlushOutcome::Committed(COMMITTED));
+        let notices = lc.notices.list();
+        assert_eq!(notices.len(), 1);
+        assert_eq!(notices[0].session, "g2");
+        assert_eq!(notices[0].reason, "display died");
+    }
+
+    #[tokio::test]
+    async fn a_login_fails_while_an_earlier_update_of_the_user_is_pending() {
+        let rig = Rig::new();
+        let lc = &rig.lifecycle;
+        lc.login("hal", "h1", None).await.unwrap();
+        std::fs::write(rig.uif("hal"), b"hal's work").unwrap();
+        rig.host.lock().unwrap().refuse_updates = Some(uve_protocol::ErrorCode::Busy);
+        let out = lc.logout("h1").await.unwrap();
+        assert!(matches!(out, FlushOutcome::Spooled(_)), "{out:?}");
+        let err = lc.login("hal", "h2", None).await.unwrap_err();
+        assert!(matches!(err, LifecycleError::PendingUpdate(_)), "{err}");
+        assert_eq!(std::fs::read(rig.uif("hal")).unwrap(), b"hal's work");
+        rig.host.lock().unwrap().refuse_updates = None;
+        let said = lc.login("hal", "h3", None).await.unwrap();
+        assert!(said.contains("new user"), "{said}");
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_commits_while_the_uif_stays_attached() {
+        let rig = Rig::new();
+        let lc = &rig.lifecycle;
+        lc.login("ivy", "i1", None).await.unwrap();
+        std::fs::write(rig.uif("ivy"), b"ivy, mid-session").unwrap();
+        lc.checkpoint().await;
+        let rec = lc.table.uif("ivy").unwrap();
+        assert_eq!(rec.base, Some(COMMITTED), "rebased on the checkpoint");
+        assert_eq!(
+            lc.flusher.spool.count(),
+            0,
+            "a live checkpoint is not spooled"
+        );
+        // Nothing changed since: the logout uploads nothing.
+        let out = lc.logout("i1").await.unwrap();
+        assert_eq!(out, FlushOutcome::Unchanged(Some(COMMITTED)));
+    }
+}

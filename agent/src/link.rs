@@ -127,3 +127,55 @@ impl LinkWatch {
         self.tx.send_replace(c);
     }
 }
+
+/// A host to test against: a real link over an in-memory stream whose far
+/// end answers every request with a function of it.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio_util::codec::FramedRead;
+    use uve_protocol::FrameCodec;
+    use uve_protocol::defs::{DEFAULT_MAX_FRAME, PROTOCOL_MAX};
+    use uve_protocol::link::{self, Incoming, LinkConfig};
+    use uve_protocol::message::{Limits, Request, Response, Welcome};
+
+    use super::{Connected, HostLink};
+
+    /// A connection whose host answers `request` with `answer(request)`.
+    pub fn fake_host(answer: impl Fn(Request) -> Response + Send + Sync + 'static) -> Connected {
+        let (a, b) = tokio::io::duplex(4 << 20);
+        let config = || LinkConfig::new(Duration::from_secs(30), DEFAULT_MAX_FRAME);
+        let (ar, aw) = tokio::io::split(a);
+        let (agent, agent_incoming) =
+            link::spawn(FramedRead::new(ar, FrameCodec::default()), aw, config());
+        let (br, bw) = tokio::io::split(b);
+        let (host, mut incoming) =
+            link::spawn(FramedRead::new(br, FrameCodec::default()), bw, config());
+        let answer = Arc::new(answer);
+        tokio::spawn(async move {
+            let _keep = (host, agent_incoming);
+            while let Some(Incoming { request, responder }) = incoming.recv().await {
+                let _ = responder.send(answer(request)).await;
+            }
+        });
+        let welcome = Welcome {
+            protocol: PROTOCOL_MAX,
+            host_version: "fake".into(),
+            vm_id: "vm-test".into(),
+            heartbeat_ms: 30_000,
+            max_frame: DEFAULT_MAX_FRAME,
+            limits: Limits {
+                max_inflight: 32,
+                max_uif_size: 1 << 34,
+                max_chunk: uve_protocol::defs::MAX_CHUNK,
+            },
+        };
+        Connected {
+            link: HostLink::new(agent, 32, PROTOCOL_MAX),
+            welcome,
+            generation: 1,
+        }
+    }
+}

@@ -562,3 +562,89 @@ pub fn write_empty(dest: &Path) -> Result<(), UifError> {
 fn unexpected(what: &str, got: &Response) -> UifError {
     UifError::Protocol(format!("unexpected answer to {what}: {got:?}"))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use uve_protocol::testdata::noise;
+
+    use super::*;
+
+    fn manifest(data: &[u8]) -> Manifest {
+        uve_protocol::chunker::chunk_stream(data, |_, _| Ok(())).unwrap()
+    }
+
+    /// `prev` on disk, planned into `next`.
+    fn plan(prev: &[u8], next: &[u8]) -> (Option<PatchPlan>, Manifest) {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("uif.img");
+        std::fs::write(&dest, prev).unwrap();
+        let next_m = manifest(next);
+        (plan_patch(&manifest(prev), &next_m, &dest), next_m)
+    }
+
+    #[test]
+    fn a_small_overwrite_fetches_only_the_chunks_it_touched() {
+        let prev = noise(4 << 20, 1);
+        let mut next = prev.clone();
+        next[2_000_000..2_004_096].copy_from_slice(&noise(4096, 2));
+        let (p, next_m) = plan(&prev, &next);
+        let p = p.unwrap();
+        assert!(p.moved.is_empty(), "nothing moved");
+        assert!(
+            (1..=3).contains(&p.order.len()),
+            "{} fetched",
+            p.order.len()
+        );
+        assert_eq!(
+            p.in_place + p.wanted.values().map(Vec::len).sum::<usize>(),
+            next_m.chunks.len()
+        );
+    }
+
+    #[test]
+    fn an_insertion_moves_chunks_read_from_the_file_and_verified() {
+        let prev = noise(4 << 20, 3);
+        let mut next = noise(1000, 4);
+        next.extend_from_slice(&prev);
+        let (p, next_m) = plan(&prev, &next);
+        let p = p.unwrap();
+        assert!(!p.moved.is_empty());
+        for (bytes, places) in &p.moved {
+            let h = Hash::of(bytes);
+            let offsets: Vec<u64> = next_m
+                .offsets()
+                .filter(|(_, c)| c.hash == h)
+                .map(|(off, _)| off)
+                .collect();
+            assert_eq!(
+                &offsets, places,
+                "each moved chunk goes where the new version has it"
+            );
+        }
+        assert!(p.order.len() <= 2, "{} fetched", p.order.len());
+    }
+
+    #[test]
+    fn beyond_the_relocation_budget_the_file_is_rewritten() {
+        let big = usize::try_from(RELOCATE_BUDGET).unwrap() + (4 << 20);
+        let prev = noise(big, 5);
+        let mut next = noise(1000, 6);
+        next.extend_from_slice(&prev);
+        assert!(plan(&prev, &next).0.is_none());
+    }
+
+    #[test]
+    fn a_moved_chunk_that_no_longer_verifies_is_fetched() {
+        let prev = noise(2 << 20, 7);
+        let mut next = noise(1000, 8);
+        next.extend_from_slice(&prev);
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("uif.img");
+        // The file no longer holds what its manifest says.
+        std::fs::write(&dest, vec![0u8; prev.len()]).unwrap();
+        let p = plan_patch(&manifest(&prev), &manifest(&next), &dest).unwrap();
+        assert!(p.moved.is_empty());
+        assert_eq!(p.order.len(), manifest(&next).chunks.len() - p.in_place);
+    }
+}

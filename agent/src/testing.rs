@@ -1,0 +1,167 @@
+//! Unit-test rig: every part of the agent built on a temporary state
+//! directory, connected to a fake host ([`crate::link::testing`]) that
+//! answers like a real one (an update is accepted, every chunk reported
+//! missing, the commit becomes version [`COMMITTED`]) unless told to
+//! refuse, and records every request.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uve_protocol::message::{ErrorCode, Request, Response, RetrieveGrant, WireError};
+
+use crate::config::{Config, SharedConfig, UifMode};
+use crate::flush::Flusher;
+use crate::lifecycle::Lifecycle;
+use crate::link::LinkWatch;
+use crate::notices::Journal;
+use crate::session::{SessionTable, UserLocks};
+use crate::supervise::{Supervisor, UaExited};
+use crate::ua::UaStore;
+use crate::uif::preserve::Preserved;
+use crate::uif::spool::Spool;
+
+/// The version every commit of the fake host becomes.
+pub const COMMITTED: u64 = 7;
+
+/// What the fake host saw and how it answers.
+#[derive(Default)]
+pub struct FakeHost {
+    /// Every request, in order.
+    pub requests: Vec<Request>,
+    /// Refuse `UpdateBegin` with this code.
+    pub refuse_updates: Option<ErrorCode>,
+}
+
+/// The parts, on a temporary directory.
+pub struct Rig {
+    /// The temporary directory (state under `state/`, UIFs under `uif/`).
+    pub dir: tempfile::TempDir,
+    /// The fake host's record.
+    pub host: Arc<Mutex<FakeHost>>,
+    /// The lifecycles (and through them every other part).
+    pub lifecycle: Arc<Lifecycle>,
+    /// What the supervisor reports.
+    pub exits: tokio::sync::mpsc::UnboundedReceiver<UaExited>,
+}
+
+fn answer(host: &Mutex<FakeHost>, request: Request) -> Response {
+    let mut h = host.lock().unwrap();
+    h.requests.push(request.clone());
+    match request {
+        Request::UifRetrieve { .. } => Response::Retrieve(RetrieveGrant {
+            version: None,
+            header: None,
+            lease: 1,
+            handover_timed_out: false,
+        }),
+        Request::UpdateBegin(_) => match h.refuse_updates {
+            Some(code) => Response::Error(WireError::new(code, "refused by the fake host")),
+            None => Response::UpdateAccepted { upload: 1 },
+        },
+        Request::UpdatePage { chunks, .. } => {
+            Response::Missing((0..u32::try_from(chunks.len()).unwrap()).collect())
+        }
+        Request::UpdateCommit { .. } => Response::Committed { version: COMMITTED },
+        Request::BlockSignatures { chunks, .. } => {
+            Response::BlockSignatures(vec![None; chunks.len()])
+        }
+        _ => Response::Ok,
+    }
+}
+
+impl Default for Rig {
+    fn default() -> Self {
+        Rig::new()
+    }
+}
+
+impl Rig {
+    /// A rig in file mode, connected to the fake host. Call it on the
+    /// test's runtime thread: it marks that thread, so a durable write that
+    /// slips back onto it aborts the test (see
+    /// [`crate::fsutil::mark_runtime_thread`]).
+    pub fn new() -> Rig {
+        crate::fsutil::mark_runtime_thread();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config {
+            state_dir: dir.path().join("state"),
+            control_socket: dir.path().join("ctl.sock"),
+            login_timeout_secs: 5,
+            uif: crate::config::UifConfig {
+                mode: UifMode::File,
+                path: format!("{}/uif/{{user}}.img", dir.path().display()),
+                ..Default::default()
+            },
+            ..Config::default()
+        };
+        std::fs::create_dir_all(&cfg.state_dir).unwrap();
+        let state_dir = cfg.state_dir.clone();
+        let host = Arc::new(Mutex::new(FakeHost::default()));
+        let h2 = host.clone();
+        let link = Arc::new(LinkWatch::default());
+        link.publish(Some(crate::link::testing::fake_host(move |r| {
+            answer(&h2, r)
+        })));
+        let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
+        let (exits_tx, exits) = tokio::sync::mpsc::unbounded_channel();
+        let config = Arc::new(SharedConfig::new(cfg));
+        let table = Arc::new(SessionTable::load(&state_dir));
+        let locks = Arc::new(UserLocks::default());
+        let kick = Arc::new(Notify::new());
+        let flusher = Arc::new(Flusher {
+            config: config.clone(),
+            state_dir: state_dir.clone(),
+            table: table.clone(),
+            spool: Spool::load(&state_dir),
+            preserved: Preserved::new(&state_dir),
+            link: link.clone(),
+            locks: locks.clone(),
+            kick: kick.clone(),
+        });
+        let lifecycle = Arc::new(Lifecycle {
+            supervisor: Arc::new(Supervisor::new(exits_tx, tasks.clone(), stop)),
+            uas: Arc::new(UaStore::new(&state_dir, 1 << 20)),
+            notices: Journal::load(&state_dir),
+            config,
+            state_dir,
+            table,
+            locks,
+            flusher,
+            link,
+            kick,
+            tasks,
+        });
+        Rig {
+            dir,
+            host,
+            lifecycle,
+            exits,
+        }
+    }
+
+    /// `user`'s UIF file.
+    pub fn uif(&self, user: &str) -> PathBuf {
+        self.lifecycle.config.get().uif_path(user)
+    }
+
+    /// The state directory.
+    pub fn state(&self) -> &Path {
+        &self.lifecycle.state_dir
+    }
+
+    /// How many requests matched `f`.
+    pub fn count(&self, f: impl Fn(&Request) -> bool) -> usize {
+        self.host
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .filter(|r| f(r))
+            .count()
+    }
+}
