@@ -86,10 +86,47 @@ impl Dispatcher {
     }
 
     async fn answer(&self, request: Request) -> Result<Response, Response> {
+        match request {
+            Request::Ping { nonce } => Ok(Response::Pong { nonce }),
+            Request::AgentStatus => Ok(Response::Status(self.status())),
+            Request::UserRelease { user, deadline_ms } => {
+                name_ok("user", &user)?;
+                Ok(self.release(&user, deadline_ms).await)
+            }
+            r @ (Request::MonitorGrant { .. } | Request::MonitorRevoke { .. }) => {
+                self.monitor(r).await
+            }
+            r @ (Request::UaBegin(_)
+            | Request::UaBundleData { .. }
+            | Request::UaCommit { .. }
+            | Request::UaRollback { .. }
+            | Request::UaDelete { .. }) => self.ua(r).await,
+            Request::SessionSuspend { session } => self.suspend(&session, true).await,
+            Request::SessionResume { session } => self.suspend(&session, false).await,
+            _ => Err(error(
+                ErrorCode::Unsupported,
+                "this request is served by the host",
+            )),
+        }
+    }
+
+    /// `UserRelease`: the VM switch, bounded by the host's deadline.
+    async fn release(&self, user: &str, deadline_ms: u32) -> Response {
         let lc = &self.lifecycle;
-        Ok(match request {
-            Request::Ping { nonce } => Response::Pong { nonce },
-            Request::AgentStatus => Response::Status(self.status()),
+        let limit = std::time::Duration::from_millis(u64::from(deadline_ms));
+        let committed = tokio::time::timeout(limit, lc.release(user))
+            .await
+            .unwrap_or_else(|_| {
+                tracing::warn!(user, "release did not finish before the host's deadline");
+                lc.kick.notify_one();
+                None
+            });
+        Response::Released { committed }
+    }
+
+    /// `MonitorGrant`, `MonitorRevoke`.
+    async fn monitor(&self, request: Request) -> Result<Response, Response> {
+        let changed = match request {
             Request::MonitorGrant {
                 session,
                 monitor,
@@ -97,35 +134,25 @@ impl Dispatcher {
             } => {
                 name_ok("session", &session)?;
                 name_ok("monitor", &monitor)?;
-                self.grants
-                    .grant(&session, &monitor, expires)
-                    .await
-                    .map_err(|e| error(ErrorCode::Internal, e))?;
-                Response::Ok
+                self.grants.grant(&session, &monitor, expires).await
             }
             Request::MonitorRevoke { session, monitor } => {
                 name_ok("session", &session)?;
                 name_ok("monitor", &monitor)?;
-                self.grants
-                    .revoke(&session, &monitor)
-                    .await
-                    .map_err(|e| error(ErrorCode::Internal, e))?;
-                Response::Ok
+                self.grants.revoke(&session, &monitor).await
             }
-            Request::UserRelease { user, deadline_ms } => {
-                name_ok("user", &user)?;
-                let limit = std::time::Duration::from_millis(u64::from(deadline_ms));
-                let committed = tokio::time::timeout(limit, lc.release(&user))
-                    .await
-                    .unwrap_or_else(|_| {
-                        tracing::warn!(user, "release did not finish before the host's deadline");
-                        lc.kick.notify_one();
-                        None
-                    });
-                Response::Released { committed }
-            }
+            _ => return Err(error(ErrorCode::BadRequest, "not a monitoring request")),
+        };
+        changed.map_err(|e| error(ErrorCode::Internal, e))?;
+        Ok(Response::Ok)
+    }
+
+    /// UA deploy, update, rollback, delete.
+    async fn ua(&self, request: Request) -> Result<Response, Response> {
+        let uas = &self.lifecycle.uas;
+        Ok(match request {
             Request::UaBegin(bundle) => {
-                lc.uas.begin(bundle).map_err(Response::Error)?;
+                uas.begin(bundle).map_err(Response::Error)?;
                 Response::Ok
             }
             Request::UaBundleData {
@@ -133,48 +160,35 @@ impl Dispatcher {
                 offset,
                 data,
             } => {
-                lc.uas
-                    .data(transfer, offset, &data)
-                    .map_err(Response::Error)?;
+                uas.data(transfer, offset, &data).map_err(Response::Error)?;
                 Response::Ok
             }
             Request::UaCommit { transfer } => {
-                let version = lc.uas.commit(transfer).await.map_err(Response::Error)?;
+                let version = uas.commit(transfer).await.map_err(Response::Error)?;
                 tracing::info!(transfer, version, "UA deployed");
                 Response::UaCurrent { version }
             }
             Request::UaRollback { name } => {
-                let version = lc.uas.rollback(&name).await.map_err(Response::Error)?;
+                let version = uas.rollback(&name).await.map_err(Response::Error)?;
                 tracing::info!(name, version, "UA rolled back");
                 Response::UaCurrent { version }
             }
             Request::UaDelete { name, force } => self.delete_ua(name, force).await?,
-            Request::SessionSuspend { session } | Request::SessionResume { session }
-                if lc.table.session(&session).is_none() =>
-            {
-                return Err(error(ErrorCode::NotFound, format!("no session {session}")));
-            }
-            Request::SessionSuspend { session } => {
-                lc.supervisor
-                    .set_suspended(&session, true)
-                    .await
-                    .map_err(|e| error(ErrorCode::BadRequest, e))?;
-                Response::Ok
-            }
-            Request::SessionResume { session } => {
-                lc.supervisor
-                    .set_suspended(&session, false)
-                    .await
-                    .map_err(|e| error(ErrorCode::BadRequest, e))?;
-                Response::Ok
-            }
-            _ => {
-                return Err(error(
-                    ErrorCode::Unsupported,
-                    "this request is served by the host",
-                ));
-            }
+            _ => return Err(error(ErrorCode::BadRequest, "not a UA request")),
         })
+    }
+
+    /// `SessionSuspend` (`freeze`) and `SessionResume`.
+    async fn suspend(&self, session: &str, freeze: bool) -> Result<Response, Response> {
+        let lc = &self.lifecycle;
+        if lc.table.session(session).is_none() {
+            return Err(error(ErrorCode::NotFound, format!("no session {session}")));
+        }
+        lc.supervisor
+            .set_suspended(session, freeze)
+            .await
+            .map_err(|e| error(ErrorCode::BadRequest, e))?;
+        Ok(Response::Ok)
     }
 
     /// `UaDelete`: refused while sessions use the UA, unless `force`

@@ -177,21 +177,7 @@ impl Supervisor {
             .map(|p| p.home.clone())
             .filter(|h| h.is_dir())
             .unwrap_or_else(|| PathBuf::from("/"));
-        let mut cmd = tokio::process::Command::new(&prog_path);
-        cmd.args(args)
-            .current_dir(&home)
-            .env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-            .env("HOME", &home)
-            .env("USER", &rec.user)
-            .env("LOGNAME", &rec.user)
-            .env("UVE_SESSION", &rec.session)
-            .env("UVE_USER", &rec.user)
-            .env("UVE_UA", ua)
-            .env("UVE_UA_DIR", &dir)
-            .env("UVE_AGENT_SOCKET", socket)
-            .stdin(std::process::Stdio::null())
-            .process_group(0);
+        let mut cmd = ua_command(&prog_path, args, &home, rec, ua, &dir, socket);
         if let (true, Some(p)) = (root, &pw) {
             cmd.gid(p.gid).uid(p.uid);
         }
@@ -207,17 +193,7 @@ impl Supervisor {
                 .ok()
         });
         if let Some(f) = &procs_file {
-            let fd = f.as_raw_fd();
-            // SAFETY: the closure runs in the forked child before exec and only
-            // calls write(2), which is async-signal-safe; `fd` stays open in the
-            // child until exec (close-on-exec). Writing "0" moves the writer
-            // into the cgroup, so the UA and all its children start inside it.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let _ = libc::write(fd, b"0".as_ptr().cast(), 1);
-                    Ok(())
-                });
-            }
+            start_in_cgroup(&mut cmd, f);
         }
         let mut child = cmd.spawn().map_err(|source| SuperviseError::Spawn {
             cmd: prog_path.display().to_string(),
@@ -262,6 +238,53 @@ impl Supervisor {
             pid,
             start: start_time(pid),
         })
+    }
+}
+
+/// The UA's command: its entry argv, in its home, with a clean
+/// environment naming the session, the user, the UA and the control
+/// socket, in a process group of its own.
+fn ua_command(
+    prog: &Path,
+    args: &[String],
+    home: &Path,
+    rec: &SessionRecord,
+    ua: &str,
+    dir: &Path,
+    socket: &Path,
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(prog);
+    cmd.args(args)
+        .current_dir(home)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", home)
+        .env("USER", &rec.user)
+        .env("LOGNAME", &rec.user)
+        .env("UVE_SESSION", &rec.session)
+        .env("UVE_USER", &rec.user)
+        .env("UVE_UA", ua)
+        .env("UVE_UA_DIR", dir)
+        .env("UVE_AGENT_SOCKET", socket)
+        .stdin(std::process::Stdio::null())
+        .process_group(0);
+    cmd
+}
+
+/// Makes the child move itself into the cgroup whose `cgroup.procs` is
+/// open as `procs` before it execs, so the UA and all its children start
+/// inside it.
+fn start_in_cgroup(cmd: &mut tokio::process::Command, procs: &std::fs::File) {
+    let fd = procs.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls write(2), which is async-signal-safe; `fd` stays open in the
+    // child until exec (close-on-exec). Writing "0" moves the writer into
+    // the cgroup.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _ = libc::write(fd, b"0".as_ptr().cast(), 1);
+            Ok(())
+        });
     }
 }
 

@@ -55,6 +55,15 @@ pub struct Retrieved {
 /// chunks moved more than this is written as a new file instead.
 pub const RELOCATE_BUDGET: u64 = 16 << 20;
 
+/// Where a retrieve writes, and through what.
+struct Target<'a> {
+    link: &'a HostLink,
+    state_dir: &'a Path,
+    user: &'a str,
+    dest: &'a Path,
+    parallel: usize,
+}
+
 /// Retrieves `user`'s head into `dest`, reusing chunks of the file already
 /// at `dest` (described by the cached manifest under `state_dir`).
 pub async fn retrieve(
@@ -68,6 +77,13 @@ pub async fn retrieve(
     if let Some(dir) = dest.parent() {
         fsutil::ensure_dir(dir).map_err(|e| UifError::at("create", dir, e))?;
     }
+    let t = Target {
+        link,
+        state_dir,
+        user,
+        dest,
+        parallel,
+    };
     let started = Instant::now();
     let grant = match link
         .request(Request::UifRetrieve {
@@ -79,61 +95,8 @@ pub async fn retrieve(
         Response::Retrieve(g) => g,
         other => return Err(unexpected("UifRetrieve", &other)),
     };
-    let (Some(version), Some(header)) = (grant.version, grant.header) else {
-        // First login: an empty UIF.
-        let empty = empty_manifest();
-        let (sd, u, d, m) = (
-            state_dir.to_path_buf(),
-            user.to_string(),
-            dest.to_path_buf(),
-            empty.clone(),
-        );
-        blocking(move || {
-            write_empty(&d)?;
-            record(&sd, &u, &d, &m)
-        })
-        .await?;
-        return Ok(Retrieved {
-            base: None,
-            lease: grant.lease,
-            fetched: 0,
-            reused: 0,
-            handover_timed_out: grant.handover_timed_out,
-            patched: false,
-            digest: empty.header.digest,
-        });
-    };
-    let max_frame = link.max_frame();
-    let pages = page_count(header.chunk_count, max_frame);
-    let per_page = chunks_per_page(max_frame) as usize;
-    let mut chunks: Vec<ChunkRef> = Vec::new();
-    for page in 0..pages {
-        let list = match link
-            .request(Request::ManifestPage {
-                user: user.into(),
-                version,
-                page,
-            })
-            .await?
-        {
-            Response::ManifestPage(list) => list,
-            other => return Err(unexpected("ManifestPage", &other)),
-        };
-        if list.len() > per_page || chunks.len() + list.len() > header.chunk_count as usize {
-            return Err(UifError::Protocol(format!(
-                "manifest page {page} has {} chunks, more than announced",
-                list.len()
-            )));
-        }
-        chunks.extend(list);
-    }
-    let manifest = Manifest { header, chunks };
-    manifest
-        .validate()
-        .map_err(|e| UifError::Protocol(e.to_string()))?;
-    let digest = manifest.header.digest;
-    let done = |fetched, reused, patched| Retrieved {
-        base: Some(version),
+    let done = |base, digest, (fetched, reused), patched| Retrieved {
+        base,
         lease: grant.lease,
         fetched,
         reused,
@@ -141,7 +104,12 @@ pub async fn retrieve(
         patched,
         digest,
     };
-
+    let (Some(version), Some(header)) = (grant.version, grant.header) else {
+        let digest = t.first_login().await?;
+        return Ok(done(None, digest, (0, 0), false));
+    };
+    let manifest = t.manifest(version, header).await?;
+    let digest = manifest.header.digest;
     let manifest_ms = started.elapsed().as_millis();
     let previous = cache::load(state_dir, user);
     if cache::patch_interrupted(state_dir, user) {
@@ -154,97 +122,200 @@ pub async fn retrieve(
         .as_ref()
         .is_some_and(|m| cache::trusted(state_dir, user, dest, m));
     if trusted && let Some(prev) = &previous {
-        let plan = {
-            let (prev, next, dest) = (prev.clone(), manifest.clone(), dest.to_path_buf());
-            blocking(move || Ok(plan_patch(&prev, &next, &dest))).await?
-        };
-        if let Some(plan) = plan {
-            let t = Instant::now();
-            let (fetched, reused) =
-                patch(link, state_dir, user, dest, &manifest, plan, parallel).await?;
-            tracing::info!(
-                user,
-                version,
-                manifest_ms,
-                patch_ms = t.elapsed().as_millis(),
-                fetched,
-                reused,
-                "retrieve: patched the file in place"
-            );
-            return Ok(done(fetched, reused, true));
+        if let Some(counts) = t.try_patch(prev, &manifest, version, manifest_ms).await? {
+            return Ok(done(Some(version), digest, counts, true));
         }
-        tracing::info!(
-            user,
-            "chunks moved by more than {RELOCATE_BUDGET} bytes: rewriting the UIF file"
+    }
+    let counts = t
+        .rewrite(&manifest, (previous, trusted), version, manifest_ms)
+        .await?;
+    Ok(done(Some(version), digest, counts, false))
+}
+
+impl Target<'_> {
+    /// First login: an empty UIF. Returns the empty manifest's digest.
+    async fn first_login(&self) -> Result<Hash, UifError> {
+        let empty = empty_manifest();
+        let (sd, u, d, m) = (
+            self.state_dir.to_path_buf(),
+            self.user.to_string(),
+            self.dest.to_path_buf(),
+            empty.clone(),
         );
+        blocking(move || {
+            write_empty(&d)?;
+            record(&sd, &u, &d, &m)
+        })
+        .await?;
+        Ok(empty.header.digest)
     }
 
-    let tmp = fsutil::sibling(dest, ".uve-part");
-    let _ = std::fs::remove_file(&tmp);
-    let out = fsutil::create_private(&tmp).map_err(|e| UifError::at("create", &tmp, e))?;
-    let t = Instant::now();
-    let result = fill(
-        link,
-        user,
-        dest,
-        &out,
-        &manifest,
-        (previous, trusted),
-        parallel,
-    )
-    .await;
-    let (fetched, reused) = match result {
-        Ok(counts) => counts,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
+    /// Reads and validates the manifest of `version`, page by page.
+    async fn manifest(
+        &self,
+        version: Version,
+        header: uve_protocol::manifest::ManifestHeader,
+    ) -> Result<Manifest, UifError> {
+        let max_frame = self.link.max_frame();
+        let pages = page_count(header.chunk_count, max_frame);
+        let per_page = chunks_per_page(max_frame) as usize;
+        let mut chunks: Vec<ChunkRef> = Vec::new();
+        for page in 0..pages {
+            let list = match self
+                .link
+                .request(Request::ManifestPage {
+                    user: self.user.into(),
+                    version,
+                    page,
+                })
+                .await?
+            {
+                Response::ManifestPage(list) => list,
+                other => return Err(unexpected("ManifestPage", &other)),
+            };
+            if list.len() > per_page || chunks.len() + list.len() > header.chunk_count as usize {
+                return Err(UifError::Protocol(format!(
+                    "manifest page {page} has {} chunks, more than announced",
+                    list.len()
+                )));
+            }
+            chunks.extend(list);
         }
-    };
-    // The manifest digest (checked by `validate`) commits to the chunk
-    // list, and every chunk was verified against its hash, so a file of
-    // the announced size is the version, byte for byte.
-    let size = manifest.header.size;
-    let chunks_ms = t.elapsed().as_millis();
-    let t = Instant::now();
-    let tmp2 = tmp.clone();
-    let written = blocking(move || {
-        out.sync_all()
-            .map_err(|e| UifError::at("fsync", &tmp2, e))?;
-        out.metadata()
-            .map(|m| m.len())
-            .map_err(|e| UifError::at("stat", &tmp2, e))
-    })
-    .await?;
-    if written != size {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(UifError::Protocol(format!(
-            "assembled {written} bytes for {user} version {version}, expected {size}"
-        )));
+        let manifest = Manifest { header, chunks };
+        manifest
+            .validate()
+            .map_err(|e| UifError::Protocol(e.to_string()))?;
+        Ok(manifest)
     }
-    let fsync_ms = t.elapsed().as_millis();
-    let (sd, u, d, m) = (
-        state_dir.to_path_buf(),
-        user.to_string(),
-        dest.to_path_buf(),
-        manifest.clone(),
-    );
-    blocking(move || {
-        std::fs::rename(&tmp, &d).map_err(|e| UifError::at("rename into", &d, e))?;
-        fsutil::sync_parent(&d).map_err(|e| UifError::at("fsync dir of", &d, e))?;
-        record(&sd, &u, &d, &m)
-    })
-    .await?;
-    tracing::info!(
-        user,
-        version,
-        manifest_ms,
-        chunks_ms,
-        fsync_ms,
-        fetched,
-        reused,
-        "retrieve: wrote a new file"
-    );
-    Ok(done(fetched, reused, false))
+
+    /// Patches the file (which holds `prev`) in place, unless too much of
+    /// it moved: then `None`, and the caller rewrites it.
+    async fn try_patch(
+        &self,
+        prev: &Manifest,
+        manifest: &Manifest,
+        version: Version,
+        manifest_ms: u128,
+    ) -> Result<Option<(usize, usize)>, UifError> {
+        let plan = {
+            let (prev, next, dest) = (prev.clone(), manifest.clone(), self.dest.to_path_buf());
+            blocking(move || Ok(plan_patch(&prev, &next, &dest))).await?
+        };
+        let Some(plan) = plan else {
+            tracing::info!(
+                user = self.user,
+                "chunks moved by more than {RELOCATE_BUDGET} bytes: rewriting the UIF file"
+            );
+            return Ok(None);
+        };
+        let t = Instant::now();
+        let (fetched, reused) = patch(
+            self.link,
+            self.state_dir,
+            self.user,
+            self.dest,
+            manifest,
+            plan,
+            self.parallel,
+        )
+        .await?;
+        tracing::info!(
+            user = self.user,
+            version,
+            manifest_ms,
+            patch_ms = t.elapsed().as_millis(),
+            fetched,
+            reused,
+            "retrieve: patched the file in place"
+        );
+        Ok(Some((fetched, reused)))
+    }
+
+    /// Writes the version to a temp file (cached chunks from the previous
+    /// file, the rest fetched), fsyncs it and renames it into place; until
+    /// the rename the previous file is untouched.
+    async fn rewrite(
+        &self,
+        manifest: &Manifest,
+        previous: (Option<Manifest>, bool),
+        version: Version,
+        manifest_ms: u128,
+    ) -> Result<(usize, usize), UifError> {
+        let (user, dest) = (self.user, self.dest);
+        let tmp = fsutil::sibling(dest, ".uve-part");
+        let _ = std::fs::remove_file(&tmp);
+        let out = fsutil::create_private(&tmp).map_err(|e| UifError::at("create", &tmp, e))?;
+        let t = Instant::now();
+        let result = fill(
+            self.link,
+            user,
+            dest,
+            &out,
+            manifest,
+            previous,
+            self.parallel,
+        )
+        .await;
+        let (fetched, reused) = match result {
+            Ok(counts) => counts,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let chunks_ms = t.elapsed().as_millis();
+        let t = Instant::now();
+        self.settle(out, tmp, manifest, version).await?;
+        tracing::info!(
+            user,
+            version,
+            manifest_ms,
+            chunks_ms,
+            fsync_ms = t.elapsed().as_millis(),
+            fetched,
+            reused,
+            "retrieve: wrote a new file"
+        );
+        Ok((fetched, reused))
+    }
+
+    /// Makes the assembled temp file the UIF: fsync, size check, rename,
+    /// directory fsync, cache record. The manifest digest (checked by
+    /// `validate`) commits to the chunk list, and every chunk was verified
+    /// against its hash, so a file of the announced size is the version,
+    /// byte for byte.
+    async fn settle(
+        &self,
+        out: File,
+        tmp: std::path::PathBuf,
+        manifest: &Manifest,
+        version: Version,
+    ) -> Result<(), UifError> {
+        let size = manifest.header.size;
+        let (sd, u, d, m) = (
+            self.state_dir.to_path_buf(),
+            self.user.to_string(),
+            self.dest.to_path_buf(),
+            manifest.clone(),
+        );
+        blocking(move || {
+            out.sync_all().map_err(|e| UifError::at("fsync", &tmp, e))?;
+            let written = out
+                .metadata()
+                .map(|m| m.len())
+                .map_err(|e| UifError::at("stat", &tmp, e))?;
+            if written != size {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(UifError::Protocol(format!(
+                    "assembled {written} bytes for {u} version {version}, expected {size}"
+                )));
+            }
+            std::fs::rename(&tmp, &d).map_err(|e| UifError::at("rename into", &d, e))?;
+            fsutil::sync_parent(&d).map_err(|e| UifError::at("fsync dir of", &d, e))?;
+            record(&sd, &u, &d, &m)
+        })
+        .await
+    }
 }
 
 /// Records that `dest` now holds `manifest` (see [`cache::record`]) with a

@@ -118,6 +118,96 @@ struct Pending {
     data: Vec<u8>,
 }
 
+/// What one upload's body is sent from.
+struct Body<'a> {
+    link: &'a HostLink,
+    f: &'a Arc<File>,
+    manifest: &'a Manifest,
+    offsets: Vec<u64>,
+    upload: u64,
+    stamped: Option<FileId>,
+    deltas: bool,
+}
+
+impl Body<'_> {
+    /// Lists `page` (chunks from `start`); returns the indices, into the
+    /// whole chunk list, of those the host lacks.
+    async fn list_page(&self, page: u32, start: usize, end: usize) -> Result<Vec<usize>, UifError> {
+        let chunks = self
+            .manifest
+            .chunks
+            .get(start..end)
+            .unwrap_or_default()
+            .to_vec();
+        let n = chunks.len();
+        let missing = match self
+            .link
+            .request(Request::UpdatePage {
+                upload: self.upload,
+                page,
+                chunks,
+            })
+            .await?
+        {
+            Response::Missing(m) => m,
+            other => return Err(unexpected("UpdatePage", &other)),
+        };
+        let mut global = Vec::with_capacity(missing.len());
+        for idx in missing {
+            if (idx as usize) >= n {
+                return Err(UifError::Protocol(format!(
+                    "host reported missing chunk {idx} outside page {page}"
+                )));
+            }
+            global.push(start + idx as usize);
+        }
+        Ok(global)
+    }
+
+    /// Sends the chunks `missing`, [`UPLOAD_PARALLEL`] at a time: as block
+    /// deltas where the host's signatures (asked a few batches ahead)
+    /// make that smaller, else whole.
+    async fn send_missing(&self, missing: &[usize], sent: &mut Sent) -> Result<(), UifError> {
+        let mut inflight: JoinSet<Result<Sent, UifError>> = JoinSet::new();
+        let (link, upload) = (self.link, self.upload);
+        let mut batches = missing.chunks(if self.deltas {
+            MAX_SIGNATURE_BATCH as usize
+        } else {
+            missing.len().max(1)
+        });
+        let mut ahead: VecDeque<(Vec<usize>, Option<JoinHandle<SigResult>>)> = VecDeque::new();
+        loop {
+            while ahead.len() < SIGNATURES_AHEAD {
+                let Some(b) = batches.next() else { break };
+                let task = self
+                    .deltas
+                    .then(|| tokio::spawn(signatures(link.clone(), upload, b.to_vec())));
+                ahead.push_back((b.to_vec(), task));
+            }
+            let Some((batch, task)) = ahead.pop_front() else {
+                break;
+            };
+            let sigs = match task {
+                Some(t) => t
+                    .await
+                    .map_err(|e| UifError::Task(format!("signature task: {e}")))??,
+                None => vec![None; batch.len()],
+            };
+            for (i, sig) in batch.into_iter().zip(sigs) {
+                while inflight.len() >= UPLOAD_PARALLEL {
+                    join_one(&mut inflight, sent).await?;
+                }
+                let p = read_chunk(self.f, self.manifest, &self.offsets, i, self.stamped, sent)?;
+                inflight.spawn(send_chunk(link.clone(), upload, p, sig));
+            }
+        }
+        while !inflight.is_empty() {
+            join_one(&mut inflight, sent).await?;
+        }
+        Ok(())
+    }
+}
+
 async fn send_body(
     link: &HostLink,
     f: &Arc<File>,
@@ -128,73 +218,21 @@ async fn send_body(
     deltas: bool,
 ) -> Result<UpdateOutcome, UifError> {
     let mut sent = Sent::default();
-    let offsets: Vec<u64> = manifest.offsets().map(|(off, _)| off).collect();
+    let body = Body {
+        link,
+        f,
+        manifest,
+        offsets: manifest.offsets().map(|(off, _)| off).collect(),
+        upload,
+        stamped,
+        deltas,
+    };
     let per = chunks_per_page(link.max_frame()) as usize;
-    let mut start = 0usize;
-    let mut page = 0u32;
+    let (mut start, mut page) = (0usize, 0u32);
     loop {
         let end = (start + per).min(manifest.chunks.len());
-        let chunks = manifest.chunks.get(start..end).unwrap_or_default().to_vec();
-        let missing = match link
-            .request(Request::UpdatePage {
-                upload,
-                page,
-                chunks: chunks.clone(),
-            })
-            .await?
-        {
-            Response::Missing(m) => m,
-            other => return Err(unexpected("UpdatePage", &other)),
-        };
-        // Indices into the whole chunk list, checked against this page.
-        let mut global = Vec::with_capacity(missing.len());
-        for idx in missing {
-            if (idx as usize) >= chunks.len() {
-                return Err(UifError::Protocol(format!(
-                    "host reported missing chunk {idx} outside page {page}"
-                )));
-            }
-            global.push(start + idx as usize);
-        }
-        let mut inflight: JoinSet<Result<Sent, UifError>> = JoinSet::new();
-        let read = |i: usize, sent: &mut Sent| read_chunk(f, manifest, &offsets, i, stamped, sent);
-        if deltas {
-            // Signatures of a few batches ahead are requested while the
-            // chunks of the current batch are compared and sent.
-            let mut batches = global.chunks(MAX_SIGNATURE_BATCH as usize);
-            let mut ahead: VecDeque<(Vec<usize>, JoinHandle<SigResult>)> = VecDeque::new();
-            loop {
-                while ahead.len() < SIGNATURES_AHEAD {
-                    let Some(b) = batches.next() else { break };
-                    let task = tokio::spawn(signatures(link.clone(), upload, b.to_vec()));
-                    ahead.push_back((b.to_vec(), task));
-                }
-                let Some((batch, task)) = ahead.pop_front() else {
-                    break;
-                };
-                let sigs = task
-                    .await
-                    .map_err(|e| UifError::Task(format!("signature task: {e}")))??;
-                for (i, sig) in batch.into_iter().zip(sigs) {
-                    while inflight.len() >= UPLOAD_PARALLEL {
-                        join_one(&mut inflight, &mut sent).await?;
-                    }
-                    let p = read(i, &mut sent)?;
-                    inflight.spawn(send_chunk(link.clone(), upload, p, sig));
-                }
-            }
-        } else {
-            for i in global {
-                while inflight.len() >= UPLOAD_PARALLEL {
-                    join_one(&mut inflight, &mut sent).await?;
-                }
-                let p = read(i, &mut sent)?;
-                inflight.spawn(send_chunk(link.clone(), upload, p, None));
-            }
-        }
-        while !inflight.is_empty() {
-            join_one(&mut inflight, &mut sent).await?;
-        }
+        let missing = body.list_page(page, start, end).await?;
+        body.send_missing(&missing, &mut sent).await?;
         page += 1;
         start = end;
         if start >= manifest.chunks.len() {
