@@ -121,10 +121,11 @@ pub async fn retrieve(
     let trusted = previous
         .as_ref()
         .is_some_and(|m| cache::trusted(state_dir, user, dest, m));
-    if trusted && let Some(prev) = &previous {
-        if let Some(counts) = t.try_patch(prev, &manifest, version, manifest_ms).await? {
-            return Ok(done(Some(version), digest, counts, true));
-        }
+    if trusted
+        && let Some(prev) = &previous
+        && let Some(counts) = t.try_patch(prev, &manifest, version, manifest_ms).await?
+    {
+        return Ok(done(Some(version), digest, counts, true));
     }
     let counts = t
         .rewrite(&manifest, (previous, trusted), version, manifest_ms)
