@@ -47,7 +47,10 @@ impl Rig {
             &vm,
             &format!("unix:{}", vm.join("v.sock_7075").display()),
             agent_top,
-            &format!("mode = \"file\"\npath = \"{}/uif/{{user}}.img\"", vm.display()),
+            &format!(
+                "mode = \"file\"\npath = \"{}/uif/{{user}}.img\"",
+                vm.display()
+            ),
         )
         .expect("start uve-agent");
         let rig = Rig {
@@ -107,11 +110,16 @@ fn refused_logout(rig: &Rig, user: &str, session: &str, work: &[u8], code: &str)
         said.contains("REFUSED") && said.contains(code) && said.contains("nothing is lost"),
         "{said}"
     );
-    let event = rig.host.wait_event(since, "update_refused", LIMIT, |e| e["user"] == user);
+    let event = rig
+        .host
+        .wait_event(since, "update_refused", LIMIT, |e| e["user"] == user);
     assert_eq!(event["code"], code, "{event}");
     assert_eq!(event["vm"], "vm-a", "{event}");
     assert_eq!(event["size"], work.len() as u64, "{event}");
-    assert!(event["reason"].as_str().is_some_and(|r| !r.is_empty()), "{event}");
+    assert!(
+        event["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{event}"
+    );
     let copy = rig
         .preserved()
         .into_iter()
@@ -120,7 +128,11 @@ fn refused_logout(rig: &Rig, user: &str, session: &str, work: &[u8], code: &str)
     let id = copy["id"].as_str().unwrap().to_string();
     assert!(said.contains(&id), "the answer names the copy: {said}");
     let bytes = Path::new(copy["bytes"].as_str().unwrap()).to_path_buf();
-    assert_eq!(std::fs::read(&bytes).unwrap(), work, "preserved byte-identical");
+    assert_eq!(
+        std::fs::read(&bytes).unwrap(),
+        work,
+        "preserved byte-identical"
+    );
     id
 }
 
@@ -160,7 +172,10 @@ fn quota_refusal_is_an_operator_event_and_the_bytes_come_back() {
     let said = rig
         .agent
         .ok(&["login", "--user", "alice", "--session", "a2"]);
-    assert!(said.contains("retrieved version 1") && said.contains(&id), "{said}");
+    assert!(
+        said.contains("retrieved version 1") && said.contains(&id),
+        "{said}"
+    );
     assert_eq!(std::fs::read(rig.img("alice")).unwrap(), seed);
     rig.agent.ok(&["logout", "--session", "a2"]);
     // The operator raises the quota; the copy goes to the host.
