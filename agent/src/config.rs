@@ -220,6 +220,8 @@ impl Config {
         if self.uif.mode == UifMode::Directory && !self.uif.home.contains("{user}") {
             return Err(ConfigError::Value("uif.home must contain {user}".into()));
         }
+        crate::archive::Excludes::new(&self.uif.exclude)
+            .map_err(|e| ConfigError::Value(format!("uif.exclude: {e}")))?;
         self.owner_override()?;
         Ok(())
     }

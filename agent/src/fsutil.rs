@@ -4,7 +4,7 @@
 //! files, the kernel's boot id, random ids and the wall clock.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -128,6 +128,7 @@ pub fn sync_parent(path: &Path) -> io::Result<()> {
 /// optimisation only: the caller still fsyncs, which reports any error.
 pub fn start_writeback(f: &File) -> io::Result<()> {
     use std::os::fd::AsRawFd;
+    // Neither nix nor rustix wraps sync_file_range(2); hence libc.
     // SAFETY: sync_file_range only uses the descriptor, which `f` keeps
     // open for the duration of the call; no memory is passed.
     let r = unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
@@ -173,10 +174,10 @@ pub fn kernel_boot() -> Option<String> {
     (!id.is_empty()).then(|| id.to_string())
 }
 
-/// Random bytes from the kernel (`/dev/urandom`).
+/// Random bytes from the kernel (`getrandom(2)`).
 pub fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
     let mut out = [0u8; N];
-    File::open("/dev/urandom")?.read_exact(&mut out)?;
+    getrandom::fill(&mut out).map_err(io::Error::from)?;
     Ok(out)
 }
 
@@ -184,7 +185,7 @@ pub fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
 pub fn random_u64() -> u64 {
     match random_bytes::<8>() {
         Ok(b) => u64::from_le_bytes(b).max(1),
-        // /dev/urandom missing: fall back to time and pid; ids need only be
+        // No kernel randomness (seccomp?): fall back to time and pid; ids need only be
         // unique, not secret.
         Err(_) => now_ms().rotate_left(20) ^ u64::from(std::process::id()) ^ 1,
     }
@@ -212,13 +213,8 @@ pub fn utc(ms: u64) -> String {
     )
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
+/// Milliseconds since the Unix epoch, now (one definition for both peers).
+pub use uve_protocol::defs::now_ms;
 
 #[cfg(test)]
 mod tests {

@@ -348,27 +348,25 @@ fn exited(procs: &Procs, exits: &mpsc::UnboundedSender<UaExited>, session: Strin
     let _ = exits.send(UaExited { session, reason });
 }
 
-/// The process's start time (clock ticks after boot), from /proc.
-fn start_time(pid: i32) -> Option<u64> {
+/// A process's state letter and start time (clock ticks after boot), from
+/// `/proc/<pid>/stat`; the fields after the parenthesised command name,
+/// which may itself contain spaces and parentheses.
+fn proc_stat(pid: i32) -> Option<(String, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.to_string();
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// The process's start time (clock ticks after boot).
+fn start_time(pid: i32) -> Option<u64> {
+    proc_stat(pid).map(|(_, start)| start)
 }
 
 /// True if `pid` is the same process (same start time) and not a zombie.
 fn alive(pid: i32, start: u64) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return false;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f.first() != Some(&"Z") && f.get(19).and_then(|s| s.parse().ok()) == Some(start)
+    proc_stat(pid).is_some_and(|(state, s)| state != "Z" && s == start)
 }
 
 /// Signals process group `pgid` (which the UA leads: `process_group(0)`).

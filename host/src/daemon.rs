@@ -33,24 +33,21 @@ pub struct Daemon {
 
 /// Takes an exclusive `flock` on `<data_dir>/lock` for the process lifetime.
 fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
-    use std::os::fd::AsRawFd;
     let file = File::options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(dir.join("lock"))
         .with_context(|| format!("open {}/lock", dir.display()))?;
-    // SAFETY: flock on a file descriptor we own and keep open; no memory is
-    // passed to the kernel.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        anyhow::bail!(
-            "another uve-host is using {} ({})",
-            dir.display(),
-            std::io::Error::last_os_error()
-        );
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            anyhow::bail!("another uve-host is using {}", dir.display())
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("lock {}/lock", dir.display()))
+        }
     }
-    Ok(file)
 }
 
 /// Opens the UIF store the configuration names: S3 when `[s3]` is set,

@@ -63,16 +63,8 @@ pub fn write_unsynced(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> io::Result<(
 /// rename made so far on it durable, in one call instead of one fsync per
 /// file (16 k chunk files per GiB would cost 16 k journal commits).
 pub fn sync_filesystem(path: &Path) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
     let f = File::open(path)?;
-    // SAFETY: syncfs only reads the descriptor, which `f` keeps open for
-    // the duration of the call.
-    let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)).map_err(io::Error::from)
 }
 
 /// Removes every entry of `dir` (creating it if absent); used at startup to

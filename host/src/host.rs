@@ -234,20 +234,15 @@ impl BulkPool {
 }
 
 fn bulk_thread(rx: &std::sync::Mutex<std::sync::mpsc::Receiver<BulkJob>>) {
-    // SAFETY: gettid and setpriority take no pointers; raising our own
-    // thread's nice value needs no privilege and cannot fail harmfully.
-    let rc = unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(
-            libc::PRIO_PROCESS,
-            u32::try_from(tid).unwrap_or(0),
-            BULK_NICE,
-        )
-    };
-    if rc != 0 {
-        tracing::debug!(
-            "bulk thread keeps its priority: {}",
-            std::io::Error::last_os_error()
+    // Lower this thread's CPU priority (a thread's id is its own
+    // scheduling entity on Linux). Refused under a seccomp filter that
+    // denies @resources (as a unit may set): then bulk reads compete with
+    // the request threads at equal priority, which the operator must know.
+    let tid = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), BULK_NICE) {
+        tracing::warn!(
+            nice = BULK_NICE,
+            "bulk thread keeps its normal priority (setpriority: {e})"
         );
     }
     loop {

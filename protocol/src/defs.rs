@@ -101,3 +101,13 @@ mod tests {
         assert!(odd.starts_with(clipped));
     }
 }
+
+/// Milliseconds since the Unix epoch, now: the unit of every wall-clock
+/// timestamp either peer records (events, versions, spool and session
+/// records). 0 if the clock is before 1970.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 
 use super::UifError;
-use crate::archive::{self, UnpackPolicy};
+use crate::archive::{self, Excludes, UnpackPolicy};
 use crate::config::{Config, UifMode};
 use crate::nofollow::{self, Kind};
 
@@ -290,8 +290,10 @@ fn pack_home(
 }
 
 fn pack_in_process(home: &OwnedFd, out: &File, excludes: &[String]) -> Result<(), UifError> {
+    let excludes = Excludes::new(excludes)
+        .map_err(|e| UifError::io("exclude", io::Error::new(io::ErrorKind::InvalidInput, e)))?;
     let w = io::BufWriter::with_capacity(256 << 10, out);
-    let (mut w, count) = archive::pack_to(home.as_fd(), w, excludes)?;
+    let (mut w, count) = archive::pack_to(home.as_fd(), w, &excludes)?;
     w.flush().map_err(|e| UifError::io("write archive", e))?;
     tracing::debug!(count, "packed home in-process");
     Ok(())
@@ -315,7 +317,51 @@ fn pack_as_owner(
     let stdout = out
         .try_clone()
         .map_err(|e| UifError::io("duplicate archive descriptor", e))?;
-    let mut cmd = Command::new(&exe);
+    let mut cmd = pack_command(&exe, home_dir, stdout, excludes, (uid, gid));
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| fail(format!("cannot start {}: {e}", exe.display())))?;
+    let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    if let Some(stderr) = child.stderr.take() {
+        let tail = tail.clone();
+        let label = home.display().to_string();
+        let spawned = std::thread::Builder::new()
+            .name("pack-home-stderr".into())
+            .stack_size(128 * 1024)
+            .spawn(move || {
+                forward_stderr(stderr, &label, &tail);
+                let _ = done_tx.send(());
+            });
+        if let Err(e) = spawned {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(UifError::io("start stderr reader", e));
+        }
+    }
+    let status = wait_pack_child(&mut child, out).map_err(fail)?;
+    // The reader ends at EOF, right after the child exits.
+    let _ = done_rx.recv_timeout(Duration::from_secs(2));
+    if status.success() {
+        return Ok(());
+    }
+    let tail = tail
+        .lock()
+        .map(|t| t.iter().cloned().collect::<Vec<String>>().join(" | "))
+        .unwrap_or_default();
+    Err(fail(format!("pack-home {status}: {tail}")))
+}
+
+/// The `pack-home` command: `exe` as `owner`, started in the open home
+/// `home_dir`, writing the archive to `stdout`, with no environment.
+fn pack_command(
+    exe: &Path,
+    home_dir: &OwnedFd,
+    stdout: File,
+    excludes: &[String],
+    (uid, gid): (u32, u32),
+) -> Command {
+    let mut cmd = Command::new(exe);
     cmd.args(["pack-home", "--home", "."]);
     for e in excludes {
         cmd.arg(format!("--exclude={e}"));
@@ -341,37 +387,25 @@ fn pack_as_owner(
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| fail(format!("cannot start {}: {e}", exe.display())))?;
-    let tail = Arc::new(Mutex::new(VecDeque::new()));
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-    if let Some(stderr) = child.stderr.take() {
-        let tail = tail.clone();
-        let label = home.display().to_string();
-        let spawned = std::thread::Builder::new()
-            .name("pack-home-stderr".into())
-            .stack_size(128 * 1024)
-            .spawn(move || {
-                forward_stderr(stderr, &label, &tail);
-                let _ = done_tx.send(());
-            });
-        if let Err(e) = spawned {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(UifError::io("start stderr reader", e));
-        }
-    }
+    cmd
+}
+
+/// Waits for the pack child, killing it when the archive `out` stops
+/// growing for [`PACK_STALL`] or the pack runs past [`PACK_LIMIT`].
+fn wait_pack_child(
+    child: &mut std::process::Child,
+    out: &File,
+) -> Result<std::process::ExitStatus, String> {
     let start = Instant::now();
     let (mut size, mut grew) = (0u64, Instant::now());
-    let status = loop {
+    loop {
         match child.try_wait() {
-            Ok(Some(status)) => break status,
+            Ok(Some(status)) => return Ok(status),
             Ok(None) => {}
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(UifError::io("wait for pack-home", e));
+                return Err(format!("wait for pack-home: {e}"));
             }
         }
         let now_size = out.metadata().map(|m| m.len()).unwrap_or(size);
@@ -381,23 +415,13 @@ fn pack_as_owner(
         if grew.elapsed() > PACK_STALL || start.elapsed() > PACK_LIMIT {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(fail(format!(
+            return Err(format!(
                 "pack-home made no progress for {:?} (or ran longer than {PACK_LIMIT:?}); killed",
                 grew.elapsed().min(PACK_STALL)
-            )));
+            ));
         }
         std::thread::sleep(Duration::from_millis(10));
-    };
-    // The reader ends at EOF, right after the child exits.
-    let _ = done_rx.recv_timeout(Duration::from_secs(2));
-    if status.success() {
-        return Ok(());
     }
-    let tail = tail
-        .lock()
-        .map(|t| t.iter().cloned().collect::<Vec<String>>().join(" | "))
-        .unwrap_or_default();
-    Err(fail(format!("pack-home {status}: {tail}")))
 }
 
 /// Logs the pack child's stderr line by line (bounded) and keeps the last
@@ -499,8 +523,9 @@ pub fn pack_child(home: &Path, excludes: &[String]) -> anyhow::Result<()> {
             .try_clone_to_owned()
             .context("duplicate stdout")?,
     );
+    let excludes = Excludes::new(excludes)?;
     let w = io::BufWriter::with_capacity(256 << 10, out);
-    let (mut w, _count) = archive::pack_to(dir.as_fd(), w, excludes)?;
+    let (mut w, _count) = archive::pack_to(dir.as_fd(), w, &excludes)?;
     w.flush().context("write archive")?;
     Ok(())
 }

@@ -411,10 +411,5 @@ pub trait UifStore: Send + Sync + 'static {
     }
 }
 
-/// Milliseconds since the Unix epoch, now.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
+/// Milliseconds since the Unix epoch, now (one definition for both peers).
+pub use uve_protocol::defs::now_ms;

@@ -8,7 +8,7 @@
 //! Protocol 2 adds block deltas (`BlockSignatures`, `ChunkDelta`), handled
 //! in the submodule `block_delta` on the same upload state.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
@@ -46,9 +46,9 @@ struct UploadState {
     next_page: u32,
     /// Every hash listed so far (what uploads may carry).
     listed: HashMap<Hash, Listed>,
-    /// Bit `i`: the signatures of chunk `i` were asked (once per chunk, so
-    /// the host reads base bytes at most once per missing chunk).
-    signed: Vec<u64>,
+    /// Chunk indices whose signatures were asked (once per chunk, so the
+    /// host reads base bytes at most once per missing chunk).
+    signed: HashSet<u32>,
     /// Deltas whose rebuilt chunk did not match its hash.
     bad_deltas: u32,
     uploaded: u64,

@@ -15,17 +15,16 @@ use uve_host::client::{self, ApiClient, ReqBody};
 use crate::cli::{MonitorCmd, UaCmd, VmCmd};
 use crate::output::{self, answer, object, rows};
 
+/// Everything but RFC 3986 unreserved characters is escaped in a segment.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// Percent-encodes a path segment.
 pub fn seg(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                char::from(b).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
 }
 
 /// `path` with the query `q` (nothing appended when `q` has no fields).

@@ -54,18 +54,13 @@ pub async fn signatures(conn: &Conn, upload: u64, indices: Vec<u32>) -> Handled 
                     format!("chunk index {i} is not listed in this upload's pages"),
                 ));
             };
-            let (word, bit) = ((i / 64) as usize, 1u64 << (i % 64));
-            if st.signed.len() <= word {
-                st.signed.resize(word + 1, 0);
-            }
             let awaited = st.listed.get(&c.hash).is_some_and(|l| l.awaited);
-            if !awaited || st.signed[word] & bit != 0 {
+            if !awaited || !st.signed.insert(i) {
                 return Err(bad(
                     ErrorCode::BadRequest,
                     format!("chunk {i} was not reported missing, or was asked about already"),
                 ));
             }
-            st.signed[word] |= bit;
             ranges.push((*at, c.len, base.covering(*at, c.len)));
         }
         ranges
