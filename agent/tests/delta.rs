@@ -16,17 +16,10 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{AgentProc, LONG, TestHost, noise, wait_for};
+use common::{AgentProc, LONG, TestHost, file_cfg, must, noise, start_agent};
 use uve_protocol::chunker::chunk_stream;
 use uve_protocol::message::UpdateCause;
 use uve_protocol::testdata::scattered_writes;
-
-fn file_mode(dir: &std::path::Path) -> String {
-    format!(
-        "[uif]\nmode = \"file\"\npath = \"{}/uif/{{user}}.img\"\n",
-        dir.display()
-    )
-}
 
 /// Bytes an update from `old` to `new` costs when every chunk of `new`
 /// missing from `old` is sent whole.
@@ -64,7 +57,7 @@ fn scattered_4k_writes_send_only_the_changed_blocks() {
     let host = TestHost::start(dir.path());
     let original = noise(8 << 20, 61);
     let v1 = host.with(|h| h.seed("dora", &original));
-    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     let new = login_and_scribble(&agent, "dora", &original, 24);
     let out = agent.ok(&["logout", "--session", "s1"]);
@@ -119,7 +112,7 @@ fn an_old_host_gets_whole_chunks() {
         h.protocol_max = Some(1);
         h.seed("emil", &original)
     });
-    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     let new = login_and_scribble(&agent, "emil", &original, 12);
     let out = agent.ok(&["logout", "--session", "s1"]);
@@ -149,7 +142,7 @@ fn a_refused_delta_is_resent_whole() {
     let host = TestHost::start(dir.path());
     let original = noise(4 << 20, 63);
     host.with(|h| h.seed("finn", &original));
-    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     let new = login_and_scribble(&agent, "finn", &original, 12);
     host.with(|h| h.refuse_deltas = 3);
@@ -175,7 +168,7 @@ fn refused_signatures_mean_whole_chunks() {
     let host = TestHost::start(dir.path());
     let original = noise(4 << 20, 65);
     host.with(|h| h.seed("hana", &original));
-    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     let new = login_and_scribble(&agent, "hana", &original, 12);
     host.with(|h| h.refuse_signatures = 1);
@@ -199,16 +192,16 @@ fn a_spooled_update_is_sent_as_deltas_after_an_outage_and_a_restart() {
     let host = TestHost::start(dir.path());
     let original = noise(4 << 20, 64);
     host.with(|h| h.seed("gus", &original));
-    let mut agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    let mut agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     let new = login_and_scribble(&agent, "gus", &original, 12);
     host.down();
     let out = agent.ok(&["logout", "--session", "s1"]);
     assert!(out.contains("spooled"), "{out}");
     agent.kill();
-    agent.spawn();
+    agent.spawn().unwrap();
     host.up();
-    wait_for("spooled update committed", LONG, || {
+    must("spooled update committed", LONG, || {
         host.with(|h| (h.head_bytes("gus").as_deref() == Some(&new[..])).then_some(()))
     });
     let c = host.with(|h| h.commits.last().cloned().unwrap());

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{AgentProc, TestHost};
+use common::{AgentProc, TestHost, start_agent};
 
 /// The unprivileged owner of the home (not in /etc/passwd: `uif.owner`).
 const UID: u32 = 54321;
@@ -134,15 +134,7 @@ fn racing_owner_cannot_reach_outside_the_home() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // The racer must reach the homes: the test dir is traversable, the
-    // parent of the homes is root's.
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::create_dir(dir.path().join("home")).unwrap();
-    std::fs::set_permissions(
-        dir.path().join("home"),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
+    traversable_homes(dir.path());
     let outside = dir.path().join("outside");
     std::fs::create_dir(&outside).unwrap();
     let secret = make_sentinel(&outside);
@@ -154,43 +146,13 @@ fn racing_owner_cannot_reach_outside_the_home() {
         "[uif]\nmode = \"directory\"\nhome = \"{}/home/{{user}}\"\nowner = \"{UID}:{UID}\"\n",
         dir.path().display()
     );
-    let agent = AgentProc::start(dir.path(), &cfg);
+    let agent = start_agent(dir.path(), &cfg);
     agent.wait_connected();
 
     let home = dir.path().join("home/alice");
     let stop = dir.path().join("stop-racer");
-    let mut racer = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "racer_process",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env_clear()
-        .env("UVE_RACER_HOME", &home)
-        .env("UVE_RACER_TARGET", outside.join("etc"))
-        .env("UVE_RACER_SECRET", &secret)
-        .env("UVE_RACER_STOP", &stop)
-        .uid(UID)
-        .gid(UID)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-
-    let mut results = Vec::new();
-    for round in 0..ROUNDS {
-        let session = format!("r{round}");
-        let login = agent.cli(&["login", "--user", "alice", "--session", &session]);
-        results.push((format!("login {round}"), login.status.success(), login));
-        if round == 0 && home.is_dir() {
-            // What the user could do with protected_hardlinks=0: a hard
-            // link to the secret inside the home.
-            let _ = std::fs::hard_link(&secret, home.join("planted-shadow"));
-        }
-        let logout = agent.cli(&["logout", "--session", &session]);
-        results.push((format!("logout {round}"), logout.status.success(), logout));
-    }
+    let mut racer = start_racer(&home, &outside, &secret, &stop);
+    let results = log_in_and_out(&agent, &home, &secret);
     std::fs::write(&stop, b"").unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while racer.try_wait().unwrap().is_none() && Instant::now() < deadline {
@@ -216,7 +178,76 @@ fn racing_owner_cannot_reach_outside_the_home() {
         after.len(),
         "entries appeared in the sentinel"
     );
-    // The secret never reached the host, in any version.
+    secret_never_reached_the_host(&host);
+    // A hostile owner only hurts their own home: every login and logout
+    // still worked.
+    for (what, ok, out) in &results {
+        assert!(
+            ok,
+            "{what} failed: {}{}\n--- agent log ---\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            agent.log_tail()
+        );
+    }
+    assert!(racer_status.success() || racer_status.code().is_none());
+}
+
+/// The racer must reach the homes: the test dir is traversable, the
+/// parent of the homes is root's.
+fn traversable_homes(dir: &Path) {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir(dir.join("home")).unwrap();
+    std::fs::set_permissions(dir.join("home"), std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// This test binary's `racer_process`, as the home's owner.
+fn start_racer(home: &Path, outside: &Path, secret: &Path, stop: &Path) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "racer_process",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env_clear()
+        .env("UVE_RACER_HOME", home)
+        .env("UVE_RACER_TARGET", outside.join("etc"))
+        .env("UVE_RACER_SECRET", secret)
+        .env("UVE_RACER_STOP", stop)
+        .uid(UID)
+        .gid(UID)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// `ROUNDS` logins and logouts of alice (the first with a hard link to
+/// the secret planted in the home); what each said.
+fn log_in_and_out(
+    agent: &AgentProc,
+    home: &Path,
+    secret: &Path,
+) -> Vec<(String, bool, std::process::Output)> {
+    let mut results = Vec::new();
+    for round in 0..ROUNDS {
+        let session = format!("r{round}");
+        let login = agent.cli(&["login", "--user", "alice", "--session", &session]);
+        results.push((format!("login {round}"), login.status.success(), login));
+        if round == 0 && home.is_dir() {
+            // What the user could do with protected_hardlinks=0: a hard
+            // link to the secret inside the home.
+            let _ = std::fs::hard_link(secret, home.join("planted-shadow"));
+        }
+        let logout = agent.cli(&["logout", "--session", &session]);
+        results.push((format!("logout {round}"), logout.status.success(), logout));
+    }
+    results
+}
+
+/// The secret never reached the host, in any version.
+fn secret_never_reached_the_host(host: &TestHost) {
     let versions: Vec<Vec<u8>> = host.with(|h| {
         let mut vs: Vec<_> = h
             .versions
@@ -233,18 +264,6 @@ fn racing_owner_cannot_reach_outside_the_home() {
     for (i, bytes) in versions.iter().enumerate() {
         assert!(!contains(bytes, SECRET), "version #{i} holds the secret");
     }
-    // A hostile owner only hurts their own home: every login and logout
-    // still worked.
-    for (what, ok, out) in &results {
-        assert!(
-            ok,
-            "{what} failed: {}{}\n--- agent log ---\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            agent.log_tail()
-        );
-    }
-    assert!(racer_status.success() || racer_status.code().is_none());
 }
 
 /// Names in `dir`, sorted; empty if it cannot be listed.

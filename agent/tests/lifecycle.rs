@@ -15,15 +15,8 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{AgentProc, LONG, TestHost, noise, wait_for};
+use common::{LONG, TestHost, file_cfg, must, noise, start_agent};
 use uve_protocol::message::{Request, Response, UpdateCause};
-
-fn file_cfg(dir: &Path, extra: &str) -> String {
-    format!(
-        "{extra}\n[uif]\nmode = \"file\"\npath = \"{}/uif/{{user}}.img\"\n",
-        dir.display()
-    )
-}
 
 #[test]
 fn pam_hook_opens_and_closes_sessions() {
@@ -31,7 +24,7 @@ fn pam_hook_opens_and_closes_sessions() {
     let host = TestHost::start(dir.path());
     let data = noise(300_000, 5);
     host.with(|h| h.seed("dave", &data));
-    let agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
+    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     let hook = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/pam/uve-pam-hook");
     // Options come only from the pam_exec line (arguments); the PAM
@@ -85,7 +78,7 @@ fn failed_retrieve_fails_login_or_runs_on_a_temporary_uif_that_never_wins() {
         h.unassigned.insert("erin".into());
         h.seed("erin", &real)
     });
-    let mut agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
+    let mut agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     let out = agent.cli(&["login", "--user", "erin", "--session", "e1"]);
     assert!(!out.status.success());
@@ -101,7 +94,7 @@ fn failed_retrieve_fails_login_or_runs_on_a_temporary_uif_that_never_wins() {
     // With on_retrieve_failure = "temporary": login proceeds on an empty
     // UIF; its update has no base and lands as a conflict version.
     let cfg = file_cfg(dir.path(), "on_retrieve_failure = \"temporary\"");
-    let agent = AgentProc::start(dir.path(), &cfg);
+    let agent = start_agent(dir.path(), &cfg);
     agent.wait_connected();
     let out = agent.ok(&["login", "--user", "erin", "--session", "e2"]);
     assert!(out.contains("TEMPORARY"), "{out}");
@@ -123,7 +116,7 @@ fn sigterm_flushes_open_sessions_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let host = TestHost::start(dir.path());
     host.with(|h| h.seed("frank", b"before"));
-    let mut agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
+    let mut agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     agent.ok(&["login", "--user", "frank", "--session", "f1"]);
     let img = dir.path().join("uif/frank.img");
@@ -138,10 +131,10 @@ fn sigterm_flushes_open_sessions_and_exits_zero() {
     // An agent restart is not the end of the session: it is re-announced,
     // and the later logout builds on the shutdown flush.
     let started = host.with(|h| h.sessions_started.len());
-    agent.spawn();
+    agent.spawn().unwrap();
     agent.wait_connected();
     assert_eq!(agent.status()["sessions"][0]["session"], "f1");
-    wait_for("re-announced", LONG, || {
+    must("re-announced", LONG, || {
         (host.with(|h| h.sessions_started.len()) > started).then_some(())
     });
     std::fs::write(&img, b"after the restart").unwrap();
@@ -158,12 +151,12 @@ fn host_restart_reannounces_sessions_then_user_release_flushes() {
     let dir = tempfile::tempdir().unwrap();
     let host = TestHost::start(dir.path());
     host.with(|h| h.seed("gina", b"gina v1"));
-    let agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
+    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     agent.ok(&["login", "--user", "gina", "--session", "g1"]);
     host.down();
     host.up();
-    wait_for("re-announce after reconnect", LONG, || {
+    must("re-announce after reconnect", LONG, || {
         host.with(|h| {
             (h.connections >= 2 && h.sessions_started.iter().filter(|s| *s == "g1").count() >= 2)
                 .then_some(())
@@ -202,7 +195,7 @@ fn connection_reset_mid_update_is_spooled_and_retried() {
     let dir = tempfile::tempdir().unwrap();
     let host = TestHost::start(dir.path());
     host.with(|h| h.seed("hank", &noise(600_000, 1)));
-    let agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
+    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     agent.ok(&["login", "--user", "hank", "--session", "h1"]);
     let new = noise(900_000, 2);
@@ -210,13 +203,13 @@ fn connection_reset_mid_update_is_spooled_and_retried() {
     host.with(|h| h.drop_on_upload = true);
     let out = agent.ok(&["logout", "--session", "h1"]);
     assert!(out.contains("spooled"), "{out}");
-    wait_for("retried update committed", LONG, || {
+    must("retried update committed", LONG, || {
         host.with(|h| (h.head_bytes("hank") == Some(new.clone())).then_some(()))
     });
     let c = host.with(|h| h.commits.last().cloned().unwrap());
     assert_eq!(c.cause, UpdateCause::Spooled);
     assert!(!c.conflict);
-    wait_for("spool empty", LONG, || {
+    must("spool empty", LONG, || {
         (agent.status()["spooled_updates"] == 0).then_some(())
     });
 }
@@ -226,7 +219,7 @@ fn checkpoints_commit_while_the_session_runs() {
     let dir = tempfile::tempdir().unwrap();
     let host = TestHost::start(dir.path());
     host.with(|h| h.seed("ivan", b"start"));
-    let agent = AgentProc::start(
+    let agent = start_agent(
         dir.path(),
         &file_cfg(dir.path(), "checkpoint_interval_secs = 1"),
     );
@@ -234,7 +227,7 @@ fn checkpoints_commit_while_the_session_runs() {
     agent.ok(&["login", "--user", "ivan", "--session", "i1"]);
     let img = dir.path().join("uif/ivan.img");
     std::fs::write(&img, b"midway").unwrap();
-    let cp = wait_for("checkpoint commit", LONG, || {
+    let cp = must("checkpoint commit", LONG, || {
         host.with(|h| {
             h.commits
                 .iter()
@@ -281,7 +274,7 @@ fn sighup_reloads_the_host_endpoint() {
     let dir_b = tempfile::tempdir().unwrap();
     let host_a = TestHost::start(dir.path());
     let host_b = TestHost::start(dir_b.path());
-    let agent = AgentProc::start(dir.path(), "");
+    let agent = start_agent(dir.path(), "");
     agent.wait_connected();
     // Point the agent at host B and reload.
     let text = std::fs::read_to_string(&agent.config).unwrap().replace(
@@ -291,9 +284,9 @@ fn sighup_reloads_the_host_endpoint() {
     std::fs::write(&agent.config, text).unwrap();
     // SAFETY: signalling the agent process this test started.
     unsafe {
-        libc::kill(agent.pid(), libc::SIGHUP);
+        libc::kill(agent.pid().unwrap() as i32, libc::SIGHUP);
     }
-    wait_for("reload logged", LONG, || {
+    must("reload logged", LONG, || {
         std::fs::read_to_string(dir.path().join("agent.log"))
             .unwrap()
             .contains("configuration reloaded")
@@ -301,13 +294,13 @@ fn sighup_reloads_the_host_endpoint() {
     });
     assert_eq!(host_b.with(|h| h.connections), 0);
     host_a.down();
-    wait_for("agent on host B", LONG, || {
+    must("agent on host B", LONG, || {
         (host_b.with(|h| h.connections) == 1).then_some(())
     });
-    if let Some(kib) = common::rss_kib(agent.pid()) {
+    if let Some(kib) = common::status_kib(agent.pid().unwrap(), "VmRSS") {
         eprintln!(
             "agent RSS while connected and idle: {kib} KiB ({})",
-            common::agent_bin()
+            common::agent_bin().display()
         );
     }
 }
@@ -316,12 +309,12 @@ fn sighup_reloads_the_host_endpoint() {
 fn lost_notice_ack_is_redelivered_with_the_same_id() {
     let dir = tempfile::tempdir().unwrap();
     let host = TestHost::start(dir.path());
-    let agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
+    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     agent.ok(&["login", "--user", "jane", "--session", "j1"]);
     host.with(|h| h.drop_after_notice = true);
     agent.ok(&["disconnect", "--session", "j1", "--reason", "network cable"]);
-    wait_for("notice redelivered and acknowledged", LONG, || {
+    must("notice redelivered and acknowledged", LONG, || {
         (agent.status()["pending_notices"] == 0
             && host.with(|h| h.notices.values().any(|n| *n >= 2)))
         .then_some(())
@@ -337,7 +330,7 @@ fn sigterm_with_host_down_spools_and_delivers_after_restart() {
     let dir = tempfile::tempdir().unwrap();
     let host = TestHost::start(dir.path());
     host.with(|h| h.seed("kim", b"kim v1"));
-    let mut agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
+    let mut agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     agent.ok(&["login", "--user", "kim", "--session", "k1"]);
     let out = agent.cli(&[
@@ -355,13 +348,13 @@ fn sigterm_with_host_down_spools_and_delivers_after_restart() {
     std::fs::write(&img, b"kim v2").unwrap();
     host.down();
     assert_eq!(agent.terminate(), Some(0));
-    agent.spawn();
+    agent.spawn().unwrap();
     assert_eq!(agent.status()["spooled_updates"], 1);
     // The session goes on and writes more before the host is back: the
     // spooled snapshot is stale, the newest content is delivered.
     std::fs::write(&img, b"kim v3, written after the restart").unwrap();
     host.up();
-    wait_for("delivered after restart", LONG, || {
+    must("delivered after restart", LONG, || {
         host.with(|h| {
             (h.head_bytes("kim").as_deref() == Some(&b"kim v3, written after the restart"[..]))
                 .then_some(())
@@ -370,7 +363,7 @@ fn sigterm_with_host_down_spools_and_delivers_after_restart() {
     let c = host.with(|h| h.commits.last().cloned().unwrap());
     assert_eq!(c.cause, UpdateCause::Spooled);
     assert!(!c.conflict);
-    wait_for("spool empty", LONG, || {
+    must("spool empty", LONG, || {
         (agent.status()["spooled_updates"] == 0).then_some(())
     });
     std::fs::write(&img, b"kim v4").unwrap();
@@ -394,7 +387,7 @@ fn sessions_from_a_previous_boot_are_reported_and_flushed() {
     let dir = tempfile::tempdir().unwrap();
     let host = TestHost::start(dir.path());
     host.with(|h| h.seed("lea", b"lea v1"));
-    let mut agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
+    let mut agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     agent.ok(&["login", "--user", "lea", "--session", "l1"]);
     std::fs::write(
@@ -410,8 +403,8 @@ fn sessions_from_a_previous_boot_are_reported_and_flushed() {
     assert!(v["kernel_boot"].is_string(), "{v}");
     v["kernel_boot"] = "an-earlier-boot".into();
     std::fs::write(&table, serde_json::to_vec(&v).unwrap()).unwrap();
-    agent.spawn();
-    wait_for("stale session reported", LONG, || {
+    agent.spawn().unwrap();
+    must("stale session reported", LONG, || {
         host.with(|h| {
             h.notice_sessions
                 .iter()
@@ -419,7 +412,7 @@ fn sessions_from_a_previous_boot_are_reported_and_flushed() {
                 .then_some(())
         })
     });
-    wait_for("UIF from before the crash committed", LONG, || {
+    must("UIF from before the crash committed", LONG, || {
         host.with(|h| {
             (h.head_bytes("lea").as_deref() == Some(&b"lea v2, written before the crash"[..]))
                 .then_some(())

@@ -15,15 +15,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{AgentProc, LONG, TestHost, noise, wait_for};
+use common::{AgentProc, LONG, TestHost, file_cfg, must, noise, start_agent, start_agent_with_env};
 use uve_protocol::message::ErrorCode;
-
-fn file_cfg(dir: &Path, extra: &str) -> String {
-    format!(
-        "{extra}\n[uif]\nmode = \"file\"\npath = \"{}/uif/{{user}}.img\"\n",
-        dir.display()
-    )
-}
 
 fn text(out: &Output) -> String {
     format!(
@@ -90,7 +83,7 @@ fn refused_logout(
 fn refused_updates_are_preserved_and_survive_the_next_login() {
     let dir = tempfile::tempdir().unwrap();
     let host = TestHost::start(dir.path());
-    let agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
+    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     type Refuse = fn(&TestHost);
     let cases: [(&str, &str, Refuse); 3] = [
@@ -171,7 +164,7 @@ fn directory_mode_refusal_preserves_the_packed_home() {
         "[uif]\nmode = \"directory\"\nhome = \"{}/{{user}}\"\n",
         home.display()
     );
-    let agent = AgentProc::start(dir.path(), &cfg);
+    let agent = start_agent(dir.path(), &cfg);
     agent.wait_connected();
     agent.ok(&["login", "--user", "dora", "--session", "d1"]);
     let essay = noise(300_000, 12);
@@ -207,7 +200,7 @@ fn a_local_read_error_during_upload_stays_spooled_and_is_retried() {
     let dir = tempfile::tempdir().unwrap();
     let host = TestHost::start(dir.path());
     host.with(|h| h.seed("eve", &noise(300_000, 3)));
-    let agent = AgentProc::start_with_env(
+    let agent = start_agent_with_env(
         dir.path(),
         &file_cfg(dir.path(), ""),
         &[("UVE_AGENT_FAULTS", "upload-read=1")],
@@ -221,7 +214,7 @@ fn a_local_read_error_during_upload_stays_spooled_and_is_retried() {
         said.contains("spooled") && said.contains("read chunk"),
         "{said}"
     );
-    wait_for("the spooled update delivered", LONG, || {
+    must("the spooled update delivered", LONG, || {
         (host.with(|h| h.head_bytes("eve")).as_deref() == Some(work.as_slice())).then_some(())
     });
     assert!(preserved(&agent).is_empty());
@@ -248,7 +241,7 @@ fn after_a_vm_restart_a_spooled_image_must_match_or_lands_only_as_a_conflict() {
     let host = TestHost::start(dir.path());
     let v_torn = host.with(|h| h.seed("finn", &noise(300_000, 8)));
     host.with(|h| h.seed("gus", &noise(300_000, 9)));
-    let mut agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
+    let mut agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     let mut wrote = Vec::new();
     for (user, seed) in [("finn", 10), ("gus", 11)] {
@@ -271,9 +264,9 @@ fn after_a_vm_restart_a_spooled_image_must_match_or_lands_only_as_a_conflict() {
         t
     };
     std::fs::write(dir.path().join("uif/finn.img"), &torn).unwrap();
-    agent.spawn();
+    agent.spawn().unwrap();
     host.up();
-    wait_for("both spooled updates delivered", LONG, || {
+    must("both spooled updates delivered", LONG, || {
         host.with(|h| (h.commits.len() >= 2).then_some(()))
     });
     let (finn, gus) = host.with(|h| {
@@ -296,7 +289,7 @@ fn after_a_vm_restart_a_spooled_image_must_match_or_lands_only_as_a_conflict() {
 fn overlong_reasons_are_clipped_by_bytes_and_a_refused_notice_blocks_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let host = TestHost::start(dir.path());
-    let agent = AgentProc::start(dir.path(), &file_cfg(dir.path(), ""));
+    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     for s in ["n1", "n2", "n3"] {
         agent.ok(&["login", "--user", "nell", "--session", s]);
@@ -304,7 +297,7 @@ fn overlong_reasons_are_clipped_by_bytes_and_a_refused_notice_blocks_nothing() {
     // 600 two-byte characters: 1200 bytes, over the wire's 1024.
     let long = "é".repeat(600);
     agent.ok(&["disconnect", "--session", "n1", "--reason", &long]);
-    wait_for("clipped notice delivered", LONG, || {
+    must("clipped notice delivered", LONG, || {
         host.with(|h| h.notice_sessions.iter().find(|n| n.1 == "n1").cloned())
     });
     let reason = host.with(|h| {
@@ -321,10 +314,10 @@ fn overlong_reasons_are_clipped_by_bytes_and_a_refused_notice_blocks_nothing() {
     host.with(|h| h.refuse_notices = 1);
     agent.ok(&["disconnect", "--session", "n2", "--reason", "refused"]);
     agent.ok(&["disconnect", "--session", "n3", "--reason", "after it"]);
-    wait_for("the notice behind the refused one", LONG, || {
+    must("the notice behind the refused one", LONG, || {
         host.with(|h| h.notice_sessions.iter().any(|n| n.1 == "n3").then_some(()))
     });
-    wait_for("no notice left pending", LONG, || {
+    must("no notice left pending", LONG, || {
         (agent.status()["pending_notices"] == 0).then_some(())
     });
     assert!(host.with(|h| h.notice_sessions.iter().all(|n| n.1 != "n2")));
@@ -352,7 +345,7 @@ fn the_control_socket_serves_each_caller_by_uid() {
     // agent's checks stand between them and other users' sessions.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let _host = TestHost::start(dir.path());
-    let agent = AgentProc::start(
+    let agent = start_agent(
         dir.path(),
         &file_cfg(dir.path(), "control_socket_mode = \"0666\""),
     );

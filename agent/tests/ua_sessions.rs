@@ -16,7 +16,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{AgentProc, LONG, TestHost, skip_unless_root, wait_for};
+use common::{AgentProc, LONG, TestHost, file_cfg, must, skip_unless_root, start_agent};
 use uve_protocol::manifest::Hash;
 use uve_protocol::message::{ErrorCode, Request, Response, UaBundle, UpdateCause};
 
@@ -110,13 +110,6 @@ fn open_dir(dir: &Path) {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
 }
 
-fn file_cfg(dir: &Path) -> String {
-    format!(
-        "[uif]\nmode = \"file\"\npath = \"{}/uif/{{user}}.img\"\n",
-        dir.display()
-    )
-}
-
 const TICKER: &[u8] = b"#!/bin/sh\nwhile true; do echo tick >> \"$1\"; sleep 0.02; done\n";
 
 #[test]
@@ -127,20 +120,29 @@ fn ua_deploy_update_rollback_delete_and_hostile_bundles() {
     let dir = tempfile::tempdir().unwrap();
     open_dir(dir.path());
     let host = TestHost::start(dir.path());
-    let agent = AgentProc::start(dir.path(), &file_cfg(dir.path()));
+    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     let ticks = dir.path().join("ticks");
     let ticks_s = ticks.to_str().unwrap();
 
+    let ua_dir = agent.state.join("ua/ticker");
+    let v1 = deploy_update_and_roll_back(&host, &ua_dir, ticks_s);
+    bad_transfers_are_refused(&host, &v1);
+    hostile_bundles_land_nowhere(&host, &agent, dir.path());
+    delete_is_refused_while_in_use_unless_forced(&host, &agent, &ticks, &ua_dir);
+}
+
+/// Deploys `ticker` 1.0 and 2.0 (`previous` then names 1.0), rolls back
+/// to 1.0; returns the 1.0 bundle.
+fn deploy_update_and_roll_back(host: &TestHost, ua_dir: &Path, ticks_s: &str) -> Vec<u8> {
     let v1 = raw_tar(&[E::Dir("bin"), E::File("bin/run.sh", TICKER, 0o755)]);
-    let r = deploy(&host, "ticker", "1.0", &["bin/run.sh", ticks_s], &v1);
+    let r = deploy(host, "ticker", "1.0", &["bin/run.sh", ticks_s], &v1);
     assert_eq!(
         r,
         Response::UaCurrent {
             version: "1.0".into()
         }
     );
-    let ua_dir = agent.state.join("ua/ticker");
     assert_eq!(
         std::fs::read(ua_dir.join("1.0/bin/run.sh")).unwrap(),
         TICKER
@@ -156,7 +158,7 @@ fn ua_deploy_update_rollback_delete_and_hostile_bundles() {
         E::File("VERSION", b"2\n", 0o644),
         E::Symlink("latest", "bin/run.sh"),
     ]);
-    let r = deploy(&host, "ticker", "2.0", &["bin/run.sh", ticks_s], &v2);
+    let r = deploy(host, "ticker", "2.0", &["bin/run.sh", ticks_s], &v2);
     assert_eq!(
         r,
         Response::UaCurrent {
@@ -167,7 +169,7 @@ fn ua_deploy_update_rollback_delete_and_hostile_bundles() {
         std::fs::read_link(ua_dir.join("previous")).unwrap(),
         Path::new("1.0")
     );
-    let st = host_req(&host, Request::AgentStatus);
+    let st = host_req(host, Request::AgentStatus);
     let Response::Status(st) = st else {
         panic!("{st:?}")
     };
@@ -177,7 +179,7 @@ fn ua_deploy_update_rollback_delete_and_hostile_bundles() {
 
     // Rollback: current back to 1.0.
     let r = host_req(
-        &host,
+        host,
         Request::UaRollback {
             name: "ticker".into(),
         },
@@ -193,6 +195,11 @@ fn ua_deploy_update_rollback_delete_and_hostile_bundles() {
         Path::new("1.0")
     );
 
+    v1
+}
+
+/// A bundle whose digest is wrong, or larger than announced: refused.
+fn bad_transfers_are_refused(host: &TestHost, v1: &[u8]) {
     // Wrong digest: refused, current unchanged.
     let transfer = 9_000;
     host.request(Request::UaBegin(UaBundle {
@@ -208,14 +215,14 @@ fn ua_deploy_update_rollback_delete_and_hostile_bundles() {
     host.request(Request::UaBundleData {
         transfer,
         offset: 0,
-        data: v1.clone(),
+        data: v1.to_vec(),
     })
     .unwrap();
-    let r = host_req(&host, Request::UaCommit { transfer });
+    let r = host_req(host, Request::UaCommit { transfer });
     assert_eq!(code_of(&r), Some(ErrorCode::BadDigest), "{r:?}");
     // Larger than announced: refused.
     let r = host_req(
-        &host,
+        host,
         Request::UaBegin(UaBundle {
             transfer: 9_001,
             name: "ticker".into(),
@@ -228,7 +235,7 @@ fn ua_deploy_update_rollback_delete_and_hostile_bundles() {
     );
     assert_eq!(r, Response::Ok);
     let r = host_req(
-        &host,
+        host,
         Request::UaBundleData {
             transfer: 9_001,
             offset: 0,
@@ -236,9 +243,11 @@ fn ua_deploy_update_rollback_delete_and_hostile_bundles() {
         },
     );
     assert_eq!(code_of(&r), Some(ErrorCode::TooLarge), "{r:?}");
+}
 
-    // Hostile bundles: nothing may land outside the UA directory.
-    let outside = dir.path().join("outside");
+/// Hostile bundles: nothing may land outside the UA directory.
+fn hostile_bundles_land_nowhere(host: &TestHost, agent: &AgentProc, dir: &Path) {
+    let outside = dir.join("outside");
     std::fs::create_dir(&outside).unwrap();
     let abs_target = format!("{}/abs-pwned", outside.display());
     let hostile: Vec<(&str, Vec<u8>)> = vec![
@@ -263,7 +272,7 @@ fn ua_deploy_update_rollback_delete_and_hostile_bundles() {
         ),
     ];
     for (what, bundle) in hostile {
-        let r = deploy(&host, "evil", what, &["run"], &bundle);
+        let r = deploy(host, "evil", what, &["run"], &bundle);
         assert_eq!(
             code_of(&r),
             Some(ErrorCode::BundleRejected),
@@ -275,15 +284,23 @@ fn ua_deploy_update_rollback_delete_and_hostile_bundles() {
         0,
         "written outside"
     );
-    assert!(!dir.path().join("outside-pwned").exists());
+    assert!(!dir.join("outside-pwned").exists());
     assert!(!agent.state.join("outside-pwned").exists());
     assert!(!Path::new("/outside-pwned").exists());
     assert!(
         agent.status()["uas"].as_array().unwrap().len() == 1,
         "evil not deployed"
     );
+}
 
-    // Delete while a session uses it: refused unless forced.
+/// Delete while a session uses it: refused unless forced; a forced stop
+/// is not an unexpected disconnect.
+fn delete_is_refused_while_in_use_unless_forced(
+    host: &TestHost,
+    agent: &AgentProc,
+    ticks: &Path,
+    ua_dir: &Path,
+) {
     agent.ok(&[
         "login",
         "--user",
@@ -293,11 +310,11 @@ fn ua_deploy_update_rollback_delete_and_hostile_bundles() {
         "--ua",
         "ticker",
     ]);
-    wait_for("UA ticking", LONG, || {
-        (std::fs::metadata(&ticks).map(|m| m.len()).unwrap_or(0) > 0).then_some(())
+    must("UA ticking", LONG, || {
+        (std::fs::metadata(ticks).map(|m| m.len()).unwrap_or(0) > 0).then_some(())
     });
     let r = host_req(
-        &host,
+        host,
         Request::UaDelete {
             name: "ticker".into(),
             force: false,
@@ -306,7 +323,7 @@ fn ua_deploy_update_rollback_delete_and_hostile_bundles() {
     assert_eq!(code_of(&r), Some(ErrorCode::UaInUse), "{r:?}");
     assert!(ua_dir.exists());
     let r = host_req(
-        &host,
+        host,
         Request::UaDelete {
             name: "ticker".into(),
             force: true,
@@ -332,7 +349,7 @@ fn ua_crash_sends_one_disconnect_notice_and_flushes() {
     let dir = tempfile::tempdir().unwrap();
     open_dir(dir.path());
     let host = TestHost::start(dir.path());
-    let agent = AgentProc::start(dir.path(), &file_cfg(dir.path()));
+    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     let go = dir.path().join("crash-now");
     let script = format!(
@@ -362,10 +379,10 @@ fn ua_crash_sends_one_disconnect_notice_and_flushes() {
     // The host is busy the first time: the notice must be retried.
     host.with(|h| h.busy_notices = 1);
     std::fs::write(&go, b"").unwrap();
-    wait_for("disconnect notice", LONG, || {
+    must("disconnect notice", LONG, || {
         host.with(|h| (!h.notices.is_empty()).then_some(()))
     });
-    wait_for("journal drained", LONG, || {
+    must("journal drained", LONG, || {
         (agent.status()["pending_notices"] == 0).then_some(())
     });
     let (notices, sessions) = host.with(|h| (h.notices.clone(), h.notice_sessions.clone()));
@@ -373,7 +390,7 @@ fn ua_crash_sends_one_disconnect_notice_and_flushes() {
     assert_eq!(notices.values().copied().collect::<Vec<_>>(), [1]);
     assert_eq!(sessions[0].1, "c1");
     assert!(sessions[0].2.contains("exit"), "{}", sessions[0].2);
-    wait_for("UIF flushed", LONG, || {
+    must("UIF flushed", LONG, || {
         host.with(|h| {
             (h.head_bytes("nobody").as_deref() == Some(&b"changed before the crash"[..]))
                 .then_some(())
@@ -393,7 +410,7 @@ fn ua_crash_sends_one_disconnect_notice_and_flushes() {
         "display closed",
     ]);
     assert!(out.contains("committed"), "{out}");
-    wait_for("second notice", LONG, || {
+    must("second notice", LONG, || {
         host.with(|h| (h.notices.len() == 2).then_some(()))
     });
     let reasons = host.with(|h| h.notice_sessions.clone());
@@ -410,7 +427,7 @@ fn suspend_and_resume_really_stop_the_ua() {
     let dir = tempfile::tempdir().unwrap();
     open_dir(dir.path());
     let host = TestHost::start(dir.path());
-    let agent = AgentProc::start(dir.path(), &file_cfg(dir.path()));
+    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     let ticks = dir.path().join("ticks");
     let bundle = raw_tar(&[E::File("run.sh", TICKER, 0o755)]);
@@ -437,7 +454,7 @@ fn suspend_and_resume_really_stop_the_ua() {
         "ticker",
     ]);
     let size = || std::fs::metadata(&ticks).map(|m| m.len()).unwrap_or(0);
-    wait_for("UA writes", LONG, || (size() > 0).then_some(()));
+    must("UA writes", LONG, || (size() > 0).then_some(()));
     let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&ticks).unwrap());
     assert_eq!(owner, 65534, "UA runs as nobody");
 
@@ -462,7 +479,7 @@ fn suspend_and_resume_really_stop_the_ua() {
         },
     );
     assert_eq!(r, Response::Ok);
-    wait_for("UA writes again", LONG, || (size() > frozen).then_some(()));
+    must("UA writes again", LONG, || (size() > frozen).then_some(()));
     let r = host_req(
         &host,
         Request::SessionSuspend {
@@ -486,7 +503,7 @@ fn suspend_and_resume_really_stop_the_ua() {
 fn monitor_grants_expire_and_revoke() {
     let dir = tempfile::tempdir().unwrap();
     let host = TestHost::start(dir.path());
-    let mut agent = AgentProc::start(dir.path(), "");
+    let mut agent = start_agent(dir.path(), "");
     agent.wait_connected();
     let check = |a: &AgentProc, m: &str| {
         a.cli(&["monitor-check", "--session", "s1", "--user", m])
@@ -508,7 +525,7 @@ fn monitor_grants_expire_and_revoke() {
     assert_eq!(check(&agent, "mallory"), Some(1));
     // Persisted across an agent restart.
     agent.kill();
-    agent.spawn();
+    agent.spawn().unwrap();
     agent.wait_connected();
     assert_eq!(check(&agent, "helpdesk"), Some(0));
     let r = host_req(
@@ -530,7 +547,7 @@ fn monitor_grants_expire_and_revoke() {
         },
     );
     assert_eq!(r, Response::Ok);
-    wait_for("grant expired", LONG, || {
+    must("grant expired", LONG, || {
         (check(&agent, "trainee") == Some(1)).then_some(())
     });
     let r = host_req(
@@ -569,7 +586,7 @@ fn ua_surviving_an_agent_restart_is_still_supervised() {
     let dir = tempfile::tempdir().unwrap();
     open_dir(dir.path());
     let host = TestHost::start(dir.path());
-    let mut agent = AgentProc::start(dir.path(), &file_cfg(dir.path()));
+    let mut agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
     agent.wait_connected();
     let go = dir.path().join("crash-now");
     let script = format!(
@@ -595,7 +612,7 @@ fn ua_surviving_an_agent_restart_is_still_supervised() {
     ]);
     let pid = agent.status()["sessions"][0]["pid"].as_i64().unwrap();
     agent.kill();
-    agent.spawn();
+    agent.spawn().unwrap();
     agent.wait_connected();
     let st = agent.status();
     assert_eq!(st["sessions"][0]["session"], "r1");
@@ -603,7 +620,7 @@ fn ua_surviving_an_agent_restart_is_still_supervised() {
     // The session wrote to its UIF, so the flush has something to commit.
     std::fs::write(dir.path().join("uif/nobody.img"), b"the session's work").unwrap();
     std::fs::write(&go, b"").unwrap();
-    wait_for("disconnect notice after restart", LONG, || {
+    must("disconnect notice after restart", LONG, || {
         host.with(|h| {
             h.notice_sessions
                 .iter()
@@ -611,14 +628,14 @@ fn ua_surviving_an_agent_restart_is_still_supervised() {
                 .then_some(())
         })
     });
-    wait_for("session gone", LONG, || {
+    must("session gone", LONG, || {
         agent.status()["sessions"]
             .as_array()
             .unwrap()
             .is_empty()
             .then_some(())
     });
-    wait_for("UIF flushed after the adopted UA died", LONG, || {
+    must("UIF flushed after the adopted UA died", LONG, || {
         host.with(|h| {
             h.commits
                 .iter()

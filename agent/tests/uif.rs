@@ -13,7 +13,7 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 
-use common::{AgentProc, LONG, TestHost, noise, wait_for};
+use common::{AgentProc, LONG, TestHost, must, noise, start_agent};
 use uve_protocol::message::UpdateCause;
 
 fn file_mode(dir: &std::path::Path) -> String {
@@ -29,7 +29,7 @@ fn file_mode_round_trip_and_incremental_fetch() {
     let host = TestHost::start(dir.path());
     let original = noise(3 << 20, 7);
     let v1 = host.with(|h| h.seed("alice", &original));
-    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    let agent = start_agent(dir.path(), &file_mode(dir.path()));
     agent.wait_connected();
 
     let out = agent.ok(&["login", "--user", "alice", "--session", "s1"]);
@@ -43,7 +43,7 @@ fn file_mode_round_trip_and_incremental_fetch() {
         hooks.contains(&format!("attach alice {}", img.display())),
         "{hooks}"
     );
-    wait_for("SessionStarted", LONG, || {
+    must("SessionStarted", LONG, || {
         host.with(|h| h.sessions_started.contains(&"s1".to_string()))
             .then_some(())
     });
@@ -102,33 +102,20 @@ fn directory_mode_round_trip_with_owner_and_excludes() {
         "[uif]\nmode = \"directory\"\nhome = \"{}/home/{{user}}\"\nowner = \"{owner}\"\nexclude = [\".cache\", \"*.tmp\"]\n",
         dir.path().display()
     );
-    let agent = AgentProc::start(dir.path(), &cfg);
+    let agent = start_agent(dir.path(), &cfg);
     agent.wait_connected();
     let out = agent.ok(&["login", "--user", &user, "--session", "d1"]);
     assert!(out.contains("new user"), "{out}");
     let home = dir.path().join("home").join(&user);
     assert!(home.is_dir());
-    let big = noise(700_000, 3);
-    std::fs::create_dir_all(home.join("docs/deep")).unwrap();
-    std::fs::write(home.join("docs/deep/report.bin"), &big).unwrap();
-    std::fs::write(home.join("notes.txt"), b"remember the milk\n").unwrap();
-    std::os::unix::fs::symlink("docs/deep/report.bin", home.join("link")).unwrap();
-    std::fs::create_dir_all(home.join(".cache")).unwrap();
-    std::fs::write(home.join(".cache/junk"), b"junk").unwrap();
-    std::fs::write(home.join("scratch.tmp"), b"tmp").unwrap();
+    let big = fill_home(&home);
     let out = agent.ok(&["logout", "--session", "d1"]);
     assert!(out.contains("committed"), "{out}");
 
     // The head is a tar of the home without the excluded paths.
     let tar = host.with(|h| h.head_bytes(&user).unwrap());
-    let mut names: Vec<String> = tar::Archive::new(&tar[..])
-        .entries()
-        .unwrap()
-        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
     assert_eq!(
-        names,
+        tar_names(&tar),
         [
             "docs",
             "docs/deep",
@@ -141,6 +128,52 @@ fn directory_mode_round_trip_with_owner_and_excludes() {
     // Wipe the home; the next login restores it byte for byte.
     std::fs::remove_dir_all(&home).unwrap();
     agent.ok(&["login", "--user", &user, "--session", "d2"]);
+    home_restored(&home, &big, root);
+    std::fs::write(home.join("notes.txt"), b"milk bought\n").unwrap();
+    agent.ok(&["logout", "--session", "d2"]);
+    let tar = host.with(|h| h.head_bytes(&user).unwrap());
+    let mut ar = tar::Archive::new(&tar[..]);
+    let mut found = false;
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.path().unwrap().to_string_lossy() == "notes.txt" {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut e, &mut s).unwrap();
+            assert_eq!(s, "milk bought\n");
+            found = true;
+        }
+    }
+    assert!(found);
+}
+
+/// Files, a symlink and excluded paths in `home`; returns the big file's
+/// bytes.
+fn fill_home(home: &std::path::Path) -> Vec<u8> {
+    let big = noise(700_000, 3);
+    std::fs::create_dir_all(home.join("docs/deep")).unwrap();
+    std::fs::write(home.join("docs/deep/report.bin"), &big).unwrap();
+    std::fs::write(home.join("notes.txt"), b"remember the milk\n").unwrap();
+    std::os::unix::fs::symlink("docs/deep/report.bin", home.join("link")).unwrap();
+    std::fs::create_dir_all(home.join(".cache")).unwrap();
+    std::fs::write(home.join(".cache/junk"), b"junk").unwrap();
+    std::fs::write(home.join("scratch.tmp"), b"tmp").unwrap();
+    big
+}
+
+/// The entry names of a tar, sorted.
+fn tar_names(tar: &[u8]) -> Vec<String> {
+    let mut names: Vec<String> = tar::Archive::new(tar)
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// `home` holds what [`fill_home`] wrote, minus the excluded paths, owned
+/// by `nobody` when the test runs as root.
+fn home_restored(home: &std::path::Path, big: &[u8], root: bool) {
     assert_eq!(
         std::fs::read(home.join("docs/deep/report.bin")).unwrap(),
         big
@@ -160,21 +193,6 @@ fn directory_mode_round_trip_with_owner_and_excludes() {
             assert_eq!((m.uid(), m.gid()), (65534, 65534), "owner of {p:?}");
         }
     }
-    std::fs::write(home.join("notes.txt"), b"milk bought\n").unwrap();
-    agent.ok(&["logout", "--session", "d2"]);
-    let tar = host.with(|h| h.head_bytes(&user).unwrap());
-    let mut ar = tar::Archive::new(&tar[..]);
-    let mut found = false;
-    for e in ar.entries().unwrap() {
-        let mut e = e.unwrap();
-        if e.path().unwrap().to_string_lossy() == "notes.txt" {
-            let mut s = String::new();
-            std::io::Read::read_to_string(&mut e, &mut s).unwrap();
-            assert_eq!(s, "milk bought\n");
-            found = true;
-        }
-    }
-    assert!(found);
 }
 
 #[test]
@@ -183,7 +201,7 @@ fn host_down_at_logout_spools_and_delivers_also_after_sigkill() {
     let host = TestHost::start(dir.path());
     let original = noise(1 << 20, 11);
     host.with(|h| h.seed("bob", &original));
-    let mut agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    let mut agent = start_agent(dir.path(), &file_mode(dir.path()));
     agent.wait_connected();
     let img = dir.path().join("uif/bob.img");
 
@@ -197,13 +215,13 @@ fn host_down_at_logout_spools_and_delivers_also_after_sigkill() {
     assert!(out.contains("spooled"), "{out}");
     assert_eq!(agent.status()["spooled_updates"], 1);
     host.up();
-    wait_for("spooled update committed", LONG, || {
+    must("spooled update committed", LONG, || {
         host.with(|h| (h.head_bytes("bob") == Some(v2.clone())).then_some(()))
     });
     let c = host.with(|h| h.commits.last().cloned().unwrap());
     assert_eq!(c.cause, UpdateCause::Spooled);
     assert!(!c.conflict, "spooled update should commit on its base");
-    wait_for("spool empty", LONG, || {
+    must("spool empty", LONG, || {
         (agent.status()["spooled_updates"] == 0).then_some(())
     });
 
@@ -217,14 +235,14 @@ fn host_down_at_logout_spools_and_delivers_also_after_sigkill() {
     let out = agent.ok(&["logout", "--session", "b"]);
     assert!(out.contains("spooled"), "{out}");
     agent.kill();
-    agent.spawn();
+    agent.spawn().unwrap();
     assert_eq!(agent.status()["spooled_updates"], 1);
     let commits_before = host.with(|h| h.commits.len());
     host.up();
-    wait_for("spooled update committed after restart", LONG, || {
+    must("spooled update committed after restart", LONG, || {
         host.with(|h| (h.head_bytes("bob") == Some(v3.clone())).then_some(()))
     });
-    wait_for("spool empty", LONG, || {
+    must("spool empty", LONG, || {
         (agent.status()["spooled_updates"] == 0).then_some(())
     });
     // Delivered exactly once.
@@ -241,7 +259,7 @@ fn connection_reset_during_retrieve_is_retried_within_the_login() {
         h.seed("olga", &data);
         h.drop_on_fetch = true;
     });
-    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    let agent = start_agent(dir.path(), &file_mode(dir.path()));
     agent.wait_connected();
     let out = agent.ok(&["login", "--user", "olga", "--session", "o1"]);
     assert!(out.contains("retrieved version"), "{out}");
@@ -264,7 +282,7 @@ fn large_uif_round_trip_reports_rss() {
     let host = TestHost::start(dir.path());
     let data = noise(64 << 20, 21);
     host.with(|h| h.seed("big", &data));
-    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    let agent = start_agent(dir.path(), &file_mode(dir.path()));
     agent.wait_connected();
     let t = std::time::Instant::now();
     agent.ok(&["login", "--user", "big", "--session", "b1"]);
@@ -280,14 +298,14 @@ fn large_uif_round_trip_reports_rss() {
     agent.ok(&["logout", "--session", "b1"]);
     let update = t.elapsed();
     assert!(host.with(|h| h.head_bytes("big").unwrap() == changed));
-    let hwm = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))
+    let hwm = std::fs::read_to_string(format!("/proc/{}/status", agent.pid().unwrap()))
         .unwrap()
         .lines()
         .find(|l| l.starts_with("VmHWM"))
         .map(str::to_string);
     eprintln!(
         "64 MiB: retrieve {retrieve:?}, full update {update:?}, agent {hwm:?} ({})",
-        common::agent_bin()
+        common::agent_bin().display()
     );
 }
 
@@ -324,7 +342,7 @@ fn scribble(data: &[u8], places: &[usize], len: usize, seed: u64) -> Vec<u8> {
 fn warm_login_patches_only_the_changed_chunks_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let host = TestHost::start(dir.path());
-    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    let agent = start_agent(dir.path(), &file_mode(dir.path()));
     agent.wait_connected();
     let img = dir.path().join("uif/pat.img");
     let base = settle_a_version(&agent, &host, "pat", &noise(4 << 20, 41));
@@ -376,7 +394,7 @@ fn warm_login_patches_only_the_changed_chunks_in_place() {
 fn a_file_changed_behind_the_agents_back_is_not_patched() {
     let dir = tempfile::tempdir().unwrap();
     let host = TestHost::start(dir.path());
-    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    let agent = start_agent(dir.path(), &file_mode(dir.path()));
     agent.wait_connected();
     let img = dir.path().join("uif/tom.img");
     let base = settle_a_version(&agent, &host, "tom", &noise(2 << 20, 43));
@@ -397,7 +415,7 @@ fn a_file_changed_behind_the_agents_back_is_not_patched() {
 fn a_patch_interrupted_mid_way_is_followed_by_a_full_retrieve() {
     let dir = tempfile::tempdir().unwrap();
     let host = TestHost::start(dir.path());
-    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    let agent = start_agent(dir.path(), &file_mode(dir.path()));
     agent.wait_connected();
     let img = dir.path().join("uif/ida.img");
     let base = settle_a_version(&agent, &host, "ida", &noise(4 << 20, 47));
@@ -425,7 +443,7 @@ fn a_patch_interrupted_mid_way_is_followed_by_a_full_retrieve() {
 fn a_patch_marker_left_by_a_crash_forces_a_full_retrieve() {
     let dir = tempfile::tempdir().unwrap();
     let host = TestHost::start(dir.path());
-    let mut agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    let mut agent = start_agent(dir.path(), &file_mode(dir.path()));
     agent.wait_connected();
     let img = dir.path().join("uif/kim.img");
     let base = settle_a_version(&agent, &host, "kim", &noise(2 << 20, 53));
@@ -433,7 +451,7 @@ fn a_patch_marker_left_by_a_crash_forces_a_full_retrieve() {
     // (written durably before the first byte of the file is touched).
     agent.kill();
     std::fs::write(agent.state.join("cache/kim.patching"), b"crash").unwrap();
-    agent.spawn();
+    agent.spawn().unwrap();
     agent.wait_connected();
     let next = scribble(&base, &[700_000], 20, 4);
     host.with(|h| h.seed("kim", &next));
@@ -459,7 +477,7 @@ fn a_patch_marker_left_by_a_crash_forces_a_full_retrieve() {
 fn logout_of_an_unchanged_uif_commits_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let host = TestHost::start(dir.path());
-    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    let agent = start_agent(dir.path(), &file_mode(dir.path()));
     agent.wait_connected();
     let data = noise(1 << 20, 59);
     let v1 = host.with(|h| h.seed("una", &data));
@@ -513,7 +531,7 @@ fn logout_of_an_unchanged_uif_commits_nothing() {
 fn a_spooled_update_whose_file_changed_since_is_sent_as_the_file_is_now() {
     let dir = tempfile::tempdir().unwrap();
     let host = TestHost::start(dir.path());
-    let agent = AgentProc::start(dir.path(), &file_mode(dir.path()));
+    let agent = start_agent(dir.path(), &file_mode(dir.path()));
     agent.wait_connected();
     let img = dir.path().join("uif/sam.img");
     let v1 = noise(2 << 20, 61);
@@ -531,10 +549,10 @@ fn a_spooled_update_whose_file_changed_since_is_sent_as_the_file_is_now() {
     let v3 = scribble(&v2, &[900_050], 10, 7);
     std::fs::write(&img, &v3).unwrap();
     host.up();
-    wait_for("the file's current bytes committed", LONG, || {
+    must("the file's current bytes committed", LONG, || {
         host.with(|h| (h.head_bytes("sam") == Some(v3.clone())).then_some(()))
     });
-    wait_for("spool empty", LONG, || {
+    must("spool empty", LONG, || {
         (agent.status()["spooled_updates"] == 0).then_some(())
     });
 }

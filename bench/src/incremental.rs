@@ -48,7 +48,7 @@ impl Rsyncd {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("rsync --daemon: {e} (is rsync installed?)"))?;
-        let up = uve_e2e::vm::wait_for(Duration::from_secs(10), || {
+        let up = uve_e2e::poll::wait_for(Duration::from_secs(10), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
         if !up {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use uve_e2e::agent::AgentProc;
+use uve_e2e::agent::{AgentProc, AgentSpec};
 use uve_e2e::binaries::Binaries;
 use uve_e2e::host::HostDaemon;
 
@@ -124,12 +124,9 @@ impl Rig {
             "mode = \"file\"\npath = \"{}/uif/{{user}}.img\"",
             vm_dir.display()
         );
-        let agent = AgentProc::start(&bins.agent, &vm_dir.join("agent"), &endpoint, &uif)?;
-        let ok = uve_e2e::vm::wait_for(Duration::from_secs(20), || {
-            host.uvectl(&["vm", "show", "bench"])
-                .1
-                .contains("\"connected\":true")
-        });
+        let spec = AgentSpec::new(&bins.agent, &endpoint, &AgentSpec::uif("", &uif));
+        let agent = AgentProc::start(&vm_dir.join("agent"), spec)?;
+        let ok = host.wait_connected("bench", Duration::from_secs(20));
         if !ok {
             return Err(format!(
                 "agent did not connect; agent log:\n{}",

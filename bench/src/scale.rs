@@ -10,17 +10,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
-use tokio_util::codec::{FramedRead, FramedWrite};
 use uve_e2e::binaries::Binaries;
+use uve_e2e::fake_agent::{self, AgentLink};
 use uve_e2e::host::HostDaemon;
 use uve_protocol::chunker::chunk_stream;
-use uve_protocol::codec::FrameCodec;
-use uve_protocol::defs::{DEFAULT_MAX_FRAME, PROTOCOL_MAX, PROTOCOL_MIN};
-use uve_protocol::handshake;
-use uve_protocol::link::{self, LinkConfig, LinkHandle};
+use uve_protocol::defs::PROTOCOL_MAX;
+use uve_protocol::link::LinkHandle;
 use uve_protocol::manifest::chunks_per_page;
-use uve_protocol::message::{DisconnectNotice, Hello, Request, Response, UpdateBegin, UpdateCause};
-use uve_protocol::transport::{Endpoint, dial};
+use uve_protocol::message::{DisconnectNotice, Request, Response, UpdateBegin, UpdateCause};
 
 use crate::Row;
 use crate::data;
@@ -52,29 +49,15 @@ fn vm_dir(root: &Path, i: usize) -> PathBuf {
 }
 
 async fn connect(root: &Path, i: usize) -> Result<LinkHandle, String> {
-    let ep = Endpoint::Unix(vm_dir(root, i).join("v.sock_7075"));
-    let s = dial(&ep, Duration::from_secs(10))
+    let path = vm_dir(root, i).join("v.sock_7075");
+    let hello = fake_agent::hello("uve-bench", PROTOCOL_MAX, [0; 16]);
+    let AgentLink {
+        handle: h,
+        mut incoming,
+        ..
+    } = fake_agent::dial_as_agent(&path, hello, Duration::from_secs(30))
         .await
         .map_err(|e| format!("vm {i}: {e}"))?;
-    let (r, w) = tokio::io::split(s);
-    let mut reader = FramedRead::new(r, FrameCodec::default());
-    let mut writer = FramedWrite::new(w, FrameCodec::default());
-    let hello = Hello {
-        protocol_min: PROTOCOL_MIN,
-        protocol_max: PROTOCOL_MAX,
-        agent_version: "uve-bench".into(),
-        boot_id: [0; 16],
-        capabilities: 0,
-        max_frame: DEFAULT_MAX_FRAME,
-    };
-    let welcome = handshake::client(&mut reader, &mut writer, hello, Duration::from_secs(30))
-        .await
-        .map_err(|e| format!("vm {i}: {e}"))?;
-    let cfg = LinkConfig::new(
-        Duration::from_millis(u64::from(welcome.heartbeat_ms)),
-        welcome.max_frame,
-    );
-    let (h, mut incoming) = link::spawn(reader, writer.into_inner(), cfg);
     tokio::spawn(async move {
         while let Some(inc) = incoming.recv().await {
             let _ = inc.responder.send(Response::Ok).await;

@@ -1,14 +1,8 @@
 //! Process measurements from `/proc` (RSS, peak RSS, CPU time) and the
 //! file-descriptor limit a 1,000-connection run needs.
 
-/// A `/proc/<pid>/status` field in KiB (e.g. `VmRSS`, `VmHWM`).
-pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
+/// A `/proc/<pid>/status` field in KiB (the test kit's probe).
+pub use uve_e2e::process::status_kib;
 
 /// User + system CPU time of a process, in seconds.
 pub fn cpu_secs(pid: u32) -> Option<f64> {

@@ -262,6 +262,68 @@ async fn malformed_deltas_and_signature_requests_are_refused_and_contained() {
         .unwrap();
     let (i, data, _, blocks) = a_delta(&agent, &listed).await;
     let c = listed.manifest.chunks[i];
+    for (what, index, hash, blocks) in malformed_deltas(&listed, i, &data, &blocks) {
+        let r = agent
+            .request(Request::ChunkDelta(ChunkDelta {
+                upload: listed.upload,
+                index,
+                hash,
+                blocks,
+            }))
+            .await;
+        assert_eq!(code(r), Some(ErrorCode::BadRequest), "{what}");
+    }
+    signature_requests_are_refused(&agent, &listed).await;
+    assert_eq!(host.metric("uve_chunk_deltas_total").await, 0);
+    signatures_are_asked_once_and_only_for_missing_chunks(&agent, &listed, i).await;
+    // Contained: the same upload still completes with good deltas.
+    let good = ChunkDelta {
+        upload: listed.upload,
+        index: i as u32,
+        hash: c.hash,
+        blocks,
+    };
+    let r = agent
+        .request(Request::ChunkDelta(good.clone()))
+        .await
+        .unwrap();
+    assert_eq!(r, Response::Ok);
+    let r = agent.request(Request::ChunkDelta(good)).await;
+    assert_eq!(code(r), Some(ErrorCode::BadRequest), "stored already");
+    for &j in &listed.missing {
+        if j == i {
+            continue;
+        }
+        let cj = listed.manifest.chunks[j];
+        let r = agent
+            .request(Request::ChunkUpload {
+                upload: listed.upload,
+                hash: cj.hash,
+                data: listed.bytes[&cj.hash].clone(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(r, Response::Ok);
+    }
+    let r = agent
+        .request(Request::UpdateCommit {
+            upload: listed.upload,
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, Response::Committed { version: 2 });
+    assert!(host.export("alice", 2).await == new);
+}
+
+/// Deltas for chunk `i` of `listed` (its bytes `data`, good `blocks`)
+/// that are each wrong in one way: what is wrong, index, hash, blocks.
+fn malformed_deltas(
+    listed: &Listed,
+    i: usize,
+    data: &[u8],
+    blocks: &[DeltaBlock],
+) -> Vec<(&'static str, u32, Hash, Vec<DeltaBlock>)> {
+    let c = listed.manifest.chunks[i];
     let at = listed.offset(i);
     let places: Vec<_> = delta::blocks(at, data.len()).collect();
     let last = places.len() - 1;
@@ -269,7 +331,7 @@ async fn malformed_deltas_and_signature_requests_are_refused_and_contained() {
         index: index as u16,
         data: vec![1; len],
     };
-    let cases: Vec<(&str, u32, Hash, Vec<DeltaBlock>)> = vec![
+    vec![
         (
             "block past the end",
             i as u32,
@@ -310,27 +372,20 @@ async fn malformed_deltas_and_signature_requests_are_refused_and_contained() {
             "index never listed",
             listed.manifest.chunks.len() as u32,
             c.hash,
-            blocks.clone(),
+            blocks.to_vec(),
         ),
         (
             "another chunk's hash",
             i as u32,
             Hash([0x33; 32]),
-            blocks.clone(),
+            blocks.to_vec(),
         ),
-    ];
-    for (what, index, hash, blocks) in cases {
-        let r = agent
-            .request(Request::ChunkDelta(ChunkDelta {
-                upload: listed.upload,
-                index,
-                hash,
-                blocks,
-            }))
-            .await;
-        assert_eq!(code(r), Some(ErrorCode::BadRequest), "{what}");
-    }
-    // Signature requests: too many at once, an index never listed.
+    ]
+}
+
+/// Signature requests: too many at once, an index never listed, an
+/// unknown upload.
+async fn signature_requests_are_refused(agent: &TestAgent, listed: &Listed) {
     let r = agent
         .request(Request::BlockSignatures {
             upload: listed.upload,
@@ -352,8 +407,14 @@ async fn malformed_deltas_and_signature_requests_are_refused_and_contained() {
         })
         .await;
     assert_eq!(code(r), Some(ErrorCode::NotFound));
-    assert_eq!(host.metric("uve_chunk_deltas_total").await, 0);
-    // Each missing chunk's signatures are asked once; present chunks never.
+}
+
+/// Each missing chunk's signatures are asked once; present chunks never.
+async fn signatures_are_asked_once_and_only_for_missing_chunks(
+    agent: &TestAgent,
+    listed: &Listed,
+    i: usize,
+) {
     let r = agent
         .request(Request::BlockSignatures {
             upload: listed.upload,
@@ -371,43 +432,6 @@ async fn malformed_deltas_and_signature_requests_are_refused_and_contained() {
         })
         .await;
     assert_eq!(code(r), Some(ErrorCode::BadRequest), "a chunk the host has");
-    // Contained: the same upload still completes with good deltas.
-    let good = ChunkDelta {
-        upload: listed.upload,
-        index: i as u32,
-        hash: c.hash,
-        blocks,
-    };
-    let r = agent
-        .request(Request::ChunkDelta(good.clone()))
-        .await
-        .unwrap();
-    assert_eq!(r, Response::Ok);
-    let r = agent.request(Request::ChunkDelta(good)).await;
-    assert_eq!(code(r), Some(ErrorCode::BadRequest), "stored already");
-    for &j in &listed.missing {
-        if j == i {
-            continue;
-        }
-        let cj = listed.manifest.chunks[j];
-        let r = agent
-            .request(Request::ChunkUpload {
-                upload: listed.upload,
-                hash: cj.hash,
-                data: listed.bytes[&cj.hash].clone(),
-            })
-            .await
-            .unwrap();
-        assert_eq!(r, Response::Ok);
-    }
-    let r = agent
-        .request(Request::UpdateCommit {
-            upload: listed.upload,
-        })
-        .await
-        .unwrap();
-    assert_eq!(r, Response::Committed { version: 2 });
-    assert!(host.export("alice", 2).await == new);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

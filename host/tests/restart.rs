@@ -12,6 +12,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -139,51 +140,16 @@ async fn crash_test_sigkill_during_concurrent_updates() {
             let user = format!("user{i}");
             seed += 100;
             let base_seed = seed;
-            tasks.push(tokio::spawn(async move {
-                let Ok(agent) = TestAgent::connect(&path).await else {
-                    return;
-                };
-                let Ok((g, data)) = agent.retrieve(&user, "s").await else {
-                    return;
-                };
-                if let Some(h) = g.header {
-                    let digest = h.digest.to_hex();
-                    assert!(
-                        ledger.lock().unwrap().attempted.contains(&digest),
-                        "head of {user} is something nobody wrote"
-                    );
-                    assert_eq!(manifest_of(&data).0.header.digest, h.digest);
-                }
-                let mut base = g.version;
-                for k in 0.. {
-                    let len = 100_000 + ((base_seed + k) % 7) as usize * 60_000;
-                    let mut data = noise(len, base_seed + k);
-                    data.extend_from_slice(&noise(200_000, i as u64)); // shared tail
-                    let digest = manifest_of(&data).0.header.digest.to_hex();
-                    ledger.lock().unwrap().attempted.insert(digest.clone());
-                    match agent.update(&user, "s", base, g.lease, &data).await {
-                        Ok(r) => match r.answer {
-                            Response::Committed { version } => {
-                                ledger
-                                    .lock()
-                                    .unwrap()
-                                    .acked
-                                    .insert((user.clone(), version), digest);
-                                base = Some(version);
-                            }
-                            other => panic!("{user}: unexpected {other:?}"),
-                        },
-                        Err(_) => return, // host killed
-                    }
-                }
-            }));
+            tasks.push(tokio::spawn(update_until_killed(
+                path, ledger, user, i, base_seed,
+            )));
         }
         // Every other round kills the host only once this round has had a
         // commit acknowledged (however slow the machine), so the ledger
         // checks below always have acknowledged versions to check; the other
         // rounds kill at a time alone, possibly before any commit.
         if round % 2 == 0 {
-            let progressed = common::poll(Duration::from_secs(60), || {
+            let progressed = uve_e2e::poll::until_async(Duration::from_secs(60), || {
                 let ledger = ledger.clone();
                 async move { (ledger.lock().unwrap().acked.len() > acked_before).then_some(()) }
             })
@@ -208,35 +174,89 @@ async fn crash_test_sigkill_during_concurrent_updates() {
         ledger.acked.len()
     );
     for i in 0..USERS {
-        let user = format!("user{i}");
-        let v = host.versions(&user).await;
-        let listed: HashMap<u64, String> = v["versions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| {
-                (
-                    x["version"].as_u64().unwrap(),
-                    x["digest"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect();
-        let head = v["head"].as_u64().expect("every user has a head");
-        for ((u, version), digest) in ledger.acked.iter() {
-            if *u == user {
-                assert_eq!(listed.get(version), Some(digest), "{user} v{version} lost");
-                assert!(head >= *version);
-            }
-        }
-        for (version, digest) in &listed {
-            let bytes = host.export(&user, *version).await;
-            assert_eq!(&manifest_of(&bytes).0.header.digest.to_hex(), digest);
-            assert!(ledger.attempted.contains(digest));
-        }
+        versions_are_intact(&host, &format!("user{i}"), &ledger).await;
     }
     eprintln!(
         "crash test: {KILLS} kills, {} acknowledged commits, {:?}",
         ledger.acked.len(),
         started.elapsed()
     );
+}
+
+/// One agent's updates of `user` (a retrieve, then updates until the
+/// host is killed), each attempt and acknowledgement in `ledger`; the
+/// head it retrieves must be something someone wrote.
+async fn update_until_killed(
+    path: PathBuf,
+    ledger: Arc<Mutex<Ledger>>,
+    user: String,
+    i: usize,
+    base_seed: u64,
+) {
+    let Ok(agent) = TestAgent::connect(&path).await else {
+        return;
+    };
+    let Ok((g, data)) = agent.retrieve(&user, "s").await else {
+        return;
+    };
+    if let Some(h) = g.header {
+        let digest = h.digest.to_hex();
+        assert!(
+            ledger.lock().unwrap().attempted.contains(&digest),
+            "head of {user} is something nobody wrote"
+        );
+        assert_eq!(manifest_of(&data).0.header.digest, h.digest);
+    }
+    let mut base = g.version;
+    for k in 0.. {
+        let len = 100_000 + ((base_seed + k) % 7) as usize * 60_000;
+        let mut data = noise(len, base_seed + k);
+        data.extend_from_slice(&noise(200_000, i as u64)); // shared tail
+        let digest = manifest_of(&data).0.header.digest.to_hex();
+        ledger.lock().unwrap().attempted.insert(digest.clone());
+        match agent.update(&user, "s", base, g.lease, &data).await {
+            Ok(r) => match r.answer {
+                Response::Committed { version } => {
+                    ledger
+                        .lock()
+                        .unwrap()
+                        .acked
+                        .insert((user.clone(), version), digest);
+                    base = Some(version);
+                }
+                other => panic!("{user}: unexpected {other:?}"),
+            },
+            Err(_) => return, // host killed
+        }
+    }
+}
+
+/// Every version of `ledger` acknowledged for `user` is retained with its
+/// digest, and every retained version (heads included) exports
+/// digest-valid bytes someone attempted.
+async fn versions_are_intact(host: &HostProc, user: &str, ledger: &Ledger) {
+    let v = host.versions(user).await;
+    let listed: HashMap<u64, String> = v["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["version"].as_u64().unwrap(),
+                x["digest"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let head = v["head"].as_u64().expect("every user has a head");
+    for ((u, version), digest) in ledger.acked.iter() {
+        if *u == user {
+            assert_eq!(listed.get(version), Some(digest), "{user} v{version} lost");
+            assert!(head >= *version);
+        }
+    }
+    for (version, digest) in &listed {
+        let bytes = host.export(user, *version).await;
+        assert_eq!(&manifest_of(&bytes).0.header.digest.to_hex(), digest);
+        assert!(ledger.attempted.contains(digest));
+    }
 }

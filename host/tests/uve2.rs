@@ -6,10 +6,11 @@
 
 mod common;
 
-use common::{HostProc, noise, poll};
+use common::{HostProc, noise};
 use hyper::Method;
 use serde_json::json;
 use std::time::Duration;
+use uve_e2e::poll::until_async;
 use uve_host::client;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,7 +149,7 @@ async fn unknown_or_disconnected_vms_give_clear_errors() {
     let (s, _) = host.get("/v1/vms/vm1/status").await;
     assert_eq!(s, 200);
     agent.handle.close();
-    let gone = poll(Duration::from_secs(10), || async {
+    let gone = until_async(Duration::from_secs(10), || async {
         let (s, _) = host.get("/v1/vms/vm1/status").await;
         (s == 503).then_some(())
     })
@@ -157,7 +158,7 @@ async fn unknown_or_disconnected_vms_give_clear_errors() {
     // unregistering a VM removes its listener socket
     let (s, _) = host.call(Method::DELETE, "/v1/vms/vm1", json!({})).await;
     assert_eq!(s, 204);
-    let removed = poll(Duration::from_secs(10), || async {
+    let removed = until_async(Duration::from_secs(10), || async {
         (!path.exists()).then_some(())
     })
     .await;

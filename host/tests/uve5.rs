@@ -215,20 +215,7 @@ async fn hostile_names_and_oversized_sizes_are_refused() {
     let e = agent.retrieve("alice", "../s").await.unwrap_err();
     assert_eq!(code(&e), Some(ErrorCode::InvalidName));
     let (g, _) = agent.retrieve("alice", "s1").await.unwrap();
-    let begin = |size: u64, chunk_count: u32| {
-        Request::UpdateBegin(UpdateBegin {
-            user: "alice".into(),
-            session: "s1".into(),
-            base: None,
-            lease: g.lease,
-            header: ManifestHeader {
-                size,
-                digest: Hash([0; 32]),
-                chunk_count,
-            },
-            cause: UpdateCause::Logout,
-        })
-    };
+    let begin = |size: u64, chunk_count: u32| alice_begin(g.lease, size, chunk_count);
     let cases = [
         (u64::MAX, u32::MAX, ErrorCode::TooLarge),
         (20_000_000, 100, ErrorCode::TooLarge),
@@ -240,8 +227,46 @@ async fn hostile_names_and_oversized_sizes_are_refused() {
         let e = agent.request(begin(size, count)).await.unwrap_err();
         assert_eq!(code(&e), Some(want), "size {size} count {count}");
     }
+    bad_pages_chunks_and_digests_are_refused(&agent, begin(10, 1)).await;
+    assert_eq!(
+        host.versions("alice").await["head"],
+        serde_json::Value::Null
+    );
+    // a hostile VM id or user in the API is refused as well
+    let (s, _) = host
+        .call(
+            Method::POST,
+            "/v1/vms",
+            json!({"id": "../x", "unix": "/tmp/x"}),
+        )
+        .await;
+    assert_eq!(s, 400);
+    let (s, _) = host.get("/v1/users/..%2Fetc/versions").await;
+    assert_eq!(s, 400);
+}
+
+/// An `UpdateBegin` of alice with no base and a bogus digest.
+fn alice_begin(lease: u64, size: u64, chunk_count: u32) -> Request {
+    Request::UpdateBegin(UpdateBegin {
+        user: "alice".into(),
+        session: "s1".into(),
+        base: None,
+        lease,
+        header: ManifestHeader {
+            size,
+            digest: Hash([0; 32]),
+            chunk_count,
+        },
+        cause: UpdateCause::Logout,
+    })
+}
+
+/// After `begin` (one chunk of 10 bytes announced): a page with more
+/// chunks than announced, a chunk with a wrong hash, and a commit with the
+/// bogus digest announced in the header are refused.
+async fn bad_pages_chunks_and_digests_are_refused(agent: &TestAgent, begin: Request) {
     // a page with more chunks than announced, and a chunk with a wrong hash
-    let upload = match agent.request(begin(10, 1)).await.unwrap() {
+    let upload = match agent.request(begin).await.unwrap() {
         Response::UpdateAccepted { upload } => upload,
         other => panic!("{other:?}"),
     };
@@ -289,21 +314,6 @@ async fn hostile_names_and_oversized_sizes_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(code(&e), Some(ErrorCode::BadDigest));
-    assert_eq!(
-        host.versions("alice").await["head"],
-        serde_json::Value::Null
-    );
-    // a hostile VM id or user in the API is refused as well
-    let (s, _) = host
-        .call(
-            Method::POST,
-            "/v1/vms",
-            json!({"id": "../x", "unix": "/tmp/x"}),
-        )
-        .await;
-    assert_eq!(s, 400);
-    let (s, _) = host.get("/v1/users/..%2Fetc/versions").await;
-    assert_eq!(s, 400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,7 +381,7 @@ async fn new_connection_replaces_old_one() {
         second.request(Request::Ping { nonce: 5 }).await.unwrap(),
         Response::Pong { nonce: 5 }
     );
-    let connected = common::poll(std::time::Duration::from_secs(10), || async {
+    let connected = uve_e2e::poll::until_async(std::time::Duration::from_secs(10), || async {
         let (_, v) = host.get("/v1/vms/vm1").await;
         (v["connected"] == true).then_some(())
     })

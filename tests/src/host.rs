@@ -1,13 +1,78 @@
-//! The real `uve-host` daemon for a scenario: started on a fresh data
-//! directory, driven through `uvectl`, restartable on the same data, and
-//! killed (by PID) on drop.
+//! The real `uve-host` daemon as a child process: started on a data
+//! directory with a configuration the kit writes, driven through `uvectl`,
+//! restartable on the same data, and killed (by PID) on drop. The e2e
+//! scenarios, the demo and the benchmarks use it as is; the host's own
+//! integration tests add their API-client calls on top (the kit does not
+//! link the host crate).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use crate::ingredients::Ingredients;
-use crate::vm::wait_for;
+use crate::poll;
+use crate::process::{self, Daemon};
+
+/// How many log lines a failure message quotes.
+const LOG_TAIL: usize = 60;
+
+/// How long the daemon may take to serve its API after a start.
+pub const UP_LIMIT: Duration = Duration::from_secs(20);
+
+/// Defaults of the e2e scenarios: a 1 s heartbeat and a short hand-over.
+pub const SCENARIO_DEFAULTS: &[&str] = &["heartbeat_ms = 1000", "handover_timeout_ms = 15000"];
+
+/// Where a daemon keeps its data, configuration and log, and what its
+/// configuration holds.
+#[derive(Debug, Clone)]
+pub struct HostSpec {
+    /// The `uve-host` binary.
+    pub host_bin: PathBuf,
+    /// The `uvectl` binary.
+    pub uvectl: PathBuf,
+    /// Data directory (`data_dir`; the API socket is `<data>/api.sock`).
+    pub data: PathBuf,
+    /// Configuration file the kit writes.
+    pub config: PathBuf,
+    /// Log file (stdout and stderr, appended).
+    pub log: PathBuf,
+    /// `key = value` lines written unless `extra` sets the key itself.
+    pub defaults: Vec<String>,
+    /// More configuration: top-level keys first, then any tables.
+    pub extra: String,
+}
+
+impl HostSpec {
+    /// A scenario host under `dir`: data in `<dir>/host-data`, config
+    /// `<dir>/host.toml`, log `<dir>/host.log`, [`SCENARIO_DEFAULTS`].
+    pub fn scenario(host_bin: &Path, uvectl: &Path, dir: &Path, extra: &str) -> Self {
+        HostSpec {
+            host_bin: host_bin.to_path_buf(),
+            uvectl: uvectl.to_path_buf(),
+            data: dir.join("host-data"),
+            config: dir.join("host.toml"),
+            log: dir.join("host.log"),
+            defaults: SCENARIO_DEFAULTS.iter().map(|l| (*l).to_string()).collect(),
+            extra: extra.into(),
+        }
+    }
+
+    /// The configuration text: `data_dir`, the defaults `extra` leaves
+    /// unset, then `extra`.
+    pub fn config_text(&self) -> String {
+        let mut text = format!("data_dir = \"{}\"\n", self.data.display());
+        for line in &self.defaults {
+            let key = line.split('=').next().unwrap_or_default().trim();
+            if !self.extra.contains(key) {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        text.push_str(&self.extra);
+        text.push('\n');
+        text
+    }
+}
 
 /// A running host daemon.
 pub struct HostDaemon {
@@ -17,13 +82,14 @@ pub struct HostDaemon {
     pub data: PathBuf,
     /// Daemon log file.
     pub log: PathBuf,
-    config: PathBuf,
-    child: Option<Child>,
+    /// Its configuration file.
+    pub config: PathBuf,
+    daemon: Daemon,
 }
 
 impl HostDaemon {
-    /// Starts a daemon with `heartbeat_ms` and a short hand-over timeout,
-    /// logging to `<dir>/host.log`.
+    /// Starts a scenario daemon ([`HostSpec::scenario`]) of the cached
+    /// ingredients under `dir`.
     pub fn start(ing: &Ingredients, dir: &Path, extra_config: &str) -> Result<Self, String> {
         Self::start_with(&ing.host, &ing.uvectl, dir, extra_config)
     }
@@ -35,7 +101,15 @@ impl HostDaemon {
         dir: &Path,
         extra_config: &str,
     ) -> Result<Self, String> {
-        for bin in [host_bin, uvectl] {
+        let mut h = Self::prepare(&HostSpec::scenario(host_bin, uvectl, dir, extra_config))?;
+        h.spawn()?;
+        Ok(h)
+    }
+
+    /// Writes the configuration of `spec`; the daemon is not started yet
+    /// ([`spawn`](Self::spawn) or [`spawn_detached`](Self::spawn_detached)).
+    pub fn prepare(spec: &HostSpec) -> Result<Self, String> {
+        for bin in [&spec.host_bin, &spec.uvectl] {
             if !bin.exists() {
                 return Err(format!(
                     "missing {}; build it (cargo build --release -p uve-host)",
@@ -43,85 +117,62 @@ impl HostDaemon {
                 ));
             }
         }
-        let data = dir.join("host-data");
-        std::fs::create_dir_all(&data).map_err(|e| format!("data dir: {e}"))?;
-        let config = dir.join("host.toml");
-        std::fs::write(&config, {
-            // Scenario defaults, unless `extra_config` sets the key itself;
-            // top-level keys first, so `extra_config` may end in a table.
-            let mut text = format!("data_dir = \"{}\"\n", data.display());
-            for (key, line) in [
-                ("heartbeat_ms", "heartbeat_ms = 1000"),
-                ("handover_timeout_ms", "handover_timeout_ms = 15000"),
-            ] {
-                if !extra_config.contains(key) {
-                    text.push_str(line);
-                    text.push('\n');
-                }
-            }
-            text.push_str(extra_config);
-            text.push('\n');
-            text
+        std::fs::create_dir_all(&spec.data).map_err(|e| format!("data dir: {e}"))?;
+        std::fs::write(&spec.config, spec.config_text()).map_err(|e| format!("config: {e}"))?;
+        Ok(HostDaemon {
+            host_bin: spec.host_bin.clone(),
+            uvectl: spec.uvectl.clone(),
+            data: spec.data.clone(),
+            log: spec.log.clone(),
+            config: spec.config.clone(),
+            daemon: Daemon::default(),
         })
-        .map_err(|e| format!("config: {e}"))?;
-        let mut h = HostDaemon {
-            host_bin: host_bin.to_path_buf(),
-            uvectl: uvectl.to_path_buf(),
-            data,
-            log: dir.join("host.log"),
-            config,
-            child: None,
-        };
-        h.spawn()?;
-        Ok(h)
     }
 
-    fn spawn(&mut self) -> Result<(), String> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(|e| format!("host log: {e}"))?;
-        let err = log.try_clone().map_err(|e| format!("host log: {e}"))?;
-        let child = Command::new(&self.host_bin)
-            .arg("run")
+    /// Starts the process without waiting for its API.
+    pub fn spawn_detached(&mut self) -> Result<(), String> {
+        let mut cmd = Command::new(&self.host_bin);
+        cmd.arg("run")
             .arg("--config")
             .arg(&self.config)
-            .env("UVE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("start uve-host: {e}"))?;
-        self.child = Some(child);
-        let sock = self.data.join("api.sock");
-        if !wait_for(Duration::from_secs(20), || {
-            sock.exists() && self.uvectl(&["vm", "list"]).0 == 0
-        }) {
-            return Err(format!("uve-host API not up; log:\n{}", self.log_text()));
+            .env("UVE_LOG", "info");
+        self.daemon.spawn(&mut cmd, &self.log)
+    }
+
+    /// Starts the process and waits (up to [`UP_LIMIT`]) until `uvectl`
+    /// gets an answer from its API.
+    pub fn spawn(&mut self) -> Result<(), String> {
+        self.spawn_detached()?;
+        if poll::wait_for(UP_LIMIT, || self.is_up()) {
+            Ok(())
+        } else {
+            Err(format!("uve-host API not up; log:\n{}", self.log_text()))
         }
-        Ok(())
+    }
+
+    /// Whether the API socket exists and answers `uvectl vm list`.
+    pub fn is_up(&self) -> bool {
+        self.api_socket().exists() && self.uvectl(&["vm", "list"]).0 == 0
     }
 
     /// Stops the daemon with SIGTERM (graceful) or SIGKILL, then waits.
     pub fn stop(&mut self, graceful: bool) {
-        if let Some(mut c) = self.child.take() {
-            if graceful {
-                if let Ok(pid) = i32::try_from(c.id()) {
-                    // SAFETY: kill(2) has no memory effects; the PID is our own
-                    // child, not yet reaped, so it cannot name another process.
-                    let _ = unsafe { libc::kill(pid, libc::SIGTERM) };
-                }
-                if !wait_for(Duration::from_secs(40), || {
-                    matches!(c.try_wait(), Ok(Some(_)))
-                }) {
-                    let _ = c.kill();
-                }
-            } else {
-                let _ = c.kill();
-            }
-            let _ = c.wait();
+        if graceful {
+            let _ = self.daemon.terminate();
+        } else {
+            self.daemon.kill();
         }
+    }
+
+    /// SIGKILL, no cleanup.
+    pub fn kill(&mut self) {
+        self.daemon.kill();
+    }
+
+    /// SIGTERM and wait (SIGKILL after [`process::TERM_LIMIT`]); returns
+    /// the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        self.daemon.terminate()
     }
 
     /// Restarts on the same data directory and configuration.
@@ -130,33 +181,24 @@ impl HostDaemon {
         self.spawn()
     }
 
+    fn uvectl_cmd(&self) -> Command {
+        let mut cmd = Command::new(&self.uvectl);
+        cmd.arg("--socket").arg(self.api_socket());
+        cmd
+    }
+
     /// Runs `uvectl --json <args>`; returns exit code and stdout (stderr is
     /// appended after a marker when non-empty).
     pub fn uvectl(&self, args: &[&str]) -> (i32, String) {
-        let out = Command::new(&self.uvectl)
-            .arg("--socket")
-            .arg(self.data.join("api.sock"))
-            .arg("--json")
-            .args(args)
-            .output();
-        match out {
-            Ok(o) => {
-                let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
-                if !o.stderr.is_empty() {
-                    s.push_str("\n--- stderr ---\n");
-                    s.push_str(&String::from_utf8_lossy(&o.stderr));
-                }
-                (o.status.code().unwrap_or(-1), s)
-            }
+        match self.uvectl_cmd().arg("--json").args(args).output() {
+            Ok(o) => process::said(&o, "\n--- stderr ---\n"),
             Err(e) => (-1, e.to_string()),
         }
     }
 
     /// Runs `uvectl <args>` in its human (table) format.
     pub fn uvectl_human(&self, args: &[&str]) -> String {
-        Command::new(&self.uvectl)
-            .arg("--socket")
-            .arg(self.data.join("api.sock"))
+        self.uvectl_cmd()
             .args(args)
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -173,6 +215,26 @@ impl HostDaemon {
             self.log_tail()
         );
         serde_json::from_str(out.trim()).unwrap_or(serde_json::Value::String(out))
+    }
+
+    /// Whether `uvectl vm show <vm>` reports the VM connected.
+    pub fn is_connected(&self, vm: &str) -> bool {
+        self.uvectl(&["vm", "show", vm])
+            .1
+            .contains("\"connected\":true")
+    }
+
+    /// Waits up to `limit` until [`is_connected`](Self::is_connected).
+    pub fn wait_connected(&self, vm: &str, limit: Duration) -> bool {
+        poll::wait_for(limit, || self.is_connected(vm))
+    }
+
+    /// The head version of `user` (panics if there is none).
+    pub fn head(&self, user: &str) -> u64 {
+        match self.ok(&["versions", user])["head"].as_u64() {
+            Some(v) => v,
+            None => panic!("{user} has no head version"),
+        }
     }
 
     /// Events after `since`, as JSON objects.
@@ -193,21 +255,19 @@ impl HostDaemon {
         limit: Duration,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let mut found = None;
-        let ok = wait_for(limit, || {
-            found = self
-                .events(since)
+        let found = poll::until(limit, || {
+            self.events(since)
                 .into_iter()
-                .find(|e| e["kind"] == kind && pred(e));
-            found.is_some()
+                .find(|e| e["kind"] == kind && pred(e))
         });
-        assert!(
-            ok,
-            "no `{kind}` event within {limit:?}; events: {:#?}\nhost log tail:\n{}",
-            self.events(since),
-            self.log_tail()
-        );
-        found.unwrap_or_default()
+        match found {
+            Some(e) => e,
+            None => panic!(
+                "no `{kind}` event within {limit:?}; events: {:#?}\nhost log tail:\n{}",
+                self.events(since),
+                self.log_tail()
+            ),
+        }
     }
 
     /// The highest event sequence number so far (0 if none).
@@ -221,9 +281,8 @@ impl HostDaemon {
 
     /// A Prometheus counter (first sample whose line starts with `name`).
     pub fn metric(&self, name: &str) -> u64 {
-        let (code, out) = Command::new(&self.uvectl)
-            .arg("--socket")
-            .arg(self.data.join("api.sock"))
+        let (code, out) = self
+            .uvectl_cmd()
             .arg("metrics")
             .output()
             .map(|o| {
@@ -251,7 +310,7 @@ impl HostDaemon {
 
     /// The daemon's PID (while running).
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.daemon.pid()
     }
 
     /// The daemon's API socket.
@@ -266,14 +325,6 @@ impl HostDaemon {
 
     /// The last 60 lines of the daemon log.
     pub fn log_tail(&self) -> String {
-        let text = self.log_text();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
-    }
-}
-
-impl Drop for HostDaemon {
-    fn drop(&mut self) {
-        self.stop(false);
+        process::tail(&self.log, LOG_TAIL)
     }
 }

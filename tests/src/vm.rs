@@ -12,11 +12,13 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::channel::{self, GUEST_PORT, OP_GET, OP_PUT, OP_SH};
 use crate::ingredients::Ingredients;
+use crate::poll::wait_for;
+use crate::process::Daemon;
 
 /// How [`Vm::boot_with`] starts QEMU; the default is what [`Vm::boot`] uses.
 #[derive(Debug, Clone)]
@@ -59,8 +61,8 @@ pub struct Vm {
     pub name: String,
     /// Run directory (sockets, console log).
     pub dir: PathBuf,
-    vhost: Option<Child>,
-    qemu: Option<Child>,
+    vhost: Daemon,
+    qemu: Daemon,
     booted: Instant,
 }
 
@@ -121,25 +123,21 @@ impl Vm {
         // below would not wait for the new one and QEMU could find nothing
         // listening.
         let _ = std::fs::remove_file(&vhu);
-        let vhost = Command::new(&ing.vhost)
-            .arg("--vm")
-            .arg(format!(
-                "guest-cid=3,socket={},uds-path={}",
-                vhu.display(),
-                uds.display()
-            ))
-            .stdin(Stdio::null())
-            .stdout(log_file(dir, "vhost.log")?)
-            .stderr(log_file(dir, "vhost.log")?)
-            .spawn()
-            .map_err(|e| format!("start vhost-device-vsock: {e}"))?;
         let mut vm = Vm {
             name: name.to_string(),
             dir: dir.to_path_buf(),
-            vhost: Some(vhost),
-            qemu: None,
+            vhost: Daemon::default(),
+            qemu: Daemon::default(),
             booted: Instant::now(),
         };
+        vm.vhost.spawn(
+            Command::new(&ing.vhost).arg("--vm").arg(format!(
+                "guest-cid=3,socket={},uds-path={}",
+                vhu.display(),
+                uds.display()
+            )),
+            &dir.join("vhost.log"),
+        )?;
         if !wait_for(Duration::from_secs(20), || vhu.exists()) {
             return Err("vhost-device-vsock did not create its socket".into());
         }
@@ -176,19 +174,13 @@ impl Vm {
                 disk.display()
             ));
         }
-        let qemu = qemu
-            .args(["-nographic", "-nodefaults", "-no-reboot"])
+        qemu.args(["-nographic", "-nodefaults", "-no-reboot"])
             .arg("-serial")
             .arg(format!("file:{}", vm.console().display()))
             .arg("-chardev")
             .arg(format!("socket,id=vhu,path={}", vhu.display()))
-            .args(["-device", "vhost-user-vsock-pci,chardev=vhu"])
-            .stdin(Stdio::null())
-            .stdout(log_file(dir, "qemu.log")?)
-            .stderr(log_file(dir, "qemu.log")?)
-            .spawn()
-            .map_err(|e| format!("start qemu: {e}"))?;
-        vm.qemu = Some(qemu);
+            .args(["-device", "vhost-user-vsock-pci,chardev=vhu"]);
+        vm.qemu.spawn(&mut qemu, &dir.join("qemu.log"))?;
         vm.booted = Instant::now();
         Ok(vm)
     }
@@ -200,9 +192,7 @@ impl Vm {
             if let Ok((0, _)) = self.try_sh("true", Duration::from_secs(5)) {
                 return Ok(self.booted.elapsed());
             }
-            if let Some(q) = self.qemu.as_mut()
-                && let Ok(Some(status)) = q.try_wait()
-            {
+            if let Some(status) = self.qemu.exited() {
                 return Err(format!(
                     "qemu exited during boot ({status}); console:\n{}",
                     self.console_text()
@@ -314,39 +304,13 @@ impl Vm {
 
     /// Kills QEMU with SIGKILL: a VM crash as the host sees it.
     pub fn crash(&mut self) {
-        if let Some(mut q) = self.qemu.take() {
-            let _ = q.kill();
-            let _ = q.wait();
-        }
+        self.qemu.kill();
     }
 }
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        for child in [self.qemu.take(), self.vhost.take()].into_iter().flatten() {
-            let mut child = child;
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.qemu.kill();
+        self.vhost.kill();
     }
-}
-
-fn log_file(dir: &Path, name: &str) -> Result<std::fs::File, String> {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(name))
-        .map_err(|e| format!("{name}: {e}"))
-}
-
-/// Polls `ready` every 50 ms until it holds (true) or `limit` passes (false).
-pub fn wait_for(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while !ready() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    true
 }

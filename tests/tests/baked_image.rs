@@ -28,8 +28,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use uve_e2e::host::HostDaemon;
 use uve_e2e::ingredients::Ingredients;
+use uve_e2e::poll::wait_for;
 use uve_e2e::rootdisk::{BakeIngredients, root_initramfs};
-use uve_e2e::vm::{BootOptions, Vm, wait_for};
+use uve_e2e::scenario::RunDir;
+use uve_e2e::vm::{BootOptions, Vm};
 
 /// The configuration the bake writes (the defaults, spelled out, plus a
 /// marker value the test reads back from the guest).
@@ -58,25 +60,6 @@ WantedBy=multi-user.target
 
 use uve_protocol::testdata::noise;
 
-/// The run directory: removed on success, kept (and printed) on failure.
-struct RunDir(Option<tempfile::TempDir>);
-
-impl RunDir {
-    fn path(&self) -> &Path {
-        self.0.as_ref().map(tempfile::TempDir::path).expect("dir")
-    }
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        if std::thread::panicking()
-            && let Some(d) = self.0.take()
-        {
-            eprintln!("kept {} for inspection", d.keep().display());
-        }
-    }
-}
-
 fn s(p: &Path) -> String {
     p.display().to_string()
 }
@@ -90,14 +73,8 @@ fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
     let Some(bake) = BakeIngredients::require(&ing, NAME) else {
         return;
     };
-    let run = RunDir(Some(
-        tempfile::Builder::new()
-            .prefix("uve-e2e-")
-            .tempdir_in("/tmp")
-            .expect("run dir"),
-    ));
+    let run = RunDir::new(NAME);
     let dir = run.path();
-    eprintln!("{NAME}: run directory {}", dir.display());
 
     // --- bake: debootstrap (cached) + the packages + config + test unit.
     let cached = bake.rootfs_cached();
@@ -170,9 +147,7 @@ fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
         disk: Some(disk.clone()),
     };
     let mut vm = Vm::boot_with(&ing, "vm-baked", &vm_dir, &initrd, &opts).expect("boot");
-    let connected = wait_for(Duration::from_secs(240), || {
-        host.ok(&["vm", "show", "vm-baked"])["connected"] == Value::Bool(true)
-    });
+    let connected = host.wait_connected("vm-baked", Duration::from_secs(240));
     assert!(
         connected,
         "the agent started by systemd never connected; host log:\n{}\nconsole:\n{}",

@@ -26,11 +26,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use uve_e2e::host::HostDaemon;
 use uve_e2e::ingredients::Ingredients;
 use uve_e2e::initramfs::{EXT4_DISK_MODULES, Initramfs};
-use uve_e2e::vm::{BootOptions, DiskCache, Vm, wait_for};
+use uve_e2e::poll::wait_for;
+use uve_e2e::scenario::{RunDir, step};
+use uve_e2e::vm::{BootOptions, DiskCache, Vm};
 use uve_protocol::testdata::noise;
 
 const NAME: &str = "file_mode_power_loss_after_spooled";
@@ -50,54 +51,9 @@ path = "/var/lib/uve-agent/uif/{user}.img"
 /// after a restart (agent/src/flush.rs, `resend_changed`).
 const TORN: &str = "no longer matches what was spooled";
 
-/// A scenario's run directory: kept (and printed) if the test fails.
-struct RunDir(Option<tempfile::TempDir>);
-
-impl RunDir {
-    fn new(name: &str) -> Self {
-        let d = tempfile::Builder::new()
-            .prefix("uve-e2e-")
-            .tempdir_in("/tmp")
-            .expect("run dir");
-        eprintln!("{name}: run directory {}", d.path().display());
-        RunDir(Some(d))
-    }
-    fn path(&self) -> &Path {
-        self.0.as_ref().map(tempfile::TempDir::path).expect("dir")
-    }
-    fn sub(&self, name: &str) -> std::path::PathBuf {
-        let p = self.path().join(name);
-        std::fs::create_dir_all(&p).expect("mkdir");
-        p
-    }
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        if std::thread::panicking()
-            && let Some(d) = self.0.take()
-        {
-            eprintln!("kept {} for inspection", d.keep().display());
-        }
-    }
-}
-
-fn step(name: &str, t: &mut Instant) {
-    eprintln!("  step {name}: {:?}", t.elapsed());
-    *t = Instant::now();
-}
-
 fn wait_connected(host: &HostDaemon, vm: &str) {
-    let ok = wait_for(Duration::from_secs(90), || {
-        host.ok(&["vm", "show", vm])["connected"] == Value::Bool(true)
-    });
+    let ok = host.wait_connected(vm, Duration::from_secs(90));
     assert!(ok, "{vm} never connected; host log:\n{}", host.log_tail());
-}
-
-fn head(host: &HostDaemon, user: &str) -> u64 {
-    host.ok(&["versions", user])["head"]
-        .as_u64()
-        .expect("head version")
 }
 
 /// Boots the guest on `disk` and checks the disk is the agent's state dir.
@@ -171,7 +127,7 @@ fn file_mode_power_loss_after_spooled() {
     let import = run.path().join("alice-v1.img");
     std::fs::write(&import, &v1).unwrap();
     host.ok(&["import", "alice", &import.display().to_string()]);
-    let v1_head = head(&host, "alice");
+    let v1_head = host.head("alice");
     step("disk, initramfs, host up, alice imported", &mut t);
 
     // --- boot 1: login retrieves v1 onto the persistent disk.
@@ -216,7 +172,7 @@ fn file_mode_power_loss_after_spooled() {
 
     // --- host back on the same data; boot 2 on the same disk.
     host.restart(true).expect("host back");
-    assert_eq!(head(&host, "alice"), v1_head, "head moved while down");
+    assert_eq!(host.head("alice"), v1_head, "head moved while down");
     let vm = boot(&ing, &vm_dir, &initrd, &disk);
     let boot2 = vm.ok("cat /proc/sys/kernel/random/boot_id");
     assert_ne!(boot1.trim(), boot2.trim(), "the VM did not reboot");
@@ -290,7 +246,7 @@ fn file_mode_power_loss_after_spooled() {
             host.log_tail()
         );
     };
-    let h = head(&host, "alice");
+    let h = host.head("alice");
     assert!(h == v1_head || h == version, "head {h} is a third content");
     if h == version {
         eprintln!(

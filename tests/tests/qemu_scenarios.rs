@@ -16,14 +16,14 @@
     clippy::cast_possible_truncation
 )]
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use uve_e2e::host::HostDaemon;
 use uve_e2e::ingredients::Ingredients;
 use uve_e2e::initramfs::Initramfs;
-use uve_e2e::vm::{Vm, wait_for};
+use uve_e2e::poll::wait_for;
+use uve_e2e::scenario::{RunDir, step};
+use uve_e2e::vm::Vm;
 
 const AGENT_FILE_MODE: &str = r#"
 host = "vsock:2:7075"
@@ -40,38 +40,6 @@ home = "/home/{user}"
 "#;
 
 use uve_protocol::testdata::noise;
-
-/// A scenario's run directory: kept (and printed) if the test fails.
-struct RunDir(Option<tempfile::TempDir>);
-
-impl RunDir {
-    fn new(name: &str) -> Self {
-        let d = tempfile::Builder::new()
-            .prefix("uve-e2e-")
-            .tempdir_in("/tmp")
-            .expect("run dir");
-        eprintln!("{name}: run directory {}", d.path().display());
-        RunDir(Some(d))
-    }
-    fn path(&self) -> &Path {
-        self.0.as_ref().map(tempfile::TempDir::path).expect("dir")
-    }
-    fn sub(&self, name: &str) -> std::path::PathBuf {
-        let p = self.path().join(name);
-        std::fs::create_dir_all(&p).expect("mkdir");
-        p
-    }
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        if std::thread::panicking()
-            && let Some(d) = self.0.take()
-        {
-            eprintln!("kept {} for inspection", d.keep().display());
-        }
-    }
-}
 
 fn boot(ing: &Ingredients, run: &RunDir, name: &str, agent_config: &str) -> Vm {
     let dir = run.sub(name);
@@ -90,27 +58,12 @@ fn boot(ing: &Ingredients, run: &RunDir, name: &str, agent_config: &str) -> Vm {
 }
 
 fn wait_connected(host: &HostDaemon, vm: &str) {
-    let ok = wait_for(Duration::from_secs(60), || {
-        host.ok(&["vm", "show", vm])["connected"] == Value::Bool(true)
-    });
+    let ok = host.wait_connected(vm, Duration::from_secs(60));
     assert!(ok, "{vm} never connected; host log:\n{}", host.log_tail());
-}
-
-fn versions(host: &HostDaemon, user: &str) -> Value {
-    host.ok(&["versions", user])
-}
-
-fn head(host: &HostDaemon, user: &str) -> u64 {
-    versions(host, user)["head"].as_u64().expect("head version")
 }
 
 fn user_chunks_fetched(host: &HostDaemon, user: &str) -> u64 {
     host.metric(&format!("uve_user_chunks_fetched_total{{user=\"{user}\"}}"))
-}
-
-fn step(name: &str, t: &mut Instant) {
-    eprintln!("  step {name}: {:?}", t.elapsed());
-    *t = Instant::now();
 }
 
 /// File mode on one VM: login → retrieve → modify → logout → update; a
@@ -140,7 +93,7 @@ fn file_mode_lifecycle_on_one_vm() {
     let import = run.path().join("alice-v1.img");
     std::fs::write(&import, &v1).unwrap();
     host.ok(&["import", "alice", &import.display().to_string()]);
-    let v1_head = head(&host, "alice");
+    let v1_head = host.head("alice");
     step("host up, alice imported", &mut t);
 
     let mut vm = boot(&ing, &run, "vm-a", AGENT_FILE_MODE);
@@ -168,7 +121,7 @@ fn file_mode_lifecycle_on_one_vm() {
     v2[1 << 20..(1 << 20) + 65536].copy_from_slice(&noise(65536, 2));
     vm.put(img, &v2);
     vm.ok("uve-agent logout --session s1");
-    let v2_head = head(&host, "alice");
+    let v2_head = host.head("alice");
     assert!(v2_head > v1_head, "logout did not commit a new head");
     assert_eq!(
         host.export("alice", v2_head, run.path()),
@@ -202,7 +155,7 @@ fn file_mode_lifecycle_on_one_vm() {
     v4[..4096].copy_from_slice(&noise(4096, 4));
     vm.put(img, &v4);
     vm.ok("uve-agent logout --session s2");
-    let v4_head = head(&host, "alice");
+    let v4_head = host.head("alice");
     assert_eq!(host.export("alice", v4_head, run.path()), v4);
     step("host restart + logout", &mut t);
 
@@ -360,7 +313,7 @@ fn file_mode_lifecycle_on_one_vm() {
     v5[2 << 20..(2 << 20) + 4096].copy_from_slice(&noise(4096, 5));
     vm.put(img, &v5);
     let since = host.last_seq();
-    let head_before = head(&host, "alice");
+    let head_before = host.head("alice");
     vm.ok("kill -9 $(ps -o pid,args | grep [b]in/desk.sh | head -n 1 | awk '{print $1}')");
     let ev = host.wait_event(
         since,
@@ -372,12 +325,11 @@ fn file_mode_lifecycle_on_one_vm() {
     assert_eq!(ev["ua"], "desk", "{ev}");
     assert!(ev["reason"].as_str().is_some_and(|r| !r.is_empty()), "{ev}");
     assert!(
-        wait_for(Duration::from_secs(60), || head(&host, "alice")
-            > head_before),
+        wait_for(Duration::from_secs(60), || host.head("alice") > head_before),
         "UIF not flushed after the UA died"
     );
     assert_eq!(
-        host.export("alice", head(&host, "alice"), run.path()),
+        host.export("alice", host.head("alice"), run.path()),
         v5,
         "flushed UIF differs from what the session wrote"
     );
@@ -385,7 +337,7 @@ fn file_mode_lifecycle_on_one_vm() {
 
     // --- the VM crashes with a session open.
     vm.ok("uve-agent login --user alice --session s5");
-    let committed = head(&host, "alice");
+    let committed = host.head("alice");
     let committed_bytes = host.export("alice", committed, run.path());
     let since = host.last_seq();
     vm.crash();
@@ -398,11 +350,7 @@ fn file_mode_lifecycle_on_one_vm() {
         Duration::from_secs(30),
         |e| e["session"] == "s5",
     );
-    assert_eq!(
-        head(&host, "alice"),
-        committed,
-        "head moved after the crash"
-    );
+    assert_eq!(host.head("alice"), committed, "head moved after the crash");
     assert_eq!(host.export("alice", committed, run.path()), committed_bytes);
     step("VM crash", &mut t);
 }
@@ -435,7 +383,7 @@ fn directory_mode_switch_and_rogue_guest() {
     let blob = noise(300_000, 9);
     a.put("/home/bob/docs/blob.bin", &blob);
     a.ok("uve-agent logout --session a1");
-    let v1 = head(&host, "bob");
+    let v1 = host.head("bob");
     let tar = host.export("bob", v1, run.path());
     let out = run.sub("bob-v1");
     let tar_path = run.path().join("bob-v1.tar");
@@ -482,7 +430,7 @@ fn directory_mode_switch_and_rogue_guest() {
     // The host and the other VM keep working.
     b.ok("echo after-rogue > /home/bob/after.txt");
     b.ok("uve-agent logout --session b1");
-    let v_last = head(&host, "bob");
+    let v_last = host.head("bob");
     let tar = host.export("bob", v_last, run.path());
     assert!(
         tar.windows(b"after-rogue".len())

@@ -12,10 +12,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use uve_e2e::agent::AgentProc;
+use uve_e2e::agent::{AgentProc, AgentSpec};
 use uve_e2e::binaries::{self, Binaries};
 use uve_e2e::host::HostDaemon;
-use uve_e2e::vm::wait_for;
 use uve_protocol::testdata::noise;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -42,17 +41,18 @@ impl Rig {
         std::fs::create_dir_all(&vm).unwrap();
         let uds = vm.join("v.sock").display().to_string();
         host.ok(&["vm", "add", "vm-a", "--uds-path", &uds]);
-        let agent = AgentProc::start_with(
+        let spec = AgentSpec::new(
             &bins.agent,
-            &vm,
             &format!("unix:{}", vm.join("v.sock_7075").display()),
-            agent_top,
-            &format!(
-                "mode = \"file\"\npath = \"{}/uif/{{user}}.img\"",
-                vm.display()
+            &AgentSpec::uif(
+                agent_top,
+                &format!(
+                    "mode = \"file\"\npath = \"{}/uif/{{user}}.img\"",
+                    vm.display()
+                ),
             ),
-        )
-        .expect("start uve-agent");
+        );
+        let agent = AgentProc::start(&vm, spec).expect("start uve-agent");
         let rig = Rig {
             bins,
             dir,
@@ -65,11 +65,7 @@ impl Rig {
 
     fn wait_connected(&self) {
         assert!(
-            wait_for(LIMIT, || self
-                .host
-                .uvectl(&["vm", "show", "vm-a"])
-                .1
-                .contains("\"connected\":true")),
+            self.host.wait_connected("vm-a", LIMIT),
             "agent did not connect; host log:\n{}",
             self.host.log_tail()
         );
@@ -104,7 +100,7 @@ impl Rig {
 /// host's event, the preserved bytes. Returns the copy's id.
 fn refused_logout(rig: &Rig, user: &str, session: &str, work: &[u8], code: &str) -> String {
     let since = rig.host.last_seq();
-    let (exit, said) = rig.agent.cli(&["logout", "--session", session]);
+    let (exit, said) = rig.agent.said(&["logout", "--session", session]);
     assert_ne!(exit, 0, "a refused logout must fail: {said}");
     assert!(
         said.contains("REFUSED") && said.contains(code) && said.contains("nothing is lost"),

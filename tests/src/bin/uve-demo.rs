@@ -10,10 +10,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use uve_e2e::agent::AgentProc;
+use uve_e2e::agent::{AgentProc, AgentSpec};
 use uve_e2e::binaries;
 use uve_e2e::host::HostDaemon;
-use uve_e2e::vm::wait_for;
+use uve_e2e::poll::wait_for;
 
 const UIF: &str = "mode = \"file\"\npath = \"{dir}/uif/{user}.img\"";
 
@@ -37,20 +37,15 @@ fn show(text: &str) {
 fn agent_for(bin: &Path, dir: &Path, name: &str) -> Result<AgentProc, String> {
     let vm_dir = dir.join(name);
     let uif = UIF.replace("{dir}", &vm_dir.display().to_string());
+    let host = format!("unix:{}", vm_dir.join("v.sock_7075").display());
     AgentProc::start(
-        bin,
         &vm_dir,
-        &format!("unix:{}", vm_dir.join("v.sock_7075").display()),
-        &uif,
+        AgentSpec::new(bin, &host, &AgentSpec::uif("", &uif)),
     )
 }
 
 fn connected(host: &HostDaemon, vm: &str) -> bool {
-    wait_for(Duration::from_secs(20), || {
-        host.uvectl(&["vm", "show", vm])
-            .1
-            .contains("\"connected\":true")
-    })
+    host.wait_connected(vm, Duration::from_secs(20))
 }
 
 fn run() -> Result<(), String> {
