@@ -84,6 +84,16 @@ pub const CHUNK_REF_MAX_WIRE: u32 = 37;
 /// Bytes reserved in a manifest page frame for everything but the chunk refs.
 pub const PAGE_OVERHEAD: u32 = 4096;
 
+/// Milliseconds since the Unix epoch, now: the unit of every wall-clock
+/// timestamp either peer records (events, versions, spool and session
+/// records). 0 if the clock is before 1970.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -100,14 +110,4 @@ mod tests {
         assert_eq!(clipped.len(), super::MAX_TEXT_LEN - 1);
         assert!(odd.starts_with(clipped));
     }
-}
-
-/// Milliseconds since the Unix epoch, now: the unit of every wall-clock
-/// timestamp either peer records (events, versions, spool and session
-/// records). 0 if the clock is before 1970.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }

@@ -98,9 +98,11 @@ impl Daemon {
     pub fn terminate(&mut self) -> Option<i32> {
         let mut c = self.child.take()?;
         if let Ok(pid) = i32::try_from(c.id()) {
-            // SAFETY: kill(2) has no memory effects; the PID is our own
-            // child, not yet reaped, so it cannot name another process.
-            let _ = unsafe { libc::kill(pid, libc::SIGTERM) };
+            // Our own child, not yet reaped: the PID cannot name another process.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
         let exited = poll::wait_for(TERM_LIMIT, || matches!(c.try_wait(), Ok(Some(_))));
         if !exited {
@@ -129,8 +131,7 @@ pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
 
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
-    // SAFETY: getuid has no preconditions and cannot fail.
-    unsafe { libc::getuid() == 0 }
+    nix::unistd::getuid().is_root()
 }
 
 /// Says the calling test is skipped (returns true) when not root.

@@ -50,8 +50,7 @@ impl BakeIngredients {
     /// Finds everything, or says what is missing.
     pub fn find(ing: &Ingredients) -> Result<Self, String> {
         let mut missing = Vec::new();
-        // SAFETY: geteuid(2) has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
+        if !nix::unistd::geteuid().is_root() {
             missing.push("root (debootstrap and chroot)".to_string());
         }
         for tool in ["debootstrap", "mkfs.ext4"] {

@@ -19,6 +19,7 @@ use nix::sys::stat::FileStat;
 use super::{ArchiveError, Excludes, errno_err, io_err};
 use crate::nofollow::{self, Kind};
 
+/// Packs the tree under `root` into the file `out` (created or truncated,
 /// not followed if it is a symlink, fsynced); see [`pack_to`].
 #[cfg(test)]
 pub fn pack(root: &Path, out: &Path, excludes: &[String]) -> Result<u64, ArchiveError> {

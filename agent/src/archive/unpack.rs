@@ -376,8 +376,6 @@ fn link_source(
     }
 }
 
-/// Packs the tree under `root` into the file `out` (created or truncated,
-
 #[cfg(test)]
 mod tests {
     use super::*;
