@@ -9,6 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use uve_protocol::defs::{DEFAULT_HEARTBEAT_MS, DEFAULT_MAX_FRAME, DEFAULT_PORT};
 
+/// The `[s3]` section (defined by the store layer).
+pub use crate::store::S3Config;
 use crate::store::StorePolicy;
 
 /// Default data directory.
@@ -93,36 +95,6 @@ pub struct Config {
     /// The UIF store on S3-compatible object storage shared by several
     /// hosts. Default: none (the local store under `data_dir/store`).
     pub s3: Option<S3Config>,
-}
-
-/// Where the S3 store lives and how to reach it (`[s3]` in `host.toml`).
-/// Unset fields fall back to the usual AWS environment variables
-/// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
-/// `AWS_REGION`/`AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct S3Config {
-    /// Endpoint URL, e.g. `https://s3.dc1.example:443` or
-    /// `http://127.0.0.1:7480`. Default: AWS for the region.
-    pub endpoint: Option<String>,
-    /// Region. Default: from the environment, else `us-east-1`.
-    pub region: Option<String>,
-    /// Bucket (must exist). Required.
-    pub bucket: String,
-    /// Key prefix inside the bucket, so several stores can share a bucket.
-    /// Default: none.
-    pub prefix: String,
-    /// Access key id. Default: from the environment.
-    pub access_key_id: Option<String>,
-    /// Secret access key. Default: from the environment.
-    pub secret_access_key: Option<String>,
-    /// Session token. Default: from the environment.
-    pub session_token: Option<String>,
-    /// Allow plain HTTP. Default: true exactly when `endpoint` is `http://`.
-    pub allow_http: Option<bool>,
-    /// S3 requests one store operation runs at once (existence checks,
-    /// GC). Default 32.
-    pub concurrency: Option<usize>,
 }
 
 impl Default for Config {

@@ -21,11 +21,13 @@ mod local;
 mod pins;
 #[cfg(feature = "s3")]
 mod s3;
+mod s3_config;
 
 pub use local::LocalStore;
 pub use pins::{ChunkPins, PinTable};
 #[cfg(feature = "s3")]
-pub use s3::{S3Config, S3Store};
+pub use s3::S3Store;
+pub use s3_config::S3Config;
 
 use std::time::Duration;
 

@@ -55,7 +55,7 @@ use uve_protocol::manifest::{Hash, Manifest};
 use uve_protocol::message::Version;
 use uve_protocol::names;
 
-pub use crate::config::S3Config;
+pub use super::S3Config;
 
 use super::{
     ChunkPins, CommitOutcome, GcReport, HeadRule, PinTable, StoreError, StorePolicy, StoreResult,
