@@ -74,6 +74,13 @@ mod tests {
     use super::*;
     use std::fs;
     use std::os::unix::fs::MetadataExt;
+
+    /// How a user's home is unpacked (symlinks anywhere, specials skipped).
+    const HOME_POLICY: UnpackPolicy = UnpackPolicy {
+        symlinks_anywhere: true,
+        strict_types: false,
+        owner: None,
+    };
     use std::path::Path;
 
     #[test]
@@ -88,11 +95,7 @@ mod tests {
         pack(src.path(), &ar, &["*.tmp".into()]).unwrap();
         let dst = out.path().join("dst");
         fs::create_dir(&dst).unwrap();
-        let policy = UnpackPolicy {
-            symlinks_anywhere: true,
-            strict_types: false,
-            owner: None,
-        };
+        let policy = HOME_POLICY;
         unpack(&ar, &dst, policy).unwrap();
         assert_eq!(fs::read(dst.join("d/e/f.txt")).unwrap(), b"hello");
         assert!(!dst.join("skip.tmp").exists());
@@ -157,11 +160,7 @@ mod tests {
         // Round trip: one inode, two names, the content once.
         let dst = tmp.path().join("dst");
         fs::create_dir(&dst).unwrap();
-        let policy = UnpackPolicy {
-            symlinks_anywhere: true,
-            strict_types: false,
-            owner: None,
-        };
+        let policy = HOME_POLICY;
         unpack(&ar, &dst, policy).unwrap();
         assert_eq!(fs::read(dst.join("a")).unwrap(), b"shared content");
         assert_eq!(fs::read(dst.join("sub/b")).unwrap(), b"shared content");
@@ -204,11 +203,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let outside = tmp.path().join("outside");
         fs::create_dir(&outside).unwrap();
-        let home = UnpackPolicy {
-            symlinks_anywhere: true,
-            strict_types: false,
-            owner: None,
-        };
+        let home = HOME_POLICY;
         let out = outside.to_str().unwrap().to_string();
         let cases: Vec<Vec<u8>> = vec![
             raw(&[("../escape", tar::EntryType::Regular, "")]),
