@@ -10,10 +10,10 @@ use tokio::sync::{Semaphore, mpsc};
 use uve_protocol::link::Incoming;
 use uve_protocol::message::{ErrorCode, Request, Response, WireError};
 
-use crate::uve5::{Conn, Handled, notices, retrieve, update};
+use crate::uve5::{Handled, VmConnection, notices, retrieve, update};
 
 /// Runs until the link closes.
-pub async fn run(conn: Arc<Conn>, mut incoming: mpsc::Receiver<Incoming>) {
+pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>) {
     let permits = Arc::new(Semaphore::new(
         usize::try_from(conn.host.config.max_inflight.max(1)).unwrap_or(32),
     ));
@@ -60,7 +60,7 @@ fn flatten(h: Handled) -> Response {
     h.unwrap_or_else(Response::Error)
 }
 
-async fn handle(conn: &Conn, request: Request) -> Handled {
+async fn handle(conn: &VmConnection, request: Request) -> Handled {
     match request {
         Request::UifRetrieve { user, session } => retrieve::grant(conn, &user, &session).await,
         Request::ManifestPage {

@@ -22,7 +22,7 @@ use crate::host::Host;
 use crate::metrics;
 use crate::registry::VmSpec;
 use crate::store::now_ms;
-use crate::uve5::Conn;
+use crate::uve5::VmConnection;
 use crate::{dispatch, metrics::add};
 
 /// Accept loops of per-VM listeners, by VM id.
@@ -195,7 +195,7 @@ async fn serve(
         conn_id,
         agent_version: summary.agent_version.clone(),
     });
-    let conn = Arc::new(Conn::new(
+    let conn = Arc::new(VmConnection::new(
         host.clone(),
         vm.clone(),
         conn_id,

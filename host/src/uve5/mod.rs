@@ -1,5 +1,5 @@
 //! UVE-5, the host side: what an agent may ask of the host (retrieve,
-//! update, session notices). [`Conn`] is the per-connection context the
+//! update, session notices). [`VmConnection`] is the per-connection context the
 //! dispatcher passes to every handler: which VM (from the listener, never
 //! from the guest), what was served to it, which uploads it has open.
 
@@ -19,7 +19,7 @@ use crate::host::Host;
 pub type Handled = Result<Response, WireError>;
 
 /// Per-connection context.
-pub struct Conn {
+pub struct VmConnection {
     /// Shared daemon state.
     pub host: Arc<Host>,
     /// The VM this connection belongs to.
@@ -47,10 +47,10 @@ struct ConnState {
     next_upload: u64,
 }
 
-impl Conn {
+impl VmConnection {
     /// A context for a new connection of `vm`.
     pub fn new(host: Arc<Host>, vm: String, conn_id: u64, max_frame: u32, protocol: u16) -> Self {
-        Conn {
+        VmConnection {
             host,
             vm,
             conn_id,

@@ -4,12 +4,12 @@
 
 use uve_protocol::message::{DisconnectNotice, Response};
 
-use super::{Conn, Handled, check_name, check_text};
+use super::{Handled, VmConnection, check_name, check_text};
 use crate::events::{DisconnectSource, Event};
 use crate::metrics;
 
 /// `SessionStarted`.
-pub fn started(conn: &Conn, session: &str, user: &str, ua: Option<String>) -> Handled {
+pub fn started(conn: &VmConnection, session: &str, user: &str, ua: Option<String>) -> Handled {
     check_name("session", session)?;
     check_name("user", user)?;
     if let Some(ua) = &ua {
@@ -32,7 +32,7 @@ pub fn started(conn: &Conn, session: &str, user: &str, ua: Option<String>) -> Ha
 }
 
 /// `SessionEnded`.
-pub fn ended(conn: &Conn, session: &str) -> Handled {
+pub fn ended(conn: &VmConnection, session: &str) -> Handled {
     check_name("session", session)?;
     if let Some(s) = conn.host.sessions.ended(&conn.vm, session) {
         conn.host.events.emit(Event::SessionEnded {
@@ -46,7 +46,7 @@ pub fn ended(conn: &Conn, session: &str) -> Handled {
 }
 
 /// `UnexpectedDisconnect`.
-pub fn disconnect(conn: &Conn, n: DisconnectNotice) -> Handled {
+pub fn disconnect(conn: &VmConnection, n: DisconnectNotice) -> Handled {
     check_name("session", &n.session)?;
     check_name("user", &n.user)?;
     if let Some(ua) = &n.ua {

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use uve_protocol::manifest::Hash;
 use uve_protocol::message::{ErrorCode, Response, RetrieveGrant, Version, WireError};
 
-use super::{Conn, Handled, check_name};
+use super::{Handled, VmConnection, check_name};
 use crate::events::Event;
 use crate::host::{Host, wire_store_error};
 use crate::metrics;
 
 /// `UifRetrieve`.
-pub async fn grant(conn: &Conn, user: &str, session: &str) -> Handled {
+pub async fn grant(conn: &VmConnection, user: &str, session: &str) -> Handled {
     check_name("user", user)?;
     check_name("session", session)?;
     conn.check_assigned(user)?;
@@ -90,7 +90,7 @@ fn cache_manifest(
 }
 
 /// `ManifestPage`: only for versions granted on this connection.
-pub async fn page(conn: &Conn, user: &str, version: Version, page: u32) -> Handled {
+pub async fn page(conn: &VmConnection, user: &str, version: Version, page: u32) -> Handled {
     check_name("user", user)?;
     conn.check_assigned(user)?;
     let cached = {
@@ -133,7 +133,7 @@ pub async fn page(conn: &Conn, user: &str, version: Version, page: u32) -> Handl
 }
 
 /// `ChunkFetch`: only chunks of pages served on this connection.
-pub async fn fetch(conn: &Conn, user: &str, hash: Hash) -> Handled {
+pub async fn fetch(conn: &VmConnection, user: &str, hash: Hash) -> Handled {
     check_name("user", user)?;
     conn.check_assigned(user)?;
     let allowed = conn

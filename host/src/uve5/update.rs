@@ -21,7 +21,7 @@ mod block_delta;
 
 pub use block_delta::{chunk_delta, signatures};
 
-use super::{Conn, Handled, check_name};
+use super::{Handled, VmConnection, check_name};
 use crate::events::{Event, UpdateFields};
 use crate::host::wire_store_error;
 use crate::metrics;
@@ -74,7 +74,7 @@ fn bad(code: ErrorCode, msg: impl std::fmt::Display) -> WireError {
     WireError::new(code, msg)
 }
 
-fn get(conn: &Conn, upload: u64) -> Result<Arc<Upload>, WireError> {
+fn get(conn: &VmConnection, upload: u64) -> Result<Arc<Upload>, WireError> {
     conn.state()
         .uploads
         .get(&upload)
@@ -87,7 +87,7 @@ fn get(conn: &Conn, upload: u64) -> Result<Arc<Upload>, WireError> {
 /// once (the agent keeps the bytes as a preserved copy; see the agent's
 /// README). Transient refusals (busy, shutting down) are retried by the
 /// agent and recorded nowhere.
-fn refused(conn: &Conn, b: &UpdateBegin, e: &WireError) {
+fn refused(conn: &VmConnection, b: &UpdateBegin, e: &WireError) {
     if e.code.is_transient() {
         return;
     }
@@ -105,7 +105,7 @@ fn refused(conn: &Conn, b: &UpdateBegin, e: &WireError) {
 }
 
 /// `UpdateBegin`.
-pub fn begin(conn: &Conn, b: UpdateBegin) -> Handled {
+pub fn begin(conn: &VmConnection, b: UpdateBegin) -> Handled {
     // A malformed name is a hostile or broken peer, not a user's update.
     check_name("user", &b.user)?;
     check_name("session", &b.session)?;
@@ -113,7 +113,7 @@ pub fn begin(conn: &Conn, b: UpdateBegin) -> Handled {
     open_upload(conn, b).inspect_err(|e| refused(conn, &asked, e))
 }
 
-fn open_upload(conn: &Conn, b: UpdateBegin) -> Handled {
+fn open_upload(conn: &VmConnection, b: UpdateBegin) -> Handled {
     let host = &conn.host;
     if host.shutdown.is_cancelled() {
         return Err(bad(ErrorCode::ShuttingDown, "host is shutting down"));
@@ -183,14 +183,19 @@ fn open_upload(conn: &Conn, b: UpdateBegin) -> Handled {
 }
 
 /// `UpdatePage`: returns the indices (within the page) the store lacks.
-pub async fn page(conn: &Conn, upload: u64, page: u32, chunks: Vec<ChunkRef>) -> Handled {
+pub async fn page(conn: &VmConnection, upload: u64, page: u32, chunks: Vec<ChunkRef>) -> Handled {
     let up = get(conn, upload)?;
     list_page(conn, &up, page, chunks)
         .await
         .inspect_err(|e| refused(conn, &up.begin, e))
 }
 
-async fn list_page(conn: &Conn, up: &Arc<Upload>, page: u32, chunks: Vec<ChunkRef>) -> Handled {
+async fn list_page(
+    conn: &VmConnection,
+    up: &Arc<Upload>,
+    page: u32,
+    chunks: Vec<ChunkRef>,
+) -> Handled {
     let per = chunks_per_page(conn.max_frame) as usize;
     {
         let st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -274,7 +279,7 @@ async fn list_page(conn: &Conn, up: &Arc<Upload>, page: u32, chunks: Vec<ChunkRe
 /// The chunks of the upload's base version, loaded once (empty when
 /// there is no base or it cannot be read: then the store is asked and no
 /// chunk can be sent as a delta).
-async fn base_index(conn: &Conn, up: &Upload) -> Arc<BaseIndex> {
+async fn base_index(conn: &VmConnection, up: &Upload) -> Arc<BaseIndex> {
     if let Some(ix) = &up.state.lock().unwrap_or_else(PoisonError::into_inner).base {
         return ix.clone();
     }
@@ -298,13 +303,13 @@ async fn base_index(conn: &Conn, up: &Upload) -> Arc<BaseIndex> {
 
 /// Takes the shared side of an upload's gate (in the dispatcher, before the
 /// chunk's handler is spawned, so a later commit waits for it).
-pub async fn chunk_guard(conn: &Conn, upload: u64) -> Option<OwnedRwLockReadGuard<()>> {
+pub async fn chunk_guard(conn: &VmConnection, upload: u64) -> Option<OwnedRwLockReadGuard<()>> {
     let up = get(conn, upload).ok()?;
     Some(up.gate.clone().read_owned().await)
 }
 
 /// `ChunkUpload`.
-pub async fn chunk(conn: &Conn, upload: u64, hash: Hash, data: Vec<u8>) -> Handled {
+pub async fn chunk(conn: &VmConnection, upload: u64, hash: Hash, data: Vec<u8>) -> Handled {
     let up = get(conn, upload)?;
     let listed = up
         .state
@@ -350,7 +355,7 @@ fn mark_stored(up: &Upload, hash: &Hash) {
 }
 
 /// `UpdateAbort`.
-pub fn abort(conn: &Conn, upload: u64) -> Handled {
+pub fn abort(conn: &VmConnection, upload: u64) -> Handled {
     conn.state()
         .uploads
         .remove(&upload)
@@ -359,14 +364,14 @@ pub fn abort(conn: &Conn, upload: u64) -> Handled {
 }
 
 /// `UpdateCommit`.
-pub async fn commit(conn: &Conn, upload: u64) -> Handled {
+pub async fn commit(conn: &VmConnection, upload: u64) -> Handled {
     let up = get(conn, upload)?;
     commit_upload(conn, &up, upload)
         .await
         .inspect_err(|e| refused(conn, &up.begin, e))
 }
 
-async fn commit_upload(conn: &Conn, up: &Arc<Upload>, upload: u64) -> Handled {
+async fn commit_upload(conn: &VmConnection, up: &Arc<Upload>, upload: u64) -> Handled {
     let _exclusive = up.gate.clone().write_owned().await;
     let host = conn.host.clone();
     let _commit = host.commit_guard();

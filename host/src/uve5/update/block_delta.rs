@@ -15,7 +15,7 @@ use super::{Upload, bad, base_index, get, mark_stored};
 use crate::host::wire_store_error;
 use crate::metrics;
 use crate::store::{StoreError, StoreResult, UifStore};
-use crate::uve5::{Conn, Handled};
+use crate::uve5::{Handled, VmConnection};
 
 /// Deltas per upload whose rebuilt chunk does not match its hash before
 /// the host refuses further deltas of that upload (each costs a base bytes
@@ -30,7 +30,7 @@ const SIGNATURE_READS_IN_FLIGHT: usize = 4;
 /// digests of the blocks of the base version's bytes over the same range,
 /// or `None` (the range is not inside the base version, or cannot be read:
 /// the agent sends the chunk whole).
-pub async fn signatures(conn: &Conn, upload: u64, indices: Vec<u32>) -> Handled {
+pub async fn signatures(conn: &VmConnection, upload: u64, indices: Vec<u32>) -> Handled {
     conn.check_protocol(PROTOCOL_BLOCK_DELTA, "BlockSignatures")?;
     let up = get(conn, upload)?;
     if indices.len() > MAX_SIGNATURE_BATCH as usize {
@@ -121,7 +121,7 @@ fn read_base(
 /// `ChunkDelta` (protocol 2): rebuilds a missing chunk from the base
 /// version's bytes at its offset and the blocks sent, then stores it like
 /// an uploaded chunk (`BadChunk` if the result is not the announced hash).
-pub async fn chunk_delta(conn: &Conn, d: ChunkDelta) -> Handled {
+pub async fn chunk_delta(conn: &VmConnection, d: ChunkDelta) -> Handled {
     conn.check_protocol(PROTOCOL_BLOCK_DELTA, "ChunkDelta")?;
     let up = get(conn, d.upload)?;
     let base = base_index(conn, &up).await;
