@@ -223,90 +223,80 @@ fn footprint(
     rows
 }
 
-fn main() {
-    let cli = Cli::parse();
-    let bins = match uve_e2e::binaries::release() {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("uve-bench: {e}");
-            std::process::exit(1);
-        }
-    };
+/// The run's work directory: a fresh one under `--work` (default target/).
+fn work_dir(cli: &Cli) -> tempfile::TempDir {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap_or(Path::new("."))
         .to_path_buf();
     let base = cli.work.clone().unwrap_or_else(|| repo.join("target"));
     std::fs::create_dir_all(&base).expect("work base");
-    let work = tempfile::Builder::new()
+    tempfile::Builder::new()
         .prefix("bench-")
         .tempdir_in(&base)
-        .expect("work dir");
-    let size = cli.size_mib << 20;
-    let run = |w: Which| (cli.which == Which::All && w != Which::S3) || cli.which == w;
-    let mut rows = Vec::new();
-    let started = Instant::now();
+        .expect("work dir")
+}
 
-    if run(Which::Chunking) {
-        eprintln!("chunking…");
-        rows.extend(chunking(work.path(), size));
-    }
+/// Whether `w` is to run: chosen itself, or part of `all` (S3 is not).
+fn selected(cli: &Cli, w: Which) -> bool {
+    (cli.which == Which::All && w != Which::S3) || cli.which == w
+}
+
+/// Transfer and footprint share one rig; returns the footprint's peak RSS
+/// through a full update when transfer ran.
+fn transfer_and_footprint(
+    cli: &Cli,
+    bins: &uve_e2e::binaries::Binaries,
+    work: &Path,
+    size: usize,
+    rows: &mut Vec<Row>,
+) -> Option<u64> {
+    let run = |w: Which| selected(cli, w);
     let mut flush_hwm = None;
-    if run(Which::Transfer) || run(Which::Footprint) {
-        eprintln!("transfer…");
-        let dir = work.path().join("transfer");
-        std::fs::create_dir_all(&dir).expect("dir");
-        let rig = rig::Rig::start(&bins, &dir, false).expect("start host + agent");
+    eprintln!("transfer…");
+    let dir = work.join("transfer");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let rig = rig::Rig::start(bins, &dir, false).expect("start host + agent");
+    if run(Which::Footprint) {
+        std::thread::sleep(Duration::from_secs(1));
+        rows.extend(footprint(bins, Some(&rig), None));
+    }
+    if run(Which::Transfer) {
+        let (r, hwm) = transfer::run(&rig, &dir, size);
+        rows.extend(r);
+        flush_hwm = hwm;
         if run(Which::Footprint) {
-            std::thread::sleep(Duration::from_secs(1));
-            rows.extend(footprint(&bins, Some(&rig), None));
-        }
-        if run(Which::Transfer) {
-            let (r, hwm) = transfer::run(&rig, &dir, size);
-            rows.extend(r);
-            flush_hwm = hwm;
-            if run(Which::Footprint) {
-                rows.extend(footprint(&bins, None, flush_hwm).into_iter().skip(1));
-            }
+            rows.extend(footprint(bins, None, flush_hwm).into_iter().skip(1));
         }
     }
-    if run(Which::Incremental) {
-        eprintln!("incremental…");
-        let dir = work.path().join("incremental");
-        std::fs::create_dir_all(&dir).expect("dir");
-        let rig = rig::Rig::start(&bins, &dir, true).expect("start host + agent");
-        rows.extend(incremental::run(&rig, &dir, size));
-    }
-    if run(Which::Scale) {
-        eprintln!("scale…");
-        // Unix socket paths are limited to 108 bytes: keep this one short.
-        let dir = tempfile::Builder::new()
-            .prefix("ub-")
-            .tempdir_in("/tmp")
-            .expect("scale dir");
-        let p = scale::Params {
-            agents: cli.agents,
-            bulk_agents: cli.bulk_agents.min(cli.agents),
-            bulk_size: cli.bulk_mib << 20,
-            phase: Duration::from_secs(cli.phase_secs),
-        };
-        match scale::run(&bins, dir.path(), &p) {
-            Ok(r) => rows.extend(r),
-            Err(e) => rows.push(Row::text("scale", format!("failed: {e}"), "", "")),
-        }
-    }
-    let _ = flush_hwm;
-    if run(Which::S3) {
-        eprintln!("S3 store (Ceph RGW) vs local store…");
-        rows.extend(s3store::run(&bins, work.path(), size));
-    }
-    if cli.keep {
-        eprintln!("work directory kept: {}", work.keep().display());
-    }
+    flush_hwm
+}
 
+/// The scale benchmark, in a short-named directory under /tmp.
+fn scale_rows(cli: &Cli, bins: &uve_e2e::binaries::Binaries) -> Vec<Row> {
+    eprintln!("scale…");
+    // Unix socket paths are limited to 108 bytes: keep this one short.
+    let dir = tempfile::Builder::new()
+        .prefix("ub-")
+        .tempdir_in("/tmp")
+        .expect("scale dir");
+    let p = scale::Params {
+        agents: cli.agents,
+        bulk_agents: cli.bulk_agents.min(cli.agents),
+        bulk_size: cli.bulk_mib << 20,
+        phase: Duration::from_secs(cli.phase_secs),
+    };
+    match scale::run(bins, dir.path(), &p) {
+        Ok(r) => r,
+        Err(e) => vec![Row::text("scale", format!("failed: {e}"), "", "")],
+    }
+}
+
+/// Prints the result table and the run's footer.
+fn print_table(cli: &Cli, rows: &[Row], started: Instant) {
     println!("\n| benchmark | uve | baseline | baseline figure | uve / baseline |");
     println!("|---|---|---|---|---|");
-    for r in &rows {
+    for r in rows {
         println!(
             "| {} | {} | {} | {} | {} |",
             r.what, r.ours, r.baseline, r.theirs, r.ratio
@@ -318,4 +308,48 @@ fn main() {
         cli.size_mib,
         started.elapsed().as_secs_f64()
     );
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let bins = match uve_e2e::binaries::release() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("uve-bench: {e}");
+            std::process::exit(1);
+        }
+    };
+    let work = work_dir(&cli);
+    let size = cli.size_mib << 20;
+    let run = |w: Which| selected(&cli, w);
+    let mut rows = Vec::new();
+    let started = Instant::now();
+
+    if run(Which::Chunking) {
+        eprintln!("chunking…");
+        rows.extend(chunking(work.path(), size));
+    }
+    let mut flush_hwm = None;
+    if run(Which::Transfer) || run(Which::Footprint) {
+        flush_hwm = transfer_and_footprint(&cli, &bins, work.path(), size, &mut rows);
+    }
+    if run(Which::Incremental) {
+        eprintln!("incremental…");
+        let dir = work.path().join("incremental");
+        std::fs::create_dir_all(&dir).expect("dir");
+        let rig = rig::Rig::start(&bins, &dir, true).expect("start host + agent");
+        rows.extend(incremental::run(&rig, &dir, size));
+    }
+    if run(Which::Scale) {
+        rows.extend(scale_rows(&cli, &bins));
+    }
+    let _ = flush_hwm;
+    if run(Which::S3) {
+        eprintln!("S3 store (Ceph RGW) vs local store…");
+        rows.extend(s3store::run(&bins, work.path(), size));
+    }
+    if cli.keep {
+        eprintln!("work directory kept: {}", work.keep().display());
+    }
+    print_table(&cli, &rows, started);
 }

@@ -16,7 +16,7 @@ use uve_e2e::host::HostDaemon;
 use uve_protocol::chunker::chunk_stream;
 use uve_protocol::defs::PROTOCOL_MAX;
 use uve_protocol::link::LinkHandle;
-use uve_protocol::manifest::chunks_per_page;
+use uve_protocol::manifest::{Manifest, ManifestHeader, chunks_per_page};
 use uve_protocol::message::{DisconnectNotice, Request, Response, UpdateBegin, UpdateCause};
 
 use crate::Row;
@@ -153,6 +153,20 @@ async fn one_update(h: &LinkHandle, user: &str, size: usize, seed: u64) -> Resul
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+    let upload = begin_update(h, user, manifest.header).await?;
+    let sent = send_pages(h, upload, &manifest, &bytes).await?;
+    match h
+        .request(Request::UpdateCommit { upload })
+        .await
+        .map_err(|e| format!("commit: {e}"))?
+    {
+        Response::Committed { .. } => Ok(sent),
+        other => Err(format!("commit answered {other:?}")),
+    }
+}
+
+/// Retrieves `user`'s head and begins an update on it; returns the upload id.
+async fn begin_update(h: &LinkHandle, user: &str, header: ManifestHeader) -> Result<u64, String> {
     let grant = match h
         .request(Request::UifRetrieve {
             user: user.into(),
@@ -164,21 +178,31 @@ async fn one_update(h: &LinkHandle, user: &str, size: usize, seed: u64) -> Resul
         Response::Retrieve(g) => g,
         other => return Err(format!("retrieve answered {other:?}")),
     };
-    let upload = match h
+    match h
         .request(Request::UpdateBegin(UpdateBegin {
             user: user.into(),
             session: format!("{user}-s"),
             base: grant.version,
             lease: grant.lease,
-            header: manifest.header,
+            header,
             cause: UpdateCause::Checkpoint,
         }))
         .await
         .map_err(|e| format!("begin: {e}"))?
     {
-        Response::UpdateAccepted { upload } => upload,
-        other => return Err(format!("begin answered {other:?}")),
-    };
+        Response::UpdateAccepted { upload } => Ok(upload),
+        other => Err(format!("begin answered {other:?}")),
+    }
+}
+
+/// Sends the manifest's pages and uploads the chunks the host misses, at
+/// most 8 at a time; returns the bytes uploaded.
+async fn send_pages(
+    h: &LinkHandle,
+    upload: u64,
+    manifest: &Manifest,
+    bytes: &Arc<Vec<u8>>,
+) -> Result<u64, String> {
     let per = chunks_per_page(h.max_frame()) as usize;
     let offsets: Vec<usize> = manifest.offsets().map(|(o, _)| o as usize).collect();
     let mut sent = 0u64;
@@ -223,14 +247,7 @@ async fn one_update(h: &LinkHandle, user: &str, size: usize, seed: u64) -> Resul
                 .map_err(|e| format!("upload: {e}"))?;
         }
     }
-    match h
-        .request(Request::UpdateCommit { upload })
-        .await
-        .map_err(|e| format!("commit: {e}"))?
-    {
-        Response::Committed { .. } => Ok(sent),
-        other => Err(format!("commit answered {other:?}")),
-    }
+    Ok(sent)
 }
 
 fn percentile(v: &mut [u64], p: f64) -> f64 {
@@ -242,25 +259,12 @@ fn percentile(v: &mut [u64], p: f64) -> f64 {
     v[k] as f64 / 1000.0
 }
 
-/// Runs the scale benchmark; returns rows.
-pub fn run(bins: &Binaries, work: &Path, p: &Params) -> Result<Vec<Row>, String> {
-    let limit = sys::raise_nofile();
-    if limit < (p.agents as u64) * 3 + 100 {
-        return Err(format!(
-            "open-file limit {limit} too low for {} agents",
-            p.agents
-        ));
-    }
-    let host = HostDaemon::start_with(
-        &bins.host,
-        &bins.uvectl,
-        work,
-        "heartbeat_ms = 1000\nmax_uploads_per_vm = 4\n",
-    )?;
-    let root = work.join("s");
+/// Registers `p.agents` VMs (one Unix socket directory each under `root`)
+/// and assigns the bulk users to the first ones.
+fn register_vms(host: &HostDaemon, root: &Path, p: &Params) -> Result<(), String> {
     let t = Instant::now();
     for i in 0..p.agents {
-        let d = vm_dir(&root, i);
+        let d = vm_dir(root, i);
         std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
         host.ok(&[
             "vm",
@@ -274,19 +278,39 @@ pub fn run(bins: &Binaries, work: &Path, p: &Params) -> Result<Vec<Row>, String>
         host.ok(&["assign", &format!("bulk{i}"), &format!("vm{i:04}")]);
     }
     eprintln!("  registered {} VMs in {:?}", p.agents, t.elapsed());
-    let pid = host.pid().ok_or("host not running")?;
-    let idle_rss = sys::status_kib(pid, "VmRSS").unwrap_or(0);
+    Ok(())
+}
 
+/// What the host process did: RSS (KiB) at each point, CPU seconds and the
+/// phase's wall time, and how many connections lived through it.
+struct HostFigures {
+    idle_rss: u64,
+    connected_rss: u64,
+    rss_peak: u64,
+    hwm: u64,
+    cpu: f64,
+    wall: Duration,
+    alive: usize,
+}
+
+/// Connects every agent, runs the control and bulk loops for the phase
+/// while sampling the host's RSS, and measures the host (`pid`).
+fn measured_phase(
+    root: &Path,
+    p: &Params,
+    pid: u32,
+    idle_rss: u64,
+    samples: &Arc<Mutex<Samples>>,
+) -> Result<HostFigures, String> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let samples = Arc::new(Mutex::new(Samples::default()));
     let (handles, connected_rss, cpu0, rss_peak, wall) = rt.block_on(async {
         let mut handles = Vec::with_capacity(p.agents);
         for i in 0..p.agents {
-            handles.push(connect(&root, i).await?);
+            handles.push(connect(root, i).await?);
         }
         let connected_rss = sys::status_kib(pid, "VmRSS").unwrap_or(0);
         let cpu0 = sys::cpu_secs(pid).unwrap_or(0.0);
@@ -313,16 +337,54 @@ pub fn run(bins: &Binaries, work: &Path, p: &Params) -> Result<Vec<Row>, String>
     let hwm = sys::status_kib(pid, "VmHWM").unwrap_or(0);
     drop(handles);
     drop(rt);
+    Ok(HostFigures {
+        idle_rss,
+        connected_rss,
+        rss_peak,
+        hwm,
+        cpu,
+        wall,
+        alive,
+    })
+}
+
+/// Runs the scale benchmark; returns rows.
+pub fn run(bins: &Binaries, work: &Path, p: &Params) -> Result<Vec<Row>, String> {
+    let limit = sys::raise_nofile();
+    if limit < (p.agents as u64) * 3 + 100 {
+        return Err(format!(
+            "open-file limit {limit} too low for {} agents",
+            p.agents
+        ));
+    }
+    let host = HostDaemon::start_with(
+        &bins.host,
+        &bins.uvectl,
+        work,
+        "heartbeat_ms = 1000\nmax_uploads_per_vm = 4\n",
+    )?;
+    let root = work.join("s");
+    register_vms(&host, &root, p)?;
+    let pid = host.pid().ok_or("host not running")?;
+    let idle_rss = sys::status_kib(pid, "VmRSS").unwrap_or(0);
+
+    let samples = Arc::new(Mutex::new(Samples::default()));
+    let f = measured_phase(&root, p, pid, idle_rss, &samples)?;
     let mut s = samples.lock().unwrap_or_else(PoisonError::into_inner);
     if !s.errors.is_empty() {
         eprintln!("  {} errors, first: {}", s.errors.len(), s.errors[0]);
     }
+    Ok(result_rows(p, &f, &mut s))
+}
+
+/// The table rows of one scale run.
+fn result_rows(p: &Params, f: &HostFigures, s: &mut Samples) -> Vec<Row> {
     let n = p.agents;
     let mb = |kib: u64| kib as f64 / 1024.0;
-    let rows = vec![
+    vec![
         Row::text(
             format!("{n} agents: connections alive after {:?}", p.phase),
-            format!("{alive}/{n}"),
+            format!("{}/{n}", f.alive),
             "all",
             "",
         ),
@@ -335,7 +397,7 @@ pub fn run(bins: &Binaries, work: &Path, p: &Params) -> Result<Vec<Row>, String>
             format!(
                 "{} commits, {:.0} MB/s",
                 s.bulk_commits,
-                s.bulk_bytes as f64 / 1e6 / wall.as_secs_f64()
+                s.bulk_bytes as f64 / 1e6 / f.wall.as_secs_f64()
             ),
             "",
             "",
@@ -366,21 +428,20 @@ pub fn run(bins: &Binaries, work: &Path, p: &Params) -> Result<Vec<Row>, String>
             "host RSS idle / connected / peak (MiB)",
             format!(
                 "{:.1} / {:.1} / {:.1} (VmHWM {:.1})",
-                mb(idle_rss),
-                mb(connected_rss),
-                mb(rss_peak),
-                mb(hwm)
+                mb(f.idle_rss),
+                mb(f.connected_rss),
+                mb(f.rss_peak),
+                mb(f.hwm)
             ),
             "goal",
             "< 256",
         ),
         Row::text(
             "host CPU during the phase",
-            format!("{:.0} % of one core", cpu * 100.0 / wall.as_secs_f64()),
+            format!("{:.0} % of one core", f.cpu * 100.0 / f.wall.as_secs_f64()),
             "",
             "",
         ),
         Row::text("errors", s.errors.len().to_string(), "", "0"),
-    ];
-    Ok(rows)
+    ]
 }
