@@ -102,19 +102,30 @@ fn main() {
     let size = size_mib << 20;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("uif.img");
-    {
-        let mut f = std::fs::File::create(&path).expect("create");
-        for i in 0..size.div_ceil(64 << 20) {
-            let n = (size - i * (64 << 20)).min(64 << 20);
-            f.write_all(&noise(n, i as u64 + 1)).expect("write");
-        }
-        f.sync_all().expect("sync");
+    write_noise_file(&path, size);
+    throughput_table(&path, size, size_mib);
+    size_study(size);
+}
+
+/// Writes `size` bytes of pseudo-random data to `path`, 64 MiB at a time,
+/// and syncs it.
+fn write_noise_file(path: &std::path::Path, size: usize) {
+    let mut f = std::fs::File::create(path).expect("create");
+    for i in 0..size.div_ceil(64 << 20) {
+        let n = (size - i * (64 << 20)).min(64 << 20);
+        f.write_all(&noise(n, i as u64 + 1)).expect("write");
     }
+    f.sync_all().expect("sync");
+}
+
+/// The throughput table: plain BLAKE3, the chunker at three parameter sets,
+/// the single-thread chunker, `b3sum` / `sha256sum` when installed.
+fn throughput_table(path: &std::path::Path, size: usize, size_mib: usize) {
     println!(
         "# chunking throughput, {size_mib} MiB pseudo-random file (page cache warm), best of 3"
     );
     println!("{:<34} {:>10} {:>10}", "what", "MB/s", "vs blake3");
-    let (t_b3, n) = best_of(3, || plain_blake3(&path));
+    let (t_b3, n) = best_of(3, || plain_blake3(path));
     let base = mbps(n, t_b3);
     println!(
         "{:<34} {:>10.0} {:>10.2}",
@@ -142,7 +153,7 @@ fn main() {
             },
         ),
     ] {
-        let (t, n) = best_of(3, || chunk_file(&path, p));
+        let (t, n) = best_of(3, || chunk_file(path, p));
         println!(
             "{:<34} {:>10.0} {:>10.2}",
             name,
@@ -150,7 +161,7 @@ fn main() {
             mbps(n, t) / base
         );
     }
-    let (t, n) = best_of(3, || chunk_file_one_thread(&path));
+    let (t, n) = best_of(3, || chunk_file_one_thread(path));
     println!(
         "{:<34} {:>10.0} {:>10.2}",
         "uve Chunker, single thread",
@@ -158,7 +169,7 @@ fn main() {
         mbps(n, t) / base
     );
     for cmd in ["b3sum", "sha256sum"] {
-        match external(cmd, &path) {
+        match external(cmd, path) {
             Some(t) => println!(
                 "{:<34} {:>10.0} {:>10.2}",
                 cmd,
@@ -168,7 +179,12 @@ fn main() {
             None => println!("{cmd:<34} {:>10}", "n/a"),
         }
     }
+}
 
+/// The chunk size study on min(`size`, 256 MiB) in memory: chunk count,
+/// manifest size and the bytes an update sends after scattered edits and
+/// after an insertion, per parameter candidate.
+fn size_study(size: usize) {
     let study = size.min(256 << 20);
     println!(
         "\n# chunk size study on {} MiB: bytes an update must send",

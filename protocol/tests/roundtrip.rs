@@ -14,6 +14,7 @@ use bytes::BytesMut;
 use proptest::collection::vec;
 use proptest::option;
 use proptest::prelude::*;
+use proptest::strategy::Union;
 use tokio_util::codec::Decoder;
 use uve_protocol::codec::{FrameCodec, FrameError, encode_frame};
 use uve_protocol::defs::DEFAULT_MAX_FRAME;
@@ -78,82 +79,125 @@ fn cause() -> impl Strategy<Value = UpdateCause> {
     ])
 }
 
+/// One strategy per request variant, all equally likely, in the enum's
+/// order (exactly what `prop_oneof!` over all of them builds): UVE-5
+/// transfers and session notices, UVE-2, protocol 2.
 fn request() -> impl Strategy<Value = Request> {
-    prop_oneof![
-        (text(), text()).prop_map(|(user, session)| Request::UifRetrieve { user, session }),
-        (text(), any::<u64>(), any::<u32>()).prop_map(|(user, version, page)| {
-            Request::ManifestPage {
+    Union::new(
+        [
+            uve5_transfer_requests(),
+            uve5_session_requests(),
+            uve2_requests(),
+            protocol2_requests(),
+        ]
+        .into_iter()
+        .flatten(),
+    )
+}
+
+/// UVE-5 requests (agent → host) of a retrieve and of an update.
+fn uve5_transfer_requests() -> Vec<BoxedStrategy<Request>> {
+    vec![
+        (text(), text())
+            .prop_map(|(user, session)| Request::UifRetrieve { user, session })
+            .boxed(),
+        (text(), any::<u64>(), any::<u32>())
+            .prop_map(|(user, version, page)| Request::ManifestPage {
                 user,
                 version,
                 page,
-            }
-        }),
-        (text(), hash()).prop_map(|(user, hash)| Request::ChunkFetch { user, hash }),
+            })
+            .boxed(),
+        (text(), hash())
+            .prop_map(|(user, hash)| Request::ChunkFetch { user, hash })
+            .boxed(),
         (
             text(),
             text(),
             option::of(any::<u64>()),
             any::<u64>(),
             header(),
-            cause()
+            cause(),
         )
-            .prop_map(
-                |(user, session, base, lease, header, cause)| Request::UpdateBegin(UpdateBegin {
+            .prop_map(|(user, session, base, lease, header, cause)| {
+                Request::UpdateBegin(UpdateBegin {
                     user,
                     session,
                     base,
                     lease,
                     header,
-                    cause
+                    cause,
                 })
-            ),
-        (any::<u64>(), any::<u32>(), chunks()).prop_map(|(upload, page, chunks)| {
-            Request::UpdatePage {
+            })
+            .boxed(),
+        (any::<u64>(), any::<u32>(), chunks())
+            .prop_map(|(upload, page, chunks)| Request::UpdatePage {
                 upload,
                 page,
                 chunks,
-            }
-        }),
-        (any::<u64>(), hash(), bytes()).prop_map(|(upload, hash, data)| Request::ChunkUpload {
-            upload,
-            hash,
-            data
-        }),
-        any::<u64>().prop_map(|upload| Request::UpdateCommit { upload }),
-        any::<u64>().prop_map(|upload| Request::UpdateAbort { upload }),
+            })
+            .boxed(),
+        (any::<u64>(), hash(), bytes())
+            .prop_map(|(upload, hash, data)| Request::ChunkUpload { upload, hash, data })
+            .boxed(),
+        any::<u64>()
+            .prop_map(|upload| Request::UpdateCommit { upload })
+            .boxed(),
+        any::<u64>()
+            .prop_map(|upload| Request::UpdateAbort { upload })
+            .boxed(),
+    ]
+}
+
+/// UVE-5 session notices (agent → host): started, ended, unexpected
+/// disconnect.
+fn uve5_session_requests() -> Vec<BoxedStrategy<Request>> {
+    vec![
         (text(), text(), option::of(text()))
-            .prop_map(|(session, user, ua)| Request::SessionStarted { session, user, ua }),
-        text().prop_map(|session| Request::SessionEnded { session }),
+            .prop_map(|(session, user, ua)| Request::SessionStarted { session, user, ua })
+            .boxed(),
+        text()
+            .prop_map(|session| Request::SessionEnded { session })
+            .boxed(),
         (
             any::<u64>(),
             text(),
             text(),
             option::of(text()),
             text(),
-            any::<u64>()
+            any::<u64>(),
         )
-            .prop_map(
-                |(id, session, user, ua, reason, at)| Request::UnexpectedDisconnect(
-                    DisconnectNotice {
-                        id,
-                        session,
-                        user,
-                        ua,
-                        reason,
-                        at
-                    }
-                )
-            ),
+            .prop_map(|(id, session, user, ua, reason, at)| {
+                Request::UnexpectedDisconnect(DisconnectNotice {
+                    id,
+                    session,
+                    user,
+                    ua,
+                    reason,
+                    at,
+                })
+            })
+            .boxed(),
+    ]
+}
+
+/// UVE-2 requests (host → agent): release, monitoring, UAs, suspend /
+/// resume, ping, status.
+fn uve2_requests() -> Vec<BoxedStrategy<Request>> {
+    vec![
         (text(), any::<u32>())
-            .prop_map(|(user, deadline_ms)| Request::UserRelease { user, deadline_ms }),
-        (text(), text(), any::<u64>()).prop_map(|(session, monitor, expires)| {
-            Request::MonitorGrant {
+            .prop_map(|(user, deadline_ms)| Request::UserRelease { user, deadline_ms })
+            .boxed(),
+        (text(), text(), any::<u64>())
+            .prop_map(|(session, monitor, expires)| Request::MonitorGrant {
                 session,
                 monitor,
                 expires,
-            }
-        }),
-        (text(), text()).prop_map(|(session, monitor)| Request::MonitorRevoke { session, monitor }),
+            })
+            .boxed(),
+        (text(), text())
+            .prop_map(|(session, monitor)| Request::MonitorRevoke { session, monitor })
+            .boxed(),
         (
             any::<u64>(),
             text(),
@@ -161,7 +205,7 @@ fn request() -> impl Strategy<Value = Request> {
             vec(text(), 0..4),
             hash(),
             any::<u64>(),
-            any::<bool>()
+            any::<bool>(),
         )
             .prop_map(|(transfer, name, version, entry, digest, size, update)| {
                 Request::UaBegin(UaBundle {
@@ -173,31 +217,49 @@ fn request() -> impl Strategy<Value = Request> {
                     size,
                     update,
                 })
-            }),
-        (any::<u64>(), any::<u64>(), bytes()).prop_map(|(transfer, offset, data)| {
-            Request::UaBundleData {
+            })
+            .boxed(),
+        (any::<u64>(), any::<u64>(), bytes())
+            .prop_map(|(transfer, offset, data)| Request::UaBundleData {
                 transfer,
                 offset,
                 data,
-            }
-        }),
-        any::<u64>().prop_map(|transfer| Request::UaCommit { transfer }),
-        text().prop_map(|name| Request::UaRollback { name }),
-        (text(), any::<bool>()).prop_map(|(name, force)| Request::UaDelete { name, force }),
-        text().prop_map(|session| Request::SessionSuspend { session }),
-        text().prop_map(|session| Request::SessionResume { session }),
-        any::<u64>().prop_map(|nonce| Request::Ping { nonce }),
-        Just(Request::AgentStatus),
+            })
+            .boxed(),
+        any::<u64>()
+            .prop_map(|transfer| Request::UaCommit { transfer })
+            .boxed(),
+        text().prop_map(|name| Request::UaRollback { name }).boxed(),
+        (text(), any::<bool>())
+            .prop_map(|(name, force)| Request::UaDelete { name, force })
+            .boxed(),
+        text()
+            .prop_map(|session| Request::SessionSuspend { session })
+            .boxed(),
+        text()
+            .prop_map(|session| Request::SessionResume { session })
+            .boxed(),
+        any::<u64>()
+            .prop_map(|nonce| Request::Ping { nonce })
+            .boxed(),
+        Just(Request::AgentStatus).boxed(),
+    ]
+}
+
+/// Protocol 2 (`PROTOCOL_BLOCK_DELTA`) requests: block signatures, chunk delta.
+fn protocol2_requests() -> Vec<BoxedStrategy<Request>> {
+    vec![
         (any::<u64>(), vec(any::<u32>(), 0..50))
-            .prop_map(|(upload, chunks)| Request::BlockSignatures { upload, chunks }),
+            .prop_map(|(upload, chunks)| Request::BlockSignatures { upload, chunks })
+            .boxed(),
         (
             any::<u64>(),
             any::<u32>(),
             hash(),
-            vec((any::<u16>(), bytes()), 0..4)
+            vec((any::<u16>(), bytes()), 0..4),
         )
-            .prop_map(
-                |(upload, index, hash, blocks)| Request::ChunkDelta(ChunkDelta {
+            .prop_map(|(upload, index, hash, blocks)| {
+                Request::ChunkDelta(ChunkDelta {
                     upload,
                     index,
                     hash,
@@ -206,7 +268,8 @@ fn request() -> impl Strategy<Value = Request> {
                         .map(|(index, data)| DeltaBlock { index, data })
                         .collect(),
                 })
-            ),
+            })
+            .boxed(),
     ]
 }
 

@@ -22,7 +22,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -64,9 +64,10 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
+const NAME: &str = "baked_debian_image_boots_agent_by_systemd_and_round_trips";
+
 #[test]
 fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
-    const NAME: &str = "baked_debian_image_boots_agent_by_systemd_and_round_trips";
     let Some(ing) = Ingredients::require(NAME) else {
         return;
     };
@@ -76,7 +77,24 @@ fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
     let run = RunDir::new(NAME);
     let dir = run.path();
 
-    // --- bake: debootstrap (cached) + the packages + config + test unit.
+    let (disk, initrd) = bake_image(&ing, &bake, dir);
+    let (host, vm_dir, v1, v1_head) = host_with_alice_imported(&ing, dir);
+    let vm = boot_with_systemd(&ing, &host, &vm_dir, &initrd, &disk);
+
+    agent_unit_under_systemd(&vm);
+    host_unit_under_systemd(&vm);
+    agent_reload_keeps_it_running(&vm);
+    host_unit_listens_on_af_vsock(&vm);
+    log_security_and_failed_units(&vm);
+
+    login_logout_round_trip(&host, &vm, dir, &v1, v1_head);
+    agent_stops_through_its_unit(&host, &vm);
+    drop(vm);
+}
+
+/// Bake: debootstrap (cached) + the packages + config + test unit, into
+/// `dir/disk.img`; then the initramfs that boots it. Returns both paths.
+fn bake_image(ing: &Ingredients, bake: &BakeIngredients, dir: &Path) -> (PathBuf, PathBuf) {
     let cached = bake.rootfs_cached();
     std::fs::write(dir.join("agent.toml"), AGENT_CONFIG).unwrap();
     std::fs::write(dir.join("uve-e2e-guest.service"), GUEST_UNIT).unwrap();
@@ -118,10 +136,15 @@ fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
     );
     // The rootfs tree is no longer needed once it is in the disk image.
     let _ = std::fs::remove_dir_all(dir.join("rootfs"));
-    let initrd = root_initramfs(&ing, &dir.join("initramfs.cpio.gz")).expect("initramfs");
+    let initrd = root_initramfs(ing, &dir.join("initramfs.cpio.gz")).expect("initramfs");
+    (disk, initrd)
+}
 
-    // --- the real host, listening for the VM before it boots.
-    let host = HostDaemon::start(&ing, dir, "").expect("host");
+/// The real host, listening for the VM before it boots; alice assigned to
+/// `vm-baked` with a 1 MiB `v1` imported. Returns the host, the VM's
+/// directory, `v1` and its head version.
+fn host_with_alice_imported(ing: &Ingredients, dir: &Path) -> (HostDaemon, PathBuf, Vec<u8>, u64) {
+    let host = HostDaemon::start(ing, dir, "").expect("host");
     let vm_dir = dir.join("vm");
     std::fs::create_dir_all(&vm_dir).unwrap();
     host.ok(&[
@@ -139,14 +162,24 @@ fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
     let v1_head = host.ok(&["versions", "alice"])["head"]
         .as_u64()
         .expect("head");
+    (host, vm_dir, v1, v1_head)
+}
 
-    // --- boot with systemd as init.
+/// Boots the baked disk with systemd as init; the agent started by its
+/// unit must connect, then the test command server must answer.
+fn boot_with_systemd(
+    ing: &Ingredients,
+    host: &HostDaemon,
+    vm_dir: &Path,
+    initrd: &Path,
+    disk: &Path,
+) -> Vm {
     let opts = BootOptions {
         memory_mib: 512,
         append: "console=ttyS0 panic=-1 loglevel=4 systemd.journald.forward_to_console=1".into(),
-        disk: Some(disk.clone()),
+        disk: Some(disk.to_path_buf()),
     };
-    let mut vm = Vm::boot_with(&ing, "vm-baked", &vm_dir, &initrd, &opts).expect("boot");
+    let mut vm = Vm::boot_with(ing, "vm-baked", vm_dir, initrd, &opts).expect("boot");
     let connected = host.wait_connected("vm-baked", Duration::from_secs(240));
     assert!(
         connected,
@@ -160,8 +193,14 @@ fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
         .wait_ready(Duration::from_secs(120))
         .expect("command server");
     eprintln!("{NAME}: boot to command server ready: {ready:?}");
+    vm
+}
 
-    // --- what systemd did with the packaged units.
+/// What systemd did with the packaged agent unit: enabled, active, its
+/// main process is the agent, ordered before the login services; the vsock
+/// transport loaded; the baked configuration and PAM hook in place; the
+/// agent connected.
+fn agent_unit_under_systemd(vm: &Vm) {
     assert_eq!(
         vm.ok("systemctl is-enabled uve-agent.service").trim(),
         "enabled"
@@ -206,7 +245,11 @@ fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
         status.contains("connected") && !status.contains("NOT connected"),
         "uve-agent status: {status}"
     );
-    // The hardened uve-host unit under a real systemd: active, API answers.
+}
+
+/// The hardened uve-host unit under a real systemd: active, its API
+/// answers; both packaged units pass `systemd-analyze verify`.
+fn host_unit_under_systemd(vm: &Vm) {
     let host_ok = wait_for(Duration::from_secs(60), || {
         vm.sh("systemctl is-active uve-host.service").1.trim() == "active"
     });
@@ -220,7 +263,11 @@ fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
     // The packaged units pass systemd's own checks (binaries installed).
     let (code, out) = vm.sh("systemd-analyze verify uve-host.service uve-agent.service");
     assert_eq!(code, 0, "systemd-analyze verify:\n{out}");
-    // ExecReload (SIGHUP: configuration reload) keeps the agent running.
+}
+
+/// ExecReload (SIGHUP: configuration reload) keeps the agent running: same
+/// PID, unit active.
+fn agent_reload_keeps_it_running(vm: &Vm) {
     let pid = vm.ok("pidof uve-agent");
     vm.ok("systemctl reload uve-agent.service");
     assert_eq!(
@@ -228,8 +275,11 @@ fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
         "active"
     );
     assert_eq!(vm.ok("pidof uve-agent"), pid, "reload restarted the agent");
-    // The AF_VSOCK listener (vsock_listen, for --cid VMs) under the same
-    // hardening: the guest kernel has a vsock transport, so the bind is real.
+}
+
+/// The AF_VSOCK listener (vsock_listen, for --cid VMs) under the same
+/// hardening: the guest kernel has a vsock transport, so the bind is real.
+fn host_unit_listens_on_af_vsock(vm: &Vm) {
     vm.put("/etc/uve/host.toml", b"vsock_listen = true\n");
     vm.ok("systemctl restart uve-host.service");
     assert_eq!(
@@ -247,6 +297,11 @@ fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
         }),
         "uve-host did not listen on AF_VSOCK under its unit"
     );
+}
+
+/// Logs (no assertion) `systemd-analyze security` of uve-host and the
+/// guest's failed units.
+fn log_security_and_failed_units(vm: &Vm) {
     let (_, security) = vm.sh("systemd-analyze security uve-host.service --no-pager | tail -1");
     eprintln!(
         "{NAME}: in-guest systemd-analyze security uve-host: {}",
@@ -258,8 +313,10 @@ fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
             .1
             .trim()
     );
+}
 
-    // --- login → retrieve, modify, logout → update committed on the host.
+/// Login → retrieve, modify, logout → update committed on the host.
+fn login_logout_round_trip(host: &HostDaemon, vm: &Vm, dir: &Path, v1: &[u8], v1_head: u64) {
     let t = Instant::now();
     vm.ok("id alice >/dev/null 2>&1 || useradd -m alice");
     vm.ok("uve-agent login --user alice --session s1");
@@ -269,7 +326,7 @@ fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
         v1,
         "retrieved UIF differs"
     );
-    let mut v2 = v1.clone();
+    let mut v2 = v1.to_vec();
     v2[4096..8192].copy_from_slice(&noise(4096, 8));
     vm.put(img, &v2);
     vm.ok("uve-agent logout --session s1");
@@ -283,8 +340,11 @@ fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
         "the host's new version differs from what the guest wrote"
     );
     eprintln!("{NAME}: login/logout round trip: {:?}", t.elapsed());
+}
 
-    // --- a clean shutdown stops the agent through its unit.
+/// A clean shutdown stops the agent through its unit: the host sees it
+/// go, the unit is inactive.
+fn agent_stops_through_its_unit(host: &HostDaemon, vm: &Vm) {
     vm.ok("systemctl stop uve-agent.service");
     let gone = wait_for(Duration::from_secs(30), || {
         host.ok(&["vm", "show", "vm-baked"])["connected"] == Value::Bool(false)
@@ -294,5 +354,4 @@ fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
         vm.sh("systemctl is-active uve-agent.service").1.trim() == "inactive",
         "uve-agent not inactive after stop"
     );
-    drop(vm);
 }

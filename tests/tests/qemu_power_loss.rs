@@ -22,7 +22,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -91,30 +91,67 @@ fn file_mode_power_loss_after_spooled() {
     let started = Instant::now();
     let mut t = Instant::now();
 
-    // --- the persistent disk and the guest image that mounts it.
+    let disk = persistent_disk(&run, &mkfs);
+    let vm_dir = run.sub("vm-a");
+    let initrd = initramfs_mounting_the_disk(&ing, &vm_dir);
+    let (mut host, v1, v1_head) = host_with_alice_imported(&ing, &run, &vm_dir);
+    step("disk, initramfs, host up, alice imported", &mut t);
+
+    let (mut vm, boot1) = boot1_login_retrieves(&ing, &vm_dir, &initrd, &disk, &host, &v1);
+    step("boot 1 + login (retrieve)", &mut t);
+
+    let v2 = host_down_write_logout_spooled_power_loss(&mut host, &mut vm);
+    step("host down, write, logout (spooled), VM killed", &mut t);
+    std::fs::write(vm_dir.join("console-boot1.log"), vm.console_text()).unwrap();
+    drop(vm);
+
+    let vm = host_back_boot2(&mut host, &ing, &vm_dir, &initrd, &disk, &boot1, v1_head);
+    step("host back, boot 2, agent connected", &mut t);
+
+    let console = spool_delivered(&host, &vm, &run, &v1, &v2, v1_head);
+    step("spool delivered", &mut t);
+
+    guest_checks(&vm, &v2, &console);
+    step("guest checks", &mut t);
+    eprintln!("{NAME}: total {:?}", started.elapsed());
+}
+
+/// The persistent disk: a 64 MiB ext4 image in the run directory.
+fn persistent_disk(run: &RunDir, mkfs: &Path) -> PathBuf {
     let disk = run.path().join("state.img");
     std::fs::File::create(&disk)
         .and_then(|f| f.set_len(64 << 20))
         .expect("disk image");
-    let st = Command::new(&mkfs)
+    let st = Command::new(mkfs)
         .args(["-q", "-F"])
         .arg(&disk)
         .status()
         .expect("run mkfs.ext4");
     assert!(st.success(), "mkfs.ext4 failed: {st}");
-    let vm_dir = run.sub("vm-a");
-    let mut img = Initramfs::new(&ing).expect("initramfs");
+    disk
+}
+
+/// The guest image: ext4 modules, the disk mounted on the agent's state
+/// directory before the agent starts, the file-mode configuration.
+fn initramfs_mounting_the_disk(ing: &Ingredients, vm_dir: &Path) -> PathBuf {
+    let mut img = Initramfs::new(ing).expect("initramfs");
     img.modules(EXT4_DISK_MODULES)
         .expect("ext4 modules")
         .mount_before_agent("/dev/vda", "ext4", STATE);
     img.file("etc/uve-agent.toml", AGENT_FILE_MODE.as_bytes())
         .expect("config");
-    let initrd = img
-        .build(&vm_dir.join("initramfs.cpio.gz"))
-        .expect("build initramfs");
+    img.build(&vm_dir.join("initramfs.cpio.gz"))
+        .expect("build initramfs")
+}
 
-    // --- host up, alice assigned with a seeded version.
-    let mut host = HostDaemon::start(&ing, run.path(), "").expect("host");
+/// The host up, `vm-a` registered, alice assigned with a seeded 4 MiB
+/// version `v1`. Returns the host, `v1` and its head version.
+fn host_with_alice_imported(
+    ing: &Ingredients,
+    run: &RunDir,
+    vm_dir: &Path,
+) -> (HostDaemon, Vec<u8>, u64) {
+    let host = HostDaemon::start(ing, run.path(), "").expect("host");
     host.ok(&[
         "vm",
         "add",
@@ -128,21 +165,36 @@ fn file_mode_power_loss_after_spooled() {
     std::fs::write(&import, &v1).unwrap();
     host.ok(&["import", "alice", &import.display().to_string()]);
     let v1_head = host.head("alice");
-    step("disk, initramfs, host up, alice imported", &mut t);
+    (host, v1, v1_head)
+}
 
-    // --- boot 1: login retrieves v1 onto the persistent disk.
-    let mut vm = boot(&ing, &vm_dir, &initrd, &disk);
-    wait_connected(&host, "vm-a");
+/// Boot 1: login retrieves `v1` onto the persistent disk. Returns the VM
+/// and its kernel boot id.
+fn boot1_login_retrieves(
+    ing: &Ingredients,
+    vm_dir: &Path,
+    initrd: &Path,
+    disk: &Path,
+    host: &HostDaemon,
+    v1: &[u8],
+) -> (Vm, String) {
+    let vm = boot(ing, vm_dir, initrd, disk);
+    wait_connected(host, "vm-a");
     let boot1 = vm.ok("cat /proc/sys/kernel/random/boot_id");
     vm.ok("uve-agent login --user alice --session s1");
     assert_eq!(vm.get(IMG).expect("UIF in guest"), v1, "retrieve differs");
-    step("boot 1 + login (retrieve)", &mut t);
+    (vm, boot1)
+}
 
-    // --- the host goes away; the session rewrites the image in place
-    // without syncing (as a user's program does), and only a flush brings
-    // it to the disk: no background writeback in the guest from now on
-    // (the default 30 s expiry would usually not strike before the crash
-    // either, but on a slow machine it might, and hide a missing fsync).
+/// The host goes away; the session rewrites the image in place without
+/// syncing, logout answers "spooled", and the power goes at once (QEMU
+/// killed: no shutdown, no sync). Returns what the session wrote (`v2`).
+fn host_down_write_logout_spooled_power_loss(host: &mut HostDaemon, vm: &mut Vm) -> Vec<u8> {
+    // The session rewrites the image in place without syncing (as a user's
+    // program does), and only a flush brings it to the disk: no background
+    // writeback in the guest from now on (the default 30 s expiry would
+    // usually not strike before the crash either, but on a slow machine it
+    // might, and hide a missing fsync).
     host.stop(true);
     vm.ok("echo 0 > /proc/sys/vm/dirty_writeback_centisecs && \
          echo 360000 > /proc/sys/vm/dirty_expire_centisecs && \
@@ -166,21 +218,42 @@ fn file_mode_power_loss_after_spooled() {
     );
     // --- power loss: no shutdown, no sync.
     vm.crash();
-    step("host down, write, logout (spooled), VM killed", &mut t);
-    std::fs::write(vm_dir.join("console-boot1.log"), vm.console_text()).unwrap();
-    drop(vm);
+    v2
+}
 
-    // --- host back on the same data; boot 2 on the same disk.
+/// The host back on the same data (its head unmoved); boot 2 on the same
+/// disk, a new kernel boot id, the agent connected. Returns the VM.
+fn host_back_boot2(
+    host: &mut HostDaemon,
+    ing: &Ingredients,
+    vm_dir: &Path,
+    initrd: &Path,
+    disk: &Path,
+    boot1: &str,
+    v1_head: u64,
+) -> Vm {
     host.restart(true).expect("host back");
     assert_eq!(host.head("alice"), v1_head, "head moved while down");
-    let vm = boot(&ing, &vm_dir, &initrd, &disk);
+    let vm = boot(ing, vm_dir, initrd, disk);
     let boot2 = vm.ok("cat /proc/sys/kernel/random/boot_id");
     assert_ne!(boot1.trim(), boot2.trim(), "the VM did not reboot");
-    wait_connected(&host, "vm-a");
-    step("host back, boot 2, agent connected", &mut t);
+    wait_connected(host, "vm-a");
+    vm
+}
 
-    // --- the spool is delivered: a version holding exactly v2 appears;
-    // the head is only ever v1 or those bytes.
+/// Polls alice's versions until one other than `v1_head` holds exactly
+/// `v2`, the deadline passes, or one round after the agent's spool is
+/// empty; asserts on every round that the head is only ever `v1_head` or
+/// those bytes. Returns that version with its kind, if found, and whether
+/// the spool was seen empty.
+fn wait_for_spooled_version(
+    host: &HostDaemon,
+    vm: &Vm,
+    run: &RunDir,
+    v1: &[u8],
+    v2: &[u8],
+    v1_head: u64,
+) -> (Option<(u64, String)>, bool) {
     let mut bytes_of: BTreeMap<u64, bool> = BTreeMap::new(); // version -> holds v2
     let mut found: Option<(u64, String)> = None;
     let mut is_v2 = |host: &HostDaemon, v: u64| -> bool {
@@ -208,13 +281,13 @@ fn file_mode_power_loss_after_spooled() {
         let vs = host.ok(&["versions", "alice"]);
         let h = vs["head"].as_u64().expect("head");
         assert!(
-            h == v1_head || is_v2(&host, h),
+            h == v1_head || is_v2(host, h),
             "head {h} is neither the version from before the session ({v1_head}) \
              nor the spooled content: {vs:#}"
         );
         for v in vs["versions"].as_array().expect("versions") {
             let n = v["version"].as_u64().expect("version number");
-            if n != v1_head && is_v2(&host, n) {
+            if n != v1_head && is_v2(host, n) {
                 found = Some((n, v["kind"].as_str().unwrap_or("?").to_string()));
             }
         }
@@ -226,6 +299,21 @@ fn file_mode_power_loss_after_spooled() {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
+    (found, drained)
+}
+
+/// The spool is delivered: a version holding exactly `v2` appears; the
+/// head is only ever `v1_head` or that version, which is otherwise a
+/// conflict version. Returns the guest console of boot 2.
+fn spool_delivered(
+    host: &HostDaemon,
+    vm: &Vm,
+    run: &RunDir,
+    v1: &[u8],
+    v2: &[u8],
+    v1_head: u64,
+) -> String {
+    let (found, drained) = wait_for_spooled_version(host, vm, run, v1, v2, v1_head);
     let console = vm.console_text();
     for l in console
         .lines()
@@ -258,10 +346,12 @@ fn file_mode_power_loss_after_spooled() {
             "{NAME}: outcome: the spooled update was kept as conflict version {version}; head stays {v1_head}"
         );
     }
-    step("spool delivered", &mut t);
+    console
+}
 
-    // --- in the guest: the image on the disk survived whole, nothing was
-    // taken for torn, and the spool is empty.
+/// In the guest: the image on the disk survived whole, nothing was taken
+/// for torn (boot 2's `console`), and the spool is empty.
+fn guest_checks(vm: &Vm, v2: &[u8], console: &str) {
     assert!(
         vm.get(IMG).expect("UIF after the power loss") == v2,
         "the image on the disk is not what was spooled"
@@ -277,6 +367,4 @@ fn file_mode_power_loss_after_spooled() {
         "the spool is not empty: {}",
         vm.ok("uve-agent status")
     );
-    step("guest checks", &mut t);
-    eprintln!("{NAME}: total {:?}", started.elapsed());
 }

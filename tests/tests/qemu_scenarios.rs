@@ -16,6 +16,7 @@
     clippy::cast_possible_truncation
 )]
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use uve_e2e::host::HostDaemon;
@@ -40,6 +41,9 @@ home = "/home/{user}"
 "#;
 
 use uve_protocol::testdata::noise;
+
+/// The guest's file-mode UIF of alice.
+const ALICE_IMG: &str = "/var/lib/uve-agent/uif/alice.img";
 
 fn boot(ing: &Ingredients, run: &RunDir, name: &str, agent_config: &str) -> Vm {
     let dir = run.sub(name);
@@ -78,7 +82,49 @@ fn file_mode_lifecycle_on_one_vm() {
     };
     let run = RunDir::new("file_mode_lifecycle_on_one_vm");
     let mut t = Instant::now();
-    let mut host = HostDaemon::start(&ing, run.path(), "").expect("host");
+    let (mut host, import, v1, v1_head) = host_with_alice_imported(&ing, &run);
+    step("host up, alice imported", &mut t);
+
+    let mut vm = boot(&ing, &run, "vm-a", AGENT_FILE_MODE);
+    wait_connected(&host, "vm-a");
+    step("boot + agent connected", &mut t);
+
+    let cold = cold_login_retrieves(&host, &vm, &v1);
+    step("login (cold retrieve)", &mut t);
+
+    let v2 = logout_commits_update(&host, &vm, &run, &v1, v1_head);
+    step("logout (update)", &mut t);
+
+    let v3 = warm_login_fetches_changed_chunks(&host, &vm, &import, &v2, cold);
+    step("warm login", &mut t);
+
+    let v4 = host_restart_then_logout(&mut host, &vm, &run, &v3);
+    step("host restart + logout", &mut t);
+
+    monitoring_grant_expiry_revoke(&host, &vm);
+    step("monitoring", &mut t);
+
+    ua_deploy_update_rollback_delete(&host, &vm, &run);
+    step("UA deploy/update/rollback/delete", &mut t);
+
+    supervised_ua_suspend_resume(&host, &vm);
+    step("suspend/resume", &mut t);
+
+    ua_killed_is_unexpected_disconnect(&host, &vm, &run, &v4);
+    step("UA killed → unexpected disconnect", &mut t);
+
+    vm_crash_with_open_session(&host, &mut vm, &run);
+    step("VM crash", &mut t);
+}
+
+/// Setup: the host up with `vm-a` registered, alice assigned to it and her
+/// 4 MiB `v1` imported. Returns the host, the import file, `v1` and its
+/// head version.
+fn host_with_alice_imported(
+    ing: &Ingredients,
+    run: &RunDir,
+) -> (HostDaemon, PathBuf, Vec<u8>, u64) {
+    let host = HostDaemon::start(ing, run.path(), "").expect("host");
     let vm_dir = run.sub("vm-a");
     // The host must listen on <uds>_7075 before the guest boots.
     host.ok(&[
@@ -94,32 +140,39 @@ fn file_mode_lifecycle_on_one_vm() {
     std::fs::write(&import, &v1).unwrap();
     host.ok(&["import", "alice", &import.display().to_string()]);
     let v1_head = host.head("alice");
-    step("host up, alice imported", &mut t);
+    (host, import, v1, v1_head)
+}
 
-    let mut vm = boot(&ing, &run, "vm-a", AGENT_FILE_MODE);
-    wait_connected(&host, "vm-a");
-    step("boot + agent connected", &mut t);
-
-    // --- login → retrieve: the guest holds exactly the imported bytes.
-    let img = "/var/lib/uve-agent/uif/alice.img";
-    let fetched0 = user_chunks_fetched(&host, "alice");
+/// Login → retrieve: the guest holds exactly the imported bytes, fetched
+/// cold (at least 40 chunks). Returns the number of chunks fetched.
+fn cold_login_retrieves(host: &HostDaemon, vm: &Vm, v1: &[u8]) -> u64 {
+    let fetched0 = user_chunks_fetched(host, "alice");
     vm.ok("uve-agent login --user alice --session s1");
     assert_eq!(
-        vm.get(img).expect("UIF in guest"),
+        vm.get(ALICE_IMG).expect("UIF in guest"),
         v1,
         "retrieved UIF differs"
     );
-    let cold = user_chunks_fetched(&host, "alice") - fetched0;
+    let cold = user_chunks_fetched(host, "alice") - fetched0;
     assert!(
         cold >= 40,
         "cold retrieve of 4 MiB fetched only {cold} chunks"
     );
-    step("login (cold retrieve)", &mut t);
+    cold
+}
 
-    // --- modify → logout → update: the store holds the guest's bytes.
-    let mut v2 = v1.clone();
+/// Modify → logout → update: the store holds the guest's bytes as a new
+/// head. Returns what the guest wrote (`v2`).
+fn logout_commits_update(
+    host: &HostDaemon,
+    vm: &Vm,
+    run: &RunDir,
+    v1: &[u8],
+    v1_head: u64,
+) -> Vec<u8> {
+    let mut v2 = v1.to_vec();
     v2[1 << 20..(1 << 20) + 65536].copy_from_slice(&noise(65536, 2));
-    vm.put(img, &v2);
+    vm.put(ALICE_IMG, &v2);
     vm.ok("uve-agent logout --session s1");
     let v2_head = host.head("alice");
     assert!(v2_head > v1_head, "logout did not commit a new head");
@@ -128,38 +181,53 @@ fn file_mode_lifecycle_on_one_vm() {
         v2,
         "store differs from what the guest wrote"
     );
-    step("logout (update)", &mut t);
+    v2
+}
 
-    // --- second login on the same VM fetches only the changed chunks.
-    let before = user_chunks_fetched(&host, "alice");
-    let mut v3 = v2.clone();
+/// A second login on the same VM fetches only the changed chunks (1-4)
+/// of a version imported behind the VM's back. Returns that version (`v3`).
+fn warm_login_fetches_changed_chunks(
+    host: &HostDaemon,
+    vm: &Vm,
+    import: &Path,
+    v2: &[u8],
+    cold: u64,
+) -> Vec<u8> {
+    let before = user_chunks_fetched(host, "alice");
+    let mut v3 = v2.to_vec();
     v3[3 << 20..(3 << 20) + 4096].copy_from_slice(&noise(4096, 3));
     // Change the store behind the VM's back (import), so there is
     // something to fetch: 1-3 chunks around the 4 KiB edit.
-    std::fs::write(&import, &v3).unwrap();
+    std::fs::write(import, &v3).unwrap();
     host.ok(&["import", "alice", &import.display().to_string()]);
     vm.ok("uve-agent login --user alice --session s2");
-    assert_eq!(vm.get(img).expect("UIF"), v3);
-    let warm = user_chunks_fetched(&host, "alice") - before;
+    assert_eq!(vm.get(ALICE_IMG).expect("UIF"), v3);
+    let warm = user_chunks_fetched(host, "alice") - before;
     assert!(
         (1..=4).contains(&warm),
         "warm login fetched {warm} chunks (cold: {cold})"
     );
     eprintln!("  warm login fetched {warm} chunks, cold {cold}");
-    step("warm login", &mut t);
+    v3
+}
 
-    // --- host restart while the guest runs: the agent reconnects by itself.
+/// Host restart while the guest runs: the agent reconnects by itself and
+/// the next logout commits what the guest wrote. Returns that (`v4`).
+fn host_restart_then_logout(host: &mut HostDaemon, vm: &Vm, run: &RunDir, v3: &[u8]) -> Vec<u8> {
     host.restart(true).expect("restart host");
-    wait_connected(&host, "vm-a");
-    let mut v4 = v3.clone();
+    wait_connected(host, "vm-a");
+    let mut v4 = v3.to_vec();
     v4[..4096].copy_from_slice(&noise(4096, 4));
-    vm.put(img, &v4);
+    vm.put(ALICE_IMG, &v4);
     vm.ok("uve-agent logout --session s2");
     let v4_head = host.head("alice");
     assert_eq!(host.export("alice", v4_head, run.path()), v4);
-    step("host restart + logout", &mut t);
+    v4
+}
 
-    // --- monitoring grant, expiry, revoke.
+/// Monitoring: no grant before one is given; a grant is visible to its
+/// monitor only; revoke ends it; a short grant expires by itself.
+fn monitoring_grant_expiry_revoke(host: &HostDaemon, vm: &Vm) {
     vm.ok("uve-agent login --user alice --session s3");
     assert_ne!(
         vm.sh("uve-agent monitor-check --session s3 --user bob").0,
@@ -203,42 +271,49 @@ fn file_mode_lifecycle_on_one_vm() {
         "grant did not expire"
     );
     vm.ok("uve-agent logout --session s3");
-    step("monitoring", &mut t);
+}
 
-    // --- UA deploy → update → rollback → delete, checked inside the guest.
-    let bundle = |version: &str| {
-        let dir = run.sub(&format!("ua-{version}"));
-        std::fs::create_dir_all(dir.join("bin")).unwrap();
-        std::fs::write(dir.join("VERSION"), version).unwrap();
-        let script = dir.join("bin/desk.sh");
-        std::fs::write(
-            &script,
-            "#!/bin/sh\nn=0\nwhile true; do n=$((n+1)); echo $n > /tmp/desk-progress; sleep 0.2; done\n",
-        )
+/// A tarred `desk` UA bundle of `version` (a script counting into
+/// `/tmp/desk-progress`) in the run directory; returns the tar's path.
+fn desk_bundle(run: &RunDir, version: &str) -> String {
+    let dir = run.sub(&format!("ua-{version}"));
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::write(dir.join("VERSION"), version).unwrap();
+    let script = dir.join("bin/desk.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nn=0\nwhile true; do n=$((n+1)); echo $n > /tmp/desk-progress; sleep 0.2; done\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let tar = run.path().join(format!("desk-{version}.tar"));
+    let st = std::process::Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&dir)
+        .args(["VERSION", "bin"])
+        .status()
         .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let tar = run.path().join(format!("desk-{version}.tar"));
-        let st = std::process::Command::new("tar")
-            .arg("-cf")
-            .arg(&tar)
-            .arg("-C")
-            .arg(&dir)
-            .args(["VERSION", "bin"])
-            .status()
-            .unwrap();
-        assert!(st.success());
-        tar.display().to_string()
-    };
-    let ua_version = |vm: &Vm| {
-        vm.get("/var/lib/uve-agent/ua/desk/current/VERSION")
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-    };
+    assert!(st.success());
+    tar.display().to_string()
+}
+
+/// The version of the `desk` UA current in the guest, if any.
+fn desk_version(vm: &Vm) -> Option<String> {
+    vm.get("/var/lib/uve-agent/ua/desk/current/VERSION")
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// UA deploy → update → rollback → delete, checked inside the guest; then
+/// `desk` 3.0 is deployed for the supervised-UA steps.
+fn ua_deploy_update_rollback_delete(host: &HostDaemon, vm: &Vm, run: &RunDir) {
     host.ok(&[
         "ua",
         "deploy",
         "vm-a",
-        &bundle("1.0"),
+        &desk_bundle(run, "1.0"),
         "--name",
         "desk",
         "--version",
@@ -246,12 +321,12 @@ fn file_mode_lifecycle_on_one_vm() {
         "--entry",
         "bin/desk.sh",
     ]);
-    assert_eq!(ua_version(&vm).as_deref(), Some("1.0"));
+    assert_eq!(desk_version(vm).as_deref(), Some("1.0"));
     host.ok(&[
         "ua",
         "deploy",
         "vm-a",
-        &bundle("2.0"),
+        &desk_bundle(run, "2.0"),
         "--name",
         "desk",
         "--version",
@@ -260,16 +335,16 @@ fn file_mode_lifecycle_on_one_vm() {
         "bin/desk.sh",
         "--update",
     ]);
-    assert_eq!(ua_version(&vm).as_deref(), Some("2.0"));
+    assert_eq!(desk_version(vm).as_deref(), Some("2.0"));
     host.ok(&["ua", "rollback", "vm-a", "desk"]);
-    assert_eq!(ua_version(&vm).as_deref(), Some("1.0"));
+    assert_eq!(desk_version(vm).as_deref(), Some("1.0"));
     host.ok(&["ua", "rm", "vm-a", "desk"]);
-    assert_eq!(ua_version(&vm), None, "UA still present after delete");
+    assert_eq!(desk_version(vm), None, "UA still present after delete");
     host.ok(&[
         "ua",
         "deploy",
         "vm-a",
-        &bundle("3.0"),
+        &desk_bundle(run, "3.0"),
         "--name",
         "desk",
         "--version",
@@ -277,41 +352,47 @@ fn file_mode_lifecycle_on_one_vm() {
         "--entry",
         "bin/desk.sh",
     ]);
-    step("UA deploy/update/rollback/delete", &mut t);
+}
 
-    // --- supervised UA: suspend stops its progress, resume continues it.
+/// The `desk` UA's counter in the guest (0 before its first write).
+fn desk_progress(vm: &Vm) -> u64 {
+    vm.get("/tmp/desk-progress")
+        .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Supervised UA: a session with `desk` makes progress; suspend stops its
+/// progress, resume continues it.
+fn supervised_ua_suspend_resume(host: &HostDaemon, vm: &Vm) {
     vm.ok("uve-agent login --user alice --session s4 --ua desk");
-    let progress = |vm: &Vm| -> u64 {
-        vm.get("/tmp/desk-progress")
-            .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok())
-            .unwrap_or(0)
-    };
     assert!(
-        wait_for(Duration::from_secs(20), || progress(&vm) >= 3),
+        wait_for(Duration::from_secs(20), || desk_progress(vm) >= 3),
         "UA made no progress"
     );
     host.ok(&["suspend", "vm-a", "s4"]);
-    let frozen = progress(&vm);
+    let frozen = desk_progress(vm);
     std::thread::sleep(Duration::from_secs(2));
     assert!(
-        progress(&vm) <= frozen + 1,
+        desk_progress(vm) <= frozen + 1,
         "UA kept running while suspended ({frozen} → {})",
-        progress(&vm)
+        desk_progress(vm)
     );
     host.ok(&["resume", "vm-a", "s4"]);
-    let resumed = progress(&vm);
+    let resumed = desk_progress(vm);
     assert!(
-        wait_for(Duration::from_secs(20), || progress(&vm) >= resumed + 3),
+        wait_for(Duration::from_secs(20), || desk_progress(vm) >= resumed + 3),
         "UA did not resume"
     );
-    step("suspend/resume", &mut t);
+}
 
-    // --- the UA dies without logout: unexpected disconnect + UIF flushed.
+/// The UA dies without logout: an unexpected disconnect event, and the
+/// session's changed UIF is flushed as a new head.
+fn ua_killed_is_unexpected_disconnect(host: &HostDaemon, vm: &Vm, run: &RunDir, v4: &[u8]) {
     // The session changed its UIF, so the flush has a new version to commit
     // (an unchanged UIF is not committed again).
-    let mut v5 = v4.clone();
+    let mut v5 = v4.to_vec();
     v5[2 << 20..(2 << 20) + 4096].copy_from_slice(&noise(4096, 5));
-    vm.put(img, &v5);
+    vm.put(ALICE_IMG, &v5);
     let since = host.last_seq();
     let head_before = host.head("alice");
     vm.ok("kill -9 $(ps -o pid,args | grep [b]in/desk.sh | head -n 1 | awk '{print $1}')");
@@ -333,9 +414,11 @@ fn file_mode_lifecycle_on_one_vm() {
         v5,
         "flushed UIF differs from what the session wrote"
     );
-    step("UA killed → unexpected disconnect", &mut t);
+}
 
-    // --- the VM crashes with a session open.
+/// The VM crashes with a session open: `vm_lost` and an unexpected
+/// disconnect, and the committed head stays as it was.
+fn vm_crash_with_open_session(host: &HostDaemon, vm: &mut Vm, run: &RunDir) {
     vm.ok("uve-agent login --user alice --session s5");
     let committed = host.head("alice");
     let committed_bytes = host.export("alice", committed, run.path());
@@ -352,7 +435,6 @@ fn file_mode_lifecycle_on_one_vm() {
     );
     assert_eq!(host.head("alice"), committed, "head moved after the crash");
     assert_eq!(host.export("alice", committed, run.path()), committed_bytes);
-    step("VM crash", &mut t);
 }
 
 /// Directory mode on two VMs: a home directory round trip, a VM switch

@@ -27,9 +27,31 @@ fn resp(id: u64, body: Response) -> Frame {
     Frame::Response { id, body }
 }
 
-/// (name, frame) for every variant of every wire enum.
+/// (name, frame) for every variant of every wire enum, family by family.
 pub fn all() -> Vec<(&'static str, Frame)> {
-    let s = |x: &str| x.to_string();
+    [
+        handshake_frames(),
+        uve5_retrieve_requests(),
+        uve5_update_requests(),
+        uve5_session_requests(),
+        uve2_release_and_monitor_requests(),
+        uve2_ua_session_and_status_requests(),
+        uve5_responses(),
+        uve2_responses(),
+        protocol2_frames(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+fn s(x: &str) -> String {
+    x.to_string()
+}
+
+/// The handshake and link-keeping frames: hello, welcome, reject,
+/// heartbeat, heartbeat ack, goodbye.
+fn handshake_frames() -> Vec<(&'static str, Frame)> {
     vec![
         (
             "hello",
@@ -67,6 +89,13 @@ pub fn all() -> Vec<(&'static str, Frame)> {
         ("heartbeat", Frame::Heartbeat { seq: 300 }),
         ("heartbeat_ack", Frame::HeartbeatAck { seq: 300 }),
         ("goodbye", Frame::Goodbye(Goodbye { reason: s("bye") })),
+    ]
+}
+
+/// UVE-5 requests (agent → host) of a login's retrieve: UIF retrieve,
+/// manifest page, chunk fetch.
+fn uve5_retrieve_requests() -> Vec<(&'static str, Frame)> {
+    vec![
         (
             "uif_retrieve",
             req(
@@ -98,6 +127,13 @@ pub fn all() -> Vec<(&'static str, Frame)> {
                 },
             ),
         ),
+    ]
+}
+
+/// UVE-5 requests (agent → host) of an update: begin, page, chunk upload,
+/// commit, abort.
+fn uve5_update_requests() -> Vec<(&'static str, Frame)> {
+    vec![
         (
             "update_begin",
             req(
@@ -145,6 +181,13 @@ pub fn all() -> Vec<(&'static str, Frame)> {
         ),
         ("update_commit", req(7, Request::UpdateCommit { upload: 9 })),
         ("update_abort", req(8, Request::UpdateAbort { upload: 9 })),
+    ]
+}
+
+/// UVE-5 session notices (agent → host): started, ended, unexpected
+/// disconnect.
+fn uve5_session_requests() -> Vec<(&'static str, Frame)> {
+    vec![
         (
             "session_started",
             req(
@@ -174,6 +217,13 @@ pub fn all() -> Vec<(&'static str, Frame)> {
                 }),
             ),
         ),
+    ]
+}
+
+/// UVE-2 requests (host → agent): user release, monitoring grant and
+/// revoke.
+fn uve2_release_and_monitor_requests() -> Vec<(&'static str, Frame)> {
+    vec![
         (
             "user_release",
             req(
@@ -205,6 +255,13 @@ pub fn all() -> Vec<(&'static str, Frame)> {
                 },
             ),
         ),
+    ]
+}
+
+/// UVE-2 requests (host → agent): UA deploy / update / rollback / delete,
+/// session suspend / resume, ping, agent status.
+fn uve2_ua_session_and_status_requests() -> Vec<(&'static str, Frame)> {
+    vec![
         (
             "ua_begin",
             req(
@@ -256,6 +313,12 @@ pub fn all() -> Vec<(&'static str, Frame)> {
         ),
         ("ping", req(22, Request::Ping { nonce: 5 })),
         ("agent_status", req(23, Request::AgentStatus)),
+    ]
+}
+
+/// Responses: the generic ok / error, then the answers to UVE-5 requests.
+fn uve5_responses() -> Vec<(&'static str, Frame)> {
+    vec![
         ("resp_ok", resp(1, Response::Ok)),
         (
             "resp_error",
@@ -309,6 +372,13 @@ pub fn all() -> Vec<(&'static str, Frame)> {
                 },
             ),
         ),
+    ]
+}
+
+/// Responses to UVE-2 requests: released, pong, status, UA current, UA
+/// deleted.
+fn uve2_responses() -> Vec<(&'static str, Frame)> {
+    vec![
         (
             "resp_released",
             resp(10, Response::Released { committed: Some(4) }),
@@ -347,7 +417,13 @@ pub fn all() -> Vec<(&'static str, Frame)> {
                 },
             ),
         ),
-        // ---- protocol 2 ----
+    ]
+}
+
+/// Protocol 2 (`PROTOCOL_BLOCK_DELTA`): block signatures and chunk delta
+/// requests, the block signatures response.
+fn protocol2_frames() -> Vec<(&'static str, Frame)> {
+    vec![
         (
             "block_signatures",
             req(

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use uve_e2e::agent::{AgentProc, AgentSpec};
-use uve_e2e::binaries;
+use uve_e2e::binaries::{self, Binaries};
 use uve_e2e::host::HostDaemon;
 use uve_e2e::poll::wait_for;
 
@@ -57,6 +57,25 @@ fn run() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let dir = tmp.path();
 
+    let (host, a, b) = start_host_and_agents(t0, &bins, dir)?;
+    let text = edit_on_vm_a(t0, &host, &a, dir)?;
+    move_to_vm_b(t0, &host, &b, dir, &text)?;
+    disconnect_on_vm_b(t0, &host, &b)?;
+
+    say(t0, "done; stopping the agents and the host");
+    drop(a);
+    drop(b);
+    drop(host);
+    Ok(())
+}
+
+/// Starts the host, registers `vm-a` and `vm-b` and starts their agents,
+/// waiting until both are connected.
+fn start_host_and_agents(
+    t0: Instant,
+    bins: &Binaries,
+    dir: &Path,
+) -> Result<(HostDaemon, AgentProc, AgentProc), String> {
     say(
         t0,
         "start uve-host (local store, management API on a Unix socket)",
@@ -88,7 +107,17 @@ fn run() -> Result<(), String> {
         ));
     }
     show("vm-a and vm-b connected (Hello/Welcome handshake done)");
+    Ok((host, a, b))
+}
 
+/// Alice's profile is imported, she logs in on vm-a, edits, logs out, logs
+/// in again and keeps working; returns her UIF as she left it.
+fn edit_on_vm_a(
+    t0: Instant,
+    host: &HostDaemon,
+    a: &AgentProc,
+    dir: &Path,
+) -> Result<String, String> {
     say(
         t0,
         "the VMM assigns alice to vm-a; an operator imports her existing profile",
@@ -119,7 +148,17 @@ fn run() -> Result<(), String> {
     show(&a.ok(&["login", "--user", "alice", "--session", "a-2"]));
     text.push_str("last_document = report.odt   # still on vm-a\n");
     std::fs::write(&img_a, &text).map_err(|e| e.to_string())?;
+    Ok(text)
+}
 
+/// The VMM moves alice to vm-b; her UIF there must be `text`.
+fn move_to_vm_b(
+    t0: Instant,
+    host: &HostDaemon,
+    b: &AgentProc,
+    dir: &Path,
+    text: &str,
+) -> Result<(), String> {
     say(
         t0,
         "the VMM moves alice to vm-b: the host asks vm-a to release her (UVE-2 UserRelease)",
@@ -135,7 +174,12 @@ fn run() -> Result<(), String> {
             "vm-b's UIF differs from what alice left on vm-a:\n{on_b}\nexpected:\n{text}"
         ));
     }
+    Ok(())
+}
 
+/// Her session on vm-b ends without a logout; the host must record the
+/// unexpected disconnect. Shows the events and her versions.
+fn disconnect_on_vm_b(t0: Instant, host: &HostDaemon, b: &AgentProc) -> Result<(), String> {
     say(
         t0,
         "her remote display on vm-b dies without a logout: unexpected disconnect (UVE-5)",
@@ -157,10 +201,5 @@ fn run() -> Result<(), String> {
     say(t0, "the host's event stream and alice's versions");
     show(&host.uvectl_human(&["events"]));
     show(&host.uvectl_human(&["versions", "alice"]));
-
-    say(t0, "done; stopping the agents and the host");
-    drop(a);
-    drop(b);
-    drop(host);
     Ok(())
 }
