@@ -58,6 +58,24 @@ pub struct Config {
     pub max_frame: u32,
     /// Requests an agent may have open at once. Default 32.
     pub max_inflight: u32,
+    /// Bytes of one VM's requests read and not yet answered; at this the
+    /// host stops reading from that VM until answers free some. Default 2 MiB.
+    pub link_inbound_bytes: usize,
+    /// Bytes of answers queued for one VM and not yet written; at this its
+    /// handlers wait. Default 2 MiB.
+    pub link_outbound_bytes: usize,
+    /// A VM that takes no frame for this long (it stopped reading) is cut
+    /// off, ms. Default 3 × `heartbeat_ms`.
+    pub write_deadline_ms: Option<u64>,
+    /// Test-only: admit VMs on CID 1, the host's own vsock loopback.
+    /// Default `false` (CIDs 0, 1, 2 and 4294967295 are refused).
+    pub allow_local_cid: bool,
+    /// Connections of one VM that may be in the handshake at once; more are
+    /// closed at accept. Default 4.
+    pub max_handshakes_per_vm: usize,
+    /// Connections of all VMs (and unknown peers) that may be in the
+    /// handshake at once; more are closed at accept. Default 256.
+    pub max_handshakes: usize,
     /// Largest UIF accepted, bytes. Default 64 GiB.
     pub max_uif_size: u64,
     /// Largest chunk count of one UIF. Default 1,048,576.
@@ -107,6 +125,12 @@ impl Default for Config {
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
             max_frame: DEFAULT_MAX_FRAME,
             max_inflight: 32,
+            link_inbound_bytes: uve_protocol::link::DEFAULT_MAX_INBOUND_BYTES,
+            link_outbound_bytes: uve_protocol::link::DEFAULT_MAX_OUTBOUND_BYTES,
+            write_deadline_ms: None,
+            allow_local_cid: false,
+            max_handshakes_per_vm: 4,
+            max_handshakes: 256,
             max_uif_size: 64 << 30,
             max_chunks: 1 << 20,
             user_quota_bytes: None,
@@ -165,6 +189,19 @@ impl Config {
             conflict_max_age: Duration::from_secs(self.conflict_max_age_secs),
             quota_bytes: self.user_quota_bytes.unwrap_or(self.max_uif_size),
         }
+    }
+
+    /// The link budgets of one VM connection at the negotiated heartbeat
+    /// and frame limit.
+    pub fn link_config(&self, heartbeat_ms: u32, max_frame: u32) -> uve_protocol::link::LinkConfig {
+        let heartbeat = Self::ms(u64::from(heartbeat_ms));
+        let mut c = uve_protocol::link::LinkConfig::new(heartbeat, max_frame);
+        c.max_inbound_bytes = self.link_inbound_bytes;
+        c.max_outbound_bytes = self.link_outbound_bytes;
+        if let Some(ms) = self.write_deadline_ms {
+            c.write_deadline = Self::ms(ms.max(1));
+        }
+        c
     }
 
     /// Milliseconds as a duration (helper for the `*_ms` fields).

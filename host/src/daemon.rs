@@ -80,7 +80,7 @@ pub fn open(config: Config) -> anyhow::Result<(Arc<Daemon>, File)> {
     let tmp = data.join("tmp");
     durable::clear_dir(&tmp).context("clear temp directory")?;
     let store = open_store(&config, &data)?;
-    let registry = Registry::load(&data, &tmp, config.port)?;
+    let registry = Registry::load(&data, &tmp, config.port)?.with_local_cid(config.allow_local_cid);
     let leases = Leases::load(&data, &tmp)?;
     let host = Arc::new(Host::new(config, tmp, store, registry, leases));
     Ok((

@@ -2,11 +2,15 @@
 //! calls the UVE-5 domain handlers. Requests whose order matters
 //! (`UpdateBegin`, `UpdatePage`, session notices) are handled inline, in
 //! arrival order; the rest run as tasks, at most `max_inflight` at a time
-//! per connection, so one VM's burst cannot starve the others.
+//! per connection, so one VM's burst cannot starve the others. A task holds
+//! its slot until its answer is queued on the link (so a VM that stops
+//! reading stalls its own requests, never the host's memory), and the tasks
+//! of a connection end with it: only a commit already running completes.
 
 use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
 use uve_protocol::link::Incoming;
 use uve_protocol::message::{ErrorCode, Request, Response, WireError};
 
@@ -17,6 +21,9 @@ pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>
     let permits = Arc::new(Semaphore::new(
         usize::try_from(conn.host.config.max_inflight.max(1)).unwrap_or(32),
     ));
+    // Cancelled when this loop ends or is aborted (the link closed).
+    let cancel = CancellationToken::new();
+    let _cancel_on_exit = cancel.clone().drop_guard();
     while let Some(Incoming { request, responder }) = incoming.recv().await {
         let answer: Handled = match request {
             Request::UpdateBegin(b) => update::begin(&conn, b),
@@ -43,11 +50,17 @@ pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>
                     _ => None,
                 };
                 let conn = conn.clone();
+                let cancel = cancel.clone();
                 tokio::spawn(async move {
-                    let answer = handle(&conn, other).await;
+                    // A commit runs to its end: its outcome is the user's.
+                    let cancellable = !matches!(other, Request::UpdateCommit { .. });
+                    let answer = tokio::select! {
+                        a = handle(&conn, other) => a,
+                        () = cancel.cancelled(), if cancellable => return,
+                    };
                     drop(chunk_guard);
-                    drop(permit);
                     let _ = responder.send(flatten(answer)).await;
+                    drop(permit);
                 });
                 continue;
             }

@@ -15,6 +15,7 @@ use uve_protocol::message::{ErrorCode, WireError};
 use crate::config::Config;
 use crate::conns::Conns;
 use crate::events::Events;
+use crate::gate::HandshakeGate;
 use crate::handover::Handovers;
 use crate::leases::Leases;
 use crate::metrics::Metrics;
@@ -50,6 +51,8 @@ pub struct Host {
     /// shutdown takes it exclusively so no half-set-up connection misses
     /// its `Goodbye`.
     pub setup: Arc<tokio::sync::RwLock<()>>,
+    /// Bounds connections in the handshake, per VM and in all.
+    pub handshakes: HandshakeGate,
     commits: AtomicUsize,
     commits_idle: Notify,
     bulk: BulkPool,
@@ -78,6 +81,7 @@ impl Host {
         leases: Leases,
     ) -> Self {
         let events = Events::new(config.event_ring);
+        let handshakes = HandshakeGate::new(config.max_handshakes_per_vm, config.max_handshakes);
         let bulk_threads = store.bulk_threads();
         Host {
             config,
@@ -92,6 +96,7 @@ impl Host {
             metrics: Metrics::default(),
             shutdown: CancellationToken::new(),
             setup: Arc::new(tokio::sync::RwLock::new(())),
+            handshakes,
             commits: AtomicUsize::new(0),
             commits_idle: Notify::new(),
             bulk: BulkPool::start(bulk_threads),

@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod dispatch;
 pub mod durable;
 pub mod events;
+pub mod gate;
 pub mod handover;
 pub mod host;
 pub mod leases;

@@ -33,6 +33,11 @@ pub struct Metrics {
     pub unexpected_disconnects: AtomicU64,
     /// Updates refused for good (quota, not assigned, too large, ...).
     pub updates_refused: AtomicU64,
+    /// Connections closed at accept: their VM's (or the host's) handshake
+    /// places were all taken.
+    pub handshakes_refused: AtomicU64,
+    /// Connections cut off because the VM stopped reading.
+    pub stalled_cut_off: AtomicU64,
     per_user: Mutex<BTreeMap<String, (u64, u64)>>,
 }
 
@@ -40,6 +45,92 @@ pub struct Metrics {
 pub fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
+
+/// The daemon-wide metrics: name, type, help text, counter.
+#[allow(clippy::type_complexity)]
+const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 14] = [
+    ("uve_connections", "gauge", "Agent connections open", |m| {
+        &m.connections
+    }),
+    (
+        "uve_connections_total",
+        "counter",
+        "Agent connections accepted",
+        |m| &m.connections_total,
+    ),
+    (
+        "uve_bytes_in_total",
+        "counter",
+        "UIF bytes received from agents",
+        |m| &m.bytes_in,
+    ),
+    (
+        "uve_bytes_out_total",
+        "counter",
+        "UIF and bundle bytes sent to agents",
+        |m| &m.bytes_out,
+    ),
+    (
+        "uve_retrieves_total",
+        "counter",
+        "UIF retrieve grants",
+        |m| &m.retrieves,
+    ),
+    (
+        "uve_commits_total",
+        "counter",
+        "Versions committed as head",
+        |m| &m.commits,
+    ),
+    (
+        "uve_conflicts_total",
+        "counter",
+        "Uploads kept as conflict versions",
+        |m| &m.conflicts,
+    ),
+    (
+        "uve_chunks_fetched_total",
+        "counter",
+        "Chunks served to agents",
+        |m| &m.chunks_fetched,
+    ),
+    (
+        "uve_chunks_uploaded_total",
+        "counter",
+        "Chunks received from agents",
+        |m| &m.chunks_uploaded,
+    ),
+    (
+        "uve_chunk_deltas_total",
+        "counter",
+        "Chunks received as block deltas against the base version (also in uve_chunks_uploaded_total)",
+        |m| &m.chunk_deltas,
+    ),
+    (
+        "uve_unexpected_disconnects_total",
+        "counter",
+        "Unexpected session disconnects",
+        |m| &m.unexpected_disconnects,
+    ),
+    (
+        "uve_updates_refused_total",
+        "counter",
+        "Updates refused for good (the agent keeps their bytes as a preserved copy)",
+        |m| &m.updates_refused,
+    ),
+    (
+        "uve_handshakes_refused_total",
+        "counter",
+        "Connections closed at accept because their VM's handshake places (max_handshakes_per_vm) or all (max_handshakes) were taken",
+        |m| &m.handshakes_refused,
+    ),
+    (
+        "uve_stalled_cut_off_total",
+        "counter",
+        "Connections cut off because the VM took no frame within write_deadline_ms (it stopped reading)",
+        |m| &m.stalled_cut_off,
+    ),
+];
 
 impl Metrics {
     /// Counts a chunk served to `user`'s VM.
@@ -66,89 +157,11 @@ impl Metrics {
             .1 += 1;
     }
 
-    /// The daemon-wide metrics: name, type, help text, value.
-    fn rows(&self) -> [(&'static str, &'static str, &'static str, u64); 12] {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        [
-            (
-                "uve_connections",
-                "gauge",
-                "Agent connections open",
-                g(&self.connections),
-            ),
-            (
-                "uve_connections_total",
-                "counter",
-                "Agent connections accepted",
-                g(&self.connections_total),
-            ),
-            (
-                "uve_bytes_in_total",
-                "counter",
-                "UIF bytes received from agents",
-                g(&self.bytes_in),
-            ),
-            (
-                "uve_bytes_out_total",
-                "counter",
-                "UIF and bundle bytes sent to agents",
-                g(&self.bytes_out),
-            ),
-            (
-                "uve_retrieves_total",
-                "counter",
-                "UIF retrieve grants",
-                g(&self.retrieves),
-            ),
-            (
-                "uve_commits_total",
-                "counter",
-                "Versions committed as head",
-                g(&self.commits),
-            ),
-            (
-                "uve_conflicts_total",
-                "counter",
-                "Uploads kept as conflict versions",
-                g(&self.conflicts),
-            ),
-            (
-                "uve_chunks_fetched_total",
-                "counter",
-                "Chunks served to agents",
-                g(&self.chunks_fetched),
-            ),
-            (
-                "uve_chunks_uploaded_total",
-                "counter",
-                "Chunks received from agents",
-                g(&self.chunks_uploaded),
-            ),
-            (
-                "uve_chunk_deltas_total",
-                "counter",
-                "Chunks received as block deltas against the base version (also in uve_chunks_uploaded_total)",
-                g(&self.chunk_deltas),
-            ),
-            (
-                "uve_unexpected_disconnects_total",
-                "counter",
-                "Unexpected session disconnects",
-                g(&self.unexpected_disconnects),
-            ),
-            (
-                "uve_updates_refused_total",
-                "counter",
-                "Updates refused for good (the agent keeps their bytes as a preserved copy)",
-                g(&self.updates_refused),
-            ),
-        ]
-    }
-
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        for (name, kind, help, v) in self.rows() {
+        for (name, kind, help, counter) in ROWS {
+            let v = counter(self).load(Ordering::Relaxed);
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"

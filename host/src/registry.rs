@@ -25,6 +25,14 @@ pub enum RegistryError {
     /// The VM spec is not exactly one transport.
     #[error("a VM needs exactly one of cid, uds_path or unix")]
     BadTransport,
+    /// The CID is not a guest's.
+    #[error("CID {cid} cannot be a VM's: {why}")]
+    ReservedCid {
+        /// The CID.
+        cid: u32,
+        /// What it is instead.
+        why: &'static str,
+    },
     /// The id or the transport address is already registered.
     #[error("{0}")]
     Duplicate(String),
@@ -58,15 +66,36 @@ pub struct VmSpec {
     pub unix: Option<PathBuf>,
 }
 
+/// Why `cid` cannot name a guest, if it cannot: 0 is the hypervisor, 1
+/// the host's own loopback (accepted only with `allow_local`, for tests
+/// over `vsock_loopback`), 2 the host, `u32::MAX` "any".
+pub fn cid_refusal(cid: u32, allow_local: bool) -> Option<&'static str> {
+    match cid {
+        0 => Some("CID 0 is the hypervisor"),
+        1 if !allow_local => {
+            Some("CID 1 is the host's own loopback (allow_local_cid = true admits it, for tests)")
+        }
+        2 => Some("CID 2 is the host itself"),
+        u32::MAX => Some("CID 4294967295 means any CID"),
+        _ => None,
+    }
+}
+
 impl VmSpec {
-    /// Checks the id and that exactly one transport is given.
-    pub fn validate(&self) -> Result<(), RegistryError> {
+    /// Checks the id, that exactly one transport is given, and that a CID
+    /// is a guest's (`allow_local`: CID 1 too).
+    pub fn validate(&self, allow_local: bool) -> Result<(), RegistryError> {
         names::validate("VM", &self.id)?;
         let n = usize::from(self.cid.is_some())
             + usize::from(self.uds_path.is_some())
             + usize::from(self.unix.is_some());
         if n != 1 || (self.port.is_some() && self.uds_path.is_none()) {
             return Err(RegistryError::BadTransport);
+        }
+        if let Some(cid) = self.cid
+            && let Some(why) = cid_refusal(cid, allow_local)
+        {
+            return Err(RegistryError::ReservedCid { cid, why });
         }
         Ok(())
     }
@@ -93,6 +122,7 @@ pub struct Registry {
     path: PathBuf,
     tmp: PathBuf,
     default_port: u32,
+    allow_local_cid: bool,
     data: Mutex<RegistryData>,
 }
 
@@ -110,8 +140,16 @@ impl Registry {
             path,
             tmp: tmp.to_path_buf(),
             default_port,
+            allow_local_cid: false,
             data: Mutex::new(data),
         })
+    }
+
+    /// Admits CID 1 (the host's loopback) for VMs registered from now on,
+    /// and for connections from it.
+    pub fn with_local_cid(mut self, allow: bool) -> Self {
+        self.allow_local_cid = allow;
+        self
     }
 
     fn save(&self, data: &RegistryData) -> Result<(), RegistryError> {
@@ -140,13 +178,13 @@ impl Registry {
         self.lock()
             .vms
             .values()
-            .find(|v| v.cid == Some(cid))
+            .find(|v| v.cid == Some(cid) && cid_refusal(cid, self.allow_local_cid).is_none())
             .map(|v| v.id.clone())
     }
 
     /// Registers a VM; refuses duplicate ids, CIDs and listen paths.
     pub fn add_vm(&self, spec: VmSpec) -> Result<(), RegistryError> {
-        spec.validate()?;
+        spec.validate(self.allow_local_cid)?;
         let mut data = self.lock();
         if data.vms.contains_key(&spec.id) {
             return Err(RegistryError::Duplicate(format!(
@@ -264,10 +302,28 @@ mod tests {
     fn spec_needs_exactly_one_transport() {
         let mut s = spec("vm", "/x");
         s.cid = Some(3);
-        assert!(s.validate().is_err());
+        assert!(s.validate(false).is_err());
         s.unix = None;
-        assert!(s.validate().is_ok());
+        assert!(s.validate(false).is_ok());
         s.cid = None;
-        assert!(s.validate().is_err());
+        assert!(s.validate(false).is_err());
+    }
+
+    #[test]
+    fn cids_that_are_not_guests_are_refused() {
+        let mut s = spec("vm", "/x");
+        s.unix = None;
+        for cid in [0, 2, u32::MAX] {
+            s.cid = Some(cid);
+            for local in [false, true] {
+                let e = s.validate(local).expect_err("reserved");
+                assert!(matches!(e, RegistryError::ReservedCid { cid: c, .. } if c == cid));
+            }
+        }
+        s.cid = Some(1);
+        assert!(s.validate(false).is_err(), "CID 1 needs allow_local_cid");
+        assert!(s.validate(true).is_ok());
+        s.cid = Some(3);
+        assert!(s.validate(false).is_ok());
     }
 }

@@ -12,12 +12,13 @@ use tokio_util::sync::CancellationToken;
 use uve_protocol::codec::FrameCodec;
 use uve_protocol::defs::{DEFAULT_MAX_FRAME, MAX_CHUNK};
 use uve_protocol::handshake::{HostOffer, answer, negotiate, read_hello};
-use uve_protocol::link::{self, LinkConfig, LinkEnd};
-use uve_protocol::message::{ErrorCode, Hello, Limits, Reject};
+use uve_protocol::link::{self, LinkEnd};
+use uve_protocol::message::{ErrorCode, Hello, Limits, Reject, Welcome};
 use uve_protocol::transport::{BoxStream, Endpoint, Listener, Peer};
 
 use crate::conns::{ConnEntry, ConnSummary};
 use crate::events::{DisconnectSource, Event};
+use crate::gate::HandshakeTicket;
 use crate::host::Host;
 use crate::metrics;
 use crate::registry::VmSpec;
@@ -118,10 +119,25 @@ async fn accept_loop(
                     (Binding::ByCid, Peer::Vsock { cid }) => host.registry.vm_by_cid(*cid),
                     (Binding::ByCid, Peer::Unix { .. }) => None,
                 };
+                let Some(ticket) = host.handshakes.admit(vm.as_deref()) else {
+                    add(&host.metrics.handshakes_refused, 1);
+                    tracing::debug!(?peer, vm, "all handshake places taken; connection closed");
+                    continue;
+                };
                 // Numbered in accept order: the latest connection of a VM wins.
                 let conn_id = host.conns.next_id();
                 let setup = host.setup.clone().read_owned().await;
-                tokio::spawn(serve(host.clone(), stream, vm, peer, conn_id, setup));
+                tokio::spawn(serve(
+                    host.clone(),
+                    stream,
+                    Accepted {
+                        vm,
+                        peer,
+                        conn_id,
+                        ticket,
+                    },
+                    setup,
+                ));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -132,15 +148,28 @@ async fn accept_loop(
     drop(listener);
 }
 
-/// One connection from handshake to end.
-async fn serve(
-    host: Arc<Host>,
-    stream: BoxStream,
+/// A connection just accepted: whose it is, and its handshake place.
+struct Accepted {
     vm: Option<String>,
     peer: Peer,
     conn_id: u64,
-    setup: tokio::sync::OwnedRwLockReadGuard<()>,
-) {
+    ticket: HandshakeTicket,
+}
+
+/// Frames of a connection in its handshake.
+type Framed = (
+    FramedRead<tokio::io::ReadHalf<BoxStream>, FrameCodec>,
+    FramedWrite<tokio::io::WriteHalf<BoxStream>, FrameCodec>,
+);
+
+/// Reads `Hello` and answers it: `Welcome` for a registered VM, `Reject`
+/// otherwise. `None` if the connection ends here.
+async fn handshake(
+    host: &Host,
+    stream: BoxStream,
+    vm: Option<&str>,
+    peer: &Peer,
+) -> Option<(Framed, Hello, Welcome)> {
     let (r, w) = tokio::io::split(stream);
     let mut reader = FramedRead::new(r, FrameCodec::new(DEFAULT_MAX_FRAME));
     let mut writer = FramedWrite::new(w, FrameCodec::new(DEFAULT_MAX_FRAME));
@@ -149,10 +178,10 @@ async fn serve(
         Ok(h) => h,
         Err(e) => {
             tracing::info!(?peer, error = %e, "handshake failed");
-            return;
+            return None;
         }
     };
-    let verdict = match &vm {
+    let verdict = match vm {
         _ if host.shutdown.is_cancelled() => Err(Reject {
             code: ErrorCode::ShuttingDown,
             reason: "host is shutting down".into(),
@@ -161,17 +190,40 @@ async fn serve(
             code: ErrorCode::UnknownVm,
             reason: format!("no VM registered for {peer:?}"),
         }),
-        Some(id) => negotiate(&hello, &offer(&host, id)),
+        Some(id) => negotiate(&hello, &offer(host, id)),
     };
-    let welcome = match answer(&mut reader, &mut writer, verdict, limit).await {
-        Ok(w) => w,
+    match answer(&mut reader, &mut writer, verdict, limit).await {
+        Ok(welcome) => Some(((reader, writer), hello, welcome)),
         Err(e) => {
             tracing::info!(?peer, error = %e, "agent refused");
-            return;
+            None
         }
+    }
+}
+
+/// One connection from handshake to end.
+async fn serve(
+    host: Arc<Host>,
+    stream: BoxStream,
+    accepted: Accepted,
+    setup: tokio::sync::OwnedRwLockReadGuard<()>,
+) {
+    let Accepted {
+        vm,
+        peer,
+        conn_id,
+        ticket,
+    } = accepted;
+    let Some(((reader, writer), hello, welcome)) =
+        handshake(&host, stream, vm.as_deref(), &peer).await
+    else {
+        return;
     };
+    drop(ticket);
     let Some(vm) = vm else { return };
-    let config = LinkConfig::new(Host::ms(u64::from(welcome.heartbeat_ms)), welcome.max_frame);
+    let config = host
+        .config
+        .link_config(welcome.heartbeat_ms, welcome.max_frame);
     let (handle, incoming) = link::spawn(reader, writer.into_inner(), config);
     let summary = summary(conn_id, &hello, welcome.protocol);
     let installed = host.conns.install(
@@ -205,6 +257,10 @@ async fn serve(
     let dispatcher = tokio::spawn(dispatch::run(conn, incoming));
     let end = handle.closed().await;
     dispatcher.abort();
+    if matches!(end, LinkEnd::WriteStalled(_)) {
+        add(&host.metrics.stalled_cut_off, 1);
+        tracing::warn!(vm, conn_id, %end, "VM cut off");
+    }
     host.metrics
         .connections
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);

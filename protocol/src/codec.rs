@@ -1,7 +1,9 @@
 //! Framing: every frame is a `u32` little-endian body length followed by a
 //! postcard-encoded [`Frame`]. The decoder checks the announced length
 //! against the negotiated limit *before* reserving any memory, so a peer
-//! announcing 4 GiB costs nothing but an error.
+//! announcing 4 GiB costs nothing but an error, and it grows its buffer only
+//! as bytes arrive ([`RESERVE_STEP`] at a time), so a peer announcing a
+//! maximal frame and then stalling holds no more than it sent.
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
@@ -11,6 +13,9 @@ use crate::message::Frame;
 
 /// Length of the frame header.
 pub const HEADER_LEN: usize = 4;
+
+/// The most the decoder reserves ahead of the bytes received.
+pub const RESERVE_STEP: usize = 64 * 1024;
 
 /// Why a frame could not be read or written. Any of these closes the
 /// connection it happened on, and only that connection.
@@ -49,6 +54,7 @@ pub enum FrameError {
 #[derive(Debug, Clone, Copy)]
 pub struct FrameCodec {
     max_frame: u32,
+    last_len: usize,
 }
 
 impl Default for FrameCodec {
@@ -60,7 +66,15 @@ impl Default for FrameCodec {
 impl FrameCodec {
     /// A codec refusing bodies larger than `max_frame` bytes.
     pub fn new(max_frame: u32) -> Self {
-        FrameCodec { max_frame }
+        FrameCodec {
+            max_frame,
+            last_len: 0,
+        }
+    }
+
+    /// Encoded length (header included) of the last frame decoded.
+    pub fn last_len(&self) -> usize {
+        self.last_len
     }
 
     /// The current limit.
@@ -107,10 +121,11 @@ impl Decoder for FrameCodec {
         }
         let need = HEADER_LEN + len as usize;
         if src.len() < need {
-            // Bounded by the check above: at most max_frame more bytes.
-            src.reserve(need - src.len());
+            // Grow with the bytes that arrive, not with what was announced.
+            src.reserve((need - src.len()).min(RESERVE_STEP));
             return Ok(None);
         }
+        self.last_len = need;
         src.advance(HEADER_LEN);
         let body = src.split_to(len as usize);
         decode_body(&body).map(Some)
@@ -195,6 +210,20 @@ mod tests {
             buf.capacity(),
             cap_before,
             "decoder reserved memory for a refused frame"
+        );
+    }
+
+    #[test]
+    fn announced_maximal_frame_reserves_only_a_step() {
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::new();
+        buf.put_u32_le(DEFAULT_MAX_FRAME);
+        buf.put_u8(0);
+        assert!(codec.decode(&mut buf).expect("waits").is_none());
+        assert!(
+            buf.capacity() <= HEADER_LEN + 1 + RESERVE_STEP,
+            "reserved {} bytes for a frame of which 1 byte arrived",
+            buf.capacity()
         );
     }
 

@@ -16,6 +16,14 @@
 //! consumes [`Incoming`]. A peer silent for `HEARTBEAT_MISSES` intervals is
 //! declared dead and the link closes; every open request then fails with
 //! [`LinkError::Closed`].
+//!
+//! What one peer can make the link hold is bounded in bytes, not only in
+//! frames: requests read from the peer and not yet answered hold at most
+//! `max_inbound_bytes` (the reader stops reading until answers free some),
+//! frames queued for writing at most `max_outbound_bytes` in each queue
+//! (so a control frame never waits behind bulk bytes), and a frame the
+//! peer does not take within `write_deadline` (it stopped reading) ends the
+//! link with [`LinkEnd::WriteStalled`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +33,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{FrameError, encode_frame};
@@ -47,7 +55,21 @@ pub struct LinkConfig {
     pub bulk_queue: usize,
     /// Capacity of the incoming-request channel to the dispatcher.
     pub incoming_queue: usize,
+    /// Bytes of the peer's requests read but not yet answered; once
+    /// reached, the reader waits for answers before reading on.
+    pub max_inbound_bytes: usize,
+    /// Bytes of encoded frames queued but not yet written, per queue
+    /// (control, bulk); once reached, senders wait for the writer.
+    pub max_outbound_bytes: usize,
+    /// A frame not taken by the peer within this time ends the link
+    /// ([`LinkEnd::WriteStalled`]).
+    pub write_deadline: Duration,
 }
+
+/// Default of [`LinkConfig::max_inbound_bytes`]: eight 256 KiB chunks.
+pub const DEFAULT_MAX_INBOUND_BYTES: usize = 2 << 20;
+/// Default of [`LinkConfig::max_outbound_bytes`]: eight 256 KiB chunks.
+pub const DEFAULT_MAX_OUTBOUND_BYTES: usize = 2 << 20;
 
 impl LinkConfig {
     /// Defaults for a given heartbeat interval and frame limit.
@@ -58,6 +80,9 @@ impl LinkConfig {
             control_queue: 64,
             bulk_queue: 4,
             incoming_queue: 64,
+            max_inbound_bytes: DEFAULT_MAX_INBOUND_BYTES,
+            max_outbound_bytes: DEFAULT_MAX_OUTBOUND_BYTES,
+            write_deadline: heartbeat * HEARTBEAT_MISSES,
         }
     }
 }
@@ -77,6 +102,8 @@ pub enum LinkEnd {
     BadFrame(String),
     /// Writing to the socket failed.
     WriteFailed(String),
+    /// The peer took no frame for this long: it stopped reading.
+    WriteStalled(Duration),
 }
 
 impl LinkEnd {
@@ -95,6 +122,7 @@ impl std::fmt::Display for LinkEnd {
             LinkEnd::DeadPeer(d) => write!(f, "peer silent for {d:?}"),
             LinkEnd::BadFrame(e) => write!(f, "bad frame from peer: {e}"),
             LinkEnd::WriteFailed(e) => write!(f, "write failed: {e}"),
+            LinkEnd::WriteStalled(d) => write!(f, "peer stopped reading: no frame taken in {d:?}"),
         }
     }
 }
@@ -137,14 +165,51 @@ impl LinkError {
     }
 }
 
+/// An encoded frame on its way to the writer, with the share of the
+/// outbound byte budget it holds until written.
+struct Queued {
+    bytes: Bytes,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+/// A byte budget: a semaphore of bytes and its size. A frame takes
+/// `min(len, cap)` so that one frame larger than the budget still passes.
+struct Budget {
+    bytes: Arc<Semaphore>,
+    cap: usize,
+}
+
+impl Budget {
+    fn new(cap: usize) -> Self {
+        let cap = cap.clamp(1, Semaphore::MAX_PERMITS);
+        Budget {
+            bytes: Arc::new(Semaphore::new(cap)),
+            cap,
+        }
+    }
+
+    /// Takes `len` bytes of the budget, waiting until they are free or the
+    /// link is cancelled (`None`).
+    async fn take(&self, len: usize, cancel: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+        let n = u32::try_from(len.clamp(1, self.cap)).unwrap_or(u32::MAX);
+        tokio::select! {
+            p = self.bytes.clone().acquire_many_owned(n) => p.ok(),
+            () = cancel.cancelled() => None,
+        }
+    }
+}
+
 struct Shared {
     next_id: AtomicU64,
     pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
-    control: mpsc::Sender<Bytes>,
-    bulk: mpsc::Sender<Bytes>,
+    control: mpsc::Sender<Queued>,
+    bulk: mpsc::Sender<Queued>,
     cancel: CancellationToken,
     end: watch::Sender<Option<LinkEnd>>,
     max_frame: u32,
+    outbound_control: Budget,
+    outbound_bulk: Budget,
+    inbound: Budget,
 }
 
 impl Shared {
@@ -171,13 +236,20 @@ impl Shared {
 
     async fn enqueue(&self, frame: &Frame) -> Result<(), LinkError> {
         let bytes = encode_frame(frame, self.max_frame)?.freeze();
-        let queue = if frame.is_bulk() {
-            &self.bulk
+        let (queue, budget) = if frame.is_bulk() {
+            (&self.bulk, &self.outbound_bulk)
         } else {
-            &self.control
+            (&self.control, &self.outbound_control)
+        };
+        let Some(budget) = budget.take(bytes.len(), &self.cancel).await else {
+            return Err(LinkError::Closed(self.end_reason()));
+        };
+        let item = Queued {
+            bytes,
+            _budget: Some(budget),
         };
         tokio::select! {
-            sent = queue.send(bytes) => sent.map_err(|_| LinkError::Closed(self.end_reason())),
+            sent = queue.send(item) => sent.map_err(|_| LinkError::Closed(self.end_reason())),
             () = self.cancel.cancelled() => Err(LinkError::Closed(self.end_reason())),
         }
     }
@@ -285,10 +357,12 @@ pub struct Incoming {
 }
 
 /// Answers one incoming request. Dropping it unanswered sends
-/// `Internal` so the peer never waits forever.
+/// `Internal` so the peer never waits forever. Until the answer is queued
+/// it holds the request's share of the inbound byte budget.
 pub struct Responder {
     id: u64,
     shared: Option<Arc<Shared>>,
+    _budget: Option<OwnedSemaphorePermit>,
 }
 
 impl Responder {
@@ -321,8 +395,18 @@ impl Drop for Responder {
                     "request dropped unanswered",
                 )),
             };
+            // Small and at most one per request read, which the inbound
+            // budget bounds: queued without waiting for the outbound budget.
             if let Ok(bytes) = encode_frame(&frame, shared.max_frame) {
-                let _ = shared.control.try_send(bytes.freeze());
+                let _ = shared.control.try_send(Queued {
+                    bytes: bytes.freeze(),
+                    _budget: shared
+                        .outbound_control
+                        .bytes
+                        .clone()
+                        .try_acquire_owned()
+                        .ok(),
+                });
             }
         }
     }
@@ -350,6 +434,9 @@ where
         cancel: CancellationToken::new(),
         end: watch::channel(None).0,
         max_frame: config.max_frame,
+        outbound_control: Budget::new(config.max_outbound_bytes),
+        outbound_bulk: Budget::new(config.max_outbound_bytes),
+        inbound: Budget::new(config.max_inbound_bytes),
     });
     tokio::spawn(read_loop(reader, shared.clone(), incoming_tx, config));
     tokio::spawn(write_loop(
@@ -383,11 +470,16 @@ async fn read_loop<R: AsyncRead + Unpin>(
         };
         match frame {
             Frame::Request { id, body } => {
+                let len = reader.decoder().last_len();
+                let Some(budget) = shared.inbound.take(len, &shared.cancel).await else {
+                    break LinkEnd::Local;
+                };
                 let item = Incoming {
                     request: body,
                     responder: Responder {
                         id,
                         shared: Some(shared.clone()),
+                        _budget: Some(budget),
                     },
                 };
                 tokio::select! {
@@ -434,8 +526,8 @@ fn is_reset(e: &std::io::Error) -> bool {
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: W,
     shared: Arc<Shared>,
-    mut control: mpsc::Receiver<Bytes>,
-    mut bulk: mpsc::Receiver<Bytes>,
+    mut control: mpsc::Receiver<Queued>,
+    mut bulk: mpsc::Receiver<Queued>,
     config: LinkConfig,
 ) {
     let mut tick = tokio::time::interval(config.heartbeat);
@@ -443,31 +535,40 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     tick.reset();
     let mut seq = 0u64;
     loop {
-        let bytes = tokio::select! {
+        let item = tokio::select! {
             biased;
             () = shared.cancel.cancelled() => break,
-            Some(b) = control.recv() => b,
+            Some(q) = control.recv() => q,
             _ = tick.tick() => {
                 seq += 1;
                 match encode_frame(&Frame::Heartbeat { seq }, config.max_frame) {
-                    Ok(b) => b.freeze(),
+                    Ok(b) => Queued { bytes: b.freeze(), _budget: None },
                     Err(_) => continue,
                 }
             }
-            Some(b) = bulk.recv() => b,
+            Some(q) = bulk.recv() => q,
         };
-        let goodbye = is_goodbye(&bytes);
+        let goodbye = is_goodbye(&item.bytes);
+        let write = async {
+            writer.write_all(&item.bytes).await?;
+            writer.flush().await
+        };
         let written = tokio::select! {
-            r = writer.write_all(&bytes) => r,
+            r = tokio::time::timeout(config.write_deadline, write) => r,
             () = shared.cancel.cancelled() => break,
         };
-        let flushed = match written {
-            Ok(()) => writer.flush().await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = flushed {
-            shared.finish(LinkEnd::WriteFailed(e.to_string()));
-            break;
+        drop(item);
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                shared.finish(LinkEnd::WriteFailed(e.to_string()));
+                break;
+            }
+            Err(_) => {
+                tracing::warn!(deadline = ?config.write_deadline, "peer stopped reading; closing the link");
+                shared.finish(LinkEnd::WriteStalled(config.write_deadline));
+                break;
+            }
         }
         if goodbye {
             shared.finish(LinkEnd::Local);

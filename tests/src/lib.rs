@@ -38,6 +38,7 @@ pub mod ingredients;
 pub mod initramfs;
 pub mod poll;
 pub mod process;
+pub mod raw_peer;
 pub mod rgw;
 pub mod rogue;
 pub mod rootdisk;

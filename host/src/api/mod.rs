@@ -94,7 +94,7 @@ impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         match &e {
             RegistryError::InvalidName(_) => Self::new(ApiErrorCode::InvalidName, e),
-            RegistryError::BadTransport => Self::bad_request(e),
+            RegistryError::BadTransport | RegistryError::ReservedCid { .. } => Self::bad_request(e),
             RegistryError::Duplicate(_) => Self::new(ApiErrorCode::Conflict, e),
             RegistryError::NoSuchVm(_) | RegistryError::NotAssigned(_) => Self::not_found(e),
             RegistryError::Io(_) => Self::internal(e),

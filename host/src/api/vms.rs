@@ -82,6 +82,7 @@ pub async fn show(
 pub async fn remove(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult<StatusCode> {
     d.host.registry.remove_vm(&id)?;
     d.listeners.stop(&id);
+    d.host.handshakes.forget(&id);
     if let Some(c) = d.host.conns.get(&id) {
         c.handle.goodbye("VM unregistered").await;
     }

@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
-use uve_protocol::defs::MAX_CHUNK;
+use uve_protocol::defs::{MAX_CHUNK, MIN_CHUNK};
 use uve_protocol::delta::BaseIndex;
 use uve_protocol::manifest::{ChunkRef, Hash, Manifest, ManifestError, chunks_per_page};
 use uve_protocol::message::{ErrorCode, Response, UpdateBegin, WireError};
@@ -190,6 +190,29 @@ pub async fn page(conn: &VmConnection, upload: u64, page: u32, chunks: Vec<Chunk
         .inspect_err(|e| refused(conn, &up.begin, e))
 }
 
+/// Refuses a chunk shorter than [`MIN_CHUNK`] anywhere but at the end of
+/// the manifest: the chunker never cuts one, and a manifest of tiny chunks
+/// would make every later pass over it (signatures, commit, GC) cost a
+/// million entries per MiB.
+fn check_min_chunk(up: &Upload, first: u64, chunks: &[ChunkRef]) -> Result<(), WireError> {
+    let last = u64::from(up.begin.header.chunk_count).saturating_sub(1);
+    let short = chunks
+        .iter()
+        .enumerate()
+        .find(|(i, c)| c.len < MIN_CHUNK && first + *i as u64 != last);
+    match short {
+        Some((i, c)) => Err(bad(
+            ErrorCode::BadRequest,
+            format!(
+                "chunk {} is {} bytes; every chunk but the last must have at least {MIN_CHUNK}",
+                first + i as u64,
+                c.len
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 async fn list_page(
     conn: &VmConnection,
     up: &Arc<Upload>,
@@ -197,7 +220,7 @@ async fn list_page(
     chunks: Vec<ChunkRef>,
 ) -> Handled {
     let per = chunks_per_page(conn.max_frame) as usize;
-    {
+    let listed_before = {
         let st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
         if page != st.next_page {
             return Err(bad(
@@ -212,13 +235,15 @@ async fn list_page(
                 "page lists more chunks than announced",
             ));
         }
-    }
+        st.chunks.len() as u64
+    };
     if let Some(c) = chunks.iter().find(|c| c.len == 0 || c.len > MAX_CHUNK) {
         return Err(bad(
             ErrorCode::BadRequest,
             format!("chunk length {} out of range", c.len),
         ));
     }
+    check_min_chunk(up, listed_before, &chunks)?;
     let hashes: Vec<Hash> = chunks.iter().map(|c| c.hash).collect();
     // Pin first, then look: a chunk reported present cannot be swept
     // before the commit that references it.

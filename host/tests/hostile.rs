@@ -1,0 +1,304 @@
+//! Hostile VMs against the real daemon, each beside a good VM whose login
+//! and logout must keep working: a VM that floods requests and stops
+//! reading is cut off within `write_deadline_ms` and the host's memory
+//! stays within its link budgets; thousands of half-open connections cost
+//! the host a handful of file descriptors; CIDs that are not a guest's are
+//! refused at registration.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{HostProc, noise};
+use futures_util::StreamExt;
+use hyper::Method;
+use serde_json::json;
+use uve_e2e::poll::until_async;
+use uve_e2e::process::status_kib;
+use uve_e2e::raw_peer::{RawPeer, write_until_closed};
+use uve_protocol::message::{Request, Response};
+
+/// What a non-reading VM floods the host with.
+#[derive(Clone, Copy, Debug)]
+enum Flood {
+    /// Retrieves of a user not assigned to it: small error answers.
+    Refused,
+    /// Fetches of a chunk it may fetch: chunk-sized answers.
+    Chunks,
+}
+
+/// Peak RSS growth allowed over the host's RSS before the flood, KiB:
+/// the link budgets (2 MiB in, 2 MiB out), `max_inflight` answers of one
+/// chunk, the good VM's transfer and the allocator's slack.
+const RSS_ALLOWANCE_KIB: u64 = 48 << 10;
+
+/// The good VM's user logs in and out with `data` and gets it back.
+async fn good_round_trip(host: &HostProc, path: &std::path::Path, data: &[u8]) {
+    let agent = host.connect_agent(path, "good").await;
+    agent.retrieve("bob", "g1").await.unwrap();
+    let r = agent.update_from_lease("bob", data).await.unwrap();
+    assert!(
+        matches!(r.answer, Response::Committed { .. }),
+        "{:?}",
+        r.answer
+    );
+    let (_, back) = agent.retrieve("bob", "g2").await.unwrap();
+    assert!(back == data, "the good VM's UIF came back different");
+}
+
+/// The non-reader's connection and its flood: `count` requests, encoded.
+async fn prepare_flood(
+    host: &HostProc,
+    bad: &std::path::Path,
+    flood: Flood,
+) -> (RawPeer, Vec<u8>, usize) {
+    if matches!(flood, Flood::Chunks) {
+        let agent = host.connect_agent(bad, "bad").await;
+        agent.retrieve("alice", "s0").await.unwrap();
+        agent
+            .update_from_lease("alice", &noise(4 << 20, 5))
+            .await
+            .unwrap();
+    }
+    let mut peer = RawPeer::connect(bad, "non-reader").await.unwrap();
+    let (bytes, count) = match flood {
+        Flood::Refused => {
+            let f = peer.encode_flood(200_000, || Request::UifRetrieve {
+                user: "mallory".into(),
+                session: "x".into(),
+            });
+            (f, 200_000)
+        }
+        Flood::Chunks => {
+            let Response::Retrieve(grant) = peer
+                .call(Request::UifRetrieve {
+                    user: "alice".into(),
+                    session: "s1".into(),
+                })
+                .await
+                .unwrap()
+            else {
+                panic!("no grant")
+            };
+            let Response::ManifestPage(refs) = peer
+                .call(Request::ManifestPage {
+                    user: "alice".into(),
+                    version: grant.version.unwrap(),
+                    page: 0,
+                })
+                .await
+                .unwrap()
+            else {
+                panic!("no manifest page")
+            };
+            let hash = refs.iter().max_by_key(|r| r.len).unwrap().hash;
+            let f = peer.encode_flood(4_000, || Request::ChunkFetch {
+                user: "alice".into(),
+                hash,
+            });
+            (f, 4_000)
+        }
+    };
+    (peer, bytes, count)
+}
+
+async fn non_reader_is_cut_off(flood: Flood) {
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostProc::start(dir.path(), "write_deadline_ms = 4000").await;
+    let bad = host.add_unix_vm("bad").await;
+    let good = host.add_unix_vm("good").await;
+    host.assign("alice", "bad").await;
+    host.assign("bob", "good").await;
+    let (peer, bytes, count) = prepare_flood(&host, &bad, flood).await;
+    let pid = host.pid().unwrap();
+    let before = status_kib(pid, "VmRSS").unwrap();
+    let (mut w, mut r) = peer.into_raw_writer();
+    let writer = tokio::spawn(async move {
+        let out = write_until_closed(&mut w, &bytes, 64 << 10).await;
+        (out, w)
+    });
+
+    // While the flood stalls, the good VM is served.
+    good_round_trip(&host, &good, &noise(1 << 20, 6)).await;
+
+    let lost = host
+        .wait_event(|e| e["kind"] == "vm_lost" && e["vm"] == "bad")
+        .await;
+    let reason = lost["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("stopped reading"), "{lost}");
+    assert_eq!(host.metric("uve_stalled_cut_off_total").await, 1);
+    // The host closed the connection: what it had written drains to EOF.
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(_)) = r.next().await {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the host kept the connection open");
+    let ((written, _), _w) = tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .expect("the flood's writer never ended")
+        .unwrap();
+    let peak = status_kib(pid, "VmHWM").unwrap();
+    println!(
+        "{flood:?}: {count} requests, {written} bytes taken; host RSS {before} KiB, peak {peak} KiB"
+    );
+    assert!(
+        peak.saturating_sub(before) < RSS_ALLOWANCE_KIB,
+        "{flood:?}: {count} requests ({written} bytes taken) grew the host's peak RSS from {before} KiB to {peak} KiB"
+    );
+    // And after the cut-off the good VM still logs in and out.
+    good_round_trip(&host, &good, &noise(1 << 20, 7)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_flooding_refused_requests_without_reading_is_cut_off() {
+    non_reader_is_cut_off(Flood::Refused).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_flooding_chunk_fetches_without_reading_is_cut_off() {
+    non_reader_is_cut_off(Flood::Chunks).await;
+}
+
+/// File descriptors `pid` has open.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(Iterator::count)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_connections_cost_the_host_a_handful_of_descriptors() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    // The host runs with the common default soft limit of 1024 (what the
+    // unit would give it without LimitNOFILE); this test process needs
+    // more for its own 2,000 connections.
+    setrlimit(Resource::RLIMIT_NOFILE, soft.min(1024), hard).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostProc::start(dir.path(), "").await;
+    setrlimit(Resource::RLIMIT_NOFILE, hard.min(8192), hard).unwrap();
+    let bad = host.add_unix_vm("bad").await;
+    let good = host.add_unix_vm("good").await;
+    host.assign("bob", "good").await;
+    let pid = host.pid().unwrap();
+
+    let mut half_open = Vec::new();
+    for _ in 0..2_000 {
+        let c = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::UnixStream::connect(&bad),
+        )
+        .await
+        .expect("connect to the host stalled")
+        .expect("connect");
+        half_open.push(c);
+    }
+    // All but the VM's 4 handshake places are closed as the host accepts
+    // them (well within the 10 s handshake timeout that frees the 4).
+    let refused = until_async(Duration::from_secs(8), || async {
+        let n = host.metric("uve_handshakes_refused_total").await;
+        (n >= 1_996).then_some(n)
+    })
+    .await;
+    let fds = open_fds(pid);
+    println!("host descriptors with 2,000 half-open connections: {fds}");
+    assert!(
+        refused.is_some(),
+        "only {} of 2,000 half-open connections were closed at accept",
+        host.metric("uve_handshakes_refused_total").await
+    );
+    assert!(
+        fds < 100,
+        "the host holds {fds} descriptors with 2,000 half-open connections"
+    );
+    good_round_trip(&host, &good, &noise(1 << 20, 8)).await;
+    drop(half_open);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cids_that_are_not_a_guests_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostProc::start(dir.path(), "").await;
+    for cid in [0u64, 1, 2, u64::from(u32::MAX)] {
+        let (s, v) = host
+            .call(Method::POST, "/v1/vms", json!({"id": "v", "cid": cid}))
+            .await;
+        assert_eq!(s, 400, "CID {cid}: {v}");
+        assert!(v.to_string().contains("cannot be a VM's"), "{v}");
+    }
+    let (s, v) = host
+        .call(Method::POST, "/v1/vms", json!({"id": "v", "cid": 3}))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    drop(host);
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostProc::start(dir.path(), "allow_local_cid = true").await;
+    let (s, v) = host
+        .call(Method::POST, "/v1/vms", json!({"id": "v", "cid": 1}))
+        .await;
+    assert_eq!(s, 201, "CID 1 with allow_local_cid: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_of_tiny_chunks_is_refused_at_update_page() {
+    use uve_protocol::manifest::{ChunkRef, Hash, ManifestHeader, digest_of};
+    use uve_protocol::message::{UpdateBegin, UpdateCause};
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostProc::start(dir.path(), "").await;
+    let path = host.add_unix_vm("bad").await;
+    host.assign("alice", "bad").await;
+    let agent = host.connect_agent(&path, "bad").await;
+    let (grant, _) = agent.retrieve("alice", "s1").await.unwrap();
+    // 1 MiB as 2^20 one-byte chunks: one BlockSignatures on such a base
+    // would queue a million chunk reads.
+    let chunks: Vec<ChunkRef> = (0u32..1 << 20)
+        .map(|i| ChunkRef {
+            hash: Hash(*blake3::hash(&i.to_le_bytes()).as_bytes()),
+            len: 1,
+        })
+        .collect();
+    let begin = UpdateBegin {
+        user: "alice".into(),
+        session: "s1".into(),
+        base: grant.version,
+        lease: grant.lease,
+        header: ManifestHeader {
+            size: 1 << 20,
+            digest: digest_of(&chunks),
+            chunk_count: 1 << 20,
+        },
+        cause: UpdateCause::Logout,
+    };
+    let Response::UpdateAccepted { upload } =
+        agent.request(Request::UpdateBegin(begin)).await.unwrap()
+    else {
+        panic!("begin refused")
+    };
+    let per = uve_protocol::manifest::chunks_per_page(agent.welcome.max_frame) as usize;
+    let e = agent
+        .request(Request::UpdatePage {
+            upload,
+            page: 0,
+            chunks: chunks[..per].to_vec(),
+        })
+        .await
+        .expect_err("tiny chunks accepted");
+    assert_eq!(
+        e.remote_code(),
+        Some(uve_protocol::message::ErrorCode::BadRequest),
+        "{e}"
+    );
+    assert!(e.to_string().contains("at least 16384"), "{e}");
+    // A UIF smaller than one chunk is one short chunk: still accepted.
+    let r = agent.update_from_lease("alice", b"tiny").await.unwrap();
+    assert!(
+        matches!(r.answer, Response::Committed { .. }),
+        "{:?}",
+        r.answer
+    );
+}
