@@ -12,6 +12,10 @@ use crate::store::now_ms;
 /// Notice ids remembered per VM for de-duplication.
 const NOTICE_MEMORY: usize = 4096;
 
+/// Sessions one VM may have open at once; a `SessionStarted` beyond is
+/// refused (a desktop VM serves a handful).
+pub const MAX_SESSIONS_PER_VM: usize = 256;
+
 /// An open session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRec {
@@ -53,12 +57,21 @@ impl Sessions {
         self.data.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records a session (idempotent); true if it was new.
-    pub fn started(&self, vm: &str, session: &str, user: &str, ua: Option<String>) -> bool {
+    /// Records a session (idempotent): `Some(true)` if it was new, `None`
+    /// if `vm` already has [`MAX_SESSIONS_PER_VM`] open.
+    pub fn started(&self, vm: &str, session: &str, user: &str, ua: Option<String>) -> Option<bool> {
         let key = (vm.to_string(), session.to_string());
         let mut d = self.lock();
         if d.open.contains_key(&key) {
-            return false;
+            return Some(false);
+        }
+        let open_on_vm = d
+            .open
+            .range((vm.to_string(), String::new())..)
+            .take_while(|((v, _), _)| v == vm)
+            .count();
+        if open_on_vm >= MAX_SESSIONS_PER_VM {
+            return None;
         }
         d.open.insert(
             key,
@@ -70,7 +83,15 @@ impl Sessions {
                 started_ms: now_ms(),
             },
         );
-        true
+        Some(true)
+    }
+
+    /// The user of `session` if it is open on `vm`.
+    pub fn user_of(&self, vm: &str, session: &str) -> Option<String> {
+        self.lock()
+            .open
+            .get(&(vm.to_string(), session.to_string()))
+            .map(|s| s.user.clone())
     }
 
     /// Removes a session; returns it if it was open.
@@ -147,9 +168,9 @@ mod tests {
     #[test]
     fn sessions_and_notice_dedup() {
         let s = Sessions::default();
-        assert!(s.started("vm1", "s1", "alice", None));
-        assert!(!s.started("vm1", "s1", "alice", None));
-        assert!(s.started("vm2", "s1", "bob", None));
+        assert_eq!(s.started("vm1", "s1", "alice", None), Some(true));
+        assert_eq!(s.started("vm1", "s1", "alice", None), Some(false));
+        assert_eq!(s.started("vm2", "s1", "bob", None), Some(true));
         assert!(s.has_user("vm1", "alice"));
         assert!(s.first_notice("vm1", 7));
         assert!(!s.first_notice("vm1", 7));
@@ -160,5 +181,29 @@ mod tests {
         assert_eq!(s.list(None).len(), 1);
         assert!(s.ended("vm2", "s1").is_some());
         assert!(s.ended("vm2", "s1").is_none());
+    }
+
+    #[test]
+    fn sessions_per_vm_are_capped() {
+        let s = Sessions::default();
+        for i in 0..MAX_SESSIONS_PER_VM {
+            assert_eq!(
+                s.started("vm1", &format!("s{i}"), "alice", None),
+                Some(true)
+            );
+        }
+        assert_eq!(s.started("vm1", "one-more", "alice", None), None);
+        assert_eq!(
+            s.started("vm1", "s0", "alice", None),
+            Some(false),
+            "known: idempotent"
+        );
+        assert_eq!(
+            s.started("vm10", "s0", "bob", None),
+            Some(true),
+            "another VM (a prefix) is not affected"
+        );
+        s.ended("vm1", "s0");
+        assert_eq!(s.started("vm1", "one-more", "alice", None), Some(true));
     }
 }

@@ -302,3 +302,61 @@ async fn a_manifest_of_tiny_chunks_is_refused_at_update_page() {
         r.answer
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_notices_for_another_vms_user_are_refused() {
+    use uve_protocol::message::{DisconnectNotice, ErrorCode};
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostProc::start(dir.path(), "").await;
+    let bad = host.add_unix_vm("bad").await;
+    let good = host.add_unix_vm("good").await;
+    host.assign("alice", "bad").await;
+    host.assign("bob", "good").await;
+    let b = host.connect_agent(&good, "good").await;
+    b.request(Request::SessionStarted {
+        session: "bob-1".into(),
+        user: "bob".into(),
+        ua: None,
+    })
+    .await
+    .unwrap();
+    let a = host.connect_agent(&bad, "bad").await;
+    let notice = |id, session: &str, user: &str| {
+        Request::UnexpectedDisconnect(DisconnectNotice {
+            id,
+            session: session.into(),
+            user: user.into(),
+            ua: None,
+            reason: "forged".into(),
+            at: 1,
+        })
+    };
+    for (id, session) in [(1, "bob-1"), (2, "other")] {
+        let e = a
+            .request(notice(id, session, "bob"))
+            .await
+            .expect_err("forged notice accepted");
+        assert_eq!(e.remote_code(), Some(ErrorCode::NotAssigned), "{e}");
+    }
+    // Nor may it start sessions for bob.
+    let e = a
+        .request(Request::SessionStarted {
+            session: "x".into(),
+            user: "bob".into(),
+            ua: None,
+        })
+        .await
+        .expect_err("session for another VM's user accepted");
+    assert_eq!(e.remote_code(), Some(ErrorCode::NotAssigned), "{e}");
+    // Its own user's notice is taken.
+    a.request(notice(3, "alice-1", "alice")).await.unwrap();
+    let events = host.events().await;
+    let disconnects: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"] == "unexpected_disconnect")
+        .collect();
+    assert_eq!(disconnects.len(), 1, "{disconnects:?}");
+    assert_eq!(disconnects[0]["user"], "alice");
+    let (_, vm) = host.get("/v1/vms/good").await;
+    assert_eq!(vm["sessions"][0]["session"], "bob-1", "{vm}");
+}
