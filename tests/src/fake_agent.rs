@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use uve_protocol::codec::FrameCodec;
@@ -17,7 +18,7 @@ use uve_protocol::defs::{DEFAULT_MAX_FRAME, PROTOCOL_MAX, PROTOCOL_MIN};
 use uve_protocol::handshake;
 use uve_protocol::link::{self, Incoming, LinkConfig, LinkError, LinkHandle};
 use uve_protocol::message::{Hello, Request, Response, RetrieveGrant, Version, Welcome};
-use uve_protocol::transport::{Endpoint, dial};
+use uve_protocol::transport::{BoxStream, Endpoint, dial};
 
 mod serve;
 mod update;
@@ -88,13 +89,20 @@ pub fn hello(agent_version: &str, protocol_max: u16, boot_id: [u8; 16]) -> Hello
     }
 }
 
-/// Dials the Unix socket `path`, handshakes with `hello` (each step within
-/// `limit`) and starts the link.
-pub async fn dial_as_agent(
+/// The frames of a connection handshaken as an agent.
+pub type Handshaken = (
+    FramedRead<ReadHalf<BoxStream>, FrameCodec>,
+    FramedWrite<WriteHalf<BoxStream>, FrameCodec>,
+    Welcome,
+);
+
+/// Dials the Unix socket `path` and handshakes with `hello` (each step
+/// within `limit`); the link is not started.
+pub async fn dial_and_handshake(
     path: &Path,
     hello: Hello,
     limit: Duration,
-) -> Result<AgentLink, String> {
+) -> Result<Handshaken, String> {
     let stream = dial(&Endpoint::Unix(path.to_path_buf()), limit)
         .await
         .map_err(|e| e.to_string())?;
@@ -104,6 +112,17 @@ pub async fn dial_as_agent(
     let welcome = handshake::client(&mut reader, &mut writer, hello, limit)
         .await
         .map_err(|e| e.to_string())?;
+    Ok((reader, writer, welcome))
+}
+
+/// Dials the Unix socket `path`, handshakes with `hello` (each step within
+/// `limit`) and starts the link.
+pub async fn dial_as_agent(
+    path: &Path,
+    hello: Hello,
+    limit: Duration,
+) -> Result<AgentLink, String> {
+    let (reader, writer, welcome) = dial_and_handshake(path, hello, limit).await?;
     let cfg = LinkConfig::new(
         Duration::from_millis(u64::from(welcome.heartbeat_ms)),
         welcome.max_frame,

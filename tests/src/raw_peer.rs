@@ -10,12 +10,11 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use uve_protocol::codec::{FrameCodec, encode_frame};
-use uve_protocol::defs::{DEFAULT_MAX_FRAME, PROTOCOL_MAX};
-use uve_protocol::handshake;
+use uve_protocol::defs::PROTOCOL_MAX;
 use uve_protocol::message::{Frame, Request, Response, Welcome};
-use uve_protocol::transport::{BoxStream, Endpoint, dial};
+use uve_protocol::transport::BoxStream;
 
-use crate::fake_agent::hello;
+use crate::fake_agent::{dial_and_handshake, hello};
 
 /// A handshaken connection whose frames the test writes and reads itself.
 pub struct RawPeer {
@@ -31,21 +30,9 @@ pub struct RawPeer {
 impl RawPeer {
     /// Dials the Unix socket `path` and handshakes as agent `name`.
     pub async fn connect(path: &Path, name: &str) -> Result<Self, String> {
-        let limit = Duration::from_secs(10);
-        let stream = dial(&Endpoint::Unix(path.to_path_buf()), limit)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (r, w) = tokio::io::split(stream);
-        let mut reader = FramedRead::new(r, FrameCodec::new(DEFAULT_MAX_FRAME));
-        let mut writer = FramedWrite::new(w, FrameCodec::new(DEFAULT_MAX_FRAME));
-        let welcome = handshake::client(
-            &mut reader,
-            &mut writer,
-            hello(name, PROTOCOL_MAX, [0x0b; 16]),
-            limit,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let hello = hello(name, PROTOCOL_MAX, [0x0b; 16]);
+        let (reader, writer, welcome) =
+            dial_and_handshake(path, hello, Duration::from_secs(10)).await?;
         Ok(RawPeer {
             reader,
             writer,
