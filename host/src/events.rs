@@ -1,7 +1,8 @@
 //! Operator events (commit, conflict, unexpected_disconnect, vm_lost, ...):
 //! numbered, kept in a bounded in-memory ring for `GET /v1/events?since=N`
-//! and broadcast to live followers. Losing events to a slow follower is
-//! acceptable (it resumes with `since`); blocking the daemon is not. The
+//! and broadcast to live followers. A slow follower never blocks the
+//! daemon: it is served what it missed from the ring, and told how many
+//! the ring no longer holds (`api::feed`). The
 //! kinds and their fields are the [`Event`] enum (`kinds`).
 
 #[cfg(test)]

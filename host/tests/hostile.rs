@@ -360,3 +360,60 @@ async fn forged_notices_for_another_vms_user_are_refused() {
     let (_, vm) = host.get("/v1/vms/good").await;
     assert_eq!(vm["sessions"][0]["session"], "bob-1", "{vm}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_event_follower_is_told_how_many_it_missed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostProc::start(dir.path(), "event_ring = 64").await;
+    let path = host.add_unix_vm("vm1").await;
+    host.assign("alice", "vm1").await;
+    let agent = host.connect_agent(&path, "vm1").await;
+    // A follower that sends its request and then does not read.
+    let mut follower = tokio::net::UnixStream::connect(host.api_socket())
+        .await
+        .unwrap();
+    follower
+        .write_all(b"GET /v1/events?since=0&follow=true HTTP/1.1\r\nHost: uve\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // 6,000 events: far more than the socket, the broadcast (1024) and the
+    // ring (64) hold between them.
+    for i in 0..3_000 {
+        let session = format!("s{i}");
+        agent
+            .request(Request::SessionStarted {
+                session: session.clone(),
+                user: "alice".into(),
+                ua: None,
+            })
+            .await
+            .unwrap();
+        agent
+            .request(Request::SessionEnded { session })
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(n) = follower.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&got).contains("\"s2999\"") {
+                break;
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("\"kind\":\"lagged\""), "no lagged line");
+    assert!(text.contains("\"missed\":"), "no missed count");
+    assert!(
+        text.contains("\"s2999\""),
+        "the follower did not catch up to the last event"
+    );
+}

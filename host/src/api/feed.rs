@@ -1,5 +1,9 @@
 //! The event stream (`GET /v1/events`, JSON lines, `?since=N`,
 //! `?follow=false` to stop after the retained events) and `GET /metrics`.
+//! A follower that falls behind the live broadcast is served the missed
+//! events from the ring; those the ring no longer holds are announced by
+//! one `{"kind":"lagged","missed":N,"after_seq":S}` line, never dropped
+//! silently.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,10 +25,27 @@ fn line(e: &Recorded) -> Bytes {
     Bytes::from(v)
 }
 
+/// The line announcing the events after `last` that the ring no longer
+/// holds, if any: `retained` starts later than `last + 1`.
+fn lagged_line(last: u64, retained: &[Recorded]) -> Option<Bytes> {
+    let first = retained.first()?.seq;
+    let missed = first.checked_sub(last + 1).filter(|n| *n > 0)?;
+    tracing::warn!(missed, after_seq = last, "event follower lagged");
+    let mut v = serde_json::to_vec(&serde_json::json!({
+        "kind": "lagged",
+        "missed": missed,
+        "after_seq": last,
+    }))
+    .unwrap_or_default();
+    v.push(b'\n');
+    Some(Bytes::from(v))
+}
+
 /// `GET /v1/events`.
 pub async fn events(State(d): State<Arc<Daemon>>, Query(q): Query<EventsQuery>) -> Response {
     let (past, mut rx) = d.host.events.since(q.since);
     let stop = d.host.shutdown.clone();
+    let daemon = d.clone();
     let (tx, body_rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
     tokio::spawn(async move {
         let mut last = q.since;
@@ -50,7 +71,22 @@ pub async fn events(State(d): State<Arc<Daemon>>, Query(q): Query<EventsQuery>) 
                         return;
                     }
                 }
-                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => {
+                    let (missed, new_rx) = daemon.host.events.since(last);
+                    rx = new_rx;
+                    if let Some(gap) = lagged_line(last, &missed)
+                        && tx.send(Ok(gap)).await.is_err()
+                    {
+                        return;
+                    }
+                    for e in &missed {
+                        last = e.seq;
+                        if tx.send(Ok(line(e))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
                 Err(RecvError::Closed) => return,
             }
         }
