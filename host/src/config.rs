@@ -84,6 +84,9 @@ pub struct Config {
     pub user_quota_bytes: Option<u64>,
     /// Uploads one connection may have open at once. Default 4.
     pub max_uploads_per_vm: usize,
+    /// An upload no request names for this long is dropped (its slot and
+    /// pins freed; a later request for it gets `NotFound`), ms. Default 120000.
+    pub upload_idle_ms: u64,
     /// Committed versions kept per user. Default 10.
     pub history_keep: usize,
     /// Conflict versions kept per user. Default 10.
@@ -135,6 +138,7 @@ impl Default for Config {
             max_chunks: 1 << 20,
             user_quota_bytes: None,
             max_uploads_per_vm: 4,
+            upload_idle_ms: 120_000,
             history_keep: 10,
             conflict_keep: 10,
             conflict_max_age_secs: 30 * 24 * 3600,

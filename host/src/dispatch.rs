@@ -6,6 +6,7 @@
 //! its slot until its answer is queued on the link (so a VM that stops
 //! reading stalls its own requests, never the host's memory), and the tasks
 //! of a connection end with it: only a commit already running completes.
+//! Every `upload_idle_ms / 4` it drops the connection's idle uploads.
 
 use std::sync::Arc;
 
@@ -24,7 +25,21 @@ pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>
     // Cancelled when this loop ends or is aborted (the link closed).
     let cancel = CancellationToken::new();
     let _cancel_on_exit = cancel.clone().drop_guard();
-    while let Some(Incoming { request, responder }) = incoming.recv().await {
+    let idle = conn.host.config.upload_idle_ms.max(1);
+    let mut sweep = tokio::time::interval(std::time::Duration::from_millis((idle / 4).max(1)));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let next = tokio::select! {
+            next = incoming.recv() => next,
+            _ = sweep.tick() => {
+                let n = update::expire_idle(&conn, std::time::Duration::from_millis(idle));
+                crate::metrics::add(&conn.host.metrics.uploads_expired, n as u64);
+                continue;
+            }
+        };
+        let Some(Incoming { request, responder }) = next else {
+            break;
+        };
         let answer: Handled = match request {
             Request::UpdateBegin(b) => update::begin(&conn, b),
             Request::UpdatePage {

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub handshakes_refused: AtomicU64,
     /// Connections cut off because the VM stopped reading.
     pub stalled_cut_off: AtomicU64,
+    /// Uploads dropped after `upload_idle_ms` without a request.
+    pub uploads_expired: AtomicU64,
     per_user: Mutex<BTreeMap<String, (u64, u64)>>,
 }
 
@@ -48,7 +50,7 @@ pub fn add(c: &AtomicU64, n: u64) {
 
 /// The daemon-wide metrics: name, type, help text, counter.
 #[allow(clippy::type_complexity)]
-const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 14] = [
+const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 15] = [
     ("uve_connections", "gauge", "Agent connections open", |m| {
         &m.connections
     }),
@@ -123,6 +125,12 @@ const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 14] = [
         "counter",
         "Connections closed at accept because their VM's handshake places (max_handshakes_per_vm) or all (max_handshakes) were taken",
         |m| &m.handshakes_refused,
+    ),
+    (
+        "uve_uploads_expired_total",
+        "counter",
+        "Uploads dropped after upload_idle_ms without a request",
+        |m| &m.uploads_expired,
     ),
     (
         "uve_stalled_cut_off_total",

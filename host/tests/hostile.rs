@@ -417,3 +417,69 @@ async fn a_lagging_event_follower_is_told_how_many_it_missed() {
         "the follower did not catch up to the last event"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_uploads_expire_and_free_their_slots() {
+    use common::begin_and_list;
+    use uve_protocol::message::ErrorCode;
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostProc::start(dir.path(), "upload_idle_ms = 1000").await;
+    let path = host.add_unix_vm("vm1").await;
+    host.assign("alice", "vm1").await;
+    let agent = host.connect_agent(&path, "vm1").await;
+    let (grant, _) = agent.retrieve("alice", "s1").await.unwrap();
+    // Four uploads listed and then left alone: every slot is taken.
+    let mut listed = Vec::new();
+    for seed in 0..4 {
+        let l = begin_and_list(
+            &agent.handle,
+            "alice",
+            "s1",
+            grant.version,
+            grant.lease,
+            &noise(1 << 20, 20 + seed),
+        )
+        .await
+        .unwrap();
+        listed.push(l);
+    }
+    let busy = begin_and_list(
+        &agent.handle,
+        "alice",
+        "s1",
+        grant.version,
+        grant.lease,
+        &noise(1 << 20, 30),
+    )
+    .await
+    .err()
+    .expect("a fifth upload was accepted");
+    assert_eq!(busy.remote_code(), Some(ErrorCode::Busy), "{busy}");
+    let expired = until_async(Duration::from_secs(10), || async {
+        let n = host.metric("uve_uploads_expired_total").await;
+        (n == 4).then_some(n)
+    })
+    .await;
+    assert!(expired.is_some(), "the idle uploads did not expire");
+    let l = &listed[0];
+    let i = l.missing[0];
+    let e = agent
+        .request(Request::ChunkUpload {
+            upload: l.upload,
+            hash: l.manifest.chunks[i].hash,
+            data: l.bytes[&l.manifest.chunks[i].hash].clone(),
+        })
+        .await
+        .expect_err("chunk for an expired upload");
+    assert_eq!(e.remote_code(), Some(ErrorCode::NotFound), "{e}");
+    // The slots are free again: a whole update goes through.
+    let r = agent
+        .update_from_lease("alice", &noise(1 << 20, 31))
+        .await
+        .unwrap();
+    assert!(
+        matches!(r.answer, Response::Committed { .. }),
+        "{:?}",
+        r.answer
+    );
+}

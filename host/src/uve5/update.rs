@@ -9,6 +9,7 @@
 //! in the submodule `block_delta` on the same upload state.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
@@ -25,11 +26,13 @@ use super::{Handled, VmConnection, check_name};
 use crate::events::{Event, UpdateFields};
 use crate::host::wire_store_error;
 use crate::metrics;
-use crate::store::{ChunkPins, CommitOutcome};
+use crate::store::{ChunkPins, CommitOutcome, now_ms};
 
 /// An upload in progress on one connection.
 pub struct Upload {
     begin: UpdateBegin,
+    /// When a request last named this upload (Unix ms).
+    touched: AtomicU64,
     /// Chunk uploads hold it shared, commit exclusively: a commit pipelined
     /// right behind the last chunk waits for that chunk to be stored.
     gate: Arc<RwLock<()>>,
@@ -75,11 +78,47 @@ fn bad(code: ErrorCode, msg: impl std::fmt::Display) -> WireError {
 }
 
 fn get(conn: &VmConnection, upload: u64) -> Result<Arc<Upload>, WireError> {
-    conn.state()
-        .uploads
-        .get(&upload)
-        .cloned()
-        .ok_or_else(|| bad(ErrorCode::NotFound, format!("no upload {upload}")))
+    let up = conn.state().uploads.get(&upload).cloned().ok_or_else(|| {
+        bad(
+            ErrorCode::NotFound,
+            format!("no upload {upload} (ended, aborted or expired)"),
+        )
+    })?;
+    up.touched.store(now_ms(), Ordering::Relaxed);
+    Ok(up)
+}
+
+/// Drops the uploads of `conn` no request has named for `idle` and none is
+/// working on (a handler holds a reference while it runs), releasing their
+/// slots and pins. Returns how many expired.
+pub fn expire_idle(conn: &VmConnection, idle: std::time::Duration) -> usize {
+    let limit = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    let now = now_ms();
+    let expired: Vec<Arc<Upload>> = {
+        let mut st = conn.state();
+        let ids: Vec<u64> = st
+            .uploads
+            .iter()
+            .filter(|(_, up)| {
+                Arc::strong_count(up) == 1
+                    && now.saturating_sub(up.touched.load(Ordering::Relaxed)) > limit
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        ids.iter().filter_map(|id| st.uploads.remove(id)).collect()
+    };
+    for up in &expired {
+        tracing::warn!(
+            vm = conn.vm,
+            user = up.begin.user,
+            session = up.begin.session,
+            "upload expired: idle for {idle:?}"
+        );
+    }
+    // Pins are released here, outside the connection's lock.
+    let n = expired.len();
+    drop(expired);
+    n
 }
 
 /// Records an update refused for good: an `update_refused` event naming
@@ -175,6 +214,7 @@ fn open_upload(conn: &VmConnection, b: UpdateBegin) -> Handled {
         id,
         Arc::new(Upload {
             begin: b,
+            touched: AtomicU64::new(now_ms()),
             gate: Arc::new(RwLock::new(())),
             state: Mutex::new(UploadState::default()),
         }),
