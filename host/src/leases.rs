@@ -6,6 +6,11 @@
 //! so an agent's retry after a host restart still presents a valid lease
 //! (and an old lease can never match a new grant). A per-user async gate
 //! makes "check lease + commit" atomic against a concurrent grant.
+//!
+//! A lease follows the assignment: when the user is moved away from the
+//! holding VM (once it has answered `UserRelease`, or did not in time) or
+//! the VM is removed, the lease is revoked — nobody holds it until the
+//! next grant, so the evicted VM's later updates land as conflict versions.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -97,21 +102,66 @@ impl Leases {
         if entry.vm != vm {
             let old = std::mem::replace(&mut entry.vm, vm.to_string());
             entry.past.retain(|p| *p != old && p != vm);
-            entry.past.push(old);
+            if !old.is_empty() {
+                entry.past.push(old);
+            }
             if entry.past.len() > PAST_HOLDERS {
                 entry.past.remove(0);
             }
         }
         entry.epoch = epoch;
-        let bytes = serde_json::to_vec_pretty(&*data).map_err(|e| LeaseError {
-            path: self.path.display().to_string(),
-            why: e.to_string(),
-        })?;
-        durable::write_atomic(&self.tmp, &self.path, &bytes).map_err(|e| LeaseError {
-            path: self.path.display().to_string(),
-            why: e.to_string(),
-        })?;
+        self.save(&data)?;
         Ok(epoch)
+    }
+
+    fn save(&self, data: &LeaseData) -> Result<(), LeaseError> {
+        let err = |why: String| LeaseError {
+            path: self.path.display().to_string(),
+            why,
+        };
+        let bytes = serde_json::to_vec_pretty(data).map_err(|e| err(e.to_string()))?;
+        durable::write_atomic(&self.tmp, &self.path, &bytes).map_err(|e| err(e.to_string()))
+    }
+
+    /// Revokes `user`'s lease if `vm` holds it (durably): `vm` becomes a
+    /// past holder and nobody holds the lease until the next grant.
+    /// Returns whether it was revoked.
+    pub fn revoke(&self, user: &str, vm: &str) -> Result<bool, LeaseError> {
+        let mut data = self.data.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(entry) = data.users.get_mut(user) else {
+            return Ok(false);
+        };
+        if entry.vm != vm {
+            return Ok(false);
+        }
+        entry.vm = String::new();
+        entry.past.retain(|p| p != vm);
+        entry.past.push(vm.to_string());
+        if entry.past.len() > PAST_HOLDERS {
+            entry.past.remove(0);
+        }
+        self.save(&data)?;
+        Ok(true)
+    }
+
+    /// Forgets `vm` in every lease, current or past (the VM was removed:
+    /// a VM registered later under the same id inherits nothing).
+    pub fn forget_vm(&self, vm: &str) -> Result<(), LeaseError> {
+        let mut data = self.data.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut changed = false;
+        for entry in data.users.values_mut() {
+            if entry.vm == vm {
+                entry.vm = String::new();
+                changed = true;
+            }
+            let before = entry.past.len();
+            entry.past.retain(|p| p != vm);
+            changed |= entry.past.len() != before;
+        }
+        if changed {
+            self.save(&data)?;
+        }
+        Ok(())
     }
 
     /// The user's lease, if any.
@@ -127,13 +177,13 @@ impl Leases {
     /// True if `vm` holds `user`'s current lease with epoch `lease`.
     pub fn is_current(&self, user: &str, lease: u64, vm: &str) -> bool {
         self.get(user)
-            .is_some_and(|l| l.epoch == lease && l.vm == vm)
+            .is_some_and(|l| l.epoch == lease && !vm.is_empty() && l.vm == vm)
     }
 
     /// True if `vm` holds or held a lease on `user`.
     pub fn held_by(&self, user: &str, vm: &str) -> bool {
         self.get(user)
-            .is_some_and(|l| l.vm == vm || l.past.iter().any(|p| p == vm))
+            .is_some_and(|l| (!vm.is_empty() && l.vm == vm) || l.past.iter().any(|p| p == vm))
     }
 }
 
@@ -156,5 +206,25 @@ mod tests {
         let l = Leases::load(dir.path(), dir.path()).unwrap();
         assert!(l.is_current("alice", b, "vm2"));
         assert!(l.grant("bob", "vm1").unwrap() > b);
+    }
+
+    #[test]
+    fn revoked_leases_are_nobodys_and_survive_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Leases::load(dir.path(), dir.path()).unwrap();
+        let a = l.grant("alice", "vm1").unwrap();
+        assert!(!l.revoke("alice", "vm2").unwrap(), "vm2 does not hold it");
+        assert!(l.revoke("alice", "vm1").unwrap());
+        assert!(!l.is_current("alice", a, "vm1"));
+        assert!(
+            l.held_by("alice", "vm1"),
+            "a past holder may still send conflicts"
+        );
+        let l = Leases::load(dir.path(), dir.path()).unwrap();
+        assert!(!l.is_current("alice", a, "vm1"));
+        l.forget_vm("vm1").unwrap();
+        assert!(!l.held_by("alice", "vm1"));
+        let b = l.grant("alice", "vm1").unwrap();
+        assert!(b > a && l.is_current("alice", b, "vm1"));
     }
 }

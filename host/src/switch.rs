@@ -2,7 +2,8 @@
 //! holding a user's lease loses the user, it is asked to release them
 //! (`UserRelease`), and the next retrieve waits for that (see
 //! `handover`). A VM that does not answer makes the retrieve proceed with
-//! the last committed head and `handover_timed_out`.
+//! the last committed head and `handover_timed_out`. Either way the VM's
+//! lease is then revoked: what it sends later lands as a conflict version.
 
 use std::sync::Arc;
 
@@ -62,14 +63,28 @@ pub fn unassign(host: &Arc<Host>, user: &str) -> Result<AssignOutcome, RegistryE
     })
 }
 
-/// If a connected VM other than `new_vm` holds `user`'s lease, asks it to
-/// release the user and records the hand-over. Returns that VM.
+/// Revokes `vm`'s lease on `user` off the runtime threads (a durable
+/// write of the lease file).
+fn revoke(host: &Arc<Host>, user: &str, vm: &str) {
+    let (h, user, vm) = (host.clone(), user.to_string(), vm.to_string());
+    tokio::task::spawn_blocking(move || match h.leases.revoke(&user, &vm) {
+        Ok(true) => tracing::info!(user, vm, "lease revoked: the user was moved away"),
+        Ok(false) => {}
+        Err(e) => tracing::error!(user, vm, "lease not revoked: {e}"),
+    });
+}
+
+/// If a VM other than `new_vm` holds `user`'s lease, revokes it: at once
+/// if the VM is not connected, else once it has answered `UserRelease` (or
+/// not, within `handover_timeout_ms`), recording the hand-over. Returns the
+/// VM asked to release.
 fn release_holder(host: &Arc<Host>, user: &str, new_vm: Option<&str>) -> Option<String> {
     let holder = host.leases.get(user)?.vm;
-    if Some(holder.as_str()) == new_vm {
+    if holder.is_empty() || Some(holder.as_str()) == new_vm {
         return None;
     }
     let Some(conn) = host.conns.get(&holder) else {
+        revoke(host, user, &holder);
         // The holder is gone. If it was lost with a session of the user
         // open, its last changes may be missing (or still in its spool):
         // the next retrieve says so instead of waiting for nobody.
@@ -95,6 +110,8 @@ fn release_holder(host: &Arc<Host>, user: &str, new_vm: Option<&str>) -> Option<
             .handle
             .request_timeout(req, Host::ms(u64::from(deadline_ms)))
             .await;
+        // Its flush (if any) is committed by now; what comes later is late.
+        revoke(&host, &user, &from);
         match answer {
             Ok(Response::Released { committed }) => {
                 ticket.finish(HandoverOutcome::Released);

@@ -483,3 +483,68 @@ async fn idle_uploads_expire_and_free_their_slots() {
         r.answer
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_vms_commit_lands_as_a_conflict() {
+    use common::{ReleaseMode, TestAgent};
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostProc::start(dir.path(), "handover_timeout_ms = 800").await;
+    let pa = host.add_unix_vm("vmA").await;
+    host.add_unix_vm("vmB").await;
+    host.assign("alice", "vmA").await;
+    let a = host.connect_agent(&pa, "vmA").await;
+    a.retrieve("alice", "s1").await.unwrap();
+    let v1 = noise(300_000, 40);
+    a.update_from_lease("alice", &v1).await.unwrap();
+    a.retrieve("alice", "s2").await.unwrap();
+    a.state
+        .lock()
+        .unwrap()
+        .release
+        .insert("alice".into(), ReleaseMode::Ignore);
+    // Moved to vmB, which has not logged her in yet; vmA never answers.
+    host.assign("alice", "vmB").await;
+    host.wait_event(|e| e["kind"] == "handover_failed").await;
+    let late = noise(300_000, 41);
+    let r = a.update_from_lease("alice", &late).await.unwrap();
+    assert_eq!(
+        r.answer,
+        Response::Conflict {
+            kept_as: 2,
+            head: Some(1)
+        },
+        "the evicted VM's commit replaced the head"
+    );
+    assert!(host.export("alice", 2).await == late, "conflict kept");
+    // Unassigning revokes too (vmA not connected: at once).
+    host.assign("bob", "vmA").await;
+    let (gb, _) = a.retrieve("bob", "b1").await.unwrap();
+    a.handle.close();
+    host.wait_event(|e| e["kind"] == "vm_lost").await;
+    let (s, v) = host
+        .call(Method::DELETE, "/v1/assignments/bob", json!({}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let leases = dir.path().join("leases.json");
+    let revoked = until_async(Duration::from_secs(5), || async {
+        let text = std::fs::read_to_string(&leases).ok()?;
+        let l: serde_json::Value = serde_json::from_str(&text).ok()?;
+        (l["users"]["bob"]["vm"] == "").then_some(())
+    })
+    .await;
+    assert!(revoked.is_some(), "bob's lease still names vmA");
+    let epoch = gb.lease;
+    let a = TestAgent::connect(&pa).await.unwrap();
+    let r = a
+        .update("bob", "b2", None, epoch, &noise(100_000, 42))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.answer,
+        Response::Conflict {
+            kept_as: 1,
+            head: None
+        },
+        "a commit with a revoked lease became head"
+    );
+}

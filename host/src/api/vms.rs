@@ -83,6 +83,14 @@ pub async fn remove(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> Api
     d.host.registry.remove_vm(&id)?;
     d.listeners.stop(&id);
     d.host.handshakes.forget(&id);
+    // A VM registered later under this id inherits no lease.
+    let host = d.host.clone();
+    let vm = id.clone();
+    match tokio::task::spawn_blocking(move || host.leases.forget_vm(&vm)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(vm = id, "leases of the removed VM kept: {e}"),
+        Err(e) => tracing::error!(vm = id, "leases of the removed VM kept: {e}"),
+    }
     if let Some(c) = d.host.conns.get(&id) {
         c.handle.goodbye("VM unregistered").await;
     }
