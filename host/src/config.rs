@@ -87,6 +87,18 @@ pub struct Config {
     /// An upload no request names for this long is dropped (its slot and
     /// pins freed; a later request for it gets `NotFound`), ms. Default 120000.
     pub upload_idle_ms: u64,
+    /// Bytes one VM's open uploads may have staged (stored, not yet
+    /// committed); more chunks get `Busy`. Default = `max_uif_size`.
+    pub max_staged_bytes_per_vm: Option<u64>,
+    /// Bytes the open uploads of one user may have staged. Default =
+    /// `max_uif_size`.
+    pub max_staged_bytes_per_user: Option<u64>,
+    /// Bytes all uploads may have staged at once. Default 256 GiB.
+    pub max_staged_bytes: u64,
+    /// Chunks are staged only while the local store's filesystem keeps
+    /// this much free beyond them, so commits and other VMs' writes find
+    /// room. Default 2 GiB.
+    pub store_min_free_bytes: u64,
     /// Committed versions kept per user. Default 10.
     pub history_keep: usize,
     /// Conflict versions kept per user. Default 10.
@@ -139,6 +151,10 @@ impl Default for Config {
             user_quota_bytes: None,
             max_uploads_per_vm: 4,
             upload_idle_ms: 120_000,
+            max_staged_bytes_per_vm: None,
+            max_staged_bytes_per_user: None,
+            max_staged_bytes: 256 << 30,
+            store_min_free_bytes: 2 << 30,
             history_keep: 10,
             conflict_keep: 10,
             conflict_max_age_secs: 30 * 24 * 3600,
@@ -192,6 +208,16 @@ impl Config {
             conflict_keep: self.conflict_keep,
             conflict_max_age: Duration::from_secs(self.conflict_max_age_secs),
             quota_bytes: self.user_quota_bytes.unwrap_or(self.max_uif_size),
+        }
+    }
+
+    /// The staged-byte budgets.
+    pub fn staging_limits(&self) -> crate::staging::StagingLimits {
+        crate::staging::StagingLimits {
+            per_vm: self.max_staged_bytes_per_vm.unwrap_or(self.max_uif_size),
+            per_user: self.max_staged_bytes_per_user.unwrap_or(self.max_uif_size),
+            total: self.max_staged_bytes,
+            min_free: self.store_min_free_bytes,
         }
     }
 

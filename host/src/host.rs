@@ -21,6 +21,7 @@ use crate::leases::Leases;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::sessions::Sessions;
+use crate::staging::Staging;
 use crate::store::{StoreError, StoreResult, UifStore};
 
 /// Shared daemon state.
@@ -44,7 +45,9 @@ pub struct Host {
     /// Event log.
     pub events: Events,
     /// Counters.
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
+    /// Staged bytes of open uploads: budgets and reclaim.
+    pub staging: Arc<Staging>,
     /// Cancelled when the daemon begins shutting down.
     pub shutdown: CancellationToken,
     /// Held shared by each connection from accept until it is installed;
@@ -83,6 +86,8 @@ impl Host {
         let events = Events::new(config.event_ring);
         let handshakes = HandshakeGate::new(config.max_handshakes_per_vm, config.max_handshakes);
         let bulk_threads = store.bulk_threads();
+        let metrics = Arc::new(Metrics::default());
+        let staging = Staging::start(config.staging_limits(), store.clone(), metrics.clone());
         Host {
             config,
             tmp,
@@ -93,7 +98,8 @@ impl Host {
             sessions: Sessions::default(),
             conns: Conns::default(),
             events,
-            metrics: Metrics::default(),
+            metrics,
+            staging,
             shutdown: CancellationToken::new(),
             setup: Arc::new(tokio::sync::RwLock::new(())),
             handshakes,

@@ -25,6 +25,7 @@ pub mod notify;
 pub mod registry;
 pub mod server;
 pub mod sessions;
+pub mod staging;
 pub mod store;
 pub mod switch;
 pub mod uve2;

@@ -40,6 +40,12 @@ pub struct Metrics {
     pub stalled_cut_off: AtomicU64,
     /// Uploads dropped after `upload_idle_ms` without a request.
     pub uploads_expired: AtomicU64,
+    /// Bytes staged by open uploads (gauge).
+    pub staged_bytes: AtomicU64,
+    /// Staged bytes of uploads that ended without a commit, deleted.
+    pub staged_reclaimed_bytes: AtomicU64,
+    /// Chunks refused by a staging budget.
+    pub staging_refused: AtomicU64,
     per_user: Mutex<BTreeMap<String, (u64, u64)>>,
 }
 
@@ -50,7 +56,7 @@ pub fn add(c: &AtomicU64, n: u64) {
 
 /// The daemon-wide metrics: name, type, help text, counter.
 #[allow(clippy::type_complexity)]
-const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 15] = [
+const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 18] = [
     ("uve_connections", "gauge", "Agent connections open", |m| {
         &m.connections
     }),
@@ -131,6 +137,24 @@ const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 15] = [
         "counter",
         "Uploads dropped after upload_idle_ms without a request",
         |m| &m.uploads_expired,
+    ),
+    (
+        "uve_staged_bytes",
+        "gauge",
+        "Bytes open uploads have staged (stored, not yet committed)",
+        |m| &m.staged_bytes,
+    ),
+    (
+        "uve_staged_reclaimed_bytes_total",
+        "counter",
+        "Staged bytes of uploads that ended without a commit (aborted, expired, connection closed), deleted",
+        |m| &m.staged_reclaimed_bytes,
+    ),
+    (
+        "uve_staging_refused_total",
+        "counter",
+        "Chunks refused because a staging budget (max_staged_bytes_per_vm, _per_user, max_staged_bytes, store_min_free_bytes) was reached",
+        |m| &m.staging_refused,
     ),
     (
         "uve_stalled_cut_off_total",

@@ -19,7 +19,9 @@ use common::{HostProc, TestAgent};
 use common::{manifest_of, noise};
 #[cfg(feature = "s3")]
 use uve_host::store::S3Store;
-use uve_host::store::{CommitOutcome, LocalStore, StoreError, StorePolicy, UifStore, VersionKind};
+use uve_host::store::{
+    CommitOutcome, LocalStore, StageId, StoreError, StorePolicy, UifStore, VersionKind,
+};
 use uve_protocol::manifest::{Hash, Manifest};
 #[cfg(feature = "s3")]
 use uve_protocol::message::Response;
@@ -394,8 +396,64 @@ fn racing_commits_leave_one_head_and_one_conflict(b: &dyn Backend, rounds: u32) 
     }
 }
 
+/// An upload's stage is its own: other uploads (and the other host) do not
+/// see its chunks until it is published, and a discarded stage leaves no
+/// chunk behind, nor touches a chunk another upload published.
+fn stages_are_private_until_published(b: &dyn Backend) {
+    let (h1, h2) = b.open_pair("stages", policy(10), Duration::from_secs(3600));
+    let data = noise(600_000, 90);
+    let (m, bytes) = manifest_of(&data);
+    let hashes: Vec<Hash> = bytes.keys().copied().collect();
+    let (a, other) = (StageId::fresh(), StageId::fresh());
+    for (h, d) in &bytes {
+        assert_eq!(h1.stage_chunk(&a, h, d).unwrap(), d.len() as u64);
+    }
+    let first = hashes[0];
+    assert_eq!(
+        h2.stage_chunk(&other, &first, &bytes[&first]).unwrap(),
+        bytes[&first].len() as u64,
+        "another upload saw a staged chunk as stored"
+    );
+    for s in [&h1, &h2] {
+        assert!(
+            s.has_chunks(&hashes).unwrap().iter().all(|p| !p),
+            "{}",
+            b.name()
+        );
+    }
+    assert!(matches!(
+        h1.commit("gina", &m, None, true, "vm:a"),
+        Err(StoreError::MissingChunk(_))
+    ));
+    h1.publish(&a, &hashes).unwrap();
+    assert!(h2.has_chunks(&hashes).unwrap().iter().all(|p| *p));
+    let v = committed(h1.commit("gina", &m, None, true, "vm:a").unwrap());
+    // Discarding the other stage, which held a now published chunk, keeps it.
+    h2.discard(&other, &[first]).unwrap();
+    assert!(read_all(h2.as_ref(), "gina", v) == data);
+    // A discarded stage leaves nothing: its chunks are not stored, and
+    // publishing it afterwards finds them missing.
+    let (m2, bytes2) = manifest_of(&noise(300_000, 91));
+    let gone = StageId::fresh();
+    for (h, d) in &bytes2 {
+        h1.stage_chunk(&gone, h, d).unwrap();
+    }
+    let hashes2: Vec<Hash> = bytes2.keys().copied().collect();
+    h1.discard(&gone, &hashes2).unwrap();
+    assert!(h2.has_chunks(&hashes2).unwrap().iter().all(|p| !p));
+    assert!(matches!(
+        h1.publish(&gone, &hashes2),
+        Err(StoreError::MissingChunk(_))
+    ));
+    assert!(matches!(
+        h1.commit("gina", &m2, Some(v), true, "vm:a"),
+        Err(StoreError::MissingChunk(_))
+    ));
+}
+
 fn run_suite(b: &dyn Backend, race_rounds: u32) {
     let t = Instant::now();
+    stages_are_private_until_published(b);
     cas_commits_and_keeps_conflicts(b);
     refuses_bad_input(b);
     history_is_pruned_and_rollback_makes_a_new_head(b);

@@ -42,9 +42,10 @@ fn index(e: &Event) -> usize {
         Event::SessionResumed { .. } => 24,
         Event::MonitorGranted { .. } => 25,
         Event::MonitorRevoked { .. } => 26,
+        Event::BudgetExceeded { .. } => 27,
     }
 }
-const KINDS: usize = 27;
+const KINDS: usize = 28;
 
 fn s(x: &str) -> String {
     x.to_string()
@@ -198,6 +199,16 @@ fn uifs() -> Vec<(Event, Value)> {
             json!({"kind": "update_refused", "vm": "vm1", "user": "alice", "session": "S-1",
                    "cause": "checkpoint", "base": null, "size": 1_u64 << 40,
                    "code": "QuotaExceeded", "reason": "over quota"}),
+        ),
+        (
+            Event::BudgetExceeded {
+                vm: s("vm1"),
+                user: Some(s("alice")),
+                budget: s("max_staged_bytes_per_vm"),
+                limit: 1 << 30,
+            },
+            json!({"kind": "budget_exceeded", "vm": "vm1", "user": "alice",
+                   "budget": "max_staged_bytes_per_vm", "limit": 1_u64 << 30}),
         ),
         (
             Event::Import {

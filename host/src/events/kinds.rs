@@ -147,6 +147,18 @@ pub enum Event {
         /// The refusal's message.
         reason: String,
     },
+    /// A VM reached one of its budgets (see host/API.md, *Budgets*); what
+    /// it asked was refused or its connection cut off.
+    BudgetExceeded {
+        /// The VM.
+        vm: String,
+        /// The user, if the budget is about one.
+        user: Option<String>,
+        /// The budget, as named in host.toml (`max_staged_bytes_per_vm`, ...).
+        budget: String,
+        /// Its limit.
+        limit: u64,
+    },
     /// A user was assigned to a VM.
     Assigned {
         /// The user.

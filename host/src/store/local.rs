@@ -4,7 +4,8 @@
 //! <root>/chunks/<2 hex>/<64 hex>     chunk bytes
 //! <root>/users/<user>/state.json     head, next version number, retained versions
 //! <root>/users/<user>/v/<n>          manifest of version n (postcard)
-//! <root>/staging/<64 hex>             uploaded chunks not yet referenced; verified at open
+//! <root>/staging/<64 hex>             chunks stored outside an upload (import); verified at open
+//! <root>/staging/<stage>/<64 hex>     one upload's chunks until its commit
 //! <root>/tmp/                        temp files; emptied at open
 //! ```
 //!
@@ -20,8 +21,14 @@
 //! and only then writes the manifest. A file under `chunks/` is therefore
 //! always complete and durable; `staging/` may hold torn files after an OS
 //! crash, so at open every staged file is checked against its hash and
-//! kept only if intact (an interrupted upload's retry then resends only
-//! what was lost).
+//! kept only if intact.
+//!
+//! A VM's upload stages under its own directory (`staging/<stage>/`):
+//! its commit renames those chunks into `chunks/` as above, anything else
+//! deletes the directory at once. The stages of uploads a crash or restart
+//! interrupted give their intact chunks to `staging/` at open, so the
+//! agent's retry resends only what was lost; GC takes the rest after its
+//! grace.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -36,8 +43,8 @@ use uve_protocol::message::Version;
 use uve_protocol::names;
 
 use super::{
-    ChunkPins, CommitOutcome, GcReport, HeadRule, PinTable, StoreError, StorePolicy, StoreResult,
-    UifStore, UserState, VersionInfo, check_new_version,
+    ChunkPins, CommitOutcome, GcReport, HeadRule, PinTable, StageId, StoreError, StorePolicy,
+    StoreResult, UifStore, UserState, VersionInfo, check_new_version,
 };
 use crate::durable;
 
@@ -95,7 +102,10 @@ impl LocalStore {
 
     /// Keeps the staged chunks of interrupted uploads that are intact (so a
     /// retry need not resend them) and deletes the rest: after an OS crash
-    /// a never-synced file may be short or empty. Returns how many went.
+    /// a never-synced file may be short or empty. The stages of uploads the
+    /// last run left open give their intact chunks to `staging/` (where GC
+    /// takes them after its grace unless a commit refers to them) and go.
+    /// Returns how many files went.
     fn verify_staging(&self) -> StoreResult<usize> {
         fs::create_dir_all(&self.staging)
             .map_err(|e| StoreError::io("create staging directory", e))?;
@@ -104,38 +114,42 @@ impl LocalStore {
         let mut removed = 0;
         for entry in entries.flatten() {
             let path = entry.path();
-            let intact = entry
-                .file_name()
-                .to_str()
-                .and_then(Hash::from_hex)
-                .is_some_and(|h| {
-                    fs::File::open(&path)
-                        .and_then(|f| {
-                            let mut data = Vec::new();
-                            f.take(u64::from(MAX_CHUNK) + 1)
-                                .read_to_end(&mut data)
-                                .map(|_| data)
-                        })
-                        .is_ok_and(|data| data.len() <= MAX_CHUNK as usize && Hash::of(&data) == h)
-                });
-            if !intact {
-                let _ = if path.is_dir() {
-                    fs::remove_dir_all(&path)
-                } else {
-                    fs::remove_file(&path)
-                };
+            if path.is_dir() {
+                removed += self.adopt_stage(&path);
+            } else if staged_hash(&path).is_none() {
+                let _ = fs::remove_file(&path);
                 removed += 1;
             }
         }
         Ok(removed)
     }
 
+    /// Moves the intact chunks of a dead upload's stage to `staging/` and
+    /// deletes the stage; returns how many files were not kept.
+    fn adopt_stage(&self, dir: &Path) -> usize {
+        let mut dropped = 0;
+        for f in fs::read_dir(dir).into_iter().flatten().flatten() {
+            let kept = staged_hash(&f.path())
+                .is_some_and(|h| fs::rename(f.path(), self.staged_path(&h)).is_ok());
+            if !kept {
+                dropped += 1;
+            }
+        }
+        let _ = fs::remove_dir_all(dir);
+        dropped
+    }
+
     fn staged_path(&self, hash: &Hash) -> PathBuf {
         self.staging.join(hash.to_hex())
     }
 
-    /// Makes staged chunks durable and moves them under `chunks/`.
-    fn promote(&self, staged: &[Hash]) -> StoreResult<()> {
+    fn stage_dir(&self, stage: &StageId) -> PathBuf {
+        self.staging.join(stage.as_str())
+    }
+
+    /// Makes staged chunks (at `from(hash)`) durable and moves them under
+    /// `chunks/`.
+    fn promote(&self, staged: &[Hash], from: impl Fn(&Hash) -> PathBuf) -> StoreResult<()> {
         if staged.is_empty() {
             return Ok(());
         }
@@ -146,7 +160,7 @@ impl LocalStore {
             if let Some(dir) = dest.parent() {
                 fs::create_dir_all(dir).map_err(|e| StoreError::io("create chunk directory", e))?;
             }
-            match fs::rename(self.staged_path(hash), &dest) {
+            match fs::rename(from(hash), &dest) {
                 Ok(()) => {}
                 // A concurrent commit promoted it first.
                 Err(e) if e.kind() == ErrorKind::NotFound && dest.is_file() => {}
@@ -292,6 +306,70 @@ impl UifStore for LocalStore {
             .map_err(|e| StoreError::io("write chunk", e))
     }
 
+    fn stage_chunk(&self, stage: &StageId, hash: &Hash, data: &[u8]) -> StoreResult<u64> {
+        if data.len() > MAX_CHUNK as usize || Hash::of(data) != *hash {
+            return Err(StoreError::BadChunk(*hash));
+        }
+        let _gc = self.gc_lock.read().unwrap_or_else(PoisonError::into_inner);
+        let stored = [self.chunk_path(hash), self.staged_path(hash)]
+            .into_iter()
+            .find(|p| p.is_file());
+        if let Some(path) = stored {
+            // The upload's pin keeps it from GC; the fresh mtime keeps it
+            // from a GC that listed it before the pin.
+            let _ = fs::File::options()
+                .append(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(SystemTime::now()));
+            return Ok(0);
+        }
+        let dir = self.stage_dir(stage);
+        let path = dir.join(hash.to_hex());
+        if path.is_file() {
+            return Ok(0);
+        }
+        fs::create_dir_all(&dir).map_err(|e| StoreError::io("create stage directory", e))?;
+        // Made durable by the commit's `publish`.
+        durable::write_unsynced(&self.tmp, &path, data)
+            .map_err(|e| StoreError::io("write chunk", e))?;
+        Ok(data.len() as u64)
+    }
+
+    fn publish(&self, stage: &StageId, hashes: &[Hash]) -> StoreResult<()> {
+        let _gc = self.gc_lock.read().unwrap_or_else(PoisonError::into_inner);
+        let dir = self.stage_dir(stage);
+        let mut staged = Vec::with_capacity(hashes.len());
+        for h in hashes {
+            if dir.join(h.to_hex()).is_file() {
+                staged.push(*h);
+            } else if !self.chunk_path(h).is_file() && !self.staged_path(h).is_file() {
+                return Err(StoreError::MissingChunk(*h));
+            }
+        }
+        self.promote(&staged, |h| dir.join(h.to_hex()))?;
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                tracing::warn!(stage = stage.as_str(), error = %e, "published stage not removed");
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn discard(&self, stage: &StageId, _hashes: &[Hash]) -> StoreResult<()> {
+        match fs::remove_dir_all(self.stage_dir(stage)) {
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                Err(StoreError::io("delete an upload's stage", e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn free_bytes(&self) -> Option<u64> {
+        let st = nix::sys::statvfs::statvfs(&self.root).ok()?;
+        Some(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
+    }
+
     fn read_chunk(&self, hash: &Hash) -> StoreResult<Vec<u8>> {
         let f = match fs::File::open(self.chunk_path(hash)) {
             Ok(f) => f,
@@ -388,7 +466,7 @@ impl UifStore for LocalStore {
                 return Err(StoreError::MissingChunk(c.hash));
             }
         }
-        self.promote(&staged)?;
+        self.promote(&staged, |h| self.staged_path(h))?;
         let lock = self.user_lock(user);
         let _user = lock.lock().unwrap_or_else(PoisonError::into_inner);
         let mut state = self.read_state(user)?;
@@ -444,6 +522,17 @@ impl UifStore for LocalStore {
     fn policy(&self) -> &StorePolicy {
         &self.policy
     }
+}
+
+/// The hash a staged chunk file is named by, if its bytes match it.
+fn staged_hash(path: &Path) -> Option<Hash> {
+    let h = path.file_name()?.to_str().and_then(Hash::from_hex)?;
+    let f = fs::File::open(path).ok()?;
+    let mut data = Vec::new();
+    f.take(u64::from(MAX_CHUNK) + 1)
+        .read_to_end(&mut data)
+        .ok()?;
+    (data.len() <= MAX_CHUNK as usize && Hash::of(&data) == h).then_some(h)
 }
 
 #[cfg(test)]

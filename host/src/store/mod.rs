@@ -16,6 +16,11 @@
 //!   that a user can exceed by merely keeping history would be surprising.
 //! - **GC** removes chunk files referenced by no retained version, not
 //!   pinned by an upload in flight, and older than a grace period.
+//! - **Staging:** a VM's upload stores its chunks in a stage of its own
+//!   ([`StageId`]), invisible to every other upload and never swept by GC;
+//!   its commit publishes them, anything else discards them at once. So an
+//!   abandoned upload's bytes go within seconds without racing another
+//!   upload (here or on another host of a shared store) that reuses a chunk.
 
 mod local;
 mod pins;
@@ -251,6 +256,32 @@ fn prune(policy: &StorePolicy, state: &mut UserState) -> Vec<Version> {
     out
 }
 
+/// Names one upload's private stage in the store: 24 lowercase hex digits,
+/// unique per process and, in practice, across the hosts of a shared store.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StageId(String);
+
+impl StageId {
+    /// A fresh id (process id, time and a counter, hashed).
+    pub fn fresh() -> StageId {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let mut h = blake3::Hasher::new();
+        h.update(&std::process::id().to_le_bytes());
+        h.update(&t.to_le_bytes());
+        h.update(&n.to_le_bytes());
+        StageId(h.finalize().to_hex()[..24].to_string())
+    }
+
+    /// The id as a file or key name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Retention and quota settings of a store.
 #[derive(Debug, Clone)]
 pub struct StorePolicy {
@@ -395,6 +426,23 @@ pub trait UifStore: Send + Sync + 'static {
         match self.add_version(user, &manifest, Some(to), &origin, HeadRule::Always)? {
             CommitOutcome::Committed(v) | CommitOutcome::Conflict { kept_as: v, .. } => Ok(v),
         }
+    }
+    /// Stores a chunk in `stage` only, after checking `hash ==
+    /// BLAKE3(data)` (else `BadChunk`): no other upload sees it until
+    /// [`publish`](Self::publish). Returns the bytes newly staged: 0 if the
+    /// chunk is already stored (then it is not staged). The caller stages a
+    /// chunk once per stage.
+    fn stage_chunk(&self, stage: &StageId, hash: &Hash, data: &[u8]) -> StoreResult<u64>;
+    /// Makes the chunks `hashes` staged in `stage` stored chunks, durably,
+    /// and empties the stage. A hash not staged there must already be
+    /// stored (else `MissingChunk`).
+    fn publish(&self, stage: &StageId, hashes: &[Hash]) -> StoreResult<()>;
+    /// Deletes the stage and the chunks `hashes` staged in it.
+    fn discard(&self, stage: &StageId, hashes: &[Hash]) -> StoreResult<()>;
+    /// Free bytes on the filesystem holding the chunks, if the store can
+    /// tell (a local directory can; an object store cannot).
+    fn free_bytes(&self) -> Option<u64> {
+        None
     }
     /// Deletes unreferenced, unpinned chunks older than `grace`.
     fn gc(&self, grace: Duration) -> StoreResult<GcReport>;

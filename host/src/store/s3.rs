@@ -5,6 +5,7 @@
 //! <prefix>/chunks/<64 hex>            chunk bytes: content-addressed, immutable
 //! <prefix>/users/<user>/head.json     head object: head, next number, retained versions
 //! <prefix>/users/<user>/m/<64 hex>    manifest (postcard), keyed by its manifest digest
+//! <prefix>/staging/<stage>/<64 hex>  one upload's chunks until its commit (see `stage`)
 //! <prefix>/selftest/<nonce>           start-up self-test objects (deleted after)
 //! ```
 //!
@@ -40,6 +41,7 @@
 mod gc;
 mod head;
 mod selftest;
+mod stage;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,8 +60,8 @@ use uve_protocol::names;
 pub use super::S3Config;
 
 use super::{
-    ChunkPins, CommitOutcome, GcReport, HeadRule, PinTable, StoreError, StorePolicy, StoreResult,
-    UifStore, UserState, VersionInfo, now_ms,
+    ChunkPins, CommitOutcome, GcReport, HeadRule, PinTable, StageId, StoreError, StorePolicy,
+    StoreResult, UifStore, UserState, VersionInfo, now_ms,
 };
 
 /// How many times a commit re-reads the head after losing a race.
@@ -530,6 +532,18 @@ impl UifStore for S3Store {
         rule: HeadRule,
     ) -> StoreResult<CommitOutcome> {
         self.commit_cas(user, manifest, base, origin, rule)
+    }
+
+    fn stage_chunk(&self, stage: &StageId, hash: &Hash, data: &[u8]) -> StoreResult<u64> {
+        self.put_staged(stage, hash, data)
+    }
+
+    fn publish(&self, stage: &StageId, hashes: &[Hash]) -> StoreResult<()> {
+        self.publish_stage(stage, hashes)
+    }
+
+    fn discard(&self, stage: &StageId, hashes: &[Hash]) -> StoreResult<()> {
+        self.discard_stage(stage, hashes)
     }
 
     fn gc(&self, grace: Duration) -> StoreResult<GcReport> {

@@ -26,11 +26,15 @@ use super::{Handled, VmConnection, check_name};
 use crate::events::{Event, UpdateFields};
 use crate::host::wire_store_error;
 use crate::metrics;
-use crate::store::{ChunkPins, CommitOutcome, now_ms};
+use crate::staging::{Stage, StagingBudget, StagingRefused};
+use crate::store::{ChunkPins, CommitOutcome, StageId, StoreResult, now_ms};
 
 /// An upload in progress on one connection.
 pub struct Upload {
     begin: UpdateBegin,
+    /// Where its chunks are staged until the commit publishes them;
+    /// reclaimed when the last reference to it goes without one.
+    stage: Arc<Stage>,
     /// When a request last named this upload (Unix ms).
     touched: AtomicU64,
     /// Chunk uploads hold it shared, commit exclusively: a commit pipelined
@@ -185,6 +189,17 @@ fn open_upload(conn: &VmConnection, b: UpdateBegin) -> Handled {
             format!("UIF of {} bytes exceeds the quota of {quota}", h.size),
         ));
     }
+    let staging = cfg.staging_limits();
+    let stage_limit = staging.per_vm.min(staging.per_user);
+    if h.size > stage_limit {
+        return Err(bad(
+            ErrorCode::TooLarge,
+            format!(
+                "UIF of {} bytes exceeds what one VM or user may stage ({stage_limit})",
+                h.size
+            ),
+        ));
+    }
     if h.chunk_count > cfg.max_chunks {
         return Err(bad(
             ErrorCode::TooLarge,
@@ -213,6 +228,7 @@ fn open_upload(conn: &VmConnection, b: UpdateBegin) -> Handled {
     st.uploads.insert(
         id,
         Arc::new(Upload {
+            stage: Arc::new(host.staging.open(&conn.vm, &b.user, h.size)),
             begin: b,
             touched: AtomicU64::new(now_ms()),
             gate: Arc::new(RwLock::new(())),
@@ -277,6 +293,17 @@ async fn list_page(
         }
         st.chunks.len() as u64
     };
+    let page_bytes: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
+    let listed_bytes = up.state.lock().unwrap_or_else(PoisonError::into_inner).end;
+    if listed_bytes + page_bytes > up.begin.header.size {
+        return Err(bad(
+            ErrorCode::TooLarge,
+            format!(
+                "pages list more than the {} bytes announced",
+                up.begin.header.size
+            ),
+        ));
+    }
     if let Some(c) = chunks.iter().find(|c| c.len == 0 || c.len > MAX_CHUNK) {
         return Err(bad(
             ErrorCode::BadRequest,
@@ -398,16 +425,98 @@ pub async fn chunk(conn: &VmConnection, upload: u64, hash: Hash, data: Vec<u8>) 
         }
         Some(_) => {}
     }
-    // `put_chunk` checks BLAKE3(data) == hash (BadChunk otherwise); hashing
-    // here too would cost a second pass over every uploaded byte.
+    // `stage_chunk` checks BLAKE3(data) == hash (BadChunk otherwise);
+    // hashing here too would cost a second pass over every uploaded byte.
     let n = data.len() as u64;
-    conn.host
-        .store_call_bulk(move |s| s.put_chunk(&hash, &data))
-        .await
-        .map_err(|e| wire_store_error(&e))?;
+    let staged: Result<(), std::convert::Infallible> =
+        stage_chunk(conn, &up, hash, n, move |s, stage| {
+            s.stage_chunk(stage, &hash, &data).map(Ok)
+        })
+        .await?;
+    let Ok(()) = staged;
     mark_stored(&up, &hash);
     conn.host.metrics.chunk_uploaded(&up.begin.user, n);
     Ok(Response::Ok)
+}
+
+/// Stages one chunk of `len` bytes for `up` with `write` (on a bulk
+/// thread), charged to the staging budgets first. A refusal by a budget is
+/// `Busy` (the agent retries the update later) and an event naming the VM;
+/// `write`'s inner error is passed through.
+pub(super) async fn stage_chunk<E, F>(
+    conn: &VmConnection,
+    up: &Upload,
+    hash: Hash,
+    len: u64,
+    write: F,
+) -> Result<Result<(), E>, WireError>
+where
+    E: Send + 'static,
+    F: FnOnce(&dyn crate::store::UifStore, &StageId) -> StoreResult<Result<u64, E>>
+        + Send
+        + 'static,
+{
+    let host = &conn.host;
+    if up.stage.holds(&hash) {
+        return Ok(Ok(()));
+    }
+    if let Err(e) = up.stage.reserve(len) {
+        return Err(staging_refused(conn, up, &e));
+    }
+    // The job owns a reference to the stage: it cannot be reclaimed while
+    // the chunk is being written, even if this handler is cancelled.
+    let stage = up.stage.clone();
+    let staging = host.staging.clone();
+    let stored = host
+        .store_call_bulk(move |s| {
+            if let Err(e) = staging.check_free(s.free_bytes(), len) {
+                stage.unreserve(len);
+                return Ok(Err(Refusal::Budget(e)));
+            }
+            match write(s, stage.id()) {
+                Ok(Ok(wrote)) => {
+                    stage.staged(hash, len, wrote);
+                    Ok(Ok(()))
+                }
+                Ok(Err(e)) => {
+                    stage.unreserve(len);
+                    Ok(Err(Refusal::Inner(e)))
+                }
+                Err(e) => {
+                    stage.unreserve(len);
+                    Err(e)
+                }
+            }
+        })
+        .await
+        .map_err(|e| wire_store_error(&e))?;
+    match stored {
+        Ok(()) => Ok(Ok(())),
+        Err(Refusal::Budget(e)) => Err(staging_refused(conn, up, &e)),
+        Err(Refusal::Inner(e)) => Ok(Err(e)),
+    }
+}
+
+enum Refusal<E> {
+    Budget(StagingRefused),
+    Inner(E),
+}
+
+/// `Busy` for a staging budget's refusal (`BadRequest` for an upload that
+/// sends more than it announced), with a `budget_exceeded` event.
+fn staging_refused(conn: &VmConnection, up: &Upload, e: &StagingRefused) -> WireError {
+    tracing::warn!(vm = conn.vm, user = up.begin.user, "chunk refused: {e}");
+    conn.host.events.emit(Event::BudgetExceeded {
+        vm: conn.vm.clone(),
+        user: Some(up.begin.user.clone()),
+        budget: e.budget.name().to_string(),
+        limit: e.limit,
+    });
+    let code = match e.budget {
+        StagingBudget::Upload => ErrorCode::BadRequest,
+        _ => ErrorCode::Busy,
+    };
+    bad(code, e)
 }
 
 /// Counts a chunk stored by this upload; it is no longer awaited.
@@ -459,6 +568,14 @@ async fn commit_upload(conn: &VmConnection, up: &Arc<Upload>, upload: u64) -> Ha
     })?;
     let m = Arc::new(manifest);
     let b = &up.begin;
+    // Staged chunks become stored chunks (durably) before the version that
+    // refers to them; should the commit fail after this, they are
+    // unreferenced and GC takes them after its grace.
+    let (stage, hashes) = (up.stage.clone(), up.stage.hashes());
+    host.store_call(move |s| s.publish(stage.id(), &hashes))
+        .await
+        .map_err(|e| wire_store_error(&e))?;
+    up.stage.published();
     let gate = host.leases.gate(&b.user);
     let outcome = {
         let _user = gate.lock().await;

@@ -73,7 +73,7 @@ impl S3Store {
         report.bytes_freed = bytes;
         report.spared += candidates.len() as u64 - deleted;
         // Manifests no head object names (pruned versions, a crashed
-        // commit), and self-test leftovers.
+        // commit), stages of uploads a crashed host left, self-test leftovers.
         let mut stale = Vec::new();
         for (user, keep) in &manifests {
             for meta in self.list(&format!("users/{user}/m"))? {
@@ -87,6 +87,7 @@ impl S3Store {
                 }
             }
         }
+        stale.extend(self.list("staging")?.into_iter().map(|m| m.location));
         stale.extend(self.list("selftest")?.into_iter().map(|m| m.location));
         self.delete_if_old(stale, cutoff);
         Ok(report)

@@ -11,10 +11,9 @@ use uve_protocol::defs::{MAX_SIGNATURE_BATCH, PROTOCOL_BLOCK_DELTA};
 use uve_protocol::delta::{self, BasePart};
 use uve_protocol::message::{BlockDigest, ChunkDelta, ErrorCode, Response, WireError};
 
-use super::{Upload, bad, base_index, get, mark_stored};
-use crate::host::wire_store_error;
+use super::{Upload, bad, base_index, get, mark_stored, stage_chunk};
 use crate::metrics;
-use crate::store::{StoreError, StoreResult, UifStore};
+use crate::store::{StoreResult, UifStore};
 use crate::uve5::{Handled, VmConnection};
 
 /// Deltas per upload whose rebuilt chunk does not match its hash before
@@ -157,36 +156,35 @@ pub async fn chunk_delta(conn: &VmConnection, d: ChunkDelta) -> Handled {
     let n: u64 = d.blocks.iter().map(|b| b.data.len() as u64).sum();
     let (hash, blocks) = (d.hash, d.blocks);
     // Outer error: storing the rebuilt chunk failed (`BadChunk` if it is
-    // not `hash`); inner error: the base bytes are unusable.
-    let stored = conn
-        .host
-        .store_call_bulk(move |s| {
-            let old = match read_base(s, at, len, &parts) {
-                Ok(Some(old)) => old,
-                Ok(None) => {
-                    return Ok(Err(format!(
-                        "a base chunk of bytes {at}.. has the wrong length"
-                    )));
-                }
-                Err(e) => return Ok(Err(e.to_string())),
-            };
-            let new = match delta::apply(at, &old, &blocks) {
-                Ok(new) => new,
-                Err(e) => return Ok(Err(e.to_string())),
-            };
-            s.put_chunk(&hash, &new).map(Ok)
-        })
-        .await;
+    // not `hash`) or a budget refused it; inner error: the base bytes are
+    // unusable.
+    let stored = stage_chunk(conn, &up, hash, u64::from(len), move |s, stage| {
+        let old = match read_base(s, at, len, &parts) {
+            Ok(Some(old)) => old,
+            Ok(None) => {
+                return Ok(Err(format!(
+                    "a base chunk of bytes {at}.. has the wrong length"
+                )));
+            }
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let new = match delta::apply(at, &old, &blocks) {
+            Ok(new) => new,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        s.stage_chunk(stage, &hash, &new).map(Ok)
+    })
+    .await;
     let based = match stored {
         Ok(based) => based,
         Err(e) => {
-            if matches!(e, StoreError::BadChunk(_)) {
+            if e.code == ErrorCode::BadChunk {
                 up.state
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .bad_deltas += 1;
             }
-            return Err(wire_store_error(&e));
+            return Err(e);
         }
     };
     if let Err(e) = based {

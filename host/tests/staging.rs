@@ -1,0 +1,182 @@
+//! Staged bytes cannot fill the host's disk: a VM that uploads chunks and
+//! then aborts, goes idle or drops its connection leaves nothing staged
+//! once the reclaim has run, and the staging budgets refuse (with `Busy`
+//! and an event naming the VM) what would exceed them, while the same VM's
+//! honest update goes through once room is back.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{HostProc, Listed, TestAgent, begin_and_list, noise};
+use uve_e2e::poll::until_async;
+use uve_protocol::message::{ErrorCode, Request, Response};
+
+/// Sends every chunk the host said it lacks; returns the bytes sent.
+async fn send_missing(agent: &TestAgent, l: &Listed) -> Result<u64, ErrorCode> {
+    let mut sent = 0;
+    for &i in &l.missing {
+        let hash = l.manifest.chunks[i].hash;
+        let data = l.bytes[&hash].clone();
+        sent += data.len() as u64;
+        match agent
+            .request(Request::ChunkUpload {
+                upload: l.upload,
+                hash,
+                data,
+            })
+            .await
+        {
+            Ok(Response::Ok) => {}
+            Ok(other) => panic!("chunk answered {other:?}"),
+            Err(e) => return Err(e.remote_code().expect("a remote error")),
+        }
+    }
+    Ok(sent)
+}
+
+/// Entries under the local store's `staging/` that are upload stages.
+fn stages_on_disk(data: &Path) -> usize {
+    std::fs::read_dir(data.join("store/staging"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .count()
+}
+
+async fn wait_staged(host: &HostProc, want: u64) -> bool {
+    until_async(Duration::from_secs(10), || async {
+        (host.metric("uve_staged_bytes").await == want).then_some(())
+    })
+    .await
+    .is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_uploads_leave_no_staged_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostProc::start(dir.path(), "upload_idle_ms = 1500").await;
+    let path = host.add_unix_vm("vm1").await;
+    host.assign("alice", "vm1").await;
+    let mut abandoned = 0;
+    // Three ways to abandon an upload: abort it, leave it idle, hang up.
+    for (round, how) in ["abort", "idle", "hang up"].into_iter().enumerate() {
+        let agent = host.connect_agent(&path, "vm1").await;
+        let (grant, _) = agent.retrieve("alice", "s1").await.unwrap();
+        let data = noise(2 << 20, 50 + round as u64);
+        let l = begin_and_list(
+            &agent.handle,
+            "alice",
+            "s1",
+            grant.version,
+            grant.lease,
+            &data,
+        )
+        .await
+        .unwrap();
+        let sent = send_missing(&agent, &l).await.unwrap();
+        assert!(sent >= 2 << 20, "{how}: only {sent} bytes were missing");
+        assert_eq!(host.metric("uve_staged_bytes").await, sent, "{how}");
+        assert_eq!(stages_on_disk(host.data.as_path()), 1, "{how}");
+        match how {
+            "abort" => {
+                let r = agent
+                    .request(Request::UpdateAbort { upload: l.upload })
+                    .await;
+                assert!(matches!(r, Ok(Response::Ok)), "{r:?}");
+            }
+            "idle" => {}
+            _ => agent.handle.close(),
+        }
+        abandoned += sent;
+        assert!(wait_staged(&host, 0).await, "{how}: staged bytes stayed");
+        assert_eq!(
+            stages_on_disk(host.data.as_path()),
+            0,
+            "{how}: stage left on disk"
+        );
+        assert_eq!(
+            host.metric("uve_staged_reclaimed_bytes_total").await,
+            abandoned,
+            "{how}"
+        );
+    }
+    // Nothing of it became a version or a stored chunk; an honest logout
+    // still commits and its stage goes with the commit.
+    let agent = host.connect_agent(&path, "vm1").await;
+    agent.retrieve("alice", "s2").await.unwrap();
+    let r = agent
+        .update_from_lease("alice", &noise(1 << 20, 60))
+        .await
+        .unwrap();
+    assert!(
+        matches!(r.answer, Response::Committed { .. }),
+        "{:?}",
+        r.answer
+    );
+    assert_eq!(host.metric("uve_staged_bytes").await, 0);
+    assert_eq!(stages_on_disk(host.data.as_path()), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staging_budgets_refuse_with_busy_and_free_up_on_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostProc::start(dir.path(), "max_staged_bytes_per_vm = 3_145_728").await;
+    let path = host.add_unix_vm("vm1").await;
+    host.assign("alice", "vm1").await;
+    let agent = host.connect_agent(&path, "vm1").await;
+    let (grant, _) = agent.retrieve("alice", "s1").await.unwrap();
+    // More than one VM may stage is refused at once, for good.
+    let big = noise(4 << 20, 70);
+    let e = begin_and_list(
+        &agent.handle,
+        "alice",
+        "s1",
+        grant.version,
+        grant.lease,
+        &big,
+    )
+    .await
+    .err()
+    .expect("a 4 MiB upload was accepted under a 3 MiB staging budget");
+    assert_eq!(e.remote_code(), Some(ErrorCode::TooLarge), "{e}");
+    // Two uploads of 2 MiB fit one at a time: the second gets Busy.
+    let (a, b) = (noise(2 << 20, 71), noise(2 << 20, 72));
+    let la = begin_and_list(&agent.handle, "alice", "s1", grant.version, grant.lease, &a)
+        .await
+        .unwrap();
+    send_missing(&agent, &la).await.unwrap();
+    let lb = begin_and_list(&agent.handle, "alice", "s1", grant.version, grant.lease, &b)
+        .await
+        .unwrap();
+    assert_eq!(send_missing(&agent, &lb).await, Err(ErrorCode::Busy));
+    assert!(host.metric("uve_staging_refused_total").await >= 1);
+    let ev = host.wait_event(|e| e["kind"] == "budget_exceeded").await;
+    assert_eq!(ev["vm"], "vm1");
+    assert_eq!(ev["user"], "alice");
+    assert_eq!(ev["budget"], "max_staged_bytes_per_vm");
+    assert_eq!(ev["limit"], 3_145_728);
+    // Aborting the first gives its bytes back; the second then completes.
+    let r = agent
+        .request(Request::UpdateAbort { upload: la.upload })
+        .await;
+    assert!(matches!(r, Ok(Response::Ok)), "{r:?}");
+    until_async(Duration::from_secs(10), || async {
+        (host.metric("uve_staged_reclaimed_bytes_total").await > 0).then_some(())
+    })
+    .await
+    .expect("the aborted upload was not reclaimed");
+    assert!(host.metric("uve_staged_bytes").await <= 1 << 20);
+    send_missing(&agent, &lb).await.unwrap();
+    let r = agent
+        .request(Request::UpdateCommit { upload: lb.upload })
+        .await
+        .unwrap();
+    let Response::Committed { version } = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(host.export("alice", version).await, b);
+    assert_eq!(host.metric("uve_staged_bytes").await, 0);
+}
