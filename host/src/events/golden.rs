@@ -98,6 +98,16 @@ fn vms() -> Vec<(Event, Value)> {
             },
             json!({"kind": "vm_lost", "vm": "vm1", "conn_id": 3, "reason": "eof"}),
         ),
+        (
+            Event::BudgetExceeded {
+                vm: s("vm1"),
+                user: Some(s("alice")),
+                budget: s("max_staged_bytes_per_vm"),
+                limit: 1 << 30,
+            },
+            json!({"kind": "budget_exceeded", "vm": "vm1", "user": "alice",
+                   "budget": "max_staged_bytes_per_vm", "limit": 1_u64 << 30}),
+        ),
     ]
 }
 
@@ -199,16 +209,6 @@ fn uifs() -> Vec<(Event, Value)> {
             json!({"kind": "update_refused", "vm": "vm1", "user": "alice", "session": "S-1",
                    "cause": "checkpoint", "base": null, "size": 1_u64 << 40,
                    "code": "QuotaExceeded", "reason": "over quota"}),
-        ),
-        (
-            Event::BudgetExceeded {
-                vm: s("vm1"),
-                user: Some(s("alice")),
-                budget: s("max_staged_bytes_per_vm"),
-                limit: 1 << 30,
-            },
-            json!({"kind": "budget_exceeded", "vm": "vm1", "user": "alice",
-                   "budget": "max_staged_bytes_per_vm", "limit": 1_u64 << 30}),
         ),
         (
             Event::Import {

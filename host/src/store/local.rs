@@ -367,7 +367,7 @@ impl UifStore for LocalStore {
 
     fn free_bytes(&self) -> Option<u64> {
         let st = nix::sys::statvfs::statvfs(&self.root).ok()?;
-        Some(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
+        Some(st.blocks_available().saturating_mul(st.fragment_size()))
     }
 
     fn read_chunk(&self, hash: &Hash) -> StoreResult<Vec<u8>> {

@@ -269,12 +269,15 @@ fn check_min_chunk(up: &Upload, first: u64, chunks: &[ChunkRef]) -> Result<(), W
     }
 }
 
-async fn list_page(
+/// Refuses a page that is out of order, lists more chunks or bytes than
+/// the header announced, or holds a chunk length out of range or below
+/// the minimum chunk size.
+fn check_page(
     conn: &VmConnection,
-    up: &Arc<Upload>,
+    up: &Upload,
     page: u32,
-    chunks: Vec<ChunkRef>,
-) -> Handled {
+    chunks: &[ChunkRef],
+) -> Result<(), WireError> {
     let per = chunks_per_page(conn.max_frame) as usize;
     let listed_before = {
         let st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -310,7 +313,16 @@ async fn list_page(
             format!("chunk length {} out of range", c.len),
         ));
     }
-    check_min_chunk(up, listed_before, &chunks)?;
+    check_min_chunk(up, listed_before, chunks)
+}
+
+async fn list_page(
+    conn: &VmConnection,
+    up: &Arc<Upload>,
+    page: u32,
+    chunks: Vec<ChunkRef>,
+) -> Handled {
+    check_page(conn, up, page, &chunks)?;
     let hashes: Vec<Hash> = chunks.iter().map(|c| c.hash).collect();
     // Pin first, then look: a chunk reported present cannot be swept
     // before the commit that references it.
