@@ -101,8 +101,13 @@ pub struct Config {
     pub store_min_free_bytes: u64,
     /// Committed versions kept per user. Default 10.
     pub history_keep: usize,
-    /// Conflict versions kept per user. Default 10.
+    /// Conflict versions kept per user and origin (the writer: one VM's
+    /// conflicts never evict another's). Default 10.
     pub conflict_keep: usize,
+    /// Updates per hour a VM without a user's current lease may open for
+    /// that user (they can only become conflict versions); burst a twelfth
+    /// of it. 0 = no limit. Default 60.
+    pub conflict_updates_per_hour: u32,
     /// Conflict versions older than this are pruned, seconds. Default 30 days.
     pub conflict_max_age_secs: u64,
     /// Unreferenced chunks younger than this survive GC, seconds. Default 3600.
@@ -157,6 +162,7 @@ impl Default for Config {
             store_min_free_bytes: 2 << 30,
             history_keep: 10,
             conflict_keep: 10,
+            conflict_updates_per_hour: 60,
             conflict_max_age_secs: 30 * 24 * 3600,
             gc_grace_secs: 3600,
             gc_interval_secs: 86_400,

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use uve_protocol::message::{ErrorCode, WireError};
 
 use crate::config::Config;
+use crate::conflict_rate::ConflictRate;
 use crate::conns::Conns;
 use crate::events::Events;
 use crate::gate::HandshakeGate;
@@ -56,6 +57,8 @@ pub struct Host {
     pub setup: Arc<tokio::sync::RwLock<()>>,
     /// Bounds connections in the handshake, per VM and in all.
     pub handshakes: HandshakeGate,
+    /// Bounds updates from VMs without the user's current lease.
+    pub conflict_rate: ConflictRate,
     commits: AtomicUsize,
     commits_idle: Notify,
     bulk: BulkPool,
@@ -87,6 +90,7 @@ impl Host {
         let handshakes = HandshakeGate::new(config.max_handshakes_per_vm, config.max_handshakes);
         let bulk_threads = store.bulk_threads();
         let metrics = Arc::new(Metrics::default());
+        let conflict_rate = ConflictRate::new(config.conflict_updates_per_hour);
         let staging = Staging::start(config.staging_limits(), store.clone(), metrics.clone());
         Host {
             config,
@@ -103,6 +107,7 @@ impl Host {
             shutdown: CancellationToken::new(),
             setup: Arc::new(tokio::sync::RwLock::new(())),
             handshakes,
+            conflict_rate,
             commits: AtomicUsize::new(0),
             commits_idle: Notify::new(),
             bulk: BulkPool::start(bulk_threads),

@@ -33,6 +33,22 @@ pub struct UserLease {
     pub vm: String,
     /// Earlier holders, newest last.
     pub past: Vec<String>,
+    /// What the current epoch was granted on (absent in a lease file
+    /// written before it was recorded: such a lease's bases are not
+    /// checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted: Option<Granted>,
+}
+
+/// The grant of a lease's current epoch: an update under it may become
+/// head only if it is based on this version, or on one its VM committed
+/// since (checkpoints, spooled re-deliveries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Granted {
+    /// The head when the lease was granted (`None`: the user had none).
+    pub base: Option<u64>,
+    /// When it was granted (Unix ms).
+    pub at_ms: u64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -89,8 +105,9 @@ impl Leases {
             .clone()
     }
 
-    /// Grants a new lease on `user` to `vm` (durably) and returns its epoch.
-    pub fn grant(&self, user: &str, vm: &str) -> Result<u64, LeaseError> {
+    /// Grants a new lease on `user` to `vm` on the user's head `base`
+    /// (durably) and returns its epoch.
+    pub fn grant(&self, user: &str, vm: &str, base: Option<u64>) -> Result<u64, LeaseError> {
         let mut data = self.data.lock().unwrap_or_else(PoisonError::into_inner);
         let epoch = data.next_epoch;
         data.next_epoch += 1;
@@ -98,6 +115,7 @@ impl Leases {
             epoch,
             vm: vm.to_string(),
             past: Vec::new(),
+            granted: None,
         });
         if entry.vm != vm {
             let old = std::mem::replace(&mut entry.vm, vm.to_string());
@@ -110,6 +128,10 @@ impl Leases {
             }
         }
         entry.epoch = epoch;
+        entry.granted = Some(Granted {
+            base,
+            at_ms: crate::store::now_ms(),
+        });
         self.save(&data)?;
         Ok(epoch)
     }
@@ -196,23 +218,23 @@ mod tests {
     fn epochs_increase_and_survive_reload() {
         let dir = tempfile::tempdir().unwrap();
         let l = Leases::load(dir.path(), dir.path()).unwrap();
-        let a = l.grant("alice", "vm1").unwrap();
+        let a = l.grant("alice", "vm1", None).unwrap();
         assert!(l.is_current("alice", a, "vm1"));
-        let b = l.grant("alice", "vm2").unwrap();
+        let b = l.grant("alice", "vm2", None).unwrap();
         assert!(b > a);
         assert!(!l.is_current("alice", a, "vm1"));
         assert!(l.held_by("alice", "vm1"));
         assert!(!l.held_by("alice", "vm3"));
         let l = Leases::load(dir.path(), dir.path()).unwrap();
         assert!(l.is_current("alice", b, "vm2"));
-        assert!(l.grant("bob", "vm1").unwrap() > b);
+        assert!(l.grant("bob", "vm1", None).unwrap() > b);
     }
 
     #[test]
     fn revoked_leases_are_nobodys_and_survive_reload() {
         let dir = tempfile::tempdir().unwrap();
         let l = Leases::load(dir.path(), dir.path()).unwrap();
-        let a = l.grant("alice", "vm1").unwrap();
+        let a = l.grant("alice", "vm1", None).unwrap();
         assert!(!l.revoke("alice", "vm2").unwrap(), "vm2 does not hold it");
         assert!(l.revoke("alice", "vm1").unwrap());
         assert!(!l.is_current("alice", a, "vm1"));
@@ -224,7 +246,7 @@ mod tests {
         assert!(!l.is_current("alice", a, "vm1"));
         l.forget_vm("vm1").unwrap();
         assert!(!l.held_by("alice", "vm1"));
-        let b = l.grant("alice", "vm1").unwrap();
+        let b = l.grant("alice", "vm1", None).unwrap();
         assert!(b > a && l.is_current("alice", b, "vm1"));
     }
 }

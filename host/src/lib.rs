@@ -11,6 +11,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod conflict_rate;
 pub mod conns;
 pub mod daemon;
 pub mod dispatch;

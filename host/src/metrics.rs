@@ -46,6 +46,8 @@ pub struct Metrics {
     pub staged_reclaimed_bytes: AtomicU64,
     /// Chunks refused by a staging budget.
     pub staging_refused: AtomicU64,
+    /// Updates refused by `conflict_updates_per_hour`.
+    pub conflict_updates_refused: AtomicU64,
     per_user: Mutex<BTreeMap<String, (u64, u64)>>,
 }
 
@@ -56,7 +58,7 @@ pub fn add(c: &AtomicU64, n: u64) {
 
 /// The daemon-wide metrics: name, type, help text, counter.
 #[allow(clippy::type_complexity)]
-const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 18] = [
+const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 19] = [
     ("uve_connections", "gauge", "Agent connections open", |m| {
         &m.connections
     }),
@@ -155,6 +157,12 @@ const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 18] = [
         "counter",
         "Chunks refused because a staging budget (max_staged_bytes_per_vm, _per_user, max_staged_bytes, store_min_free_bytes) was reached",
         |m| &m.staging_refused,
+    ),
+    (
+        "uve_conflict_updates_refused_total",
+        "counter",
+        "Updates refused because a VM without the user's current lease reached conflict_updates_per_hour",
+        |m| &m.conflict_updates_refused,
     ),
     (
         "uve_stalled_cut_off_total",

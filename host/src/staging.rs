@@ -96,6 +96,16 @@ impl Counts {
     }
 }
 
+/// Work for the reclaimer thread.
+enum Job {
+    /// Delete a stage.
+    Reclaim(Reclaim),
+    /// Drop what an ended upload held (its pins, listing and base index):
+    /// a 1M-chunk upload's pins are released under the pin table's lock,
+    /// which must not stall an async worker.
+    Drop(Box<dyn Send>),
+}
+
 /// A stage to delete: what an upload that ended without a commit staged.
 struct Reclaim {
     id: StageId,
@@ -110,7 +120,7 @@ pub struct Staging {
     limits: StagingLimits,
     counts: Mutex<Counts>,
     metrics: Arc<Metrics>,
-    reclaim: Mutex<Option<mpsc::Sender<Reclaim>>>,
+    reclaim: Mutex<Option<mpsc::Sender<Job>>>,
 }
 
 impl Staging {
@@ -120,7 +130,7 @@ impl Staging {
         store: Arc<dyn UifStore>,
         metrics: Arc<Metrics>,
     ) -> Arc<Staging> {
-        let (tx, rx) = mpsc::channel::<Reclaim>();
+        let (tx, rx) = mpsc::channel::<Job>();
         let staging = Arc::new(Staging {
             limits,
             counts: Mutex::new(Counts::default()),
@@ -131,7 +141,14 @@ impl Staging {
         let spawned = std::thread::Builder::new()
             .name("uve-reclaim".into())
             .spawn(move || {
-                while let Ok(r) = rx.recv() {
+                while let Ok(job) = rx.recv() {
+                    let r = match job {
+                        Job::Reclaim(r) => r,
+                        Job::Drop(garbage) => {
+                            drop(garbage);
+                            continue;
+                        }
+                    };
                     if let Err(e) = store.discard(&r.id, &r.hashes) {
                         tracing::error!(stage = r.id.as_str(), vm = r.vm, error = %e, "an abandoned upload's chunks were not deleted");
                     }
@@ -149,6 +166,19 @@ impl Staging {
                 .unwrap_or_else(PoisonError::into_inner) = None;
         }
         staging
+    }
+
+    /// Drops `garbage` on the reclaimer thread (here if there is none).
+    pub fn drop_later(&self, garbage: Box<dyn Send>) {
+        let tx = self
+            .reclaim
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(tx) = tx {
+            // On failure the value comes back and drops here.
+            let _ = tx.send(Job::Drop(garbage));
+        }
     }
 
     /// Bytes staged now, in all.
@@ -250,6 +280,11 @@ pub struct Stage {
 }
 
 impl Stage {
+    /// Drops `garbage` on the reclaimer thread (see [`Staging::drop_later`]).
+    pub fn drop_later(&self, garbage: Box<dyn Send>) {
+        self.staging.drop_later(garbage);
+    }
+
     /// The stage's id in the store.
     pub fn id(&self) -> &StageId {
         &self.id
@@ -350,7 +385,10 @@ impl Drop for Stage {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         let unsent = match tx {
-            Some(tx) => tx.send(r).err().map(|e| e.0),
+            Some(tx) => match tx.send(Job::Reclaim(r)) {
+                Err(mpsc::SendError(Job::Reclaim(r))) => Some(r),
+                _ => None,
+            },
             None => Some(r),
         };
         if let Some(r) = unsent {

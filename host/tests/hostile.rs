@@ -21,7 +21,7 @@ use serde_json::json;
 use uve_e2e::poll::until_async;
 use uve_e2e::process::status_kib;
 use uve_e2e::raw_peer::{RawPeer, write_until_closed};
-use uve_protocol::message::{Request, Response};
+use uve_protocol::message::{ErrorCode, Request, Response};
 
 /// What a non-reading VM floods the host with.
 #[derive(Clone, Copy, Debug)]
@@ -288,11 +288,7 @@ async fn a_manifest_of_tiny_chunks_is_refused_at_update_page() {
         })
         .await
         .expect_err("tiny chunks accepted");
-    assert_eq!(
-        e.remote_code(),
-        Some(uve_protocol::message::ErrorCode::BadRequest),
-        "{e}"
-    );
+    assert_eq!(e.remote_code(), Some(ErrorCode::BadRequest), "{e}");
     assert!(e.to_string().contains("at least 16384"), "{e}");
     // A UIF smaller than one chunk is one short chunk: still accepted.
     let r = agent.update_from_lease("alice", b"tiny").await.unwrap();
@@ -305,7 +301,7 @@ async fn a_manifest_of_tiny_chunks_is_refused_at_update_page() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_notices_for_another_vms_user_are_refused() {
-    use uve_protocol::message::{DisconnectNotice, ErrorCode};
+    use uve_protocol::message::DisconnectNotice;
     let dir = tempfile::tempdir().unwrap();
     let host = HostProc::start(dir.path(), "").await;
     let bad = host.add_unix_vm("bad").await;
@@ -547,4 +543,124 @@ async fn an_evicted_vms_commit_lands_as_a_conflict() {
         },
         "a commit with a revoked lease became head"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_vms_conflicts_are_rate_limited() {
+    use common::ReleaseMode;
+    let dir = tempfile::tempdir().unwrap();
+    // 12 per hour: a burst of one, then one every five minutes.
+    let host = HostProc::start(
+        dir.path(),
+        "handover_timeout_ms = 500\nconflict_updates_per_hour = 12",
+    )
+    .await;
+    let pa = host.add_unix_vm("vmA").await;
+    host.add_unix_vm("vmB").await;
+    host.assign("alice", "vmA").await;
+    let a = host.connect_agent(&pa, "vmA").await;
+    a.retrieve("alice", "s1").await.unwrap();
+    a.state
+        .lock()
+        .unwrap()
+        .release
+        .insert("alice".into(), ReleaseMode::Ignore);
+    host.assign("alice", "vmB").await;
+    host.wait_event(|e| e["kind"] == "handover_failed").await;
+    let first = a
+        .update_from_lease("alice", &noise(100_000, 50))
+        .await
+        .unwrap();
+    assert!(
+        matches!(first.answer, Response::Conflict { head: None, .. }),
+        "{:?}",
+        first.answer
+    );
+    for _ in 0..3 {
+        let e = a
+            .update_from_lease("alice", &noise(100_000, 51))
+            .await
+            .expect_err("a second conflict within the burst");
+        assert_eq!(e.remote_code(), Some(ErrorCode::Busy), "{e}");
+    }
+    let hit = host
+        .wait_event(|e| {
+            e["kind"] == "budget_exceeded" && e["budget"] == "conflict_updates_per_hour"
+        })
+        .await;
+    assert_eq!(hit["vm"], "vmA");
+    assert_eq!(hit["user"], "alice");
+    let reported = host
+        .events()
+        .await
+        .iter()
+        .filter(|e| e["kind"] == "budget_exceeded")
+        .count();
+    assert_eq!(reported, 1, "one event per run of refusals, not per retry");
+    assert_eq!(host.metric("uve_conflict_updates_refused_total").await, 3);
+    let (_, v) = host.get("/v1/users/alice/versions").await;
+    assert_eq!(v["versions"].as_array().map(Vec::len), Some(1), "{v}");
+    // The VM she moved to is not limited: it holds the lease.
+    let b = host.connect_agent(&host.data.join("vmB.sock"), "vmB").await;
+    b.retrieve("alice", "s2").await.unwrap();
+    let r = b
+        .update_from_lease("alice", &noise(100_000, 52))
+        .await
+        .unwrap();
+    assert!(
+        matches!(r.answer, Response::Committed { .. }),
+        "{:?}",
+        r.answer
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_holder_cannot_claim_a_base_it_was_not_granted() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostProc::start(dir.path(), "").await;
+    let pa = host.add_unix_vm("vmA").await;
+    host.assign("alice", "vmA").await;
+    let a = host.connect_agent(&pa, "vmA").await;
+    let (g, _) = a.retrieve("alice", "s1").await.unwrap();
+    assert_eq!(g.version, None);
+    // An operator imports v1 while she is logged in; the VM never saw it
+    // but claims it as its base, with its current lease.
+    let imported = noise(100_000, 60);
+    let a_api = uve_host::client::ApiClient::new(host.api_socket());
+    let ans = a_api
+        .call(
+            Method::POST,
+            "/v1/users/alice/import",
+            uve_host::client::bytes(imported.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ans.status.as_u16(), 200, "{:?}", ans.json());
+    let claimed = a
+        .update("alice", "s1", Some(1), g.lease, &noise(100_000, 61))
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed.answer,
+        Response::Conflict {
+            kept_as: 2,
+            head: Some(1)
+        },
+        "an update on a base it was not granted became head"
+    );
+    // Granted v1 now: checkpoints chain on what it committed since.
+    let (g, _) = a.retrieve("alice", "s1").await.unwrap();
+    assert_eq!(g.version, Some(1));
+    let mut base = Some(1);
+    for seed in 62..65 {
+        let r = a
+            .update("alice", "s1", base, g.lease, &noise(100_000, seed))
+            .await
+            .unwrap();
+        let Response::Committed { version } = r.answer else {
+            panic!("a checkpoint on its own commit: {:?}", r.answer);
+        };
+        base = Some(version);
+    }
+    assert!(host.export("alice", base.unwrap()).await == noise(100_000, 64));
 }

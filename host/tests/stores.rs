@@ -272,6 +272,50 @@ fn history_is_pruned_and_rollback_makes_a_new_head(b: &dyn Backend) {
     ));
 }
 
+/// `conflict_keep` counts per origin: a VM adding conflict versions in a
+/// loop (one that lost its lease, say) evicts only its own, never those of
+/// another writer.
+fn one_origins_conflicts_never_evict_anothers(b: &dyn Backend) {
+    let s = b.open(
+        "origins",
+        StorePolicy {
+            conflict_keep: 2,
+            ..StorePolicy::default()
+        },
+    );
+    let m = put_all(s.as_ref(), &noise(1000, 40));
+    let head = committed(s.commit("frank", &m, None, true, "vm:a").unwrap());
+    let genuine = s.commit("frank", &m, None, true, "vm:b").unwrap();
+    let CommitOutcome::Conflict {
+        kept_as: genuine, ..
+    } = genuine
+    else {
+        panic!("a stale base must be a conflict: {genuine:?}");
+    };
+    for _ in 0..6 {
+        s.commit("frank", &m, Some(head), false, "vm:evicted")
+            .unwrap();
+    }
+    let vs = s.versions("frank").unwrap();
+    let conflicts_of = |origin: &str| {
+        vs.iter()
+            .filter(|v| v.kind == VersionKind::Conflict && v.origin == origin)
+            .map(|v| v.version)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        conflicts_of("vm:b"),
+        vec![genuine],
+        "another origin's conflict evicted"
+    );
+    assert_eq!(
+        conflicts_of("vm:evicted"),
+        vec![7, 8],
+        "the newest two of its own kept"
+    );
+    assert_eq!(s.head("frank").unwrap(), Some(head));
+}
+
 fn gc_sweeps_only_unreferenced_old_unpinned_chunks(b: &dyn Backend) {
     // A shared (S3) store never sweeps younger than its configured grace,
     // whatever `gc` is asked: 1 s here.
@@ -457,6 +501,7 @@ fn run_suite(b: &dyn Backend, race_rounds: u32) {
     cas_commits_and_keeps_conflicts(b);
     refuses_bad_input(b);
     history_is_pruned_and_rollback_makes_a_new_head(b);
+    one_origins_conflicts_never_evict_anothers(b);
     gc_sweeps_only_unreferenced_old_unpinned_chunks(b);
     reusing_an_old_orphan_never_dangles(b);
     racing_commits_leave_one_head_and_one_conflict(b, race_rounds);
@@ -489,8 +534,8 @@ async fn s3_store_on_ceph_rgw() {
 }
 
 /// Two `uve-host` processes on one bucket: alice commits on host 1, moves
-/// to a VM on host 2 and gets that version; then both VMs update on the
-/// same base at once, `rounds` times.
+/// to a VM on host 2 and gets that version; then both VMs log in on the
+/// same head and update at once, `rounds` times.
 #[cfg(feature = "s3")]
 async fn two_hosts_share_one_bucket(rgw: &Rgw, rounds: u32) {
     let dir = tempfile::tempdir().unwrap();
@@ -513,9 +558,14 @@ async fn two_hosts_share_one_bucket(rgw: &Rgw, rounds: u32) {
     assert_eq!(g.version, Some(1));
     assert!(data == v1, "host 2 serves what host 1 committed");
     let mut head = 1;
-    let lease = |agent: &TestAgent| agent.state.lock().unwrap().leases["alice"].1;
-    let (la, lb) = (lease(&a), lease(&b));
     for round in 0..rounds {
+        // Each round both VMs log her in on the head (an update may only be
+        // based on the version its lease was granted on, or one its VM
+        // committed since), then both update at once.
+        let (ga, _) = a.retrieve("alice", "s1").await.unwrap();
+        let (gb, _) = b.retrieve("alice", "s2").await.unwrap();
+        assert_eq!((ga.version, gb.version), (Some(head), Some(head)));
+        let (la, lb) = (ga.lease, gb.lease);
         let da = noise(300_000, 2000 + u64::from(round) * 2);
         let db = noise(300_000, 2001 + u64::from(round) * 2);
         let (ra, rb) = tokio::join!(

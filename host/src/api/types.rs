@@ -20,7 +20,7 @@ use uve_protocol::message::{AgentStatus, SessionInfo, UaInfo, Version};
 
 pub use crate::conns::ConnSummary;
 pub use crate::events::Recorded as EventLine;
-pub use crate::leases::UserLease;
+pub use crate::leases::{Granted, UserLease};
 pub use crate::registry::VmSpec;
 pub use crate::sessions::SessionRec;
 pub use crate::store::{GcReport, VersionInfo, VersionKind};

@@ -8,7 +8,8 @@
 //!   reused; conflict versions and rollbacks get numbers too.
 //! - **History:** the newest `history_keep` committed versions (the head
 //!   always among them) are retained; conflict versions are pruned
-//!   separately, beyond `conflict_keep` or when older than
+//!   separately, beyond `conflict_keep` per origin (one writer never evicts
+//!   another's) or when older than
 //!   `conflict_max_age`.
 //! - **Quota:** per user, the logical size of a *new* version
 //!   (`header.size`) must not exceed `quota_bytes`. Deduplicated history is
@@ -241,11 +242,18 @@ fn prune(policy: &StorePolicy, state: &mut UserState) -> Vec<Version> {
     if committed.len() > keep {
         drop.extend(committed[..committed.len() - keep].iter().copied());
     }
-    let excess = conflicts.len().saturating_sub(policy.conflict_keep);
-    for (i, c) in conflicts.iter().enumerate() {
-        if i < excess || now.saturating_sub(c.created_ms) > max_age {
+    // `conflict_keep` per origin: one writer's conflict versions (a VM
+    // that lost its lease, say) never evict another's.
+    let mut per_origin: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for c in &conflicts {
+        *per_origin.entry(c.origin.as_str()).or_default() += 1;
+    }
+    for c in &conflicts {
+        let left = per_origin.entry(c.origin.as_str()).or_default();
+        if *left > policy.conflict_keep || now.saturating_sub(c.created_ms) > max_age {
             drop.insert(c.version);
         }
+        *left -= 1;
     }
     if let Some(h) = state.head {
         drop.remove(&h);
@@ -287,7 +295,7 @@ impl StageId {
 pub struct StorePolicy {
     /// Committed versions kept per user (the head always among them).
     pub history_keep: usize,
-    /// Conflict versions kept per user.
+    /// Conflict versions kept per user and origin (the writer).
     pub conflict_keep: usize,
     /// Conflict versions older than this are pruned.
     pub conflict_max_age: Duration,

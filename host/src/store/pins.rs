@@ -42,18 +42,24 @@ pub struct ChunkPins {
     hashes: Vec<Hash>,
 }
 
+/// Pins released per hold of the table's lock: a large upload's release
+/// never holds it long against `pin` and `is_pinned` callers.
+const RELEASE_BATCH: usize = 4096;
+
 impl Drop for ChunkPins {
     fn drop(&mut self) {
-        let mut counts = self
-            .table
-            .counts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        for h in &self.hashes {
-            if let Some(n) = counts.get_mut(h) {
-                *n -= 1;
-                if *n == 0 {
-                    counts.remove(h);
+        for batch in self.hashes.chunks(RELEASE_BATCH) {
+            let mut counts = self
+                .table
+                .counts
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for h in batch {
+                if let Some(n) = counts.get_mut(h) {
+                    *n -= 1;
+                    if *n == 0 {
+                        counts.remove(h);
+                    }
                 }
             }
         }

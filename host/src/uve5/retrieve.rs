@@ -31,10 +31,6 @@ pub async fn grant(conn: &VmConnection, user: &str, session: &str) -> Handled {
     conn.check_assigned(user)?;
     let gate = host.leases.gate(user);
     let _gate = gate.lock().await;
-    let lease = host
-        .leases
-        .grant(user, &conn.vm)
-        .map_err(|e| WireError::new(ErrorCode::Internal, e))?;
     let u = user.to_string();
     let head = host
         .store_call(move |s| {
@@ -44,6 +40,12 @@ pub async fn grant(conn: &VmConnection, user: &str, session: &str) -> Handled {
         })
         .await
         .map_err(|e| wire_store_error(&e))?;
+    // The lease file is written (fsync) off the async workers.
+    let (h, u, vm, base) = (host.clone(), user.to_string(), conn.vm.clone(), head.0);
+    let lease = tokio::task::spawn_blocking(move || h.leases.grant(&u, &vm, base))
+        .await
+        .map_err(|e| WireError::new(ErrorCode::Internal, e))?
+        .map_err(|e| WireError::new(ErrorCode::Internal, e))?;
     let (version, manifest) = head;
     let header = manifest.as_ref().map(|m| m.header);
     {

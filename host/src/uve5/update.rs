@@ -15,19 +15,22 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 use uve_protocol::defs::{MAX_CHUNK, MIN_CHUNK};
 use uve_protocol::delta::BaseIndex;
-use uve_protocol::manifest::{ChunkRef, Hash, Manifest, ManifestError, chunks_per_page};
+use uve_protocol::manifest::{ChunkRef, Hash, chunks_per_page};
 use uve_protocol::message::{ErrorCode, Response, UpdateBegin, WireError};
 
 mod block_delta;
+mod commit;
 
 pub use block_delta::{chunk_delta, signatures};
+pub use commit::commit;
 
 use super::{Handled, VmConnection, check_name};
-use crate::events::{Event, UpdateFields};
+use crate::conflict_rate::Admit;
+use crate::events::Event;
 use crate::host::wire_store_error;
 use crate::metrics;
 use crate::staging::{Stage, StagingBudget, StagingRefused};
-use crate::store::{ChunkPins, CommitOutcome, StageId, StoreResult, now_ms};
+use crate::store::{ChunkPins, StageId, StoreResult, now_ms};
 
 /// An upload in progress on one connection.
 pub struct Upload {
@@ -41,6 +44,17 @@ pub struct Upload {
     /// right behind the last chunk waits for that chunk to be stored.
     gate: Arc<RwLock<()>>,
     state: Mutex<UploadState>,
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        // Its pins, listing and base index can be large (1M chunks): they
+        // go on the reclaimer thread, not on an async worker.
+        let st = std::mem::take(self.state.get_mut().unwrap_or_else(PoisonError::into_inner));
+        if !st.pins.is_empty() || !st.listed.is_empty() {
+            self.stage.drop_later(Box::new(st));
+        }
+    }
 }
 
 #[derive(Default)]
@@ -216,6 +230,7 @@ fn open_upload(conn: &VmConnection, b: UpdateBegin) -> Handled {
             format!("{} bytes cannot be {} chunks", h.size, h.chunk_count),
         ));
     }
+    check_conflict_rate(conn, &b)?;
     let mut st = conn.state();
     if st.uploads.len() >= cfg.max_uploads_per_vm {
         return Err(bad(
@@ -236,6 +251,42 @@ fn open_upload(conn: &VmConnection, b: UpdateBegin) -> Handled {
         }),
     );
     Ok(Response::UpdateAccepted { upload: id })
+}
+
+/// An update from a VM without the user's current lease can only become a
+/// conflict version: at most `conflict_updates_per_hour` of them per user
+/// and VM, else `Busy` (the agent retries later) and, once per run of
+/// refusals, a `budget_exceeded` event.
+fn check_conflict_rate(conn: &VmConnection, b: &UpdateBegin) -> Result<(), WireError> {
+    let host = &conn.host;
+    if host.leases.is_current(&b.user, b.lease, &conn.vm) {
+        return Ok(());
+    }
+    let Admit::No { first } = host.conflict_rate.admit(&b.user, &conn.vm) else {
+        return Ok(());
+    };
+    metrics::add(&host.metrics.conflict_updates_refused, 1);
+    let limit = host.config.conflict_updates_per_hour;
+    if first {
+        tracing::warn!(
+            vm = conn.vm,
+            user = b.user,
+            "updates without the current lease refused: over {limit} per hour"
+        );
+        host.events.emit(Event::BudgetExceeded {
+            vm: conn.vm.clone(),
+            user: Some(b.user.clone()),
+            budget: "conflict_updates_per_hour".to_string(),
+            limit: u64::from(limit),
+        });
+    }
+    Err(bad(
+        ErrorCode::Busy,
+        format!(
+            "VM {} does not hold the lease of {}: its updates become conflict versions, at most {limit} per hour",
+            conn.vm, b.user
+        ),
+    ))
 }
 
 /// `UpdatePage`: returns the indices (within the page) the store lacks.
@@ -547,82 +598,4 @@ pub fn abort(conn: &VmConnection, upload: u64) -> Handled {
         .remove(&upload)
         .map(|_| Response::Ok)
         .ok_or_else(|| bad(ErrorCode::NotFound, format!("no upload {upload}")))
-}
-
-/// `UpdateCommit`.
-pub async fn commit(conn: &VmConnection, upload: u64) -> Handled {
-    let up = get(conn, upload)?;
-    commit_upload(conn, &up, upload)
-        .await
-        .inspect_err(|e| refused(conn, &up.begin, e))
-}
-
-async fn commit_upload(conn: &VmConnection, up: &Arc<Upload>, upload: u64) -> Handled {
-    let _exclusive = up.gate.clone().write_owned().await;
-    let host = conn.host.clone();
-    let _commit = host.commit_guard();
-    let (manifest, uploaded) = {
-        let st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let m = Manifest {
-            header: up.begin.header,
-            chunks: st.chunks.clone(),
-        };
-        (m, st.uploaded)
-    };
-    // Count, size, lengths and the manifest digest (which commits to every
-    // chunk hash, hence every byte); the store checks every chunk is present.
-    manifest.validate().map_err(|e| match e {
-        ManifestError::Digest => bad(ErrorCode::BadDigest, e),
-        e => bad(
-            ErrorCode::BadRequest,
-            format!("incomplete or inconsistent upload: {e}"),
-        ),
-    })?;
-    let m = Arc::new(manifest);
-    let b = &up.begin;
-    // Staged chunks become stored chunks (durably) before the version that
-    // refers to them; should the commit fail after this, they are
-    // unreferenced and GC takes them after its grace.
-    let (stage, hashes) = (up.stage.clone(), up.stage.hashes());
-    host.store_call(move |s| s.publish(stage.id(), &hashes))
-        .await
-        .map_err(|e| wire_store_error(&e))?;
-    up.stage.published();
-    let gate = host.leases.gate(&b.user);
-    let outcome = {
-        let _user = gate.lock().await;
-        let lease_ok = host.leases.is_current(&b.user, b.lease, &conn.vm);
-        let (user, base, origin, m) = (b.user.clone(), b.base, conn.origin(), m.clone());
-        host.store_call(move |s| s.commit(&user, &m, base, lease_ok, &origin))
-            .await
-            .map_err(|e| wire_store_error(&e))?
-    };
-    conn.state().uploads.remove(&upload);
-    let update = UpdateFields {
-        user: b.user.clone(),
-        vm: conn.vm.clone(),
-        session: b.session.clone(),
-        cause: b.cause,
-        base: b.base,
-        size: m.header.size,
-        chunks: m.header.chunk_count,
-        chunks_uploaded: uploaded,
-    };
-    Ok(match outcome {
-        CommitOutcome::Committed(version) => {
-            host.sessions.clear_lost(&conn.vm, &b.user);
-            metrics::add(&host.metrics.commits, 1);
-            host.events.emit(Event::Commit { update, version });
-            Response::Committed { version }
-        }
-        CommitOutcome::Conflict { kept_as, head } => {
-            metrics::add(&host.metrics.conflicts, 1);
-            host.events.emit(Event::Conflict {
-                update,
-                kept_as,
-                head,
-            });
-            Response::Conflict { kept_as, head }
-        }
-    })
 }

@@ -158,6 +158,10 @@ fn users() -> Vec<Sample> {
         epoch: 4,
         vm: s("vm1"),
         past: vec![s("vm0")],
+        granted: Some(Granted {
+            base: Some(1),
+            at_ms: 7,
+        }),
     };
     vec![
         case(
@@ -169,7 +173,8 @@ fn users() -> Vec<Sample> {
                 lease: Some(lease),
             },
             json!({"user": "alice", "head": 1, "assigned_to": "vm1",
-                   "lease": {"epoch": 4, "vm": "vm1", "past": ["vm0"]}}),
+                   "lease": {"epoch": 4, "vm": "vm1", "past": ["vm0"],
+                             "granted": {"base": 1, "at_ms": 7}}}),
         ),
         case(
             "UserRow",
