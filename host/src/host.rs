@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uve_protocol::message::{ErrorCode, WireError};
 
+use crate::bulk::{BulkJob, BulkPool, MAX_QUEUED_PER_VM, Refused};
 use crate::config::Config;
 use crate::conflict_rate::ConflictRate;
 use crate::conns::Conns;
@@ -114,13 +115,13 @@ impl Host {
         }
     }
 
-    /// Runs a bulk store operation (reading or writing one chunk) on the
-    /// bulk threads, which run at a lower CPU priority ([`BULK_NICE`]) than
-    /// the async workers: under a multi-GiB transfer, heartbeats, pings and
-    /// disconnect notices are answered first instead of waiting for a CPU
-    /// share among dozens of hashing threads. Falls back to
-    /// [`store_call`](Self::store_call) if the pool is gone.
-    pub async fn store_call_bulk<T, F>(&self, f: F) -> StoreResult<T>
+    /// Runs a bulk store operation (reading or writing one chunk) for `vm`
+    /// on the bulk pool ([`crate::bulk`]: lower CPU priority, VMs served
+    /// round-robin). Skipped if this future is dropped before a thread
+    /// takes it (its connection closed). Falls back to a blocking thread
+    /// if the pool has none; a VM with a full bulk queue gets an error
+    /// (`Internal`: the agent retries).
+    pub async fn store_call_bulk<T, F>(&self, vm: &str, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&dyn UifStore) -> StoreResult<T> + Send + 'static,
@@ -128,13 +129,26 @@ impl Host {
         let store = self.store.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: BulkJob = Box::new(move || {
+            if tx.is_closed() {
+                return;
+            }
             let _ = tx.send(f(store.as_ref()));
         });
-        if let Err(job) = self.bulk.submit(job) {
-            // No bulk thread could be started: run it like any store call.
-            tokio::task::spawn_blocking(job)
-                .await
-                .map_err(|e| StoreError::io("store task", std::io::Error::other(e)))?;
+        match self.bulk.submit(vm, job) {
+            Ok(()) => {}
+            Err(Refused::NoThreads(job)) => {
+                tokio::task::spawn_blocking(job)
+                    .await
+                    .map_err(|e| StoreError::io("store task", std::io::Error::other(e)))?;
+            }
+            Err(Refused::QueueFull) => {
+                return Err(StoreError::io(
+                    "bulk queue",
+                    std::io::Error::other(format!(
+                        "VM {vm} has {MAX_QUEUED_PER_VM} bulk jobs queued"
+                    )),
+                ));
+            }
         }
         rx.await.map_err(|_| {
             StoreError::io(
@@ -204,73 +218,4 @@ pub fn wire_store_error(e: &StoreError) -> WireError {
         }
     };
     WireError::new(code, e)
-}
-
-/// Nice value of the bulk threads (the async workers keep 0).
-pub const BULK_NICE: i32 = 10;
-
-type BulkJob = Box<dyn FnOnce() + Send + 'static>;
-
-/// A few threads running bulk store work at [`BULK_NICE`]; jobs queue in
-/// a channel, so the number of threads hashing and writing chunks at once
-/// is bounded too.
-struct BulkPool {
-    tx: Option<std::sync::mpsc::Sender<BulkJob>>,
-}
-
-impl BulkPool {
-    /// Starts `threads` threads (see [`UifStore::bulk_threads`]); none if
-    /// threads cannot be created (then [`submit`](Self::submit) hands every
-    /// job back).
-    fn start(threads: usize) -> BulkPool {
-        let (tx, rx) = std::sync::mpsc::channel::<BulkJob>();
-        let rx = Arc::new(std::sync::Mutex::new(rx));
-        let mut started = 0;
-        for _ in 0..threads {
-            let rx = rx.clone();
-            let spawned = std::thread::Builder::new()
-                .name("uve-bulk".into())
-                .spawn(move || bulk_thread(&rx));
-            if spawned.is_ok() {
-                started += 1;
-            }
-        }
-        BulkPool {
-            tx: (started > 0).then_some(tx),
-        }
-    }
-
-    /// Queues `job`; hands it back if there is no bulk thread.
-    fn submit(&self, job: BulkJob) -> Result<(), BulkJob> {
-        match self.tx.as_ref() {
-            Some(tx) => tx.send(job).map_err(|e| e.0),
-            None => Err(job),
-        }
-    }
-}
-
-fn bulk_thread(rx: &std::sync::Mutex<std::sync::mpsc::Receiver<BulkJob>>) {
-    // Lower this thread's CPU priority (a thread's id is its own
-    // scheduling entity on Linux). Refused under a seccomp filter that
-    // denies @resources (as a unit may set): then bulk reads compete with
-    // the request threads at equal priority, which the operator must know.
-    let tid = rustix::thread::gettid();
-    if let Err(e) = rustix::process::setpriority_process(Some(tid), BULK_NICE) {
-        tracing::warn!(
-            nice = BULK_NICE,
-            "bulk thread keeps its normal priority (setpriority: {e})"
-        );
-    }
-    loop {
-        let job = {
-            let rx = rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            match rx.recv() {
-                Ok(job) => job,
-                Err(_) => return,
-            }
-        };
-        // A panicking store call loses only its answer (the caller sees an
-        // error), not the thread.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-    }
 }

@@ -9,6 +9,7 @@
 //! (`uve5`, `switch`, `uve2`, `store`, ...) → link handle.
 
 pub mod api;
+pub mod bulk;
 pub mod client;
 pub mod config;
 pub mod conflict_rate;

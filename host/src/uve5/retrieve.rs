@@ -151,7 +151,7 @@ pub async fn fetch(conn: &VmConnection, user: &str, hash: Hash) -> Handled {
     }
     let data = conn
         .host
-        .store_call_bulk(move |s| s.read_chunk(&hash))
+        .store_call_bulk(&conn.vm, move |s| s.read_chunk(&hash))
         .await
         .map_err(|e| wire_store_error(&e))?;
     conn.host.metrics.chunk_fetched(user, data.len() as u64);

@@ -531,7 +531,7 @@ where
     let stage = up.stage.clone();
     let staging = host.staging.clone();
     let stored = host
-        .store_call_bulk(move |s| {
+        .store_call_bulk(&conn.vm, move |s| {
             if let Err(e) = staging.check_free(s.free_bytes(), len) {
                 stage.unreserve(len);
                 return Ok(Err(Refusal::Budget(e)));

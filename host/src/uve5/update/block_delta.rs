@@ -76,10 +76,10 @@ pub async fn signatures(conn: &VmConnection, upload: u64, indices: Vec<u32>) -> 
                 break;
             };
             let Some(parts) = parts else { continue };
-            let host = conn.host.clone();
+            let (host, vm) = (conn.host.clone(), conn.vm.clone());
             reads.spawn(async move {
                 let r = host
-                    .store_call_bulk(move |s| {
+                    .store_call_bulk(&vm, move |s| {
                         let bytes = read_base(s, at, len, &parts)?;
                         Ok(bytes.map(|b| delta::block_digests(at, &b)))
                     })

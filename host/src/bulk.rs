@@ -1,0 +1,213 @@
+//! The bulk pool: a few threads that run the store work of chunk transfers
+//! (reading a chunk for `ChunkFetch`, staging one for `ChunkUpload`,
+//! reading base bytes for `BlockSignatures`) at a lower CPU priority
+//! ([`BULK_NICE`]) than the async workers, so heartbeats and notices are
+//! answered first under a multi-GiB transfer.
+//!
+//! Fairness: each VM has its own queue, and the threads serve the VMs with
+//! queued work round-robin, one job at a time: a VM that floods bulk work
+//! delays another VM's job by at most one job per busy VM, never by its
+//! whole backlog. A VM may have at most [`MAX_QUEUED_PER_VM`] jobs queued
+//! (more are refused; the dispatcher's `max_inflight` keeps a well-behaved
+//! agent far below it). A job whose requester has gone (its connection
+//! closed or was replaced, so the handler was dropped) is skipped, not run.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+
+/// Nice value of the bulk threads (the async workers keep 0).
+pub const BULK_NICE: i32 = 10;
+
+/// Jobs one VM may have queued at once.
+pub const MAX_QUEUED_PER_VM: usize = 512;
+
+/// One unit of bulk work. It returns without doing anything if its
+/// requester is gone (see [`BulkPool::submit`]).
+pub type BulkJob = Box<dyn FnOnce() + Send + 'static>;
+
+/// Why a job was not queued; it is handed back.
+pub enum Refused {
+    /// No bulk thread could be started: run it elsewhere.
+    NoThreads(BulkJob),
+    /// The VM has [`MAX_QUEUED_PER_VM`] jobs queued.
+    QueueFull,
+}
+
+#[derive(Default)]
+struct Queues {
+    per_vm: HashMap<String, VecDeque<BulkJob>>,
+    /// VMs with queued work, in the order they are served next.
+    ring: VecDeque<String>,
+    closed: bool,
+}
+
+impl Queues {
+    fn pop(&mut self) -> Option<BulkJob> {
+        let vm = self.ring.pop_front()?;
+        let queue = self.per_vm.get_mut(&vm)?;
+        let job = queue.pop_front();
+        if queue.is_empty() {
+            self.per_vm.remove(&vm);
+        } else {
+            self.ring.push_back(vm);
+        }
+        job
+    }
+}
+
+struct Shared {
+    queues: Mutex<Queues>,
+    ready: Condvar,
+}
+
+/// The bulk threads and their per-VM queues.
+pub struct BulkPool {
+    shared: Arc<Shared>,
+    threads: usize,
+}
+
+impl BulkPool {
+    /// Starts `threads` threads; none if threads cannot be created (then
+    /// [`submit`](Self::submit) hands every job back).
+    pub fn start(threads: usize) -> BulkPool {
+        let shared = Arc::new(Shared {
+            queues: Mutex::new(Queues::default()),
+            ready: Condvar::new(),
+        });
+        let mut started = 0;
+        for _ in 0..threads {
+            let shared = shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name("uve-bulk".into())
+                .spawn(move || bulk_thread(&shared));
+            if spawned.is_ok() {
+                started += 1;
+            }
+        }
+        BulkPool {
+            shared,
+            threads: started,
+        }
+    }
+
+    /// Queues `job` behind the other jobs of `vm`.
+    pub fn submit(&self, vm: &str, job: BulkJob) -> Result<(), Refused> {
+        if self.threads == 0 {
+            return Err(Refused::NoThreads(job));
+        }
+        let mut q = self
+            .shared
+            .queues
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mine = q.per_vm.entry(vm.to_string()).or_default();
+        if mine.len() >= MAX_QUEUED_PER_VM {
+            return Err(Refused::QueueFull);
+        }
+        mine.push_back(job);
+        if mine.len() == 1 {
+            q.ring.push_back(vm.to_string());
+        }
+        drop(q);
+        self.shared.ready.notify_one();
+        Ok(())
+    }
+}
+
+impl Drop for BulkPool {
+    fn drop(&mut self) {
+        self.shared
+            .queues
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .closed = true;
+        self.shared.ready.notify_all();
+    }
+}
+
+fn bulk_thread(shared: &Shared) {
+    // Lower this thread's CPU priority (a thread's id is its own
+    // scheduling entity on Linux; under BFQ its I/O priority follows).
+    // The shipped unit allows setpriority(2) for this; should a filter
+    // refuse it, bulk work competes at equal priority, which the operator
+    // must know.
+    let tid = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), BULK_NICE) {
+        tracing::warn!(
+            nice = BULK_NICE,
+            "bulk thread keeps its normal priority (setpriority: {e})"
+        );
+    }
+    loop {
+        let job = {
+            let mut q = shared.queues.lock().unwrap_or_else(PoisonError::into_inner);
+            loop {
+                if q.closed {
+                    return;
+                }
+                if let Some(job) = q.pop() {
+                    break job;
+                }
+                q = shared.ready.wait(q).unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        // A panicking store call loses only its answer (the caller sees an
+        // error), not the thread.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn vms_are_served_round_robin_not_in_arrival_order() {
+        let mut q = Queues::default();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let push = |q: &mut Queues, vm: &str, n: u32| {
+            let o = order.clone();
+            let tag = format!("{vm}{n}");
+            let job: BulkJob = Box::new(move || o.lock().unwrap().push(tag));
+            let mine = q.per_vm.entry(vm.to_string()).or_default();
+            mine.push_back(job);
+            if mine.len() == 1 {
+                q.ring.push_back(vm.to_string());
+            }
+        };
+        for n in 0..4 {
+            push(&mut q, "flood", n);
+        }
+        push(&mut q, "good", 0);
+        push(&mut q, "other", 0);
+        while let Some(job) = q.pop() {
+            job();
+        }
+        assert_eq!(
+            *order.lock().unwrap(),
+            ["flood0", "good0", "other0", "flood1", "flood2", "flood3"]
+        );
+        assert!(q.per_vm.is_empty() && q.ring.is_empty());
+    }
+
+    #[test]
+    fn a_vm_past_its_queue_cap_is_refused_and_others_are_not() {
+        // No threads run the jobs: the queue only fills.
+        let pool = BulkPool {
+            shared: Arc::new(Shared {
+                queues: Mutex::new(Queues::default()),
+                ready: Condvar::new(),
+            }),
+            threads: 1,
+        };
+        for _ in 0..MAX_QUEUED_PER_VM {
+            assert!(pool.submit("flood", Box::new(|| ())).is_ok());
+        }
+        assert!(matches!(
+            pool.submit("flood", Box::new(|| ())),
+            Err(Refused::QueueFull)
+        ));
+        assert!(pool.submit("good", Box::new(|| ())).is_ok());
+    }
+}
