@@ -266,6 +266,8 @@ struct StageState {
     reserved: u64,
     /// Published by a commit: nothing left to reclaim.
     published: bool,
+    /// A refusal of this stage was reported already.
+    refusal_reported: bool,
 }
 
 /// One upload's stage, charged to its VM and user; reclaimed when dropped
@@ -283,6 +285,14 @@ impl Stage {
     /// Drops `garbage` on the reclaimer thread (see [`Staging::drop_later`]).
     pub fn drop_later(&self, garbage: Box<dyn Send>) {
         self.staging.drop_later(garbage);
+    }
+
+    /// True the first time it is called: a stage's budget refusals are
+    /// reported (event, warning) once, not once per refused chunk, so a VM
+    /// cannot flood the event ring by resending chunks.
+    pub fn first_refusal(&self) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        !std::mem::replace(&mut st.refusal_reported, true)
     }
 
     /// The stage's id in the store.

@@ -152,8 +152,19 @@ async fn staging_budgets_refuse_with_busy_and_free_up_on_abort() {
         .await
         .unwrap();
     assert_eq!(send_missing(&agent, &lb).await, Err(ErrorCode::Busy));
-    assert!(host.metric("uve_staging_refused_total").await >= 1);
+    // Resending is refused again, counted, and not reported again.
+    let refused = host.metric("uve_staging_refused_total").await;
+    assert!(refused >= 1);
+    assert_eq!(send_missing(&agent, &lb).await, Err(ErrorCode::Busy));
+    assert!(host.metric("uve_staging_refused_total").await > refused);
     let ev = host.wait_event(|e| e["kind"] == "budget_exceeded").await;
+    let reported = host
+        .events()
+        .await
+        .iter()
+        .filter(|e| e["kind"] == "budget_exceeded")
+        .count();
+    assert_eq!(reported, 1, "one event per upload, not per refused chunk");
     assert_eq!(ev["vm"], "vm1");
     assert_eq!(ev["user"], "alice");
     assert_eq!(ev["budget"], "max_staged_bytes_per_vm");

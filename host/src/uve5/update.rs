@@ -566,15 +566,18 @@ enum Refusal<E> {
 }
 
 /// `Busy` for a staging budget's refusal (`BadRequest` for an upload that
-/// sends more than it announced), with a `budget_exceeded` event.
+/// sends more than it announced), with a `budget_exceeded` event the first
+/// time for this upload (the metric counts every refusal).
 fn staging_refused(conn: &VmConnection, up: &Upload, e: &StagingRefused) -> WireError {
-    tracing::warn!(vm = conn.vm, user = up.begin.user, "chunk refused: {e}");
-    conn.host.events.emit(Event::BudgetExceeded {
-        vm: conn.vm.clone(),
-        user: Some(up.begin.user.clone()),
-        budget: e.budget.name().to_string(),
-        limit: e.limit,
-    });
+    if up.stage.first_refusal() {
+        tracing::warn!(vm = conn.vm, user = up.begin.user, "chunk refused: {e}");
+        conn.host.events.emit(Event::BudgetExceeded {
+            vm: conn.vm.clone(),
+            user: Some(up.begin.user.clone()),
+            budget: e.budget.name().to_string(),
+            limit: e.limit,
+        });
+    }
     let code = match e.budget {
         StagingBudget::Upload => ErrorCode::BadRequest,
         _ => ErrorCode::Busy,
