@@ -1,7 +1,10 @@
 //! Finds the release binaries (`uve-host`, `uvectl`, `uve-agent`) for the
-//! demo and the benchmarks. When started by `cargo run`, it first asks
-//! cargo to build them (a no-op when they are fresh), so one command is
-//! enough on a fresh clone.
+//! demo, the benchmarks and the suites that run them. When started under
+//! cargo (`cargo run`, `cargo nextest run`), it first asks cargo to build
+//! them with exactly the command `.ci/run` uses (`cargo build --release
+//! --workspace`): a no-op when they are fresh. Building only some packages
+//! (`-p uve-host -p uve-agent`) would unify features differently and
+//! compile the daemons in release a second time, inside a test.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,22 +27,12 @@ pub fn release() -> Result<Binaries, String> {
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     if let Some(cargo) = std::env::var_os("CARGO") {
         let st = Command::new(cargo)
-            .args([
-                "build",
-                "--release",
-                "-q",
-                "-p",
-                "uve-host",
-                "-p",
-                "uve-agent",
-            ])
+            .args(["build", "--release", "-q", "--workspace"])
             .current_dir(&repo)
             .status()
             .map_err(|e| format!("cargo build: {e}"))?;
         if !st.success() {
-            return Err(format!(
-                "cargo build --release -p uve-host -p uve-agent failed: {st}"
-            ));
+            return Err(format!("cargo build --release --workspace failed: {st}"));
         }
     }
     let dir = std::env::current_exe()

@@ -10,6 +10,8 @@
 //! - [`poll`]: waiting with deadlines, sync and async;
 //! - [`process`]: a child daemon with a log file (start, signal, reap)
 //!   and small `/proc` and privilege probes;
+//! - [`tree`]: the process tree (cgroup, process groups, a record swept by
+//!   the next run) that every started process and its forks die with;
 //! - [`agent`]: a real `uve-agent` process on this machine;
 //! - [`host`]: the real `uve-host` daemon driven through `uvectl`;
 //! - [`fake_host`]: a fake host protocol peer for a real agent;
@@ -43,4 +45,5 @@ pub mod rgw;
 pub mod rogue;
 pub mod rootdisk;
 pub mod scenario;
+pub mod tree;
 pub mod vm;

@@ -1,7 +1,7 @@
 //! Child processes of the test kit: the one place that starts a daemon
 //! with its output appended to a log file, signals it, waits for it and
 //! reaps it. [`crate::agent::AgentProc`] and [`crate::host::HostDaemon`]
-//! are built on [`Daemon`]; the small `/proc` and privilege probes tests
+//! are built on [`Daemon`], which owns a [`ProcessTree`]; the small `/proc` and privilege probes tests
 //! share live here too.
 
 use std::fs::File;
@@ -10,6 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use crate::poll;
+use crate::tree::ProcessTree;
 
 /// How long a daemon may take to exit after SIGTERM before it is killed.
 pub const TERM_LIMIT: Duration = Duration::from_secs(40);
@@ -42,10 +43,13 @@ pub fn said(out: &Output, marker: &str) -> (i32, String) {
 }
 
 /// A running child process whose stdout and stderr go to a log file.
-/// Killed (SIGKILL, by PID) and reaped on drop.
+/// Killed (SIGKILL, by PID) and reaped on drop, together with everything
+/// it forked (its [`ProcessTree`]), even what outlived an earlier
+/// [`kill`](Self::kill) of the daemon itself (a crash test's UA loops).
 #[derive(Default)]
 pub struct Daemon {
     child: Option<Child>,
+    tree: Option<ProcessTree>,
 }
 
 impl Daemon {
@@ -57,12 +61,18 @@ impl Daemon {
         let err = out
             .try_clone()
             .map_err(|e| format!("{}: {e}", log.display()))?;
+        let tree = self.tree.get_or_insert_with(|| {
+            let program = Path::new(cmd.get_program());
+            ProcessTree::new(&program.file_name().unwrap_or_default().to_string_lossy())
+        });
+        tree.adopt(cmd);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
             .map_err(|e| format!("start {:?}: {e}", cmd.get_program()))?;
+        tree.started(child.id());
         self.child = Some(child);
         Ok(())
     }
@@ -117,6 +127,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
+        // Then the tree (a field, dropped after this): everything forked.
     }
 }
 

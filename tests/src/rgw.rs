@@ -1,11 +1,15 @@
 //! A real Ceph RGW on 127.0.0.1 for the S3 store tests and benchmark:
 //! `tests/s3/rgw.sh` starts a single-node Ceph (mon + osd + radosgw) in a
 //! folder with the bucket `uve-test`; dropping the [`Rgw`] stops it by PID
-//! (through the same script) and removes the folder.
+//! (through the same script) and removes the folder. The daemons run in a
+//! [`ProcessTree`], so they die with the test even if the script's stop
+//! does not run (a panic before the `Rgw` exists, a killed test process).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+
+use crate::tree::ProcessTree;
 
 /// A running single-node Ceph with RGW.
 pub struct Rgw {
@@ -18,6 +22,8 @@ pub struct Rgw {
     pub secret: String,
     /// The bucket the script created.
     pub bucket: String,
+    /// The script and every daemon it started.
+    tree: ProcessTree,
 }
 
 fn script() -> PathBuf {
@@ -37,11 +43,21 @@ pub fn installed() -> bool {
 impl Rgw {
     /// Starts Ceph in `dir` (created by the script; removed on drop).
     pub fn start(dir: &Path) -> Result<Rgw, String> {
-        let out = Command::new("bash")
-            .arg(script())
+        let mut tree = ProcessTree::new("rgw");
+        let mut cmd = Command::new("bash");
+        cmd.arg(script())
             .arg("start")
             .arg(dir)
-            .output()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        tree.adopt(&mut cmd);
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("run {}: {e}", script().display()))?;
+        tree.started(child.id());
+        let out = child
+            .wait_with_output()
             .map_err(|e| format!("run {}: {e}", script().display()))?;
         // From here on the folder may hold running daemons: stop them if
         // anything below fails.
@@ -51,6 +67,7 @@ impl Rgw {
             key: String::new(),
             secret: String::new(),
             bucket: String::new(),
+            tree,
         };
         if !out.status.success() {
             return Err(format!(
@@ -113,5 +130,8 @@ impl Drop for Rgw {
             .arg("stop")
             .arg(&self.dir)
             .status();
+        // Whatever the script did not stop (or could not: a daemon that
+        // hung) dies with the tree.
+        self.tree.kill_all();
     }
 }
