@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use crate::control::{ControlRequest, ControlResponse};
+use crate::adapters::control::{ControlRequest, ControlResponse};
 
 /// Sends `req` to the agent at `socket` and returns its answer.
 pub fn call(socket: &Path, req: &ControlRequest) -> anyhow::Result<ControlResponse> {
@@ -65,8 +65,8 @@ fn print_preserved(resp: &ControlResponse) {
             "{:<17} {:<16} {:<11} {:<20} {:?}: {}",
             c.id,
             c.user,
-            crate::uif::preserve::human_size(c.size),
-            crate::fsutil::utc(c.created),
+            crate::stores::preserve::human_size(c.size),
+            crate::base::fsutil::utc(c.created),
             c.code,
             c.reason
         );
@@ -118,7 +118,7 @@ fn print_status(resp: &ControlResponse) {
         println!(
             "PRESERVED copies of refused updates: {} ({}); see `uve-agent preserved list`",
             s.preserved,
-            crate::uif::preserve::human_size(s.preserved_bytes)
+            crate::stores::preserve::human_size(s.preserved_bytes)
         );
     }
 }

@@ -220,7 +220,7 @@ impl Config {
         if self.uif.mode == UifMode::Directory && !self.uif.home.contains("{user}") {
             return Err(ConfigError::Value("uif.home must contain {user}".into()));
         }
-        crate::archive::Excludes::new(&self.uif.exclude)
+        crate::base::archive::Excludes::new(&self.uif.exclude)
             .map_err(|e| ConfigError::Value(format!("uif.exclude: {e}")))?;
         self.owner_override()?;
         Ok(())
@@ -259,7 +259,7 @@ impl Config {
     pub fn owner(&self, user: &str) -> Option<(u32, u32)> {
         match self.owner_override() {
             Ok(Some(ids)) => Some(ids),
-            _ => crate::passwd::lookup(user).map(|p| (p.uid, p.gid)),
+            _ => crate::base::passwd::lookup(user).map(|p| (p.uid, p.gid)),
         }
     }
 

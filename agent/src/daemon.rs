@@ -17,20 +17,21 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::adapters::control::{self, Control};
+use crate::adapters::dispatch::Dispatcher;
+use crate::adapters::{conn, outbox};
+use crate::base::fsutil;
 use crate::config::{Config, SharedConfig};
-use crate::control::{self, Control};
-use crate::dispatch::Dispatcher;
 use crate::flush::Flusher;
 use crate::lifecycle::Lifecycle;
 use crate::link::LinkWatch;
-use crate::monitor::Grants;
-use crate::notices::Journal;
-use crate::session::{SessionTable, UserLocks};
+use crate::stores::monitor::Grants;
+use crate::stores::notices::Journal;
+use crate::stores::preserve::Preserved;
+use crate::stores::session::{SessionTable, UserLocks};
+use crate::stores::spool::Spool;
+use crate::stores::ua::UaStore;
 use crate::supervise::Supervisor;
-use crate::ua::UaStore;
-use crate::uif::preserve::Preserved;
-use crate::uif::spool::Spool;
-use crate::{conn, fsutil, outbox};
 
 /// Signals the daemon reacts to.
 enum Sig {

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use uve_agent::adapters::control::ControlRequest;
 use uve_agent::config::Config;
-use uve_agent::control::ControlRequest;
 use uve_agent::{cli, daemon};
 
 #[derive(Parser)]

@@ -18,12 +18,12 @@ use crate::config::{Config, SharedConfig, UifMode};
 use crate::flush::Flusher;
 use crate::lifecycle::Lifecycle;
 use crate::link::LinkWatch;
-use crate::notices::Journal;
-use crate::session::{SessionTable, UserLocks};
+use crate::stores::notices::Journal;
+use crate::stores::preserve::Preserved;
+use crate::stores::session::{SessionTable, UserLocks};
+use crate::stores::spool::Spool;
+use crate::stores::ua::UaStore;
 use crate::supervise::{Supervisor, UaExited};
-use crate::ua::UaStore;
-use crate::uif::preserve::Preserved;
-use crate::uif::spool::Spool;
 
 /// The version every commit of the fake host becomes.
 pub const COMMITTED: u64 = 7;
@@ -84,9 +84,9 @@ impl Rig {
     /// A rig in file mode, connected to the fake host. Call it on the
     /// test's runtime thread: it marks that thread, so a durable write that
     /// slips back onto it aborts the test (see
-    /// [`crate::fsutil::mark_runtime_thread`]).
+    /// [`crate::base::fsutil::mark_runtime_thread`]).
     pub fn new() -> Rig {
-        crate::fsutil::mark_runtime_thread();
+        crate::base::fsutil::mark_runtime_thread();
         let dir = tempfile::tempdir().unwrap();
         let cfg = Config {
             state_dir: dir.path().join("state"),

@@ -218,8 +218,8 @@ impl Config {
     }
 
     /// The staged-byte budgets.
-    pub fn staging_limits(&self) -> crate::staging::StagingLimits {
-        crate::staging::StagingLimits {
+    pub fn staging_limits(&self) -> crate::budgets::staging::StagingLimits {
+        crate::budgets::staging::StagingLimits {
             per_vm: self.max_staged_bytes_per_vm.unwrap_or(self.max_uif_size),
             per_user: self.max_staged_bytes_per_user.unwrap_or(self.max_uif_size),
             total: self.max_staged_bytes,

@@ -12,19 +12,19 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uve_protocol::message::{ErrorCode, WireError};
 
-use crate::bulk::{BulkJob, BulkPool, MAX_QUEUED_PER_VM, Refused};
+use crate::budgets::bulk::{BulkJob, BulkPool, MAX_QUEUED_PER_VM, Refused};
+use crate::budgets::conflict_rate::ConflictRate;
+use crate::budgets::gate::HandshakeGate;
+use crate::budgets::staging::Staging;
 use crate::config::Config;
-use crate::conflict_rate::ConflictRate;
-use crate::conns::Conns;
-use crate::events::Events;
-use crate::gate::HandshakeGate;
-use crate::handover::Handovers;
-use crate::leases::Leases;
-use crate::metrics::Metrics;
-use crate::registry::Registry;
-use crate::sessions::Sessions;
-use crate::staging::Staging;
+use crate::state::events::Events;
+use crate::state::leases::Leases;
+use crate::state::metrics::Metrics;
+use crate::state::registry::Registry;
+use crate::state::sessions::Sessions;
 use crate::store::{StoreError, StoreResult, UifStore};
+use crate::wire::conns::Conns;
+use crate::wire::uve2::handover::Handovers;
 
 /// Shared daemon state.
 pub struct Host {
@@ -116,7 +116,7 @@ impl Host {
     }
 
     /// Runs a bulk store operation (reading or writing one chunk) for `vm`
-    /// on the bulk pool ([`crate::bulk`]: lower CPU priority, VMs served
+    /// on the bulk pool ([`crate::budgets::bulk`]: lower CPU priority, VMs served
     /// round-robin). Skipped if this future is dropped before a thread
     /// takes it (its connection closed). Falls back to a blocking thread
     /// if the pool has none; a VM with a full bulk queue gets an error

@@ -626,12 +626,12 @@ async fn a_lease_holder_cannot_claim_a_base_it_was_not_granted() {
     // An operator imports v1 while she is logged in; the VM never saw it
     // but claims it as its base, with its current lease.
     let imported = noise(100_000, 60);
-    let a_api = uve_host::client::ApiClient::new(host.api_socket());
+    let a_api = uve_host::api::client::ApiClient::new(host.api_socket());
     let ans = a_api
         .call(
             Method::POST,
             "/v1/users/alice/import",
-            uve_host::client::bytes(imported.clone()),
+            uve_host::api::client::bytes(imported.clone()),
         )
         .await
         .unwrap();

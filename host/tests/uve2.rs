@@ -11,7 +11,7 @@ use hyper::Method;
 use serde_json::json;
 use std::time::Duration;
 use uve_e2e::poll::until_async;
-use uve_host::client;
+use uve_host::api::client;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ua_management_round_trips_to_the_agent() {

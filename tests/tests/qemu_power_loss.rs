@@ -48,7 +48,7 @@ path = "/var/lib/uve-agent/uif/{user}.img"
 "#;
 
 /// What the agent logs when a spooled image no longer matches its manifest
-/// after a restart (agent/src/flush.rs, `resend_changed`).
+/// after a restart (agent/src/flush/mod.rs, `resend_changed`).
 const TORN: &str = "no longer matches what was spooled";
 
 fn wait_connected(host: &HostDaemon, vm: &str) {

@@ -9,11 +9,12 @@ use uve_protocol::message::{UpdateBegin, UpdateCause, Version, WireError};
 
 use super::{FlushOutcome, Flusher, Kept};
 use crate::link::Connected;
-use crate::session::UserGuard;
-use crate::uif::preserve::Refused;
-use crate::uif::spool::SpoolEntry;
+use crate::stores::cache;
+use crate::stores::preserve::Refused;
+use crate::stores::session::UserGuard;
+use crate::stores::spool::SpoolEntry;
 use crate::uif::update::{self, UpdateOutcome};
-use crate::uif::{UifError, blocking, cache};
+use crate::uif::{UifError, blocking};
 
 impl Flusher {
     /// Uploads one update; removes its spool entry once the host took it,

@@ -8,8 +8,8 @@ use std::time::Duration;
 use uve_protocol::message::{DisconnectNotice, Request, UpdateBegin, UpdateCause};
 
 use super::{Lifecycle, LifecycleError, uif_err};
+use crate::base::fsutil;
 use crate::flush::FlushOutcome;
-use crate::fsutil;
 use crate::link::Connected;
 use crate::supervise::UaExited;
 use crate::uif::update::{self, UpdateOutcome};

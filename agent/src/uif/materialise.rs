@@ -9,7 +9,7 @@
 //! - **unpack** goes into a fresh sibling `<home>.uve-new` that root
 //!   creates with mode 0700 and keeps owning until the archive is fully
 //!   unpacked (fd-relative, ownership and modes set on descriptors, see
-//!   [`crate::archive`]); only then is it chowned to the user and renamed
+//!   [`crate::base::archive`]); only then is it chowned to the user and renamed
 //!   in place of the home (the old one moved aside, locked — chowned to
 //!   root, mode 0700 — then removed);
 //! - **pack** runs in a child process, `uve-agent pack-home`, with the
@@ -19,7 +19,7 @@
 //!   The child writes the tar to its stdout, a fresh root-owned 0600 temp
 //!   file the daemon opened; the daemon fsyncs and renames it over the
 //!   archive. The walk itself never follows symlinks and packs no file
-//!   that has hard links outside the home ([`crate::archive::pack_to`]).
+//!   that has hard links outside the home ([`crate::base::archive::pack_to`]).
 //!   When no owner is known there is no unprivileged uid to run as (and no
 //!   unprivileged user owns the unpacked files), so the same walk runs in
 //!   the daemon.
@@ -38,9 +38,9 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 
 use super::UifError;
-use crate::archive::{self, Excludes, UnpackPolicy};
+use crate::base::archive::{self, Excludes, UnpackPolicy};
+use crate::base::nofollow::{self, Kind};
 use crate::config::{Config, UifMode};
-use crate::nofollow::{self, Kind};
 
 /// Longest a hook may run.
 const HOOK_LIMIT: Duration = Duration::from_secs(120);
@@ -98,7 +98,7 @@ pub async fn detach(
 fn owner_of(cfg: &Config, user: &str) -> Option<(u32, u32)> {
     match cfg.owner_override() {
         Ok(Some(ids)) => Some(ids),
-        _ => crate::passwd::lookup(user).map(|p| (p.uid, p.gid)),
+        _ => crate::base::passwd::lookup(user).map(|p| (p.uid, p.gid)),
     }
 }
 
@@ -157,7 +157,7 @@ fn discard_tree(path: &Path) -> Result<(), UifError> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    let trash = crate::fsutil::sibling(path, &format!(".{}-{nanos}", std::process::id()));
+    let trash = crate::base::fsutil::sibling(path, &format!(".{}-{nanos}", std::process::id()));
     tracing::warn!(
         path = %path.display(), trash = %trash.display(),
         error = %last.map(|e| e.to_string()).unwrap_or_default(),
@@ -169,8 +169,8 @@ fn discard_tree(path: &Path) -> Result<(), UifError> {
 /// Unpacks into `<home>.uve-new` (root's, mode 0700, until it is whole;
 /// then chowned to `owner`), then swaps it in place of `home`.
 fn unpack_home(archive: &Path, home: &Path, owner: Option<(u32, u32)>) -> Result<(), UifError> {
-    let new = crate::fsutil::sibling(home, ".uve-new");
-    let old = crate::fsutil::sibling(home, ".uve-old");
+    let new = crate::base::fsutil::sibling(home, ".uve-new");
+    let old = crate::base::fsutil::sibling(home, ".uve-old");
     if let Some(parent) = home.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| UifError::at("create", parent, e))?;
         check_home_parent(parent)?;
@@ -235,7 +235,7 @@ fn pack_home(
     owner: Option<(u32, u32)>,
 ) -> Result<(), UifError> {
     if let Some(dir) = archive.parent() {
-        crate::fsutil::ensure_dir(dir).map_err(|e| UifError::at("create", dir, e))?;
+        crate::base::fsutil::ensure_dir(dir).map_err(|e| UifError::at("create", dir, e))?;
     }
     let home_dir = match nofollow::open_dir(home) {
         Ok(d) => d,
@@ -258,7 +258,7 @@ fn pack_home(
         }
         Err(e) => return Err(errno_at("open", home)(e)),
     };
-    let tmp = crate::fsutil::sibling(archive, ".uve-pack");
+    let tmp = crate::base::fsutil::sibling(archive, ".uve-pack");
     match std::fs::remove_file(&tmp) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -286,7 +286,7 @@ fn pack_home(
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    crate::fsutil::sync_parent(archive).map_err(|e| UifError::at("fsync dir of", archive, e))
+    crate::base::fsutil::sync_parent(archive).map_err(|e| UifError::at("fsync dir of", archive, e))
 }
 
 fn pack_in_process(home: &OwnedFd, out: &File, excludes: &[String]) -> Result<(), UifError> {

@@ -1,15 +1,11 @@
 //! User Image Files in the guest: retrieving a version from the host
-//! ([`retrieve`]), reusing the previous version's bytes ([`cache`]),
-//! uploading a new version ([`update`]), keeping updates the host could not
-//! take yet ([`spool`]), keeping the bytes of updates the host refused for
-//! good ([`preserve`]) and making the UIF appear to the user
-//! ([`materialise`]).
+//! ([`retrieve`]), uploading a new version ([`update`]) and making the UIF
+//! appear to the user ([`materialise`]). The bytes they keep between runs
+//! live in the stores beneath: the chunk cache, the spool and the
+//! preserved copies ([`crate::stores`]).
 
-pub mod cache;
 pub mod materialise;
-pub mod preserve;
 pub mod retrieve;
-pub mod spool;
 pub mod update;
 
 use std::path::Path;
@@ -46,7 +42,7 @@ pub enum UifError {
     Changed,
     /// Packing or unpacking a home directory failed.
     #[error(transparent)]
-    Archive(#[from] crate::archive::ArchiveError),
+    Archive(#[from] crate::base::archive::ArchiveError),
     /// A task of the agent's own failed (panicked or was cancelled).
     #[error("agent task failed: {0}")]
     Task(String),

@@ -25,8 +25,9 @@ use crate::link::HostLink;
 use uve_protocol::manifest::{ChunkRef, Hash, Manifest, chunks_per_page, page_count};
 use uve_protocol::message::{Request, Response, Version};
 
-use super::{UifError, blocking, cache};
-use crate::fsutil;
+use super::{UifError, blocking};
+use crate::base::fsutil;
+use crate::stores::cache;
 
 mod fetch;
 mod patch;

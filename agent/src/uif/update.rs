@@ -32,7 +32,7 @@ use uve_protocol::message::{
 };
 
 use super::UifError;
-use super::cache::FileId;
+use crate::stores::cache::FileId;
 
 /// Chunk uploads kept in flight.
 const UPLOAD_PARALLEL: usize = 8;
@@ -275,7 +275,7 @@ fn read_chunk(
         )));
     };
     let mut data = vec![0u8; c.len as usize];
-    if crate::fault::hit("upload-read") {
+    if crate::base::fault::hit("upload-read") {
         let eio = std::io::Error::from_raw_os_error(libc::EIO);
         return Err(UifError::io("read chunk to upload", eio));
     }

@@ -16,9 +16,9 @@ use super::types::{
 };
 use super::{ApiError, ApiResult, check_name};
 use crate::daemon::Daemon;
-use crate::events::Event;
+use crate::state::events::Event;
 use crate::store::now_ms;
-use crate::uve2::{self, UaDeploy, Uve2Error};
+use crate::wire::uve2::{self, UaDeploy, Uve2Error};
 
 fn known_vm(d: &Daemon, id: &str) -> ApiResult<()> {
     if d.host.registry.vm(id).is_some() {

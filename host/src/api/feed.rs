@@ -17,7 +17,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::types::EventsQuery;
 use crate::daemon::Daemon;
-use crate::events::Recorded;
+use crate::state::events::Recorded;
 
 fn line(e: &Recorded) -> Bytes {
     let mut v = serde_json::to_vec(e).unwrap_or_default();

@@ -5,6 +5,7 @@
 //! `host/openapi.json`.
 
 mod agent_ops;
+pub mod client;
 mod feed;
 #[cfg(test)]
 mod openapi_check;
@@ -25,9 +26,9 @@ use uve_protocol::message::ErrorCode;
 
 use self::types::{ApiErrorCode, ErrorBody};
 use crate::daemon::Daemon;
-use crate::registry::RegistryError;
+use crate::state::registry::RegistryError;
 use crate::store::StoreError;
-use crate::uve2::Uve2Error;
+use crate::wire::uve2::Uve2Error;
 
 /// An API error: its code (which decides the status) and message,
 /// answered as [`ErrorBody`].

@@ -87,8 +87,11 @@ fn the_types_json_is_valid_against_the_document() {
         .into_iter()
         .map(|(name, got, _)| (name, got))
         .collect();
-    for (i, (event, _)) in crate::events::golden::samples().into_iter().enumerate() {
-        let line = crate::events::Recorded {
+    for (i, (event, _)) in crate::state::events::golden::samples()
+        .into_iter()
+        .enumerate()
+    {
+        let line = crate::state::events::Recorded {
             seq: i as u64 + 1,
             at_ms: 1,
             event,

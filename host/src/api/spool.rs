@@ -31,7 +31,7 @@ impl Drop for Spooled {
 
 /// Writes `body` to a temp file in `dir`, refusing more than `limit` bytes.
 pub async fn spool(body: Body, dir: &Path, limit: u64) -> Result<Spooled, ApiError> {
-    let path = crate::durable::temp_path(dir);
+    let path = crate::store::durable::temp_path(dir);
     let mut spooled = Spooled {
         path,
         size: 0,

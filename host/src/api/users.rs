@@ -16,7 +16,7 @@ use super::spool::spool;
 use super::types::{GcQuery, GcReport, Imported, RollbackBody, RolledBack, UserRow, VersionList};
 use super::{ApiResult, check_name};
 use crate::daemon::Daemon;
-use crate::events::Event;
+use crate::state::events::Event;
 use crate::store::CommitOutcome;
 
 /// `GET /v1/users`: users with a store entry, their head and assignment.
@@ -95,7 +95,7 @@ pub async fn import(
         CommitOutcome::Committed(v) => v,
         CommitOutcome::Conflict { kept_as, .. } => kept_as,
     };
-    crate::metrics::add(&host.metrics.commits, 1);
+    crate::state::metrics::add(&host.metrics.commits, 1);
     host.events.emit(Event::Import {
         user: user.clone(),
         version,

@@ -11,9 +11,9 @@ use super::types::{
 };
 use super::{ApiError, ApiResult, check_name};
 use crate::daemon::Daemon;
-use crate::events::Event;
-use crate::registry::VmSpec;
-use crate::switch;
+use crate::state::events::Event;
+use crate::state::registry::VmSpec;
+use crate::wire::uve2::switch;
 
 fn vm_info(d: &Daemon, spec: &VmSpec) -> VmInfo {
     let connection = d.host.conns.get(&spec.id).map(|c| c.summary);

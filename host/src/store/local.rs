@@ -46,7 +46,7 @@ use super::{
     ChunkPins, CommitOutcome, GcReport, HeadRule, PinTable, StageId, StoreError, StorePolicy,
     StoreResult, UifStore, UserState, VersionInfo, check_new_version,
 };
-use crate::durable;
+use crate::store::durable;
 
 /// A UIF store in a local directory.
 pub struct LocalStore {

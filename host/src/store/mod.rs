@@ -23,6 +23,7 @@
 //!   abandoned upload's bytes go within seconds without racing another
 //!   upload (here or on another host of a shared store) that reuses a chunk.
 
+pub mod durable;
 mod local;
 mod pins;
 #[cfg(feature = "s3")]

@@ -12,7 +12,7 @@ use hyper::Method;
 use serde_json::{Value, json};
 use uve_e2e::host::{HostDaemon, HostSpec, UP_LIMIT};
 use uve_e2e::poll::until_async;
-use uve_host::client::{self, ApiClient};
+use uve_host::api::client::{self, ApiClient};
 
 pub use uve_e2e::fake_agent::{
     AgentState, DeltaUpdated, Listed, ReleaseMode, TestAgent, Updated, begin_and_list, manifest_of,

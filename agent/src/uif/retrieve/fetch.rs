@@ -12,9 +12,10 @@ use uve_protocol::manifest::{ChunkRef, Hash, Manifest};
 use uve_protocol::message::{Request, Response};
 
 use super::unexpected;
-use crate::fsutil;
+use crate::base::fsutil;
 use crate::link::HostLink;
-use crate::uif::{UifError, blocking, cache};
+use crate::stores::cache;
+use crate::uif::{UifError, blocking};
 
 /// Writes every chunk of `manifest` into `out`: from the cache when intact,
 /// otherwise fetched (each distinct hash once, `parallel` at a time).

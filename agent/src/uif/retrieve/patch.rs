@@ -12,7 +12,8 @@ use uve_protocol::manifest::{ChunkRef, Hash, Manifest};
 use super::fetch::fetch_missing;
 use super::{RELOCATE_BUDGET, record};
 use crate::link::HostLink;
-use crate::uif::{UifError, blocking, cache};
+use crate::stores::cache;
+use crate::uif::{UifError, blocking};
 
 /// What an in-place patch has to write.
 #[derive(Debug, Default)]

@@ -4,13 +4,13 @@
 
 use hyper::Method;
 use serde::Serialize;
+use uve_host::api::client::{self, ApiClient, ReqBody};
 use uve_host::api::types::{
     AssignBody, AssignOutcome, Assignments, DeployQuery, GcQuery, GcReport, Imported, MonitorBody,
     MonitorGranted, MonitorRevokeQuery, MonitorRevoked, NewVm, Pong, RollbackBody, RolledBack,
     SessionAction, SessionActionDone, SessionRec, SessionsQuery, UaCurrent, UaDeleteQuery,
     UaDeleted, UaDeployed, UserRow, VmDetail, VmInfo, VmStatus,
 };
-use uve_host::client::{self, ApiClient, ReqBody};
 
 use crate::cli::{MonitorCmd, UaCmd, VmCmd};
 use crate::output::{self, answer, object, rows};

@@ -15,8 +15,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use uve_host::api::client::ApiClient;
 use uve_host::api::types::SessionAction;
-use uve_host::client::ApiClient;
 
 use crate::cli::{Cli, Cmd};
 

@@ -7,8 +7,8 @@ use hyper::StatusCode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
+use uve_host::api::client::Answer;
 use uve_host::api::types::{ErrorBody, VersionList};
-use uve_host::client::Answer;
 
 /// Exit code of an answer's status: 0 ok, 3 not found, 4 conflict, 5 VM
 /// not connected, 1 anything else.

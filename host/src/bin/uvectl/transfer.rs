@@ -9,8 +9,8 @@ use http_body_util::BodyExt;
 use hyper::Method;
 use hyper::body::{Body as _, Incoming};
 use indicatif::{ProgressBar, ProgressStyle};
+use uve_host::api::client::{self, Answer, ApiClient};
 use uve_host::api::types::EventsQuery;
-use uve_host::client::{self, Answer, ApiClient};
 
 use crate::commands::{self, seg, with_query};
 use crate::output::{self, exit_for};

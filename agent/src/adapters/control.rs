@@ -1,0 +1,491 @@
+//! The local control socket: one JSON object per line in each direction,
+//! one request per connection. Used by the CLI verbs of this binary (and so
+//! by the PAM hook), display managers and UAs.
+//!
+//! Every connection is authorised by its caller's uid, read from the
+//! kernel (`SO_PEERCRED`), never from the request: root may do everything;
+//! the user of a session (for example its UA) may log it out, report its
+//! disconnect, ask `monitor-check` about it and see it in `status`; anyone
+//! else is refused with the rule that refused them. The socket's file mode
+//! (`control_socket_mode`, default 0600) is a second fence, no longer the
+//! only one. At most [`MAX_CLIENTS`] connections are served at once, and a
+//! request line must arrive within [`REQUEST_LIMIT`].
+//!
+//! Request: `{"op":"login","user":"alice","session":"s1","ua":null}`,
+//! `{"op":"logout","session":"s1"}`, `{"op":"disconnect","session":"s1",
+//! "reason":"..."}`, `{"op":"status"}`, `{"op":"monitor-check",
+//! "session":"s1","user":"bob"}`, `{"op":"preserved-list"}`,
+//! `{"op":"preserved-export","id":"…","to":"/abs/path"}`,
+//! `{"op":"preserved-push","id":"…","keep":false}`,
+//! `{"op":"preserved-delete","id":"…"}`. Response: `{"ok":true,
+//! "message":"...", "outcome":"committed"|"spooled"|..., "allowed":bool,
+//! "status":{...}, "preserved":[...]}`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use tokio_util::task::TaskTracker;
+
+use crate::flush::FlushOutcome;
+use crate::lifecycle::Lifecycle;
+use crate::stores::monitor::Grants;
+use crate::stores::preserve::PreservedCopy;
+
+/// Longest request line accepted.
+const MAX_LINE: u64 = 64 * 1024;
+
+/// Control connections served at once; more wait in the kernel's backlog.
+pub const MAX_CLIENTS: usize = 64;
+
+/// How long a client may take to send its request line.
+pub const REQUEST_LIMIT: Duration = Duration::from_secs(10);
+
+/// A request from a local client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum ControlRequest {
+    /// Open a session; answered when the UIF is ready.
+    Login {
+        /// User.
+        user: String,
+        /// Session id.
+        session: String,
+        /// UA to start and supervise.
+        #[serde(default)]
+        ua: Option<String>,
+    },
+    /// End a session; answered when committed or spooled.
+    Logout {
+        /// Session id.
+        session: String,
+    },
+    /// Report an unexpected disconnect of a session.
+    Disconnect {
+        /// Session id.
+        session: String,
+        /// Why.
+        reason: String,
+    },
+    /// The agent's state.
+    Status,
+    /// May `user` monitor `session`?
+    MonitorCheck {
+        /// Session id.
+        session: String,
+        /// The would-be monitor.
+        user: String,
+    },
+    /// The preserved copies of refused updates.
+    PreservedList,
+    /// Copy a preserved copy's bytes to a new file.
+    PreservedExport {
+        /// The copy.
+        id: String,
+        /// Absolute path of the new file (never replaced if it exists).
+        to: PathBuf,
+    },
+    /// Send a preserved copy to the host as a conflict version.
+    PreservedPush {
+        /// The copy.
+        id: String,
+        /// Keep the copy after the host took it.
+        #[serde(default)]
+        keep: bool,
+    },
+    /// Delete a preserved copy.
+    PreservedDelete {
+        /// The copy.
+        id: String,
+    },
+}
+
+/// The answer to a [`ControlRequest`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ControlResponse {
+    /// Success.
+    pub ok: bool,
+    /// Human-readable result or error.
+    pub message: String,
+    /// For logout, disconnect and preserved-push: what became of the
+    /// user's bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+    /// For monitor-check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed: Option<bool>,
+    /// For status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<StatusReport>,
+    /// For preserved-list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preserved: Option<Vec<PreservedCopy>>,
+}
+
+/// What a flush did with the user's bytes, as the control protocol says
+/// it (see agent/README.md, "The user's bytes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// The new head version.
+    Committed,
+    /// Kept as a conflict version beside the head.
+    Conflict,
+    /// Durable in the spool; delivered later.
+    Spooled,
+    /// Refused for good by the host; the bytes are preserved.
+    Refused,
+    /// A live checkpoint was not taken.
+    NotTaken,
+    /// Nothing to flush.
+    Nothing,
+    /// Unchanged since its base version.
+    Unchanged,
+}
+
+impl Outcome {
+    /// The outcome of `o`, and whether it counts as success.
+    pub fn of(o: &FlushOutcome) -> (Outcome, bool) {
+        match o {
+            FlushOutcome::Committed(_) => (Outcome::Committed, true),
+            FlushOutcome::Conflict { .. } => (Outcome::Conflict, true),
+            FlushOutcome::Spooled(_) => (Outcome::Spooled, true),
+            FlushOutcome::Nothing(_) => (Outcome::Nothing, true),
+            FlushOutcome::Unchanged(_) => (Outcome::Unchanged, true),
+            FlushOutcome::Refused { .. } => (Outcome::Refused, false),
+            FlushOutcome::NotTaken(_) => (Outcome::NotTaken, false),
+        }
+    }
+}
+
+/// The agent's state as shown by `uve-agent status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Connected to the host.
+    pub connected: bool,
+    /// The VM id the host assigned, when connected.
+    pub vm_id: Option<String>,
+    /// Host endpoint.
+    pub host: String,
+    /// Open sessions.
+    pub sessions: Vec<SessionStatus>,
+    /// Users with an attached UIF.
+    pub attached: Vec<String>,
+    /// Deployed UAs: name, current, previous.
+    pub uas: Vec<(String, String, Option<String>)>,
+    /// Updates in the offline spool.
+    pub spooled_updates: usize,
+    /// Disconnect notices not yet acknowledged.
+    pub pending_notices: usize,
+    /// Live monitoring grants.
+    pub monitor_grants: usize,
+    /// Preserved copies of refused updates, and the bytes they hold.
+    #[serde(default)]
+    pub preserved: usize,
+    /// Bytes held by preserved copies.
+    #[serde(default)]
+    pub preserved_bytes: u64,
+}
+
+/// One session in [`StatusReport`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionStatus {
+    /// Session id.
+    pub session: String,
+    /// User.
+    pub user: String,
+    /// UA.
+    pub ua: Option<String>,
+    /// Supervised UA pid.
+    pub pid: Option<i32>,
+    /// Suspended.
+    pub suspended: bool,
+}
+
+/// Binds the control socket with the configured mode.
+pub fn bind(path: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = uve_protocol::transport::bind_unix(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
+/// What control requests are answered from.
+pub struct Control {
+    /// Sessions, UIFs, UAs, preserved copies.
+    pub lifecycle: Arc<Lifecycle>,
+    /// Monitoring grants.
+    pub grants: Arc<Grants>,
+    /// Where client tasks run.
+    pub tasks: TaskTracker,
+}
+
+impl Control {
+    /// Accepts control connections until `stop` is cancelled, at most
+    /// [`MAX_CLIENTS`] at once.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::UnixListener,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+        loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = stop.cancelled() => return,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let me = self.clone();
+                    self.tasks.spawn(async move {
+                        me.client(stream).await;
+                        drop(slot);
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("control accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Who is calling, as the kernel says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// The caller's effective uid.
+    pub uid: u32,
+}
+
+impl Caller {
+    /// True for root.
+    pub fn is_root(self) -> bool {
+        self.uid == 0
+    }
+}
+
+impl Control {
+    /// Serves one connection: credentials, one request, one answer.
+    async fn client(&self, stream: UnixStream) {
+        let caller = match stream.peer_cred() {
+            Ok(c) => Caller { uid: c.uid() },
+            Err(e) => {
+                tracing::warn!("control client without credentials, refused: {e}");
+                return;
+            }
+        };
+        let (r, mut w) = stream.into_split();
+        let mut line = String::new();
+        let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_LINE));
+        let read = tokio::time::timeout(REQUEST_LIMIT, reader.read_line(&mut line)).await;
+        let response = match read {
+            Err(_) => failure(format!("no request within {REQUEST_LIMIT:?}")),
+            Ok(Ok(0)) => return,
+            Ok(Ok(_)) => match serde_json::from_str::<ControlRequest>(line.trim()) {
+                Ok(req) => match self.authorise(caller, &req) {
+                    Ok(()) => self.handle(caller, req).await,
+                    Err(why) => {
+                        tracing::warn!(uid = caller.uid, "control request refused: {why}");
+                        failure(format!("permission denied: {why}"))
+                    }
+                },
+                Err(e) => failure(format!("bad request: {e}")),
+            },
+            Ok(Err(e)) => failure(format!("cannot read request: {e}")),
+        };
+        if let Ok(mut bytes) = serde_json::to_vec(&response) {
+            bytes.push(b'\n');
+            let _ = w.write_all(&bytes).await;
+        }
+    }
+
+    /// The uid that owns `user`'s files on this VM, if any.
+    fn uid_of(&self, user: &str) -> Option<u32> {
+        self.lifecycle.config.get().owner(user).map(|(uid, _)| uid)
+    }
+
+    /// True if `caller` is the user of `session`.
+    fn owns_session(&self, caller: Caller, session: &str) -> bool {
+        let user = self.lifecycle.table.session(session).map(|s| s.user);
+        user.is_some_and(|u| self.uid_of(&u) == Some(caller.uid))
+    }
+
+    /// The one check at the top of every request: may `caller` make it?
+    pub fn authorise(&self, caller: Caller, req: &ControlRequest) -> Result<(), String> {
+        if caller.is_root() {
+            return Ok(());
+        }
+        let uid = caller.uid;
+        match req {
+            ControlRequest::Status => Ok(()),
+            ControlRequest::Logout { session }
+            | ControlRequest::Disconnect { session, .. }
+            | ControlRequest::MonitorCheck { session, .. } => {
+                if self.owns_session(caller, session) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "uid {uid} may act only on its own sessions, and {session} is not one of them (root may act on any)"
+                    ))
+                }
+            }
+            ControlRequest::Login { .. } => Err(format!(
+                "only root opens sessions (the PAM hook runs as root); uid {uid} may not"
+            )),
+            ControlRequest::PreservedList
+            | ControlRequest::PreservedExport { .. }
+            | ControlRequest::PreservedPush { .. }
+            | ControlRequest::PreservedDelete { .. } => Err(format!(
+                "only root handles preserved copies; uid {uid} may not"
+            )),
+        }
+    }
+
+    /// Serves one request of an authorised caller (see [`authorise`]).
+    pub async fn handle(&self, caller: Caller, req: ControlRequest) -> ControlResponse {
+        match req {
+            ControlRequest::Login { user, session, ua } => {
+                match self.lifecycle.login(&user, &session, ua.as_deref()).await {
+                    Ok(message) => success(message),
+                    Err(e) => failure(e.to_string()),
+                }
+            }
+            ControlRequest::Logout { session } => match self.lifecycle.logout(&session).await {
+                Ok(o) => flushed(o),
+                Err(e) => failure(e.to_string()),
+            },
+            ControlRequest::Disconnect { session, reason } => {
+                match self.lifecycle.disconnect(&session, &reason).await {
+                    Ok(o) => flushed(o),
+                    Err(e) => failure(e.to_string()),
+                }
+            }
+            ControlRequest::MonitorCheck { session, user } => {
+                let allowed = self.grants.allowed(&session, &user);
+                ControlResponse {
+                    allowed: Some(allowed),
+                    ..success(if allowed { "allowed" } else { "not allowed" }.into())
+                }
+            }
+            ControlRequest::Status => ControlResponse {
+                status: Some(self.report(caller)),
+                ..success("ok".into())
+            },
+            ControlRequest::PreservedList => {
+                let list = self.lifecycle.flusher.preserved.list();
+                ControlResponse {
+                    preserved: Some(list.clone()),
+                    ..success(format!("{} preserved copies", list.len()))
+                }
+            }
+            ControlRequest::PreservedExport { id, to } => {
+                if !to.is_absolute() {
+                    return failure(format!("{} is not an absolute path", to.display()));
+                }
+                let (preserved, id2, to2) = (
+                    self.lifecycle.flusher.preserved.clone(),
+                    id.clone(),
+                    to.clone(),
+                );
+                match tokio::task::spawn_blocking(move || preserved.export(&id2, &to2)).await {
+                    Ok(Ok(n)) => success(format!(
+                        "exported preserved copy {id} ({n} bytes) to {}",
+                        to.display()
+                    )),
+                    Ok(Err(e)) => failure(format!("cannot export preserved copy {id}: {e}")),
+                    Err(e) => failure(format!("export task failed: {e}")),
+                }
+            }
+            ControlRequest::PreservedPush { id, keep } => {
+                match self.lifecycle.push_preserved(&id, keep).await {
+                    Ok(o) => flushed(o),
+                    Err(e) => failure(e.to_string()),
+                }
+            }
+            ControlRequest::PreservedDelete { id } => {
+                let (preserved, id2) = (self.lifecycle.flusher.preserved.clone(), id.clone());
+                match tokio::task::spawn_blocking(move || preserved.remove(&id2)).await {
+                    Ok(Ok(())) => success(format!("deleted preserved copy {id}")),
+                    Ok(Err(e)) => failure(format!("cannot delete preserved copy {id}: {e}")),
+                    Err(e) => failure(format!("delete task failed: {e}")),
+                }
+            }
+        }
+    }
+
+    /// The status `caller` may see: everything for root, only their own
+    /// sessions and UIF for anyone else.
+    fn report(&self, caller: Caller) -> StatusReport {
+        let lc = &self.lifecycle;
+        let conn = lc.link.current();
+        let table = lc.table.snapshot();
+        let visible = |user: &str| caller.is_root() || self.uid_of(user) == Some(caller.uid);
+        let preserved = self.lifecycle.flusher.preserved.list();
+        StatusReport {
+            connected: conn.is_some(),
+            vm_id: conn.map(|c| c.welcome.vm_id),
+            host: lc.config.get().host.clone(),
+            sessions: table
+                .sessions
+                .values()
+                .filter(|s| visible(&s.user))
+                .map(|s| SessionStatus {
+                    session: s.session.clone(),
+                    user: s.user.clone(),
+                    ua: s.ua.clone(),
+                    pid: lc.supervisor.pid(&s.session),
+                    suspended: lc.supervisor.is_suspended(&s.session),
+                })
+                .collect(),
+            attached: table.uifs.keys().filter(|u| visible(u)).cloned().collect(),
+            uas: lc
+                .uas
+                .list()
+                .into_iter()
+                .map(|u| (u.name, u.current, u.previous))
+                .collect(),
+            spooled_updates: lc.flusher.spool.count(),
+            pending_notices: lc.notices.count(),
+            monitor_grants: self.grants.count(),
+            preserved: preserved.len(),
+            preserved_bytes: preserved.iter().map(|c| c.size).sum(),
+        }
+    }
+}
+
+fn failure(message: String) -> ControlResponse {
+    ControlResponse {
+        ok: false,
+        message,
+        ..ControlResponse::default()
+    }
+}
+
+fn flushed(outcome: FlushOutcome) -> ControlResponse {
+    let (kind, ok) = Outcome::of(&outcome);
+    ControlResponse {
+        ok,
+        message: outcome.to_string(),
+        outcome: Some(kind),
+        ..ControlResponse::default()
+    }
+}
+
+fn success(message: String) -> ControlResponse {
+    ControlResponse {
+        ok: true,
+        message,
+        ..ControlResponse::default()
+    }
+}

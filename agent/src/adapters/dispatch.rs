@@ -1,0 +1,245 @@
+//! The UVE-2 dispatcher: consumes each connection's incoming requests and
+//! answers each one from the layers below. Requests that take long (UIF
+//! release, UA install, suspend) run as their own tasks, on the daemon's
+//! tracker, so heartbeats and other requests keep flowing; bundle bytes
+//! are handled in order, inline.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uve_protocol::link::Incoming;
+use uve_protocol::message::{AgentStatus, ErrorCode, Request, Response, SessionInfo, WireError};
+use uve_protocol::names;
+
+use crate::lifecycle::Lifecycle;
+use crate::stores::monitor::Grants;
+
+/// What the host's requests are answered from.
+pub struct Dispatcher {
+    /// Sessions, UIFs, UAs.
+    pub lifecycle: Arc<Lifecycle>,
+    /// Monitoring grants.
+    pub grants: Arc<Grants>,
+    /// Where request tasks run.
+    pub tasks: TaskTracker,
+}
+
+impl Dispatcher {
+    /// Serves the requests of every connection `conns` hands over, until
+    /// `stop` is cancelled.
+    pub async fn run(
+        self: Arc<Self>,
+        mut conns: mpsc::Receiver<mpsc::Receiver<Incoming>>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                next = conns.recv() => match next {
+                    Some(incoming) => {
+                        self.tasks.spawn(self.clone().serve(incoming, stop.clone()));
+                    }
+                    None => return,
+                },
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Serves one connection's requests until the link ends.
+    async fn serve(
+        self: Arc<Self>,
+        mut incoming: mpsc::Receiver<Incoming>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let next = tokio::select! {
+                next = incoming.recv() => next,
+                () = stop.cancelled() => None,
+            };
+            let Some(Incoming { request, responder }) = next else {
+                return;
+            };
+            match request {
+                // Order matters for bundle bytes: handle inline.
+                Request::UaBegin(_) | Request::UaBundleData { .. } | Request::Ping { .. } => {
+                    let answer = self.handle(request).await;
+                    let _ = responder.send(answer).await;
+                }
+                other => {
+                    let me = self.clone();
+                    self.tasks.spawn(async move {
+                        let answer = me.handle(other).await;
+                        let _ = responder.send(answer).await;
+                    });
+                }
+            }
+        }
+    }
+
+    /// Answers one request.
+    pub async fn handle(&self, request: Request) -> Response {
+        match self.answer(request).await {
+            Ok(r) | Err(r) => r,
+        }
+    }
+
+    async fn answer(&self, request: Request) -> Result<Response, Response> {
+        match request {
+            Request::Ping { nonce } => Ok(Response::Pong { nonce }),
+            Request::AgentStatus => Ok(Response::Status(self.status())),
+            Request::UserRelease { user, deadline_ms } => {
+                name_ok("user", &user)?;
+                Ok(self.release(&user, deadline_ms).await)
+            }
+            r @ (Request::MonitorGrant { .. } | Request::MonitorRevoke { .. }) => {
+                self.monitor(r).await
+            }
+            r @ (Request::UaBegin(_)
+            | Request::UaBundleData { .. }
+            | Request::UaCommit { .. }
+            | Request::UaRollback { .. }
+            | Request::UaDelete { .. }) => self.ua(r).await,
+            Request::SessionSuspend { session } => self.suspend(&session, true).await,
+            Request::SessionResume { session } => self.suspend(&session, false).await,
+            _ => Err(error(
+                ErrorCode::Unsupported,
+                "this request is served by the host",
+            )),
+        }
+    }
+
+    /// `UserRelease`: the VM switch, bounded by the host's deadline.
+    async fn release(&self, user: &str, deadline_ms: u32) -> Response {
+        let lc = &self.lifecycle;
+        let limit = std::time::Duration::from_millis(u64::from(deadline_ms));
+        let committed = tokio::time::timeout(limit, lc.release(user))
+            .await
+            .unwrap_or_else(|_| {
+                tracing::warn!(user, "release did not finish before the host's deadline");
+                lc.kick.notify_one();
+                None
+            });
+        Response::Released { committed }
+    }
+
+    /// `MonitorGrant`, `MonitorRevoke`.
+    async fn monitor(&self, request: Request) -> Result<Response, Response> {
+        let changed = match request {
+            Request::MonitorGrant {
+                session,
+                monitor,
+                expires,
+            } => {
+                name_ok("session", &session)?;
+                name_ok("monitor", &monitor)?;
+                self.grants.grant(&session, &monitor, expires).await
+            }
+            Request::MonitorRevoke { session, monitor } => {
+                name_ok("session", &session)?;
+                name_ok("monitor", &monitor)?;
+                self.grants.revoke(&session, &monitor).await
+            }
+            _ => return Err(error(ErrorCode::BadRequest, "not a monitoring request")),
+        };
+        changed.map_err(|e| error(ErrorCode::Internal, e))?;
+        Ok(Response::Ok)
+    }
+
+    /// UA deploy, update, rollback, delete.
+    async fn ua(&self, request: Request) -> Result<Response, Response> {
+        let uas = &self.lifecycle.uas;
+        Ok(match request {
+            Request::UaBegin(bundle) => {
+                uas.begin(bundle).map_err(Response::Error)?;
+                Response::Ok
+            }
+            Request::UaBundleData {
+                transfer,
+                offset,
+                data,
+            } => {
+                uas.data(transfer, offset, &data).map_err(Response::Error)?;
+                Response::Ok
+            }
+            Request::UaCommit { transfer } => {
+                let version = uas.commit(transfer).await.map_err(Response::Error)?;
+                tracing::info!(transfer, version, "UA deployed");
+                Response::UaCurrent { version }
+            }
+            Request::UaRollback { name } => {
+                let version = uas.rollback(&name).await.map_err(Response::Error)?;
+                tracing::info!(name, version, "UA rolled back");
+                Response::UaCurrent { version }
+            }
+            Request::UaDelete { name, force } => self.delete_ua(name, force).await?,
+            _ => return Err(error(ErrorCode::BadRequest, "not a UA request")),
+        })
+    }
+
+    /// `SessionSuspend` (`freeze`) and `SessionResume`.
+    async fn suspend(&self, session: &str, freeze: bool) -> Result<Response, Response> {
+        let lc = &self.lifecycle;
+        if lc.table.session(session).is_none() {
+            return Err(error(ErrorCode::NotFound, format!("no session {session}")));
+        }
+        lc.supervisor
+            .set_suspended(session, freeze)
+            .await
+            .map_err(|e| error(ErrorCode::BadRequest, e))?;
+        Ok(Response::Ok)
+    }
+
+    /// `UaDelete`: refused while sessions use the UA, unless `force`
+    /// (then they are logged out first).
+    async fn delete_ua(&self, name: String, force: bool) -> Result<Response, Response> {
+        name_ok("UA", &name)?;
+        let lc = &self.lifecycle;
+        let users = lc.table.sessions_using(&name);
+        if !users.is_empty() && !force {
+            return Err(error(
+                ErrorCode::UaInUse,
+                format!("UA {name} serves sessions {}", users.join(", ")),
+            ));
+        }
+        for s in &users {
+            if let Err(e) = lc.logout(s).await {
+                tracing::error!(session = %s, "stopping session for UA delete: {e}");
+            }
+        }
+        lc.uas.remove(&name).await.map_err(Response::Error)?;
+        Ok(Response::UaDeleted {
+            stopped_sessions: users,
+        })
+    }
+
+    /// The agent's status as sent to the host.
+    pub fn status(&self) -> AgentStatus {
+        let lc = &self.lifecycle;
+        let sessions = lc
+            .table
+            .sessions()
+            .into_iter()
+            .map(|s| SessionInfo {
+                suspended: lc.supervisor.is_suspended(&s.session),
+                session: s.session,
+                user: s.user,
+                ua: s.ua,
+            })
+            .collect();
+        AgentStatus {
+            sessions,
+            uas: lc.uas.list(),
+            spooled_updates: u32::try_from(lc.flusher.spool.count()).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+fn error(code: ErrorCode, msg: impl std::fmt::Display) -> Response {
+    Response::Error(WireError::new(code, msg))
+}
+
+fn name_ok(kind: &'static str, name: &str) -> Result<(), Response> {
+    names::validate(kind, name).map_err(|e| Response::Error(e.into()))
+}

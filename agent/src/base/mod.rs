@@ -1,0 +1,11 @@
+//! Layer 7, the leaves every layer may use; none knows of sessions, the
+//! host or the lifecycle: durable files and the runtime-thread assertion
+//! ([`fsutil`]), the user database ([`passwd`]), symlink-proof walks
+//! ([`nofollow`]), the home archive format ([`archive`]) and fault
+//! injection for tests ([`fault`]).
+
+pub mod archive;
+pub mod fault;
+pub mod fsutil;
+pub mod nofollow;
+pub mod passwd;

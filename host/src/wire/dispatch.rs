@@ -1,0 +1,114 @@
+//! The per-connection dispatcher: consumes the link's incoming requests and
+//! calls the UVE-5 domain handlers. Requests whose order matters
+//! (`UpdateBegin`, `UpdatePage`, session notices) are handled inline, in
+//! arrival order; the rest run as tasks, at most `max_inflight` at a time
+//! per connection, so one VM's burst cannot starve the others. A task holds
+//! its slot until its answer is queued on the link (so a VM that stops
+//! reading stalls its own requests, never the host's memory), and the tasks
+//! of a connection end with it: only a commit already running completes.
+//! Every `upload_idle_ms / 4` it drops the connection's idle uploads.
+
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use uve_protocol::link::Incoming;
+use uve_protocol::message::{ErrorCode, Request, Response, WireError};
+
+use crate::wire::uve5::{Handled, VmConnection, notices, retrieve, update};
+
+/// Runs until the link closes.
+pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>) {
+    let permits = Arc::new(Semaphore::new(
+        usize::try_from(conn.host.config.max_inflight.max(1)).unwrap_or(32),
+    ));
+    // Cancelled when this loop ends or is aborted (the link closed).
+    let cancel = CancellationToken::new();
+    let _cancel_on_exit = cancel.clone().drop_guard();
+    let idle = conn.host.config.upload_idle_ms.max(1);
+    let mut sweep = tokio::time::interval(std::time::Duration::from_millis((idle / 4).max(1)));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let next = tokio::select! {
+            next = incoming.recv() => next,
+            _ = sweep.tick() => {
+                let n = update::expire_idle(&conn, std::time::Duration::from_millis(idle));
+                crate::state::metrics::add(&conn.host.metrics.uploads_expired, n as u64);
+                continue;
+            }
+        };
+        let Some(Incoming { request, responder }) = next else {
+            break;
+        };
+        let answer: Handled = match request {
+            Request::UpdateBegin(b) => update::begin(&conn, b),
+            Request::UpdatePage {
+                upload,
+                page,
+                chunks,
+            } => update::page(&conn, upload, page, chunks).await,
+            Request::UpdateAbort { upload } => update::abort(&conn, upload),
+            Request::SessionStarted { session, user, ua } => {
+                notices::started(&conn, &session, &user, ua)
+            }
+            Request::SessionEnded { session } => notices::ended(&conn, &session),
+            Request::UnexpectedDisconnect(n) => notices::disconnect(&conn, n),
+            other => {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    break;
+                };
+                let chunk_guard = match &other {
+                    Request::ChunkUpload { upload, .. }
+                    | Request::ChunkDelta(uve_protocol::message::ChunkDelta { upload, .. }) => {
+                        update::chunk_guard(&conn, *upload).await
+                    }
+                    _ => None,
+                };
+                let conn = conn.clone();
+                let cancel = cancel.clone();
+                tokio::spawn(async move {
+                    // A commit runs to its end: its outcome is the user's.
+                    let cancellable = !matches!(other, Request::UpdateCommit { .. });
+                    let answer = tokio::select! {
+                        a = handle(&conn, other) => a,
+                        () = cancel.cancelled(), if cancellable => return,
+                    };
+                    drop(chunk_guard);
+                    let _ = responder.send(flatten(answer)).await;
+                    drop(permit);
+                });
+                continue;
+            }
+        };
+        let _ = responder.send(flatten(answer)).await;
+    }
+}
+
+fn flatten(h: Handled) -> Response {
+    h.unwrap_or_else(Response::Error)
+}
+
+async fn handle(conn: &VmConnection, request: Request) -> Handled {
+    match request {
+        Request::UifRetrieve { user, session } => retrieve::grant(conn, &user, &session).await,
+        Request::ManifestPage {
+            user,
+            version,
+            page,
+        } => retrieve::page(conn, &user, version, page).await,
+        Request::ChunkFetch { user, hash } => retrieve::fetch(conn, &user, hash).await,
+        Request::ChunkUpload { upload, hash, data } => {
+            update::chunk(conn, upload, hash, data).await
+        }
+        Request::UpdateCommit { upload } => update::commit(conn, upload).await,
+        Request::BlockSignatures { upload, chunks } => {
+            update::signatures(conn, upload, chunks).await
+        }
+        Request::ChunkDelta(d) => update::chunk_delta(conn, d).await,
+        Request::Ping { nonce } => Ok(Response::Pong { nonce }),
+        _ => Err(WireError::new(
+            ErrorCode::Unsupported,
+            "this request is served by the agent, not the host",
+        )),
+    }
+}

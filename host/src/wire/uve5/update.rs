@@ -1,0 +1,604 @@
+//! UIF update (logout, VM switch, checkpoint): `UpdateBegin` checks
+//! everything announced (names, rights, sizes, quota) before allocating;
+//! pages arrive in order and are answered with the chunks the store lacks;
+//! uploaded chunks are checked against hash and announced length; commit
+//! checks the manifest digest, then compare-and-swaps under the user's
+//! lease gate. A stale base or lease keeps the upload as a conflict version.
+//!
+//! Protocol 2 adds block deltas (`BlockSignatures`, `ChunkDelta`), handled
+//! in the submodule `block_delta` on the same upload state.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::{OwnedRwLockReadGuard, RwLock};
+use uve_protocol::defs::{MAX_CHUNK, MIN_CHUNK};
+use uve_protocol::delta::BaseIndex;
+use uve_protocol::manifest::{ChunkRef, Hash, chunks_per_page};
+use uve_protocol::message::{ErrorCode, Response, UpdateBegin, WireError};
+
+mod block_delta;
+mod commit;
+
+pub use block_delta::{chunk_delta, signatures};
+pub use commit::commit;
+
+use super::{Handled, VmConnection, check_name};
+use crate::budgets::conflict_rate::Admit;
+use crate::budgets::staging::{Stage, StagingBudget, StagingRefused};
+use crate::host::wire_store_error;
+use crate::state::events::Event;
+use crate::state::metrics;
+use crate::store::{ChunkPins, StageId, StoreResult, now_ms};
+
+/// An upload in progress on one connection.
+pub struct Upload {
+    begin: UpdateBegin,
+    /// Where its chunks are staged until the commit publishes them;
+    /// reclaimed when the last reference to it goes without one.
+    stage: Arc<Stage>,
+    /// When a request last named this upload (Unix ms).
+    touched: AtomicU64,
+    /// Chunk uploads hold it shared, commit exclusively: a commit pipelined
+    /// right behind the last chunk waits for that chunk to be stored.
+    gate: Arc<RwLock<()>>,
+    state: Mutex<UploadState>,
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        // Its pins, listing and base index can be large (1M chunks): they
+        // go on the reclaimer thread, not on an async worker.
+        let st = std::mem::take(self.state.get_mut().unwrap_or_else(PoisonError::into_inner));
+        if !st.pins.is_empty() || !st.listed.is_empty() {
+            self.stage.drop_later(Box::new(st));
+        }
+    }
+}
+
+#[derive(Default)]
+struct UploadState {
+    chunks: Vec<ChunkRef>,
+    /// Offset of each listed chunk in the new version (for pairing).
+    starts: Vec<u64>,
+    /// Offset just past the last listed chunk.
+    end: u64,
+    next_page: u32,
+    /// Every hash listed so far (what uploads may carry).
+    listed: HashMap<Hash, Listed>,
+    /// Chunk indices whose signatures were asked (once per chunk, so the
+    /// host reads base bytes at most once per missing chunk).
+    signed: HashSet<u32>,
+    /// Deltas whose rebuilt chunk did not match its hash.
+    bad_deltas: u32,
+    uploaded: u64,
+    pins: Vec<ChunkPins>,
+    /// Chunks of the base version (loaded with the first page): present
+    /// without asking the store, and the only possible delta bases. Should
+    /// the base be pruned before the commit, the store's commit checks them
+    /// like any other chunk.
+    base: Option<Arc<BaseIndex>>,
+}
+
+/// A hash listed in an upload's pages.
+#[derive(Clone, Copy)]
+struct Listed {
+    /// Its length.
+    len: u32,
+    /// Reported missing and not stored by this upload yet: only such a
+    /// chunk may be asked about or sent as a delta.
+    awaited: bool,
+}
+
+fn bad(code: ErrorCode, msg: impl std::fmt::Display) -> WireError {
+    WireError::new(code, msg)
+}
+
+fn get(conn: &VmConnection, upload: u64) -> Result<Arc<Upload>, WireError> {
+    let up = conn.state().uploads.get(&upload).cloned().ok_or_else(|| {
+        bad(
+            ErrorCode::NotFound,
+            format!("no upload {upload} (ended, aborted or expired)"),
+        )
+    })?;
+    up.touched.store(now_ms(), Ordering::Relaxed);
+    Ok(up)
+}
+
+/// Drops the uploads of `conn` no request has named for `idle` and none is
+/// working on (a handler holds a reference while it runs), releasing their
+/// slots and pins. Returns how many expired.
+pub fn expire_idle(conn: &VmConnection, idle: std::time::Duration) -> usize {
+    let limit = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    let now = now_ms();
+    let expired: Vec<Arc<Upload>> = {
+        let mut st = conn.state();
+        let ids: Vec<u64> = st
+            .uploads
+            .iter()
+            .filter(|(_, up)| {
+                Arc::strong_count(up) == 1
+                    && now.saturating_sub(up.touched.load(Ordering::Relaxed)) > limit
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        ids.iter().filter_map(|id| st.uploads.remove(id)).collect()
+    };
+    for up in &expired {
+        tracing::warn!(
+            vm = conn.vm,
+            user = up.begin.user,
+            session = up.begin.session,
+            "upload expired: idle for {idle:?}"
+        );
+    }
+    // Pins are released here, outside the connection's lock.
+    let n = expired.len();
+    drop(expired);
+    n
+}
+
+/// Records an update refused for good: an `update_refused` event naming
+/// the VM, user, session, reason and size, so an operator learns of it at
+/// once (the agent keeps the bytes as a preserved copy; see the agent's
+/// README). Transient refusals (busy, shutting down) are retried by the
+/// agent and recorded nowhere.
+fn refused(conn: &VmConnection, b: &UpdateBegin, e: &WireError) {
+    if e.code.is_transient() {
+        return;
+    }
+    metrics::add(&conn.host.metrics.updates_refused, 1);
+    conn.host.events.emit(Event::UpdateRefused {
+        vm: conn.vm.clone(),
+        user: b.user.clone(),
+        session: b.session.clone(),
+        cause: b.cause,
+        base: b.base,
+        size: b.header.size,
+        code: e.code,
+        reason: e.message.clone(),
+    });
+}
+
+/// `UpdateBegin`.
+pub fn begin(conn: &VmConnection, b: UpdateBegin) -> Handled {
+    // A malformed name is a hostile or broken peer, not a user's update.
+    check_name("user", &b.user)?;
+    check_name("session", &b.session)?;
+    let asked = b.clone();
+    open_upload(conn, b).inspect_err(|e| refused(conn, &asked, e))
+}
+
+fn open_upload(conn: &VmConnection, b: UpdateBegin) -> Handled {
+    let host = &conn.host;
+    if host.shutdown.is_cancelled() {
+        return Err(bad(ErrorCode::ShuttingDown, "host is shutting down"));
+    }
+    let assigned = host.registry.assignment(&b.user).as_deref() == Some(conn.vm.as_str());
+    if !assigned && !host.leases.held_by(&b.user, &conn.vm) {
+        return Err(bad(
+            ErrorCode::NotAssigned,
+            format!(
+                "user {} is not assigned to VM {} and it holds no lease",
+                b.user, conn.vm
+            ),
+        ));
+    }
+    let h = b.header;
+    let cfg = &host.config;
+    if h.size > cfg.max_uif_size {
+        return Err(bad(
+            ErrorCode::TooLarge,
+            format!(
+                "UIF of {} bytes exceeds the limit of {}",
+                h.size, cfg.max_uif_size
+            ),
+        ));
+    }
+    let quota = host.store.policy().quota_bytes;
+    if h.size > quota {
+        return Err(bad(
+            ErrorCode::QuotaExceeded,
+            format!("UIF of {} bytes exceeds the quota of {quota}", h.size),
+        ));
+    }
+    let staging = cfg.staging_limits();
+    let stage_limit = staging.per_vm.min(staging.per_user);
+    if h.size > stage_limit {
+        return Err(bad(
+            ErrorCode::TooLarge,
+            format!(
+                "UIF of {} bytes exceeds what one VM or user may stage ({stage_limit})",
+                h.size
+            ),
+        ));
+    }
+    if h.chunk_count > cfg.max_chunks {
+        return Err(bad(
+            ErrorCode::TooLarge,
+            format!(
+                "{} chunks exceed the limit of {}",
+                h.chunk_count, cfg.max_chunks
+            ),
+        ));
+    }
+    let count = u64::from(h.chunk_count);
+    if count > h.size || h.size > count * u64::from(MAX_CHUNK) {
+        return Err(bad(
+            ErrorCode::BadRequest,
+            format!("{} bytes cannot be {} chunks", h.size, h.chunk_count),
+        ));
+    }
+    check_conflict_rate(conn, &b)?;
+    let mut st = conn.state();
+    if st.uploads.len() >= cfg.max_uploads_per_vm {
+        return Err(bad(
+            ErrorCode::Busy,
+            "too many uploads open on this connection",
+        ));
+    }
+    st.next_upload += 1;
+    let id = st.next_upload;
+    st.uploads.insert(
+        id,
+        Arc::new(Upload {
+            stage: Arc::new(host.staging.open(&conn.vm, &b.user, h.size)),
+            begin: b,
+            touched: AtomicU64::new(now_ms()),
+            gate: Arc::new(RwLock::new(())),
+            state: Mutex::new(UploadState::default()),
+        }),
+    );
+    Ok(Response::UpdateAccepted { upload: id })
+}
+
+/// An update from a VM without the user's current lease can only become a
+/// conflict version: at most `conflict_updates_per_hour` of them per user
+/// and VM, else `Busy` (the agent retries later) and, once per run of
+/// refusals, a `budget_exceeded` event.
+fn check_conflict_rate(conn: &VmConnection, b: &UpdateBegin) -> Result<(), WireError> {
+    let host = &conn.host;
+    if host.leases.is_current(&b.user, b.lease, &conn.vm) {
+        return Ok(());
+    }
+    let Admit::No { first } = host.conflict_rate.admit(&b.user, &conn.vm) else {
+        return Ok(());
+    };
+    metrics::add(&host.metrics.conflict_updates_refused, 1);
+    let limit = host.config.conflict_updates_per_hour;
+    if first {
+        tracing::warn!(
+            vm = conn.vm,
+            user = b.user,
+            "updates without the current lease refused: over {limit} per hour"
+        );
+        host.events.emit(Event::BudgetExceeded {
+            vm: conn.vm.clone(),
+            user: Some(b.user.clone()),
+            budget: "conflict_updates_per_hour".to_string(),
+            limit: u64::from(limit),
+        });
+    }
+    Err(bad(
+        ErrorCode::Busy,
+        format!(
+            "VM {} does not hold the lease of {}: its updates become conflict versions, at most {limit} per hour",
+            conn.vm, b.user
+        ),
+    ))
+}
+
+/// `UpdatePage`: returns the indices (within the page) the store lacks.
+pub async fn page(conn: &VmConnection, upload: u64, page: u32, chunks: Vec<ChunkRef>) -> Handled {
+    let up = get(conn, upload)?;
+    list_page(conn, &up, page, chunks)
+        .await
+        .inspect_err(|e| refused(conn, &up.begin, e))
+}
+
+/// Refuses a chunk shorter than [`MIN_CHUNK`] anywhere but at the end of
+/// the manifest: the chunker never cuts one, and a manifest of tiny chunks
+/// would make every later pass over it (signatures, commit, GC) cost a
+/// million entries per MiB.
+fn check_min_chunk(up: &Upload, first: u64, chunks: &[ChunkRef]) -> Result<(), WireError> {
+    let last = u64::from(up.begin.header.chunk_count).saturating_sub(1);
+    let short = chunks
+        .iter()
+        .enumerate()
+        .find(|(i, c)| c.len < MIN_CHUNK && first + *i as u64 != last);
+    match short {
+        Some((i, c)) => Err(bad(
+            ErrorCode::BadRequest,
+            format!(
+                "chunk {} is {} bytes; every chunk but the last must have at least {MIN_CHUNK}",
+                first + i as u64,
+                c.len
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Refuses a page that is out of order, lists more chunks or bytes than
+/// the header announced, or holds a chunk length out of range or below
+/// the minimum chunk size.
+fn check_page(
+    conn: &VmConnection,
+    up: &Upload,
+    page: u32,
+    chunks: &[ChunkRef],
+) -> Result<(), WireError> {
+    let per = chunks_per_page(conn.max_frame) as usize;
+    let listed_before = {
+        let st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if page != st.next_page {
+            return Err(bad(
+                ErrorCode::BadRequest,
+                format!("page {page} out of order, expected {}", st.next_page),
+            ));
+        }
+        let total = st.chunks.len() + chunks.len();
+        if chunks.len() > per || total > up.begin.header.chunk_count as usize {
+            return Err(bad(
+                ErrorCode::TooLarge,
+                "page lists more chunks than announced",
+            ));
+        }
+        st.chunks.len() as u64
+    };
+    let page_bytes: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
+    let listed_bytes = up.state.lock().unwrap_or_else(PoisonError::into_inner).end;
+    if listed_bytes + page_bytes > up.begin.header.size {
+        return Err(bad(
+            ErrorCode::TooLarge,
+            format!(
+                "pages list more than the {} bytes announced",
+                up.begin.header.size
+            ),
+        ));
+    }
+    if let Some(c) = chunks.iter().find(|c| c.len == 0 || c.len > MAX_CHUNK) {
+        return Err(bad(
+            ErrorCode::BadRequest,
+            format!("chunk length {} out of range", c.len),
+        ));
+    }
+    check_min_chunk(up, listed_before, chunks)
+}
+
+async fn list_page(
+    conn: &VmConnection,
+    up: &Arc<Upload>,
+    page: u32,
+    chunks: Vec<ChunkRef>,
+) -> Handled {
+    check_page(conn, up, page, &chunks)?;
+    let hashes: Vec<Hash> = chunks.iter().map(|c| c.hash).collect();
+    // Pin first, then look: a chunk reported present cannot be swept
+    // before the commit that references it.
+    let pins = conn.host.store.pin(&hashes);
+    let base_chunks = base_index(conn, up).await;
+    let ask: Vec<Hash> = hashes
+        .iter()
+        .filter(|h| !base_chunks.contains(h))
+        .copied()
+        .collect();
+    let answers = conn
+        .host
+        .store_call(move |s| s.has_chunks(&ask))
+        .await
+        .map_err(|e| wire_store_error(&e))?;
+    let mut answers = answers.into_iter();
+    let present: Vec<bool> = hashes
+        .iter()
+        .map(|h| base_chunks.contains(h) || answers.next().unwrap_or(false))
+        .collect();
+    let mut st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut missing = Vec::new();
+    for (i, (c, here)) in chunks.iter().zip(present).enumerate() {
+        let new = match st.listed.get(&c.hash) {
+            Some(l) if l.len != c.len => {
+                return Err(bad(
+                    ErrorCode::BadRequest,
+                    "one hash listed with two lengths",
+                ));
+            }
+            Some(_) => false,
+            None => {
+                st.listed.insert(
+                    c.hash,
+                    Listed {
+                        len: c.len,
+                        awaited: !here,
+                    },
+                );
+                true
+            }
+        };
+        if new && !here {
+            missing.push(u32::try_from(i).unwrap_or(u32::MAX));
+        }
+    }
+    for c in &chunks {
+        let at = st.end;
+        st.starts.push(at);
+        st.end = at + u64::from(c.len);
+    }
+    st.chunks.extend_from_slice(&chunks);
+    st.next_page += 1;
+    st.pins.push(pins);
+    Ok(Response::Missing(missing))
+}
+
+/// The chunks of the upload's base version, loaded once (empty when
+/// there is no base or it cannot be read: then the store is asked and no
+/// chunk can be sent as a delta).
+async fn base_index(conn: &VmConnection, up: &Upload) -> Arc<BaseIndex> {
+    if let Some(ix) = &up.state.lock().unwrap_or_else(PoisonError::into_inner).base {
+        return ix.clone();
+    }
+    let ix = match up.begin.base {
+        None => BaseIndex::default(),
+        Some(base) => {
+            let user = up.begin.user.clone();
+            match conn.host.store_call(move |s| s.manifest(&user, base)).await {
+                Ok(m) => BaseIndex::new(&m),
+                Err(e) => {
+                    tracing::debug!(user = up.begin.user, base, error = %e, "base manifest unavailable");
+                    BaseIndex::default()
+                }
+            }
+        }
+    };
+    let ix = Arc::new(ix);
+    up.state.lock().unwrap_or_else(PoisonError::into_inner).base = Some(ix.clone());
+    ix
+}
+
+/// Takes the shared side of an upload's gate (in the dispatcher, before the
+/// chunk's handler is spawned, so a later commit waits for it).
+pub async fn chunk_guard(conn: &VmConnection, upload: u64) -> Option<OwnedRwLockReadGuard<()>> {
+    let up = get(conn, upload).ok()?;
+    Some(up.gate.clone().read_owned().await)
+}
+
+/// `ChunkUpload`.
+pub async fn chunk(conn: &VmConnection, upload: u64, hash: Hash, data: Vec<u8>) -> Handled {
+    let up = get(conn, upload)?;
+    let listed = up
+        .state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .listed
+        .get(&hash)
+        .copied();
+    match listed.map(|l| l.len) {
+        None => {
+            return Err(bad(
+                ErrorCode::BadRequest,
+                format!("chunk {hash} was not listed"),
+            ));
+        }
+        Some(len) if len as usize != data.len() => {
+            return Err(bad(
+                ErrorCode::BadChunk,
+                format!("chunk {hash} is {} bytes, listed as {len}", data.len()),
+            ));
+        }
+        Some(_) => {}
+    }
+    // `stage_chunk` checks BLAKE3(data) == hash (BadChunk otherwise);
+    // hashing here too would cost a second pass over every uploaded byte.
+    let n = data.len() as u64;
+    let staged: Result<(), std::convert::Infallible> =
+        stage_chunk(conn, &up, hash, n, move |s, stage| {
+            s.stage_chunk(stage, &hash, &data).map(Ok)
+        })
+        .await?;
+    let Ok(()) = staged;
+    mark_stored(&up, &hash);
+    conn.host.metrics.chunk_uploaded(&up.begin.user, n);
+    Ok(Response::Ok)
+}
+
+/// Stages one chunk of `len` bytes for `up` with `write` (on a bulk
+/// thread), charged to the staging budgets first. A refusal by a budget is
+/// `Busy` (the agent retries the update later) and an event naming the VM;
+/// `write`'s inner error is passed through.
+pub(super) async fn stage_chunk<E, F>(
+    conn: &VmConnection,
+    up: &Upload,
+    hash: Hash,
+    len: u64,
+    write: F,
+) -> Result<Result<(), E>, WireError>
+where
+    E: Send + 'static,
+    F: FnOnce(&dyn crate::store::UifStore, &StageId) -> StoreResult<Result<u64, E>>
+        + Send
+        + 'static,
+{
+    let host = &conn.host;
+    if up.stage.holds(&hash) {
+        return Ok(Ok(()));
+    }
+    if let Err(e) = up.stage.reserve(len) {
+        return Err(staging_refused(conn, up, &e));
+    }
+    // The job owns a reference to the stage: it cannot be reclaimed while
+    // the chunk is being written, even if this handler is cancelled.
+    let stage = up.stage.clone();
+    let staging = host.staging.clone();
+    let stored = host
+        .store_call_bulk(&conn.vm, move |s| {
+            if let Err(e) = staging.check_free(s.free_bytes(), len) {
+                stage.unreserve(len);
+                return Ok(Err(Refusal::Budget(e)));
+            }
+            match write(s, stage.id()) {
+                Ok(Ok(wrote)) => {
+                    stage.staged(hash, len, wrote);
+                    Ok(Ok(()))
+                }
+                Ok(Err(e)) => {
+                    stage.unreserve(len);
+                    Ok(Err(Refusal::Inner(e)))
+                }
+                Err(e) => {
+                    stage.unreserve(len);
+                    Err(e)
+                }
+            }
+        })
+        .await
+        .map_err(|e| wire_store_error(&e))?;
+    match stored {
+        Ok(()) => Ok(Ok(())),
+        Err(Refusal::Budget(e)) => Err(staging_refused(conn, up, &e)),
+        Err(Refusal::Inner(e)) => Ok(Err(e)),
+    }
+}
+
+enum Refusal<E> {
+    Budget(StagingRefused),
+    Inner(E),
+}
+
+/// `Busy` for a staging budget's refusal (`BadRequest` for an upload that
+/// sends more than it announced), with a `budget_exceeded` event the first
+/// time for this upload (the metric counts every refusal).
+fn staging_refused(conn: &VmConnection, up: &Upload, e: &StagingRefused) -> WireError {
+    if up.stage.first_refusal() {
+        tracing::warn!(vm = conn.vm, user = up.begin.user, "chunk refused: {e}");
+        conn.host.events.emit(Event::BudgetExceeded {
+            vm: conn.vm.clone(),
+            user: Some(up.begin.user.clone()),
+            budget: e.budget.name().to_string(),
+            limit: e.limit,
+        });
+    }
+    let code = match e.budget {
+        StagingBudget::Upload => ErrorCode::BadRequest,
+        _ => ErrorCode::Busy,
+    };
+    bad(code, e)
+}
+
+/// Counts a chunk stored by this upload; it is no longer awaited.
+fn mark_stored(up: &Upload, hash: &Hash) {
+    let mut st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
+    st.uploaded += 1;
+    if let Some(l) = st.listed.get_mut(hash) {
+        l.awaited = false;
+    }
+}
+
+/// `UpdateAbort`.
+pub fn abort(conn: &VmConnection, upload: u64) -> Handled {
+    conn.state()
+        .uploads
+        .remove(&upload)
+        .map(|_| Response::Ok)
+        .ok_or_else(|| bad(ErrorCode::NotFound, format!("no upload {upload}")))
+}
