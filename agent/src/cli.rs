@@ -104,10 +104,12 @@ fn print_status(resp: &ControlResponse) {
         );
     }
     println!("attached UIFs: {}", s.attached.join(", "));
-    for (name, cur, prev) in &s.uas {
+    for ua in &s.uas {
         println!(
-            "UA {name}: current {cur}, previous {}",
-            prev.as_deref().unwrap_or("-")
+            "UA {}: current {}, previous {}",
+            ua.name,
+            ua.current,
+            ua.previous.as_deref().unwrap_or("-")
         );
     }
     println!(

@@ -3,6 +3,7 @@
 //! talk to a running daemon over its control socket ([`uve_agent::cli`]).
 
 use std::path::PathBuf;
+use uve_protocol::names::{SessionId, UaName, UserName};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -31,25 +32,25 @@ enum Verb {
     Login {
         /// The user.
         #[arg(long)]
-        user: String,
+        user: UserName,
         /// The session id.
         #[arg(long)]
-        session: String,
+        session: SessionId,
         /// Start and supervise this deployed UA for the session.
         #[arg(long)]
-        ua: Option<String>,
+        ua: Option<UaName>,
     },
     /// End a session; returns when its UIF is committed or safely spooled.
     Logout {
         /// The session id.
         #[arg(long)]
-        session: String,
+        session: SessionId,
     },
     /// Report an unexpected disconnect of a session.
     Disconnect {
         /// The session id.
         #[arg(long)]
-        session: String,
+        session: SessionId,
         /// What happened.
         #[arg(long)]
         reason: String,
@@ -64,10 +65,10 @@ enum Verb {
     MonitorCheck {
         /// The monitored session.
         #[arg(long)]
-        session: String,
+        session: SessionId,
         /// The would-be monitor.
         #[arg(long)]
-        user: String,
+        user: UserName,
     },
     /// Preserved copies of updates the host refused for good (root only).
     Preserved {

@@ -165,3 +165,11 @@ impl Rig {
             .count()
     }
 }
+
+/// `s` as a name newtype, for test code whose names are valid.
+pub fn name<T: TryFrom<String>>(s: &str) -> T
+where
+    T::Error: std::fmt::Debug,
+{
+    T::try_from(s.to_string()).unwrap()
+}

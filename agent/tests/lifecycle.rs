@@ -16,6 +16,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{LONG, TestHost, file_cfg, must, noise, start_agent};
+use uve_e2e::names::valid;
 use uve_protocol::message::{Request, Response, UpdateCause};
 
 #[test]
@@ -165,7 +166,7 @@ fn host_restart_reannounces_sessions_then_user_release_flushes() {
     std::fs::write(dir.path().join("uif/gina.img"), b"gina v2").unwrap();
     let r = host
         .request(Request::UserRelease {
-            user: "gina".into(),
+            user: valid("gina"),
             deadline_ms: 20_000,
         })
         .unwrap();
@@ -183,7 +184,7 @@ fn host_restart_reannounces_sessions_then_user_release_flushes() {
     // Nothing left to release: answered with no version.
     let r = host
         .request(Request::UserRelease {
-            user: "gina".into(),
+            user: valid("gina"),
             deadline_ms: 5_000,
         })
         .unwrap();

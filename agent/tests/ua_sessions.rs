@@ -17,6 +17,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{AgentProc, LONG, TestHost, file_cfg, must, skip_unless_root, start_agent};
+use uve_e2e::names::valid;
 use uve_protocol::manifest::Hash;
 use uve_protocol::message::{ErrorCode, Request, Response, UaBundle, UpdateCause};
 
@@ -64,8 +65,8 @@ fn deploy(host: &TestHost, name: &str, version: &str, entry: &[&str], bundle: &[
     let r = host
         .request(Request::UaBegin(UaBundle {
             transfer,
-            name: name.into(),
-            version: version.into(),
+            name: valid(name),
+            version: valid(version),
             entry: entry.iter().map(|s| s.to_string()).collect(),
             digest: Hash::of(bundle),
             size: bundle.len() as u64,
@@ -140,7 +141,7 @@ fn deploy_update_and_roll_back(host: &TestHost, ua_dir: &Path, ticks_s: &str) ->
     assert_eq!(
         r,
         Response::UaCurrent {
-            version: "1.0".into()
+            version: valid("1.0")
         }
     );
     assert_eq!(
@@ -162,7 +163,7 @@ fn deploy_update_and_roll_back(host: &TestHost, ua_dir: &Path, ticks_s: &str) ->
     assert_eq!(
         r,
         Response::UaCurrent {
-            version: "2.0".into()
+            version: valid("2.0")
         }
     );
     assert_eq!(
@@ -181,13 +182,13 @@ fn deploy_update_and_roll_back(host: &TestHost, ua_dir: &Path, ticks_s: &str) ->
     let r = host_req(
         host,
         Request::UaRollback {
-            name: "ticker".into(),
+            name: valid("ticker"),
         },
     );
     assert_eq!(
         r,
         Response::UaCurrent {
-            version: "1.0".into()
+            version: valid("1.0")
         }
     );
     assert_eq!(
@@ -204,8 +205,8 @@ fn bad_transfers_are_refused(host: &TestHost, v1: &[u8]) {
     let transfer = 9_000;
     host.request(Request::UaBegin(UaBundle {
         transfer,
-        name: "ticker".into(),
-        version: "3.0".into(),
+        name: valid("ticker"),
+        version: valid("3.0"),
         entry: vec!["bin/run.sh".into()],
         digest: Hash([0; 32]),
         size: v1.len() as u64,
@@ -225,8 +226,8 @@ fn bad_transfers_are_refused(host: &TestHost, v1: &[u8]) {
         host,
         Request::UaBegin(UaBundle {
             transfer: 9_001,
-            name: "ticker".into(),
-            version: "3.1".into(),
+            name: valid("ticker"),
+            version: valid("3.1"),
             entry: vec!["x".into()],
             digest: Hash([0; 32]),
             size: 10,
@@ -316,7 +317,7 @@ fn delete_is_refused_while_in_use_unless_forced(
     let r = host_req(
         host,
         Request::UaDelete {
-            name: "ticker".into(),
+            name: valid("ticker"),
             force: false,
         },
     );
@@ -325,14 +326,14 @@ fn delete_is_refused_while_in_use_unless_forced(
     let r = host_req(
         host,
         Request::UaDelete {
-            name: "ticker".into(),
+            name: valid("ticker"),
             force: true,
         },
     );
     assert_eq!(
         r,
         Response::UaDeleted {
-            stopped_sessions: vec!["u1".into()]
+            stopped_sessions: vec![valid("u1")]
         }
     );
     assert!(!ua_dir.exists());
@@ -361,7 +362,7 @@ fn ua_crash_sends_one_disconnect_notice_and_flushes() {
     assert_eq!(
         r,
         Response::UaCurrent {
-            version: "1".into()
+            version: valid("1")
         }
     );
     host.with(|h| h.seed("nobody", b"hello world, this is the nobody UIF"));
@@ -441,7 +442,7 @@ fn suspend_and_resume_really_stop_the_ua() {
     assert_eq!(
         r,
         Response::UaCurrent {
-            version: "1".into()
+            version: valid("1")
         }
     );
     agent.ok(&[
@@ -461,7 +462,7 @@ fn suspend_and_resume_really_stop_the_ua() {
     let r = host_req(
         &host,
         Request::SessionSuspend {
-            session: "t1".into(),
+            session: valid("t1"),
         },
     );
     assert_eq!(r, Response::Ok);
@@ -475,7 +476,7 @@ fn suspend_and_resume_really_stop_the_ua() {
     let r = host_req(
         &host,
         Request::SessionResume {
-            session: "t1".into(),
+            session: valid("t1"),
         },
     );
     assert_eq!(r, Response::Ok);
@@ -483,7 +484,7 @@ fn suspend_and_resume_really_stop_the_ua() {
     let r = host_req(
         &host,
         Request::SessionSuspend {
-            session: "nope".into(),
+            session: valid("nope"),
         },
     );
     assert_eq!(code_of(&r), Some(ErrorCode::NotFound));
@@ -515,8 +516,8 @@ fn monitor_grants_expire_and_revoke() {
     let r = host_req(
         &host,
         Request::MonitorGrant {
-            session: "s1".into(),
-            monitor: "helpdesk".into(),
+            session: valid("s1"),
+            monitor: valid("helpdesk"),
             expires: now + 3_600_000,
         },
     );
@@ -531,8 +532,8 @@ fn monitor_grants_expire_and_revoke() {
     let r = host_req(
         &host,
         Request::MonitorRevoke {
-            session: "s1".into(),
-            monitor: "helpdesk".into(),
+            session: valid("s1"),
+            monitor: valid("helpdesk"),
         },
     );
     assert_eq!(r, Response::Ok);
@@ -541,8 +542,8 @@ fn monitor_grants_expire_and_revoke() {
     let r = host_req(
         &host,
         Request::MonitorGrant {
-            session: "s1".into(),
-            monitor: "trainee".into(),
+            session: valid("s1"),
+            monitor: valid("trainee"),
             expires: uve_protocol_now() + 1_500,
         },
     );
@@ -550,21 +551,25 @@ fn monitor_grants_expire_and_revoke() {
     must("grant expired", LONG, || {
         (check(&agent, "trainee") == Some(1)).then_some(())
     });
-    let r = host_req(
-        &host,
-        Request::MonitorGrant {
-            session: "../etc".into(),
-            monitor: "x".into(),
+    // An invalid name, sent raw (the types hold none): refused on its own
+    // request, and the link stays up (the ping below).
+    let r = host
+        .request_with(|n| Request::MonitorGrant {
+            session: n.session("../etc"),
+            monitor: n.user("x"),
             expires: 0,
-        },
-    );
+        })
+        .unwrap_or_else(|e| match e {
+            uve_protocol::link::LinkError::Remote(e) => Response::Error(e),
+            e => panic!("{e}"),
+        });
     assert_eq!(code_of(&r), Some(ErrorCode::InvalidName));
     let r = host_req(&host, Request::Ping { nonce: 42 });
     assert_eq!(r, Response::Pong { nonce: 42 });
     let r = host_req(
         &host,
         Request::ChunkFetch {
-            user: "x".into(),
+            user: valid("x"),
             hash: Hash([0; 32]),
         },
     );
@@ -598,7 +603,7 @@ fn ua_surviving_an_agent_restart_is_still_supervised() {
     assert_eq!(
         r,
         Response::UaCurrent {
-            version: "1".into()
+            version: valid("1")
         }
     );
     agent.ok(&[

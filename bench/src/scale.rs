@@ -22,6 +22,7 @@ use uve_protocol::message::{DisconnectNotice, Request, Response, UpdateBegin, Up
 use crate::Row;
 use crate::data;
 use crate::sys;
+use uve_e2e::names::valid;
 
 /// Parameters of a scale run.
 pub struct Params {
@@ -91,9 +92,9 @@ async fn control_loop(h: LinkHandle, i: usize, phase: Duration, samples: Arc<Mut
             noticed = true;
             let n = DisconnectNotice {
                 id: rng.next(),
-                session: format!("s{i}"),
-                user: format!("user{i}"),
-                ua: Some("desk".into()),
+                session: valid(&format!("s{i}")),
+                user: valid(&format!("user{i}")),
+                ua: Some(valid("desk")),
                 reason: "simulated UA crash".into(),
                 at: 0,
             };
@@ -169,8 +170,8 @@ async fn one_update(h: &LinkHandle, user: &str, size: usize, seed: u64) -> Resul
 async fn begin_update(h: &LinkHandle, user: &str, header: ManifestHeader) -> Result<u64, String> {
     let grant = match h
         .request(Request::UifRetrieve {
-            user: user.into(),
-            session: format!("{user}-s"),
+            user: valid(user),
+            session: valid(&format!("{user}-s")),
         })
         .await
         .map_err(|e| format!("retrieve: {e}"))?
@@ -180,8 +181,8 @@ async fn begin_update(h: &LinkHandle, user: &str, header: ManifestHeader) -> Res
     };
     match h
         .request(Request::UpdateBegin(UpdateBegin {
-            user: user.into(),
-            session: format!("{user}-s"),
+            user: valid(user),
+            session: valid(&format!("{user}-s")),
             base: grant.version,
             lease: grant.lease,
             header,

@@ -18,10 +18,12 @@ use common::{HostProc, noise};
 use futures_util::StreamExt;
 use hyper::Method;
 use serde_json::json;
+use uve_e2e::names::valid;
 use uve_e2e::poll::until_async;
 use uve_e2e::process::status_kib;
 use uve_e2e::raw_peer::{RawPeer, write_until_closed};
 use uve_protocol::message::{ErrorCode, Request, Response};
+use uve_protocol::names::SessionId;
 
 /// What a non-reading VM floods the host with.
 #[derive(Clone, Copy, Debug)]
@@ -69,16 +71,16 @@ async fn prepare_flood(
     let (bytes, count) = match flood {
         Flood::Refused => {
             let f = peer.encode_flood(200_000, || Request::UifRetrieve {
-                user: "mallory".into(),
-                session: "x".into(),
+                user: valid("mallory"),
+                session: valid("x"),
             });
             (f, 200_000)
         }
         Flood::Chunks => {
             let Response::Retrieve(grant) = peer
                 .call(Request::UifRetrieve {
-                    user: "alice".into(),
-                    session: "s1".into(),
+                    user: valid("alice"),
+                    session: valid("s1"),
                 })
                 .await
                 .unwrap()
@@ -87,7 +89,7 @@ async fn prepare_flood(
             };
             let Response::ManifestPage(refs) = peer
                 .call(Request::ManifestPage {
-                    user: "alice".into(),
+                    user: valid("alice"),
                     version: grant.version.unwrap(),
                     page: 0,
                 })
@@ -98,7 +100,7 @@ async fn prepare_flood(
             };
             let hash = refs.iter().max_by_key(|r| r.len).unwrap().hash;
             let f = peer.encode_flood(4_000, || Request::ChunkFetch {
-                user: "alice".into(),
+                user: valid("alice"),
                 hash,
             });
             (f, 4_000)
@@ -263,8 +265,8 @@ async fn a_manifest_of_tiny_chunks_is_refused_at_update_page() {
         })
         .collect();
     let begin = UpdateBegin {
-        user: "alice".into(),
-        session: "s1".into(),
+        user: valid("alice"),
+        session: valid("s1"),
         base: grant.version,
         lease: grant.lease,
         header: ManifestHeader {
@@ -310,8 +312,8 @@ async fn forged_notices_for_another_vms_user_are_refused() {
     host.assign("bob", "good").await;
     let b = host.connect_agent(&good, "good").await;
     b.request(Request::SessionStarted {
-        session: "bob-1".into(),
-        user: "bob".into(),
+        session: valid("bob-1"),
+        user: valid("bob"),
         ua: None,
     })
     .await
@@ -320,8 +322,8 @@ async fn forged_notices_for_another_vms_user_are_refused() {
     let notice = |id, session: &str, user: &str| {
         Request::UnexpectedDisconnect(DisconnectNotice {
             id,
-            session: session.into(),
-            user: user.into(),
+            session: valid(session),
+            user: valid(user),
             ua: None,
             reason: "forged".into(),
             at: 1,
@@ -337,8 +339,8 @@ async fn forged_notices_for_another_vms_user_are_refused() {
     // Nor may it start sessions for bob.
     let e = a
         .request(Request::SessionStarted {
-            session: "x".into(),
-            user: "bob".into(),
+            session: valid("x"),
+            user: valid("bob"),
             ua: None,
         })
         .await
@@ -377,11 +379,11 @@ async fn a_lagging_event_follower_is_told_how_many_it_missed() {
     // 6,000 events: far more than the socket, the broadcast (1024) and the
     // ring (64) hold between them.
     for i in 0..3_000 {
-        let session = format!("s{i}");
+        let session: SessionId = valid(&format!("s{i}"));
         agent
             .request(Request::SessionStarted {
                 session: session.clone(),
-                user: "alice".into(),
+                user: valid("alice"),
                 ua: None,
             })
             .await

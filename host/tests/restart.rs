@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{HostProc, TestAgent, manifest_of, noise};
+use uve_e2e::names::valid;
 use uve_protocol::link::LinkEnd;
 use uve_protocol::message::{Request, Response, UpdateBegin, UpdateCause};
 
@@ -38,8 +39,8 @@ async fn restart_mid_update_keeps_head_and_retry_commits() {
     let v2 = noise(2 << 20, 21);
     let (m, bytes) = manifest_of(&v2);
     let begin = UpdateBegin {
-        user: "alice".into(),
-        session: "s1".into(),
+        user: valid("alice"),
+        session: valid("s1"),
         base: Some(1),
         lease: g.lease,
         header: m.header,

@@ -9,6 +9,7 @@ mod common;
 use common::{HostProc, ReleaseMode, TestAgent, noise};
 use hyper::Method;
 use serde_json::json;
+use uve_e2e::names::valid;
 use uve_protocol::message::Response;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,8 +117,8 @@ async fn switch_away_from_a_lost_vm_flags_the_retrieve() {
     a.update_from_lease("alice", &v1).await.unwrap();
     a.retrieve("alice", "s1").await.unwrap();
     let started = uve_protocol::message::Request::SessionStarted {
-        session: "s1".into(),
-        user: "alice".into(),
+        session: valid("s1"),
+        user: valid("alice"),
         ua: None,
     };
     a.request(started).await.unwrap();

@@ -10,6 +10,7 @@ use common::{HostProc, noise};
 use hyper::Method;
 use serde_json::json;
 use std::time::Duration;
+use uve_e2e::names::valid;
 use uve_e2e::poll::until_async;
 use uve_host::api::client;
 
@@ -61,7 +62,7 @@ async fn ua_management_round_trips_to_the_agent() {
         .lock()
         .unwrap()
         .uas
-        .insert("busy".into(), ("1".into(), None));
+        .insert(valid("busy"), (valid("1"), None));
     let (s, v) = host
         .call(Method::DELETE, "/v1/vms/vm1/ua/busy", json!({}))
         .await;

@@ -12,6 +12,7 @@ mod common;
 use common::{HostProc, TestAgent, noise};
 use hyper::Method;
 use serde_json::json;
+use uve_e2e::names::valid;
 use uve_protocol::manifest::{Hash, ManifestHeader};
 use uve_protocol::message::{
     DisconnectNotice, ErrorCode, Request, Response, UpdateBegin, UpdateCause,
@@ -166,12 +167,12 @@ async fn unassigned_user_is_refused_and_nothing_is_read() {
     assert_eq!(code(&e), Some(ErrorCode::NotAssigned));
     for r in [
         Request::ManifestPage {
-            user: "alice".into(),
+            user: valid("alice"),
             version: 1,
             page: 0,
         },
         Request::ChunkFetch {
-            user: "alice".into(),
+            user: valid("alice"),
             hash: head_chunk,
         },
     ] {
@@ -189,7 +190,7 @@ async fn unassigned_user_is_refused_and_nothing_is_read() {
     // the owner may fetch only chunks of manifests served to it
     let e = owner
         .request(Request::ChunkFetch {
-            user: "alice".into(),
+            user: valid("alice"),
             hash: Hash::of(b"not in any served manifest"),
         })
         .await
@@ -248,8 +249,8 @@ async fn hostile_names_and_oversized_sizes_are_refused() {
 /// An `UpdateBegin` of alice with no base and a bogus digest.
 fn alice_begin(lease: u64, size: u64, chunk_count: u32) -> Request {
     Request::UpdateBegin(UpdateBegin {
-        user: "alice".into(),
-        session: "s1".into(),
+        user: valid("alice"),
+        session: valid("s1"),
         base: None,
         lease,
         header: ManifestHeader {
@@ -326,9 +327,9 @@ async fn disconnect_notices_are_deduplicated_and_dropped_links_reported() {
     let agent = TestAgent::connect(&path).await.unwrap();
     for (s, u) in [("s1", "alice"), ("s2", "bob")] {
         let r = Request::SessionStarted {
-            session: s.into(),
-            user: u.into(),
-            ua: Some("desk".into()),
+            session: valid(s),
+            user: valid(u),
+            ua: Some(valid("desk")),
         };
         assert_eq!(agent.request(r.clone()).await.unwrap(), Response::Ok);
         assert_eq!(agent.request(r).await.unwrap(), Response::Ok);
@@ -337,9 +338,9 @@ async fn disconnect_notices_are_deduplicated_and_dropped_links_reported() {
     assert_eq!(sessions.as_array().unwrap().len(), 2);
     let notice = DisconnectNotice {
         id: 42,
-        session: "s1".into(),
-        user: "alice".into(),
-        ua: Some("desk".into()),
+        session: valid("s1"),
+        user: valid("alice"),
+        ua: Some(valid("desk")),
         reason: "UA exited with signal 9".into(),
         at: 1,
     };

@@ -10,6 +10,7 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use crate::defs::DEFAULT_MAX_FRAME;
 use crate::message::Frame;
+use crate::names::{self, NameError};
 
 /// Length of the frame header.
 pub const HEADER_LEN: usize = 4;
@@ -48,7 +49,44 @@ pub enum FrameError {
     /// The underlying socket failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// A request or response that is well framed but carries an invalid
+    /// name. Only the handshake treats it as fatal: a link answers the
+    /// request `InvalidName` on its own id (or fails the request this
+    /// answers) and reads on ([`LinkCodec`]).
+    #[error("{what} {id} has an invalid name: {error}")]
+    BadName {
+        /// Whether a request or a response.
+        what: Carrier,
+        /// Its request id.
+        id: u64,
+        /// What is wrong with the name.
+        error: NameError,
+    },
 }
+
+/// Which kind of frame carried an invalid name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carrier {
+    /// A request (answered `InvalidName`).
+    Request,
+    /// A response (the request it answers fails).
+    Response,
+}
+
+impl std::fmt::Display for Carrier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Carrier::Request => "request",
+            Carrier::Response => "response",
+        })
+    }
+}
+
+/// Postcard's variant indices of the frames that carry a request id (the
+/// index of [`Frame::Request`] and [`Frame::Response`]; pinned by the
+/// golden vectors).
+pub(crate) const REQUEST_TAG: u32 = 3;
+const RESPONSE_TAG: u32 = 4;
 
 /// `tokio_util` codec for [`Frame`]s with a maximum body size.
 #[derive(Debug, Clone, Copy)]
@@ -96,12 +134,95 @@ pub fn encode_frame(frame: &Frame, max_frame: u32) -> Result<BytesMut, FrameErro
 }
 
 /// Decodes exactly one frame body (header excluded).
+///
+/// Names are decoded as newtypes that refuse invalid names, which fails the
+/// whole decode. When that happens to a request or a response, the frame's
+/// request id (which precedes the body) is read on its own and the failure
+/// is [`FrameError::BadName`], so the link can answer or fail just that
+/// request.
 pub fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
-    let (frame, rest) = postcard::take_from_bytes::<Frame>(body)?;
+    names::clear_refusal();
+    let (frame, rest) = match postcard::take_from_bytes::<Frame>(body) {
+        Ok(decoded) => decoded,
+        Err(e) => {
+            let refused = names::take_refusal();
+            return Err(refused
+                .and_then(|error| bad_name(body, error))
+                .unwrap_or(FrameError::Undecodable(e)));
+        }
+    };
     if !rest.is_empty() {
         return Err(FrameError::TrailingBytes(rest.len()));
     }
     Ok(frame)
+}
+
+/// The [`FrameError::BadName`] of a request or response frame whose body
+/// refused `error`, or `None` for any other frame.
+fn bad_name(body: &[u8], error: NameError) -> Option<FrameError> {
+    let ((tag, id), _) = postcard::take_from_bytes::<(u32, u64)>(body).ok()?;
+    let what = match tag {
+        REQUEST_TAG => Carrier::Request,
+        RESPONSE_TAG => Carrier::Response,
+        _ => return None,
+    };
+    Some(FrameError::BadName { what, id, error })
+}
+
+/// What a link reads: a frame, or a request or response that is well
+/// framed but refused for an invalid name ([`FrameError::BadName`]).
+#[derive(Debug)]
+pub enum Inbound {
+    /// A decoded frame.
+    Frame(Frame),
+    /// A request (answer `InvalidName` on `id`) or a response (fail the
+    /// request `id`) with an invalid name.
+    BadName {
+        /// Request or response.
+        what: Carrier,
+        /// Its request id.
+        id: u64,
+        /// What is wrong with the name.
+        error: NameError,
+    },
+}
+
+/// The codec of an established link: [`FrameCodec`], except that a frame
+/// refused for a name is an item ([`Inbound::BadName`]) rather than an
+/// error, so the stream goes on (a `FramedRead` ends at its first error).
+#[derive(Debug, Clone, Copy)]
+pub struct LinkCodec(pub FrameCodec);
+
+impl LinkCodec {
+    /// Encoded length (header included) of the last frame decoded.
+    pub fn last_len(&self) -> usize {
+        self.0.last_len()
+    }
+}
+
+impl Decoder for LinkCodec {
+    type Item = Inbound;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, FrameError> {
+        match self.0.decode(src) {
+            Ok(frame) => Ok(frame.map(Inbound::Frame)),
+            Err(FrameError::BadName { what, id, error }) => {
+                Ok(Some(Inbound::BadName { what, id, error }))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, FrameError> {
+        match self.0.decode_eof(src) {
+            Ok(frame) => Ok(frame.map(Inbound::Frame)),
+            Err(FrameError::BadName { what, id, error }) => {
+                Ok(Some(Inbound::BadName { what, id, error }))
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 impl Decoder for FrameCodec {

@@ -34,12 +34,14 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{FrameError, encode_frame};
+use crate::codec::{Carrier, FrameError, Inbound, LinkCodec, REQUEST_TAG, encode_frame};
 use crate::defs::HEARTBEAT_MISSES;
 use crate::handshake::FrameReader;
 use crate::message::{ErrorCode, Frame, Goodbye, Request, Response, WireError};
+use crate::names::NameError;
 
 /// Tunables of one link.
 #[derive(Debug, Clone, Copy)]
@@ -236,7 +238,13 @@ impl Shared {
 
     async fn enqueue(&self, frame: &Frame) -> Result<(), LinkError> {
         let bytes = encode_frame(frame, self.max_frame)?.freeze();
-        let (queue, budget) = if frame.is_bulk() {
+        self.enqueue_bytes(bytes, frame.is_bulk()).await
+    }
+
+    /// Queues an encoded frame (header included) on the bulk or control
+    /// queue, within that queue's byte budget.
+    async fn enqueue_bytes(&self, bytes: Bytes, bulk: bool) -> Result<(), LinkError> {
+        let (queue, budget) = if bulk {
             (&self.bulk, &self.outbound_bulk)
         } else {
             (&self.control, &self.outbound_control)
@@ -277,6 +285,42 @@ impl LinkHandle {
             return Err(LinkError::Closed(self.shared.end_reason()));
         }
         if let Err(e) = self.shared.enqueue(&Frame::Request { id, body }).await {
+            self.forget(id);
+            return Err(e);
+        }
+        match rx.await {
+            Ok(Response::Error(e)) => Err(LinkError::Remote(e)),
+            Ok(r) => Ok(r),
+            Err(_) => Err(LinkError::Closed(self.shared.end_reason())),
+        }
+    }
+
+    /// Sends a request whose body is already postcard-encoded and waits
+    /// for its response, as [`request`](Self::request) does. This is how a
+    /// peer sends what the types refuse to hold (a hostile-peer test's
+    /// invalid name); the body still has to fit the frame limit.
+    pub async fn request_encoded(&self, body: &[u8]) -> Result<Response, LinkError> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut frame = postcard::to_allocvec(&(REQUEST_TAG, id))
+            .map_err(|e| LinkError::Frame(FrameError::Undecodable(e)))?;
+        frame.extend_from_slice(body);
+        let len = u32::try_from(frame.len())
+            .ok()
+            .filter(|n| *n <= self.shared.max_frame)
+            .ok_or(LinkError::Frame(FrameError::Oversize {
+                len: frame.len() as u64,
+                max: self.shared.max_frame,
+            }))?;
+        let mut bytes = Vec::with_capacity(frame.len() + 4);
+        bytes.extend_from_slice(&len.to_le_bytes());
+        bytes.extend_from_slice(&frame);
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, tx);
+        if let Err(e) = self.shared.enqueue_bytes(bytes.into(), false).await {
             self.forget(id);
             return Err(e);
         }
@@ -438,6 +482,7 @@ where
         outbound_bulk: Budget::new(config.max_outbound_bytes),
         inbound: Budget::new(config.max_inbound_bytes),
     });
+    let reader = reader.map_decoder(LinkCodec);
     tokio::spawn(read_loop(reader, shared.clone(), incoming_tx, config));
     tokio::spawn(write_loop(
         writer,
@@ -449,8 +494,40 @@ where
     (LinkHandle { shared }, incoming_rx)
 }
 
+/// A request with an invalid name is answered `InvalidName` on its own id;
+/// a response with one fails the request it answers. The link goes on.
+async fn refuse_bad_name(
+    shared: &Shared,
+    what: Carrier,
+    id: u64,
+    error: &NameError,
+) -> Result<(), LinkError> {
+    tracing::debug!(%what, id, %error, "frame refused for an invalid name");
+    match what {
+        Carrier::Request => {
+            let body = Response::Error(WireError::new(ErrorCode::InvalidName, error));
+            shared.enqueue(&Frame::Response { id, body }).await
+        }
+        Carrier::Response => {
+            let waiter = shared
+                .pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+            if let Some(tx) = waiter {
+                let message = format!("the peer's answer has an invalid name: {error}");
+                let _ = tx.send(Response::Error(WireError::new(
+                    ErrorCode::BadRequest,
+                    message,
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
 async fn read_loop<R: AsyncRead + Unpin>(
-    mut reader: FrameReader<R>,
+    mut reader: FramedRead<R, LinkCodec>,
     shared: Arc<Shared>,
     incoming: mpsc::Sender<Incoming>,
     config: LinkConfig,
@@ -466,7 +543,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Ok(None) => break LinkEnd::PeerClosed,
             Ok(Some(Err(FrameError::Io(e)))) if is_reset(&e) => break LinkEnd::PeerClosed,
             Ok(Some(Err(e))) => break LinkEnd::BadFrame(e.to_string()),
-            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Ok(Inbound::Frame(frame)))) => frame,
+            Ok(Some(Ok(Inbound::BadName { what, id, error }))) => {
+                if refuse_bad_name(&shared, what, id, &error).await.is_err() {
+                    break shared.end_reason();
+                }
+                continue;
+            }
         };
         match frame {
             Frame::Request { id, body } => {

@@ -1,7 +1,22 @@
-//! Validation of names that arrive from peers and users: user ids, session
-//! ids, UA names and versions. They end up in file names, object keys, logs
-//! and shell hooks, so only a conservative alphabet is accepted and the
-//! error says exactly what is wrong.
+//! Names that arrive from peers and users: user ids, session ids, UA names
+//! and versions. They end up in file names, object keys, logs and shell
+//! hooks, so only a conservative alphabet is accepted and the error says
+//! exactly what is wrong.
+//!
+//! Each kind is a newtype ([`UserName`], [`SessionId`], [`UaName`],
+//! [`UaVersion`]) that cannot hold an invalid name: it is checked when it
+//! is made or decoded (`serde(try_from = "String")`), and never again. On
+//! the wire it is a plain string, so encodings are unchanged. A frame whose
+//! decode fails on a name leaves the refusal here ([`take_refusal`]), so
+//! the codec can answer that one request `InvalidName` and keep the link.
+
+use std::borrow::Borrow;
+use std::cell::RefCell;
+use std::fmt;
+use std::ops::Deref;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
 
 use crate::defs::MAX_NAME_LEN;
 
@@ -29,6 +44,15 @@ pub enum NameError {
         kind: &'static str,
         /// The first offending character.
         ch: char,
+    },
+    /// The name is one a kind reserves (a UA version may not be `current`
+    /// or `previous`, the names of the agent's version links).
+    #[error("{kind} name {name:?} is reserved")]
+    Reserved {
+        /// What kind of name.
+        kind: &'static str,
+        /// The name.
+        name: String,
     },
     /// The name starts with `.` or `-` (hidden files, `..`, option injection).
     #[error("{kind} name must not start with {first:?}")]
@@ -66,6 +90,202 @@ pub fn validate(kind: &'static str, name: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+thread_local! {
+    /// The last name a decode on this thread refused (see [`take_refusal`]).
+    static REFUSED: RefCell<Option<NameError>> = const { RefCell::new(None) };
+}
+
+/// Forgets any refusal noted on this thread: called before a decode whose
+/// failure may then be attributed to a name.
+pub fn clear_refusal() {
+    REFUSED.with(|r| r.borrow_mut().take());
+}
+
+/// The name a decode on this thread last refused, if any (and forgets it).
+/// postcard keeps no message of a custom decode error, so the newtypes note
+/// their refusal here when they are decoded.
+pub fn take_refusal() -> Option<NameError> {
+    REFUSED.with(|r| r.borrow_mut().take())
+}
+
+macro_rules! name_type {
+    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+        name_type!($(#[$doc])* $name, $kind, &[]);
+    };
+    ($(#[$doc:meta])* $name:ident, $kind:literal, $reserved:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+        #[serde(try_from = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// What kind of name this is, as error messages say it.
+            pub const KIND: &'static str = $kind;
+
+            /// Names this kind reserves.
+            pub const RESERVED: &'static [&'static str] = $reserved;
+
+            /// Checks `name` and makes one.
+            pub fn new(name: impl Into<String>) -> Result<Self, NameError> {
+                let name = name.into();
+                validate($kind, &name)?;
+                if Self::RESERVED.contains(&name.as_str()) {
+                    return Err(NameError::Reserved { kind: $kind, name });
+                }
+                Ok(Self(name))
+            }
+
+            /// A name written in the code, such as a fallback session id.
+            ///
+            /// # Panics
+            /// If `name` is invalid: a bug in the code, never data (names
+            /// from peers, files and users go through [`Self::new`]).
+            pub fn literal(name: &'static str) -> Self {
+                match Self::new(name) {
+                    Ok(n) => n,
+                    Err(e) => panic!("invalid {} literal {name:?}: {e}", $kind),
+                }
+            }
+
+            /// The name as a string.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            /// The name as an owned string.
+            pub fn into_string(self) -> String {
+                self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = NameError;
+            fn try_from(name: String) -> Result<Self, NameError> {
+                Self::new(name).inspect_err(|e| {
+                    REFUSED.with(|r| *r.borrow_mut() = Some(e.clone()));
+                })
+            }
+        }
+
+        impl TryFrom<&str> for $name {
+            type Error = NameError;
+            fn try_from(name: &str) -> Result<Self, NameError> {
+                Self::new(name)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = NameError;
+            fn from_str(name: &str) -> Result<Self, NameError> {
+                Self::new(name)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(name: $name) -> String {
+                name.0
+            }
+        }
+
+        impl Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl AsRef<std::path::Path> for $name {
+            fn as_ref(&self) -> &std::path::Path {
+                std::path::Path::new(&self.0)
+            }
+        }
+
+        impl AsRef<std::ffi::OsStr> for $name {
+            fn as_ref(&self) -> &std::ffi::OsStr {
+                std::ffi::OsStr::new(&self.0)
+            }
+        }
+
+        impl Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
+        impl PartialEq<String> for $name {
+            fn eq(&self, other: &String) -> bool {
+                self.0 == *other
+            }
+        }
+
+        impl PartialEq<$name> for String {
+            fn eq(&self, other: &$name) -> bool {
+                *self == other.0
+            }
+        }
+
+        impl PartialEq<$name> for &str {
+            fn eq(&self, other: &$name) -> bool {
+                *self == other.0
+            }
+        }
+    };
+}
+
+name_type!(
+    /// A user id: valid by type ([`validate`]), so safe as one path
+    /// component, object key part or hook argument.
+    UserName,
+    "user"
+);
+name_type!(
+    /// A session id, valid by type ([`validate`]).
+    SessionId,
+    "session"
+);
+name_type!(
+    /// A UA's name, valid by type ([`validate`]).
+    UaName,
+    "UA"
+);
+name_type!(
+    /// A UA's version string, valid by type ([`validate`]), and neither
+    /// `current` nor `previous` (the agent's version links).
+    UaVersion,
+    "UA version",
+    &["current", "previous"]
+);
+
 /// Validates a user id.
 pub fn user(name: &str) -> Result<(), NameError> {
     validate("user", name)
@@ -84,6 +304,30 @@ pub fn ua(name: &str) -> Result<(), NameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn newtypes_encode_as_strings_and_refuse_bad_names_when_decoded() {
+        let name = UserName::new("alice").expect("valid");
+        let as_newtype = postcard::to_allocvec(&name).expect("encode");
+        let as_string = postcard::to_allocvec(&"alice".to_string()).expect("encode");
+        assert_eq!(as_newtype, as_string, "same bytes as a String");
+        let back: UserName = postcard::from_bytes(&as_string).expect("decode");
+        assert_eq!(back, "alice");
+        clear_refusal();
+        let bad = postcard::to_allocvec(&"../etc".to_string()).expect("encode");
+        assert!(postcard::from_bytes::<SessionId>(&bad).is_err());
+        let noted = take_refusal().expect("the refusal is noted");
+        assert!(
+            noted.to_string().contains("session name contains '/'"),
+            "{noted}"
+        );
+        assert!(take_refusal().is_none(), "taken once");
+        assert!(serde_json::from_str::<UaName>("\"a b\"").is_err());
+        assert_eq!(
+            serde_json::to_string(&UaName::new("ua-1").expect("valid")).expect("json"),
+            "\"ua-1\""
+        );
+    }
 
     #[test]
     fn accepts_ordinary_names() {

@@ -25,6 +25,15 @@ fn text() -> impl Strategy<Value = String> {
     ".{0,40}"
 }
 
+/// A valid name of any kind (user, session, UA, UA version): the types
+/// hold no other.
+fn name<T>() -> impl Strategy<Value = T>
+where
+    T: TryFrom<String> + std::fmt::Debug + Clone + 'static,
+{
+    "[A-Za-z0-9_@][A-Za-z0-9._@-]{0,40}".prop_filter_map("a valid name", |s| T::try_from(s).ok())
+}
+
 fn hash() -> impl Strategy<Value = Hash> {
     any::<[u8; 32]>().prop_map(Hash)
 }
@@ -98,22 +107,22 @@ fn request() -> impl Strategy<Value = Request> {
 /// UVE-5 requests (agent → host) of a retrieve and of an update.
 fn uve5_transfer_requests() -> Vec<BoxedStrategy<Request>> {
     vec![
-        (text(), text())
+        (name(), name())
             .prop_map(|(user, session)| Request::UifRetrieve { user, session })
             .boxed(),
-        (text(), any::<u64>(), any::<u32>())
+        (name(), any::<u64>(), any::<u32>())
             .prop_map(|(user, version, page)| Request::ManifestPage {
                 user,
                 version,
                 page,
             })
             .boxed(),
-        (text(), hash())
+        (name(), hash())
             .prop_map(|(user, hash)| Request::ChunkFetch { user, hash })
             .boxed(),
         (
-            text(),
-            text(),
+            name(),
+            name(),
             option::of(any::<u64>()),
             any::<u64>(),
             header(),
@@ -153,17 +162,17 @@ fn uve5_transfer_requests() -> Vec<BoxedStrategy<Request>> {
 /// disconnect.
 fn uve5_session_requests() -> Vec<BoxedStrategy<Request>> {
     vec![
-        (text(), text(), option::of(text()))
+        (name(), name(), option::of(name()))
             .prop_map(|(session, user, ua)| Request::SessionStarted { session, user, ua })
             .boxed(),
-        text()
+        name()
             .prop_map(|session| Request::SessionEnded { session })
             .boxed(),
         (
             any::<u64>(),
-            text(),
-            text(),
-            option::of(text()),
+            name(),
+            name(),
+            option::of(name()),
             text(),
             any::<u64>(),
         )
@@ -185,23 +194,23 @@ fn uve5_session_requests() -> Vec<BoxedStrategy<Request>> {
 /// resume, ping, status.
 fn uve2_requests() -> Vec<BoxedStrategy<Request>> {
     vec![
-        (text(), any::<u32>())
+        (name(), any::<u32>())
             .prop_map(|(user, deadline_ms)| Request::UserRelease { user, deadline_ms })
             .boxed(),
-        (text(), text(), any::<u64>())
+        (name(), name(), any::<u64>())
             .prop_map(|(session, monitor, expires)| Request::MonitorGrant {
                 session,
                 monitor,
                 expires,
             })
             .boxed(),
-        (text(), text())
+        (name(), name())
             .prop_map(|(session, monitor)| Request::MonitorRevoke { session, monitor })
             .boxed(),
         (
             any::<u64>(),
-            text(),
-            text(),
+            name(),
+            name(),
             vec(text(), 0..4),
             hash(),
             any::<u64>(),
@@ -229,14 +238,14 @@ fn uve2_requests() -> Vec<BoxedStrategy<Request>> {
         any::<u64>()
             .prop_map(|transfer| Request::UaCommit { transfer })
             .boxed(),
-        text().prop_map(|name| Request::UaRollback { name }).boxed(),
-        (text(), any::<bool>())
+        name().prop_map(|name| Request::UaRollback { name }).boxed(),
+        (name(), any::<bool>())
             .prop_map(|(name, force)| Request::UaDelete { name, force })
             .boxed(),
-        text()
+        name()
             .prop_map(|session| Request::SessionSuspend { session })
             .boxed(),
-        text()
+        name()
             .prop_map(|session| Request::SessionResume { session })
             .boxed(),
         any::<u64>()
@@ -301,8 +310,8 @@ fn response() -> impl Strategy<Value = Response> {
         option::of(any::<u64>()).prop_map(|committed| Response::Released { committed }),
         any::<u64>().prop_map(|nonce| Response::Pong { nonce }),
         (
-            vec((text(), text(), option::of(text()), any::<bool>()), 0..4),
-            vec((text(), text(), option::of(text())), 0..4),
+            vec((name(), name(), option::of(name()), any::<bool>()), 0..4),
+            vec((name(), name(), option::of(name())), 0..4),
             any::<u32>()
         )
             .prop_map(|(s, u, spooled_updates)| Response::Status(AgentStatus {
@@ -325,8 +334,8 @@ fn response() -> impl Strategy<Value = Response> {
                     .collect(),
                 spooled_updates,
             })),
-        text().prop_map(|version| Response::UaCurrent { version }),
-        vec(text(), 0..4).prop_map(|stopped_sessions| Response::UaDeleted { stopped_sessions }),
+        name().prop_map(|version| Response::UaCurrent { version }),
+        vec(name(), 0..4).prop_map(|stopped_sessions| Response::UaDeleted { stopped_sessions }),
         vec(option::of(vec(any::<[u8; 16]>(), 0..66)), 0..8).prop_map(Response::BlockSignatures),
     ]
 }

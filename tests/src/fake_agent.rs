@@ -18,6 +18,7 @@ use uve_protocol::defs::{DEFAULT_MAX_FRAME, PROTOCOL_MAX, PROTOCOL_MIN};
 use uve_protocol::handshake;
 use uve_protocol::link::{self, Incoming, LinkConfig, LinkError, LinkHandle};
 use uve_protocol::message::{Hello, Request, Response, RetrieveGrant, Version, Welcome};
+use uve_protocol::names::{SessionId, UaName, UaVersion, UserName};
 use uve_protocol::transport::{BoxStream, Endpoint, dial};
 
 mod serve;
@@ -51,15 +52,15 @@ pub struct AgentState {
     /// user → (base, lease) from the last retrieve.
     pub leases: HashMap<String, (Option<Version>, u64)>,
     /// UA name → (current version, previous version).
-    pub uas: HashMap<String, (String, Option<String>)>,
+    pub uas: HashMap<UaName, (UaVersion, Option<UaVersion>)>,
     /// `name/version` → the bundle bytes committed.
     pub bundles: HashMap<String, Vec<u8>>,
     /// Bundle transfers in progress.
     pub transfers: HashMap<u64, (uve_protocol::message::UaBundle, Vec<u8>)>,
     /// Suspended sessions.
-    pub suspended: Vec<String>,
+    pub suspended: Vec<SessionId>,
     /// (session, monitor, expires) of the live monitor grants.
-    pub monitors: Vec<(String, String, u64)>,
+    pub monitors: Vec<(SessionId, UserName, u64)>,
     /// Every UVE-2 request received, its debug form clipped to 80 chars.
     pub requests: Vec<String>,
     /// Kept so an ignored request is never answered.

@@ -23,6 +23,7 @@ use uve_protocol::message::{
 };
 use uve_protocol::transport::bind_unix;
 
+use crate::names::{self, Names};
 use crate::poll::{self, LONG};
 
 mod handle;
@@ -272,12 +273,24 @@ impl TestHost {
 
     /// Sends a UVE-2 request to the connected agent (waiting for one).
     pub fn request(&self, req: Request) -> Result<Response, LinkError> {
+        self.request_with(|_| req)
+    }
+
+    /// Sends a UVE-2 request whose names may be invalid (built with
+    /// `build` through [`Names`]) to the connected agent.
+    pub fn request_with(
+        &self,
+        build: impl FnOnce(&mut Names) -> Request + Send + 'static,
+    ) -> Result<Response, LinkError> {
         let link = poll::must("agent connection", LONG, || {
             lock(&self.link).clone().filter(|l| !l.is_closed())
         });
         let (tx, rx) = std::sync::mpsc::channel();
         self.rt.spawn(async move {
-            let r = link.request_timeout(req, Duration::from_secs(60)).await;
+            let sent = names::send(&link, build);
+            let r = tokio::time::timeout(Duration::from_secs(60), sent)
+                .await
+                .unwrap_or_else(|_| Err(LinkError::Timeout(Duration::from_secs(60))));
             let _ = tx.send(r);
         });
         match rx.recv() {

@@ -16,6 +16,8 @@
 //! - [`host`]: the real `uve-host` daemon driven through `uvectl`;
 //! - [`fake_host`]: a fake host protocol peer for a real agent;
 //! - [`fake_agent`]: a fake agent protocol peer for a real host;
+//! - [`names`]: names in the kit's requests, valid or (for hostile tests)
+//!   not;
 //! - [`ingredients`]: finds the cached kernel, backend and static binaries
 //!   (prepared by `tests/prepare.sh`), or says what is missing;
 //! - [`initramfs`]: builds a guest initramfs per scenario;
@@ -38,6 +40,7 @@ pub mod fake_host;
 pub mod host;
 pub mod ingredients;
 pub mod initramfs;
+pub mod names;
 pub mod poll;
 pub mod process;
 pub mod raw_peer;

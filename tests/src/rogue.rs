@@ -78,8 +78,8 @@ async fn unassigned_user(user: &str, limit: Duration) -> Result<String, String> 
     let answer = h
         .request_timeout(
             Request::UifRetrieve {
-                user: user.to_string(),
-                session: "rogue-session".into(),
+                user: crate::names::user(user),
+                session: crate::names::session("rogue-session"),
             },
             limit,
         )

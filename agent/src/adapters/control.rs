@@ -25,6 +25,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use uve_protocol::names::{SessionId, UaName, UaVersion, UserName};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -53,22 +54,22 @@ pub enum ControlRequest {
     /// Open a session; answered when the UIF is ready.
     Login {
         /// User.
-        user: String,
+        user: UserName,
         /// Session id.
-        session: String,
+        session: SessionId,
         /// UA to start and supervise.
         #[serde(default)]
-        ua: Option<String>,
+        ua: Option<UaName>,
     },
     /// End a session; answered when committed or spooled.
     Logout {
         /// Session id.
-        session: String,
+        session: SessionId,
     },
     /// Report an unexpected disconnect of a session.
     Disconnect {
         /// Session id.
-        session: String,
+        session: SessionId,
         /// Why.
         reason: String,
     },
@@ -77,9 +78,9 @@ pub enum ControlRequest {
     /// May `user` monitor `session`?
     MonitorCheck {
         /// Session id.
-        session: String,
+        session: SessionId,
         /// The would-be monitor.
-        user: String,
+        user: UserName,
     },
     /// The preserved copies of refused updates.
     PreservedList,
@@ -175,9 +176,9 @@ pub struct StatusReport {
     /// Open sessions.
     pub sessions: Vec<SessionStatus>,
     /// Users with an attached UIF.
-    pub attached: Vec<String>,
-    /// Deployed UAs: name, current, previous.
-    pub uas: Vec<(String, String, Option<String>)>,
+    pub attached: Vec<UserName>,
+    /// Deployed UAs.
+    pub uas: Vec<UaStatus>,
     /// Updates in the offline spool.
     pub spooled_updates: usize,
     /// Disconnect notices not yet acknowledged.
@@ -196,15 +197,26 @@ pub struct StatusReport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionStatus {
     /// Session id.
-    pub session: String,
+    pub session: SessionId,
     /// User.
-    pub user: String,
+    pub user: UserName,
     /// UA.
-    pub ua: Option<String>,
+    pub ua: Option<UaName>,
     /// Supervised UA pid.
     pub pid: Option<i32>,
     /// Suspended.
     pub suspended: bool,
+}
+
+/// One deployed UA in [`StatusReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UaStatus {
+    /// Its name.
+    pub name: UaName,
+    /// The version `current` points at.
+    pub current: UaVersion,
+    /// The version kept for rollback.
+    pub previous: Option<UaVersion>,
 }
 
 /// Binds the control socket with the configured mode.
@@ -356,7 +368,7 @@ impl Control {
     pub async fn handle(&self, caller: Caller, req: ControlRequest) -> ControlResponse {
         match req {
             ControlRequest::Login { user, session, ua } => {
-                match self.lifecycle.login(&user, &session, ua.as_deref()).await {
+                match self.lifecycle.login(&user, &session, ua.as_ref()).await {
                     Ok(message) => success(message),
                     Err(e) => failure(e.to_string()),
                 }
@@ -453,7 +465,11 @@ impl Control {
                 .uas
                 .list()
                 .into_iter()
-                .map(|u| (u.name, u.current, u.previous))
+                .map(|u| UaStatus {
+                    name: u.name,
+                    current: u.current,
+                    previous: u.previous,
+                })
                 .collect(),
             spooled_updates: lc.flusher.spool.count(),
             pending_notices: lc.notices.count(),

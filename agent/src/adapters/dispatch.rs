@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uve_protocol::link::Incoming;
 use uve_protocol::message::{AgentStatus, ErrorCode, Request, Response, SessionInfo, WireError};
-use uve_protocol::names;
+use uve_protocol::names::{SessionId, UaName, UserName};
 
 use crate::lifecycle::Lifecycle;
 use crate::stores::monitor::Grants;
@@ -90,7 +90,6 @@ impl Dispatcher {
             Request::Ping { nonce } => Ok(Response::Pong { nonce }),
             Request::AgentStatus => Ok(Response::Status(self.status())),
             Request::UserRelease { user, deadline_ms } => {
-                name_ok("user", &user)?;
                 Ok(self.release(&user, deadline_ms).await)
             }
             r @ (Request::MonitorGrant { .. } | Request::MonitorRevoke { .. }) => {
@@ -111,13 +110,13 @@ impl Dispatcher {
     }
 
     /// `UserRelease`: the VM switch, bounded by the host's deadline.
-    async fn release(&self, user: &str, deadline_ms: u32) -> Response {
+    async fn release(&self, user: &UserName, deadline_ms: u32) -> Response {
         let lc = &self.lifecycle;
         let limit = std::time::Duration::from_millis(u64::from(deadline_ms));
         let committed = tokio::time::timeout(limit, lc.release(user))
             .await
             .unwrap_or_else(|_| {
-                tracing::warn!(user, "release did not finish before the host's deadline");
+                tracing::warn!(%user, "release did not finish before the host's deadline");
                 lc.kick.notify_one();
                 None
             });
@@ -131,14 +130,8 @@ impl Dispatcher {
                 session,
                 monitor,
                 expires,
-            } => {
-                name_ok("session", &session)?;
-                name_ok("monitor", &monitor)?;
-                self.grants.grant(&session, &monitor, expires).await
-            }
+            } => self.grants.grant(&session, &monitor, expires).await,
             Request::MonitorRevoke { session, monitor } => {
-                name_ok("session", &session)?;
-                name_ok("monitor", &monitor)?;
                 self.grants.revoke(&session, &monitor).await
             }
             _ => return Err(error(ErrorCode::BadRequest, "not a monitoring request")),
@@ -165,12 +158,12 @@ impl Dispatcher {
             }
             Request::UaCommit { transfer } => {
                 let version = uas.commit(transfer).await.map_err(Response::Error)?;
-                tracing::info!(transfer, version, "UA deployed");
+                tracing::info!(transfer, %version, "UA deployed");
                 Response::UaCurrent { version }
             }
             Request::UaRollback { name } => {
                 let version = uas.rollback(&name).await.map_err(Response::Error)?;
-                tracing::info!(name, version, "UA rolled back");
+                tracing::info!(%name, %version, "UA rolled back");
                 Response::UaCurrent { version }
             }
             Request::UaDelete { name, force } => self.delete_ua(name, force).await?,
@@ -193,14 +186,20 @@ impl Dispatcher {
 
     /// `UaDelete`: refused while sessions use the UA, unless `force`
     /// (then they are logged out first).
-    async fn delete_ua(&self, name: String, force: bool) -> Result<Response, Response> {
-        name_ok("UA", &name)?;
+    async fn delete_ua(&self, name: UaName, force: bool) -> Result<Response, Response> {
         let lc = &self.lifecycle;
         let users = lc.table.sessions_using(&name);
         if !users.is_empty() && !force {
             return Err(error(
                 ErrorCode::UaInUse,
-                format!("UA {name} serves sessions {}", users.join(", ")),
+                format!(
+                    "UA {name} serves sessions {}",
+                    users
+                        .iter()
+                        .map(SessionId::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             ));
         }
         for s in &users {
@@ -238,8 +237,4 @@ impl Dispatcher {
 
 fn error(code: ErrorCode, msg: impl std::fmt::Display) -> Response {
     Response::Error(WireError::new(code, msg))
-}
-
-fn name_ok(kind: &'static str, name: &str) -> Result<(), Response> {
-    names::validate(kind, name).map_err(|e| Response::Error(e.into()))
 }

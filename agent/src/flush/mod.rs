@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use uve_protocol::message::{UpdateCause, Version, WireError};
+use uve_protocol::names::SessionId;
 
 use crate::base::fsutil;
 use crate::config::SharedConfig;
@@ -176,7 +177,7 @@ impl Flusher {
     pub async fn flush(
         &self,
         guard: &UserGuard,
-        session: &str,
+        session: &SessionId,
         cause: UpdateCause,
         keep_attached: bool,
     ) -> Result<FlushOutcome, FlushError> {
@@ -195,13 +196,13 @@ impl Flusher {
             if !keep_attached {
                 self.table.detach(guard).await;
             }
-            tracing::info!(user, base = ?rec.base, ?cause, "UIF unchanged; nothing to commit");
+            tracing::info!(%user, base = ?rec.base, ?cause, "UIF unchanged; nothing to commit");
             return Ok(FlushOutcome::Unchanged(rec.base));
         }
         let entry = SpoolEntry {
             id: fsutil::random_u64(),
-            user: user.into(),
-            session: session.into(),
+            user: user.clone(),
+            session: session.clone(),
             base: rec.base,
             lease: rec.lease,
             cause,
@@ -251,7 +252,7 @@ impl Flusher {
         if let Err(e) = materialise::detach(cfg, user, session, keep_attached).await {
             match e {
                 UifError::Hook(_) => {
-                    tracing::error!(user, "detach hook failed, flushing anyway: {e}");
+                    tracing::error!(%user, "detach hook failed, flushing anyway: {e}");
                 }
                 e => return Err(uif_err(user)(e)),
             }
@@ -323,7 +324,7 @@ impl Flusher {
         manifest: &uve_protocol::manifest::Manifest,
     ) -> Result<(), FlushError> {
         let journal_err = |source| FlushError::Journal {
-            user: entry.user.clone(),
+            user: entry.user.to_string(),
             source,
         };
         let file = entry.file.clone();
@@ -354,14 +355,14 @@ mod tests {
 
     use super::*;
     use crate::stores::session::UifRecord;
-    use crate::testing::{COMMITTED, Rig};
+    use crate::testing::{COMMITTED, Rig, name};
 
     /// Attaches a UIF of `user` holding `bytes`, based on version 1.
     async fn attached(rig: &Rig, user: &str, bytes: &[u8]) -> UserGuard {
         let path = rig.uif(user);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, bytes).unwrap();
-        let guard = rig.lifecycle.locks.lock(user).await;
+        let guard = rig.lifecycle.locks.lock(&name(user)).await;
         let rec = UifRecord {
             base: Some(1),
             lease: 1,
@@ -378,7 +379,10 @@ mod tests {
         let data = uve_protocol::testdata::noise(300_000, 1);
         let g = attached(&rig, "ann", &data).await;
         let f = &rig.lifecycle.flusher;
-        let out = f.flush(&g, "s1", UpdateCause::Logout, false).await.unwrap();
+        let out = f
+            .flush(&g, &name("s1"), UpdateCause::Logout, false)
+            .await
+            .unwrap();
         assert_eq!(out, FlushOutcome::Committed(COMMITTED));
         assert_eq!(f.spool.count(), 0);
         assert!(rig.lifecycle.table.uif("ann").is_none(), "detached");
@@ -393,7 +397,10 @@ mod tests {
         let data = uve_protocol::testdata::noise(100_000, 2);
         let g = attached(&rig, "ben", &data).await;
         let f = &rig.lifecycle.flusher;
-        let out = f.flush(&g, "s1", UpdateCause::Logout, false).await.unwrap();
+        let out = f
+            .flush(&g, &name("s1"), UpdateCause::Logout, false)
+            .await
+            .unwrap();
         let FlushOutcome::Refused {
             refusal,
             kept: Kept::Preserved(copy),
@@ -414,7 +421,10 @@ mod tests {
         rig.host.lock().unwrap().refuse_updates = Some(ErrorCode::Busy);
         let g = attached(&rig, "cat", b"cat's work").await;
         let f = &rig.lifecycle.flusher;
-        let out = f.flush(&g, "s1", UpdateCause::Logout, false).await.unwrap();
+        let out = f
+            .flush(&g, &name("s1"), UpdateCause::Logout, false)
+            .await
+            .unwrap();
         assert!(matches!(out, FlushOutcome::Spooled(_)), "{out:?}");
         let entries = f.spool.list();
         assert_eq!(entries.len(), 1);
@@ -437,7 +447,10 @@ mod tests {
             .digest;
         rig.lifecycle.table.rebase("dan", 1, digest).await;
         let f = &rig.lifecycle.flusher;
-        let out = f.flush(&g, "s1", UpdateCause::Logout, false).await.unwrap();
+        let out = f
+            .flush(&g, &name("s1"), UpdateCause::Logout, false)
+            .await
+            .unwrap();
         assert_eq!(out, FlushOutcome::Unchanged(Some(1)));
         assert_eq!(rig.count(|r| matches!(r, Request::UpdateBegin(_))), 0);
     }

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use uve_protocol::message::{DisconnectNotice, Request, UpdateBegin, UpdateCause};
+use uve_protocol::names::SessionId;
 
 use super::{Lifecycle, LifecycleError, uif_err};
 use crate::base::fsutil;
@@ -17,7 +18,7 @@ use crate::uif::{UifError, blocking};
 
 impl Lifecycle {
     /// Flushes every attached UIF with `cause` without detaching it.
-    async fn flush_attached(&self, cause: UpdateCause, fallback_session: &str) {
+    async fn flush_attached(&self, cause: UpdateCause, fallback_session: &'static str) {
         for user in self.table.attached() {
             let guard = self.locks.lock(&user).await;
             let session = self
@@ -25,10 +26,10 @@ impl Lifecycle {
                 .sessions_of(&user)
                 .first()
                 .cloned()
-                .unwrap_or_else(|| fallback_session.into());
+                .unwrap_or_else(|| SessionId::literal(fallback_session));
             match self.flusher.flush(&guard, &session, cause, true).await {
-                Ok(o) => tracing::info!(user, ?cause, "flush: {o}"),
-                Err(e) => tracing::warn!(user, ?cause, "flush failed: {e}"),
+                Ok(o) => tracing::info!(%user, ?cause, "flush: {o}"),
+                Err(e) => tracing::warn!(%user, ?cause, "flush failed: {e}"),
             }
         }
     }
@@ -84,7 +85,7 @@ impl Lifecycle {
             let session = lost
                 .iter()
                 .find(|s| s.user == user)
-                .map_or_else(|| "reboot".to_string(), |s| s.session.clone());
+                .map_or_else(|| SessionId::literal("reboot"), |s| s.session.clone());
             let me = self.clone();
             self.tasks.spawn(async move {
                 let guard = me.locks.lock(&user).await;
@@ -93,8 +94,8 @@ impl Lifecycle {
                     .flush(&guard, &session, UpdateCause::Disconnect, false)
                     .await;
                 match flushed {
-                    Ok(o) => tracing::info!(user, "UIF from before the restart: {o}"),
-                    Err(e) => tracing::error!(user, "UIF from before the restart: {e}"),
+                    Ok(o) => tracing::info!(%user, "UIF from before the restart: {o}"),
+                    Err(e) => tracing::error!(%user, "UIF from before the restart: {e}"),
                 }
             });
         }
@@ -106,9 +107,9 @@ impl Lifecycle {
         if self.table.session(&exit.session).is_none() {
             return;
         }
-        tracing::warn!(session = exit.session, "{} without logout", exit.reason);
+        tracing::warn!(session = %exit.session, "{} without logout", exit.reason);
         if let Err(e) = self.disconnect(&exit.session, &exit.reason).await {
-            tracing::error!(session = exit.session, "cannot handle UA exit: {e}");
+            tracing::error!(session = %exit.session, "cannot handle UA exit: {e}");
         }
     }
 
@@ -123,7 +124,7 @@ impl Lifecycle {
                     self.table.ack_ended(&session).await;
                 }
                 Err(e) => {
-                    tracing::warn!(session, "SessionEnded not delivered yet: {e}");
+                    tracing::warn!(%session, "SessionEnded not delivered yet: {e}");
                     return;
                 }
             }
@@ -172,7 +173,7 @@ impl Lifecycle {
             UpdateOutcome::Committed(v) => FlushOutcome::Committed(v),
             UpdateOutcome::Conflict { kept_as, head } => FlushOutcome::Conflict { kept_as, head },
         };
-        tracing::info!(user, id, "preserved copy pushed: {outcome}");
+        tracing::info!(%user, id, "preserved copy pushed: {outcome}");
         if !keep {
             let (preserved, id) = (preserved.clone(), id.to_string());
             blocking(move || {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 use uve_protocol::message::{DisconnectNotice, Request, UpdateCause, Version};
-use uve_protocol::names::{self, NameError};
+use uve_protocol::names::{NameError, SessionId, UaName, UserName};
 
 use crate::base::fsutil;
 use crate::config::{Config, RetrieveFailure, SharedConfig};
@@ -109,31 +109,28 @@ impl Lifecycle {
     /// asked, announces the session. Returns a human-readable summary.
     pub async fn login(
         &self,
-        user: &str,
-        session: &str,
-        ua: Option<&str>,
+        user: &UserName,
+        session: &SessionId,
+        ua: Option<&UaName>,
     ) -> Result<String, LifecycleError> {
-        names::user(user)?;
-        names::session(session)?;
-        if let Some(ua) = ua {
-            names::ua(ua)?;
-            if self.uas.current(ua).is_none() {
-                return Err(LifecycleError::UaNotDeployed(ua.into()));
-            }
+        if let Some(ua) = ua
+            && self.uas.current(ua).is_none()
+        {
+            return Err(LifecycleError::UaNotDeployed(ua.to_string()));
         }
         let guard = self.locks.lock(user).await;
         if let Some(existing) = self.table.session(session) {
-            return if existing.user == user {
+            return if existing.user == *user {
                 Ok(format!("session {session} is already open"))
             } else {
-                Err(LifecycleError::SessionTaken(session.into()))
+                Err(LifecycleError::SessionTaken(session.to_string()))
             };
         }
         let mut summary = self.attach(&guard, session).await?;
         let record = SessionRecord {
-            session: session.into(),
-            user: user.into(),
-            ua: ua.map(str::to_string),
+            session: session.clone(),
+            user: user.clone(),
+            ua: ua.cloned(),
             started: fsutil::now_ms(),
             ua_process: None,
         };
@@ -147,12 +144,16 @@ impl Lifecycle {
         }
         self.announce_start(&record).await;
         summary.push_str(&self.preserved_note(user));
-        tracing::info!(user, session, "login: {summary}");
+        tracing::info!(%user, %session, "login: {summary}");
         Ok(summary)
     }
 
     /// Attaches the user's UIF unless it already is; returns the summary.
-    async fn attach(&self, guard: &UserGuard, session: &str) -> Result<String, LifecycleError> {
+    async fn attach(
+        &self,
+        guard: &UserGuard,
+        session: &SessionId,
+    ) -> Result<String, LifecycleError> {
         let user = guard.user();
         if self.table.uif(user).is_some() {
             return Ok(format!("UIF of {user} already attached"));
@@ -166,7 +167,7 @@ impl Lifecycle {
         Ok(summary)
     }
 
-    async fn start_ua(&self, record: &SessionRecord, ua: &str) -> Result<(), LifecycleError> {
+    async fn start_ua(&self, record: &SessionRecord, ua: &UaName) -> Result<(), LifecycleError> {
         let socket = self.config.get().control_socket.clone();
         let started = self.supervisor.start(&self.uas, &socket, record, ua)?;
         if let Some(start) = started.start {
@@ -213,7 +214,7 @@ impl Lifecycle {
         &self,
         guard: &UserGuard,
         cfg: &Config,
-        session: &str,
+        session: &SessionId,
     ) -> Result<(UifRecord, String), LifecycleError> {
         let user = guard.user();
         let dest = cfg.uif_path(user);
@@ -245,7 +246,7 @@ impl Lifecycle {
                 if cfg.on_retrieve_failure == RetrieveFailure::Temporary
                     && self.flusher.spool.for_user(user).is_empty() =>
             {
-                tracing::error!(user, "retrieve failed, continuing on a temporary UIF: {e}");
+                tracing::error!(%user, "retrieve failed, continuing on a temporary UIF: {e}");
                 let (d2, state_dir, u2) = (dest.clone(), self.state_dir.clone(), user.to_string());
                 blocking(move || {
                     retrieve::write_empty(&d2)?;
@@ -277,7 +278,7 @@ impl Lifecycle {
         &self,
         guard: &UserGuard,
         cfg: &Config,
-        session: &str,
+        session: &SessionId,
         dest: &std::path::Path,
     ) -> Result<Result<retrieve::Retrieved, UifError>, LifecycleError> {
         let user = guard.user();
@@ -294,7 +295,7 @@ impl Lifecycle {
                     tokio::time::sleep(RETRY_PAUSE).await;
                     continue;
                 }
-                return Err(LifecycleError::PendingUpdate(user.into()));
+                return Err(LifecycleError::PendingUpdate(user.to_string()));
             }
             let parallel = cfg
                 .fetch_parallel
@@ -308,7 +309,7 @@ impl Lifecycle {
                 retrieve::retrieve(&c.link, &self.state_dir, user, session, dest, parallel).await;
             match got {
                 Err(e) if e.is_transient() && retry_possible => {
-                    tracing::warn!(user, "retrieve interrupted, retrying: {e}");
+                    tracing::warn!(%user, "retrieve interrupted, retrying: {e}");
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
                 other => return Ok(other),
@@ -318,8 +319,7 @@ impl Lifecycle {
 
     /// Ends a session by logout: stops its UA, flushes the UIF if it was
     /// the user's last session, announces the end.
-    pub async fn logout(&self, session: &str) -> Result<FlushOutcome, LifecycleError> {
-        names::session(session)?;
+    pub async fn logout(&self, session: &SessionId) -> Result<FlushOutcome, LifecycleError> {
         let user = self.session_user(session)?;
         let guard = self.locks.lock(&user).await;
         self.session_user(session)?;
@@ -327,8 +327,8 @@ impl Lifecycle {
         let outcome = self
             .end_session(&guard, session, UpdateCause::Logout)
             .await?;
-        self.announce_end(&[session.to_string()]).await;
-        tracing::info!(user, session, "logout: {outcome}");
+        self.announce_end(std::slice::from_ref(session)).await;
+        tracing::info!(%user, %session, "logout: {outcome}");
         Ok(outcome)
     }
 
@@ -336,20 +336,19 @@ impl Lifecycle {
     /// journals a disconnect notice for the host, then flushes the UIF.
     pub async fn disconnect(
         &self,
-        session: &str,
+        session: &SessionId,
         reason: &str,
     ) -> Result<FlushOutcome, LifecycleError> {
-        names::session(session)?;
         let user = self.session_user(session)?;
         let guard = self.locks.lock(&user).await;
         let ua = self
             .table
             .session(session)
-            .ok_or_else(|| LifecycleError::NoSuchSession(session.into()))?
+            .ok_or_else(|| LifecycleError::NoSuchSession(session.to_string()))?
             .ua;
         let notice = DisconnectNotice {
             id: fsutil::random_u64(),
-            session: session.into(),
+            session: session.clone(),
             user: user.clone(),
             ua,
             reason: uve_protocol::defs::clip_text(reason).to_string(),
@@ -364,13 +363,13 @@ impl Lifecycle {
         let outcome = self
             .end_session(&guard, session, UpdateCause::Disconnect)
             .await?;
-        tracing::warn!(user, session, reason, "unexpected disconnect: {outcome}");
+        tracing::warn!(%user, %session, reason, "unexpected disconnect: {outcome}");
         Ok(outcome)
     }
 
     /// VM switch: ends every session of `user` and flushes their UIF with
     /// cause `Release`. Returns the committed version, if any.
-    pub async fn release(&self, user: &str) -> Option<Version> {
+    pub async fn release(&self, user: &UserName) -> Option<Version> {
         let guard = self.locks.lock(user).await;
         let sessions = self.table.sessions_of(user);
         for s in &sessions {
@@ -380,7 +379,7 @@ impl Lifecycle {
         let session = sessions
             .first()
             .cloned()
-            .unwrap_or_else(|| "release".into());
+            .unwrap_or_else(|| SessionId::literal("release"));
         // Older updates of the user still in the spool go first, in order.
         let spooled = match self.link.current() {
             Some(c) => self.flusher.deliver_user_spool(&guard, &c).await,
@@ -393,12 +392,12 @@ impl Lifecycle {
         let outcome = match flushed {
             Ok(o) => o,
             Err(e) => {
-                tracing::error!(user, "release flush failed: {e}");
+                tracing::error!(%user, "release flush failed: {e}");
                 return None;
             }
         };
         self.announce_end(&sessions).await;
-        tracing::info!(user, "released: {outcome}");
+        tracing::info!(%user, "released: {outcome}");
         match outcome {
             FlushOutcome::Committed(v) => Some(v),
             FlushOutcome::Nothing(_) | FlushOutcome::Unchanged(_) => spooled,
@@ -408,7 +407,7 @@ impl Lifecycle {
 
     /// Journals `SessionEnded` for `sessions` and tries to deliver it now;
     /// the outbox retries whatever is left after a reconnect.
-    async fn announce_end(&self, sessions: &[String]) {
+    async fn announce_end(&self, sessions: &[SessionId]) {
         if sessions.is_empty() {
             return;
         }
@@ -418,7 +417,7 @@ impl Lifecycle {
         }
     }
 
-    fn session_user(&self, session: &str) -> Result<String, LifecycleError> {
+    fn session_user(&self, session: &str) -> Result<UserName, LifecycleError> {
         self.table
             .session(session)
             .map(|s| s.user)
@@ -429,7 +428,7 @@ impl Lifecycle {
     async fn end_session(
         &self,
         guard: &UserGuard,
-        session: &str,
+        session: &SessionId,
         cause: UpdateCause,
     ) -> Result<FlushOutcome, LifecycleError> {
         let user = guard.user();
@@ -449,24 +448,24 @@ mod tests {
     use uve_protocol::message::Request;
 
     use super::*;
-    use crate::testing::{COMMITTED, Rig};
+    use crate::testing::{COMMITTED, Rig, name};
 
     #[tokio::test]
     async fn login_then_logout_commits_and_announces_both() {
         let rig = Rig::new();
         let lc = &rig.lifecycle;
-        let said = lc.login("eve", "e1", None).await.unwrap();
+        let said = lc.login(&name("eve"), &name("e1"), None).await.unwrap();
         assert_eq!(said, "new user: empty UIF");
         assert_eq!(std::fs::read(rig.uif("eve")).unwrap(), b"");
         assert!(lc.table.session("e1").is_some() && lc.table.uif("eve").is_some());
-        let again = lc.login("eve", "e1", None).await.unwrap();
+        let again = lc.login(&name("eve"), &name("e1"), None).await.unwrap();
         assert!(again.contains("already open"), "{again}");
         assert!(matches!(
-            lc.login("fay", "e1", None).await,
+            lc.login(&name("fay"), &name("e1"), None).await,
             Err(LifecycleError::SessionTaken(_))
         ));
         std::fs::write(rig.uif("eve"), b"eve's notes").unwrap();
-        let out = lc.logout("e1").await.unwrap();
+        let out = lc.logout(&name("e1")).await.unwrap();
         assert_eq!(out, FlushOutcome::Committed(COMMITTED));
         assert!(lc.table.session("e1").is_none() && lc.table.uif("eve").is_none());
         assert_eq!(
@@ -481,13 +480,13 @@ mod tests {
     async fn the_last_session_of_a_user_flushes_and_a_disconnect_is_journalled() {
         let rig = Rig::new();
         let lc = &rig.lifecycle;
-        lc.login("gus", "g1", None).await.unwrap();
-        let second = lc.login("gus", "g2", None).await.unwrap();
+        lc.login(&name("gus"), &name("g1"), None).await.unwrap();
+        let second = lc.login(&name("gus"), &name("g2"), None).await.unwrap();
         assert!(second.contains("already attached"), "{second}");
         std::fs::write(rig.uif("gus"), b"gus").unwrap();
-        let first = lc.logout("g1").await.unwrap();
+        let first = lc.logout(&name("g1")).await.unwrap();
         assert!(matches!(first, FlushOutcome::Nothing(_)), "{first:?}");
-        let out = lc.disconnect("g2", "display died").await.unwrap();
+        let out = lc.disconnect(&name("g2"), "display died").await.unwrap();
         assert_eq!(out, FlushOutcome::Committed(COMMITTED));
         let notices = lc.notices.list();
         assert_eq!(notices.len(), 1);
@@ -499,16 +498,16 @@ mod tests {
     async fn a_login_fails_while_an_earlier_update_of_the_user_is_pending() {
         let rig = Rig::new();
         let lc = &rig.lifecycle;
-        lc.login("hal", "h1", None).await.unwrap();
+        lc.login(&name("hal"), &name("h1"), None).await.unwrap();
         std::fs::write(rig.uif("hal"), b"hal's work").unwrap();
         rig.host.lock().unwrap().refuse_updates = Some(uve_protocol::ErrorCode::Busy);
-        let out = lc.logout("h1").await.unwrap();
+        let out = lc.logout(&name("h1")).await.unwrap();
         assert!(matches!(out, FlushOutcome::Spooled(_)), "{out:?}");
-        let err = lc.login("hal", "h2", None).await.unwrap_err();
+        let err = lc.login(&name("hal"), &name("h2"), None).await.unwrap_err();
         assert!(matches!(err, LifecycleError::PendingUpdate(_)), "{err}");
         assert_eq!(std::fs::read(rig.uif("hal")).unwrap(), b"hal's work");
         rig.host.lock().unwrap().refuse_updates = None;
-        let said = lc.login("hal", "h3", None).await.unwrap();
+        let said = lc.login(&name("hal"), &name("h3"), None).await.unwrap();
         assert!(said.contains("new user"), "{said}");
     }
 
@@ -516,7 +515,7 @@ mod tests {
     async fn a_checkpoint_commits_while_the_uif_stays_attached() {
         let rig = Rig::new();
         let lc = &rig.lifecycle;
-        lc.login("ivy", "i1", None).await.unwrap();
+        lc.login(&name("ivy"), &name("i1"), None).await.unwrap();
         std::fs::write(rig.uif("ivy"), b"ivy, mid-session").unwrap();
         lc.checkpoint().await;
         let rec = lc.table.uif("ivy").unwrap();
@@ -527,7 +526,7 @@ mod tests {
             "a live checkpoint is not spooled"
         );
         // Nothing changed since: the logout uploads nothing.
-        let out = lc.logout("i1").await.unwrap();
+        let out = lc.logout(&name("i1")).await.unwrap();
         assert_eq!(out, FlushOutcome::Unchanged(Some(COMMITTED)));
     }
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use uve_protocol::message::UnixMillis;
+use uve_protocol::names::{SessionId, UserName};
 
 use crate::base::fsutil;
 use crate::stores::state_file::StateFile;
@@ -15,9 +16,9 @@ use crate::stores::state_file::StateFile;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grant {
     /// The monitored session.
-    pub session: String,
+    pub session: SessionId,
     /// The monitoring user.
-    pub monitor: String,
+    pub monitor: UserName,
     /// Expiry (Unix ms).
     pub expires: UnixMillis,
 }
@@ -50,15 +51,15 @@ impl Grants {
     /// Records (or extends) a grant.
     pub async fn grant(
         &self,
-        session: &str,
-        monitor: &str,
+        session: &SessionId,
+        monitor: &UserName,
         expires: UnixMillis,
     ) -> std::io::Result<()> {
         self.change(|g| {
-            g.retain(|x| !(x.session == session && x.monitor == monitor));
+            g.retain(|x| !(x.session == *session && x.monitor == *monitor));
             g.push(Grant {
-                session: session.into(),
-                monitor: monitor.into(),
+                session: session.clone(),
+                monitor: monitor.clone(),
                 expires,
             });
         })

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::link::HostLink;
 use uve_protocol::message::{DisconnectNotice, Request};
+use uve_protocol::names::{SessionId, UaName, UserName};
 
 use crate::base::fsutil;
 
@@ -116,9 +117,9 @@ impl Journal {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Record {
     id: u64,
-    session: String,
-    user: String,
-    ua: Option<String>,
+    session: SessionId,
+    user: UserName,
+    ua: Option<UaName>,
     reason: String,
     at: u64,
 }

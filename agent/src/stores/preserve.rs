@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use uve_protocol::message::{ErrorCode, UpdateCause, Version, WireError};
+use uve_protocol::names::{SessionId, UserName};
 
 use crate::base::fsutil;
 
@@ -34,9 +35,9 @@ pub struct PreservedCopy {
     /// Its id (16 hex digits), used by the `preserved` verbs.
     pub id: String,
     /// Whose UIF.
-    pub user: String,
+    pub user: UserName,
     /// The session whose update was refused.
-    pub session: String,
+    pub session: SessionId,
     /// Why the update was made.
     pub cause: UpdateCause,
     /// The version it was based on.
@@ -91,9 +92,9 @@ pub fn human_size(n: u64) -> String {
 #[derive(Debug, Clone)]
 pub struct Refused<'a> {
     /// Whose UIF.
-    pub user: &'a str,
+    pub user: &'a UserName,
     /// The session whose update was refused.
-    pub session: &'a str,
+    pub session: &'a SessionId,
     /// Why the update was made.
     pub cause: UpdateCause,
     /// Its base version.
@@ -127,8 +128,8 @@ impl Preserved {
         let size = std::fs::symlink_metadata(what.file)?.len();
         let mut copy = PreservedCopy {
             id: id.clone(),
-            user: what.user.to_string(),
-            session: what.session.to_string(),
+            user: what.user.clone(),
+            session: what.session.clone(),
             cause: what.cause,
             base: what.base,
             code: what.refusal.code,
@@ -154,7 +155,7 @@ impl Preserved {
         fsutil::sync_parent(&copy.bytes)?;
         fsutil::sync_parent(what.file)?;
         tracing::warn!(
-            user = what.user,
+            user = %what.user,
             id,
             bytes = %copy.bytes.display(),
             size,
@@ -234,8 +235,8 @@ mod tests {
         let refusal = WireError::new(ErrorCode::QuotaExceeded, "over quota");
         let copy = p
             .keep(&Refused {
-                user: "alice",
-                session: "s1",
+                user: &UserName::literal("alice"),
+                session: &SessionId::literal("s1"),
                 cause: UpdateCause::Logout,
                 base: Some(3),
                 file: &uif,

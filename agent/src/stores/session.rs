@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde::{Deserialize, Serialize};
 use uve_protocol::manifest::Hash;
 use uve_protocol::message::Version;
+use uve_protocol::names::{SessionId, UaName, UserName};
 
 use crate::stores::state_file::StateFile;
 
@@ -22,17 +23,28 @@ use crate::stores::state_file::StateFile;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRecord {
     /// Session id.
-    pub session: String,
+    pub session: SessionId,
     /// Its user.
-    pub user: String,
+    pub user: UserName,
     /// The UA serving it, if named at login.
-    pub ua: Option<String>,
+    pub ua: Option<UaName>,
     /// When it started (Unix ms).
     pub started: u64,
-    /// The supervised UA's process (pid, start time in clock ticks), so a
-    /// restarted agent can keep watching it.
+    /// The supervised UA's process, so a restarted agent can keep
+    /// watching it.
     #[serde(default)]
-    pub ua_process: Option<(i32, u64)>,
+    pub ua_process: Option<UaProcess>,
+}
+
+/// A supervised UA process, named so that a recycled pid is not mistaken
+/// for it. Tables of older agents wrote it as `[pid, start]`, which still
+/// reads (a struct also decodes from a sequence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UaProcess {
+    /// Its pid.
+    pub pid: i32,
+    /// Its start time, in clock ticks since boot (`/proc/<pid>/stat`).
+    pub start: u64,
 }
 
 /// A user's attached UIF.
@@ -56,12 +68,12 @@ pub struct UifRecord {
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Table {
     /// Open sessions by id.
-    pub sessions: BTreeMap<String, SessionRecord>,
+    pub sessions: BTreeMap<SessionId, SessionRecord>,
     /// Attached UIFs by user.
-    pub uifs: BTreeMap<String, UifRecord>,
+    pub uifs: BTreeMap<UserName, UifRecord>,
     /// Ended sessions whose `SessionEnded` the host has not acknowledged.
     #[serde(default)]
-    pub ended_unsent: Vec<String>,
+    pub ended_unsent: Vec<SessionId>,
     /// The kernel's boot id when the table was written: sessions in a
     /// table from another boot are gone.
     #[serde(default)]
@@ -75,7 +87,7 @@ impl Table {
     }
 
     /// Sessions of `user`.
-    pub fn sessions_of(&self, user: &str) -> Vec<String> {
+    pub fn sessions_of(&self, user: &str) -> Vec<SessionId> {
         self.sessions
             .values()
             .filter(|s| s.user == user)
@@ -84,7 +96,7 @@ impl Table {
     }
 
     /// Sessions served by UA `name`.
-    pub fn sessions_using(&self, name: &str) -> Vec<String> {
+    pub fn sessions_using(&self, name: &str) -> Vec<SessionId> {
         self.sessions
             .values()
             .filter(|s| s.ua.as_deref() == Some(name))
@@ -137,12 +149,12 @@ impl SessionTable {
     }
 
     /// Open sessions of `user`.
-    pub fn sessions_of(&self, user: &str) -> Vec<String> {
+    pub fn sessions_of(&self, user: &str) -> Vec<SessionId> {
         self.file.read(|t| t.sessions_of(user))
     }
 
     /// Open sessions served by UA `name`.
-    pub fn sessions_using(&self, name: &str) -> Vec<String> {
+    pub fn sessions_using(&self, name: &str) -> Vec<SessionId> {
         self.file.read(|t| t.sessions_using(name))
     }
 
@@ -152,12 +164,12 @@ impl SessionTable {
     }
 
     /// Users with an attached UIF.
-    pub fn attached(&self) -> Vec<String> {
+    pub fn attached(&self) -> Vec<UserName> {
         self.file.read(|t| t.uifs.keys().cloned().collect())
     }
 
     /// Ended sessions whose `SessionEnded` the host has not acknowledged.
-    pub fn ended_unsent(&self) -> Vec<String> {
+    pub fn ended_unsent(&self) -> Vec<SessionId> {
         self.file.read(|t| t.ended_unsent.clone())
     }
 
@@ -192,7 +204,7 @@ impl SessionTable {
 
     /// Records `user`'s UIF as attached.
     pub async fn attach(&self, guard: &UserGuard, rec: UifRecord) {
-        let user = guard.user().to_string();
+        let user = guard.user().clone();
         logged(self.file.change(|t| t.uifs.insert(user, rec)).await);
     }
 
@@ -222,7 +234,7 @@ impl SessionTable {
             self.file
                 .change(|t| {
                     if let Some(r) = t.sessions.get_mut(session) {
-                        r.ua_process = Some((pid, start));
+                        r.ua_process = Some(UaProcess { pid, start });
                     }
                 })
                 .await,
@@ -230,7 +242,7 @@ impl SessionTable {
     }
 
     /// Journals `SessionEnded` for `sessions`.
-    pub async fn mark_ended(&self, sessions: &[String]) {
+    pub async fn mark_ended(&self, sessions: &[SessionId]) {
         logged(
             self.file
                 .change(|t| t.ended_unsent.extend(sessions.iter().cloned()))
@@ -261,21 +273,21 @@ impl SessionTable {
 /// user run one at a time.
 #[derive(Default)]
 pub struct UserLocks {
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: Mutex<HashMap<UserName, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl UserLocks {
     /// Waits for `user`'s lock.
-    pub async fn lock(&self, user: &str) -> UserGuard {
+    pub async fn lock(&self, user: &UserName) -> UserGuard {
         let lock = self
             .locks
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .entry(user.to_string())
+            .entry(user.clone())
             .or_default()
             .clone();
         UserGuard {
-            user: user.to_string(),
+            user: user.clone(),
             _guard: lock.lock_owned().await,
         }
     }
@@ -283,13 +295,13 @@ impl UserLocks {
 
 /// Holding one user's lock: functions that require the lock take one.
 pub struct UserGuard {
-    user: String,
+    user: UserName,
     _guard: tokio::sync::OwnedMutexGuard<()>,
 }
 
 impl UserGuard {
     /// The user whose lock this is.
-    pub fn user(&self) -> &str {
+    pub fn user(&self) -> &UserName {
         &self.user
     }
 }
@@ -301,8 +313,8 @@ mod tests {
 
     fn rec(session: &str, user: &str) -> SessionRecord {
         SessionRecord {
-            session: session.into(),
-            user: user.into(),
+            session: SessionId::new(session).unwrap(),
+            user: UserName::new(user).unwrap(),
             ua: None,
             started: 1,
             ua_process: None,
@@ -314,14 +326,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = SessionTable::load(dir.path());
         let locks = UserLocks::default();
-        t.mark_ended(&["s1".into()]).await;
+        t.mark_ended(&[SessionId::new("s1").unwrap()]).await;
         t.open(rec("s1", "ann")).await;
         assert!(
             t.ended_unsent().is_empty(),
             "a reopened id is not an unsent end"
         );
         t.open(rec("s2", "ann")).await;
-        let g = locks.lock("ann").await;
+        let ann = UserName::new("ann").unwrap();
+        let g = locks.lock(&ann).await;
         t.attach(
             &g,
             UifRecord {
@@ -338,11 +351,14 @@ mod tests {
         // What a restarted agent finds.
         let again = SessionTable::load(dir.path());
         assert_eq!(again.sessions_of("ann"), ["s2"]);
-        assert_eq!(again.session("s2").unwrap().ua_process, Some((42, 99)));
+        assert_eq!(
+            again.session("s2").unwrap().ua_process,
+            Some(UaProcess { pid: 42, start: 99 })
+        );
         assert_eq!(again.uif("ann").unwrap().base, Some(2));
         t.detach(&g).await;
         assert_eq!(t.end("ann", "s2").await, 0);
-        t.mark_ended(&["s2".into()]).await;
+        t.mark_ended(&[SessionId::new("s2").unwrap()]).await;
         t.ack_ended("s2").await;
         assert_eq!(t.set_kernel_boot("b1").await, None);
         assert_eq!(t.set_kernel_boot("b2").await.as_deref(), Some("b1"));
@@ -354,10 +370,11 @@ mod tests {
     #[tokio::test]
     async fn user_locks_exclude_each_other() {
         let locks = Arc::new(UserLocks::default());
-        let g = locks.lock("ann").await;
+        let (ann, bob) = (UserName::new("ann").unwrap(), UserName::new("bob").unwrap());
+        let g = locks.lock(&ann).await;
         let l2 = locks.clone();
-        let other = tokio::spawn(async move { l2.lock("ann").await.user().to_string() });
-        let bob = locks.lock("bob").await;
+        let other = tokio::spawn(async move { l2.lock(&ann).await.user().to_string() });
+        let bob = locks.lock(&bob).await;
         assert_eq!(bob.user(), "bob", "another user's lock is free");
         tokio::task::yield_now().await;
         assert!(!other.is_finished());

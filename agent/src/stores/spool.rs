@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde::{Deserialize, Serialize};
 use uve_protocol::manifest::Manifest;
 use uve_protocol::message::{UpdateCause, Version};
+use uve_protocol::names::{SessionId, UserName};
 
 use crate::base::fsutil;
 
@@ -32,9 +33,9 @@ pub struct SpoolEntry {
     /// Unique id (also the file name).
     pub id: u64,
     /// Whose UIF.
-    pub user: String,
+    pub user: UserName,
     /// The session it came from.
-    pub session: String,
+    pub session: SessionId,
     /// Version it was derived from.
     pub base: Option<Version>,
     /// Lease epoch of the retrieve.

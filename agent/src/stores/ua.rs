@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
 use uve_protocol::message::{ErrorCode, UaBundle, UaInfo, WireError};
-use uve_protocol::names;
+use uve_protocol::names::{UaName, UaVersion};
 
 use crate::base::archive::{self, UnpackPolicy};
 use crate::base::fsutil;
@@ -41,17 +41,6 @@ fn internal(context: &str) -> impl FnOnce(std::io::Error) -> WireError + '_ {
     move |e| err(ErrorCode::Internal, format!("{context}: {e}"))
 }
 
-fn check_name(kind: &str, name: &str) -> Result<(), WireError> {
-    names::ua(name).map_err(|e| err(ErrorCode::InvalidName, e))?;
-    if kind == "version" && matches!(name, "current" | "previous") {
-        return Err(err(
-            ErrorCode::InvalidName,
-            "version may not be current or previous",
-        ));
-    }
-    Ok(())
-}
-
 impl UaStore {
     /// The store under `state_dir`.
     pub fn new(state_dir: &Path, max_bundle: u64) -> UaStore {
@@ -74,8 +63,6 @@ impl UaStore {
 
     /// Starts receiving a bundle.
     pub fn begin(&self, bundle: UaBundle) -> Result<(), WireError> {
-        check_name("name", &bundle.name)?;
-        check_name("version", &bundle.version)?;
         if bundle.entry.is_empty() || bundle.entry.iter().any(|a| a.contains('\0')) {
             return Err(err(ErrorCode::BadRequest, "empty or invalid entry command"));
         }
@@ -156,7 +143,7 @@ impl UaStore {
 
     /// Verifies and unpacks the bundle, switches `current`, returns the
     /// version now current.
-    pub async fn commit(&self, transfer: u64) -> Result<String, WireError> {
+    pub async fn commit(&self, transfer: u64) -> Result<UaVersion, WireError> {
         let tr = self
             .transfers()
             .remove(&transfer)
@@ -177,8 +164,7 @@ impl UaStore {
     }
 
     /// Points `current` back at `previous`; returns the version now current.
-    pub async fn rollback(&self, name: &str) -> Result<String, WireError> {
-        check_name("name", name)?;
+    pub async fn rollback(&self, name: &UaName) -> Result<UaVersion, WireError> {
         let dir = self.root.join(name);
         tokio::task::spawn_blocking(move || switch_back(&dir))
             .await
@@ -186,8 +172,7 @@ impl UaStore {
     }
 
     /// Removes every file of UA `name`.
-    pub async fn remove(&self, name: &str) -> Result<(), WireError> {
-        check_name("name", name)?;
+    pub async fn remove(&self, name: &UaName) -> Result<(), WireError> {
         let dir = self.root.join(name);
         if !dir.exists() {
             return Err(err(
@@ -202,13 +187,12 @@ impl UaStore {
     }
 
     /// The current version's directory and entry argv of UA `name`.
-    pub fn current(&self, name: &str) -> Option<(PathBuf, Vec<String>)> {
-        names::ua(name).ok()?;
+    pub fn current(&self, name: &UaName) -> Option<(PathBuf, Vec<String>)> {
         let dir = self.root.join(name);
         let version = read_link_name(&dir.join("current"))?;
         let entry: Vec<String> =
             fsutil::read_json(&dir.join(format!(".{version}.entry"))).ok()??;
-        Some((dir.join(version), entry))
+        Some((dir.join(&version), entry))
     }
 
     /// Every deployed UA.
@@ -219,8 +203,8 @@ impl UaStore {
         let mut out: Vec<UaInfo> = rd
             .filter_map(Result::ok)
             .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                names::ua(&name).ok()?;
+                // Only what this store made: valid names.
+                let name = UaName::new(e.file_name().to_str()?).ok()?;
                 let current = read_link_name(&e.path().join("current"))?;
                 let previous = read_link_name(&e.path().join("previous"));
                 Some(UaInfo {
@@ -235,10 +219,9 @@ impl UaStore {
     }
 }
 
-fn read_link_name(link: &Path) -> Option<String> {
+fn read_link_name(link: &Path) -> Option<UaVersion> {
     let target = fs::read_link(link).ok()?;
-    let name = target.to_str()?.to_string();
-    names::ua(&name).ok().map(|()| name)
+    UaVersion::new(target.to_str()?).ok()
 }
 
 /// Checks a received bundle: size, durability, digest.
@@ -258,7 +241,7 @@ fn verify(tr: &Transfer) -> Result<(), WireError> {
 
 /// Points `dir/current` back at `dir/previous` (durably); returns the
 /// version now current.
-fn switch_back(dir: &Path) -> Result<String, WireError> {
+fn switch_back(dir: &Path) -> Result<UaVersion, WireError> {
     let prev = read_link_name(&dir.join("previous")).ok_or_else(|| {
         err(
             ErrorCode::NotFound,
@@ -287,7 +270,7 @@ fn set_link(dir: &Path, link: &str, target: &str) -> std::io::Result<()> {
 
 /// Unpacks a verified bundle into `<root>/<name>/<version>` and switches
 /// `current`; versions other than the new current and previous are removed.
-fn install(root: &Path, b: &UaBundle, bundle: &Path) -> Result<String, WireError> {
+fn install(root: &Path, b: &UaBundle, bundle: &Path) -> Result<UaVersion, WireError> {
     let dir = root.join(&b.name);
     // Readable by everyone: the UA runs as the session's user.
     fsutil::ensure_dir_mode(root, 0o755).map_err(internal("create UA dir"))?;

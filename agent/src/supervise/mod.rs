@@ -14,6 +14,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+use uve_protocol::names::{SessionId, UaName};
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -21,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::stores::session::SessionRecord;
+use crate::stores::session::{SessionRecord, UaProcess};
 use crate::stores::ua::UaStore;
 
 /// How long a stopped UA gets between SIGTERM and SIGKILL.
@@ -67,12 +68,12 @@ struct Proc {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UaExited {
     /// Its session.
-    pub session: String,
+    pub session: SessionId,
     /// How it ended.
     pub reason: String,
 }
 
-type Procs = Arc<Mutex<HashMap<String, Proc>>>;
+type Procs = Arc<Mutex<HashMap<SessionId, Proc>>>;
 
 /// The supervised processes, by session.
 pub struct Supervisor {
@@ -99,7 +100,7 @@ impl Supervisor {
         }
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, Proc>) -> T) -> T {
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<SessionId, Proc>) -> T) -> T {
         f(&mut self.procs.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
@@ -115,7 +116,7 @@ impl Supervisor {
 
     /// Watches `session`'s process until `ended` resolves with the reason
     /// (or the agent stops).
-    fn watch(&self, session: String, ended: impl Future<Output = String> + Send + 'static) {
+    fn watch(&self, session: SessionId, ended: impl Future<Output = String> + Send + 'static) {
         let (procs, exits, stop) = (self.procs.clone(), self.exits.clone(), self.stop.clone());
         self.tasks.spawn(async move {
             tokio::select! {
@@ -154,14 +155,14 @@ impl Supervisor {
         uas: &UaStore,
         socket: &Path,
         rec: &SessionRecord,
-        ua: &str,
+        ua: &UaName,
     ) -> Result<Started, SuperviseError> {
         let (dir, entry) = uas
             .current(ua)
-            .ok_or_else(|| SuperviseError::NotDeployed(ua.into()))?;
+            .ok_or_else(|| SuperviseError::NotDeployed(ua.to_string()))?;
         let (prog, args) = entry
             .split_first()
-            .ok_or_else(|| SuperviseError::NotDeployed(ua.into()))?;
+            .ok_or_else(|| SuperviseError::NotDeployed(ua.to_string()))?;
         let prog_path = if Path::new(prog).is_absolute() {
             PathBuf::from(prog)
         } else {
@@ -170,7 +171,7 @@ impl Supervisor {
         let root = nix::unistd::getuid().is_root();
         let pw = crate::base::passwd::lookup(&rec.user);
         if root && pw.is_none() {
-            return Err(SuperviseError::UnknownUser(rec.user.clone()));
+            return Err(SuperviseError::UnknownUser(rec.user.to_string()));
         }
         let home = pw
             .as_ref()
@@ -227,7 +228,7 @@ impl Supervisor {
                 },
             )
         });
-        tracing::info!(session = %rec.session, ua, pid, "UA started");
+        tracing::info!(session = %rec.session, %ua, pid, "UA started");
         self.watch(rec.session.clone(), async move {
             match child.wait().await {
                 Ok(s) => format!("UA exited: {s}"),
@@ -294,7 +295,7 @@ impl Supervisor {
     /// polled), and reports sessions whose UA died meanwhile.
     pub fn adopt(&self, sessions: Vec<SessionRecord>) {
         for rec in sessions {
-            let Some((pid, start)) = rec.ua_process else {
+            let Some(UaProcess { pid, start }) = rec.ua_process else {
                 continue;
             };
             let session = rec.session.clone();
@@ -319,7 +320,7 @@ impl Supervisor {
                     },
                 )
             });
-            tracing::info!(session, pid, "watching UA that survived an agent restart");
+            tracing::info!(%session, pid, "watching UA that survived an agent restart");
             self.watch(session, async move {
                 while alive(pid, start) {
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -331,7 +332,12 @@ impl Supervisor {
 }
 
 /// A UA's end: forget it, and unless it was stopped on purpose, report it.
-fn exited(procs: &Procs, exits: &mpsc::UnboundedSender<UaExited>, session: String, reason: String) {
+fn exited(
+    procs: &Procs,
+    exits: &mpsc::UnboundedSender<UaExited>,
+    session: SessionId,
+    reason: String,
+) {
     let proc_ = procs
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -516,12 +522,12 @@ mod tests {
         std::fs::write(dir.join(".1.entry"), argv).unwrap();
     }
 
-    fn record(session: &str) -> SessionRecord {
+    fn record(session: &'static str) -> SessionRecord {
         SessionRecord {
-            session: session.into(),
+            session: SessionId::literal(session),
             // In every passwd; the agent runs UAs as the session's user.
-            user: "root".into(),
-            ua: Some("desk".into()),
+            user: uve_protocol::names::UserName::literal("root"),
+            ua: Some(UaName::literal("desk")),
             started: 0,
             ua_process: None,
         }
@@ -534,12 +540,16 @@ mod tests {
         let lc = rig.lifecycle.clone();
         let sock = rig.dir.path().join("ctl.sock");
         let sup = &lc.supervisor;
-        let a = sup.start(&lc.uas, &sock, &record("s1"), "desk").unwrap();
+        let a = sup
+            .start(&lc.uas, &sock, &record("s1"), &UaName::literal("desk"))
+            .unwrap();
         assert!(a.start.is_some() && sup.pid("s1") == Some(a.pid));
         sup.stop("s1").await;
         assert!(sup.pid("s1").is_none(), "forgotten once it ended");
         // Started again and killed behind the agent's back: reported.
-        let b = sup.start(&lc.uas, &sock, &record("s2"), "desk").unwrap();
+        let b = sup
+            .start(&lc.uas, &sock, &record("s2"), &UaName::literal("desk"))
+            .unwrap();
         kill_group(b.pid, Signal::SIGKILL);
         let exit = tokio::time::timeout(Duration::from_secs(20), rig.exits.recv())
             .await
@@ -560,7 +570,9 @@ mod tests {
         let lc = rig.lifecycle.clone();
         let sock = rig.dir.path().join("ctl.sock");
         let sup = &lc.supervisor;
-        let s = sup.start(&lc.uas, &sock, &record("s1"), "desk").unwrap();
+        let s = sup
+            .start(&lc.uas, &sock, &record("s1"), &UaName::literal("desk"))
+            .unwrap();
         sup.set_suspended("s1", true).await.unwrap();
         assert!(sup.is_suspended("s1"));
         assert_eq!(group_stopped(s.pid), Some(true));
@@ -584,7 +596,10 @@ mod tests {
         let mut rig = Rig::new();
         let mut rec = record("s9");
         // A pid with the wrong start time is not the recorded process.
-        rec.ua_process = Some((i32::try_from(std::process::id()).unwrap(), 1));
+        rec.ua_process = Some(UaProcess {
+            pid: i32::try_from(std::process::id()).unwrap(),
+            start: 1,
+        });
         rig.lifecycle.supervisor.adopt(vec![rec]);
         let exit = rig.exits.recv().await.unwrap();
         assert_eq!(exit.session, "s9");

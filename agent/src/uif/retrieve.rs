@@ -24,6 +24,7 @@ use std::time::Instant;
 use crate::link::HostLink;
 use uve_protocol::manifest::{ChunkRef, Hash, Manifest, chunks_per_page, page_count};
 use uve_protocol::message::{Request, Response, Version};
+use uve_protocol::names::{SessionId, UserName};
 
 use super::{UifError, blocking};
 use crate::base::fsutil;
@@ -63,7 +64,7 @@ pub const RELOCATE_BUDGET: u64 = 16 << 20;
 struct Target<'a> {
     link: &'a HostLink,
     state_dir: &'a Path,
-    user: &'a str,
+    user: &'a UserName,
     dest: &'a Path,
     parallel: usize,
 }
@@ -73,8 +74,8 @@ struct Target<'a> {
 pub async fn retrieve(
     link: &HostLink,
     state_dir: &Path,
-    user: &str,
-    session: &str,
+    user: &UserName,
+    session: &SessionId,
     dest: &Path,
     parallel: usize,
 ) -> Result<Retrieved, UifError> {
@@ -91,8 +92,8 @@ pub async fn retrieve(
     let started = Instant::now();
     let grant = match link
         .request(Request::UifRetrieve {
-            user: user.into(),
-            session: session.into(),
+            user: user.clone(),
+            session: session.clone(),
         })
         .await?
     {
@@ -118,7 +119,7 @@ pub async fn retrieve(
     let previous = cache::load(state_dir, user);
     if cache::patch_interrupted(state_dir, user) {
         tracing::warn!(
-            user,
+            %user,
             "an earlier retrieve was interrupted while patching the UIF file; rewriting it whole"
         );
     }
@@ -169,7 +170,7 @@ impl Target<'_> {
             let list = match self
                 .link
                 .request(Request::ManifestPage {
-                    user: self.user.into(),
+                    user: self.user.clone(),
                     version,
                     page,
                 })
@@ -208,7 +209,7 @@ impl Target<'_> {
         };
         let Some(plan) = plan else {
             tracing::info!(
-                user = self.user,
+                user = %self.user,
                 "chunks moved by more than {RELOCATE_BUDGET} bytes: rewriting the UIF file"
             );
             return Ok(None);
@@ -225,7 +226,7 @@ impl Target<'_> {
         )
         .await?;
         tracing::info!(
-            user = self.user,
+            user = %self.user,
             version,
             manifest_ms,
             patch_ms = t.elapsed().as_millis(),
@@ -272,7 +273,7 @@ impl Target<'_> {
         let t = Instant::now();
         self.settle(out, tmp, manifest, version).await?;
         tracing::info!(
-            user,
+            %user,
             version,
             manifest_ms,
             chunks_ms,

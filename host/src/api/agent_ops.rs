@@ -8,13 +8,14 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use uve_protocol::message::{Request, Response};
+use uve_protocol::names::{SessionId, UaName, UaVersion, UserName};
 
 use super::spool::spool;
 use super::types::{
     DeployQuery, MonitorBody, MonitorGranted, MonitorRevokeQuery, MonitorRevoked, Pong,
     SessionAction, SessionActionDone, UaCurrent, UaDeleteQuery, UaDeleted, UaDeployed, VmStatus,
 };
-use super::{ApiError, ApiResult, check_name};
+use super::{ApiError, ApiResult, name};
 use crate::daemon::Daemon;
 use crate::state::events::Event;
 use crate::store::now_ms;
@@ -40,13 +41,13 @@ pub async fn deploy(
     body: Body,
 ) -> ApiResult<Json<UaDeployed>> {
     known_vm(&d, &id)?;
-    check_name("UA", &q.name)?;
-    check_name("UA", &q.version)?;
+    let ua_name: UaName = name(&q.name)?;
+    let version: UaVersion = name(&q.version)?;
     uve2::link(&d.host, &id)?;
     let bundle = spool(body, &d.host.tmp, d.host.config.max_ua_bundle).await?;
     let ua = UaDeploy {
-        name: q.name.clone(),
-        version: q.version.clone(),
+        name: ua_name,
+        version,
         entry: q.entry.split_whitespace().map(str::to_string).collect(),
         update: q.update,
     };
@@ -55,14 +56,14 @@ pub async fn deploy(
     d.host.events.emit(Event::UaDeployed {
         vm: id.clone(),
         name: q.name.clone(),
-        version: current.clone(),
+        version: current.to_string(),
         update: q.update,
         size: bundle.size,
     });
     Ok(Json(UaDeployed {
         vm: id,
         name: q.name,
-        current,
+        current: current.into(),
         size: bundle.size,
         digest: bundle.digest.to_hex(),
     }))
@@ -71,21 +72,21 @@ pub async fn deploy(
 /// `POST /v1/vms/{id}/ua/{name}/rollback`.
 pub async fn ua_rollback(
     State(d): State<Arc<Daemon>>,
-    Path((id, name)): Path<(String, String)>,
+    Path((id, raw)): Path<(String, String)>,
 ) -> ApiResult<Json<UaCurrent>> {
     known_vm(&d, &id)?;
-    check_name("UA", &name)?;
-    match uve2::call(&d.host, &id, Request::UaRollback { name: name.clone() }).await? {
+    let ua: UaName = name(&raw)?;
+    match uve2::call(&d.host, &id, Request::UaRollback { name: ua.clone() }).await? {
         Response::UaCurrent { version } => {
             d.host.events.emit(Event::UaRolledBack {
                 vm: id.clone(),
-                name: name.clone(),
-                version: version.clone(),
+                name: ua.to_string(),
+                version: version.to_string(),
             });
             Ok(Json(UaCurrent {
                 vm: id,
-                name,
-                current: version,
+                name: ua.into(),
+                current: version.into(),
             }))
         }
         other => Err(unexpected(other)),
@@ -95,26 +96,27 @@ pub async fn ua_rollback(
 /// `DELETE /v1/vms/{id}/ua/{name}[?force=true]`.
 pub async fn ua_delete(
     State(d): State<Arc<Daemon>>,
-    Path((id, name)): Path<(String, String)>,
+    Path((id, raw)): Path<(String, String)>,
     Query(q): Query<UaDeleteQuery>,
 ) -> ApiResult<Json<UaDeleted>> {
     known_vm(&d, &id)?;
-    check_name("UA", &name)?;
+    let ua: UaName = name(&raw)?;
     let req = Request::UaDelete {
-        name: name.clone(),
+        name: ua.clone(),
         force: q.force,
     };
     match uve2::call(&d.host, &id, req).await? {
         Response::UaDeleted { stopped_sessions } => {
+            let stopped: Vec<String> = stopped_sessions.into_iter().map(String::from).collect();
             d.host.events.emit(Event::UaDeleted {
                 vm: id.clone(),
-                name: name.clone(),
-                stopped_sessions: stopped_sessions.clone(),
+                name: ua.to_string(),
+                stopped_sessions: stopped.clone(),
             });
             Ok(Json(UaDeleted {
                 vm: id,
-                name,
-                stopped_sessions,
+                name: ua.into(),
+                stopped_sessions: stopped,
             }))
         }
         other => Err(unexpected(other)),
@@ -127,11 +129,10 @@ pub async fn session_action(
     Path((id, session, action)): Path<(String, String, String)>,
 ) -> ApiResult<Json<SessionActionDone>> {
     known_vm(&d, &id)?;
-    check_name("session", &session)?;
+    let s: SessionId = name(&session)?;
     let Some(action) = SessionAction::parse(&action) else {
         return Err(ApiError::not_found("action must be suspend or resume"));
     };
-    let s = session.clone();
     let req = match action {
         SessionAction::Suspend => Request::SessionSuspend { session: s },
         SessionAction::Resume => Request::SessionResume { session: s },
@@ -156,12 +157,12 @@ pub async fn monitor_grant(
     Json(b): Json<MonitorBody>,
 ) -> ApiResult<Json<MonitorGranted>> {
     known_vm(&d, &id)?;
-    check_name("session", &b.session)?;
-    check_name("user", &b.monitor)?;
+    let session: SessionId = name(&b.session)?;
+    let monitor: UserName = name(&b.monitor)?;
     let expires = now_ms().saturating_add(b.ttl_secs.saturating_mul(1000));
     let req = Request::MonitorGrant {
-        session: b.session.clone(),
-        monitor: b.monitor.clone(),
+        session,
+        monitor,
         expires,
     };
     uve2::expect_ok(uve2::call(&d.host, &id, req).await?)?;
@@ -189,11 +190,9 @@ pub async fn monitor_revoke(
     let (Some(session), Some(monitor)) = (q.session, q.monitor) else {
         return Err(ApiError::bad_request("session and monitor are required"));
     };
-    check_name("session", &session)?;
-    check_name("user", &monitor)?;
     let req = Request::MonitorRevoke {
-        session: session.clone(),
-        monitor: monitor.clone(),
+        session: name(&session)?,
+        monitor: name(&monitor)?,
     };
     uve2::expect_ok(uve2::call(&d.host, &id, req).await?)?;
     d.host.events.emit(Event::MonitorRevoked {

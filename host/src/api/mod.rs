@@ -126,10 +126,13 @@ impl From<Uve2Error> for ApiError {
 /// Result of a handler.
 pub type ApiResult<T> = Result<T, ApiError>;
 
-/// Validates a name from a URL or body.
-pub fn check_name(kind: &'static str, name: &str) -> ApiResult<()> {
-    uve_protocol::names::validate(kind, name)
-        .map_err(|e| ApiError::new(ApiErrorCode::InvalidName, e))
+/// A name from a URL or body as its newtype (`UserName`, `SessionId`,
+/// `UaName`, `UaVersion`): an invalid one is 400 `invalid_name`.
+pub fn name<T>(raw: &str) -> ApiResult<T>
+where
+    T: for<'a> TryFrom<&'a str, Error = uve_protocol::names::NameError>,
+{
+    T::try_from(raw).map_err(|e| ApiError::new(ApiErrorCode::InvalidName, e))
 }
 
 /// The API router (the routes of [`routes::routes`]).

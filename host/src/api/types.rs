@@ -451,15 +451,15 @@ impl VmStatus {
     /// The API form of an agent's `AgentStatus`.
     pub fn new(vm: String, s: AgentStatus) -> Self {
         let session = |x: SessionInfo| AgentSession {
-            session: x.session,
-            user: x.user,
-            ua: x.ua,
+            session: x.session.into(),
+            user: x.user.into(),
+            ua: x.ua.map(String::from),
             suspended: x.suspended,
         };
         let ua = |u: UaInfo| AgentUa {
-            name: u.name,
-            current: u.current,
-            previous: u.previous,
+            name: u.name.into(),
+            current: u.current.into(),
+            previous: u.previous.map(String::from),
         };
         VmStatus {
             vm,

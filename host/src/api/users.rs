@@ -14,10 +14,11 @@ use uve_protocol::message::Version;
 
 use super::spool::spool;
 use super::types::{GcQuery, GcReport, Imported, RollbackBody, RolledBack, UserRow, VersionList};
-use super::{ApiResult, check_name};
+use super::{ApiResult, name};
 use crate::daemon::Daemon;
 use crate::state::events::Event;
 use crate::store::CommitOutcome;
+use uve_protocol::names::UserName;
 
 /// `GET /v1/users`: users with a store entry, their head and assignment.
 pub async fn list(State(d): State<Arc<Daemon>>) -> ApiResult<Json<Vec<UserRow>>> {
@@ -49,7 +50,7 @@ pub async fn versions(
     State(d): State<Arc<Daemon>>,
     Path(user): Path<String>,
 ) -> ApiResult<Json<VersionList>> {
-    check_name("user", &user)?;
+    let user: UserName = name(&user)?;
     let (head, versions) = d
         .host
         .store_call(move |s| Ok((s.head(&user)?, s.versions(&user)?)))
@@ -65,7 +66,7 @@ pub async fn import(
     Path(user): Path<String>,
     body: Body,
 ) -> ApiResult<Json<Imported>> {
-    check_name("user", &user)?;
+    let user: UserName = name(&user)?;
     let host = d.host.clone();
     let limit = host.config.max_import.unwrap_or(host.config.max_uif_size);
     let spooled = spool(body, &host.tmp, limit).await?;
@@ -97,13 +98,13 @@ pub async fn import(
     };
     crate::state::metrics::add(&host.metrics.commits, 1);
     host.events.emit(Event::Import {
-        user: user.clone(),
+        user: user.to_string(),
         version,
         size: manifest.header.size,
         chunks: manifest.header.chunk_count,
     });
     Ok(Json(Imported {
-        user,
+        user: user.into(),
         version,
         size: manifest.header.size,
         digest: manifest.header.digest.to_hex(),
@@ -117,7 +118,7 @@ pub async fn export(
     State(d): State<Arc<Daemon>>,
     Path((user, v)): Path<(String, Version)>,
 ) -> ApiResult<Response> {
-    check_name("user", &user)?;
+    let user: UserName = name(&user)?;
     let u = user.clone();
     let manifest = d.host.store_call(move |s| s.manifest(&u, v)).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
@@ -158,7 +159,7 @@ pub async fn rollback(
     Path(user): Path<String>,
     Json(body): Json<RollbackBody>,
 ) -> ApiResult<Json<RolledBack>> {
-    check_name("user", &user)?;
+    let user: UserName = name(&user)?;
     let host = d.host.clone();
     let gate = host.leases.gate(&user);
     let _user_gate = gate.lock().await;
@@ -167,12 +168,12 @@ pub async fn rollback(
     let to = body.version;
     let head = host.store_call(move |s| s.rollback(&u, to)).await?;
     host.events.emit(Event::Rollback {
-        user: user.clone(),
+        user: user.to_string(),
         from_version: to,
         version: head,
     });
     Ok(Json(RolledBack {
-        user,
+        user: user.into(),
         version: head,
         copied_from: to,
     }))

@@ -9,11 +9,12 @@ use axum::http::StatusCode;
 use super::types::{
     AssignBody, AssignOutcome, Assignments, NewVm, SessionRec, SessionsQuery, VmDetail, VmInfo,
 };
-use super::{ApiError, ApiResult, check_name};
+use super::{ApiError, ApiResult, name};
 use crate::daemon::Daemon;
 use crate::state::events::Event;
 use crate::state::registry::VmSpec;
 use crate::wire::uve2::switch;
+use uve_protocol::names::UserName;
 
 fn vm_info(d: &Daemon, spec: &VmSpec) -> VmInfo {
     let connection = d.host.conns.get(&spec.id).map(|c| c.summary);
@@ -109,7 +110,7 @@ pub async fn assign(
     Path(user): Path<String>,
     Json(body): Json<AssignBody>,
 ) -> ApiResult<Json<AssignOutcome>> {
-    check_name("user", &user)?;
+    let user: UserName = name(&user)?;
     Ok(Json(switch::assign(&d.host, &user, &body.vm)?))
 }
 
@@ -118,7 +119,7 @@ pub async fn unassign(
     State(d): State<Arc<Daemon>>,
     Path(user): Path<String>,
 ) -> ApiResult<Json<AssignOutcome>> {
-    check_name("user", &user)?;
+    let user: UserName = name(&user)?;
     Ok(Json(switch::unassign(&d.host, &user)?))
 }
 

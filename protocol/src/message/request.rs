@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{UnixMillis, Version};
 use crate::manifest::{ChunkRef, Hash, ManifestHeader};
+use crate::names::{SessionId, UaName, UaVersion, UserName};
 
 /// Requests of both interfaces. UVE-5 ones are sent by the agent, UVE-2 ones
 /// by the host; a peer answers a request meant for the other side with
@@ -16,14 +17,14 @@ pub enum Request {
     /// head version.
     UifRetrieve {
         /// The user logging in.
-        user: String,
+        user: UserName,
         /// The session being opened.
-        session: String,
+        session: SessionId,
     },
     /// One page of a version's chunk list (see `manifest::page_count`).
     ManifestPage {
         /// Whose UIF.
-        user: String,
+        user: UserName,
         /// Which version.
         version: Version,
         /// Page index, from 0.
@@ -32,7 +33,7 @@ pub enum Request {
     /// The bytes of one chunk of a version this VM retrieved.
     ChunkFetch {
         /// Whose UIF.
-        user: String,
+        user: UserName,
         /// The chunk.
         hash: Hash,
     },
@@ -73,16 +74,16 @@ pub enum Request {
     /// A session began on this VM.
     SessionStarted {
         /// Session id.
-        session: String,
+        session: SessionId,
         /// The user.
-        user: String,
+        user: UserName,
         /// The UA serving it, if known.
-        ua: Option<String>,
+        ua: Option<UaName>,
     },
     /// A session ended by logout.
     SessionEnded {
         /// Session id.
-        session: String,
+        session: SessionId,
     },
     /// A session ended without logout. At-least-once; `id` makes it idempotent.
     UnexpectedDisconnect(DisconnectNotice),
@@ -91,25 +92,25 @@ pub enum Request {
     /// VM switch: flush and detach `user`'s UIF; answer when committed.
     UserRelease {
         /// The user moving away from this VM.
-        user: String,
+        user: UserName,
         /// How long the host will wait for the flush.
         deadline_ms: u32,
     },
     /// Authorise `monitor` to monitor `session` until `expires`.
     MonitorGrant {
         /// The monitored session.
-        session: String,
+        session: SessionId,
         /// The monitoring user.
-        monitor: String,
+        monitor: UserName,
         /// Expiry (Unix ms).
         expires: UnixMillis,
     },
     /// Withdraw a monitoring grant.
     MonitorRevoke {
         /// The monitored session.
-        session: String,
+        session: SessionId,
         /// The monitoring user.
-        monitor: String,
+        monitor: UserName,
     },
     /// Start deploying (or updating) a UA: the bundle follows in
     /// `UaBundleData` frames, then `UaCommit`.
@@ -132,24 +133,24 @@ pub enum Request {
     /// Switch a UA's `current` back to its previous version.
     UaRollback {
         /// UA name.
-        name: String,
+        name: UaName,
     },
     /// Delete a UA; refused while sessions use it unless `force`.
     UaDelete {
         /// UA name.
-        name: String,
+        name: UaName,
         /// Stop sessions using it first.
         force: bool,
     },
     /// Freeze a session's processes.
     SessionSuspend {
         /// Session id.
-        session: String,
+        session: SessionId,
     },
     /// Thaw a session's processes.
     SessionResume {
         /// Session id.
-        session: String,
+        session: SessionId,
     },
     /// Round-trip probe through the request path (unlike `Heartbeat`).
     Ping {
@@ -210,9 +211,9 @@ pub type BlockDigest = [u8; crate::defs::BLOCK_DIGEST_LEN];
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpdateBegin {
     /// Whose UIF.
-    pub user: String,
+    pub user: UserName,
     /// The session it comes from (for events).
-    pub session: String,
+    pub session: SessionId,
     /// The version this update was derived from; `None` when the session
     /// ran without a successful retrieve (it can then never replace an
     /// existing head: it lands as a conflict version).
@@ -248,11 +249,11 @@ pub struct DisconnectNotice {
     /// Idempotency id, chosen by the agent, unique per notice.
     pub id: u64,
     /// The session.
-    pub session: String,
+    pub session: SessionId,
     /// Its user.
-    pub user: String,
+    pub user: UserName,
     /// The UA that served it, if any.
-    pub ua: Option<String>,
+    pub ua: Option<UaName>,
     /// What happened (exit status, signal, local report).
     pub reason: String,
     /// When it happened.
@@ -265,9 +266,9 @@ pub struct UaBundle {
     /// Transfer id chosen by the host.
     pub transfer: u64,
     /// UA name.
-    pub name: String,
+    pub name: UaName,
     /// UA version (becomes the directory name).
-    pub version: String,
+    pub version: UaVersion,
     /// Entry command (argv) relative to the unpacked bundle.
     pub entry: Vec<String>,
     /// BLAKE3 of the bundle archive.

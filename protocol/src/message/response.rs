@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{BlockDigest, Version, WireError};
 use crate::manifest::{ChunkRef, ManifestHeader};
+use crate::names::{SessionId, UaName, UaVersion, UserName};
 
 /// Answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,12 +54,12 @@ pub enum Response {
     /// Answer to `UaCommit` / `UaRollback`: the version now `current`.
     UaCurrent {
         /// Version now current.
-        version: String,
+        version: UaVersion,
     },
     /// Answer to `UaDelete`.
     UaDeleted {
         /// Sessions that were stopped because of `force`.
-        stopped_sessions: Vec<String>,
+        stopped_sessions: Vec<SessionId>,
     },
     /// Answer to `BlockSignatures` (protocol 2): one entry per requested
     /// chunk, in order: the digest of each block of the base bytes, or
@@ -96,11 +97,11 @@ pub struct AgentStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionInfo {
     /// Session id.
-    pub session: String,
+    pub session: SessionId,
     /// User.
-    pub user: String,
+    pub user: UserName,
     /// UA, if any.
-    pub ua: Option<String>,
+    pub ua: Option<UaName>,
     /// Whether it is suspended.
     pub suspended: bool,
 }
@@ -109,9 +110,9 @@ pub struct SessionInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UaInfo {
     /// UA name.
-    pub name: String,
+    pub name: UaName,
     /// Version `current` points at.
-    pub current: String,
+    pub current: UaVersion,
     /// Previous version kept for rollback.
-    pub previous: Option<String>,
+    pub previous: Option<UaVersion>,
 }

@@ -45,8 +45,13 @@ pub fn all() -> Vec<(&'static str, Frame)> {
     .collect()
 }
 
-fn s(x: &str) -> String {
-    x.to_string()
+/// A string of the sample: a `String`, or a name newtype (every sample
+/// name is valid).
+fn s<T: TryFrom<String>>(x: &str) -> T
+where
+    T::Error: std::fmt::Debug,
+{
+    T::try_from(x.to_string()).unwrap()
 }
 
 /// The handshake and link-keeping frames: hello, welcome, reject,

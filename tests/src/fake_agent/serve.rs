@@ -9,9 +9,11 @@ use uve_protocol::ErrorCode;
 use uve_protocol::link::{Incoming, LinkHandle, Responder};
 use uve_protocol::manifest::Hash;
 use uve_protocol::message::{AgentStatus, Request, Response, SessionInfo, UaInfo};
+use uve_protocol::names::{UaName, UserName};
 
 use super::update::{Updated, update};
 use super::{AgentState, ReleaseMode, lock};
+use crate::names;
 
 fn err(code: ErrorCode, m: &str) -> Response {
     Response::Error(uve_protocol::WireError::new(code, m))
@@ -64,10 +66,10 @@ pub(super) async fn serve_uve2(
 fn release(
     handle: &LinkHandle,
     state: &Arc<Mutex<AgentState>>,
-    user: String,
+    user: UserName,
     responder: Responder,
 ) {
-    let mode = lock(state).release.get(&user).cloned();
+    let mode = lock(state).release.get(user.as_str()).cloned();
     let data = match mode {
         None | Some(ReleaseMode::Ignore) => {
             lock(state).parked.push(responder);
@@ -77,7 +79,11 @@ fn release(
     };
     let (handle, state) = (handle.clone(), state.clone());
     tokio::spawn(async move {
-        let (base, lease) = lock(&state).leases.get(&user).copied().unwrap_or((None, 0));
+        let (base, lease) = lock(&state)
+            .leases
+            .get(user.as_str())
+            .copied()
+            .unwrap_or((None, 0));
         let r = update(&handle, &user, "s1", base, lease, &data).await;
         let committed = match r {
             Ok(Updated {
@@ -102,7 +108,7 @@ fn ua_commit(st: &mut AgentState, transfer: u64) -> Response {
     }
 }
 
-fn ua_rollback(st: &mut AgentState, name: String) -> Response {
+fn ua_rollback(st: &mut AgentState, name: UaName) -> Response {
     match st.uas.get(&name).cloned() {
         Some((cur, Some(prev))) => {
             st.uas.insert(name, (prev.clone(), Some(cur)));
@@ -117,7 +123,11 @@ fn ua_delete(st: &mut AgentState, name: &str, force: bool) -> Response {
         err(ErrorCode::UaInUse, "sessions use it")
     } else if st.uas.remove(name).is_some() {
         Response::UaDeleted {
-            stopped_sessions: if force { vec!["s1".into()] } else { vec![] },
+            stopped_sessions: if force {
+                vec![names::session("s1")]
+            } else {
+                vec![]
+            },
         }
     } else {
         err(ErrorCode::NotFound, "no such UA")
@@ -160,7 +170,7 @@ fn status(st: &AgentState) -> AgentStatus {
             .iter()
             .map(|s| SessionInfo {
                 session: s.clone(),
-                user: "alice".into(),
+                user: names::user("alice"),
                 ua: None,
                 suspended: true,
             })

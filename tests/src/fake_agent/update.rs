@@ -14,6 +14,7 @@ use uve_protocol::message::{
 };
 
 use super::{AgentState, lock};
+use crate::names;
 
 /// Outcome of a test update.
 #[derive(Debug)]
@@ -37,12 +38,11 @@ pub async fn retrieve(
     user: &str,
     session: &str,
 ) -> Result<(RetrieveGrant, Vec<u8>), LinkError> {
-    let grant = match handle
-        .request(Request::UifRetrieve {
-            user: user.into(),
-            session: session.into(),
-        })
-        .await?
+    let grant = match names::send(handle, |n| Request::UifRetrieve {
+        user: n.user(user),
+        session: n.session(session),
+    })
+    .await?
     {
         Response::Retrieve(g) => g,
         other => unexpected(&other),
@@ -58,7 +58,7 @@ pub async fn retrieve(
     for page in 0..pages {
         match handle
             .request(Request::ManifestPage {
-                user: user.into(),
+                user: names::user(user),
                 version,
                 page,
             })
@@ -73,7 +73,7 @@ pub async fn retrieve(
     for c in &chunks {
         match handle
             .request(Request::ChunkFetch {
-                user: user.into(),
+                user: names::user(user),
                 hash: c.hash,
             })
             .await?
@@ -161,8 +161,8 @@ pub async fn begin_and_list(
 ) -> Result<Listed, LinkError> {
     let (manifest, bytes) = manifest_of(data);
     let begin = UpdateBegin {
-        user: user.into(),
-        session: session.into(),
+        user: names::user(user),
+        session: names::session(session),
         base,
         lease,
         header: manifest.header,

@@ -22,14 +22,14 @@ fn err(code: ErrorCode, msg: &str) -> Response {
 pub(super) fn handle(state: &Mutex<HostState>, req: Request) -> Response {
     let mut st = lock(state);
     match req {
-        Request::UifRetrieve { user, .. } => retrieve(&mut st, user),
+        Request::UifRetrieve { user, .. } => retrieve(&mut st, user.into()),
         Request::ManifestPage {
             user,
             version,
             page,
         } => {
             let mf = st.max_frame;
-            match st.versions.get(&(user, version)) {
+            match st.versions.get(&(user.into(), version)) {
                 Some(m) => match m.page(page, mf) {
                     Ok(p) => Response::ManifestPage(p.to_vec()),
                     Err(_) => err(ErrorCode::NotFound, "page"),
@@ -59,11 +59,11 @@ pub(super) fn handle(state: &Mutex<HostState>, req: Request) -> Response {
             Response::Ok
         }
         Request::SessionStarted { session, .. } => {
-            st.sessions_started.push(session);
+            st.sessions_started.push(session.into());
             Response::Ok
         }
         Request::SessionEnded { session } => {
-            st.sessions_ended.push(session);
+            st.sessions_ended.push(session.into());
             Response::Ok
         }
         Request::UnexpectedDisconnect(n) => notice(&mut st, n),
@@ -92,7 +92,7 @@ fn retrieve(st: &mut HostState, user: String) -> Response {
 }
 
 fn update_begin(st: &mut HostState, begin: UpdateBegin) -> Response {
-    if st.unassigned.contains(&begin.user) {
+    if st.unassigned.contains(begin.user.as_str()) {
         return err(ErrorCode::NotAssigned, "not assigned");
     }
     if let Some(code) = st.refuse_updates {
@@ -154,7 +154,7 @@ fn chunk_upload(st: &mut HostState, upload: u64, hash: Hash, data: Vec<u8>) -> R
 /// The bytes the base version of `up` holds at `[at, at + len)`.
 fn base_bytes(st: &HostState, up: &Upload, at: u64, len: u32) -> Option<Vec<u8>> {
     let base = up.begin.base?;
-    let m = st.versions.get(&(up.begin.user.clone(), base))?;
+    let m = st.versions.get(&(up.begin.user.to_string(), base))?;
     let parts = BaseIndex::new(m).covering(at, len)?;
     delta::assemble(at, len as usize, &parts, |c| {
         st.chunks.get(&c.hash).cloned().ok_or(())
@@ -235,19 +235,19 @@ fn commit(st: &mut HostState, upload: u64) -> Response {
     let user = up.begin.user.clone();
     st.next_version += 1;
     let v = st.next_version;
-    st.versions.insert((user.clone(), v), m);
-    let head = st.heads.get(&user).copied();
-    let lease_ok = st.leases.get(&user).copied().unwrap_or(0) == up.begin.lease;
+    st.versions.insert((user.to_string(), v), m);
+    let head = st.heads.get(user.as_str()).copied();
+    let lease_ok = st.leases.get(user.as_str()).copied().unwrap_or(0) == up.begin.lease;
     let ok = head == up.begin.base && (lease_ok || head.is_none());
     st.commits.push(Commit {
-        user: user.clone(),
+        user: user.to_string(),
         version: v,
         base: up.begin.base,
         cause: up.begin.cause,
         conflict: !ok,
     });
     if ok {
-        st.heads.insert(user, v);
+        st.heads.insert(user.into(), v);
         Response::Committed { version: v }
     } else {
         Response::Conflict { kept_as: v, head }
@@ -270,7 +270,7 @@ fn notice(st: &mut HostState, n: DisconnectNotice) -> Response {
     let seen = st.notices.entry(n.id).or_insert(0);
     *seen += 1;
     if *seen == 1 {
-        st.notice_sessions.push((n.id, n.session, n.reason));
+        st.notice_sessions.push((n.id, n.session.into(), n.reason));
     }
     Response::Ok
 }

@@ -10,6 +10,7 @@ use std::path::Path;
 use tokio::task::JoinSet;
 use uve_protocol::manifest::{ChunkRef, Hash, Manifest};
 use uve_protocol::message::{Request, Response};
+use uve_protocol::names::UserName;
 
 use super::unexpected;
 use crate::base::fsutil;
@@ -21,7 +22,7 @@ use crate::uif::{UifError, blocking};
 /// otherwise fetched (each distinct hash once, `parallel` at a time).
 pub(super) async fn fill(
     link: &HostLink,
-    user: &str,
+    user: &UserName,
     dest: &Path,
     out: &File,
     manifest: &Manifest,
@@ -56,7 +57,7 @@ pub(super) async fn fill(
 /// heartbeats never wait behind them.
 pub(super) async fn fetch_missing(
     link: &HostLink,
-    user: &str,
+    user: &UserName,
     out: &File,
     wanted: HashMap<Hash, Vec<u64>>,
     order: Vec<ChunkRef>,
@@ -76,7 +77,7 @@ pub(super) async fn fetch_missing(
             while inflight.len() < parallel {
                 let Some(c) = queue.next() else { break };
                 let link = link.clone();
-                let user = user.to_string();
+                let user = user.clone();
                 inflight.spawn(async move {
                     match link
                         .request(Request::ChunkFetch { user, hash: c.hash })

@@ -8,6 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use uve_protocol::manifest::{ChunkRef, Hash, Manifest};
+use uve_protocol::names::UserName;
 
 use super::fetch::fetch_missing;
 use super::{RELOCATE_BUDGET, record};
@@ -81,7 +82,7 @@ pub(super) fn plan_patch(prev: &Manifest, next: &Manifest, dest: &Path) -> Optio
 pub(super) async fn patch(
     link: &HostLink,
     state_dir: &Path,
-    user: &str,
+    user: &UserName,
     dest: &Path,
     manifest: &Manifest,
     plan: PatchPlan,

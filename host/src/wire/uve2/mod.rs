@@ -14,6 +14,7 @@ use uve_protocol::defs::MAX_CHUNK;
 use uve_protocol::link::{LinkError, LinkHandle};
 use uve_protocol::manifest::Hash;
 use uve_protocol::message::{Request, Response, UaBundle, WireError};
+use uve_protocol::names::{UaName, UaVersion};
 
 use crate::host::Host;
 
@@ -71,9 +72,9 @@ pub async fn call(host: &Host, vm: &str, request: Request) -> Result<Response, U
 #[derive(Debug, Clone)]
 pub struct UaDeploy {
     /// UA name.
-    pub name: String,
+    pub name: UaName,
     /// UA version.
-    pub version: String,
+    pub version: UaVersion,
     /// Entry command.
     pub entry: Vec<String>,
     /// Update of an existing UA.
@@ -90,7 +91,7 @@ pub async fn deploy_ua(
     path: &Path,
     size: u64,
     digest: Hash,
-) -> Result<String, Uve2Error> {
+) -> Result<UaVersion, Uve2Error> {
     let handle = link(host, vm)?;
     let limit = Host::ms(host.config.uve2_timeout_ms);
     let transfer = NEXT_TRANSFER.fetch_add(1, Ordering::Relaxed);

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use uve_protocol::message::{Request, Response};
+use uve_protocol::names::UserName;
 
 use crate::host::Host;
 use crate::state::events::Event;
@@ -29,7 +30,7 @@ pub struct AssignOutcome {
 }
 
 /// Assigns `user` to `vm`.
-pub fn assign(host: &Arc<Host>, user: &str, vm: &str) -> Result<AssignOutcome, RegistryError> {
+pub fn assign(host: &Arc<Host>, user: &UserName, vm: &str) -> Result<AssignOutcome, RegistryError> {
     let previous = host.registry.assign(user, vm)?;
     let released = release_holder(host, user, Some(vm));
     host.events.emit(Event::Assigned {
@@ -47,7 +48,7 @@ pub fn assign(host: &Arc<Host>, user: &str, vm: &str) -> Result<AssignOutcome, R
 }
 
 /// Removes `user`'s assignment.
-pub fn unassign(host: &Arc<Host>, user: &str) -> Result<AssignOutcome, RegistryError> {
+pub fn unassign(host: &Arc<Host>, user: &UserName) -> Result<AssignOutcome, RegistryError> {
     let previous = host.registry.unassign(user)?;
     let released = release_holder(host, user, None);
     host.events.emit(Event::Unassigned {
@@ -78,7 +79,7 @@ fn revoke(host: &Arc<Host>, user: &str, vm: &str) {
 /// if the VM is not connected, else once it has answered `UserRelease` (or
 /// not, within `handover_timeout_ms`), recording the hand-over. Returns the
 /// VM asked to release.
-fn release_holder(host: &Arc<Host>, user: &str, new_vm: Option<&str>) -> Option<String> {
+fn release_holder(host: &Arc<Host>, user: &UserName, new_vm: Option<&str>) -> Option<String> {
     let holder = host.leases.get(user)?.vm;
     if holder.is_empty() || Some(holder.as_str()) == new_vm {
         return None;
@@ -100,7 +101,7 @@ fn release_holder(host: &Arc<Host>, user: &str, new_vm: Option<&str>) -> Option<
     };
     let ticket = host.handovers.start(user);
     let deadline_ms = u32::try_from(host.config.handover_timeout_ms).unwrap_or(u32::MAX);
-    let (host, user, from) = (host.clone(), user.to_string(), holder.clone());
+    let (host, user, from) = (host.clone(), user.clone(), holder.clone());
     tokio::spawn(async move {
         let req = Request::UserRelease {
             user: user.clone(),
@@ -116,7 +117,7 @@ fn release_holder(host: &Arc<Host>, user: &str, new_vm: Option<&str>) -> Option<
             Ok(Response::Released { committed }) => {
                 ticket.finish(HandoverOutcome::Released);
                 host.events.emit(Event::UserReleased {
-                    user,
+                    user: user.into(),
                     vm: from,
                     committed,
                 });
@@ -128,7 +129,7 @@ fn release_holder(host: &Arc<Host>, user: &str, new_vm: Option<&str>) -> Option<
                     Err(e) => e.to_string(),
                 };
                 host.events.emit(Event::HandoverFailed {
-                    user,
+                    user: user.into(),
                     vm: from,
                     reason: why,
                 });

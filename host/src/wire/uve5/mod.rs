@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use uve_protocol::manifest::{Hash, Manifest};
 use uve_protocol::message::{ErrorCode, Response, Version, WireError};
+use uve_protocol::names::UserName;
 
 use crate::host::Host;
 
@@ -36,12 +37,12 @@ pub struct VmConnection {
 #[derive(Default)]
 struct ConnState {
     /// Versions granted per user on this connection.
-    granted: HashMap<String, HashSet<Version>>,
+    granted: HashMap<UserName, HashSet<Version>>,
     /// Chunks listed in manifest pages served per user: the only chunks
     /// this connection may fetch.
-    fetchable: HashMap<String, HashSet<Hash>>,
+    fetchable: HashMap<UserName, HashSet<Hash>>,
     /// Recently served manifests (small cache; pages are asked in a row).
-    manifests: Vec<((String, Version), Arc<Manifest>)>,
+    manifests: Vec<((UserName, Version), Arc<Manifest>)>,
     /// Open uploads.
     uploads: HashMap<u64, Arc<update::Upload>>,
     next_upload: u64,
@@ -96,11 +97,6 @@ impl VmConnection {
     pub fn origin(&self) -> String {
         format!("vm:{}", self.vm)
     }
-}
-
-/// Validates a name from the peer, mapping the error to `InvalidName`.
-pub fn check_name(kind: &'static str, name: &str) -> Result<(), WireError> {
-    uve_protocol::names::validate(kind, name).map_err(|e| WireError::new(ErrorCode::InvalidName, e))
 }
 
 /// Validates free text from the peer.

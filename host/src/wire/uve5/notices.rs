@@ -3,20 +3,22 @@
 //! at-least-once delivery yields exactly one event).
 
 use uve_protocol::message::{DisconnectNotice, ErrorCode, Response, WireError};
+use uve_protocol::names::{SessionId, UaName, UserName};
 
-use super::{Handled, VmConnection, check_name, check_text};
+use super::{Handled, VmConnection, check_text};
 use crate::state::events::{DisconnectSource, Event};
 use crate::state::metrics;
 use crate::state::sessions::MAX_SESSIONS_PER_VM;
 
 /// `SessionStarted`.
-pub fn started(conn: &VmConnection, session: &str, user: &str, ua: Option<String>) -> Handled {
-    check_name("session", session)?;
-    check_name("user", user)?;
-    if let Some(ua) = &ua {
-        check_name("UA", ua)?;
-    }
+pub fn started(
+    conn: &VmConnection,
+    session: &SessionId,
+    user: &UserName,
+    ua: Option<UaName>,
+) -> Handled {
     conn.check_assigned(user)?;
+    let ua = ua.map(String::from);
     let Some(new) = conn
         .host
         .sessions
@@ -42,8 +44,7 @@ pub fn started(conn: &VmConnection, session: &str, user: &str, ua: Option<String
 }
 
 /// `SessionEnded`.
-pub fn ended(conn: &VmConnection, session: &str) -> Handled {
-    check_name("session", session)?;
+pub fn ended(conn: &VmConnection, session: &SessionId) -> Handled {
     if let Some(s) = conn.host.sessions.ended(&conn.vm, session) {
         conn.host.events.emit(Event::SessionEnded {
             vm: conn.vm.clone(),
@@ -63,7 +64,7 @@ fn check_ours(conn: &VmConnection, n: &DisconnectNotice) -> Result<(), WireError
     let host = &conn.host;
     let session_user = host.sessions.user_of(&conn.vm, &n.session);
     let ours = match session_user {
-        Some(u) => u == n.user,
+        Some(u) => n.user == u.as_str(),
         None => {
             host.registry.assignment(&n.user).as_deref() == Some(conn.vm.as_str())
                 || host.leases.held_by(&n.user, &conn.vm)
@@ -84,11 +85,6 @@ fn check_ours(conn: &VmConnection, n: &DisconnectNotice) -> Result<(), WireError
 
 /// `UnexpectedDisconnect`.
 pub fn disconnect(conn: &VmConnection, n: DisconnectNotice) -> Handled {
-    check_name("session", &n.session)?;
-    check_name("user", &n.user)?;
-    if let Some(ua) = &n.ua {
-        check_name("UA", ua)?;
-    }
     check_text("reason", &n.reason)?;
     check_ours(conn, &n)?;
     if conn.host.sessions.first_notice(&conn.vm, n.id) {
@@ -96,9 +92,9 @@ pub fn disconnect(conn: &VmConnection, n: DisconnectNotice) -> Handled {
         metrics::add(&conn.host.metrics.unexpected_disconnects, 1);
         conn.host.events.emit(Event::UnexpectedDisconnect {
             vm: conn.vm.clone(),
-            session: n.session,
-            user: n.user,
-            ua: n.ua,
+            session: n.session.into(),
+            user: n.user.into(),
+            ua: n.ua.map(String::from),
             reason: n.reason,
             at: n.at,
             id: Some(n.id),

@@ -7,15 +7,15 @@ use std::sync::Arc;
 use uve_protocol::manifest::Hash;
 use uve_protocol::message::{ErrorCode, Response, RetrieveGrant, Version, WireError};
 
-use super::{Handled, VmConnection, check_name};
+use uve_protocol::names::{SessionId, UserName};
+
+use super::{Handled, VmConnection};
 use crate::host::{Host, wire_store_error};
 use crate::state::events::Event;
 use crate::state::metrics;
 
 /// `UifRetrieve`.
-pub async fn grant(conn: &VmConnection, user: &str, session: &str) -> Handled {
-    check_name("user", user)?;
-    check_name("session", session)?;
+pub async fn grant(conn: &VmConnection, user: &UserName, session: &SessionId) -> Handled {
     conn.check_assigned(user)?;
     let host = &conn.host;
     let limit = Host::ms(host.config.handover_timeout_ms);
@@ -56,7 +56,7 @@ pub async fn grant(conn: &VmConnection, user: &str, session: &str) -> Handled {
         st.granted.remove(user);
         st.fetchable.remove(user);
         if let (Some(v), Some(m)) = (version, manifest) {
-            st.granted.entry(user.to_string()).or_default().insert(v);
+            st.granted.entry(user.clone()).or_default().insert(v);
             cache_manifest(&mut st, user, v, Arc::new(m));
         }
     }
@@ -79,21 +79,20 @@ pub async fn grant(conn: &VmConnection, user: &str, session: &str) -> Handled {
 
 fn cache_manifest(
     st: &mut super::ConnState,
-    user: &str,
+    user: &UserName,
     v: Version,
     m: Arc<uve_protocol::Manifest>,
 ) {
     st.manifests
         .retain(|((u, ver), _)| !(u == user && *ver == v));
-    st.manifests.push(((user.to_string(), v), m));
+    st.manifests.push(((user.clone(), v), m));
     if st.manifests.len() > 4 {
         st.manifests.remove(0);
     }
 }
 
 /// `ManifestPage`: only for versions granted on this connection.
-pub async fn page(conn: &VmConnection, user: &str, version: Version, page: u32) -> Handled {
-    check_name("user", user)?;
+pub async fn page(conn: &VmConnection, user: &UserName, version: Version, page: u32) -> Handled {
     conn.check_assigned(user)?;
     let cached = {
         let st = conn.state();
@@ -128,15 +127,14 @@ pub async fn page(conn: &VmConnection, user: &str, version: Version, page: u32) 
         .to_vec();
     conn.state()
         .fetchable
-        .entry(user.to_string())
+        .entry(user.clone())
         .or_default()
         .extend(refs.iter().map(|c| c.hash));
     Ok(Response::ManifestPage(refs))
 }
 
 /// `ChunkFetch`: only chunks of pages served on this connection.
-pub async fn fetch(conn: &VmConnection, user: &str, hash: Hash) -> Handled {
-    check_name("user", user)?;
+pub async fn fetch(conn: &VmConnection, user: &UserName, hash: Hash) -> Handled {
     conn.check_assigned(user)?;
     let allowed = conn
         .state()

@@ -24,7 +24,7 @@ mod commit;
 pub use block_delta::{chunk_delta, signatures};
 pub use commit::commit;
 
-use super::{Handled, VmConnection, check_name};
+use super::{Handled, VmConnection};
 use crate::budgets::conflict_rate::Admit;
 use crate::budgets::staging::{Stage, StagingBudget, StagingRefused};
 use crate::host::wire_store_error;
@@ -128,8 +128,8 @@ pub fn expire_idle(conn: &VmConnection, idle: std::time::Duration) -> usize {
     for up in &expired {
         tracing::warn!(
             vm = conn.vm,
-            user = up.begin.user,
-            session = up.begin.session,
+            user = %up.begin.user,
+            session = %up.begin.session,
             "upload expired: idle for {idle:?}"
         );
     }
@@ -151,8 +151,8 @@ fn refused(conn: &VmConnection, b: &UpdateBegin, e: &WireError) {
     metrics::add(&conn.host.metrics.updates_refused, 1);
     conn.host.events.emit(Event::UpdateRefused {
         vm: conn.vm.clone(),
-        user: b.user.clone(),
-        session: b.session.clone(),
+        user: b.user.to_string(),
+        session: b.session.to_string(),
         cause: b.cause,
         base: b.base,
         size: b.header.size,
@@ -164,8 +164,6 @@ fn refused(conn: &VmConnection, b: &UpdateBegin, e: &WireError) {
 /// `UpdateBegin`.
 pub fn begin(conn: &VmConnection, b: UpdateBegin) -> Handled {
     // A malformed name is a hostile or broken peer, not a user's update.
-    check_name("user", &b.user)?;
-    check_name("session", &b.session)?;
     let asked = b.clone();
     open_upload(conn, b).inspect_err(|e| refused(conn, &asked, e))
 }
@@ -270,12 +268,12 @@ fn check_conflict_rate(conn: &VmConnection, b: &UpdateBegin) -> Result<(), WireE
     if first {
         tracing::warn!(
             vm = conn.vm,
-            user = b.user,
+            user = %b.user,
             "updates without the current lease refused: over {limit} per hour"
         );
         host.events.emit(Event::BudgetExceeded {
             vm: conn.vm.clone(),
-            user: Some(b.user.clone()),
+            user: Some(b.user.to_string()),
             budget: "conflict_updates_per_hour".to_string(),
             limit: u64::from(limit),
         });
@@ -445,7 +443,7 @@ async fn base_index(conn: &VmConnection, up: &Upload) -> Arc<BaseIndex> {
             match conn.host.store_call(move |s| s.manifest(&user, base)).await {
                 Ok(m) => BaseIndex::new(&m),
                 Err(e) => {
-                    tracing::debug!(user = up.begin.user, base, error = %e, "base manifest unavailable");
+                    tracing::debug!(user = %up.begin.user, base, error = %e, "base manifest unavailable");
                     BaseIndex::default()
                 }
             }
@@ -570,10 +568,10 @@ enum Refusal<E> {
 /// time for this upload (the metric counts every refusal).
 fn staging_refused(conn: &VmConnection, up: &Upload, e: &StagingRefused) -> WireError {
     if up.stage.first_refusal() {
-        tracing::warn!(vm = conn.vm, user = up.begin.user, "chunk refused: {e}");
+        tracing::warn!(vm = conn.vm, user = %up.begin.user, "chunk refused: {e}");
         conn.host.events.emit(Event::BudgetExceeded {
             vm: conn.vm.clone(),
-            user: Some(up.begin.user.clone()),
+            user: Some(up.begin.user.to_string()),
             budget: e.budget.name().to_string(),
             limit: e.limit,
         });

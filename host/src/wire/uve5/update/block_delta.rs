@@ -98,7 +98,7 @@ pub async fn signatures(conn: &VmConnection, upload: u64, indices: Vec<u32>) -> 
                 }
             }
             Err(e) => {
-                tracing::warn!(user = up.begin.user, error = %e,
+                tracing::warn!(user = %up.begin.user, error = %e,
                     "base bytes unreadable; the agent will send the chunk whole");
             }
         }
@@ -190,7 +190,7 @@ pub async fn chunk_delta(conn: &VmConnection, d: ChunkDelta) -> Handled {
     if let Err(e) = based {
         // The base is gone (pruned meanwhile) or damaged: the agent sends
         // the chunk whole instead.
-        tracing::warn!(user = up.begin.user, chunk = %hash, error = %e, "delta base unusable");
+        tracing::warn!(user = %up.begin.user, chunk = %hash, error = %e, "delta base unusable");
         return Err(bad(
             ErrorCode::NotFound,
             format!("the base of chunk {hash} cannot be read ({e}); send it whole"),

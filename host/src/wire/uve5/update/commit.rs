@@ -69,7 +69,7 @@ async fn commit_upload(conn: &VmConnection, up: &Arc<Upload>, upload: u64) -> Ha
             if lease_ok && !base_granted(s, &user, base, &origin, granted)? {
                 tracing::warn!(
                     vm,
-                    user,
+                    %user,
                     lease,
                     "update based on v{base:?}, which lease {lease} was neither granted on nor committed under: kept as a conflict version"
                 );
@@ -82,9 +82,9 @@ async fn commit_upload(conn: &VmConnection, up: &Arc<Upload>, upload: u64) -> Ha
     };
     conn.state().uploads.remove(&upload);
     let update = UpdateFields {
-        user: b.user.clone(),
+        user: b.user.to_string(),
         vm: conn.vm.clone(),
-        session: b.session.clone(),
+        session: b.session.to_string(),
         cause: b.cause,
         base: b.base,
         size: m.header.size,
