@@ -6,7 +6,8 @@
 #     linker (gcc-aarch64-linux-gnu) are installed; otherwise it says why
 #     and skips it (packaging/README.md: "Static agent artifact").
 # The binary is statically linked (glibc, +crt-static) and stripped, so it
-# runs in any x86_64 Linux guest regardless of its libc.
+# runs in any x86_64 Linux guest regardless of its libc. It must stay within
+# 5 MiB stripped (UVE_AGENT_MAX_BYTES overrides the bar, for experiments).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -34,8 +35,16 @@ build() { # <rust target> <artifact arch> [linker]
   [ "$arch" = aarch64 ] && strip=aarch64-linux-gnu-strip
   command -v "$strip" >/dev/null && "$strip" "$art"
   file -b "$art" | grep -q 'static' || { log "$art is not statically linked"; exit 1; }
+  # The design's bar for the stripped agent (packaging/README.md, "Agent
+  # size"): a dependency that breaks it fails the build here, not in a guest.
+  local size max=${UVE_AGENT_MAX_BYTES:-5242880}
+  size=$(stat -c %s "$art")
+  if [ "$size" -gt "$max" ]; then
+    log "$(basename "$art") is $size bytes, over the $max-byte bar (5 MiB); see packaging/README.md \"Agent size\" (cargo bloat --crates)"
+    exit 1
+  fi
   (cd "$out" && sha256sum "$(basename "$art")" >"$(basename "$art").sha256")
-  log "$(basename "$art"): $(du -k "$art" | cut -f1) KiB, sha256 $(cut -c1-16 "$art.sha256")…"
+  log "$(basename "$art"): $size bytes, sha256 $(cut -c1-16 "$art.sha256")…"
 }
 
 build x86_64-unknown-linux-gnu x86_64

@@ -89,7 +89,8 @@ pub struct UifConfig {
     pub home: String,
     /// Owner of unpacked files: `passwd` or `uid:gid`.
     pub owner: String,
-    /// Glob patterns (relative to the home) left out when packing.
+    /// Glob patterns (relative to the home) left out when packing; the
+    /// syntax is [`crate::base::archive::Excludes`]'s.
     pub exclude: Vec<String>,
 }
 

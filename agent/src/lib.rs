@@ -19,7 +19,7 @@
 //!    copies, the chunk cache.
 //! 6. [`link`]: the host connection as a handle and a watch.
 //! 7. [`base`]: the leaves (`fsutil`, `passwd`, `nofollow`, `archive`,
-//!    `fault`); [`config`], the configuration every layer reads; and
+//!    `logfilter`, `fault`); [`config`], the configuration every layer reads; and
 //!    `uve-protocol`.
 
 pub mod adapters;

@@ -8,6 +8,7 @@ use uve_protocol::names::{SessionId, UaName, UserName};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use uve_agent::adapters::control::ControlRequest;
+use uve_agent::base::logfilter;
 use uve_agent::config::Config;
 use uve_agent::{cli, daemon};
 
@@ -171,12 +172,22 @@ fn real_main() -> anyhow::Result<i32> {
     cli::run(&socket, req, json)
 }
 
+/// Logs to stderr, filtered by `UVE_LOG` ([`uve_agent::base::logfilter`]);
+/// an invalid value is reported and logging stays at info.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("UVE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let value = std::env::var("UVE_LOG").ok();
+    let (filter, bad) = logfilter::from_env_value(value.as_deref());
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(false),
+        )
         .init();
+    if let Some(e) = bad {
+        tracing::warn!(error = %e, "UVE_LOG ignored; logging at info");
+    }
 }
