@@ -268,8 +268,13 @@ fn connection_reset_during_retrieve_is_retried_within_the_login() {
         std::fs::read(dir.path().join("uif/olga.img")).unwrap(),
         data
     );
-    // The partial file of the interrupted attempt is gone.
-    assert!(!dir.path().join("uif/olga.img.uve-part").exists());
+    // The partial file of the interrupted attempt is gone: the UIF
+    // directory holds the UIF and nothing else.
+    let names: Vec<String> = std::fs::read_dir(dir.path().join("uif"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["olga.img"]);
 }
 
 /// A larger UIF (64 MiB): prints timings and the agent's peak RSS. Ignored

@@ -1,7 +1,21 @@
-//! Small file-system and entropy helpers every module relies on: durable
-//! atomic writes (unique temp + fsync + rename + fsync of the directory),
-//! private state files (0600, never through a symlink), reading JSON state
-//! files, the kernel's boot id, random ids and the wall clock.
+//! The agent's one durable path, and small file-system and entropy helpers
+//! every module relies on.
+//!
+//! Every call that waits on the disk goes through this module: durable
+//! atomic writes ([`atomic_write`]: unique temp + fsync + rename + fsync of
+//! the directory), files written in pieces and then published
+//! ([`DurableFile`]), an fsync of an open file ([`sync`]) or of a path
+//! ([`sync_file`]), of a directory ([`sync_parent`]), of every filesystem
+//! ([`sync_filesystems`]), symlink swaps ([`replace_symlink`]) and the
+//! blocking waits on a disk ([`pause`]). Each holds the runtime-thread
+//! assertion: the agent's single runtime thread also drives heartbeats, and
+//! one fsync under dirty pages can take seconds, so debug builds abort when
+//! one of these runs on it ([`mark_runtime_thread`]).
+//!
+//! Temporary files start with `.` (`.<name>.uve-tmp-<random>`), which no
+//! valid user, session or UA name may, so no name can collide with one.
+//! Also here: private state files (0600, never through a symlink), JSON
+//! state files, the kernel's boot id, random ids and the wall clock.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -58,10 +72,21 @@ pub fn create_private(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// A temp name next to `path` that no other writer uses: the file name,
-/// `suffix`, and a random tag.
-fn unique_sibling(path: &Path, suffix: &str) -> PathBuf {
-    sibling(path, &format!("{suffix}-{:016x}", random_u64()))
+/// The prefix of every temporary name made for `path`:
+/// `.<file name>.uve-tmp-`.
+fn temp_prefix(path: &Path) -> std::ffi::OsString {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(".uve-tmp-");
+    name
+}
+
+/// A temp name next to `path` that no other writer uses and no valid name
+/// can take: [`temp_prefix`] and a random tag.
+fn unique_temp(path: &Path) -> PathBuf {
+    let mut name = temp_prefix(path);
+    name.push(format!("{:016x}", random_u64()));
+    path.with_file_name(name)
 }
 
 /// Writes `data` to `path` so that a crash leaves either the old or the new
@@ -70,17 +95,130 @@ fn unique_sibling(path: &Path, suffix: &str) -> PathBuf {
 /// fsync the directory. On error the temp file is removed.
 pub fn atomic_write(path: &Path, data: &[u8]) -> io::Result<()> {
     assert_off_runtime("atomic_write");
-    let tmp = unique_sibling(path, ".uve-tmp");
-    let written = create_private(&tmp).and_then(|mut f| {
-        f.write_all(data)?;
-        f.sync_all()
-    });
-    let renamed = written.and_then(|()| fs::rename(&tmp, path));
-    if let Err(e) = renamed {
+    let f = DurableFile::create(path)?;
+    f.file().write_all(data)?;
+    f.publish()
+}
+
+/// A file written in pieces (a UIF can be many GiB) and then published at
+/// its destination in one step, so a crash leaves the old file or the new
+/// one whole, never a mix. It is written as a private temp sibling (0600,
+/// `O_EXCL`, no symlink followed, a name no valid name can take);
+/// [`publish`](Self::publish) fsyncs it, renames it over the destination
+/// and fsyncs the directory. Dropped unpublished (an error on the way),
+/// the temp file is removed.
+#[derive(Debug)]
+pub struct DurableFile {
+    file: File,
+    temp: PathBuf,
+    dest: PathBuf,
+    published: bool,
+}
+
+impl DurableFile {
+    /// Starts a new version of `dest`.
+    pub fn create(dest: &Path) -> io::Result<DurableFile> {
+        let temp = unique_temp(dest);
+        let file = create_private(&temp)?;
+        Ok(DurableFile {
+            file,
+            temp,
+            dest: dest.to_path_buf(),
+            published: false,
+        })
+    }
+
+    /// Like [`create`](Self::create), first removing the temp files of
+    /// earlier versions of `dest` that a crash left behind. Only for a
+    /// destination the caller alone writes (a user's UIF, under the user's
+    /// lock): another writer's temp file would go too.
+    pub fn create_sole(dest: &Path) -> io::Result<DurableFile> {
+        remove_stale_temps(dest);
+        Self::create(dest)
+    }
+
+    /// The file being written.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Where it is written until published (for messages).
+    pub fn temp_path(&self) -> &Path {
+        &self.temp
+    }
+
+    /// Makes the file durable and the destination's content: fsync,
+    /// rename, fsync of the directory.
+    pub fn publish(mut self) -> io::Result<()> {
+        assert_off_runtime("DurableFile::publish");
+        self.file.sync_all()?;
+        fs::rename(&self.temp, &self.dest)?;
+        self.published = true;
+        sync_parent(&self.dest)
+    }
+}
+
+impl Drop for DurableFile {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = fs::remove_file(&self.temp);
+        }
+    }
+}
+
+/// Removes the temp files of `dest` left by a crash (see
+/// [`DurableFile::create_sole`]).
+fn remove_stale_temps(dest: &Path) {
+    let prefix = temp_prefix(dest);
+    let dir = match dest.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    use std::os::unix::ffi::OsStrExt;
+    for e in entries.flatten() {
+        if e.file_name().as_bytes().starts_with(prefix.as_bytes()) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Makes an open file's content durable (`fsync`).
+pub fn sync(f: &File) -> io::Result<()> {
+    assert_off_runtime("sync");
+    f.sync_all()
+}
+
+/// Writes every filesystem's dirty pages (`sync(2)`): what reaches a file
+/// image mounted through a loop device, whose pages only a global sync
+/// flushes. Takes seconds under many dirty pages.
+pub fn sync_filesystems() {
+    assert_off_runtime("sync_filesystems");
+    nix::unistd::sync();
+}
+
+/// Waits `d` on a blocking thread, for a disk to settle (a file's ctime,
+/// a child writing an archive).
+pub fn pause(d: std::time::Duration) {
+    assert_off_runtime("pause");
+    std::thread::sleep(d);
+}
+
+/// Points the symlink `<dir>/<link>` at `target` (a sibling name)
+/// atomically and durably: a new link under a unique temp name, renamed
+/// over the old one, then a directory fsync.
+pub fn replace_symlink(dir: &Path, link: &str, target: &str) -> io::Result<()> {
+    assert_off_runtime("replace_symlink");
+    let path = dir.join(link);
+    let tmp = unique_temp(&path);
+    std::os::unix::fs::symlink(target, &tmp)?;
+    if let Err(e) = fs::rename(&tmp, &path) {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    sync_parent(path)
+    sync_parent(&path)
 }
 
 /// Makes `path`'s content durable (`fsync` of that one file, which a
@@ -237,6 +375,113 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
         let v: Option<Vec<u32>> = read_json(&dir.path().join("missing")).unwrap();
         assert!(v.is_none());
+    }
+
+    #[test]
+    fn durable_files_publish_whole_or_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("uif.img");
+        fs::write(&p, b"old").unwrap();
+        // A crash left a temp file of an earlier version.
+        let stale = dir.path().join(".uif.img.uve-tmp-00000000000000aa");
+        fs::write(&stale, b"torn").unwrap();
+        let f = DurableFile::create_sole(&p).unwrap();
+        assert!(!stale.exists(), "the sole writer removes stale temps");
+        assert!(
+            f.temp_path()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with('.'),
+            "no valid name starts with a dot"
+        );
+        f.file().write_all(b"piece one, ").unwrap();
+        f.file().write_all(b"piece two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"old", "untouched until published");
+        f.publish().unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"piece one, piece two");
+        let g = DurableFile::create(&p).unwrap();
+        g.file().write_all(b"abandoned").unwrap();
+        drop(g);
+        assert_eq!(fs::read(&p).unwrap(), b"piece one, piece two");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temp left");
+        replace_symlink(dir.path(), "current", "uif.img").unwrap();
+        replace_symlink(dir.path(), "current", "other").unwrap();
+        assert_eq!(
+            fs::read_link(dir.path().join("current")).unwrap(),
+            Path::new("other")
+        );
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    /// The child half of [`every_durable_call_aborts_on_the_runtime_thread`]:
+    /// marks its thread as the runtime thread and makes the call named by
+    /// `UVE_FSUTIL_ON_RUNTIME`, which must abort before returning.
+    fn durable_call_on_runtime_thread(call: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        fs::write(&p, b"x").unwrap();
+        mark_runtime_thread();
+        match call {
+            "atomic_write" => drop(atomic_write(&p, b"y")),
+            "publish" => {
+                // Created off the mark's reach is irrelevant: only the
+                // publishing waits on the disk.
+                let f = DurableFile::create(&p).unwrap();
+                drop(f.publish());
+            }
+            "sync" => drop(sync(&File::open(&p).unwrap())),
+            "sync_file" => drop(sync_file(&p)),
+            "sync_parent" => drop(sync_parent(&p)),
+            "sync_filesystems" => sync_filesystems(),
+            "pause" => pause(std::time::Duration::from_millis(1)),
+            "replace_symlink" => drop(replace_symlink(dir.path(), "l", "f")),
+            other => panic!("unknown call {other}"),
+        }
+        // Reached only if the assertion did not fire.
+        std::process::exit(0);
+    }
+
+    #[test]
+    fn every_durable_call_aborts_on_the_runtime_thread() {
+        if let Ok(call) = std::env::var("UVE_FSUTIL_ON_RUNTIME") {
+            durable_call_on_runtime_thread(&call);
+            return;
+        }
+        let me = std::env::current_exe().unwrap();
+        for call in [
+            "atomic_write",
+            "publish",
+            "sync",
+            "sync_file",
+            "sync_parent",
+            "sync_filesystems",
+            "pause",
+            "replace_symlink",
+        ] {
+            let out = std::process::Command::new(&me)
+                .args([
+                    "--exact",
+                    "base::fsutil::tests::every_durable_call_aborts_on_the_runtime_thread",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("UVE_FSUTIL_ON_RUNTIME", call)
+                .output()
+                .unwrap();
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(
+                out.status.signal(),
+                Some(libc::SIGABRT),
+                "{call} on the runtime thread must abort; {:?}",
+                out.status
+            );
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("on the agent's runtime thread"),
+                "{call}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -263,7 +263,7 @@ impl Flusher {
             // business). Off the runtime thread: with many dirty pages
             // sync(2) takes seconds, and heartbeats must keep flowing.
             blocking(|| {
-                nix::unistd::sync();
+                fsutil::sync_filesystems();
                 Ok(())
             })
             .await

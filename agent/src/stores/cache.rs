@@ -31,6 +31,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use uve_protocol::manifest::{Hash, Manifest};
 
+use crate::base::fsutil;
+
 /// A stamp is recorded only if the file's ctime was at least this much
 /// older than the clock when the stamp was taken: the kernel stamps
 /// changes with a coarse clock (one jiffy, ≤ 10 ms at `HZ=100`), so a write
@@ -47,10 +49,10 @@ pub fn manifest_path(state_dir: &Path, user: &str) -> PathBuf {
 pub fn save(state_dir: &Path, user: &str, manifest: &Manifest) -> std::io::Result<()> {
     let path = manifest_path(state_dir, user);
     if let Some(dir) = path.parent() {
-        crate::base::fsutil::ensure_dir(dir)?;
+        fsutil::ensure_dir(dir)?;
     }
     let bytes = postcard::to_stdvec(manifest).map_err(std::io::Error::other)?;
-    crate::base::fsutil::atomic_write(&path, &bytes)
+    fsutil::atomic_write(&path, &bytes)
 }
 
 /// The recorded manifest of `user`'s UIF file, if any and readable.
@@ -165,7 +167,7 @@ pub fn settled_id(path: &Path) -> Option<FileId> {
         }
         let wait =
             (RACY.as_nanos() as i128 - (now - id.ctime_ns)).clamp(0, RACY.as_nanos() as i128);
-        std::thread::sleep(
+        fsutil::pause(
             Duration::from_nanos(u64::try_from(wait).unwrap_or(0)) + Duration::from_millis(1),
         );
     }
@@ -184,13 +186,13 @@ pub fn save_stamp(
     match id {
         Some(file) => {
             if let Some(dir) = path.parent() {
-                crate::base::fsutil::ensure_dir(dir)?;
+                fsutil::ensure_dir(dir)?;
             }
-            let boot = crate::base::fsutil::kernel_boot();
-            crate::base::fsutil::write_json(&path, &Stamp { digest, file, boot })
+            let boot = fsutil::kernel_boot();
+            fsutil::write_json(&path, &Stamp { digest, file, boot })
         }
         None => match std::fs::remove_file(&path) {
-            Ok(()) => crate::base::fsutil::sync_parent(&path),
+            Ok(()) => fsutil::sync_parent(&path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         },
@@ -212,10 +214,10 @@ pub fn stamped_id(state_dir: &Path, user: &str, manifest: &Manifest) -> Option<F
     if patch_marker_path(state_dir, user).exists() {
         return None;
     }
-    let stamp = crate::base::fsutil::read_json::<Stamp>(&stamp_path(state_dir, user))
+    let stamp = fsutil::read_json::<Stamp>(&stamp_path(state_dir, user))
         .ok()
         .flatten()?;
-    let this_boot = stamp.boot.is_some() && stamp.boot == crate::base::fsutil::kernel_boot();
+    let this_boot = stamp.boot.is_some() && stamp.boot == fsutil::kernel_boot();
     (this_boot && stamp.digest == manifest.header.digest && stamp.file.size == manifest.header.size)
         .then_some(stamp.file)
 }
@@ -225,9 +227,9 @@ pub fn stamped_id(state_dir: &Path, user: &str, manifest: &Manifest) -> Option<F
 pub fn begin_patch(state_dir: &Path, user: &str) -> std::io::Result<()> {
     let path = patch_marker_path(state_dir, user);
     if let Some(dir) = path.parent() {
-        crate::base::fsutil::ensure_dir(dir)?;
+        fsutil::ensure_dir(dir)?;
     }
-    crate::base::fsutil::atomic_write(
+    fsutil::atomic_write(
         &path,
         b"retrieve in progress; the UIF file may be half patched\n",
     )
@@ -238,7 +240,7 @@ pub fn begin_patch(state_dir: &Path, user: &str) -> std::io::Result<()> {
 pub fn end_patch(state_dir: &Path, user: &str) -> std::io::Result<()> {
     let path = patch_marker_path(state_dir, user);
     match std::fs::remove_file(&path) {
-        Ok(()) => crate::base::fsutil::sync_parent(&path),
+        Ok(()) => fsutil::sync_parent(&path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }

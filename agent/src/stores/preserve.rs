@@ -209,7 +209,7 @@ impl Preserved {
         let mut src = std::fs::File::open(&copy.bytes)?;
         let mut out = fsutil::create_private(to)?;
         let n = io::copy(&mut src, &mut out)?;
-        out.sync_all()?;
+        fsutil::sync(&out)?;
         fsutil::sync_parent(to)?;
         Ok(n)
     }

@@ -232,7 +232,7 @@ fn verify(tr: &Transfer) -> Result<(), WireError> {
             format!("bundle has {} of {} bytes", tr.written, tr.bundle.size),
         ));
     }
-    tr.file.sync_all().map_err(internal("fsync bundle"))?;
+    fsutil::sync(&tr.file).map_err(internal("fsync bundle"))?;
     if *tr.hasher.finalize().as_bytes() != tr.bundle.digest.0 {
         return Err(err(ErrorCode::BadDigest, "bundle digest mismatch"));
     }
@@ -259,13 +259,10 @@ fn switch_back(dir: &Path) -> Result<UaVersion, WireError> {
     Ok(prev)
 }
 
-/// Atomically points `<dir>/<link>` at `target` (a sibling name).
+/// Atomically and durably points `<dir>/<link>` at `target` (a sibling
+/// name).
 fn set_link(dir: &Path, link: &str, target: &str) -> std::io::Result<()> {
-    let tmp = dir.join(format!(".{link}.tmp"));
-    let _ = fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(target, &tmp)?;
-    fs::rename(&tmp, dir.join(link))?;
-    fsutil::sync_parent(&dir.join(link))
+    fsutil::replace_symlink(dir, link, target)
 }
 
 /// Unpacks a verified bundle into `<root>/<name>/<version>` and switches

@@ -25,10 +25,10 @@
 //!   the daemon.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -258,35 +258,20 @@ fn pack_home(
         }
         Err(e) => return Err(errno_at("open", home)(e)),
     };
-    let tmp = crate::base::fsutil::sibling(archive, ".uve-pack");
-    match std::fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(UifError::at("remove", &tmp, e)),
-    }
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&tmp)
-        .map_err(|e| UifError::at("create", &tmp, e))?;
-    let packed = match owner {
-        Some((uid, gid)) if uid != 0 => pack_as_owner(home, &home_dir, &file, excludes, uid, gid),
+    // The user's lock makes this the archive's only writer. On an error
+    // `out` is dropped, and its temp file with it.
+    let out = crate::base::fsutil::DurableFile::create_sole(archive)
+        .map_err(|e| UifError::at("create a new", archive, e))?;
+    match owner {
+        Some((uid, gid)) if uid != 0 => {
+            pack_as_owner(home, &home_dir, out.file(), excludes, uid, gid)?;
+        }
         // No unprivileged owner: nobody but root owns the files; the walk
         // is the same, only in-process.
-        _ => pack_in_process(&home_dir, &file, excludes),
-    };
-    let done = packed
-        .and_then(|()| file.sync_all().map_err(|e| UifError::at("fsync", &tmp, e)))
-        .and_then(|()| {
-            std::fs::rename(&tmp, archive).map_err(|e| UifError::at("rename", archive, e))
-        });
-    if let Err(e) = done {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+        _ => pack_in_process(&home_dir, out.file(), excludes)?,
     }
-    crate::base::fsutil::sync_parent(archive).map_err(|e| UifError::at("fsync dir of", archive, e))
+    out.publish()
+        .map_err(|e| UifError::at("publish", archive, e))
 }
 
 fn pack_in_process(home: &OwnedFd, out: &File, excludes: &[String]) -> Result<(), UifError> {
@@ -420,7 +405,7 @@ fn wait_pack_child(
                 grew.elapsed().min(PACK_STALL)
             ));
         }
-        std::thread::sleep(Duration::from_millis(10));
+        crate::base::fsutil::pause(Duration::from_millis(10));
     }
 }
 

@@ -17,7 +17,6 @@
 //! - **Rewrite**: temp → fsync → rename into place; until the rename the
 //!   previous file is untouched.
 
-use std::fs::File;
 use std::path::Path;
 use std::time::Instant;
 
@@ -27,7 +26,7 @@ use uve_protocol::message::{Request, Response, Version};
 use uve_protocol::names::{SessionId, UserName};
 
 use super::{UifError, blocking};
-use crate::base::fsutil;
+use crate::base::fsutil::{self, DurableFile};
 use crate::stores::cache;
 
 mod fetch;
@@ -248,30 +247,24 @@ impl Target<'_> {
         manifest_ms: u128,
     ) -> Result<(usize, usize), UifError> {
         let (user, dest) = (self.user, self.dest);
-        let tmp = fsutil::sibling(dest, ".uve-part");
-        let _ = std::fs::remove_file(&tmp);
-        let out = fsutil::create_private(&tmp).map_err(|e| UifError::at("create", &tmp, e))?;
+        // The user's lock makes this the file's only writer.
+        let out =
+            DurableFile::create_sole(dest).map_err(|e| UifError::at("create a new", dest, e))?;
         let t = Instant::now();
-        let result = fill(
+        // On an error `out` is dropped, and its temp file with it.
+        let (fetched, reused) = fill(
             self.link,
             user,
             dest,
-            &out,
+            out.file(),
             manifest,
             previous,
             self.parallel,
         )
-        .await;
-        let (fetched, reused) = match result {
-            Ok(counts) => counts,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
-        };
+        .await?;
         let chunks_ms = t.elapsed().as_millis();
         let t = Instant::now();
-        self.settle(out, tmp, manifest, version).await?;
+        self.settle(out, manifest, version).await?;
         tracing::info!(
             %user,
             version,
@@ -292,8 +285,7 @@ impl Target<'_> {
     /// byte for byte.
     async fn settle(
         &self,
-        out: File,
-        tmp: std::path::PathBuf,
+        out: DurableFile,
         manifest: &Manifest,
         version: Version,
     ) -> Result<(), UifError> {
@@ -305,19 +297,17 @@ impl Target<'_> {
             manifest.clone(),
         );
         blocking(move || {
-            out.sync_all().map_err(|e| UifError::at("fsync", &tmp, e))?;
             let written = out
+                .file()
                 .metadata()
                 .map(|m| m.len())
-                .map_err(|e| UifError::at("stat", &tmp, e))?;
+                .map_err(|e| UifError::at("stat", out.temp_path(), e))?;
             if written != size {
-                let _ = std::fs::remove_file(&tmp);
                 return Err(UifError::Protocol(format!(
                     "assembled {written} bytes for {u} version {version}, expected {size}"
                 )));
             }
-            std::fs::rename(&tmp, &d).map_err(|e| UifError::at("rename into", &d, e))?;
-            fsutil::sync_parent(&d).map_err(|e| UifError::at("fsync dir of", &d, e))?;
+            out.publish().map_err(|e| UifError::at("publish", &d, e))?;
             record(&sd, &u, &d, &m)
         })
         .await

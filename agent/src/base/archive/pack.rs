@@ -39,7 +39,7 @@ pub fn pack(root: &Path, out: &Path, excludes: &[String]) -> Result<u64, Archive
     let f = w
         .into_inner()
         .map_err(|e| io_err("flush archive")(e.into_error()))?;
-    f.sync_all().map_err(io_err("fsync archive"))?;
+    crate::base::fsutil::sync(&f).map_err(io_err("fsync archive"))?;
     Ok(count)
 }
 

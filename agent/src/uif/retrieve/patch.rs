@@ -12,6 +12,7 @@ use uve_protocol::names::UserName;
 
 use super::fetch::fetch_missing;
 use super::{RELOCATE_BUDGET, record};
+use crate::base::fsutil;
 use crate::link::HostLink;
 use crate::stores::cache;
 use crate::uif::{UifError, blocking};
@@ -124,8 +125,7 @@ pub(super) async fn patch(
     let fetched = fetch_missing(link, user, &out, wanted, order, parallel).await?;
     let dest2 = dest.to_path_buf();
     let written = blocking(move || {
-        out.sync_all()
-            .map_err(|e| UifError::at("fsync", &dest2, e))?;
+        fsutil::sync(&out).map_err(|e| UifError::at("fsync", &dest2, e))?;
         out.metadata()
             .map(|m| m.len())
             .map_err(|e| UifError::at("stat", &dest2, e))
