@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -22,16 +22,9 @@ use crate::adapters::dispatch::Dispatcher;
 use crate::adapters::{conn, outbox};
 use crate::base::fsutil;
 use crate::config::{Config, SharedConfig};
-use crate::flush::Flusher;
 use crate::lifecycle::Lifecycle;
 use crate::link::LinkWatch;
 use crate::stores::monitor::Grants;
-use crate::stores::notices::Journal;
-use crate::stores::preserve::Preserved;
-use crate::stores::session::{SessionTable, UserLocks};
-use crate::stores::spool::Spool;
-use crate::stores::ua::UaStore;
-use crate::supervise::Supervisor;
 
 /// Signals the daemon reacts to.
 enum Sig {
@@ -81,6 +74,8 @@ pub fn run(config_path: Option<&Path>, socket: Option<PathBuf>) -> anyhow::Resul
 /// The agent's parts, built from the configuration.
 struct Parts {
     lifecycle: Arc<Lifecycle>,
+    config: Arc<SharedConfig>,
+    link: Arc<LinkWatch>,
     grants: Arc<Grants>,
     boot_id: [u8; 16],
     exits: mpsc::UnboundedReceiver<crate::supervise::UaExited>,
@@ -95,38 +90,13 @@ fn build(cfg: Config, tasks: &TaskTracker, stop: &CancellationToken) -> std::io:
         Some(id) => id,
         None => fsutil::random_bytes::<16>()?,
     };
-    let max_bundle = cfg.max_ua_bundle;
     let config = Arc::new(SharedConfig::new(cfg));
-    let (exits_tx, exits) = mpsc::unbounded_channel();
     let link = Arc::new(LinkWatch::default());
-    let kick = Arc::new(Notify::new());
-    let table = Arc::new(SessionTable::load(&state_dir));
-    let locks = Arc::new(UserLocks::default());
-    let flusher = Arc::new(Flusher {
-        config: config.clone(),
-        state_dir: state_dir.clone(),
-        table: table.clone(),
-        spool: Spool::load(&state_dir),
-        preserved: Preserved::new(&state_dir),
-        link: link.clone(),
-        locks: locks.clone(),
-        kick: kick.clone(),
-    });
-    let lifecycle = Arc::new(Lifecycle {
-        supervisor: Arc::new(Supervisor::new(exits_tx, tasks.clone(), stop.clone())),
-        uas: Arc::new(UaStore::new(&state_dir, max_bundle)),
-        notices: Journal::load(&state_dir),
-        config,
-        state_dir: state_dir.clone(),
-        table,
-        locks,
-        flusher,
-        link,
-        kick,
-        tasks: tasks.clone(),
-    });
+    let (lifecycle, exits) = Lifecycle::open(config.clone(), link.clone(), tasks, stop);
     Ok(Parts {
         lifecycle,
+        config,
+        link,
         grants: Arc::new(Grants::load(&state_dir)),
         boot_id,
         exits,
@@ -143,19 +113,20 @@ async fn serve(
     let checkpoint = cfg.checkpoint_interval_secs;
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
+    let state_dir = cfg.state_dir.clone();
     let Parts {
         lifecycle,
+        config,
+        link,
         grants,
         boot_id,
         exits,
     } = build(cfg, &tasks, &stop).context("initialise state directory")?;
     let listener = control::bind(&socket, mode)
         .with_context(|| format!("bind control socket {}", socket.display()))?;
-    tracing::info!(socket = %socket.display(), state = %lifecycle.state_dir.display(), "uve-agent running");
-    lifecycle.recover_after_reboot().await;
-    lifecycle.supervisor.adopt(lifecycle.table.sessions());
+    tracing::info!(socket = %socket.display(), state = %state_dir.display(), "uve-agent running");
+    lifecycle.recover_at_start().await;
     let (conns_tx, conns_rx) = mpsc::channel(4);
-    let (config, link) = (lifecycle.config.clone(), lifecycle.link.clone());
     let s = stop.clone();
     tasks.spawn(async move { conn::run(&config, boot_id, &link, conns_tx, s).await });
     let dispatcher = Arc::new(Dispatcher {
@@ -178,13 +149,13 @@ async fn serve(
     }
     while let Some(Sig::Reload) = sigs.recv().await {
         match Config::load(config_path) {
-            Ok(c) => lifecycle.config.reload(c),
+            Ok(c) => lifecycle.reload(c),
             Err(e) => tracing::error!("reload failed, keeping the old config: {e}"),
         }
     }
     tracing::info!("shutting down: flushing open sessions");
     control_stop.cancel();
-    let limit = Duration::from_secs(lifecycle.config.get().shutdown_flush_secs);
+    let limit = Duration::from_secs(lifecycle.config().shutdown_flush_secs);
     if tokio::time::timeout(limit, lifecycle.shutdown())
         .await
         .is_err()
@@ -217,7 +188,7 @@ async fn ua_exits(
         };
         let Some(exit) = exit else { return };
         let lc2 = lc.clone();
-        lc.tasks.spawn(async move { lc2.on_ua_exit(exit).await });
+        lc.spawn(async move { lc2.on_ua_exit(exit).await });
     }
 }
 

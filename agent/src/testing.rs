@@ -9,21 +9,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uve_protocol::message::{ErrorCode, Request, Response, RetrieveGrant, WireError};
 
 use crate::config::{Config, SharedConfig, UifMode};
-use crate::flush::Flusher;
 use crate::lifecycle::Lifecycle;
 use crate::link::LinkWatch;
-use crate::stores::notices::Journal;
-use crate::stores::preserve::Preserved;
-use crate::stores::session::{SessionTable, UserLocks};
-use crate::stores::spool::Spool;
-use crate::stores::ua::UaStore;
-use crate::supervise::{Supervisor, UaExited};
+use crate::supervise::UaExited;
 
 /// The version every commit of the fake host becomes.
 pub const COMMITTED: u64 = 7;
@@ -47,6 +40,8 @@ pub struct Rig {
     pub lifecycle: Arc<Lifecycle>,
     /// What the supervisor reports.
     pub exits: tokio::sync::mpsc::UnboundedReceiver<UaExited>,
+    /// The state directory.
+    state: PathBuf,
 }
 
 fn answer(host: &Mutex<FakeHost>, request: Request) -> Response {
@@ -100,58 +95,53 @@ impl Rig {
             ..Config::default()
         };
         std::fs::create_dir_all(&cfg.state_dir).unwrap();
-        let state_dir = cfg.state_dir.clone();
         let host = Arc::new(Mutex::new(FakeHost::default()));
-        let h2 = host.clone();
-        let link = Arc::new(LinkWatch::default());
-        link.publish(Some(crate::link::testing::fake_host(move |r| {
-            answer(&h2, r)
-        })));
-        let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
-        let (exits_tx, exits) = tokio::sync::mpsc::unbounded_channel();
-        let config = Arc::new(SharedConfig::new(cfg));
-        let table = Arc::new(SessionTable::load(&state_dir));
-        let locks = Arc::new(UserLocks::default());
-        let kick = Arc::new(Notify::new());
-        let flusher = Arc::new(Flusher {
-            config: config.clone(),
-            state_dir: state_dir.clone(),
-            table: table.clone(),
-            spool: Spool::load(&state_dir),
-            preserved: Preserved::new(&state_dir),
-            link: link.clone(),
-            locks: locks.clone(),
-            kick: kick.clone(),
-        });
-        let lifecycle = Arc::new(Lifecycle {
-            supervisor: Arc::new(Supervisor::new(exits_tx, tasks.clone(), stop)),
-            uas: Arc::new(UaStore::new(&state_dir, 1 << 20)),
-            notices: Journal::load(&state_dir),
-            config,
-            state_dir,
-            table,
-            locks,
-            flusher,
-            link,
-            kick,
-            tasks,
-        });
+        let state = cfg.state_dir.clone();
+        let (lifecycle, exits) = Self::wire(cfg, &host);
         Rig {
             dir,
             host,
             lifecycle,
             exits,
+            state,
         }
+    }
+
+    /// The agent's parts on `cfg`, through the daemon's own wiring
+    /// ([`Lifecycle::open`]), with the fake host `host` as the link.
+    fn wire(
+        cfg: Config,
+        host: &Arc<Mutex<FakeHost>>,
+    ) -> (
+        Arc<Lifecycle>,
+        tokio::sync::mpsc::UnboundedReceiver<UaExited>,
+    ) {
+        let h2 = host.clone();
+        let link = Arc::new(LinkWatch::default());
+        link.publish(Some(crate::link::testing::fake_host(move |r| {
+            answer(&h2, r)
+        })));
+        let config = Arc::new(SharedConfig::new(cfg));
+        Lifecycle::open(config, link, &TaskTracker::new(), &CancellationToken::new())
+    }
+
+    /// What a restarted agent is: every part built again on the same state
+    /// directory and UIFs, connected to the same fake host. The old parts
+    /// are dropped, as a killed agent's are.
+    pub fn restart(&mut self) {
+        let cfg = self.lifecycle.config().as_ref().clone();
+        let (lifecycle, exits) = Self::wire(cfg, &self.host);
+        (self.lifecycle, self.exits) = (lifecycle, exits);
     }
 
     /// `user`'s UIF file.
     pub fn uif(&self, user: &str) -> PathBuf {
-        self.lifecycle.config.get().uif_path(user)
+        self.lifecycle.config().uif_path(user)
     }
 
     /// The state directory.
     pub fn state(&self) -> &Path {
-        &self.lifecycle.state_dir
+        &self.state
     }
 
     /// How many requests matched `f`.

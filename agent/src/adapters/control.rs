@@ -25,7 +25,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use uve_protocol::names::{SessionId, UaName, UaVersion, UserName};
+use uve_protocol::names::{SessionId, UaName, UserName};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -34,7 +34,8 @@ use tokio::net::UnixStream;
 use tokio_util::task::TaskTracker;
 
 use crate::flush::FlushOutcome;
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{Ended, Lifecycle};
+pub use crate::lifecycle::{SessionStatus, StatusReport, UaStatus};
 use crate::stores::monitor::Grants;
 use crate::stores::preserve::PreservedCopy;
 
@@ -117,6 +118,10 @@ pub struct ControlResponse {
     /// user's bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<Outcome>,
+    /// For logout and disconnect: a session-table write that failed while
+    /// the session ended (the outcome stands; see agent/README.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
     /// For monitor-check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed: Option<bool>,
@@ -162,61 +167,6 @@ impl Outcome {
             FlushOutcome::NotTaken(_) => (Outcome::NotTaken, false),
         }
     }
-}
-
-/// The agent's state as shown by `uve-agent status`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct StatusReport {
-    /// Connected to the host.
-    pub connected: bool,
-    /// The VM id the host assigned, when connected.
-    pub vm_id: Option<String>,
-    /// Host endpoint.
-    pub host: String,
-    /// Open sessions.
-    pub sessions: Vec<SessionStatus>,
-    /// Users with an attached UIF.
-    pub attached: Vec<UserName>,
-    /// Deployed UAs.
-    pub uas: Vec<UaStatus>,
-    /// Updates in the offline spool.
-    pub spooled_updates: usize,
-    /// Disconnect notices not yet acknowledged.
-    pub pending_notices: usize,
-    /// Live monitoring grants.
-    pub monitor_grants: usize,
-    /// Preserved copies of refused updates, and the bytes they hold.
-    #[serde(default)]
-    pub preserved: usize,
-    /// Bytes held by preserved copies.
-    #[serde(default)]
-    pub preserved_bytes: u64,
-}
-
-/// One session in [`StatusReport`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SessionStatus {
-    /// Session id.
-    pub session: SessionId,
-    /// User.
-    pub user: UserName,
-    /// UA.
-    pub ua: Option<UaName>,
-    /// Supervised UA pid.
-    pub pid: Option<i32>,
-    /// Suspended.
-    pub suspended: bool,
-}
-
-/// One deployed UA in [`StatusReport`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UaStatus {
-    /// Its name.
-    pub name: UaName,
-    /// The version `current` points at.
-    pub current: UaVersion,
-    /// The version kept for rollback.
-    pub previous: Option<UaVersion>,
 }
 
 /// Binds the control socket with the configured mode.
@@ -324,12 +274,12 @@ impl Control {
 
     /// The uid that owns `user`'s files on this VM, if any.
     fn uid_of(&self, user: &str) -> Option<u32> {
-        self.lifecycle.config.get().owner(user).map(|(uid, _)| uid)
+        self.lifecycle.config().owner(user).map(|(uid, _)| uid)
     }
 
     /// True if `caller` is the user of `session`.
     fn owns_session(&self, caller: Caller, session: &str) -> bool {
-        let user = self.lifecycle.table.session(session).map(|s| s.user);
+        let user = self.lifecycle.session(session).map(|s| s.user);
         user.is_some_and(|u| self.uid_of(&u) == Some(caller.uid))
     }
 
@@ -374,12 +324,12 @@ impl Control {
                 }
             }
             ControlRequest::Logout { session } => match self.lifecycle.logout(&session).await {
-                Ok(o) => flushed(o),
+                Ok(e) => ended(e),
                 Err(e) => failure(e.to_string()),
             },
             ControlRequest::Disconnect { session, reason } => {
                 match self.lifecycle.disconnect(&session, &reason).await {
-                    Ok(o) => flushed(o),
+                    Ok(e) => ended(e),
                     Err(e) => failure(e.to_string()),
                 }
             }
@@ -395,7 +345,7 @@ impl Control {
                 ..success("ok".into())
             },
             ControlRequest::PreservedList => {
-                let list = self.lifecycle.flusher.preserved.list();
+                let list = self.lifecycle.preserved();
                 ControlResponse {
                     preserved: Some(list.clone()),
                     ..success(format!("{} preserved copies", list.len()))
@@ -405,18 +355,12 @@ impl Control {
                 if !to.is_absolute() {
                     return failure(format!("{} is not an absolute path", to.display()));
                 }
-                let (preserved, id2, to2) = (
-                    self.lifecycle.flusher.preserved.clone(),
-                    id.clone(),
-                    to.clone(),
-                );
-                match tokio::task::spawn_blocking(move || preserved.export(&id2, &to2)).await {
-                    Ok(Ok(n)) => success(format!(
+                match self.lifecycle.export_preserved(&id, &to).await {
+                    Ok(n) => success(format!(
                         "exported preserved copy {id} ({n} bytes) to {}",
                         to.display()
                     )),
-                    Ok(Err(e)) => failure(format!("cannot export preserved copy {id}: {e}")),
-                    Err(e) => failure(format!("export task failed: {e}")),
+                    Err(e) => failure(format!("cannot export preserved copy {id}: {e}")),
                 }
             }
             ControlRequest::PreservedPush { id, keep } => {
@@ -426,11 +370,9 @@ impl Control {
                 }
             }
             ControlRequest::PreservedDelete { id } => {
-                let (preserved, id2) = (self.lifecycle.flusher.preserved.clone(), id.clone());
-                match tokio::task::spawn_blocking(move || preserved.remove(&id2)).await {
-                    Ok(Ok(())) => success(format!("deleted preserved copy {id}")),
-                    Ok(Err(e)) => failure(format!("cannot delete preserved copy {id}: {e}")),
-                    Err(e) => failure(format!("delete task failed: {e}")),
+                match self.lifecycle.delete_preserved(&id).await {
+                    Ok(()) => success(format!("deleted preserved copy {id}")),
+                    Err(e) => failure(format!("cannot delete preserved copy {id}: {e}")),
                 }
             }
         }
@@ -439,44 +381,10 @@ impl Control {
     /// The status `caller` may see: everything for root, only their own
     /// sessions and UIF for anyone else.
     fn report(&self, caller: Caller) -> StatusReport {
-        let lc = &self.lifecycle;
-        let conn = lc.link.current();
-        let table = lc.table.snapshot();
         let visible = |user: &str| caller.is_root() || self.uid_of(user) == Some(caller.uid);
-        let preserved = self.lifecycle.flusher.preserved.list();
-        StatusReport {
-            connected: conn.is_some(),
-            vm_id: conn.map(|c| c.welcome.vm_id),
-            host: lc.config.get().host.clone(),
-            sessions: table
-                .sessions
-                .values()
-                .filter(|s| visible(&s.user))
-                .map(|s| SessionStatus {
-                    session: s.session.clone(),
-                    user: s.user.clone(),
-                    ua: s.ua.clone(),
-                    pid: lc.supervisor.pid(&s.session),
-                    suspended: lc.supervisor.is_suspended(&s.session),
-                })
-                .collect(),
-            attached: table.uifs.keys().filter(|u| visible(u)).cloned().collect(),
-            uas: lc
-                .uas
-                .list()
-                .into_iter()
-                .map(|u| UaStatus {
-                    name: u.name,
-                    current: u.current,
-                    previous: u.previous,
-                })
-                .collect(),
-            spooled_updates: lc.flusher.spool.count(),
-            pending_notices: lc.notices.count(),
-            monitor_grants: self.grants.count(),
-            preserved: preserved.len(),
-            preserved_bytes: preserved.iter().map(|c| c.size).sum(),
-        }
+        let mut report = self.lifecycle.status(visible);
+        report.monitor_grants = self.grants.count();
+        report
     }
 }
 
@@ -495,6 +403,16 @@ fn flushed(outcome: FlushOutcome) -> ControlResponse {
         message: outcome.to_string(),
         outcome: Some(kind),
         ..ControlResponse::default()
+    }
+}
+
+/// The answer to a logout or disconnect: the flush's outcome, with a
+/// session-table error beside it in `warning` (and in the message).
+fn ended(e: Ended) -> ControlResponse {
+    ControlResponse {
+        message: e.to_string(),
+        warning: e.table.map(|t| t.to_string()),
+        ..flushed(e.outcome)
     }
 }
 

@@ -10,8 +10,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uve_protocol::link::Incoming;
-use uve_protocol::message::{AgentStatus, ErrorCode, Request, Response, SessionInfo, WireError};
-use uve_protocol::names::{SessionId, UaName, UserName};
+use uve_protocol::message::{AgentStatus, ErrorCode, Request, Response, WireError};
+use uve_protocol::names::UserName;
 
 use crate::lifecycle::Lifecycle;
 use crate::stores::monitor::Grants;
@@ -117,7 +117,7 @@ impl Dispatcher {
             .await
             .unwrap_or_else(|_| {
                 tracing::warn!(%user, "release did not finish before the host's deadline");
-                lc.kick.notify_one();
+                lc.kick();
                 None
             });
         Response::Released { committed }
@@ -142,7 +142,7 @@ impl Dispatcher {
 
     /// UA deploy, update, rollback, delete.
     async fn ua(&self, request: Request) -> Result<Response, Response> {
-        let uas = &self.lifecycle.uas;
+        let uas = self.lifecycle.uas();
         Ok(match request {
             Request::UaBegin(bundle) => {
                 uas.begin(bundle).map_err(Response::Error)?;
@@ -166,72 +166,30 @@ impl Dispatcher {
                 tracing::info!(%name, %version, "UA rolled back");
                 Response::UaCurrent { version }
             }
-            Request::UaDelete { name, force } => self.delete_ua(name, force).await?,
+            Request::UaDelete { name, force } => {
+                let stopped_sessions = self
+                    .lifecycle
+                    .delete_ua(&name, force)
+                    .await
+                    .map_err(Response::Error)?;
+                Response::UaDeleted { stopped_sessions }
+            }
             _ => return Err(error(ErrorCode::BadRequest, "not a UA request")),
         })
     }
 
     /// `SessionSuspend` (`freeze`) and `SessionResume`.
     async fn suspend(&self, session: &str, freeze: bool) -> Result<Response, Response> {
-        let lc = &self.lifecycle;
-        if lc.table.session(session).is_none() {
-            return Err(error(ErrorCode::NotFound, format!("no session {session}")));
-        }
-        lc.supervisor
-            .set_suspended(session, freeze)
+        self.lifecycle
+            .suspend(session, freeze)
             .await
-            .map_err(|e| error(ErrorCode::BadRequest, e))?;
+            .map_err(Response::Error)?;
         Ok(Response::Ok)
-    }
-
-    /// `UaDelete`: refused while sessions use the UA, unless `force`
-    /// (then they are logged out first).
-    async fn delete_ua(&self, name: UaName, force: bool) -> Result<Response, Response> {
-        let lc = &self.lifecycle;
-        let users = lc.table.sessions_using(&name);
-        if !users.is_empty() && !force {
-            return Err(error(
-                ErrorCode::UaInUse,
-                format!(
-                    "UA {name} serves sessions {}",
-                    users
-                        .iter()
-                        .map(SessionId::as_str)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
-        }
-        for s in &users {
-            if let Err(e) = lc.logout(s).await {
-                tracing::error!(session = %s, "stopping session for UA delete: {e}");
-            }
-        }
-        lc.uas.remove(&name).await.map_err(Response::Error)?;
-        Ok(Response::UaDeleted {
-            stopped_sessions: users,
-        })
     }
 
     /// The agent's status as sent to the host.
     pub fn status(&self) -> AgentStatus {
-        let lc = &self.lifecycle;
-        let sessions = lc
-            .table
-            .sessions()
-            .into_iter()
-            .map(|s| SessionInfo {
-                suspended: lc.supervisor.is_suspended(&s.session),
-                session: s.session,
-                user: s.user,
-                ua: s.ua,
-            })
-            .collect();
-        AgentStatus {
-            sessions,
-            uas: lc.uas.list(),
-            spooled_updates: u32::try_from(lc.flusher.spool.count()).unwrap_or(u32::MAX),
-        }
+        self.lifecycle.agent_status()
     }
 }
 

@@ -21,6 +21,7 @@ impl Flusher {
     /// or once its bytes are preserved after a final refusal.
     pub(super) async fn deliver_entry(
         &self,
+        guard: &UserGuard,
         c: &Connected,
         entry: &SpoolEntry,
         manifest: &Manifest,
@@ -54,8 +55,10 @@ impl Flusher {
         match result {
             Ok(UpdateOutcome::Committed(v)) => {
                 self.spool.remove(entry.id).await;
-                // A UIF still attached (checkpoint, shutdown) is now based on v.
-                self.table.rebase(&entry.user, v, digest).await;
+                // A UIF still attached (checkpoint, shutdown) is now based
+                // on v. Not durable: its next flush then looks changed and
+                // is sent again (a restart repairs the table).
+                let _ = self.table.rebase(guard, v, digest).await;
                 FlushOutcome::Committed(v)
             }
             Ok(UpdateOutcome::Conflict { kept_as, head }) => {
@@ -188,7 +191,7 @@ impl Flusher {
     pub async fn deliver_user_spool(&self, guard: &UserGuard, c: &Connected) -> Option<Version> {
         let mut committed = None;
         for entry in self.spool.for_user(guard.user()) {
-            match self.deliver_one(c, &entry).await {
+            match self.deliver_one(guard, c, &entry).await {
                 FlushOutcome::Spooled(_) => break,
                 FlushOutcome::Committed(v) => committed = Some(v),
                 _ => {}
@@ -201,7 +204,12 @@ impl Flusher {
     /// is re-chunked from its file and sent as a conflict version only
     /// (nothing vouches for the file any more); one whose file is gone is
     /// dropped.
-    async fn deliver_one(&self, c: &Connected, entry: &SpoolEntry) -> FlushOutcome {
+    async fn deliver_one(
+        &self,
+        guard: &UserGuard,
+        c: &Connected,
+        entry: &SpoolEntry,
+    ) -> FlushOutcome {
         let (manifest, entry) = match self.spool.manifest(entry.id).await {
             Ok(m) => (m, entry.clone()),
             Err(e) => {
@@ -216,7 +224,7 @@ impl Flusher {
             }
         };
         let outcome = self
-            .deliver_entry(c, &entry, &manifest, UpdateCause::Spooled, false)
+            .deliver_entry(guard, c, &entry, &manifest, UpdateCause::Spooled, false)
             .await;
         tracing::info!(user = %entry.user, id = entry.id, "spooled update: {outcome}");
         outcome
@@ -253,12 +261,12 @@ impl Flusher {
     /// at the first transient failure.
     pub async fn deliver_spool(&self, c: &Connected) {
         for entry in self.spool.list() {
-            let _guard = self.locks.lock(&entry.user).await;
+            let guard = self.locks.lock(&entry.user).await;
             // Someone (a login) may have delivered it while we waited.
             if !self.spool.contains(entry.id) {
                 continue;
             }
-            if let FlushOutcome::Spooled(_) = self.deliver_one(c, &entry).await {
+            if let FlushOutcome::Spooled(_) = self.deliver_one(&guard, c, &entry).await {
                 return;
             }
         }

@@ -68,21 +68,60 @@ fn uif_err(user: &str) -> impl FnOnce(UifError) -> FlushError + '_ {
 /// The parts a flush works with.
 pub struct Flusher {
     /// The configuration in force.
-    pub config: Arc<SharedConfig>,
+    config: Arc<SharedConfig>,
     /// The state directory.
-    pub state_dir: PathBuf,
+    state_dir: PathBuf,
     /// Sessions and attached UIFs.
-    pub table: Arc<SessionTable>,
+    table: Arc<SessionTable>,
     /// Pending updates.
-    pub spool: Spool,
+    spool: Spool,
     /// Bytes of refused updates.
-    pub preserved: Preserved,
+    preserved: Preserved,
     /// The host connection.
-    pub link: Arc<LinkWatch>,
+    link: Arc<LinkWatch>,
     /// The per-user locks (spool delivery takes them itself).
-    pub locks: Arc<UserLocks>,
+    locks: Arc<UserLocks>,
     /// Wakes the outbox (retries of spooled updates).
-    pub kick: Arc<Notify>,
+    kick: Arc<Notify>,
+}
+
+impl Flusher {
+    /// The flush over the spool and preserved area of `config`'s state
+    /// directory.
+    pub fn new(
+        config: Arc<SharedConfig>,
+        table: Arc<SessionTable>,
+        link: Arc<LinkWatch>,
+        locks: Arc<UserLocks>,
+        kick: Arc<Notify>,
+    ) -> Flusher {
+        let state_dir = config.get().state_dir.clone();
+        Flusher {
+            spool: Spool::load(&state_dir),
+            preserved: Preserved::new(&state_dir),
+            config,
+            state_dir,
+            table,
+            link,
+            locks,
+            kick,
+        }
+    }
+
+    /// The preserved copies of refused updates.
+    pub fn preserved(&self) -> &Preserved {
+        &self.preserved
+    }
+
+    /// How many updates wait in the spool.
+    pub fn pending_updates(&self) -> usize {
+        self.spool.count()
+    }
+
+    /// The spooled updates of `user`.
+    pub fn spooled_for(&self, user: &str) -> usize {
+        self.spool.for_user(user).len()
+    }
 }
 
 /// Where the bytes of an update the host refused for good are.
@@ -194,7 +233,9 @@ impl Flusher {
             // superseded by its current content, which the host already has.
             self.drop_superseded(user, &path, None).await;
             if !keep_attached {
-                self.table.detach(guard).await;
+                // Not durable: a restart finds it attached with no session
+                // and repairs that (it is unchanged, so nothing is sent).
+                let _ = self.table.detach(guard).await;
             }
             tracing::info!(%user, base = ?rec.base, ?cause, "UIF unchanged; nothing to commit");
             return Ok(FlushOutcome::Unchanged(rec.base));
@@ -215,7 +256,10 @@ impl Flusher {
             self.journal(&entry, &manifest).await?;
         }
         if !keep_attached {
-            self.table.detach(guard).await;
+            // Not durable: the update is journalled already, so the bytes
+            // are safe; a restart finds the UIF attached with no session
+            // and repairs that.
+            let _ = self.table.detach(guard).await;
         }
         // At shutdown every second counts (systemd's stop timeout): only use a
         // connection that is up now.
@@ -227,7 +271,7 @@ impl Flusher {
         let outcome = match self.link.wait(wait).await {
             None => FlushOutcome::Spooled("host unreachable".into()),
             Some(c) => {
-                self.deliver_entry(&c, &entry, &manifest, cause, live_checkpoint)
+                self.deliver_entry(guard, &c, &entry, &manifest, cause, live_checkpoint)
                     .await
             }
         };
@@ -362,14 +406,14 @@ mod tests {
         let path = rig.uif(user);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, bytes).unwrap();
-        let guard = rig.lifecycle.locks.lock(&name(user)).await;
+        let guard = rig.lifecycle.locks().lock(&name(user)).await;
         let rec = UifRecord {
             base: Some(1),
             lease: 1,
             temporary: false,
             base_digest: None,
         };
-        rig.lifecycle.table.attach(&guard, rec).await;
+        rig.lifecycle.table().attach(&guard, rec).await.unwrap();
         guard
     }
 
@@ -378,14 +422,14 @@ mod tests {
         let rig = Rig::new();
         let data = uve_protocol::testdata::noise(300_000, 1);
         let g = attached(&rig, "ann", &data).await;
-        let f = &rig.lifecycle.flusher;
+        let f = rig.lifecycle.flusher();
         let out = f
             .flush(&g, &name("s1"), UpdateCause::Logout, false)
             .await
             .unwrap();
         assert_eq!(out, FlushOutcome::Committed(COMMITTED));
         assert_eq!(f.spool.count(), 0);
-        assert!(rig.lifecycle.table.uif("ann").is_none(), "detached");
+        assert!(rig.lifecycle.table().uif("ann").is_none(), "detached");
         let uploaded = rig.count(|r| matches!(r, Request::ChunkUpload { .. }));
         assert!(uploaded > 0);
     }
@@ -396,7 +440,7 @@ mod tests {
         rig.host.lock().unwrap().refuse_updates = Some(ErrorCode::QuotaExceeded);
         let data = uve_protocol::testdata::noise(100_000, 2);
         let g = attached(&rig, "ben", &data).await;
-        let f = &rig.lifecycle.flusher;
+        let f = rig.lifecycle.flusher();
         let out = f
             .flush(&g, &name("s1"), UpdateCause::Logout, false)
             .await
@@ -420,7 +464,7 @@ mod tests {
         let rig = Rig::new();
         rig.host.lock().unwrap().refuse_updates = Some(ErrorCode::Busy);
         let g = attached(&rig, "cat", b"cat's work").await;
-        let f = &rig.lifecycle.flusher;
+        let f = rig.lifecycle.flusher();
         let out = f
             .flush(&g, &name("s1"), UpdateCause::Logout, false)
             .await
@@ -445,8 +489,8 @@ mod tests {
             .unwrap()
             .header
             .digest;
-        rig.lifecycle.table.rebase("dan", 1, digest).await;
-        let f = &rig.lifecycle.flusher;
+        rig.lifecycle.table().rebase(&g, 1, digest).await.unwrap();
+        let f = rig.lifecycle.flusher();
         let out = f
             .flush(&g, &name("s1"), UpdateCause::Logout, false)
             .await

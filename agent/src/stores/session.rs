@@ -6,7 +6,16 @@
 //! reopened session id is no longer an unsent "ended", and every change is
 //! durable (off the runtime thread, see [`crate::stores::state_file`]) before its
 //! caller goes on. [`UserLocks`] serialise everything that touches one
-//! user's UIF; a [`UserGuard`] is the proof of holding that lock.
+//! user's UIF; a [`UserGuard`] is the proof of holding that lock, and every
+//! intent that changes a user's sessions or UIF takes one.
+//!
+//! A change whose write fails returns [`NotDurable`]: it holds in memory
+//! for the rest of this run, and reaches the disk with the next write that
+//! succeeds. Each caller says what it then does (a login fails and undoes
+//! what it recorded; a logout still flushes and reports the table error
+//! beside its outcome). What a restart finds of such a change is repaired
+//! then: an attached UIF that no open session holds is flushed and
+//! detached (`Lifecycle::repair_after_restart`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -108,13 +117,48 @@ impl Table {
 /// The persisted session table (see the module header).
 pub struct SessionTable {
     file: StateFile<Table>,
+    /// A change is in memory that no write has made durable yet.
+    behind: std::sync::atomic::AtomicBool,
 }
 
-/// A failed write of the table is logged, not fatal: the change stays in
-/// memory and reaches the disk with the next successful write.
-fn logged<R>(r: std::io::Result<R>) -> Option<R> {
-    r.map_err(|e| tracing::error!("cannot persist the session table: {e}"))
-        .ok()
+/// A change to the table that did not reach the disk: it holds in memory
+/// for this run and is written with the next change that succeeds.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the session table could not be written ({source}); the change holds in memory until a later write succeeds"
+)]
+pub struct NotDurable {
+    #[source]
+    source: std::io::Error,
+}
+
+impl SessionTable {
+    /// The outcome of a change: marks the table behind the disk or caught
+    /// up.
+    fn durable<R>(&self, r: std::io::Result<R>) -> Result<R, NotDurable> {
+        use std::sync::atomic::Ordering;
+        match r {
+            Ok(v) => {
+                self.behind.store(false, Ordering::Relaxed);
+                Ok(v)
+            }
+            Err(source) => {
+                self.behind.store(true, Ordering::Relaxed);
+                tracing::error!("cannot persist the session table: {source}");
+                Err(NotDurable { source })
+            }
+        }
+    }
+
+    /// Writes the table if a change failed to reach the disk since the last
+    /// write that succeeded (the outbox calls it every few seconds while
+    /// the agent runs); returns whether it wrote.
+    pub async fn write_if_behind(&self) -> Result<bool, NotDurable> {
+        if !self.behind.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(false);
+        }
+        self.durable(self.file.change(|_| ()).await).map(|()| true)
+    }
 }
 
 impl SessionTable {
@@ -125,7 +169,10 @@ impl SessionTable {
         if let Some(e) = error {
             tracing::error!("cannot read the session table, starting empty: {e}");
         }
-        SessionTable { file }
+        SessionTable {
+            file,
+            behind: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     /// A copy of the whole table (status reports, tests).
@@ -173,99 +220,129 @@ impl SessionTable {
         self.file.read(|t| t.ended_unsent.clone())
     }
 
-    /// Opens `rec` (a reopened id is no longer an unsent "ended").
-    pub async fn open(&self, rec: SessionRecord) {
-        logged(
+    /// Opens `rec`, a session of the user whose lock `guard` holds (a
+    /// reopened id is no longer an unsent "ended").
+    pub async fn open(&self, guard: &UserGuard, rec: SessionRecord) -> Result<(), NotDurable> {
+        debug_assert_eq!(&rec.user, guard.user(), "a session of the locked user");
+        self.durable(
             self.file
                 .change(|t| {
                     t.ended_unsent.retain(|s| *s != rec.session);
                     t.sessions.insert(rec.session.clone(), rec);
                 })
                 .await,
-        );
+        )
     }
 
-    /// Ends `session`; returns how many sessions its user still has open.
-    pub async fn end(&self, user: &str, session: &str) -> usize {
+    /// Ends `session` of the user whose lock `guard` holds; returns how
+    /// many sessions that user still has open (also in memory, when the
+    /// write failed: [`Self::sessions_of`]).
+    pub async fn end(&self, guard: &UserGuard, session: &str) -> Result<usize, NotDurable> {
+        let user = guard.user();
         let change = self.file.change(|t| {
             t.sessions.remove(session);
             t.sessions_of(user).len()
         });
-        logged(change.await).unwrap_or_else(|| self.sessions_of(user).len())
+        self.durable(change.await)
     }
 
-    /// Ends every session (a VM restart ended them); returns them.
-    pub async fn end_all(&self) -> Vec<SessionRecord> {
-        let change = self
-            .file
-            .change(|t| std::mem::take(&mut t.sessions).into_values().collect());
-        logged(change.await).unwrap_or_default()
+    /// Ends every session (a VM restart ended them). Only at startup,
+    /// before any other intent runs.
+    pub async fn end_all(&self) -> Result<(), NotDurable> {
+        self.durable(self.file.change(|t| t.sessions.clear()).await)
     }
 
-    /// Records `user`'s UIF as attached.
-    pub async fn attach(&self, guard: &UserGuard, rec: UifRecord) {
+    /// The kernel boot the table was last recorded in.
+    pub fn kernel_boot(&self) -> Option<String> {
+        self.file.read(|t| t.kernel_boot.clone())
+    }
+
+    /// Records the UIF of the user whose lock `guard` holds as attached.
+    pub async fn attach(&self, guard: &UserGuard, rec: UifRecord) -> Result<(), NotDurable> {
         let user = guard.user().clone();
-        logged(self.file.change(|t| t.uifs.insert(user, rec)).await);
+        self.durable(self.file.change(|t| t.uifs.insert(user, rec)).await)
+            .map(drop)
     }
 
-    /// Forgets `user`'s attached UIF.
-    pub async fn detach(&self, guard: &UserGuard) {
-        logged(self.file.change(|t| t.uifs.remove(guard.user())).await);
+    /// Forgets the attached UIF of the user whose lock `guard` holds.
+    pub async fn detach(&self, guard: &UserGuard) -> Result<(), NotDurable> {
+        self.durable(self.file.change(|t| t.uifs.remove(guard.user())).await)
+            .map(drop)
     }
 
-    /// A UIF still attached is now based on version `base` with manifest
-    /// digest `digest` (a checkpoint or shutdown flush committed it).
-    pub async fn rebase(&self, user: &str, base: Version, digest: Hash) {
-        logged(
+    /// The UIF of the user whose lock `guard` holds, if still attached, is
+    /// now based on version `base` with manifest digest `digest` (a
+    /// checkpoint or shutdown flush committed it).
+    pub async fn rebase(
+        &self,
+        guard: &UserGuard,
+        base: Version,
+        digest: Hash,
+    ) -> Result<(), NotDurable> {
+        self.durable(
             self.file
                 .change(|t| {
-                    if let Some(r) = t.uifs.get_mut(user) {
+                    if let Some(r) = t.uifs.get_mut(guard.user()) {
                         r.base = Some(base);
                         r.base_digest = Some(digest);
                     }
                 })
                 .await,
-        );
+        )
     }
 
-    /// Records the supervised UA process of `session`.
-    pub async fn set_ua_process(&self, session: &str, pid: i32, start: u64) {
-        logged(
+    /// Records the supervised UA process of `session`, a session of the
+    /// user whose lock `guard` holds.
+    pub async fn set_ua_process(
+        &self,
+        guard: &UserGuard,
+        session: &str,
+        process: UaProcess,
+    ) -> Result<(), NotDurable> {
+        self.durable(
             self.file
                 .change(|t| {
-                    if let Some(r) = t.sessions.get_mut(session) {
-                        r.ua_process = Some(UaProcess { pid, start });
+                    if let Some(r) = t.sessions.get_mut(session)
+                        && r.user == *guard.user()
+                    {
+                        r.ua_process = Some(process);
                     }
                 })
                 .await,
-        );
+        )
     }
 
-    /// Journals `SessionEnded` for `sessions`.
-    pub async fn mark_ended(&self, sessions: &[SessionId]) {
-        logged(
+    /// Journals `SessionEnded` for `sessions`, which the user whose lock
+    /// `guard` holds has just ended.
+    pub async fn mark_ended(
+        &self,
+        _guard: &UserGuard,
+        sessions: &[SessionId],
+    ) -> Result<(), NotDurable> {
+        self.durable(
             self.file
                 .change(|t| t.ended_unsent.extend(sessions.iter().cloned()))
                 .await,
-        );
+        )
     }
 
-    /// The host acknowledged `SessionEnded` of `session`.
-    pub async fn ack_ended(&self, session: &str) {
-        logged(
+    /// The host acknowledged `SessionEnded` of `session`. No user's lock:
+    /// the session has ended, and only the outbox journal changes.
+    pub async fn ack_ended(&self, session: &str) -> Result<(), NotDurable> {
+        self.durable(
             self.file
                 .change(|t| t.ended_unsent.retain(|s| s != session))
                 .await,
-        );
+        )
     }
 
     /// Records the kernel boot the table belongs to; returns the boot it
-    /// belonged to before.
-    pub async fn set_kernel_boot(&self, boot: &str) -> Option<String> {
+    /// belonged to before. Only at startup.
+    pub async fn set_kernel_boot(&self, boot: &str) -> Result<Option<String>, NotDurable> {
         let change = self
             .file
             .change(|t| t.kernel_boot.replace(boot.to_string()));
-        logged(change.await).flatten()
+        self.durable(change.await)
     }
 }
 
@@ -326,15 +403,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = SessionTable::load(dir.path());
         let locks = UserLocks::default();
-        t.mark_ended(&[SessionId::new("s1").unwrap()]).await;
-        t.open(rec("s1", "ann")).await;
+        let ann = UserName::new("ann").unwrap();
+        let g = locks.lock(&ann).await;
+        t.mark_ended(&g, &[SessionId::new("s1").unwrap()])
+            .await
+            .unwrap();
+        t.open(&g, rec("s1", "ann")).await.unwrap();
         assert!(
             t.ended_unsent().is_empty(),
             "a reopened id is not an unsent end"
         );
-        t.open(rec("s2", "ann")).await;
-        let ann = UserName::new("ann").unwrap();
-        let g = locks.lock(&ann).await;
+        t.open(&g, rec("s2", "ann")).await.unwrap();
         t.attach(
             &g,
             UifRecord {
@@ -344,10 +423,13 @@ mod tests {
                 base_digest: None,
             },
         )
-        .await;
-        assert_eq!(t.end("ann", "s1").await, 1, "one session of ann left");
-        t.rebase("ann", 2, Hash::of(b"x")).await;
-        t.set_ua_process("s2", 42, 99).await;
+        .await
+        .unwrap();
+        assert_eq!(t.end(&g, "s1").await.unwrap(), 1, "one session of ann left");
+        t.rebase(&g, 2, Hash::of(b"x")).await.unwrap();
+        t.set_ua_process(&g, "s2", UaProcess { pid: 42, start: 99 })
+            .await
+            .unwrap();
         // What a restarted agent finds.
         let again = SessionTable::load(dir.path());
         assert_eq!(again.sessions_of("ann"), ["s2"]);
@@ -356,15 +438,48 @@ mod tests {
             Some(UaProcess { pid: 42, start: 99 })
         );
         assert_eq!(again.uif("ann").unwrap().base, Some(2));
-        t.detach(&g).await;
-        assert_eq!(t.end("ann", "s2").await, 0);
-        t.mark_ended(&[SessionId::new("s2").unwrap()]).await;
-        t.ack_ended("s2").await;
-        assert_eq!(t.set_kernel_boot("b1").await, None);
-        assert_eq!(t.set_kernel_boot("b2").await.as_deref(), Some("b1"));
+        t.detach(&g).await.unwrap();
+        assert_eq!(t.end(&g, "s2").await.unwrap(), 0);
+        t.mark_ended(&g, &[SessionId::new("s2").unwrap()])
+            .await
+            .unwrap();
+        t.ack_ended("s2").await.unwrap();
+        assert_eq!(t.set_kernel_boot("b1").await.unwrap(), None);
+        assert_eq!(
+            t.set_kernel_boot("b2").await.unwrap().as_deref(),
+            Some("b1")
+        );
         let again = SessionTable::load(dir.path());
         assert!(again.sessions().is_empty() && again.attached().is_empty());
         assert!(again.ended_unsent().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_reaches_the_caller_and_holds_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = SessionTable::load(dir.path());
+        let locks = UserLocks::default();
+        let g = locks.lock(&UserName::new("ann").unwrap()).await;
+        t.open(&g, rec("s1", "ann")).await.unwrap();
+        // The table's path becomes a directory: no write can replace it.
+        let path = Table::path(dir.path());
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("keep"), b"x").unwrap();
+        let err = t.open(&g, rec("s2", "ann")).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("session table could not be written"),
+            "{err}"
+        );
+        assert_eq!(t.sessions_of("ann"), ["s1", "s2"], "held in memory");
+        assert!(t.end(&g, "s1").await.is_err());
+        assert_eq!(t.sessions_of("ann"), ["s2"]);
+        // Once writes succeed again, the disk catches up.
+        std::fs::remove_dir_all(&path).unwrap();
+        t.ack_ended("nothing").await.unwrap();
+        let again = SessionTable::load(dir.path());
+        assert_eq!(again.sessions_of("ann"), ["s2"]);
     }
 
     #[tokio::test]

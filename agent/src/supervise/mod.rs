@@ -539,16 +539,16 @@ mod tests {
         deploy(&rig, "desk", "exec sleep 30");
         let lc = rig.lifecycle.clone();
         let sock = rig.dir.path().join("ctl.sock");
-        let sup = &lc.supervisor;
+        let sup = lc.supervisor();
         let a = sup
-            .start(&lc.uas, &sock, &record("s1"), &UaName::literal("desk"))
+            .start(lc.uas(), &sock, &record("s1"), &UaName::literal("desk"))
             .unwrap();
         assert!(a.start.is_some() && sup.pid("s1") == Some(a.pid));
         sup.stop("s1").await;
         assert!(sup.pid("s1").is_none(), "forgotten once it ended");
         // Started again and killed behind the agent's back: reported.
         let b = sup
-            .start(&lc.uas, &sock, &record("s2"), &UaName::literal("desk"))
+            .start(lc.uas(), &sock, &record("s2"), &UaName::literal("desk"))
             .unwrap();
         kill_group(b.pid, Signal::SIGKILL);
         let exit = tokio::time::timeout(Duration::from_secs(20), rig.exits.recv())
@@ -569,9 +569,9 @@ mod tests {
         deploy(&rig, "desk", "exec sleep 30");
         let lc = rig.lifecycle.clone();
         let sock = rig.dir.path().join("ctl.sock");
-        let sup = &lc.supervisor;
+        let sup = lc.supervisor();
         let s = sup
-            .start(&lc.uas, &sock, &record("s1"), &UaName::literal("desk"))
+            .start(lc.uas(), &sock, &record("s1"), &UaName::literal("desk"))
             .unwrap();
         sup.set_suspended("s1", true).await.unwrap();
         assert!(sup.is_suspended("s1"));
@@ -600,7 +600,7 @@ mod tests {
             pid: i32::try_from(std::process::id()).unwrap(),
             start: 1,
         });
-        rig.lifecycle.supervisor.adopt(vec![rec]);
+        rig.lifecycle.supervisor().adopt(vec![rec]);
         let exit = rig.exits.recv().await.unwrap();
         assert_eq!(exit.session, "s9");
         assert!(exit.reason.contains("not running"), "{exit:?}");

@@ -1,0 +1,104 @@
+//! Preserved copies of refused updates, as root handles them through the
+//! control socket: list, export, delete, and push to the host as a
+//! conflict version once the operator fixed the cause.
+
+use std::path::Path;
+use std::time::Duration;
+
+use uve_protocol::message::{UpdateBegin, UpdateCause};
+
+use super::{Lifecycle, LifecycleError, uif_err};
+use crate::flush::FlushOutcome;
+use crate::stores::preserve::PreservedCopy;
+use crate::uif::update::{self, UpdateOutcome};
+use crate::uif::{UifError, blocking};
+
+impl Lifecycle {
+    /// Every preserved copy, oldest first.
+    pub fn preserved(&self) -> Vec<PreservedCopy> {
+        self.flusher.preserved().list()
+    }
+
+    /// Copies the bytes of preserved copy `id` to the new file `to`;
+    /// returns their size.
+    pub async fn export_preserved(&self, id: &str, to: &Path) -> Result<u64, UifError> {
+        let (preserved, id2, to2) = (
+            self.flusher.preserved().clone(),
+            id.to_string(),
+            to.to_path_buf(),
+        );
+        blocking(move || {
+            preserved
+                .export(&id2, &to2)
+                .map_err(|e| UifError::io(format!("export preserved copy {id2}"), e))
+        })
+        .await
+    }
+
+    /// Deletes preserved copy `id`, bytes and record.
+    pub async fn delete_preserved(&self, id: &str) -> Result<(), UifError> {
+        let (preserved, id2) = (self.flusher.preserved().clone(), id.to_string());
+        blocking(move || {
+            preserved
+                .remove(&id2)
+                .map_err(|e| UifError::io(format!("delete preserved copy {id2}"), e))
+        })
+        .await
+    }
+
+    /// Sends preserved copy `id` to the host as a conflict version (base
+    /// `None`, so it can never replace the user's head; a user without
+    /// any version yet gets it as their first). Removes the copy once the
+    /// host took it, unless `keep`. A refusal leaves the copy as it is.
+    pub async fn push_preserved(
+        &self,
+        id: &str,
+        keep: bool,
+    ) -> Result<FlushOutcome, LifecycleError> {
+        let preserved = self.flusher.preserved();
+        let copy = preserved
+            .get(id)
+            .ok_or_else(|| LifecycleError::NoSuchPreserved(id.into()))?;
+        let user = copy.user.clone();
+        let _guard = self.locks.lock(&user).await;
+        let wait = Duration::from_secs(self.config.get().login_timeout_secs);
+        let c = self
+            .link
+            .wait(wait)
+            .await
+            .ok_or_else(|| uif_err(&user)(UifError::NotConnected))?;
+        let path = copy.bytes.clone();
+        let manifest = blocking(move || {
+            uve_protocol::chunker::chunk_file(&path).map_err(|e| UifError::at("chunk", &path, e))
+        })
+        .await
+        .map_err(uif_err(&user))?;
+        let begin = UpdateBegin {
+            user: user.clone(),
+            session: copy.session.clone(),
+            base: None,
+            lease: 0,
+            header: manifest.header,
+            cause: UpdateCause::Spooled,
+        };
+        let outcome = update::upload(&c.link, &copy.bytes, &manifest, begin, None)
+            .await
+            .map_err(uif_err(&user))?;
+        let outcome = match outcome {
+            UpdateOutcome::Committed(v) => FlushOutcome::Committed(v),
+            UpdateOutcome::Conflict { kept_as, head } => FlushOutcome::Conflict { kept_as, head },
+        };
+        tracing::info!(%user, id, "preserved copy pushed: {outcome}");
+        if !keep {
+            let (preserved, id) = (preserved.clone(), id.to_string());
+            blocking(move || {
+                preserved
+                    .remove(&id)
+                    .map_err(|e| UifError::io(format!("remove preserved copy {id}"), e))
+            })
+            .await
+            .map_err(uif_err(&user))?;
+        }
+        Ok(outcome)
+    }
+}

@@ -1,0 +1,128 @@
+//! What the agent shows of itself: the local status (`uve-agent status`,
+//! filtered by who asks) and the status the host asks for (UVE-2
+//! `AgentStatus`).
+
+use serde::{Deserialize, Serialize};
+use uve_protocol::message::{AgentStatus, SessionInfo};
+use uve_protocol::names::{SessionId, UaName, UaVersion, UserName};
+
+use super::Lifecycle;
+
+/// The agent's state as shown by `uve-agent status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Connected to the host.
+    pub connected: bool,
+    /// The VM id the host assigned, when connected.
+    pub vm_id: Option<String>,
+    /// Host endpoint.
+    pub host: String,
+    /// Open sessions.
+    pub sessions: Vec<SessionStatus>,
+    /// Users with an attached UIF.
+    pub attached: Vec<UserName>,
+    /// Deployed UAs.
+    pub uas: Vec<UaStatus>,
+    /// Updates in the offline spool.
+    pub spooled_updates: usize,
+    /// Disconnect notices not yet acknowledged.
+    pub pending_notices: usize,
+    /// Live monitoring grants (filled in by the control socket, which
+    /// holds them).
+    pub monitor_grants: usize,
+    /// Preserved copies of refused updates, and the bytes they hold.
+    #[serde(default)]
+    pub preserved: usize,
+    /// Bytes held by preserved copies.
+    #[serde(default)]
+    pub preserved_bytes: u64,
+}
+
+/// One session in [`StatusReport`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionStatus {
+    /// Session id.
+    pub session: SessionId,
+    /// User.
+    pub user: UserName,
+    /// UA.
+    pub ua: Option<UaName>,
+    /// Supervised UA pid.
+    pub pid: Option<i32>,
+    /// Suspended.
+    pub suspended: bool,
+}
+
+/// One deployed UA in [`StatusReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UaStatus {
+    /// Its name.
+    pub name: UaName,
+    /// The version `current` points at.
+    pub current: UaVersion,
+    /// The version kept for rollback.
+    pub previous: Option<UaVersion>,
+}
+
+impl Lifecycle {
+    /// The local status, showing only the sessions and UIFs of users for
+    /// whom `visible` is true.
+    pub fn status(&self, visible: impl Fn(&str) -> bool) -> StatusReport {
+        let conn = self.link.current();
+        let table = self.table.snapshot();
+        let preserved = self.flusher.preserved().list();
+        StatusReport {
+            connected: conn.is_some(),
+            vm_id: conn.map(|c| c.welcome.vm_id),
+            host: self.config.get().host.clone(),
+            sessions: table
+                .sessions
+                .values()
+                .filter(|s| visible(&s.user))
+                .map(|s| SessionStatus {
+                    session: s.session.clone(),
+                    user: s.user.clone(),
+                    ua: s.ua.clone(),
+                    pid: self.supervisor.pid(&s.session),
+                    suspended: self.supervisor.is_suspended(&s.session),
+                })
+                .collect(),
+            attached: table.uifs.keys().filter(|u| visible(u)).cloned().collect(),
+            uas: self
+                .uas
+                .list()
+                .into_iter()
+                .map(|u| UaStatus {
+                    name: u.name,
+                    current: u.current,
+                    previous: u.previous,
+                })
+                .collect(),
+            spooled_updates: self.flusher.pending_updates(),
+            pending_notices: self.notices.count(),
+            monitor_grants: 0,
+            preserved: preserved.len(),
+            preserved_bytes: preserved.iter().map(|c| c.size).sum(),
+        }
+    }
+
+    /// The agent's status as sent to the host.
+    pub fn agent_status(&self) -> AgentStatus {
+        let sessions = self
+            .table
+            .sessions()
+            .into_iter()
+            .map(|s| SessionInfo {
+                suspended: self.supervisor.is_suspended(&s.session),
+                session: s.session,
+                user: s.user,
+                ua: s.ua,
+            })
+            .collect();
+        AgentStatus {
+            sessions,
+            uas: self.uas.list(),
+            spooled_updates: u32::try_from(self.flusher.pending_updates()).unwrap_or(u32::MAX),
+        }
+    }
+}

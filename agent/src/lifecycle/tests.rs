@@ -1,0 +1,147 @@
+//! Unit tests of the lifecycles against the rig's fake host.
+#![allow(clippy::unwrap_used)]
+use uve_protocol::message::Request;
+
+use super::*;
+use crate::flush::FlushOutcome;
+use crate::testing::{COMMITTED, Rig, name};
+
+#[tokio::test]
+async fn login_then_logout_commits_and_announces_both() {
+    let rig = Rig::new();
+    let lc = &rig.lifecycle;
+    let said = lc.login(&name("eve"), &name("e1"), None).await.unwrap();
+    assert_eq!(said, "new user: empty UIF");
+    assert_eq!(std::fs::read(rig.uif("eve")).unwrap(), b"");
+    assert!(lc.table.session("e1").is_some() && lc.table.uif("eve").is_some());
+    let again = lc.login(&name("eve"), &name("e1"), None).await.unwrap();
+    assert!(again.contains("already open"), "{again}");
+    assert!(matches!(
+        lc.login(&name("fay"), &name("e1"), None).await,
+        Err(LifecycleError::SessionTaken(_))
+    ));
+    std::fs::write(rig.uif("eve"), b"eve's notes").unwrap();
+    let out = lc.logout(&name("e1")).await.unwrap().outcome;
+    assert_eq!(out, FlushOutcome::Committed(COMMITTED));
+    assert!(lc.table.session("e1").is_none() && lc.table.uif("eve").is_none());
+    assert_eq!(
+        rig.count(|r| matches!(r, Request::SessionStarted { .. })),
+        1
+    );
+    assert_eq!(rig.count(|r| matches!(r, Request::SessionEnded { .. })), 1);
+    assert!(lc.table.ended_unsent().is_empty(), "acknowledged");
+}
+
+#[tokio::test]
+async fn the_last_session_of_a_user_flushes_and_a_disconnect_is_journalled() {
+    let rig = Rig::new();
+    let lc = &rig.lifecycle;
+    lc.login(&name("gus"), &name("g1"), None).await.unwrap();
+    let second = lc.login(&name("gus"), &name("g2"), None).await.unwrap();
+    assert!(second.contains("already attached"), "{second}");
+    std::fs::write(rig.uif("gus"), b"gus").unwrap();
+    let first = lc.logout(&name("g1")).await.unwrap().outcome;
+    assert!(matches!(first, FlushOutcome::Nothing(_)), "{first:?}");
+    let out = lc
+        .disconnect(&name("g2"), "display died")
+        .await
+        .unwrap()
+        .outcome;
+    assert_eq!(out, FlushOutcome::Committed(COMMITTED));
+    let notices = lc.notices.list();
+    assert_eq!(notices.len(), 1);
+    assert_eq!(notices[0].session, "g2");
+    assert_eq!(notices[0].reason, "display died");
+}
+
+#[tokio::test]
+async fn a_login_fails_while_an_earlier_update_of_the_user_is_pending() {
+    let rig = Rig::new();
+    let lc = &rig.lifecycle;
+    lc.login(&name("hal"), &name("h1"), None).await.unwrap();
+    std::fs::write(rig.uif("hal"), b"hal's work").unwrap();
+    rig.host.lock().unwrap().refuse_updates = Some(uve_protocol::ErrorCode::Busy);
+    let out = lc.logout(&name("h1")).await.unwrap().outcome;
+    assert!(matches!(out, FlushOutcome::Spooled(_)), "{out:?}");
+    let err = lc.login(&name("hal"), &name("h2"), None).await.unwrap_err();
+    assert!(matches!(err, LifecycleError::PendingUpdate(_)), "{err}");
+    assert_eq!(std::fs::read(rig.uif("hal")).unwrap(), b"hal's work");
+    rig.host.lock().unwrap().refuse_updates = None;
+    let said = lc.login(&name("hal"), &name("h3"), None).await.unwrap();
+    assert!(said.contains("new user"), "{said}");
+}
+
+#[tokio::test]
+async fn a_checkpoint_commits_while_the_uif_stays_attached() {
+    let rig = Rig::new();
+    let lc = &rig.lifecycle;
+    lc.login(&name("ivy"), &name("i1"), None).await.unwrap();
+    std::fs::write(rig.uif("ivy"), b"ivy, mid-session").unwrap();
+    lc.checkpoint().await;
+    let rec = lc.table.uif("ivy").unwrap();
+    assert_eq!(rec.base, Some(COMMITTED), "rebased on the checkpoint");
+    assert_eq!(
+        lc.flusher.pending_updates(),
+        0,
+        "a live checkpoint is not spooled"
+    );
+    // Nothing changed since: the logout uploads nothing.
+    let out = lc.logout(&name("i1")).await.unwrap().outcome;
+    assert_eq!(out, FlushOutcome::Unchanged(Some(COMMITTED)));
+}
+
+#[tokio::test]
+async fn a_logout_whose_table_write_fails_still_commits_and_the_disk_catches_up() {
+    let rig = Rig::new();
+    let lc = rig.lifecycle.clone();
+    lc.login(&name("jo"), &name("j1"), None).await.unwrap();
+    std::fs::write(rig.uif("jo"), b"jo's work").unwrap();
+    // The table cannot be written while the session ends: its path is a
+    // directory.
+    let path = crate::stores::session::Table::path(rig.state());
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    std::fs::write(path.join("x"), b"x").unwrap();
+    let ended = lc.logout(&name("j1")).await.unwrap();
+    assert_eq!(ended.outcome, FlushOutcome::Committed(COMMITTED));
+    assert!(ended.table.is_some(), "the table error reaches the caller");
+    assert!(
+        ended.to_string().contains("repaired at the next start"),
+        "{ended}"
+    );
+    assert!(lc.table.session("j1").is_none() && lc.table.uif("jo").is_none());
+    // Once the disk takes writes again, the outbox's retry writes the
+    // table as memory has it.
+    std::fs::remove_dir_all(&path).unwrap();
+    assert!(lc.table.write_if_behind().await.unwrap());
+    let on_disk = crate::stores::session::SessionTable::load(rig.state());
+    assert!(on_disk.session("j1").is_none() && on_disk.uif("jo").is_none());
+    assert!(!lc.table.write_if_behind().await.unwrap(), "nothing behind");
+}
+
+#[tokio::test]
+async fn a_restart_flushes_and_detaches_a_uif_no_session_holds() {
+    let mut rig = Rig::new();
+    let lc = rig.lifecycle.clone();
+    lc.login(&name("kim"), &name("k1"), None).await.unwrap();
+    std::fs::write(rig.uif("kim"), b"kim's work").unwrap();
+    // What a restart finds after a logout whose table writes never
+    // reached the disk, the session's end excepted: the UIF attached, no
+    // session open.
+    let path = crate::stores::session::Table::path(rig.state());
+    let mut table: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    table["sessions"] = serde_json::json!({});
+    std::fs::write(&path, serde_json::to_vec(&table).unwrap()).unwrap();
+    rig.restart();
+    let lc = rig.lifecycle.clone();
+    assert!(lc.table.uif("kim").is_some() && lc.table.sessions_of("kim").is_empty());
+    lc.recover_at_start().await;
+    lc.tasks.close();
+    lc.tasks.wait().await;
+    let on_disk = crate::stores::session::SessionTable::load(rig.state());
+    assert!(on_disk.uif("kim").is_none(), "detached, durably");
+    let commits = rig.count(|r| matches!(r, Request::UpdateCommit { .. }));
+    assert_eq!(commits, 1, "kim's work was sent");
+    assert_eq!(std::fs::read(rig.uif("kim")).unwrap(), b"kim's work");
+}
