@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use uve_protocol::message::{Request, Response};
 
+use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::spool::spool;
 use super::types::{
     DeployQuery, MonitorBody, MonitorGranted, MonitorRevokeQuery, MonitorRevoked, Pong,
@@ -21,6 +22,7 @@ use crate::store::now_ms;
 use crate::wire::uve2::{self, UaDeploy, Uve2Error};
 
 fn known_vm(d: &Daemon, id: &str) -> ApiResult<()> {
+    check_name("VM", id)?;
     if d.host.registry.vm(id).is_some() {
         Ok(())
     } else {
@@ -35,8 +37,8 @@ fn unexpected(r: Response) -> ApiError {
 /// `POST /v1/vms/{id}/ua?name=&version=&entry=&update=`: raw body = tar bundle.
 pub async fn deploy(
     State(d): State<Arc<Daemon>>,
-    Path(id): Path<String>,
-    Query(q): Query<DeployQuery>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<DeployQuery>,
     body: Body,
 ) -> ApiResult<Json<UaDeployed>> {
     known_vm(&d, &id)?;
@@ -71,7 +73,7 @@ pub async fn deploy(
 /// `POST /v1/vms/{id}/ua/{name}/rollback`.
 pub async fn ua_rollback(
     State(d): State<Arc<Daemon>>,
-    Path((id, name)): Path<(String, String)>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<UaCurrent>> {
     known_vm(&d, &id)?;
     check_name("UA", &name)?;
@@ -95,8 +97,8 @@ pub async fn ua_rollback(
 /// `DELETE /v1/vms/{id}/ua/{name}[?force=true]`.
 pub async fn ua_delete(
     State(d): State<Arc<Daemon>>,
-    Path((id, name)): Path<(String, String)>,
-    Query(q): Query<UaDeleteQuery>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
+    ApiQuery(q): ApiQuery<UaDeleteQuery>,
 ) -> ApiResult<Json<UaDeleted>> {
     known_vm(&d, &id)?;
     check_name("UA", &name)?;
@@ -124,7 +126,7 @@ pub async fn ua_delete(
 /// `POST /v1/vms/{id}/sessions/{session}/{suspend|resume}`.
 pub async fn session_action(
     State(d): State<Arc<Daemon>>,
-    Path((id, session, action)): Path<(String, String, String)>,
+    ApiPath((id, session, action)): ApiPath<(String, String, String)>,
 ) -> ApiResult<Json<SessionActionDone>> {
     known_vm(&d, &id)?;
     check_name("session", &session)?;
@@ -152,8 +154,8 @@ pub async fn session_action(
 /// `POST /v1/vms/{id}/monitor`.
 pub async fn monitor_grant(
     State(d): State<Arc<Daemon>>,
-    Path(id): Path<String>,
-    Json(b): Json<MonitorBody>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(b): ApiJson<MonitorBody>,
 ) -> ApiResult<Json<MonitorGranted>> {
     known_vm(&d, &id)?;
     check_name("session", &b.session)?;
@@ -182,8 +184,8 @@ pub async fn monitor_grant(
 /// `DELETE /v1/vms/{id}/monitor?session=&monitor=`.
 pub async fn monitor_revoke(
     State(d): State<Arc<Daemon>>,
-    Path(id): Path<String>,
-    Query(q): Query<MonitorRevokeQuery>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<MonitorRevokeQuery>,
 ) -> ApiResult<Json<MonitorRevoked>> {
     known_vm(&d, &id)?;
     let (Some(session), Some(monitor)) = (q.session, q.monitor) else {
@@ -212,7 +214,7 @@ pub async fn monitor_revoke(
 /// `GET /v1/vms/{id}/status`.
 pub async fn status(
     State(d): State<Arc<Daemon>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<VmStatus>> {
     known_vm(&d, &id)?;
     match uve2::call(&d.host, &id, Request::AgentStatus).await? {
@@ -222,7 +224,10 @@ pub async fn status(
 }
 
 /// `POST /v1/vms/{id}/ping`.
-pub async fn ping(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult<Json<Pong>> {
+pub async fn ping(
+    State(d): State<Arc<Daemon>>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<Pong>> {
     known_vm(&d, &id)?;
     let nonce = now_ms();
     match uve2::call(&d.host, &id, Request::Ping { nonce }).await? {

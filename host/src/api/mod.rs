@@ -6,6 +6,7 @@
 
 mod agent_ops;
 pub mod client;
+pub mod extract;
 mod feed;
 #[cfg(test)]
 mod openapi_check;
@@ -95,7 +96,9 @@ impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         match &e {
             RegistryError::InvalidName(_) => Self::new(ApiErrorCode::InvalidName, e),
-            RegistryError::BadTransport | RegistryError::ReservedCid { .. } => Self::bad_request(e),
+            RegistryError::BadTransport
+            | RegistryError::EmptyPath(_)
+            | RegistryError::ReservedCid { .. } => Self::bad_request(e),
             RegistryError::Duplicate(_) => Self::new(ApiErrorCode::Conflict, e),
             RegistryError::NoSuchVm(_) | RegistryError::NotAssigned(_) => Self::not_found(e),
             RegistryError::Io(_) => Self::internal(e),
