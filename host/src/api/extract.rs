@@ -87,8 +87,8 @@ where
     }
 }
 
-/// A JSON body (`content-type: application/json`), deserialized into `T`;
-/// a rejection is the API's JSON error. A number with a zero fraction
+/// A JSON body (`content-type: application/json`): an object, deserialized
+/// into `T`; a rejection is the API's JSON error. A number with a zero fraction
 /// (`3.0`) is read as the integer it equals, as JSON Schema reads it (the
 /// document's `integer` admits it); any other fraction stays a number and
 /// an integer field refuses it.
@@ -104,6 +104,12 @@ where
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let axum::Json(mut v) = axum::Json::<Value>::from_request(req, state).await?;
+        // serde reads a struct from an array too; every body is an object.
+        if !v.is_object() {
+            return Err(ApiError::bad_request(
+                "invalid body: expected a JSON object",
+            ));
+        }
         integral_numbers(&mut v);
         serde_json::from_value(v)
             .map(ApiJson)
@@ -164,7 +170,10 @@ mod tests {
     fn integral_numbers_become_integers_and_others_stay() {
         let mut v = json!({"a": 414.0, "b": [3.0, -2.0, 0.5], "c": {"d": 1e30}, "e": 7});
         integral_numbers(&mut v);
-        assert_eq!(v, json!({"a": 414, "b": [3, -2, 0.5], "c": {"d": 1e30}, "e": 7}));
+        assert_eq!(
+            v,
+            json!({"a": 414, "b": [3, -2, 0.5], "c": {"d": 1e30}, "e": 7})
+        );
         assert!(v["a"].is_u64() && v["b"][1].is_i64() && v["c"]["d"].is_f64());
         let mut edge = json!([18_446_744_073_709_551_616.0_f64, -0.0]);
         integral_numbers(&mut edge);

@@ -5,16 +5,17 @@
 #
 #   host/tests/schemathesis/run.sh [extra schemathesis arguments]
 #
-# What it does, all of it undone on exit (trap: every process it started is
-# killed by its PID, the scratch directory removed):
+# What it does, all of it undone on exit (trap: each process it started
+# leads a process group of its own, and those groups are killed by their
+# PIDs; the scratch directory is removed):
 #   1. installs the pinned Schemathesis (requirements.txt beside this file)
 #      into a virtualenv, target/schemathesis-venv, reused while the pins
 #      are unchanged;
-#   2. starts the release uve-host (UVE_HOST_BIN overrides) on a scratch
-#      data directory under /tmp, as the unprivileged user `nobody` when
-#      run as root (POST /v1/vms makes sockets at the paths it is given:
-#      relative ones land in the scratch directory, and nobody cannot
-#      create them anywhere that matters);
+#   2. starts a copy of the release uve-host (UVE_HOST_BIN overrides) on a
+#      scratch data directory under /tmp, as the unprivileged user `nobody`
+#      when run as root (else as the user running it): POST /v1/vms makes
+#      sockets at the paths it is given; relative ones land in the scratch
+#      directory, and nobody cannot create them anywhere that matters;
 #   3. bridges 127.0.0.1:<free port> to the API's Unix socket with socat
 #      (TCP and UNIX addresses only), since Schemathesis speaks TCP;
 #   4. runs Schemathesis with a fixed seed and a budget of about a minute
@@ -90,6 +91,9 @@ max_import = 16777216
 max_ua_bundle = 16777216
 uve2_timeout_ms = 2000
 EOF
+# A copy of the binary in the scratch directory: nobody may not be allowed
+# into the directory of the checkout.
+install -m 755 "$bin" "$scratch/uve-host"
 as_user=()
 if [ "$(id -u)" -eq 0 ]; then
   chown -R nobody:nogroup "$data"
@@ -98,7 +102,7 @@ fi
 log=$scratch/host.log
 # setsid: a group of its own (a background job of this script is no group
 # leader, so setsid execs in place and $! is the daemon's PID).
-(cd "$data" && exec setsid "${as_user[@]}" "$bin" run --config "$scratch/host.toml") >"$log" 2>&1 &
+(cd "$data" && exec setsid "${as_user[@]}" "$scratch/uve-host" run --config "$scratch/host.toml") >"$log" 2>&1 &
 pids+=($!)
 sock=$data/api.sock
 for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.1; done
@@ -106,20 +110,31 @@ for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.1; done
 
 # 3. 127.0.0.1:<port> -> the API socket.
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-setsid "${as_user[@]}" socat "TCP-LISTEN:$port,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:$sock" &
+# Its per-connection complaints (a client that closed first) go to a log.
+setsid "${as_user[@]}" socat "TCP-LISTEN:$port,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:$sock" \
+  2>"$scratch/socat.log" &
 pids+=($!)
 for _ in $(seq 100); do
   (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
   sleep 0.1
 done
 
-# 4. The run.
+# 4. The run. Its HAR (every request and answer) stays in target/ for a
+# look after a failure; the number of requests is printed from it.
+report=$root/target/schemathesis-report/run.har
+mkdir -p "$(dirname "$report")"
 set +e
-SCHEMATHESIS_HOOKS="$here/hooks.py" "$venv/bin/schemathesis" --config-file "$here/schemathesis.toml" run "$root/host/openapi.json" \
+SCHEMATHESIS_HOOKS="$here/hooks.py" "$venv/bin/schemathesis" \
+  --config-file "$here/schemathesis.toml" run "$root/host/openapi.json" \
   --url "http://127.0.0.1:$port" --checks all --seed "$seed" --max-time "$max_time" \
-  --no-color "$@"
+  --no-color --report har --report-har-path "$report" "$@"
 status=$?
 set -e
+python3 - "$report" <<'PY' || true
+import json, sys
+entries = json.load(open(sys.argv[1]))["log"]["entries"]
+print(f"requests sent: {len(entries)}")
+PY
 if [ "$status" -ne 0 ]; then
   echo "--- uve-host log (last 40 lines) ---" >&2
   tail -40 "$log" >&2
