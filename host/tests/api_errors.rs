@@ -64,11 +64,14 @@ async fn raw(
         req.push_str(&format!("content-length: {}\r\n", b.len()));
     }
     req.push_str("\r\n");
-    let mut bytes = req.into_bytes();
-    bytes.extend_from_slice(body.unwrap_or_default());
-    s.write_all(&bytes).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    // The daemon may answer (413) and close before it has read a large
+    // body: the rest of the body then meets a closed socket, and the
+    // answer is still there to read, followed by a reset instead of the
+    // end of the stream (what was read is kept either way).
+    let _ = s.write_all(body.unwrap_or_default()).await;
     let mut answer = Vec::new();
-    s.read_to_end(&mut answer).await.unwrap();
+    let _ = s.read_to_end(&mut answer).await;
     parse(&answer)
 }
 
