@@ -20,6 +20,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::defs::MAX_NAME_LEN;
 
+/// Every valid name as a regular expression (ECMA-262 and Rust `regex`
+/// syntax alike): a first character of `[A-Za-z0-9_@]`, then up to
+/// [`MAX_NAME_LEN`]` - 1` of `[A-Za-z0-9._@-]`. It says what [`validate`]
+/// accepts, for those who check names elsewhere: the management API's
+/// OpenAPI document carries it as the `pattern` of every user, VM, UA and
+/// session name (a test there keeps the two equal), and the name newtypes
+/// will use it. [`validate`] stays the check; a test here shows they agree.
+pub const NAME_PATTERN: &str = "^[A-Za-z0-9_@][A-Za-z0-9._@-]{0,127}$";
+
 /// Why a name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
@@ -353,6 +362,136 @@ mod tests {
         for (n, why) in cases {
             let err = validate("user", n).expect_err(n).to_string();
             assert!(err.contains(why), "{n:?}: {err}");
+        }
+    }
+}
+
+/// [`NAME_PATTERN`] evaluated without a regex engine: the test reads the
+/// pattern's own text (two bracket classes and one `{min,max}` bound) and
+/// matches names with it, so a change to either the pattern or
+/// [`validate`] that makes them disagree fails here.
+#[cfg(test)]
+mod pattern {
+    use super::{MAX_NAME_LEN, NAME_PATTERN, validate};
+
+    /// A parsed `^[first][rest]{min,max}$`.
+    struct Pattern {
+        first: Vec<(char, char)>,
+        rest: Vec<(char, char)>,
+        min: usize,
+        max: usize,
+    }
+
+    /// The ranges of a bracket class body (`A-Za-z0-9._@-`); a `-` first
+    /// or last is a literal.
+    fn class(body: &str) -> Vec<(char, char)> {
+        let chars: Vec<char> = body.chars().collect();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < chars.len() {
+            if i + 2 < chars.len() && chars[i + 1] == '-' {
+                out.push((chars[i], chars[i + 2]));
+                i += 3;
+            } else {
+                out.push((chars[i], chars[i]));
+                i += 1;
+            }
+        }
+        out
+    }
+
+    fn parse(p: &str) -> Pattern {
+        let inner = p
+            .strip_prefix("^[")
+            .and_then(|s| s.strip_suffix('$'))
+            .expect("^[...]...$");
+        let (first, inner) = inner.split_once("][").expect("two classes");
+        let (rest, bound) = inner.split_once("]{").expect("a bound");
+        let (min, max) = bound
+            .strip_suffix('}')
+            .and_then(|b| b.split_once(','))
+            .expect("{min,max}");
+        Pattern {
+            first: class(first),
+            rest: class(rest),
+            min: min.parse().expect("min"),
+            max: max.parse().expect("max"),
+        }
+    }
+
+    fn within(ranges: &[(char, char)], c: char) -> bool {
+        ranges.iter().any(|(lo, hi)| (*lo..=*hi).contains(&c))
+    }
+
+    impl Pattern {
+        fn matches(&self, name: &str) -> bool {
+            let mut chars = name.chars();
+            let Some(c) = chars.next() else {
+                return false;
+            };
+            let rest: Vec<char> = chars.collect();
+            within(&self.first, c)
+                && (self.min..=self.max).contains(&rest.len())
+                && rest.iter().all(|c| within(&self.rest, *c))
+        }
+    }
+
+    #[test]
+    fn the_pattern_says_what_validate_accepts() {
+        let p = parse(NAME_PATTERN);
+        assert_eq!(p.max + 1, MAX_NAME_LEN, "the bound follows MAX_NAME_LEN");
+        let max = "a".repeat(MAX_NAME_LEN);
+        let over = "a".repeat(MAX_NAME_LEN + 1);
+        let cases: [(&str, bool); 22] = [
+            ("alice", true),
+            ("bob.smith@corp", true),
+            ("u-1_2", true),
+            ("S-0001", true),
+            ("a", true),
+            ("_x", true),
+            ("@home", true),
+            ("9.9.9", true),
+            ("a..b", true),
+            ("a-", true),
+            (&max, true),
+            ("", false),
+            (".", false),
+            ("..", false),
+            (".hidden", false),
+            ("-rf", false),
+            ("a/b", false),
+            ("a b", false),
+            ("a\0b", false),
+            ("a\nb", false),
+            ("é", false),
+            (&over, false),
+        ];
+        for (name, valid) in cases {
+            assert_eq!(p.matches(name), valid, "pattern on {name:?}");
+            assert_eq!(
+                validate("user", name).is_ok(),
+                valid,
+                "validate on {name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_pattern_and_validate_agree_on_every_character() {
+        let p = parse(NAME_PATTERN);
+        for c in (0u32..0x300).filter_map(char::from_u32) {
+            for name in [
+                c.to_string(),
+                format!("a{c}"),
+                format!("{c}a"),
+                format!("a{c}\n"),
+            ] {
+                assert_eq!(
+                    p.matches(&name),
+                    validate("user", &name).is_ok(),
+                    "{name:?}"
+                );
+            }
         }
     }
 }

@@ -6,22 +6,24 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use uve_protocol::message::{Request, Response};
 use uve_protocol::names::{SessionId, UaName, UaVersion, UserName};
 
+use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::spool::spool;
 use super::types::{
     DeployQuery, MonitorBody, MonitorGranted, MonitorRevokeQuery, MonitorRevoked, Pong,
     SessionAction, SessionActionDone, UaCurrent, UaDeleteQuery, UaDeleted, UaDeployed, VmStatus,
 };
-use super::{ApiError, ApiResult, name};
+use super::{ApiError, ApiResult, check_name, name};
 use crate::daemon::Daemon;
 use crate::state::events::Event;
 use crate::store::now_ms;
 use crate::wire::uve2::{self, UaDeploy, Uve2Error};
 
 fn known_vm(d: &Daemon, id: &str) -> ApiResult<()> {
+    check_name("VM", id)?;
     if d.host.registry.vm(id).is_some() {
         Ok(())
     } else {
@@ -36,8 +38,8 @@ fn unexpected(r: Response) -> ApiError {
 /// `POST /v1/vms/{id}/ua?name=&version=&entry=&update=`: raw body = tar bundle.
 pub async fn deploy(
     State(d): State<Arc<Daemon>>,
-    Path(id): Path<String>,
-    Query(q): Query<DeployQuery>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<DeployQuery>,
     body: Body,
 ) -> ApiResult<Json<UaDeployed>> {
     known_vm(&d, &id)?;
@@ -72,7 +74,7 @@ pub async fn deploy(
 /// `POST /v1/vms/{id}/ua/{name}/rollback`.
 pub async fn ua_rollback(
     State(d): State<Arc<Daemon>>,
-    Path((id, raw)): Path<(String, String)>,
+    ApiPath((id, raw)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<UaCurrent>> {
     known_vm(&d, &id)?;
     let ua: UaName = name(&raw)?;
@@ -96,8 +98,8 @@ pub async fn ua_rollback(
 /// `DELETE /v1/vms/{id}/ua/{name}[?force=true]`.
 pub async fn ua_delete(
     State(d): State<Arc<Daemon>>,
-    Path((id, raw)): Path<(String, String)>,
-    Query(q): Query<UaDeleteQuery>,
+    ApiPath((id, raw)): ApiPath<(String, String)>,
+    ApiQuery(q): ApiQuery<UaDeleteQuery>,
 ) -> ApiResult<Json<UaDeleted>> {
     known_vm(&d, &id)?;
     let ua: UaName = name(&raw)?;
@@ -126,7 +128,7 @@ pub async fn ua_delete(
 /// `POST /v1/vms/{id}/sessions/{session}/{suspend|resume}`.
 pub async fn session_action(
     State(d): State<Arc<Daemon>>,
-    Path((id, session, action)): Path<(String, String, String)>,
+    ApiPath((id, session, action)): ApiPath<(String, String, String)>,
 ) -> ApiResult<Json<SessionActionDone>> {
     known_vm(&d, &id)?;
     let s: SessionId = name(&session)?;
@@ -153,8 +155,8 @@ pub async fn session_action(
 /// `POST /v1/vms/{id}/monitor`.
 pub async fn monitor_grant(
     State(d): State<Arc<Daemon>>,
-    Path(id): Path<String>,
-    Json(b): Json<MonitorBody>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(b): ApiJson<MonitorBody>,
 ) -> ApiResult<Json<MonitorGranted>> {
     known_vm(&d, &id)?;
     let session: SessionId = name(&b.session)?;
@@ -183,8 +185,8 @@ pub async fn monitor_grant(
 /// `DELETE /v1/vms/{id}/monitor?session=&monitor=`.
 pub async fn monitor_revoke(
     State(d): State<Arc<Daemon>>,
-    Path(id): Path<String>,
-    Query(q): Query<MonitorRevokeQuery>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<MonitorRevokeQuery>,
 ) -> ApiResult<Json<MonitorRevoked>> {
     known_vm(&d, &id)?;
     let (Some(session), Some(monitor)) = (q.session, q.monitor) else {
@@ -211,7 +213,7 @@ pub async fn monitor_revoke(
 /// `GET /v1/vms/{id}/status`.
 pub async fn status(
     State(d): State<Arc<Daemon>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<VmStatus>> {
     known_vm(&d, &id)?;
     match uve2::call(&d.host, &id, Request::AgentStatus).await? {
@@ -221,7 +223,10 @@ pub async fn status(
 }
 
 /// `POST /v1/vms/{id}/ping`.
-pub async fn ping(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult<Json<Pong>> {
+pub async fn ping(
+    State(d): State<Arc<Daemon>>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<Pong>> {
     known_vm(&d, &id)?;
     let nonce = now_ms();
     match uve2::call(&d.host, &id, Request::Ping { nonce }).await? {

@@ -9,12 +9,13 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use tokio::sync::broadcast::error::RecvError;
 
+use super::extract::ApiQuery;
 use super::types::EventsQuery;
 use crate::daemon::Daemon;
 use crate::state::events::Recorded;
@@ -42,7 +43,7 @@ fn lagged_line(last: u64, retained: &[Recorded]) -> Option<Bytes> {
 }
 
 /// `GET /v1/events`.
-pub async fn events(State(d): State<Arc<Daemon>>, Query(q): Query<EventsQuery>) -> Response {
+pub async fn events(State(d): State<Arc<Daemon>>, ApiQuery(q): ApiQuery<EventsQuery>) -> Response {
     let (past, mut rx) = d.host.events.since(q.since);
     let stop = d.host.shutdown.clone();
     let daemon = d.clone();

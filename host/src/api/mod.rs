@@ -6,6 +6,7 @@
 
 mod agent_ops;
 pub mod client;
+pub mod extract;
 mod feed;
 #[cfg(test)]
 mod openapi_check;
@@ -95,7 +96,9 @@ impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         match &e {
             RegistryError::InvalidName(_) => Self::new(ApiErrorCode::InvalidName, e),
-            RegistryError::BadTransport | RegistryError::ReservedCid { .. } => Self::bad_request(e),
+            RegistryError::BadTransport
+            | RegistryError::EmptyPath(_)
+            | RegistryError::ReservedCid { .. } => Self::bad_request(e),
             RegistryError::Duplicate(_) => Self::new(ApiErrorCode::Conflict, e),
             RegistryError::NoSuchVm(_) | RegistryError::NotAssigned(_) => Self::not_found(e),
             RegistryError::Io(_) => Self::internal(e),
@@ -133,6 +136,13 @@ where
     T: for<'a> TryFrom<&'a str, Error = uve_protocol::names::NameError>,
 {
     T::try_from(raw).map_err(|e| ApiError::new(ApiErrorCode::InvalidName, e))
+}
+
+/// Validates a name that has no newtype (a VM id) from a URL or body: an
+/// invalid one is 400 `invalid_name`.
+pub fn check_name(kind: &'static str, name: &str) -> ApiResult<()> {
+    uve_protocol::names::validate(kind, name)
+        .map_err(|e| ApiError::new(ApiErrorCode::InvalidName, e))
 }
 
 /// The API router (the routes of [`routes::routes`]).

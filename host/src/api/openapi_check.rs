@@ -1,14 +1,18 @@
 //! host/openapi.json against the code: its paths and methods are exactly
 //! the router's routes (`routes::routes`), every `$ref` resolves, every
 //! schema is used, and the JSON of every API type and event kind (the
-//! golden samples) is valid against the schema the document names for it.
-//! The validator covers the part of JSON Schema the document uses.
+//! golden samples) is valid against the schema the document names for it,
+//! and every user, VM, UA and session name (path, query, body) carries
+//! `uve_protocol::names::NAME_PATTERN` and its length bounds. The
+//! validator covers the part of JSON Schema the document uses.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
 
 use serde_json::{Map, Value, json};
+use uve_protocol::defs::MAX_NAME_LEN;
+use uve_protocol::names::{self, NAME_PATTERN};
 
 use super::routes::routes;
 use super::types::ApiErrorCode;
@@ -76,7 +80,7 @@ fn every_ref_resolves_and_every_schema_is_used() {
         let r = format!("#/components/schemas/{name}");
         assert!(used.contains(&r), "schema {name} is not used");
     }
-    let codes: Vec<&str> = ApiErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+    let codes: Vec<&str> = ApiErrorCode::every().map(ApiErrorCode::as_str).collect();
     assert_eq!(schema(&doc, "ApiErrorCode")["enum"], json!(codes));
 }
 
@@ -107,7 +111,9 @@ fn the_types_json_is_valid_against_the_document() {
 }
 
 /// Validates `v` against `s` (`$ref`, `type`, `enum`, `const`, `oneOf`,
-/// `properties`, `required`, `additionalProperties`, `items`, `minimum`).
+/// `properties`, `required`, `additionalProperties`, `items`, `minimum`,
+/// `maximum`, `minLength`, `maxLength`, and `pattern`, which must be
+/// [`NAME_PATTERN`] and is checked with `names::validate`).
 fn check(doc: &Value, s: &Value, v: &Value) -> Result<(), String> {
     if let Some(r) = s["$ref"].as_str() {
         let name = r.trim_start_matches("#/components/schemas/");
@@ -115,13 +121,12 @@ fn check(doc: &Value, s: &Value, v: &Value) -> Result<(), String> {
     }
     if let Some(one) = s["oneOf"].as_array() {
         let n = one.iter().filter(|x| check(doc, x, v).is_ok()).count();
-        return if n == 1 {
-            Ok(())
-        } else {
-            Err(format!("{n} of oneOf match"))
-        };
+        if n != 1 {
+            return Err(format!("{n} of oneOf match"));
+        }
     }
     check_type(s, v)?;
+    check_bounds(s, v)?;
     if let Some(e) = s["enum"].as_array()
         && !e.contains(v)
     {
@@ -130,11 +135,6 @@ fn check(doc: &Value, s: &Value, v: &Value) -> Result<(), String> {
     if !s["const"].is_null() && s["const"] != *v {
         return Err(format!("{v} is not {}", s["const"]));
     }
-    if let (Some(min), Some(x)) = (s["minimum"].as_f64(), v.as_f64())
-        && x < min
-    {
-        return Err(format!("{v} is below the minimum"));
-    }
     match v {
         Value::Object(m) => check_object(doc, s, m),
         Value::Array(a) if s["items"].is_object() => a
@@ -142,6 +142,33 @@ fn check(doc: &Value, s: &Value, v: &Value) -> Result<(), String> {
             .try_for_each(|x| check(doc, &s["items"], x).map_err(|e| format!("[]: {e}"))),
         _ => Ok(()),
     }
+}
+
+fn check_bounds(s: &Value, v: &Value) -> Result<(), String> {
+    if let (Some(min), Some(x)) = (s["minimum"].as_f64(), v.as_f64())
+        && x < min
+    {
+        return Err(format!("{v} is below the minimum"));
+    }
+    if let (Some(max), Some(x)) = (s["maximum"].as_u64(), v.as_u64())
+        && x > max
+    {
+        return Err(format!("{v} is above the maximum"));
+    }
+    let Some(text) = v.as_str() else {
+        return Ok(());
+    };
+    let chars = text.chars().count() as u64;
+    if s["minLength"].as_u64().is_some_and(|min| chars < min)
+        || s["maxLength"].as_u64().is_some_and(|max| chars > max)
+    {
+        return Err(format!("{v} has a length out of bounds"));
+    }
+    if let Some(p) = s["pattern"].as_str() {
+        assert_eq!(p, NAME_PATTERN, "the document's only pattern is the name's");
+        names::validate("name", text).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 fn check_type(s: &Value, v: &Value) -> Result<(), String> {
@@ -189,4 +216,71 @@ fn check_object(doc: &Value, s: &Value, m: &Map<String, Value>) -> Result<(), St
         .map_err(|e| format!("{k}: {e}"))?;
     }
     Ok(())
+}
+
+/// Parameters and body fields that hold a user, VM, UA or session name
+/// (a UA's version is a name too) when they are strings.
+const NAME_KEYS: [&str; 7] = ["id", "user", "name", "session", "vm", "monitor", "version"];
+
+/// The string query parameters that are not names.
+const NOT_NAMES: [&str; 2] = ["entry", "force"];
+
+fn patterns(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            if let Some(Value::String(p)) = m.get("pattern") {
+                out.push(p.clone());
+            }
+            m.values().for_each(|x| patterns(x, out));
+        }
+        Value::Array(a) => a.iter().for_each(|x| patterns(x, out)),
+        _ => {}
+    }
+}
+
+fn assert_name(at: &str, s: &Value) {
+    assert_eq!(s["pattern"], json!(NAME_PATTERN), "{at}: pattern");
+    assert_eq!(s["maxLength"], json!(MAX_NAME_LEN), "{at}: maxLength");
+    assert_eq!(s["minLength"], json!(1), "{at}: minLength");
+}
+
+/// The name fields of the request body schema `s` (following `$ref`).
+fn body_names(doc: &Value, at: &str, s: &Value, seen: &mut usize) {
+    if let Some(r) = s["$ref"].as_str() {
+        let name = r.trim_start_matches("#/components/schemas/");
+        return body_names(doc, &format!("{at} {name}"), schema(doc, name), seen);
+    }
+    for (k, p) in s["properties"].as_object().into_iter().flatten() {
+        if NAME_KEYS.contains(&k.as_str()) && p["type"] == "string" {
+            assert_name(&format!("{at}.{k}"), p);
+            *seen += 1;
+        }
+    }
+}
+
+#[test]
+fn every_name_carries_the_name_pattern() {
+    let doc = doc();
+    let mut seen = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let at = format!("{method} {path}");
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                let (name, s) = (p["name"].as_str().unwrap(), &p["schema"]);
+                let string = s["type"] == "string" && s["enum"].is_null();
+                if string && !NOT_NAMES.contains(&name) {
+                    assert!(NAME_KEYS.contains(&name), "{at}: is {name} a name?");
+                    assert_name(&format!("{at} {name}"), s);
+                    seen += 1;
+                }
+            }
+            let body = &op["requestBody"]["content"]["application/json"]["schema"];
+            body_names(&doc, &at, body, &mut seen);
+        }
+    }
+    // 19 path parameters, 5 query parameters, 4 body fields.
+    assert_eq!(seen, 28, "names found");
+    let mut all = Vec::new();
+    patterns(&doc, &mut all);
+    assert!(all.iter().all(|p| p == NAME_PATTERN), "{all:?}");
 }

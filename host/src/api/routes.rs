@@ -1,6 +1,8 @@
 //! The route table: every method and path of the management API with its
 //! handler, in one list that builds the router and that the OpenAPI test
-//! (`openapi_check`) compares with host/openapi.json.
+//! (`openapi_check`) compares with host/openapi.json. Requests no route
+//! takes get the API's JSON error too (`extract::no_route`,
+//! `extract::wrong_method`).
 
 use std::sync::Arc;
 
@@ -8,7 +10,7 @@ use axum::Router;
 use axum::handler::Handler;
 use axum::routing::{MethodFilter, on};
 
-use super::{agent_ops, feed, users, vms};
+use super::{agent_ops, extract, feed, users, vms};
 use crate::daemon::Daemon;
 
 /// An HTTP method the API serves.
@@ -68,9 +70,13 @@ impl Routes {
         &self.table
     }
 
-    /// The router (its state still to be given).
+    /// The router (its state still to be given). A path no route serves
+    /// is answered 404 `not_found`, a method its path does not serve 405
+    /// `method_not_allowed` (with `Allow`), both as the API's JSON error.
     pub fn into_router(self) -> Router<Arc<Daemon>> {
         self.router
+            .method_not_allowed_fallback(extract::wrong_method)
+            .fallback(extract::no_route)
     }
 }
 

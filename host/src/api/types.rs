@@ -56,10 +56,16 @@ pub enum ApiErrorCode {
     Timeout,
     /// Anything else (500).
     Internal,
+    /// The path does not serve this method (405; the `Allow` header says
+    /// which it serves).
+    MethodNotAllowed,
+    /// A JSON body sent without `content-type: application/json` (415).
+    UnsupportedMediaType,
 }
 
 impl ApiErrorCode {
-    /// Every code.
+    /// The codes of the handlers' answers (the domain's errors and a
+    /// malformed request); [`ROUTING`](Self::ROUTING) has the rest.
     pub const ALL: [ApiErrorCode; 13] = [
         Self::BadRequest,
         Self::InvalidName,
@@ -75,6 +81,15 @@ impl ApiErrorCode {
         Self::Timeout,
         Self::Internal,
     ];
+
+    /// The codes of a request no handler takes: a method its path does
+    /// not serve, a JSON body of another content type.
+    pub const ROUTING: [ApiErrorCode; 2] = [Self::MethodNotAllowed, Self::UnsupportedMediaType];
+
+    /// Every code: [`ALL`](Self::ALL), then [`ROUTING`](Self::ROUTING).
+    pub fn every() -> impl Iterator<Item = ApiErrorCode> {
+        Self::ALL.into_iter().chain(Self::ROUTING)
+    }
 
     /// The code as written on the wire (`not_found`, ...).
     pub fn as_str(self) -> &'static str {
@@ -92,6 +107,8 @@ impl ApiErrorCode {
             Self::Contended => "contended",
             Self::Timeout => "timeout",
             Self::Internal => "internal",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::UnsupportedMediaType => "unsupported_media_type",
         }
     }
 
@@ -107,6 +124,8 @@ impl ApiErrorCode {
             Self::VmNotConnected | Self::Contended => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         }
     }
 }
@@ -163,6 +182,7 @@ pub type Assignments = BTreeMap<String, String>;
 
 /// Body of `PUT /v1/assignments/{user}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AssignBody {
     /// The VM to assign the user to.
     pub vm: String,
@@ -200,6 +220,16 @@ pub struct VersionList {
     pub versions: Vec<VersionInfo>,
 }
 
+/// Query of `POST /v1/users/{user}/import`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportQuery {
+    /// Accept an empty body as an empty UIF. Without it an empty body is
+    /// refused (`bad_request`): HTTP cannot tell a request that forgot its
+    /// body from one that means an empty UIF, so the client says which.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub empty: bool,
+}
+
 /// Answer of `POST /v1/users/{user}/import`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Imported {
@@ -217,6 +247,7 @@ pub struct Imported {
 
 /// Body of `POST /v1/users/{user}/rollback`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RollbackBody {
     /// The version to restore.
     pub version: Version,
@@ -358,6 +389,7 @@ pub struct SessionActionDone {
 
 /// Body of `POST /v1/vms/{id}/monitor`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MonitorBody {
     /// Session id.
     pub session: String,

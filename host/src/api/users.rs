@@ -5,16 +5,19 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use uve_protocol::chunker::chunk_stream;
 use uve_protocol::message::Version;
 
+use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::spool::spool;
-use super::types::{GcQuery, GcReport, Imported, RollbackBody, RolledBack, UserRow, VersionList};
-use super::{ApiResult, name};
+use super::types::{
+    GcQuery, GcReport, ImportQuery, Imported, RollbackBody, RolledBack, UserRow, VersionList,
+};
+use super::{ApiError, ApiResult, name};
 use crate::daemon::Daemon;
 use crate::state::events::Event;
 use crate::store::CommitOutcome;
@@ -48,7 +51,7 @@ pub async fn list(State(d): State<Arc<Daemon>>) -> ApiResult<Json<Vec<UserRow>>>
 /// `GET /v1/users/{user}/versions`.
 pub async fn versions(
     State(d): State<Arc<Daemon>>,
-    Path(user): Path<String>,
+    ApiPath(user): ApiPath<String>,
 ) -> ApiResult<Json<VersionList>> {
     let user: UserName = name(&user)?;
     let (head, versions) = d
@@ -58,18 +61,26 @@ pub async fn versions(
     Ok(Json(VersionList { head, versions }))
 }
 
-/// `POST /v1/users/{user}/import`: the raw body is the UIF; it becomes the
-/// new head (an operator import is authoritative; a VM's later update based
-/// on the old head lands as a conflict version).
+/// `POST /v1/users/{user}/import[?empty=true]`: the raw body is the UIF;
+/// it becomes the new head (an operator import is authoritative; a VM's
+/// later update based on the old head lands as a conflict version). An
+/// empty body is refused unless `empty=true` says it means an empty UIF.
 pub async fn import(
     State(d): State<Arc<Daemon>>,
-    Path(user): Path<String>,
+    ApiPath(user): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ImportQuery>,
     body: Body,
 ) -> ApiResult<Json<Imported>> {
     let user: UserName = name(&user)?;
     let host = d.host.clone();
     let limit = host.config.max_import.unwrap_or(host.config.max_uif_size);
     let spooled = spool(body, &host.tmp, limit).await?;
+    if spooled.size == 0 && !q.empty {
+        return Err(ApiError::bad_request(
+            "the body is empty: an import needs the UIF's bytes \
+             (add ?empty=true to import an empty UIF)",
+        ));
+    }
     let path = spooled.path.clone();
     let gate = host.leases.gate(&user);
     let _user_gate = gate.lock().await;
@@ -116,7 +127,7 @@ pub async fn import(
 /// one chunk in memory at a time.
 pub async fn export(
     State(d): State<Arc<Daemon>>,
-    Path((user, v)): Path<(String, Version)>,
+    ApiPath((user, v)): ApiPath<(String, Version)>,
 ) -> ApiResult<Response> {
     let user: UserName = name(&user)?;
     let u = user.clone();
@@ -156,8 +167,8 @@ pub async fn export(
 /// `POST /v1/users/{user}/rollback`: a copy of `version` becomes the head.
 pub async fn rollback(
     State(d): State<Arc<Daemon>>,
-    Path(user): Path<String>,
-    Json(body): Json<RollbackBody>,
+    ApiPath(user): ApiPath<String>,
+    ApiJson(body): ApiJson<RollbackBody>,
 ) -> ApiResult<Json<RolledBack>> {
     let user: UserName = name(&user)?;
     let host = d.host.clone();
@@ -182,7 +193,7 @@ pub async fn rollback(
 /// `POST /v1/gc[?grace_secs=]`.
 pub async fn gc(
     State(d): State<Arc<Daemon>>,
-    Query(q): Query<GcQuery>,
+    ApiQuery(q): ApiQuery<GcQuery>,
 ) -> ApiResult<Json<GcReport>> {
     let grace = Duration::from_secs(q.grace_secs.unwrap_or(d.host.config.gc_grace_secs));
     let report = d.host.store_call(move |s| s.gc(grace)).await?;

@@ -3,13 +3,14 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 
+use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::types::{
     AssignBody, AssignOutcome, Assignments, NewVm, SessionRec, SessionsQuery, VmDetail, VmInfo,
 };
-use super::{ApiError, ApiResult, name};
+use super::{ApiError, ApiResult, check_name, name};
 use crate::daemon::Daemon;
 use crate::state::events::Event;
 use crate::state::registry::VmSpec;
@@ -39,7 +40,7 @@ pub async fn list(State(d): State<Arc<Daemon>>) -> Json<Vec<VmInfo>> {
 /// `POST /v1/vms`.
 pub async fn create(
     State(d): State<Arc<Daemon>>,
-    Json(spec): Json<NewVm>,
+    ApiJson(spec): ApiJson<NewVm>,
 ) -> ApiResult<(StatusCode, Json<VmInfo>)> {
     d.host.registry.add_vm(spec.clone())?;
     if let Err(e) = d.listeners.start(&d.host, &spec) {
@@ -57,8 +58,9 @@ pub async fn create(
 /// `GET /v1/vms/{id}`.
 pub async fn show(
     State(d): State<Arc<Daemon>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<VmDetail>> {
+    check_name("VM", &id)?;
     let spec = d
         .host
         .registry
@@ -80,7 +82,11 @@ pub async fn show(
 }
 
 /// `DELETE /v1/vms/{id}`.
-pub async fn remove(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+pub async fn remove(
+    State(d): State<Arc<Daemon>>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    check_name("VM", &id)?;
     d.host.registry.remove_vm(&id)?;
     d.listeners.stop(&id);
     d.host.handshakes.forget(&id);
@@ -107,17 +113,18 @@ pub async fn assignments(State(d): State<Arc<Daemon>>) -> Json<Assignments> {
 /// `PUT /v1/assignments/{user}`.
 pub async fn assign(
     State(d): State<Arc<Daemon>>,
-    Path(user): Path<String>,
-    Json(body): Json<AssignBody>,
+    ApiPath(user): ApiPath<String>,
+    ApiJson(body): ApiJson<AssignBody>,
 ) -> ApiResult<Json<AssignOutcome>> {
     let user: UserName = name(&user)?;
+    check_name("VM", &body.vm)?;
     Ok(Json(switch::assign(&d.host, &user, &body.vm)?))
 }
 
 /// `DELETE /v1/assignments/{user}`.
 pub async fn unassign(
     State(d): State<Arc<Daemon>>,
-    Path(user): Path<String>,
+    ApiPath(user): ApiPath<String>,
 ) -> ApiResult<Json<AssignOutcome>> {
     let user: UserName = name(&user)?;
     Ok(Json(switch::unassign(&d.host, &user)?))
@@ -126,7 +133,10 @@ pub async fn unassign(
 /// `GET /v1/sessions[?vm=]`.
 pub async fn sessions(
     State(d): State<Arc<Daemon>>,
-    Query(q): Query<SessionsQuery>,
-) -> Json<Vec<SessionRec>> {
-    Json(d.host.sessions.list(q.vm.as_deref()))
+    ApiQuery(q): ApiQuery<SessionsQuery>,
+) -> ApiResult<Json<Vec<SessionRec>>> {
+    if let Some(vm) = &q.vm {
+        check_name("VM", vm)?;
+    }
+    Ok(Json(d.host.sessions.list(q.vm.as_deref())))
 }

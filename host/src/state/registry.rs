@@ -25,6 +25,9 @@ pub enum RegistryError {
     /// The VM spec is not exactly one transport.
     #[error("a VM needs exactly one of cid, uds_path or unix")]
     BadTransport,
+    /// A transport path is empty.
+    #[error("{0} is empty: a VM's socket needs a path")]
+    EmptyPath(&'static str),
     /// The CID is not a guest's.
     #[error("CID {cid} cannot be a VM's: {why}")]
     ReservedCid {
@@ -47,8 +50,10 @@ pub enum RegistryError {
     Io(String),
 }
 
-/// A registered VM.
+/// A registered VM. A field it does not know is an error (a typo in a
+/// `POST /v1/vms` body is refused, not ignored).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmSpec {
     /// VM id (a name: `[A-Za-z0-9._@-]`).
     pub id: String,
@@ -91,6 +96,11 @@ impl VmSpec {
             + usize::from(self.unix.is_some());
         if n != 1 || (self.port.is_some() && self.uds_path.is_none()) {
             return Err(RegistryError::BadTransport);
+        }
+        for (field, path) in [("uds_path", &self.uds_path), ("unix", &self.unix)] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err(RegistryError::EmptyPath(field));
+            }
         }
         if let Some(cid) = self.cid
             && let Some(why) = cid_refusal(cid, allow_local)
@@ -307,6 +317,24 @@ mod tests {
         assert!(s.validate(false).is_ok());
         s.cid = None;
         assert!(s.validate(false).is_err());
+    }
+
+    #[test]
+    fn empty_paths_and_unknown_fields_are_refused() {
+        let s = spec("vm", "");
+        assert!(matches!(
+            s.validate(false),
+            Err(RegistryError::EmptyPath("unix"))
+        ));
+        let mut s = spec("vm", "/x");
+        s.unix = None;
+        s.uds_path = Some(PathBuf::new());
+        assert!(matches!(
+            s.validate(false),
+            Err(RegistryError::EmptyPath("uds_path"))
+        ));
+        let typo = serde_json::from_str::<VmSpec>(r#"{"id": "vm", "uds-path": "/x"}"#);
+        assert!(typo.is_err(), "an unknown field is an error");
     }
 
     #[test]

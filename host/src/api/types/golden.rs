@@ -340,8 +340,7 @@ fn status() -> Sample {
 }
 
 fn errors() -> Vec<Sample> {
-    ApiErrorCode::ALL
-        .into_iter()
+    ApiErrorCode::every()
         .map(|code| {
             let body = ErrorBody {
                 error: code,
@@ -391,6 +390,27 @@ fn error_codes_decide_the_status_as_before() {
             ("timeout", 504),
             ("internal", 500),
         ]
+    );
+}
+
+#[test]
+fn import_query_says_empty_only_when_it_is() {
+    assert_eq!(q(&ImportQuery::default()), "");
+    assert_eq!(q(&ImportQuery { empty: true }), "empty=true");
+    let read: ImportQuery = serde_urlencoded::from_str("empty=true").unwrap();
+    assert!(read.empty);
+    assert!(serde_urlencoded::from_str::<ImportQuery>("empty=yes").is_err());
+}
+
+#[test]
+fn routing_codes_have_their_statuses() {
+    let statuses: Vec<(&str, u16)> = ApiErrorCode::ROUTING
+        .into_iter()
+        .map(|c| (c.as_str(), c.status().as_u16()))
+        .collect();
+    assert_eq!(
+        statuses,
+        [("method_not_allowed", 405), ("unsupported_media_type", 415)]
     );
 }
 

@@ -10,18 +10,23 @@ use hyper::Method;
 use hyper::body::{Body as _, Incoming};
 use indicatif::{ProgressBar, ProgressStyle};
 use uve_host::api::client::{self, Answer, ApiClient};
-use uve_host::api::types::EventsQuery;
+use uve_host::api::types::{EventsQuery, ImportQuery};
 
 use crate::commands::{self, seg, with_query};
 use crate::output::{self, exit_for};
 
-/// `uvectl import USER FILE`.
+/// `uvectl import USER FILE`. A file of length 0 (an empty file, or a
+/// pipe, whose length is unknown) is sent with `empty=true`: the daemon
+/// refuses an empty body without it, and here it is what the file holds.
 pub async fn import(c: &ApiClient, user: &str, file: &Path, raw: bool) -> anyhow::Result<u8> {
     let len = std::fs::metadata(file).map(|m| m.len()).ok();
     let bar = progress(len, &format!("import {user}"));
     let counter = bar.clone();
     let body = client::file_counted(file, move |n| counter.inc(n)).await?;
-    let path = format!("/v1/users/{}/import", seg(user));
+    let query = ImportQuery {
+        empty: len == Some(0),
+    };
+    let path = with_query(&format!("/v1/users/{}/import", seg(user)), &query)?;
     let answer = c.call(Method::POST, &path, body).await;
     bar.finish_and_clear();
     Ok(commands::imported(&answer?, raw))
