@@ -1,7 +1,9 @@
-//! [`Host`]: the daemon's shared state, one field per concern (store,
-//! registry, leases, hand-overs, sessions, connections, events, metrics),
-//! each with its own lock. Domain modules take `&Host`; nothing here knows
-//! about sockets or HTTP.
+//! [`Host`]: the daemon's shared state, one part per concern (store,
+//! registry, leases, hand-overs, sessions, connections, events, metrics,
+//! budgets), each with its own lock. The parts are private: domain modules
+//! take `&Host` and ask it for the part they work with (`host.registry()`)
+//! or for what they want done (`host.emit(event)`, `host.store_call(..)`,
+//! `host.commit_guard()`). Nothing here knows about sockets or HTTP.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,37 +31,37 @@ use crate::wire::uve2::handover::Handovers;
 /// Shared daemon state.
 pub struct Host {
     /// Configuration.
-    pub config: Config,
+    config: Config,
     /// Temp directory for durable writes outside the store.
-    pub tmp: PathBuf,
+    tmp: PathBuf,
     /// The UIF store.
-    pub store: Arc<dyn UifStore>,
+    store: Arc<dyn UifStore>,
     /// VMs and assignments.
-    pub registry: Registry,
+    registry: Registry,
     /// Writer leases.
-    pub leases: Leases,
+    leases: Leases,
     /// VM switch hand-overs.
-    pub handovers: Handovers,
+    handovers: Handovers,
     /// Open sessions.
-    pub sessions: Sessions,
+    sessions: Sessions,
     /// Live agent connections.
-    pub conns: Conns,
+    conns: Conns,
     /// Event log.
-    pub events: Events,
+    events: Events,
     /// Counters.
-    pub metrics: Arc<Metrics>,
+    metrics: Arc<Metrics>,
     /// Staged bytes of open uploads: budgets and reclaim.
-    pub staging: Arc<Staging>,
+    staging: Arc<Staging>,
     /// Cancelled when the daemon begins shutting down.
-    pub shutdown: CancellationToken,
+    shutdown: CancellationToken,
     /// Held shared by each connection from accept until it is installed;
     /// shutdown takes it exclusively so no half-set-up connection misses
     /// its `Goodbye`.
-    pub setup: Arc<tokio::sync::RwLock<()>>,
+    setup: Arc<tokio::sync::RwLock<()>>,
     /// Bounds connections in the handshake, per VM and in all.
-    pub handshakes: HandshakeGate,
+    handshakes: HandshakeGate,
     /// Bounds updates from VMs without the user's current lease.
-    pub conflict_rate: ConflictRate,
+    conflict_rate: ConflictRate,
     commits: AtomicUsize,
     commits_idle: Notify,
     bulk: BulkPool,
@@ -113,6 +115,89 @@ impl Host {
             commits_idle: Notify::new(),
             bulk: BulkPool::start(bulk_threads),
         }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The directory for durable writes outside the store (spooled API
+    /// bodies, registry and lease files' temps).
+    pub fn tmp(&self) -> &std::path::Path {
+        &self.tmp
+    }
+
+    /// The UIF store (blocking: call it through [`Self::store_call`]).
+    pub fn store(&self) -> &Arc<dyn UifStore> {
+        &self.store
+    }
+
+    /// VMs and assignments.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Writer leases.
+    pub fn leases(&self) -> &Leases {
+        &self.leases
+    }
+
+    /// VM switch hand-overs.
+    pub fn handovers(&self) -> &Handovers {
+        &self.handovers
+    }
+
+    /// Sessions the agents reported.
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+
+    /// Live agent connections.
+    pub fn conns(&self) -> &Conns {
+        &self.conns
+    }
+
+    /// The event log (reading and following it).
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
+    /// Records an operator event.
+    pub fn emit(&self, event: crate::state::events::Event) {
+        self.events.emit(event);
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Staged bytes of open uploads: budgets and reclaim.
+    pub fn staging(&self) -> &Arc<Staging> {
+        &self.staging
+    }
+
+    /// Cancelled when the daemon begins shutting down.
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Held shared by each connection from accept until it is installed;
+    /// shutdown takes it exclusively so no half-set-up connection misses
+    /// its `Goodbye`.
+    pub fn setup(&self) -> &Arc<tokio::sync::RwLock<()>> {
+        &self.setup
+    }
+
+    /// Bounds connections in the handshake, per VM and in all.
+    pub fn handshakes(&self) -> &HandshakeGate {
+        &self.handshakes
+    }
+
+    /// Bounds updates from VMs without the user's current lease.
+    pub fn conflict_rate(&self) -> &ConflictRate {
+        &self.conflict_rate
     }
 
     /// Runs a bulk store operation (reading or writing one chunk) for `vm`

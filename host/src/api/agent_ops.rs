@@ -24,7 +24,7 @@ use crate::wire::uve2::{self, UaDeploy, Uve2Error};
 
 fn known_vm(d: &Daemon, id: &str) -> ApiResult<()> {
     check_name("VM", id)?;
-    if d.host.registry.vm(id).is_some() {
+    if d.host.registry().vm(id).is_some() {
         Ok(())
     } else {
         Err(ApiError::not_found(format!("no VM {id}")))
@@ -46,7 +46,7 @@ pub async fn deploy(
     let ua_name: UaName = name(&q.name)?;
     let version: UaVersion = name(&q.version)?;
     uve2::link(&d.host, &id)?;
-    let bundle = spool(body, &d.host.tmp, d.host.config.max_ua_bundle).await?;
+    let bundle = spool(body, d.host.tmp(), d.host.config().max_ua_bundle).await?;
     let ua = UaDeploy {
         name: ua_name,
         version,
@@ -55,7 +55,7 @@ pub async fn deploy(
     };
     let current =
         uve2::deploy_ua(&d.host, &id, ua, &bundle.path, bundle.size, bundle.digest).await?;
-    d.host.events.emit(Event::UaDeployed {
+    d.host.emit(Event::UaDeployed {
         vm: id.clone(),
         name: q.name.clone(),
         version: current.to_string(),
@@ -80,7 +80,7 @@ pub async fn ua_rollback(
     let ua: UaName = name(&raw)?;
     match uve2::call(&d.host, &id, Request::UaRollback { name: ua.clone() }).await? {
         Response::UaCurrent { version } => {
-            d.host.events.emit(Event::UaRolledBack {
+            d.host.emit(Event::UaRolledBack {
                 vm: id.clone(),
                 name: ua.to_string(),
                 version: version.to_string(),
@@ -110,7 +110,7 @@ pub async fn ua_delete(
     match uve2::call(&d.host, &id, req).await? {
         Response::UaDeleted { stopped_sessions } => {
             let stopped: Vec<String> = stopped_sessions.into_iter().map(String::from).collect();
-            d.host.events.emit(Event::UaDeleted {
+            d.host.emit(Event::UaDeleted {
                 vm: id.clone(),
                 name: ua.to_string(),
                 stopped_sessions: stopped.clone(),
@@ -141,7 +141,7 @@ pub async fn session_action(
     };
     uve2::expect_ok(uve2::call(&d.host, &id, req).await?)?;
     let (vm, s) = (id.clone(), session.clone());
-    d.host.events.emit(match action {
+    d.host.emit(match action {
         SessionAction::Suspend => Event::SessionSuspended { vm, session: s },
         SessionAction::Resume => Event::SessionResumed { vm, session: s },
     });
@@ -168,7 +168,7 @@ pub async fn monitor_grant(
         expires,
     };
     uve2::expect_ok(uve2::call(&d.host, &id, req).await?)?;
-    d.host.events.emit(Event::MonitorGranted {
+    d.host.emit(Event::MonitorGranted {
         vm: id.clone(),
         session: b.session.clone(),
         monitor: b.monitor.clone(),
@@ -197,7 +197,7 @@ pub async fn monitor_revoke(
         monitor: name(&monitor)?,
     };
     uve2::expect_ok(uve2::call(&d.host, &id, req).await?)?;
-    d.host.events.emit(Event::MonitorRevoked {
+    d.host.emit(Event::MonitorRevoked {
         vm: id.clone(),
         session: session.clone(),
         monitor: monitor.clone(),

@@ -44,8 +44,8 @@ fn lagged_line(last: u64, retained: &[Recorded]) -> Option<Bytes> {
 
 /// `GET /v1/events`.
 pub async fn events(State(d): State<Arc<Daemon>>, ApiQuery(q): ApiQuery<EventsQuery>) -> Response {
-    let (past, mut rx) = d.host.events.since(q.since);
-    let stop = d.host.shutdown.clone();
+    let (past, mut rx) = d.host.events().since(q.since);
+    let stop = d.host.shutdown().clone();
     let daemon = d.clone();
     let (tx, body_rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
     tokio::spawn(async move {
@@ -74,7 +74,7 @@ pub async fn events(State(d): State<Arc<Daemon>>, ApiQuery(q): ApiQuery<EventsQu
                 }
                 Ok(_) => {}
                 Err(RecvError::Lagged(_)) => {
-                    let (missed, new_rx) = daemon.host.events.since(last);
+                    let (missed, new_rx) = daemon.host.events().since(last);
                     rx = new_rx;
                     if let Some(gap) = lagged_line(last, &missed)
                         && tx.send(Ok(gap)).await.is_err()
@@ -106,7 +106,7 @@ pub async fn events(State(d): State<Arc<Daemon>>, ApiQuery(q): ApiQuery<EventsQu
 pub async fn metrics(State(d): State<Arc<Daemon>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        d.host.metrics.render(),
+        d.host.metrics().render(),
     )
         .into_response()
 }

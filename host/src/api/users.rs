@@ -39,8 +39,8 @@ pub async fn list(State(d): State<Arc<Daemon>>) -> ApiResult<Json<Vec<UserRow>>>
     let rows = users
         .into_iter()
         .map(|(user, head)| UserRow {
-            assigned_to: d.host.registry.assignment(&user),
-            lease: d.host.leases.get(&user),
+            assigned_to: d.host.registry().assignment(&user),
+            lease: d.host.leases().get(&user),
             user,
             head,
         })
@@ -73,8 +73,11 @@ pub async fn import(
 ) -> ApiResult<Json<Imported>> {
     let user: UserName = name(&user)?;
     let host = d.host.clone();
-    let limit = host.config.max_import.unwrap_or(host.config.max_uif_size);
-    let spooled = spool(body, &host.tmp, limit).await?;
+    let limit = host
+        .config()
+        .max_import
+        .unwrap_or(host.config().max_uif_size);
+    let spooled = spool(body, host.tmp(), limit).await?;
     if spooled.size == 0 && !q.empty {
         return Err(ApiError::bad_request(
             "the body is empty: an import needs the UIF's bytes \
@@ -82,7 +85,7 @@ pub async fn import(
         ));
     }
     let path = spooled.path.clone();
-    let gate = host.leases.gate(&user);
+    let gate = host.leases().gate(&user);
     let _user_gate = gate.lock().await;
     let _commit = host.commit_guard();
     let u = user.clone();
@@ -107,8 +110,8 @@ pub async fn import(
         CommitOutcome::Committed(v) => v,
         CommitOutcome::Conflict { kept_as, .. } => kept_as,
     };
-    crate::state::metrics::add(&host.metrics.commits, 1);
-    host.events.emit(Event::Import {
+    crate::state::metrics::add(&host.metrics().commits, 1);
+    host.emit(Event::Import {
         user: user.to_string(),
         version,
         size: manifest.header.size,
@@ -133,7 +136,7 @@ pub async fn export(
     let u = user.clone();
     let manifest = d.host.store_call(move |s| s.manifest(&u, v)).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    let store = d.host.store.clone();
+    let store = d.host.store().clone();
     let header = manifest.header;
     tokio::task::spawn_blocking(move || {
         for c in &manifest.chunks {
@@ -172,13 +175,13 @@ pub async fn rollback(
 ) -> ApiResult<Json<RolledBack>> {
     let user: UserName = name(&user)?;
     let host = d.host.clone();
-    let gate = host.leases.gate(&user);
+    let gate = host.leases().gate(&user);
     let _user_gate = gate.lock().await;
     let _commit = host.commit_guard();
     let u = user.clone();
     let to = body.version;
     let head = host.store_call(move |s| s.rollback(&u, to)).await?;
-    host.events.emit(Event::Rollback {
+    host.emit(Event::Rollback {
         user: user.to_string(),
         from_version: to,
         version: head,
@@ -195,8 +198,8 @@ pub async fn gc(
     State(d): State<Arc<Daemon>>,
     ApiQuery(q): ApiQuery<GcQuery>,
 ) -> ApiResult<Json<GcReport>> {
-    let grace = Duration::from_secs(q.grace_secs.unwrap_or(d.host.config.gc_grace_secs));
+    let grace = Duration::from_secs(q.grace_secs.unwrap_or(d.host.config().gc_grace_secs));
     let report = d.host.store_call(move |s| s.gc(grace)).await?;
-    d.host.events.emit(Event::Gc(report));
+    d.host.emit(Event::Gc(report));
     Ok(Json(report))
 }

@@ -18,14 +18,14 @@ use crate::wire::uve2::switch;
 use uve_protocol::names::UserName;
 
 fn vm_info(d: &Daemon, spec: &VmSpec) -> VmInfo {
-    let connection = d.host.conns.get(&spec.id).map(|c| c.summary);
+    let connection = d.host.conns().get(&spec.id).map(|c| c.summary);
     VmInfo {
         id: spec.id.clone(),
         cid: spec.cid,
         uds_path: spec.uds_path.clone(),
         port: spec.port,
         unix: spec.unix.clone(),
-        listen_path: spec.listen_path(d.host.config.port),
+        listen_path: spec.listen_path(d.host.config().port),
         connected: connection.is_some(),
         connection,
     }
@@ -33,7 +33,7 @@ fn vm_info(d: &Daemon, spec: &VmSpec) -> VmInfo {
 
 /// `GET /v1/vms`.
 pub async fn list(State(d): State<Arc<Daemon>>) -> Json<Vec<VmInfo>> {
-    let vms = d.host.registry.vms();
+    let vms = d.host.registry().vms();
     Json(vms.iter().map(|s| vm_info(&d, s)).collect())
 }
 
@@ -42,14 +42,14 @@ pub async fn create(
     State(d): State<Arc<Daemon>>,
     ApiJson(spec): ApiJson<NewVm>,
 ) -> ApiResult<(StatusCode, Json<VmInfo>)> {
-    d.host.registry.add_vm(spec.clone())?;
+    d.host.registry().add_vm(spec.clone())?;
     if let Err(e) = d.listeners.start(&d.host, &spec) {
-        let _ = d.host.registry.remove_vm(&spec.id);
+        let _ = d.host.registry().remove_vm(&spec.id);
         return Err(ApiError::bad_request(format!(
             "cannot listen for VM: {e:#}"
         )));
     }
-    d.host.events.emit(Event::VmRegistered {
+    d.host.emit(Event::VmRegistered {
         vm: spec.id.clone(),
     });
     Ok((StatusCode::CREATED, Json(vm_info(&d, &spec))))
@@ -63,12 +63,12 @@ pub async fn show(
     check_name("VM", &id)?;
     let spec = d
         .host
-        .registry
+        .registry()
         .vm(&id)
         .ok_or_else(|| ApiError::not_found(format!("no VM {id}")))?;
     let assigned_users = d
         .host
-        .registry
+        .registry()
         .assignments()
         .into_iter()
         .filter(|(_, vm)| *vm == id)
@@ -76,7 +76,7 @@ pub async fn show(
         .collect();
     Ok(Json(VmDetail {
         vm: vm_info(&d, &spec),
-        sessions: d.host.sessions.list(Some(&id)),
+        sessions: d.host.sessions().list(Some(&id)),
         assigned_users,
     }))
 }
@@ -87,27 +87,27 @@ pub async fn remove(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     check_name("VM", &id)?;
-    d.host.registry.remove_vm(&id)?;
+    d.host.registry().remove_vm(&id)?;
     d.listeners.stop(&id);
-    d.host.handshakes.forget(&id);
+    d.host.handshakes().forget(&id);
     // A VM registered later under this id inherits no lease.
     let host = d.host.clone();
     let vm = id.clone();
-    match tokio::task::spawn_blocking(move || host.leases.forget_vm(&vm)).await {
+    match tokio::task::spawn_blocking(move || host.leases().forget_vm(&vm)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(vm = id, "leases of the removed VM kept: {e}"),
         Err(e) => tracing::error!(vm = id, "leases of the removed VM kept: {e}"),
     }
-    if let Some(c) = d.host.conns.get(&id) {
+    if let Some(c) = d.host.conns().get(&id) {
         c.handle.goodbye("VM unregistered").await;
     }
-    d.host.events.emit(Event::VmUnregistered { vm: id });
+    d.host.emit(Event::VmUnregistered { vm: id });
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// `GET /v1/assignments`.
 pub async fn assignments(State(d): State<Arc<Daemon>>) -> Json<Assignments> {
-    Json(d.host.registry.assignments())
+    Json(d.host.registry().assignments())
 }
 
 /// `PUT /v1/assignments/{user}`.
@@ -138,5 +138,5 @@ pub async fn sessions(
     if let Some(vm) = &q.vm {
         check_name("VM", vm)?;
     }
-    Ok(Json(d.host.sessions.list(q.vm.as_deref())))
+    Ok(Json(d.host.sessions().list(q.vm.as_deref())))
 }

@@ -102,19 +102,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("open task")??;
     let host = daemon.host.clone();
-    for spec in host.registry.vms() {
+    for spec in host.registry().vms() {
         if let Err(e) = daemon.listeners.start(&host, &spec) {
             tracing::error!(vm = spec.id, error = %e, "cannot listen for VM");
         }
     }
-    if host.config.vsock_listen {
+    if host.config().vsock_listen {
         server::start_vsock(&host)?;
     }
-    if host.config.gc_interval_secs > 0 {
+    if host.config().gc_interval_secs > 0 {
         tokio::spawn(periodic_gc(host.clone()));
     }
     let api_stop = CancellationToken::new();
-    let api_path = host.config.api_socket();
+    let api_path = host.config().api_socket();
     let api_listener = api::bind(&api_path)?;
     let api = tokio::spawn(api::serve(
         daemon.clone(),
@@ -122,23 +122,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         api_path,
         api_stop.clone(),
     ));
-    tracing::info!(data_dir = %host.config.data_dir.display(), "uve-host running");
+    tracing::info!(data_dir = %host.config().data_dir.display(), "uve-host running");
     // Listeners and API are bound: dependents (VMMs) may start now.
     crate::daemon::notify::notify("READY=1\nSTATUS=listening");
     wait_for_signal().await?;
     tracing::info!("shutting down");
     crate::daemon::notify::notify("STOPPING=1");
-    host.shutdown.cancel();
+    host.shutdown().cancel();
     api_stop.cancel();
-    let grace = Host::ms(host.config.shutdown_grace_ms);
+    let grace = Host::ms(host.config().shutdown_grace_ms);
     if !host.commits_drained(grace).await {
         tracing::warn!("commits still running after the shutdown grace period");
     }
     // Connections in the middle of their set-up finish installing first.
-    let limit = Host::ms(host.config.handshake_timeout_ms);
-    let _setup = tokio::time::timeout(limit, host.setup.write()).await;
+    let limit = Host::ms(host.config().handshake_timeout_ms);
+    let _setup = tokio::time::timeout(limit, host.setup().write()).await;
     let goodbyes: Vec<_> = host
-        .conns
+        .conns()
         .all()
         .into_iter()
         .map(|(_, c)| tokio::spawn(async move { c.handle.goodbye("host shutting down").await }))
@@ -157,16 +157,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 /// Runs the store GC every `gc_interval_secs` until shutdown.
 async fn periodic_gc(host: Arc<Host>) {
-    let every = Duration::from_secs(host.config.gc_interval_secs);
-    let grace = Duration::from_secs(host.config.gc_grace_secs);
+    let every = Duration::from_secs(host.config().gc_interval_secs);
+    let grace = Duration::from_secs(host.config().gc_grace_secs);
     loop {
         tokio::select! {
-            () = host.shutdown.cancelled() => return,
+            () = host.shutdown().cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
         match host.store_call(move |s| s.gc(grace)).await {
             Ok(report) => {
-                host.events.emit(Event::Gc(report));
+                host.emit(Event::Gc(report));
             }
             Err(e) => tracing::warn!(error = %e, "periodic GC failed"),
         }

@@ -20,12 +20,12 @@ use crate::wire::uve5::{Handled, VmConnection, notices, retrieve, update};
 /// Runs until the link closes.
 pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>) {
     let permits = Arc::new(Semaphore::new(
-        usize::try_from(conn.host.config.max_inflight.max(1)).unwrap_or(32),
+        usize::try_from(conn.host().config().max_inflight.max(1)).unwrap_or(32),
     ));
     // Cancelled when this loop ends or is aborted (the link closed).
     let cancel = CancellationToken::new();
     let _cancel_on_exit = cancel.clone().drop_guard();
-    let idle = conn.host.config.upload_idle_ms.max(1);
+    let idle = conn.host().config().upload_idle_ms.max(1);
     let mut sweep = tokio::time::interval(std::time::Duration::from_millis((idle / 4).max(1)));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -33,7 +33,7 @@ pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>
             next = incoming.recv() => next,
             _ = sweep.tick() => {
                 let n = update::expire_idle(&conn, std::time::Duration::from_millis(idle));
-                crate::state::metrics::add(&conn.host.metrics.uploads_expired, n as u64);
+                crate::state::metrics::add(&conn.host().metrics().uploads_expired, n as u64);
                 continue;
             }
         };

@@ -46,14 +46,14 @@ impl VmListeners {
     /// Starts listening for `spec`'s agent (Unix / hybrid VMs only; vsock
     /// VMs arrive on the shared vsock listener).
     pub fn start(&self, host: &Arc<Host>, spec: &VmSpec) -> anyhow::Result<Option<PathBuf>> {
-        let Some(path) = spec.listen_path(host.config.port) else {
+        let Some(path) = spec.listen_path(host.config().port) else {
             return Ok(None);
         };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
         let listener = Listener::bind(&Endpoint::Unix(path.clone()))?;
-        let token = host.shutdown.child_token();
+        let token = host.shutdown().child_token();
         if let Some(old) = self
             .tasks
             .lock()
@@ -89,7 +89,7 @@ impl VmListeners {
 pub fn start_vsock(host: &Arc<Host>) -> anyhow::Result<()> {
     let ep = Endpoint::Vsock {
         cid: uve_protocol::transport::CID_ANY,
-        port: host.config.port,
+        port: host.config().port,
     };
     let listener = Listener::bind(&ep)?;
     tracing::info!(%ep, "listening on AF_VSOCK");
@@ -97,7 +97,7 @@ pub fn start_vsock(host: &Arc<Host>) -> anyhow::Result<()> {
         host.clone(),
         listener,
         Binding::ByCid,
-        host.shutdown.child_token(),
+        host.shutdown().child_token(),
     ));
     Ok(())
 }
@@ -117,17 +117,17 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 let vm = match (&binding, &peer) {
                     (Binding::Vm(id), _) => Some(id.clone()),
-                    (Binding::ByCid, Peer::Vsock { cid }) => host.registry.vm_by_cid(*cid),
+                    (Binding::ByCid, Peer::Vsock { cid }) => host.registry().vm_by_cid(*cid),
                     (Binding::ByCid, Peer::Unix { .. }) => None,
                 };
-                let Some(ticket) = host.handshakes.admit(vm.as_deref()) else {
-                    add(&host.metrics.handshakes_refused, 1);
+                let Some(ticket) = host.handshakes().admit(vm.as_deref()) else {
+                    add(&host.metrics().handshakes_refused, 1);
                     tracing::debug!(?peer, vm, "all handshake places taken; connection closed");
                     continue;
                 };
                 // Numbered in accept order: the latest connection of a VM wins.
-                let conn_id = host.conns.next_id();
-                let setup = host.setup.clone().read_owned().await;
+                let conn_id = host.conns().next_id();
+                let setup = host.setup().clone().read_owned().await;
                 tokio::spawn(serve(
                     host.clone(),
                     stream,
@@ -174,7 +174,7 @@ async fn handshake(
     let (r, w) = tokio::io::split(stream);
     let mut reader = FramedRead::new(r, FrameCodec::new(DEFAULT_MAX_FRAME));
     let mut writer = FramedWrite::new(w, FrameCodec::new(DEFAULT_MAX_FRAME));
-    let limit = Host::ms(host.config.handshake_timeout_ms);
+    let limit = Host::ms(host.config().handshake_timeout_ms);
     let hello = match read_hello(&mut reader, limit).await {
         Ok(h) => h,
         Err(e) => {
@@ -183,7 +183,7 @@ async fn handshake(
         }
     };
     let verdict = match vm {
-        _ if host.shutdown.is_cancelled() => Err(Reject {
+        _ if host.shutdown().is_cancelled() => Err(Reject {
             code: ErrorCode::ShuttingDown,
             reason: "host is shutting down".into(),
         }),
@@ -223,11 +223,11 @@ async fn serve(
     drop(ticket);
     let Some(vm) = vm else { return };
     let config = host
-        .config
+        .config()
         .link_config(welcome.heartbeat_ms, welcome.max_frame);
     let (handle, incoming) = link::spawn(reader, writer.into_inner(), config);
     let summary = summary(conn_id, &hello, welcome.protocol);
-    let installed = host.conns.install(
+    let installed = host.conns().install(
         &vm,
         ConnEntry {
             summary: summary.clone(),
@@ -238,12 +238,12 @@ async fn serve(
     if !installed {
         return;
     }
-    if host.shutdown.is_cancelled() {
+    if host.shutdown().is_cancelled() {
         handle.goodbye("host shutting down").await;
     }
-    add(&host.metrics.connections_total, 1);
-    add(&host.metrics.connections, 1);
-    host.events.emit(Event::VmConnected {
+    add(&host.metrics().connections_total, 1);
+    add(&host.metrics().connections, 1);
+    host.emit(Event::VmConnected {
         vm: vm.clone(),
         conn_id,
         agent_version: summary.agent_version.clone(),
@@ -259,13 +259,13 @@ async fn serve(
     let end = handle.closed().await;
     dispatcher.abort();
     if matches!(end, LinkEnd::WriteStalled(_)) {
-        add(&host.metrics.stalled_cut_off, 1);
+        add(&host.metrics().stalled_cut_off, 1);
         tracing::warn!(vm, conn_id, %end, "VM cut off");
     }
-    host.metrics
+    host.metrics()
         .connections
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    if !host.conns.remove_if(&vm, conn_id) {
+    if !host.conns().remove_if(&vm, conn_id) {
         tracing::info!(vm, conn_id, %end, "replaced connection ended");
         return;
     }
@@ -288,9 +288,9 @@ fn summary(conn_id: u64, hello: &Hello, protocol: u16) -> ConnSummary {
 /// was orderly, else an `unexpected_disconnect` for each session it had
 /// open and `vm_lost`.
 fn ended(host: &Host, vm: String, conn_id: u64, end: &LinkEnd) {
-    let sessions = host.sessions.drain_vm(&vm, !end.is_orderly());
+    let sessions = host.sessions().drain_vm(&vm, !end.is_orderly());
     if end.is_orderly() {
-        host.events.emit(Event::VmDisconnected {
+        host.emit(Event::VmDisconnected {
             vm,
             conn_id,
             reason: end.to_string(),
@@ -298,8 +298,8 @@ fn ended(host: &Host, vm: String, conn_id: u64, end: &LinkEnd) {
         return;
     }
     for s in sessions {
-        metrics::add(&host.metrics.unexpected_disconnects, 1);
-        host.events.emit(Event::UnexpectedDisconnect {
+        metrics::add(&host.metrics().unexpected_disconnects, 1);
+        host.emit(Event::UnexpectedDisconnect {
             vm: vm.clone(),
             session: s.session,
             user: s.user,
@@ -310,7 +310,7 @@ fn ended(host: &Host, vm: String, conn_id: u64, end: &LinkEnd) {
             source: DisconnectSource::Host,
         });
     }
-    host.events.emit(Event::VmLost {
+    host.emit(Event::VmLost {
         vm,
         conn_id,
         reason: end.to_string(),
@@ -318,7 +318,7 @@ fn ended(host: &Host, vm: String, conn_id: u64, end: &LinkEnd) {
 }
 
 fn offer(host: &Host, vm: &str) -> HostOffer {
-    let c = &host.config;
+    let c = &host.config();
     HostOffer {
         host_version: env!("CARGO_PKG_VERSION").to_string(),
         vm_id: vm.to_string(),

@@ -55,7 +55,7 @@ impl From<LinkError> for Uve2Error {
 
 /// The link to `vm`'s agent.
 pub fn link(host: &Host, vm: &str) -> Result<LinkHandle, Uve2Error> {
-    host.conns
+    host.conns()
         .get(vm)
         .map(|c| c.handle)
         .ok_or_else(|| Uve2Error::NotConnected(vm.to_string()))
@@ -64,7 +64,7 @@ pub fn link(host: &Host, vm: &str) -> Result<LinkHandle, Uve2Error> {
 /// Sends one request to `vm`'s agent, bounded by `uve2_timeout_ms`.
 pub async fn call(host: &Host, vm: &str, request: Request) -> Result<Response, Uve2Error> {
     let handle = link(host, vm)?;
-    let limit = Host::ms(host.config.uve2_timeout_ms);
+    let limit = Host::ms(host.config().uve2_timeout_ms);
     Ok(handle.request_timeout(request, limit).await?)
 }
 
@@ -93,7 +93,7 @@ pub async fn deploy_ua(
     digest: Hash,
 ) -> Result<UaVersion, Uve2Error> {
     let handle = link(host, vm)?;
-    let limit = Host::ms(host.config.uve2_timeout_ms);
+    let limit = Host::ms(host.config().uve2_timeout_ms);
     let transfer = NEXT_TRANSFER.fetch_add(1, Ordering::Relaxed);
     let begin = UaBundle {
         transfer,
@@ -127,7 +127,7 @@ pub async fn deploy_ua(
         };
         expect_ok(handle.request_timeout(req, limit).await?)?;
         offset += n as u64;
-        crate::state::metrics::add(&host.metrics.bytes_out, n as u64);
+        crate::state::metrics::add(&host.metrics().bytes_out, n as u64);
     }
     match handle
         .request_timeout(Request::UaCommit { transfer }, limit)

@@ -31,9 +31,9 @@ pub struct AssignOutcome {
 
 /// Assigns `user` to `vm`.
 pub fn assign(host: &Arc<Host>, user: &UserName, vm: &str) -> Result<AssignOutcome, RegistryError> {
-    let previous = host.registry.assign(user, vm)?;
+    let previous = host.registry().assign(user, vm)?;
     let released = release_holder(host, user, Some(vm));
-    host.events.emit(Event::Assigned {
+    host.emit(Event::Assigned {
         user: user.to_string(),
         vm: vm.to_string(),
         previous: previous.clone(),
@@ -49,9 +49,9 @@ pub fn assign(host: &Arc<Host>, user: &UserName, vm: &str) -> Result<AssignOutco
 
 /// Removes `user`'s assignment.
 pub fn unassign(host: &Arc<Host>, user: &UserName) -> Result<AssignOutcome, RegistryError> {
-    let previous = host.registry.unassign(user)?;
+    let previous = host.registry().unassign(user)?;
     let released = release_holder(host, user, None);
-    host.events.emit(Event::Unassigned {
+    host.emit(Event::Unassigned {
         user: user.to_string(),
         previous: previous.clone(),
         release_requested_from: released.clone(),
@@ -68,7 +68,7 @@ pub fn unassign(host: &Arc<Host>, user: &UserName) -> Result<AssignOutcome, Regi
 /// write of the lease file).
 fn revoke(host: &Arc<Host>, user: &str, vm: &str) {
     let (h, user, vm) = (host.clone(), user.to_string(), vm.to_string());
-    tokio::task::spawn_blocking(move || match h.leases.revoke(&user, &vm) {
+    tokio::task::spawn_blocking(move || match h.leases().revoke(&user, &vm) {
         Ok(true) => tracing::info!(user, vm, "lease revoked: the user was moved away"),
         Ok(false) => {}
         Err(e) => tracing::error!(user, vm, "lease not revoked: {e}"),
@@ -80,18 +80,18 @@ fn revoke(host: &Arc<Host>, user: &str, vm: &str) {
 /// not, within `handover_timeout_ms`), recording the hand-over. Returns the
 /// VM asked to release.
 fn release_holder(host: &Arc<Host>, user: &UserName, new_vm: Option<&str>) -> Option<String> {
-    let holder = host.leases.get(user)?.vm;
+    let holder = host.leases().get(user)?.vm;
     if holder.is_empty() || Some(holder.as_str()) == new_vm {
         return None;
     }
-    let Some(conn) = host.conns.get(&holder) else {
+    let Some(conn) = host.conns().get(&holder) else {
         revoke(host, user, &holder);
         // The holder is gone. If it was lost with a session of the user
         // open, its last changes may be missing (or still in its spool):
         // the next retrieve says so instead of waiting for nobody.
-        if host.sessions.take_lost(&holder, user) {
-            host.handovers.start(user).finish(HandoverOutcome::Failed);
-            host.events.emit(Event::HandoverFailed {
+        if host.sessions().take_lost(&holder, user) {
+            host.handovers().start(user).finish(HandoverOutcome::Failed);
+            host.emit(Event::HandoverFailed {
                 user: user.to_string(),
                 vm: holder,
                 reason: "previous VM was lost with the user's session open".into(),
@@ -99,8 +99,8 @@ fn release_holder(host: &Arc<Host>, user: &UserName, new_vm: Option<&str>) -> Op
         }
         return None;
     };
-    let ticket = host.handovers.start(user);
-    let deadline_ms = u32::try_from(host.config.handover_timeout_ms).unwrap_or(u32::MAX);
+    let ticket = host.handovers().start(user);
+    let deadline_ms = u32::try_from(host.config().handover_timeout_ms).unwrap_or(u32::MAX);
     let (host, user, from) = (host.clone(), user.clone(), holder.clone());
     tokio::spawn(async move {
         let req = Request::UserRelease {
@@ -116,7 +116,7 @@ fn release_holder(host: &Arc<Host>, user: &UserName, new_vm: Option<&str>) -> Op
         match answer {
             Ok(Response::Released { committed }) => {
                 ticket.finish(HandoverOutcome::Released);
-                host.events.emit(Event::UserReleased {
+                host.emit(Event::UserReleased {
                     user: user.into(),
                     vm: from,
                     committed,
@@ -128,7 +128,7 @@ fn release_holder(host: &Arc<Host>, user: &UserName, new_vm: Option<&str>) -> Op
                     Ok(r) => format!("unexpected answer {r:?}"),
                     Err(e) => e.to_string(),
                 };
-                host.events.emit(Event::HandoverFailed {
+                host.emit(Event::HandoverFailed {
                     user: user.into(),
                     vm: from,
                     reason: why,

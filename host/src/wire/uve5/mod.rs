@@ -19,18 +19,19 @@ use crate::host::Host;
 /// Result of a UVE-5 handler: the response or the error to send.
 pub type Handled = Result<Response, WireError>;
 
-/// Per-connection context.
+/// Per-connection context: which VM, what was negotiated, what was served
+/// and which uploads are open. Private: handlers ask for what they want.
 pub struct VmConnection {
     /// Shared daemon state.
-    pub host: Arc<Host>,
+    host: Arc<Host>,
     /// The VM this connection belongs to.
-    pub vm: String,
+    vm: String,
     /// Connection number.
-    pub conn_id: u64,
+    conn_id: u64,
     /// Negotiated frame limit.
-    pub max_frame: u32,
+    max_frame: u32,
     /// Negotiated protocol version (requests newer than it are refused).
-    pub protocol: u16,
+    protocol: u16,
     state: Mutex<ConnState>,
 }
 
@@ -61,13 +62,33 @@ impl VmConnection {
         }
     }
 
+    /// The daemon's shared state.
+    pub fn host(&self) -> &Arc<Host> {
+        &self.host
+    }
+
+    /// The VM this connection belongs to (named by its listener).
+    pub fn vm(&self) -> &str {
+        &self.vm
+    }
+
+    /// The connection's number.
+    pub fn conn_id(&self) -> u64 {
+        self.conn_id
+    }
+
+    /// The negotiated frame limit.
+    pub fn max_frame(&self) -> u32 {
+        self.max_frame
+    }
+
     fn state(&self) -> MutexGuard<'_, ConnState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Refuses unless `user` is assigned to this VM.
     pub fn check_assigned(&self, user: &str) -> Result<(), WireError> {
-        if self.host.registry.assignment(user).as_deref() == Some(self.vm.as_str()) {
+        if self.host.registry().assignment(user).as_deref() == Some(self.vm.as_str()) {
             Ok(())
         } else {
             Err(WireError::new(

@@ -21,20 +21,20 @@ pub fn started(
     let ua = ua.map(String::from);
     let Some(new) = conn
         .host
-        .sessions
-        .started(&conn.vm, session, user, ua.clone())
+        .sessions()
+        .started(conn.vm(), session, user, ua.clone())
     else {
         return Err(WireError::new(
             ErrorCode::TooLarge,
             format!(
                 "VM {} already has {MAX_SESSIONS_PER_VM} sessions open",
-                conn.vm
+                conn.vm()
             ),
         ));
     };
     if new {
-        conn.host.events.emit(Event::SessionStarted {
-            vm: conn.vm.clone(),
+        conn.host().emit(Event::SessionStarted {
+            vm: conn.vm().to_string(),
             session: session.to_string(),
             user: user.to_string(),
             ua,
@@ -45,9 +45,9 @@ pub fn started(
 
 /// `SessionEnded`.
 pub fn ended(conn: &VmConnection, session: &SessionId) -> Handled {
-    if let Some(s) = conn.host.sessions.ended(&conn.vm, session) {
-        conn.host.events.emit(Event::SessionEnded {
-            vm: conn.vm.clone(),
+    if let Some(s) = conn.host().sessions().ended(conn.vm(), session) {
+        conn.host().emit(Event::SessionEnded {
+            vm: conn.vm().to_string(),
             session: session.to_string(),
             user: s.user,
             ua: s.ua,
@@ -61,13 +61,13 @@ pub fn ended(conn: &VmConnection, session: &SessionId) -> Handled {
 /// assigned to it or have held a lease on it (a notice spooled across a
 /// host restart or a VM switch).
 fn check_ours(conn: &VmConnection, n: &DisconnectNotice) -> Result<(), WireError> {
-    let host = &conn.host;
-    let session_user = host.sessions.user_of(&conn.vm, &n.session);
+    let host = conn.host();
+    let session_user = host.sessions().user_of(conn.vm(), &n.session);
     let ours = match session_user {
         Some(u) => n.user == u.as_str(),
         None => {
-            host.registry.assignment(&n.user).as_deref() == Some(conn.vm.as_str())
-                || host.leases.held_by(&n.user, &conn.vm)
+            host.registry().assignment(&n.user).as_deref() == Some(conn.vm())
+                || host.leases().held_by(&n.user, conn.vm())
         }
     };
     if ours {
@@ -77,7 +77,9 @@ fn check_ours(conn: &VmConnection, n: &DisconnectNotice) -> Result<(), WireError
             ErrorCode::NotAssigned,
             format!(
                 "user {} has no session {} on VM {} and was never served by it",
-                n.user, n.session, conn.vm
+                n.user,
+                n.session,
+                conn.vm()
             ),
         ))
     }
@@ -87,11 +89,11 @@ fn check_ours(conn: &VmConnection, n: &DisconnectNotice) -> Result<(), WireError
 pub fn disconnect(conn: &VmConnection, n: DisconnectNotice) -> Handled {
     check_text("reason", &n.reason)?;
     check_ours(conn, &n)?;
-    if conn.host.sessions.first_notice(&conn.vm, n.id) {
-        conn.host.sessions.ended(&conn.vm, &n.session);
-        metrics::add(&conn.host.metrics.unexpected_disconnects, 1);
-        conn.host.events.emit(Event::UnexpectedDisconnect {
-            vm: conn.vm.clone(),
+    if conn.host().sessions().first_notice(conn.vm(), n.id) {
+        conn.host().sessions().ended(conn.vm(), &n.session);
+        metrics::add(&conn.host().metrics().unexpected_disconnects, 1);
+        conn.host().emit(Event::UnexpectedDisconnect {
+            vm: conn.vm().to_string(),
             session: n.session.into(),
             user: n.user.into(),
             ua: n.ua.map(String::from),

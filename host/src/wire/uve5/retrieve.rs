@@ -17,19 +17,19 @@ use crate::state::metrics;
 /// `UifRetrieve`.
 pub async fn grant(conn: &VmConnection, user: &UserName, session: &SessionId) -> Handled {
     conn.check_assigned(user)?;
-    let host = &conn.host;
-    let limit = Host::ms(host.config.handover_timeout_ms);
-    let timed_out = host.handovers.wait(user, limit).await == Some(true);
+    let host = conn.host();
+    let limit = Host::ms(host.config().handover_timeout_ms);
+    let timed_out = host.handovers().wait(user, limit).await == Some(true);
     if timed_out {
-        host.events.emit(Event::HandoverTimeout {
+        host.emit(Event::HandoverTimeout {
             user: user.to_string(),
-            vm: conn.vm.clone(),
+            vm: conn.vm().to_string(),
             session: session.to_string(),
         });
     }
     // The hand-over wait may have outlived the assignment.
     conn.check_assigned(user)?;
-    let gate = host.leases.gate(user);
+    let gate = host.leases().gate(user);
     let _gate = gate.lock().await;
     let u = user.to_string();
     let head = host
@@ -41,8 +41,13 @@ pub async fn grant(conn: &VmConnection, user: &UserName, session: &SessionId) ->
         .await
         .map_err(|e| wire_store_error(&e))?;
     // The lease file is written (fsync) off the async workers.
-    let (h, u, vm, base) = (host.clone(), user.to_string(), conn.vm.clone(), head.0);
-    let lease = tokio::task::spawn_blocking(move || h.leases.grant(&u, &vm, base))
+    let (h, u, vm, base) = (
+        host.clone(),
+        user.to_string(),
+        conn.vm().to_string(),
+        head.0,
+    );
+    let lease = tokio::task::spawn_blocking(move || h.leases().grant(&u, &vm, base))
         .await
         .map_err(|e| WireError::new(ErrorCode::Internal, e))?
         .map_err(|e| WireError::new(ErrorCode::Internal, e))?;
@@ -60,10 +65,10 @@ pub async fn grant(conn: &VmConnection, user: &UserName, session: &SessionId) ->
             cache_manifest(&mut st, user, v, Arc::new(m));
         }
     }
-    metrics::add(&host.metrics.retrieves, 1);
-    host.events.emit(Event::Retrieve {
+    metrics::add(&host.metrics().retrieves, 1);
+    host.emit(Event::Retrieve {
         user: user.to_string(),
-        vm: conn.vm.clone(),
+        vm: conn.vm().to_string(),
         session: session.to_string(),
         version,
         lease,
@@ -122,7 +127,7 @@ pub async fn page(conn: &VmConnection, user: &UserName, version: Version, page: 
         }
     };
     let refs = manifest
-        .page(page, conn.max_frame)
+        .page(page, conn.max_frame())
         .map_err(|e| WireError::new(ErrorCode::NotFound, e))?
         .to_vec();
     conn.state()
@@ -149,9 +154,9 @@ pub async fn fetch(conn: &VmConnection, user: &UserName, hash: Hash) -> Handled 
     }
     let data = conn
         .host
-        .store_call_bulk(&conn.vm, move |s| s.read_chunk(&hash))
+        .store_call_bulk(conn.vm(), move |s| s.read_chunk(&hash))
         .await
         .map_err(|e| wire_store_error(&e))?;
-    conn.host.metrics.chunk_fetched(user, data.len() as u64);
+    conn.host().metrics().chunk_fetched(user, data.len() as u64);
     Ok(Response::Chunk(data))
 }

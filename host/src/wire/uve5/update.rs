@@ -13,16 +13,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
-use uve_protocol::defs::{MAX_CHUNK, MIN_CHUNK};
+use uve_protocol::defs::MAX_CHUNK;
 use uve_protocol::delta::BaseIndex;
-use uve_protocol::manifest::{ChunkRef, Hash, chunks_per_page};
+use uve_protocol::manifest::{ChunkRef, Hash};
 use uve_protocol::message::{ErrorCode, Response, UpdateBegin, WireError};
 
 mod block_delta;
 mod commit;
+mod pages;
 
 pub use block_delta::{chunk_delta, signatures};
 pub use commit::commit;
+use pages::base_index;
+pub use pages::page;
 
 use super::{Handled, VmConnection};
 use crate::budgets::conflict_rate::Admit;
@@ -127,7 +130,7 @@ pub fn expire_idle(conn: &VmConnection, idle: std::time::Duration) -> usize {
     };
     for up in &expired {
         tracing::warn!(
-            vm = conn.vm,
+            vm = conn.vm(),
             user = %up.begin.user,
             session = %up.begin.session,
             "upload expired: idle for {idle:?}"
@@ -148,9 +151,9 @@ fn refused(conn: &VmConnection, b: &UpdateBegin, e: &WireError) {
     if e.code.is_transient() {
         return;
     }
-    metrics::add(&conn.host.metrics.updates_refused, 1);
-    conn.host.events.emit(Event::UpdateRefused {
-        vm: conn.vm.clone(),
+    metrics::add(&conn.host().metrics().updates_refused, 1);
+    conn.host().emit(Event::UpdateRefused {
+        vm: conn.vm().to_string(),
         user: b.user.to_string(),
         session: b.session.to_string(),
         cause: b.cause,
@@ -169,22 +172,54 @@ pub fn begin(conn: &VmConnection, b: UpdateBegin) -> Handled {
 }
 
 fn open_upload(conn: &VmConnection, b: UpdateBegin) -> Handled {
-    let host = &conn.host;
-    if host.shutdown.is_cancelled() {
+    let host = conn.host();
+    if host.shutdown().is_cancelled() {
         return Err(bad(ErrorCode::ShuttingDown, "host is shutting down"));
     }
-    let assigned = host.registry.assignment(&b.user).as_deref() == Some(conn.vm.as_str());
-    if !assigned && !host.leases.held_by(&b.user, &conn.vm) {
+    let assigned = host.registry().assignment(&b.user).as_deref() == Some(conn.vm());
+    if !assigned && !host.leases().held_by(&b.user, conn.vm()) {
         return Err(bad(
             ErrorCode::NotAssigned,
             format!(
                 "user {} is not assigned to VM {} and it holds no lease",
-                b.user, conn.vm
+                b.user,
+                conn.vm()
             ),
         ));
     }
-    let h = b.header;
-    let cfg = &host.config;
+    let (h, cfg) = (b.header, host.config());
+    check_sizes(cfg, host.store().policy().quota_bytes, &h)?;
+    check_conflict_rate(conn, &b)?;
+    let mut st = conn.state();
+    if st.uploads.len() >= cfg.max_uploads_per_vm {
+        return Err(bad(
+            ErrorCode::Busy,
+            "too many uploads open on this connection",
+        ));
+    }
+    st.next_upload += 1;
+    let id = st.next_upload;
+    st.uploads.insert(
+        id,
+        Arc::new(Upload {
+            stage: Arc::new(host.staging().open(conn.vm(), &b.user, h.size)),
+            begin: b,
+            touched: AtomicU64::new(now_ms()),
+            gate: Arc::new(RwLock::new(())),
+            state: Mutex::new(UploadState::default()),
+        }),
+    );
+    Ok(Response::UpdateAccepted { upload: id })
+}
+
+/// Checks the sizes an `UpdateBegin` announces against the limits before
+/// anything is allocated: the UIF's size (largest accepted, quota, what
+/// one VM or user may stage), its chunk count, and that the two agree.
+fn check_sizes(
+    cfg: &crate::config::Config,
+    quota: u64,
+    h: &uve_protocol::manifest::ManifestHeader,
+) -> Result<(), WireError> {
     if h.size > cfg.max_uif_size {
         return Err(bad(
             ErrorCode::TooLarge,
@@ -194,7 +229,6 @@ fn open_upload(conn: &VmConnection, b: UpdateBegin) -> Handled {
             ),
         ));
     }
-    let quota = host.store.policy().quota_bytes;
     if h.size > quota {
         return Err(bad(
             ErrorCode::QuotaExceeded,
@@ -228,27 +262,7 @@ fn open_upload(conn: &VmConnection, b: UpdateBegin) -> Handled {
             format!("{} bytes cannot be {} chunks", h.size, h.chunk_count),
         ));
     }
-    check_conflict_rate(conn, &b)?;
-    let mut st = conn.state();
-    if st.uploads.len() >= cfg.max_uploads_per_vm {
-        return Err(bad(
-            ErrorCode::Busy,
-            "too many uploads open on this connection",
-        ));
-    }
-    st.next_upload += 1;
-    let id = st.next_upload;
-    st.uploads.insert(
-        id,
-        Arc::new(Upload {
-            stage: Arc::new(host.staging.open(&conn.vm, &b.user, h.size)),
-            begin: b,
-            touched: AtomicU64::new(now_ms()),
-            gate: Arc::new(RwLock::new(())),
-            state: Mutex::new(UploadState::default()),
-        }),
-    );
-    Ok(Response::UpdateAccepted { upload: id })
+    Ok(())
 }
 
 /// An update from a VM without the user's current lease can only become a
@@ -256,23 +270,23 @@ fn open_upload(conn: &VmConnection, b: UpdateBegin) -> Handled {
 /// and VM, else `Busy` (the agent retries later) and, once per run of
 /// refusals, a `budget_exceeded` event.
 fn check_conflict_rate(conn: &VmConnection, b: &UpdateBegin) -> Result<(), WireError> {
-    let host = &conn.host;
-    if host.leases.is_current(&b.user, b.lease, &conn.vm) {
+    let host = conn.host();
+    if host.leases().is_current(&b.user, b.lease, conn.vm()) {
         return Ok(());
     }
-    let Admit::No { first } = host.conflict_rate.admit(&b.user, &conn.vm) else {
+    let Admit::No { first } = host.conflict_rate().admit(&b.user, conn.vm()) else {
         return Ok(());
     };
-    metrics::add(&host.metrics.conflict_updates_refused, 1);
-    let limit = host.config.conflict_updates_per_hour;
+    metrics::add(&host.metrics().conflict_updates_refused, 1);
+    let limit = host.config().conflict_updates_per_hour;
     if first {
         tracing::warn!(
-            vm = conn.vm,
+            vm = conn.vm(),
             user = %b.user,
             "updates without the current lease refused: over {limit} per hour"
         );
-        host.events.emit(Event::BudgetExceeded {
-            vm: conn.vm.clone(),
+        host.emit(Event::BudgetExceeded {
+            vm: conn.vm().to_string(),
             user: Some(b.user.to_string()),
             budget: "conflict_updates_per_hour".to_string(),
             limit: u64::from(limit),
@@ -282,176 +296,10 @@ fn check_conflict_rate(conn: &VmConnection, b: &UpdateBegin) -> Result<(), WireE
         ErrorCode::Busy,
         format!(
             "VM {} does not hold the lease of {}: its updates become conflict versions, at most {limit} per hour",
-            conn.vm, b.user
+            conn.vm(),
+            b.user
         ),
     ))
-}
-
-/// `UpdatePage`: returns the indices (within the page) the store lacks.
-pub async fn page(conn: &VmConnection, upload: u64, page: u32, chunks: Vec<ChunkRef>) -> Handled {
-    let up = get(conn, upload)?;
-    list_page(conn, &up, page, chunks)
-        .await
-        .inspect_err(|e| refused(conn, &up.begin, e))
-}
-
-/// Refuses a chunk shorter than [`MIN_CHUNK`] anywhere but at the end of
-/// the manifest: the chunker never cuts one, and a manifest of tiny chunks
-/// would make every later pass over it (signatures, commit, GC) cost a
-/// million entries per MiB.
-fn check_min_chunk(up: &Upload, first: u64, chunks: &[ChunkRef]) -> Result<(), WireError> {
-    let last = u64::from(up.begin.header.chunk_count).saturating_sub(1);
-    let short = chunks
-        .iter()
-        .enumerate()
-        .find(|(i, c)| c.len < MIN_CHUNK && first + *i as u64 != last);
-    match short {
-        Some((i, c)) => Err(bad(
-            ErrorCode::BadRequest,
-            format!(
-                "chunk {} is {} bytes; every chunk but the last must have at least {MIN_CHUNK}",
-                first + i as u64,
-                c.len
-            ),
-        )),
-        None => Ok(()),
-    }
-}
-
-/// Refuses a page that is out of order, lists more chunks or bytes than
-/// the header announced, or holds a chunk length out of range or below
-/// the minimum chunk size.
-fn check_page(
-    conn: &VmConnection,
-    up: &Upload,
-    page: u32,
-    chunks: &[ChunkRef],
-) -> Result<(), WireError> {
-    let per = chunks_per_page(conn.max_frame) as usize;
-    let listed_before = {
-        let st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if page != st.next_page {
-            return Err(bad(
-                ErrorCode::BadRequest,
-                format!("page {page} out of order, expected {}", st.next_page),
-            ));
-        }
-        let total = st.chunks.len() + chunks.len();
-        if chunks.len() > per || total > up.begin.header.chunk_count as usize {
-            return Err(bad(
-                ErrorCode::TooLarge,
-                "page lists more chunks than announced",
-            ));
-        }
-        st.chunks.len() as u64
-    };
-    let page_bytes: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
-    let listed_bytes = up.state.lock().unwrap_or_else(PoisonError::into_inner).end;
-    if listed_bytes + page_bytes > up.begin.header.size {
-        return Err(bad(
-            ErrorCode::TooLarge,
-            format!(
-                "pages list more than the {} bytes announced",
-                up.begin.header.size
-            ),
-        ));
-    }
-    if let Some(c) = chunks.iter().find(|c| c.len == 0 || c.len > MAX_CHUNK) {
-        return Err(bad(
-            ErrorCode::BadRequest,
-            format!("chunk length {} out of range", c.len),
-        ));
-    }
-    check_min_chunk(up, listed_before, chunks)
-}
-
-async fn list_page(
-    conn: &VmConnection,
-    up: &Arc<Upload>,
-    page: u32,
-    chunks: Vec<ChunkRef>,
-) -> Handled {
-    check_page(conn, up, page, &chunks)?;
-    let hashes: Vec<Hash> = chunks.iter().map(|c| c.hash).collect();
-    // Pin first, then look: a chunk reported present cannot be swept
-    // before the commit that references it.
-    let pins = conn.host.store.pin(&hashes);
-    let base_chunks = base_index(conn, up).await;
-    let ask: Vec<Hash> = hashes
-        .iter()
-        .filter(|h| !base_chunks.contains(h))
-        .copied()
-        .collect();
-    let answers = conn
-        .host
-        .store_call(move |s| s.has_chunks(&ask))
-        .await
-        .map_err(|e| wire_store_error(&e))?;
-    let mut answers = answers.into_iter();
-    let present: Vec<bool> = hashes
-        .iter()
-        .map(|h| base_chunks.contains(h) || answers.next().unwrap_or(false))
-        .collect();
-    let mut st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
-    let mut missing = Vec::new();
-    for (i, (c, here)) in chunks.iter().zip(present).enumerate() {
-        let new = match st.listed.get(&c.hash) {
-            Some(l) if l.len != c.len => {
-                return Err(bad(
-                    ErrorCode::BadRequest,
-                    "one hash listed with two lengths",
-                ));
-            }
-            Some(_) => false,
-            None => {
-                st.listed.insert(
-                    c.hash,
-                    Listed {
-                        len: c.len,
-                        awaited: !here,
-                    },
-                );
-                true
-            }
-        };
-        if new && !here {
-            missing.push(u32::try_from(i).unwrap_or(u32::MAX));
-        }
-    }
-    for c in &chunks {
-        let at = st.end;
-        st.starts.push(at);
-        st.end = at + u64::from(c.len);
-    }
-    st.chunks.extend_from_slice(&chunks);
-    st.next_page += 1;
-    st.pins.push(pins);
-    Ok(Response::Missing(missing))
-}
-
-/// The chunks of the upload's base version, loaded once (empty when
-/// there is no base or it cannot be read: then the store is asked and no
-/// chunk can be sent as a delta).
-async fn base_index(conn: &VmConnection, up: &Upload) -> Arc<BaseIndex> {
-    if let Some(ix) = &up.state.lock().unwrap_or_else(PoisonError::into_inner).base {
-        return ix.clone();
-    }
-    let ix = match up.begin.base {
-        None => BaseIndex::default(),
-        Some(base) => {
-            let user = up.begin.user.clone();
-            match conn.host.store_call(move |s| s.manifest(&user, base)).await {
-                Ok(m) => BaseIndex::new(&m),
-                Err(e) => {
-                    tracing::debug!(user = %up.begin.user, base, error = %e, "base manifest unavailable");
-                    BaseIndex::default()
-                }
-            }
-        }
-    };
-    let ix = Arc::new(ix);
-    up.state.lock().unwrap_or_else(PoisonError::into_inner).base = Some(ix.clone());
-    ix
 }
 
 /// Takes the shared side of an upload's gate (in the dispatcher, before the
@@ -496,7 +344,7 @@ pub async fn chunk(conn: &VmConnection, upload: u64, hash: Hash, data: Vec<u8>) 
         .await?;
     let Ok(()) = staged;
     mark_stored(&up, &hash);
-    conn.host.metrics.chunk_uploaded(&up.begin.user, n);
+    conn.host().metrics().chunk_uploaded(&up.begin.user, n);
     Ok(Response::Ok)
 }
 
@@ -517,7 +365,7 @@ where
         + Send
         + 'static,
 {
-    let host = &conn.host;
+    let host = conn.host();
     if up.stage.holds(&hash) {
         return Ok(Ok(()));
     }
@@ -527,9 +375,9 @@ where
     // The job owns a reference to the stage: it cannot be reclaimed while
     // the chunk is being written, even if this handler is cancelled.
     let stage = up.stage.clone();
-    let staging = host.staging.clone();
+    let staging = host.staging().clone();
     let stored = host
-        .store_call_bulk(&conn.vm, move |s| {
+        .store_call_bulk(conn.vm(), move |s| {
             if let Err(e) = staging.check_free(s.free_bytes(), len) {
                 stage.unreserve(len);
                 return Ok(Err(Refusal::Budget(e)));
@@ -568,9 +416,9 @@ enum Refusal<E> {
 /// time for this upload (the metric counts every refusal).
 fn staging_refused(conn: &VmConnection, up: &Upload, e: &StagingRefused) -> WireError {
     if up.stage.first_refusal() {
-        tracing::warn!(vm = conn.vm, user = %up.begin.user, "chunk refused: {e}");
-        conn.host.events.emit(Event::BudgetExceeded {
-            vm: conn.vm.clone(),
+        tracing::warn!(vm = conn.vm(), user = %up.begin.user, "chunk refused: {e}");
+        conn.host().emit(Event::BudgetExceeded {
+            vm: conn.vm().to_string(),
             user: Some(up.begin.user.to_string()),
             budget: e.budget.name().to_string(),
             limit: e.limit,

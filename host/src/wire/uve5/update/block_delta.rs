@@ -76,7 +76,7 @@ pub async fn signatures(conn: &VmConnection, upload: u64, indices: Vec<u32>) -> 
                 break;
             };
             let Some(parts) = parts else { continue };
-            let (host, vm) = (conn.host.clone(), conn.vm.clone());
+            let (host, vm) = (conn.host().clone(), conn.vm().to_string());
             reads.spawn(async move {
                 let r = host
                     .store_call_bulk(&vm, move |s| {
@@ -197,8 +197,8 @@ pub async fn chunk_delta(conn: &VmConnection, d: ChunkDelta) -> Handled {
         ));
     }
     mark_stored(&up, &hash);
-    conn.host.metrics.chunk_uploaded(&up.begin.user, n);
-    metrics::add(&conn.host.metrics.chunk_deltas, 1);
+    conn.host().metrics().chunk_uploaded(&up.begin.user, n);
+    metrics::add(&conn.host().metrics().chunk_deltas, 1);
     Ok(Response::Ok)
 }
 

@@ -28,7 +28,7 @@ pub async fn commit(conn: &VmConnection, upload: u64) -> Handled {
 
 async fn commit_upload(conn: &VmConnection, up: &Arc<Upload>, upload: u64) -> Handled {
     let _exclusive = up.gate.clone().write_owned().await;
-    let host = conn.host.clone();
+    let host = conn.host().clone();
     let _commit = host.commit_guard();
     let (manifest, uploaded) = {
         let st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -57,13 +57,13 @@ async fn commit_upload(conn: &VmConnection, up: &Arc<Upload>, upload: u64) -> Ha
         .await
         .map_err(|e| wire_store_error(&e))?;
     up.stage.published();
-    let gate = host.leases.gate(&b.user);
+    let gate = host.leases().gate(&b.user);
     let outcome = {
         let _user = gate.lock().await;
-        let lease_ok = host.leases.is_current(&b.user, b.lease, &conn.vm);
-        let granted = host.leases.get(&b.user).and_then(|l| l.granted);
+        let lease_ok = host.leases().is_current(&b.user, b.lease, conn.vm());
+        let granted = host.leases().get(&b.user).and_then(|l| l.granted);
         let (user, base, origin, m) = (b.user.clone(), b.base, conn.origin(), m.clone());
-        let (vm, lease) = (conn.vm.clone(), b.lease);
+        let (vm, lease) = (conn.vm().to_string(), b.lease);
         host.store_call(move |s| {
             let mut head_ok = lease_ok;
             if lease_ok && !base_granted(s, &user, base, &origin, granted)? {
@@ -83,7 +83,7 @@ async fn commit_upload(conn: &VmConnection, up: &Arc<Upload>, upload: u64) -> Ha
     conn.state().uploads.remove(&upload);
     let update = UpdateFields {
         user: b.user.to_string(),
-        vm: conn.vm.clone(),
+        vm: conn.vm().to_string(),
         session: b.session.to_string(),
         cause: b.cause,
         base: b.base,
@@ -93,14 +93,14 @@ async fn commit_upload(conn: &VmConnection, up: &Arc<Upload>, upload: u64) -> Ha
     };
     Ok(match outcome {
         CommitOutcome::Committed(version) => {
-            host.sessions.clear_lost(&conn.vm, &b.user);
-            metrics::add(&host.metrics.commits, 1);
-            host.events.emit(Event::Commit { update, version });
+            host.sessions().clear_lost(conn.vm(), &b.user);
+            metrics::add(&host.metrics().commits, 1);
+            host.emit(Event::Commit { update, version });
             Response::Committed { version }
         }
         CommitOutcome::Conflict { kept_as, head } => {
-            metrics::add(&host.metrics.conflicts, 1);
-            host.events.emit(Event::Conflict {
+            metrics::add(&host.metrics().conflicts, 1);
+            host.emit(Event::Conflict {
                 update,
                 kept_as,
                 head,
