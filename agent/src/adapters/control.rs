@@ -34,7 +34,7 @@ use tokio::net::UnixStream;
 use tokio_util::task::TaskTracker;
 
 use crate::flush::FlushOutcome;
-use crate::lifecycle::{Ended, Lifecycle};
+use crate::lifecycle::{Ended, Lifecycle, LoginReport};
 pub use crate::lifecycle::{SessionStatus, StatusReport, UaStatus};
 use crate::stores::monitor::Grants;
 use crate::stores::preserve::PreservedCopy;
@@ -107,6 +107,34 @@ pub enum ControlRequest {
     },
 }
 
+/// Why a caller may not make a request: each variant is a rule, and its
+/// message says it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// A session action by someone other than the session's user.
+    #[error(
+        "uid {uid} may act only on its own sessions, and {session} is not one of them (root may act on any)"
+    )]
+    NotYourSession {
+        /// The caller.
+        uid: u32,
+        /// The session.
+        session: SessionId,
+    },
+    /// A login by someone other than root.
+    #[error("only root opens sessions (the PAM hook runs as root); uid {uid} may not")]
+    LoginNeedsRoot {
+        /// The caller.
+        uid: u32,
+    },
+    /// Preserved copies handled by someone other than root.
+    #[error("only root handles preserved copies; uid {uid} may not")]
+    PreservedNeedsRoot {
+        /// The caller.
+        uid: u32,
+    },
+}
+
 /// The answer to a [`ControlRequest`].
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ControlResponse {
@@ -122,6 +150,9 @@ pub struct ControlResponse {
     /// the session ended (the outcome stands; see agent/README.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// For login: what it did (how the UIF was attached, which version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<LoginReport>,
     /// For monitor-check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed: Option<bool>,
@@ -284,7 +315,7 @@ impl Control {
     }
 
     /// The one check at the top of every request: may `caller` make it?
-    pub fn authorise(&self, caller: Caller, req: &ControlRequest) -> Result<(), String> {
+    pub fn authorise(&self, caller: Caller, req: &ControlRequest) -> Result<(), Denied> {
         if caller.is_root() {
             return Ok(());
         }
@@ -297,20 +328,17 @@ impl Control {
                 if self.owns_session(caller, session) {
                     Ok(())
                 } else {
-                    Err(format!(
-                        "uid {uid} may act only on its own sessions, and {session} is not one of them (root may act on any)"
-                    ))
+                    Err(Denied::NotYourSession {
+                        uid,
+                        session: session.clone(),
+                    })
                 }
             }
-            ControlRequest::Login { .. } => Err(format!(
-                "only root opens sessions (the PAM hook runs as root); uid {uid} may not"
-            )),
+            ControlRequest::Login { .. } => Err(Denied::LoginNeedsRoot { uid }),
             ControlRequest::PreservedList
             | ControlRequest::PreservedExport { .. }
             | ControlRequest::PreservedPush { .. }
-            | ControlRequest::PreservedDelete { .. } => Err(format!(
-                "only root handles preserved copies; uid {uid} may not"
-            )),
+            | ControlRequest::PreservedDelete { .. } => Err(Denied::PreservedNeedsRoot { uid }),
         }
     }
 
@@ -319,7 +347,11 @@ impl Control {
         match req {
             ControlRequest::Login { user, session, ua } => {
                 match self.lifecycle.login(&user, &session, ua.as_ref()).await {
-                    Ok(message) => success(message),
+                    Ok(report) => ControlResponse {
+                        message: report.to_string(),
+                        login: Some(report),
+                        ..success(String::new())
+                    },
                     Err(e) => failure(e.to_string()),
                 }
             }

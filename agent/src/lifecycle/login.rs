@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use uve_protocol::message::Request;
+use serde::{Deserialize, Serialize};
+use uve_protocol::message::{Request, Version};
 use uve_protocol::names::{SessionId, UaName, UserName};
 
 use super::{Lifecycle, LifecycleError, uif_err};
@@ -16,16 +17,107 @@ use crate::uif::{UifError, blocking, materialise, retrieve};
 /// Pause before retrying an interrupted retrieve.
 const RETRY_PAUSE: Duration = Duration::from_millis(300);
 
+/// What a login did, for programs (the control answer's `login`) and, as
+/// its `Display`, for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginReport {
+    /// The user.
+    pub user: UserName,
+    /// The session.
+    pub session: SessionId,
+    /// How the user's UIF came to be attached.
+    pub uif: Attached,
+    /// Preserved copies of the user's refused updates on this VM, one line
+    /// each (their `describe`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preserved: Vec<String>,
+}
+
+/// How a login found or made the user's UIF.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Attached {
+    /// The session was open already (a repeated login): nothing done.
+    SessionAlreadyOpen,
+    /// Another session of the user has the UIF attached.
+    AlreadyAttached,
+    /// The head version was retrieved.
+    Retrieved {
+        /// The version.
+        version: Version,
+        /// Chunks fetched from the host.
+        fetched: usize,
+        /// Chunks reused from the file already there.
+        reused: usize,
+        /// The file was patched in place rather than rewritten.
+        patched: bool,
+        /// The previous VM did not release the user in time: the head may
+        /// miss its last changes.
+        handover_timed_out: bool,
+    },
+    /// The user has no version yet: an empty UIF.
+    NewUser,
+    /// The retrieve failed and the session runs on an empty TEMPORARY UIF
+    /// (`on_retrieve_failure = "temporary"`), which can only ever become a
+    /// conflict version.
+    Temporary {
+        /// Why the retrieve failed.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for LoginReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.uif {
+            Attached::SessionAlreadyOpen => {
+                write!(f, "session {} is already open", self.session)?;
+            }
+            Attached::AlreadyAttached => write!(f, "UIF of {} already attached", self.user)?,
+            Attached::Retrieved {
+                version,
+                fetched,
+                reused,
+                patched,
+                handover_timed_out,
+            } => {
+                write!(
+                    f,
+                    "retrieved version {version} ({fetched} chunks fetched, {reused} reused{})",
+                    if *patched { ", patched in place" } else { "" }
+                )?;
+                if *handover_timed_out {
+                    f.write_str("; hand-over from the previous VM timed out")?;
+                }
+            }
+            Attached::NewUser => f.write_str("new user: empty UIF")?,
+            Attached::Temporary { reason } => write!(
+                f,
+                "retrieve failed ({reason}); running on an empty TEMPORARY UIF"
+            )?,
+        }
+        if !self.preserved.is_empty() {
+            write!(
+                f,
+                "; NOTE: {} earlier update(s) of {} were refused by the host and are preserved on this VM (root: `uve-agent preserved list`): {}",
+                self.preserved.len(),
+                self.user,
+                self.preserved.join("; ")
+            )?;
+        }
+        Ok(())
+    }
+}
+
 impl Lifecycle {
     /// Opens a session: retrieves and attaches the user's UIF unless
     /// another session of the user already has it, starts the UA if
-    /// asked, announces the session. Returns a human-readable summary.
+    /// asked, announces the session.
     pub async fn login(
         &self,
         user: &UserName,
         session: &SessionId,
         ua: Option<&UaName>,
-    ) -> Result<String, LifecycleError> {
+    ) -> Result<LoginReport, LifecycleError> {
         if let Some(ua) = ua
             && self.uas.current(ua).is_none()
         {
@@ -34,13 +126,18 @@ impl Lifecycle {
         let guard = self.locks.lock(user).await;
         if let Some(existing) = self.table.session(session) {
             return if existing.user == *user {
-                Ok(format!("session {session} is already open"))
+                Ok(LoginReport {
+                    user: user.clone(),
+                    session: session.clone(),
+                    uif: Attached::SessionAlreadyOpen,
+                    preserved: Vec::new(),
+                })
             } else {
                 Err(LifecycleError::SessionTaken(session.to_string()))
             };
         }
         let attached_now = self.table.uif(user).is_none();
-        let mut summary = self.attach(&guard, session).await?;
+        let uif = self.attach(&guard, session).await?;
         let record = SessionRecord {
             session: session.clone(),
             user: user.clone(),
@@ -66,23 +163,34 @@ impl Lifecycle {
             return Err(e);
         }
         self.announce_start(&record).await;
-        summary.push_str(&self.preserved_note(user));
-        tracing::info!(%user, %session, "login: {summary}");
-        Ok(summary)
+        let report = LoginReport {
+            user: user.clone(),
+            session: session.clone(),
+            uif,
+            preserved: self
+                .flusher
+                .preserved()
+                .for_user(user)
+                .iter()
+                .map(|c| c.describe())
+                .collect(),
+        };
+        tracing::info!(%user, %session, "login: {report}");
+        Ok(report)
     }
 
-    /// Attaches the user's UIF unless it already is; returns the summary.
+    /// Attaches the user's UIF unless it already is.
     async fn attach(
         &self,
         guard: &UserGuard,
         session: &SessionId,
-    ) -> Result<String, LifecycleError> {
+    ) -> Result<Attached, LifecycleError> {
         let user = guard.user();
         if self.table.uif(user).is_some() {
-            return Ok(format!("UIF of {user} already attached"));
+            return Ok(Attached::AlreadyAttached);
         }
         let cfg = self.config.get();
-        let (rec, summary) = self.obtain_uif(guard, &cfg, session).await?;
+        let (rec, attached) = self.obtain_uif(guard, &cfg, session).await?;
         materialise::attach(&cfg, user, session, rec.temporary)
             .await
             .map_err(uif_err(user))?;
@@ -91,7 +199,7 @@ impl Lifecycle {
             let _ = self.table.detach(guard).await;
             return Err(e.into());
         }
-        Ok(summary)
+        Ok(attached)
     }
 
     async fn start_ua(
@@ -135,20 +243,6 @@ impl Lifecycle {
         }
     }
 
-    /// What the login says about preserved copies of `user` ("" if none).
-    fn preserved_note(&self, user: &str) -> String {
-        let preserved = self.flusher.preserved().for_user(user);
-        if preserved.is_empty() {
-            return String::new();
-        }
-        let lines: Vec<String> = preserved.iter().map(|c| c.describe()).collect();
-        format!(
-            "; NOTE: {} earlier update(s) of {user} were refused by the host and are preserved on this VM (root: `uve-agent preserved list`): {}",
-            preserved.len(),
-            lines.join("; ")
-        )
-    }
-
     /// Retrieves the user's UIF (delivering any pending update of theirs
     /// first), or falls back to an empty temporary UIF if configured.
     async fn obtain_uif(
@@ -156,24 +250,20 @@ impl Lifecycle {
         guard: &UserGuard,
         cfg: &Config,
         session: &SessionId,
-    ) -> Result<(UifRecord, String), LifecycleError> {
+    ) -> Result<(UifRecord, Attached), LifecycleError> {
         let user = guard.user();
         let dest = cfg.uif_path(user);
         match self.retrieve(guard, cfg, session, &dest).await? {
             Ok(r) => {
                 let summary = match r.base {
-                    Some(v) => format!(
-                        "retrieved version {v} ({} chunks fetched, {} reused{}){}",
-                        r.fetched,
-                        r.reused,
-                        if r.patched { ", patched in place" } else { "" },
-                        if r.handover_timed_out {
-                            "; hand-over from the previous VM timed out"
-                        } else {
-                            ""
-                        }
-                    ),
-                    None => "new user: empty UIF".into(),
+                    Some(version) => Attached::Retrieved {
+                        version,
+                        fetched: r.fetched,
+                        reused: r.reused,
+                        patched: r.patched,
+                        handover_timed_out: r.handover_timed_out,
+                    },
+                    None => Attached::NewUser,
                 };
                 let rec = UifRecord {
                     base: r.base,
@@ -204,7 +294,9 @@ impl Lifecycle {
                 };
                 Ok((
                     rec,
-                    format!("retrieve failed ({e}); running on an empty TEMPORARY UIF"),
+                    Attached::Temporary {
+                        reason: e.to_string(),
+                    },
                 ))
             }
             Err(e) => Err(uif_err(user)(e)),

@@ -22,6 +22,7 @@ mod tests;
 mod uas;
 
 pub use end::Ended;
+pub use login::{Attached, LoginReport};
 pub use status::{SessionStatus, StatusReport, UaStatus};
 
 use std::path::PathBuf;

@@ -11,11 +11,13 @@ async fn login_then_logout_commits_and_announces_both() {
     let rig = Rig::new();
     let lc = &rig.lifecycle;
     let said = lc.login(&name("eve"), &name("e1"), None).await.unwrap();
-    assert_eq!(said, "new user: empty UIF");
+    assert_eq!(said.to_string(), "new user: empty UIF");
+    assert_eq!(said.uif, Attached::NewUser);
     assert_eq!(std::fs::read(rig.uif("eve")).unwrap(), b"");
     assert!(lc.table.session("e1").is_some() && lc.table.uif("eve").is_some());
     let again = lc.login(&name("eve"), &name("e1"), None).await.unwrap();
-    assert!(again.contains("already open"), "{again}");
+    assert!(again.to_string().contains("already open"), "{again}");
+    assert_eq!(again.uif, Attached::SessionAlreadyOpen);
     assert!(matches!(
         lc.login(&name("fay"), &name("e1"), None).await,
         Err(LifecycleError::SessionTaken(_))
@@ -38,7 +40,8 @@ async fn the_last_session_of_a_user_flushes_and_a_disconnect_is_journalled() {
     let lc = &rig.lifecycle;
     lc.login(&name("gus"), &name("g1"), None).await.unwrap();
     let second = lc.login(&name("gus"), &name("g2"), None).await.unwrap();
-    assert!(second.contains("already attached"), "{second}");
+    assert!(second.to_string().contains("already attached"), "{second}");
+    assert_eq!(second.uif, Attached::AlreadyAttached);
     std::fs::write(rig.uif("gus"), b"gus").unwrap();
     let first = lc.logout(&name("g1")).await.unwrap().outcome;
     assert!(matches!(first, FlushOutcome::Nothing(_)), "{first:?}");
@@ -68,7 +71,7 @@ async fn a_login_fails_while_an_earlier_update_of_the_user_is_pending() {
     assert_eq!(std::fs::read(rig.uif("hal")).unwrap(), b"hal's work");
     rig.host.lock().unwrap().refuse_updates = None;
     let said = lc.login(&name("hal"), &name("h3"), None).await.unwrap();
-    assert!(said.contains("new user"), "{said}");
+    assert!(said.to_string().contains("new user"), "{said}");
 }
 
 #[tokio::test]

@@ -1,0 +1,97 @@
+//! Unit tests of the supervisor: real processes, real signals.
+#![allow(clippy::unwrap_used)]
+use super::*;
+use crate::testing::Rig;
+
+/// Deploys UA `name` (version 1) running `script` with /bin/sh.
+fn deploy(rig: &Rig, name: &str, script: &str) {
+    let dir = rig.state().join("ua").join(name);
+    std::fs::create_dir_all(dir.join("1")).unwrap();
+    std::os::unix::fs::symlink("1", dir.join("current")).unwrap();
+    let argv = serde_json::to_vec(&["/bin/sh", "-c", script]).unwrap();
+    std::fs::write(dir.join(".1.entry"), argv).unwrap();
+}
+
+fn record(session: &'static str) -> SessionRecord {
+    SessionRecord {
+        session: SessionId::literal(session),
+        // In every passwd; the agent runs UAs as the session's user.
+        user: uve_protocol::names::UserName::literal("root"),
+        ua: Some(UaName::literal("desk")),
+        started: 0,
+        ua_process: None,
+    }
+}
+
+#[tokio::test]
+async fn a_stopped_ua_is_not_reported_and_a_dying_one_is() {
+    let mut rig = Rig::new();
+    deploy(&rig, "desk", "exec sleep 30");
+    let lc = rig.lifecycle.clone();
+    let sock = rig.dir.path().join("ctl.sock");
+    let sup = lc.supervisor();
+    let a = sup
+        .start(lc.uas(), &sock, &record("s1"), &UaName::literal("desk"))
+        .unwrap();
+    assert!(a.start.is_some() && sup.pid("s1") == Some(a.pid));
+    sup.stop("s1").await;
+    assert!(sup.pid("s1").is_none(), "forgotten once it ended");
+    // Started again and killed behind the agent's back: reported.
+    let b = sup
+        .start(lc.uas(), &sock, &record("s2"), &UaName::literal("desk"))
+        .unwrap();
+    kill_group(b.pid, Signal::SIGKILL);
+    let exit = tokio::time::timeout(Duration::from_secs(20), rig.exits.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.session, "s2", "only the unexpected end: {exit:?}");
+    assert!(exit.reason.contains("UA exited"), "{exit:?}");
+    assert!(
+        rig.exits.try_recv().is_err(),
+        "the stopped one was not reported"
+    );
+}
+
+#[tokio::test]
+async fn suspend_stops_the_process_group_and_resume_continues_it() {
+    let rig = Rig::new();
+    deploy(&rig, "desk", "exec sleep 30");
+    let lc = rig.lifecycle.clone();
+    let sock = rig.dir.path().join("ctl.sock");
+    let sup = lc.supervisor();
+    let s = sup
+        .start(lc.uas(), &sock, &record("s1"), &UaName::literal("desk"))
+        .unwrap();
+    sup.set_suspended("s1", true).await.unwrap();
+    assert!(sup.is_suspended("s1"));
+    assert_eq!(group_stopped(s.pid), Some(true));
+    sup.set_suspended("s1", false).await.unwrap();
+    // Resumed: no process of the group is stopped. (`group_stopped`
+    // would also count one in uninterruptible sleep, 'D', as not
+    // running user code, which a just-continued process under I/O
+    // load may briefly be.)
+    let states = group_states(s.pid);
+    assert!(!states.is_empty(), "the UA is gone");
+    assert!(!states.iter().any(|c| matches!(c, 'T' | 't')), "{states:?}");
+    assert!(matches!(
+        sup.set_suspended("nope", true).await,
+        Err(SuperviseError::NotSupervised(_))
+    ));
+    sup.stop("s1").await;
+}
+
+#[tokio::test]
+async fn adopting_a_dead_ua_reports_it() {
+    let mut rig = Rig::new();
+    let mut rec = record("s9");
+    // A pid with the wrong start time is not the recorded process.
+    rec.ua_process = Some(UaProcess {
+        pid: i32::try_from(std::process::id()).unwrap(),
+        start: 1,
+    });
+    rig.lifecycle.supervisor().adopt(vec![rec]);
+    let exit = rig.exits.recv().await.unwrap();
+    assert_eq!(exit.session, "s9");
+    assert!(exit.reason.contains("not running"), "{exit:?}");
+}
