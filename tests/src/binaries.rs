@@ -20,14 +20,42 @@ pub struct Binaries {
     pub agent: PathBuf,
 }
 
+/// Whether `name` is a variable cargo sets for the crate being compiled or
+/// tested (not one a user sets for cargo itself, like `CARGO_HOME`).
+fn set_by_cargo_for_a_crate(name: &str) -> bool {
+    const PREFIXES: [&str; 8] = [
+        "CARGO_PKG_",
+        "CARGO_MANIFEST_",
+        "CARGO_BIN_",
+        "CARGO_CRATE_",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "CARGO_CFG_",
+    ];
+    name == "OUT_DIR" || PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
 /// Builds (when run under cargo) and locates the release binaries.
 pub fn release() -> Result<Binaries, String> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     if let Some(cargo) = std::env::var_os("CARGO") {
-        let st = Command::new(cargo)
-            .args(["build", "--release", "-q", "--workspace"])
+        let mut build = Command::new(cargo);
+        build.args(["build", "--release", "-q", "--workspace"]);
+        // Cargo gives a test process the variables of the crate under test
+        // (CARGO_PKG_NAME, CARGO_MANIFEST_DIR, OUT_DIR, ...). Build scripts
+        // watch some of them (ring's `rerun-if-env-changed`), so a build
+        // that inherits them sees a changed environment and compiles again
+        // what `.ci/run` built minutes earlier. The build runs as from a
+        // shell.
+        for (key, _) in std::env::vars_os() {
+            if key.to_str().is_some_and(set_by_cargo_for_a_crate) {
+                build.env_remove(&key);
+            }
+        }
+        let st = build
             .current_dir(&repo)
             .status()
             .map_err(|e| format!("cargo build: {e}"))?;
