@@ -274,25 +274,13 @@ impl LinkHandle {
     /// the peer becomes [`LinkError::Remote`].
     pub async fn request(&self, body: Request) -> Result<Response, LinkError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.shared
-            .pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, tx);
-        if self.shared.cancel.is_cancelled() {
-            self.forget(id);
-            return Err(LinkError::Closed(self.shared.end_reason()));
-        }
-        if let Err(e) = self.shared.enqueue(&Frame::Request { id, body }).await {
-            self.forget(id);
-            return Err(e);
-        }
-        match rx.await {
-            Ok(Response::Error(e)) => Err(LinkError::Remote(e)),
-            Ok(r) => Ok(r),
-            Err(_) => Err(LinkError::Closed(self.shared.end_reason())),
-        }
+        self.exchange(id, async {
+            if self.shared.cancel.is_cancelled() {
+                return Err(LinkError::Closed(self.shared.end_reason()));
+            }
+            self.shared.enqueue(&Frame::Request { id, body }).await
+        })
+        .await
     }
 
     /// Sends a request whose body is already postcard-encoded and waits
@@ -314,13 +302,25 @@ impl LinkHandle {
         let mut bytes = Vec::with_capacity(frame.len() + 4);
         bytes.extend_from_slice(&len.to_le_bytes());
         bytes.extend_from_slice(&frame);
+        self.exchange(id, self.shared.enqueue_bytes(bytes.into(), false))
+            .await
+    }
+
+    /// Registers request `id` as waiting, runs `send` (which writes it) and
+    /// waits for the answer; `id` is forgotten if `send` fails. A
+    /// `Response::Error` from the peer becomes [`LinkError::Remote`].
+    async fn exchange(
+        &self,
+        id: u64,
+        send: impl Future<Output = Result<(), LinkError>>,
+    ) -> Result<Response, LinkError> {
         let (tx, rx) = oneshot::channel();
         self.shared
             .pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id, tx);
-        if let Err(e) = self.shared.enqueue_bytes(bytes.into(), false).await {
+        if let Err(e) = send.await {
             self.forget(id);
             return Err(e);
         }
@@ -337,9 +337,7 @@ impl LinkHandle {
         body: Request,
         limit: Duration,
     ) -> Result<Response, LinkError> {
-        tokio::time::timeout(limit, self.request(body))
-            .await
-            .map_err(|_| LinkError::Timeout(limit))?
+        within(limit, self.request(body)).await
     }
 
     fn forget(&self, id: u64) {
@@ -454,6 +452,17 @@ impl Drop for Responder {
             }
         }
     }
+}
+
+/// Awaits `fut` for at most `limit` (past it: [`LinkError::Timeout`]): how
+/// both peers bound a request, queueing included.
+pub async fn within<T>(
+    limit: Duration,
+    fut: impl Future<Output = Result<T, LinkError>>,
+) -> Result<T, LinkError> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| LinkError::Timeout(limit))?
 }
 
 /// Starts the reader and writer tasks of a link over an established
