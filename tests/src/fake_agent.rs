@@ -1,5 +1,6 @@
-//! A fake **agent** protocol peer for the host's integration tests and the
-//! benchmarks: dials a real `uve-host` (a VM's Unix or hybrid-vsock path),
+//! A fake **agent** protocol peer for the host's integration tests, the
+//! benchmarks and the rogue guest's probes: dials a real `uve-host` (a VM's
+//! Unix or hybrid-vsock path; from inside a guest, vsock),
 //! handshakes, answers UVE-2 requests from an in-memory state (UA bundles,
 //! suspended sessions, monitor grants, release by flush or by silence) and
 //! drives UVE-5 flows against the host ([`retrieve`], [`update`],
@@ -216,7 +217,8 @@ impl TestAgent {
         lease: u64,
         data: &[u8],
     ) -> Result<Updated, LinkError> {
-        update(&self.handle, user, session, base, lease, data).await
+        let listed = begin_and_list(&self.handle, user, session, base, lease, data).await?;
+        update(&self.handle, listed).await
     }
 
     /// Update based on what the last retrieve of `user` granted.

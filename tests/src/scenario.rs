@@ -92,6 +92,14 @@ impl Drop for RunDir {
     }
 }
 
+/// The start of scenario `name`: its ingredients (`None` when they are
+/// missing: the test is skipped, see [`Ingredients::require`]), a fresh
+/// run directory and the step timer.
+pub fn begin(name: &str) -> Option<(Ingredients, RunDir, Instant)> {
+    let ing = Ingredients::require(name)?;
+    Some((ing, RunDir::new(name), Instant::now()))
+}
+
 /// Logs how long step `name` took since `t`, and restarts `t`.
 pub fn step(name: &str, t: &mut Instant) {
     eprintln!("  step {name}: {:?}", t.elapsed());

@@ -17,13 +17,13 @@
 )]
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use uve_e2e::host::HostDaemon;
 use uve_e2e::ingredients::Ingredients;
 use uve_e2e::initramfs::Initramfs;
 use uve_e2e::poll::wait_for;
-use uve_e2e::scenario::{AGENT_FILE_MODE, RunDir, host_with_alice_imported, step};
+use uve_e2e::scenario::{AGENT_FILE_MODE, RunDir, begin, host_with_alice_imported, step};
 use uve_e2e::vm::Vm;
 
 const AGENT_DIR_MODE: &str = r#"
@@ -69,11 +69,9 @@ fn user_chunks_fetched(host: &HostDaemon, user: &str) -> u64 {
 /// finally the VM crashes with a session open.
 #[test]
 fn file_mode_lifecycle_on_one_vm() {
-    let Some(ing) = Ingredients::require("file_mode_lifecycle_on_one_vm") else {
+    let Some((ing, run, mut t)) = begin("file_mode_lifecycle_on_one_vm") else {
         return;
     };
-    let run = RunDir::new("file_mode_lifecycle_on_one_vm");
-    let mut t = Instant::now();
     let (mut host, import, v1, v1_head) = host_with_alice_imported(&ing, &run, &run.sub("vm-a"));
     step("host up, alice imported", &mut t);
 
@@ -402,11 +400,9 @@ fn vm_crash_with_open_session(host: &HostDaemon, vm: &mut Vm, run: &RunDir) {
 /// rogue guest that is refused while the host and the other VM keep working.
 #[test]
 fn directory_mode_switch_and_rogue_guest() {
-    let Some(ing) = Ingredients::require("directory_mode_switch_and_rogue_guest") else {
+    let Some((ing, run, mut t)) = begin("directory_mode_switch_and_rogue_guest") else {
         return;
     };
-    let run = RunDir::new("directory_mode_switch_and_rogue_guest");
-    let mut t = Instant::now();
     let host = HostDaemon::start(&ing, run.path(), "").expect("host");
     for name in ["vm-a", "vm-b"] {
         host.add_vm(name, &run.sub(name).join("v.sock"));

@@ -11,7 +11,7 @@ use uve_protocol::manifest::Hash;
 use uve_protocol::message::{AgentStatus, Request, Response, SessionInfo, UaBundle, UaInfo};
 use uve_protocol::names::{UaName, UserName};
 
-use super::update::{Updated, update};
+use super::update::{Updated, begin_and_list, update};
 use super::{AgentState, ReleaseMode, lock};
 use crate::names;
 
@@ -72,7 +72,11 @@ fn release(
             .get(user.as_str())
             .copied()
             .unwrap_or((None, 0));
-        let r = update(&handle, &user, "s1", base, lease, &data).await;
+        let r = async {
+            let listed = begin_and_list(&handle, &user, "s1", base, lease, &data).await?;
+            update(&handle, listed).await
+        }
+        .await;
         let committed = match r {
             Ok(Updated {
                 answer: Response::Committed { version },
