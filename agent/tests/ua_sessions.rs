@@ -329,7 +329,7 @@ fn delete_is_refused_while_in_use_unless_forced(
     ticks: &Path,
     ua_dir: &Path,
 ) {
-    login_with_ua(&agent, "u1", "ticker");
+    login_with_ua(agent, "u1", "ticker");
     must("UA ticking", LONG, || {
         (std::fs::metadata(ticks).map(|m| m.len()).unwrap_or(0) > 0).then_some(())
     });

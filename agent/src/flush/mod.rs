@@ -418,7 +418,7 @@ mod tests {
         let data = uve_protocol::testdata::noise(300_000, 1);
         let g = attached(&rig, "ann", &data).await;
         let f = rig.lifecycle.flusher();
-        let out = logout(&f, &g).await;
+        let out = logout(f, &g).await;
         assert_eq!(out, FlushOutcome::Committed(COMMITTED));
         assert_eq!(f.spool.count(), 0);
         assert!(rig.lifecycle.table().uif("ann").is_none(), "detached");
@@ -433,7 +433,7 @@ mod tests {
         let data = uve_protocol::testdata::noise(100_000, 2);
         let g = attached(&rig, "ben", &data).await;
         let f = rig.lifecycle.flusher();
-        let out = logout(&f, &g).await;
+        let out = logout(f, &g).await;
         let FlushOutcome::Refused {
             refusal,
             kept: Kept::Preserved(copy),
@@ -454,7 +454,7 @@ mod tests {
         rig.refuse_updates(Some(ErrorCode::Busy));
         let g = attached(&rig, "cat", b"cat's work").await;
         let f = rig.lifecycle.flusher();
-        let out = logout(&f, &g).await;
+        let out = logout(f, &g).await;
         assert!(matches!(out, FlushOutcome::Spooled(_)), "{out:?}");
         let entries = f.spool.list();
         assert_eq!(entries.len(), 1);
@@ -477,7 +477,7 @@ mod tests {
             .digest;
         rig.lifecycle.table().rebase(&g, 1, digest).await.unwrap();
         let f = rig.lifecycle.flusher();
-        let out = logout(&f, &g).await;
+        let out = logout(f, &g).await;
         assert_eq!(out, FlushOutcome::Unchanged(Some(1)));
         assert_eq!(rig.count(|r| matches!(r, Request::UpdateBegin(_))), 0);
     }
