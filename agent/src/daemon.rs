@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::adapters::control::{self, Control};
 use crate::adapters::dispatch::Dispatcher;
-use crate::adapters::{conn, outbox};
+use crate::adapters::{Backend, conn, outbox};
 use crate::base::fsutil;
 use crate::config::{Config, SharedConfig};
 use crate::lifecycle::Lifecycle;
@@ -129,20 +129,19 @@ async fn serve(
     let (conns_tx, conns_rx) = mpsc::channel(4);
     let s = stop.clone();
     tasks.spawn(async move { conn::run(&config, boot_id, &link, conns_tx, s).await });
-    let dispatcher = Arc::new(Dispatcher {
+    let backend = Backend {
         lifecycle: lifecycle.clone(),
-        grants: grants.clone(),
+        grants,
         tasks: tasks.clone(),
+    };
+    let dispatcher = Arc::new(Dispatcher {
+        backend: backend.clone(),
     });
     tasks.spawn(dispatcher.run(conns_rx, stop.clone()));
     tasks.spawn(outbox::run(lifecycle.clone(), stop.clone()));
     tasks.spawn(ua_exits(lifecycle.clone(), exits, stop.clone()));
     let control_stop = CancellationToken::new();
-    let control = Arc::new(Control {
-        lifecycle: lifecycle.clone(),
-        grants,
-        tasks: tasks.clone(),
-    });
+    let control = Arc::new(Control { backend });
     tasks.spawn(control.serve(listener, control_stop.clone()));
     if checkpoint > 0 {
         tasks.spawn(checkpoints(lifecycle.clone(), checkpoint, stop.clone()));

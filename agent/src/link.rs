@@ -50,9 +50,7 @@ impl HostLink {
         body: Request,
         limit: Duration,
     ) -> Result<Response, LinkError> {
-        tokio::time::timeout(limit, self.request(body))
-            .await
-            .map_err(|_| LinkError::Timeout(limit))?
+        uve_protocol::link::within(limit, self.request(body)).await
     }
 
     /// True once the link has ended.

@@ -144,6 +144,21 @@ impl Rig {
         &self.state
     }
 
+    /// Logs `user` in to `session` (no UA) and writes `work` into the UIF.
+    pub async fn login_and_write(&self, user: &str, session: &str, work: &[u8]) {
+        self.lifecycle
+            .login(&name(user), &name(session), None)
+            .await
+            .unwrap();
+        std::fs::write(self.uif(user), work).unwrap();
+    }
+
+    /// Makes the fake host refuse every update with `code` (`None`: stop
+    /// refusing).
+    pub fn refuse_updates(&self, code: Option<ErrorCode>) {
+        self.host.lock().unwrap().refuse_updates = code;
+    }
+
     /// How many requests matched `f`.
     pub fn count(&self, f: impl Fn(&Request) -> bool) -> usize {
         self.host

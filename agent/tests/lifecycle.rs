@@ -15,18 +15,18 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{LONG, TestHost, file_cfg, must, noise, start_agent};
+use common::{
+    LONG, TestHost, file_agent, file_cfg, host_in_tempdir, logged_in, must, noise, start_agent, uif,
+};
 use uve_e2e::names::valid;
 use uve_protocol::message::{Request, Response, UpdateCause};
 
 #[test]
 fn pam_hook_opens_and_closes_sessions() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
+    let (dir, host) = host_in_tempdir();
     let data = noise(300_000, 5);
     host.with(|h| h.seed("dave", &data));
-    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
-    agent.wait_connected();
+    let agent = file_agent(dir.path());
     let hook = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/pam/uve-pam-hook");
     // Options come only from the pam_exec line (arguments); the PAM
     // environment, which pam_env may fill from the user's own files, is
@@ -56,36 +56,31 @@ fn pam_hook_opens_and_closes_sessions() {
     let expected = format!("dave-sshd-{}", std::process::id());
     assert_eq!(st["sessions"][0]["session"], expected.as_str());
     assert_eq!(st["sessions"][0]["user"], "dave");
-    let img = dir.path().join("uif/dave.img");
+    let img = uif(dir.path(), "dave");
     assert_eq!(std::fs::read(&img).unwrap(), data);
     std::fs::write(&img, b"edited over ssh").unwrap();
     let out = run("close_session");
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("committed"));
-    assert_eq!(
-        host.with(|h| h.head_bytes("dave")).as_deref(),
-        Some(&b"edited over ssh"[..])
-    );
+    assert_eq!(host.head("dave").as_deref(), Some(&b"edited over ssh"[..]));
     assert!(run("auth").status.success());
 }
 
 #[test]
 fn failed_retrieve_fails_login_or_runs_on_a_temporary_uif_that_never_wins() {
     // Default: login fails with a clear error.
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
+    let (dir, host) = host_in_tempdir();
     let real = noise(200_000, 9);
     let head = host.with(|h| {
         h.unassigned.insert("erin".into());
         h.seed("erin", &real)
     });
-    let mut agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
-    agent.wait_connected();
+    let mut agent = file_agent(dir.path());
     let out = agent.cli(&["login", "--user", "erin", "--session", "e1"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("NotAssigned"), "{err}");
-    assert!(agent.status()["sessions"].as_array().unwrap().is_empty());
+    assert!(agent.sessions().is_empty());
     // Invalid names are refused before anything happens.
     let out = agent.cli(&["login", "--user", "../root", "--session", "e1"]);
     assert!(!out.status.success());
@@ -99,7 +94,7 @@ fn failed_retrieve_fails_login_or_runs_on_a_temporary_uif_that_never_wins() {
     agent.wait_connected();
     let out = agent.ok(&["login", "--user", "erin", "--session", "e2"]);
     assert!(out.contains("TEMPORARY"), "{out}");
-    let img = dir.path().join("uif/erin.img");
+    let img = uif(dir.path(), "erin");
     assert_eq!(std::fs::read(&img).unwrap(), b"");
     std::fs::write(&img, b"work done on the temporary profile").unwrap();
     host.with(|h| h.unassigned.clear());
@@ -107,27 +102,19 @@ fn failed_retrieve_fails_login_or_runs_on_a_temporary_uif_that_never_wins() {
     assert!(out.contains("conflict"), "{out}");
     let (now_head, last) = host.with(|h| (h.heads["erin"], h.commits.last().cloned().unwrap()));
     assert_eq!(now_head, head, "the real head must not move");
-    assert_eq!(host.with(|h| h.head_bytes("erin")).unwrap(), real);
+    assert_eq!(host.head("erin").unwrap(), real);
     assert!(last.conflict);
     assert_eq!(last.base, None);
 }
 
 #[test]
 fn sigterm_flushes_open_sessions_and_exits_zero() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
-    host.with(|h| h.seed("frank", b"before"));
-    let mut agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
-    agent.wait_connected();
-    agent.ok(&["login", "--user", "frank", "--session", "f1"]);
-    let img = dir.path().join("uif/frank.img");
+    let (dir, host, mut agent) = logged_in("frank", b"before", "f1");
+    let img = uif(dir.path(), "frank");
     std::fs::write(&img, b"after").unwrap();
     assert_eq!(agent.terminate(), Some(0));
-    assert_eq!(
-        host.with(|h| h.head_bytes("frank")).as_deref(),
-        Some(&b"after"[..])
-    );
-    let c = host.with(|h| h.commits.last().cloned().unwrap());
+    assert_eq!(host.head("frank").as_deref(), Some(&b"after"[..]));
+    let c = host.last_commit();
     assert_eq!(c.cause, UpdateCause::Shutdown);
     // An agent restart is not the end of the session: it is re-announced,
     // and the later logout builds on the shutdown flush.
@@ -141,7 +128,7 @@ fn sigterm_flushes_open_sessions_and_exits_zero() {
     std::fs::write(&img, b"after the restart").unwrap();
     let out = agent.ok(&["logout", "--session", "f1"]);
     assert!(out.contains("committed"), "{out}");
-    let last = host.with(|h| h.commits.last().cloned().unwrap());
+    let last = host.last_commit();
     assert_eq!(last.base, Some(c.version));
     assert!(!last.conflict);
     assert!(host.with(|h| h.sessions_ended.contains(&"f1".to_string())));
@@ -149,12 +136,7 @@ fn sigterm_flushes_open_sessions_and_exits_zero() {
 
 #[test]
 fn host_restart_reannounces_sessions_then_user_release_flushes() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
-    host.with(|h| h.seed("gina", b"gina v1"));
-    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
-    agent.wait_connected();
-    agent.ok(&["login", "--user", "gina", "--session", "g1"]);
+    let (dir, host, agent) = logged_in("gina", b"gina v1", "g1");
     host.down();
     host.up();
     must("re-announce after reconnect", LONG, || {
@@ -163,7 +145,7 @@ fn host_restart_reannounces_sessions_then_user_release_flushes() {
                 .then_some(())
         })
     });
-    std::fs::write(dir.path().join("uif/gina.img"), b"gina v2").unwrap();
+    std::fs::write(uif(dir.path(), "gina"), b"gina v2").unwrap();
     let r = host
         .request(Request::UserRelease {
             user: valid("gina"),
@@ -174,13 +156,10 @@ fn host_restart_reannounces_sessions_then_user_release_flushes() {
         panic!("{r:?}")
     };
     assert_eq!(host.with(|h| h.heads["gina"]), v);
-    assert_eq!(
-        host.with(|h| h.head_bytes("gina")).as_deref(),
-        Some(&b"gina v2"[..])
-    );
-    let c = host.with(|h| h.commits.last().cloned().unwrap());
+    assert_eq!(host.head("gina").as_deref(), Some(&b"gina v2"[..]));
+    let c = host.last_commit();
     assert_eq!(c.cause, UpdateCause::Release);
-    assert!(agent.status()["sessions"].as_array().unwrap().is_empty());
+    assert!(agent.sessions().is_empty());
     // Nothing left to release: answered with no version.
     let r = host
         .request(Request::UserRelease {
@@ -193,32 +172,22 @@ fn host_restart_reannounces_sessions_then_user_release_flushes() {
 
 #[test]
 fn connection_reset_mid_update_is_spooled_and_retried() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
-    host.with(|h| h.seed("hank", &noise(600_000, 1)));
-    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
-    agent.wait_connected();
-    agent.ok(&["login", "--user", "hank", "--session", "h1"]);
+    let (dir, host, agent) = logged_in("hank", &noise(600_000, 1), "h1");
     let new = noise(900_000, 2);
-    std::fs::write(dir.path().join("uif/hank.img"), &new).unwrap();
+    std::fs::write(uif(dir.path(), "hank"), &new).unwrap();
     host.with(|h| h.drop_on_upload = true);
     let out = agent.ok(&["logout", "--session", "h1"]);
     assert!(out.contains("spooled"), "{out}");
-    must("retried update committed", LONG, || {
-        host.with(|h| (h.head_bytes("hank") == Some(new.clone())).then_some(()))
-    });
-    let c = host.with(|h| h.commits.last().cloned().unwrap());
+    host.wait_head("retried update committed", "hank", &new);
+    let c = host.last_commit();
     assert_eq!(c.cause, UpdateCause::Spooled);
     assert!(!c.conflict);
-    must("spool empty", LONG, || {
-        (agent.status()["spooled_updates"] == 0).then_some(())
-    });
+    agent.wait_spool_empty();
 }
 
 #[test]
 fn checkpoints_commit_while_the_session_runs() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
+    let (dir, host) = host_in_tempdir();
     host.with(|h| h.seed("ivan", b"start"));
     let agent = start_agent(
         dir.path(),
@@ -226,7 +195,7 @@ fn checkpoints_commit_while_the_session_runs() {
     );
     agent.wait_connected();
     agent.ok(&["login", "--user", "ivan", "--session", "i1"]);
-    let img = dir.path().join("uif/ivan.img");
+    let img = uif(dir.path(), "ivan");
     std::fs::write(&img, b"midway").unwrap();
     let cp = must("checkpoint commit", LONG, || {
         host.with(|h| {
@@ -240,7 +209,7 @@ fn checkpoints_commit_while_the_session_runs() {
     assert_eq!(agent.status()["sessions"][0]["session"], "i1");
     std::fs::write(&img, b"the end").unwrap();
     let out = agent.ok(&["logout", "--session", "i1"]);
-    let last = host.with(|h| h.commits.last().cloned().unwrap());
+    let last = host.last_commit();
     assert!(!last.conflict);
     assert!(last.base >= Some(cp.version), "based on a checkpoint");
     if out.contains("committed as version") {
@@ -263,10 +232,7 @@ fn checkpoints_commit_while_the_session_runs() {
             "{out}"
         );
     }
-    assert_eq!(
-        host.with(|h| h.head_bytes("ivan")).as_deref(),
-        Some(&b"the end"[..])
-    );
+    assert_eq!(host.head("ivan").as_deref(), Some(&b"the end"[..]));
 }
 
 #[test]
@@ -308,10 +274,8 @@ fn sighup_reloads_the_host_endpoint() {
 
 #[test]
 fn lost_notice_ack_is_redelivered_with_the_same_id() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
-    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
-    agent.wait_connected();
+    let (dir, host) = host_in_tempdir();
+    let agent = file_agent(dir.path());
     agent.ok(&["login", "--user", "jane", "--session", "j1"]);
     host.with(|h| h.drop_after_notice = true);
     agent.ok(&["disconnect", "--session", "j1", "--reason", "network cable"]);
@@ -328,12 +292,7 @@ fn lost_notice_ack_is_redelivered_with_the_same_id() {
 
 #[test]
 fn sigterm_with_host_down_spools_and_delivers_after_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
-    host.with(|h| h.seed("kim", b"kim v1"));
-    let mut agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
-    agent.wait_connected();
-    agent.ok(&["login", "--user", "kim", "--session", "k1"]);
+    let (dir, host, mut agent) = logged_in("kim", b"kim v1", "k1");
     let out = agent.cli(&[
         "login",
         "--user",
@@ -345,7 +304,7 @@ fn sigterm_with_host_down_spools_and_delivers_after_restart() {
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not deployed"));
-    let img = dir.path().join("uif/kim.img");
+    let img = uif(dir.path(), "kim");
     std::fs::write(&img, b"kim v2").unwrap();
     host.down();
     assert_eq!(agent.terminate(), Some(0));
@@ -355,22 +314,19 @@ fn sigterm_with_host_down_spools_and_delivers_after_restart() {
     // spooled snapshot is stale, the newest content is delivered.
     std::fs::write(&img, b"kim v3, written after the restart").unwrap();
     host.up();
-    must("delivered after restart", LONG, || {
-        host.with(|h| {
-            (h.head_bytes("kim").as_deref() == Some(&b"kim v3, written after the restart"[..]))
-                .then_some(())
-        })
-    });
-    let c = host.with(|h| h.commits.last().cloned().unwrap());
+    host.wait_head(
+        "delivered after restart",
+        "kim",
+        b"kim v3, written after the restart",
+    );
+    let c = host.last_commit();
     assert_eq!(c.cause, UpdateCause::Spooled);
     assert!(!c.conflict);
-    must("spool empty", LONG, || {
-        (agent.status()["spooled_updates"] == 0).then_some(())
-    });
+    agent.wait_spool_empty();
     std::fs::write(&img, b"kim v4").unwrap();
     let out = agent.ok(&["logout", "--session", "k1"]);
     assert!(out.contains("committed"), "{out}");
-    let last = host.with(|h| h.commits.last().cloned().unwrap());
+    let last = host.last_commit();
     assert_eq!(
         last.base,
         Some(c.version),
@@ -385,17 +341,8 @@ fn sigterm_with_host_down_spools_and_delivers_after_restart() {
 
 #[test]
 fn sessions_from_a_previous_boot_are_reported_and_flushed() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
-    host.with(|h| h.seed("lea", b"lea v1"));
-    let mut agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
-    agent.wait_connected();
-    agent.ok(&["login", "--user", "lea", "--session", "l1"]);
-    std::fs::write(
-        dir.path().join("uif/lea.img"),
-        b"lea v2, written before the crash",
-    )
-    .unwrap();
+    let (dir, host, mut agent) = logged_in("lea", b"lea v1", "l1");
+    std::fs::write(uif(dir.path(), "lea"), b"lea v2, written before the crash").unwrap();
     agent.kill();
     // Pretend the table was written during another boot of the VM.
     let table = agent.state.join("sessions.json");
@@ -405,21 +352,13 @@ fn sessions_from_a_previous_boot_are_reported_and_flushed() {
     v["kernel_boot"] = "an-earlier-boot".into();
     std::fs::write(&table, serde_json::to_vec(&v).unwrap()).unwrap();
     agent.spawn().unwrap();
-    must("stale session reported", LONG, || {
-        host.with(|h| {
-            h.notice_sessions
-                .iter()
-                .any(|(_, s, _)| s == "l1")
-                .then_some(())
-        })
-    });
-    must("UIF from before the crash committed", LONG, || {
-        host.with(|h| {
-            (h.head_bytes("lea").as_deref() == Some(&b"lea v2, written before the crash"[..]))
-                .then_some(())
-        })
-    });
-    assert!(agent.status()["sessions"].as_array().unwrap().is_empty());
-    let c = host.with(|h| h.commits.last().cloned().unwrap());
+    host.wait_notice("stale session reported", "l1");
+    host.wait_head(
+        "UIF from before the crash committed",
+        "lea",
+        b"lea v2, written before the crash",
+    );
+    assert!(agent.sessions().is_empty());
+    let c = host.last_commit();
     assert_eq!(c.cause, UpdateCause::Disconnect);
 }

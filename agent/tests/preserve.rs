@@ -15,7 +15,10 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{AgentProc, LONG, TestHost, file_cfg, must, noise, start_agent, start_agent_with_env};
+use common::{
+    AgentProc, LONG, TestHost, file_agent, file_cfg, host_in_tempdir, must, noise, start_agent,
+    start_agent_with_env, uif,
+};
 use uve_protocol::message::ErrorCode;
 
 fn text(out: &Output) -> String {
@@ -81,10 +84,8 @@ fn refused_logout(
 
 #[test]
 fn refused_updates_are_preserved_and_survive_the_next_login() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
-    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
-    agent.wait_connected();
+    let (dir, host) = host_in_tempdir();
+    let agent = file_agent(dir.path());
     type Refuse = fn(&TestHost);
     let cases: [(&str, &str, Refuse); 3] = [
         // Unassigned during the session.
@@ -122,29 +123,23 @@ fn refused_updates_are_preserved_and_survive_the_next_login() {
         assert_eq!(std::fs::read(&path).unwrap(), work);
         // Export: a byte-identical copy, never over an existing file.
         let out = dir.path().join(format!("{user}-export.img"));
-        agent.ok(&[
+        let export = [
             "preserved",
             "export",
             "--id",
             &id,
             "--to",
             out.to_str().unwrap(),
-        ]);
+        ];
+        agent.ok(&export);
         assert_eq!(std::fs::read(&out).unwrap(), work);
-        let again = agent.cli(&[
-            "preserved",
-            "export",
-            "--id",
-            &id,
-            "--to",
-            out.to_str().unwrap(),
-        ]);
+        let again = agent.cli(&export);
         assert!(!again.status.success());
         // Push: a conflict version holding exactly what the user wrote;
         // the head stays, the copy is gone once the host took it.
         let said = agent.ok(&["preserved", "push", "--id", &id]);
         assert!(said.contains("conflict version"), "{said}");
-        let c = host.with(|h| h.commits.last().cloned().unwrap());
+        let c = host.last_commit();
         assert!(c.conflict && c.user == user && c.base.is_none(), "{c:?}");
         assert_eq!(host.with(|h| h.version_bytes(user, c.version)), Some(work));
         assert_eq!(host.with(|h| h.heads.get(user).copied()), Some(v1));
@@ -157,8 +152,7 @@ fn refused_updates_are_preserved_and_survive_the_next_login() {
 
 #[test]
 fn directory_mode_refusal_preserves_the_packed_home() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
+    let (dir, host) = host_in_tempdir();
     let home = dir.path().join("home");
     let cfg = format!(
         "[uif]\nmode = \"directory\"\nhome = \"{}/{{user}}\"\n",
@@ -191,14 +185,13 @@ fn directory_mode_refusal_preserves_the_packed_home() {
     assert_eq!(std::fs::read(&path).unwrap(), tar);
     let id = copy["id"].as_str().unwrap();
     agent.ok(&["preserved", "push", "--id", id]);
-    let c = host.with(|h| h.commits.last().cloned().unwrap());
+    let c = host.last_commit();
     assert_eq!(host.with(|h| h.version_bytes("dora", c.version)), Some(tar));
 }
 
 #[test]
 fn a_local_read_error_during_upload_stays_spooled_and_is_retried() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
+    let (dir, host) = host_in_tempdir();
     host.with(|h| h.seed("eve", &noise(300_000, 3)));
     let agent = start_agent_with_env(
         dir.path(),
@@ -208,14 +201,14 @@ fn a_local_read_error_during_upload_stays_spooled_and_is_retried() {
     agent.wait_connected();
     agent.ok(&["login", "--user", "eve", "--session", "e1"]);
     let work = noise(400_000, 4);
-    std::fs::write(dir.path().join("uif/eve.img"), &work).unwrap();
+    std::fs::write(uif(dir.path(), "eve"), &work).unwrap();
     let said = agent.ok(&["logout", "--session", "e1"]);
     assert!(
         said.contains("spooled") && said.contains("read chunk"),
         "{said}"
     );
     must("the spooled update delivered", LONG, || {
-        (host.with(|h| h.head_bytes("eve")).as_deref() == Some(work.as_slice())).then_some(())
+        (host.head("eve").as_deref() == Some(work.as_slice())).then_some(())
     });
     assert!(preserved(&agent).is_empty());
 }
@@ -237,12 +230,10 @@ fn spooled_in_an_earlier_boot(state: &Path) {
 
 #[test]
 fn after_a_vm_restart_a_spooled_image_must_match_or_lands_only_as_a_conflict() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
+    let (dir, host) = host_in_tempdir();
     let v_torn = host.with(|h| h.seed("finn", &noise(300_000, 8)));
     host.with(|h| h.seed("gus", &noise(300_000, 9)));
-    let mut agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
-    agent.wait_connected();
+    let mut agent = file_agent(dir.path());
     let mut wrote = Vec::new();
     for (user, seed) in [("finn", 10), ("gus", 11)] {
         agent.ok(&["login", "--user", user, "--session", user]);
@@ -263,7 +254,7 @@ fn after_a_vm_restart_a_spooled_image_must_match_or_lands_only_as_a_conflict() {
         t[100_000..160_000].fill(0);
         t
     };
-    std::fs::write(dir.path().join("uif/finn.img"), &torn).unwrap();
+    std::fs::write(uif(dir.path(), "finn"), &torn).unwrap();
     agent.spawn().unwrap();
     host.up();
     must("both spooled updates delivered", LONG, || {
@@ -275,7 +266,7 @@ fn after_a_vm_restart_a_spooled_image_must_match_or_lands_only_as_a_conflict() {
     });
     // The intact image was verified chunk by chunk and became the head.
     assert!(!gus.conflict, "{gus:?}");
-    assert_eq!(host.with(|h| h.head_bytes("gus")), Some(wrote[1].clone()));
+    assert_eq!(host.head("gus"), Some(wrote[1].clone()));
     // The torn one never became the head: it is kept as a conflict version.
     assert!(finn.conflict && finn.base.is_none(), "{finn:?}");
     assert_eq!(host.with(|h| h.heads.get("finn").copied()), Some(v_torn));
@@ -287,10 +278,8 @@ fn after_a_vm_restart_a_spooled_image_must_match_or_lands_only_as_a_conflict() {
 
 #[test]
 fn overlong_reasons_are_clipped_by_bytes_and_a_refused_notice_blocks_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
-    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
-    agent.wait_connected();
+    let (dir, host) = host_in_tempdir();
+    let agent = file_agent(dir.path());
     for s in ["n1", "n2", "n3"] {
         agent.ok(&["login", "--user", "nell", "--session", s]);
     }
@@ -416,5 +405,5 @@ fn the_control_socket_serves_each_caller_by_uid() {
     assert!(out.status.success(), "{}", text(&out));
     // Root may do everything.
     agent.ok(&["logout", "--session", "sd"]);
-    assert!(agent.status()["sessions"].as_array().unwrap().is_empty());
+    assert!(agent.sessions().is_empty());
 }

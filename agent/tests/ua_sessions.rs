@@ -13,10 +13,13 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{AgentProc, LONG, TestHost, file_cfg, must, skip_unless_root, start_agent};
+use common::{
+    AgentProc, LONG, TestHost, file_agent, host_in_tempdir, must, skip_unless_root, start_agent,
+    uif,
+};
 use uve_e2e::names::valid;
 use uve_protocol::manifest::Hash;
 use uve_protocol::message::{ErrorCode, Request, Response, UaBundle, UpdateCause};
@@ -106,23 +109,62 @@ fn host_req(host: &TestHost, req: Request) -> Response {
     }
 }
 
-/// A directory nobody can write into (for UAs running as `nobody`).
-fn open_dir(dir: &Path) {
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+/// For the tests that need root (`None`, skipped, otherwise): a
+/// directory anybody can write into (UAs run as `nobody`), the fake host
+/// in it and a file-mode agent, connected.
+fn ua_rig(test: &str) -> Option<(tempfile::TempDir, TestHost, AgentProc)> {
+    if skip_unless_root(test) {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let host = TestHost::start(dir.path());
+    let agent = file_agent(dir.path());
+    Some((dir, host, agent))
+}
+
+/// The answer of a deploy (or rollback) that made `version` current.
+fn current(version: &str) -> Response {
+    Response::UaCurrent {
+        version: valid(version),
+    }
+}
+
+/// Logs `nobody` in to `session` with UA `ua` supervised.
+fn login_with_ua(agent: &AgentProc, session: &str, ua: &str) {
+    agent.ok(&[
+        "login",
+        "--user",
+        "nobody",
+        "--session",
+        session,
+        "--ua",
+        ua,
+    ]);
+}
+
+/// Deploys UA `crashy` 1, which waits until the file it returns exists,
+/// then exits 3.
+fn deploy_crashy(host: &TestHost, dir: &Path) -> PathBuf {
+    let go = dir.join("crash-now");
+    let script = format!(
+        "#!/bin/sh\nwhile [ ! -e {} ]; do sleep 0.02; done\nexit 3\n",
+        go.display()
+    );
+    let bundle = raw_tar(&[E::File("crash.sh", script.as_bytes(), 0o755)]);
+    let r = deploy(host, "crashy", "1", &["crash.sh"], &bundle);
+    assert_eq!(r, current("1"));
+    go
 }
 
 const TICKER: &[u8] = b"#!/bin/sh\nwhile true; do echo tick >> \"$1\"; sleep 0.02; done\n";
 
 #[test]
 fn ua_deploy_update_rollback_delete_and_hostile_bundles() {
-    if skip_unless_root("ua_deploy_update_rollback_delete_and_hostile_bundles") {
+    let Some((dir, host, agent)) = ua_rig("ua_deploy_update_rollback_delete_and_hostile_bundles")
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    open_dir(dir.path());
-    let host = TestHost::start(dir.path());
-    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
-    agent.wait_connected();
+    };
     let ticks = dir.path().join("ticks");
     let ticks_s = ticks.to_str().unwrap();
 
@@ -138,12 +180,7 @@ fn ua_deploy_update_rollback_delete_and_hostile_bundles() {
 fn deploy_update_and_roll_back(host: &TestHost, ua_dir: &Path, ticks_s: &str) -> Vec<u8> {
     let v1 = raw_tar(&[E::Dir("bin"), E::File("bin/run.sh", TICKER, 0o755)]);
     let r = deploy(host, "ticker", "1.0", &["bin/run.sh", ticks_s], &v1);
-    assert_eq!(
-        r,
-        Response::UaCurrent {
-            version: valid("1.0")
-        }
-    );
+    assert_eq!(r, current("1.0"));
     assert_eq!(
         std::fs::read(ua_dir.join("1.0/bin/run.sh")).unwrap(),
         TICKER
@@ -160,12 +197,7 @@ fn deploy_update_and_roll_back(host: &TestHost, ua_dir: &Path, ticks_s: &str) ->
         E::Symlink("latest", "bin/run.sh"),
     ]);
     let r = deploy(host, "ticker", "2.0", &["bin/run.sh", ticks_s], &v2);
-    assert_eq!(
-        r,
-        Response::UaCurrent {
-            version: valid("2.0")
-        }
-    );
+    assert_eq!(r, current("2.0"));
     assert_eq!(
         std::fs::read_link(ua_dir.join("previous")).unwrap(),
         Path::new("1.0")
@@ -185,12 +217,7 @@ fn deploy_update_and_roll_back(host: &TestHost, ua_dir: &Path, ticks_s: &str) ->
             name: valid("ticker"),
         },
     );
-    assert_eq!(
-        r,
-        Response::UaCurrent {
-            version: valid("1.0")
-        }
-    );
+    assert_eq!(r, current("1.0"));
     assert_eq!(
         std::fs::read_link(ua_dir.join("current")).unwrap(),
         Path::new("1.0")
@@ -302,15 +329,7 @@ fn delete_is_refused_while_in_use_unless_forced(
     ticks: &Path,
     ua_dir: &Path,
 ) {
-    agent.ok(&[
-        "login",
-        "--user",
-        "nobody",
-        "--session",
-        "u1",
-        "--ua",
-        "ticker",
-    ]);
+    login_with_ua(agent, "u1", "ticker");
     must("UA ticking", LONG, || {
         (std::fs::metadata(ticks).map(|m| m.len()).unwrap_or(0) > 0).then_some(())
     });
@@ -337,45 +356,21 @@ fn delete_is_refused_while_in_use_unless_forced(
         }
     );
     assert!(!ua_dir.exists());
-    assert!(agent.status()["sessions"].as_array().unwrap().is_empty());
+    assert!(agent.sessions().is_empty());
     // A forced stop is not an unexpected disconnect.
     assert!(host.with(|h| h.notices.is_empty()));
 }
 
 #[test]
 fn ua_crash_sends_one_disconnect_notice_and_flushes() {
-    if skip_unless_root("ua_crash_sends_one_disconnect_notice_and_flushes") {
+    let Some((dir, host, agent)) = ua_rig("ua_crash_sends_one_disconnect_notice_and_flushes")
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    open_dir(dir.path());
-    let host = TestHost::start(dir.path());
-    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
-    agent.wait_connected();
-    let go = dir.path().join("crash-now");
-    let script = format!(
-        "#!/bin/sh\nwhile [ ! -e {} ]; do sleep 0.02; done\nexit 3\n",
-        go.display()
-    );
-    let bundle = raw_tar(&[E::File("crash.sh", script.as_bytes(), 0o755)]);
-    let r = deploy(&host, "crashy", "1", &["crash.sh"], &bundle);
-    assert_eq!(
-        r,
-        Response::UaCurrent {
-            version: valid("1")
-        }
-    );
+    };
+    let go = deploy_crashy(&host, dir.path());
     host.with(|h| h.seed("nobody", b"hello world, this is the nobody UIF"));
-    agent.ok(&[
-        "login",
-        "--user",
-        "nobody",
-        "--session",
-        "c1",
-        "--ua",
-        "crashy",
-    ]);
-    let img = dir.path().join("uif/nobody.img");
+    login_with_ua(&agent, "c1", "crashy");
+    let img = uif(dir.path(), "nobody");
     std::fs::write(&img, b"changed before the crash").unwrap();
     // The host is busy the first time: the notice must be retried.
     host.with(|h| h.busy_notices = 1);
@@ -391,15 +386,10 @@ fn ua_crash_sends_one_disconnect_notice_and_flushes() {
     assert_eq!(notices.values().copied().collect::<Vec<_>>(), [1]);
     assert_eq!(sessions[0].1, "c1");
     assert!(sessions[0].2.contains("exit"), "{}", sessions[0].2);
-    must("UIF flushed", LONG, || {
-        host.with(|h| {
-            (h.head_bytes("nobody").as_deref() == Some(&b"changed before the crash"[..]))
-                .then_some(())
-        })
-    });
-    let c = host.with(|h| h.commits.last().cloned().unwrap());
+    host.wait_head("UIF flushed", "nobody", b"changed before the crash");
+    let c = host.last_commit();
     assert_eq!(c.cause, UpdateCause::Disconnect);
-    assert!(agent.status()["sessions"].as_array().unwrap().is_empty());
+    assert!(agent.sessions().is_empty());
 
     // The `disconnect` verb does the same for an unsupervised session.
     agent.ok(&["login", "--user", "nobody", "--session", "c2"]);
@@ -422,14 +412,9 @@ fn ua_crash_sends_one_disconnect_notice_and_flushes() {
 
 #[test]
 fn suspend_and_resume_really_stop_the_ua() {
-    if skip_unless_root("suspend_and_resume_really_stop_the_ua") {
+    let Some((dir, host, agent)) = ua_rig("suspend_and_resume_really_stop_the_ua") else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    open_dir(dir.path());
-    let host = TestHost::start(dir.path());
-    let agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
-    agent.wait_connected();
+    };
     let ticks = dir.path().join("ticks");
     let bundle = raw_tar(&[E::File("run.sh", TICKER, 0o755)]);
     let r = deploy(
@@ -439,21 +424,8 @@ fn suspend_and_resume_really_stop_the_ua() {
         &["run.sh", ticks.to_str().unwrap()],
         &bundle,
     );
-    assert_eq!(
-        r,
-        Response::UaCurrent {
-            version: valid("1")
-        }
-    );
-    agent.ok(&[
-        "login",
-        "--user",
-        "nobody",
-        "--session",
-        "t1",
-        "--ua",
-        "ticker",
-    ]);
+    assert_eq!(r, current("1"));
+    login_with_ua(&agent, "t1", "ticker");
     let size = || std::fs::metadata(&ticks).map(|m| m.len()).unwrap_or(0);
     must("UA writes", LONG, || (size() > 0).then_some(()));
     let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&ticks).unwrap());
@@ -502,8 +474,7 @@ fn suspend_and_resume_really_stop_the_ua() {
 
 #[test]
 fn monitor_grants_expire_and_revoke() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
+    let (dir, host) = host_in_tempdir();
     let mut agent = start_agent(dir.path(), "");
     agent.wait_connected();
     let check = |a: &AgentProc, m: &str| {
@@ -513,21 +484,11 @@ fn monitor_grants_expire_and_revoke() {
     };
     assert_eq!(check(&agent, "mallory"), Some(1));
     let now = uve_protocol_now();
-    let r = host_req(
-        &host,
-        Request::MonitorGrant {
-            session: valid("s1"),
-            monitor: valid("helpdesk"),
-            expires: now + 3_600_000,
-        },
-    );
-    assert_eq!(r, Response::Ok);
+    assert_eq!(grant(&host, "helpdesk", now + 3_600_000), Response::Ok);
     assert_eq!(check(&agent, "helpdesk"), Some(0));
     assert_eq!(check(&agent, "mallory"), Some(1));
     // Persisted across an agent restart.
-    agent.kill();
-    agent.spawn().unwrap();
-    agent.wait_connected();
+    agent.restart_connected();
     assert_eq!(check(&agent, "helpdesk"), Some(0));
     let r = host_req(
         &host,
@@ -539,15 +500,8 @@ fn monitor_grants_expire_and_revoke() {
     assert_eq!(r, Response::Ok);
     assert_eq!(check(&agent, "helpdesk"), Some(1));
     // A short grant expires by itself.
-    let r = host_req(
-        &host,
-        Request::MonitorGrant {
-            session: valid("s1"),
-            monitor: valid("trainee"),
-            expires: uve_protocol_now() + 1_500,
-        },
-    );
-    assert_eq!(r, Response::Ok);
+    let expires = uve_protocol_now() + 1_500;
+    assert_eq!(grant(&host, "trainee", expires), Response::Ok);
     must("grant expired", LONG, || {
         (check(&agent, "trainee") == Some(1)).then_some(())
     });
@@ -576,6 +530,18 @@ fn monitor_grants_expire_and_revoke() {
     assert_eq!(code_of(&r), Some(ErrorCode::Unsupported));
 }
 
+/// Grants `monitor` access to session `s1` until `expires`.
+fn grant(host: &TestHost, monitor: &str, expires: u64) -> Response {
+    host_req(
+        host,
+        Request::MonitorGrant {
+            session: valid("s1"),
+            monitor: valid(monitor),
+            expires,
+        },
+    )
+}
+
 fn uve_protocol_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -585,60 +551,23 @@ fn uve_protocol_now() -> u64 {
 
 #[test]
 fn ua_surviving_an_agent_restart_is_still_supervised() {
-    if skip_unless_root("ua_surviving_an_agent_restart_is_still_supervised") {
+    let Some((dir, host, mut agent)) = ua_rig("ua_surviving_an_agent_restart_is_still_supervised")
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    open_dir(dir.path());
-    let host = TestHost::start(dir.path());
-    let mut agent = start_agent(dir.path(), &file_cfg(dir.path(), ""));
-    agent.wait_connected();
-    let go = dir.path().join("crash-now");
-    let script = format!(
-        "#!/bin/sh\nwhile [ ! -e {} ]; do sleep 0.02; done\nexit 3\n",
-        go.display()
-    );
-    let bundle = raw_tar(&[E::File("crash.sh", script.as_bytes(), 0o755)]);
-    let r = deploy(&host, "crashy", "1", &["crash.sh"], &bundle);
-    assert_eq!(
-        r,
-        Response::UaCurrent {
-            version: valid("1")
-        }
-    );
-    agent.ok(&[
-        "login",
-        "--user",
-        "nobody",
-        "--session",
-        "r1",
-        "--ua",
-        "crashy",
-    ]);
+    };
+    let go = deploy_crashy(&host, dir.path());
+    login_with_ua(&agent, "r1", "crashy");
     let pid = agent.status()["sessions"][0]["pid"].as_i64().unwrap();
-    agent.kill();
-    agent.spawn().unwrap();
-    agent.wait_connected();
+    agent.restart_connected();
     let st = agent.status();
     assert_eq!(st["sessions"][0]["session"], "r1");
     assert_eq!(st["sessions"][0]["pid"].as_i64(), Some(pid), "adopted");
     // The session wrote to its UIF, so the flush has something to commit.
-    std::fs::write(dir.path().join("uif/nobody.img"), b"the session's work").unwrap();
+    std::fs::write(uif(dir.path(), "nobody"), b"the session's work").unwrap();
     std::fs::write(&go, b"").unwrap();
-    must("disconnect notice after restart", LONG, || {
-        host.with(|h| {
-            h.notice_sessions
-                .iter()
-                .any(|(_, s, _)| s == "r1")
-                .then_some(())
-        })
-    });
+    host.wait_notice("disconnect notice after restart", "r1");
     must("session gone", LONG, || {
-        agent.status()["sessions"]
-            .as_array()
-            .unwrap()
-            .is_empty()
-            .then_some(())
+        agent.sessions().is_empty().then_some(())
     });
     must("UIF flushed after the adopted UA died", LONG, || {
         host.with(|h| {

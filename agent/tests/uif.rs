@@ -12,8 +12,11 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
-use common::{AgentProc, LONG, TestHost, must, noise, start_agent};
+use common::{
+    AgentProc, LONG, TestHost, connected_agent, host_in_tempdir, must, noise, start_agent, uif,
+};
 use uve_protocol::message::UpdateCause;
 
 fn file_mode(dir: &std::path::Path) -> String {
@@ -23,18 +26,24 @@ fn file_mode(dir: &std::path::Path) -> String {
     )
 }
 
+/// A test directory, its fake host and a file-mode agent whose attach and
+/// detach hooks log to `hooks.log` ([`file_mode`]), connected.
+fn hooked() -> (tempfile::TempDir, TestHost, AgentProc) {
+    let (dir, host) = host_in_tempdir();
+    let agent = connected_agent(dir.path(), &file_mode(dir.path()));
+    (dir, host, agent)
+}
+
 #[test]
 fn file_mode_round_trip_and_incremental_fetch() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
+    let (dir, host) = host_in_tempdir();
     let original = noise(3 << 20, 7);
     let v1 = host.with(|h| h.seed("alice", &original));
-    let agent = start_agent(dir.path(), &file_mode(dir.path()));
-    agent.wait_connected();
+    let agent = connected_agent(dir.path(), &file_mode(dir.path()));
 
     let out = agent.ok(&["login", "--user", "alice", "--session", "s1"]);
     assert!(out.contains(&format!("retrieved version {v1}")), "{out}");
-    let img = dir.path().join("uif/alice.img");
+    let img = uif(dir.path(), "alice");
     assert_eq!(std::fs::read(&img).unwrap(), original, "retrieved bytes");
     let total_chunks = host.with(|h| h.chunk_fetches);
     assert!(total_chunks > 10, "fetched {total_chunks} chunks");
@@ -63,7 +72,7 @@ fn file_mode_round_trip_and_incremental_fetch() {
         "uploaded {uploads} chunks for a 100-byte change"
     );
     assert!(host.with(|h| h.sessions_ended.contains(&"s1".to_string())));
-    let commit = host.with(|h| h.commits.last().cloned().unwrap());
+    let commit = host.last_commit();
     assert_eq!(commit.cause, UpdateCause::Logout);
     assert_eq!(commit.base, Some(v1));
     assert!(!commit.conflict);
@@ -87,8 +96,7 @@ fn file_mode_round_trip_and_incremental_fetch() {
 
 #[test]
 fn directory_mode_round_trip_with_owner_and_excludes() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
+    let (dir, host) = host_in_tempdir();
     let root = common::is_root();
     // As root, unpack as `nobody` (from /etc/passwd); otherwise as ourselves.
     let (user, owner) = if root {
@@ -195,56 +203,49 @@ fn home_restored(home: &std::path::Path, big: &[u8], root: bool) {
     }
 }
 
+/// Writes `bytes` into `img`, takes the host down and logs `session`
+/// out: the update is spooled.
+fn logout_spools(agent: &AgentProc, host: &TestHost, (img, bytes): (&Path, &[u8]), session: &str) {
+    std::fs::write(img, bytes).unwrap();
+    host.down();
+    let out = agent.ok(&["logout", "--session", session]);
+    assert!(out.contains("spooled"), "{out}");
+}
+
 #[test]
 fn host_down_at_logout_spools_and_delivers_also_after_sigkill() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
+    let (dir, host) = host_in_tempdir();
     let original = noise(1 << 20, 11);
     host.with(|h| h.seed("bob", &original));
-    let mut agent = start_agent(dir.path(), &file_mode(dir.path()));
-    agent.wait_connected();
-    let img = dir.path().join("uif/bob.img");
+    let mut agent = connected_agent(dir.path(), &file_mode(dir.path()));
+    let img = uif(dir.path(), "bob");
 
     // 1. Host down at logout; it comes back while the agent runs.
     agent.ok(&["login", "--user", "bob", "--session", "a"]);
     let mut v2 = original.clone();
     v2[10..20].copy_from_slice(b"second....");
-    std::fs::write(&img, &v2).unwrap();
-    host.down();
-    let out = agent.ok(&["logout", "--session", "a"]);
-    assert!(out.contains("spooled"), "{out}");
+    logout_spools(&agent, &host, (&img, &v2), "a");
     assert_eq!(agent.status()["spooled_updates"], 1);
     host.up();
-    must("spooled update committed", LONG, || {
-        host.with(|h| (h.head_bytes("bob") == Some(v2.clone())).then_some(()))
-    });
-    let c = host.with(|h| h.commits.last().cloned().unwrap());
+    host.wait_head("spooled update committed", "bob", &v2);
+    let c = host.last_commit();
     assert_eq!(c.cause, UpdateCause::Spooled);
     assert!(!c.conflict, "spooled update should commit on its base");
-    must("spool empty", LONG, || {
-        (agent.status()["spooled_updates"] == 0).then_some(())
-    });
+    agent.wait_spool_empty();
 
     // 2. Host down at logout, agent SIGKILLed, restarted, host back.
     agent.ok(&["login", "--user", "bob", "--session", "b"]);
     assert_eq!(std::fs::read(&img).unwrap(), v2);
     let mut v3 = v2.clone();
     v3[500_000..500_010].copy_from_slice(b"third.....");
-    std::fs::write(&img, &v3).unwrap();
-    host.down();
-    let out = agent.ok(&["logout", "--session", "b"]);
-    assert!(out.contains("spooled"), "{out}");
+    logout_spools(&agent, &host, (&img, &v3), "b");
     agent.kill();
     agent.spawn().unwrap();
     assert_eq!(agent.status()["spooled_updates"], 1);
     let commits_before = host.with(|h| h.commits.len());
     host.up();
-    must("spooled update committed after restart", LONG, || {
-        host.with(|h| (h.head_bytes("bob") == Some(v3.clone())).then_some(()))
-    });
-    must("spool empty", LONG, || {
-        (agent.status()["spooled_updates"] == 0).then_some(())
-    });
+    host.wait_head("spooled update committed after restart", "bob", &v3);
+    agent.wait_spool_empty();
     // Delivered exactly once.
     assert_eq!(host.with(|h| h.commits.len()), commits_before + 1);
     assert_eq!(agent.terminate(), Some(0));
@@ -252,22 +253,17 @@ fn host_down_at_logout_spools_and_delivers_also_after_sigkill() {
 
 #[test]
 fn connection_reset_during_retrieve_is_retried_within_the_login() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
+    let (dir, host) = host_in_tempdir();
     let data = noise(2 << 20, 33);
     host.with(|h| {
         h.seed("olga", &data);
         h.drop_on_fetch = true;
     });
-    let agent = start_agent(dir.path(), &file_mode(dir.path()));
-    agent.wait_connected();
+    let agent = connected_agent(dir.path(), &file_mode(dir.path()));
     let out = agent.ok(&["login", "--user", "olga", "--session", "o1"]);
     assert!(out.contains("retrieved version"), "{out}");
     assert_eq!(host.with(|h| h.connections), 2, "reconnected once");
-    assert_eq!(
-        std::fs::read(dir.path().join("uif/olga.img")).unwrap(),
-        data
-    );
+    assert_eq!(std::fs::read(uif(dir.path(), "olga")).unwrap(), data);
     // The partial file of the interrupted attempt is gone: the UIF
     // directory holds the UIF and nothing else.
     let names: Vec<String> = std::fs::read_dir(dir.path().join("uif"))
@@ -283,16 +279,14 @@ fn connection_reset_during_retrieve_is_retried_within_the_login() {
 #[test]
 #[ignore]
 fn large_uif_round_trip_reports_rss() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
+    let (dir, host) = host_in_tempdir();
     let data = noise(64 << 20, 21);
     host.with(|h| h.seed("big", &data));
-    let agent = start_agent(dir.path(), &file_mode(dir.path()));
-    agent.wait_connected();
+    let agent = connected_agent(dir.path(), &file_mode(dir.path()));
     let t = std::time::Instant::now();
     agent.ok(&["login", "--user", "big", "--session", "b1"]);
     let retrieve = t.elapsed();
-    let img = dir.path().join("uif/big.img");
+    let img = uif(dir.path(), "big");
     assert_eq!(std::fs::read(&img).unwrap().len(), data.len());
     let mut changed = data.clone();
     for i in 0..changed.len() / 4096 {
@@ -314,7 +308,7 @@ fn large_uif_round_trip_reports_rss() {
     );
 }
 
-fn inode(p: &std::path::Path) -> u64 {
+fn inode(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().ino()
 }
 
@@ -334,6 +328,44 @@ fn settle_a_version(agent: &AgentProc, host: &TestHost, user: &str, data: &[u8])
     mine
 }
 
+/// A [`hooked`] agent on which `user` settled a version of `size` noise
+/// bytes (`seed`; see [`settle_a_version`]): the directory, the host, the
+/// agent, `user`'s UIF and the settled bytes.
+fn settled(
+    user: &str,
+    size: usize,
+    seed: u64,
+) -> (tempfile::TempDir, TestHost, AgentProc, PathBuf, Vec<u8>) {
+    let (dir, host, agent) = hooked();
+    let img = uif(dir.path(), user);
+    let base = settle_a_version(&agent, &host, user, &noise(size, seed));
+    (dir, host, agent, img, base)
+}
+
+/// Stores `next` as `user`'s head and logs `user` in to `session`: the
+/// file is patched in place. Returns that version and the chunks fetched.
+fn patched_login(
+    agent: &AgentProc,
+    host: &TestHost,
+    (user, session): (&str, &str),
+    next: &[u8],
+) -> (u64, usize) {
+    let v = host.with(|h| h.seed(user, next));
+    let before = host.with(|h| h.chunk_fetches);
+    let out = agent.ok(&["login", "--user", user, "--session", session]);
+    assert!(out.contains(&format!("retrieved version {v}")), "{out}");
+    assert!(out.contains("patched in place"), "{out}");
+    (v, host.with(|h| h.chunk_fetches) - before)
+}
+
+/// The login that answered `out` did not patch `img`: the file holds
+/// `next`, written as a new file (not inode `ino`).
+fn assert_rewritten(out: &str, img: &Path, next: &[u8], ino: u64) {
+    assert!(!out.contains("patched in place"), "{out}");
+    assert_eq!(std::fs::read(img).unwrap(), next);
+    assert_ne!(inode(img), ino, "rewritten as a new file");
+}
+
 /// `data` with `len` bytes overwritten at each of `places`.
 fn scribble(data: &[u8], places: &[usize], len: usize, seed: u64) -> Vec<u8> {
     let mut out = data.to_vec();
@@ -345,24 +377,14 @@ fn scribble(data: &[u8], places: &[usize], len: usize, seed: u64) -> Vec<u8> {
 
 #[test]
 fn warm_login_patches_only_the_changed_chunks_in_place() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
-    let agent = start_agent(dir.path(), &file_mode(dir.path()));
-    agent.wait_connected();
-    let img = dir.path().join("uif/pat.img");
-    let base = settle_a_version(&agent, &host, "pat", &noise(4 << 20, 41));
+    let (_dir, host, agent, img, base) = settled("pat", 4 << 20, 41);
     let ino = inode(&img);
     let total = base.len() / (64 << 10);
 
     // 1. Another VM changed three places: only their chunks are fetched
     //    and written; the file keeps its inode (patched, not replaced).
     let next = scribble(&base, &[300_000, 1_900_000, 3_500_000], 50, 1);
-    let v = host.with(|h| h.seed("pat", &next));
-    let before = host.with(|h| h.chunk_fetches);
-    let out = agent.ok(&["login", "--user", "pat", "--session", "p1"]);
-    assert!(out.contains(&format!("retrieved version {v}")), "{out}");
-    assert!(out.contains("patched in place"), "{out}");
-    let fetched = host.with(|h| h.chunk_fetches) - before;
+    let (_, fetched) = patched_login(&agent, &host, ("pat", "p1"), &next);
     assert!((3..=6).contains(&fetched), "fetched {fetched} of ~{total}");
     assert_eq!(std::fs::read(&img).unwrap(), next, "patched bytes");
     assert_eq!(inode(&img), ino, "patched in place");
@@ -378,12 +400,7 @@ fn warm_login_patches_only_the_changed_chunks_in_place() {
     let half = 1 << 20;
     let mut swapped = mine[2 * half..3 * half].to_vec();
     swapped.extend_from_slice(&mine[..2 * half]);
-    let v = host.with(|h| h.seed("pat", &swapped));
-    let before = host.with(|h| h.chunk_fetches);
-    let out = agent.ok(&["login", "--user", "pat", "--session", "p2"]);
-    assert!(out.contains(&format!("retrieved version {v}")), "{out}");
-    assert!(out.contains("patched in place"), "{out}");
-    let fetched = host.with(|h| h.chunk_fetches) - before;
+    let (v, fetched) = patched_login(&agent, &host, ("pat", "p2"), &swapped);
     let chunks = host.with(|h| h.versions[&("pat".to_string(), v)].chunks.len());
     assert!(
         fetched * 4 <= chunks,
@@ -397,12 +414,7 @@ fn warm_login_patches_only_the_changed_chunks_in_place() {
 
 #[test]
 fn a_file_changed_behind_the_agents_back_is_not_patched() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
-    let agent = start_agent(dir.path(), &file_mode(dir.path()));
-    agent.wait_connected();
-    let img = dir.path().join("uif/tom.img");
-    let base = settle_a_version(&agent, &host, "tom", &noise(2 << 20, 43));
+    let (_dir, host, agent, img, base) = settled("tom", 2 << 20, 43);
     // Someone writes into the detached image: same size, one byte.
     let mut tampered = base.clone();
     tampered[1_000_000] ^= 0x55;
@@ -411,19 +423,12 @@ fn a_file_changed_behind_the_agents_back_is_not_patched() {
     host.with(|h| h.seed("tom", &next));
     let ino = inode(&img);
     let out = agent.ok(&["login", "--user", "tom", "--session", "t1"]);
-    assert!(!out.contains("patched in place"), "{out}");
-    assert_eq!(std::fs::read(&img).unwrap(), next);
-    assert_ne!(inode(&img), ino, "rewritten as a new file");
+    assert_rewritten(&out, &img, &next, ino);
 }
 
 #[test]
 fn a_patch_interrupted_mid_way_is_followed_by_a_full_retrieve() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
-    let agent = start_agent(dir.path(), &file_mode(dir.path()));
-    agent.wait_connected();
-    let img = dir.path().join("uif/ida.img");
-    let base = settle_a_version(&agent, &host, "ida", &noise(4 << 20, 47));
+    let (dir, host, agent, img, base) = settled("ida", 4 << 20, 47);
     let ino = inode(&img);
     // Six changed chunks; the connection drops after two were fetched (and
     // written into the file): the file is half patched. The login retries
@@ -436,9 +441,7 @@ fn a_patch_interrupted_mid_way_is_followed_by_a_full_retrieve() {
     });
     let out = agent.ok(&["login", "--user", "ida", "--session", "i1"]);
     assert_eq!(host.with(|h| h.connections), 2, "reconnected once");
-    assert!(!out.contains("patched in place"), "{out}");
-    assert_eq!(std::fs::read(&img).unwrap(), next);
-    assert_ne!(inode(&img), ino, "rewritten as a new file");
+    assert_rewritten(&out, &img, &next, ino);
     let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
     assert!(log.contains("interrupted while patching"), "{log}");
     assert!(!agent.state.join("cache/ida.patching").exists());
@@ -446,12 +449,7 @@ fn a_patch_interrupted_mid_way_is_followed_by_a_full_retrieve() {
 
 #[test]
 fn a_patch_marker_left_by_a_crash_forces_a_full_retrieve() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
-    let mut agent = start_agent(dir.path(), &file_mode(dir.path()));
-    agent.wait_connected();
-    let img = dir.path().join("uif/kim.img");
-    let base = settle_a_version(&agent, &host, "kim", &noise(2 << 20, 53));
+    let (_dir, host, mut agent, img, base) = settled("kim", 2 << 20, 53);
     // The agent dies while patching: the marker is what it leaves behind
     // (written durably before the first byte of the file is touched).
     agent.kill();
@@ -462,9 +460,7 @@ fn a_patch_marker_left_by_a_crash_forces_a_full_retrieve() {
     host.with(|h| h.seed("kim", &next));
     let ino = inode(&img);
     let out = agent.ok(&["login", "--user", "kim", "--session", "k1"]);
-    assert!(!out.contains("patched in place"), "{out}");
-    assert_eq!(std::fs::read(&img).unwrap(), next);
-    assert_ne!(inode(&img), ino, "rewritten as a new file");
+    assert_rewritten(&out, &img, &next, ino);
     assert!(!agent.state.join("cache/kim.patching").exists());
     // Known again: the next warm login patches.
     let mut mine = next.clone();
@@ -480,10 +476,7 @@ fn a_patch_marker_left_by_a_crash_forces_a_full_retrieve() {
 
 #[test]
 fn logout_of_an_unchanged_uif_commits_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
-    let agent = start_agent(dir.path(), &file_mode(dir.path()));
-    agent.wait_connected();
+    let (dir, host, agent) = hooked();
     let data = noise(1 << 20, 59);
     let v1 = host.with(|h| h.seed("una", &data));
     agent.ok(&["login", "--user", "una", "--session", "u1"]);
@@ -503,13 +496,13 @@ fn logout_of_an_unchanged_uif_commits_nothing() {
 
     // A changed file is committed as before, on the same base.
     agent.ok(&["login", "--user", "una", "--session", "u2"]);
-    let img = dir.path().join("uif/una.img");
+    let img = uif(dir.path(), "una");
     let mut changed = data.clone();
     changed[7] ^= 1;
     std::fs::write(&img, &changed).unwrap();
     let out = agent.ok(&["logout", "--session", "u2"]);
     assert!(out.contains("committed as version"), "{out}");
-    let c = host.with(|h| h.commits.last().cloned().unwrap());
+    let c = host.last_commit();
     assert_eq!(c.base, Some(v1));
     assert_eq!(host.with(|h| h.head_bytes("una").unwrap()), changed);
 
@@ -534,19 +527,13 @@ fn logout_of_an_unchanged_uif_commits_nothing() {
 
 #[test]
 fn a_spooled_update_whose_file_changed_since_is_sent_as_the_file_is_now() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = TestHost::start(dir.path());
-    let agent = start_agent(dir.path(), &file_mode(dir.path()));
-    agent.wait_connected();
-    let img = dir.path().join("uif/sam.img");
+    let (dir, host, agent) = hooked();
+    let img = uif(dir.path(), "sam");
     let v1 = noise(2 << 20, 61);
     host.with(|h| h.seed("sam", &v1));
     agent.ok(&["login", "--user", "sam", "--session", "s1"]);
     let v2 = scribble(&v1, &[900_000], 100, 6);
-    std::fs::write(&img, &v2).unwrap();
-    host.down();
-    let out = agent.ok(&["logout", "--session", "s1"]);
-    assert!(out.contains("spooled"), "{out}");
+    logout_spools(&agent, &host, (&img, &v2), "s1");
     // While the update waits, the file is written again where the spooled
     // manifest says new bytes are: the stamp no longer matches, so the
     // bytes read for upload are hashed, found changed, and the file is
@@ -554,10 +541,6 @@ fn a_spooled_update_whose_file_changed_since_is_sent_as_the_file_is_now() {
     let v3 = scribble(&v2, &[900_050], 10, 7);
     std::fs::write(&img, &v3).unwrap();
     host.up();
-    must("the file's current bytes committed", LONG, || {
-        host.with(|h| (h.head_bytes("sam") == Some(v3.clone())).then_some(()))
-    });
-    must("spool empty", LONG, || {
-        (agent.status()["spooled_updates"] == 0).then_some(())
-    });
+    host.wait_head("the file's current bytes committed", "sam", &v3);
+    agent.wait_spool_empty();
 }

@@ -67,6 +67,25 @@ async fn connect(root: &Path, i: usize) -> Result<LinkHandle, String> {
     Ok(h)
 }
 
+/// Sends `req` (within 10 s) and records its round trip (µs) in the
+/// samples `kept` picks, or the error as `vm <i> <what>: …`.
+async fn timed(
+    h: &LinkHandle,
+    req: Request,
+    samples: &Mutex<Samples>,
+    (i, what): (usize, &str),
+    kept: fn(&mut Samples) -> &mut Vec<u64>,
+) {
+    let t = Instant::now();
+    let r = h.request_timeout(req, Duration::from_secs(10)).await;
+    let us = t.elapsed().as_micros() as u64;
+    let mut s = samples.lock().unwrap_or_else(PoisonError::into_inner);
+    match r {
+        Ok(_) => kept(&mut s).push(us),
+        Err(e) => s.errors.push(format!("vm {i} {what}: {e}")),
+    }
+}
+
 /// One agent's control traffic: a ping about every second, one
 /// unexpected-disconnect notice at a random moment.
 async fn control_loop(h: LinkHandle, i: usize, phase: Duration, samples: Arc<Mutex<Samples>>) {
@@ -76,18 +95,8 @@ async fn control_loop(h: LinkHandle, i: usize, phase: Duration, samples: Arc<Mut
     tokio::time::sleep(Duration::from_millis(rng.next() % 1000)).await;
     let mut noticed = false;
     while start.elapsed() < phase {
-        let t = Instant::now();
-        let r = h
-            .request_timeout(Request::Ping { nonce: i as u64 }, Duration::from_secs(10))
-            .await;
-        let us = t.elapsed().as_micros() as u64;
-        {
-            let mut s = samples.lock().unwrap_or_else(PoisonError::into_inner);
-            match r {
-                Ok(_) => s.ping_us.push(us),
-                Err(e) => s.errors.push(format!("vm {i} ping: {e}")),
-            }
-        }
+        let ping = Request::Ping { nonce: i as u64 };
+        timed(&h, ping, &samples, (i, "ping"), |s| &mut s.ping_us).await;
         if !noticed && start.elapsed() >= notice_at {
             noticed = true;
             let n = DisconnectNotice {
@@ -98,16 +107,8 @@ async fn control_loop(h: LinkHandle, i: usize, phase: Duration, samples: Arc<Mut
                 reason: "simulated UA crash".into(),
                 at: 0,
             };
-            let t = Instant::now();
-            let r = h
-                .request_timeout(Request::UnexpectedDisconnect(n), Duration::from_secs(10))
-                .await;
-            let us = t.elapsed().as_micros() as u64;
-            let mut s = samples.lock().unwrap_or_else(PoisonError::into_inner);
-            match r {
-                Ok(_) => s.notice_us.push(us),
-                Err(e) => s.errors.push(format!("vm {i} notice: {e}")),
-            }
+            let notice = Request::UnexpectedDisconnect(n);
+            timed(&h, notice, &samples, (i, "notice"), |s| &mut s.notice_us).await;
         }
         tokio::time::sleep(Duration::from_millis(900 + rng.next() % 200)).await;
     }
@@ -378,6 +379,22 @@ pub fn run(bins: &Binaries, work: &Path, p: &Params) -> Result<Vec<Row>, String>
     Ok(result_rows(p, &f, &mut s))
 }
 
+/// The row of a latency (`what`): p50 / p99 / max of `samples` in ms,
+/// against the goal p99 < 10 ms.
+fn latency_row(what: &str, samples: &mut [u64]) -> Row {
+    Row::text(
+        format!("{what} p50 / p99 / max (ms)"),
+        format!(
+            "{:.2} / {:.2} / {:.2}",
+            percentile(samples, 0.5),
+            percentile(samples, 0.99),
+            percentile(samples, 1.0)
+        ),
+        "goal p99",
+        "< 10",
+    )
+}
+
 /// The table rows of one scale run.
 fn result_rows(p: &Params, f: &HostFigures, s: &mut Samples) -> Vec<Row> {
     let n = p.agents;
@@ -403,28 +420,8 @@ fn result_rows(p: &Params, f: &HostFigures, s: &mut Samples) -> Vec<Row> {
             "",
             "",
         ),
-        Row::text(
-            "ping round trip p50 / p99 / max (ms)",
-            format!(
-                "{:.2} / {:.2} / {:.2}",
-                percentile(&mut s.ping_us, 0.5),
-                percentile(&mut s.ping_us, 0.99),
-                percentile(&mut s.ping_us, 1.0)
-            ),
-            "goal p99",
-            "< 10",
-        ),
-        Row::text(
-            "disconnect notice ack p50 / p99 / max (ms)",
-            format!(
-                "{:.2} / {:.2} / {:.2}",
-                percentile(&mut s.notice_us, 0.5),
-                percentile(&mut s.notice_us, 0.99),
-                percentile(&mut s.notice_us, 1.0)
-            ),
-            "goal p99",
-            "< 10",
-        ),
+        latency_row("ping round trip", &mut s.ping_us),
+        latency_row("disconnect notice ack", &mut s.notice_us),
         Row::text(
             "host RSS idle / connected / peak (MiB)",
             format!(

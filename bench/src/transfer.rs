@@ -23,26 +23,11 @@ pub fn raw_copy(src: &Path, dst: &Path, sock: &Path) -> std::io::Result<Duration
     let rx = std::thread::spawn(move || -> std::io::Result<()> {
         let (mut s, _) = l.accept()?;
         let mut f = std::fs::File::create(&dst)?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = s.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            f.write_all(&buf[..n])?;
-        }
+        pump(&mut s, &mut f)?;
         f.sync_all()
     });
     let mut s = UnixStream::connect(sock)?;
-    let mut f = std::fs::File::open(src)?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        s.write_all(&buf[..n])?;
-    }
+    pump(&mut std::fs::File::open(src)?, &mut s)?;
     drop(s);
     rx.join()
         .map_err(|_| std::io::Error::other("copy thread panicked"))??;
@@ -50,8 +35,32 @@ pub fn raw_copy(src: &Path, dst: &Path, sock: &Path) -> std::io::Result<Duration
     Ok(t.elapsed())
 }
 
+/// Copies everything `from` holds into `to`, 1 MiB at a time.
+fn pump(from: &mut impl Read, to: &mut impl Write) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        to.write_all(&buf[..n])?;
+    }
+}
+
 fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / 1e6 / d.as_secs_f64()
+}
+
+/// The row of `what` moving `size` bytes in `ours`, in MB/s, next to the
+/// raw copy of the same bytes in `raw`.
+fn versus_raw_copy(what: &str, size: usize, ours: Duration, raw: Duration) -> Row {
+    Row::new(
+        format!("{what} {} MiB (MB/s)", size >> 20),
+        mbps(size as u64, ours),
+        "raw socket copy + fsync",
+        mbps(size as u64, raw),
+        true,
+    )
 }
 
 /// Runs the transfer benchmark on a `size`-byte UIF; returns table rows
@@ -74,13 +83,7 @@ pub fn run(rig: &Rig, work: &Path, size: usize) -> (Vec<Row>, Option<u64>) {
             .ok(),
         Some(size as u64)
     );
-    rows.push(Row::new(
-        format!("cold retrieve {} MiB (MB/s)", size >> 20),
-        mbps(size as u64, cold),
-        "raw socket copy + fsync",
-        mbps(size as u64, raw_down),
-        true,
-    ));
+    rows.push(versus_raw_copy("cold retrieve", size, cold, raw_down));
     eprintln!("  cold retrieve: {cold:?} ({sent} chunk bytes); raw copy {raw_down:?}");
 
     // Full update (every chunk new) vs raw copy agent → host directory.
@@ -98,13 +101,7 @@ pub fn run(rig: &Rig, work: &Path, size: usize) -> (Vec<Row>, Option<u64>) {
     let up = rig.logout("t1");
     let received = rig.metric("uve_bytes_in_total") - in0;
     let flush_hwm = rig.agent.pid().and_then(|p| sys::status_kib(p, "VmHWM"));
-    rows.push(Row::new(
-        format!("full update {} MiB (MB/s)", size >> 20),
-        mbps(size as u64, up),
-        "raw socket copy + fsync",
-        mbps(size as u64, raw_up),
-        true,
-    ));
+    rows.push(versus_raw_copy("full update", size, up, raw_up));
     eprintln!(
         "  full update: {up:?} ({received} chunk bytes); raw copy {raw_up:?}; agent VmHWM {flush_hwm:?} KiB"
     );

@@ -205,23 +205,23 @@ impl Decoder for LinkCodec {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, FrameError> {
-        match self.0.decode(src) {
-            Ok(frame) => Ok(frame.map(Inbound::Frame)),
-            Err(FrameError::BadName { what, id, error }) => {
-                Ok(Some(Inbound::BadName { what, id, error }))
-            }
-            Err(e) => Err(e),
-        }
+        inbound(self.0.decode(src))
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, FrameError> {
-        match self.0.decode_eof(src) {
-            Ok(frame) => Ok(frame.map(Inbound::Frame)),
-            Err(FrameError::BadName { what, id, error }) => {
-                Ok(Some(Inbound::BadName { what, id, error }))
-            }
-            Err(e) => Err(e),
+        inbound(self.0.decode_eof(src))
+    }
+}
+
+/// What [`LinkCodec`] makes of [`FrameCodec`]'s answer: a frame refused for
+/// a name becomes an item.
+fn inbound(decoded: Result<Option<Frame>, FrameError>) -> Result<Option<Inbound>, FrameError> {
+    match decoded {
+        Ok(frame) => Ok(frame.map(Inbound::Frame)),
+        Err(FrameError::BadName { what, id, error }) => {
+            Ok(Some(Inbound::BadName { what, id, error }))
         }
+        Err(e) => Err(e),
     }
 }
 

@@ -175,6 +175,22 @@ impl AgentProc {
         });
     }
 
+    /// The open sessions of [`status`](Self::status) (panics if the
+    /// status has no session list).
+    pub fn sessions(&self) -> Vec<serde_json::Value> {
+        match self.status()["sessions"].as_array() {
+            Some(list) => list.clone(),
+            None => panic!("status without a session list"),
+        }
+    }
+
+    /// Waits until the agent's offline spool is empty.
+    pub fn wait_spool_empty(&self) {
+        poll::must("spool empty", LONG, || {
+            (self.status()["spooled_updates"] == 0).then_some(())
+        });
+    }
+
     /// The agent's PID (while running).
     pub fn pid(&self) -> Option<u32> {
         self.daemon.pid()
@@ -188,6 +204,16 @@ impl AgentProc {
     /// The last lines of the agent log.
     pub fn log_tail(&self) -> String {
         process::tail(&self.log, LOG_TAIL)
+    }
+
+    /// Kills the agent (SIGKILL), starts it again on the same state and
+    /// waits until it is connected to the host.
+    pub fn restart_connected(&mut self) {
+        self.kill();
+        if let Err(e) = self.spawn() {
+            panic!("restart the agent: {e}");
+        }
+        self.wait_connected();
     }
 
     /// SIGKILL, no cleanup.

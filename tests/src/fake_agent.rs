@@ -1,5 +1,6 @@
-//! A fake **agent** protocol peer for the host's integration tests and the
-//! benchmarks: dials a real `uve-host` (a VM's Unix or hybrid-vsock path),
+//! A fake **agent** protocol peer for the host's integration tests, the
+//! benchmarks and the rogue guest's probes: dials a real `uve-host` (a VM's
+//! Unix or hybrid-vsock path; from inside a guest, vsock),
 //! handshakes, answers UVE-2 requests from an in-memory state (UA bundles,
 //! suspended sessions, monitor grants, release by flush or by silence) and
 //! drives UVE-5 flows against the host ([`retrieve`], [`update`],
@@ -104,16 +105,42 @@ pub async fn dial_and_handshake(
     hello: Hello,
     limit: Duration,
 ) -> Result<Handshaken, String> {
-    let stream = dial(&Endpoint::Unix(path.to_path_buf()), limit)
+    handshake_at(&Endpoint::Unix(path.to_path_buf()), hello, limit).await
+}
+
+/// Dials `endpoint` (a Unix socket on this machine; vsock only inside a
+/// guest) and handshakes with `hello`, each step within `limit`; the link
+/// is not started. The error says which step failed.
+pub async fn handshake_at(
+    endpoint: &Endpoint,
+    hello: Hello,
+    limit: Duration,
+) -> Result<Handshaken, String> {
+    let stream = dial(endpoint, limit)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("dial: {e}"))?;
     let (r, w) = tokio::io::split(stream);
     let mut reader = FramedRead::new(r, FrameCodec::new(DEFAULT_MAX_FRAME));
     let mut writer = FramedWrite::new(w, FrameCodec::new(DEFAULT_MAX_FRAME));
     let welcome = handshake::client(&mut reader, &mut writer, hello, limit)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("handshake: {e}"))?;
     Ok((reader, writer, welcome))
+}
+
+/// Starts the link of a handshaken connection, with the heartbeat and
+/// frame limit the host offered.
+pub fn start_link((reader, writer, welcome): Handshaken) -> AgentLink {
+    let cfg = LinkConfig::new(
+        Duration::from_millis(u64::from(welcome.heartbeat_ms)),
+        welcome.max_frame,
+    );
+    let (handle, incoming) = link::spawn(reader, writer.into_inner(), cfg);
+    AgentLink {
+        handle,
+        welcome,
+        incoming,
+    }
 }
 
 /// Dials the Unix socket `path`, handshakes with `hello` (each step within
@@ -123,17 +150,7 @@ pub async fn dial_as_agent(
     hello: Hello,
     limit: Duration,
 ) -> Result<AgentLink, String> {
-    let (reader, writer, welcome) = dial_and_handshake(path, hello, limit).await?;
-    let cfg = LinkConfig::new(
-        Duration::from_millis(u64::from(welcome.heartbeat_ms)),
-        welcome.max_frame,
-    );
-    let (handle, incoming) = link::spawn(reader, writer.into_inner(), cfg);
-    Ok(AgentLink {
-        handle,
-        welcome,
-        incoming,
-    })
+    Ok(start_link(dial_and_handshake(path, hello, limit).await?))
 }
 
 /// A test agent connected to the host.
@@ -200,7 +217,8 @@ impl TestAgent {
         lease: u64,
         data: &[u8],
     ) -> Result<Updated, LinkError> {
-        update(&self.handle, user, session, base, lease, data).await
+        let listed = begin_and_list(&self.handle, user, session, base, lease, data).await?;
+        update(&self.handle, listed).await
     }
 
     /// Update based on what the last retrieve of `user` granted.

@@ -266,6 +266,35 @@ impl TestHost {
         f(&mut lock(&self.state))
     }
 
+    /// The latest commit decided (panics if there is none yet).
+    pub fn last_commit(&self) -> Commit {
+        match self.with(|h| h.commits.last().cloned()) {
+            Some(c) => c,
+            None => panic!("the fake host decided no commit yet"),
+        }
+    }
+
+    /// `user`'s head bytes, if the user has a head.
+    pub fn head(&self, user: &str) -> Option<Vec<u8>> {
+        self.with(|h| h.head_bytes(user))
+    }
+
+    /// Waits until `user`'s head holds exactly `bytes`; panics naming
+    /// `what` after [`LONG`].
+    pub fn wait_head(&self, what: &str, user: &str, bytes: &[u8]) {
+        poll::must(what, LONG, || {
+            (self.head(user).as_deref() == Some(bytes)).then_some(())
+        });
+    }
+
+    /// Waits until a disconnect notice of `session` arrived; returns its
+    /// (id, session, reason). Panics naming `what` after [`LONG`].
+    pub fn wait_notice(&self, what: &str, session: &str) -> (u64, String, String) {
+        poll::must(what, LONG, || {
+            self.with(|h| h.notice_sessions.iter().find(|n| n.1 == session).cloned())
+        })
+    }
+
     /// Whether an agent is connected now.
     pub fn connected(&self) -> bool {
         lock(&self.link).as_ref().is_some_and(|l| !l.is_closed())
@@ -288,10 +317,7 @@ impl TestHost {
         let (tx, rx) = std::sync::mpsc::channel();
         self.rt.spawn(async move {
             let sent = names::send(&link, build);
-            let r = tokio::time::timeout(Duration::from_secs(60), sent)
-                .await
-                .unwrap_or_else(|_| Err(LinkError::Timeout(Duration::from_secs(60))));
-            let _ = tx.send(r);
+            let _ = tx.send(link::within(Duration::from_secs(60), sent).await);
         });
         match rx.recv() {
             Ok(r) => r,

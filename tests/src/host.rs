@@ -229,6 +229,27 @@ impl HostDaemon {
         poll::wait_for(limit, || self.is_connected(vm))
     }
 
+    /// Like [`wait_connected`](Self::wait_connected); panics, quoting the
+    /// log, if `vm` is not connected within `limit`.
+    pub fn must_connect(&self, vm: &str, limit: Duration) {
+        assert!(
+            self.wait_connected(vm, limit),
+            "{vm} never connected; host log:\n{}",
+            self.log_tail()
+        );
+    }
+
+    /// Registers VM `vm` whose VMM socket is `uds` (`uvectl vm add`); the
+    /// host then listens on `<uds>_7075`.
+    pub fn add_vm(&self, vm: &str, uds: &Path) {
+        self.ok(&["vm", "add", vm, "--uds-path", &uds.display().to_string()]);
+    }
+
+    /// Imports `file` as a new version of `user` (`uvectl import`).
+    pub fn import(&self, user: &str, file: &Path) {
+        self.ok(&["import", user, &file.display().to_string()]);
+    }
+
     /// The head version of `user` (panics if there is none).
     pub fn head(&self, user: &str) -> u64 {
         match self.ok(&["versions", user])["head"].as_u64() {

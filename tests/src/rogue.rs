@@ -5,23 +5,14 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::codec::{FramedRead, FramedWrite};
-use uve_protocol::codec::FrameCodec;
-use uve_protocol::defs::{DEFAULT_MAX_FRAME, DEFAULT_PORT, HOST_CID, PROTOCOL_MAX, PROTOCOL_MIN};
-use uve_protocol::handshake;
-use uve_protocol::link::{self, LinkConfig};
+use uve_protocol::defs::{DEFAULT_PORT, HOST_CID, PROTOCOL_MAX};
 use uve_protocol::message::{ErrorCode, Hello, Request};
-use uve_protocol::transport::{Endpoint, dial};
+use uve_protocol::transport::Endpoint;
+
+use crate::fake_agent::{self, handshake_at};
 
 fn hello() -> Hello {
-    Hello {
-        protocol_min: PROTOCOL_MIN,
-        protocol_max: PROTOCOL_MAX,
-        agent_version: "rogue".into(),
-        boot_id: [0x66; 16],
-        capabilities: 0,
-        max_frame: DEFAULT_MAX_FRAME,
-    }
+    fake_agent::hello("rogue", PROTOCOL_MAX, [0x66; 16])
 }
 
 fn host() -> Endpoint {
@@ -61,21 +52,9 @@ pub async fn run(user: &str, limit: Duration) -> i32 {
 }
 
 async fn unassigned_user(user: &str, limit: Duration) -> Result<String, String> {
-    let s = dial(&host(), limit)
-        .await
-        .map_err(|e| format!("dial: {e}"))?;
-    let (r, w) = tokio::io::split(s);
-    let mut reader = FramedRead::new(r, FrameCodec::default());
-    let mut writer = FramedWrite::new(w, FrameCodec::default());
-    let welcome = handshake::client(&mut reader, &mut writer, hello(), limit)
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let cfg = LinkConfig::new(
-        Duration::from_millis(u64::from(welcome.heartbeat_ms)),
-        welcome.max_frame,
-    );
-    let (h, _incoming) = link::spawn(reader, writer.into_inner(), cfg);
-    let answer = h
+    let link = fake_agent::start_link(handshake_at(&host(), hello(), limit).await?);
+    let answer = link
+        .handle
         .request_timeout(
             Request::UifRetrieve {
                 user: crate::names::user(user),
@@ -93,15 +72,7 @@ async fn unassigned_user(user: &str, limit: Duration) -> Result<String, String> 
 
 /// Sends a valid `Hello`, then `bytes`; the host must close the connection.
 async fn raw_bytes(bytes: &[u8], limit: Duration) -> Result<String, String> {
-    let s = dial(&host(), limit)
-        .await
-        .map_err(|e| format!("dial: {e}"))?;
-    let (r, w) = tokio::io::split(s);
-    let mut reader = FramedRead::new(r, FrameCodec::default());
-    let mut writer = FramedWrite::new(w, FrameCodec::default());
-    handshake::client(&mut reader, &mut writer, hello(), limit)
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
+    let (reader, writer, _) = handshake_at(&host(), hello(), limit).await?;
     let mut w = writer.into_inner();
     w.write_all(bytes)
         .await

@@ -30,7 +30,7 @@ use uve_e2e::host::HostDaemon;
 use uve_e2e::ingredients::Ingredients;
 use uve_e2e::initramfs::{EXT4_DISK_MODULES, Initramfs};
 use uve_e2e::poll::wait_for;
-use uve_e2e::scenario::{RunDir, step};
+use uve_e2e::scenario::{AGENT_FILE_MODE, RunDir, host_with_alice_imported, step};
 use uve_e2e::vm::{BootOptions, DiskCache, Vm};
 use uve_protocol::testdata::noise;
 
@@ -40,20 +40,12 @@ const NAME: &str = "file_mode_power_loss_after_spooled";
 const STATE: &str = "/var/lib/uve-agent";
 const IMG: &str = "/var/lib/uve-agent/uif/alice.img";
 
-const AGENT_FILE_MODE: &str = r#"
-host = "vsock:2:7075"
-[uif]
-mode = "file"
-path = "/var/lib/uve-agent/uif/{user}.img"
-"#;
-
 /// What the agent logs when a spooled image no longer matches its manifest
 /// after a restart (agent/src/flush/mod.rs, `resend_changed`).
 const TORN: &str = "no longer matches what was spooled";
 
 fn wait_connected(host: &HostDaemon, vm: &str) {
-    let ok = host.wait_connected(vm, Duration::from_secs(90));
-    assert!(ok, "{vm} never connected; host log:\n{}", host.log_tail());
+    host.must_connect(vm, Duration::from_secs(90));
 }
 
 /// Boots the guest on `disk` and checks the disk is the agent's state dir.
@@ -94,7 +86,7 @@ fn file_mode_power_loss_after_spooled() {
     let disk = persistent_disk(&run, &mkfs);
     let vm_dir = run.sub("vm-a");
     let initrd = initramfs_mounting_the_disk(&ing, &vm_dir);
-    let (mut host, v1, v1_head) = host_with_alice_imported(&ing, &run, &vm_dir);
+    let (mut host, _, v1, v1_head) = host_with_alice_imported(&ing, &run, &vm_dir);
     step("disk, initramfs, host up, alice imported", &mut t);
 
     let (mut vm, boot1) = boot1_login_retrieves(&ing, &vm_dir, &initrd, &disk, &host, &v1);
@@ -108,7 +100,15 @@ fn file_mode_power_loss_after_spooled() {
     let vm = host_back_boot2(&mut host, &ing, &vm_dir, &initrd, &disk, &boot1, v1_head);
     step("host back, boot 2, agent connected", &mut t);
 
-    let console = spool_delivered(&host, &vm, &run, &v1, &v2, v1_head);
+    let spooled = Spooled {
+        host: &host,
+        vm: &vm,
+        run: &run,
+        retrieved: &v1,
+        written: &v2,
+        v1_head,
+    };
+    let console = spooled.delivered();
     step("spool delivered", &mut t);
 
     guest_checks(&vm, &v2, &console);
@@ -142,30 +142,6 @@ fn initramfs_mounting_the_disk(ing: &Ingredients, vm_dir: &Path) -> PathBuf {
         .expect("config");
     img.build(&vm_dir.join("initramfs.cpio.gz"))
         .expect("build initramfs")
-}
-
-/// The host up, `vm-a` registered, alice assigned with a seeded 4 MiB
-/// version `v1`. Returns the host, `v1` and its head version.
-fn host_with_alice_imported(
-    ing: &Ingredients,
-    run: &RunDir,
-    vm_dir: &Path,
-) -> (HostDaemon, Vec<u8>, u64) {
-    let host = HostDaemon::start(ing, run.path(), "").expect("host");
-    host.ok(&[
-        "vm",
-        "add",
-        "vm-a",
-        "--uds-path",
-        &vm_dir.join("v.sock").display().to_string(),
-    ]);
-    host.ok(&["assign", "alice", "vm-a"]);
-    let v1 = noise(4 << 20, 1);
-    let import = run.path().join("alice-v1.img");
-    std::fs::write(&import, &v1).unwrap();
-    host.ok(&["import", "alice", &import.display().to_string()]);
-    let v1_head = host.head("alice");
-    (host, v1, v1_head)
 }
 
 /// Boot 1: login retrieves `v1` onto the persistent disk. Returns the VM
@@ -241,112 +217,123 @@ fn host_back_boot2(
     vm
 }
 
-/// Polls alice's versions until one other than `v1_head` holds exactly
-/// `v2`, the deadline passes, or one round after the agent's spool is
-/// empty; asserts on every round that the head is only ever `v1_head` or
-/// those bytes. Returns that version with its kind, if found, and whether
-/// the spool was seen empty.
-fn wait_for_spooled_version(
-    host: &HostDaemon,
-    vm: &Vm,
-    run: &RunDir,
-    v1: &[u8],
-    v2: &[u8],
+/// After boot 2: the update spooled before the power loss, and where to
+/// look for it.
+struct Spooled<'a> {
+    host: &'a HostDaemon,
+    vm: &'a Vm,
+    run: &'a RunDir,
+    /// `v1`, the version the session retrieved.
+    retrieved: &'a [u8],
+    /// `v2`, what the session wrote and the agent spooled.
+    written: &'a [u8],
+    /// The head before the session (`v1`'s version).
     v1_head: u64,
-) -> (Option<(u64, String)>, bool) {
-    let mut bytes_of: BTreeMap<u64, bool> = BTreeMap::new(); // version -> holds v2
-    let mut found: Option<(u64, String)> = None;
-    let mut is_v2 = |host: &HostDaemon, v: u64| -> bool {
-        *bytes_of.entry(v).or_insert_with(|| {
-            let b = host.export("alice", v, run.path());
-            eprintln!(
-                "  version {v}: {} bytes, {}",
-                b.len(),
-                if b == v2 {
-                    "the spooled content"
-                } else if b == v1 {
-                    "the retrieved version's bytes"
-                } else {
-                    "other bytes"
-                }
-            );
-            b == v2
-        })
-    };
-    // Until the deadline, or one round after the agent's spool is empty
-    // (it removes an entry only once the host has taken it).
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut drained = false;
-    loop {
-        let vs = host.ok(&["versions", "alice"]);
-        let h = vs["head"].as_u64().expect("head");
-        assert!(
-            h == v1_head || is_v2(host, h),
-            "head {h} is neither the version from before the session ({v1_head}) \
-             nor the spooled content: {vs:#}"
-        );
-        for v in vs["versions"].as_array().expect("versions") {
-            let n = v["version"].as_u64().expect("version number");
-            if n != v1_head && is_v2(host, n) {
-                found = Some((n, v["kind"].as_str().unwrap_or("?").to_string()));
-            }
-        }
-        if found.is_some() || drained || Instant::now() > deadline {
-            break;
-        }
-        drained = vm.ok("uve-agent status").contains("spooled updates: 0");
-        if !drained {
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-    (found, drained)
 }
 
-/// The spool is delivered: a version holding exactly `v2` appears; the
-/// head is only ever `v1_head` or that version, which is otherwise a
-/// conflict version. Returns the guest console of boot 2.
-fn spool_delivered(
-    host: &HostDaemon,
-    vm: &Vm,
-    run: &RunDir,
-    v1: &[u8],
-    v2: &[u8],
-    v1_head: u64,
-) -> String {
-    let (found, drained) = wait_for_spooled_version(host, vm, run, v1, v2, v1_head);
-    let console = vm.console_text();
-    for l in console
-        .lines()
-        .filter(|l| l.contains("spooled update") || l.contains(TORN))
-    {
-        eprintln!("  agent (boot 2): {}", l.trim());
+impl Spooled<'_> {
+    /// Polls alice's versions until one other than `v1_head` holds exactly
+    /// `v2`, the deadline passes, or one round after the agent's spool is
+    /// empty; asserts on every round that the head is only ever `v1_head` or
+    /// those bytes. Returns that version with its kind, if found, and whether
+    /// the spool was seen empty.
+    fn wait_for_spooled_version(&self) -> (Option<(u64, String)>, bool) {
+        let (host, vm, run, v1, v2, v1_head) = (
+            self.host,
+            self.vm,
+            self.run,
+            self.retrieved,
+            self.written,
+            self.v1_head,
+        );
+        let mut bytes_of: BTreeMap<u64, bool> = BTreeMap::new(); // version -> holds v2
+        let mut found: Option<(u64, String)> = None;
+        let mut is_v2 = |host: &HostDaemon, v: u64| -> bool {
+            *bytes_of.entry(v).or_insert_with(|| {
+                let b = host.export("alice", v, run.path());
+                eprintln!(
+                    "  version {v}: {} bytes, {}",
+                    b.len(),
+                    if b == v2 {
+                        "the spooled content"
+                    } else if b == v1 {
+                        "the retrieved version's bytes"
+                    } else {
+                        "other bytes"
+                    }
+                );
+                b == v2
+            })
+        };
+        // Until the deadline, or one round after the agent's spool is empty
+        // (it removes an entry only once the host has taken it).
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut drained = false;
+        loop {
+            let vs = host.ok(&["versions", "alice"]);
+            let h = vs["head"].as_u64().expect("head");
+            assert!(
+                h == v1_head || is_v2(host, h),
+                "head {h} is neither the version from before the session ({v1_head}) \
+                 nor the spooled content: {vs:#}"
+            );
+            for v in vs["versions"].as_array().expect("versions") {
+                let n = v["version"].as_u64().expect("version number");
+                if n != v1_head && is_v2(host, n) {
+                    found = Some((n, v["kind"].as_str().unwrap_or("?").to_string()));
+                }
+            }
+            if found.is_some() || drained || Instant::now() > deadline {
+                break;
+            }
+            drained = vm.ok("uve-agent status").contains("spooled updates: 0");
+            if !drained {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+        (found, drained)
     }
-    let Some((version, kind)) = found else {
-        panic!(
-            "no version of alice holds the spooled bytes ({}); \
-             versions: {:#}\nhost log tail:\n{}\nconsole (boot 2):\n{console}",
-            if drained {
-                "the agent's spool is empty: it delivered something else"
-            } else {
-                "deadline passed"
-            },
-            host.ok(&["versions", "alice"]),
-            host.log_tail()
-        );
-    };
-    let h = host.head("alice");
-    assert!(h == v1_head || h == version, "head {h} is a third content");
-    if h == version {
-        eprintln!(
-            "{NAME}: outcome: the spooled update was committed as the head (version {version}, {kind})"
-        );
-    } else {
-        assert_eq!(kind, "conflict", "version {version} is not head but {kind}");
-        eprintln!(
-            "{NAME}: outcome: the spooled update was kept as conflict version {version}; head stays {v1_head}"
-        );
+
+    /// The spool is delivered: a version holding exactly `v2` appears; the
+    /// head is only ever `v1_head` or that version, which is otherwise a
+    /// conflict version. Returns the guest console of boot 2.
+    fn delivered(&self) -> String {
+        let (host, vm, v1_head) = (self.host, self.vm, self.v1_head);
+        let (found, drained) = self.wait_for_spooled_version();
+        let console = vm.console_text();
+        for l in console
+            .lines()
+            .filter(|l| l.contains("spooled update") || l.contains(TORN))
+        {
+            eprintln!("  agent (boot 2): {}", l.trim());
+        }
+        let Some((version, kind)) = found else {
+            panic!(
+                "no version of alice holds the spooled bytes ({}); \
+                 versions: {:#}\nhost log tail:\n{}\nconsole (boot 2):\n{console}",
+                if drained {
+                    "the agent's spool is empty: it delivered something else"
+                } else {
+                    "deadline passed"
+                },
+                host.ok(&["versions", "alice"]),
+                host.log_tail()
+            );
+        };
+        let h = host.head("alice");
+        assert!(h == v1_head || h == version, "head {h} is a third content");
+        if h == version {
+            eprintln!(
+                "{NAME}: outcome: the spooled update was committed as the head (version {version}, {kind})"
+            );
+        } else {
+            assert_eq!(kind, "conflict", "version {version} is not head but {kind}");
+            eprintln!(
+                "{NAME}: outcome: the spooled update was kept as conflict version {version}; head stays {v1_head}"
+            );
+        }
+        console
     }
-    console
 }
 
 /// In the guest: the image on the disk survived whole, nothing was taken

@@ -16,22 +16,15 @@
     clippy::cast_possible_truncation
 )]
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use uve_e2e::host::HostDaemon;
 use uve_e2e::ingredients::Ingredients;
 use uve_e2e::initramfs::Initramfs;
 use uve_e2e::poll::wait_for;
-use uve_e2e::scenario::{RunDir, step};
+use uve_e2e::scenario::{AGENT_FILE_MODE, RunDir, begin, host_with_alice_imported, step};
 use uve_e2e::vm::Vm;
-
-const AGENT_FILE_MODE: &str = r#"
-host = "vsock:2:7075"
-[uif]
-mode = "file"
-path = "/var/lib/uve-agent/uif/{user}.img"
-"#;
 
 const AGENT_DIR_MODE: &str = r#"
 host = "vsock:2:7075"
@@ -62,8 +55,7 @@ fn boot(ing: &Ingredients, run: &RunDir, name: &str, agent_config: &str) -> Vm {
 }
 
 fn wait_connected(host: &HostDaemon, vm: &str) {
-    let ok = host.wait_connected(vm, Duration::from_secs(60));
-    assert!(ok, "{vm} never connected; host log:\n{}", host.log_tail());
+    host.must_connect(vm, Duration::from_secs(60));
 }
 
 fn user_chunks_fetched(host: &HostDaemon, user: &str) -> u64 {
@@ -77,12 +69,10 @@ fn user_chunks_fetched(host: &HostDaemon, user: &str) -> u64 {
 /// finally the VM crashes with a session open.
 #[test]
 fn file_mode_lifecycle_on_one_vm() {
-    let Some(ing) = Ingredients::require("file_mode_lifecycle_on_one_vm") else {
+    let Some((ing, run, mut t)) = begin("file_mode_lifecycle_on_one_vm") else {
         return;
     };
-    let run = RunDir::new("file_mode_lifecycle_on_one_vm");
-    let mut t = Instant::now();
-    let (mut host, import, v1, v1_head) = host_with_alice_imported(&ing, &run);
+    let (mut host, import, v1, v1_head) = host_with_alice_imported(&ing, &run, &run.sub("vm-a"));
     step("host up, alice imported", &mut t);
 
     let mut vm = boot(&ing, &run, "vm-a", AGENT_FILE_MODE);
@@ -115,32 +105,6 @@ fn file_mode_lifecycle_on_one_vm() {
 
     vm_crash_with_open_session(&host, &mut vm, &run);
     step("VM crash", &mut t);
-}
-
-/// Setup: the host up with `vm-a` registered, alice assigned to it and her
-/// 4 MiB `v1` imported. Returns the host, the import file, `v1` and its
-/// head version.
-fn host_with_alice_imported(
-    ing: &Ingredients,
-    run: &RunDir,
-) -> (HostDaemon, PathBuf, Vec<u8>, u64) {
-    let host = HostDaemon::start(ing, run.path(), "").expect("host");
-    let vm_dir = run.sub("vm-a");
-    // The host must listen on <uds>_7075 before the guest boots.
-    host.ok(&[
-        "vm",
-        "add",
-        "vm-a",
-        "--uds-path",
-        &vm_dir.join("v.sock").display().to_string(),
-    ]);
-    host.ok(&["assign", "alice", "vm-a"]);
-    let v1 = noise(4 << 20, 1);
-    let import = run.path().join("alice-v1.img");
-    std::fs::write(&import, &v1).unwrap();
-    host.ok(&["import", "alice", &import.display().to_string()]);
-    let v1_head = host.head("alice");
-    (host, import, v1, v1_head)
 }
 
 /// Login → retrieve: the guest holds exactly the imported bytes, fetched
@@ -199,7 +163,7 @@ fn warm_login_fetches_changed_chunks(
     // Change the store behind the VM's back (import), so there is
     // something to fetch: 1-3 chunks around the 4 KiB edit.
     std::fs::write(import, &v3).unwrap();
-    host.ok(&["import", "alice", &import.display().to_string()]);
+    host.import("alice", import);
     vm.ok("uve-agent login --user alice --session s2");
     assert_eq!(vm.get(ALICE_IMG).expect("UIF"), v3);
     let warm = user_chunks_fetched(host, "alice") - before;
@@ -225,35 +189,32 @@ fn host_restart_then_logout(host: &mut HostDaemon, vm: &Vm, run: &RunDir, v3: &[
     v4
 }
 
+/// The exit code of `uve-agent monitor-check` for `monitor` on session
+/// `s3` (0: allowed).
+fn monitor_check(vm: &Vm, monitor: &str) -> i32 {
+    vm.sh(&format!(
+        "uve-agent monitor-check --session s3 --user {monitor}"
+    ))
+    .0
+}
+
 /// Monitoring: no grant before one is given; a grant is visible to its
 /// monitor only; revoke ends it; a short grant expires by itself.
 fn monitoring_grant_expiry_revoke(host: &HostDaemon, vm: &Vm) {
     vm.ok("uve-agent login --user alice --session s3");
-    assert_ne!(
-        vm.sh("uve-agent monitor-check --session s3 --user bob").0,
-        0,
-        "granted before any grant"
-    );
+    assert_ne!(monitor_check(vm, "bob"), 0, "granted before any grant");
     // Visibility is checked on a grant valid for an hour (the default): a
     // 4 s grant could expire before a slow TCG guest on a loaded machine
     // answers the check, or at once if the guest clock runs ahead.
     host.ok(&["monitor", "grant", "vm-a", "s3", "bob"]);
-    assert_eq!(
-        vm.sh("uve-agent monitor-check --session s3 --user bob").0,
-        0,
-        "grant not visible"
-    );
+    assert_eq!(monitor_check(vm, "bob"), 0, "grant not visible");
     assert_ne!(
-        vm.sh("uve-agent monitor-check --session s3 --user carol").0,
+        monitor_check(vm, "carol"),
         0,
         "grant leaked to another user"
     );
     host.ok(&["monitor", "revoke", "vm-a", "s3", "bob"]);
-    assert_ne!(
-        vm.sh("uve-agent monitor-check --session s3 --user bob").0,
-        0,
-        "revoke not effective"
-    );
+    assert_ne!(monitor_check(vm, "bob"), 0, "revoke not effective");
     // A short grant: the host turns the TTL into an expiry, and the agent
     // stops honouring the grant once its clock passes it.
     let asked = std::time::SystemTime::now()
@@ -264,10 +225,7 @@ fn monitoring_grant_expiry_revoke(host: &HostDaemon, vm: &Vm) {
     let expires = g["expires"].as_u64().expect("expiry in the answer");
     assert!(expires >= asked + 4000, "{g}");
     assert!(
-        wait_for(Duration::from_secs(20), || vm
-            .sh("uve-agent monitor-check --session s3 --user bob")
-            .0
-            != 0),
+        wait_for(Duration::from_secs(20), || monitor_check(vm, "bob") != 0),
         "grant did not expire"
     );
     vm.ok("uve-agent logout --session s3");
@@ -442,15 +400,12 @@ fn vm_crash_with_open_session(host: &HostDaemon, vm: &mut Vm, run: &RunDir) {
 /// rogue guest that is refused while the host and the other VM keep working.
 #[test]
 fn directory_mode_switch_and_rogue_guest() {
-    let Some(ing) = Ingredients::require("directory_mode_switch_and_rogue_guest") else {
+    let Some((ing, run, mut t)) = begin("directory_mode_switch_and_rogue_guest") else {
         return;
     };
-    let run = RunDir::new("directory_mode_switch_and_rogue_guest");
-    let mut t = Instant::now();
     let host = HostDaemon::start(&ing, run.path(), "").expect("host");
     for name in ["vm-a", "vm-b"] {
-        let uds = run.sub(name).join("v.sock").display().to_string();
-        host.ok(&["vm", "add", name, "--uds-path", &uds]);
+        host.add_vm(name, &run.sub(name).join("v.sock"));
     }
     host.ok(&["assign", "bob", "vm-a"]);
     let a = boot(&ing, &run, "vm-a", AGENT_DIR_MODE);

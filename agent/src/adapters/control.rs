@@ -31,12 +31,10 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use tokio_util::task::TaskTracker;
-
+use super::Backend;
 use crate::flush::FlushOutcome;
-use crate::lifecycle::{Ended, Lifecycle, LoginReport};
+use crate::lifecycle::{Ended, LoginReport};
 pub use crate::lifecycle::{SessionStatus, StatusReport, UaStatus};
-use crate::stores::monitor::Grants;
 use crate::stores::preserve::PreservedCopy;
 
 /// Longest request line accepted.
@@ -212,12 +210,8 @@ pub fn bind(path: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> 
 
 /// What control requests are answered from.
 pub struct Control {
-    /// Sessions, UIFs, UAs, preserved copies.
-    pub lifecycle: Arc<Lifecycle>,
-    /// Monitoring grants.
-    pub grants: Arc<Grants>,
-    /// Where client tasks run.
-    pub tasks: TaskTracker,
+    /// The lifecycle, the grants and the task tracker.
+    pub backend: Backend,
 }
 
 impl Control {
@@ -240,7 +234,7 @@ impl Control {
             match accepted {
                 Ok((stream, _)) => {
                     let me = self.clone();
-                    self.tasks.spawn(async move {
+                    self.backend.tasks.spawn(async move {
                         me.client(stream).await;
                         drop(slot);
                     });
@@ -305,12 +299,16 @@ impl Control {
 
     /// The uid that owns `user`'s files on this VM, if any.
     fn uid_of(&self, user: &str) -> Option<u32> {
-        self.lifecycle.config().owner(user).map(|(uid, _)| uid)
+        self.backend
+            .lifecycle
+            .config()
+            .owner(user)
+            .map(|(uid, _)| uid)
     }
 
     /// True if `caller` is the user of `session`.
     fn owns_session(&self, caller: Caller, session: &str) -> bool {
-        let user = self.lifecycle.session(session).map(|s| s.user);
+        let user = self.backend.lifecycle.session(session).map(|s| s.user);
         user.is_some_and(|u| self.uid_of(&u) == Some(caller.uid))
     }
 
@@ -346,7 +344,12 @@ impl Control {
     pub async fn handle(&self, caller: Caller, req: ControlRequest) -> ControlResponse {
         match req {
             ControlRequest::Login { user, session, ua } => {
-                match self.lifecycle.login(&user, &session, ua.as_ref()).await {
+                match self
+                    .backend
+                    .lifecycle
+                    .login(&user, &session, ua.as_ref())
+                    .await
+                {
                     Ok(report) => ControlResponse {
                         message: report.to_string(),
                         login: Some(report),
@@ -355,18 +358,20 @@ impl Control {
                     Err(e) => failure(e.to_string()),
                 }
             }
-            ControlRequest::Logout { session } => match self.lifecycle.logout(&session).await {
-                Ok(e) => ended(e),
-                Err(e) => failure(e.to_string()),
-            },
+            ControlRequest::Logout { session } => {
+                match self.backend.lifecycle.logout(&session).await {
+                    Ok(e) => ended(e),
+                    Err(e) => failure(e.to_string()),
+                }
+            }
             ControlRequest::Disconnect { session, reason } => {
-                match self.lifecycle.disconnect(&session, &reason).await {
+                match self.backend.lifecycle.disconnect(&session, &reason).await {
                     Ok(e) => ended(e),
                     Err(e) => failure(e.to_string()),
                 }
             }
             ControlRequest::MonitorCheck { session, user } => {
-                let allowed = self.grants.allowed(&session, &user);
+                let allowed = self.backend.grants.allowed(&session, &user);
                 ControlResponse {
                     allowed: Some(allowed),
                     ..success(if allowed { "allowed" } else { "not allowed" }.into())
@@ -377,7 +382,7 @@ impl Control {
                 ..success("ok".into())
             },
             ControlRequest::PreservedList => {
-                let list = self.lifecycle.preserved();
+                let list = self.backend.lifecycle.preserved();
                 ControlResponse {
                     preserved: Some(list.clone()),
                     ..success(format!("{} preserved copies", list.len()))
@@ -387,7 +392,7 @@ impl Control {
                 if !to.is_absolute() {
                     return failure(format!("{} is not an absolute path", to.display()));
                 }
-                match self.lifecycle.export_preserved(&id, &to).await {
+                match self.backend.lifecycle.export_preserved(&id, &to).await {
                     Ok(n) => success(format!(
                         "exported preserved copy {id} ({n} bytes) to {}",
                         to.display()
@@ -396,13 +401,13 @@ impl Control {
                 }
             }
             ControlRequest::PreservedPush { id, keep } => {
-                match self.lifecycle.push_preserved(&id, keep).await {
+                match self.backend.lifecycle.push_preserved(&id, keep).await {
                     Ok(o) => flushed(o),
                     Err(e) => failure(e.to_string()),
                 }
             }
             ControlRequest::PreservedDelete { id } => {
-                match self.lifecycle.delete_preserved(&id).await {
+                match self.backend.lifecycle.delete_preserved(&id).await {
                     Ok(()) => success(format!("deleted preserved copy {id}")),
                     Err(e) => failure(format!("cannot delete preserved copy {id}: {e}")),
                 }
@@ -414,8 +419,8 @@ impl Control {
     /// sessions and UIF for anyone else.
     fn report(&self, caller: Caller) -> StatusReport {
         let visible = |user: &str| caller.is_root() || self.uid_of(user) == Some(caller.uid);
-        let mut report = self.lifecycle.status(visible);
-        report.monitor_grants = self.grants.count();
+        let mut report = self.backend.lifecycle.status(visible);
+        report.monitor_grants = self.backend.grants.count();
         report
     }
 }

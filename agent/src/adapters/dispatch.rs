@@ -8,22 +8,16 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use uve_protocol::link::Incoming;
 use uve_protocol::message::{AgentStatus, ErrorCode, Request, Response, WireError};
 use uve_protocol::names::UserName;
 
-use crate::lifecycle::Lifecycle;
-use crate::stores::monitor::Grants;
+use super::Backend;
 
 /// What the host's requests are answered from.
 pub struct Dispatcher {
-    /// Sessions, UIFs, UAs.
-    pub lifecycle: Arc<Lifecycle>,
-    /// Monitoring grants.
-    pub grants: Arc<Grants>,
-    /// Where request tasks run.
-    pub tasks: TaskTracker,
+    /// The lifecycle, the grants and the task tracker.
+    pub backend: Backend,
 }
 
 impl Dispatcher {
@@ -38,7 +32,7 @@ impl Dispatcher {
             tokio::select! {
                 next = conns.recv() => match next {
                     Some(incoming) => {
-                        self.tasks.spawn(self.clone().serve(incoming, stop.clone()));
+                        self.backend.tasks.spawn(self.clone().serve(incoming, stop.clone()));
                     }
                     None => return,
                 },
@@ -69,7 +63,7 @@ impl Dispatcher {
                 }
                 other => {
                     let me = self.clone();
-                    self.tasks.spawn(async move {
+                    self.backend.tasks.spawn(async move {
                         let answer = me.handle(other).await;
                         let _ = responder.send(answer).await;
                     });
@@ -111,7 +105,7 @@ impl Dispatcher {
 
     /// `UserRelease`: the VM switch, bounded by the host's deadline.
     async fn release(&self, user: &UserName, deadline_ms: u32) -> Response {
-        let lc = &self.lifecycle;
+        let lc = &self.backend.lifecycle;
         let limit = std::time::Duration::from_millis(u64::from(deadline_ms));
         let committed = tokio::time::timeout(limit, lc.release(user))
             .await
@@ -130,9 +124,9 @@ impl Dispatcher {
                 session,
                 monitor,
                 expires,
-            } => self.grants.grant(&session, &monitor, expires).await,
+            } => self.backend.grants.grant(&session, &monitor, expires).await,
             Request::MonitorRevoke { session, monitor } => {
-                self.grants.revoke(&session, &monitor).await
+                self.backend.grants.revoke(&session, &monitor).await
             }
             _ => return Err(error(ErrorCode::BadRequest, "not a monitoring request")),
         };
@@ -142,7 +136,7 @@ impl Dispatcher {
 
     /// UA deploy, update, rollback, delete.
     async fn ua(&self, request: Request) -> Result<Response, Response> {
-        let uas = self.lifecycle.uas();
+        let uas = self.backend.lifecycle.uas();
         Ok(match request {
             Request::UaBegin(bundle) => {
                 uas.begin(bundle).map_err(Response::Error)?;
@@ -168,6 +162,7 @@ impl Dispatcher {
             }
             Request::UaDelete { name, force } => {
                 let stopped_sessions = self
+                    .backend
                     .lifecycle
                     .delete_ua(&name, force)
                     .await
@@ -180,7 +175,8 @@ impl Dispatcher {
 
     /// `SessionSuspend` (`freeze`) and `SessionResume`.
     async fn suspend(&self, session: &str, freeze: bool) -> Result<Response, Response> {
-        self.lifecycle
+        self.backend
+            .lifecycle
             .suspend(session, freeze)
             .await
             .map_err(Response::Error)?;
@@ -189,7 +185,7 @@ impl Dispatcher {
 
     /// The agent's status as sent to the host.
     pub fn status(&self) -> AgentStatus {
-        self.lifecycle.agent_status()
+        self.backend.lifecycle.agent_status()
     }
 }
 

@@ -3,9 +3,27 @@
 //! requests on it; [`control`] serves the local control socket (PAM hook,
 //! CLI, UAs), authorising every request by the caller's uid; [`outbox`]
 //! delivers what the stores journalled. They call the lifecycle, never the
-//! other way round.
+//! other way round; the two that answer requests share one [`Backend`].
 
 pub mod conn;
 pub mod control;
 pub mod dispatch;
 pub mod outbox;
+
+use std::sync::Arc;
+
+use tokio_util::task::TaskTracker;
+
+use crate::lifecycle::Lifecycle;
+use crate::stores::monitor::Grants;
+
+/// What the host's and the control socket's requests are answered from.
+#[derive(Clone)]
+pub struct Backend {
+    /// Sessions, UIFs, UAs, preserved copies.
+    pub lifecycle: Arc<Lifecycle>,
+    /// Monitoring grants.
+    pub grants: Arc<Grants>,
+    /// Where request and client tasks run.
+    pub tasks: TaskTracker,
+}

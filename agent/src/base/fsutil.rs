@@ -359,10 +359,20 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// A fresh directory and the path of `name` in it, a file holding
+    /// `bytes` if given.
+    fn scratch(name: &str, bytes: Option<&[u8]>) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(name);
+        if let Some(b) = bytes {
+            fs::write(&p, b).unwrap();
+        }
+        (dir, p)
+    }
+
     #[test]
     fn atomic_write_replaces_content() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f");
+        let (dir, p) = scratch("f", None);
         atomic_write(&p, b"one").unwrap();
         atomic_write(&p, b"two").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
@@ -379,9 +389,7 @@ mod tests {
 
     #[test]
     fn durable_files_publish_whole_or_leave_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("uif.img");
-        fs::write(&p, b"old").unwrap();
+        let (dir, p) = scratch("uif.img", Some(b"old"));
         // A crash left a temp file of an earlier version.
         let stale = dir.path().join(".uif.img.uve-tmp-00000000000000aa");
         fs::write(&stale, b"torn").unwrap();
@@ -418,9 +426,7 @@ mod tests {
     /// marks its thread as the runtime thread and makes the call named by
     /// `UVE_FSUTIL_ON_RUNTIME`, which must abort before returning.
     fn durable_call_on_runtime_thread(call: &str) {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f");
-        fs::write(&p, b"x").unwrap();
+        let (dir, p) = scratch("f", Some(b"x"));
         mark_runtime_thread();
         match call {
             "atomic_write" => drop(atomic_write(&p, b"y")),
@@ -493,9 +499,7 @@ mod tests {
 
     #[test]
     fn private_files_refuse_planted_symlinks() {
-        let dir = tempfile::tempdir().unwrap();
-        let target = dir.path().join("target");
-        fs::write(&target, b"keep").unwrap();
+        let (dir, target) = scratch("target", Some(b"keep"));
         let p = dir.path().join("state.json");
         std::os::unix::fs::symlink(&target, &p).unwrap();
         assert!(create_private(&p).is_err());

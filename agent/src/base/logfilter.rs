@@ -125,52 +125,67 @@ mod tests {
         .collect()
     }
 
+    /// `filter` parses and enables, for each target, the levels given.
+    fn check(filter: &str, expect: &[(&str, &str)]) {
+        let f = parse(filter).unwrap();
+        for (target, levels) in expect {
+            assert_eq!(enabled(&f, target), *levels, "{filter:?} for {target}");
+        }
+    }
+
     #[test]
     fn a_bare_level_is_the_default_of_every_target() {
-        let f = parse("debug").unwrap();
-        assert_eq!(enabled(&f, "uve_agent::flush"), "ewid");
-        assert_eq!(enabled(&f, "tokio"), "ewid");
-        assert_eq!(enabled(&parse("WARN").unwrap(), "x"), "ew");
-        assert_eq!(enabled(&parse("5").unwrap(), "x"), "ewidt");
-        assert_eq!(enabled(&parse("off").unwrap(), "x"), "");
+        check("debug", &[("uve_agent::flush", "ewid"), ("tokio", "ewid")]);
+        check("WARN", &[("x", "ew")]);
+        check("5", &[("x", "ewidt")]);
+        check("off", &[("x", "")]);
     }
 
     #[test]
     fn target_directives_apply_to_the_target_and_below() {
-        let f = parse("info, uve_agent::flush=trace ,uve_agent::link=warn").unwrap();
-        assert_eq!(enabled(&f, "uve_agent::flush"), "ewidt");
-        assert_eq!(enabled(&f, "uve_agent::flush::deliver"), "ewidt");
-        assert_eq!(enabled(&f, "uve_agent::link"), "ew");
-        assert_eq!(enabled(&f, "uve_agent::daemon"), "ewi");
-        assert_eq!(enabled(&f, "tokio"), "ewi");
+        check(
+            "info, uve_agent::flush=trace ,uve_agent::link=warn",
+            &[
+                ("uve_agent::flush", "ewidt"),
+                ("uve_agent::flush::deliver", "ewidt"),
+                ("uve_agent::link", "ew"),
+                ("uve_agent::daemon", "ewi"),
+                ("tokio", "ewi"),
+            ],
+        );
     }
 
     #[test]
     fn the_longest_matching_target_wins_whatever_the_order() {
-        let f = parse("uve_agent::uif=error,uve_agent=debug").unwrap();
-        assert_eq!(enabled(&f, "uve_agent::uif::retrieve"), "e");
-        assert_eq!(enabled(&f, "uve_agent::stores"), "ewid");
+        check(
+            "uve_agent::uif=error,uve_agent=debug",
+            &[
+                ("uve_agent::uif::retrieve", "e"),
+                ("uve_agent::stores", "ewid"),
+            ],
+        );
     }
 
     #[test]
     fn targets_not_named_are_off_without_a_bare_level() {
-        let f = parse("uve_agent=debug").unwrap();
-        assert_eq!(enabled(&f, "uve_agent::daemon"), "ewid");
-        assert_eq!(enabled(&f, "uve_protocol"), "");
+        check(
+            "uve_agent=debug",
+            &[("uve_agent::daemon", "ewid"), ("uve_protocol", "")],
+        );
     }
 
     #[test]
     fn a_bare_target_enables_all_its_levels() {
-        let f = parse("warn,uve_agent::link").unwrap();
-        assert_eq!(enabled(&f, "uve_agent::link"), "ewidt");
-        assert_eq!(enabled(&f, "uve_agent::daemon"), "ew");
+        check(
+            "warn,uve_agent::link",
+            &[("uve_agent::link", "ewidt"), ("uve_agent::daemon", "ew")],
+        );
     }
 
     #[test]
     fn empty_directives_and_blanks_are_ignored() {
-        let f = parse(" , debug,, ").unwrap();
-        assert_eq!(enabled(&f, "x"), "ewid");
-        assert_eq!(enabled(&parse("").unwrap(), "x"), "");
+        check(" , debug,, ", &[("x", "ewid")]);
+        check("", &[("x", "")]);
     }
 
     #[test]
@@ -202,14 +217,19 @@ mod tests {
 
     #[test]
     fn the_environment_value_falls_back_to_info() {
-        let (f, e) = from_env_value(None);
-        assert_eq!((enabled(&f, "x"), e), ("ewi".to_string(), None));
-        let (f, e) = from_env_value(Some("  "));
-        assert_eq!((enabled(&f, "x"), e), ("ewi".to_string(), None));
-        let (f, e) = from_env_value(Some(" , "));
-        assert_eq!((enabled(&f, "x"), e), ("ewi".to_string(), None));
-        let (f, e) = from_env_value(Some("debug"));
-        assert_eq!((enabled(&f, "x"), e), ("ewid".to_string(), None));
+        for (value, levels) in [
+            (None, "ewi"),
+            (Some("  "), "ewi"),
+            (Some(" , "), "ewi"),
+            (Some("debug"), "ewid"),
+        ] {
+            let (f, e) = from_env_value(value);
+            assert_eq!(
+                (enabled(&f, "x"), e),
+                (levels.to_string(), None),
+                "{value:?}"
+            );
+        }
         let (f, e) = from_env_value(Some("x=nope"));
         assert_eq!(enabled(&f, "x"), "ewi");
         assert!(matches!(e, Some(FilterError::BadLevel { .. })));

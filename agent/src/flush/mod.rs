@@ -30,7 +30,7 @@ use crate::stores::cache;
 use crate::stores::preserve::{Preserved, PreservedCopy, human_size};
 use crate::stores::session::{SessionTable, UserGuard, UserLocks};
 use crate::stores::spool::{Spool, SpoolEntry};
-use crate::uif::{UifError, blocking, materialise};
+use crate::uif::{UifError, UserUifError, blocking, materialise, uif_err};
 
 /// How long a flush waits for a connection before leaving the update in
 /// the spool.
@@ -41,13 +41,8 @@ const FLUSH_CONNECT_WAIT: Duration = Duration::from_secs(3);
 #[derive(Debug, thiserror::Error)]
 pub enum FlushError {
     /// Detaching, packing or chunking the UIF failed.
-    #[error("UIF of {user}: {source}")]
-    Uif {
-        /// Whose UIF.
-        user: String,
-        /// What failed.
-        source: UifError,
-    },
+    #[error(transparent)]
+    Uif(#[from] UserUifError),
     /// Writing the spool entry failed.
     #[error("cannot journal the update of {user}: {source}")]
     Journal {
@@ -56,13 +51,6 @@ pub enum FlushError {
         /// The error.
         source: std::io::Error,
     },
-}
-
-fn uif_err(user: &str) -> impl FnOnce(UifError) -> FlushError + '_ {
-    move |source| FlushError::Uif {
-        user: user.to_string(),
-        source,
-    }
 }
 
 /// The parts a flush works with.
@@ -298,7 +286,7 @@ impl Flusher {
                 UifError::Hook(_) => {
                     tracing::error!(%user, "detach hook failed, flushing anyway: {e}");
                 }
-                e => return Err(uif_err(user)(e)),
+                e => return Err(uif_err(user)(e).into()),
             }
         }
         if keep_attached && cfg.uif.mode == crate::config::UifMode::File {
@@ -354,7 +342,7 @@ impl Flusher {
             Ok(m)
         })
         .await
-        .map_err(uif_err(user))
+        .map_err(|e| uif_err(user)(e).into())
     }
 
     /// Journals `entry`: "spooled" means durable, so the file first (one
@@ -417,16 +405,20 @@ mod tests {
         guard
     }
 
+    /// The flush of session `s1`'s logout.
+    async fn logout(f: &Flusher, g: &UserGuard) -> FlushOutcome {
+        f.flush(g, &name("s1"), UpdateCause::Logout, false)
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn a_changed_uif_is_committed_and_nothing_stays_spooled() {
         let rig = Rig::new();
         let data = uve_protocol::testdata::noise(300_000, 1);
         let g = attached(&rig, "ann", &data).await;
         let f = rig.lifecycle.flusher();
-        let out = f
-            .flush(&g, &name("s1"), UpdateCause::Logout, false)
-            .await
-            .unwrap();
+        let out = logout(f, &g).await;
         assert_eq!(out, FlushOutcome::Committed(COMMITTED));
         assert_eq!(f.spool.count(), 0);
         assert!(rig.lifecycle.table().uif("ann").is_none(), "detached");
@@ -437,14 +429,11 @@ mod tests {
     #[tokio::test]
     async fn a_refusal_preserves_the_bytes_and_frees_the_path() {
         let rig = Rig::new();
-        rig.host.lock().unwrap().refuse_updates = Some(ErrorCode::QuotaExceeded);
+        rig.refuse_updates(Some(ErrorCode::QuotaExceeded));
         let data = uve_protocol::testdata::noise(100_000, 2);
         let g = attached(&rig, "ben", &data).await;
         let f = rig.lifecycle.flusher();
-        let out = f
-            .flush(&g, &name("s1"), UpdateCause::Logout, false)
-            .await
-            .unwrap();
+        let out = logout(f, &g).await;
         let FlushOutcome::Refused {
             refusal,
             kept: Kept::Preserved(copy),
@@ -462,13 +451,10 @@ mod tests {
     #[tokio::test]
     async fn a_transient_refusal_leaves_it_spooled_durably() {
         let rig = Rig::new();
-        rig.host.lock().unwrap().refuse_updates = Some(ErrorCode::Busy);
+        rig.refuse_updates(Some(ErrorCode::Busy));
         let g = attached(&rig, "cat", b"cat's work").await;
         let f = rig.lifecycle.flusher();
-        let out = f
-            .flush(&g, &name("s1"), UpdateCause::Logout, false)
-            .await
-            .unwrap();
+        let out = logout(f, &g).await;
         assert!(matches!(out, FlushOutcome::Spooled(_)), "{out:?}");
         let entries = f.spool.list();
         assert_eq!(entries.len(), 1);
@@ -491,10 +477,7 @@ mod tests {
             .digest;
         rig.lifecycle.table().rebase(&g, 1, digest).await.unwrap();
         let f = rig.lifecycle.flusher();
-        let out = f
-            .flush(&g, &name("s1"), UpdateCause::Logout, false)
-            .await
-            .unwrap();
+        let out = logout(f, &g).await;
         assert_eq!(out, FlushOutcome::Unchanged(Some(1)));
         assert_eq!(rig.count(|r| matches!(r, Request::UpdateBegin(_))), 0);
     }

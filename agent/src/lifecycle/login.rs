@@ -7,12 +7,12 @@ use serde::{Deserialize, Serialize};
 use uve_protocol::message::{Request, Version};
 use uve_protocol::names::{SessionId, UaName, UserName};
 
-use super::{Lifecycle, LifecycleError, uif_err};
+use super::{Lifecycle, LifecycleError};
 use crate::base::fsutil;
 use crate::config::{Config, RetrieveFailure};
 use crate::stores::cache;
 use crate::stores::session::{SessionRecord, UaProcess, UifRecord, UserGuard};
-use crate::uif::{UifError, blocking, materialise, retrieve};
+use crate::uif::{UifError, blocking, materialise, retrieve, uif_err};
 
 /// Pause before retrying an interrupted retrieve.
 const RETRY_PAUSE: Duration = Duration::from_millis(300);
@@ -299,7 +299,7 @@ impl Lifecycle {
                     },
                 ))
             }
-            Err(e) => Err(uif_err(user)(e)),
+            Err(e) => Err(uif_err(user)(e).into()),
         }
     }
 

@@ -40,7 +40,7 @@ use crate::stores::notices::Journal;
 use crate::stores::session::{NotDurable, SessionRecord, SessionTable, UserLocks};
 use crate::stores::ua::UaStore;
 use crate::supervise::{Supervisor, UaExited};
-use crate::uif::UifError;
+use crate::uif::UserUifError;
 
 /// Why a lifecycle operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,13 +61,8 @@ pub enum LifecycleError {
     #[error("an earlier update of {0} is still waiting for the host; try again when connected")]
     PendingUpdate(String),
     /// A UIF step failed.
-    #[error("UIF of {user}: {source}")]
-    Uif {
-        /// Whose UIF.
-        user: String,
-        /// What failed.
-        source: UifError,
-    },
+    #[error(transparent)]
+    Uif(#[from] UserUifError),
     /// The flush failed before anything was journalled.
     #[error(transparent)]
     Flush(#[from] FlushError),
@@ -83,13 +78,6 @@ pub enum LifecycleError {
     /// The session table could not record the login.
     #[error("the login was not recorded: {0}")]
     Table(#[from] NotDurable),
-}
-
-fn uif_err(user: &str) -> impl FnOnce(UifError) -> LifecycleError + '_ {
-    move |source| LifecycleError::Uif {
-        user: user.to_string(),
-        source,
-    }
 }
 
 /// The lifecycles and the parts they work with. The parts are private:

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use uve_protocol::message::{UpdateBegin, UpdateCause};
 
-use super::{Lifecycle, LifecycleError, uif_err};
+use super::{Lifecycle, LifecycleError};
 use crate::flush::FlushOutcome;
 use crate::stores::preserve::PreservedCopy;
 use crate::uif::update::{self, UpdateOutcome};
-use crate::uif::{UifError, blocking};
+use crate::uif::{UifError, blocking, uif_err};
 
 impl Lifecycle {
     /// Every preserved copy, oldest first.

@@ -3,8 +3,8 @@
 //! `AgentStatus`).
 
 use serde::{Deserialize, Serialize};
-use uve_protocol::message::{AgentStatus, SessionInfo};
-use uve_protocol::names::{SessionId, UaName, UaVersion, UserName};
+use uve_protocol::message::{AgentStatus, SessionInfo, UaInfo};
+use uve_protocol::names::{SessionId, UaName, UserName};
 
 use super::Lifecycle;
 
@@ -53,16 +53,10 @@ pub struct SessionStatus {
     pub suspended: bool,
 }
 
-/// One deployed UA in [`StatusReport`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UaStatus {
-    /// Its name.
-    pub name: UaName,
-    /// The version `current` points at.
-    pub current: UaVersion,
-    /// The version kept for rollback.
-    pub previous: Option<UaVersion>,
-}
+/// One deployed UA in [`StatusReport`]: what the host is told of it
+/// (its name, the version `current` points at, the one kept for
+/// rollback).
+pub type UaStatus = UaInfo;
 
 impl Lifecycle {
     /// The local status, showing only the sessions and UIFs of users for
@@ -88,16 +82,7 @@ impl Lifecycle {
                 })
                 .collect(),
             attached: table.uifs.keys().filter(|u| visible(u)).cloned().collect(),
-            uas: self
-                .uas
-                .list()
-                .into_iter()
-                .map(|u| UaStatus {
-                    name: u.name,
-                    current: u.current,
-                    previous: u.previous,
-                })
-                .collect(),
+            uas: self.uas.list(),
             spooled_updates: self.flusher.pending_updates(),
             pending_notices: self.notices.count(),
             monitor_grants: 0,

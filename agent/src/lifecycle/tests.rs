@@ -61,15 +61,14 @@ async fn the_last_session_of_a_user_flushes_and_a_disconnect_is_journalled() {
 async fn a_login_fails_while_an_earlier_update_of_the_user_is_pending() {
     let rig = Rig::new();
     let lc = &rig.lifecycle;
-    lc.login(&name("hal"), &name("h1"), None).await.unwrap();
-    std::fs::write(rig.uif("hal"), b"hal's work").unwrap();
-    rig.host.lock().unwrap().refuse_updates = Some(uve_protocol::ErrorCode::Busy);
+    rig.login_and_write("hal", "h1", b"hal's work").await;
+    rig.refuse_updates(Some(uve_protocol::ErrorCode::Busy));
     let out = lc.logout(&name("h1")).await.unwrap().outcome;
     assert!(matches!(out, FlushOutcome::Spooled(_)), "{out:?}");
     let err = lc.login(&name("hal"), &name("h2"), None).await.unwrap_err();
     assert!(matches!(err, LifecycleError::PendingUpdate(_)), "{err}");
     assert_eq!(std::fs::read(rig.uif("hal")).unwrap(), b"hal's work");
-    rig.host.lock().unwrap().refuse_updates = None;
+    rig.refuse_updates(None);
     let said = lc.login(&name("hal"), &name("h3"), None).await.unwrap();
     assert!(said.to_string().contains("new user"), "{said}");
 }
@@ -78,8 +77,7 @@ async fn a_login_fails_while_an_earlier_update_of_the_user_is_pending() {
 async fn a_checkpoint_commits_while_the_uif_stays_attached() {
     let rig = Rig::new();
     let lc = &rig.lifecycle;
-    lc.login(&name("ivy"), &name("i1"), None).await.unwrap();
-    std::fs::write(rig.uif("ivy"), b"ivy, mid-session").unwrap();
+    rig.login_and_write("ivy", "i1", b"ivy, mid-session").await;
     lc.checkpoint().await;
     let rec = lc.table.uif("ivy").unwrap();
     assert_eq!(rec.base, Some(COMMITTED), "rebased on the checkpoint");
@@ -97,8 +95,7 @@ async fn a_checkpoint_commits_while_the_uif_stays_attached() {
 async fn a_logout_whose_table_write_fails_still_commits_and_the_disk_catches_up() {
     let rig = Rig::new();
     let lc = rig.lifecycle.clone();
-    lc.login(&name("jo"), &name("j1"), None).await.unwrap();
-    std::fs::write(rig.uif("jo"), b"jo's work").unwrap();
+    rig.login_and_write("jo", "j1", b"jo's work").await;
     // The table cannot be written while the session ends: its path is a
     // directory.
     let path = crate::stores::session::Table::path(rig.state());
@@ -125,9 +122,7 @@ async fn a_logout_whose_table_write_fails_still_commits_and_the_disk_catches_up(
 #[tokio::test]
 async fn a_restart_flushes_and_detaches_a_uif_no_session_holds() {
     let mut rig = Rig::new();
-    let lc = rig.lifecycle.clone();
-    lc.login(&name("kim"), &name("k1"), None).await.unwrap();
-    std::fs::write(rig.uif("kim"), b"kim's work").unwrap();
+    rig.login_and_write("kim", "k1", b"kim's work").await;
     // What a restart finds after a logout whose table writes never
     // reached the disk, the session's end excepted: the UIF attached, no
     // session open.

@@ -5,64 +5,48 @@
 //! idempotent at the host.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::path::Path;
 
 use crate::link::HostLink;
 use uve_protocol::message::{DisconnectNotice, Request};
 use uve_protocol::names::{SessionId, UaName, UserName};
 
+use super::records::Records;
 use crate::base::fsutil;
 
 /// The notice journal, with an in-memory index (read once at start). File
 /// work runs on blocking threads.
 #[derive(Debug, Clone)]
 pub struct Journal {
-    dir: PathBuf,
-    index: Arc<Mutex<BTreeMap<u64, DisconnectNotice>>>,
+    records: Records<DisconnectNotice>,
 }
 
 impl Journal {
     /// The journal under `state_dir`, its notices loaded.
     pub fn load(state_dir: &Path) -> Journal {
-        let dir = state_dir.join("notices");
-        let index = std::fs::read_dir(&dir)
-            .map(|rd| {
-                rd.filter_map(Result::ok)
-                    .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-                    .filter_map(|e| fsutil::read_json::<Record>(&e.path()).ok().flatten())
-                    .map(|r| (r.id, DisconnectNotice::from(r)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        Journal {
-            dir,
-            index: Arc::new(Mutex::new(index)),
-        }
+        let records = Records::load(state_dir.join("notices"), |r: Record| {
+            (r.id, DisconnectNotice::from(r))
+        });
+        Journal { records }
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, DisconnectNotice>> {
-        self.index.lock().unwrap_or_else(PoisonError::into_inner)
+        self.records.index()
     }
 
     /// Journals a notice durably.
     pub async fn add(&self, notice: &DisconnectNotice) -> std::io::Result<()> {
-        let (dir, path, record) = (self.dir.clone(), self.path(notice.id), Record::from(notice));
-        tokio::task::spawn_blocking(move || {
-            fsutil::ensure_dir(&dir)?;
-            fsutil::write_json(&path, &record)
-        })
-        .await
-        .map_err(std::io::Error::other)??;
-        self.index().insert(notice.id, notice.clone());
-        Ok(())
+        let (path, record) = (self.records.record_path(notice.id), Record::from(notice));
+        self.records
+            .add(notice.id, notice, move || {
+                fsutil::write_json(&path, &record)
+            })
+            .await
     }
 
     /// Pending notices, oldest first.
     pub fn list(&self) -> Vec<DisconnectNotice> {
-        let mut out: Vec<DisconnectNotice> = self.index().values().cloned().collect();
-        out.sort_by_key(|n| (n.at, n.id));
-        out
+        self.records.sorted_by_key(|n| (n.at, n.id))
     }
 
     /// Number of pending notices.
@@ -103,12 +87,8 @@ impl Journal {
 
     async fn remove(&self, id: u64) {
         self.index().remove(&id);
-        let path = self.path(id);
+        let path = self.records.record_path(id);
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
-    }
-
-    fn path(&self, id: u64) -> PathBuf {
-        self.dir.join(format!("{id:016x}.json"))
     }
 }
 

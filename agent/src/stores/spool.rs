@@ -18,13 +18,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use uve_protocol::manifest::Manifest;
 use uve_protocol::message::{UpdateCause, Version};
 use uve_protocol::names::{SessionId, UserName};
 
+use super::records::Records;
 use crate::base::fsutil;
 
 /// One pending update.
@@ -65,55 +65,37 @@ impl SpoolEntry {
 /// blocking threads.
 #[derive(Debug, Clone)]
 pub struct Spool {
-    dir: PathBuf,
-    index: Arc<Mutex<BTreeMap<u64, SpoolEntry>>>,
+    records: Records<SpoolEntry>,
 }
 
 impl Spool {
     /// The spool under `state_dir`, its records loaded.
     pub fn load(state_dir: &Path) -> Spool {
-        let dir = state_dir.join("spool");
-        let index = std::fs::read_dir(&dir)
-            .map(|rd| {
-                rd.filter_map(Result::ok)
-                    .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-                    .filter_map(|e| fsutil::read_json::<SpoolEntry>(&e.path()).ok().flatten())
-                    .map(|e| (e.id, e))
-                    .collect()
-            })
-            .unwrap_or_default();
-        Spool {
-            dir,
-            index: Arc::new(Mutex::new(index)),
-        }
+        let records = Records::load(state_dir.join("spool"), |e: SpoolEntry| (e.id, e));
+        Spool { records }
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, SpoolEntry>> {
-        self.index.lock().unwrap_or_else(PoisonError::into_inner)
+        self.records.index()
     }
 
     /// Journals `entry` durably: manifest first, then the record (whose
     /// presence makes the entry valid). Replaces an entry of the same id.
     pub async fn add(&self, entry: &SpoolEntry, manifest: &Manifest) -> std::io::Result<()> {
         let bytes = postcard::to_stdvec(manifest).map_err(std::io::Error::other)?;
-        let (dir, e2) = (self.dir.clone(), entry.clone());
+        let e2 = entry.clone();
         let (mpath, rpath) = (self.manifest_path(entry.id), self.record_path(entry.id));
-        tokio::task::spawn_blocking(move || {
-            fsutil::ensure_dir(&dir)?;
-            fsutil::atomic_write(&mpath, &bytes)?;
-            fsutil::write_json(&rpath, &e2)
-        })
-        .await
-        .map_err(std::io::Error::other)??;
-        self.index().insert(entry.id, entry.clone());
-        Ok(())
+        self.records
+            .add(entry.id, entry, move || {
+                fsutil::atomic_write(&mpath, &bytes)?;
+                fsutil::write_json(&rpath, &e2)
+            })
+            .await
     }
 
     /// All entries, oldest first.
     pub fn list(&self) -> Vec<SpoolEntry> {
-        let mut out: Vec<SpoolEntry> = self.index().values().cloned().collect();
-        out.sort_by_key(|e| (e.created, e.id));
-        out
+        self.records.sorted_by_key(|e| (e.created, e.id))
     }
 
     /// Entries of one user, oldest first.
@@ -157,10 +139,10 @@ impl Spool {
     }
 
     fn record_path(&self, id: u64) -> PathBuf {
-        self.dir.join(format!("{id:016x}.json"))
+        self.records.record_path(id)
     }
 
     fn manifest_path(&self, id: u64) -> PathBuf {
-        self.dir.join(format!("{id:016x}.manifest"))
+        self.records.dir().join(format!("{id:016x}.manifest"))
     }
 }

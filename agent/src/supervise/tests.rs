@@ -23,23 +23,26 @@ fn record(session: &'static str) -> SessionRecord {
     }
 }
 
+/// Starts UA `desk` for `session` (deployed by [`deploy`]).
+fn start_desk(rig: &Rig, session: &'static str) -> Started {
+    let lc = &rig.lifecycle;
+    let sock = rig.dir.path().join("ctl.sock");
+    lc.supervisor()
+        .start(lc.uas(), &sock, &record(session), &UaName::literal("desk"))
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_stopped_ua_is_not_reported_and_a_dying_one_is() {
     let mut rig = Rig::new();
     deploy(&rig, "desk", "exec sleep 30");
-    let lc = rig.lifecycle.clone();
-    let sock = rig.dir.path().join("ctl.sock");
-    let sup = lc.supervisor();
-    let a = sup
-        .start(lc.uas(), &sock, &record("s1"), &UaName::literal("desk"))
-        .unwrap();
+    let sup = rig.lifecycle.supervisor();
+    let a = start_desk(&rig, "s1");
     assert!(a.start.is_some() && sup.pid("s1") == Some(a.pid));
     sup.stop("s1").await;
     assert!(sup.pid("s1").is_none(), "forgotten once it ended");
     // Started again and killed behind the agent's back: reported.
-    let b = sup
-        .start(lc.uas(), &sock, &record("s2"), &UaName::literal("desk"))
-        .unwrap();
+    let b = start_desk(&rig, "s2");
     kill_group(b.pid, Signal::SIGKILL);
     let exit = tokio::time::timeout(Duration::from_secs(20), rig.exits.recv())
         .await
@@ -57,12 +60,8 @@ async fn a_stopped_ua_is_not_reported_and_a_dying_one_is() {
 async fn suspend_stops_the_process_group_and_resume_continues_it() {
     let rig = Rig::new();
     deploy(&rig, "desk", "exec sleep 30");
-    let lc = rig.lifecycle.clone();
-    let sock = rig.dir.path().join("ctl.sock");
-    let sup = lc.supervisor();
-    let s = sup
-        .start(lc.uas(), &sock, &record("s1"), &UaName::literal("desk"))
-        .unwrap();
+    let sup = rig.lifecycle.supervisor();
+    let s = start_desk(&rig, "s1");
     sup.set_suspended("s1", true).await.unwrap();
     assert!(sup.is_suspended("s1"));
     assert_eq!(group_stopped(s.pid), Some(true));

@@ -79,6 +79,24 @@ impl UifError {
     }
 }
 
+/// A UIF operation of one user that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("UIF of {user}: {source}")]
+pub struct UserUifError {
+    /// Whose UIF.
+    pub user: String,
+    /// What failed.
+    pub source: UifError,
+}
+
+/// For `map_err`: a [`UifError`] as a failure of `user`'s UIF.
+pub fn uif_err(user: &str) -> impl FnOnce(UifError) -> UserUifError + '_ {
+    move |source| UserUifError {
+        user: user.to_string(),
+        source,
+    }
+}
+
 /// Runs blocking file work off the runtime thread, so heartbeats keep
 /// flowing while a multi-GiB file is hashed or packed.
 pub async fn blocking<T: Send + 'static>(

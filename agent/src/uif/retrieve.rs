@@ -141,18 +141,28 @@ impl Target<'_> {
     /// First login: an empty UIF. Returns the empty manifest's digest.
     async fn first_login(&self) -> Result<Hash, UifError> {
         let empty = empty_manifest();
-        let (sd, u, d, m) = (
+        let digest = empty.header.digest;
+        self.write_and_record(empty, write_empty).await?;
+        Ok(digest)
+    }
+
+    /// Off the runtime thread: `write` makes the destination hold
+    /// `manifest`, which is then recorded (see [`record`]).
+    async fn write_and_record(
+        &self,
+        manifest: Manifest,
+        write: impl FnOnce(&Path) -> Result<(), UifError> + Send + 'static,
+    ) -> Result<(), UifError> {
+        let (sd, u, d) = (
             self.state_dir.to_path_buf(),
             self.user.to_string(),
             self.dest.to_path_buf(),
-            empty.clone(),
         );
         blocking(move || {
-            write_empty(&d)?;
-            record(&sd, &u, &d, &m)
+            write(&d)?;
+            record(&sd, &u, &d, &manifest)
         })
-        .await?;
-        Ok(empty.header.digest)
+        .await
     }
 
     /// Reads and validates the manifest of `version`, page by page.
@@ -290,13 +300,8 @@ impl Target<'_> {
         version: Version,
     ) -> Result<(), UifError> {
         let size = manifest.header.size;
-        let (sd, u, d, m) = (
-            self.state_dir.to_path_buf(),
-            self.user.to_string(),
-            self.dest.to_path_buf(),
-            manifest.clone(),
-        );
-        blocking(move || {
+        let u = self.user.to_string();
+        self.write_and_record(manifest.clone(), move |d| {
             let written = out
                 .file()
                 .metadata()
@@ -307,8 +312,7 @@ impl Target<'_> {
                     "assembled {written} bytes for {u} version {version}, expected {size}"
                 )));
             }
-            out.publish().map_err(|e| UifError::at("publish", &d, e))?;
-            record(&sd, &u, &d, &m)
+            out.publish().map_err(|e| UifError::at("publish", d, e))
         })
         .await
     }

@@ -29,6 +29,46 @@ pub fn file_cfg(dir: &Path, extra: &str) -> String {
     )
 }
 
+/// A fresh test directory and the fake host listening in it.
+pub fn host_in_tempdir() -> (tempfile::TempDir, TestHost) {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(dir.path());
+    (dir, host)
+}
+
+/// `user`'s UIF under the file-mode configuration of [`file_cfg`] in
+/// `dir`.
+pub fn uif(dir: &Path, user: &str) -> PathBuf {
+    dir.join(format!("uif/{user}.img"))
+}
+
+/// [`start_agent`], then waits until the agent is connected to the host.
+pub fn connected_agent(dir: &Path, extra: &str) -> AgentProc {
+    let agent = start_agent(dir, extra);
+    agent.wait_connected();
+    agent
+}
+
+/// A file-mode agent ([`file_cfg`] without extra lines), connected.
+pub fn file_agent(dir: &Path) -> AgentProc {
+    connected_agent(dir, &file_cfg(dir, ""))
+}
+
+/// A test directory with its fake host holding `user`'s version `seed`,
+/// and a file-mode agent, connected, on which `user` logged in to
+/// `session`.
+pub fn logged_in(
+    user: &str,
+    seed: &[u8],
+    session: &str,
+) -> (tempfile::TempDir, TestHost, AgentProc) {
+    let (dir, host) = host_in_tempdir();
+    host.with(|h| h.seed(user, seed));
+    let agent = file_agent(dir.path());
+    agent.ok(&["login", "--user", user, "--session", session]);
+    (dir, host, agent)
+}
+
 /// Starts the agent under test in `dir`, dialing the [`TestHost`] of
 /// `dir`, with `extra` TOML (e.g. a `[uif]` section) after a 5 s login
 /// timeout; waits until its control socket answers.

@@ -86,8 +86,9 @@ async fn read_line(s: &mut UnixStream) -> Result<String, TransportError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::tests::read_expect;
     use crate::transport::{Endpoint, Listener, Peer, dial};
-    use tokio::io::AsyncBufReadExt;
+    use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite};
 
     /// A minimal fake VMM muxer: accepts on `uds`, reads the CONNECT line and
     /// answers with `reply`, then (if `payload`) sends payload bytes in the
@@ -125,43 +126,48 @@ mod tests {
         );
     }
 
+    /// A [`fake_muxer`] answering `reply` on `<dir>/<name>`: the socket
+    /// path and the muxer's task.
+    fn muxer(
+        dir: &Path,
+        name: &str,
+        reply: &'static str,
+        payload: bool,
+    ) -> (PathBuf, tokio::task::JoinHandle<Option<String>>) {
+        let uds = dir.join(name);
+        let l = tokio::net::UnixListener::bind(&uds).expect("bind");
+        (uds, tokio::spawn(fake_muxer(l, reply, payload)))
+    }
+
+    /// The muxer's payload arrives first, then `ping` is echoed back.
+    async fn payload_then_echo(s: &mut (impl AsyncRead + AsyncWrite + Unpin), ping: &[u8]) {
+        read_expect(s, b"GUEST-FIRST", "payload after OK line was swallowed").await;
+        s.write_all(ping).await.expect("write");
+        read_expect(s, ping, "echo").await;
+    }
+
     #[tokio::test]
     async fn connect_sends_line_and_keeps_payload_after_ok() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let uds = dir.path().join("v.sock");
-        let l = tokio::net::UnixListener::bind(&uds).expect("bind");
-        let mux = tokio::spawn(fake_muxer(l, "OK 1073741824\n", true));
+        let (uds, mux) = muxer(dir.path(), "v.sock", "OK 1073741824\n", true);
         let mut s = connect(&uds, 52, Duration::from_secs(2))
             .await
             .expect("connect");
-        let mut first = [0u8; 11];
-        s.read_exact(&mut first).await.expect("payload");
-        assert_eq!(
-            &first, b"GUEST-FIRST",
-            "payload after OK line was swallowed"
-        );
-        s.write_all(b"ping").await.expect("write");
-        let mut echo = [0u8; 4];
-        s.read_exact(&mut echo).await.expect("echo");
-        assert_eq!(&echo, b"ping");
+        payload_then_echo(&mut s, b"ping").await;
         assert_eq!(mux.await.expect("join").as_deref(), Some("CONNECT 52\n"));
     }
 
     #[tokio::test]
     async fn refused_when_muxer_closes_or_says_no() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let uds = dir.path().join("v.sock");
-        let l = tokio::net::UnixListener::bind(&uds).expect("bind");
-        let mux = tokio::spawn(fake_muxer(l, "", false));
+        let (uds, mux) = muxer(dir.path(), "v.sock", "", false);
         let err = connect(&uds, 9, Duration::from_secs(2))
             .await
             .expect_err("closed");
         assert!(matches!(err, TransportError::Refused(_)), "{err}");
         mux.await.expect("join");
 
-        let uds2 = dir.path().join("w.sock");
-        let l = tokio::net::UnixListener::bind(&uds2).expect("bind");
-        let mux = tokio::spawn(fake_muxer(l, "ERR no listener\n", false));
+        let (uds2, mux) = muxer(dir.path(), "w.sock", "ERR no listener\n", false);
         let err = connect(&uds2, 9, Duration::from_secs(2))
             .await
             .expect_err("refused");
@@ -198,20 +204,12 @@ mod tests {
     #[tokio::test]
     async fn hybrid_dial_endpoint_goes_through_muxer() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let uds = dir.path().join("v.sock");
-        let l = tokio::net::UnixListener::bind(&uds).expect("bind");
-        let mux = tokio::spawn(fake_muxer(l, "OK 52\n", true));
+        let (uds, mux) = muxer(dir.path(), "v.sock", "OK 52\n", true);
         let ep: Endpoint = format!("hybrid:{}:52", uds.display())
             .parse()
             .expect("parse");
         let mut s = dial(&ep, Duration::from_secs(2)).await.expect("dial");
-        let mut first = [0u8; 11];
-        s.read_exact(&mut first).await.expect("payload");
-        assert_eq!(&first, b"GUEST-FIRST");
-        s.write_all(b"abcd").await.expect("write");
-        let mut echo = [0u8; 4];
-        s.read_exact(&mut echo).await.expect("echo");
-        assert_eq!(&echo, b"abcd");
+        payload_then_echo(&mut s, b"abcd").await;
         mux.await.expect("join");
     }
 
@@ -234,9 +232,7 @@ mod tests {
         });
         let (mut s, peer) = listener.accept().await.expect("accept");
         assert_eq!(peer, Peer::Unix { path: path.clone() });
-        let mut buf = [0u8; 5];
-        s.read_exact(&mut buf).await.expect("read");
-        assert_eq!(&buf, b"hello");
+        read_expect(&mut s, b"hello", "read").await;
         vmm.await.expect("join");
         drop(listener);
         assert!(!path.exists(), "listener must remove its socket file");

@@ -247,6 +247,15 @@ pub async fn dial(endpoint: &Endpoint, limit: Duration) -> Result<BoxStream, Tra
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncRead, AsyncReadExt};
+
+    /// Reads `want.len()` bytes from `s` and checks they are `want`
+    /// (`what` names them in a failure).
+    pub(super) async fn read_expect(s: &mut (impl AsyncRead + Unpin), want: &[u8], what: &str) {
+        let mut got = vec![0u8; want.len()];
+        s.read_exact(&mut got).await.expect(what);
+        assert_eq!(got, want, "{what}");
+    }
 
     #[test]
     fn parses_and_prints_addresses() {

@@ -53,7 +53,8 @@ pub async fn connect(path: &Path, limit: Duration) -> Result<UnixStream, Transpo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use crate::transport::tests::read_expect;
+    use tokio::io::AsyncWriteExt;
 
     #[tokio::test]
     async fn stale_socket_is_replaced_live_one_is_not() {
@@ -76,9 +77,7 @@ mod tests {
         let mut c = connect(&path, Duration::from_secs(2))
             .await
             .expect("connect");
-        let mut buf = [0u8; 2];
-        c.read_exact(&mut buf).await.expect("read");
-        assert_eq!(&buf, b"hi");
+        read_expect(&mut c, b"hi", "read").await;
         accept.await.expect("join");
     }
 

@@ -8,10 +8,10 @@ use tokio::sync::mpsc;
 use uve_protocol::ErrorCode;
 use uve_protocol::link::{Incoming, LinkHandle, Responder};
 use uve_protocol::manifest::Hash;
-use uve_protocol::message::{AgentStatus, Request, Response, SessionInfo, UaInfo};
+use uve_protocol::message::{AgentStatus, Request, Response, SessionInfo, UaBundle, UaInfo};
 use uve_protocol::names::{UaName, UserName};
 
-use super::update::{Updated, update};
+use super::update::{Updated, begin_and_list, update};
 use super::{AgentState, ReleaseMode, lock};
 use crate::names;
 
@@ -35,24 +35,12 @@ pub(super) async fn serve_uve2(
                 continue;
             }
             Request::Ping { nonce } => Response::Pong { nonce },
-            Request::UaBegin(b) => {
-                lock(&state).transfers.insert(b.transfer, (b, Vec::new()));
-                Response::Ok
-            }
+            Request::UaBegin(b) => ua_begin(&mut lock(&state), b),
             Request::UaBundleData {
                 transfer,
                 offset,
                 data,
-            } => {
-                let mut st = lock(&state);
-                match st.transfers.get_mut(&transfer) {
-                    Some((_, buf)) if buf.len() as u64 == offset => {
-                        buf.extend_from_slice(&data);
-                        Response::Ok
-                    }
-                    _ => err(ErrorCode::BadRequest, "bad transfer or offset"),
-                }
-            }
+            } => ua_data(&mut lock(&state), transfer, offset, &data),
             Request::UaCommit { transfer } => ua_commit(&mut lock(&state), transfer),
             Request::UaRollback { name } => ua_rollback(&mut lock(&state), name),
             Request::UaDelete { name, force } => ua_delete(&mut lock(&state), &name, force),
@@ -84,7 +72,11 @@ fn release(
             .get(user.as_str())
             .copied()
             .unwrap_or((None, 0));
-        let r = update(&handle, &user, "s1", base, lease, &data).await;
+        let r = async {
+            let listed = begin_and_list(&handle, &user, "s1", base, lease, &data).await?;
+            update(&handle, listed).await
+        }
+        .await;
         let committed = match r {
             Ok(Updated {
                 answer: Response::Committed { version },
@@ -94,6 +86,21 @@ fn release(
         };
         let _ = responder.send(Response::Released { committed }).await;
     });
+}
+
+fn ua_begin(st: &mut AgentState, b: UaBundle) -> Response {
+    st.transfers.insert(b.transfer, (b, Vec::new()));
+    Response::Ok
+}
+
+fn ua_data(st: &mut AgentState, transfer: u64, offset: u64, data: &[u8]) -> Response {
+    match st.transfers.get_mut(&transfer) {
+        Some((_, buf)) if buf.len() as u64 == offset => {
+            buf.extend_from_slice(data);
+            Response::Ok
+        }
+        _ => err(ErrorCode::BadRequest, "bad transfer or offset"),
+    }
 }
 
 fn ua_commit(st: &mut AgentState, transfer: u64) -> Response {

@@ -99,16 +99,9 @@ pub fn manifest_of(data: &[u8]) -> (Manifest, HashMap<Hash, Vec<u8>>) {
     (m, bytes)
 }
 
-/// A whole update: begin, every page, the missing chunks whole, commit.
-pub async fn update(
-    handle: &LinkHandle,
-    user: &str,
-    session: &str,
-    base: Option<Version>,
-    lease: u64,
-    data: &[u8],
-) -> Result<Updated, LinkError> {
-    let l = begin_and_list(handle, user, session, base, lease, data).await?;
+/// Completes an update [`begin_and_list`] began and listed: the missing
+/// chunks whole, then the commit.
+pub async fn update(handle: &LinkHandle, l: Listed) -> Result<Updated, LinkError> {
     for &i in &l.missing {
         let hash = l.manifest.chunks[i].hash;
         handle

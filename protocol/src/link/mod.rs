@@ -43,6 +43,10 @@ use crate::handshake::FrameReader;
 use crate::message::{ErrorCode, Frame, Goodbye, Request, Response, WireError};
 use crate::names::NameError;
 
+mod end;
+
+pub use end::{LinkEnd, LinkError, within};
+
 /// Tunables of one link.
 #[derive(Debug, Clone, Copy)]
 pub struct LinkConfig {
@@ -85,84 +89,6 @@ impl LinkConfig {
             max_inbound_bytes: DEFAULT_MAX_INBOUND_BYTES,
             max_outbound_bytes: DEFAULT_MAX_OUTBOUND_BYTES,
             write_deadline: heartbeat * HEARTBEAT_MISSES,
-        }
-    }
-}
-
-/// Why a link ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LinkEnd {
-    /// The peer said goodbye (orderly).
-    Goodbye(String),
-    /// We closed it (goodbye sent or local shutdown).
-    Local,
-    /// The peer closed the connection without a goodbye.
-    PeerClosed,
-    /// Nothing heard from the peer for this long.
-    DeadPeer(Duration),
-    /// The peer sent a frame we could not accept; the reason is logged.
-    BadFrame(String),
-    /// Writing to the socket failed.
-    WriteFailed(String),
-    /// The peer took no frame for this long: it stopped reading.
-    WriteStalled(Duration),
-}
-
-impl LinkEnd {
-    /// True if the peer ended the connection on purpose.
-    pub fn is_orderly(&self) -> bool {
-        matches!(self, LinkEnd::Goodbye(_) | LinkEnd::Local)
-    }
-}
-
-impl std::fmt::Display for LinkEnd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            LinkEnd::Goodbye(r) => write!(f, "peer said goodbye: {r}"),
-            LinkEnd::Local => f.write_str("closed locally"),
-            LinkEnd::PeerClosed => f.write_str("peer closed the connection"),
-            LinkEnd::DeadPeer(d) => write!(f, "peer silent for {d:?}"),
-            LinkEnd::BadFrame(e) => write!(f, "bad frame from peer: {e}"),
-            LinkEnd::WriteFailed(e) => write!(f, "write failed: {e}"),
-            LinkEnd::WriteStalled(d) => write!(f, "peer stopped reading: no frame taken in {d:?}"),
-        }
-    }
-}
-
-/// Why a request or response could not be exchanged.
-#[derive(Debug, thiserror::Error)]
-pub enum LinkError {
-    /// The link is gone.
-    #[error("link closed: {0}")]
-    Closed(LinkEnd),
-    /// No answer in time.
-    #[error("no response within {0:?}")]
-    Timeout(Duration),
-    /// The frame could not be encoded (e.g. larger than the frame limit).
-    #[error(transparent)]
-    Frame(#[from] FrameError),
-    /// The peer answered with an error.
-    #[error("peer refused: {0}")]
-    Remote(WireError),
-}
-
-impl LinkError {
-    /// The wire error code if the peer refused, else `None`.
-    pub fn remote_code(&self) -> Option<ErrorCode> {
-        match self {
-            LinkError::Remote(e) => Some(e.code),
-            _ => None,
-        }
-    }
-
-    /// The peer's final refusal, if that is what this is: a remote error
-    /// whose code is not [transient](ErrorCode::is_transient). A closed
-    /// link, a timeout or an unencodable frame says nothing about what the
-    /// peer would answer, so a retry may succeed.
-    pub fn refusal(&self) -> Option<&WireError> {
-        match self {
-            LinkError::Remote(e) if !e.code.is_transient() => Some(e),
-            _ => None,
         }
     }
 }
@@ -274,25 +200,13 @@ impl LinkHandle {
     /// the peer becomes [`LinkError::Remote`].
     pub async fn request(&self, body: Request) -> Result<Response, LinkError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.shared
-            .pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, tx);
-        if self.shared.cancel.is_cancelled() {
-            self.forget(id);
-            return Err(LinkError::Closed(self.shared.end_reason()));
-        }
-        if let Err(e) = self.shared.enqueue(&Frame::Request { id, body }).await {
-            self.forget(id);
-            return Err(e);
-        }
-        match rx.await {
-            Ok(Response::Error(e)) => Err(LinkError::Remote(e)),
-            Ok(r) => Ok(r),
-            Err(_) => Err(LinkError::Closed(self.shared.end_reason())),
-        }
+        self.exchange(id, async {
+            if self.shared.cancel.is_cancelled() {
+                return Err(LinkError::Closed(self.shared.end_reason()));
+            }
+            self.shared.enqueue(&Frame::Request { id, body }).await
+        })
+        .await
     }
 
     /// Sends a request whose body is already postcard-encoded and waits
@@ -314,13 +228,25 @@ impl LinkHandle {
         let mut bytes = Vec::with_capacity(frame.len() + 4);
         bytes.extend_from_slice(&len.to_le_bytes());
         bytes.extend_from_slice(&frame);
+        self.exchange(id, self.shared.enqueue_bytes(bytes.into(), false))
+            .await
+    }
+
+    /// Registers request `id` as waiting, runs `send` (which writes it) and
+    /// waits for the answer; `id` is forgotten if `send` fails. A
+    /// `Response::Error` from the peer becomes [`LinkError::Remote`].
+    async fn exchange(
+        &self,
+        id: u64,
+        send: impl Future<Output = Result<(), LinkError>>,
+    ) -> Result<Response, LinkError> {
         let (tx, rx) = oneshot::channel();
         self.shared
             .pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id, tx);
-        if let Err(e) = self.shared.enqueue_bytes(bytes.into(), false).await {
+        if let Err(e) = send.await {
             self.forget(id);
             return Err(e);
         }
@@ -337,9 +263,7 @@ impl LinkHandle {
         body: Request,
         limit: Duration,
     ) -> Result<Response, LinkError> {
-        tokio::time::timeout(limit, self.request(body))
-            .await
-            .map_err(|_| LinkError::Timeout(limit))?
+        within(limit, self.request(body)).await
     }
 
     fn forget(&self, id: u64) {
