@@ -13,7 +13,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::HostProc;
 use serde_json::{Value, json};
@@ -52,9 +51,7 @@ async fn raw(
     headers: &[&str],
     body: Option<&[u8]>,
 ) -> Raw {
-    let mut s = UnixStream::connect(host.data.join("api.sock"))
-        .await
-        .unwrap();
+    let mut s = UnixStream::connect(host.api_socket()).await.unwrap();
     let mut req = format!("{method} {path} HTTP/1.1\r\nhost: uve-host\r\nconnection: close\r\n");
     for h in headers {
         req.push_str(h);
@@ -140,8 +137,7 @@ async fn imported(host: &HostProc, user: &str, body: &[u8]) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_paths_and_queries_get_the_json_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
+    let host = HostProc::temp("").await;
     imported(&host, "alice", b"home").await;
     for (path, what) in [
         ("/v1/users/alice/versions/-1/export", "negative version"),
@@ -190,8 +186,7 @@ async fn malformed_paths_and_queries_get_the_json_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_bodies_get_the_json_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
+    let host = HostProc::temp("").await;
     imported(&host, "alice", b"v1").await;
     imported(&host, "alice", b"v2").await;
     let rollback = "/v1/users/alice/rollback";
@@ -249,8 +244,7 @@ async fn malformed_bodies_get_the_json_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_routes_and_methods_get_the_json_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
+    let host = HostProc::temp("").await;
     for path in ["/v1/nope", "/v2/vms", "/v1/vms/vm1/frobnicate", "/"] {
         let a = raw(&host, "GET", path, &[], None).await;
         assert_error(path, &a, 404, "not_found");
@@ -282,8 +276,7 @@ fn versions(v: &Value) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_import_needs_a_body_unless_it_says_empty() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
+    let host = HostProc::temp("").await;
     let import = "/v1/users/bob/import";
     let octets = "content-type: application/octet-stream";
     // No body at all (no content-length), and an explicitly empty one.
@@ -302,9 +295,7 @@ async fn an_import_needs_a_body_unless_it_says_empty() {
     .await;
     assert_error("empty=false", &a, 400, "bad_request");
     let chunked = ["transfer-encoding: chunked", octets];
-    let mut s = UnixStream::connect(host.data.join("api.sock"))
-        .await
-        .unwrap();
+    let mut s = UnixStream::connect(host.api_socket()).await.unwrap();
     let head = format!(
         "POST {import} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{}\r\n{}\r\n\r\n0\r\n\r\n",
         chunked[0], chunked[1]
@@ -357,37 +348,20 @@ async fn an_import_needs_a_body_unless_it_says_empty() {
     );
 }
 
-fn uvectl(host: &HostProc, args: &[&str]) -> (Option<i32>, Value) {
-    let out = Command::new(env!("CARGO_BIN_EXE_uvectl"))
-        .arg("--socket")
-        .arg(host.data.join("api.sock"))
-        .arg("--json")
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uvectl_imports_an_empty_file_as_an_empty_uif() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
-    let empty = dir.path().join("empty.uif");
+    let host = HostProc::temp("").await;
+    let empty = host.data.join("empty.uif");
     std::fs::write(&empty, b"").unwrap();
-    let full = dir.path().join("full.uif");
+    let full = host.data.join("full.uif");
     std::fs::write(&full, b"not empty").unwrap();
     let path = |p: &Path| p.to_str().unwrap().to_string();
-    let (code, v) = uvectl(&host, &["import", "carol", &path(&empty)]);
-    assert_eq!(code, Some(0), "{v}");
+    let v = host.ok(&["import", "carol", &path(&empty)]);
     assert_eq!(
         (v["size"].clone(), v["version"].clone()),
         (json!(0), json!(1))
     );
-    let (code, v) = uvectl(&host, &["import", "carol", &path(&full)]);
-    assert_eq!(code, Some(0), "{v}");
+    let v = host.ok(&["import", "carol", &path(&full)]);
     assert_eq!(
         (v["size"].clone(), v["version"].clone()),
         (json!(9), json!(2))

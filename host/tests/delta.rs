@@ -15,7 +15,7 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{HostProc, Listed, TestAgent, begin_and_list, manifest_of, noise, update_with_deltas};
+use common::{HostProc, Listed, TestAgent, begin_alice, manifest_of, noise, update_with_deltas};
 use uve_protocol::delta;
 use uve_protocol::link::LinkError;
 use uve_protocol::manifest::Hash;
@@ -25,8 +25,8 @@ use uve_protocol::testdata::scattered_writes;
 /// A host with VM `vm1`, `alice` (and `bob`) assigned to it, a connected
 /// agent speaking up to `protocol`, and `base` committed as alice's
 /// version 1 (and `noise` as bob's).
-async fn setup(dir: &std::path::Path, protocol: u16, base: &[u8]) -> (HostProc, TestAgent) {
-    let host = HostProc::start(dir, "").await;
+async fn setup(protocol: u16, base: &[u8]) -> (HostProc, TestAgent) {
+    let host = HostProc::temp("").await;
     let path = host.add_unix_vm("vm1").await;
     host.assign("alice", "vm1").await;
     host.assign("bob", "vm1").await;
@@ -40,8 +40,70 @@ async fn setup(dir: &std::path::Path, protocol: u16, base: &[u8]) -> (HostProc, 
     (host, agent)
 }
 
+/// An upload of alice's begun and listed by an agent speaking up to
+/// `protocol`: her version 1 ([`setup`]) is 4 MiB of `noise(_, seed)`, the
+/// upload's bytes are 8 blocks of it overwritten (`writes_seed`). Returns
+/// the host, the agent, the upload's bytes and its listing.
+async fn begun(
+    protocol: u16,
+    seed: u64,
+    writes_seed: u64,
+) -> (HostProc, TestAgent, Vec<u8>, Listed) {
+    let base = noise(4 << 20, seed);
+    let (host, agent) = setup(protocol, &base).await;
+    let new = scattered_writes(&base, 8, writes_seed);
+    let (v, l) = lease(&agent, "alice");
+    let listed = begin_alice(&agent, v, l, &new).await.unwrap();
+    (host, agent, new, listed)
+}
+
+/// Alice still has only her version 1, as head.
+async fn only_version_1(host: &HostProc) {
+    let versions = host.versions("alice").await;
+    assert_eq!(versions["head"], 1, "{versions}");
+    assert_eq!(versions["versions"].as_array().unwrap().len(), 1);
+}
+
 fn lease(agent: &TestAgent, user: &str) -> (Option<u64>, u64) {
     agent.state.lock().unwrap().leases[user]
+}
+
+/// Asks the block digests of the base bytes of chunks `chunks` of `l`.
+async fn signatures(
+    agent: &TestAgent,
+    l: &Listed,
+    chunks: Vec<u32>,
+) -> Result<Response, LinkError> {
+    agent
+        .request(Request::BlockSignatures {
+            upload: l.upload,
+            chunks,
+        })
+        .await
+}
+
+/// Commits `l`'s upload.
+async fn commit(agent: &TestAgent, l: &Listed) -> Result<Response, LinkError> {
+    agent
+        .request(Request::UpdateCommit { upload: l.upload })
+        .await
+}
+
+/// Sends `blocks` as the delta of chunk `index` of `l`, said to be `hash`.
+async fn send_delta(
+    agent: &TestAgent,
+    l: &Listed,
+    index: u32,
+    hash: Hash,
+    blocks: Vec<DeltaBlock>,
+) -> Result<Response, LinkError> {
+    let delta = ChunkDelta {
+        upload: l.upload,
+        index,
+        hash,
+        blocks,
+    };
+    agent.request(Request::ChunkDelta(delta)).await
 }
 
 fn code(r: Result<Response, LinkError>) -> Option<ErrorCode> {
@@ -59,14 +121,7 @@ async fn a_delta(
 ) -> (usize, Vec<u8>, Vec<BlockDigest>, Vec<DeltaBlock>) {
     for &i in &l.missing {
         let c = l.manifest.chunks[i];
-        let sigs = match agent
-            .request(Request::BlockSignatures {
-                upload: l.upload,
-                chunks: vec![i as u32],
-            })
-            .await
-            .unwrap()
-        {
+        let sigs = match signatures(agent, l, vec![i as u32]).await.unwrap() {
             Response::BlockSignatures(s) => s,
             other => panic!("unexpected {other:?}"),
         };
@@ -82,9 +137,8 @@ async fn a_delta(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delta_rebuilds_the_chunk_byte_identical() {
-    let dir = tempfile::tempdir().unwrap();
     let base = noise(8 << 20, 5);
-    let (host, agent) = setup(dir.path(), 2, &base).await;
+    let (host, agent) = setup(2, &base).await;
     let new = scattered_writes(&base, 16, 900);
     let (v, l) = lease(&agent, "alice");
     let r = update_with_deltas(&agent.handle, "alice", v, l, &new)
@@ -120,106 +174,65 @@ async fn a_delta_rebuilds_the_chunk_byte_identical() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delta_can_only_rebuild_from_the_uploads_own_base_version() {
-    let dir = tempfile::tempdir().unwrap();
     let base = noise(4 << 20, 6);
-    let (host, agent) = setup(dir.path(), 2, &base).await;
+    let (host, agent) = setup(2, &base).await;
     // The file grew: its new tail has no base bytes.
     let mut new = scattered_writes(&base, 8, 901);
     new.extend_from_slice(&noise(300_000, 12));
     let (v, l) = lease(&agent, "alice");
-    let listed = begin_and_list(&agent.handle, "alice", "s1", v, l, &new)
-        .await
-        .unwrap();
+    let listed = begin_alice(&agent, v, l, &new).await.unwrap();
     let last = *listed.missing.last().unwrap();
     assert!(listed.offset(last) + 4096 > base.len() as u64);
-    let r = agent
-        .request(Request::BlockSignatures {
-            upload: listed.upload,
-            chunks: vec![last as u32],
-        })
+    let r = signatures(&agent, &listed, vec![last as u32])
         .await
         .unwrap();
     assert_eq!(r, Response::BlockSignatures(vec![None]), "tail: send whole");
     let c = listed.manifest.chunks[last];
-    let r = agent
-        .request(Request::ChunkDelta(ChunkDelta {
-            upload: listed.upload,
-            index: last as u32,
-            hash: c.hash,
-            blocks: Vec::new(),
-        }))
-        .await;
+    let r = send_delta(&agent, &listed, last as u32, c.hash, Vec::new()).await;
     assert_eq!(code(r), Some(ErrorCode::BadRequest), "outside the base");
     // A delta naming another chunk than the one at its index.
     let (i, _, _, blocks) = a_delta(&agent, &listed).await;
     let other = listed.missing.iter().find(|&&j| j != i).copied().unwrap();
-    let r = agent
-        .request(Request::ChunkDelta(ChunkDelta {
-            upload: listed.upload,
-            index: i as u32,
-            hash: listed.manifest.chunks[other].hash,
-            blocks: blocks.clone(),
-        }))
-        .await;
+    let r = send_delta(
+        &agent,
+        &listed,
+        i as u32,
+        listed.manifest.chunks[other].hash,
+        blocks.clone(),
+    )
+    .await;
     assert_eq!(
         code(r),
         Some(ErrorCode::BadRequest),
         "hash of another index"
     );
     // The chunks were never stored: the commit fails and nothing changes.
-    let r = agent
-        .request(Request::UpdateCommit {
-            upload: listed.upload,
-        })
-        .await;
+    let r = commit(&agent, &listed).await;
     assert!(code(r).is_some());
-    let versions = host.versions("alice").await;
-    assert_eq!(versions["head"], 1, "{versions}");
-    assert_eq!(versions["versions"].as_array().unwrap().len(), 1);
+    only_version_1(&host).await;
 
     // An upload without a base version has no base bytes at all, although
     // alice's version 1 (and bob's) hold the very same bytes.
     let (_, l) = lease(&agent, "alice");
-    let listed = begin_and_list(&agent.handle, "alice", "s1", None, l, &new)
-        .await
-        .unwrap();
+    let listed = begin_alice(&agent, None, l, &new).await.unwrap();
     let i = listed.missing[0];
-    let r = agent
-        .request(Request::BlockSignatures {
-            upload: listed.upload,
-            chunks: vec![i as u32],
-        })
-        .await
-        .unwrap();
+    let r = signatures(&agent, &listed, vec![i as u32]).await.unwrap();
     assert_eq!(r, Response::BlockSignatures(vec![None]));
-    let r = agent
-        .request(Request::ChunkDelta(ChunkDelta {
-            upload: listed.upload,
-            index: i as u32,
-            hash: listed.manifest.chunks[i].hash,
-            blocks: Vec::new(),
-        }))
-        .await;
+    let r = send_delta(
+        &agent,
+        &listed,
+        i as u32,
+        listed.manifest.chunks[i].hash,
+        Vec::new(),
+    )
+    .await;
     assert_eq!(code(r), Some(ErrorCode::BadRequest), "no base version");
     assert_eq!(host.metric("uve_chunk_deltas_total").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delta_with_wrong_bytes_is_a_bad_chunk_and_nothing_is_committed() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = noise(4 << 20, 7);
-    let (host, agent) = setup(dir.path(), 2, &base).await;
-    let (v, l) = lease(&agent, "alice");
-    let listed = begin_and_list(
-        &agent.handle,
-        "alice",
-        "s1",
-        v,
-        l,
-        &scattered_writes(&base, 8, 902),
-    )
-    .await
-    .unwrap();
+    let (host, agent, _, listed) = begun(2, 7, 902).await;
     let (i, _, _, mut blocks) = a_delta(&agent, &listed).await;
     blocks[0].data[17] ^= 0x40;
     let wrong = ChunkDelta {
@@ -238,39 +251,19 @@ async fn a_delta_with_wrong_bytes_is_a_bad_chunk_and_nothing_is_committed() {
     }
     let r = agent.request(Request::ChunkDelta(wrong)).await;
     assert_eq!(code(r), Some(ErrorCode::NotFound), "send it whole");
-    let r = agent
-        .request(Request::UpdateCommit {
-            upload: listed.upload,
-        })
-        .await;
+    let r = commit(&agent, &listed).await;
     assert!(code(r).is_some(), "commit without the chunk must fail");
-    let versions = host.versions("alice").await;
-    assert_eq!(versions["head"], 1, "{versions}");
-    assert_eq!(versions["versions"].as_array().unwrap().len(), 1);
+    only_version_1(&host).await;
     assert_eq!(host.metric("uve_chunk_deltas_total").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_deltas_and_signature_requests_are_refused_and_contained() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = noise(4 << 20, 8);
-    let (host, agent) = setup(dir.path(), 2, &base).await;
-    let new = scattered_writes(&base, 8, 903);
-    let (v, l) = lease(&agent, "alice");
-    let listed = begin_and_list(&agent.handle, "alice", "s1", v, l, &new)
-        .await
-        .unwrap();
+    let (host, agent, new, listed) = begun(2, 8, 903).await;
     let (i, data, _, blocks) = a_delta(&agent, &listed).await;
     let c = listed.manifest.chunks[i];
     for (what, index, hash, blocks) in malformed_deltas(&listed, i, &data, &blocks) {
-        let r = agent
-            .request(Request::ChunkDelta(ChunkDelta {
-                upload: listed.upload,
-                index,
-                hash,
-                blocks,
-            }))
-            .await;
+        let r = send_delta(&agent, &listed, index, hash, blocks).await;
         assert_eq!(code(r), Some(ErrorCode::BadRequest), "{what}");
     }
     signature_requests_are_refused(&agent, &listed).await;
@@ -305,12 +298,7 @@ async fn malformed_deltas_and_signature_requests_are_refused_and_contained() {
             .unwrap();
         assert_eq!(r, Response::Ok);
     }
-    let r = agent
-        .request(Request::UpdateCommit {
-            upload: listed.upload,
-        })
-        .await
-        .unwrap();
+    let r = commit(&agent, &listed).await.unwrap();
     assert_eq!(r, Response::Committed { version: 2 });
     assert!(host.export("alice", 2).await == new);
 }
@@ -386,19 +374,9 @@ fn malformed_deltas(
 /// Signature requests: too many at once, an index never listed, an
 /// unknown upload.
 async fn signature_requests_are_refused(agent: &TestAgent, listed: &Listed) {
-    let r = agent
-        .request(Request::BlockSignatures {
-            upload: listed.upload,
-            chunks: vec![0; 129],
-        })
-        .await;
+    let r = signatures(agent, listed, vec![0; 129]).await;
     assert_eq!(code(r), Some(ErrorCode::TooLarge));
-    let r = agent
-        .request(Request::BlockSignatures {
-            upload: listed.upload,
-            chunks: vec![listed.manifest.chunks.len() as u32],
-        })
-        .await;
+    let r = signatures(agent, listed, vec![listed.manifest.chunks.len() as u32]).await;
     assert_eq!(code(r), Some(ErrorCode::BadRequest));
     let r = agent
         .request(Request::BlockSignatures {
@@ -415,51 +393,29 @@ async fn signatures_are_asked_once_and_only_for_missing_chunks(
     listed: &Listed,
     i: usize,
 ) {
-    let r = agent
-        .request(Request::BlockSignatures {
-            upload: listed.upload,
-            chunks: vec![i as u32],
-        })
-        .await;
+    let r = signatures(agent, listed, vec![i as u32]).await;
     assert_eq!(code(r), Some(ErrorCode::BadRequest), "asked twice");
     let present = (0..listed.manifest.chunks.len())
         .find(|j| !listed.missing.contains(j))
         .unwrap();
-    let r = agent
-        .request(Request::BlockSignatures {
-            upload: listed.upload,
-            chunks: vec![present as u32],
-        })
-        .await;
+    let r = signatures(agent, listed, vec![present as u32]).await;
     assert_eq!(code(r), Some(ErrorCode::BadRequest), "a chunk the host has");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_agent_updates_with_whole_chunks_and_cannot_send_deltas() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = noise(4 << 20, 9);
-    let (host, agent) = setup(dir.path(), 1, &base).await;
-    let new = scattered_writes(&base, 8, 904);
-    let (v, l) = lease(&agent, "alice");
-    let listed = begin_and_list(&agent.handle, "alice", "s1", v, l, &new)
-        .await
-        .unwrap();
-    let r = agent
-        .request(Request::BlockSignatures {
-            upload: listed.upload,
-            chunks: vec![listed.missing[0] as u32],
-        })
-        .await;
+    let (host, agent, new, listed) = begun(1, 9, 904).await;
+    let r = signatures(&agent, &listed, vec![listed.missing[0] as u32]).await;
     assert_eq!(code(r), Some(ErrorCode::Unsupported));
     let c = listed.manifest.chunks[listed.missing[0]];
-    let r = agent
-        .request(Request::ChunkDelta(ChunkDelta {
-            upload: listed.upload,
-            index: listed.missing[0] as u32,
-            hash: c.hash,
-            blocks: Vec::new(),
-        }))
-        .await;
+    let r = send_delta(
+        &agent,
+        &listed,
+        listed.missing[0] as u32,
+        c.hash,
+        Vec::new(),
+    )
+    .await;
     assert_eq!(code(r), Some(ErrorCode::Unsupported));
     agent
         .request(Request::UpdateAbort {

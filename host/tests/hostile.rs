@@ -14,7 +14,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{HostProc, noise};
+use std::path::PathBuf;
+
+use common::{HostProc, ReleaseMode, TestAgent, assert_committed, begin_alice, noise, on_release};
 use futures_util::StreamExt;
 use hyper::Method;
 use serde_json::json;
@@ -39,16 +41,15 @@ enum Flood {
 /// chunk, the good VM's transfer and the allocator's slack.
 const RSS_ALLOWANCE_KIB: u64 = 48 << 10;
 
+/// alice on the bad VM, bob on the good one.
+const BAD_AND_GOOD: &[(&str, &str)] = &[("alice", "bad"), ("bob", "good")];
+
 /// The good VM's user logs in and out with `data` and gets it back.
 async fn good_round_trip(host: &HostProc, path: &std::path::Path, data: &[u8]) {
     let agent = host.connect_agent(path, "good").await;
     agent.retrieve("bob", "g1").await.unwrap();
     let r = agent.update_from_lease("bob", data).await.unwrap();
-    assert!(
-        matches!(r.answer, Response::Committed { .. }),
-        "{:?}",
-        r.answer
-    );
+    assert_committed(&r);
     let (_, back) = agent.retrieve("bob", "g2").await.unwrap();
     assert!(back == data, "the good VM's UIF came back different");
 }
@@ -110,12 +111,8 @@ async fn prepare_flood(
 }
 
 async fn non_reader_is_cut_off(flood: Flood) {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "write_deadline_ms = 4000").await;
-    let bad = host.add_unix_vm("bad").await;
-    let good = host.add_unix_vm("good").await;
-    host.assign("alice", "bad").await;
-    host.assign("bob", "good").await;
+    let extra = "write_deadline_ms = 4000";
+    let (host, [bad, good]) = HostProc::with_vms(extra, ["bad", "good"], BAD_AND_GOOD).await;
     let (peer, bytes, count) = prepare_flood(&host, &bad, flood).await;
     let pid = host.pid().unwrap();
     let before = status_kib(pid, "VmRSS").unwrap();
@@ -128,9 +125,7 @@ async fn non_reader_is_cut_off(flood: Flood) {
     // While the flood stalls, the good VM is served.
     good_round_trip(&host, &good, &noise(1 << 20, 6)).await;
 
-    let lost = host
-        .wait_event(|e| e["kind"] == "vm_lost" && e["vm"] == "bad")
-        .await;
+    let lost = host.wait_event("vm_lost", |e| e["vm"] == "bad").await;
     let reason = lost["reason"].as_str().unwrap_or_default().to_string();
     assert!(reason.contains("stopped reading"), "{lost}");
     assert_eq!(host.metric("uve_stalled_cut_off_total").await, 1);
@@ -181,12 +176,8 @@ async fn half_open_connections_cost_the_host_a_handful_of_descriptors() {
     // unit would give it without LimitNOFILE); this test process needs
     // more for its own 2,000 connections.
     setrlimit(Resource::RLIMIT_NOFILE, soft.min(1024), hard).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
+    let (host, [bad, good]) = HostProc::with_vms("", ["bad", "good"], &[("bob", "good")]).await;
     setrlimit(Resource::RLIMIT_NOFILE, hard.min(8192), hard).unwrap();
-    let bad = host.add_unix_vm("bad").await;
-    let good = host.add_unix_vm("good").await;
-    host.assign("bob", "good").await;
     let pid = host.pid().unwrap();
 
     let mut half_open = Vec::new();
@@ -224,8 +215,7 @@ async fn half_open_connections_cost_the_host_a_handful_of_descriptors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cids_that_are_not_a_guests_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
+    let host = HostProc::temp("").await;
     for cid in [0u64, 1, 2, u64::from(u32::MAX)] {
         let (s, v) = host
             .call(Method::POST, "/v1/vms", json!({"id": "v", "cid": cid}))
@@ -238,8 +228,7 @@ async fn cids_that_are_not_a_guests_are_refused() {
         .await;
     assert_eq!(s, 201, "{v}");
     drop(host);
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "allow_local_cid = true").await;
+    let host = HostProc::temp("allow_local_cid = true").await;
     let (s, v) = host
         .call(Method::POST, "/v1/vms", json!({"id": "v", "cid": 1}))
         .await;
@@ -250,11 +239,7 @@ async fn cids_that_are_not_a_guests_are_refused() {
 async fn a_manifest_of_tiny_chunks_is_refused_at_update_page() {
     use uve_protocol::manifest::{ChunkRef, Hash, ManifestHeader, digest_of};
     use uve_protocol::message::{UpdateBegin, UpdateCause};
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
-    let path = host.add_unix_vm("bad").await;
-    host.assign("alice", "bad").await;
-    let agent = host.connect_agent(&path, "bad").await;
+    let (_host, _, agent) = HostProc::with_agent("", "bad", &["alice"]).await;
     let (grant, _) = agent.retrieve("alice", "s1").await.unwrap();
     // 1 MiB as 2^20 one-byte chunks: one BlockSignatures on such a base
     // would queue a million chunk reads.
@@ -294,22 +279,13 @@ async fn a_manifest_of_tiny_chunks_is_refused_at_update_page() {
     assert!(e.to_string().contains("at least 16384"), "{e}");
     // A UIF smaller than one chunk is one short chunk: still accepted.
     let r = agent.update_from_lease("alice", b"tiny").await.unwrap();
-    assert!(
-        matches!(r.answer, Response::Committed { .. }),
-        "{:?}",
-        r.answer
-    );
+    assert_committed(&r);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_notices_for_another_vms_user_are_refused() {
     use uve_protocol::message::DisconnectNotice;
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
-    let bad = host.add_unix_vm("bad").await;
-    let good = host.add_unix_vm("good").await;
-    host.assign("alice", "bad").await;
-    host.assign("bob", "good").await;
+    let (host, [bad, good]) = HostProc::with_vms("", ["bad", "good"], BAD_AND_GOOD).await;
     let b = host.connect_agent(&good, "good").await;
     b.request(Request::SessionStarted {
         session: valid("bob-1"),
@@ -362,11 +338,7 @@ async fn forged_notices_for_another_vms_user_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_event_follower_is_told_how_many_it_missed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "event_ring = 64").await;
-    let path = host.add_unix_vm("vm1").await;
-    host.assign("alice", "vm1").await;
-    let agent = host.connect_agent(&path, "vm1").await;
+    let (host, _, agent) = HostProc::with_agent("event_ring = 64", "vm1", &["alice"]).await;
     // A follower that sends its request and then does not read.
     let mut follower = tokio::net::UnixStream::connect(host.api_socket())
         .await
@@ -418,40 +390,22 @@ async fn a_lagging_event_follower_is_told_how_many_it_missed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_uploads_expire_and_free_their_slots() {
-    use common::begin_and_list;
     use uve_protocol::message::ErrorCode;
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "upload_idle_ms = 1000").await;
-    let path = host.add_unix_vm("vm1").await;
-    host.assign("alice", "vm1").await;
-    let agent = host.connect_agent(&path, "vm1").await;
+    let (host, _, agent) = HostProc::with_agent("upload_idle_ms = 1000", "vm1", &["alice"]).await;
     let (grant, _) = agent.retrieve("alice", "s1").await.unwrap();
     // Four uploads listed and then left alone: every slot is taken.
     let mut listed = Vec::new();
     for seed in 0..4 {
-        let l = begin_and_list(
-            &agent.handle,
-            "alice",
-            "s1",
-            grant.version,
-            grant.lease,
-            &noise(1 << 20, 20 + seed),
-        )
-        .await
-        .unwrap();
+        let data = noise(1 << 20, 20 + seed);
+        let l = begin_alice(&agent, grant.version, grant.lease, &data)
+            .await
+            .unwrap();
         listed.push(l);
     }
-    let busy = begin_and_list(
-        &agent.handle,
-        "alice",
-        "s1",
-        grant.version,
-        grant.lease,
-        &noise(1 << 20, 30),
-    )
-    .await
-    .err()
-    .expect("a fifth upload was accepted");
+    let busy = begin_alice(&agent, grant.version, grant.lease, &noise(1 << 20, 30))
+        .await
+        .err()
+        .expect("a fifth upload was accepted");
     assert_eq!(busy.remote_code(), Some(ErrorCode::Busy), "{busy}");
     let expired = until_async(Duration::from_secs(10), || async {
         let n = host.metric("uve_uploads_expired_total").await;
@@ -475,34 +429,34 @@ async fn idle_uploads_expire_and_free_their_slots() {
         .update_from_lease("alice", &noise(1 << 20, 31))
         .await
         .unwrap();
-    assert!(
-        matches!(r.answer, Response::Committed { .. }),
-        "{:?}",
-        r.answer
-    );
+    assert_committed(&r);
+}
+
+/// A host (`extra` config) with VMs vmA and vmB, alice assigned to vmA and
+/// an agent connected there: the host, vmA's path and its agent.
+async fn alice_on_vm_a(extra: &str) -> (HostProc, PathBuf, TestAgent) {
+    let (host, pa, a) = HostProc::with_agent(extra, "vmA", &["alice"]).await;
+    host.add_unix_vm("vmB").await;
+    (host, pa, a)
+}
+
+/// Moves alice to vmB while vmA's agent `a` never answers the release,
+/// and waits for the hand-over to fail.
+async fn move_alice_from_silent_vm_a(host: &HostProc, a: &TestAgent) {
+    on_release(a, "alice", ReleaseMode::Ignore);
+    host.assign("alice", "vmB").await;
+    host.wait_event("handover_failed", |_| true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_evicted_vms_commit_lands_as_a_conflict() {
-    use common::{ReleaseMode, TestAgent};
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "handover_timeout_ms = 800").await;
-    let pa = host.add_unix_vm("vmA").await;
-    host.add_unix_vm("vmB").await;
-    host.assign("alice", "vmA").await;
-    let a = host.connect_agent(&pa, "vmA").await;
+    let (host, pa, a) = alice_on_vm_a("handover_timeout_ms = 800").await;
     a.retrieve("alice", "s1").await.unwrap();
     let v1 = noise(300_000, 40);
     a.update_from_lease("alice", &v1).await.unwrap();
     a.retrieve("alice", "s2").await.unwrap();
-    a.state
-        .lock()
-        .unwrap()
-        .release
-        .insert("alice".into(), ReleaseMode::Ignore);
     // Moved to vmB, which has not logged her in yet; vmA never answers.
-    host.assign("alice", "vmB").await;
-    host.wait_event(|e| e["kind"] == "handover_failed").await;
+    move_alice_from_silent_vm_a(&host, &a).await;
     let late = noise(300_000, 41);
     let r = a.update_from_lease("alice", &late).await.unwrap();
     assert_eq!(
@@ -518,12 +472,10 @@ async fn an_evicted_vms_commit_lands_as_a_conflict() {
     host.assign("bob", "vmA").await;
     let (gb, _) = a.retrieve("bob", "b1").await.unwrap();
     a.handle.close();
-    host.wait_event(|e| e["kind"] == "vm_lost").await;
-    let (s, v) = host
-        .call(Method::DELETE, "/v1/assignments/bob", json!({}))
-        .await;
+    host.wait_event("vm_lost", |_| true).await;
+    let (s, v) = host.delete("/v1/assignments/bob").await;
     assert_eq!(s, 200, "{v}");
-    let leases = dir.path().join("leases.json");
+    let leases = host.data.join("leases.json");
     let revoked = until_async(Duration::from_secs(5), || async {
         let text = std::fs::read_to_string(&leases).ok()?;
         let l: serde_json::Value = serde_json::from_str(&text).ok()?;
@@ -549,26 +501,11 @@ async fn an_evicted_vms_commit_lands_as_a_conflict() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_evicted_vms_conflicts_are_rate_limited() {
-    use common::ReleaseMode;
-    let dir = tempfile::tempdir().unwrap();
     // 12 per hour: a burst of one, then one every five minutes.
-    let host = HostProc::start(
-        dir.path(),
-        "handover_timeout_ms = 500\nconflict_updates_per_hour = 12",
-    )
-    .await;
-    let pa = host.add_unix_vm("vmA").await;
-    host.add_unix_vm("vmB").await;
-    host.assign("alice", "vmA").await;
-    let a = host.connect_agent(&pa, "vmA").await;
+    let extra = "handover_timeout_ms = 500\nconflict_updates_per_hour = 12";
+    let (host, _, a) = alice_on_vm_a(extra).await;
     a.retrieve("alice", "s1").await.unwrap();
-    a.state
-        .lock()
-        .unwrap()
-        .release
-        .insert("alice".into(), ReleaseMode::Ignore);
-    host.assign("alice", "vmB").await;
-    host.wait_event(|e| e["kind"] == "handover_failed").await;
+    move_alice_from_silent_vm_a(&host, &a).await;
     let first = a
         .update_from_lease("alice", &noise(100_000, 50))
         .await
@@ -586,18 +523,13 @@ async fn an_evicted_vms_conflicts_are_rate_limited() {
         assert_eq!(e.remote_code(), Some(ErrorCode::Busy), "{e}");
     }
     let hit = host
-        .wait_event(|e| {
-            e["kind"] == "budget_exceeded" && e["budget"] == "conflict_updates_per_hour"
+        .wait_event("budget_exceeded", |e| {
+            e["budget"] == "conflict_updates_per_hour"
         })
         .await;
     assert_eq!(hit["vm"], "vmA");
     assert_eq!(hit["user"], "alice");
-    let reported = host
-        .events()
-        .await
-        .iter()
-        .filter(|e| e["kind"] == "budget_exceeded")
-        .count();
+    let reported = host.count_events("budget_exceeded").await;
     assert_eq!(reported, 1, "one event per run of refusals, not per retry");
     assert_eq!(host.metric("uve_conflict_updates_refused_total").await, 3);
     let (_, v) = host.get("/v1/users/alice/versions").await;
@@ -609,27 +541,19 @@ async fn an_evicted_vms_conflicts_are_rate_limited() {
         .update_from_lease("alice", &noise(100_000, 52))
         .await
         .unwrap();
-    assert!(
-        matches!(r.answer, Response::Committed { .. }),
-        "{:?}",
-        r.answer
-    );
+    assert_committed(&r);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_holder_cannot_claim_a_base_it_was_not_granted() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
-    let pa = host.add_unix_vm("vmA").await;
-    host.assign("alice", "vmA").await;
-    let a = host.connect_agent(&pa, "vmA").await;
+    let (host, _, a) = HostProc::with_agent("", "vmA", &["alice"]).await;
     let (g, _) = a.retrieve("alice", "s1").await.unwrap();
     assert_eq!(g.version, None);
     // An operator imports v1 while she is logged in; the VM never saw it
     // but claims it as its base, with its current lease.
     let imported = noise(100_000, 60);
-    let a_api = uve_host::api::client::ApiClient::new(host.api_socket());
-    let ans = a_api
+    let ans = host
+        .api
         .call(
             Method::POST,
             "/v1/users/alice/import",

@@ -16,18 +16,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{HostProc, TestAgent, manifest_of, noise};
+use common::{HostProc, TestAgent, listed, manifest_of, noise};
 use uve_e2e::names::valid;
 use uve_protocol::link::LinkEnd;
 use uve_protocol::message::{Request, Response, UpdateBegin, UpdateCause};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_mid_update_keeps_head_and_retry_commits() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut host = HostProc::start(dir.path(), "").await;
-    let path = host.add_unix_vm("vm1").await;
-    host.assign("alice", "vm1").await;
-    let agent = TestAgent::connect(&path).await.unwrap();
+    let (mut host, path, agent) = HostProc::with_agent("", "vm1", &["alice"]).await;
     let (g, _) = agent.retrieve("alice", "s1").await.unwrap();
     let v1 = noise(2 << 20, 20);
     agent
@@ -98,15 +94,12 @@ async fn restart_mid_update_keeps_head_and_retry_commits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_says_goodbye_and_exits_zero() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut host = HostProc::start(dir.path(), "").await;
-    let path = host.add_unix_vm("vm1").await;
-    let agent = host.connect_agent(&path, "vm1").await;
+    let (mut host, _, agent) = HostProc::with_agent("", "vm1", &[]).await;
     assert_eq!(host.terminate(), Some(0));
     let end = agent.handle.closed().await;
-    let log = std::fs::read_to_string(dir.path().join("host.log")).unwrap_or_default();
+    let log = host.log_text();
     assert!(matches!(end, LinkEnd::Goodbye(_)), "{end:?}\n{log}");
-    assert!(!dir.path().join("api.sock").exists(), "API socket removed");
+    assert!(!host.api_socket().exists(), "API socket removed");
 }
 
 /// What the crash test's clients learned.
@@ -123,9 +116,7 @@ async fn crash_test_sigkill_during_concurrent_updates() {
     const KILLS: usize = 50;
     const USERS: usize = 3;
     let started = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let mut host =
-        HostProc::start(dir.path(), "history_keep = 100000\nconflict_keep = 100000").await;
+    let mut host = HostProc::temp("history_keep = 100000\nconflict_keep = 100000").await;
     let mut paths = Vec::new();
     for i in 0..USERS {
         paths.push(host.add_unix_vm(&format!("vm{i}")).await);
@@ -237,17 +228,7 @@ async fn update_until_killed(
 /// digest-valid bytes someone attempted.
 async fn versions_are_intact(host: &HostProc, user: &str, ledger: &Ledger) {
     let v = host.versions(user).await;
-    let listed: HashMap<u64, String> = v["versions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| {
-            (
-                x["version"].as_u64().unwrap(),
-                x["digest"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let listed: HashMap<u64, String> = listed(&v, "digest").into_iter().collect();
     let head = v["head"].as_u64().expect("every user has a head");
     for ((u, version), digest) in ledger.acked.iter() {
         if *u == user {

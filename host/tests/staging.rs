@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{HostProc, Listed, TestAgent, begin_and_list, noise};
+use common::{HostProc, Listed, TestAgent, assert_committed, begin_alice, noise};
 use uve_e2e::poll::until_async;
 use uve_protocol::message::{ErrorCode, Request, Response};
 
@@ -56,8 +56,7 @@ async fn wait_staged(host: &HostProc, want: u64) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_uploads_leave_no_staged_bytes() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "upload_idle_ms = 1500").await;
+    let host = HostProc::temp("upload_idle_ms = 1500").await;
     let path = host.add_unix_vm("vm1").await;
     host.assign("alice", "vm1").await;
     let mut abandoned = 0;
@@ -66,16 +65,9 @@ async fn abandoned_uploads_leave_no_staged_bytes() {
         let agent = host.connect_agent(&path, "vm1").await;
         let (grant, _) = agent.retrieve("alice", "s1").await.unwrap();
         let data = noise(2 << 20, 50 + round as u64);
-        let l = begin_and_list(
-            &agent.handle,
-            "alice",
-            "s1",
-            grant.version,
-            grant.lease,
-            &data,
-        )
-        .await
-        .unwrap();
+        let l = begin_alice(&agent, grant.version, grant.lease, &data)
+            .await
+            .unwrap();
         let sent = send_missing(&agent, &l).await.unwrap();
         assert!(sent >= 2 << 20, "{how}: only {sent} bytes were missing");
         assert_eq!(host.metric("uve_staged_bytes").await, sent, "{how}");
@@ -111,44 +103,30 @@ async fn abandoned_uploads_leave_no_staged_bytes() {
         .update_from_lease("alice", &noise(1 << 20, 60))
         .await
         .unwrap();
-    assert!(
-        matches!(r.answer, Response::Committed { .. }),
-        "{:?}",
-        r.answer
-    );
+    assert_committed(&r);
     assert_eq!(host.metric("uve_staged_bytes").await, 0);
     assert_eq!(stages_on_disk(host.data.as_path()), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staging_budgets_refuse_with_busy_and_free_up_on_abort() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "max_staged_bytes_per_vm = 3_145_728").await;
-    let path = host.add_unix_vm("vm1").await;
-    host.assign("alice", "vm1").await;
-    let agent = host.connect_agent(&path, "vm1").await;
+    let extra = "max_staged_bytes_per_vm = 3_145_728";
+    let (host, _, agent) = HostProc::with_agent(extra, "vm1", &["alice"]).await;
     let (grant, _) = agent.retrieve("alice", "s1").await.unwrap();
     // More than one VM may stage is refused at once, for good.
     let big = noise(4 << 20, 70);
-    let e = begin_and_list(
-        &agent.handle,
-        "alice",
-        "s1",
-        grant.version,
-        grant.lease,
-        &big,
-    )
-    .await
-    .err()
-    .expect("a 4 MiB upload was accepted under a 3 MiB staging budget");
+    let e = begin_alice(&agent, grant.version, grant.lease, &big)
+        .await
+        .err()
+        .expect("a 4 MiB upload was accepted under a 3 MiB staging budget");
     assert_eq!(e.remote_code(), Some(ErrorCode::TooLarge), "{e}");
     // Two uploads of 2 MiB fit one at a time: the second gets Busy.
     let (a, b) = (noise(2 << 20, 71), noise(2 << 20, 72));
-    let la = begin_and_list(&agent.handle, "alice", "s1", grant.version, grant.lease, &a)
+    let la = begin_alice(&agent, grant.version, grant.lease, &a)
         .await
         .unwrap();
     send_missing(&agent, &la).await.unwrap();
-    let lb = begin_and_list(&agent.handle, "alice", "s1", grant.version, grant.lease, &b)
+    let lb = begin_alice(&agent, grant.version, grant.lease, &b)
         .await
         .unwrap();
     assert_eq!(send_missing(&agent, &lb).await, Err(ErrorCode::Busy));
@@ -157,13 +135,8 @@ async fn staging_budgets_refuse_with_busy_and_free_up_on_abort() {
     assert!(refused >= 1);
     assert_eq!(send_missing(&agent, &lb).await, Err(ErrorCode::Busy));
     assert!(host.metric("uve_staging_refused_total").await > refused);
-    let ev = host.wait_event(|e| e["kind"] == "budget_exceeded").await;
-    let reported = host
-        .events()
-        .await
-        .iter()
-        .filter(|e| e["kind"] == "budget_exceeded")
-        .count();
+    let ev = host.wait_event("budget_exceeded", |_| true).await;
+    let reported = host.count_events("budget_exceeded").await;
     assert_eq!(reported, 1, "one event per upload, not per refused chunk");
     assert_eq!(ev["vm"], "vm1");
     assert_eq!(ev["user"], "alice");

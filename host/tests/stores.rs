@@ -13,19 +13,17 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 #[cfg(feature = "s3")]
-use common::rgw::{self, Rgw};
-#[cfg(feature = "s3")]
-use common::{HostProc, TestAgent};
+use common::rgw::Rgw;
 use common::{manifest_of, noise};
-#[cfg(feature = "s3")]
-use uve_host::store::S3Store;
 use uve_host::store::{
     CommitOutcome, LocalStore, StageId, StoreError, StorePolicy, UifStore, VersionKind,
 };
 use uve_protocol::manifest::{Hash, Manifest};
-#[cfg(feature = "s3")]
-use uve_protocol::message::Response;
 use uve_protocol::message::Version;
+
+#[cfg(feature = "s3")]
+#[path = "stores/s3.rs"]
+mod s3;
 
 /// Opens a store (two handles that act as two hosts) at a fresh location.
 trait Backend {
@@ -62,27 +60,6 @@ impl Backend for Local {
     }
 }
 
-#[cfg(feature = "s3")]
-struct S3<'a>(&'a Rgw);
-
-#[cfg(feature = "s3")]
-impl Backend for S3<'_> {
-    fn name(&self) -> &str {
-        "s3"
-    }
-    fn open_pair(
-        &self,
-        location: &str,
-        policy: StorePolicy,
-        grace: Duration,
-    ) -> (Arc<dyn UifStore>, Arc<dyn UifStore>) {
-        let cfg = rgw::config(self.0, location);
-        let a = S3Store::open(&cfg, policy.clone(), grace).unwrap();
-        let b = S3Store::open(&cfg, policy, grace).unwrap();
-        (Arc::new(a), Arc::new(b))
-    }
-}
-
 fn put_all(store: &dyn UifStore, data: &[u8]) -> Manifest {
     let (m, bytes) = manifest_of(data);
     for (h, b) in &bytes {
@@ -108,10 +85,14 @@ fn committed(o: CommitOutcome) -> Version {
 }
 
 fn policy(history_keep: usize) -> StorePolicy {
-    StorePolicy {
-        history_keep,
-        ..StorePolicy::default()
-    }
+    policy_with(|p| p.history_keep = history_keep)
+}
+
+/// The default policy changed by `set`.
+fn policy_with(set: impl FnOnce(&mut StorePolicy)) -> StorePolicy {
+    let mut p = StorePolicy::default();
+    set(&mut p);
+    p
 }
 
 fn cas_commits_and_keeps_conflicts(b: &dyn Backend) {
@@ -175,13 +156,7 @@ fn cas_commits_and_keeps_conflicts(b: &dyn Backend) {
 }
 
 fn refuses_bad_input(b: &dyn Backend) {
-    let s = b.open(
-        "refusals",
-        StorePolicy {
-            quota_bytes: 100_000,
-            ..StorePolicy::default()
-        },
-    );
+    let s = b.open("refusals", policy_with(|p| p.quota_bytes = 100_000));
     let small = noise(50_000, 3);
     let (m, bytes) = manifest_of(&small);
     let (h, data) = bytes.iter().next().unwrap();
@@ -229,11 +204,10 @@ fn refuses_bad_input(b: &dyn Backend) {
 fn history_is_pruned_and_rollback_makes_a_new_head(b: &dyn Backend) {
     let s = b.open(
         "history",
-        StorePolicy {
-            history_keep: 3,
-            conflict_keep: 2,
-            ..StorePolicy::default()
-        },
+        policy_with(|p| {
+            p.history_keep = 3;
+            p.conflict_keep = 2;
+        }),
     );
     let mut head = None;
     for i in 0..6u64 {
@@ -276,13 +250,7 @@ fn history_is_pruned_and_rollback_makes_a_new_head(b: &dyn Backend) {
 /// loop (one that lost its lease, say) evicts only its own, never those of
 /// another writer.
 fn one_origins_conflicts_never_evict_anothers(b: &dyn Backend) {
-    let s = b.open(
-        "origins",
-        StorePolicy {
-            conflict_keep: 2,
-            ..StorePolicy::default()
-        },
-    );
+    let s = b.open("origins", policy_with(|p| p.conflict_keep = 2));
     let m = put_all(s.as_ref(), &noise(1000, 40));
     let head = committed(s.commit("frank", &m, None, true, "vm:a").unwrap());
     let genuine = s.commit("frank", &m, None, true, "vm:b").unwrap();
@@ -525,185 +493,12 @@ async fn s3_store_on_ceph_rgw() {
     };
     let rgw = Arc::new(rgw);
     let r = rgw.clone();
-    tokio::task::spawn_blocking(move || run_suite(&S3(&r), 20))
+    tokio::task::spawn_blocking(move || run_suite(&s3::S3(&r), 20))
         .await
         .unwrap();
-    unsafe_server_is_refused(&rgw).await;
-    missing_bucket_is_a_clear_error(&rgw).await;
-    two_hosts_share_one_bucket(&rgw, 10).await;
-}
-
-/// Two `uve-host` processes on one bucket: alice commits on host 1, moves
-/// to a VM on host 2 and gets that version; then both VMs log in on the
-/// same head and update at once, `rounds` times.
-#[cfg(feature = "s3")]
-async fn two_hosts_share_one_bucket(rgw: &Rgw, rounds: u32) {
-    let dir = tempfile::tempdir().unwrap();
-    let toml = rgw.toml("two-hosts");
-    let host1 = HostProc::start(&dir.path().join("h1"), &toml).await;
-    let host2 = HostProc::start(&dir.path().join("h2"), &toml).await;
-    let pa = host1.add_unix_vm("vmA").await;
-    let pb = host2.add_unix_vm("vmB").await;
-    host1.assign("alice", "vmA").await;
-    let a = TestAgent::connect(&pa).await.unwrap();
-    let (g, data) = a.retrieve("alice", "s1").await.unwrap();
-    assert_eq!((g.version, data.len()), (None, 0));
-    let v1 = noise(500_000, 50);
-    let r = a.update_from_lease("alice", &v1).await.unwrap();
-    assert_eq!(r.answer, Response::Committed { version: 1 });
-    // The user moves to a VM on the other hypervisor.
-    host2.assign("alice", "vmB").await;
-    let b = TestAgent::connect(&pb).await.unwrap();
-    let (g, data) = b.retrieve("alice", "s2").await.unwrap();
-    assert_eq!(g.version, Some(1));
-    assert!(data == v1, "host 2 serves what host 1 committed");
-    let mut head = 1;
-    for round in 0..rounds {
-        // Each round both VMs log her in on the head (an update may only be
-        // based on the version its lease was granted on, or one its VM
-        // committed since), then both update at once.
-        let (ga, _) = a.retrieve("alice", "s1").await.unwrap();
-        let (gb, _) = b.retrieve("alice", "s2").await.unwrap();
-        assert_eq!((ga.version, gb.version), (Some(head), Some(head)));
-        let (la, lb) = (ga.lease, gb.lease);
-        let da = noise(300_000, 2000 + u64::from(round) * 2);
-        let db = noise(300_000, 2001 + u64::from(round) * 2);
-        let (ra, rb) = tokio::join!(
-            a.update("alice", "s1", Some(head), la, &da),
-            b.update("alice", "s2", Some(head), lb, &db)
-        );
-        let (ra, rb) = (ra.unwrap().answer, rb.unwrap().answer);
-        let (winner, loser) = match (&ra, &rb) {
-            (Response::Committed { version }, Response::Conflict { kept_as, head: h })
-            | (Response::Conflict { kept_as, head: h }, Response::Committed { version }) => {
-                assert_eq!(*h, Some(*version), "round {round}");
-                (*version, *kept_as)
-            }
-            other => panic!("round {round}: not one head and one conflict: {other:?}"),
-        };
-        for host in [&host1, &host2] {
-            let v = host.versions("alice").await;
-            assert_eq!(v["head"], winner, "round {round}: {v}");
-        }
-        let v = host1.versions("alice").await;
-        let kinds: Vec<(u64, String)> = v["versions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| {
-                (
-                    i["version"].as_u64().unwrap(),
-                    i["kind"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect();
-        assert!(kinds.contains(&(winner, "committed".into())), "{kinds:?}");
-        assert!(kinds.contains(&(loser, "conflict".into())), "{kinds:?}");
-        let expected = if matches!(ra, Response::Committed { .. }) {
-            &da
-        } else {
-            &db
-        };
-        assert!(host2.export("alice", winner).await == *expected);
-        head = winner;
-    }
-    // Each host reported its own side of every race.
-    let count = |events: Vec<serde_json::Value>, kind: &str| {
-        events.iter().filter(|e| e["kind"] == kind).count()
-    };
-    let (e1, e2) = (host1.events().await, host2.events().await);
-    let commits = count(e1.clone(), "commit") + count(e2.clone(), "commit");
-    let conflicts = count(e1, "conflict") + count(e2, "conflict");
-    assert_eq!(commits, 1 + rounds as usize);
-    assert_eq!(conflicts, rounds as usize);
-}
-
-/// An HTTP proxy in front of RGW that answers "200 OK" where RGW said
-/// "412 Precondition Failed": from the client's side, a server that ignores
-/// conditional writes (as Garage does). One request per connection.
-#[cfg(feature = "s3")]
-async fn lying_proxy(upstream: String) -> String {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    use tokio::net::{TcpListener, TcpStream};
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let upstream = upstream.trim_start_matches("http://").to_string();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let upstream = upstream.clone();
-            tokio::spawn(async move {
-                let Ok(server) = TcpStream::connect(&upstream).await else {
-                    return;
-                };
-                let (mut cr, mut cw) = client.into_split();
-                let (mut sr, mut sw) = server.into_split();
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
-                    let _ = sw.shutdown().await;
-                });
-                let mut sr = BufReader::new(&mut sr);
-                let mut head = Vec::new();
-                loop {
-                    let mut line = String::new();
-                    if sr.read_line(&mut line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    if head.is_empty() && line.contains(" 412 ") {
-                        head.push("HTTP/1.1 200 OK\r\n".to_string());
-                        head.push("ETag: \"forged\"\r\n".to_string());
-                    } else if line == "\r\n" {
-                        head.push("Connection: close\r\n\r\n".into());
-                        break;
-                    } else if !line.to_ascii_lowercase().starts_with("connection:") {
-                        head.push(line);
-                    }
-                }
-                if cw.write_all(head.concat().as_bytes()).await.is_err() {
-                    return;
-                }
-                let _ = tokio::io::copy(&mut sr, &mut cw).await;
-            });
-        }
-    });
-    format!("http://{addr}")
-}
-
-/// A server that ignores conditional writes is refused at start-up, by the
-/// store and by the daemon, with an error that names the behaviour.
-#[cfg(feature = "s3")]
-async fn unsafe_server_is_refused(rgw: &Rgw) {
-    let proxy = lying_proxy(rgw.endpoint.clone()).await;
-    let mut cfg = rgw::config(rgw, "unsafe");
-    cfg.endpoint = Some(proxy.clone());
-    let err = tokio::task::spawn_blocking(move || {
-        S3Store::open(&cfg, StorePolicy::default(), Duration::from_secs(3600))
-    })
-    .await
-    .unwrap()
-    .err()
-    .expect("a server that ignores If-None-Match must be refused");
-    assert!(matches!(err, StoreError::UnsafeStore(_)), "{err}");
-    assert!(err.to_string().contains("If-None-Match"), "{err}");
-    // The daemon refuses to start and says why.
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("host.toml");
-    let toml = rgw.toml("unsafe").replace(&rgw.endpoint, &proxy);
-    std::fs::write(&config, format!("data_dir = {:?}\n{toml}", dir.path())).unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_uve-host"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "uve-host started on an unsafe store");
-    assert!(
-        stderr.contains("unsafe for compare-and-swap") && stderr.contains("If-None-Match"),
-        "{stderr}"
-    );
+    s3::unsafe_server_is_refused(&rgw).await;
+    s3::missing_bucket_is_a_clear_error(&rgw).await;
+    s3::two_hosts_share_one_bucket(&rgw, 10).await;
 }
 
 /// An https endpoint goes through the TLS stack (rustls with ring, the
@@ -725,25 +520,8 @@ fn unreachable_https_endpoint_is_a_clear_error() {
         ..Default::default()
     };
     let t = Instant::now();
-    let err = S3Store::open(&cfg, StorePolicy::default(), Duration::from_secs(3600))
-        .err()
-        .expect("nothing listens there");
+    let err = s3::open(&cfg).err().expect("nothing listens there");
     assert!(matches!(err, StoreError::Remote { .. }), "{err}");
     assert!(err.to_string().contains("self-test"), "{err}");
     eprintln!("refused after {:.1?}: {err}", t.elapsed());
-}
-
-#[cfg(feature = "s3")]
-async fn missing_bucket_is_a_clear_error(rgw: &Rgw) {
-    let mut cfg = rgw::config(rgw, "x");
-    cfg.bucket = "no-such-bucket".into();
-    let err = tokio::task::spawn_blocking(move || {
-        S3Store::open(&cfg, StorePolicy::default(), Duration::from_secs(3600))
-    })
-    .await
-    .unwrap()
-    .err()
-    .expect("the bucket does not exist");
-    assert!(matches!(err, StoreError::Remote { .. }), "{err}");
-    assert!(err.to_string().contains("NoSuchBucket"), "{err}");
 }

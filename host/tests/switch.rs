@@ -6,31 +6,45 @@
 
 mod common;
 
-use common::{HostProc, ReleaseMode, TestAgent, noise};
+use std::path::PathBuf;
+
+use common::{HostProc, ReleaseMode, TestAgent, Updated, noise, on_release};
 use hyper::Method;
 use serde_json::json;
 use uve_e2e::names::valid;
 use uve_protocol::message::Response;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn switch_waits_for_the_old_vm_commit() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
+/// A host (`extra` config) with VMs vmA and vmB (on hybrid vsock if
+/// `hybrid_b`), alice assigned to vmA, whose agent retrieved and then
+/// committed `v1` for her: the host, vmA's agent, vmB's path and the
+/// answer to the update.
+async fn alice_committed_on_a(
+    extra: &str,
+    hybrid_b: bool,
+    v1: &[u8],
+) -> (HostProc, TestAgent, PathBuf, Updated) {
+    let host = HostProc::temp(extra).await;
     let pa = host.add_unix_vm("vmA").await;
-    let pb = host.add_hybrid_vm("vmB").await;
+    let pb = if hybrid_b {
+        host.add_hybrid_vm("vmB").await
+    } else {
+        host.add_unix_vm("vmB").await
+    };
     host.assign("alice", "vmA").await;
     let a = TestAgent::connect(&pa).await.unwrap();
-    let b = TestAgent::connect(&pb).await.unwrap();
     a.retrieve("alice", "s1").await.unwrap();
+    let r = a.update_from_lease("alice", v1).await.unwrap();
+    (host, a, pb, r)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_waits_for_the_old_vm_commit() {
     let v1 = noise(700_000, 10);
-    let r = a.update_from_lease("alice", &v1).await.unwrap();
+    let (host, a, pb, r) = alice_committed_on_a("", true, &v1).await;
+    let b = TestAgent::connect(&pb).await.unwrap();
     assert_eq!(r.answer, Response::Committed { version: 1 });
     let flushed = noise(700_000, 11);
-    a.state
-        .lock()
-        .unwrap()
-        .release
-        .insert("alice".into(), ReleaseMode::Flush(flushed.clone()));
+    on_release(&a, "alice", ReleaseMode::Flush(flushed.clone()));
     let (s, v) = host
         .call(Method::PUT, "/v1/assignments/alice", json!({"vm": "vmB"}))
         .await;
@@ -40,8 +54,7 @@ async fn switch_waits_for_the_old_vm_commit() {
     assert_eq!(g.version, Some(2), "B waited for A's flush");
     assert!(!g.handover_timed_out);
     assert!(data == flushed);
-    host.wait_event(|e| e["kind"] == "user_released" && e["vm"] == "vmA")
-        .await;
+    host.wait_event("user_released", |e| e["vm"] == "vmA").await;
     // A's late update (stale lease) can never become head
     let late = a
         .update_from_lease("alice", &noise(1000, 12))
@@ -57,27 +70,16 @@ async fn switch_waits_for_the_old_vm_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switch_with_silent_old_vm_times_out_and_serves_last_head() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "handover_timeout_ms = 1500").await;
-    let pa = host.add_unix_vm("vmA").await;
-    let pb = host.add_unix_vm("vmB").await;
-    host.assign("alice", "vmA").await;
-    let a = TestAgent::connect(&pa).await.unwrap();
-    let b = TestAgent::connect(&pb).await.unwrap();
-    a.retrieve("alice", "s1").await.unwrap();
     let v1 = noise(300_000, 13);
-    a.update_from_lease("alice", &v1).await.unwrap();
-    a.state
-        .lock()
-        .unwrap()
-        .release
-        .insert("alice".into(), ReleaseMode::Ignore);
+    let (host, a, pb, _) = alice_committed_on_a("handover_timeout_ms = 1500", false, &v1).await;
+    let b = TestAgent::connect(&pb).await.unwrap();
+    on_release(&a, "alice", ReleaseMode::Ignore);
     host.assign("alice", "vmB").await;
     let (g, data) = b.retrieve("alice", "s2").await.unwrap();
     assert_eq!(g.version, Some(1));
     assert!(g.handover_timed_out);
     assert!(data == v1);
-    let ev = host.wait_event(|e| e["kind"] == "handover_timeout").await;
+    let ev = host.wait_event("handover_timeout", |_| true).await;
     assert_eq!(ev["user"], "alice");
     assert_eq!(ev["vm"], "vmB");
     // B works on; A's late flush lands as a conflict, B's commit is head
@@ -105,16 +107,9 @@ async fn switch_with_silent_old_vm_times_out_and_serves_last_head() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switch_away_from_a_lost_vm_flags_the_retrieve() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
-    let pa = host.add_unix_vm("vmA").await;
-    let pb = host.add_unix_vm("vmB").await;
-    host.assign("alice", "vmA").await;
-    host.assign("bob", "vmA").await;
-    let a = TestAgent::connect(&pa).await.unwrap();
-    a.retrieve("alice", "s1").await.unwrap();
     let v1 = noise(200_000, 16);
-    a.update_from_lease("alice", &v1).await.unwrap();
+    let (host, a, pb, _) = alice_committed_on_a("", false, &v1).await;
+    host.assign("bob", "vmA").await;
     a.retrieve("alice", "s1").await.unwrap();
     let started = uve_protocol::message::Request::SessionStarted {
         session: valid("s1"),
@@ -125,7 +120,7 @@ async fn switch_away_from_a_lost_vm_flags_the_retrieve() {
     // bob logged out properly on vmA long ago: no session open
     a.retrieve("bob", "s0").await.unwrap();
     a.handle.close();
-    host.wait_event(|e| e["kind"] == "vm_lost").await;
+    host.wait_event("vm_lost", |_| true).await;
     host.assign("alice", "vmB").await;
     host.assign("bob", "vmB").await;
     let b = TestAgent::connect(&pb).await.unwrap();

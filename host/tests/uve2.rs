@@ -16,10 +16,7 @@ use uve_host::api::client;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ua_management_round_trips_to_the_agent() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
-    let path = host.add_unix_vm("vm1").await;
-    let agent = host.connect_agent(&path, "vm1").await;
+    let (host, _, agent) = HostProc::with_agent("", "vm1", &[]).await;
     let v1 = noise(700_000, 30);
     let v2 = noise(300_000, 31);
     for (ver, bundle, update) in [("1.0", &v1, false), ("2.0", &v2, true)] {
@@ -48,9 +45,7 @@ async fn ua_management_round_trips_to_the_agent() {
             "agent received different bytes"
         );
     }
-    let (s, v) = host
-        .call(Method::POST, "/v1/vms/vm1/ua/desk/rollback", json!({}))
-        .await;
+    let (s, v) = host.post("/v1/vms/vm1/ua/desk/rollback").await;
     assert_eq!((s, v["current"].as_str()), (200, Some("1.0")));
     let (_, st) = host.get("/v1/vms/vm1/status").await;
     assert_eq!(st["uas"][0]["current"], "1.0");
@@ -63,40 +58,24 @@ async fn ua_management_round_trips_to_the_agent() {
         .unwrap()
         .uas
         .insert(valid("busy"), (valid("1"), None));
-    let (s, v) = host
-        .call(Method::DELETE, "/v1/vms/vm1/ua/busy", json!({}))
-        .await;
+    let (s, v) = host.delete("/v1/vms/vm1/ua/busy").await;
     assert_eq!(s, 409, "{v}");
-    let (s, v) = host
-        .call(Method::DELETE, "/v1/vms/vm1/ua/busy?force=true", json!({}))
-        .await;
+    let (s, v) = host.delete("/v1/vms/vm1/ua/busy?force=true").await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["stopped_sessions"], json!(["s1"]));
-    let (s, _) = host
-        .call(Method::DELETE, "/v1/vms/vm1/ua/nope", json!({}))
-        .await;
+    let (s, _) = host.delete("/v1/vms/vm1/ua/nope").await;
     assert_eq!(s, 404);
-    let (s, _) = host
-        .call(
-            Method::POST,
-            "/v1/vms/vm1/ua?name=../x&version=1",
-            json!({}),
-        )
-        .await;
+    let (s, _) = host.post("/v1/vms/vm1/ua?name=../x&version=1").await;
     assert_eq!(s, 400);
-    host.wait_event(|e| e["kind"] == "ua_deleted" && e["name"] == "busy")
-        .await;
+    host.wait_event("ua_deleted", |e| e["name"] == "busy").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suspend_resume_and_monitoring_reach_the_agent() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
+    let host = HostProc::temp("").await;
     let path = host.add_hybrid_vm("vm1").await;
     let agent = host.connect_agent(&path, "vm1").await;
-    let (s, _) = host
-        .call(Method::POST, "/v1/vms/vm1/sessions/s7/suspend", json!({}))
-        .await;
+    let (s, _) = host.post("/v1/vms/vm1/sessions/s7/suspend").await;
     assert_eq!(s, 200);
     assert_eq!(
         agent.state.lock().unwrap().suspended,
@@ -104,9 +83,7 @@ async fn suspend_resume_and_monitoring_reach_the_agent() {
     );
     let (_, st) = host.get("/v1/vms/vm1/status").await;
     assert_eq!(st["sessions"][0]["suspended"], true);
-    let (s, _) = host
-        .call(Method::POST, "/v1/vms/vm1/sessions/s7/resume", json!({}))
-        .await;
+    let (s, _) = host.post("/v1/vms/vm1/sessions/s7/resume").await;
     assert_eq!(s, 200);
     assert!(agent.state.lock().unwrap().suspended.is_empty());
     let (s, v) = host
@@ -127,11 +104,7 @@ async fn suspend_resume_and_monitoring_reach_the_agent() {
         assert_eq!(st.monitors[0].2, v["expires"].as_u64().unwrap());
     }
     let (s, _) = host
-        .call(
-            Method::DELETE,
-            "/v1/vms/vm1/monitor?session=s7&monitor=helpdesk",
-            json!({}),
-        )
+        .delete("/v1/vms/vm1/monitor?session=s7&monitor=helpdesk")
         .await;
     assert_eq!(s, 200);
     assert!(agent.state.lock().unwrap().monitors.is_empty());
@@ -139,8 +112,7 @@ async fn suspend_resume_and_monitoring_reach_the_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_or_disconnected_vms_give_clear_errors() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
+    let host = HostProc::temp("").await;
     let path = host.add_unix_vm("vm1").await;
     let (s, v) = host.get("/v1/vms/vm1/status").await;
     assert_eq!((s, v["error"].as_str()), (503, Some("vm_not_connected")));
@@ -157,7 +129,7 @@ async fn unknown_or_disconnected_vms_give_clear_errors() {
     .await;
     assert!(gone.is_some());
     // unregistering a VM removes its listener socket
-    let (s, _) = host.call(Method::DELETE, "/v1/vms/vm1", json!({})).await;
+    let (s, _) = host.delete("/v1/vms/vm1").await;
     assert_eq!(s, 204);
     let removed = until_async(Duration::from_secs(10), || async {
         (!path.exists()).then_some(())

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{HostProc, TestAgent, noise};
+use common::{HostProc, TestAgent, listed, noise};
 use hyper::Method;
 use serde_json::json;
 use uve_e2e::names::valid;
@@ -24,8 +24,7 @@ fn code(e: &uve_protocol::link::LinkError) -> Option<ErrorCode> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trip_is_byte_identical_over_hybrid_and_unix() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
+    let host = HostProc::temp("").await;
     let hybrid = host.add_hybrid_vm("fc1").await;
     assert!(hybrid.to_string_lossy().ends_with("fc1.vsock_7075"));
     let unix = host.add_unix_vm("t1").await;
@@ -52,11 +51,7 @@ async fn round_trip_is_byte_identical_over_hybrid_and_unix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incremental_update_sends_only_changed_chunks() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
-    let path = host.add_unix_vm("vm1").await;
-    host.assign("alice", "vm1").await;
-    let agent = TestAgent::connect(&path).await.unwrap();
+    let (host, _, agent) = HostProc::with_agent("", "vm1", &["alice"]).await;
     agent.retrieve("alice", "s1").await.unwrap();
     let mut data = noise(8 << 20, 3);
     let first = agent.update_from_lease("alice", &data).await.unwrap();
@@ -80,19 +75,13 @@ async fn incremental_update_sends_only_changed_chunks() {
         .metric("uve_user_chunks_fetched_total{user=\"alice\"}")
         .await;
     assert!(fetched > fetched_before);
-    let commit = host
-        .wait_event(|e| e["kind"] == "commit" && e["version"] == 2)
-        .await;
+    let commit = host.wait_event("commit", |e| e["version"] == 2).await;
     assert_eq!(commit["chunks_uploaded"], json!(second.missing));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cas_conflict_keeps_both_versions() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
-    let path = host.add_unix_vm("vm1").await;
-    host.assign("alice", "vm1").await;
-    let agent = TestAgent::connect(&path).await.unwrap();
+    let (host, _, agent) = HostProc::with_agent("", "vm1", &["alice"]).await;
     let (g, _) = agent.retrieve("alice", "s1").await.unwrap();
     let a = noise(500_000, 4);
     let b = noise(600_000, 5);
@@ -118,19 +107,8 @@ async fn cas_conflict_keeps_both_versions() {
     assert!(matches!(rc.answer, Response::Conflict { kept_as: 3, .. }));
     let v = host.versions("alice").await;
     assert_eq!(v["head"], 1);
-    let kinds: Vec<_> = v["versions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| {
-            (
-                x["version"].as_u64().unwrap(),
-                x["kind"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
     assert_eq!(
-        kinds,
+        listed(&v, "kind"),
         vec![
             (1, "committed".to_string()),
             (2, "conflict".to_string()),
@@ -139,18 +117,13 @@ async fn cas_conflict_keeps_both_versions() {
     );
     assert!(host.export("alice", 1).await == a);
     assert!(host.export("alice", 2).await == b);
-    host.wait_event(|e| e["kind"] == "conflict" && e["kept_as"] == 2)
-        .await;
+    host.wait_event("conflict", |e| e["kept_as"] == 2).await;
     assert_eq!(host.metric("uve_conflicts_total").await, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unassigned_user_is_refused_and_nothing_is_read() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
-    let p1 = host.add_unix_vm("vm1").await;
-    let p2 = host.add_unix_vm("vm2").await;
-    host.assign("alice", "vm1").await;
+    let (host, [p1, p2]) = HostProc::with_vms("", ["vm1", "vm2"], &[("alice", "vm1")]).await;
     let owner = TestAgent::connect(&p1).await.unwrap();
     owner.retrieve("alice", "s1").await.unwrap();
     let data = noise(400_000, 6);
@@ -200,15 +173,8 @@ async fn unassigned_user_is_refused_and_nothing_is_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_names_and_oversized_sizes_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(
-        dir.path(),
-        "max_uif_size = 10000000\nuser_quota_bytes = 5000000",
-    )
-    .await;
-    let path = host.add_unix_vm("vm1").await;
-    host.assign("alice", "vm1").await;
-    let agent = TestAgent::connect(&path).await.unwrap();
+    let extra = "max_uif_size = 10000000\nuser_quota_bytes = 5000000";
+    let (host, _, agent) = HostProc::with_agent(extra, "vm1", &["alice"]).await;
     for bad in ["../etc", ".hidden", "a/b", "", "-rf", "x y"] {
         let e = agent.retrieve(bad, "s1").await.unwrap_err();
         assert_eq!(code(&e), Some(ErrorCode::InvalidName), "{bad:?}");
@@ -292,24 +258,15 @@ async fn bad_pages_chunks_and_digests_are_refused(agent: &TestAgent, begin: Requ
         })
         .await
         .unwrap();
-    let e = agent
-        .request(Request::ChunkUpload {
-            upload,
-            hash: c.hash,
-            data: b"0123456780".to_vec(),
-        })
-        .await
-        .unwrap_err();
+    let chunk = |data: &[u8]| Request::ChunkUpload {
+        upload,
+        hash: c.hash,
+        data: data.to_vec(),
+    };
+    let e = agent.request(chunk(b"0123456780")).await.unwrap_err();
     assert_eq!(code(&e), Some(ErrorCode::BadChunk));
     // commit with the bogus digest announced in the header
-    agent
-        .request(Request::ChunkUpload {
-            upload,
-            hash: c.hash,
-            data: b"0123456789".to_vec(),
-        })
-        .await
-        .unwrap();
+    agent.request(chunk(b"0123456789")).await.unwrap();
     let e = agent
         .request(Request::UpdateCommit { upload })
         .await
@@ -319,12 +276,7 @@ async fn bad_pages_chunks_and_digests_are_refused(agent: &TestAgent, begin: Requ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_notices_are_deduplicated_and_dropped_links_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
-    let path = host.add_unix_vm("vm1").await;
-    host.assign("alice", "vm1").await;
-    host.assign("bob", "vm1").await;
-    let agent = TestAgent::connect(&path).await.unwrap();
+    let (host, _, agent) = HostProc::with_agent("", "vm1", &["alice", "bob"]).await;
     for (s, u) in [("s1", "alice"), ("s2", "bob")] {
         let r = Request::SessionStarted {
             session: valid(s),
@@ -357,14 +309,13 @@ async fn disconnect_notices_are_deduplicated_and_dropped_links_reported() {
     // drop the connection without Goodbye: bob's session is reported
     agent.handle.close();
     let e = host
-        .wait_event(|e| e["kind"] == "unexpected_disconnect" && e["source"] == "host")
+        .wait_event("unexpected_disconnect", |e| e["source"] == "host")
         .await;
     assert_eq!(
         (e["session"].as_str(), e["user"].as_str()),
         (Some("s2"), Some("bob"))
     );
-    host.wait_event(|e| e["kind"] == "vm_lost" && e["vm"] == "vm1")
-        .await;
+    host.wait_event("vm_lost", |e| e["vm"] == "vm1").await;
     let (_, vm) = host.get("/v1/vms/vm1").await;
     assert_eq!(vm["connected"], false);
     assert_eq!(count(&host.events().await), 1);
@@ -372,8 +323,7 @@ async fn disconnect_notices_are_deduplicated_and_dropped_links_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_connection_replaces_old_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
+    let host = HostProc::temp("").await;
     let path = host.add_unix_vm("vm1").await;
     let first = TestAgent::connect(&path).await.unwrap();
     let second = TestAgent::connect(&path).await.unwrap();
@@ -393,22 +343,13 @@ async fn new_connection_replaces_old_one() {
     // a UVE-2 request sent to the host is answered Unsupported
     let e = second.request(Request::AgentStatus).await.unwrap_err();
     assert_eq!(code(&e), Some(ErrorCode::Unsupported));
-    let lost = host
-        .events()
-        .await
-        .iter()
-        .filter(|e| e["kind"] == "vm_lost")
-        .count();
+    let lost = host.count_events("vm_lost").await;
     assert_eq!(lost, 0, "a replaced connection is not a lost VM");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_uif_round_trips_and_gc_keeps_live_chunks() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
-    let path = host.add_unix_vm("vm1").await;
-    host.assign("alice", "vm1").await;
-    let agent = TestAgent::connect(&path).await.unwrap();
+    let (host, _, agent) = HostProc::with_agent("", "vm1", &["alice"]).await;
     agent.retrieve("alice", "s1").await.unwrap();
     let data = noise(900_000, 50);
     agent.update_from_lease("alice", &data).await.unwrap();

@@ -10,19 +10,20 @@ use std::process::{Command, Output};
 use common::{HostProc, noise};
 
 fn uvectl(host: &HostProc, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_uvectl"))
-        .arg("--socket")
-        .arg(host.data.join("api.sock"))
-        .args(args)
-        .output()
-        .unwrap()
+    host.uvectl_output(args).unwrap()
+}
+
+/// Runs each `uvectl` command in turn and checks its exit code.
+fn exit_codes(host: &HostProc, cases: &[(&[&str], i32)]) {
+    for (args, code) in cases {
+        assert_eq!(uvectl(host, args).status.code(), Some(*code), "{args:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uvectl_drives_the_api_with_documented_exit_codes() {
-    let dir = tempfile::tempdir().unwrap();
-    let host = HostProc::start(dir.path(), "").await;
-    let sock = dir.path().join("vm1.sock");
+    let host = HostProc::temp("").await;
+    let sock = host.data.join("vm1.sock");
     let out = uvectl(
         &host,
         &["vm", "add", "vm1", "--unix", sock.to_str().unwrap()],
@@ -37,45 +38,36 @@ async fn uvectl_drives_the_api_with_documented_exit_codes() {
     let out = uvectl(&host, &["--json", "vm", "list"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["id"], "vm1");
-    assert_eq!(
-        uvectl(&host, &["vm", "show", "nope"]).status.code(),
-        Some(3)
-    );
-    assert_eq!(
-        uvectl(&host, &["vm", "status", "vm1"]).status.code(),
-        Some(5)
-    );
-    assert_eq!(uvectl(&host, &["vm", "frobnicate"]).status.code(), Some(2));
-    assert_eq!(
-        uvectl(&host, &["assign", "alice", "vm1"]).status.code(),
-        Some(0)
-    );
-    assert_eq!(
-        uvectl(&host, &["assign", "bob", "ghost"]).status.code(),
-        Some(3)
+    exit_codes(
+        &host,
+        &[
+            (&["vm", "show", "nope"], 3),
+            (&["vm", "status", "vm1"], 5),
+            (&["vm", "frobnicate"], 2),
+            (&["assign", "alice", "vm1"], 0),
+            (&["assign", "bob", "ghost"], 3),
+        ],
     );
 
-    let uif = dir.path().join("alice.uif");
+    let uif = host.data.join("alice.uif");
     let data = noise(1_500_000, 40);
     std::fs::write(&uif, &data).unwrap();
     let out = uvectl(&host, &["import", "alice", uif.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let back = dir.path().join("back.uif");
+    let back = host.data.join("back.uif");
     let out = uvectl(
         &host,
         &["export", "alice", "1", "-o", back.to_str().unwrap()],
     );
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(std::fs::read(&back).unwrap() == data);
-    assert_eq!(
-        uvectl(&host, &["export", "alice", "9"]).status.code(),
-        Some(3)
-    );
-    let out = uvectl(&host, &["import", "alice", uif.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0));
-    assert_eq!(
-        uvectl(&host, &["rollback", "alice", "1"]).status.code(),
-        Some(0)
+    exit_codes(
+        &host,
+        &[
+            (&["export", "alice", "9"], 3),
+            (&["import", "alice", uif.to_str().unwrap()], 0),
+            (&["rollback", "alice", "1"], 0),
+        ],
     );
     let out = uvectl(&host, &["--json", "versions", "alice"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -88,10 +80,7 @@ async fn uvectl_drives_the_api_with_documented_exit_codes() {
     );
     let out = uvectl(&host, &["metrics"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("uve_commits_total"));
-    assert_eq!(
-        uvectl(&host, &["gc", "--grace-secs", "0"]).status.code(),
-        Some(0)
-    );
+    exit_codes(&host, &[(&["gc", "--grace-secs", "0"], 0)]);
     // a dead socket is a plain error
     let out = Command::new(env!("CARGO_BIN_EXE_uvectl"))
         .args(["--socket", "/nonexistent/api.sock", "vm", "list"])

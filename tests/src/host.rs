@@ -205,6 +205,12 @@ impl HostDaemon {
             .unwrap_or_else(|e| e.to_string())
     }
 
+    /// Runs `uvectl <args>` as given (no `--json` added): its exit status
+    /// and output.
+    pub fn uvectl_output(&self, args: &[&str]) -> std::io::Result<std::process::Output> {
+        self.uvectl_cmd().args(args).output()
+    }
+
     /// Runs a `uvectl` command that must succeed; returns its JSON output.
     pub fn ok(&self, args: &[&str]) -> serde_json::Value {
         let (code, out) = self.uvectl(args);

@@ -51,41 +51,44 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-/// The path parameters, deserialized into `T` (a tuple in path order, or
-/// one value); a rejection is the API's JSON error.
-#[derive(Debug)]
-pub struct ApiPath<T>(pub T);
+/// An extractor of the API: axum's `$inner` of a `T`, its rejection the
+/// API's JSON error.
+macro_rules! api_parts_extractor {
+    ($(#[$doc:meta])* $name:ident, $inner:ident, $($bound:tt)+) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $name<T>(pub T);
 
-impl<T, S> FromRequestParts<S> for ApiPath<T>
-where
-    T: DeserializeOwned + Send,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
+        impl<T, S> FromRequestParts<S> for $name<T>
+        where
+            T: $($bound)+,
+            S: Send + Sync,
+        {
+            type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path(t) = Path::<T>::from_request_parts(parts, state).await?;
-        Ok(ApiPath(t))
-    }
+            async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+                let $inner(t) = $inner::<T>::from_request_parts(parts, state).await?;
+                Ok($name(t))
+            }
+        }
+    };
 }
 
-/// The query string, deserialized into `T`; a rejection is the API's JSON
-/// error.
-#[derive(Debug)]
-pub struct ApiQuery<T>(pub T);
+api_parts_extractor!(
+    /// The path parameters, deserialized into `T` (a tuple in path order,
+    /// or one value); a rejection is the API's JSON error.
+    ApiPath,
+    Path,
+    DeserializeOwned + Send
+);
 
-impl<T, S> FromRequestParts<S> for ApiQuery<T>
-where
-    T: DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Query(t) = Query::<T>::from_request_parts(parts, state).await?;
-        Ok(ApiQuery(t))
-    }
-}
+api_parts_extractor!(
+    /// The query string, deserialized into `T`; a rejection is the API's
+    /// JSON error.
+    ApiQuery,
+    Query,
+    DeserializeOwned
+);
 
 /// A JSON body (`content-type: application/json`): an object, deserialized
 /// into `T`; a rejection is the API's JSON error. A number with a zero fraction

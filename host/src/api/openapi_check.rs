@@ -54,15 +54,17 @@ fn every_route_is_documented_and_every_documented_route_exists() {
     );
 }
 
-fn refs(v: &Value, out: &mut BTreeSet<String>) {
+/// Calls `found` with the string value of every `key` field anywhere in
+/// `v`, depth first (a field before what its object holds).
+fn strings_of(v: &Value, key: &str, found: &mut impl FnMut(&str)) {
     match v {
         Value::Object(m) => {
-            if let Some(Value::String(r)) = m.get("$ref") {
-                out.insert(r.clone());
+            if let Some(Value::String(s)) = m.get(key) {
+                found(s);
             }
-            m.values().for_each(|x| refs(x, out));
+            m.values().for_each(|x| strings_of(x, key, found));
         }
-        Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+        Value::Array(a) => a.iter().for_each(|x| strings_of(x, key, found)),
         _ => {}
     }
 }
@@ -71,7 +73,9 @@ fn refs(v: &Value, out: &mut BTreeSet<String>) {
 fn every_ref_resolves_and_every_schema_is_used() {
     let doc = doc();
     let mut used = BTreeSet::new();
-    refs(&doc, &mut used);
+    strings_of(&doc, "$ref", &mut |r| {
+        used.insert(r.to_string());
+    });
     for r in &used {
         let name = r.strip_prefix("#/components/schemas/").unwrap();
         schema(&doc, name);
@@ -225,19 +229,6 @@ const NAME_KEYS: [&str; 7] = ["id", "user", "name", "session", "vm", "monitor", 
 /// The string query parameters that are not names.
 const NOT_NAMES: [&str; 2] = ["entry", "force"];
 
-fn patterns(v: &Value, out: &mut Vec<String>) {
-    match v {
-        Value::Object(m) => {
-            if let Some(Value::String(p)) = m.get("pattern") {
-                out.push(p.clone());
-            }
-            m.values().for_each(|x| patterns(x, out));
-        }
-        Value::Array(a) => a.iter().for_each(|x| patterns(x, out)),
-        _ => {}
-    }
-}
-
 fn assert_name(at: &str, s: &Value) {
     assert_eq!(s["pattern"], json!(NAME_PATTERN), "{at}: pattern");
     assert_eq!(s["maxLength"], json!(MAX_NAME_LEN), "{at}: maxLength");
@@ -281,6 +272,6 @@ fn every_name_carries_the_name_pattern() {
     // 19 path parameters, 5 query parameters, 4 body fields.
     assert_eq!(seen, 28, "names found");
     let mut all = Vec::new();
-    patterns(&doc, &mut all);
+    strings_of(&doc, "pattern", &mut |p| all.push(p.to_string()));
     assert!(all.iter().all(|p| p == NAME_PATTERN), "{all:?}");
 }

@@ -12,13 +12,14 @@
 //! the VM is removed, the lease is revoked — nobody holds it until the
 //! next grant, so the evicted VM's later updates land as conflict versions.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
 use crate::store::durable;
+use crate::store::locks::NamedLocks;
 
 /// Previous holders remembered per user (they may still send a late update,
 /// which is accepted and kept as a conflict version).
@@ -62,7 +63,7 @@ pub struct Leases {
     path: PathBuf,
     tmp: PathBuf,
     data: Mutex<LeaseData>,
-    gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    gates: NamedLocks<tokio::sync::Mutex<()>>,
 }
 
 /// Why the lease file could not be read or written.
@@ -91,18 +92,13 @@ impl Leases {
             path,
             tmp: tmp.to_path_buf(),
             data: Mutex::new(data),
-            gates: Mutex::new(HashMap::new()),
+            gates: NamedLocks::default(),
         })
     }
 
     /// The per-user gate serialising grants and commits.
     pub fn gate(&self, user: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.gates
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(user.to_string())
-            .or_default()
-            .clone()
+        self.gates.get(user)
     }
 
     /// Grants a new lease on `user` to `vm` on the user's head `base`

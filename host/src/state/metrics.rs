@@ -177,24 +177,21 @@ impl Metrics {
     pub fn chunk_fetched(&self, user: &str, bytes: u64) {
         add(&self.chunks_fetched, 1);
         add(&self.bytes_out, bytes);
-        self.per_user
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(user.to_string())
-            .or_default()
-            .0 += 1;
+        self.count_user(user, |(fetched, _)| fetched);
     }
 
     /// Counts a chunk received for `user`.
     pub fn chunk_uploaded(&self, user: &str, bytes: u64) {
         add(&self.chunks_uploaded, 1);
         add(&self.bytes_in, bytes);
-        self.per_user
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(user.to_string())
-            .or_default()
-            .1 += 1;
+        self.count_user(user, |(_, uploaded)| uploaded);
+    }
+
+    /// Adds one to a counter of `user`'s, chosen by `which` from the
+    /// chunks fetched and uploaded.
+    fn count_user(&self, user: &str, which: fn(&mut (u64, u64)) -> &mut u64) {
+        let mut per_user = self.per_user.lock().unwrap_or_else(PoisonError::into_inner);
+        *which(per_user.entry(user.to_string()).or_default()) += 1;
     }
 
     /// Prometheus text exposition.

@@ -173,6 +173,18 @@ impl Registry {
         self.data.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Runs `change` on the data under the lock and saves it, unless
+    /// `change` refused (then it must have changed nothing).
+    fn change<T>(
+        &self,
+        change: impl FnOnce(&mut RegistryData) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let mut data = self.lock();
+        let out = change(&mut data)?;
+        self.save(&data)?;
+        Ok(out)
+    }
+
     /// All VMs.
     pub fn vms(&self) -> Vec<VmSpec> {
         self.lock().vms.values().cloned().collect()
@@ -195,61 +207,56 @@ impl Registry {
     /// Registers a VM; refuses duplicate ids, CIDs and listen paths.
     pub fn add_vm(&self, spec: VmSpec) -> Result<(), RegistryError> {
         spec.validate(self.allow_local_cid)?;
-        let mut data = self.lock();
-        if data.vms.contains_key(&spec.id) {
-            return Err(RegistryError::Duplicate(format!(
-                "VM {} is already registered",
-                spec.id
-            )));
-        }
-        let path = spec.listen_path(self.default_port);
-        for other in data.vms.values() {
-            if (spec.cid.is_some() && other.cid == spec.cid)
-                || (path.is_some() && other.listen_path(self.default_port) == path)
-            {
+        self.change(|data| {
+            if data.vms.contains_key(&spec.id) {
                 return Err(RegistryError::Duplicate(format!(
-                    "VM {} already uses that transport address",
-                    other.id
+                    "VM {} is already registered",
+                    spec.id
                 )));
             }
-        }
-        data.vms.insert(spec.id.clone(), spec);
-        self.save(&data)
+            let path = spec.listen_path(self.default_port);
+            for other in data.vms.values() {
+                if (spec.cid.is_some() && other.cid == spec.cid)
+                    || (path.is_some() && other.listen_path(self.default_port) == path)
+                {
+                    return Err(RegistryError::Duplicate(format!(
+                        "VM {} already uses that transport address",
+                        other.id
+                    )));
+                }
+            }
+            data.vms.insert(spec.id.clone(), spec);
+            Ok(())
+        })
     }
 
     /// Unregisters a VM and drops its assignments; returns its spec.
     pub fn remove_vm(&self, id: &str) -> Result<VmSpec, RegistryError> {
-        let mut data = self.lock();
-        let spec = data
-            .vms
-            .remove(id)
-            .ok_or_else(|| RegistryError::NoSuchVm(id.to_string()))?;
-        data.assignments.retain(|_, vm| vm != id);
-        self.save(&data)?;
-        Ok(spec)
+        self.change(|data| {
+            let spec = data.vms.remove(id);
+            let spec = spec.ok_or_else(|| RegistryError::NoSuchVm(id.to_string()))?;
+            data.assignments.retain(|_, vm| vm != id);
+            Ok(spec)
+        })
     }
 
     /// Assigns `user` to `vm`; returns the previous VM.
     pub fn assign(&self, user: &str, vm: &str) -> Result<Option<String>, RegistryError> {
         names::user(user)?;
-        let mut data = self.lock();
-        if !data.vms.contains_key(vm) {
-            return Err(RegistryError::NoSuchVm(vm.to_string()));
-        }
-        let prev = data.assignments.insert(user.to_string(), vm.to_string());
-        self.save(&data)?;
-        Ok(prev)
+        self.change(|data| {
+            if !data.vms.contains_key(vm) {
+                return Err(RegistryError::NoSuchVm(vm.to_string()));
+            }
+            Ok(data.assignments.insert(user.to_string(), vm.to_string()))
+        })
     }
 
     /// Removes `user`'s assignment; returns the VM it was assigned to.
     pub fn unassign(&self, user: &str) -> Result<String, RegistryError> {
-        let mut data = self.lock();
-        let prev = data
-            .assignments
-            .remove(user)
-            .ok_or_else(|| RegistryError::NotAssigned(user.to_string()))?;
-        self.save(&data)?;
-        Ok(prev)
+        self.change(|data| {
+            let prev = data.assignments.remove(user);
+            prev.ok_or_else(|| RegistryError::NotAssigned(user.to_string()))
+        })
     }
 
     /// The VM `user` is assigned to.

@@ -30,7 +30,7 @@
 //! agent's retry resends only what was lost; GC takes the rest after its
 //! grace.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs;
 use std::io::{ErrorKind, Read};
 use std::path::{Path, PathBuf};
@@ -42,9 +42,10 @@ use uve_protocol::manifest::{Hash, Manifest};
 use uve_protocol::message::Version;
 use uve_protocol::names;
 
+use super::locks::NamedLocks;
 use super::{
-    ChunkPins, CommitOutcome, GcReport, HeadRule, PinTable, StageId, StoreError, StorePolicy,
-    StoreResult, UifStore, UserState, VersionInfo, check_new_version,
+    ChunkPins, CommitOutcome, GcReport, NewVersion, PinTable, StageId, StoreError, StorePolicy,
+    StoreResult, UifStore, UserState, VersionInfo, check_chunk, user_names,
 };
 use crate::store::durable;
 
@@ -55,7 +56,7 @@ pub struct LocalStore {
     staging: PathBuf,
     policy: StorePolicy,
     /// Serialises commits per user (read-modify-write of `state.json`).
-    user_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    user_locks: NamedLocks<Mutex<()>>,
     /// Writers (chunk puts, commits) share it; GC takes it exclusively, so
     /// a sweep never races a version being made visible.
     gc_lock: RwLock<()>,
@@ -72,7 +73,7 @@ impl LocalStore {
             tmp: root.join("tmp"),
             staging: root.join("staging"),
             policy,
-            user_locks: Mutex::new(HashMap::new()),
+            user_locks: NamedLocks::default(),
             gc_lock: RwLock::new(()),
             pins: Arc::new(PinTable::default()),
         };
@@ -175,15 +176,6 @@ impl LocalStore {
         self.root.join("chunks").join(&hex[..2]).join(hex)
     }
 
-    fn user_lock(&self, user: &str) -> Arc<Mutex<()>> {
-        self.user_locks
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(user.to_string())
-            .or_default()
-            .clone()
-    }
-
     fn read_state(&self, user: &str) -> StoreResult<UserState> {
         let path = self.user_dir(user).join("state.json");
         match fs::read(&path) {
@@ -245,6 +237,22 @@ impl LocalStore {
             .map_err(|e| StoreError::io("write manifest", e))
     }
 
+    /// If the chunk is stored (under `chunks/` or `staging/`), refreshes
+    /// its mtime so that a concurrent GC's grace period covers it, and
+    /// says so. Called under the GC lock (read).
+    fn refresh_stored(&self, hash: &Hash) -> bool {
+        let stored = [self.chunk_path(hash), self.staged_path(hash)]
+            .into_iter()
+            .find(|p| p.is_file());
+        if let Some(path) = &stored {
+            let _ = fs::File::options()
+                .append(true)
+                .open(path)
+                .and_then(|f| f.set_modified(SystemTime::now()));
+        }
+        stored.is_some()
+    }
+
     fn chunk_files(&self) -> Vec<(PathBuf, Hash)> {
         let mut out = Vec::new();
         let Ok(prefixes) = fs::read_dir(self.root.join("chunks")) else {
@@ -286,19 +294,9 @@ impl UifStore for LocalStore {
     }
 
     fn put_chunk(&self, hash: &Hash, data: &[u8]) -> StoreResult<()> {
-        if data.len() > MAX_CHUNK as usize || Hash::of(data) != *hash {
-            return Err(StoreError::BadChunk(*hash));
-        }
+        check_chunk(hash, data)?;
         let _gc = self.gc_lock.read().unwrap_or_else(PoisonError::into_inner);
-        let existing = [self.chunk_path(hash), self.staged_path(hash)]
-            .into_iter()
-            .find(|p| p.is_file());
-        if let Some(path) = existing {
-            // Refresh the mtime so a concurrent GC's grace period covers it.
-            let _ = fs::File::options()
-                .append(true)
-                .open(&path)
-                .and_then(|f| f.set_modified(SystemTime::now()));
+        if self.refresh_stored(hash) {
             return Ok(());
         }
         // Made durable by the commit that first refers to it (`promote`).
@@ -307,20 +305,11 @@ impl UifStore for LocalStore {
     }
 
     fn stage_chunk(&self, stage: &StageId, hash: &Hash, data: &[u8]) -> StoreResult<u64> {
-        if data.len() > MAX_CHUNK as usize || Hash::of(data) != *hash {
-            return Err(StoreError::BadChunk(*hash));
-        }
+        check_chunk(hash, data)?;
         let _gc = self.gc_lock.read().unwrap_or_else(PoisonError::into_inner);
-        let stored = [self.chunk_path(hash), self.staged_path(hash)]
-            .into_iter()
-            .find(|p| p.is_file());
-        if let Some(path) = stored {
-            // The upload's pin keeps it from GC; the fresh mtime keeps it
-            // from a GC that listed it before the pin.
-            let _ = fs::File::options()
-                .append(true)
-                .open(&path)
-                .and_then(|f| f.set_modified(SystemTime::now()));
+        // An upload's pin keeps a stored chunk from GC; the fresh mtime
+        // keeps it from a GC that listed it before the pin.
+        if self.refresh_stored(hash) {
             return Ok(0);
         }
         let dir = self.stage_dir(stage);
@@ -388,9 +377,7 @@ impl UifStore for LocalStore {
         f.take(u64::from(MAX_CHUNK) + 1)
             .read_to_end(&mut data)
             .map_err(|e| StoreError::io("read chunk", e))?;
-        if data.len() > MAX_CHUNK as usize || Hash::of(&data) != *hash {
-            return Err(StoreError::BadChunk(*hash));
-        }
+        check_chunk(hash, &data)?;
         Ok(data)
     }
 
@@ -433,26 +420,17 @@ impl UifStore for LocalStore {
     }
 
     fn users(&self) -> StoreResult<Vec<String>> {
-        let dir = self.root.join("users");
-        let mut out: Vec<String> = fs::read_dir(&dir)
+        let entries = fs::read_dir(self.root.join("users"))
             .map_err(|e| StoreError::io("list users", e))?
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().map(str::to_string))
-            .filter(|n| names::user(n).is_ok())
-            .collect();
-        out.sort();
-        Ok(out)
+            .flatten();
+        Ok(user_names(entries.filter_map(|e| {
+            e.file_name().to_str().map(str::to_string)
+        })))
     }
 
-    fn add_version(
-        &self,
-        user: &str,
-        manifest: &Manifest,
-        base: Option<Version>,
-        origin: &str,
-        rule: HeadRule,
-    ) -> StoreResult<CommitOutcome> {
-        check_new_version(&self.policy, user, manifest)?;
+    fn add_version(&self, new: &NewVersion<'_>) -> StoreResult<CommitOutcome> {
+        new.check(&self.policy)?;
+        let (user, manifest) = (new.user, new.manifest);
         let _gc = self.gc_lock.read().unwrap_or_else(PoisonError::into_inner);
         let mut staged = Vec::new();
         let mut seen = HashSet::new();
@@ -467,10 +445,10 @@ impl UifStore for LocalStore {
             }
         }
         self.promote(&staged, |h| self.staged_path(h))?;
-        let lock = self.user_lock(user);
+        let lock = self.user_locks.get(user);
         let _user = lock.lock().unwrap_or_else(PoisonError::into_inner);
         let mut state = self.read_state(user)?;
-        let (outcome, pruned) = state.add_version(&self.policy, manifest, base, origin, rule);
+        let (outcome, pruned) = state.add_version(&self.policy, new);
         let (CommitOutcome::Committed(v) | CommitOutcome::Conflict { kept_as: v, .. }) = outcome;
         self.write_manifest(user, v, manifest)?;
         self.write_state(user, &state)?;
@@ -532,7 +510,7 @@ fn staged_hash(path: &Path) -> Option<Hash> {
     f.take(u64::from(MAX_CHUNK) + 1)
         .read_to_end(&mut data)
         .ok()?;
-    (data.len() <= MAX_CHUNK as usize && Hash::of(&data) == h).then_some(h)
+    check_chunk(&h, &data).is_ok().then_some(h)
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@
 
 pub mod durable;
 mod local;
+pub mod locks;
 mod pins;
 #[cfg(feature = "s3")]
 mod s3;
@@ -39,6 +40,7 @@ pub use s3_config::S3Config;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use uve_protocol::defs::MAX_CHUNK;
 use uve_protocol::manifest::{Hash, Manifest};
 use uve_protocol::message::Version;
 use uve_protocol::names;
@@ -159,37 +161,72 @@ impl HeadRule {
     }
 }
 
-/// The checks every store makes before adding a version: a valid user
-/// name, a consistent manifest, the quota.
-pub(crate) fn check_new_version(
-    policy: &StorePolicy,
-    user: &str,
-    manifest: &Manifest,
-) -> StoreResult<()> {
-    names::user(user)?;
-    manifest.validate()?;
-    if manifest.header.size > policy.quota_bytes {
-        return Err(StoreError::QuotaExceeded {
-            size: manifest.header.size,
-            quota: policy.quota_bytes,
-        });
+/// A version to add ([`UifStore::add_version`]): whose, its manifest,
+/// the base it names, who wrote it and whether it becomes head.
+#[derive(Debug, Clone, Copy)]
+pub struct NewVersion<'a> {
+    /// The user.
+    pub user: &'a str,
+    /// Its manifest (every chunk already stored).
+    pub manifest: &'a Manifest,
+    /// The version it was based on, as announced.
+    pub base: Option<Version>,
+    /// Who wrote it (`vm:<id>`, `import`, `rollback:<v>`).
+    pub origin: &'a str,
+    /// When it becomes head.
+    pub rule: HeadRule,
+}
+
+impl NewVersion<'_> {
+    /// The checks every store makes before adding a version: a valid user
+    /// name, a consistent manifest, the quota.
+    pub(crate) fn check(&self, policy: &StorePolicy) -> StoreResult<()> {
+        names::user(self.user)?;
+        self.manifest.validate()?;
+        if self.manifest.header.size > policy.quota_bytes {
+            return Err(StoreError::QuotaExceeded {
+                size: self.manifest.header.size,
+                quota: policy.quota_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Refuses chunk bytes longer than `MAX_CHUNK` or not of `hash`
+/// (`BadChunk`): what every store checks of a chunk it writes or reads.
+pub(crate) fn check_chunk(hash: &Hash, data: &[u8]) -> StoreResult<()> {
+    if data.len() > MAX_CHUNK as usize || Hash::of(data) != *hash {
+        return Err(StoreError::BadChunk(*hash));
     }
     Ok(())
 }
 
+/// The valid user names among `names` (a store's directory or key
+/// listing), sorted.
+pub(crate) fn user_names(names: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out: Vec<String> = names.filter(|n| names::user(n).is_ok()).collect();
+    out.sort();
+    out
+}
+
 impl UserState {
-    /// Records `manifest` as the next version (head or conflict by
-    /// `rule`) and prunes by `policy`. Returns the outcome and the
-    /// versions pruned (whose manifests the store may delete once the new
-    /// state is written).
+    /// Records `new` as the next version (head or conflict by its rule)
+    /// and prunes by `policy`. Returns the outcome and the versions pruned
+    /// (whose manifests the store may delete once the new state is
+    /// written).
     pub(crate) fn add_version(
         &mut self,
         policy: &StorePolicy,
-        manifest: &Manifest,
-        base: Option<Version>,
-        origin: &str,
-        rule: HeadRule,
+        new: &NewVersion<'_>,
     ) -> (CommitOutcome, Vec<Version>) {
+        let NewVersion {
+            manifest,
+            base,
+            origin,
+            rule,
+            ..
+        } = *new;
         let v = self.next.max(1);
         let becomes_head = rule.admits(self.head);
         let previous_head = self.head;
@@ -399,17 +436,10 @@ pub trait UifStore: Send + Sync + 'static {
     fn versions(&self, user: &str) -> StoreResult<Vec<VersionInfo>>;
     /// Users with a store entry.
     fn users(&self) -> StoreResult<Vec<String>>;
-    /// Stores `manifest` as the user's next version, head or conflict
-    /// version as `rule` says against the current head (atomically with
-    /// respect to other writers). Every chunk must already be stored.
-    fn add_version(
-        &self,
-        user: &str,
-        manifest: &Manifest,
-        base: Option<Version>,
-        origin: &str,
-        rule: HeadRule,
-    ) -> StoreResult<CommitOutcome>;
+    /// Stores `new.manifest` as the user's next version, head or conflict
+    /// version as `new.rule` says against the current head (atomically
+    /// with respect to other writers). Every chunk must already be stored.
+    fn add_version(&self, new: &NewVersion<'_>) -> StoreResult<CommitOutcome>;
     /// Stores `manifest` as a new version. It becomes head only if the head
     /// is `base` and `lease_ok`; otherwise it is kept as a conflict version.
     /// Every chunk must already be stored.
@@ -426,13 +456,26 @@ pub trait UifStore: Send + Sync + 'static {
         } else {
             HeadRule::Never
         };
-        self.add_version(user, manifest, base, origin, rule)
+        self.add_version(&NewVersion {
+            user,
+            manifest,
+            base,
+            origin,
+            rule,
+        })
     }
     /// Makes a copy of retained version `to` the new head (a new version).
     fn rollback(&self, user: &str, to: Version) -> StoreResult<Version> {
         let manifest = self.manifest(user, to)?;
         let origin = format!("rollback:{to}");
-        match self.add_version(user, &manifest, Some(to), &origin, HeadRule::Always)? {
+        let new = NewVersion {
+            user,
+            manifest: &manifest,
+            base: Some(to),
+            origin: &origin,
+            rule: HeadRule::Always,
+        };
+        match self.add_version(&new)? {
             CommitOutcome::Committed(v) | CommitOutcome::Conflict { kept_as: v, .. } => Ok(v),
         }
     }

@@ -52,7 +52,6 @@ use futures_util::{StreamExt, stream};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use uve_protocol::defs::MAX_CHUNK;
 use uve_protocol::manifest::{Hash, Manifest};
 use uve_protocol::message::Version;
 use uve_protocol::names;
@@ -60,8 +59,8 @@ use uve_protocol::names;
 pub use super::S3Config;
 
 use super::{
-    ChunkPins, CommitOutcome, GcReport, HeadRule, PinTable, StageId, StoreError, StorePolicy,
-    StoreResult, UifStore, UserState, VersionInfo, now_ms,
+    ChunkPins, CommitOutcome, GcReport, NewVersion, PinTable, StageId, StoreError, StorePolicy,
+    StoreResult, UifStore, UserState, VersionInfo, check_chunk, now_ms, user_names,
 };
 
 /// How many times a commit re-reads the head after losing a race.
@@ -97,6 +96,14 @@ fn remote(context: impl Into<String>, e: impl std::fmt::Display) -> StoreError {
     }
 }
 
+/// A setting of the `[s3]` section, else the first of the environment
+/// variables `vars` that is set.
+fn setting<const N: usize>(configured: &Option<String>, vars: [&str; N]) -> Option<String> {
+    configured
+        .clone()
+        .or_else(|| vars.into_iter().find_map(|v| std::env::var(v).ok()))
+}
+
 impl S3Store {
     /// Connects to the bucket, runs the conditional-write self-test and
     /// returns the store. `gc_grace` is the GC grace period of every host
@@ -112,21 +119,13 @@ impl S3Store {
         if let Some(e) = &config.endpoint {
             b = b.with_endpoint(e);
         }
-        let endpoint = config
-            .endpoint
-            .clone()
-            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
-            .or_else(|| std::env::var("AWS_ENDPOINT").ok())
-            .unwrap_or_default();
+        let endpoint =
+            setting(&config.endpoint, ["AWS_ENDPOINT_URL", "AWS_ENDPOINT"]).unwrap_or_default();
         let allow_http = config
             .allow_http
             .unwrap_or_else(|| endpoint.starts_with("http://"));
         b = b.with_allow_http(allow_http);
-        let region = config
-            .region
-            .clone()
-            .or_else(|| std::env::var("AWS_REGION").ok())
-            .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+        let region = setting(&config.region, ["AWS_REGION", "AWS_DEFAULT_REGION"])
             .unwrap_or_else(|| "us-east-1".to_string());
         b = b.with_region(region);
         if let Some(k) = &config.access_key_id {
@@ -247,6 +246,12 @@ impl S3Store {
             .is_some_and(|m| now_ms().saturating_sub(*m) < fresh_ms)
     }
 
+    /// The bytes of object `key` (one GET).
+    fn get_bytes(&self, key: &Path) -> object_store::Result<bytes::Bytes> {
+        let (s3, key) = (self.s3.clone(), key.clone());
+        self.block_on(async move { s3.get(&key).await?.bytes().await })
+    }
+
     fn load_manifest(&self, user: &str, digest: &Hash) -> StoreResult<Arc<Manifest>> {
         if let Some(m) = self
             .manifests
@@ -257,13 +262,7 @@ impl S3Store {
             return Ok(m.clone());
         }
         let key = self.manifest_key(user, digest);
-        let s3 = self.s3.clone();
-        let k = key.clone();
-        let bytes = self.block_on(async move {
-            let r = s3.get(&k).await?;
-            r.bytes().await
-        });
-        let bytes = match bytes {
+        let bytes = match self.get_bytes(&key) {
             Ok(b) => b,
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(StoreError::Corrupt {
@@ -445,9 +444,7 @@ impl UifStore for S3Store {
     }
 
     fn put_chunk(&self, hash: &Hash, data: &[u8]) -> StoreResult<()> {
-        if data.len() > MAX_CHUNK as usize || Hash::of(data) != *hash {
-            return Err(StoreError::BadChunk(*hash));
-        }
+        check_chunk(hash, data)?;
         if self.known_fresh(hash) {
             return Ok(());
         }
@@ -461,13 +458,7 @@ impl UifStore for S3Store {
     }
 
     fn read_chunk(&self, hash: &Hash) -> StoreResult<Vec<u8>> {
-        let key = self.chunk_key(hash);
-        let s3 = self.s3.clone();
-        let bytes = self.block_on(async move {
-            let r = s3.get(&key).await?;
-            r.bytes().await
-        });
-        let data = match bytes {
+        let data = match self.get_bytes(&self.chunk_key(hash)) {
             Ok(b) => b,
             Err(object_store::Error::NotFound { .. }) => {
                 self.forget(hash);
@@ -475,9 +466,7 @@ impl UifStore for S3Store {
             }
             Err(e) => return Err(remote("read chunk", e)),
         };
-        if data.len() > MAX_CHUNK as usize || Hash::of(&data) != *hash {
-            return Err(StoreError::BadChunk(*hash));
-        }
+        check_chunk(hash, &data)?;
         Ok(data.to_vec())
     }
 
@@ -512,26 +501,17 @@ impl UifStore for S3Store {
         let listed = self
             .block_on(async move { s3.list_with_delimiter(Some(&key)).await })
             .map_err(|e| remote("list users", e))?;
-        let mut out: Vec<String> = listed
-            .common_prefixes
-            .iter()
-            .filter_map(|p| p.filename().map(str::to_string))
-            .filter(|n| names::user(n).is_ok())
-            .collect();
-        out.sort();
-        Ok(out)
+        Ok(user_names(
+            listed
+                .common_prefixes
+                .iter()
+                .filter_map(|p| p.filename().map(str::to_string)),
+        ))
     }
 
     /// Adds a version by compare-and-swap of the head object.
-    fn add_version(
-        &self,
-        user: &str,
-        manifest: &Manifest,
-        base: Option<Version>,
-        origin: &str,
-        rule: HeadRule,
-    ) -> StoreResult<CommitOutcome> {
-        self.commit_cas(user, manifest, base, origin, rule)
+    fn add_version(&self, new: &NewVersion<'_>) -> StoreResult<CommitOutcome> {
+        self.commit_cas(new)
     }
 
     fn stage_chunk(&self, stage: &StageId, hash: &Hash, data: &[u8]) -> StoreResult<u64> {

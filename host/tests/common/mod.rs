@@ -2,6 +2,11 @@
 //! ([`uve_e2e::host::HostDaemon`], here the `uve-host` binary under test
 //! on a temp data directory) with calls through the host's own API client
 //! on top, and the kit's fake agent ([`TestAgent`] and its UVE-5 flows).
+//! Events, metrics, exports and the waits for start-up and for a connected
+//! VM are the kit's own (through `uvectl`), run with
+//! [`tokio::task::block_in_place`] so the test's runtime keeps serving the
+//! fake agents meanwhile; what is here is only what needs the host's API
+//! client, and the set-up most tests begin with ([`HostProc::with_agent`]).
 #![allow(dead_code, unused_imports)] // not every test binary uses every helper
 
 use std::ops::{Deref, DerefMut};
@@ -10,9 +15,11 @@ use std::time::Duration;
 
 use hyper::Method;
 use serde_json::{Value, json};
-use uve_e2e::host::{HostDaemon, HostSpec, UP_LIMIT};
-use uve_e2e::poll::until_async;
+use tempfile::TempDir;
+use uve_e2e::host::{HostDaemon, HostSpec};
 use uve_host::api::client::{self, ApiClient};
+use uve_protocol::link::LinkError;
+use uve_protocol::message::{Response, Version};
 
 pub use uve_e2e::fake_agent::{
     AgentState, DeltaUpdated, Listed, ReleaseMode, TestAgent, Updated, begin_and_list, manifest_of,
@@ -22,12 +29,28 @@ pub use uve_protocol::testdata::noise;
 
 pub mod rgw;
 
+/// How long [`HostProc::wait_event`] waits.
+const EVENT_LIMIT: Duration = Duration::from_secs(20);
+
+/// How long [`HostProc::connect_agent`] waits for the VM to show as
+/// connected.
+const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+
+/// Runs a blocking kit call (a `uvectl` process, a poll) without stopping
+/// the runtime's other tasks (the fake agents answering the host).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
 /// A running `uve-host` (the kit's process) and a client of its API.
 pub struct HostProc {
     /// The process, its data directory and `uvectl`.
     pub daemon: HostDaemon,
     /// A client of its API socket.
     pub api: ApiClient,
+    /// The data directory when the host made it (removed after the
+    /// process is gone: fields drop in order).
+    temp: Option<TempDir>,
 }
 
 impl Deref for HostProc {
@@ -58,33 +81,65 @@ impl HostProc {
         };
         let daemon = HostDaemon::prepare(&spec).unwrap();
         let api = ApiClient::new(daemon.api_socket());
-        let mut h = HostProc { daemon, api };
+        let mut h = HostProc {
+            daemon,
+            api,
+            temp: None,
+        };
         h.spawn().await;
         h
     }
 
-    /// (Re)spawns the process and waits for the API (polled without
-    /// blocking the test's runtime).
-    pub async fn spawn(&mut self) {
-        self.daemon.spawn_detached().unwrap();
-        let api = self.api.clone();
-        let up = until_async(UP_LIMIT, || {
-            let api = api.clone();
-            async move {
-                api.get("/v1/vms")
-                    .await
-                    .ok()
-                    .filter(|a| a.status.is_success())
-            }
-        })
-        .await;
-        assert!(
-            up.is_some(),
-            "uve-host did not come up; see {}",
-            self.daemon.log.display()
-        );
+    /// Like [`start`](Self::start) on a fresh temp directory, removed when
+    /// the host is dropped.
+    pub async fn temp(extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut host = Self::start(dir.path(), extra).await;
+        host.temp = Some(dir);
+        host
     }
 
+    /// The set-up most tests begin with: a host on a temp directory
+    /// ([`temp`](Self::temp)), VM `vm` on a Unix socket, `users` assigned
+    /// to it, and a test agent connected there. Returns the host, the VM's
+    /// socket and the agent.
+    pub async fn with_agent(extra: &str, vm: &str, users: &[&str]) -> (Self, PathBuf, TestAgent) {
+        let assigned: Vec<(&str, &str)> = users.iter().map(|u| (*u, vm)).collect();
+        let (host, [path]) = Self::with_vms(extra, [vm], &assigned).await;
+        let agent = host.connect_agent(&path, vm).await;
+        (host, path, agent)
+    }
+
+    /// A host on a temp directory ([`temp`](Self::temp)) with the VMs
+    /// `vms` on Unix sockets and the `(user, vm)` assignments made.
+    /// Returns the host and the VMs' sockets.
+    pub async fn with_vms<const N: usize>(
+        extra: &str,
+        vms: [&str; N],
+        assignments: &[(&str, &str)],
+    ) -> (Self, [PathBuf; N]) {
+        let host = Self::temp(extra).await;
+        let mut paths = Vec::with_capacity(N);
+        for vm in vms {
+            paths.push(host.add_unix_vm(vm).await);
+        }
+        for (user, vm) in assignments {
+            host.assign(user, vm).await;
+        }
+        let Ok(paths) = paths.try_into() else {
+            unreachable!("one path per VM")
+        };
+        (host, paths)
+    }
+
+    /// (Re)spawns the process and waits for its API (the kit's wait).
+    pub async fn spawn(&mut self) {
+        if let Err(e) = blocking(|| self.daemon.spawn()) {
+            panic!("uve-host did not come up: {e}");
+        }
+    }
+
+    /// An API call with a JSON body: the status and the JSON answer.
     pub async fn call(&self, method: Method, path: &str, body: Value) -> (u16, Value) {
         let a = self
             .api
@@ -94,28 +149,41 @@ impl HostProc {
         (a.status.as_u16(), a.json())
     }
 
+    /// `GET path`: the status and the JSON answer.
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let a = self.api.get(path).await.unwrap();
         (a.status.as_u16(), a.json())
     }
 
+    /// `POST path` with an empty JSON object: the status and the answer.
+    pub async fn post(&self, path: &str) -> (u16, Value) {
+        self.call(Method::POST, path, json!({})).await
+    }
+
+    /// `DELETE path`: the status and the answer.
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        self.call(Method::DELETE, path, json!({})).await
+    }
+
+    /// Registers VM `id` (`POST /v1/vms` with `spec` and the id), which
+    /// must succeed.
+    async fn add_vm(&self, id: &str, mut spec: Value) {
+        spec["id"] = json!(id);
+        let (s, v) = self.call(Method::POST, "/v1/vms", spec).await;
+        assert_eq!(s, 201, "{v}");
+    }
+
     /// Registers a VM listening on a plain Unix path; returns the path.
     pub async fn add_unix_vm(&self, id: &str) -> PathBuf {
         let path = self.data.join(format!("{id}.sock"));
-        let (s, v) = self
-            .call(Method::POST, "/v1/vms", json!({"id": id, "unix": path}))
-            .await;
-        assert_eq!(s, 201, "{v}");
+        self.add_vm(id, json!({"unix": path})).await;
         path
     }
 
     /// Registers a hybrid-vsock VM; returns the path the host listens on.
     pub async fn add_hybrid_vm(&self, id: &str) -> PathBuf {
         let uds = self.data.join(format!("{id}.vsock"));
-        let (s, v) = self
-            .call(Method::POST, "/v1/vms", json!({"id": id, "uds_path": uds}))
-            .await;
-        assert_eq!(s, 201, "{v}");
+        self.add_vm(id, json!({"uds_path": uds})).await;
         let mut p = uds.into_os_string();
         p.push("_7075");
         PathBuf::from(p)
@@ -125,15 +193,12 @@ impl HostProc {
     /// connected (the host installs the connection just after `Welcome`).
     pub async fn connect_agent(&self, path: &Path, vm: &str) -> TestAgent {
         let agent = TestAgent::connect(path).await.unwrap();
-        let ok = until_async(Duration::from_secs(10), || async {
-            let (_, v) = self.get(&format!("/v1/vms/{vm}")).await;
-            (v["connected"] == true).then_some(())
-        })
-        .await;
-        assert!(ok.is_some(), "{vm} never showed as connected");
+        let connected = blocking(|| self.daemon.wait_connected(vm, CONNECT_LIMIT));
+        assert!(connected, "{vm} never showed as connected");
         agent
     }
 
+    /// Assigns `user` to `vm`, which must succeed.
     pub async fn assign(&self, user: &str, vm: &str) {
         let (s, v) = self
             .call(
@@ -147,49 +212,80 @@ impl HostProc {
 
     /// Retained events (no follow).
     pub async fn events(&self) -> Vec<Value> {
-        let a = self
-            .api
-            .get("/v1/events?since=0&follow=false")
+        blocking(|| self.daemon.events(0))
+    }
+
+    /// Waits for an event of `kind` matching `pred`.
+    pub async fn wait_event(&self, kind: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        blocking(|| self.daemon.wait_event(0, kind, EVENT_LIMIT, pred))
+    }
+
+    /// The events of `kind` retained now.
+    pub async fn count_events(&self, kind: &str) -> usize {
+        self.events()
             .await
-            .unwrap();
-        String::from_utf8_lossy(&a.body)
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+            .iter()
+            .filter(|e| e["kind"] == kind)
+            .count()
     }
 
-    /// Waits for an event matching `pred`.
-    pub async fn wait_event(&self, pred: impl Fn(&Value) -> bool) -> Value {
-        let found = until_async(Duration::from_secs(20), || async {
-            self.events().await.into_iter().find(|e| pred(e))
-        })
-        .await;
-        found.unwrap_or_else(|| panic!("event not seen; events: (see host.log)"))
-    }
-
+    /// `GET /v1/users/{user}/versions`.
     pub async fn versions(&self, user: &str) -> Value {
         self.get(&format!("/v1/users/{user}/versions")).await.1
     }
 
+    /// Version `v` of `user`, exported (which must succeed).
     pub async fn export(&self, user: &str, v: u64) -> Vec<u8> {
-        let a = self
-            .api
-            .get(&format!("/v1/users/{user}/versions/{v}/export"))
-            .await
-            .unwrap();
-        assert!(a.status.is_success(), "export {user} {v}: {}", a.status);
-        a.body.to_vec()
+        blocking(|| self.daemon.export(user, v, &self.daemon.data))
     }
 
     /// A counter from `/metrics`.
     pub async fn metric(&self, name: &str) -> u64 {
-        let a = self.api.get("/metrics").await.unwrap();
-        String::from_utf8_lossy(&a.body)
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.rsplit_once(' ')?;
-                (k == name).then(|| v.parse().ok()).flatten()
-            })
-            .unwrap_or(0)
+        blocking(|| self.daemon.metric(name))
     }
+}
+
+/// Makes `agent` answer a `UserRelease` of `user` as `mode` says.
+pub fn on_release(agent: &TestAgent, user: &str, mode: ReleaseMode) {
+    agent
+        .state
+        .lock()
+        .unwrap()
+        .release
+        .insert(user.into(), mode);
+}
+
+/// Asserts the host committed an update (as head).
+pub fn assert_committed(r: &Updated) {
+    assert!(
+        matches!(r.answer, Response::Committed { .. }),
+        "{:?}",
+        r.answer
+    );
+}
+
+/// `(version, field)` of each version a `GET /v1/users/{user}/versions`
+/// answer lists, in its order.
+pub fn listed(versions: &Value, field: &str) -> Vec<(u64, String)> {
+    versions["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["version"].as_u64().unwrap(),
+                x[field].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// [`begin_and_list`] for alice's session `s1` on `base` under `lease`.
+pub async fn begin_alice(
+    agent: &TestAgent,
+    base: Option<Version>,
+    lease: u64,
+    data: &[u8],
+) -> Result<Listed, LinkError> {
+    begin_and_list(&agent.handle, "alice", "s1", base, lease, data).await
 }

@@ -4,13 +4,9 @@
 use std::time::Duration;
 
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
-use uve_protocol::manifest::Manifest;
-use uve_protocol::message::Version;
 
 use super::{CAS_ATTEMPTS, S3Store, remote};
-use crate::store::{
-    CommitOutcome, HeadRule, StoreError, StoreResult, UserState, check_new_version,
-};
+use crate::store::{CommitOutcome, NewVersion, StoreError, StoreResult, UserState};
 
 /// A head object and the version tag to compare-and-swap against.
 pub(super) struct Head {
@@ -87,15 +83,9 @@ impl S3Store {
     }
 
     /// Adds a version by compare-and-swap of the head object.
-    pub(super) fn commit_cas(
-        &self,
-        user: &str,
-        manifest: &Manifest,
-        base: Option<Version>,
-        origin: &str,
-        rule: HeadRule,
-    ) -> StoreResult<CommitOutcome> {
-        check_new_version(&self.policy, user, manifest)?;
+    pub(super) fn commit_cas(&self, new: &NewVersion<'_>) -> StoreResult<CommitOutcome> {
+        new.check(&self.policy)?;
+        let (user, manifest) = (new.user, new.manifest);
         // The manifest object is content-addressed: idempotent, and the PUT
         // makes it young for any GC that is looking at it.
         let digest = manifest.header.digest;
@@ -112,7 +102,7 @@ impl S3Store {
             let protected = self.referenced(user, &state)?;
             self.secure_chunks(manifest, &protected)?;
             let nonce = self.next_nonce();
-            let (outcome, _) = state.add_version(&self.policy, manifest, base, origin, rule);
+            let (outcome, _) = state.add_version(&self.policy, new);
             state.writer = Some(nonce.clone());
             // A lost answer to a PUT that did land looks like a lost race:
             // the nonce is looked for at once, not after the back-off, since

@@ -6,11 +6,10 @@
 use futures_util::{StreamExt, stream};
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
-use uve_protocol::defs::MAX_CHUNK;
 use uve_protocol::manifest::Hash;
 
 use super::{S3Store, remote};
-use crate::store::{StageId, StoreError, StoreResult, now_ms};
+use crate::store::{StageId, StoreError, StoreResult, check_chunk, now_ms};
 
 impl S3Store {
     fn stage_key(&self, stage: &StageId, hash: &Hash) -> Path {
@@ -20,9 +19,7 @@ impl S3Store {
     /// `UifStore::stage_chunk`: one PUT under the stage (none if the chunk
     /// is known to be stored and fresh).
     pub(super) fn put_staged(&self, stage: &StageId, hash: &Hash, data: &[u8]) -> StoreResult<u64> {
-        if data.len() > MAX_CHUNK as usize || Hash::of(data) != *hash {
-            return Err(StoreError::BadChunk(*hash));
-        }
+        check_chunk(hash, data)?;
         if self.known_fresh(hash) {
             return Ok(0);
         }

@@ -220,43 +220,40 @@ fn check_sizes(
     quota: u64,
     h: &uve_protocol::manifest::ManifestHeader,
 ) -> Result<(), WireError> {
-    if h.size > cfg.max_uif_size {
-        return Err(bad(
-            ErrorCode::TooLarge,
-            format!(
-                "UIF of {} bytes exceeds the limit of {}",
-                h.size, cfg.max_uif_size
-            ),
-        ));
-    }
-    if h.size > quota {
-        return Err(bad(
-            ErrorCode::QuotaExceeded,
-            format!("UIF of {} bytes exceeds the quota of {quota}", h.size),
-        ));
-    }
+    use ErrorCode::{QuotaExceeded, TooLarge};
     let staging = cfg.staging_limits();
     let stage_limit = staging.per_vm.min(staging.per_user);
-    if h.size > stage_limit {
-        return Err(bad(
-            ErrorCode::TooLarge,
-            format!(
-                "UIF of {} bytes exceeds what one VM or user may stage ({stage_limit})",
-                h.size
-            ),
-        ));
+    let (size, chunks) = (h.size, u64::from(h.chunk_count));
+    let refused = if size > cfg.max_uif_size {
+        let limit = cfg.max_uif_size;
+        Some((
+            TooLarge,
+            format!("UIF of {size} bytes exceeds the limit of {limit}"),
+        ))
+    } else if size > quota {
+        Some((
+            QuotaExceeded,
+            format!("UIF of {size} bytes exceeds the quota of {quota}"),
+        ))
+    } else if size > stage_limit {
+        let what = "what one VM or user may stage";
+        Some((
+            TooLarge,
+            format!("UIF of {size} bytes exceeds {what} ({stage_limit})"),
+        ))
+    } else if chunks > u64::from(cfg.max_chunks) {
+        let limit = cfg.max_chunks;
+        Some((
+            TooLarge,
+            format!("{chunks} chunks exceed the limit of {limit}"),
+        ))
+    } else {
+        None
+    };
+    if let Some((code, msg)) = refused {
+        return Err(bad(code, msg));
     }
-    if h.chunk_count > cfg.max_chunks {
-        return Err(bad(
-            ErrorCode::TooLarge,
-            format!(
-                "{} chunks exceed the limit of {}",
-                h.chunk_count, cfg.max_chunks
-            ),
-        ));
-    }
-    let count = u64::from(h.chunk_count);
-    if count > h.size || h.size > count * u64::from(MAX_CHUNK) {
+    if chunks > size || size > chunks * u64::from(MAX_CHUNK) {
         return Err(bad(
             ErrorCode::BadRequest,
             format!("{} bytes cannot be {} chunks", h.size, h.chunk_count),
