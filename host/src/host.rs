@@ -19,14 +19,14 @@ use crate::budgets::conflict_rate::ConflictRate;
 use crate::budgets::gate::HandshakeGate;
 use crate::budgets::staging::Staging;
 use crate::config::Config;
+use crate::state::conns::Conns;
 use crate::state::events::Events;
+use crate::state::handover::Handovers;
 use crate::state::leases::Leases;
 use crate::state::metrics::Metrics;
 use crate::state::registry::Registry;
 use crate::state::sessions::Sessions;
 use crate::store::{StoreError, StoreResult, UifStore};
-use crate::wire::conns::Conns;
-use crate::wire::uve2::handover::Handovers;
 
 /// Shared daemon state.
 pub struct Host {

@@ -7,15 +7,19 @@
 //!
 //! The layers, top to bottom, each a folder; dependencies run one way:
 //!
-//! 1. [`daemon`] wires and runs everything; [`host::Host`] is the shared
-//!    context the layers below receive; [`config`] is read by all.
-//! 2. [`wire`]: agent connections (`server`, `conns`, `dispatch`) and the
-//!    UVE-5 (`uve5`) and UVE-2 (`uve2`, with the VM switch) handlers;
-//!    [`api`]: the management API, its types and its client.
-//! 3. [`budgets`]: what a VM may make the host spend (handshakes, bulk
+//! 1. [`daemon`] wires and runs everything.
+//! 2. [`api`]: the management API, its types and its client.
+//! 3. [`wire`]: agent connections (`server`, `dispatch`) and the UVE-5
+//!    (`uve5`) and UVE-2 (`uve2`, with the VM switch) handlers.
+//! 4. [`host::Host`], the shared context the API and the handlers receive,
+//!    and the [`config`] it is built from.
+//! 5. [`budgets`]: what a VM may make the host spend (handshakes, bulk
 //!    work, staged bytes, conflict updates).
-//! 4. [`state`]: the registry, leases, sessions, events and metrics.
-//! 5. [`store`]: the UIF store (local directory or S3) and durable files.
+//! 6. [`state`]: the registry, leases, sessions, each VM's live link,
+//!    switches in flight, events and metrics.
+//! 7. [`store`]: the UIF store (local directory or S3) and durable files.
+//!
+//! `.ci/layers` checks that imports point only downwards.
 
 pub mod api;
 pub mod budgets;

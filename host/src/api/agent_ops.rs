@@ -10,6 +10,7 @@ use axum::extract::State;
 use uve_protocol::message::{Request, Response};
 use uve_protocol::names::{SessionId, UaName, UaVersion, UserName};
 
+use super::ApiState;
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::spool::spool;
 use super::types::{
@@ -17,12 +18,11 @@ use super::types::{
     SessionAction, SessionActionDone, UaCurrent, UaDeleteQuery, UaDeleted, UaDeployed, VmStatus,
 };
 use super::{ApiError, ApiResult, check_name, name};
-use crate::daemon::Daemon;
 use crate::state::events::Event;
 use crate::store::now_ms;
 use crate::wire::uve2::{self, UaDeploy, Uve2Error};
 
-fn known_vm(d: &Daemon, id: &str) -> ApiResult<()> {
+fn known_vm(d: &ApiState, id: &str) -> ApiResult<()> {
     check_name("VM", id)?;
     if d.host.registry().vm(id).is_some() {
         Ok(())
@@ -37,7 +37,7 @@ fn unexpected(r: Response) -> ApiError {
 
 /// `POST /v1/vms/{id}/ua?name=&version=&entry=&update=`: raw body = tar bundle.
 pub async fn deploy(
-    State(d): State<Arc<Daemon>>,
+    State(d): State<Arc<ApiState>>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<DeployQuery>,
     body: Body,
@@ -73,7 +73,7 @@ pub async fn deploy(
 
 /// `POST /v1/vms/{id}/ua/{name}/rollback`.
 pub async fn ua_rollback(
-    State(d): State<Arc<Daemon>>,
+    State(d): State<Arc<ApiState>>,
     ApiPath((id, raw)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<UaCurrent>> {
     known_vm(&d, &id)?;
@@ -97,7 +97,7 @@ pub async fn ua_rollback(
 
 /// `DELETE /v1/vms/{id}/ua/{name}[?force=true]`.
 pub async fn ua_delete(
-    State(d): State<Arc<Daemon>>,
+    State(d): State<Arc<ApiState>>,
     ApiPath((id, raw)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<UaDeleteQuery>,
 ) -> ApiResult<Json<UaDeleted>> {
@@ -127,7 +127,7 @@ pub async fn ua_delete(
 
 /// `POST /v1/vms/{id}/sessions/{session}/{suspend|resume}`.
 pub async fn session_action(
-    State(d): State<Arc<Daemon>>,
+    State(d): State<Arc<ApiState>>,
     ApiPath((id, session, action)): ApiPath<(String, String, String)>,
 ) -> ApiResult<Json<SessionActionDone>> {
     known_vm(&d, &id)?;
@@ -154,7 +154,7 @@ pub async fn session_action(
 
 /// `POST /v1/vms/{id}/monitor`.
 pub async fn monitor_grant(
-    State(d): State<Arc<Daemon>>,
+    State(d): State<Arc<ApiState>>,
     ApiPath(id): ApiPath<String>,
     ApiJson(b): ApiJson<MonitorBody>,
 ) -> ApiResult<Json<MonitorGranted>> {
@@ -184,7 +184,7 @@ pub async fn monitor_grant(
 
 /// `DELETE /v1/vms/{id}/monitor?session=&monitor=`.
 pub async fn monitor_revoke(
-    State(d): State<Arc<Daemon>>,
+    State(d): State<Arc<ApiState>>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<MonitorRevokeQuery>,
 ) -> ApiResult<Json<MonitorRevoked>> {
@@ -212,7 +212,7 @@ pub async fn monitor_revoke(
 
 /// `GET /v1/vms/{id}/status`.
 pub async fn status(
-    State(d): State<Arc<Daemon>>,
+    State(d): State<Arc<ApiState>>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<VmStatus>> {
     known_vm(&d, &id)?;
@@ -224,7 +224,7 @@ pub async fn status(
 
 /// `POST /v1/vms/{id}/ping`.
 pub async fn ping(
-    State(d): State<Arc<Daemon>>,
+    State(d): State<Arc<ApiState>>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Pong>> {
     known_vm(&d, &id)?;

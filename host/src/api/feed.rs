@@ -15,9 +15,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use tokio::sync::broadcast::error::RecvError;
 
+use super::ApiState;
 use super::extract::ApiQuery;
 use super::types::EventsQuery;
-use crate::daemon::Daemon;
 use crate::state::events::Recorded;
 
 fn line(e: &Recorded) -> Bytes {
@@ -43,7 +43,10 @@ fn lagged_line(last: u64, retained: &[Recorded]) -> Option<Bytes> {
 }
 
 /// `GET /v1/events`.
-pub async fn events(State(d): State<Arc<Daemon>>, ApiQuery(q): ApiQuery<EventsQuery>) -> Response {
+pub async fn events(
+    State(d): State<Arc<ApiState>>,
+    ApiQuery(q): ApiQuery<EventsQuery>,
+) -> Response {
     let (past, mut rx) = d.host.events().since(q.since);
     let stop = d.host.shutdown().clone();
     let daemon = d.clone();
@@ -103,7 +106,7 @@ pub async fn events(State(d): State<Arc<Daemon>>, ApiQuery(q): ApiQuery<EventsQu
 }
 
 /// `GET /metrics`.
-pub async fn metrics(State(d): State<Arc<Daemon>>) -> Response {
+pub async fn metrics(State(d): State<Arc<ApiState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         d.host.metrics().render(),

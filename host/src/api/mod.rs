@@ -26,9 +26,10 @@ use tokio_util::sync::CancellationToken;
 use uve_protocol::message::ErrorCode;
 
 use self::types::{ApiErrorCode, ErrorBody};
-use crate::daemon::Daemon;
+use crate::host::Host;
 use crate::state::registry::RegistryError;
 use crate::store::StoreError;
+use crate::wire::server::VmListeners;
 use crate::wire::uve2::Uve2Error;
 
 /// An API error: its code (which decides the status) and message,
@@ -145,8 +146,17 @@ pub fn check_name(kind: &'static str, name: &str) -> ApiResult<()> {
         .map_err(|e| ApiError::new(ApiErrorCode::InvalidName, e))
 }
 
+/// What the API handlers share: the host state and the listeners (the
+/// daemon builds it; the handlers receive it as axum state).
+pub struct ApiState {
+    /// Shared state.
+    pub host: Arc<Host>,
+    /// Per-VM listeners.
+    pub listeners: VmListeners,
+}
+
 /// The API router (the routes of [`routes::routes`]).
-pub fn router(daemon: Arc<Daemon>) -> Router {
+pub fn router(daemon: Arc<ApiState>) -> Router {
     routes::routes().into_router().with_state(daemon)
 }
 
@@ -162,7 +172,7 @@ pub fn bind(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> 
 
 /// Serves the API on `listener` (bound at `path`) until `stop` is cancelled.
 pub async fn serve(
-    daemon: Arc<Daemon>,
+    daemon: Arc<ApiState>,
     listener: tokio::net::UnixListener,
     path: PathBuf,
     stop: CancellationToken,

@@ -10,8 +10,8 @@ use axum::Router;
 use axum::handler::Handler;
 use axum::routing::{MethodFilter, on};
 
+use super::ApiState;
 use super::{agent_ops, extract, feed, users, vms};
-use crate::daemon::Daemon;
 
 /// An HTTP method the API serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -49,14 +49,14 @@ impl Verb {
 
 /// The routes added so far and the router they make.
 pub struct Routes {
-    router: Router<Arc<Daemon>>,
+    router: Router<Arc<ApiState>>,
     table: Vec<(Verb, &'static str)>,
 }
 
 impl Routes {
     fn add<H, T>(mut self, verb: Verb, path: &'static str, handler: H) -> Self
     where
-        H: Handler<T, Arc<Daemon>>,
+        H: Handler<T, Arc<ApiState>>,
         T: 'static,
     {
         // Routes on one path merge into one method router.
@@ -73,7 +73,7 @@ impl Routes {
     /// The router (its state still to be given). A path no route serves
     /// is answered 404 `not_found`, a method its path does not serve 405
     /// `method_not_allowed` (with `Allow`), both as the API's JSON error.
-    pub fn into_router(self) -> Router<Arc<Daemon>> {
+    pub fn into_router(self) -> Router<Arc<ApiState>> {
         self.router
             .method_not_allowed_fallback(extract::wrong_method)
             .fallback(extract::no_route)

@@ -18,12 +18,12 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use uve_protocol::message::{AgentStatus, SessionInfo, UaInfo, Version};
 
+pub use crate::state::conns::ConnSummary;
 pub use crate::state::events::Recorded as EventLine;
 pub use crate::state::leases::{Granted, UserLease};
 pub use crate::state::registry::VmSpec;
 pub use crate::state::sessions::SessionRec;
 pub use crate::store::{GcReport, VersionInfo, VersionKind};
-pub use crate::wire::conns::ConnSummary;
 pub use crate::wire::uve2::switch::AssignOutcome;
 
 /// The machine-readable code of an error answer.

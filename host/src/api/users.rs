@@ -12,19 +12,19 @@ use bytes::Bytes;
 use uve_protocol::chunker::chunk_stream;
 use uve_protocol::message::Version;
 
+use super::ApiState;
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::spool::spool;
 use super::types::{
     GcQuery, GcReport, ImportQuery, Imported, RollbackBody, RolledBack, UserRow, VersionList,
 };
 use super::{ApiError, ApiResult, name};
-use crate::daemon::Daemon;
 use crate::state::events::Event;
 use crate::store::CommitOutcome;
 use uve_protocol::names::UserName;
 
 /// `GET /v1/users`: users with a store entry, their head and assignment.
-pub async fn list(State(d): State<Arc<Daemon>>) -> ApiResult<Json<Vec<UserRow>>> {
+pub async fn list(State(d): State<Arc<ApiState>>) -> ApiResult<Json<Vec<UserRow>>> {
     let users = d
         .host
         .store_call(|s| {
@@ -50,7 +50,7 @@ pub async fn list(State(d): State<Arc<Daemon>>) -> ApiResult<Json<Vec<UserRow>>>
 
 /// `GET /v1/users/{user}/versions`.
 pub async fn versions(
-    State(d): State<Arc<Daemon>>,
+    State(d): State<Arc<ApiState>>,
     ApiPath(user): ApiPath<String>,
 ) -> ApiResult<Json<VersionList>> {
     let user: UserName = name(&user)?;
@@ -66,7 +66,7 @@ pub async fn versions(
 /// later update based on the old head lands as a conflict version). An
 /// empty body is refused unless `empty=true` says it means an empty UIF.
 pub async fn import(
-    State(d): State<Arc<Daemon>>,
+    State(d): State<Arc<ApiState>>,
     ApiPath(user): ApiPath<String>,
     ApiQuery(q): ApiQuery<ImportQuery>,
     body: Body,
@@ -129,7 +129,7 @@ pub async fn import(
 /// `GET /v1/users/{user}/versions/{v}/export`: streams the UIF bytes,
 /// one chunk in memory at a time.
 pub async fn export(
-    State(d): State<Arc<Daemon>>,
+    State(d): State<Arc<ApiState>>,
     ApiPath((user, v)): ApiPath<(String, Version)>,
 ) -> ApiResult<Response> {
     let user: UserName = name(&user)?;
@@ -169,7 +169,7 @@ pub async fn export(
 
 /// `POST /v1/users/{user}/rollback`: a copy of `version` becomes the head.
 pub async fn rollback(
-    State(d): State<Arc<Daemon>>,
+    State(d): State<Arc<ApiState>>,
     ApiPath(user): ApiPath<String>,
     ApiJson(body): ApiJson<RollbackBody>,
 ) -> ApiResult<Json<RolledBack>> {
@@ -195,7 +195,7 @@ pub async fn rollback(
 
 /// `POST /v1/gc[?grace_secs=]`.
 pub async fn gc(
-    State(d): State<Arc<Daemon>>,
+    State(d): State<Arc<ApiState>>,
     ApiQuery(q): ApiQuery<GcQuery>,
 ) -> ApiResult<Json<GcReport>> {
     let grace = Duration::from_secs(q.grace_secs.unwrap_or(d.host.config().gc_grace_secs));

@@ -6,18 +6,18 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 
+use super::ApiState;
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::types::{
     AssignBody, AssignOutcome, Assignments, NewVm, SessionRec, SessionsQuery, VmDetail, VmInfo,
 };
 use super::{ApiError, ApiResult, check_name, name};
-use crate::daemon::Daemon;
 use crate::state::events::Event;
 use crate::state::registry::VmSpec;
 use crate::wire::uve2::switch;
 use uve_protocol::names::UserName;
 
-fn vm_info(d: &Daemon, spec: &VmSpec) -> VmInfo {
+fn vm_info(d: &ApiState, spec: &VmSpec) -> VmInfo {
     let connection = d.host.conns().get(&spec.id).map(|c| c.summary);
     VmInfo {
         id: spec.id.clone(),
@@ -32,14 +32,14 @@ fn vm_info(d: &Daemon, spec: &VmSpec) -> VmInfo {
 }
 
 /// `GET /v1/vms`.
-pub async fn list(State(d): State<Arc<Daemon>>) -> Json<Vec<VmInfo>> {
+pub async fn list(State(d): State<Arc<ApiState>>) -> Json<Vec<VmInfo>> {
     let vms = d.host.registry().vms();
     Json(vms.iter().map(|s| vm_info(&d, s)).collect())
 }
 
 /// `POST /v1/vms`.
 pub async fn create(
-    State(d): State<Arc<Daemon>>,
+    State(d): State<Arc<ApiState>>,
     ApiJson(spec): ApiJson<NewVm>,
 ) -> ApiResult<(StatusCode, Json<VmInfo>)> {
     d.host.registry().add_vm(spec.clone())?;
@@ -57,7 +57,7 @@ pub async fn create(
 
 /// `GET /v1/vms/{id}`.
 pub async fn show(
-    State(d): State<Arc<Daemon>>,
+    State(d): State<Arc<ApiState>>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<VmDetail>> {
     check_name("VM", &id)?;
@@ -83,7 +83,7 @@ pub async fn show(
 
 /// `DELETE /v1/vms/{id}`.
 pub async fn remove(
-    State(d): State<Arc<Daemon>>,
+    State(d): State<Arc<ApiState>>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     check_name("VM", &id)?;
@@ -106,13 +106,13 @@ pub async fn remove(
 }
 
 /// `GET /v1/assignments`.
-pub async fn assignments(State(d): State<Arc<Daemon>>) -> Json<Assignments> {
+pub async fn assignments(State(d): State<Arc<ApiState>>) -> Json<Assignments> {
     Json(d.host.registry().assignments())
 }
 
 /// `PUT /v1/assignments/{user}`.
 pub async fn assign(
-    State(d): State<Arc<Daemon>>,
+    State(d): State<Arc<ApiState>>,
     ApiPath(user): ApiPath<String>,
     ApiJson(body): ApiJson<AssignBody>,
 ) -> ApiResult<Json<AssignOutcome>> {
@@ -123,7 +123,7 @@ pub async fn assign(
 
 /// `DELETE /v1/assignments/{user}`.
 pub async fn unassign(
-    State(d): State<Arc<Daemon>>,
+    State(d): State<Arc<ApiState>>,
     ApiPath(user): ApiPath<String>,
 ) -> ApiResult<Json<AssignOutcome>> {
     let user: UserName = name(&user)?;
@@ -132,7 +132,7 @@ pub async fn unassign(
 
 /// `GET /v1/sessions[?vm=]`.
 pub async fn sessions(
-    State(d): State<Arc<Daemon>>,
+    State(d): State<Arc<ApiState>>,
     ApiQuery(q): ApiQuery<SessionsQuery>,
 ) -> ApiResult<Json<Vec<SessionRec>>> {
     if let Some(vm) = &q.vm {

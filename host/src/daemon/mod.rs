@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::api;
+use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::host::Host;
 use crate::state::events::Event;
@@ -25,14 +25,6 @@ use crate::store::S3Store;
 use crate::store::durable;
 use crate::store::{LocalStore, UifStore};
 use crate::wire::server::{self, VmListeners};
-
-/// What the API handlers share: the host state and the listeners.
-pub struct Daemon {
-    /// Shared state.
-    pub host: Arc<Host>,
-    /// Per-VM listeners.
-    pub listeners: VmListeners,
-}
 
 /// Takes an exclusive `flock` on `<data_dir>/lock` for the process lifetime.
 fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
@@ -76,7 +68,7 @@ fn open_store(config: &Config, data: &Path) -> anyhow::Result<Arc<dyn UifStore>>
 }
 
 /// Opens everything and builds the daemon state (no tasks started).
-pub fn open(config: Config) -> anyhow::Result<(Arc<Daemon>, File)> {
+pub fn open(config: Config) -> anyhow::Result<(Arc<ApiState>, File)> {
     let data = config.data_dir.clone();
     std::fs::create_dir_all(&data).with_context(|| format!("create {}", data.display()))?;
     let lock = lock_data_dir(&data)?;
@@ -87,7 +79,7 @@ pub fn open(config: Config) -> anyhow::Result<(Arc<Daemon>, File)> {
     let leases = Leases::load(&data, &tmp)?;
     let host = Arc::new(Host::new(config, tmp, store, registry, leases));
     Ok((
-        Arc::new(Daemon {
+        Arc::new(ApiState {
             host,
             listeners: VmListeners::default(),
         }),

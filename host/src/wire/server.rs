@@ -18,12 +18,12 @@ use uve_protocol::transport::{BoxStream, Endpoint, Listener, Peer};
 
 use crate::budgets::gate::HandshakeTicket;
 use crate::host::Host;
+use crate::state::conns::{ConnEntry, ConnSummary};
 use crate::state::events::{DisconnectSource, Event};
 use crate::state::metrics;
 use crate::state::metrics::add;
 use crate::state::registry::VmSpec;
 use crate::store::now_ms;
-use crate::wire::conns::{ConnEntry, ConnSummary};
 use crate::wire::dispatch;
 use crate::wire::uve5::VmConnection;
 

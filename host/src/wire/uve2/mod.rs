@@ -3,7 +3,6 @@
 //! session suspend/resume, monitoring grants, status, ping). Each returns
 //! the agent's real answer or a typed error.
 
-pub mod handover;
 pub mod switch;
 
 use std::path::Path;

@@ -13,8 +13,8 @@ use uve_protocol::names::UserName;
 
 use crate::host::Host;
 use crate::state::events::Event;
+use crate::state::handover::HandoverOutcome;
 use crate::state::registry::RegistryError;
-use crate::wire::uve2::handover::HandoverOutcome;
 
 /// Result of an assignment change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
