@@ -26,12 +26,11 @@ export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/
 log "packaging uve-host"
 cargo deb -q -p uve-host --no-build --no-strip --output "$out/"
 
-# uve-agent: static binary (no libc dependency: it runs in any guest image).
-log "static build (uve-agent)"
-RUSTFLAGS='-C target-feature=+crt-static' cargo build -q --release \
-  --target x86_64-unknown-linux-gnu --target-dir "$repo/target/static" -p uve-agent --bin uve-agent
-if ! file -b target/static/x86_64-unknown-linux-gnu/release/uve-agent | grep -q 'static'; then
-  log "target/static/x86_64-unknown-linux-gnu/release/uve-agent is not statically linked"; exit 1
+# uve-agent: the same release build, dynamically linked, so that libc's NSS
+# resolves directory users (SSSD, winbind, LDAP); the static build is the
+# release artifact (release-agent.sh).
+if ! file -b target/release/uve-agent | grep -q 'dynamically linked'; then
+  log "target/release/uve-agent is not dynamically linked: the package's agent could not use NSS"; exit 1
 fi
 log "packaging uve-agent"
 cargo deb -q -p uve-agent --no-build --no-strip --output "$out/"

@@ -6,6 +6,8 @@
 #     uncompressed vmlinux extracted from its bzImage (boots ~7 s faster
 #     under TCG than the compressed image)
 #   - rust-vmm's vhost-device-vsock 0.3.0 (cargo install into the cache)
+#   - the libnss-extrausers package file (a directory-user source for the
+#     baked-image NSS scenario)
 #   - static builds of uve-agent and the e2e guest helper
 # Re-running is cheap: every step checks its output first.
 set -euo pipefail
@@ -57,6 +59,15 @@ fi
 if [ ! -x "$cache/vhost/bin/vhost-device-vsock" ]; then
   log "building vhost-device-vsock 0.3.0 (a few minutes)"
   cargo install -q --locked vhost-device-vsock --version 0.3.0 --root "$cache/vhost"
+fi
+
+# A real non-files NSS source for the directory-user scenarios (baked_nss):
+# the package file only, installed into the guest image by bake-image.sh.
+if ! ls "$cache"/debs/libnss-extrausers_*.deb >/dev/null 2>&1; then
+  log "libnss-extrausers package (directory users in the baked image)"
+  mkdir -p "$cache/debs"
+  (cd "$cache/debs" && { apt-get download libnss-extrausers 2>/dev/null ||
+    { apt-get update -qq && apt-get download libnss-extrausers; }; })
 fi
 
 log "static guest binaries"

@@ -19,14 +19,22 @@
 //! path = "/var/lib/uve-agent/uif/{user}.img"
 //! attach = ["/usr/local/sbin/uif-attach", "{path}", "{user}"]
 //! detach = ["/usr/local/sbin/uif-detach", "{path}", "{user}"]
-//! home = "/home/{user}"            # directory mode
+//! home = "passwd"                 # directory mode: the user's entry's
+//!                                  # home, else /home/{user}; or a
+//!                                  # template such as "/home/{user}"
 //! owner = "passwd"                 # or "1000:1000"
 //! exclude = [".cache", "*.tmp"]
+//!
+//! [users]
+//! fold_case = false                # true: `Alice` and `alice` are one user
+//!                                  # (case-insensitive directories: AD)
 //! ```
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::base::accounts::Account;
 use uve_protocol::transport::Endpoint;
 
 /// Why the configuration could not be loaded.
@@ -85,9 +93,11 @@ pub struct UifConfig {
     pub attach: Vec<String>,
     /// Detach hook argv (file mode).
     pub detach: Vec<String>,
-    /// Home directory template (directory mode).
+    /// Home directory (directory mode): `passwd` for the user's entry's
+    /// home (`/home/{user}` for a user the database does not know), or a
+    /// template containing `{user}`.
     pub home: String,
-    /// Owner of unpacked files: `passwd` or `uid:gid`.
+    /// Owner of unpacked files: `passwd` (the user's entry) or `uid:gid`.
     pub owner: String,
     /// Glob patterns (relative to the home) left out when packing; the
     /// syntax is [`crate::base::archive::Excludes`]'s.
@@ -101,7 +111,7 @@ impl Default for UifConfig {
             path: "/var/lib/uve-agent/uif/{user}.img".into(),
             attach: Vec::new(),
             detach: Vec::new(),
-            home: "/home/{user}".into(),
+            home: "passwd".into(),
             owner: "passwd".into(),
             exclude: Vec::new(),
         }
@@ -169,6 +179,18 @@ pub struct Config {
     pub shutdown_flush_secs: u64,
     /// UIF materialisation.
     pub uif: UifConfig,
+    /// How user names are read.
+    pub users: UsersConfig,
+}
+
+/// The `[users]` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UsersConfig {
+    /// Lower-case names before they become store names, for directories
+    /// that compare names case-insensitively (AD: `Alice` is `alice`).
+    /// Off by default, so no existing name changes.
+    pub fold_case: bool,
 }
 
 impl Default for Config {
@@ -185,6 +207,7 @@ impl Default for Config {
             max_ua_bundle: 256 << 20,
             shutdown_flush_secs: 20,
             uif: UifConfig::default(),
+            users: UsersConfig::default(),
         }
     }
 }
@@ -218,8 +241,13 @@ impl Config {
         if self.uif.mode == UifMode::File && !self.uif.path.contains("{user}") {
             return Err(ConfigError::Value("uif.path must contain {user}".into()));
         }
-        if self.uif.mode == UifMode::Directory && !self.uif.home.contains("{user}") {
-            return Err(ConfigError::Value("uif.home must contain {user}".into()));
+        if self.uif.mode == UifMode::Directory
+            && self.uif.home != "passwd"
+            && !self.uif.home.contains("{user}")
+        {
+            return Err(ConfigError::Value(
+                "uif.home must be `passwd` or contain {user}".into(),
+            ));
         }
         crate::base::archive::Excludes::new(&self.uif.exclude)
             .map_err(|e| ConfigError::Value(format!("uif.exclude: {e}")))?;
@@ -255,12 +283,13 @@ impl Config {
         )))
     }
 
-    /// The uid and gid that own `user`'s files: the `uif.owner` override,
-    /// else the user's `/etc/passwd` entry; `None` if neither names one.
-    pub fn owner(&self, user: &str) -> Option<(u32, u32)> {
+    /// The uid and gid that own the files of the user whose entry is
+    /// `account`: the `uif.owner` override, else the entry's; `None` if
+    /// neither names one.
+    pub fn owner(&self, account: Option<&Account>) -> Option<(u32, u32)> {
         match self.owner_override() {
             Ok(Some(ids)) => Some(ids),
-            _ => crate::base::passwd::lookup(user).map(|p| (p.uid, p.gid)),
+            _ => account.map(|a| (a.uid, a.gid)),
         }
     }
 
@@ -273,9 +302,14 @@ impl Config {
         }
     }
 
-    /// The home directory of `user` in directory mode.
-    pub fn home_path(&self, user: &str) -> PathBuf {
-        PathBuf::from(self.uif.home.replace("{user}", user))
+    /// The home directory of `user` (whose entry is `account`) in
+    /// directory mode.
+    pub fn home_path(&self, user: &str, account: Option<&Account>) -> PathBuf {
+        match (self.uif.home.as_str(), account) {
+            ("passwd", Some(a)) => a.home.clone(),
+            ("passwd", None) => PathBuf::from(format!("/home/{user}")),
+            (template, _) => PathBuf::from(template.replace("{user}", user)),
+        }
     }
 }
 
@@ -298,7 +332,35 @@ mod tests {
         .unwrap();
         c.check().unwrap();
         assert_eq!(c.owner_override().unwrap(), Some((1, 2)));
-        assert_eq!(c.home_path("bob"), PathBuf::from("/home/bob"));
+        assert_eq!(c.home_path("bob", None), PathBuf::from("/home/bob"));
+        let entry = Account {
+            name: "CORP\\bob".into(),
+            uid: 20001,
+            gid: 20001,
+            groups: vec![20001],
+            home: "/home/corp/bob".into(),
+        };
+        assert_eq!(
+            c.home_path("CORP~5cbob", Some(&entry)),
+            PathBuf::from("/home/corp/bob"),
+            "the entry's home by default"
+        );
+        assert_eq!(c.owner(Some(&entry)), Some((1, 2)), "the override wins");
+        assert!(!c.users.fold_case, "no name changes by default");
+        let t: Config = toml::from_str(
+            "[uif]\nmode = \"directory\"\nhome = \"/srv/homes/{user}\"\n[users]\nfold_case = true\n",
+        )
+        .unwrap();
+        t.check().unwrap();
+        assert_eq!(
+            t.home_path("bob", Some(&entry)),
+            PathBuf::from("/srv/homes/bob"),
+            "a template overrides the entry"
+        );
+        assert_eq!(t.owner(Some(&entry)), Some((20001, 20001)));
+        assert!(t.users.fold_case);
+        let bad: Config = toml::from_str("[uif]\nmode = \"directory\"\nhome = \"/srv\"\n").unwrap();
+        assert!(bad.check().is_err());
         assert!(toml::from_str::<Config>("nonsense = 1").is_err());
     }
 }

@@ -31,9 +31,10 @@ enum Verb {
     Run,
     /// Open a session; returns when the user's UIF is ready.
     Login {
-        /// The user.
+        /// The user, as typed at the login prompt or as the directory
+        /// spells them (`alice`, `CORP\\alice`, `alice@corp.example`).
         #[arg(long)]
-        user: UserName,
+        user: String,
         /// The session id.
         #[arg(long)]
         session: SessionId,

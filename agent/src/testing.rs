@@ -147,7 +147,7 @@ impl Rig {
     /// Logs `user` in to `session` (no UA) and writes `work` into the UIF.
     pub async fn login_and_write(&self, user: &str, session: &str, work: &[u8]) {
         self.lifecycle
-            .login(&name(user), &name(session), None)
+            .login(user, &name(session), None)
             .await
             .unwrap();
         std::fs::write(self.uif(user), work).unwrap();

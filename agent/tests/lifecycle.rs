@@ -81,10 +81,20 @@ fn failed_retrieve_fails_login_or_runs_on_a_temporary_uif_that_never_wins() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("NotAssigned"), "{err}");
     assert!(agent.sessions().is_empty());
-    // Invalid names are refused before anything happens.
-    let out = agent.cli(&["login", "--user", "../root", "--session", "e1"]);
+    // Invalid names are refused before anything happens: a spelling whose
+    // name would exceed 128 bytes (`../root` is a valid spelling now: its
+    // name, `~2e.~2froot`, is one safe path component), and a bad session.
+    let long = "CORP\\".repeat(30);
+    let out = agent.cli(&["login", "--user", &long, "--session", "e1"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("user name"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("user name is") && err.contains("limit is 128"),
+        "{err}"
+    );
+    let out = agent.cli(&["login", "--user", "erin", "--session", "../e1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("session name"));
     agent.kill();
 
     // With on_retrieve_failure = "temporary": login proceeds on an empty

@@ -21,13 +21,17 @@ use serde::{Deserialize, Serialize};
 use crate::defs::MAX_NAME_LEN;
 
 /// Every valid name as a regular expression (ECMA-262 and Rust `regex`
-/// syntax alike): a first character of `[A-Za-z0-9_@]`, then up to
-/// [`MAX_NAME_LEN`]` - 1` of `[A-Za-z0-9._@-]`. It says what [`validate`]
-/// accepts, for those who check names elsewhere: the management API's
-/// OpenAPI document carries it as the `pattern` of every user, VM, UA and
-/// session name (a test there keeps the two equal), and the name newtypes
-/// will use it. [`validate`] stays the check; a test here shows they agree.
-pub const NAME_PATTERN: &str = "^[A-Za-z0-9_@][A-Za-z0-9._@-]{0,127}$";
+/// syntax alike), together with a length of 1 to [`MAX_NAME_LEN`] bytes
+/// (`minLength`/`maxLength` in the API's document): characters of
+/// `[A-Za-z0-9._@-]`, the first not `.` or `-`, and `~xx` escapes (two
+/// lowercase hex digits) of the bytes that are not, which is how a
+/// directory's spelling of a user (`CORP\alice`, `Jane Doe`) becomes a name
+/// ([`UserName::from_directory`]). An escape of a byte that needs none
+/// (`~61` for `a`) is refused, so every spelling has exactly one name. The
+/// management API's OpenAPI document carries this as the `pattern` of every
+/// user, VM, UA and session name (a test there keeps the two equal).
+/// [`validate`] stays the check; a test here shows they agree.
+pub const NAME_PATTERN: &str = "^(?:[A-Za-z0-9_@]|~(?:[01][0-9a-f]|2[0-9a-f]|3[a-f]|5[b-e]|60|7[b-f]|[89a-f][0-9a-f]))(?:[A-Za-z0-9._@-]|~(?:[01][0-9a-f]|2[0-9a-cf]|3[a-f]|5[b-e]|60|7[b-f]|[89a-f][0-9a-f]))*$";
 
 /// Why a name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,13 +50,27 @@ pub enum NameError {
         /// Its length in bytes.
         len: usize,
     },
-    /// The name contains a character outside `[A-Za-z0-9._@-]`.
-    #[error("{kind} name contains {ch:?}; allowed are letters, digits and . _ @ -")]
+    /// The name contains a character outside `[A-Za-z0-9._@-]` that is not
+    /// a `~xx` escape.
+    #[error(
+        "{kind} name contains {ch:?}; allowed are letters, digits, . _ @ - and ~xx escapes of other bytes"
+    )]
     BadChar {
         /// What kind of name.
         kind: &'static str,
         /// The first offending character.
         ch: char,
+    },
+    /// A `~` that is not followed by two lowercase hex digits of a byte that
+    /// needs escaping (so that each spelling has one name).
+    #[error(
+        "{kind} name has a bad escape at byte {at}: `~` must be followed by two lowercase hex digits of a byte outside [A-Za-z0-9._@-] (or a leading . or -)"
+    )]
+    BadEscape {
+        /// What kind of name.
+        kind: &'static str,
+        /// The escape's byte offset.
+        at: usize,
     },
     /// The name is one a kind reserves (a UA version may not be `current`
     /// or `previous`, the names of the agent's version links).
@@ -73,9 +91,10 @@ pub enum NameError {
     },
 }
 
-/// Checks a name of the given kind: 1..=128 bytes of `[A-Za-z0-9._@-]`, not
-/// starting with `.` or `-`. This excludes `/`, `..`, NUL, whitespace and
-/// shell metacharacters, so a valid name is safe as a single path component.
+/// Checks a name of the given kind: 1..=128 bytes of `[A-Za-z0-9._@-]`
+/// and `~xx` escapes ([`NAME_PATTERN`]), not starting with `.` or `-`. This
+/// excludes `/`, `..`, NUL, whitespace and shell metacharacters, so a valid
+/// name is safe as a single path component.
 pub fn validate(kind: &'static str, name: &str) -> Result<(), NameError> {
     if name.is_empty() {
         return Err(NameError::Empty { kind });
@@ -86,17 +105,53 @@ pub fn validate(kind: &'static str, name: &str) -> Result<(), NameError> {
             len: name.len(),
         });
     }
-    if let Some(ch) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | '-')))
-    {
-        return Err(NameError::BadChar { kind, ch });
+    let bytes = name.as_bytes();
+    let mut at = 0;
+    while at < bytes.len() {
+        let c = bytes[at];
+        if c == b'~' {
+            match unhex(bytes.get(at + 1..at + 3)) {
+                Some(e) if needs_escape(e, at == 0) => at += 3,
+                _ => return Err(NameError::BadEscape { kind, at }),
+            }
+        } else if plain(c) {
+            at += 1;
+        } else {
+            let ch = name[at..].chars().next().unwrap_or('\0');
+            return Err(NameError::BadChar { kind, ch });
+        }
     }
-    let first = name.chars().next().unwrap_or('.');
-    if first == '.' || first == '-' {
-        return Err(NameError::BadStart { kind, first });
+    let first = bytes[0];
+    if first == b'.' || first == b'-' {
+        return Err(NameError::BadStart {
+            kind,
+            first: char::from(first),
+        });
     }
     Ok(())
+}
+
+/// A byte that stands for itself in a name.
+fn plain(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'@' | b'-')
+}
+
+/// Whether byte `c` is written `~xx` (at the start, `.` and `-` are too).
+fn needs_escape(c: u8, first: bool) -> bool {
+    !plain(c) || (first && matches!(c, b'.' | b'-'))
+}
+
+/// The byte of two lowercase hex digits.
+fn unhex(pair: Option<&[u8]>) -> Option<u8> {
+    let digit = |d: u8| match d {
+        b'0'..=b'9' => Some(d - b'0'),
+        b'a'..=b'f' => Some(d - b'a' + 10),
+        _ => None,
+    };
+    match pair? {
+        [hi, lo] => Some(digit(*hi)? << 4 | digit(*lo)?),
+        _ => None,
+    }
 }
 
 thread_local! {
@@ -295,6 +350,53 @@ name_type!(
     &["current", "previous"]
 );
 
+impl UserName {
+    /// The name of a user as a directory spells it (`alice`, `CORP\alice`,
+    /// `alice@corp.example`, `Jane Doe`): lower-cased first if `fold_case`
+    /// (for case-insensitive directories such as AD), then every byte
+    /// outside the name alphabet (and a leading `.` or `-`) written `~xx`.
+    /// Names already in the alphabet stay as they are, and two spellings
+    /// never share a name: `CORP\alice` is `CORP~5calice`, while
+    /// `alice@corp` stays `alice@corp`.
+    pub fn from_directory(spelling: &str, fold_case: bool) -> Result<Self, NameError> {
+        let spelling = if fold_case {
+            spelling.to_lowercase()
+        } else {
+            spelling.to_owned()
+        };
+        let mut name = String::with_capacity(spelling.len());
+        for (i, &c) in spelling.as_bytes().iter().enumerate() {
+            if needs_escape(c, i == 0) {
+                name.push_str(&format!("~{c:02x}"));
+            } else {
+                name.push(char::from(c));
+            }
+        }
+        Self::new(name)
+    }
+
+    /// The directory's spelling this name stands for (the escapes undone;
+    /// bytes that are not UTF-8 shown as U+FFFD).
+    pub fn spelling(&self) -> String {
+        let bytes = self.0.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut at = 0;
+        while at < bytes.len() {
+            match (bytes[at], unhex(bytes.get(at + 1..at + 3))) {
+                (b'~', Some(e)) => {
+                    out.push(e);
+                    at += 3;
+                }
+                (c, _) => {
+                    out.push(c);
+                    at += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
 /// Validates a user id.
 pub fn user(name: &str) -> Result<(), NameError> {
     validate("user", name)
@@ -366,83 +468,23 @@ mod tests {
     }
 }
 
-/// [`NAME_PATTERN`] evaluated without a regex engine: the test reads the
-/// pattern's own text (two bracket classes and one `{min,max}` bound) and
-/// matches names with it, so a change to either the pattern or
-/// [`validate`] that makes them disagree fails here.
+/// [`NAME_PATTERN`] (with the length bound the API's document adds)
+/// against [`validate`], by a real regex engine: a change to either that
+/// makes them disagree fails here.
 #[cfg(test)]
 mod pattern {
-    use super::{MAX_NAME_LEN, NAME_PATTERN, validate};
+    use super::{MAX_NAME_LEN, NAME_PATTERN, UserName, validate};
 
-    /// A parsed `^[first][rest]{min,max}$`.
-    struct Pattern {
-        first: Vec<(char, char)>,
-        rest: Vec<(char, char)>,
-        min: usize,
-        max: usize,
-    }
-
-    /// The ranges of a bracket class body (`A-Za-z0-9._@-`); a `-` first
-    /// or last is a literal.
-    fn class(body: &str) -> Vec<(char, char)> {
-        let chars: Vec<char> = body.chars().collect();
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < chars.len() {
-            if i + 2 < chars.len() && chars[i + 1] == '-' {
-                out.push((chars[i], chars[i + 2]));
-                i += 3;
-            } else {
-                out.push((chars[i], chars[i]));
-                i += 1;
-            }
-        }
-        out
-    }
-
-    fn parse(p: &str) -> Pattern {
-        let inner = p
-            .strip_prefix("^[")
-            .and_then(|s| s.strip_suffix('$'))
-            .expect("^[...]...$");
-        let (first, inner) = inner.split_once("][").expect("two classes");
-        let (rest, bound) = inner.split_once("]{").expect("a bound");
-        let (min, max) = bound
-            .strip_suffix('}')
-            .and_then(|b| b.split_once(','))
-            .expect("{min,max}");
-        Pattern {
-            first: class(first),
-            rest: class(rest),
-            min: min.parse().expect("min"),
-            max: max.parse().expect("max"),
-        }
-    }
-
-    fn within(ranges: &[(char, char)], c: char) -> bool {
-        ranges.iter().any(|(lo, hi)| (*lo..=*hi).contains(&c))
-    }
-
-    impl Pattern {
-        fn matches(&self, name: &str) -> bool {
-            let mut chars = name.chars();
-            let Some(c) = chars.next() else {
-                return false;
-            };
-            let rest: Vec<char> = chars.collect();
-            within(&self.first, c)
-                && (self.min..=self.max).contains(&rest.len())
-                && rest.iter().all(|c| within(&self.rest, *c))
-        }
+    fn matches(name: &str) -> bool {
+        let re = regex::Regex::new(NAME_PATTERN).expect("the pattern compiles");
+        (1..=MAX_NAME_LEN).contains(&name.len()) && re.is_match(name)
     }
 
     #[test]
     fn the_pattern_says_what_validate_accepts() {
-        let p = parse(NAME_PATTERN);
-        assert_eq!(p.max + 1, MAX_NAME_LEN, "the bound follows MAX_NAME_LEN");
         let max = "a".repeat(MAX_NAME_LEN);
         let over = "a".repeat(MAX_NAME_LEN + 1);
-        let cases: [(&str, bool); 22] = [
+        let cases: [(&str, bool); 32] = [
             ("alice", true),
             ("bob.smith@corp", true),
             ("u-1_2", true),
@@ -454,6 +496,11 @@ mod pattern {
             ("a..b", true),
             ("a-", true),
             (&max, true),
+            ("CORP~5calice", true),
+            ("jane~20doe", true),
+            ("~2ehidden", true),
+            ("~2d", true),
+            ("a~7e", true),
             ("", false),
             (".", false),
             ("..", false),
@@ -465,9 +512,14 @@ mod pattern {
             ("a\nb", false),
             ("é", false),
             (&over, false),
+            ("~61lice", false),
+            ("a~2e", false),
+            ("a~5C", false),
+            ("a~5", false),
+            ("a~", false),
         ];
         for (name, valid) in cases {
-            assert_eq!(p.matches(name), valid, "pattern on {name:?}");
+            assert_eq!(matches(name), valid, "pattern on {name:?}");
             assert_eq!(
                 validate("user", name).is_ok(),
                 valid,
@@ -477,21 +529,57 @@ mod pattern {
     }
 
     #[test]
-    fn the_pattern_and_validate_agree_on_every_character() {
-        let p = parse(NAME_PATTERN);
+    fn the_pattern_and_validate_agree_on_every_character_and_escape() {
+        let mut names = Vec::new();
         for c in (0u32..0x300).filter_map(char::from_u32) {
-            for name in [
+            names.extend([
                 c.to_string(),
                 format!("a{c}"),
                 format!("{c}a"),
                 format!("a{c}\n"),
-            ] {
-                assert_eq!(
-                    p.matches(&name),
-                    validate("user", &name).is_ok(),
-                    "{name:?}"
-                );
+            ]);
+        }
+        for b in 0u8..=255 {
+            for hex in [format!("{b:02x}"), format!("{b:02X}")] {
+                names.extend([format!("~{hex}"), format!("a~{hex}"), format!("~{hex}a")]);
             }
         }
+        for name in names {
+            assert_eq!(matches(&name), validate("user", &name).is_ok(), "{name:?}");
+        }
+    }
+
+    #[test]
+    fn directory_spellings_map_to_one_name_each_and_back() {
+        let cases = [
+            ("alice", false, "alice"),
+            ("alice@corp.example", false, "alice@corp.example"),
+            ("CORP\\alice", false, "CORP~5calice"),
+            ("CORP\\Alice", true, "corp~5calice"),
+            ("Alice@CORP.EXAMPLE", true, "alice@corp.example"),
+            ("Jane Doe", false, "Jane~20Doe"),
+            (".x", false, "~2ex"),
+            ("a~b", false, "a~7eb"),
+            ("zoë", false, "zo~c3~ab"),
+        ];
+        for (spelling, fold, name) in cases {
+            let n = UserName::from_directory(spelling, fold).expect(spelling);
+            assert_eq!(n, name, "{spelling:?}");
+            let expected = if fold {
+                spelling.to_lowercase()
+            } else {
+                spelling.to_owned()
+            };
+            assert_eq!(n.spelling(), expected, "{name} back");
+        }
+        // No two spellings share a name: the escapes of `~` and of the
+        // domain separator keep `CORP\alice`, `CORP~5calice` and
+        // `alice@CORP` apart.
+        let a = UserName::from_directory("CORP\\alice", false).expect("a");
+        let b = UserName::from_directory("CORP~5calice", false).expect("b");
+        let c = UserName::from_directory("alice@CORP", false).expect("c");
+        assert!(a != b && b != c && a != c, "{a} {b} {c}");
+        let long = format!("CORP\\{}", "a".repeat(130));
+        assert!(UserName::from_directory(&long, false).is_err());
     }
 }

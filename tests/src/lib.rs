@@ -30,9 +30,12 @@
 //! - [`scenario`]: a scenario's run directory (kept on failure) and step
 //!   timer;
 //! - [`rootdisk`]: a Debian guest disk baked with the uve-agent package
-//!   (`packaging/bake-image.sh`) and the initramfs that boots it.
+//!   (`packaging/bake-image.sh`) and the initramfs that boots it;
+//! - [`baked`]: what the baked-image scenarios share (bake with a
+//!   configuration and extra packages, boot under systemd, UA bundles).
 
 pub mod agent;
+pub mod baked;
 pub mod binaries;
 pub mod channel;
 pub mod fake_agent;

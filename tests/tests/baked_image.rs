@@ -26,12 +26,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use uve_e2e::baked::{bake_image, boot_with_systemd};
 use uve_e2e::host::HostDaemon;
 use uve_e2e::ingredients::Ingredients;
 use uve_e2e::poll::wait_for;
-use uve_e2e::rootdisk::{BakeIngredients, root_initramfs};
+use uve_e2e::rootdisk::BakeIngredients;
 use uve_e2e::scenario::RunDir;
-use uve_e2e::vm::{BootOptions, Vm};
+use uve_e2e::vm::Vm;
 
 /// The configuration the bake writes (the defaults, spelled out, plus a
 /// marker value the test reads back from the guest).
@@ -42,21 +43,6 @@ login_timeout_secs = 45
 mode = "file"
 path = "/var/lib/uve-agent/uif/{user}.img"
 "#;
-
-/// Test-only unit: the e2e command server on vsock port 9000.
-const GUEST_UNIT: &str = "[Unit]
-Description=uve e2e command server (test images only)
-After=systemd-modules-load.service
-
-[Service]
-Environment=UVE_E2E_GUEST=1
-ExecStart=/usr/local/bin/e2e-guest serve
-Restart=always
-RestartSec=1
-
-[Install]
-WantedBy=multi-user.target
-";
 
 use uve_protocol::testdata::noise;
 
@@ -77,9 +63,9 @@ fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
     let run = RunDir::new(NAME);
     let dir = run.path();
 
-    let (disk, initrd) = bake_image(&ing, &bake, dir);
+    let (disk, initrd) = bake_image(&ing, &bake, dir, NAME, AGENT_CONFIG, &[]);
     let (host, vm_dir, v1, v1_head) = host_with_alice_imported(&ing, dir);
-    let vm = boot_with_systemd(&ing, &host, &vm_dir, &initrd, &disk);
+    let vm = boot_with_systemd(&ing, &host, "vm-baked", &vm_dir, &initrd, &disk);
 
     agent_unit_under_systemd(&vm);
     host_unit_under_systemd(&vm);
@@ -90,54 +76,6 @@ fn baked_debian_image_boots_agent_by_systemd_and_round_trips() {
     login_logout_round_trip(&host, &vm, dir, &v1, v1_head);
     agent_stops_through_its_unit(&host, &vm);
     drop(vm);
-}
-
-/// Bake: debootstrap (cached) + the packages + config + test unit, into
-/// `dir/disk.img`; then the initramfs that boots it. Returns both paths.
-fn bake_image(ing: &Ingredients, bake: &BakeIngredients, dir: &Path) -> (PathBuf, PathBuf) {
-    let cached = bake.rootfs_cached();
-    std::fs::write(dir.join("agent.toml"), AGENT_CONFIG).unwrap();
-    std::fs::write(dir.join("uve-e2e-guest.service"), GUEST_UNIT).unwrap();
-    let disk = dir.join("disk.img");
-    let args: Vec<String> = vec![
-        "--rootfs".into(),
-        s(&dir.join("rootfs")),
-        "--deb".into(),
-        s(&bake.host_deb),
-        "--config".into(),
-        s(&dir.join("agent.toml")),
-        "--modules-from".into(),
-        s(ing
-            .modules
-            .parent()
-            .and_then(Path::parent)
-            .and_then(Path::parent)
-            .and_then(Path::parent)
-            .expect("kernel root above lib/modules/<v>/kernel")),
-        "--copy-in".into(),
-        s(&ing.guest),
-        "/usr/local/bin/e2e-guest".into(),
-        "--copy-in".into(),
-        s(&dir.join("uve-e2e-guest.service")),
-        "/etc/systemd/system/uve-e2e-guest.service".into(),
-        "--enable".into(),
-        "uve-e2e-guest.service".into(),
-        "--disk".into(),
-        s(&disk),
-    ];
-    let took = bake.bake(dir, &args).expect("bake");
-    eprintln!(
-        "{NAME}: image baked in {took:?} ({})",
-        if cached {
-            "debootstrap from cache"
-        } else {
-            "cold: debootstrap included"
-        }
-    );
-    // The rootfs tree is no longer needed once it is in the disk image.
-    let _ = std::fs::remove_dir_all(dir.join("rootfs"));
-    let initrd = root_initramfs(ing, &dir.join("initramfs.cpio.gz")).expect("initramfs");
-    (disk, initrd)
 }
 
 /// The real host, listening for the VM before it boots; alice assigned to
@@ -163,37 +101,6 @@ fn host_with_alice_imported(ing: &Ingredients, dir: &Path) -> (HostDaemon, PathB
         .as_u64()
         .expect("head");
     (host, vm_dir, v1, v1_head)
-}
-
-/// Boots the baked disk with systemd as init; the agent started by its
-/// unit must connect, then the test command server must answer.
-fn boot_with_systemd(
-    ing: &Ingredients,
-    host: &HostDaemon,
-    vm_dir: &Path,
-    initrd: &Path,
-    disk: &Path,
-) -> Vm {
-    let opts = BootOptions {
-        memory_mib: 512,
-        append: "console=ttyS0 panic=-1 loglevel=4 systemd.journald.forward_to_console=1".into(),
-        disk: Some(disk.to_path_buf()),
-    };
-    let mut vm = Vm::boot_with(ing, "vm-baked", vm_dir, initrd, &opts).expect("boot");
-    let connected = host.wait_connected("vm-baked", Duration::from_secs(240));
-    assert!(
-        connected,
-        "the agent started by systemd never connected; host log:\n{}\nconsole:\n{}",
-        host.log_tail(),
-        vm.console_text()
-    );
-    let to_connected = vm.since_boot();
-    eprintln!("{NAME}: boot to agent connected (TCG, systemd): {to_connected:?}");
-    let ready = vm
-        .wait_ready(Duration::from_secs(120))
-        .expect("command server");
-    eprintln!("{NAME}: boot to command server ready: {ready:?}");
-    vm
 }
 
 /// What systemd did with the packaged agent unit: enabled, active, its

@@ -234,28 +234,12 @@ fn monitoring_grant_expiry_revoke(host: &HostDaemon, vm: &Vm) {
 /// A tarred `desk` UA bundle of `version` (a script counting into
 /// `/tmp/desk-progress`) in the run directory; returns the tar's path.
 fn desk_bundle(run: &RunDir, version: &str) -> String {
-    let dir = run.sub(&format!("ua-{version}"));
-    std::fs::create_dir_all(dir.join("bin")).unwrap();
-    std::fs::write(dir.join("VERSION"), version).unwrap();
-    let script = dir.join("bin/desk.sh");
-    std::fs::write(
-        &script,
-        "#!/bin/sh\nn=0\nwhile true; do n=$((n+1)); echo $n > /tmp/desk-progress; sleep 0.2; done\n",
+    uve_e2e::baked::ua_bundle(
+        run.path(),
+        "desk",
+        version,
+        "n=0\nwhile true; do n=$((n+1)); echo $n > /tmp/desk-progress; sleep 0.2; done",
     )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let tar = run.path().join(format!("desk-{version}.tar"));
-    let st = std::process::Command::new("tar")
-        .arg("-cf")
-        .arg(&tar)
-        .arg("-C")
-        .arg(&dir)
-        .args(["VERSION", "bin"])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    tar.display().to_string()
 }
 
 /// The version of the `desk` UA current in the guest, if any.

@@ -52,8 +52,10 @@ pub const REQUEST_LIMIT: Duration = Duration::from_secs(10);
 pub enum ControlRequest {
     /// Open a session; answered when the UIF is ready.
     Login {
-        /// User.
-        user: UserName,
+        /// The user as typed at the login prompt or as the directory spells
+        /// them (`alice`, `CORP\\alice`, `alice@corp.example`): the agent
+        /// makes the store name (see `Lifecycle::identify`).
+        user: String,
         /// Session id.
         session: SessionId,
         /// UA to start and supervise.
@@ -299,11 +301,7 @@ impl Control {
 
     /// The uid that owns `user`'s files on this VM, if any.
     fn uid_of(&self, user: &str) -> Option<u32> {
-        self.backend
-            .lifecycle
-            .config()
-            .owner(user)
-            .map(|(uid, _)| uid)
+        self.backend.lifecycle.owner_of(user).map(|(uid, _)| uid)
     }
 
     /// True if `caller` is the user of `session`.

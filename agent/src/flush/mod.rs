@@ -281,7 +281,10 @@ impl Flusher {
         session: &str,
         keep_attached: bool,
     ) -> Result<(), FlushError> {
-        if let Err(e) = materialise::detach(cfg, user, session, keep_attached).await {
+        let account = self.table.uif(user).and_then(|r| r.account);
+        if let Err(e) =
+            materialise::detach(cfg, user, account.as_ref(), session, keep_attached).await
+        {
             match e {
                 UifError::Hook(_) => {
                     tracing::error!(%user, "detach hook failed, flushing anyway: {e}");
@@ -400,6 +403,7 @@ mod tests {
             lease: 1,
             temporary: false,
             base_digest: None,
+            account: None,
         };
         rig.lifecycle.table().attach(&guard, rec).await.unwrap();
         guard

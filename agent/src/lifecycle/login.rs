@@ -8,6 +8,7 @@ use uve_protocol::message::{Request, Version};
 use uve_protocol::names::{SessionId, UaName, UserName};
 
 use super::{Lifecycle, LifecycleError};
+use crate::base::accounts::{self, Account, LookupError};
 use crate::base::fsutil;
 use crate::config::{Config, RetrieveFailure};
 use crate::stores::cache;
@@ -109,15 +110,19 @@ impl std::fmt::Display for LoginReport {
 }
 
 impl Lifecycle {
-    /// Opens a session: retrieves and attaches the user's UIF unless
-    /// another session of the user already has it, starts the UA if
-    /// asked, announces the session.
+    /// Opens a session for the user `spelling` names (as typed at the
+    /// login prompt or as the directory spells it, `CORP\alice`):
+    /// identifies the user ([`Self::identify`]), retrieves and attaches
+    /// their UIF unless another session of theirs already has it, starts
+    /// the UA if asked, announces the session.
     pub async fn login(
         &self,
-        user: &UserName,
+        spelling: &str,
         session: &SessionId,
         ua: Option<&UaName>,
     ) -> Result<LoginReport, LifecycleError> {
+        let (user, account) = self.identify(spelling).await?;
+        let user = &user;
         if let Some(ua) = ua
             && self.uas.current(ua).is_none()
         {
@@ -137,7 +142,7 @@ impl Lifecycle {
             };
         }
         let attached_now = self.table.uif(user).is_none();
-        let uif = self.attach(&guard, session).await?;
+        let uif = self.attach(&guard, account, session).await?;
         let record = SessionRecord {
             session: session.clone(),
             user: user.clone(),
@@ -179,10 +184,39 @@ impl Lifecycle {
         Ok(report)
     }
 
+    /// Who `spelling` is: the user's store name and their entry in the
+    /// user database. The entry's spelling (`pw_name`) is the canonical
+    /// one, case-folded if `users.fold_case`, then made a name
+    /// ([`UserName::from_directory`]). A user the database does not know
+    /// keeps the spelling given, with no entry (file mode needs none); a
+    /// database that cannot answer fails the login as transient.
+    pub async fn identify(
+        &self,
+        spelling: &str,
+    ) -> Result<(UserName, Option<Account>), LifecycleError> {
+        let fold = self.config.get().users.fold_case;
+        let asked = spelling.to_owned();
+        let found = blocking(move || Ok(accounts::lookup(&asked)))
+            .await
+            .map_err(uif_err(spelling))?;
+        match found {
+            Ok(account) => Ok((
+                UserName::from_directory(&account.name, fold)?,
+                Some(account),
+            )),
+            Err(e @ LookupError::Unavailable { .. }) => Err(LifecycleError::Directory(e)),
+            Err(e @ LookupError::Unknown { .. }) => {
+                tracing::info!("{e}: no owner ids, groups or entry home for this login");
+                Ok((UserName::from_directory(spelling, fold)?, None))
+            }
+        }
+    }
+
     /// Attaches the user's UIF unless it already is.
     async fn attach(
         &self,
         guard: &UserGuard,
+        account: Option<Account>,
         session: &SessionId,
     ) -> Result<Attached, LifecycleError> {
         let user = guard.user();
@@ -190,8 +224,9 @@ impl Lifecycle {
             return Ok(Attached::AlreadyAttached);
         }
         let cfg = self.config.get();
-        let (rec, attached) = self.obtain_uif(guard, &cfg, session).await?;
-        materialise::attach(&cfg, user, session, rec.temporary)
+        let (mut rec, attached) = self.obtain_uif(guard, &cfg, session).await?;
+        rec.account = account;
+        materialise::attach(&cfg, user, rec.account.as_ref(), session, rec.temporary)
             .await
             .map_err(uif_err(user))?;
         if let Err(e) = self.table.attach(guard, rec).await {
@@ -209,7 +244,10 @@ impl Lifecycle {
         ua: &UaName,
     ) -> Result<(), LifecycleError> {
         let socket = self.config.get().control_socket.clone();
-        let started = self.supervisor.start(&self.uas, &socket, record, ua)?;
+        let account = self.table.uif(guard.user()).and_then(|r| r.account);
+        let started = self
+            .supervisor
+            .start(&self.uas, &socket, record, account.as_ref(), ua)?;
         if let Some(start) = started.start {
             let process = UaProcess {
                 pid: started.pid,
@@ -270,6 +308,7 @@ impl Lifecycle {
                     lease: r.lease,
                     temporary: false,
                     base_digest: Some(r.digest),
+                    account: None,
                 };
                 Ok((rec, summary))
             }
@@ -291,6 +330,7 @@ impl Lifecycle {
                     lease: 0,
                     temporary: true,
                     base_digest: None,
+                    account: None,
                 };
                 Ok((
                     rec,

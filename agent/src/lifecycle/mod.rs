@@ -78,6 +78,10 @@ pub enum LifecycleError {
     /// The session table could not record the login.
     #[error("the login was not recorded: {0}")]
     Table(#[from] NotDurable),
+    /// The user database could not answer (directory unreachable):
+    /// transient, the login may be retried.
+    #[error(transparent)]
+    Directory(crate::base::accounts::LookupError),
 }
 
 /// The lifecycles and the parts they work with. The parts are private:

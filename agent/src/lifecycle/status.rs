@@ -59,6 +59,14 @@ pub struct SessionStatus {
 pub type UaStatus = UaInfo;
 
 impl Lifecycle {
+    /// The uid and gid that own `user`'s files on this VM: the `uif.owner`
+    /// override, else the user's entry as it was at login; `None` if
+    /// neither names one (no UIF attached, or no entry).
+    pub fn owner_of(&self, user: &str) -> Option<(u32, u32)> {
+        let account = self.table.uif(user).and_then(|r| r.account);
+        self.config.get().owner(account.as_ref())
+    }
+
     /// The local status, showing only the sessions and UIFs of users for
     /// whom `visible` is true.
     pub fn status(&self, visible: impl Fn(&str) -> bool) -> StatusReport {

@@ -10,16 +10,16 @@ use crate::testing::{COMMITTED, Rig, name};
 async fn login_then_logout_commits_and_announces_both() {
     let rig = Rig::new();
     let lc = &rig.lifecycle;
-    let said = lc.login(&name("eve"), &name("e1"), None).await.unwrap();
+    let said = lc.login("eve", &name("e1"), None).await.unwrap();
     assert_eq!(said.to_string(), "new user: empty UIF");
     assert_eq!(said.uif, Attached::NewUser);
     assert_eq!(std::fs::read(rig.uif("eve")).unwrap(), b"");
     assert!(lc.table.session("e1").is_some() && lc.table.uif("eve").is_some());
-    let again = lc.login(&name("eve"), &name("e1"), None).await.unwrap();
+    let again = lc.login("eve", &name("e1"), None).await.unwrap();
     assert!(again.to_string().contains("already open"), "{again}");
     assert_eq!(again.uif, Attached::SessionAlreadyOpen);
     assert!(matches!(
-        lc.login(&name("fay"), &name("e1"), None).await,
+        lc.login("fay", &name("e1"), None).await,
         Err(LifecycleError::SessionTaken(_))
     ));
     std::fs::write(rig.uif("eve"), b"eve's notes").unwrap();
@@ -38,8 +38,8 @@ async fn login_then_logout_commits_and_announces_both() {
 async fn the_last_session_of_a_user_flushes_and_a_disconnect_is_journalled() {
     let rig = Rig::new();
     let lc = &rig.lifecycle;
-    lc.login(&name("gus"), &name("g1"), None).await.unwrap();
-    let second = lc.login(&name("gus"), &name("g2"), None).await.unwrap();
+    lc.login("gus", &name("g1"), None).await.unwrap();
+    let second = lc.login("gus", &name("g2"), None).await.unwrap();
     assert!(second.to_string().contains("already attached"), "{second}");
     assert_eq!(second.uif, Attached::AlreadyAttached);
     std::fs::write(rig.uif("gus"), b"gus").unwrap();
@@ -65,11 +65,11 @@ async fn a_login_fails_while_an_earlier_update_of_the_user_is_pending() {
     rig.refuse_updates(Some(uve_protocol::ErrorCode::Busy));
     let out = lc.logout(&name("h1")).await.unwrap().outcome;
     assert!(matches!(out, FlushOutcome::Spooled(_)), "{out:?}");
-    let err = lc.login(&name("hal"), &name("h2"), None).await.unwrap_err();
+    let err = lc.login("hal", &name("h2"), None).await.unwrap_err();
     assert!(matches!(err, LifecycleError::PendingUpdate(_)), "{err}");
     assert_eq!(std::fs::read(rig.uif("hal")).unwrap(), b"hal's work");
     rig.refuse_updates(None);
-    let said = lc.login(&name("hal"), &name("h3"), None).await.unwrap();
+    let said = lc.login("hal", &name("h3"), None).await.unwrap();
     assert!(said.to_string().contains("new user"), "{said}");
 }
 

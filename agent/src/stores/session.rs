@@ -26,6 +26,7 @@ use uve_protocol::manifest::Hash;
 use uve_protocol::message::Version;
 use uve_protocol::names::{SessionId, UaName, UserName};
 
+use crate::base::accounts::Account;
 use crate::stores::state_file::StateFile;
 
 /// One open session.
@@ -71,6 +72,12 @@ pub struct UifRecord {
     /// upload.
     #[serde(default)]
     pub base_digest: Option<Hash>,
+    /// The user as the user database knew them at login (ids, groups,
+    /// home): attach, detach and UA starts use it, so a logout never
+    /// depends on the directory being reachable. `None`: the database did
+    /// not know the user (or a table of an older agent).
+    #[serde(default)]
+    pub account: Option<Account>,
 }
 
 /// Sessions and attached UIFs.
@@ -421,6 +428,13 @@ mod tests {
                 lease: 7,
                 temporary: false,
                 base_digest: None,
+                account: Some(Account {
+                    name: "CORP\\ann".into(),
+                    uid: 20001,
+                    gid: 20001,
+                    groups: vec![20001, 50],
+                    home: "/home/corp/ann".into(),
+                }),
             },
         )
         .await
@@ -438,6 +452,11 @@ mod tests {
             Some(UaProcess { pid: 42, start: 99 })
         );
         assert_eq!(again.uif("ann").unwrap().base, Some(2));
+        assert_eq!(
+            again.uif("ann").unwrap().account.map(|a| (a.uid, a.groups)),
+            Some((20001, vec![20001, 50])),
+            "the entry of the login is kept for the logout"
+        );
         t.detach(&g).await.unwrap();
         assert_eq!(t.end(&g, "s2").await.unwrap(), 0);
         t.mark_ended(&g, &[SessionId::new("s2").unwrap()])

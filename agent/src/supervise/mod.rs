@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::base::accounts::Account;
 use crate::stores::session::{SessionRecord, UaProcess};
 use crate::stores::ua::UaStore;
 
@@ -37,8 +38,8 @@ pub enum SuperviseError {
     /// The UA is not deployed.
     #[error("UA {0} is not deployed")]
     NotDeployed(String),
-    /// The session's user has no passwd entry.
-    #[error("user {0} is not in /etc/passwd")]
+    /// The user database had no entry for the session's user at login.
+    #[error("user {0} has no entry in the user database (NSS), so there is no uid to run a UA as")]
     UnknownUser(String),
     /// The entry command could not be started.
     #[error("cannot start {cmd}: {source}")]
@@ -149,12 +150,15 @@ pub struct Started {
 
 impl Supervisor {
     /// Starts UA `ua` (from `uas`) for `rec` and watches it; the UA learns
-    /// the control socket `socket` from its environment.
+    /// the control socket `socket` from its environment. Run by root, it
+    /// runs as the user `account` describes (uid, gid, every group of
+    /// theirs, home), and a user without an entry gets no UA.
     pub fn start(
         &self,
         uas: &UaStore,
         socket: &Path,
         rec: &SessionRecord,
+        account: Option<&Account>,
         ua: &UaName,
     ) -> Result<Started, SuperviseError> {
         let (dir, entry) = uas
@@ -169,19 +173,10 @@ impl Supervisor {
             dir.join(prog)
         };
         let root = nix::unistd::getuid().is_root();
-        let pw = crate::base::passwd::lookup(&rec.user);
-        if root && pw.is_none() {
+        if root && account.is_none() {
             return Err(SuperviseError::UnknownUser(rec.user.to_string()));
         }
-        let home = pw
-            .as_ref()
-            .map(|p| p.home.clone())
-            .filter(|h| h.is_dir())
-            .unwrap_or_else(|| PathBuf::from("/"));
-        let mut cmd = ua_command(&prog_path, args, &home, rec, ua, &dir, socket);
-        if let (true, Some(p)) = (root, &pw) {
-            cmd.gid(p.gid).uid(p.uid);
-        }
+        let mut cmd = ua_command(&prog_path, args, rec, account, ua, &dir, socket);
         let cgroup = if root {
             make_cgroup(&rec.session)
         } else {
@@ -195,6 +190,10 @@ impl Supervisor {
         });
         if let Some(f) = &procs_file {
             start_in_cgroup(&mut cmd, f);
+        }
+        // After the cgroup move, which needs root.
+        if let (true, Some(a)) = (root, account) {
+            become_user(&mut cmd, a);
         }
         let mut child = cmd.spawn().map_err(|source| SuperviseError::Spawn {
             cmd: prog_path.display().to_string(),
@@ -248,20 +247,26 @@ impl Supervisor {
 fn ua_command(
     prog: &Path,
     args: &[String],
-    home: &Path,
     rec: &SessionRecord,
+    account: Option<&Account>,
     ua: &str,
     dir: &Path,
     socket: &Path,
 ) -> tokio::process::Command {
+    let home = account
+        .map(|a| a.home.clone())
+        .filter(|h| h.is_dir())
+        .unwrap_or_else(|| PathBuf::from("/"));
+    // The name the system knows the user by (`CORP\alice`), not the store's.
+    let login_name = account.map_or(rec.user.as_str(), |a| a.name.as_str());
     let mut cmd = tokio::process::Command::new(prog);
     cmd.args(args)
-        .current_dir(home)
+        .current_dir(&home)
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .env("HOME", home)
-        .env("USER", &rec.user)
-        .env("LOGNAME", &rec.user)
+        .env("HOME", &home)
+        .env("USER", login_name)
+        .env("LOGNAME", login_name)
         .env("UVE_SESSION", &rec.session)
         .env("UVE_USER", &rec.user)
         .env("UVE_UA", ua)
@@ -284,6 +289,28 @@ fn start_in_cgroup(cmd: &mut tokio::process::Command, procs: &std::fs::File) {
     unsafe {
         cmd.pre_exec(move || {
             let _ = libc::write(fd, b"0".as_ptr().cast(), 1);
+            Ok(())
+        });
+    }
+}
+
+/// Makes the child take the user's identity before it execs: every group
+/// of theirs (what `initgroups(3)` sets), then their gid, then their uid.
+/// A failure fails the spawn: a UA never runs with root's groups.
+fn become_user(cmd: &mut tokio::process::Command, account: &Account) {
+    let groups: Vec<libc::gid_t> = account.groups.clone();
+    let (uid, gid) = (account.uid, account.gid);
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls setgroups(2), setgid(2) and setuid(2), async-signal-safe system
+    // calls; `groups` was allocated before the fork and is only read.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }

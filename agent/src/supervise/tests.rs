@@ -28,7 +28,13 @@ fn start_desk(rig: &Rig, session: &'static str) -> Started {
     let lc = &rig.lifecycle;
     let sock = rig.dir.path().join("ctl.sock");
     lc.supervisor()
-        .start(lc.uas(), &sock, &record(session), &UaName::literal("desk"))
+        .start(
+            lc.uas(),
+            &sock,
+            &record(session),
+            crate::base::accounts::lookup("root").ok().as_ref(),
+            &UaName::literal("desk"),
+        )
         .unwrap()
 }
 
@@ -93,4 +99,57 @@ async fn adopting_a_dead_ua_reports_it() {
     let exit = rig.exits.recv().await.unwrap();
     assert_eq!(exit.session, "s9");
     assert!(exit.reason.contains("not running"), "{exit:?}");
+}
+
+/// Run by root, a UA takes its user's identity whole: uid, primary gid,
+/// and every supplementary group of the entry (what `initgroups` sets),
+/// none of root's; its environment names the user as the system does.
+#[tokio::test]
+async fn a_ua_runs_as_its_user_with_every_group_of_theirs() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: needs root to change identity");
+        return;
+    }
+    let rig = Rig::new();
+    let out = rig.dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let script = format!(
+        "{{ id -u; id -g; id -G; printf '%s\\n' \"$USER\"; }} > {0}/id.tmp && mv {0}/id.tmp {0}/id; exec sleep 30",
+        out.display()
+    );
+    deploy(&rig, "desk", &script);
+    let account = crate::base::accounts::Account {
+        name: "CORP\\nobody".into(),
+        uid: 65534,
+        gid: 65534,
+        groups: vec![65534, 100, 4242],
+        home: "/nonexistent".into(),
+    };
+    let lc = &rig.lifecycle;
+    let sock = rig.dir.path().join("ctl.sock");
+    lc.supervisor()
+        .start(
+            lc.uas(),
+            &sock,
+            &record("s1"),
+            Some(&account),
+            &UaName::literal("desk"),
+        )
+        .unwrap();
+    let id = out.join("id");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !id.exists() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = std::fs::read_to_string(&id).unwrap_or_default();
+    lc.supervisor().stop("s1").await;
+    assert!(!text.is_empty(), "the UA never wrote its identity");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.first(), Some(&"65534"), "uid: {text}");
+    assert_eq!(lines.get(1), Some(&"65534"), "gid: {text}");
+    let mut groups: Vec<&str> = lines.get(2).unwrap().split_whitespace().collect();
+    groups.sort_unstable();
+    assert_eq!(groups, ["100", "4242", "65534"], "groups: {text}");
+    assert_eq!(lines.get(3), Some(&"CORP\\nobody"), "USER: {text}");
 }

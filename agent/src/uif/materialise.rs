@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 
 use super::UifError;
+use crate::base::accounts::Account;
 use crate::base::archive::{self, Excludes, UnpackPolicy};
 use crate::base::nofollow::{self, Kind};
 use crate::config::{Config, UifMode};
@@ -55,10 +56,12 @@ const PACK_LIMIT: Duration = Duration::from_secs(2 * 3600);
 /// Lines of the pack child's stderr kept for an error message.
 const STDERR_TAIL_LINES: usize = 10;
 
-/// Makes `user`'s UIF (already at `cfg.uif_path(user)`) available.
+/// Makes `user`'s UIF (already at `cfg.uif_path(user)`) available;
+/// `account` is the user's entry in the user database, if it has one.
 pub async fn attach(
     cfg: &Config,
     user: &str,
+    account: Option<&Account>,
     session: &str,
     temporary: bool,
 ) -> Result<(), UifError> {
@@ -66,8 +69,8 @@ pub async fn attach(
         UifMode::File => run_hook(cfg, &cfg.uif.attach, user, session, temporary).await,
         UifMode::Directory => {
             let archive = cfg.uif_path(user);
-            let home = cfg.home_path(user);
-            let owner = owner_of(cfg, user);
+            let home = cfg.home_path(user, account);
+            let owner = cfg.owner(account);
             super::blocking(move || unpack_home(&archive, &home, owner)).await
         }
     }
@@ -79,6 +82,7 @@ pub async fn attach(
 pub async fn detach(
     cfg: &Config,
     user: &str,
+    account: Option<&Account>,
     session: &str,
     keep_attached: bool,
 ) -> Result<(), UifError> {
@@ -87,18 +91,11 @@ pub async fn detach(
         UifMode::File => run_hook(cfg, &cfg.uif.detach, user, session, false).await,
         UifMode::Directory => {
             let archive = cfg.uif_path(user);
-            let home = cfg.home_path(user);
+            let home = cfg.home_path(user, account);
             let excludes = cfg.uif.exclude.clone();
-            let owner = owner_of(cfg, user);
+            let owner = cfg.owner(account);
             super::blocking(move || pack_home(&home, &archive, &excludes, owner)).await
         }
-    }
-}
-
-fn owner_of(cfg: &Config, user: &str) -> Option<(u32, u32)> {
-    match cfg.owner_override() {
-        Ok(Some(ids)) => Some(ids),
-        _ => crate::base::passwd::lookup(user).map(|p| (p.uid, p.gid)),
     }
 }
 
