@@ -225,9 +225,7 @@ impl HostDaemon {
 
     /// Whether `uvectl vm show <vm>` reports the VM connected.
     pub fn is_connected(&self, vm: &str) -> bool {
-        self.uvectl(&["vm", "show", vm])
-            .1
-            .contains("\"connected\":true")
+        shows_connected(&self.uvectl(&["vm", "show", vm]).1)
     }
 
     /// Waits up to `limit` until [`is_connected`](Self::is_connected).
@@ -268,10 +266,7 @@ impl HostDaemon {
     pub fn events(&self, since: u64) -> Vec<serde_json::Value> {
         let (code, out) = self.uvectl(&["events", "--since", &since.to_string()]);
         assert_eq!(code, 0, "uvectl events: {out}");
-        out.lines()
-            .take_while(|l| !l.starts_with("--- stderr"))
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        parse_events(&out)
     }
 
     /// Waits until an event of `kind` after `since` satisfies `pred`.
@@ -282,11 +277,7 @@ impl HostDaemon {
         limit: Duration,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let found = poll::until(limit, || {
-            self.events(since)
-                .into_iter()
-                .find(|e| e["kind"] == kind && pred(e))
-        });
+        let found = poll::until(limit, || find_event(self.events(since), kind, &pred));
         match found {
             Some(e) => e,
             None => panic!(
@@ -299,11 +290,7 @@ impl HostDaemon {
 
     /// The highest event sequence number so far (0 if none).
     pub fn last_seq(&self) -> u64 {
-        self.events(0)
-            .iter()
-            .filter_map(|e| e["seq"].as_u64())
-            .max()
-            .unwrap_or(0)
+        last_seq(&self.events(0))
     }
 
     /// A Prometheus counter (first sample whose line starts with `name`).
@@ -320,11 +307,7 @@ impl HostDaemon {
             })
             .unwrap_or((-1, String::new()));
         assert_eq!(code, 0, "uvectl metrics failed");
-        out.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
+        metric_in(&out, name)
     }
 
     /// Exports a version's bytes.
@@ -354,4 +337,46 @@ impl HostDaemon {
     pub fn log_tail(&self) -> String {
         process::tail(&self.log, LOG_TAIL)
     }
+}
+
+/// The events in what `uvectl --json events` printed: one JSON object a
+/// line; anything after the kit's stderr marker is ignored.
+pub fn parse_events(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .take_while(|l| !l.starts_with("--- stderr"))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The first event of `kind` among `events` that satisfies `pred`.
+pub fn find_event(
+    events: Vec<serde_json::Value>,
+    kind: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Option<serde_json::Value> {
+    events.into_iter().find(|e| e["kind"] == kind && pred(e))
+}
+
+/// The highest sequence number among `events` (0 if none).
+pub fn last_seq(events: &[serde_json::Value]) -> u64 {
+    events
+        .iter()
+        .filter_map(|e| e["seq"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+/// The value of the Prometheus sample `name` (the first line that starts
+/// with `name` and a space) in what `uvectl metrics` printed; 0 if absent.
+pub fn metric_in(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+/// Whether what `uvectl --json vm show` printed says the VM is connected.
+pub fn shows_connected(out: &str) -> bool {
+    out.contains("\"connected\":true")
 }

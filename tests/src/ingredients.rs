@@ -88,7 +88,7 @@ impl Ingredients {
                 repo.join("target/release/uve-host"),
                 "uve-host release build",
             ),
-            uvectl: repo.join("target/release/uvectl"),
+            uvectl: need(repo.join("target/release/uvectl"), "uvectl release build"),
             repo,
         };
         if missing.is_empty() {

@@ -3,7 +3,9 @@
 //! and starts the command server and (optionally) the agent, plus any
 //! scenario files. A scenario may add modules ([`Initramfs::modules`], e.g.
 //! [`EXT4_DISK_MODULES`]) and filesystems that `/init` mounts before the
-//! agent starts ([`Initramfs::mount_before_agent`]).
+//! agent starts ([`Initramfs::mount_before_agent`]). Dynamically linked
+//! programs of this machine (the release `uve-host` and `uvectl`) go in
+//! with the shared libraries they load ([`Initramfs::dynamic_exec`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -105,6 +107,46 @@ impl Initramfs {
         Ok(self)
     }
 
+    /// Adds the executable `from` as `to` (e.g. `bin/uve-host`) together
+    /// with every shared library `ldd` says it loads (the dynamic loader
+    /// included), each at the path it has on this machine. A release
+    /// build of the workspace then runs in the guest exactly as built,
+    /// without a second (static) build of it. A static `from` adds no
+    /// library; a library `ldd` cannot find is an error.
+    pub fn dynamic_exec(&mut self, from: &Path, to: &str) -> Result<&mut Self, String> {
+        let out = Command::new("ldd")
+            .arg(from)
+            .output()
+            .map_err(|e| io_err("ldd", e))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            let static_exe = text.contains("not a dynamic executable")
+                || String::from_utf8_lossy(&out.stderr).contains("not a dynamic executable");
+            if !static_exe {
+                return Err(format!("ldd {}: {}", from.display(), out.status));
+            }
+        }
+        for line in text.lines() {
+            if line.contains("not found") {
+                return Err(format!("ldd {}: {}", from.display(), line.trim()));
+            }
+            // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)` or
+            // `/lib64/ld-linux-x86-64.so.2 (0x…)`; `linux-vdso.so.1 (0x…)`
+            // is the kernel's and has no file.
+            let path = line
+                .split("=>")
+                .last()
+                .and_then(|rest| rest.split_whitespace().next());
+            if let Some(lib) = path
+                && let Some(inside) = lib.strip_prefix('/')
+            {
+                copy_exec(Path::new(lib), &self.staging.path().join(inside))?;
+            }
+        }
+        copy_exec(from, &self.staging.path().join(to))?;
+        Ok(self)
+    }
+
     /// Adds kernel modules (paths below the package's
     /// `lib/modules/<version>/kernel`), loaded in this order after those
     /// already added.
@@ -200,6 +242,9 @@ impl Initramfs {
 }
 
 fn copy_exec(from: &Path, to: &Path) -> Result<(), String> {
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| io_err(&parent.display().to_string(), e))?;
+    }
     std::fs::copy(from, to).map_err(|e| io_err(&from.display().to_string(), e))?;
     set_exec(to)
 }

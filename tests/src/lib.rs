@@ -14,6 +14,8 @@
 //!   the next run) that every started process and its forks die with;
 //! - [`agent`]: a real `uve-agent` process on this machine;
 //! - [`host`]: the real `uve-host` daemon driven through `uvectl`;
+//! - [`guest_host`]: the real `uve-host` inside a QEMU guest (the kernel
+//!   AF_VSOCK path), driven through `uvectl` in that guest;
 //! - [`fake_host`]: a fake host protocol peer for a real agent;
 //! - [`fake_agent`]: a fake agent protocol peer for a real host;
 //! - [`names`]: names in the kit's requests, valid or (for hostile tests)
@@ -40,6 +42,7 @@ pub mod binaries;
 pub mod channel;
 pub mod fake_agent;
 pub mod fake_host;
+pub mod guest_host;
 pub mod host;
 pub mod ingredients;
 pub mod initramfs;

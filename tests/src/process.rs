@@ -26,7 +26,11 @@ pub fn append_log(path: &Path) -> Result<File, String> {
 
 /// The last `n` lines of the text file at `path` (empty if unreadable).
 pub fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    tail_of(&std::fs::read_to_string(path).unwrap_or_default(), n)
+}
+
+/// The last `n` lines of `text`.
+pub fn tail_of(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
