@@ -162,6 +162,10 @@ fn unregistered_cid_is_refused(host: &GuestHost, vm: &Vm) {
     );
     assert_eq!(host.metric("uve_connections_total"), 0);
     assert_eq!(host.metric("uve_connections"), 0);
+    assert!(
+        host.metric("uve_unknown_peers_refused_total") >= 1,
+        "the refusal is not counted"
+    );
     assert!(!host.is_connected("vm-other"), "CID 1 bound to CID 42's VM");
 }
 

@@ -36,6 +36,10 @@ pub struct Metrics {
     /// Connections closed at accept: their VM's (or the host's) handshake
     /// places were all taken.
     pub handshakes_refused: AtomicU64,
+    /// Handshakes refused because no VM is registered for the peer (its
+    /// vsock CID, or its listener): a guest whose CID changed (libvirt's
+    /// `auto='yes'`) and was not registered again shows up here.
+    pub unknown_peers_refused: AtomicU64,
     /// Connections cut off because the VM stopped reading.
     pub stalled_cut_off: AtomicU64,
     /// Uploads dropped after `upload_idle_ms` without a request.
@@ -58,7 +62,7 @@ pub fn add(c: &AtomicU64, n: u64) {
 
 /// The daemon-wide metrics: name, type, help text, counter.
 #[allow(clippy::type_complexity)]
-const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 19] = [
+const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 20] = [
     ("uve_connections", "gauge", "Agent connections open", |m| {
         &m.connections
     }),
@@ -133,6 +137,12 @@ const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 19] = [
         "counter",
         "Connections closed at accept because their VM's handshake places (max_handshakes_per_vm) or all (max_handshakes) were taken",
         |m| &m.handshakes_refused,
+    ),
+    (
+        "uve_unknown_peers_refused_total",
+        "counter",
+        "Handshakes refused because no VM is registered for the peer (e.g. a vsock CID that changed and was not registered again)",
+        |m| &m.unknown_peers_refused,
     ),
     (
         "uve_uploads_expired_total",

@@ -187,10 +187,13 @@ async fn handshake(
             code: ErrorCode::ShuttingDown,
             reason: "host is shutting down".into(),
         }),
-        None => Err(Reject {
-            code: ErrorCode::UnknownVm,
-            reason: format!("no VM registered for {peer:?}"),
-        }),
+        None => {
+            add(&host.metrics().unknown_peers_refused, 1);
+            Err(Reject {
+                code: ErrorCode::UnknownVm,
+                reason: format!("no VM registered for {peer:?}"),
+            })
+        }
         Some(id) => negotiate(&hello, &offer(host, id)),
     };
     match answer(&mut reader, &mut writer, verdict, limit).await {
