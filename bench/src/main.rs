@@ -272,8 +272,9 @@ fn transfer_and_footprint(
     flush_hwm
 }
 
-/// The scale benchmark, in a short-named directory under /tmp.
-fn scale_rows(cli: &Cli, bins: &uve_e2e::binaries::Binaries) -> Vec<Row> {
+/// The scale benchmark, in a short-named directory under /tmp; a failed
+/// run is one row saying why, and `Err` with it (the bench then exits 1).
+fn scale_rows(cli: &Cli, bins: &uve_e2e::binaries::Binaries) -> Result<Vec<Row>, Vec<Row>> {
     eprintln!("scale…");
     // Unix socket paths are limited to 108 bytes: keep this one short.
     let dir = tempfile::Builder::new()
@@ -286,10 +287,8 @@ fn scale_rows(cli: &Cli, bins: &uve_e2e::binaries::Binaries) -> Vec<Row> {
         bulk_size: cli.bulk_mib << 20,
         phase: Duration::from_secs(cli.phase_secs),
     };
-    match scale::run(bins, dir.path(), &p) {
-        Ok(r) => r,
-        Err(e) => vec![Row::text("scale", format!("failed: {e}"), "", "")],
-    }
+    scale::run(bins, dir.path(), &p)
+        .map_err(|e| vec![Row::text("scale", format!("failed: {e}"), "", "")])
 }
 
 /// Prints the result table and the run's footer.
@@ -340,8 +339,15 @@ fn main() {
         let rig = rig::Rig::start(&bins, &dir, true).expect("start host + agent");
         rows.extend(incremental::run(&rig, &dir, size));
     }
+    let mut failed = false;
     if run(Which::Scale) {
-        rows.extend(scale_rows(&cli, &bins));
+        match scale_rows(&cli, &bins) {
+            Ok(r) => rows.extend(r),
+            Err(r) => {
+                failed = true;
+                rows.extend(r);
+            }
+        }
     }
     let _ = flush_hwm;
     if run(Which::S3) {
@@ -352,4 +358,8 @@ fn main() {
         eprintln!("work directory kept: {}", work.keep().display());
     }
     print_table(&cli, &rows, started);
+    if failed {
+        eprintln!("uve-bench: a benchmark failed (its row says why)");
+        std::process::exit(1);
+    }
 }

@@ -38,6 +38,7 @@ pub struct Params {
 
 #[derive(Default)]
 struct Samples {
+    start_us: Vec<u64>,
     ping_us: Vec<u64>,
     notice_us: Vec<u64>,
     bulk_bytes: u64,
@@ -86,11 +87,22 @@ async fn timed(
     }
 }
 
-/// One agent's control traffic: a ping about every second, one
-/// unexpected-disconnect notice at a random moment.
+/// One agent's control traffic, as a real agent's: its user's session
+/// announced first (`SessionStarted`; the host accepts notices only for
+/// sessions the sending VM has announced), then a ping about every second
+/// and one unexpected-disconnect notice of that session at a random moment.
 async fn control_loop(h: LinkHandle, i: usize, phase: Duration, samples: Arc<Mutex<Samples>>) {
     let start = Instant::now();
     let mut rng = data::Rng::new(i as u64 + 1);
+    let started = Request::SessionStarted {
+        session: valid(&format!("s{i}")),
+        user: valid(&format!("user{i}")),
+        ua: Some(valid("desk")),
+    };
+    timed(&h, started, &samples, (i, "session start"), |s| {
+        &mut s.start_us
+    })
+    .await;
     let notice_at = Duration::from_millis(rng.next() % phase.as_millis().max(1) as u64);
     tokio::time::sleep(Duration::from_millis(rng.next() % 1000)).await;
     let mut noticed = false;
@@ -279,6 +291,10 @@ fn register_vms(host: &HostDaemon, root: &Path, p: &Params) -> Result<(), String
     for i in 0..p.bulk_agents {
         host.ok(&["assign", &format!("bulk{i}"), &format!("vm{i:04}")]);
     }
+    // Each agent's session user, whose session it announces and ends.
+    for i in 0..p.agents {
+        host.ok(&["assign", &format!("user{i}"), &format!("vm{i:04}")]);
+    }
     eprintln!("  registered {} VMs in {:?}", p.agents, t.elapsed());
     Ok(())
 }
@@ -373,10 +389,28 @@ pub fn run(bins: &Binaries, work: &Path, p: &Params) -> Result<Vec<Row>, String>
     let samples = Arc::new(Mutex::new(Samples::default()));
     let f = measured_phase(&root, p, pid, idle_rss, &samples)?;
     let mut s = samples.lock().unwrap_or_else(PoisonError::into_inner);
-    if !s.errors.is_empty() {
-        eprintln!("  {} errors, first: {}", s.errors.len(), s.errors[0]);
+    let rows = result_rows(p, &f, &mut s);
+    if let Some(first) = s.errors.first() {
+        // A figure built on failed requests is no figure: the run fails.
+        return Err(format!(
+            "{} requests failed, first: {first}; figures so far: {}",
+            s.errors.len(),
+            rows.iter()
+                .map(|r| format!("{}: {}", r.what, r.ours))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
     }
-    Ok(result_rows(p, &f, &mut s))
+    if s.notice_us.len() < p.agents / 2 || s.start_us.len() != p.agents {
+        return Err(format!(
+            "only {} of {} agents announced a session and {} sent their notice: the phase ({:?}) is too short to measure",
+            s.start_us.len(),
+            p.agents,
+            s.notice_us.len(),
+            p.phase
+        ));
+    }
+    Ok(rows)
 }
 
 /// The row of a latency (`what`): p50 / p99 / max of `samples` in ms,
@@ -421,6 +455,7 @@ fn result_rows(p: &Params, f: &HostFigures, s: &mut Samples) -> Vec<Row> {
             "",
         ),
         latency_row("ping round trip", &mut s.ping_us),
+        latency_row("session start ack", &mut s.start_us),
         latency_row("disconnect notice ack", &mut s.notice_us),
         Row::text(
             "host RSS idle / connected / peak (MiB)",
