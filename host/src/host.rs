@@ -23,7 +23,7 @@ use crate::state::conns::Conns;
 use crate::state::events::Events;
 use crate::state::handover::Handovers;
 use crate::state::leases::Leases;
-use crate::state::metrics::Metrics;
+use crate::state::metrics::{Metrics, add};
 use crate::state::registry::Registry;
 use crate::state::sessions::Sessions;
 use crate::store::{StoreError, StoreResult, UifStore};
@@ -204,8 +204,9 @@ impl Host {
     /// on the bulk pool ([`crate::budgets::bulk`]: lower CPU priority, VMs served
     /// round-robin). Skipped if this future is dropped before a thread
     /// takes it (its connection closed). Falls back to a blocking thread
-    /// if the pool has none; a VM with a full bulk queue gets an error
-    /// (`Internal`: the agent retries).
+    /// if the pool has none; a VM with a full bulk queue gets
+    /// [`StoreError::Busy`] (answered `Busy`: the agent retries), counted
+    /// in `uve_bulk_queue_refused_total`.
     pub async fn store_call_bulk<T, F>(&self, vm: &str, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
@@ -227,12 +228,10 @@ impl Host {
                     .map_err(|e| StoreError::io("store task", std::io::Error::other(e)))?;
             }
             Err(Refused::QueueFull) => {
-                return Err(StoreError::io(
-                    "bulk queue",
-                    std::io::Error::other(format!(
-                        "VM {vm} has {MAX_QUEUED_PER_VM} bulk jobs queued"
-                    )),
-                ));
+                add(&self.metrics.bulk_queue_refused, 1);
+                return Err(StoreError::Busy(format!(
+                    "VM {vm} has {MAX_QUEUED_PER_VM} bulk jobs queued"
+                )));
             }
         }
         rx.await.map_err(|_| {
@@ -293,7 +292,7 @@ pub fn wire_store_error(e: &StoreError) -> WireError {
         }
         StoreError::BadManifest(_) => ErrorCode::BadRequest,
         StoreError::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
-        StoreError::Contended { .. } => ErrorCode::Busy,
+        StoreError::Contended { .. } | StoreError::Busy(_) => ErrorCode::Busy,
         StoreError::Corrupt { .. }
         | StoreError::Io { .. }
         | StoreError::Remote { .. }
@@ -303,4 +302,20 @@ pub fn wire_store_error(e: &StoreError) -> WireError {
         }
     };
     WireError::new(code, e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full bulk queue is a transient refusal the agent retries, not a
+    /// failure of the host.
+    #[test]
+    fn a_full_bulk_queue_is_answered_busy_not_internal() {
+        let e = StoreError::Busy(format!("VM vm-a has {MAX_QUEUED_PER_VM} bulk jobs queued"));
+        let w = wire_store_error(&e);
+        assert_eq!(w.code, ErrorCode::Busy);
+        assert!(w.code.is_transient(), "the agent retries Busy");
+        assert!(w.message.contains("512 bulk jobs"), "{}", w.message);
+    }
 }

@@ -84,7 +84,9 @@ impl From<StoreError> for ApiError {
                 Self::bad_request(e)
             }
             StoreError::QuotaExceeded { .. } => Self::new(ApiErrorCode::QuotaExceeded, e),
-            StoreError::Contended { .. } => Self::new(ApiErrorCode::Contended, e),
+            StoreError::Contended { .. } | StoreError::Busy(_) => {
+                Self::new(ApiErrorCode::Contended, e)
+            }
             StoreError::Remote { .. } => Self::new(ApiErrorCode::StoreUnavailable, e),
             StoreError::Corrupt { .. } | StoreError::Io { .. } | StoreError::UnsafeStore(_) => {
                 Self::internal(e)

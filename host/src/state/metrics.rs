@@ -40,6 +40,9 @@ pub struct Metrics {
     /// vsock CID, or its listener): a guest whose CID changed (libvirt's
     /// `auto='yes'`) and was not registered again shows up here.
     pub unknown_peers_refused: AtomicU64,
+    /// Bulk store jobs refused because their VM had `MAX_QUEUED_PER_VM`
+    /// queued (answered `Busy`).
+    pub bulk_queue_refused: AtomicU64,
     /// Connections cut off because the VM stopped reading.
     pub stalled_cut_off: AtomicU64,
     /// Uploads dropped after `upload_idle_ms` without a request.
@@ -62,7 +65,7 @@ pub fn add(c: &AtomicU64, n: u64) {
 
 /// The daemon-wide metrics: name, type, help text, counter.
 #[allow(clippy::type_complexity)]
-const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 20] = [
+const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 21] = [
     ("uve_connections", "gauge", "Agent connections open", |m| {
         &m.connections
     }),
@@ -143,6 +146,12 @@ const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 20] = [
         "counter",
         "Handshakes refused because no VM is registered for the peer (e.g. a vsock CID that changed and was not registered again)",
         |m| &m.unknown_peers_refused,
+    ),
+    (
+        "uve_bulk_queue_refused_total",
+        "counter",
+        "Bulk store jobs (chunk fetches, uploads) refused because their VM had 512 queued; answered Busy",
+        |m| &m.bulk_queue_refused,
     ),
     (
         "uve_uploads_expired_total",

@@ -103,6 +103,10 @@ pub enum StoreError {
         /// Attempts made.
         attempts: u32,
     },
+    /// A budget of the host is full for now (a VM's bulk queue): the
+    /// caller retries later.
+    #[error("busy: {0}; try again")]
+    Busy(String),
     /// Filesystem error.
     #[error("{context}: {source}")]
     Io {
