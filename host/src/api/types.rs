@@ -338,6 +338,15 @@ pub struct UaDeleteQuery {
     pub force: bool,
 }
 
+/// Query of `DELETE /v1/vms/{id}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRemoveQuery {
+    /// Remove at once, without asking the VM to release its users first
+    /// (`true` or `1`; anything else is false).
+    #[serde(default, with = "flag")]
+    pub force: bool,
+}
+
 /// Answer of `DELETE /v1/vms/{id}/ua/{name}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UaDeleted {

@@ -120,7 +120,17 @@ async fn accept_loop(
                     (Binding::ByCid, Peer::Vsock { cid }) => host.registry().vm_by_cid(*cid),
                     (Binding::ByCid, Peer::Unix { .. }) => None,
                 };
-                let Some(ticket) = host.handshakes().admit(vm.as_deref()) else {
+                // A peer no VM is registered for (an unregistered CID) is
+                // closed before it costs a handshake place or a read.
+                let Some(vm) = vm else {
+                    add(&host.metrics().unknown_peers_refused, 1);
+                    tracing::debug!(
+                        ?peer,
+                        "no VM registered for this peer; connection closed unread"
+                    );
+                    continue;
+                };
+                let Some(ticket) = host.handshakes().admit(&vm) else {
                     add(&host.metrics().handshakes_refused, 1);
                     tracing::debug!(?peer, vm, "all handshake places taken; connection closed");
                     continue;
@@ -151,7 +161,7 @@ async fn accept_loop(
 
 /// A connection just accepted: whose it is, and its handshake place.
 struct Accepted {
-    vm: Option<String>,
+    vm: String,
     peer: Peer,
     conn_id: u64,
     ticket: HandshakeTicket,
@@ -168,7 +178,7 @@ type Framed = (
 async fn handshake(
     host: &Host,
     stream: BoxStream,
-    vm: Option<&str>,
+    vm: &str,
     peer: &Peer,
 ) -> Option<(Framed, Hello, Welcome)> {
     let (r, w) = tokio::io::split(stream);
@@ -182,19 +192,13 @@ async fn handshake(
             return None;
         }
     };
-    let verdict = match vm {
-        _ if host.shutdown().is_cancelled() => Err(Reject {
+    let verdict = if host.shutdown().is_cancelled() {
+        Err(Reject {
             code: ErrorCode::ShuttingDown,
             reason: "host is shutting down".into(),
-        }),
-        None => {
-            add(&host.metrics().unknown_peers_refused, 1);
-            Err(Reject {
-                code: ErrorCode::UnknownVm,
-                reason: format!("no VM registered for {peer:?}"),
-            })
-        }
-        Some(id) => negotiate(&hello, &offer(host, id)),
+        })
+    } else {
+        negotiate(&hello, &offer(host, vm))
     };
     match answer(&mut reader, &mut writer, verdict, limit).await {
         Ok(welcome) => Some(((reader, writer), hello, welcome)),
@@ -218,13 +222,11 @@ async fn serve(
         conn_id,
         ticket,
     } = accepted;
-    let Some(((reader, writer), hello, welcome)) =
-        handshake(&host, stream, vm.as_deref(), &peer).await
+    let Some(((reader, writer), hello, welcome)) = handshake(&host, stream, &vm, &peer).await
     else {
         return;
     };
     drop(ticket);
-    let Some(vm) = vm else { return };
     let config = host
         .config()
         .link_config(welcome.heartbeat_ms, welcome.max_frame);

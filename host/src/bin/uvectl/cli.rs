@@ -144,10 +144,15 @@ pub enum VmCmd {
         /// VM id.
         id: String,
     },
-    /// Unregister a VM.
+    /// Unregister a VM: its users are unassigned and it is asked to
+    /// release them first (waits up to handover_timeout_ms).
     Rm {
         /// VM id.
         id: String,
+        /// Remove at once, without asking the VM to release its users
+        /// (their unsent changes can only arrive later as conflicts).
+        #[arg(long)]
+        force: bool,
     },
     /// Ask the VM's agent for its status.
     Status {

@@ -9,7 +9,7 @@ use uve_host::api::types::{
     AssignBody, AssignOutcome, Assignments, DeployQuery, GcQuery, GcReport, Imported, MonitorBody,
     MonitorGranted, MonitorRevokeQuery, MonitorRevoked, NewVm, Pong, RollbackBody, RolledBack,
     SessionAction, SessionActionDone, SessionRec, SessionsQuery, UaCurrent, UaDeleteQuery,
-    UaDeleted, UaDeployed, UserRow, VmDetail, VmInfo, VmStatus,
+    UaDeleted, UaDeployed, UserRow, VmDetail, VmInfo, VmRemoveQuery, VmStatus,
 };
 
 use crate::cli::{MonitorCmd, UaCmd, VmCmd};
@@ -62,8 +62,9 @@ pub async fn vm(c: &ApiClient, cmd: VmCmd, raw: bool) -> anyhow::Result<u8> {
             let a = c.get(&format!("/v1/vms/{}", seg(&id))).await?;
             answer(&a, raw, object::<VmDetail>)
         }
-        VmCmd::Rm { id } => {
+        VmCmd::Rm { id, force } => {
             let path = format!("/v1/vms/{}", seg(&id));
+            let path = with_query(&path, &VmRemoveQuery { force })?;
             output::done(&c.call(Method::DELETE, &path, client::empty()).await?, raw)
         }
         VmCmd::Status { id } => {
