@@ -2,13 +2,14 @@
 //! the API's types (`uve_host::api::types`): its command line is
 //! `uve_host::args::uvectl` (shared with the man-page generator),
 //! `commands` the request-and-answer commands, `transfer` the streaming
-//! ones, `output` how answers are shown.
+//! ones, `output` how answers are shown, `table` the tables of lists.
 //!
 //! Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 conflict,
 //! 5 VM not connected.
 
 mod commands;
 mod output;
+mod table;
 mod transfer;
 
 use std::path::PathBuf;
