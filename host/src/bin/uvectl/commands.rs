@@ -11,8 +11,8 @@ use uve_host::api::types::{
     SessionAction, SessionActionDone, SessionRec, SessionsQuery, UaCurrent, UaDeleteQuery,
     UaDeleted, UaDeployed, UserRow, VmDetail, VmInfo, VmRemoveQuery, VmStatus,
 };
+use uve_host::args::uvectl::{MonitorCmd, UaCmd, VmCmd};
 
-use crate::cli::{MonitorCmd, UaCmd, VmCmd};
 use crate::output::{self, answer, object, rows};
 
 /// Everything but RFC 3986 unreserved characters is escaped in a segment.

@@ -1,14 +1,16 @@
 //! How `uvectl` shows answers: decoded into the API's types, then lists as
-//! tables, objects as pretty JSON, errors as `uvectl: STATUS (code): text`
+//! tables (`table`), objects as pretty JSON, errors as `uvectl: STATUS (code): text`
 //! on stderr; with `--json` the raw answer as it came. Also the exit code
 //! of each status.
 
 use hyper::StatusCode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use uve_host::api::client::Answer;
 use uve_host::api::types::{ErrorBody, VersionList};
+
+use crate::table::{self, Row};
 
 /// Exit code of an answer's status: 0 ok, 3 not found, 4 conflict, 5 VM
 /// not connected, 1 anything else.
@@ -81,13 +83,12 @@ pub fn object<T: Serialize>(t: &T) {
     }
 }
 
-/// A table of a list answer.
-pub fn rows<T: Serialize>(rows: &[T]) {
-    let v: Vec<Value> = rows
-        .iter()
-        .filter_map(|r| serde_json::to_value(r).ok())
-        .collect();
-    table(&v);
+/// A table of a list answer (`table`: identifier first, local times,
+/// sizes in binary units).
+pub fn rows<T: Row>(rows: &[T]) {
+    for line in table::render(rows) {
+        println!("{line}");
+    }
 }
 
 /// `versions USER`: the head, then one row per retained version.
@@ -97,45 +98,4 @@ pub fn versions(v: &VersionList) {
         None => println!("head: null"),
     }
     rows(&v.versions);
-}
-
-/// A table of objects: the first row's scalar fields as columns.
-fn table(rows: &[Value]) {
-    let rows: Vec<&Map<String, Value>> = rows.iter().filter_map(Value::as_object).collect();
-    let Some(first) = rows.first() else {
-        println!("(none)");
-        return;
-    };
-    let cols: Vec<&String> = first
-        .iter()
-        .filter(|(_, x)| !x.is_object() && !x.is_array())
-        .map(|(k, _)| k)
-        .collect();
-    let cell = |r: &Map<String, Value>, k: &str| match r.get(k) {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => "-".into(),
-        Some(x) => x.to_string(),
-    };
-    let widths: Vec<usize> = cols
-        .iter()
-        .map(|k| {
-            rows.iter()
-                .map(|r| cell(r, k).len())
-                .chain([k.len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: Vec<String>| {
-        let parts: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", parts.join("  ").trim_end());
-    };
-    line(cols.iter().map(|k| k.to_uppercase()).collect());
-    for r in &rows {
-        line(cols.iter().map(|k| cell(r, k)).collect());
-    }
 }

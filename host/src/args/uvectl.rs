@@ -1,5 +1,5 @@
 //! The command line of `uvectl` (clap): every command, its arguments and
-//! their help text.
+//! their help text. The binary is `src/bin/uvectl/`.
 
 use std::path::PathBuf;
 
