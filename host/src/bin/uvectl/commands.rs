@@ -11,7 +11,8 @@ use uve_host::api::types::{
     SessionAction, SessionActionDone, SessionRec, SessionsQuery, UaCurrent, UaDeleteQuery,
     UaDeleted, UaDeployed, UserRow, VmDetail, VmInfo, VmRemoveQuery, VmStatus,
 };
-use uve_host::args::uvectl::{MonitorCmd, UaCmd, VmCmd};
+use uve_host::api::types::{QuotaBody, VersionDeleted};
+use uve_host::args::uvectl::{MonitorCmd, UaCmd, UserCmd, VmCmd};
 
 use crate::output::{self, answer, object, rows};
 
@@ -111,6 +112,29 @@ pub async fn sessions(c: &ApiClient, vm: Option<String>, raw: bool) -> anyhow::R
 pub async fn users(c: &ApiClient, raw: bool) -> anyhow::Result<u8> {
     let a = c.get("/v1/users").await?;
     Ok(answer(&a, raw, |u: &Vec<UserRow>| rows(u)))
+}
+
+/// `uvectl user ...`.
+pub async fn user(c: &ApiClient, cmd: UserCmd, raw: bool) -> anyhow::Result<u8> {
+    Ok(match cmd {
+        UserCmd::Show { user } => {
+            let a = c.get(&format!("/v1/users/{}", seg(&user))).await?;
+            answer(&a, raw, output::user_detail)
+        }
+        UserCmd::RmVersion { user, version } => {
+            let path = format!("/v1/users/{}/versions/{version}", seg(&user));
+            let a = c.call(Method::DELETE, &path, client::empty()).await?;
+            answer(&a, raw, object::<VersionDeleted>)
+        }
+        UserCmd::Quota { user, bytes } => {
+            let path = format!("/v1/users/{}/quota", seg(&user));
+            let body = client::json(&QuotaBody {
+                quota_bytes: bytes.0,
+            });
+            let a = c.call(Method::PUT, &path, body).await?;
+            answer(&a, raw, output::user_detail)
+        }
+    })
 }
 
 /// `uvectl versions USER`.

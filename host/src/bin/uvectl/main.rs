@@ -62,6 +62,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Assignments => commands::assignments(c, raw).await,
         Cmd::Sessions { vm } => commands::sessions(c, vm, raw).await,
         Cmd::Users => commands::users(c, raw).await,
+        Cmd::User(cmd) => commands::user(c, cmd, raw).await,
         Cmd::Versions { user } => commands::versions(c, &user, raw).await,
         Cmd::Import { user, file } => transfer::import(c, &user, &file, raw).await,
         Cmd::Export {

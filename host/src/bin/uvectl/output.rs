@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use uve_host::api::client::Answer;
-use uve_host::api::types::{ErrorBody, VersionList};
+use uve_host::api::types::{ErrorBody, UserDetail, VersionList};
 
 use crate::table::{self, Row};
 
@@ -98,4 +98,41 @@ pub fn versions(v: &VersionList) {
         None => println!("head: null"),
     }
     rows(&v.versions);
+}
+
+/// `user show USER`: who, where, and what they hold against the quota.
+pub fn user_detail(u: &UserDetail) {
+    let h = &u.holdings;
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".to_string());
+    println!("user:        {}", u.user);
+    println!("head:        {}", opt(u.head.map(|v| v.to_string())));
+    println!("assigned to: {}", opt(u.assigned_to.clone()));
+    println!(
+        "lease:       {}",
+        opt(u
+            .lease
+            .as_ref()
+            .map(|l| format!("{} (epoch {})", l.vm, l.epoch)))
+    );
+    let quota = match h.quota_override {
+        Some(_) => format!("{} (override)", table::human_size(h.quota_bytes)),
+        None => table::human_size(h.quota_bytes),
+    };
+    println!(
+        "held:        {} of {quota} (head and history, unique bytes)",
+        table::human_size(h.held_bytes)
+    );
+    println!("in flight:   {}", table::human_size(u.in_flight_bytes));
+    println!(
+        "conflicts:   up to {} per writer",
+        table::human_size(h.conflict_quota_bytes)
+    );
+    for c in &h.conflicts {
+        println!(
+            "  {}: {} in {} version(s)",
+            c.origin,
+            table::human_size(c.held_bytes),
+            c.versions
+        );
+    }
 }
