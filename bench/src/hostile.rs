@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 use uve_e2e::binaries::Binaries;
-use uve_e2e::fake_agent::{TestAgent, begin_and_list};
+use uve_e2e::fake_agent::TestAgent;
 use uve_e2e::host::HostDaemon;
 use uve_e2e::names::valid;
 use uve_e2e::raw_peer::{RawPeer, write_until_closed};
 use uve_protocol::message::{DisconnectNotice, ErrorCode, Request, Response};
 
-use crate::{Row, data, sys};
+use crate::{Row, data, scale, sys};
 
 /// Parameters of a hostile run.
 pub struct Params {
@@ -191,45 +191,32 @@ async fn non_reader(path: PathBuf, stop: Arc<AtomicBool>, t: Arc<Tally>) {
 }
 
 /// Kind 1: opens 64 MiB uploads, stages every chunk and drops the
-/// connection before the commit, until `stop`.
+/// connection before the commit, until `stop` (the UIF is chunked once:
+/// the attack costs the host, not this process).
 async fn stager(path: PathBuf, i: usize, stop: Arc<AtomicBool>, t: Arc<Tally>) {
     let user = format!("hs{i}");
-    let data = data::random(64 << 20, 7000 + i as u64);
-    let mut n = 0;
+    let data = Arc::new(data::random(64 << 20, 7000 + i as u64));
+    let (manifest, _) = uve_e2e::fake_agent::manifest_of(&data);
     while !stop.load(Ordering::Relaxed) {
-        n += 1;
         let Ok(a) = TestAgent::connect(&path).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        let Ok((g, _)) = a.retrieve(&user, &format!("a{n}")).await else {
-            continue;
+        t.sent.fetch_add(1, Ordering::Relaxed);
+        let staged = match scale::begin_update(&a.handle, &user, manifest.header).await {
+            Ok(upload) => scale::send_pages(&a.handle, upload, &manifest, &data).await,
+            Err(e) => Err(e),
         };
-        let Ok(l) = begin_and_list(&a.handle, &user, "a", g.version, g.lease, &data).await else {
-            continue;
-        };
-        for idx in &l.missing {
-            if stop.load(Ordering::Relaxed) {
-                break;
+        match staged {
+            Ok(bytes) => {
+                t.staged.fetch_add(bytes, Ordering::Relaxed);
             }
-            let Some((c, bytes)) = l
-                .manifest
-                .chunks
-                .get(*idx)
-                .and_then(|c| Some((*c, l.bytes.get(&c.hash)?.clone())))
-            else {
-                continue;
-            };
-            let body = Request::ChunkUpload {
-                upload: l.upload,
-                hash: c.hash,
-                data: bytes,
-            };
-            let r = a.request(body).await;
-            if r.is_ok() {
-                t.staged.fetch_add(u64::from(c.len), Ordering::Relaxed);
+            Err(e) if e.contains("Busy") => {
+                t.busy.fetch_add(1, Ordering::Relaxed);
             }
-            count(&t, &r);
+            Err(_) => {
+                t.refused.fetch_add(1, Ordering::Relaxed);
+            }
         }
         a.handle.close();
     }

@@ -6,6 +6,8 @@
 //! its slot until its answer is queued on the link (so a VM that stops
 //! reading stalls its own requests, never the host's memory), and the tasks
 //! of a connection end with it: only a commit already running completes.
+//! Control requests past `max_control_requests_per_sec` wait before they
+//! are read (`budgets::request_rate`).
 //! Every `upload_idle_ms / 4` it drops the connection's idle uploads.
 
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use uve_protocol::link::Incoming;
 use uve_protocol::message::{ErrorCode, Request, Response, WireError};
 
+use crate::budgets::request_rate::RequestRate;
 use crate::wire::uve5::{Handled, VmConnection, notices, retrieve, update};
 
 /// Runs until the link closes.
@@ -26,6 +29,7 @@ pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>
     let cancel = CancellationToken::new();
     let _cancel_on_exit = cancel.clone().drop_guard();
     let idle = conn.host().config().upload_idle_ms.max(1);
+    let mut rate = RequestRate::new(conn.host().config().max_control_requests_per_sec);
     let mut sweep = tokio::time::interval(std::time::Duration::from_millis((idle / 4).max(1)));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -40,6 +44,16 @@ pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>
         let Some(Incoming { request, responder }) = next else {
             break;
         };
+        if !is_bulk(&request)
+            && let Some(wait) = rate.take()
+        {
+            // Past its rate: nothing more is read from this VM meanwhile.
+            crate::state::metrics::add(&conn.host().metrics().control_requests_throttled, 1);
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = conn.host().shutdown().cancelled() => {}
+            }
+        }
         let answer: Handled = match request {
             Request::UpdateBegin(b) => update::begin(&conn, b),
             Request::UpdatePage {
@@ -82,6 +96,17 @@ pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>
         };
         let _ = responder.send(flatten(answer)).await;
     }
+}
+
+/// Chunk transfers: bounded by the bulk pool, not the control rate.
+fn is_bulk(r: &Request) -> bool {
+    matches!(
+        r,
+        Request::ChunkFetch { .. }
+            | Request::ChunkUpload { .. }
+            | Request::ChunkDelta(_)
+            | Request::BlockSignatures { .. }
+    )
 }
 
 fn flatten(h: Handled) -> Response {
