@@ -1,7 +1,7 @@
 //! Hostile benchmark: good VMs log their users in and out against the real
-//! `uve-host` binary, first alone, then beside hostile VMs (in this
-//! process, speaking the protocol over real Unix sockets), each kind twice
-//! by default: a VM that floods requests and stops reading, one that
+//! `uve-host` binary, first alone, then beside hostile VMs (each a child
+//! process at nice 19 — a guest's CPU is not the host's — speaking the
+//! protocol over real Unix sockets), each kind twice by default: a VM that floods requests and stops reading, one that
 //! stages uploads and abandons them, one that floods pings, one that floods
 //! chunk fetches (bulk work) and one that floods session starts and
 //! unexpected-disconnect notices. Reports the good VMs' login+logout time
@@ -267,8 +267,8 @@ async fn notice_flood(a: Arc<TestAgent>, i: usize, stop: Arc<AtomicBool>, t: Arc
     flood(a, stop, t, make).await;
 }
 
-/// Starts hostile VM `i`'s attack; its set-up (a head to fetch from) is
-/// done before it returns.
+/// Starts hostile VM `i`'s attack (in the `hostile-vm` child process);
+/// its set-up (a head to fetch from) is done before it returns.
 async fn start_hostile(
     root: &Path,
     (i, kind): (usize, usize),
@@ -319,6 +319,115 @@ async fn start_hostile(
     Ok(())
 }
 
+/// The `hostile-vm` child: `uve-bench hostile-vm ROOT I KIND` attacks as
+/// hostile VM `h<I>` until its stdin closes, then prints what it sent.
+/// The parent runs each hostile VM in such a child at nice 19, so that the
+/// attackers' own CPU (a guest's, on a real hypervisor) is not taken from
+/// the host and the good VMs it measures; the host's work for them is.
+pub fn vm_main(args: &[String]) -> Result<(), String> {
+    let [root, i, kind] = args else {
+        return Err("usage: uve-bench hostile-vm ROOT INDEX KIND".into());
+    };
+    let i: usize = i.parse().map_err(|e| format!("index: {e}"))?;
+    let kind: usize = kind.parse().map_err(|e| format!("kind: {e}"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let t = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    rt.block_on(async {
+        let mut tasks = JoinSet::new();
+        start_hostile(Path::new(root), (i, kind), &stop, &t, &mut tasks).await?;
+        println!("ready");
+        let s2 = stop.clone();
+        let stdin_closed = tokio::task::spawn_blocking(move || {
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+            s2.store(true, Ordering::Relaxed);
+        });
+        let _ = stdin_closed.await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        tasks.abort_all();
+        Ok::<_, String>(())
+    })?;
+    println!(
+        "tally {} {} {} {}",
+        t.sent.load(Ordering::Relaxed),
+        t.busy.load(Ordering::Relaxed),
+        t.refused.load(Ordering::Relaxed),
+        t.staged.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// A hostile VM's child process (killed if still running when dropped).
+struct Child {
+    proc: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.proc.kill();
+        let _ = self.proc.wait();
+    }
+}
+
+/// Starts hostile VM `i` of `kind` in a child at nice 19 and waits until
+/// it is set up.
+fn spawn_child(root: &Path, i: usize, kind: usize) -> Result<Child, String> {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut proc = std::process::Command::new("nice")
+        .args(["-n", "19"])
+        .arg(exe)
+        .arg("hostile-vm")
+        .arg(root)
+        .args([i.to_string(), kind.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("hostile VM {i}: {e}"))?;
+    let out = proc.stdout.take().ok_or("no stdout")?;
+    let mut child = Child {
+        proc,
+        out: std::io::BufReader::new(out),
+    };
+    let mut line = String::new();
+    child
+        .out
+        .read_line(&mut line)
+        .map_err(|e| format!("hostile VM {i}: {e}"))?;
+    if line.trim() != "ready" {
+        return Err(format!("hostile VM {i} did not set up: {line:?}"));
+    }
+    Ok(child)
+}
+
+/// Ends a child (its stdin closed) and adds what it sent to `t`.
+fn end_child(mut c: Child, t: &Tally) {
+    use std::io::BufRead;
+    drop(c.proc.stdin.take());
+    let mut line = String::new();
+    while c.out.read_line(&mut line).is_ok_and(|n| n > 0) {
+        if let Some(rest) = line.trim().strip_prefix("tally ") {
+            let v: Vec<u64> = rest.split(' ').filter_map(|x| x.parse().ok()).collect();
+            if let [sent, busy, refused, staged] = v[..] {
+                t.sent.fetch_add(sent, Ordering::Relaxed);
+                t.busy.fetch_add(busy, Ordering::Relaxed);
+                t.refused.fetch_add(refused, Ordering::Relaxed);
+                t.staged.fetch_add(staged, Ordering::Relaxed);
+            }
+        }
+        line.clear();
+    }
+}
+
 /// The update_refused events of the good VMs' `ov<i>` users still listed.
 fn refusals_listed(host: &HostDaemon, good: usize) -> usize {
     let events = host.events(0);
@@ -353,13 +462,17 @@ async fn phases(root: &Path, p: &Params, pid: u32, t: &Arc<Tally>) -> Result<Mea
     refused_logouts(&good).await?;
     let alone = good_phase(&good, p, 1).await?;
     let rss_before = sys::status_kib(pid, "VmRSS").unwrap_or(0);
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut hostile = JoinSet::new();
-    for i in 0..p.hostile {
-        let kind = p.kinds[i % p.kinds.len()];
-        start_hostile(root, (i, kind), &stop, t, &mut hostile).await?;
-    }
+    let (r2, kinds) = (root.to_path_buf(), p.kinds.clone());
+    let n = p.hostile;
+    let children = tokio::task::spawn_blocking(move || {
+        (0..n)
+            .map(|i| spawn_child(&r2, i, kinds[i % kinds.len()]))
+            .collect::<Result<Vec<_>, String>>()
+    })
+    .await
+    .map_err(|e| e.to_string())??;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let stop = Arc::new(AtomicBool::new(false));
     let s2 = stop.clone();
     let sampler = tokio::spawn(async move {
         let mut peak = 0;
@@ -372,8 +485,14 @@ async fn phases(root: &Path, p: &Params, pid: u32, t: &Arc<Tally>) -> Result<Mea
     let attacked = good_phase(&good, p, 2).await?;
     stop.store(true, Ordering::Relaxed);
     let rss_peak = sampler.await.map_err(|e| e.to_string())?;
-    hostile.abort_all();
-    while hostile.join_next().await.is_some() {}
+    let t = t.clone();
+    tokio::task::spawn_blocking(move || {
+        for c in children {
+            end_child(c, &t);
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())?;
     Ok(Measured {
         alone,
         attacked,

@@ -347,6 +347,15 @@ fn print_table(cli: &Cli, rows: &[Row], started: Instant) {
 }
 
 fn main() {
+    // A hostile VM of `uve-bench hostile`, run as a child process.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("hostile-vm") {
+        if let Err(e) = hostile::vm_main(&args[1..]) {
+            eprintln!("uve-bench hostile-vm: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let cli = Cli::parse();
     let bins = match uve_e2e::binaries::release() {
         Ok(b) => b,
