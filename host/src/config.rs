@@ -102,17 +102,28 @@ pub struct Config {
     /// pins freed; a later request for it gets `NotFound`), ms. Default 120000.
     pub upload_idle_ms: u64,
     /// Bytes one VM's open uploads may have staged (stored, not yet
-    /// committed); more chunks get `Busy`. Default = `max_uif_size`.
+    /// committed); more chunks get `Busy`. Default: one share of the
+    /// staging room (`staging_shares`), never below `max_uif_size`.
     pub max_staged_bytes_per_vm: Option<u64>,
-    /// Bytes the open uploads of one user may have staged. Default =
-    /// `max_uif_size`.
+    /// Bytes the open uploads of one user may have staged. Default: one
+    /// share of the staging room, never below `max_uif_size`.
     pub max_staged_bytes_per_user: Option<u64>,
     /// Bytes all uploads may have staged at once. Default 256 GiB.
     pub max_staged_bytes: u64,
-    /// Chunks are staged only while the local store's filesystem keeps
-    /// this much free beyond them, so commits and other VMs' writes find
-    /// room. Default 2 GiB.
+    /// Chunks are staged only while the filesystem where uploads stage
+    /// (`<data_dir>/store`, with either store) keeps this much free beyond
+    /// them, so commits and other VMs' writes find room. Default 2 GiB.
     pub store_min_free_bytes: u64,
+    /// The staging room (the staging filesystem's free space beyond
+    /// `store_min_free_bytes`, plus what is staged) is divided into this
+    /// many shares: the default per-VM and per-user budgets are one share,
+    /// and when less than a share is left above the floor, a VM over its
+    /// share gets `Busy` while the others still stage. Default 8.
+    pub staging_shares: u64,
+    /// Test-only: the staging filesystem is taken to be this large and to
+    /// hold nothing but staged chunks (free = this − staged) instead of
+    /// asking it. Default: none (the real figure).
+    pub test_staging_free_bytes: Option<u64>,
     /// Committed versions kept per user. Default 10.
     pub history_keep: usize,
     /// Conflict versions kept per user and origin (the writer: one VM's
@@ -177,6 +188,8 @@ impl Default for Config {
             max_staged_bytes_per_user: None,
             max_staged_bytes: 256 << 30,
             store_min_free_bytes: 2 << 30,
+            staging_shares: 8,
+            test_staging_free_bytes: None,
             history_keep: 10,
             conflict_keep: 10,
             conflict_updates_per_hour: 60,
@@ -238,11 +251,22 @@ impl Config {
 
     /// The staged-byte budgets.
     pub fn staging_limits(&self) -> crate::budgets::staging::StagingLimits {
+        use crate::budgets::staging::room::Cap;
+        let cap = |configured: Option<u64>| {
+            configured.map_or(
+                Cap::Share {
+                    at_least: self.max_uif_size,
+                },
+                Cap::Fixed,
+            )
+        };
         crate::budgets::staging::StagingLimits {
-            per_vm: self.max_staged_bytes_per_vm.unwrap_or(self.max_uif_size),
-            per_user: self.max_staged_bytes_per_user.unwrap_or(self.max_uif_size),
+            per_vm: cap(self.max_staged_bytes_per_vm),
+            per_user: cap(self.max_staged_bytes_per_user),
             total: self.max_staged_bytes,
             min_free: self.store_min_free_bytes,
+            shares: self.staging_shares.max(1),
+            simulated_free: self.test_staging_free_bytes,
         }
     }
 

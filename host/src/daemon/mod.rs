@@ -45,8 +45,9 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
     }
 }
 
-/// Opens the UIF store the configuration names: S3 when `[s3]` is set,
-/// else the local store under `<data_dir>/store`.
+/// Opens the UIF store the configuration names: S3 when `[s3]` is set
+/// (uploads staging under `<data_dir>/store/staging`), else the local
+/// store under `<data_dir>/store`.
 fn open_store(config: &Config, data: &Path) -> anyhow::Result<Arc<dyn UifStore>> {
     match &config.s3 {
         None => Ok(Arc::new(
@@ -56,7 +57,9 @@ fn open_store(config: &Config, data: &Path) -> anyhow::Result<Arc<dyn UifStore>>
         #[cfg(feature = "s3")]
         Some(s3) => {
             let grace = Duration::from_secs(config.gc_grace_secs);
-            let store = S3Store::open(s3, config.store_policy(), grace)
+            // Uploads stage on local disk, where the local store would.
+            let staging = data.join("store").join("staging");
+            let store = S3Store::open(s3, config.store_policy(), grace, &staging)
                 .with_context(|| format!("open the S3 UIF store (bucket {:?})", s3.bucket))?;
             Ok(Arc::new(store))
         }

@@ -53,6 +53,21 @@ pub struct Metrics {
     pub staged_reclaimed_bytes: AtomicU64,
     /// Chunks refused by a staging budget.
     pub staging_refused: AtomicU64,
+    /// Of those, by `max_staged_bytes_per_vm`.
+    pub staged_per_vm_refused: AtomicU64,
+    /// Of those, by `max_staged_bytes_per_user`.
+    pub staged_per_user_refused: AtomicU64,
+    /// Of those, by `max_staged_bytes`.
+    pub staged_all_refused: AtomicU64,
+    /// Of those, by the free-space floor (`store_min_free_bytes`).
+    pub staging_free_space_refused: AtomicU64,
+    /// Of those, because the VM was over its share while free space was
+    /// low (`staging_shares`).
+    pub staging_share_refused: AtomicU64,
+    /// One share of the staging room, as last measured (gauge).
+    pub staging_share_bytes: AtomicU64,
+    /// Free bytes of the staging filesystem, as last measured (gauge).
+    pub staging_free_bytes: AtomicU64,
     /// Updates refused by `conflict_updates_per_hour`.
     pub conflict_updates_refused: AtomicU64,
     /// Control requests a VM made past `max_control_requests_per_sec`
@@ -72,7 +87,7 @@ pub fn add(c: &AtomicU64, n: u64) {
 
 /// The daemon-wide metrics: name, type, help text, counter.
 #[allow(clippy::type_complexity)]
-const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 24] = [
+const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 31] = [
     ("uve_connections", "gauge", "Agent connections open", |m| {
         &m.connections
     }),
@@ -181,8 +196,50 @@ const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 24] = [
     (
         "uve_staging_refused_total",
         "counter",
-        "Chunks refused because a staging budget (max_staged_bytes_per_vm, _per_user, max_staged_bytes, store_min_free_bytes) was reached",
+        "Chunks refused because a staging budget (max_staged_bytes_per_vm, _per_user, max_staged_bytes, store_min_free_bytes, staging_shares, the upload's announced size) was reached",
         |m| &m.staging_refused,
+    ),
+    (
+        "uve_staged_per_vm_refused_total",
+        "counter",
+        "Chunks refused because their VM had max_staged_bytes_per_vm staged",
+        |m| &m.staged_per_vm_refused,
+    ),
+    (
+        "uve_staged_per_user_refused_total",
+        "counter",
+        "Chunks refused because their user had max_staged_bytes_per_user staged",
+        |m| &m.staged_per_user_refused,
+    ),
+    (
+        "uve_staged_all_refused_total",
+        "counter",
+        "Chunks refused because all uploads had max_staged_bytes staged",
+        |m| &m.staged_all_refused,
+    ),
+    (
+        "uve_staging_free_space_refused_total",
+        "counter",
+        "Chunks refused because the staging filesystem was down to store_min_free_bytes",
+        |m| &m.staging_free_space_refused,
+    ),
+    (
+        "uve_staging_share_refused_total",
+        "counter",
+        "Chunks refused because their VM was over its share of the staging room (staging_shares) while less than a share was free above store_min_free_bytes",
+        |m| &m.staging_share_refused,
+    ),
+    (
+        "uve_staging_share_bytes",
+        "gauge",
+        "One share of the staging room (free space above store_min_free_bytes plus staged bytes, divided by staging_shares), as last measured",
+        |m| &m.staging_share_bytes,
+    ),
+    (
+        "uve_staging_free_bytes",
+        "gauge",
+        "Free bytes of the filesystem where uploads stage, as last measured",
+        |m| &m.staging_free_bytes,
     ),
     (
         "uve_conflict_updates_refused_total",

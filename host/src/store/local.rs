@@ -421,8 +421,7 @@ impl UifStore for LocalStore {
     }
 
     fn free_bytes(&self) -> Option<u64> {
-        let st = nix::sys::statvfs::statvfs(&self.root).ok()?;
-        Some(st.blocks_available().saturating_mul(st.fragment_size()))
+        free_bytes_at(&self.root)
     }
 
     fn read_chunk(&self, hash: &Hash) -> StoreResult<Vec<u8>> {
@@ -588,6 +587,13 @@ impl UifStore for LocalStore {
     fn policy(&self) -> &StorePolicy {
         &self.policy
     }
+}
+
+/// Free bytes an unprivileged writer has on the filesystem holding `path`
+/// (`statvfs`), if it can be read.
+pub(super) fn free_bytes_at(path: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    Some(st.blocks_available().saturating_mul(st.fragment_size()))
 }
 
 /// The hash a staged chunk file is named by, if its bytes match it.
