@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use uve_protocol::link::Incoming;
 use uve_protocol::message::{ErrorCode, Request, Response, WireError};
 
+use crate::budgets::report::Budget;
 use crate::wire::uve5::{Handled, VmConnection, notices, retrieve, update};
 
 /// Runs until the link closes.
@@ -33,7 +34,9 @@ pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>
             next = incoming.recv() => next,
             _ = sweep.tick() => {
                 let n = update::expire_idle(&conn, std::time::Duration::from_millis(idle));
-                crate::state::metrics::add(&conn.host().metrics().uploads_expired, n as u64);
+                for _ in 0..n {
+                    conn.host().refused(Budget::UploadIdle, conn.vm(), None, idle);
+                }
                 continue;
             }
         };
@@ -54,8 +57,16 @@ pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>
             Request::SessionEnded { session } => notices::ended(&conn, &session),
             Request::UnexpectedDisconnect(n) => notices::disconnect(&conn, n),
             other => {
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    break;
+                let permit = match permits.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        // Backpressure, not a refusal: counted, no event.
+                        crate::state::metrics::add(&conn.host().metrics().inflight_waits, 1);
+                        let Ok(p) = permits.clone().acquire_owned().await else {
+                            break;
+                        };
+                        p
+                    }
                 };
                 let chunk_guard = match &other {
                     Request::ChunkUpload { upload, .. }
