@@ -113,7 +113,14 @@ async fn a_notice_flood_cannot_erase_another_vms_evidence_nor_can_a_restart() {
         HostProc::with_vms(extra, ["good", "flood"], GOOD_AND_FLOOD).await;
     good_vm_evidence(&host, &good).await;
     let f = host.connect_agent(&flood_vm, "flood").await;
+    let t = std::time::Instant::now();
     flood(&f, 1, 3_000).await;
+    let journal = host.data.join(uve_host::state::events::JOURNAL_FILE);
+    let bytes = std::fs::metadata(&journal).map_or(0, |m| m.len());
+    println!(
+        "3,000 notices answered in {:?}; journal {bytes} bytes",
+        t.elapsed()
+    );
     let floods = host.count_events("unexpected_disconnect").await;
     assert!(
         floods > 0 && floods <= 128,
@@ -142,7 +149,6 @@ async fn a_notice_flood_cannot_erase_another_vms_evidence_nor_can_a_restart() {
     let f = host.connect_agent(&flood_vm, "flood").await;
     flood(&f, 10_000, 1_000).await;
     let last = assert_evidence_listed(&host, "after a second flood").await;
-    let journal = host.data.join(uve_host::state::events::JOURNAL_FILE);
     let on_disk = until_async(Duration::from_secs(10), || async {
         let text = std::fs::read_to_string(&journal).ok()?;
         let kept = text.lines().any(|l| {
