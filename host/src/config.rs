@@ -58,6 +58,10 @@ pub struct Config {
     pub max_frame: u32,
     /// Requests an agent may have open at once. Default 32.
     pub max_inflight: u32,
+    /// Control requests (all but chunk transfers) one VM may make per
+    /// second, a second's worth as burst; past it the host stops reading
+    /// from that VM until the bucket refills. 0 = no limit. Default 500.
+    pub max_control_requests_per_sec: u32,
     /// Bytes of one VM's requests read and not yet answered; at this the
     /// host stops reading from that VM until answers free some. Default 2 MiB.
     pub link_inbound_bytes: usize,
@@ -185,6 +189,7 @@ impl Default for Config {
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
             max_frame: DEFAULT_MAX_FRAME,
             max_inflight: 32,
+            max_control_requests_per_sec: 500,
             link_inbound_bytes: uve_protocol::link::DEFAULT_MAX_INBOUND_BYTES,
             link_outbound_bytes: uve_protocol::link::DEFAULT_MAX_OUTBOUND_BYTES,
             write_deadline_ms: None,

@@ -568,6 +568,14 @@ fn conflicts_and_operator_edits(
         (1_800_000, 2_000_000, Some(2_000_000))
     );
     other.edit_user("hana", UserEdit::SetQuota(None)).unwrap();
+    // An override may come before the user's first version.
+    s.edit_user("ida", UserEdit::SetQuota(Some(1))).unwrap();
+    assert_eq!(other.holdings("ida").unwrap().quota_bytes, 1);
+    let m1 = put_all(s.as_ref(), &noise(1000, 930));
+    assert!(matches!(
+        other.commit("ida", &m1, None, true, "vm:a"),
+        Err(StoreError::QuotaExceeded { quota: 1, .. })
+    ));
     let m = put_all(s.as_ref(), &noise(300_000, 920));
     assert!(matches!(
         s.commit("hana", &m, head, true, "vm:a"),

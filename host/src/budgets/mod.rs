@@ -2,9 +2,10 @@
 //! in the handshake ([`gate`]), bulk store work ([`bulk`]), staged upload
 //! bytes ([`staging`]), updates that can only become conflict versions
 //! ([`conflict_rate`]), the quota charge of uploads in flight
-//! ([`quota_charges`]) and notices and new sessions per minute
-//! ([`rate`]); and how reaching one is reported ([`report`]: a metric and
-//! a rate-limited `budget_exceeded` event).
+//! ([`quota_charges`]), control requests per second ([`request_rate`])
+//! and notices and new sessions per minute ([`rate`]); and how reaching
+//! one is reported ([`report`]: a metric and a rate-limited
+//! `budget_exceeded` event).
 
 pub mod bulk;
 pub mod conflict_rate;
@@ -12,4 +13,5 @@ pub mod gate;
 pub mod quota_charges;
 pub mod rate;
 pub mod report;
+pub mod request_rate;
 pub mod staging;

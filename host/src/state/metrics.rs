@@ -57,6 +57,9 @@ pub struct Metrics {
     pub staging_refused: AtomicU64,
     /// Updates refused by `conflict_updates_per_hour`.
     pub conflict_updates_refused: AtomicU64,
+    /// Control requests a VM made past `max_control_requests_per_sec`
+    /// (each waited before it was read).
+    pub control_requests_throttled: AtomicU64,
     /// Lease holders' updates refused over the user's quota.
     pub quota_refused: AtomicU64,
     /// Conflict versions refused over their writer's bound.
@@ -92,7 +95,7 @@ pub fn add(c: &AtomicU64, n: u64) {
 
 /// The daemon-wide metrics: name, type, help text, counter.
 #[allow(clippy::type_complexity)]
-const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 33] = [
+const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 34] = [
     ("uve_connections", "gauge", "Agent connections open", |m| {
         &m.connections
     }),
@@ -209,6 +212,12 @@ const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 33] = [
         "counter",
         "Updates refused because a VM without the user's current lease reached conflict_updates_per_hour",
         |m| &m.conflict_updates_refused,
+    ),
+    (
+        "uve_control_requests_throttled_total",
+        "counter",
+        "Control requests read late because their VM passed max_control_requests_per_sec",
+        |m| &m.control_requests_throttled,
     ),
     (
         "uve_quota_refused_total",

@@ -215,7 +215,11 @@ impl LocalStore {
     }
 
     fn write_state(&self, user: &str, state: &UserState) -> StoreResult<()> {
-        let path = self.user_dir(user).join("state.json");
+        let dir = self.user_dir(user);
+        // A quota override may come before the user's first version.
+        fs::create_dir_all(&dir)
+            .map_err(|e| StoreError::io(format!("create {}", dir.display()), e))?;
+        let path = dir.join("state.json");
         let bytes = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Corrupt {
             path: path.display().to_string(),
             why: e.to_string(),
