@@ -147,8 +147,38 @@ pub struct Config {
     pub handshake_timeout_ms: u64,
     /// How long shutdown waits for in-flight commits, ms. Default 30000.
     pub shutdown_grace_ms: u64,
-    /// Events kept in memory for `GET /v1/events?since=`. Default 4096.
+    /// Events kept in memory for `GET /v1/events?since=` (each VM its
+    /// fair share). Default 4096.
     pub event_ring: usize,
+    /// Events an operator must act on (`update_refused`, `conflict`,
+    /// `budget_exceeded`, `handover_failed`, `vm_lost`,
+    /// `unexpected_disconnect`) kept in the durable journal
+    /// `<data_dir>/events.jsonl` (each VM its fair share). Default 8192.
+    pub event_journal: usize,
+    /// Journalled events older than this are dropped, seconds; 0 = no age
+    /// limit. Default 90 days.
+    pub event_journal_max_age_secs: u64,
+    /// A VM reaching a budget gets at most one `budget_exceeded` event per
+    /// budget in this interval, seconds (the metric counts every refusal).
+    /// Default 60.
+    pub budget_event_interval_secs: u64,
+    /// `UnexpectedDisconnect` notices one VM may send per minute (burst: as
+    /// many at once); more are answered `Busy` and the agent retries from
+    /// its journal. 0 = no limit. Default 120.
+    pub notices_per_minute: u32,
+    /// New sessions one VM may report per minute (`SessionStarted`; burst:
+    /// as many at once); more are answered `Busy` and the agent announces
+    /// them again. 0 = no limit. Default 120.
+    pub session_starts_per_minute: u32,
+    /// Sessions one VM may have open at once; a `SessionStarted` beyond is
+    /// refused (`TooLarge`). Default 256.
+    pub max_sessions_per_vm: usize,
+    /// Disconnect-notice ids remembered per VM to de-duplicate redeliveries
+    /// (the oldest is forgotten). Default 4096.
+    pub notice_ids_per_vm: usize,
+    /// Bulk store jobs (chunk reads and writes) one VM may have queued;
+    /// more are answered `Busy`. Default 512.
+    pub bulk_queue_per_vm: usize,
     /// Largest UA bundle accepted by the API, bytes. Default 1 GiB.
     pub max_ua_bundle: u64,
     /// Largest UIF accepted by `POST .../import`, bytes. Default = `max_uif_size`.
@@ -201,6 +231,14 @@ impl Default for Config {
             handshake_timeout_ms: 10_000,
             shutdown_grace_ms: 30_000,
             event_ring: 4096,
+            event_journal: 8192,
+            event_journal_max_age_secs: 90 * 24 * 3600,
+            budget_event_interval_secs: 60,
+            notices_per_minute: 120,
+            session_starts_per_minute: 120,
+            max_sessions_per_vm: 256,
+            notice_ids_per_vm: 4096,
+            bulk_queue_per_vm: 512,
             max_ua_bundle: 1 << 30,
             max_import: None,
             worker_threads: 2,

@@ -1,8 +1,9 @@
 //! Wiring and lifetime of the daemon: open the data directory (one daemon
-//! per directory, enforced with `flock`), recover the store, load registry
-//! and leases, start listeners and the API, and on SIGTERM/SIGINT shut down
-//! gracefully: stop accepting, refuse new updates, let commits in flight
-//! finish, say `Goodbye` to every agent, exit.
+//! per directory, enforced with `flock`), recover the store, load registry,
+//! leases and the event journal, start listeners and the API, and on
+//! SIGTERM/SIGINT shut down gracefully: stop accepting, refuse new updates,
+//! let commits in flight finish, say `Goodbye` to every agent, close the
+//! event journal, exit.
 
 pub mod notify;
 
@@ -17,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::host::Host;
-use crate::state::events::Event;
+use crate::state::events::{Event, Events};
 use crate::state::leases::Leases;
 use crate::state::registry::Registry;
 #[cfg(feature = "s3")]
@@ -80,7 +81,16 @@ pub fn open(config: Config) -> anyhow::Result<(Arc<ApiState>, File)> {
     let store = open_store(&config, &data)?;
     let registry = Registry::load(&data, &tmp, config.port)?.with_local_cid(config.allow_local_cid);
     let leases = Leases::load(&data, &tmp)?;
-    let host = Arc::new(Host::new(config, tmp, store, registry, leases));
+    let max_age = Some(config.event_journal_max_age_secs);
+    let events = Events::open(
+        &data,
+        &tmp,
+        config.event_ring,
+        config.event_journal,
+        max_age,
+    )
+    .context("open the event journal")?;
+    let host = Arc::new(Host::new(config, tmp, store, registry, leases).with_events(events));
     Ok((
         Arc::new(ApiState {
             host,
@@ -146,6 +156,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Ok(_) => {}
         Err(_) => tracing::warn!("API server did not stop in time"),
     }
+    // The journal's last batch and its clean-shutdown mark (numbering
+    // then continues exactly at the next start).
+    let closing = host.clone();
+    let _ = tokio::task::spawn_blocking(move || closing.events().close()).await;
     tracing::info!("stopped");
     Ok(())
 }

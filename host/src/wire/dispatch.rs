@@ -12,11 +12,12 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use uve_protocol::link::Incoming;
 use uve_protocol::message::{ErrorCode, Request, Response, WireError};
 
+use crate::budgets::report::Budget;
 use crate::budgets::request_rate::RequestRate;
 use crate::wire::uve5::{Handled, VmConnection, notices, retrieve, update};
 
@@ -36,8 +37,7 @@ pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>
         let next = tokio::select! {
             next = incoming.recv() => next,
             _ = sweep.tick() => {
-                let n = update::expire_idle(&conn, std::time::Duration::from_millis(idle));
-                crate::state::metrics::add(&conn.host().metrics().uploads_expired, n as u64);
+                expire_idle(&conn, idle);
                 continue;
             }
         };
@@ -68,7 +68,7 @@ pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>
             Request::SessionEnded { session } => notices::ended(&conn, &session),
             Request::UnexpectedDisconnect(n) => notices::disconnect(&conn, n),
             other => {
-                let Ok(permit) = permits.clone().acquire_owned().await else {
+                let Some(permit) = slot(&conn, &permits).await else {
                     break;
                 };
                 let chunk_guard = match &other {
@@ -95,6 +95,26 @@ pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>
             }
         };
         let _ = responder.send(flatten(answer)).await;
+    }
+}
+
+/// One of the connection's `max_inflight` slots; waiting for one is
+/// backpressure, not a refusal: counted, no event. `None` if closed.
+async fn slot(conn: &VmConnection, permits: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+    if let Ok(p) = permits.clone().try_acquire_owned() {
+        return Some(p);
+    }
+    crate::state::metrics::add(&conn.host().metrics().inflight_waits, 1);
+    permits.clone().acquire_owned().await.ok()
+}
+
+/// Drops the connection's uploads idle for `idle_ms`, each reported
+/// (`upload_idle_ms`).
+fn expire_idle(conn: &VmConnection, idle_ms: u64) {
+    let n = update::expire_idle(conn, std::time::Duration::from_millis(idle_ms));
+    for _ in 0..n {
+        conn.host()
+            .refused(Budget::UploadIdle, conn.vm(), None, idle_ms);
     }
 }
 

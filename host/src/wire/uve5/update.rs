@@ -31,6 +31,7 @@ pub use pages::page;
 
 use super::{Handled, VmConnection};
 use crate::budgets::conflict_rate::Admit;
+use crate::budgets::report::Budget;
 use crate::budgets::staging::{Stage, StagingBudget, StagingRefused};
 use crate::host::wire_store_error;
 use crate::state::events::Event;
@@ -196,6 +197,9 @@ fn open_upload(conn: &VmConnection, b: UpdateBegin) -> Handled {
     check_conflict_rate(conn, &b)?;
     let mut st = conn.state();
     if st.uploads.len() >= cfg.max_uploads_per_vm {
+        drop(st);
+        let limit = cfg.max_uploads_per_vm as u64;
+        host.refused(Budget::MaxUploadsPerVm, conn.vm(), Some(&b.user), limit);
         return Err(bad(
             ErrorCode::Busy,
             "too many uploads open on this connection",
