@@ -131,6 +131,8 @@ struct RegistryData {
 pub struct Registry {
     path: PathBuf,
     tmp: PathBuf,
+    /// False for a registry kept in memory only ([`Registry::in_memory`]).
+    durable: bool,
     default_port: u32,
     allow_local_cid: bool,
     data: Mutex<RegistryData>,
@@ -149,10 +151,25 @@ impl Registry {
         Ok(Registry {
             path,
             tmp: tmp.to_path_buf(),
+            durable: true,
             default_port,
             allow_local_cid: false,
             data: Mutex::new(data),
         })
+    }
+
+    /// An empty registry that is never written anywhere (tests and the
+    /// fuzz targets).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn in_memory(default_port: u32) -> Self {
+        Registry {
+            path: PathBuf::new(),
+            tmp: PathBuf::new(),
+            durable: false,
+            default_port,
+            allow_local_cid: false,
+            data: Mutex::new(RegistryData::default()),
+        }
     }
 
     /// Admits CID 1 (the host's loopback) for VMs registered from now on,
@@ -163,6 +180,9 @@ impl Registry {
     }
 
     fn save(&self, data: &RegistryData) -> Result<(), RegistryError> {
+        if !self.durable {
+            return Ok(());
+        }
         let bytes =
             serde_json::to_vec_pretty(data).map_err(|e| RegistryError::Io(e.to_string()))?;
         durable::write_atomic(&self.tmp, &self.path, &bytes)
