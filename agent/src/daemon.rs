@@ -25,6 +25,7 @@ use crate::config::{Config, SharedConfig};
 use crate::lifecycle::Lifecycle;
 use crate::link::LinkWatch;
 use crate::stores::monitor::Grants;
+use crate::supervise::Cgroups;
 
 /// Signals the daemon reacts to.
 enum Sig {
@@ -62,13 +63,16 @@ pub fn run(config_path: Option<&Path>, socket: Option<PathBuf>) -> anyhow::Resul
         cfg.control_socket = s;
     }
     let sigs = signals()?;
+    // Before the runtime's threads exist; moves the agent into its leaf
+    // cgroup under a delegated unit.
+    let cgroups = Cgroups::settle();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(4)
         .thread_stack_size(256 * 1024)
         .build()?;
     fsutil::mark_runtime_thread();
-    rt.block_on(serve(cfg, config_path, sigs))
+    rt.block_on(serve(cfg, config_path, cgroups, sigs))
 }
 
 /// The agent's parts, built from the configuration.
@@ -81,7 +85,12 @@ struct Parts {
     exits: mpsc::UnboundedReceiver<crate::supervise::UaExited>,
 }
 
-fn build(cfg: Config, tasks: &TaskTracker, stop: &CancellationToken) -> std::io::Result<Parts> {
+fn build(
+    cfg: Config,
+    cgroups: Cgroups,
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+) -> std::io::Result<Parts> {
     let state_dir = cfg.state_dir.clone();
     // Traverse-only for others: UAs running as the session's user must
     // reach `ua/`; everything else below is 0700.
@@ -92,7 +101,7 @@ fn build(cfg: Config, tasks: &TaskTracker, stop: &CancellationToken) -> std::io:
     };
     let config = Arc::new(SharedConfig::new(cfg));
     let link = Arc::new(LinkWatch::default());
-    let (lifecycle, exits) = Lifecycle::open(config.clone(), link.clone(), tasks, stop);
+    let (lifecycle, exits) = Lifecycle::open(config.clone(), link.clone(), cgroups, tasks, stop);
     Ok(Parts {
         lifecycle,
         config,
@@ -106,6 +115,7 @@ fn build(cfg: Config, tasks: &TaskTracker, stop: &CancellationToken) -> std::io:
 async fn serve(
     cfg: Config,
     config_path: Option<&Path>,
+    cgroups: Cgroups,
     mut sigs: mpsc::UnboundedReceiver<Sig>,
 ) -> anyhow::Result<()> {
     let mode = cfg.socket_mode()?;
@@ -121,7 +131,7 @@ async fn serve(
         grants,
         boot_id,
         exits,
-    } = build(cfg, &tasks, &stop).context("initialise state directory")?;
+    } = build(cfg, cgroups, &tasks, &stop).context("initialise state directory")?;
     let listener = control::bind(&socket, mode)
         .with_context(|| format!("bind control socket {}", socket.display()))?;
     tracing::info!(socket = %socket.display(), state = %state_dir.display(), "uve-agent running");

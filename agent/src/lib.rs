@@ -6,7 +6,8 @@
 //! channel, never by calling up:
 //!
 //! 1. [`daemon`] builds every part and owns every task;
-//!    [`cli`] is the verbs' client of the control socket.
+//!    [`cli`] is the verbs' client of the control socket; [`args`] is the
+//!    command line (clap), shared with the man-page generator.
 //! 2. [`adapters`]: `conn` (dials the host), `dispatch` (answers the
 //!    host's UVE-2 requests), `control` (the local control socket),
 //!    `outbox` (delivers what is journalled).
@@ -23,6 +24,7 @@
 //!    `uve-protocol`.
 
 pub mod adapters;
+pub mod args;
 pub mod base;
 pub mod cli;
 pub mod config;

@@ -122,7 +122,14 @@ impl Rig {
             answer(&h2, r)
         })));
         let config = Arc::new(SharedConfig::new(cfg));
-        Lifecycle::open(config, link, &TaskTracker::new(), &CancellationToken::new())
+        // No cgroups: the supervisor's tests see signals, on any machine.
+        Lifecycle::open(
+            config,
+            link,
+            crate::supervise::Cgroups::none(),
+            &TaskTracker::new(),
+            &CancellationToken::new(),
+        )
     }
 
     /// What a restarted agent is: every part built again on the same state

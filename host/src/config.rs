@@ -80,8 +80,18 @@ pub struct Config {
     pub max_uif_size: u64,
     /// Largest chunk count of one UIF. Default 1,048,576.
     pub max_chunks: u32,
-    /// Per-user quota: largest version, bytes. Default = `max_uif_size`.
+    /// Per-user quota: unique bytes of a user's head and history together
+    /// (each chunk counted once), plus the user's own uploads in flight.
+    /// `PUT /v1/users/{user}/quota` overrides it per user. Default =
+    /// `max_uif_size`.
     pub user_quota_bytes: Option<u64>,
+    /// Unique bytes the conflict versions of one writer (a VM that lost the
+    /// lease) may hold per user; past it the conflict is refused, never the
+    /// lease holder's update. Default = the user's quota.
+    pub conflict_quota_bytes: Option<u64>,
+    /// Drop a user's oldest history (never the head) to fit a new head in
+    /// the quota instead of refusing the update. Default `false`.
+    pub quota_prunes_history: bool,
     /// Uploads one connection may have open at once. Default 4.
     pub max_uploads_per_vm: usize,
     /// An upload no request names for this long is dropped (its slot and
@@ -154,6 +164,8 @@ impl Default for Config {
             max_uif_size: 64 << 30,
             max_chunks: 1 << 20,
             user_quota_bytes: None,
+            conflict_quota_bytes: None,
+            quota_prunes_history: false,
             max_uploads_per_vm: 4,
             upload_idle_ms: 120_000,
             max_staged_bytes_per_vm: None,
@@ -214,6 +226,8 @@ impl Config {
             conflict_keep: self.conflict_keep,
             conflict_max_age: Duration::from_secs(self.conflict_max_age_secs),
             quota_bytes: self.user_quota_bytes.unwrap_or(self.max_uif_size),
+            conflict_quota_bytes: self.conflict_quota_bytes,
+            quota_prunes_history: self.quota_prunes_history,
         }
     }
 

@@ -17,6 +17,7 @@ use uve_protocol::message::{ErrorCode, WireError};
 use crate::budgets::bulk::{BulkJob, BulkPool, MAX_QUEUED_PER_VM, Refused};
 use crate::budgets::conflict_rate::ConflictRate;
 use crate::budgets::gate::HandshakeGate;
+use crate::budgets::quota_charges::QuotaCharges;
 use crate::budgets::staging::Staging;
 use crate::config::Config;
 use crate::state::conns::Conns;
@@ -62,6 +63,8 @@ pub struct Host {
     handshakes: HandshakeGate,
     /// Bounds updates from VMs without the user's current lease.
     conflict_rate: ConflictRate,
+    /// What the users' own uploads in flight add to what they hold.
+    quota_charges: QuotaCharges,
     commits: AtomicUsize,
     commits_idle: Notify,
     bulk: BulkPool,
@@ -111,6 +114,7 @@ impl Host {
             setup: Arc::new(tokio::sync::RwLock::new(())),
             handshakes,
             conflict_rate,
+            quota_charges: QuotaCharges::new(),
             commits: AtomicUsize::new(0),
             commits_idle: Notify::new(),
             bulk: BulkPool::start(bulk_threads),
@@ -200,6 +204,11 @@ impl Host {
         &self.conflict_rate
     }
 
+    /// What the users' own uploads in flight add to what they hold.
+    pub fn quota_charges(&self) -> &QuotaCharges {
+        &self.quota_charges
+    }
+
     /// Runs a bulk store operation (reading or writing one chunk) for `vm`
     /// on the bulk pool ([`crate::budgets::bulk`]: lower CPU priority, VMs served
     /// round-robin). Skipped if this future is dropped before a thread
@@ -285,7 +294,7 @@ pub fn wire_store_error(e: &StoreError) -> WireError {
     let code = match e {
         StoreError::InvalidName(_) => ErrorCode::InvalidName,
         StoreError::NoSuchVersion { .. } => ErrorCode::NotFound,
-        StoreError::MissingChunk(_) => ErrorCode::BadRequest,
+        StoreError::MissingChunk(_) | StoreError::HeadVersion { .. } => ErrorCode::BadRequest,
         StoreError::BadChunk(_) => ErrorCode::BadChunk,
         StoreError::BadManifest(uve_protocol::manifest::ManifestError::Digest) => {
             ErrorCode::BadDigest

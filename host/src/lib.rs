@@ -7,7 +7,8 @@
 //!
 //! The layers, top to bottom, each a folder; dependencies run one way:
 //!
-//! 1. [`daemon`] wires and runs everything.
+//! 1. [`daemon`] wires and runs everything; [`args`] holds the command
+//!    lines of `uve-host` and `uvectl`.
 //! 2. [`api`]: the management API, its types and its client.
 //! 3. [`wire`]: agent connections (`server`, `dispatch`) and the UVE-5
 //!    (`uve5`) and UVE-2 (`uve2`, with the VM switch) handlers.
@@ -22,6 +23,7 @@
 //! `.ci/layers` checks that imports point only downwards.
 
 pub mod api;
+pub mod args;
 pub mod budgets;
 pub mod config;
 pub mod daemon;

@@ -1,39 +1,10 @@
-//! `uve-host`: the host bridge daemon.
-
-use std::path::PathBuf;
+//! `uve-host`: the host bridge daemon (its command line is
+//! [`uve_host::args::daemon`]).
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use uve_host::args::daemon::{Cli, Command};
 use uve_host::config::Config;
-
-#[derive(Parser)]
-#[command(name = "uve-host", version, about = "uve host bridge daemon")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the daemon until SIGTERM/SIGINT.
-    Run {
-        /// TOML configuration file (every field optional).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Data directory (overrides the file; default /var/lib/uve-host).
-        #[arg(long, env = "UVE_HOST_DATA_DIR")]
-        data_dir: Option<PathBuf>,
-        /// Management API socket (overrides the file; default <data-dir>/api.sock).
-        #[arg(long, env = "UVE_HOST_SOCKET")]
-        api_socket: Option<PathBuf>,
-    },
-    /// Print the effective configuration (defaults merged with the file).
-    Config {
-        /// TOML configuration file.
-        #[arg(long)]
-        config: Option<PathBuf>,
-    },
-}
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::rgw::Rgw;
 use common::{manifest_of, noise};
 use uve_host::store::{
-    CommitOutcome, LocalStore, StageId, StoreError, StorePolicy, UifStore, VersionKind,
+    CommitOutcome, LocalStore, StageId, StoreError, StorePolicy, UifStore, UserEdit, VersionKind,
 };
 use uve_protocol::manifest::{Hash, Manifest};
 use uve_protocol::message::Version;
@@ -186,8 +186,10 @@ fn refuses_bad_input(b: &dyn Backend) {
     assert!(matches!(
         s.commit("bob", &big, None, true, "vm:a"),
         Err(StoreError::QuotaExceeded {
-            size: 150_000,
-            quota: 100_000
+            held: 150_000,
+            quota: 100_000,
+            conflict_origin: None,
+            ..
         })
     ));
     // A manifest whose digest does not match its chunk list.
@@ -463,11 +465,123 @@ fn stages_are_private_until_published(b: &dyn Backend) {
     ));
 }
 
+/// The quota counts unique bytes of head and history; each origin's
+/// conflict versions have a bound of their own; the operator's edits
+/// (delete an old version, a per-user override) are seen by every handle.
+fn quota_bounds_what_a_user_holds(b: &dyn Backend) {
+    let (s, other) = b.open_pair(
+        "quota",
+        policy_with(|p| {
+            p.quota_bytes = 1_000_000;
+            p.conflict_quota_bytes = Some(500_000);
+        }),
+        Duration::from_secs(3600),
+    );
+    let mut head = None;
+    let mut refused = 0;
+    for i in 0..8 {
+        let m = put_all(s.as_ref(), &noise(300_000, 800 + i));
+        match s.commit("hana", &m, head, true, "vm:a") {
+            Ok(CommitOutcome::Committed(v)) => head = Some(v),
+            Err(StoreError::QuotaExceeded {
+                held,
+                quota: 1_000_000,
+                conflict_origin: None,
+                ..
+            }) => {
+                assert_eq!(held, 1_200_000, "{}", b.name());
+                refused += 1;
+            }
+            other => panic!("{}: {other:?}", b.name()),
+        }
+        let held = s.holdings("hana").unwrap().held_bytes;
+        assert!(held <= 1_000_000, "{}: hana holds {held}", b.name());
+    }
+    assert_eq!(refused, 5, "{}: three versions of 300 kB fit", b.name());
+    // Chunks shared with retained versions cost nothing more.
+    let again = s.manifest("hana", 1).unwrap();
+    head = Some(committed(
+        s.commit("hana", &again, head, true, "vm:a").unwrap(),
+    ));
+    assert_eq!(s.holdings("hana").unwrap().held_bytes, 900_000);
+    conflicts_and_operator_edits(b, &s, &other, head);
+}
+
+/// Continues [`quota_bounds_what_a_user_holds`]: hana holds 900 kB of her
+/// 1 MB quota at `head`; `other` is a second handle (host) on the store.
+fn conflicts_and_operator_edits(
+    b: &dyn Backend,
+    s: &Arc<dyn UifStore>,
+    other: &Arc<dyn UifStore>,
+    mut head: Option<Version>,
+) {
+    // A writer without the lease: its own bound, the head line untouched.
+    let c1 = put_all(s.as_ref(), &noise(300_000, 900));
+    assert!(matches!(
+        s.commit("hana", &c1, head, false, "vm:b").unwrap(),
+        CommitOutcome::Conflict { .. }
+    ));
+    let c2 = put_all(s.as_ref(), &noise(300_000, 901));
+    match s.commit("hana", &c2, head, false, "vm:b") {
+        Err(StoreError::QuotaExceeded {
+            conflict_origin: Some(o),
+            held: 600_000,
+            quota: 500_000,
+            ..
+        }) => assert_eq!(o, "vm:b"),
+        other => panic!("{}: {other:?}", b.name()),
+    }
+    assert!(matches!(
+        s.commit("hana", &c2, head, false, "vm:c").unwrap(),
+        CommitOutcome::Conflict { .. }
+    ));
+    let h = other.holdings("hana").unwrap();
+    assert_eq!(h.held_bytes, 900_000);
+    let per: Vec<(String, u64)> = h
+        .conflicts
+        .iter()
+        .map(|c| (c.origin.clone(), c.held_bytes))
+        .collect();
+    assert_eq!(
+        per,
+        vec![("vm:b".to_string(), 300_000), ("vm:c".to_string(), 300_000)]
+    );
+    // The operator's way out, seen by the other handle (host) too.
+    assert!(matches!(
+        other.edit_user("hana", UserEdit::DeleteVersion(head.unwrap())),
+        Err(StoreError::HeadVersion { .. })
+    ));
+    other.edit_user("hana", UserEdit::DeleteVersion(2)).unwrap();
+    assert_eq!(s.holdings("hana").unwrap().held_bytes, 600_000);
+    let m = put_all(s.as_ref(), &noise(300_000, 902));
+    head = Some(committed(s.commit("hana", &m, head, true, "vm:a").unwrap()));
+    other
+        .edit_user("hana", UserEdit::SetQuota(Some(2_000_000)))
+        .unwrap();
+    for i in 0..3 {
+        let m = put_all(s.as_ref(), &noise(300_000, 910 + i));
+        head = Some(committed(s.commit("hana", &m, head, true, "vm:a").unwrap()));
+    }
+    let h = s.holdings("hana").unwrap();
+    assert_eq!(
+        (h.held_bytes, h.quota_bytes, h.quota_override),
+        (1_800_000, 2_000_000, Some(2_000_000))
+    );
+    other.edit_user("hana", UserEdit::SetQuota(None)).unwrap();
+    let m = put_all(s.as_ref(), &noise(300_000, 920));
+    assert!(matches!(
+        s.commit("hana", &m, head, true, "vm:a"),
+        Err(StoreError::QuotaExceeded { .. })
+    ));
+    assert_eq!(s.head("hana").unwrap(), head);
+}
+
 fn run_suite(b: &dyn Backend, race_rounds: u32) {
     let t = Instant::now();
     stages_are_private_until_published(b);
     cas_commits_and_keeps_conflicts(b);
     refuses_bad_input(b);
+    quota_bounds_what_a_user_holds(b);
     history_is_pruned_and_rollback_makes_a_new_head(b);
     one_origins_conflicts_never_evict_anothers(b);
     gc_sweeps_only_unreferenced_old_unpinned_chunks(b);

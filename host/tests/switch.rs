@@ -131,3 +131,60 @@ async fn switch_away_from_a_lost_vm_flags_the_retrieve() {
     let (g, _) = b.retrieve("bob", "s3").await.unwrap();
     assert!(!g.handover_timed_out, "bob had nothing open on vmA");
 }
+
+/// Removing a VM asks it first, as unassign does: alice is unassigned, the
+/// VM flushes her last changes while releasing her, and they become head
+/// before the VM is gone. With `force`, a VM goes at once and the event
+/// says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_vm_asks_it_to_release_its_users_first() {
+    let v1 = noise(300_000, 20);
+    let (host, a, pb, r) = alice_committed_on_a("", false, &v1).await;
+    assert_eq!(r.answer, Response::Committed { version: 1 });
+    let flushed = noise(300_000, 21);
+    on_release(&a, "alice", ReleaseMode::Flush(flushed.clone()));
+    let (s, v) = host.delete("/v1/vms/vmA").await;
+    assert_eq!(s, 204, "{v}");
+    // Done by the time the removal answered: released, committed, gone.
+    assert_eq!(host.versions("alice").await["head"], 2, "the flush is head");
+    assert!(host.export("alice", 2).await == flushed);
+    host.wait_event("user_released", |e| {
+        e["vm"] == "vmA" && e["user"] == "alice"
+    })
+    .await;
+    let ev = host
+        .wait_event("vm_unregistered", |e| e["vm"] == "vmA")
+        .await;
+    assert!(ev.get("forced").is_none(), "{ev}");
+    let (s, v) = host.get("/v1/assignments").await;
+    assert_eq!(s, 200);
+    assert!(
+        !v.to_string().contains("alice"),
+        "alice still assigned: {v}"
+    );
+    let (s, _) = host.get("/v1/vms/vmA").await;
+    assert_eq!(s, 404);
+    // A late update of the removed VM's agent can never become head.
+    let _ = a.update_from_lease("alice", &noise(1000, 22)).await;
+    assert_eq!(host.versions("alice").await["head"], 2);
+
+    // Forced: at once, no release asked, and the event says so.
+    host.assign("bob", "vmB").await;
+    let b = TestAgent::connect(&pb).await.unwrap();
+    b.retrieve("bob", "s9").await.unwrap();
+    on_release(&b, "bob", ReleaseMode::Ignore);
+    let (s, v) = host.delete("/v1/vms/vmB?force=true").await;
+    assert_eq!(s, 204, "{v}");
+    let ev = host
+        .wait_event("vm_unregistered", |e| e["vm"] == "vmB")
+        .await;
+    assert_eq!(ev["forced"], true, "{ev}");
+    let asked_b = host
+        .events()
+        .await
+        .iter()
+        .filter(|e| e["kind"] == "user_released" || e["kind"] == "handover_failed")
+        .filter(|e| e["vm"] == "vmB")
+        .count();
+    assert_eq!(asked_b, 0, "a forced removal asks nothing");
+}

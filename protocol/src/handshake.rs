@@ -117,8 +117,12 @@ where
 {
     tokio::time::timeout(limit, writer.send(Frame::Hello(hello.clone())))
         .await
-        .map_err(|_| HandshakeError::Timeout(limit))??;
-    match next_frame(reader, limit).await? {
+        .map_err(|_| HandshakeError::Timeout(limit))?
+        .map_err(closed_or)?;
+    match next_frame(reader, limit).await.map_err(|e| match e {
+        HandshakeError::Frame(f) => closed_or(f),
+        e => e,
+    })? {
         Frame::Welcome(w) => {
             if w.protocol < hello.protocol_min || w.protocol > hello.protocol_max {
                 return Err(HandshakeError::Bad(format!(
@@ -138,6 +142,24 @@ where
         }
         Frame::Reject(r) => Err(HandshakeError::Rejected(r)),
         _ => Err(HandshakeError::Unexpected("expected Welcome or Reject")),
+    }
+}
+
+/// A peer that closed its end (the write hit a closed pipe, the read a
+/// reset) is [`HandshakeError::Closed`]; other framing errors stay what
+/// they are.
+fn closed_or(e: FrameError) -> HandshakeError {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    match &e {
+        FrameError::Io(io)
+            if matches!(
+                io.kind(),
+                BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof
+            ) =>
+        {
+            HandshakeError::Closed
+        }
+        _ => HandshakeError::Frame(e),
     }
 }
 
@@ -231,5 +253,41 @@ mod tests {
         assert_eq!(r.code, ErrorCode::VersionMismatch);
         let r = negotiate(&hello(1, 1, 1024), &offer()).expect_err("tiny frame");
         assert_eq!(r.code, ErrorCode::TooLarge);
+    }
+
+    /// A host that closes the connection unread (an unregistered peer) is
+    /// `Closed` to the agent, whether its `Hello` write or its read is the
+    /// one that notices, on a real Unix socket.
+    #[tokio::test]
+    async fn a_connection_closed_unread_is_closed_not_an_io_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        let closer = tokio::spawn(async move {
+            for _ in 0..2 {
+                let (s, _) = listener.accept().await.expect("accept");
+                drop(s);
+            }
+        });
+        for _ in 0..2 {
+            let stream = tokio::net::UnixStream::connect(&path)
+                .await
+                .expect("connect");
+            // Let the host's close land first, as it does at accept.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let (r, w) = tokio::io::split(stream);
+            let mut reader = FramedRead::new(r, FrameCodec::default());
+            let mut writer = FramedWrite::new(w, FrameCodec::default());
+            let e = client(
+                &mut reader,
+                &mut writer,
+                hello(1, PROTOCOL_MAX, DEFAULT_MAX_FRAME),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect_err("closed");
+            assert!(matches!(e, HandshakeError::Closed), "{e}");
+        }
+        closer.await.expect("closer");
     }
 }

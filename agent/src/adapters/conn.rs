@@ -129,7 +129,13 @@ pub async fn run(
             Err(e) => {
                 failures += 1;
                 if failures <= 3 || failures.is_power_of_two() {
-                    tracing::warn!(%endpoint, failures, "cannot connect to host: {e}");
+                    let hint = match e {
+                        ConnError::Handshake(HandshakeError::Closed) => {
+                            " (a host closes the connections of peers it has no VM registered for: is this VM's vsock CID registered?)"
+                        }
+                        _ => "",
+                    };
+                    tracing::warn!(%endpoint, failures, "cannot connect to host: {e}{hint}");
                 }
             }
         }

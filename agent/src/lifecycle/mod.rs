@@ -39,7 +39,7 @@ use crate::link::LinkWatch;
 use crate::stores::notices::Journal;
 use crate::stores::session::{NotDurable, SessionRecord, SessionTable, UserLocks};
 use crate::stores::ua::UaStore;
-use crate::supervise::{Supervisor, UaExited};
+use crate::supervise::{Cgroups, Supervisor, UaExited};
 use crate::uif::UserUifError;
 
 /// Why a lifecycle operation failed.
@@ -117,11 +117,13 @@ impl Lifecycle {
     /// locks, flush with its spool and preserved copies, supervisor, UA
     /// store, notices journal) on the state directory of `config`: the one
     /// wiring of the agent, used by the daemon and the unit-test rig.
-    /// `link` publishes the host connection; `tasks` and `stop` are the
-    /// daemon's. Returns the supervisor's reports of UAs that ended.
+    /// `link` publishes the host connection; `cgroups` is where UAs' cgroups
+    /// go; `tasks` and `stop` are the daemon's. Returns the supervisor's
+    /// reports of UAs that ended.
     pub fn open(
         config: Arc<SharedConfig>,
         link: Arc<LinkWatch>,
+        cgroups: Cgroups,
         tasks: &TaskTracker,
         stop: &CancellationToken,
     ) -> (Arc<Lifecycle>, mpsc::UnboundedReceiver<UaExited>) {
@@ -139,7 +141,12 @@ impl Lifecycle {
             kick.clone(),
         ));
         let lifecycle = Lifecycle {
-            supervisor: Arc::new(Supervisor::new(exits_tx, tasks.clone(), stop.clone())),
+            supervisor: Arc::new(Supervisor::new(
+                exits_tx,
+                cgroups,
+                tasks.clone(),
+                stop.clone(),
+            )),
             uas: Arc::new(UaStore::new(&state_dir, cfg.max_ua_bundle)),
             notices: Journal::load(&state_dir),
             config: config.clone(),

@@ -1,9 +1,11 @@
 //! Supervised UAs: the agent starts a session's UA entry command as the
 //! session's user (setgid/setuid, own process group, and its own cgroup v2
-//! when `/sys/fs/cgroup` is a writable cgroup2 mount), watches it, and turns
-//! an exit that was not asked for into an unexpected disconnect. Suspend and
-//! resume freeze/thaw the cgroup, or send SIGSTOP/SIGCONT to the process
-//! group, and wait until the kernel reports the new state.
+//! where [`cgroup`] found one to use: `<unit>/ua/<session>` under the
+//! agent's delegated systemd unit), watches it, and turns an exit that was
+//! not asked for into an unexpected disconnect. Suspend and resume
+//! freeze/thaw the cgroup (`cgroup.freeze`, confirmed by `frozen` in
+//! `cgroup.events`), or send SIGSTOP/SIGCONT to the process group, and wait
+//! until the kernel reports the new state.
 //!
 //! The supervisor knows processes, not sessions' meaning: a UA that ends
 //! without being stopped is reported upward as a [`UaExited`] on a
@@ -30,7 +32,9 @@ use crate::stores::ua::UaStore;
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long suspend/resume wait for the kernel to confirm.
 const STATE_WAIT: Duration = Duration::from_secs(5);
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+pub mod cgroup;
+pub use cgroup::Cgroups;
 
 /// Why a UA could not be started or controlled.
 #[derive(Debug, thiserror::Error)]
@@ -79,22 +83,25 @@ type Procs = Arc<Mutex<HashMap<SessionId, Proc>>>;
 /// The supervised processes, by session.
 pub struct Supervisor {
     procs: Procs,
+    cgroups: Cgroups,
     exits: mpsc::UnboundedSender<UaExited>,
     tasks: TaskTracker,
     stop: CancellationToken,
 }
 
 impl Supervisor {
-    /// A supervisor reporting exits on `exits`; its watchers run on `tasks`
-    /// and end when `stop` is cancelled (the UAs live on: an agent restart
-    /// adopts them).
+    /// A supervisor reporting exits on `exits`, putting UAs into cgroups
+    /// where `cgroups` says; its watchers run on `tasks` and end when
+    /// `stop` is cancelled (the UAs live on: an agent restart adopts them).
     pub fn new(
         exits: mpsc::UnboundedSender<UaExited>,
+        cgroups: Cgroups,
         tasks: TaskTracker,
         stop: CancellationToken,
     ) -> Supervisor {
         Supervisor {
             procs: Procs::default(),
+            cgroups,
             exits,
             tasks,
             stop,
@@ -121,22 +128,11 @@ impl Supervisor {
         let (procs, exits, stop) = (self.procs.clone(), self.exits.clone(), self.stop.clone());
         self.tasks.spawn(async move {
             tokio::select! {
-                reason = ended => exited(&procs, &exits, session, reason),
+                reason = ended => exited(&procs, &exits, session, reason).await,
                 () = stop.cancelled() => {}
             }
         });
     }
-}
-
-/// Creates `/sys/fs/cgroup/uve-agent/<session>` if cgroup v2 is writable.
-fn make_cgroup(session: &str) -> Option<PathBuf> {
-    let root = Path::new(CGROUP_ROOT);
-    if !root.join("cgroup.controllers").exists() {
-        return None;
-    }
-    let dir = root.join("uve-agent").join(session);
-    std::fs::create_dir_all(&dir).ok()?;
-    dir.join("cgroup.procs").exists().then_some(dir)
 }
 
 /// What [`Supervisor::start`] started.
@@ -178,7 +174,7 @@ impl Supervisor {
         }
         let mut cmd = ua_command(&prog_path, args, rec, account, ua, &dir, socket);
         let cgroup = if root {
-            make_cgroup(&rec.session)
+            self.cgroups.create(&rec.session)
         } else {
             None
         };
@@ -333,15 +329,19 @@ impl Supervisor {
                 });
                 continue;
             }
-            let cgroup = Path::new(CGROUP_ROOT).join("uve-agent").join(&session);
-            let cgroup = cgroup.join("cgroup.procs").exists().then_some(cgroup);
+            let cgroup = self.cgroups.of_ua(pid, &session);
+            // Suspended the way it was suspended: frozen, or stopped.
+            let suspended = match &cgroup {
+                Some(cg) => cgroup_frozen(cg) == Some(true),
+                None => group_stopped(pid) == Some(true),
+            };
             self.with(|p| {
                 p.insert(
                     session.clone(),
                     Proc {
                         pid,
                         cgroup,
-                        suspended: group_stopped(pid) == Some(true),
+                        suspended,
                         stopping: false,
                         exited: Arc::new(tokio::sync::Notify::new()),
                     },
@@ -358,8 +358,9 @@ impl Supervisor {
     }
 }
 
-/// A UA's end: forget it, and unless it was stopped on purpose, report it.
-fn exited(
+/// A UA's end: forget it, end what it left in its cgroup and remove the
+/// cgroup, and unless it was stopped on purpose, report it.
+async fn exited(
     procs: &Procs,
     exits: &mpsc::UnboundedSender<UaExited>,
     session: SessionId,
@@ -370,15 +371,38 @@ fn exited(
         .unwrap_or_else(PoisonError::into_inner)
         .remove(&session);
     if let Some(p) = &proc_ {
-        p.exited.notify_waiters();
         if let Some(cg) = &p.cgroup {
-            let _ = std::fs::remove_dir(cg);
+            clear_cgroup(cg).await;
         }
+        p.exited.notify_waiters();
         if p.stopping {
             return;
         }
     }
     let _ = exits.send(UaExited { session, reason });
+}
+
+/// Ends every process still in UA cgroup `cg` once its UA has ended (and
+/// with it the session): processes that left the UA's process group are
+/// still in its cgroup. Then removes the cgroup.
+async fn clear_cgroup(cg: &Path) {
+    if cgroup_event(cg, "populated") == Some(true) {
+        if std::fs::write(cg.join("cgroup.kill"), "1").is_err() {
+            // No cgroup.kill before Linux 5.14: one SIGKILL each.
+            let pids = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+            for pid in pids.lines().filter_map(|l| l.trim().parse().ok()) {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + STOP_GRACE;
+        while cgroup_event(cg, "populated") == Some(true) && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    if let Err(e) = std::fs::remove_dir(cg) {
+        tracing::warn!(cgroup = %cg.display(), "cannot remove the UA's cgroup: {e}");
+    }
 }
 
 /// A process's state letter and start time (clock ticks after boot), from
@@ -486,10 +510,16 @@ impl Supervisor {
     }
 }
 
+/// Whether cgroup `cg` is frozen (its `cgroup.events` says `frozen 1`).
 fn cgroup_frozen(cg: &Path) -> Option<bool> {
+    cgroup_event(cg, "frozen")
+}
+
+/// A boolean key of cgroup `cg`'s `cgroup.events` (`populated`, `frozen`).
+fn cgroup_event(cg: &Path, key: &str) -> Option<bool> {
     let text = std::fs::read_to_string(cg.join("cgroup.events")).ok()?;
     text.lines()
-        .find_map(|l| l.strip_prefix("frozen "))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
         .map(|v| v.trim() == "1")
 }
 

@@ -10,6 +10,7 @@ pub mod extract;
 mod feed;
 #[cfg(test)]
 mod openapi_check;
+mod quota;
 pub mod routes;
 mod spool;
 pub mod types;
@@ -84,6 +85,7 @@ impl From<StoreError> for ApiError {
                 Self::bad_request(e)
             }
             StoreError::QuotaExceeded { .. } => Self::new(ApiErrorCode::QuotaExceeded, e),
+            StoreError::HeadVersion { .. } => Self::new(ApiErrorCode::Conflict, e),
             StoreError::Contended { .. } | StoreError::Busy(_) => {
                 Self::new(ApiErrorCode::Contended, e)
             }

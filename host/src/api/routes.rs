@@ -11,7 +11,7 @@ use axum::handler::Handler;
 use axum::routing::{MethodFilter, on};
 
 use super::ApiState;
-use super::{agent_ops, extract, feed, users, vms};
+use super::{agent_ops, extract, feed, quota, users, vms};
 
 /// An HTTP method the API serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -96,7 +96,14 @@ pub fn routes() -> Routes {
         .add(Delete, "/v1/assignments/{user}", vms::unassign)
         .add(Get, "/v1/sessions", vms::sessions)
         .add(Get, "/v1/users", users::list)
+        .add(Get, "/v1/users/{user}", quota::show)
+        .add(Put, "/v1/users/{user}/quota", quota::set_quota)
         .add(Get, "/v1/users/{user}/versions", users::versions)
+        .add(
+            Delete,
+            "/v1/users/{user}/versions/{v}",
+            quota::delete_version,
+        )
         .add(Post, "/v1/users/{user}/import", users::import)
         .add(Get, "/v1/users/{user}/versions/{v}/export", users::export)
         .add(Post, "/v1/users/{user}/rollback", users::rollback)

@@ -23,7 +23,7 @@ pub use crate::state::events::Recorded as EventLine;
 pub use crate::state::leases::{Granted, UserLease};
 pub use crate::state::registry::VmSpec;
 pub use crate::state::sessions::SessionRec;
-pub use crate::store::{GcReport, VersionInfo, VersionKind};
+pub use crate::store::{GcReport, Holdings, OriginHoldings, VersionInfo, VersionKind};
 pub use crate::wire::uve2::switch::AssignOutcome;
 
 /// The machine-readable code of an error answer.
@@ -264,6 +264,46 @@ pub struct RolledBack {
     pub copied_from: Version,
 }
 
+/// `GET /v1/users/{user}`: the user, where they are, and what they hold
+/// against the quota.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserDetail {
+    /// The user.
+    pub user: String,
+    /// Their head version.
+    pub head: Option<Version>,
+    /// The VM they are assigned to.
+    pub assigned_to: Option<String>,
+    /// Their writer lease.
+    pub lease: Option<UserLease>,
+    /// What their versions hold (unique bytes), the quota and its
+    /// override, and each writer's conflict versions.
+    #[serde(flatten)]
+    pub holdings: Holdings,
+    /// Bytes their own uploads in flight add (charged to the quota until
+    /// they commit or go).
+    pub in_flight_bytes: u64,
+}
+
+/// Body of `PUT /v1/users/{user}/quota`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaBody {
+    /// The user's quota in bytes (unique bytes of head and history);
+    /// `null` clears the override (the host's `user_quota_bytes` applies).
+    pub quota_bytes: Option<u64>,
+}
+
+/// Answer of `DELETE /v1/users/{user}/versions/{v}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionDeleted {
+    /// The user.
+    pub user: String,
+    /// The version deleted (its chunks go at the next GC unless another
+    /// version holds them).
+    pub version: Version,
+}
+
 /// Query of `POST /v1/gc`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcQuery {
@@ -334,6 +374,15 @@ pub struct UaCurrent {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UaDeleteQuery {
     /// Stop the sessions using it (`true` or `1`; anything else is false).
+    #[serde(default, with = "flag")]
+    pub force: bool,
+}
+
+/// Query of `DELETE /v1/vms/{id}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRemoveQuery {
+    /// Remove at once, without asking the VM to release its users first
+    /// (`true` or `1`; anything else is false).
     #[serde(default, with = "flag")]
     pub force: bool,
 }

@@ -10,10 +10,11 @@ use super::ApiState;
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::types::{
     AssignBody, AssignOutcome, Assignments, NewVm, SessionRec, SessionsQuery, VmDetail, VmInfo,
+    VmRemoveQuery,
 };
 use super::{ApiError, ApiResult, check_name, name};
 use crate::state::events::Event;
-use crate::state::registry::VmSpec;
+use crate::state::registry::{RegistryError, VmSpec};
 use crate::wire::uve2::switch;
 use uve_protocol::names::UserName;
 
@@ -85,8 +86,20 @@ pub async fn show(
 pub async fn remove(
     State(d): State<Arc<ApiState>>,
     ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<VmRemoveQuery>,
 ) -> ApiResult<StatusCode> {
     check_name("VM", &id)?;
+    if d.host.registry().vm(&id).is_none() {
+        return Err(RegistryError::NoSuchVm(id).into());
+    }
+    if !q.force {
+        // As unassign does: the VM flushes and releases its users first
+        // (bounded by handover_timeout_ms), so nothing of theirs is lost.
+        let asked = switch::release_all(&d.host, &id).await;
+        if !asked.is_empty() {
+            tracing::info!(vm = id, users = ?asked, "asked to release its users before removal");
+        }
+    }
     d.host.registry().remove_vm(&id)?;
     d.listeners.stop(&id);
     d.host.handshakes().forget(&id);
@@ -101,7 +114,10 @@ pub async fn remove(
     if let Some(c) = d.host.conns().get(&id) {
         c.handle.goodbye("VM unregistered").await;
     }
-    d.host.emit(Event::VmUnregistered { vm: id });
+    d.host.emit(Event::VmUnregistered {
+        vm: id,
+        forced: q.force,
+    });
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -204,6 +204,18 @@ impl Leases {
         Ok(())
     }
 
+    /// The users whose current lease `vm` holds.
+    pub fn users_held_by(&self, vm: &str) -> Vec<String> {
+        self.data
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .users
+            .iter()
+            .filter(|(_, l)| !vm.is_empty() && l.vm == vm)
+            .map(|(u, _)| u.clone())
+            .collect()
+    }
+
     /// The user's lease, if any.
     pub fn get(&self, user: &str) -> Option<UserLease> {
         self.data

@@ -55,6 +55,10 @@ pub struct Metrics {
     pub staging_refused: AtomicU64,
     /// Updates refused by `conflict_updates_per_hour`.
     pub conflict_updates_refused: AtomicU64,
+    /// Lease holders' updates refused over the user's quota.
+    pub quota_refused: AtomicU64,
+    /// Conflict versions refused over their writer's bound.
+    pub conflict_quota_refused: AtomicU64,
     per_user: Mutex<BTreeMap<String, (u64, u64)>>,
 }
 
@@ -65,7 +69,7 @@ pub fn add(c: &AtomicU64, n: u64) {
 
 /// The daemon-wide metrics: name, type, help text, counter.
 #[allow(clippy::type_complexity)]
-const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 21] = [
+const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 23] = [
     ("uve_connections", "gauge", "Agent connections open", |m| {
         &m.connections
     }),
@@ -182,6 +186,18 @@ const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 21] = [
         "counter",
         "Updates refused because a VM without the user's current lease reached conflict_updates_per_hour",
         |m| &m.conflict_updates_refused,
+    ),
+    (
+        "uve_quota_refused_total",
+        "counter",
+        "Updates refused because the user would hold more unique bytes (head, history, own uploads in flight) than the quota",
+        |m| &m.quota_refused,
+    ),
+    (
+        "uve_conflict_quota_refused_total",
+        "counter",
+        "Conflict versions refused because their writer's conflict versions of the user would exceed conflict_quota_bytes",
+        |m| &m.conflict_quota_refused,
     ),
     (
         "uve_stalled_cut_off_total",

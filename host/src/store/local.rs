@@ -44,8 +44,9 @@ use uve_protocol::names;
 
 use super::locks::NamedLocks;
 use super::{
-    ChunkPins, CommitOutcome, GcReport, NewVersion, PinTable, StageId, StoreError, StorePolicy,
-    StoreResult, UifStore, UserState, VersionInfo, check_chunk, user_names,
+    Charge, ChunkPins, CommitOutcome, GcReport, Holdings, NewVersion, PinTable, QuotaBase, StageId,
+    StoreError, StorePolicy, StoreResult, UifStore, UserEdit, UserState, VersionInfo, check_chunk,
+    quota, user_names,
 };
 use crate::store::durable;
 
@@ -174,6 +175,28 @@ impl LocalStore {
     fn chunk_path(&self, hash: &Hash) -> PathBuf {
         let hex = hash.to_hex();
         self.root.join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    /// Reads and checks version `version`'s manifest file (whether the
+    /// state lists it is the caller's business).
+    fn read_manifest(&self, user: &str, version: Version) -> StoreResult<Manifest> {
+        let path = self.manifest_path(user, version);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(StoreError::NoSuchVersion {
+                    user: user.to_string(),
+                    version,
+                });
+            }
+            Err(e) => return Err(StoreError::io("read manifest", e)),
+        };
+        let m: Manifest = postcard::from_bytes(&bytes).map_err(|e| StoreError::Corrupt {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })?;
+        m.validate()?;
+        Ok(m)
     }
 
     fn read_state(&self, user: &str) -> StoreResult<UserState> {
@@ -393,25 +416,13 @@ impl UifStore for LocalStore {
             .versions
             .iter()
             .any(|v| v.version == version);
-        let missing = || StoreError::NoSuchVersion {
-            user: user.to_string(),
-            version,
-        };
         if !listed {
-            return Err(missing());
+            return Err(StoreError::NoSuchVersion {
+                user: user.to_string(),
+                version,
+            });
         }
-        let path = self.manifest_path(user, version);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Err(missing()),
-            Err(e) => return Err(StoreError::io("read manifest", e)),
-        };
-        let m: Manifest = postcard::from_bytes(&bytes).map_err(|e| StoreError::Corrupt {
-            path: path.display().to_string(),
-            why: e.to_string(),
-        })?;
-        m.validate()?;
-        Ok(m)
+        self.read_manifest(user, version)
     }
 
     fn versions(&self, user: &str) -> StoreResult<Vec<VersionInfo>> {
@@ -429,7 +440,7 @@ impl UifStore for LocalStore {
     }
 
     fn add_version(&self, new: &NewVersion<'_>) -> StoreResult<CommitOutcome> {
-        new.check(&self.policy)?;
+        new.check()?;
         let (user, manifest) = (new.user, new.manifest);
         let _gc = self.gc_lock.read().unwrap_or_else(PoisonError::into_inner);
         let mut staged = Vec::new();
@@ -448,14 +459,48 @@ impl UifStore for LocalStore {
         let lock = self.user_locks.get(user);
         let _user = lock.lock().unwrap_or_else(PoisonError::into_inner);
         let mut state = self.read_state(user)?;
-        let (outcome, pruned) = state.add_version(&self.policy, new);
+        let (outcome, mut pruned) = state.add_version(&self.policy, new);
         let (CommitOutcome::Committed(v) | CommitOutcome::Conflict { kept_as: v, .. }) = outcome;
+        pruned.extend(quota::fit(
+            &self.policy,
+            user,
+            &mut state,
+            v,
+            manifest,
+            |i| self.read_manifest(user, i.version).map(Arc::new),
+        )?);
         self.write_manifest(user, v, manifest)?;
         self.write_state(user, &state)?;
         for p in pruned {
             let _ = fs::remove_file(self.manifest_path(user, p));
         }
         Ok(outcome)
+    }
+
+    fn quota_base(&self, user: &str, charge: &Charge) -> StoreResult<QuotaBase> {
+        names::user(user)?;
+        Ok(QuotaBase::of(&self.policy, &self.read_state(user)?, charge))
+    }
+
+    fn holdings(&self, user: &str) -> StoreResult<Holdings> {
+        names::user(user)?;
+        let state = self.read_state(user)?;
+        quota::holdings(&self.policy, &state, |i| {
+            self.read_manifest(user, i.version).map(Arc::new)
+        })
+    }
+
+    fn edit_user(&self, user: &str, edit: UserEdit) -> StoreResult<()> {
+        names::user(user)?;
+        let lock = self.user_locks.get(user);
+        let _user = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.read_state(user)?;
+        let gone = edit.apply(user, &mut state)?;
+        self.write_state(user, &state)?;
+        if let Some(v) = gone {
+            let _ = fs::remove_file(self.manifest_path(user, v));
+        }
+        Ok(())
     }
 
     fn gc(&self, grace: Duration) -> StoreResult<GcReport> {

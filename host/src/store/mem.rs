@@ -24,8 +24,9 @@ use uve_protocol::message::Version;
 use uve_protocol::names;
 
 use super::{
-    ChunkPins, CommitOutcome, GcReport, NewVersion, PinTable, StageId, StoreError, StorePolicy,
-    StoreResult, UifStore, UserState, VersionInfo, check_chunk, now_ms, user_names,
+    Charge, ChunkPins, CommitOutcome, GcReport, Holdings, NewVersion, PinTable, QuotaBase, StageId,
+    StoreError, StorePolicy, StoreResult, UifStore, UserEdit, UserState, VersionInfo, check_chunk,
+    now_ms, quota, user_names,
 };
 
 /// A stored or staged chunk: its bytes (shared, so seeding many stores
@@ -40,7 +41,20 @@ struct Stored {
 #[derive(Clone, Default)]
 struct UserData {
     state: UserState,
-    manifests: HashMap<Version, Manifest>,
+    manifests: HashMap<Version, Arc<Manifest>>,
+}
+
+impl UserData {
+    /// A retained version's manifest.
+    fn manifest(&self, user: &str, version: Version) -> StoreResult<Arc<Manifest>> {
+        self.manifests
+            .get(&version)
+            .cloned()
+            .ok_or_else(|| StoreError::NoSuchVersion {
+                user: user.to_string(),
+                version,
+            })
+    }
 }
 
 #[derive(Default)]
@@ -140,7 +154,8 @@ impl MemStore {
     /// What the store holds now.
     pub fn held(&self) -> Held {
         let d = self.lock();
-        let bytes = |m: &HashMap<Hash, Stored>| m.values().map(|s| s.bytes.len() as u64).sum::<u64>();
+        let bytes =
+            |m: &HashMap<Hash, Stored>| m.values().map(|s| s.bytes.len() as u64).sum::<u64>();
         Held {
             chunks: d.chunks.len(),
             chunk_bytes: bytes(&d.chunks),
@@ -219,15 +234,14 @@ impl UifStore for MemStore {
     fn manifest(&self, user: &str, version: Version) -> StoreResult<Manifest> {
         names::user(user)?;
         self.injected("read manifest")?;
-        self.lock()
-            .users
-            .get(user)
-            .and_then(|u| u.manifests.get(&version))
-            .cloned()
-            .ok_or_else(|| StoreError::NoSuchVersion {
+        let d = self.lock();
+        match d.users.get(user) {
+            Some(u) => u.manifest(user, version).map(|m| m.as_ref().clone()),
+            None => Err(StoreError::NoSuchVersion {
                 user: user.to_string(),
                 version,
-            })
+            }),
+        }
     }
 
     fn versions(&self, user: &str) -> StoreResult<Vec<VersionInfo>> {
@@ -247,26 +261,74 @@ impl UifStore for MemStore {
     }
 
     fn add_version(&self, new: &NewVersion<'_>) -> StoreResult<CommitOutcome> {
-        new.check(&self.policy)?;
+        new.check()?;
         self.injected("write user state")?;
         let mut d = self.lock();
-        if let Some(c) = new.manifest.chunks.iter().find(|c| !d.chunks.contains_key(&c.hash)) {
+        if let Some(c) = new
+            .manifest
+            .chunks
+            .iter()
+            .find(|c| !d.chunks.contains_key(&c.hash))
+        {
             return Err(StoreError::MissingChunk(c.hash));
         }
-        let user = d.users.entry(new.user.to_string()).or_insert_with(|| UserData {
-            state: UserState {
-                next: 1,
-                ..UserState::default()
-            },
-            manifests: HashMap::new(),
-        });
-        let (outcome, pruned) = user.state.add_version(&self.policy, new);
+        let empty = UserData::default();
+        let user = d.users.get(new.user).unwrap_or(&empty);
+        // Changed on a copy: a version the quota refuses leaves no trace.
+        let mut state = user.state.clone();
+        let (outcome, mut pruned) = state.add_version(&self.policy, new);
         let (CommitOutcome::Committed(v) | CommitOutcome::Conflict { kept_as: v, .. }) = outcome;
-        user.manifests.insert(v, new.manifest.clone());
+        pruned.extend(quota::fit(
+            &self.policy,
+            new.user,
+            &mut state,
+            v,
+            new.manifest,
+            |i| user.manifest(new.user, i.version),
+        )?);
+        let user = d.users.entry(new.user.to_string()).or_default();
+        user.state = state;
+        user.manifests.insert(v, Arc::new(new.manifest.clone()));
         for p in pruned {
             user.manifests.remove(&p);
         }
         Ok(outcome)
+    }
+
+    fn quota_base(&self, user: &str, charge: &Charge) -> StoreResult<QuotaBase> {
+        names::user(user)?;
+        self.injected("read user state")?;
+        let d = self.lock();
+        let empty = UserState::default();
+        let state = d.users.get(user).map_or(&empty, |u| &u.state);
+        Ok(QuotaBase::of(&self.policy, state, charge))
+    }
+
+    fn holdings(&self, user: &str) -> StoreResult<Holdings> {
+        names::user(user)?;
+        self.injected("read user state")?;
+        let d = self.lock();
+        let empty = UserData::default();
+        let u = d.users.get(user).unwrap_or(&empty);
+        quota::holdings(&self.policy, &u.state, |i| u.manifest(user, i.version))
+    }
+
+    fn edit_user(&self, user: &str, edit: UserEdit) -> StoreResult<()> {
+        names::user(user)?;
+        self.injected("write user state")?;
+        let mut d = self.lock();
+        let mut state = d
+            .users
+            .get(user)
+            .map(|u| u.state.clone())
+            .unwrap_or_default();
+        let gone = edit.apply(user, &mut state)?;
+        let u = d.users.entry(user.to_string()).or_default();
+        u.state = state;
+        if let Some(v) = gone {
+            u.manifests.remove(&v);
+        }
+        Ok(())
     }
 
     fn stage_chunk(&self, stage: &StageId, hash: &Hash, data: &[u8]) -> StoreResult<u64> {
@@ -402,7 +464,10 @@ mod tests {
         assert_eq!(s.stage_chunk(&one, &a.hash, &da).unwrap(), 1000);
         assert_eq!(s.stage_chunk(&one, &a.hash, &da).unwrap(), 0, "staged once");
         assert!(!s.has_chunk(&a.hash).unwrap(), "staged is not stored");
-        assert!(matches!(s.read_chunk(&a.hash), Err(StoreError::MissingChunk(_))));
+        assert!(matches!(
+            s.read_chunk(&a.hash),
+            Err(StoreError::MissingChunk(_))
+        ));
         assert!(matches!(
             s.stage_chunk(&two, &b.hash, &da),
             Err(StoreError::BadChunk(_))
@@ -414,7 +479,11 @@ mod tests {
         ));
         s.publish(&one, &[a.hash]).unwrap();
         assert_eq!(s.read_chunk(&a.hash).unwrap(), da);
-        assert_eq!(s.stage_chunk(&two, &a.hash, &da).unwrap(), 0, "stored already");
+        assert_eq!(
+            s.stage_chunk(&two, &a.hash, &da).unwrap(),
+            0,
+            "stored already"
+        );
         s.discard(&two, &[b.hash]).unwrap();
         assert!(!s.has_chunk(&b.hash).unwrap());
         let held = s.held();
@@ -449,7 +518,12 @@ mod tests {
         );
         assert_eq!(commit(&s, &m, Some(1)), CommitOutcome::Committed(3));
         assert_eq!(commit(&s, &m, Some(3)), CommitOutcome::Committed(4));
-        let kept: Vec<Version> = s.versions("alice").unwrap().iter().map(|v| v.version).collect();
+        let kept: Vec<Version> = s
+            .versions("alice")
+            .unwrap()
+            .iter()
+            .map(|v| v.version)
+            .collect();
         assert_eq!(kept, vec![2, 3, 4], "history_keep 2 prunes version 1");
         assert!(matches!(
             s.manifest("alice", 1),
@@ -475,7 +549,10 @@ mod tests {
         let pins = s.pin(&[b.hash]);
         assert_eq!(s.held().pinned, 1);
         let report = s.gc(Duration::ZERO).unwrap();
-        assert_eq!((report.referenced, report.spared, report.deleted), (1, 1, 1));
+        assert_eq!(
+            (report.referenced, report.spared, report.deleted),
+            (1, 1, 1)
+        );
         assert_eq!(report.bytes_freed, 300);
         drop(pins);
         assert_eq!(s.held().pinned, 0);
@@ -488,7 +565,10 @@ mod tests {
         let s = MemStore::new(StorePolicy::default()).with_capacity(10_000);
         let (a, da) = chunk(1000, 7);
         s.fail_next(2);
-        assert!(matches!(s.put_chunk(&a.hash, &da), Err(StoreError::Io { .. })));
+        assert!(matches!(
+            s.put_chunk(&a.hash, &da),
+            Err(StoreError::Io { .. })
+        ));
         assert!(matches!(s.has_chunk(&a.hash), Err(StoreError::Io { .. })));
         s.put_chunk(&a.hash, &da).unwrap();
         assert_eq!(s.failures(), 2);

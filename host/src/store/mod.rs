@@ -11,10 +11,11 @@
 //!   separately, beyond `conflict_keep` per origin (one writer never evicts
 //!   another's) or when older than
 //!   `conflict_max_age`.
-//! - **Quota:** per user, the logical size of a *new* version
-//!   (`header.size`) must not exceed `quota_bytes`. Deduplicated history is
-//!   not charged: old versions share most chunks with the head, and a quota
-//!   that a user can exceed by merely keeping history would be surprising.
+//! - **Quota:** per user, over what the user holds: the unique bytes of
+//!   head and history together (`quota_bytes`, or the user's override),
+//!   and, apart, of each origin's conflict versions
+//!   (`conflict_quota_bytes`), so a writer without the lease never makes
+//!   the lease holder's logout fail (`quota`).
 //! - **GC** removes chunk files referenced by no retained version, not
 //!   pinned by an upload in flight, and older than a grace period.
 //! - **Staging:** a VM's upload stores its chunks in a stage of its own
@@ -32,6 +33,7 @@ pub mod locks;
 #[cfg(any(test, feature = "fuzzing"))]
 mod mem;
 mod pins;
+mod quota;
 #[cfg(feature = "s3")]
 mod s3;
 mod s3_config;
@@ -40,6 +42,9 @@ pub use local::LocalStore;
 #[cfg(any(test, feature = "fuzzing"))]
 pub use mem::{Held, MemStore};
 pub use pins::{ChunkPins, PinTable};
+pub use quota::{
+    Charge, Holdings, OriginHoldings, QuotaBase, Tally, UserEdit, exceeded as quota_exceeded,
+};
 #[cfg(feature = "s3")]
 pub use s3::S3Store;
 pub use s3_config::S3Config;
@@ -75,13 +80,32 @@ pub enum StoreError {
     /// The manifest is inconsistent.
     #[error("invalid manifest: {0}")]
     BadManifest(#[from] uve_protocol::manifest::ManifestError),
-    /// The version is larger than the user's quota.
-    #[error("version of {size} bytes exceeds the quota of {quota} bytes")]
+    /// The new version would make the user hold more unique bytes than
+    /// the quota (head and history), or a writer's conflict versions more
+    /// than their bound per origin. Final: the writer keeps its bytes.
+    #[error(
+        "{what} of user {user} would hold {held} bytes (unique, counted once), over {bound} of {quota}; `uvectl user show {user}` shows what is held, `uvectl user rm-version {user} <version>` deletes an old version, `uvectl user quota {user} <bytes>` raises the quota",
+        what = conflict_origin.as_deref().map_or_else(|| "head and history".to_string(), |o| format!("the conflict versions from {o}")),
+        bound = if conflict_origin.is_some() { "the per-writer conflict bound" } else { "the quota" }
+    )]
     QuotaExceeded {
-        /// Size of the version.
-        size: u64,
-        /// The quota.
+        /// The user.
+        user: String,
+        /// Unique bytes the versions would hold with the new one.
+        held: u64,
+        /// The bound.
         quota: u64,
+        /// The writer, if the new version is a conflict version (which is
+        /// held to its own bound per origin).
+        conflict_origin: Option<String>,
+    },
+    /// The head version cannot be deleted.
+    #[error("v{version} is the head of user {user}: only older versions can be deleted")]
+    HeadVersion {
+        /// The user.
+        user: String,
+        /// The version asked for.
+        version: Version,
     },
     /// A stored file could not be decoded.
     #[error("corrupt store file {path}: {why}")]
@@ -148,6 +172,9 @@ pub(crate) struct UserState {
     /// compare-and-swap whose answer was lost).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) writer: Option<String>,
+    /// The operator's quota override for this user (bytes), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) quota_bytes: Option<u64>,
 }
 
 /// When a new version becomes the user's head.
@@ -190,16 +217,11 @@ pub struct NewVersion<'a> {
 
 impl NewVersion<'_> {
     /// The checks every store makes before adding a version: a valid user
-    /// name, a consistent manifest, the quota.
-    pub(crate) fn check(&self, policy: &StorePolicy) -> StoreResult<()> {
+    /// name, a consistent manifest (the quota is checked against the
+    /// user's state, [`quota::fit`]).
+    pub(crate) fn check(&self) -> StoreResult<()> {
         names::user(self.user)?;
         self.manifest.validate()?;
-        if self.manifest.header.size > policy.quota_bytes {
-            return Err(StoreError::QuotaExceeded {
-                size: self.manifest.header.size,
-                quota: policy.quota_bytes,
-            });
-        }
         Ok(())
     }
 }
@@ -272,7 +294,7 @@ impl UserState {
 
 /// Drops versions beyond the retention policy from `state`; returns their
 /// numbers (oldest first).
-fn prune(policy: &StorePolicy, state: &mut UserState) -> Vec<Version> {
+pub(crate) fn prune(policy: &StorePolicy, state: &mut UserState) -> Vec<Version> {
     let now = now_ms();
     let max_age = u64::try_from(policy.conflict_max_age.as_millis()).unwrap_or(u64::MAX);
     let committed: Vec<Version> = state
@@ -348,8 +370,15 @@ pub struct StorePolicy {
     pub conflict_keep: usize,
     /// Conflict versions older than this are pruned.
     pub conflict_max_age: Duration,
-    /// Largest version a user may store, in bytes.
+    /// Unique bytes a user's head and history may hold together (a user's
+    /// override in the store takes precedence).
     pub quota_bytes: u64,
+    /// Unique bytes one origin's conflict versions of a user may hold
+    /// (default: the user's quota).
+    pub conflict_quota_bytes: Option<u64>,
+    /// Drop the oldest history (never the head) to fit a new head in the
+    /// quota instead of refusing it.
+    pub quota_prunes_history: bool,
 }
 
 impl Default for StorePolicy {
@@ -359,6 +388,8 @@ impl Default for StorePolicy {
             conflict_keep: 10,
             conflict_max_age: Duration::from_secs(30 * 24 * 3600),
             quota_bytes: 64 << 30,
+            conflict_quota_bytes: None,
+            quota_prunes_history: false,
         }
     }
 }
@@ -502,6 +533,16 @@ pub trait UifStore: Send + Sync + 'static {
     fn publish(&self, stage: &StageId, hashes: &[Hash]) -> StoreResult<()>;
     /// Deletes the stage and the chunks `hashes` staged in it.
     fn discard(&self, stage: &StageId, hashes: &[Hash]) -> StoreResult<()>;
+    /// What a new version of `user` charged to `charge` will be counted
+    /// with (the bound and the retained versions that share it).
+    fn quota_base(&self, user: &str, charge: &Charge) -> StoreResult<QuotaBase>;
+    /// What `user` holds against the quota, each origin's conflict
+    /// versions apart (reads every retained manifest).
+    fn holdings(&self, user: &str) -> StoreResult<Holdings>;
+    /// Applies an operator's edit to the user's state atomically with
+    /// respect to other writers: deleting an old version (never the head;
+    /// its chunks go at the next GC) or setting the quota override.
+    fn edit_user(&self, user: &str, edit: UserEdit) -> StoreResult<()>;
     /// Free bytes on the filesystem holding the chunks, if the store can
     /// tell (a local directory can; an object store cannot).
     fn free_bytes(&self) -> Option<u64> {

@@ -59,8 +59,9 @@ use uve_protocol::names;
 pub use super::S3Config;
 
 use super::{
-    ChunkPins, CommitOutcome, GcReport, NewVersion, PinTable, StageId, StoreError, StorePolicy,
-    StoreResult, UifStore, UserState, VersionInfo, check_chunk, now_ms, user_names,
+    Charge, ChunkPins, CommitOutcome, GcReport, Holdings, NewVersion, PinTable, QuotaBase, StageId,
+    StoreError, StorePolicy, StoreResult, UifStore, UserEdit, UserState, VersionInfo, check_chunk,
+    now_ms, quota, user_names,
 };
 
 /// How many times a commit re-reads the head after losing a race.
@@ -512,6 +513,28 @@ impl UifStore for S3Store {
     /// Adds a version by compare-and-swap of the head object.
     fn add_version(&self, new: &NewVersion<'_>) -> StoreResult<CommitOutcome> {
         self.commit_cas(new)
+    }
+
+    fn quota_base(&self, user: &str, charge: &Charge) -> StoreResult<QuotaBase> {
+        names::user(user)?;
+        Ok(QuotaBase::of(
+            &self.policy,
+            &self.read_head(user)?.state,
+            charge,
+        ))
+    }
+
+    fn holdings(&self, user: &str) -> StoreResult<Holdings> {
+        names::user(user)?;
+        let state = self.read_head(user)?.state;
+        quota::holdings(&self.policy, &state, |i| {
+            self.load_manifest(user, &Self::version_digest(i)?)
+        })
+    }
+
+    fn edit_user(&self, user: &str, edit: UserEdit) -> StoreResult<()> {
+        names::user(user)?;
+        self.edit_cas(user, edit)
     }
 
     fn stage_chunk(&self, stage: &StageId, hash: &Hash, data: &[u8]) -> StoreResult<u64> {

@@ -120,6 +120,16 @@ async fn accept_loop(
                     (Binding::ByCid, Peer::Vsock { cid }) => host.registry().vm_by_cid(*cid),
                     (Binding::ByCid, Peer::Unix { .. }) => None,
                 };
+                // A peer no VM is registered for (an unregistered CID) is
+                // closed before it costs a handshake place or a read.
+                let Some(vm) = vm else {
+                    add(&host.metrics().unknown_peers_refused, 1);
+                    tracing::debug!(
+                        ?peer,
+                        "no VM registered for this peer; connection closed unread"
+                    );
+                    continue;
+                };
                 if let Some((accepted, setup)) = admit(&host, vm, peer).await {
                     tokio::spawn(serve(host.clone(), stream, accepted, setup));
                 }
@@ -141,22 +151,22 @@ async fn accept_loop(
 /// Returns once the connection has ended; `false` if it was closed at
 /// admission (every handshake place of the VM taken).
 pub async fn serve_connection(host: Arc<Host>, vm: String, stream: BoxStream, peer: Peer) -> bool {
-    let Some((accepted, setup)) = admit(&host, Some(vm), peer).await else {
+    let Some((accepted, setup)) = admit(&host, vm, peer).await else {
         return false;
     };
     serve(host, stream, accepted, setup).await;
     true
 }
 
-/// Takes a handshake place for a connection of `vm` (`None`: no VM is
-/// registered for the peer) and numbers it; `None`, counted in
-/// `uve_handshakes_refused_total`, if every place is taken.
+/// Takes a handshake place for a connection of `vm` and numbers it;
+/// `None`, counted in `uve_handshakes_refused_total`, if every place is
+/// taken.
 async fn admit(
     host: &Arc<Host>,
-    vm: Option<String>,
+    vm: String,
     peer: Peer,
 ) -> Option<(Accepted, tokio::sync::OwnedRwLockReadGuard<()>)> {
-    let Some(ticket) = host.handshakes().admit(vm.as_deref()) else {
+    let Some(ticket) = host.handshakes().admit(&vm) else {
         add(&host.metrics().handshakes_refused, 1);
         tracing::debug!(?peer, vm, "all handshake places taken; connection closed");
         return None;
@@ -177,7 +187,7 @@ async fn admit(
 
 /// A connection just accepted: whose it is, and its handshake place.
 struct Accepted {
-    vm: Option<String>,
+    vm: String,
     peer: Peer,
     conn_id: u64,
     ticket: HandshakeTicket,
@@ -194,7 +204,7 @@ type Framed = (
 async fn handshake(
     host: &Host,
     stream: BoxStream,
-    vm: Option<&str>,
+    vm: &str,
     peer: &Peer,
 ) -> Option<(Framed, Hello, Welcome)> {
     let (r, w) = tokio::io::split(stream);
@@ -208,19 +218,13 @@ async fn handshake(
             return None;
         }
     };
-    let verdict = match vm {
-        _ if host.shutdown().is_cancelled() => Err(Reject {
+    let verdict = if host.shutdown().is_cancelled() {
+        Err(Reject {
             code: ErrorCode::ShuttingDown,
             reason: "host is shutting down".into(),
-        }),
-        None => {
-            add(&host.metrics().unknown_peers_refused, 1);
-            Err(Reject {
-                code: ErrorCode::UnknownVm,
-                reason: format!("no VM registered for {peer:?}"),
-            })
-        }
-        Some(id) => negotiate(&hello, &offer(host, id)),
+        })
+    } else {
+        negotiate(&hello, &offer(host, vm))
     };
     match answer(&mut reader, &mut writer, verdict, limit).await {
         Ok(welcome) => Some(((reader, writer), hello, welcome)),
@@ -244,13 +248,11 @@ async fn serve(
         conn_id,
         ticket,
     } = accepted;
-    let Some(((reader, writer), hello, welcome)) =
-        handshake(&host, stream, vm.as_deref(), &peer).await
+    let Some(((reader, writer), hello, welcome)) = handshake(&host, stream, &vm, &peer).await
     else {
         return;
     };
     drop(ticket);
-    let Some(vm) = vm else { return };
     let config = host
         .config()
         .link_config(welcome.heartbeat_ms, welcome.max_frame);

@@ -235,6 +235,57 @@ fn users() -> Vec<Sample> {
     ]
 }
 
+fn quota() -> Vec<Sample> {
+    vec![
+        case(
+            "UserDetail",
+            UserDetail {
+                user: s("alice"),
+                head: Some(3),
+                assigned_to: Some(s("vm1")),
+                lease: None,
+                holdings: Holdings {
+                    held_bytes: 300,
+                    quota_bytes: 1000,
+                    quota_override: Some(1000),
+                    conflict_quota_bytes: 1000,
+                    conflicts: vec![OriginHoldings {
+                        origin: s("vm:vm0"),
+                        versions: 2,
+                        held_bytes: 50,
+                    }],
+                },
+                in_flight_bytes: 20,
+            },
+            json!({"user": "alice", "head": 3, "assigned_to": "vm1", "lease": null,
+                   "held_bytes": 300, "quota_bytes": 1000, "quota_override": 1000,
+                   "conflict_quota_bytes": 1000,
+                   "conflicts": [{"origin": "vm:vm0", "versions": 2, "held_bytes": 50}],
+                   "in_flight_bytes": 20}),
+        ),
+        case(
+            "QuotaBody",
+            QuotaBody {
+                quota_bytes: Some(5 << 30),
+            },
+            json!({"quota_bytes": 5_368_709_120_u64}),
+        ),
+        case(
+            "QuotaBody",
+            QuotaBody { quota_bytes: None },
+            json!({"quota_bytes": null}),
+        ),
+        case(
+            "VersionDeleted",
+            VersionDeleted {
+                user: s("alice"),
+                version: 2,
+            },
+            json!({"user": "alice", "version": 2}),
+        ),
+    ]
+}
+
 fn agents() -> Vec<Sample> {
     vec![
         case(
@@ -357,7 +408,7 @@ fn errors() -> Vec<Sample> {
 
 /// Every sample.
 pub(crate) fn samples() -> Vec<Sample> {
-    [vms(), users(), agents(), vec![status()], errors()].concat()
+    [vms(), users(), quota(), agents(), vec![status()], errors()].concat()
 }
 
 #[test]

@@ -9,10 +9,11 @@ use uve_host::api::types::{
     AssignBody, AssignOutcome, Assignments, DeployQuery, GcQuery, GcReport, Imported, MonitorBody,
     MonitorGranted, MonitorRevokeQuery, MonitorRevoked, NewVm, Pong, RollbackBody, RolledBack,
     SessionAction, SessionActionDone, SessionRec, SessionsQuery, UaCurrent, UaDeleteQuery,
-    UaDeleted, UaDeployed, UserRow, VmDetail, VmInfo, VmStatus,
+    UaDeleted, UaDeployed, UserRow, VmDetail, VmInfo, VmRemoveQuery, VmStatus,
 };
+use uve_host::api::types::{QuotaBody, VersionDeleted};
+use uve_host::args::uvectl::{MonitorCmd, UaCmd, UserCmd, VmCmd};
 
-use crate::cli::{MonitorCmd, UaCmd, VmCmd};
 use crate::output::{self, answer, object, rows};
 
 /// Everything but RFC 3986 unreserved characters is escaped in a segment.
@@ -62,8 +63,9 @@ pub async fn vm(c: &ApiClient, cmd: VmCmd, raw: bool) -> anyhow::Result<u8> {
             let a = c.get(&format!("/v1/vms/{}", seg(&id))).await?;
             answer(&a, raw, object::<VmDetail>)
         }
-        VmCmd::Rm { id } => {
+        VmCmd::Rm { id, force } => {
             let path = format!("/v1/vms/{}", seg(&id));
+            let path = with_query(&path, &VmRemoveQuery { force })?;
             output::done(&c.call(Method::DELETE, &path, client::empty()).await?, raw)
         }
         VmCmd::Status { id } => {
@@ -110,6 +112,29 @@ pub async fn sessions(c: &ApiClient, vm: Option<String>, raw: bool) -> anyhow::R
 pub async fn users(c: &ApiClient, raw: bool) -> anyhow::Result<u8> {
     let a = c.get("/v1/users").await?;
     Ok(answer(&a, raw, |u: &Vec<UserRow>| rows(u)))
+}
+
+/// `uvectl user ...`.
+pub async fn user(c: &ApiClient, cmd: UserCmd, raw: bool) -> anyhow::Result<u8> {
+    Ok(match cmd {
+        UserCmd::Show { user } => {
+            let a = c.get(&format!("/v1/users/{}", seg(&user))).await?;
+            answer(&a, raw, output::user_detail)
+        }
+        UserCmd::RmVersion { user, version } => {
+            let path = format!("/v1/users/{}/versions/{version}", seg(&user));
+            let a = c.call(Method::DELETE, &path, client::empty()).await?;
+            answer(&a, raw, object::<VersionDeleted>)
+        }
+        UserCmd::Quota { user, bytes } => {
+            let path = format!("/v1/users/{}/quota", seg(&user));
+            let body = client::json(&QuotaBody {
+                quota_bytes: bytes.0,
+            });
+            let a = c.call(Method::PUT, &path, body).await?;
+            answer(&a, raw, output::user_detail)
+        }
+    })
 }
 
 /// `uvectl versions USER`.

@@ -1,14 +1,15 @@
 //! `uvectl`: operator / VMM CLI for the uve-host management API. It speaks
-//! the API's types (`uve_host::api::types`): `cli` is the command line,
+//! the API's types (`uve_host::api::types`): its command line is
+//! `uve_host::args::uvectl` (shared with the man-page generator),
 //! `commands` the request-and-answer commands, `transfer` the streaming
-//! ones, `output` how answers are shown.
+//! ones, `output` how answers are shown, `table` the tables of lists.
 //!
 //! Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 conflict,
 //! 5 VM not connected.
 
-mod cli;
 mod commands;
 mod output;
+mod table;
 mod transfer;
 
 use std::path::PathBuf;
@@ -17,8 +18,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use uve_host::api::client::ApiClient;
 use uve_host::api::types::SessionAction;
-
-use crate::cli::{Cli, Cmd};
+use uve_host::args::uvectl::{Cli, Cmd};
 
 fn default_socket() -> PathBuf {
     if let Some(s) = std::env::var_os("UVE_HOST_SOCKET") {
@@ -62,6 +62,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Assignments => commands::assignments(c, raw).await,
         Cmd::Sessions { vm } => commands::sessions(c, vm, raw).await,
         Cmd::Users => commands::users(c, raw).await,
+        Cmd::User(cmd) => commands::user(c, cmd, raw).await,
         Cmd::Versions { user } => commands::versions(c, &user, raw).await,
         Cmd::Import { user, file } => transfer::import(c, &user, &file, raw).await,
         Cmd::Export {

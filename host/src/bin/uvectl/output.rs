@@ -1,14 +1,16 @@
 //! How `uvectl` shows answers: decoded into the API's types, then lists as
-//! tables, objects as pretty JSON, errors as `uvectl: STATUS (code): text`
+//! tables (`table`), objects as pretty JSON, errors as `uvectl: STATUS (code): text`
 //! on stderr; with `--json` the raw answer as it came. Also the exit code
 //! of each status.
 
 use hyper::StatusCode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use uve_host::api::client::Answer;
-use uve_host::api::types::{ErrorBody, VersionList};
+use uve_host::api::types::{ErrorBody, UserDetail, VersionList};
+
+use crate::table::{self, Row};
 
 /// Exit code of an answer's status: 0 ok, 3 not found, 4 conflict, 5 VM
 /// not connected, 1 anything else.
@@ -81,13 +83,12 @@ pub fn object<T: Serialize>(t: &T) {
     }
 }
 
-/// A table of a list answer.
-pub fn rows<T: Serialize>(rows: &[T]) {
-    let v: Vec<Value> = rows
-        .iter()
-        .filter_map(|r| serde_json::to_value(r).ok())
-        .collect();
-    table(&v);
+/// A table of a list answer (`table`: identifier first, local times,
+/// sizes in binary units).
+pub fn rows<T: Row>(rows: &[T]) {
+    for line in table::render(rows) {
+        println!("{line}");
+    }
 }
 
 /// `versions USER`: the head, then one row per retained version.
@@ -99,43 +100,39 @@ pub fn versions(v: &VersionList) {
     rows(&v.versions);
 }
 
-/// A table of objects: the first row's scalar fields as columns.
-fn table(rows: &[Value]) {
-    let rows: Vec<&Map<String, Value>> = rows.iter().filter_map(Value::as_object).collect();
-    let Some(first) = rows.first() else {
-        println!("(none)");
-        return;
+/// `user show USER`: who, where, and what they hold against the quota.
+pub fn user_detail(u: &UserDetail) {
+    let h = &u.holdings;
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".to_string());
+    println!("user:        {}", u.user);
+    println!("head:        {}", opt(u.head.map(|v| v.to_string())));
+    println!("assigned to: {}", opt(u.assigned_to.clone()));
+    println!(
+        "lease:       {}",
+        opt(u
+            .lease
+            .as_ref()
+            .map(|l| format!("{} (epoch {})", l.vm, l.epoch)))
+    );
+    let quota = match h.quota_override {
+        Some(_) => format!("{} (override)", table::human_size(h.quota_bytes)),
+        None => table::human_size(h.quota_bytes),
     };
-    let cols: Vec<&String> = first
-        .iter()
-        .filter(|(_, x)| !x.is_object() && !x.is_array())
-        .map(|(k, _)| k)
-        .collect();
-    let cell = |r: &Map<String, Value>, k: &str| match r.get(k) {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => "-".into(),
-        Some(x) => x.to_string(),
-    };
-    let widths: Vec<usize> = cols
-        .iter()
-        .map(|k| {
-            rows.iter()
-                .map(|r| cell(r, k).len())
-                .chain([k.len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: Vec<String>| {
-        let parts: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", parts.join("  ").trim_end());
-    };
-    line(cols.iter().map(|k| k.to_uppercase()).collect());
-    for r in &rows {
-        line(cols.iter().map(|k| cell(r, k)).collect());
+    println!(
+        "held:        {} of {quota} (head and history, unique bytes)",
+        table::human_size(h.held_bytes)
+    );
+    println!("in flight:   {}", table::human_size(u.in_flight_bytes));
+    println!(
+        "conflicts:   up to {} per writer",
+        table::human_size(h.conflict_quota_bytes)
+    );
+    for c in &h.conflicts {
+        println!(
+            "  {}: {} in {} version(s)",
+            c.origin,
+            table::human_size(c.held_bytes),
+            c.versions
+        );
     }
 }

@@ -71,8 +71,18 @@ fn vms() -> Vec<(Event, Value)> {
             json!({"kind": "vm_registered", "vm": "vm1"}),
         ),
         (
-            Event::VmUnregistered { vm: s("vm1") },
+            Event::VmUnregistered {
+                vm: s("vm1"),
+                forced: false,
+            },
             json!({"kind": "vm_unregistered", "vm": "vm1"}),
+        ),
+        (
+            Event::VmUnregistered {
+                vm: s("vm1"),
+                forced: true,
+            },
+            json!({"kind": "vm_unregistered", "vm": "vm1", "forced": true}),
         ),
         (
             Event::VmConnected {

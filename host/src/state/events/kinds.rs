@@ -22,6 +22,10 @@ pub enum Event {
     VmUnregistered {
         /// The VM.
         vm: String,
+        /// Removed with `force`: its users were not asked to release
+        /// first (their unsent changes arrive, if ever, as conflicts).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        forced: bool,
     },
     /// A VM's agent connected (handshake done).
     VmConnected {

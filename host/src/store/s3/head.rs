@@ -6,7 +6,9 @@ use std::time::Duration;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 
 use super::{CAS_ATTEMPTS, S3Store, remote};
-use crate::store::{CommitOutcome, NewVersion, StoreError, StoreResult, UserState};
+use crate::store::{
+    CommitOutcome, NewVersion, StoreError, StoreResult, UserEdit, UserState, quota,
+};
 
 /// A head object and the version tag to compare-and-swap against.
 pub(super) struct Head {
@@ -84,7 +86,7 @@ impl S3Store {
 
     /// Adds a version by compare-and-swap of the head object.
     pub(super) fn commit_cas(&self, new: &NewVersion<'_>) -> StoreResult<CommitOutcome> {
-        new.check(&self.policy)?;
+        new.check()?;
         let (user, manifest) = (new.user, new.manifest);
         // The manifest object is content-addressed: idempotent, and the PUT
         // makes it young for any GC that is looking at it.
@@ -103,6 +105,13 @@ impl S3Store {
             self.secure_chunks(manifest, &protected)?;
             let nonce = self.next_nonce();
             let (outcome, _) = state.add_version(&self.policy, new);
+            let (CommitOutcome::Committed(v) | CommitOutcome::Conflict { kept_as: v, .. }) =
+                outcome;
+            // Over the quota: refused before the head changes (manifests
+            // are content-addressed; the one written above goes with GC).
+            quota::fit(&self.policy, user, &mut state, v, manifest, |i| {
+                self.load_manifest(user, &Self::version_digest(i)?)
+            })?;
             state.writer = Some(nonce.clone());
             // A lost answer to a PUT that did land looks like a lost race:
             // the nonce is looked for at once, not after the back-off, since
@@ -119,6 +128,27 @@ impl S3Store {
                 attempt,
                 "head object changed under the commit; retrying"
             );
+            std::thread::sleep(Duration::from_millis(5 + 10 * u64::from(attempt.min(10))));
+        }
+        Err(StoreError::Contended {
+            user: user.to_string(),
+            attempts: CAS_ATTEMPTS,
+        })
+    }
+
+    /// Applies an operator's edit by compare-and-swap of the head object
+    /// (a deleted version's manifest and chunks go with GC).
+    pub(super) fn edit_cas(&self, user: &str, edit: UserEdit) -> StoreResult<()> {
+        for attempt in 0..CAS_ATTEMPTS {
+            let Head { mut state, tag } = self.read_head(user)?;
+            edit.apply(user, &mut state)?;
+            let nonce = self.next_nonce();
+            state.writer = Some(nonce.clone());
+            let won = self.write_head(user, &state, tag.as_ref())?
+                || self.read_head(user)?.state.writer.as_deref() == Some(nonce.as_str());
+            if won {
+                return Ok(());
+            }
             std::thread::sleep(Duration::from_millis(5 + 10 * u64::from(attempt.min(10))));
         }
         Err(StoreError::Contended {

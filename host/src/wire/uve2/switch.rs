@@ -5,7 +5,10 @@
 //! the last committed head and `handover_timed_out`. Either way the VM's
 //! lease is then revoked: what it sends later lands as a conflict version.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
+
+use tokio::task::JoinHandle;
 
 use serde::{Deserialize, Serialize};
 use uve_protocol::message::{Request, Response};
@@ -32,7 +35,7 @@ pub struct AssignOutcome {
 /// Assigns `user` to `vm`.
 pub fn assign(host: &Arc<Host>, user: &UserName, vm: &str) -> Result<AssignOutcome, RegistryError> {
     let previous = host.registry().assign(user, vm)?;
-    let released = release_holder(host, user, Some(vm));
+    let released = release_holder(host, user, Some(vm)).map(|(from, _)| from);
     host.emit(Event::Assigned {
         user: user.to_string(),
         vm: vm.to_string(),
@@ -49,43 +52,101 @@ pub fn assign(host: &Arc<Host>, user: &UserName, vm: &str) -> Result<AssignOutco
 
 /// Removes `user`'s assignment.
 pub fn unassign(host: &Arc<Host>, user: &UserName) -> Result<AssignOutcome, RegistryError> {
+    unassign_and_release(host, user).map(|(outcome, _)| outcome)
+}
+
+/// [`unassign`], and the wait for the release it asked for (if any).
+fn unassign_and_release(
+    host: &Arc<Host>,
+    user: &UserName,
+) -> Result<(AssignOutcome, Option<JoinHandle<()>>), RegistryError> {
     let previous = host.registry().unassign(user)?;
-    let released = release_holder(host, user, None);
+    let (released, wait) = match release_holder(host, user, None) {
+        Some((from, wait)) => (Some(from), wait),
+        None => (None, None),
+    };
     host.emit(Event::Unassigned {
         user: user.to_string(),
         previous: previous.clone(),
         release_requested_from: released.clone(),
     });
-    Ok(AssignOutcome {
+    let outcome = AssignOutcome {
         user: user.to_string(),
         vm: None,
         previous: Some(previous),
         release_requested_from: released,
-    })
+    };
+    Ok((outcome, wait))
+}
+
+/// Before `vm` is removed: unassigns the users assigned to it and asks it
+/// to release every user whose lease it holds, as [`unassign`] does, and
+/// waits until it has answered or `handover_timeout_ms` has passed (its
+/// leases are revoked either way). Returns the users it was asked to
+/// release.
+pub async fn release_all(host: &Arc<Host>, vm: &str) -> Vec<String> {
+    let mut users: BTreeSet<String> = host
+        .registry()
+        .assignments()
+        .into_iter()
+        .filter(|(_, v)| v == vm)
+        .map(|(u, _)| u)
+        .collect();
+    users.extend(host.leases().users_held_by(vm));
+    let mut asked = Vec::new();
+    let mut waits = Vec::new();
+    for name in users {
+        let Ok(user) = UserName::new(name) else {
+            continue;
+        };
+        let (from, wait) = if host.registry().assignment(&user).as_deref() == Some(vm) {
+            match unassign_and_release(host, &user) {
+                Ok((outcome, wait)) => (outcome.release_requested_from, wait),
+                Err(_) => (None, None),
+            }
+        } else {
+            match release_holder(host, &user, None) {
+                Some((from, wait)) => (Some(from), wait),
+                None => (None, None),
+            }
+        };
+        if from.as_deref() == Some(vm) {
+            asked.push(user.to_string());
+        }
+        waits.extend(wait);
+    }
+    for wait in waits {
+        let _ = wait.await;
+    }
+    asked
 }
 
 /// Revokes `vm`'s lease on `user` off the runtime threads (a durable
-/// write of the lease file).
-fn revoke(host: &Arc<Host>, user: &str, vm: &str) {
+/// write of the lease file); the handle tells when it is done.
+fn revoke(host: &Arc<Host>, user: &str, vm: &str) -> JoinHandle<()> {
     let (h, user, vm) = (host.clone(), user.to_string(), vm.to_string());
     tokio::task::spawn_blocking(move || match h.leases().revoke(&user, &vm) {
         Ok(true) => tracing::info!(user, vm, "lease revoked: the user was moved away"),
         Ok(false) => {}
         Err(e) => tracing::error!(user, vm, "lease not revoked: {e}"),
-    });
+    })
 }
 
 /// If a VM other than `new_vm` holds `user`'s lease, revokes it: at once
 /// if the VM is not connected, else once it has answered `UserRelease` (or
 /// not, within `handover_timeout_ms`), recording the hand-over. Returns the
-/// VM asked to release.
-fn release_holder(host: &Arc<Host>, user: &UserName, new_vm: Option<&str>) -> Option<String> {
+/// VM asked to release, and the task that waits for its answer.
+fn release_holder(
+    host: &Arc<Host>,
+    user: &UserName,
+    new_vm: Option<&str>,
+) -> Option<(String, Option<JoinHandle<()>>)> {
     let holder = host.leases().get(user)?.vm;
     if holder.is_empty() || Some(holder.as_str()) == new_vm {
         return None;
     }
     let Some(conn) = host.conns().get(&holder) else {
-        revoke(host, user, &holder);
+        let revoked = revoke(host, user, &holder);
         // The holder is gone. If it was lost with a session of the user
         // open, its last changes may be missing (or still in its spool):
         // the next retrieve says so instead of waiting for nobody.
@@ -97,12 +158,13 @@ fn release_holder(host: &Arc<Host>, user: &UserName, new_vm: Option<&str>) -> Op
                 reason: "previous VM was lost with the user's session open".into(),
             });
         }
+        drop(revoked);
         return None;
     };
     let ticket = host.handovers().start(user);
     let deadline_ms = u32::try_from(host.config().handover_timeout_ms).unwrap_or(u32::MAX);
     let (host, user, from) = (host.clone(), user.clone(), holder.clone());
-    tokio::spawn(async move {
+    let wait = tokio::spawn(async move {
         let req = Request::UserRelease {
             user: user.clone(),
             deadline_ms,
@@ -112,7 +174,7 @@ fn release_holder(host: &Arc<Host>, user: &UserName, new_vm: Option<&str>) -> Op
             .request_timeout(req, Host::ms(u64::from(deadline_ms)))
             .await;
         // Its flush (if any) is committed by now; what comes later is late.
-        revoke(&host, &user, &from);
+        let _ = revoke(&host, &user, &from).await;
         match answer {
             Ok(Response::Released { committed }) => {
                 ticket.finish(HandoverOutcome::Released);
@@ -136,5 +198,5 @@ fn release_holder(host: &Arc<Host>, user: &UserName, new_vm: Option<&str>) -> Op
             }
         }
     });
-    Some(holder)
+    Some((holder, Some(wait)))
 }

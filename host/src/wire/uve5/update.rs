@@ -1,6 +1,7 @@
 //! UIF update (logout, VM switch, checkpoint): `UpdateBegin` checks
-//! everything announced (names, rights, sizes, quota) before allocating;
-//! pages arrive in order and are answered with the chunks the store lacks;
+//! everything announced (names, rights, sizes) before allocating; pages
+//! arrive in order, are counted against the user's quota (`quota_check`)
+//! and answered with the chunks the store lacks;
 //! uploaded chunks are checked against hash and announced length; commit
 //! checks the manifest digest, then compare-and-swaps under the user's
 //! lease gate. A stale base or lease keeps the upload as a conflict version.
@@ -21,6 +22,7 @@ use uve_protocol::message::{ErrorCode, Response, UpdateBegin, WireError};
 mod block_delta;
 mod commit;
 mod pages;
+mod quota_check;
 
 pub use block_delta::{chunk_delta, signatures};
 pub use commit::commit;
@@ -82,6 +84,8 @@ struct UploadState {
     /// the base be pruned before the commit, the store's commit checks them
     /// like any other chunk.
     base: Option<Arc<BaseIndex>>,
+    /// The quota count (taken with the first page).
+    quota: Option<quota_check::QuotaCheck>,
 }
 
 /// A hash listed in an upload's pages.
@@ -188,7 +192,7 @@ fn open_upload(conn: &VmConnection, b: UpdateBegin) -> Handled {
         ));
     }
     let (h, cfg) = (b.header, host.config());
-    check_sizes(cfg, host.store().policy().quota_bytes, &h)?;
+    check_sizes(cfg, &h)?;
     check_conflict_rate(conn, &b)?;
     let mut st = conn.state();
     if st.uploads.len() >= cfg.max_uploads_per_vm {
@@ -213,14 +217,14 @@ fn open_upload(conn: &VmConnection, b: UpdateBegin) -> Handled {
 }
 
 /// Checks the sizes an `UpdateBegin` announces against the limits before
-/// anything is allocated: the UIF's size (largest accepted, quota, what
-/// one VM or user may stage), its chunk count, and that the two agree.
+/// anything is allocated: the UIF's size (largest accepted, what one VM or
+/// user may stage), its chunk count, and that the two agree. The quota
+/// counts unique bytes, which only the pages show (`quota_check`).
 fn check_sizes(
     cfg: &crate::config::Config,
-    quota: u64,
     h: &uve_protocol::manifest::ManifestHeader,
 ) -> Result<(), WireError> {
-    use ErrorCode::{QuotaExceeded, TooLarge};
+    use ErrorCode::TooLarge;
     let staging = cfg.staging_limits();
     let stage_limit = staging.per_vm.min(staging.per_user);
     let (size, chunks) = (h.size, u64::from(h.chunk_count));
@@ -229,11 +233,6 @@ fn check_sizes(
         Some((
             TooLarge,
             format!("UIF of {size} bytes exceeds the limit of {limit}"),
-        ))
-    } else if size > quota {
-        Some((
-            QuotaExceeded,
-            format!("UIF of {size} bytes exceeds the quota of {quota}"),
         ))
     } else if size > stage_limit {
         let what = "what one VM or user may stage";

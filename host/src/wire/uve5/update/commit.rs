@@ -10,7 +10,7 @@ use std::sync::{Arc, PoisonError};
 use uve_protocol::manifest::{Manifest, ManifestError};
 use uve_protocol::message::{ErrorCode, Response, Version};
 
-use super::{Upload, bad, get, refused};
+use super::{Upload, bad, get, quota_check, refused};
 use crate::host::wire_store_error;
 use crate::state::events::{Event, UpdateFields};
 use crate::state::leases::Granted;
@@ -78,7 +78,7 @@ async fn commit_upload(conn: &VmConnection, up: &Arc<Upload>, upload: u64) -> Ha
             s.commit(&user, &m, base, head_ok, &origin)
         })
         .await
-        .map_err(|e| wire_store_error(&e))?
+        .map_err(|e| quota_check::refusal(conn, &e))?
     };
     conn.state().uploads.remove(&upload);
     let update = UpdateFields {

@@ -10,7 +10,7 @@ use uve_protocol::delta::BaseIndex;
 use uve_protocol::manifest::{ChunkRef, Hash, chunks_per_page};
 use uve_protocol::message::{ErrorCode, Response, WireError};
 
-use super::{Listed, Upload, bad, get, refused};
+use super::{Listed, Upload, bad, get, quota_check, refused};
 use crate::host::wire_store_error;
 
 use crate::wire::uve5::{Handled, VmConnection};
@@ -18,9 +18,13 @@ use crate::wire::uve5::{Handled, VmConnection};
 /// `UpdatePage`: returns the indices (within the page) the store lacks.
 pub async fn page(conn: &VmConnection, upload: u64, page: u32, chunks: Vec<ChunkRef>) -> Handled {
     let up = get(conn, upload)?;
-    list_page(conn, &up, page, chunks)
-        .await
-        .inspect_err(|e| refused(conn, &up.begin, e))
+    list_page(conn, &up, page, chunks).await.inspect_err(|e| {
+        if e.code == ErrorCode::QuotaExceeded {
+            // Final: its stage and quota charge go at once.
+            conn.state().uploads.remove(&upload);
+        }
+        refused(conn, &up.begin, e);
+    })
 }
 
 /// Refuses a chunk shorter than [`MIN_CHUNK`] anywhere but at the end of
@@ -120,40 +124,48 @@ async fn list_page(
         .iter()
         .map(|h| base_chunks.contains(h) || answers.next().unwrap_or(false))
         .collect();
-    let mut st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
-    let mut missing = Vec::new();
-    for (i, (c, here)) in chunks.iter().zip(present).enumerate() {
-        let new = match st.listed.get(&c.hash) {
-            Some(l) if l.len != c.len => {
-                return Err(bad(
-                    ErrorCode::BadRequest,
-                    "one hash listed with two lengths",
-                ));
+    let (missing, fresh) = {
+        let mut st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut missing = Vec::new();
+        let mut fresh = Vec::new();
+        for (i, (c, here)) in chunks.iter().zip(present).enumerate() {
+            let new = match st.listed.get(&c.hash) {
+                Some(l) if l.len != c.len => {
+                    return Err(bad(
+                        ErrorCode::BadRequest,
+                        "one hash listed with two lengths",
+                    ));
+                }
+                Some(_) => false,
+                None => {
+                    st.listed.insert(
+                        c.hash,
+                        Listed {
+                            len: c.len,
+                            awaited: !here,
+                        },
+                    );
+                    true
+                }
+            };
+            if new {
+                fresh.push(*c);
             }
-            Some(_) => false,
-            None => {
-                st.listed.insert(
-                    c.hash,
-                    Listed {
-                        len: c.len,
-                        awaited: !here,
-                    },
-                );
-                true
+            if new && !here {
+                missing.push(u32::try_from(i).unwrap_or(u32::MAX));
             }
-        };
-        if new && !here {
-            missing.push(u32::try_from(i).unwrap_or(u32::MAX));
         }
-    }
-    for c in &chunks {
-        let at = st.end;
-        st.starts.push(at);
-        st.end = at + u64::from(c.len);
-    }
-    st.chunks.extend_from_slice(&chunks);
-    st.next_page += 1;
-    st.pins.push(pins);
+        for c in &chunks {
+            let at = st.end;
+            st.starts.push(at);
+            st.end = at + u64::from(c.len);
+        }
+        st.chunks.extend_from_slice(&chunks);
+        st.next_page += 1;
+        st.pins.push(pins);
+        (missing, fresh)
+    };
+    quota_check::count_page(conn, up, &fresh).await?;
     Ok(Response::Missing(missing))
 }
 

@@ -1,5 +1,5 @@
 //! The command line of `uvectl` (clap): every command, its arguments and
-//! their help text.
+//! their help text. The binary is `src/bin/uvectl/`.
 
 use std::path::PathBuf;
 
@@ -49,6 +49,9 @@ pub enum Cmd {
     },
     /// List users with a UIF.
     Users,
+    /// A user's quota: show what they hold, delete an old version, set the quota.
+    #[command(subcommand)]
+    User(UserCmd),
     /// List a user's versions.
     Versions {
         /// User.
@@ -117,6 +120,63 @@ pub enum Cmd {
     Monitor(MonitorCmd),
 }
 
+/// `uvectl user ...`.
+#[derive(Subcommand)]
+pub enum UserCmd {
+    /// Head, assignment, lease, and what the user holds against the quota
+    /// (unique bytes of head and history, each writer's conflict versions,
+    /// uploads in flight).
+    Show {
+        /// User.
+        user: String,
+    },
+    /// Delete a retained version that is not the head (its chunks go at the
+    /// next GC unless another version holds them).
+    RmVersion {
+        /// User.
+        user: String,
+        /// Version.
+        version: u64,
+    },
+    /// Set the user's quota (unique bytes of head and history), e.g. 20GiB,
+    /// 512MiB or 1000000; `default` clears the override.
+    Quota {
+        /// User.
+        user: String,
+        /// Bytes (suffixes KiB, MiB, GiB, TiB), or `default`.
+        #[arg(value_parser = parse_quota)]
+        bytes: QuotaArg,
+    },
+}
+
+/// A quota given on the command line: bytes, or the host's default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaArg(pub Option<u64>);
+
+/// Parses `20GiB`, `512MiB`, `1000000` or `default`.
+pub fn parse_quota(s: &str) -> Result<QuotaArg, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("default") {
+        return Ok(QuotaArg(None));
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size: bytes, or a number with KiB, MiB, GiB, TiB"))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KiB" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        "T" | "TiB" => 40,
+        other => return Err(format!("unknown unit {other:?}: use KiB, MiB, GiB or TiB")),
+    };
+    n.checked_mul(1u64 << shift)
+        .map(|b| QuotaArg(Some(b)))
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
 /// `uvectl vm ...`.
 #[derive(Subcommand)]
 pub enum VmCmd {
@@ -144,10 +204,15 @@ pub enum VmCmd {
         /// VM id.
         id: String,
     },
-    /// Unregister a VM.
+    /// Unregister a VM: its users are unassigned and it is asked to
+    /// release them first (waits up to handover_timeout_ms).
     Rm {
         /// VM id.
         id: String,
+        /// Remove at once, without asking the VM to release its users
+        /// (their unsent changes can only arrive later as conflicts).
+        #[arg(long)]
+        force: bool,
     },
     /// Ask the VM's agent for its status.
     Status {
@@ -226,4 +291,20 @@ pub enum MonitorCmd {
         /// Monitoring user.
         monitor: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotas_parse_in_binary_units() {
+        assert_eq!(parse_quota("20GiB"), Ok(QuotaArg(Some(20 << 30))));
+        assert_eq!(parse_quota("512M"), Ok(QuotaArg(Some(512 << 20))));
+        assert_eq!(parse_quota("1000"), Ok(QuotaArg(Some(1000))));
+        assert_eq!(parse_quota("default"), Ok(QuotaArg(None)));
+        assert!(parse_quota("12 parsecs").is_err());
+        assert!(parse_quota("GiB").is_err());
+        assert!(parse_quota("99999999999TiB").is_err());
+    }
 }
