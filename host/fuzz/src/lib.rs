@@ -202,7 +202,8 @@ pub fn seed() -> &'static Seed {
 /// The settings a case may vary.
 #[derive(Debug, Clone, Copy)]
 pub struct Knobs {
-    /// Bulk threads of the store (0: chunk work on blocking threads).
+    /// Bulk threads of the store (0: chunk work on the runtime's blocking
+    /// threads, which outlive a case; 1 starts one thread per case).
     pub bulk_threads: usize,
     /// Per-user quota, bytes.
     pub quota: u64,
@@ -227,7 +228,7 @@ pub struct Knobs {
 impl Default for Knobs {
     fn default() -> Self {
         Knobs {
-            bulk_threads: 1,
+            bulk_threads: 0,
             quota: 1 << 20,
             staged_per_vm: 1 << 20,
             staged_total: 2 << 20,
@@ -301,15 +302,30 @@ impl Rig {
                     port: None,
                     unix: Some(format!("/nonexistent/{vm}.sock").into()),
                 })
-                .expect("register VM");
+                .expect("register VM")
+                .durable_blocking()
+                .expect("in memory");
         }
-        for (user, vm) in [("alice", VM), ("dave", VM), ("carol", OTHER_VM), ("bob", OTHER_VM)] {
-            registry.assign(user, vm).expect("assign");
+        for (user, vm) in [
+            ("alice", VM),
+            ("dave", VM),
+            ("carol", OTHER_VM),
+            ("bob", OTHER_VM),
+        ] {
+            let assigned = registry.assign(user, vm).expect("assign");
+            assigned.durable_blocking().expect("in memory");
         }
         let leases = Leases::in_memory();
-        leases.grant("carol", VM, None).expect("in memory");
-        leases.grant("carol", OTHER_VM, None).expect("in memory");
-        leases.grant("bob", OTHER_VM, Some(1)).expect("in memory");
+        for (user, vm, base) in [
+            ("carol", VM, None),
+            ("carol", OTHER_VM, None),
+            ("bob", OTHER_VM, Some(1)),
+        ] {
+            leases
+                .grant(user, vm, base)
+                .durable_blocking()
+                .expect("in memory");
+        }
         let host = Host::new(
             config,
             std::env::temp_dir(),
@@ -329,17 +345,21 @@ impl Rig {
     pub async fn settle(&self, limit: Duration) {
         let since = Instant::now();
         loop {
-            let held = self.store.held();
             let staged = self.host.staging().staged_bytes();
             let holders = Arc::strong_count(&self.host);
-            if staged == 0 && held.stages == 0 && held.pinned == 0 && holders == 1 {
+            // The store's count last: it walks every chunk.
+            let held = (staged == 0 && holders == 1).then(|| self.store.held());
+            if held.is_some_and(|h| h.stages == 0 && h.pinned == 0) {
                 break;
             }
+            let held = held.unwrap_or_else(|| self.store.held());
             assert!(
                 since.elapsed() < limit,
                 "still held {limit:?} after the case: {staged} bytes staged, {held:?}, \
                  {holders} holders of the host"
             );
+            // The reclaimer thread may be what is awaited.
+            std::thread::yield_now();
             tokio::task::yield_now().await;
             if since.elapsed() > Duration::from_millis(2) {
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -419,7 +439,9 @@ pub mod stats {
             Response::BlockSignatures(s) if s.iter().any(Option::is_some) => "digests".into(),
             _ => "ok".into(),
         };
-        let mut t = TABLE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut t = TABLE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *t.entry(format!("{kind} {outcome}")).or_default() += 1;
         let total: u64 = t.values().sum();
         if total % 20_000 == 0 {
