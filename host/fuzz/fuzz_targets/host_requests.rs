@@ -266,7 +266,12 @@ struct UploadModel {
 
 impl UploadModel {
     fn bytes_of(&self, hash: &Hash) -> Option<&[u8]> {
-        let i = self.draft.manifest.chunks.iter().position(|c| c.hash == *hash)?;
+        let i = self
+            .draft
+            .manifest
+            .chunks
+            .iter()
+            .position(|c| c.hash == *hash)?;
         Some(self.draft.chunk(i))
     }
 
@@ -296,6 +301,11 @@ struct Model {
     committed: HashMap<Who, Vec<Version>>,
     /// Chunks listed in pages served since the last grant, per user.
     served: HashMap<Who, Vec<Hash>>,
+    /// What a fetch of the current batch may get: the chunks served before
+    /// it, or by a page of it (its requests run in any order, so a fetch
+    /// may run before a grant of the batch that ends what was served, or
+    /// after a page of the batch that comes later in the list).
+    may_fetch: HashMap<Who, HashSet<Hash>>,
     /// Contents of versions the agent knows.
     contents: HashMap<(Who, Version), Cut>,
     uploads: Vec<UploadModel>,
@@ -367,6 +377,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(case) = Case::arbitrary(&mut Unstructured::new(data)) else {
         return;
     };
+    uve_host_fuzz::print_case(&case);
     let before = alloc::reset_peak();
     runtime().block_on(run(case));
     let grew = alloc::peak().saturating_sub(before);
@@ -379,7 +390,11 @@ fn knobs(s: &Setup) -> Knobs {
         bulk_threads: usize::from(s.bulk_threads),
         quota: [1 << 20, 160 << 10, 64 << 10][usize::from(s.quota % 3)],
         staged_per_vm: [1 << 20, 200 << 10, 48 << 10][usize::from(s.staging % 3)],
-        staged_total: if s.staging & 4 == 0 { 2 << 20 } else { 150 << 10 },
+        staged_total: if s.staging & 4 == 0 {
+            2 << 20
+        } else {
+            150 << 10
+        },
         max_uploads: 1 + usize::from(s.max_uploads % 4),
         max_inflight: 1 + u32::from(s.max_inflight % 8),
         capacity: s
@@ -406,11 +421,18 @@ async fn run(case: Case) {
     match peer {
         Err(e) => assert!(case.setup.bad_hello, "handshake refused: {e}"),
         Ok(mut peer) => {
-            assert!(!case.setup.bad_hello, "a version nobody speaks was welcomed");
+            assert!(
+                !case.setup.bad_hello,
+                "a version nobody speaks was welcomed"
+            );
             let mut model = Model {
                 protocol: peer.welcome.protocol,
                 max_frame: peer.welcome.max_frame,
-                known: seed().alice.values().flat_map(|c| c.manifest.chunks.iter().map(|c| c.hash)).collect(),
+                known: seed()
+                    .alice
+                    .values()
+                    .flat_map(|c| c.manifest.chunks.iter().map(|c| c.hash))
+                    .collect(),
                 ..Model::default()
             };
             for batch in &case.batches {
@@ -425,11 +447,23 @@ async fn run(case: Case) {
     assert!(ended(served).await, "the only connection was admitted");
     rig.settle(Duration::from_secs(20)).await;
     let host = &rig.host;
-    assert!(host.sessions().list(Some(VM)).is_empty(), "sessions outlived the connection");
-    assert!(host.conns().get(VM).is_none(), "the connection is still listed");
-    let open = host.metrics().connections.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        host.sessions().list(Some(VM)).is_empty(),
+        "sessions outlived the connection"
+    );
+    assert!(
+        host.conns().get(VM).is_none(),
+        "the connection is still listed"
+    );
+    let open = host
+        .metrics()
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(open, 0, "connections gauge");
-    assert!(host.events().since(0).0.len() <= 256, "the event ring is bounded");
+    assert!(
+        host.events().since(0).0.len() <= 256,
+        "the event ring is bounded"
+    );
 }
 
 /// Sends one batch and checks every answer against the model.
@@ -456,6 +490,17 @@ async fn exchange(rig: &Rig, peer: &mut Peer, model: &mut Model, batch: &[Op]) {
     rig.store.fail_next(fail);
     let answers = peer.exchange(&out).await;
     rig.store.fail_next(0);
+    model.may_fetch = model
+        .served
+        .iter()
+        .map(|(w, s)| (*w, s.iter().copied().collect()))
+        .collect();
+    for (p, a) in pending.iter().zip(&answers) {
+        if let (Pending::Page { who, .. }, Answer::Got(Response::ManifestPage(refs))) = (p, a) {
+            let may = model.may_fetch.entry(*who).or_default();
+            may.extend(refs.iter().map(|c| c.hash));
+        }
+    }
     let store_failed = rig.store.failures() != failed_before;
     let alone = out.len() == 1 && !store_failed;
     for ((p, a), o) in pending.into_iter().zip(answers).zip(&out) {
@@ -513,7 +558,10 @@ fn version_of(rig: &Rig, model: &Model, who: Who, pick: Pick) -> Option<Version>
 fn upload_of(model: &Model, pick: UploadPick) -> (u64, Option<usize>) {
     match pick {
         _ if model.uploads.is_empty() => (1, None),
-        UploadPick::Last => (model.uploads[model.uploads.len() - 1].id, Some(model.uploads.len() - 1)),
+        UploadPick::Last => (
+            model.uploads[model.uploads.len() - 1].id,
+            Some(model.uploads.len() - 1),
+        ),
         UploadPick::Nth(n) => {
             let i = usize::from(n) % model.uploads.len();
             (model.uploads[i].id, Some(i))
@@ -557,7 +605,10 @@ fn draft_from(base: Option<&Cut>, draft: &Draft) -> Cut {
             Cut::new(bytes, cuts)
         }
         Draft::Fresh { kib, seed, cuts } => Cut::new(
-            noise(usize::from(kib % 160) * 1024 + usize::from(*kib), u64::from(*seed) + 1000),
+            noise(
+                usize::from(kib % 160) * 1024 + usize::from(*kib),
+                u64::from(*seed) + 1000,
+            ),
             cuts,
         ),
     }
@@ -574,7 +625,10 @@ fn chosen_chunk(u: &UploadModel, pick: u8) -> Option<usize> {
 fn request(rig: &Rig, model: &mut Model, op: &Op) -> (Outgoing, Pending) {
     let req = |r: Request| Outgoing::Request(r);
     match op {
-        Op::Retrieve { user: who, session: s } => (
+        Op::Retrieve {
+            user: who,
+            session: s,
+        } => (
             req(Request::UifRetrieve {
                 user: user(*who),
                 session: session(*s),
@@ -632,7 +686,13 @@ fn request(rig: &Rig, model: &mut Model, op: &Op) -> (Outgoing, Pending) {
             cause,
         } => {
             let base = version_of(rig, model, *who, *base);
-            let base_cut = base.and_then(|v| model.contents.get(&(*who, v)).or(if *who == Who::Alice { seed().alice.get(&v) } else { None }));
+            let base_cut = base.and_then(|v| {
+                model.contents.get(&(*who, v)).or(if *who == Who::Alice {
+                    seed().alice.get(&v)
+                } else {
+                    None
+                })
+            });
             let draft = draft_from(base_cut, draft);
             let granted = model.lease.get(who).copied().unwrap_or(0);
             let lease = match lease {
@@ -644,7 +704,9 @@ fn request(rig: &Rig, model: &mut Model, op: &Op) -> (Outgoing, Pending) {
             let mut header = draft.manifest.header;
             match lie {
                 HeaderLie::None => {}
-                HeaderLie::Size(d) => header.size = header.size.saturating_add_signed(i64::from(*d)),
+                HeaderLie::Size(d) => {
+                    header.size = header.size.saturating_add_signed(i64::from(*d))
+                }
                 HeaderLie::Count(d) => {
                     header.chunk_count = header.chunk_count.saturating_add_signed(i32::from(*d));
                 }
@@ -714,7 +776,12 @@ fn request(rig: &Rig, model: &mut Model, op: &Op) -> (Outgoing, Pending) {
                 Some(u) => match chosen_chunk(u, *chunk) {
                     Some(i) => {
                         let h = u.sent[i].hash;
-                        (h, u.bytes_of(&h).map(<[u8]>::to_vec).unwrap_or_else(|| vec![0; u.sent[i].len as usize]))
+                        (
+                            h,
+                            u.bytes_of(&h)
+                                .map(<[u8]>::to_vec)
+                                .unwrap_or_else(|| vec![0; u.sent[i].len as usize]),
+                        )
                     }
                     None => (Hash([2; 32]), vec![1, 2, 3]),
                 },
@@ -797,15 +864,24 @@ fn request(rig: &Rig, model: &mut Model, op: &Op) -> (Outgoing, Pending) {
                 index: d.index,
                 hash: d.hash,
             };
-            (req(Request::ChunkDelta(ChunkDelta { upload: id, ..d })), pending)
+            (
+                req(Request::ChunkDelta(ChunkDelta { upload: id, ..d })),
+                pending,
+            )
         }
         Op::Commit { upload } => {
             let (id, at) = upload_of(model, *upload);
-            (req(Request::UpdateCommit { upload: id }), Pending::Commit(known(model, at)))
+            (
+                req(Request::UpdateCommit { upload: id }),
+                Pending::Commit(known(model, at)),
+            )
         }
         Op::Abort { upload } => {
             let (id, at) = upload_of(model, *upload);
-            (req(Request::UpdateAbort { upload: id }), Pending::Abort(known(model, at)))
+            (
+                req(Request::UpdateAbort { upload: id }),
+                Pending::Abort(known(model, at)),
+            )
         }
         Op::Started {
             session: s,
@@ -859,7 +935,9 @@ fn request(rig: &Rig, model: &mut Model, op: &Op) -> (Outgoing, Pending) {
                     deadline_ms: 1,
                 },
                 1 => Request::AgentStatus,
-                2 => Request::SessionSuspend { session: session(0) },
+                2 => Request::SessionSuspend {
+                    session: session(0),
+                },
                 _ => Request::UaCommit { transfer: 1 },
             };
             (req(r), Pending::HostBound)
@@ -868,13 +946,19 @@ fn request(rig: &Rig, model: &mut Model, op: &Op) -> (Outgoing, Pending) {
             let mut f = postcard::to_stdvec(&(3u32, 0u64)).expect("encode header");
             f.extend_from_slice(bytes);
             let decoded = uve_protocol::codec::decode_body(&f);
-            let bad_name = matches!(decoded, Err(uve_protocol::codec::FrameError::BadName { .. }));
+            let bad_name = matches!(
+                decoded,
+                Err(uve_protocol::codec::FrameError::BadName { .. })
+            );
             let stateful = matches!(
                 decoded,
                 Ok(uve_protocol::message::Frame::Request { body, .. })
                     if !matches!(body, Request::Ping { .. })
             );
-            (Outgoing::Raw(bytes.clone()), Pending::Raw { bad_name, stateful })
+            (
+                Outgoing::Raw(bytes.clone()),
+                Pending::Raw { bad_name, stateful },
+            )
         }
         Op::FailStore(_) => unreachable!("handled by the batch"),
     }
@@ -1025,9 +1109,17 @@ fn check(rig: &Rig, model: &mut Model, p: Pending, r: Response, alone: bool, o: 
             let Response::Retrieve(g) = r else { return };
             assert!(who.on_vm(), "{} granted to {VM}", who.name());
             assert!(g.lease > model.epoch_floor, "lease epochs increase");
-            assert!(model.epochs.insert(g.lease), "lease epoch {} granted twice", g.lease);
+            assert!(
+                model.epochs.insert(g.lease),
+                "lease epoch {} granted twice",
+                g.lease
+            );
             if alone {
-                assert_eq!(g.version, store.head(who.name()).expect("head"), "the grant is the head");
+                assert_eq!(
+                    g.version,
+                    store.head(who.name()).expect("head"),
+                    "the grant is the head"
+                );
                 if let Some(v) = g.version {
                     let m = store.manifest(who.name(), v).expect("head manifest");
                     assert_eq!(g.header, Some(m.header));
@@ -1039,11 +1131,20 @@ fn check(rig: &Rig, model: &mut Model, p: Pending, r: Response, alone: bool, o: 
             model.committed.insert(who, Vec::new());
         }
         Pending::Page { who, version, page } => {
-            let Response::ManifestPage(refs) = r else { return };
+            let Response::ManifestPage(refs) = r else {
+                return;
+            };
             assert!(who.on_vm(), "a page of {} served to {VM}", who.name());
-            assert!(refs.iter().all(|c| !bob_only.contains(&c.hash)), "bob's chunk listed to {VM}");
+            assert!(
+                refs.iter().all(|c| !bob_only.contains(&c.hash)),
+                "bob's chunk listed to {VM}"
+            );
             if !model.tainted {
-                assert_eq!(model.granted.get(&who), Some(&Some(version)), "only the granted version is served");
+                assert_eq!(
+                    model.granted.get(&who),
+                    Some(&Some(version)),
+                    "only the granted version is served"
+                );
             }
             if let Ok(m) = store.manifest(who.name(), version) {
                 let want = m.page(page, model.max_frame).expect("the page exists");
@@ -1057,10 +1158,15 @@ fn check(rig: &Rig, model: &mut Model, p: Pending, r: Response, alone: bool, o: 
         }
         Pending::Fetch { who, hash } => {
             let allowed = who.on_vm() && model.served.get(&who).is_some_and(|s| s.contains(&hash));
+            let may = model.may_fetch.get(&who).is_some_and(|s| s.contains(&hash));
             match r {
                 Response::Chunk(data) => {
                     assert!(who.on_vm(), "a chunk of {} sent to {VM}", who.name());
-                    assert!(allowed || model.tainted, "chunk {hash} of {} fetched without being served", who.name());
+                    assert!(
+                        may || model.tainted,
+                        "chunk {hash} of {} fetched without being served",
+                        who.name()
+                    );
                     assert!(!bob_only.contains(&hash), "bob's bytes sent to {VM}");
                     assert_eq!(Hash::of(&data), hash, "the bytes are the chunk asked for");
                 }
@@ -1079,10 +1185,19 @@ fn check(rig: &Rig, model: &mut Model, p: Pending, r: Response, alone: bool, o: 
             header,
             huge,
         } => {
-            let Response::UpdateAccepted { upload } = r else { return };
-            assert!(who.may_update(), "an update of {} opened by {VM}", who.name());
+            let Response::UpdateAccepted { upload } = r else {
+                return;
+            };
+            assert!(
+                who.may_update(),
+                "an update of {} opened by {VM}",
+                who.name()
+            );
             assert!(!huge, "a UIF of {} bytes accepted", header.size);
-            assert!(model.seen_uploads.insert(upload), "upload id {upload} given twice");
+            assert!(
+                model.seen_uploads.insert(upload),
+                "upload id {upload} given twice"
+            );
             model.uploads.push(UploadModel {
                 id: upload,
                 user: who,
@@ -1099,13 +1214,28 @@ fn check(rig: &Rig, model: &mut Model, p: Pending, r: Response, alone: bool, o: 
                 signatures: HashMap::new(),
             });
         }
-        Pending::List { upload, page, chunks } => {
-            let Response::Missing(missing) = r else { return };
-            assert!(missing.windows(2).all(|w| w[0] < w[1]), "missing indices increase");
-            assert!(missing.iter().all(|i| (*i as usize) < chunks.len()), "missing indices are in the page");
+        Pending::List {
+            upload,
+            page,
+            chunks,
+        } => {
+            let Response::Missing(missing) = r else {
+                return;
+            };
+            assert!(
+                missing.windows(2).all(|w| w[0] < w[1]),
+                "missing indices increase"
+            );
+            assert!(
+                missing.iter().all(|i| (*i as usize) < chunks.len()),
+                "missing indices are in the page"
+            );
             let tainted = model.tainted;
             let Some(u) = model_of(model, upload) else {
-                assert!(tainted, "a page of an upload the agent never opened was accepted");
+                assert!(
+                    tainted,
+                    "a page of an upload the agent never opened was accepted"
+                );
                 return;
             };
             if !tainted {
@@ -1124,16 +1254,24 @@ fn check(rig: &Rig, model: &mut Model, p: Pending, r: Response, alone: bool, o: 
                 if reported {
                     assert!(first && !stored, "chunk {i} ({}) reported missing", c.hash);
                 } else if first {
-                    assert!(stored, "chunk {i} ({}), which the store lacks, not reported missing", c.hash);
+                    assert!(
+                        stored,
+                        "chunk {i} ({}), which the store lacks, not reported missing",
+                        c.hash
+                    );
                 }
             }
             let first = u.sent.len();
             u.listed = listed;
-            u.missing.extend(missing.iter().map(|i| first + *i as usize));
+            u.missing
+                .extend(missing.iter().map(|i| first + *i as usize));
             u.sent.extend_from_slice(&chunks);
             u.next_page += 1;
             if !tainted {
-                assert!(u.sent.len() <= u.header.chunk_count as usize, "more chunks listed than announced");
+                assert!(
+                    u.sent.len() <= u.header.chunk_count as usize,
+                    "more chunks listed than announced"
+                );
                 let bytes: u64 = u.sent.iter().map(|c| u64::from(c.len)).sum();
                 assert!(bytes <= u.header.size, "more bytes listed than announced");
             }
@@ -1149,22 +1287,32 @@ fn check(rig: &Rig, model: &mut Model, p: Pending, r: Response, alone: bool, o: 
             }
             let tainted = model.tainted;
             let Some(u) = model_of(model, upload) else {
-                assert!(tainted, "a chunk of an upload the agent never opened was accepted");
+                assert!(
+                    tainted,
+                    "a chunk of an upload the agent never opened was accepted"
+                );
                 return;
             };
             if !tainted {
                 assert!(
-                    u.sent.iter().any(|c| c.hash == hash && c.len as usize == len),
+                    u.sent
+                        .iter()
+                        .any(|c| c.hash == hash && c.len as usize == len),
                     "a chunk not listed was accepted"
                 );
                 // A chunk staged already is not written again, so a resend's
                 // bytes are not looked at.
-                assert!(data_hash == hash || u.stored.contains(&hash), "bytes stored under another hash");
+                assert!(
+                    data_hash == hash || u.stored.contains(&hash),
+                    "bytes stored under another hash"
+                );
             }
             u.stored.insert(hash);
         }
         Pending::Signatures { upload, indices } => {
-            let Response::BlockSignatures(sigs) = r else { return };
+            let Response::BlockSignatures(sigs) = r else {
+                return;
+            };
             assert_eq!(model.protocol, 2, "block signatures on protocol 1");
             assert_eq!(sigs.len(), indices.len(), "one answer per chunk asked");
             let tainted = model.tainted;
@@ -1179,7 +1327,10 @@ fn check(rig: &Rig, model: &mut Model, p: Pending, r: Response, alone: bool, o: 
             for (i, sig) in indices.iter().zip(sigs) {
                 let i = *i as usize;
                 if exact {
-                    assert!(u.awaited(i), "signatures of chunk {i}, which was not awaited");
+                    assert!(
+                        u.awaited(i),
+                        "signatures of chunk {i}, which was not awaited"
+                    );
                     assert!(!u.signed.contains(&i), "chunk {i} signed twice");
                 }
                 u.signed.insert(i);
@@ -1187,9 +1338,11 @@ fn check(rig: &Rig, model: &mut Model, p: Pending, r: Response, alone: bool, o: 
                 let (at, len) = (u.start(i), u.sent[i].len as usize);
                 assert_eq!(sig.len(), block_count(at, len), "one digest per block");
                 let base = u.base.and_then(|b| {
-                    contents
-                        .get(&(u.user, b))
-                        .or(if u.user == Who::Alice { seed().alice.get(&b) } else { None })
+                    contents.get(&(u.user, b)).or(if u.user == Who::Alice {
+                        seed().alice.get(&b)
+                    } else {
+                        None
+                    })
                 });
                 if let Some(base) = base {
                     let from = usize::try_from(at).expect("small");
@@ -1200,7 +1353,11 @@ fn check(rig: &Rig, model: &mut Model, p: Pending, r: Response, alone: bool, o: 
                 u.signatures.insert(i, sig);
             }
         }
-        Pending::Delta { upload, index, hash } => {
+        Pending::Delta {
+            upload,
+            index,
+            hash,
+        } => {
             if r != Response::Ok {
                 return;
             }
@@ -1212,7 +1369,10 @@ fn check(rig: &Rig, model: &mut Model, p: Pending, r: Response, alone: bool, o: 
             };
             let i = index as usize;
             if exact {
-                assert!(u.awaited(i) && u.sent[i].hash == hash, "a delta for a chunk not awaited");
+                assert!(
+                    u.awaited(i) && u.sent[i].hash == hash,
+                    "a delta for a chunk not awaited"
+                );
             }
             u.stored.insert(hash);
         }
@@ -1222,8 +1382,12 @@ fn check(rig: &Rig, model: &mut Model, p: Pending, r: Response, alone: bool, o: 
                 Response::Conflict { kept_as, .. } => (kept_as, false),
                 _ => return,
             };
-            let Some(at) = upload.and_then(|id| model.uploads.iter().position(|u| u.id == id)) else {
-                assert!(model.tainted, "a commit of an upload the agent never opened");
+            let Some(at) = upload.and_then(|id| model.uploads.iter().position(|u| u.id == id))
+            else {
+                assert!(
+                    model.tainted,
+                    "a commit of an upload the agent never opened"
+                );
                 return;
             };
             let u = model.uploads.remove(at);
@@ -1234,11 +1398,19 @@ fn check(rig: &Rig, model: &mut Model, p: Pending, r: Response, alone: bool, o: 
                 header: u.header,
                 chunks: u.sent.clone(),
             };
-            m.validate().expect("a committed manifest is the one announced");
+            m.validate()
+                .expect("a committed manifest is the one announced");
             if head {
-                assert_eq!(model.lease.get(&u.user), Some(&u.lease), "committed as head without the current lease");
+                assert_eq!(
+                    model.lease.get(&u.user),
+                    Some(&u.lease),
+                    "committed as head without the current lease"
+                );
                 let granted = model.granted.get(&u.user).copied();
-                let since = model.committed.get(&u.user).is_some_and(|c| u.base.is_some_and(|b| c.contains(&b)));
+                let since = model
+                    .committed
+                    .get(&u.user)
+                    .is_some_and(|c| u.base.is_some_and(|b| c.contains(&b)));
                 assert!(
                     granted == Some(u.base) || since,
                     "committed on base {:?}; granted {granted:?}",
@@ -1250,7 +1422,9 @@ fn check(rig: &Rig, model: &mut Model, p: Pending, r: Response, alone: bool, o: 
                 }
             }
             if alone {
-                let stored = store.manifest(u.user.name(), version).expect("the new version is retained");
+                let stored = store
+                    .manifest(u.user.name(), version)
+                    .expect("the new version is retained");
                 assert_eq!(stored, m, "the store holds the manifest that was sent");
             }
             if m == u.draft.manifest {
@@ -1259,21 +1433,30 @@ fn check(rig: &Rig, model: &mut Model, p: Pending, r: Response, alone: bool, o: 
         }
         Pending::Abort(upload) => {
             if r == Response::Ok
-                && let Some(at) = upload.and_then(|id| model.uploads.iter().position(|u| u.id == id))
+                && let Some(at) =
+                    upload.and_then(|id| model.uploads.iter().position(|u| u.id == id))
             {
                 model.uploads.remove(at);
             }
         }
         Pending::Started(who) => {
             if r == Response::Ok {
-                assert!(who.on_vm(), "a session of {} accepted from {VM}", who.name());
+                assert!(
+                    who.on_vm(),
+                    "a session of {} accepted from {VM}",
+                    who.name()
+                );
             }
         }
         Pending::Quiet => {}
         Pending::Disconnect { who, long } => {
             if r == Response::Ok {
                 assert!(!long, "a reason over {MAX_TEXT_LEN} bytes accepted");
-                assert!(who.may_update(), "a notice for {} accepted from {VM}", who.name());
+                assert!(
+                    who.may_update(),
+                    "a notice for {} accepted from {VM}",
+                    who.name()
+                );
             }
         }
         Pending::Ping(nonce) => assert_eq!(r, Response::Pong { nonce }, "ping answered"),

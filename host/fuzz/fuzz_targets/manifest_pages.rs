@@ -28,7 +28,9 @@ use uve_host_fuzz::{Knobs, Rig, VM, alloc, runtime, seed};
 use uve_protocol::defs::{
     CHUNK_REF_MAX_WIRE, DEFAULT_MAX_FRAME, MAX_CHUNK, MIN_CHUNK, MIN_MAX_FRAME, PAGE_OVERHEAD,
 };
-use uve_protocol::manifest::{ChunkRef, Hash, Manifest, ManifestHeader, chunks_per_page, page_count};
+use uve_protocol::manifest::{
+    ChunkRef, Hash, Manifest, ManifestHeader, chunks_per_page, page_count,
+};
 use uve_protocol::message::{ErrorCode, Response, UpdateBegin, UpdateCause, Version, WireError};
 use uve_protocol::names::{SessionId, UserName};
 use uve_protocol::testdata::noise;
@@ -110,6 +112,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(case) = Case::arbitrary(&mut Unstructured::new(data)) else {
         return;
     };
+    uve_host_fuzz::print_case(&case);
     let before = alloc::reset_peak();
     runtime().block_on(run(case));
     let grew = alloc::peak().saturating_sub(before);
@@ -122,7 +125,8 @@ fn chunk_list(specs: &[Spec]) -> (Vec<ChunkRef>, HashMap<Hash, Vec<u8>>) {
         .alice
         .values()
         .flat_map(|cut| {
-            (0..cut.manifest.chunks.len()).map(move |i| (cut.manifest.chunks[i], cut.chunk(i).to_vec()))
+            (0..cut.manifest.chunks.len())
+                .map(move |i| (cut.manifest.chunks[i], cut.chunk(i).to_vec()))
         })
         .collect();
     let mut chunks: Vec<ChunkRef> = Vec::new();
@@ -136,12 +140,29 @@ fn chunk_list(specs: &[Spec]) -> (Vec<ChunkRef>, HashMap<Hash, Vec<u8>>) {
     for spec in specs.iter().take(40) {
         match *spec {
             Spec::Fresh { len, seed } => {
-                let d = noise(MIN_CHUNK as usize + usize::from(len) * 32, u64::from(seed) + 7);
-                add(ChunkRef { hash: Hash::of(&d), len: len_of(&d) }, Some(d), &mut chunks);
+                let d = noise(
+                    MIN_CHUNK as usize + usize::from(len) * 32,
+                    u64::from(seed) + 7,
+                );
+                add(
+                    ChunkRef {
+                        hash: Hash::of(&d),
+                        len: len_of(&d),
+                    },
+                    Some(d),
+                    &mut chunks,
+                );
             }
             Spec::Tiny { len, seed } => {
                 let d = noise(usize::from(len) + 1, u64::from(seed) + 300);
-                add(ChunkRef { hash: Hash::of(&d), len: len_of(&d) }, Some(d), &mut chunks);
+                add(
+                    ChunkRef {
+                        hash: Hash::of(&d),
+                        len: len_of(&d),
+                    },
+                    Some(d),
+                    &mut chunks,
+                );
             }
             Spec::Base(i) => {
                 let (c, d) = &base[usize::from(i) % base.len()];
@@ -185,10 +206,17 @@ impl Upload {
         if page != self.next {
             return Some(ErrorCode::BadRequest);
         }
-        if chunks.len() > self.per || self.sent.len() + chunks.len() > self.header.chunk_count as usize {
+        if chunks.len() > self.per
+            || self.sent.len() + chunks.len() > self.header.chunk_count as usize
+        {
             return Some(ErrorCode::TooLarge);
         }
-        let bytes: u64 = self.sent.iter().chain(chunks).map(|c| u64::from(c.len)).sum();
+        let bytes: u64 = self
+            .sent
+            .iter()
+            .chain(chunks)
+            .map(|c| u64::from(c.len))
+            .sum();
         if bytes > self.header.size {
             return Some(ErrorCode::TooLarge);
         }
@@ -265,13 +293,21 @@ async fn run(case: Case) {
         Ok(Response::UpdateAccepted { upload }) => upload,
         Ok(other) => panic!("UpdateBegin answered {other:?}"),
         Err(e) => {
-            assert_eq!(Some(e.code), begin_refusal(&header), "UpdateBegin refused: {e}");
+            assert_eq!(
+                Some(e.code),
+                begin_refusal(&header),
+                "UpdateBegin refused: {e}"
+            );
             drop(conn);
             rig.settle(Duration::from_secs(20)).await;
             return;
         }
     };
-    assert_eq!(begin_refusal(&header), None, "UpdateBegin of {header:?} accepted");
+    assert_eq!(
+        begin_refusal(&header),
+        None,
+        "UpdateBegin of {header:?} accepted"
+    );
     let mut up = Upload {
         header,
         per: per as usize,
@@ -299,7 +335,11 @@ async fn run(case: Case) {
         };
         let want = up.refusal(p, &list);
         let answer = update::page(&conn, id, p, list.clone()).await;
-        assert_eq!(refused(answer.clone()), want, "page {p} {list:?} answered {answer:?}");
+        assert_eq!(
+            refused(answer.clone()),
+            want,
+            "page {p} {list:?} answered {answer:?}"
+        );
         let Ok(Response::Missing(missing)) = answer else {
             continue;
         };
@@ -311,7 +351,10 @@ async fn run(case: Case) {
                 up.missing.push(c.hash);
             }
         }
-        assert_eq!(missing, expected, "page {p}: exactly the new chunks the store lacks are missing");
+        assert_eq!(
+            missing, expected,
+            "page {p}: exactly the new chunks the store lacks are missing"
+        );
         up.sent.extend_from_slice(&list);
         up.next += 1;
     }
@@ -324,7 +367,11 @@ async fn run(case: Case) {
                 assert_eq!(answer, Ok(Response::Ok), "a missing chunk's upload");
                 uploaded.insert(h);
             } else {
-                assert_eq!(refused(answer), Some(ErrorCode::BadChunk), "bytes of another length");
+                assert_eq!(
+                    refused(answer),
+                    Some(ErrorCode::BadChunk),
+                    "bytes of another length"
+                );
             }
         }
     }
@@ -332,7 +379,16 @@ async fn run(case: Case) {
         // Head exactly when the lease is current and the base is the head
         // it was granted on (nothing else commits here).
         let to_head = case.retrieve && base == head;
-        commit(&rig, &conn, &up, &uploaded, id, (who, head, to_head), max_frame).await;
+        commit(
+            &rig,
+            &conn,
+            &up,
+            &uploaded,
+            id,
+            (who, head, to_head),
+            max_frame,
+        )
+        .await;
     }
     drop(conn);
     rig.settle(Duration::from_secs(20)).await;
@@ -368,7 +424,10 @@ async fn commit(
         }
         (Ok(()), true, Ok(Response::Conflict { kept_as, head: now })) => {
             assert_eq!(now, head, "the conflict names the head");
-            assert!(!to_head, "an update under the lease, on the head, kept as a conflict");
+            assert!(
+                !to_head,
+                "an update under the lease, on the head, kept as a conflict"
+            );
             assert_eq!(store.manifest(who, kept_as).expect("kept"), m);
             None
         }
@@ -381,11 +440,17 @@ async fn commit(
             None
         }
         (valid, complete, answer) => {
-            panic!("commit of a manifest valid: {valid:?}, complete: {complete}, answered {answer:?}")
+            panic!(
+                "commit of a manifest valid: {valid:?}, complete: {complete}, answered {answer:?}"
+            )
         }
     };
     let Some(v) = version else { return };
-    assert_eq!(store.manifest(who, v).expect("committed"), m, "the store holds the pages sent");
+    assert_eq!(
+        store.manifest(who, v).expect("committed"),
+        m,
+        "the store holds the pages sent"
+    );
     let user = UserName::new(who).expect("valid");
     let session = SessionId::new("s2").expect("valid");
     let Ok(Response::Retrieve(g)) = retrieve::grant(conn, &user, &session).await else {
@@ -399,12 +464,18 @@ async fn commit(
             panic!("page {p} of {pages} refused");
         };
         let wire = postcard::to_stdvec(&refs).expect("encode").len();
-        assert!(wire as u32 + PAGE_OVERHEAD <= max_frame, "page {p} is {wire} bytes");
+        assert!(
+            wire as u32 + PAGE_OVERHEAD <= max_frame,
+            "page {p} is {wire} bytes"
+        );
         read.extend(refs);
     }
     assert_eq!(read, m.chunks, "the pages served are the pages sent");
     let past = retrieve::page(conn, &user, v, pages).await;
-    assert!(past.is_err_and(|e| e.code == ErrorCode::NotFound), "a page past the end");
+    assert!(
+        past.is_err_and(|e| e.code == ErrorCode::NotFound),
+        "a page past the end"
+    );
 }
 
 /// The code `UpdateBegin` must refuse `h` with under the rig's limits
@@ -454,7 +525,12 @@ fn lied(mut chunks: Vec<ChunkRef>, lie: Lie) -> Vec<ChunkRef> {
 /// negotiate and at tiny ones: the pages partition the chunk list in order,
 /// none holds more than a page's share, and there is always a first page.
 fn paging_rule(m: &Manifest) {
-    for max_frame in [PAGE_OVERHEAD, PAGE_OVERHEAD + 3 * CHUNK_REF_MAX_WIRE, MIN_MAX_FRAME, DEFAULT_MAX_FRAME] {
+    for max_frame in [
+        PAGE_OVERHEAD,
+        PAGE_OVERHEAD + 3 * CHUNK_REF_MAX_WIRE,
+        MIN_MAX_FRAME,
+        DEFAULT_MAX_FRAME,
+    ] {
         let per = chunks_per_page(max_frame) as usize;
         let pages = m.page_count(max_frame);
         assert_eq!(pages as usize, m.chunks.len().div_ceil(per).max(1));
@@ -462,7 +538,10 @@ fn paging_rule(m: &Manifest) {
         for p in 0..pages {
             let page = m.page(p, max_frame).expect("a page below the count");
             assert!(page.len() <= per);
-            assert!(p + 1 == pages || page.len() == per, "only the last page is short");
+            assert!(
+                p + 1 == pages || page.len() == per,
+                "only the last page is short"
+            );
             all.extend_from_slice(page);
         }
         assert_eq!(all, m.chunks);

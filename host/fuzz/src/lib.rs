@@ -397,6 +397,15 @@ impl Rig {
     }
 }
 
+/// With `UVE_FUZZ_PRINT` set, prints the case decoded from the input (to
+/// read a crash's case: run the target on its artifact).
+pub fn print_case(case: &impl std::fmt::Debug) {
+    static ON: OnceLock<bool> = OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("UVE_FUZZ_PRINT").is_some()) {
+        eprintln!("{case:#?}");
+    }
+}
+
 /// The runtime the targets run their cases on: one thread for every task
 /// (cases are reproducible up to the store's blocking threads), timers on.
 pub fn runtime() -> &'static tokio::runtime::Runtime {

@@ -121,7 +121,10 @@ impl Peer {
                         // The host ends a link on a frame it cannot decode.
                         self.ending = true;
                     }
-                    let mut framed = u32::try_from(f.len()).unwrap_or(u32::MAX).to_le_bytes().to_vec();
+                    let mut framed = u32::try_from(f.len())
+                        .unwrap_or(u32::MAX)
+                        .to_le_bytes()
+                        .to_vec();
                     framed.extend_from_slice(&f);
                     framed
                 }
@@ -147,16 +150,28 @@ impl Peer {
             let mut got = 0;
             while got < expected {
                 let frame = match tokio::time::timeout(PATIENCE, reader.next()).await {
-                    Err(_) => panic!("{} of {expected} requests unanswered after {PATIENCE:?}", expected - got),
+                    Err(_) => panic!(
+                        "{} of {expected} requests unanswered after {PATIENCE:?}",
+                        expected - got
+                    ),
                     Ok(None) if ending => return,
-                    Ok(None) => panic!("the host closed the link with {} requests unanswered", expected - got),
+                    Ok(None) => panic!(
+                        "the host closed the link with {} requests unanswered",
+                        expected - got
+                    ),
                     Ok(Some(Err(e))) => panic!("the host sent a frame that does not decode: {e}"),
                     Ok(Some(Ok(f))) => f,
                 };
                 match frame {
                     Frame::Response { id, body } => {
-                        let slot = *ids.get(&id).unwrap_or_else(|| panic!("response to unknown request {id}"));
-                        assert_eq!(answers[slot], Answer::Unanswered, "request {id} answered twice");
+                        let slot = *ids
+                            .get(&id)
+                            .unwrap_or_else(|| panic!("response to unknown request {id}"));
+                        assert_eq!(
+                            answers[slot],
+                            Answer::Unanswered,
+                            "request {id} answered twice"
+                        );
                         answers[slot] = Answer::Got(body);
                         got += 1;
                     }

@@ -61,6 +61,9 @@ impl UserData {
 struct Data {
     chunks: HashMap<Hash, Stored>,
     stages: HashMap<StageId, HashMap<Hash, Stored>>,
+    /// Stages whose discard failed: left in place, as a real store leaves
+    /// them for its next start to recover.
+    orphans: HashSet<StageId>,
     users: BTreeMap<String, UserData>,
 }
 
@@ -72,10 +75,12 @@ pub struct Held {
     /// Their bytes.
     pub chunk_bytes: u64,
     /// Open stages (uploads that staged something and neither published
-    /// nor discarded it).
+    /// nor discarded it), not counting orphans.
     pub stages: usize,
-    /// Bytes staged in them.
+    /// Bytes staged in them, orphans included.
     pub staged_bytes: u64,
+    /// Stages left behind because their discard failed.
+    pub orphans: usize,
     /// Distinct chunks pinned by uploads in flight.
     pub pinned: usize,
 }
@@ -159,8 +164,9 @@ impl MemStore {
         Held {
             chunks: d.chunks.len(),
             chunk_bytes: bytes(&d.chunks),
-            stages: d.stages.len(),
+            stages: d.stages.keys().filter(|s| !d.orphans.contains(*s)).count(),
             staged_bytes: d.stages.values().map(bytes).sum(),
+            orphans: d.orphans.len(),
             pinned: self.pins.pinned(),
         }
     }
@@ -371,8 +377,16 @@ impl UifStore for MemStore {
     }
 
     fn discard(&self, stage: &StageId, _hashes: &[Hash]) -> StoreResult<()> {
-        self.injected("delete a stage")?;
-        self.lock().stages.remove(stage);
+        if let Err(e) = self.injected("delete a stage") {
+            let mut d = self.lock();
+            if d.stages.contains_key(stage) {
+                d.orphans.insert(stage.clone());
+            }
+            return Err(e);
+        }
+        let mut d = self.lock();
+        d.stages.remove(stage);
+        d.orphans.remove(stage);
         Ok(())
     }
 
@@ -573,5 +587,12 @@ mod tests {
         s.put_chunk(&a.hash, &da).unwrap();
         assert_eq!(s.failures(), 2);
         assert_eq!(s.free_bytes(), Some(9_000));
+        let (b, db) = chunk(500, 8);
+        let stage = StageId::fresh();
+        s.stage_chunk(&stage, &b.hash, &db).unwrap();
+        s.fail_next(1);
+        assert!(s.discard(&stage, &[b.hash]).is_err());
+        let held = s.held();
+        assert_eq!((held.stages, held.orphans, held.staged_bytes), (0, 1, 500));
     }
 }

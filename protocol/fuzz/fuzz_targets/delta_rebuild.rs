@@ -61,7 +61,10 @@ fuzz_target!(|data: &[u8]| {
     run(&case);
     let grew = alloc::peak().saturating_sub(before);
     let bound = 16 * MAX_CHUNK as usize + 4 * data.len();
-    assert!(grew <= bound, "a case allocated {grew} bytes (bound {bound})");
+    assert!(
+        grew <= bound,
+        "a case allocated {grew} bytes (bound {bound})"
+    );
 });
 
 fn run(case: &Case) {
@@ -72,7 +75,10 @@ fn run(case: &Case) {
     assert_eq!(digests.len(), block_count(offset, len));
     let new = written(&base, &case.writes);
     if len > MAX_CHUNK as usize {
-        assert_eq!(delta::apply(offset, &base, &[]), Err(DeltaError::TooLarge(len)));
+        assert_eq!(
+            delta::apply(offset, &base, &[]),
+            Err(DeltaError::TooLarge(len))
+        );
         return;
     }
     real_delta(offset, &base, &new, &digests);
@@ -107,7 +113,10 @@ fn real_delta(offset: u64, base: &[u8], new: &[u8], digests: &[BlockDigest]) {
         let was_sent = sent_at.next_if_eq(&i).is_some();
         assert_eq!(was_sent, changed, "block {i} sent iff it changed");
     }
-    assert!(sent_at.next().is_none(), "blocks in increasing order, each once");
+    assert!(
+        sent_at.next().is_none(),
+        "blocks in increasing order, each once"
+    );
     let frame = Frame::Request {
         id: u64::MAX,
         body: Request::ChunkDelta(ChunkDelta {
@@ -118,7 +127,10 @@ fn real_delta(offset: u64, base: &[u8], new: &[u8], digests: &[BlockDigest]) {
         }),
     };
     let wire = postcard::to_stdvec(&frame).expect("encode").len() + 4;
-    assert!(wire <= DELTA_FIXED_WIRE + blocks_wire_size(&sent), "{wire} bytes on the wire");
+    assert!(
+        wire <= DELTA_FIXED_WIRE + blocks_wire_size(&sent),
+        "{wire} bytes on the wire"
+    );
 }
 
 /// Any blocks: `apply` refuses exactly what `check` refuses, and changes
@@ -165,7 +177,11 @@ fn hostile_digests(offset: u64, base: &[u8], new: &[u8], digests: &[BlockDigest]
 /// order, and `assemble` cuts exactly those bytes out of them, or answers
 /// `None` when a chunk comes back with the wrong length.
 fn cut_base(lens: &[u16], range: (u32, u32), short: Option<u8>, seed: u64) {
-    let lens: Vec<usize> = lens.iter().take(24).map(|l| usize::from(*l) % 16_384 + 1).collect();
+    let lens: Vec<usize> = lens
+        .iter()
+        .take(24)
+        .map(|l| usize::from(*l) % 16_384 + 1)
+        .collect();
     let file = noise(lens.iter().sum(), seed ^ 0x5eed);
     let mut chunks = Vec::new();
     let mut at = 0;
@@ -181,13 +197,24 @@ fn cut_base(lens: &[u16], range: (u32, u32), short: Option<u8>, seed: u64) {
     let len = range.1 % (MAX_CHUNK + 2);
     let end = from + u64::from(len);
     let Some(parts) = index.covering(from, len) else {
-        assert!(len == 0 || end > file.len() as u64, "range {from}+{len} is inside");
+        assert!(
+            len == 0 || end > file.len() as u64,
+            "range {from}+{len} is inside"
+        );
         return;
     };
     assert!(len > 0 && end <= file.len() as u64);
     assert!(parts.first().is_some_and(|p| p.start <= from));
-    assert!(parts.windows(2).all(|w| w[0].start + u64::from(w[0].chunk.len) == w[1].start));
-    assert!(parts.last().is_some_and(|p| p.start + u64::from(p.chunk.len) >= end));
+    assert!(
+        parts
+            .windows(2)
+            .all(|w| w[0].start + u64::from(w[0].chunk.len) == w[1].start)
+    );
+    assert!(
+        parts
+            .last()
+            .is_some_and(|p| p.start + u64::from(p.chunk.len) >= end)
+    );
     let short = short.map(|s| chunks[usize::from(s) % chunks.len()].hash);
     let read = |c: &ChunkRef| -> Result<Vec<u8>, ()> {
         let start = offset_of(&chunks, c);
