@@ -293,6 +293,81 @@ async fn a_manifest_of_tiny_chunks_is_refused_at_update_page() {
     assert_committed(&r);
 }
 
+/// A page refused for listing one hash with two lengths leaves the upload
+/// as it was: the agent's corrected resend of that page is accepted, its
+/// missing chunks are reported, and the update commits. (Found by the
+/// `manifest_pages` fuzz target: the refused page's first length stayed
+/// recorded, so every resend was refused.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_page_can_be_sent_again_corrected() {
+    use uve_protocol::manifest::{ChunkRef, Hash, Manifest};
+    use uve_protocol::message::{UpdateBegin, UpdateCause};
+    let (_host, _, agent) = HostProc::with_agent("", "bad", &["alice"]).await;
+    let (grant, _) = agent.retrieve("alice", "s1").await.unwrap();
+    let (a, b) = (noise(20_000, 41), noise(30_000, 42));
+    let data = [a.as_slice(), a.as_slice(), b.as_slice()].concat();
+    let chunk = |d: &[u8]| ChunkRef {
+        hash: Hash::of(d),
+        len: d.len() as u32,
+    };
+    let manifest = Manifest::from_chunks(vec![chunk(&a), chunk(&a), chunk(&b)]);
+    let begin = UpdateBegin {
+        user: valid("alice"),
+        session: valid("s1"),
+        base: grant.version,
+        lease: grant.lease,
+        header: manifest.header,
+        cause: UpdateCause::Logout,
+    };
+    let Response::UpdateAccepted { upload } =
+        agent.request(Request::UpdateBegin(begin)).await.unwrap()
+    else {
+        panic!("begin refused")
+    };
+    let mut lying = manifest.chunks.clone();
+    lying[0].len -= 1;
+    let e = agent
+        .request(Request::UpdatePage {
+            upload,
+            page: 0,
+            chunks: lying,
+        })
+        .await
+        .expect_err("one hash with two lengths accepted");
+    assert_eq!(e.remote_code(), Some(ErrorCode::BadRequest), "{e}");
+    let answer = agent
+        .request(Request::UpdatePage {
+            upload,
+            page: 0,
+            chunks: manifest.chunks.clone(),
+        })
+        .await
+        .expect("the corrected page is accepted");
+    assert_eq!(
+        answer,
+        Response::Missing(vec![0, 2]),
+        "each new chunk reported missing once"
+    );
+    for d in [&a, &b] {
+        let r = agent
+            .request(Request::ChunkUpload {
+                upload,
+                hash: Hash::of(d),
+                data: d.clone(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(r, Response::Ok);
+    }
+    let r = agent
+        .request(Request::UpdateCommit { upload })
+        .await
+        .unwrap();
+    assert!(matches!(r, Response::Committed { .. }), "{r:?}");
+    let (_, back) = agent.retrieve("alice", "s2").await.unwrap();
+    assert!(back == data, "the committed UIF came back different");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_notices_for_another_vms_user_are_refused() {
     use uve_protocol::message::DisconnectNotice;

@@ -2,7 +2,8 @@
 //! leaves the previous head intact and the retry commits; SIGTERM shuts
 //! down gracefully (exit 0, Goodbye); and a crash test SIGKILLs the host at
 //! many points during concurrent updates, then checks every user's head is
-//! complete and digest-valid and no acknowledged version was lost.
+//! complete and digest-valid and no acknowledged version was lost; lease
+//! grants answered just before a SIGKILL are in force after it.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -100,6 +101,51 @@ async fn sigterm_says_goodbye_and_exits_zero() {
     let log = host.log_text();
     assert!(matches!(end, LinkEnd::Goodbye(_)), "{end:?}\n{log}");
     assert!(!host.api_socket().exists(), "API socket removed");
+}
+
+/// A lease grant is answered only once the lease file holds it: a host
+/// SIGKILLed right after the answers restarts with every grant in force,
+/// and an update under the last one becomes head. The users' grants run at
+/// once, so their writes share the lease table's one writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_is_durable_when_answered() {
+    const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
+    let (mut host, path, mut agent) = HostProc::with_agent("", "vm1", &USERS).await;
+    for round in 0..3u64 {
+        let session = format!("s{round}");
+        let grants =
+            futures_util::future::join_all(USERS.iter().map(|user| agent.retrieve(user, &session)))
+                .await;
+        host.kill();
+        host.spawn().await;
+        for (user, grant) in USERS.iter().zip(&grants) {
+            let (grant, _) = grant.as_ref().unwrap();
+            let (status, v) = host.get(&format!("/v1/users/{user}")).await;
+            assert_eq!(status, 200, "{v}");
+            assert_eq!(
+                v["lease"]["epoch"], grant.lease,
+                "{user}'s answered grant of round {round} is lost after a crash: {v}"
+            );
+            assert_eq!(v["lease"]["vm"], "vm1", "{v}");
+        }
+        agent = TestAgent::connect_retry(&path, Duration::from_secs(10)).await;
+        let (grant, _) = grants[0].as_ref().unwrap();
+        let r = agent
+            .update(
+                "alice",
+                &session,
+                grant.version,
+                grant.lease,
+                &noise(64 << 10, round),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            r.answer,
+            Response::Committed { version: round + 1 },
+            "the update under the grant answered before the crash"
+        );
+    }
 }
 
 /// What the crash test's clients learned.

@@ -43,9 +43,16 @@ pub async fn create(
     State(d): State<Arc<ApiState>>,
     ApiJson(spec): ApiJson<NewVm>,
 ) -> ApiResult<(StatusCode, Json<VmInfo>)> {
-    d.host.registry().add_vm(spec.clone())?;
+    d.host
+        .registry()
+        .add_vm(spec.clone())?
+        .durable()
+        .await
+        .map_err(RegistryError::from)?;
     if let Err(e) = d.listeners.start(&d.host, &spec) {
-        let _ = d.host.registry().remove_vm(&spec.id);
+        if let Ok(removed) = d.host.registry().remove_vm(&spec.id) {
+            let _ = removed.durable().await;
+        }
         return Err(ApiError::bad_request(format!(
             "cannot listen for VM: {e:#}"
         )));
@@ -100,16 +107,20 @@ pub async fn remove(
             tracing::info!(vm = id, users = ?asked, "asked to release its users before removal");
         }
     }
-    d.host.registry().remove_vm(&id)?;
+    d.host
+        .registry()
+        .remove_vm(&id)?
+        .durable()
+        .await
+        .map_err(RegistryError::from)?;
     d.listeners.stop(&id);
     d.host.handshakes().forget(&id);
     // A VM registered later under this id inherits no lease.
-    let host = d.host.clone();
-    let vm = id.clone();
-    match tokio::task::spawn_blocking(move || host.leases().forget_vm(&vm)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(vm = id, "leases of the removed VM kept: {e}"),
-        Err(e) => tracing::error!(vm = id, "leases of the removed VM kept: {e}"),
+    if let Err(e) = d.host.leases().forget_vm(&id).durable().await {
+        tracing::error!(
+            vm = id,
+            "the removed VM's leases not forgotten on disk: {e}"
+        );
     }
     if let Some(c) = d.host.conns().get(&id) {
         c.handle.goodbye("VM unregistered").await;
@@ -134,7 +145,7 @@ pub async fn assign(
 ) -> ApiResult<Json<AssignOutcome>> {
     let user: UserName = name(&user)?;
     check_name("VM", &body.vm)?;
-    Ok(Json(switch::assign(&d.host, &user, &body.vm)?))
+    Ok(Json(switch::assign(&d.host, &user, &body.vm).await?))
 }
 
 /// `DELETE /v1/assignments/{user}`.
@@ -143,7 +154,7 @@ pub async fn unassign(
     ApiPath(user): ApiPath<String>,
 ) -> ApiResult<Json<AssignOutcome>> {
     let user: UserName = name(&user)?;
-    Ok(Json(switch::unassign(&d.host, &user)?))
+    Ok(Json(switch::unassign(&d.host, &user).await?))
 }
 
 /// `GET /v1/sessions[?vm=]`.

@@ -7,18 +7,24 @@
 //! (and an old lease can never match a new grant). A per-user async gate
 //! makes "check lease + commit" atomic against a concurrent grant.
 //!
+//! A change is made in memory under the table's mutex, which async
+//! handlers take too; the file is written by the table's one writer
+//! ([`TableWriter`]) after the mutex is released, and each change returns
+//! a [`Staged`] value that its caller awaits: a grant is answered only once
+//! its generation is durable.
+//!
 //! A lease follows the assignment: when the user is moved away from the
 //! holding VM (once it has answered `UserRelease`, or did not in time) or
 //! the VM is removed, the lease is revoked — nobody holds it until the
 //! next grant, so the evicted VM's later updates land as conflict versions.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::durable;
+use crate::state::table::{Snapshot, Staged, TableError, TableWriter};
 use crate::store::locks::NamedLocks;
 
 /// Previous holders remembered per user (they may still send a late update,
@@ -52,7 +58,7 @@ pub struct Granted {
     pub at_ms: u64,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct LeaseData {
     next_epoch: u64,
     users: BTreeMap<String, UserLease>,
@@ -60,8 +66,7 @@ struct LeaseData {
 
 /// Lease table.
 pub struct Leases {
-    path: PathBuf,
-    tmp: PathBuf,
+    writer: Arc<TableWriter>,
     data: Mutex<LeaseData>,
     gates: NamedLocks<tokio::sync::Mutex<()>>,
 }
@@ -72,6 +77,15 @@ pub struct Leases {
 pub struct LeaseError {
     path: String,
     why: String,
+}
+
+impl From<TableError> for LeaseError {
+    fn from(e: TableError) -> Self {
+        LeaseError {
+            path: e.path,
+            why: e.why,
+        }
+    }
 }
 
 impl Leases {
@@ -89,11 +103,24 @@ impl Leases {
         };
         data.next_epoch = data.next_epoch.max(1);
         Ok(Leases {
-            path,
-            tmp: tmp.to_path_buf(),
+            writer: TableWriter::new(path, tmp.to_path_buf()),
             data: Mutex::new(data),
             gates: NamedLocks::default(),
         })
+    }
+
+    /// An empty table that is never written anywhere (tests and the fuzz
+    /// targets: a grant costs no fsync).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn in_memory() -> Self {
+        Leases {
+            writer: TableWriter::in_memory(),
+            data: Mutex::new(LeaseData {
+                next_epoch: 1,
+                users: BTreeMap::new(),
+            }),
+            gates: NamedLocks::default(),
+        }
     }
 
     /// The per-user gate serialising grants and commits.
@@ -101,10 +128,20 @@ impl Leases {
         self.gates.get(user)
     }
 
-    /// Grants a new lease on `user` to `vm` on the user's head `base`
-    /// (durably) and returns its epoch.
-    pub fn grant(&self, user: &str, vm: &str, base: Option<u64>) -> Result<u64, LeaseError> {
-        let mut data = self.data.lock().unwrap_or_else(PoisonError::into_inner);
+    fn lock(&self) -> MutexGuard<'_, LeaseData> {
+        self.data.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Hands the table as `data` holds it now to the writer (call it under
+    /// the lock, right after the change).
+    fn stage<V>(&self, data: &LeaseData, value: V) -> Staged<V> {
+        self.writer.stage(value, || snapshot(data.clone()))
+    }
+
+    /// Grants a new lease on `user` to `vm` on the user's head `base` and
+    /// returns its epoch once durable.
+    pub fn grant(&self, user: &str, vm: &str, base: Option<u64>) -> Staged<u64> {
+        let mut data = self.lock();
         let epoch = data.next_epoch;
         data.next_epoch += 1;
         let entry = data.users.entry(user.to_string()).or_insert(UserLease {
@@ -128,29 +165,19 @@ impl Leases {
             base,
             at_ms: crate::store::now_ms(),
         });
-        self.save(&data)?;
-        Ok(epoch)
+        self.stage(&data, epoch)
     }
 
-    fn save(&self, data: &LeaseData) -> Result<(), LeaseError> {
-        let err = |why: String| LeaseError {
-            path: self.path.display().to_string(),
-            why,
-        };
-        let bytes = serde_json::to_vec_pretty(data).map_err(|e| err(e.to_string()))?;
-        durable::write_atomic(&self.tmp, &self.path, &bytes).map_err(|e| err(e.to_string()))
-    }
-
-    /// Revokes `user`'s lease if `vm` holds it (durably): `vm` becomes a
-    /// past holder and nobody holds the lease until the next grant.
-    /// Returns whether it was revoked.
-    pub fn revoke(&self, user: &str, vm: &str) -> Result<bool, LeaseError> {
-        let mut data = self.data.lock().unwrap_or_else(PoisonError::into_inner);
+    /// Revokes `user`'s lease if `vm` holds it: `vm` becomes a past holder
+    /// and nobody holds the lease until the next grant. Returns, once
+    /// durable, whether it was revoked.
+    pub fn revoke(&self, user: &str, vm: &str) -> Staged<bool> {
+        let mut data = self.lock();
         let Some(entry) = data.users.get_mut(user) else {
-            return Ok(false);
+            return self.writer.settled(false);
         };
         if entry.vm != vm {
-            return Ok(false);
+            return self.writer.settled(false);
         }
         entry.vm = String::new();
         entry.past.retain(|p| p != vm);
@@ -158,14 +185,14 @@ impl Leases {
         if entry.past.len() > PAST_HOLDERS {
             entry.past.remove(0);
         }
-        self.save(&data)?;
-        Ok(true)
+        self.stage(&data, true)
     }
 
     /// Forgets `vm` in every lease, current or past (the VM was removed:
-    /// a VM registered later under the same id inherits nothing).
-    pub fn forget_vm(&self, vm: &str) -> Result<(), LeaseError> {
-        let mut data = self.data.lock().unwrap_or_else(PoisonError::into_inner);
+    /// a VM registered later under the same id inherits nothing); done
+    /// once durable.
+    pub fn forget_vm(&self, vm: &str) -> Staged<()> {
+        let mut data = self.lock();
         let mut changed = false;
         for entry in data.users.values_mut() {
             if entry.vm == vm {
@@ -177,9 +204,10 @@ impl Leases {
             changed |= entry.past.len() != before;
         }
         if changed {
-            self.save(&data)?;
+            self.stage(&data, ())
+        } else {
+            self.writer.settled(())
         }
-        Ok(())
     }
 
     /// The users whose current lease `vm` holds.
@@ -217,6 +245,11 @@ impl Leases {
     }
 }
 
+/// The bytes of the lease file for `data`, made by the writer.
+fn snapshot(data: LeaseData) -> Snapshot {
+    Box::new(move || serde_json::to_vec_pretty(&data).map_err(|e| e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -226,25 +259,28 @@ mod tests {
     fn epochs_increase_and_survive_reload() {
         let dir = tempfile::tempdir().unwrap();
         let l = Leases::load(dir.path(), dir.path()).unwrap();
-        let a = l.grant("alice", "vm1", None).unwrap();
+        let a = l.grant("alice", "vm1", None).durable_blocking().unwrap();
         assert!(l.is_current("alice", a, "vm1"));
-        let b = l.grant("alice", "vm2", None).unwrap();
+        let b = l.grant("alice", "vm2", None).durable_blocking().unwrap();
         assert!(b > a);
         assert!(!l.is_current("alice", a, "vm1"));
         assert!(l.held_by("alice", "vm1"));
         assert!(!l.held_by("alice", "vm3"));
         let l = Leases::load(dir.path(), dir.path()).unwrap();
         assert!(l.is_current("alice", b, "vm2"));
-        assert!(l.grant("bob", "vm1", None).unwrap() > b);
+        assert!(l.grant("bob", "vm1", None).durable_blocking().unwrap() > b);
     }
 
     #[test]
     fn revoked_leases_are_nobodys_and_survive_reload() {
         let dir = tempfile::tempdir().unwrap();
         let l = Leases::load(dir.path(), dir.path()).unwrap();
-        let a = l.grant("alice", "vm1", None).unwrap();
-        assert!(!l.revoke("alice", "vm2").unwrap(), "vm2 does not hold it");
-        assert!(l.revoke("alice", "vm1").unwrap());
+        let a = l.grant("alice", "vm1", None).durable_blocking().unwrap();
+        assert!(
+            !l.revoke("alice", "vm2").durable_blocking().unwrap(),
+            "vm2 does not hold it"
+        );
+        assert!(l.revoke("alice", "vm1").durable_blocking().unwrap());
         assert!(!l.is_current("alice", a, "vm1"));
         assert!(
             l.held_by("alice", "vm1"),
@@ -252,9 +288,9 @@ mod tests {
         );
         let l = Leases::load(dir.path(), dir.path()).unwrap();
         assert!(!l.is_current("alice", a, "vm1"));
-        l.forget_vm("vm1").unwrap();
+        l.forget_vm("vm1").durable_blocking().unwrap();
         assert!(!l.held_by("alice", "vm1"));
-        let b = l.grant("alice", "vm1", None).unwrap();
+        let b = l.grant("alice", "vm1", None).durable_blocking().unwrap();
         assert!(b > a && l.is_current("alice", b, "vm1"));
     }
 }

@@ -2,7 +2,8 @@
 //! assignments ([`registry`]), writer leases ([`leases`]), VM switch
 //! hand-overs ([`handover`]), each VM's live agent link ([`conns`]), the
 //! sessions the agents report ([`sessions`]), operator events ([`events`])
-//! and Prometheus counters ([`metrics`]).
+//! and Prometheus counters ([`metrics`]). The registry and the lease table
+//! are written to disk by one writer each ([`table`]).
 
 pub mod conns;
 pub mod events;
@@ -11,3 +12,4 @@ pub mod leases;
 pub mod metrics;
 pub mod registry;
 pub mod sessions;
+pub mod table;

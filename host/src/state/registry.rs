@@ -1,5 +1,10 @@
 //! The VM registry and the user ↔ VM assignments, persisted together in
-//! `<data_dir>/registry.json` (durable replace on every change).
+//! `<data_dir>/registry.json` (durable replace on every change). A change
+//! is made in memory under the registry's mutex, which async handlers take
+//! (every `ChunkFetch` and `ManifestPage` checks an assignment); the file
+//! is written by the registry's one writer ([`TableWriter`]) after the
+//! mutex is released, and each change returns a [`Staged`] value that its
+//! caller awaits.
 //!
 //! A VM is reached through exactly one transport: an AF_VSOCK `cid`, a
 //! hybrid-vsock `uds_path` (the host listens on `<uds_path>_<port>`), or a
@@ -8,13 +13,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use uve_protocol::names;
 use uve_protocol::transport::hybrid;
 
-use crate::store::durable;
+use crate::state::table::{Staged, TableError, TableWriter};
 
 /// Why a registry operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +53,12 @@ pub enum RegistryError {
     /// The registry file could not be read or written.
     #[error("registry file: {0}")]
     Io(String),
+}
+
+impl From<TableError> for RegistryError {
+    fn from(e: TableError) -> Self {
+        RegistryError::Io(e.to_string())
+    }
 }
 
 /// A registered VM. A field it does not know is an error (a typo in a
@@ -121,7 +132,7 @@ impl VmSpec {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct RegistryData {
     vms: BTreeMap<String, VmSpec>,
     assignments: BTreeMap<String, String>,
@@ -129,8 +140,7 @@ struct RegistryData {
 
 /// VMs and assignments.
 pub struct Registry {
-    path: PathBuf,
-    tmp: PathBuf,
+    writer: Arc<TableWriter>,
     default_port: u32,
     allow_local_cid: bool,
     data: Mutex<RegistryData>,
@@ -147,12 +157,23 @@ impl Registry {
             Err(e) => return Err(RegistryError::Io(format!("{}: {e}", path.display()))),
         };
         Ok(Registry {
-            path,
-            tmp: tmp.to_path_buf(),
+            writer: TableWriter::new(path, tmp.to_path_buf()),
             default_port,
             allow_local_cid: false,
             data: Mutex::new(data),
         })
+    }
+
+    /// An empty registry that is never written anywhere (tests and the
+    /// fuzz targets).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn in_memory(default_port: u32) -> Self {
+        Registry {
+            writer: TableWriter::in_memory(),
+            default_port,
+            allow_local_cid: false,
+            data: Mutex::new(RegistryData::default()),
+        }
     }
 
     /// Admits CID 1 (the host's loopback) for VMs registered from now on,
@@ -162,27 +183,23 @@ impl Registry {
         self
     }
 
-    fn save(&self, data: &RegistryData) -> Result<(), RegistryError> {
-        let bytes =
-            serde_json::to_vec_pretty(data).map_err(|e| RegistryError::Io(e.to_string()))?;
-        durable::write_atomic(&self.tmp, &self.path, &bytes)
-            .map_err(|e| RegistryError::Io(format!("{}: {e}", self.path.display())))
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, RegistryData> {
         self.data.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Runs `change` on the data under the lock and saves it, unless
-    /// `change` refused (then it must have changed nothing).
+    /// Runs `change` on the data under the lock and hands the result to
+    /// the writer, unless `change` refused (then it must have changed
+    /// nothing). The file is written after the lock is released.
     fn change<T>(
         &self,
         change: impl FnOnce(&mut RegistryData) -> Result<T, RegistryError>,
-    ) -> Result<T, RegistryError> {
+    ) -> Result<Staged<T>, RegistryError> {
         let mut data = self.lock();
         let out = change(&mut data)?;
-        self.save(&data)?;
-        Ok(out)
+        Ok(self.writer.stage(out, || {
+            let data = data.clone();
+            Box::new(move || serde_json::to_vec_pretty(&data).map_err(|e| e.to_string()))
+        }))
     }
 
     /// All VMs.
@@ -205,7 +222,7 @@ impl Registry {
     }
 
     /// Registers a VM; refuses duplicate ids, CIDs and listen paths.
-    pub fn add_vm(&self, spec: VmSpec) -> Result<(), RegistryError> {
+    pub fn add_vm(&self, spec: VmSpec) -> Result<Staged<()>, RegistryError> {
         spec.validate(self.allow_local_cid)?;
         self.change(|data| {
             if data.vms.contains_key(&spec.id) {
@@ -231,7 +248,7 @@ impl Registry {
     }
 
     /// Unregisters a VM and drops its assignments; returns its spec.
-    pub fn remove_vm(&self, id: &str) -> Result<VmSpec, RegistryError> {
+    pub fn remove_vm(&self, id: &str) -> Result<Staged<VmSpec>, RegistryError> {
         self.change(|data| {
             let spec = data.vms.remove(id);
             let spec = spec.ok_or_else(|| RegistryError::NoSuchVm(id.to_string()))?;
@@ -241,7 +258,7 @@ impl Registry {
     }
 
     /// Assigns `user` to `vm`; returns the previous VM.
-    pub fn assign(&self, user: &str, vm: &str) -> Result<Option<String>, RegistryError> {
+    pub fn assign(&self, user: &str, vm: &str) -> Result<Staged<Option<String>>, RegistryError> {
         names::user(user)?;
         self.change(|data| {
             if !data.vms.contains_key(vm) {
@@ -252,7 +269,7 @@ impl Registry {
     }
 
     /// Removes `user`'s assignment; returns the VM it was assigned to.
-    pub fn unassign(&self, user: &str) -> Result<String, RegistryError> {
+    pub fn unassign(&self, user: &str) -> Result<Staged<String>, RegistryError> {
         self.change(|data| {
             let prev = data.assignments.remove(user);
             prev.ok_or_else(|| RegistryError::NotAssigned(user.to_string()))
@@ -289,7 +306,10 @@ mod tests {
     fn persists_vms_and_assignments() {
         let dir = tempfile::tempdir().unwrap();
         let r = Registry::load(dir.path(), dir.path(), 7075).unwrap();
-        r.add_vm(spec("vm1", "/tmp/a")).unwrap();
+        r.add_vm(spec("vm1", "/tmp/a"))
+            .unwrap()
+            .durable_blocking()
+            .unwrap();
         r.add_vm(VmSpec {
             id: "vm2".into(),
             cid: None,
@@ -297,6 +317,8 @@ mod tests {
             port: None,
             unix: None,
         })
+        .unwrap()
+        .durable_blocking()
         .unwrap();
         assert!(r.add_vm(spec("vm1", "/tmp/b")).is_err());
         assert!(r.add_vm(spec("vm3", "/tmp/a")).is_err());
@@ -305,14 +327,17 @@ mod tests {
             r.vm("vm2").unwrap().listen_path(7075),
             Some(PathBuf::from("/run/fc/v.sock_7075"))
         );
-        assert_eq!(r.assign("alice", "vm1").unwrap(), None);
+        let previous = r.assign("alice", "vm1").unwrap();
+        assert_eq!(previous.durable_blocking().unwrap(), None);
         assert!(r.assign("bob", "nope").is_err());
         assert!(r.assign("a/b", "vm1").is_err());
         let r = Registry::load(dir.path(), dir.path(), 7075).unwrap();
         assert_eq!(r.vms().len(), 2);
         assert_eq!(r.assignment("alice").as_deref(), Some("vm1"));
-        r.remove_vm("vm1").unwrap();
+        r.remove_vm("vm1").unwrap().durable_blocking().unwrap();
         assert_eq!(r.assignment("alice"), None);
+        let r = Registry::load(dir.path(), dir.path(), 7075).unwrap();
+        assert_eq!(r.vms().len(), 1, "the removal is on disk");
     }
 
     #[test]

@@ -25,10 +25,15 @@
 //!   them at once. So an abandoned upload's bytes go within seconds, and
 //!   discarding deletes only the stage's own files, never a stored chunk
 //!   another upload (here or on another host of a shared store) reuses.
+//!
+//! Stores: [`LocalStore`] (a directory), `S3Store` (feature `s3`) and, for
+//! tests and the fuzz targets only (feature `fuzzing`), [`MemStore`].
 
 pub mod durable;
 mod local;
 pub mod locks;
+#[cfg(any(test, feature = "fuzzing"))]
+mod mem;
 mod pins;
 mod quota;
 #[cfg(feature = "s3")]
@@ -36,6 +41,8 @@ mod s3;
 mod s3_config;
 
 pub use local::LocalStore;
+#[cfg(any(test, feature = "fuzzing"))]
+pub use mem::{Held, MemStore};
 pub use pins::{ChunkPins, PinTable};
 pub use quota::{
     Charge, Holdings, OriginHoldings, QuotaBase, Tally, UserEdit, exceeded as quota_exceeded,
@@ -158,7 +165,7 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Per-user state (the local `state.json`, the S3 head object): the single
 /// source of truth of which versions exist and which is head.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct UserState {
     pub(crate) head: Option<Version>,
     pub(crate) next: Version,

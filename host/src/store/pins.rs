@@ -33,6 +33,14 @@ impl PinTable {
             .unwrap_or_else(PoisonError::into_inner)
             .contains_key(hash)
     }
+
+    /// How many distinct chunks are pinned now.
+    pub fn pinned(&self) -> usize {
+        self.counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
 }
 
 /// Guard of pinned chunks.

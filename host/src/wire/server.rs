@@ -131,32 +131,9 @@ async fn accept_loop(
                     );
                     continue;
                 };
-                let ticket = match host.handshakes().admit(&vm) {
-                    Ok(t) => t,
-                    Err(full) => {
-                        let (budget, limit) = match full {
-                            Full::Vm(n) => (Budget::MaxHandshakesPerVm, n),
-                            Full::Total(n) => (Budget::MaxHandshakes, n),
-                        };
-                        host.refused(budget, &vm, None, limit as u64);
-                        tracing::debug!(?peer, vm, "handshake places taken; connection closed");
-                        continue;
-                    }
-                };
-                // Numbered in accept order: the latest connection of a VM wins.
-                let conn_id = host.conns().next_id();
-                let setup = host.setup().clone().read_owned().await;
-                tokio::spawn(serve(
-                    host.clone(),
-                    stream,
-                    Accepted {
-                        vm,
-                        peer,
-                        conn_id,
-                        ticket,
-                    },
-                    setup,
-                ));
+                if let Some((accepted, setup)) = admit(&host, vm, peer).await {
+                    tokio::spawn(serve(host.clone(), stream, accepted, setup));
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -165,6 +142,55 @@ async fn accept_loop(
         }
     }
     drop(listener);
+}
+
+/// Serves `stream` as a connection that arrived on `vm`'s own listener,
+/// from the handshake to its end, as the accept loop serves each
+/// connection it takes: a peer in this process (a test or fuzz harness
+/// holding the other end of a pipe) goes through the same admission,
+/// handshake, link, dispatcher and end-of-connection records as a guest.
+/// Returns once the connection has ended; `false` if it was closed at
+/// admission (every handshake place of the VM taken).
+pub async fn serve_connection(host: Arc<Host>, vm: String, stream: BoxStream, peer: Peer) -> bool {
+    let Some((accepted, setup)) = admit(&host, vm, peer).await else {
+        return false;
+    };
+    serve(host, stream, accepted, setup).await;
+    true
+}
+
+/// Takes a handshake place for a connection of `vm` and numbers it;
+/// `None`, counted in `uve_handshakes_refused_total`, if every place is
+/// taken.
+async fn admit(
+    host: &Arc<Host>,
+    vm: String,
+    peer: Peer,
+) -> Option<(Accepted, tokio::sync::OwnedRwLockReadGuard<()>)> {
+    let ticket = match host.handshakes().admit(&vm) {
+        Ok(t) => t,
+        Err(full) => {
+            let (budget, limit) = match full {
+                Full::Vm(n) => (Budget::MaxHandshakesPerVm, n),
+                Full::Total(n) => (Budget::MaxHandshakes, n),
+            };
+            host.refused(budget, &vm, None, limit as u64);
+            tracing::debug!(?peer, vm, "handshake places taken; connection closed");
+            return None;
+        }
+    };
+    // Numbered in accept order: the latest connection of a VM wins.
+    let conn_id = host.conns().next_id();
+    let setup = host.setup().clone().read_owned().await;
+    Some((
+        Accepted {
+            vm,
+            peer,
+            conn_id,
+            ticket,
+        },
+        setup,
+    ))
 }
 
 /// A connection just accepted: whose it is, and its handshake place.

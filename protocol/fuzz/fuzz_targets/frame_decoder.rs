@@ -15,7 +15,10 @@ fuzz_target!(|data: &[u8]| {
     let mut buf = BytesMut::from(data);
     while let Ok(Some(frame)) = codec.decode(&mut buf) {
         let mut again = encode_frame(&frame, LIMIT).expect("a decoded frame re-encodes");
-        let back = codec.decode(&mut again).expect("re-decode").expect("complete");
+        let back = codec
+            .decode(&mut again)
+            .expect("re-decode")
+            .expect("complete");
         assert_eq!(back, frame);
     }
     assert!(buf.capacity() <= data.len() + LIMIT as usize + 4);

@@ -33,8 +33,12 @@ pub struct AssignOutcome {
 }
 
 /// Assigns `user` to `vm`.
-pub fn assign(host: &Arc<Host>, user: &UserName, vm: &str) -> Result<AssignOutcome, RegistryError> {
-    let previous = host.registry().assign(user, vm)?;
+pub async fn assign(
+    host: &Arc<Host>,
+    user: &UserName,
+    vm: &str,
+) -> Result<AssignOutcome, RegistryError> {
+    let previous = host.registry().assign(user, vm)?.durable().await?;
     let released = release_holder(host, user, Some(vm)).map(|(from, _)| from);
     host.emit(Event::Assigned {
         user: user.to_string(),
@@ -51,16 +55,18 @@ pub fn assign(host: &Arc<Host>, user: &UserName, vm: &str) -> Result<AssignOutco
 }
 
 /// Removes `user`'s assignment.
-pub fn unassign(host: &Arc<Host>, user: &UserName) -> Result<AssignOutcome, RegistryError> {
-    unassign_and_release(host, user).map(|(outcome, _)| outcome)
+pub async fn unassign(host: &Arc<Host>, user: &UserName) -> Result<AssignOutcome, RegistryError> {
+    unassign_and_release(host, user)
+        .await
+        .map(|(outcome, _)| outcome)
 }
 
 /// [`unassign`], and the wait for the release it asked for (if any).
-fn unassign_and_release(
+async fn unassign_and_release(
     host: &Arc<Host>,
     user: &UserName,
 ) -> Result<(AssignOutcome, Option<JoinHandle<()>>), RegistryError> {
-    let previous = host.registry().unassign(user)?;
+    let previous = host.registry().unassign(user)?.durable().await?;
     let (released, wait) = match release_holder(host, user, None) {
         Some((from, wait)) => (Some(from), wait),
         None => (None, None),
@@ -100,7 +106,7 @@ pub async fn release_all(host: &Arc<Host>, vm: &str) -> Vec<String> {
             continue;
         };
         let (from, wait) = if host.registry().assignment(&user).as_deref() == Some(vm) {
-            match unassign_and_release(host, &user) {
+            match unassign_and_release(host, &user).await {
                 Ok((outcome, wait)) => (outcome.release_requested_from, wait),
                 Err(_) => (None, None),
             }
@@ -121,14 +127,17 @@ pub async fn release_all(host: &Arc<Host>, vm: &str) -> Vec<String> {
     asked
 }
 
-/// Revokes `vm`'s lease on `user` off the runtime threads (a durable
-/// write of the lease file); the handle tells when it is done.
+/// Revokes `vm`'s lease on `user` now (in memory); the handle tells when
+/// the lease file holds it.
 fn revoke(host: &Arc<Host>, user: &str, vm: &str) -> JoinHandle<()> {
-    let (h, user, vm) = (host.clone(), user.to_string(), vm.to_string());
-    tokio::task::spawn_blocking(move || match h.leases().revoke(&user, &vm) {
-        Ok(true) => tracing::info!(user, vm, "lease revoked: the user was moved away"),
-        Ok(false) => {}
-        Err(e) => tracing::error!(user, vm, "lease not revoked: {e}"),
+    let staged = host.leases().revoke(user, vm);
+    let (user, vm) = (user.to_string(), vm.to_string());
+    tokio::spawn(async move {
+        match staged.durable().await {
+            Ok(true) => tracing::info!(user, vm, "lease revoked: the user was moved away"),
+            Ok(false) => {}
+            Err(e) => tracing::error!(user, vm, "lease revocation not written: {e}"),
+        }
     })
 }
 

@@ -12,6 +12,7 @@ use uve_protocol::names::{SessionId, UserName};
 use super::{Handled, VmConnection};
 use crate::host::{Host, wire_store_error};
 use crate::state::events::Event;
+use crate::state::leases::LeaseError;
 use crate::state::metrics;
 
 /// `UifRetrieve`.
@@ -40,17 +41,14 @@ pub async fn grant(conn: &VmConnection, user: &UserName, session: &SessionId) ->
         })
         .await
         .map_err(|e| wire_store_error(&e))?;
-    // The lease file is written (fsync) off the async workers.
-    let (h, u, vm, base) = (
-        host.clone(),
-        user.to_string(),
-        conn.vm().to_string(),
-        head.0,
-    );
-    let lease = tokio::task::spawn_blocking(move || h.leases().grant(&u, &vm, base))
+    // Answered once the lease file holds the grant (written by the
+    // table's writer on a blocking thread, not under the table's mutex).
+    let lease = host
+        .leases()
+        .grant(user, conn.vm(), head.0)
+        .durable()
         .await
-        .map_err(|e| WireError::new(ErrorCode::Internal, e))?
-        .map_err(|e| WireError::new(ErrorCode::Internal, e))?;
+        .map_err(|e| WireError::new(ErrorCode::Internal, LeaseError::from(e)))?;
     let (version, manifest) = head;
     let header = manifest.as_ref().map(|m| m.header);
     {

@@ -3,6 +3,7 @@
 //! with the chunks the store lacks, which the upload then pins. The base
 //! version's index for block deltas is built here too, once per upload.
 
+use std::collections::HashMap;
 use std::sync::{Arc, PoisonError};
 
 use uve_protocol::defs::{MAX_CHUNK, MIN_CHUNK};
@@ -126,32 +127,34 @@ async fn list_page(
         .collect();
     let (missing, fresh) = {
         let mut st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
+        // Checked whole before anything is recorded: a refused page leaves
+        // the upload as it was, so the agent's corrected resend of it is
+        // judged afresh.
+        let mut lens: HashMap<Hash, u32> = HashMap::new();
+        for c in &chunks {
+            let known = st.listed.get(&c.hash).map(|l| l.len);
+            if *lens.entry(c.hash).or_insert(known.unwrap_or(c.len)) != c.len {
+                return Err(bad(
+                    ErrorCode::BadRequest,
+                    "one hash listed with two lengths",
+                ));
+            }
+        }
         let mut missing = Vec::new();
         let mut fresh = Vec::new();
         for (i, (c, here)) in chunks.iter().zip(present).enumerate() {
-            let new = match st.listed.get(&c.hash) {
-                Some(l) if l.len != c.len => {
-                    return Err(bad(
-                        ErrorCode::BadRequest,
-                        "one hash listed with two lengths",
-                    ));
-                }
-                Some(_) => false,
-                None => {
-                    st.listed.insert(
-                        c.hash,
-                        Listed {
-                            len: c.len,
-                            awaited: !here,
-                        },
-                    );
-                    true
-                }
-            };
-            if new {
-                fresh.push(*c);
+            if st.listed.contains_key(&c.hash) {
+                continue;
             }
-            if new && !here {
+            st.listed.insert(
+                c.hash,
+                Listed {
+                    len: c.len,
+                    awaited: !here,
+                },
+            );
+            fresh.push(*c);
+            if !here {
                 missing.push(u32::try_from(i).unwrap_or(u32::MAX));
             }
         }
