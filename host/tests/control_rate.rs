@@ -42,5 +42,8 @@ async fn a_ping_flood_waits_its_turn_and_the_other_vm_is_served() {
     // bucket refills meanwhile); that the quiet VM was answered first is
     // what matters, and some did wait.
     let throttled = host.metric("uve_control_requests_throttled_total").await;
-    assert!(throttled > 0 && throttled <= total as u64 - 100, "{throttled} waited");
+    assert!(
+        throttled > 0 && throttled <= total as u64 - 100,
+        "{throttled} waited"
+    );
 }
