@@ -23,6 +23,7 @@ const PROGRAMS: [(&str, &[&str], Nested); 3] = [
             "assignments",
             "sessions",
             "users",
+            "user",
             "versions",
             "import",
             "export",
@@ -39,6 +40,7 @@ const PROGRAMS: [(&str, &[&str], Nested); 3] = [
             ("vm", &["list", "add", "show", "rm", "status", "ping"]),
             ("ua", &["deploy", "rollback", "rm"]),
             ("monitor", &["grant", "revoke"]),
+            ("user", &["show", "rm-version", "quota"]),
         ],
     ),
     (
@@ -179,7 +181,15 @@ fn check_pages(out: &Path, program: &str, subs: &[&str], nested: Nested) -> bool
             "{page}:\n{text}"
         );
         if name != program {
-            let parent = name.rsplit_once('-').map(|(p, _)| p).unwrap();
+            // The longest shorter name with a page (a subcommand's own
+            // name may hold a '-', as `user rm-version`).
+            let mut parent: &str = name;
+            while let Some((p, _)) = parent.rsplit_once('-') {
+                parent = p;
+                if expected.contains(&format!("{parent}.1")) {
+                    break;
+                }
+            }
             let parent = if expected.contains(&format!("{parent}.1")) {
                 parent
             } else {
