@@ -81,15 +81,7 @@ async fn commit_upload(conn: &VmConnection, up: &Arc<Upload>, upload: u64) -> Ha
         .map_err(|e| quota_check::refusal(conn, &e))?
     };
     conn.state().uploads.remove(&upload);
-    // Its quota charge ends with the commit, not when the reclaimer
-    // thread drops the upload.
-    let charge = up
-        .state
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .quota
-        .take();
-    drop(charge);
+    quota_check::end_charge(up);
     let update = UpdateFields {
         user: b.user.to_string(),
         vm: conn.vm().to_string(),

@@ -204,3 +204,10 @@ fn tally_of(
     }
     Ok(t)
 }
+
+/// Ends the upload's quota charge (at its commit: not when the reclaimer
+/// thread drops the upload).
+pub(super) fn end_charge(up: &Upload) {
+    let charge = lock(up).quota.take();
+    drop(charge);
+}
