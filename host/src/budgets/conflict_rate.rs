@@ -11,12 +11,13 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
+use super::bucket::TokenBucket;
+
 /// Buckets kept before full ones are forgotten.
 const MAX_BUCKETS: usize = 4096;
 
 struct Bucket {
-    tokens: f64,
-    at: Instant,
+    tokens: TokenBucket,
     /// A refusal was already reported since the last admission.
     reported: bool,
 }
@@ -63,19 +64,15 @@ impl ConflictRate {
         let (burst, rate) = (self.burst(), f64::from(self.per_hour) / 3600.0);
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         if buckets.len() >= MAX_BUCKETS {
-            buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
+            buckets.retain(|_, b| b.tokens.level(now) < burst);
         }
         let b = buckets
             .entry((user.to_string(), vm.to_string()))
-            .or_insert(Bucket {
-                tokens: burst,
-                at: now,
+            .or_insert_with(|| Bucket {
+                tokens: TokenBucket::full(burst, rate, now),
                 reported: false,
             });
-        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+        if b.tokens.try_take(now) {
             b.reported = false;
             Admit::Yes
         } else {

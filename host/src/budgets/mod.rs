@@ -7,6 +7,7 @@
 //! one is reported ([`report`]: a metric and a rate-limited
 //! `budget_exceeded` event).
 
+pub mod bucket;
 pub mod bulk;
 pub mod conflict_rate;
 pub mod gate;

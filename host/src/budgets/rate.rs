@@ -9,15 +9,12 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
+use super::bucket::TokenBucket;
 
 /// Token buckets per VM.
 pub struct PerVmRate {
     per_minute: u32,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<HashMap<String, TokenBucket>>,
 }
 
 impl PerVmRate {
@@ -44,21 +41,11 @@ impl PerVmRate {
             return true;
         }
         let burst = f64::from(self.per_minute);
-        let rate = burst / 60.0;
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-        let b = buckets.entry(vm.to_string()).or_insert(Bucket {
-            tokens: burst,
-            at: now,
-        });
-        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * rate).min(burst);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        buckets
+            .entry(vm.to_string())
+            .or_insert_with(|| TokenBucket::full(burst, burst / 60.0, now))
+            .try_take(now)
     }
 
     /// Forgets `vm` (the VM was removed).

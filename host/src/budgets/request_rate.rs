@@ -9,21 +9,20 @@
 
 use std::time::{Duration, Instant};
 
-/// A token bucket: `per_sec` tokens a second, holding at most a second's
-/// worth (`per_sec`). Rate 0 means no limit.
+use super::bucket::TokenBucket;
+
+/// A connection's bucket: `per_sec` tokens a second, holding at most a
+/// second's worth. Rate 0 means no limit.
 pub struct RequestRate {
-    per_sec: f64,
-    tokens: f64,
-    at: Instant,
+    bucket: Option<TokenBucket>,
 }
 
 impl RequestRate {
     /// A full bucket of `per_sec`.
     pub fn new(per_sec: u32) -> Self {
+        let rate = f64::from(per_sec);
         RequestRate {
-            per_sec: f64::from(per_sec),
-            tokens: f64::from(per_sec),
-            at: Instant::now(),
+            bucket: (per_sec > 0).then(|| TokenBucket::full(rate, rate, Instant::now())),
         }
     }
 
@@ -34,20 +33,7 @@ impl RequestRate {
     }
 
     fn take_at(&mut self, now: Instant) -> Option<Duration> {
-        if self.per_sec <= 0.0 {
-            return None;
-        }
-        let refill = now.duration_since(self.at).as_secs_f64() * self.per_sec;
-        self.tokens = (self.tokens + refill).min(self.per_sec);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            return None;
-        }
-        let wait = (1.0 - self.tokens) / self.per_sec;
-        // The token the wait buys is taken now.
-        self.tokens -= 1.0;
-        Some(Duration::from_secs_f64(wait))
+        self.bucket.as_mut()?.take_or_wait(now)
     }
 }
 
@@ -57,8 +43,10 @@ mod tests {
 
     #[test]
     fn a_burst_of_a_second_then_the_rate() {
-        let mut r = RequestRate::new(100);
-        let t0 = r.at;
+        let t0 = Instant::now();
+        let mut r = RequestRate {
+            bucket: Some(TokenBucket::full(100.0, 100.0, t0)),
+        };
         for _ in 0..100 {
             assert_eq!(r.take_at(t0), None);
         }

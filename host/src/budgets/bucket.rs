@@ -1,0 +1,58 @@
+//! The token bucket the rate budgets share (`conflict_rate`, `rate`,
+//! `request_rate`): `burst` tokens at most, refilled at `per_sec`.
+
+use std::time::{Duration, Instant};
+
+/// One token bucket.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenBucket {
+    tokens: f64,
+    at: Instant,
+    burst: f64,
+    per_sec: f64,
+}
+
+impl TokenBucket {
+    /// A full bucket of `burst` tokens refilled at `per_sec`.
+    pub fn full(burst: f64, per_sec: f64, now: Instant) -> Self {
+        TokenBucket {
+            tokens: burst,
+            at: now,
+            burst,
+            per_sec,
+        }
+    }
+
+    /// The tokens it would hold at `now` (refilled, not taken).
+    pub fn level(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        (self.tokens + elapsed * self.per_sec).min(self.burst)
+    }
+
+    fn refill(&mut self, now: Instant) {
+        self.tokens = self.level(now);
+        self.at = now;
+    }
+
+    /// Takes a token if one is left at `now`.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Takes a token at `now`, borrowing it if none is left: then the wait
+    /// until the borrowed token would have been there.
+    pub fn take_or_wait(&mut self, now: Instant) -> Option<Duration> {
+        if self.try_take(now) {
+            return None;
+        }
+        let wait = (1.0 - self.tokens) / self.per_sec;
+        self.tokens -= 1.0;
+        Some(Duration::from_secs_f64(wait))
+    }
+}
