@@ -301,6 +301,20 @@ fn lost_notice_ack_is_redelivered_with_the_same_id() {
 }
 
 #[test]
+fn a_session_start_the_host_is_too_busy_for_is_announced_again() {
+    let (dir, host) = host_in_tempdir();
+    let agent = file_agent(dir.path());
+    // The host's rate bound answers the first two announcements Busy.
+    host.with(|h| h.busy_session_starts = 2);
+    agent.ok(&["login", "--user", "lena", "--session", "l1"]);
+    must("session announced after the host was busy", LONG, || {
+        host.with(|h| h.sessions_started.contains(&"l1".to_string()))
+            .then_some(())
+    });
+    assert_eq!(host.with(|h| h.busy_session_starts), 0);
+}
+
+#[test]
 fn sigterm_with_host_down_spools_and_delivers_after_restart() {
     let (dir, host, mut agent) = logged_in("kim", b"kim v1", "k1");
     let out = agent.cli(&[

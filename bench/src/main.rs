@@ -9,6 +9,7 @@
 #![allow(clippy::expect_used, clippy::cast_possible_truncation)]
 
 mod data;
+mod hostile;
 mod incremental;
 mod rig;
 mod s3store;
@@ -99,6 +100,8 @@ enum Which {
     Chunking,
     /// S3 store on a real Ceph RGW vs the local store (not in `all`).
     S3,
+    /// Good VMs beside hostile ones (not in `all`).
+    Hostile,
 }
 
 #[derive(Parser)]
@@ -122,6 +125,21 @@ struct Cli {
     /// Length of the scale benchmark's measured phase (s).
     #[arg(long, default_value_t = 20)]
     phase_secs: u64,
+    /// Good and hostile VMs in the hostile benchmark (each).
+    #[arg(long, default_value_t = 10)]
+    vms: usize,
+    /// Login+logout rounds of each good VM per phase (hostile benchmark).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Seconds after the hostile VMs disconnect before the staged bytes
+    /// are read (hostile benchmark).
+    #[arg(long, default_value_t = 60)]
+    settle_secs: u64,
+    /// The kinds the hostile VMs take in turn: 0 floods and stops reading,
+    /// 1 stages and abandons uploads, 2 floods pings, 3 floods chunk
+    /// fetches, 4 floods session starts and notices.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2,3,4")]
+    hostile_kinds: Vec<usize>,
     /// Work directory (default: a temporary directory under target/).
     #[arg(long)]
     work: Option<std::path::PathBuf>,
@@ -239,7 +257,7 @@ fn work_dir(cli: &Cli) -> tempfile::TempDir {
 
 /// Whether `w` is to run: chosen itself, or part of `all` (S3 is not).
 fn selected(cli: &Cli, w: Which) -> bool {
-    (cli.which == Which::All && w != Which::S3) || cli.which == w
+    (cli.which == Which::All && w != Which::S3 && w != Which::Hostile) || cli.which == w
 }
 
 /// Transfer and footprint share one rig; returns the footprint's peak RSS
@@ -291,6 +309,25 @@ fn scale_rows(cli: &Cli, bins: &uve_e2e::binaries::Binaries) -> Result<Vec<Row>,
         .map_err(|e| vec![Row::text("scale", format!("failed: {e}"), "", "")])
 }
 
+/// The hostile benchmark, in a short-named directory under /tmp (Unix
+/// socket paths); a failed good VM is one row saying why, and `Err`.
+fn hostile_rows(cli: &Cli, bins: &uve_e2e::binaries::Binaries) -> Result<Vec<Row>, Vec<Row>> {
+    let dir = tempfile::Builder::new()
+        .prefix("uh-")
+        .tempdir_in("/tmp")
+        .expect("hostile dir");
+    let p = hostile::Params {
+        good: cli.vms,
+        hostile: cli.vms,
+        size: cli.size_mib << 20,
+        rounds: cli.rounds,
+        settle: Duration::from_secs(cli.settle_secs),
+        kinds: cli.hostile_kinds.clone(),
+    };
+    hostile::run(bins, dir.path(), &p)
+        .map_err(|e| vec![Row::text("hostile", format!("failed: {e}"), "", "")])
+}
+
 /// Prints the result table and the run's footer.
 fn print_table(cli: &Cli, rows: &[Row], started: Instant) {
     println!("\n| benchmark | uve | baseline | baseline figure | uve / baseline |");
@@ -310,6 +347,15 @@ fn print_table(cli: &Cli, rows: &[Row], started: Instant) {
 }
 
 fn main() {
+    // A hostile VM of `uve-bench hostile`, run as a child process.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("hostile-vm") {
+        if let Err(e) = hostile::vm_main(&args[1..]) {
+            eprintln!("uve-bench hostile-vm: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let cli = Cli::parse();
     let bins = match uve_e2e::binaries::release() {
         Ok(b) => b,
@@ -353,6 +399,16 @@ fn main() {
     if run(Which::S3) {
         eprintln!("S3 store (Ceph RGW) vs local store…");
         rows.extend(s3store::run(&bins, work.path(), size));
+    }
+    if run(Which::Hostile) {
+        eprintln!("hostile VMs beside good ones…");
+        match hostile_rows(&cli, &bins) {
+            Ok(r) => rows.extend(r),
+            Err(r) => {
+                failed = true;
+                rows.extend(r);
+            }
+        }
     }
     if cli.keep {
         eprintln!("work directory kept: {}", work.keep().display());

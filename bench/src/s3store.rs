@@ -59,10 +59,12 @@ fn parallel<T: Sync>(items: &[T], threads: usize, f: impl Fn(&T) + Sync) -> Dura
 
 /// The store alone: puts then reads of `size` bytes of chunks.
 fn store_alone(rgw: &Rgw, size: usize) -> Result<(Duration, Duration), String> {
+    let staging = tempfile::tempdir().map_err(|e| e.to_string())?;
     let store = S3Store::open(
         &config(rgw, "bench-raw")?,
         StorePolicy::default(),
         Duration::from_secs(3600),
+        staging.path(),
     )
     .map_err(|e| e.to_string())?;
     let data = data::random(size, 63);

@@ -180,7 +180,11 @@ async fn one_update(h: &LinkHandle, user: &str, size: usize, seed: u64) -> Resul
 }
 
 /// Retrieves `user`'s head and begins an update on it; returns the upload id.
-async fn begin_update(h: &LinkHandle, user: &str, header: ManifestHeader) -> Result<u64, String> {
+pub(crate) async fn begin_update(
+    h: &LinkHandle,
+    user: &str,
+    header: ManifestHeader,
+) -> Result<u64, String> {
     let grant = match h
         .request(Request::UifRetrieve {
             user: valid(user),
@@ -211,7 +215,7 @@ async fn begin_update(h: &LinkHandle, user: &str, header: ManifestHeader) -> Res
 
 /// Sends the manifest's pages and uploads the chunks the host misses, at
 /// most 8 at a time; returns the bytes uploaded.
-async fn send_pages(
+pub(crate) async fn send_pages(
     h: &LinkHandle,
     upload: u64,
     manifest: &Manifest,

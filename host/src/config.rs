@@ -58,6 +58,10 @@ pub struct Config {
     pub max_frame: u32,
     /// Requests an agent may have open at once. Default 32.
     pub max_inflight: u32,
+    /// Control requests (all but chunk transfers) one VM may make per
+    /// second, a second's worth as burst; past it the host stops reading
+    /// from that VM until the bucket refills. 0 = no limit. Default 500.
+    pub max_control_requests_per_sec: u32,
     /// Bytes of one VM's requests read and not yet answered; at this the
     /// host stops reading from that VM until answers free some. Default 2 MiB.
     pub link_inbound_bytes: usize,
@@ -98,17 +102,28 @@ pub struct Config {
     /// pins freed; a later request for it gets `NotFound`), ms. Default 120000.
     pub upload_idle_ms: u64,
     /// Bytes one VM's open uploads may have staged (stored, not yet
-    /// committed); more chunks get `Busy`. Default = `max_uif_size`.
+    /// committed); more chunks get `Busy`. Default: one share of the
+    /// staging room (`staging_shares`), never below `max_uif_size`.
     pub max_staged_bytes_per_vm: Option<u64>,
-    /// Bytes the open uploads of one user may have staged. Default =
-    /// `max_uif_size`.
+    /// Bytes the open uploads of one user may have staged. Default: one
+    /// share of the staging room, never below `max_uif_size`.
     pub max_staged_bytes_per_user: Option<u64>,
     /// Bytes all uploads may have staged at once. Default 256 GiB.
     pub max_staged_bytes: u64,
-    /// Chunks are staged only while the local store's filesystem keeps
-    /// this much free beyond them, so commits and other VMs' writes find
-    /// room. Default 2 GiB.
+    /// Chunks are staged only while the filesystem where uploads stage
+    /// (`<data_dir>/store`, with either store) keeps this much free beyond
+    /// them, so commits and other VMs' writes find room. Default 2 GiB.
     pub store_min_free_bytes: u64,
+    /// The staging room (the staging filesystem's free space beyond
+    /// `store_min_free_bytes`, plus what is staged) is divided into this
+    /// many shares: the default per-VM and per-user budgets are one share,
+    /// and when less than a share is left above the floor, a VM over its
+    /// share gets `Busy` while the others still stage. Default 8.
+    pub staging_shares: u64,
+    /// Test-only: the staging filesystem is taken to be this large and to
+    /// hold nothing but staged chunks (free = this − staged) instead of
+    /// asking it. Default: none (the real figure).
+    pub test_staging_free_bytes: Option<u64>,
     /// Committed versions kept per user. Default 10.
     pub history_keep: usize,
     /// Conflict versions kept per user and origin (the writer: one VM's
@@ -132,8 +147,38 @@ pub struct Config {
     pub handshake_timeout_ms: u64,
     /// How long shutdown waits for in-flight commits, ms. Default 30000.
     pub shutdown_grace_ms: u64,
-    /// Events kept in memory for `GET /v1/events?since=`. Default 4096.
+    /// Events kept in memory for `GET /v1/events?since=` (each VM its
+    /// fair share). Default 4096.
     pub event_ring: usize,
+    /// Events an operator must act on (`update_refused`, `conflict`,
+    /// `budget_exceeded`, `handover_failed`, `vm_lost`,
+    /// `unexpected_disconnect`) kept in the durable journal
+    /// `<data_dir>/events.jsonl` (each VM its fair share). Default 8192.
+    pub event_journal: usize,
+    /// Journalled events older than this are dropped, seconds; 0 = no age
+    /// limit. Default 90 days.
+    pub event_journal_max_age_secs: u64,
+    /// A VM reaching a budget gets at most one `budget_exceeded` event per
+    /// budget in this interval, seconds (the metric counts every refusal).
+    /// Default 60.
+    pub budget_event_interval_secs: u64,
+    /// `UnexpectedDisconnect` notices one VM may send per minute (burst: as
+    /// many at once); more are answered `Busy` and the agent retries from
+    /// its journal. 0 = no limit. Default 120.
+    pub notices_per_minute: u32,
+    /// New sessions one VM may report per minute (`SessionStarted`; burst:
+    /// as many at once); more are answered `Busy` and the agent announces
+    /// them again. 0 = no limit. Default 120.
+    pub session_starts_per_minute: u32,
+    /// Sessions one VM may have open at once; a `SessionStarted` beyond is
+    /// refused (`TooLarge`). Default 256.
+    pub max_sessions_per_vm: usize,
+    /// Disconnect-notice ids remembered per VM to de-duplicate redeliveries
+    /// (the oldest is forgotten). Default 4096.
+    pub notice_ids_per_vm: usize,
+    /// Bulk store jobs (chunk reads and writes) one VM may have queued;
+    /// more are answered `Busy`. Default 512.
+    pub bulk_queue_per_vm: usize,
     /// Largest UA bundle accepted by the API, bytes. Default 1 GiB.
     pub max_ua_bundle: u64,
     /// Largest UIF accepted by `POST .../import`, bytes. Default = `max_uif_size`.
@@ -155,6 +200,7 @@ impl Default for Config {
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
             max_frame: DEFAULT_MAX_FRAME,
             max_inflight: 32,
+            max_control_requests_per_sec: 500,
             link_inbound_bytes: uve_protocol::link::DEFAULT_MAX_INBOUND_BYTES,
             link_outbound_bytes: uve_protocol::link::DEFAULT_MAX_OUTBOUND_BYTES,
             write_deadline_ms: None,
@@ -172,6 +218,8 @@ impl Default for Config {
             max_staged_bytes_per_user: None,
             max_staged_bytes: 256 << 30,
             store_min_free_bytes: 2 << 30,
+            staging_shares: 8,
+            test_staging_free_bytes: None,
             history_keep: 10,
             conflict_keep: 10,
             conflict_updates_per_hour: 60,
@@ -183,6 +231,14 @@ impl Default for Config {
             handshake_timeout_ms: 10_000,
             shutdown_grace_ms: 30_000,
             event_ring: 4096,
+            event_journal: 8192,
+            event_journal_max_age_secs: 90 * 24 * 3600,
+            budget_event_interval_secs: 60,
+            notices_per_minute: 120,
+            session_starts_per_minute: 120,
+            max_sessions_per_vm: 256,
+            notice_ids_per_vm: 4096,
+            bulk_queue_per_vm: 512,
             max_ua_bundle: 1 << 30,
             max_import: None,
             worker_threads: 2,
@@ -233,11 +289,22 @@ impl Config {
 
     /// The staged-byte budgets.
     pub fn staging_limits(&self) -> crate::budgets::staging::StagingLimits {
+        use crate::budgets::staging::room::Cap;
+        let cap = |configured: Option<u64>| {
+            configured.map_or(
+                Cap::Share {
+                    at_least: self.max_uif_size,
+                },
+                Cap::Fixed,
+            )
+        };
         crate::budgets::staging::StagingLimits {
-            per_vm: self.max_staged_bytes_per_vm.unwrap_or(self.max_uif_size),
-            per_user: self.max_staged_bytes_per_user.unwrap_or(self.max_uif_size),
+            per_vm: cap(self.max_staged_bytes_per_vm),
+            per_user: cap(self.max_staged_bytes_per_user),
             total: self.max_staged_bytes,
             min_free: self.store_min_free_bytes,
+            shares: self.staging_shares.max(1),
+            simulated_free: self.test_staging_free_bytes,
         }
     }
 

@@ -14,10 +14,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uve_protocol::message::{ErrorCode, WireError};
 
-use crate::budgets::bulk::{BulkJob, BulkPool, MAX_QUEUED_PER_VM, Refused};
+use crate::budgets::bulk::{BulkJob, BulkPool, Refused};
 use crate::budgets::conflict_rate::ConflictRate;
 use crate::budgets::gate::HandshakeGate;
 use crate::budgets::quota_charges::QuotaCharges;
+use crate::budgets::rate::PerVmRate;
+use crate::budgets::report::{Budget, Reports};
 use crate::budgets::staging::Staging;
 use crate::config::Config;
 use crate::state::conns::Conns;
@@ -65,6 +67,12 @@ pub struct Host {
     conflict_rate: ConflictRate,
     /// What the users' own uploads in flight add to what they hold.
     quota_charges: QuotaCharges,
+    /// Bounds `UnexpectedDisconnect` notices per VM and minute.
+    notice_rate: PerVmRate,
+    /// Bounds new sessions per VM and minute.
+    session_rate: PerVmRate,
+    /// Rate-limits the `budget_exceeded` events.
+    reports: Reports,
     commits: AtomicUsize,
     commits_idle: Notify,
     bulk: BulkPool,
@@ -84,7 +92,8 @@ impl Drop for CommitGuard<'_> {
 }
 
 impl Host {
-    /// Assembles the shared state.
+    /// Assembles the shared state, with an event log in memory only (see
+    /// [`with_events`](Self::with_events)).
     pub fn new(
         config: Config,
         tmp: PathBuf,
@@ -98,6 +107,11 @@ impl Host {
         let metrics = Arc::new(Metrics::default());
         let conflict_rate = ConflictRate::new(config.conflict_updates_per_hour);
         let staging = Staging::start(config.staging_limits(), store.clone(), metrics.clone());
+        let sessions = Sessions::new(config.max_sessions_per_vm, config.notice_ids_per_vm);
+        let notice_rate = PerVmRate::new(config.notices_per_minute);
+        let session_rate = PerVmRate::new(config.session_starts_per_minute);
+        let reports = Reports::new(Duration::from_secs(config.budget_event_interval_secs));
+        let bulk = BulkPool::start(bulk_threads, config.bulk_queue_per_vm);
         Host {
             config,
             tmp,
@@ -105,7 +119,7 @@ impl Host {
             registry,
             leases,
             handovers: Handovers::default(),
-            sessions: Sessions::default(),
+            sessions,
             conns: Conns::default(),
             events,
             metrics,
@@ -115,10 +129,21 @@ impl Host {
             handshakes,
             conflict_rate,
             quota_charges: QuotaCharges::new(),
+            notice_rate,
+            session_rate,
+            reports,
             commits: AtomicUsize::new(0),
             commits_idle: Notify::new(),
-            bulk: BulkPool::start(bulk_threads),
+            bulk,
         }
+    }
+
+    /// The same host with `events` as its event log (the daemon's, with
+    /// its durable journal: [`Events::open`]).
+    #[must_use]
+    pub fn with_events(mut self, events: Events) -> Self {
+        self.events = events;
+        self
     }
 
     /// The configuration.
@@ -172,6 +197,38 @@ impl Host {
         self.events.emit(event);
     }
 
+    /// Counts a refusal or cut-off of `vm` by `budget` in its metric and,
+    /// at most once per `budget_event_interval_secs` for this VM and
+    /// budget, reports it as a `budget_exceeded` event (and a warning).
+    pub fn refused(&self, budget: Budget, vm: &str, user: Option<&str>, limit: u64) {
+        add(budget.metric(&self.metrics), 1);
+        if self.reports.due(vm, budget) {
+            tracing::warn!(
+                vm,
+                user,
+                budget = budget.name(),
+                limit,
+                "VM reached a budget"
+            );
+            self.emit(crate::state::events::Event::BudgetExceeded {
+                vm: vm.to_string(),
+                user: user.map(str::to_string),
+                budget: budget.name().to_string(),
+                limit,
+            });
+        }
+    }
+
+    /// Bounds `UnexpectedDisconnect` notices per VM and minute.
+    pub fn notice_rate(&self) -> &PerVmRate {
+        &self.notice_rate
+    }
+
+    /// Bounds new sessions per VM and minute.
+    pub fn session_rate(&self) -> &PerVmRate {
+        &self.session_rate
+    }
+
     /// The counters.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
@@ -215,7 +272,7 @@ impl Host {
     /// takes it (its connection closed). Falls back to a blocking thread
     /// if the pool has none; a VM with a full bulk queue gets
     /// [`StoreError::Busy`] (answered `Busy`: the agent retries), counted
-    /// in `uve_bulk_queue_refused_total`.
+    /// in `uve_bulk_queue_refused_total` and reported (`bulk_queue_per_vm`).
     pub async fn store_call_bulk<T, F>(&self, vm: &str, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
@@ -237,9 +294,10 @@ impl Host {
                     .map_err(|e| StoreError::io("store task", std::io::Error::other(e)))?;
             }
             Err(Refused::QueueFull) => {
-                add(&self.metrics.bulk_queue_refused, 1);
+                let cap = self.bulk.per_vm();
+                self.refused(Budget::BulkQueuePerVm, vm, None, cap as u64);
                 return Err(StoreError::Busy(format!(
-                    "VM {vm} has {MAX_QUEUED_PER_VM} bulk jobs queued"
+                    "VM {vm} has {cap} bulk jobs queued"
                 )));
             }
         }
@@ -321,7 +379,7 @@ mod tests {
     /// failure of the host.
     #[test]
     fn a_full_bulk_queue_is_answered_busy_not_internal() {
-        let e = StoreError::Busy(format!("VM vm-a has {MAX_QUEUED_PER_VM} bulk jobs queued"));
+        let e = StoreError::Busy(format!("VM vm-a has {} bulk jobs queued", 512));
         let w = wire_store_error(&e);
         assert_eq!(w.code, ErrorCode::Busy);
         assert!(w.code.is_transient(), "the agent retries Busy");

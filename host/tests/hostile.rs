@@ -129,6 +129,17 @@ async fn non_reader_is_cut_off(flood: Flood) {
     let reason = lost["reason"].as_str().unwrap_or_default().to_string();
     assert!(reason.contains("stopped reading"), "{lost}");
     assert_eq!(host.metric("uve_stalled_cut_off_total").await, 1);
+    let cut = host
+        .wait_event("budget_exceeded", |e| e["budget"] == "write_deadline_ms")
+        .await;
+    assert_eq!(cut["vm"], "bad", "{cut}");
+    assert_eq!(cut["limit"], 4000, "{cut}");
+    if matches!(flood, Flood::Chunks) {
+        // Backpressure on the way, counted (no event): the answers filled
+        // the VM's outbound budget, and its requests waited for slots.
+        assert!(host.metric("uve_link_outbound_waits_total").await > 0);
+        assert!(host.metric("uve_inflight_waits_total").await > 0);
+    }
     // The host closed the connection: what it had written drains to EOF.
     let closed = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(Ok(_)) = r.next().await {}
@@ -460,7 +471,9 @@ async fn forged_notices_for_another_vms_user_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_event_follower_is_told_how_many_it_missed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (host, _, agent) = HostProc::with_agent("event_ring = 64", "vm1", &["alice"]).await;
+    // No rate bound on new sessions: the 3,000 are the point here.
+    let extra = "event_ring = 64\nsession_starts_per_minute = 0";
+    let (host, _, agent) = HostProc::with_agent(extra, "vm1", &["alice"]).await;
     // A follower that sends its request and then does not read.
     let mut follower = tokio::net::UnixStream::connect(host.api_socket())
         .await
@@ -535,6 +548,23 @@ async fn idle_uploads_expire_and_free_their_slots() {
     })
     .await;
     assert!(expired.is_some(), "the idle uploads did not expire");
+    let reported = host
+        .wait_event("budget_exceeded", |e| e["budget"] == "upload_idle_ms")
+        .await;
+    assert_eq!(reported["vm"], "vm1", "{reported}");
+    let budgets: Vec<_> = host
+        .events()
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "budget_exceeded")
+        .map(|e| e["budget"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        budgets,
+        ["max_uploads_per_vm", "upload_idle_ms"],
+        "the fifth upload refused, four expiries: one event each budget"
+    );
+    assert_eq!(host.metric("uve_uploads_refused_total").await, 1);
     let l = &listed[0];
     let i = l.missing[0];
     let e = agent

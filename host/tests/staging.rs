@@ -164,3 +164,59 @@ async fn staging_budgets_refuse_with_busy_and_free_up_on_abort() {
     assert_eq!(host.export("alice", version).await, b);
     assert_eq!(host.metric("uve_staged_bytes").await, 0);
 }
+
+/// One VM staging all it may leaves another VM's logout committing: with
+/// the staging filesystem simulated (`test_staging_free_bytes`: 17 MiB,
+/// 1 MiB of it the floor, so eight shares of 2 MiB), VM 1 stages a
+/// 16 MiB upload (its budget is `max_uif_size`, more than its share) and
+/// gets `Busy` once it is over its share and less than a share is left
+/// above the floor; VM 2, within its share, still stages and commits while
+/// VM 1 holds its bytes. Without the share rule VM 1 would take the free
+/// space down to the floor and VM 2's chunks would be refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_over_its_share_leaves_another_vms_logout_committing() {
+    const MIB: u64 = 1 << 20;
+    let extra = format!(
+        "max_uif_size = {}\nstore_min_free_bytes = {}\ntest_staging_free_bytes = {}",
+        16 * MIB,
+        MIB,
+        17 * MIB
+    );
+    let (host, [p1, p2]) =
+        HostProc::with_vms(&extra, ["vm1", "vm2"], &[("alice", "vm1"), ("bob", "vm2")]).await;
+    let (hostile, good) = (
+        host.connect_agent(&p1, "vm1").await,
+        host.connect_agent(&p2, "vm2").await,
+    );
+    let (grant, _) = hostile.retrieve("alice", "s1").await.unwrap();
+    let big = noise(16 << 20, 80);
+    let l = begin_alice(&hostile, grant.version, grant.lease, &big)
+        .await
+        .unwrap();
+    assert_eq!(send_missing(&hostile, &l).await, Err(ErrorCode::Busy));
+    let held = host.metric("uve_staged_bytes").await;
+    let share = host.metric("uve_staging_share_bytes").await;
+    assert_eq!(share, 2 * MIB, "16 MiB of room in eight shares");
+    assert!(
+        held > 13 * MIB && held <= 14 * MIB,
+        "VM 1 was stopped with less than a share above the floor: {held}"
+    );
+    assert_eq!(host.metric("uve_staging_share_refused_total").await, 1);
+    let ev = host.wait_event("budget_exceeded", |_| true).await;
+    assert_eq!(ev["vm"], "vm1");
+    assert_eq!(ev["budget"], "staging_shares");
+    assert_eq!(ev["limit"], 2 * MIB);
+    // VM 2's logout, within its share, commits while VM 1 holds its bytes.
+    good.retrieve("bob", "s1").await.unwrap();
+    let mine = noise(3 << 19, 81);
+    let r = good.update_from_lease("bob", &mine).await.unwrap();
+    assert_committed(&r);
+    let Response::Committed { version } = r.answer else {
+        unreachable!()
+    };
+    assert!(host.export("bob", version).await == mine);
+    assert_eq!(host.metric("uve_staged_bytes").await, held);
+    assert_eq!(host.metric("uve_staging_free_space_refused_total").await, 0);
+    assert_eq!(host.metric("uve_staging_refused_total").await, 1);
+    assert_eq!(host.count_events("budget_exceeded").await, 1);
+}

@@ -3,6 +3,8 @@
 //! (`tests/s3/rgw.sh`). The RGW test also runs two `uve-host` processes
 //! sharing one bucket: a user moves from a VM on host 1 to a VM on host 2,
 //! and racing updates from both hosts leave one head and one conflict.
+//! An upload abandoned on one host never takes a chunk that a concurrent
+//! upload on the other commits (`stores/abandon.rs`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -21,6 +23,8 @@ use uve_host::store::{
 use uve_protocol::manifest::{Hash, Manifest};
 use uve_protocol::message::Version;
 
+#[path = "stores/abandon.rs"]
+mod abandon;
 #[cfg(feature = "s3")]
 #[path = "stores/s3.rs"]
 mod s3;
@@ -568,6 +572,14 @@ fn conflicts_and_operator_edits(
         (1_800_000, 2_000_000, Some(2_000_000))
     );
     other.edit_user("hana", UserEdit::SetQuota(None)).unwrap();
+    // An override may come before the user's first version.
+    s.edit_user("ida", UserEdit::SetQuota(Some(1))).unwrap();
+    assert_eq!(other.holdings("ida").unwrap().quota_bytes, 1);
+    let m1 = put_all(s.as_ref(), &noise(1000, 930));
+    assert!(matches!(
+        other.commit("ida", &m1, None, true, "vm:a"),
+        Err(StoreError::QuotaExceeded { quota: 1, .. })
+    ));
     let m = put_all(s.as_ref(), &noise(300_000, 920));
     assert!(matches!(
         s.commit("hana", &m, head, true, "vm:a"),
@@ -587,6 +599,7 @@ fn run_suite(b: &dyn Backend, race_rounds: u32) {
     gc_sweeps_only_unreferenced_old_unpinned_chunks(b);
     reusing_an_old_orphan_never_dangles(b);
     racing_commits_leave_one_head_and_one_conflict(b, race_rounds);
+    abandon::abandoned_upload_never_deletes_a_chunk_another_host_commits(b, 6);
     eprintln!("{} store suite passed in {:.1?}", b.name(), t.elapsed());
 }
 
@@ -607,7 +620,7 @@ async fn s3_store_on_ceph_rgw() {
     };
     let rgw = Arc::new(rgw);
     let r = rgw.clone();
-    tokio::task::spawn_blocking(move || run_suite(&s3::S3(&r), 20))
+    tokio::task::spawn_blocking(move || run_suite(&s3::S3::new(&r), 20))
         .await
         .unwrap();
     s3::unsafe_server_is_refused(&rgw).await;

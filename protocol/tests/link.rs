@@ -215,8 +215,8 @@ async fn garbage_closes_only_that_link_with_a_reason() {
     let (h, _in) = start(a, cfg(1000));
     raw.write_all(&u32::MAX.to_le_bytes()).await.expect("write");
     match h.closed().await {
-        LinkEnd::BadFrame(why) => assert!(why.contains("exceeds the limit"), "{why}"),
-        other => panic!("expected BadFrame, got {other:?}"),
+        LinkEnd::Oversize(why) => assert!(why.contains("exceeds the limit"), "{why}"),
+        other => panic!("expected Oversize, got {other:?}"),
     }
 }
 
@@ -248,4 +248,52 @@ async fn oversized_request_is_refused_to_the_caller() {
         .expect_err("too big");
     assert!(matches!(err, LinkError::Frame(_)), "{err}");
     assert!(!a.is_closed(), "a refused frame must not close the link");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_for_the_inbound_byte_budget_are_counted() {
+    let (a, b) = UnixStream::pair().expect("pair");
+    let (ha, _ain) = start(a, cfg(1000));
+    let mut c = cfg(1000);
+    c.max_inbound_bytes = 64;
+    let stats = Arc::new(link::LinkStats::default());
+    let (r, w) = b.into_split();
+    let (_hb, mut b_in) = link::spawn_counted(
+        FramedRead::new(r, FrameCodec::new(c.max_frame)),
+        w,
+        c,
+        stats.clone(),
+    );
+    // Twenty pings, none answered yet: the reader stops at 64 bytes.
+    let calls: Vec<_> = (0..20u64)
+        .map(|nonce| {
+            let ha = ha.clone();
+            tokio::spawn(async move { ha.request(Request::Ping { nonce }).await })
+        })
+        .collect();
+    let first = b_in.recv().await.expect("a request");
+    let waited = tokio::time::timeout(Duration::from_secs(10), async {
+        while stats
+            .inbound_waits
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "the reader never waited for its budget");
+    let mut pending = vec![first];
+    for _ in 0..19 {
+        if let Some(inc) = pending.pop() {
+            let _ = inc.responder.send(Response::Ok).await;
+        }
+        pending.push(b_in.recv().await.expect("the reader read on"));
+    }
+    for inc in pending {
+        let _ = inc.responder.send(Response::Ok).await;
+    }
+    for call in calls {
+        call.await.unwrap().expect("answered");
+    }
 }

@@ -97,6 +97,9 @@ pub struct HostState {
     pub unassigned: HashSet<String>,
     /// Refuse this many next notices with Busy (tests retry).
     pub busy_notices: usize,
+    /// Answer this many next `SessionStarted` with `Busy` (as the host does
+    /// past `session_starts_per_minute`; the agent announces again).
+    pub busy_session_starts: usize,
     /// Refuse this many next notices for good (`TooLarge`).
     pub refuse_notices: usize,
     /// Refuse every `UpdateBegin` for good with this code (quota, ...).

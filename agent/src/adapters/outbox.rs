@@ -1,4 +1,5 @@
-//! The outbox: after every (re)connect it re-announces open sessions, then
+//! The outbox: after every (re)connect, and when a `SessionStarted` was
+//! not delivered (the host was busy), it re-announces open sessions, then
 //! delivers journalled "session ended" and disconnect notices and spooled
 //! updates; it is also kicked whenever a new notice or spool entry
 //! appears, and retries every few seconds while anything is pending (a
@@ -20,7 +21,8 @@ pub async fn run(lc: Arc<Lifecycle>, stop: CancellationToken) {
     loop {
         let current = rx.borrow_and_update().clone();
         if let Some(c) = current.filter(|c| !c.link.is_closed()) {
-            if c.generation != announced && lc.announce_sessions(&c).await {
+            let again = lc.take_announce_again();
+            if (c.generation != announced || again) && lc.announce_sessions(&c).await {
                 announced = c.generation;
             }
             lc.deliver_pending(&c).await;

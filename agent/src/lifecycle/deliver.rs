@@ -27,8 +27,24 @@ impl Lifecycle {
         self.kick.notify_one();
     }
 
+    /// Asks the outbox to announce the open sessions again (one was not
+    /// delivered: the host was busy or the link failed) and wakes it.
+    pub fn announce_again(&self) {
+        self.reannounce
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.kick();
+    }
+
+    /// True (once) if the open sessions are to be announced again.
+    pub fn take_announce_again(&self) -> bool {
+        self.reannounce
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
     /// Re-announces every open session (idempotent at the host); false if
-    /// the connection failed on the way.
+    /// one was not delivered (the host answered `Busy` past its rate bound,
+    /// or the connection failed), which asks for another round at the
+    /// outbox's next retry.
     pub async fn announce_sessions(&self, c: &Connected) -> bool {
         for s in self.table.sessions() {
             let req = Request::SessionStarted {
@@ -38,6 +54,10 @@ impl Lifecycle {
             };
             if let Err(e) = c.link.request(req).await {
                 tracing::warn!(session = %s.session, "re-announce failed: {e}");
+                // Retried at the outbox's next round (not at once: a host
+                // answering Busy is over its rate bound).
+                self.reannounce
+                    .store(true, std::sync::atomic::Ordering::Release);
                 return false;
             }
         }
@@ -59,6 +79,7 @@ impl Lifecycle {
     pub async fn pending(&self) -> bool {
         let behind = self.table.write_if_behind().await.is_err();
         behind
+            || self.reannounce.load(std::sync::atomic::Ordering::Acquire)
             || self.notices.count() + self.flusher.pending_updates() > 0
             || !self.table.ended_unsent().is_empty()
     }

@@ -275,8 +275,9 @@ impl Lifecycle {
             if let Err(e) = c.link.request(req).await {
                 tracing::warn!(
                     session = %record.session,
-                    "SessionStarted not delivered (re-announced later): {e}"
+                    "SessionStarted not delivered (announced again shortly): {e}"
                 );
+                self.announce_again();
             }
         }
     }

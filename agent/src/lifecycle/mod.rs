@@ -107,6 +107,9 @@ pub struct Lifecycle {
     link: Arc<LinkWatch>,
     /// Wakes the outbox.
     kick: Arc<Notify>,
+    /// A `SessionStarted` was not delivered (the host answered `Busy`, or
+    /// the link failed): the outbox announces the open sessions again.
+    reannounce: std::sync::atomic::AtomicBool,
     /// Background work (flushes after a VM restart, UA exits), joined at
     /// shutdown.
     tasks: TaskTracker,
@@ -156,6 +159,7 @@ impl Lifecycle {
             flusher,
             link,
             kick,
+            reannounce: std::sync::atomic::AtomicBool::new(false),
             tasks: tasks.clone(),
         };
         (Arc::new(lifecycle), exits)

@@ -1,9 +1,9 @@
 //! The event stream (`GET /v1/events`, JSON lines, `?since=N`,
 //! `?follow=false` to stop after the retained events) and `GET /metrics`.
 //! A follower that falls behind the live broadcast is served the missed
-//! events from the ring; those the ring no longer holds are announced by
-//! one `{"kind":"lagged","missed":N,"after_seq":S}` line, never dropped
-//! silently.
+//! events from the ring and the journal; those no longer held are
+//! announced by one `{"kind":"lagged","missed":N,"after_seq":S}` line,
+//! never dropped silently.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -26,11 +26,16 @@ fn line(e: &Recorded) -> Bytes {
     Bytes::from(v)
 }
 
-/// The line announcing the events after `last` that the ring no longer
-/// holds, if any: `retained` starts later than `last + 1`.
+/// The line announcing the events after `last` that are no longer held,
+/// if any: the numbers between `last` and the newest retained event that
+/// `retained` lacks (evicted from the ring, or from a VM's share, while
+/// the follower lagged; they may lie between the ones it is served).
 fn lagged_line(last: u64, retained: &[Recorded]) -> Option<Bytes> {
-    let first = retained.first()?.seq;
-    let missed = first.checked_sub(last + 1).filter(|n| *n > 0)?;
+    let newest = retained.last()?.seq;
+    let missed = newest
+        .checked_sub(last)
+        .and_then(|n| n.checked_sub(retained.len() as u64))
+        .filter(|n| *n > 0)?;
     tracing::warn!(missed, after_seq = last, "event follower lagged");
     let mut v = serde_json::to_vec(&serde_json::json!({
         "kind": "lagged",

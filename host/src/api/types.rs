@@ -291,7 +291,15 @@ pub struct UserDetail {
 pub struct QuotaBody {
     /// The user's quota in bytes (unique bytes of head and history);
     /// `null` clears the override (the host's `user_quota_bytes` applies).
+    /// Required: a body without it is refused, not read as `null`.
+    #[serde(deserialize_with = "required_nullable")]
     pub quota_bytes: Option<u64>,
+}
+
+/// A field that must be present and may be `null` (serde otherwise reads
+/// a missing `Option` field as `None`).
+fn required_nullable<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Option::<u64>::deserialize(d)
 }
 
 /// Answer of `DELETE /v1/users/{user}/versions/{v}`.

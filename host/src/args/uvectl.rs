@@ -87,7 +87,9 @@ pub enum Cmd {
         #[arg(long)]
         grace_secs: Option<u64>,
     },
-    /// Print events (JSON lines).
+    /// Print events (JSON lines): those retained in memory and in the
+    /// durable journal (which keeps the ones an operator must act on across
+    /// floods and restarts), in order.
     Events {
         /// Only events after this sequence number.
         #[arg(long, default_value_t = 0)]

@@ -7,7 +7,7 @@
 //! Fairness: each VM has its own queue, and the threads serve the VMs with
 //! queued work round-robin, one job at a time: a VM that floods bulk work
 //! delays another VM's job by at most one job per busy VM, never by its
-//! whole backlog. A VM may have at most [`MAX_QUEUED_PER_VM`] jobs queued
+//! whole backlog. A VM may have at most `bulk_queue_per_vm` jobs queued
 //! (more are refused; the dispatcher's `max_inflight` keeps a well-behaved
 //! agent far below it). A job whose requester has gone (its connection
 //! closed or was replaced, so the handler was dropped) is skipped, not run.
@@ -18,9 +18,6 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 /// Nice value of the bulk threads (the async workers keep 0).
 pub const BULK_NICE: i32 = 10;
 
-/// Jobs one VM may have queued at once.
-pub const MAX_QUEUED_PER_VM: usize = 512;
-
 /// One unit of bulk work. It returns without doing anything if its
 /// requester is gone (see [`BulkPool::submit`]).
 pub type BulkJob = Box<dyn FnOnce() + Send + 'static>;
@@ -29,7 +26,7 @@ pub type BulkJob = Box<dyn FnOnce() + Send + 'static>;
 pub enum Refused {
     /// No bulk thread could be started: run it elsewhere.
     NoThreads(BulkJob),
-    /// The VM has [`MAX_QUEUED_PER_VM`] jobs queued.
+    /// The VM has its whole queue (`bulk_queue_per_vm` jobs) queued.
     QueueFull,
 }
 
@@ -64,12 +61,14 @@ struct Shared {
 pub struct BulkPool {
     shared: Arc<Shared>,
     threads: usize,
+    per_vm: usize,
 }
 
 impl BulkPool {
-    /// Starts `threads` threads; none if threads cannot be created (then
+    /// Starts `threads` threads, each VM queueing at most `per_vm` jobs
+    /// (at least 1); no threads if they cannot be created (then
     /// [`submit`](Self::submit) hands every job back).
-    pub fn start(threads: usize) -> BulkPool {
+    pub fn start(threads: usize, per_vm: usize) -> BulkPool {
         let shared = Arc::new(Shared {
             queues: Mutex::new(Queues::default()),
             ready: Condvar::new(),
@@ -87,7 +86,13 @@ impl BulkPool {
         BulkPool {
             shared,
             threads: started,
+            per_vm: per_vm.max(1),
         }
+    }
+
+    /// Jobs one VM may have queued.
+    pub fn per_vm(&self) -> usize {
+        self.per_vm
     }
 
     /// Queues `job` behind the other jobs of `vm`.
@@ -101,7 +106,7 @@ impl BulkPool {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let mine = q.per_vm.entry(vm.to_string()).or_default();
-        if mine.len() >= MAX_QUEUED_PER_VM {
+        if mine.len() >= self.per_vm {
             return Err(Refused::QueueFull);
         }
         mine.push_back(job);
@@ -200,8 +205,9 @@ mod tests {
                 ready: Condvar::new(),
             }),
             threads: 1,
+            per_vm: 8,
         };
-        for _ in 0..MAX_QUEUED_PER_VM {
+        for _ in 0..8 {
             assert!(pool.submit("flood", Box::new(|| ())).is_ok());
         }
         assert!(matches!(

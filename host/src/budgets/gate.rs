@@ -10,9 +10,19 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// Which handshake limit a connection met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// Its VM's places (`max_handshakes_per_vm`) are taken.
+    Vm(usize),
+    /// All places (`max_handshakes`) are taken.
+    Total(usize),
+}
+
 /// Bounds connections in the handshake.
 pub struct HandshakeGate {
     per_vm_cap: usize,
+    total_cap: usize,
     total: Arc<Semaphore>,
     per_vm: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
@@ -27,16 +37,17 @@ impl HandshakeGate {
     /// A gate admitting `per_vm` handshakes per VM and `total` in all (both
     /// at least 1).
     pub fn new(per_vm: usize, total: usize) -> Self {
+        let total_cap = total.clamp(1, Semaphore::MAX_PERMITS);
         HandshakeGate {
             per_vm_cap: per_vm.max(1),
-            total: Arc::new(Semaphore::new(total.clamp(1, Semaphore::MAX_PERMITS))),
+            total_cap,
+            total: Arc::new(Semaphore::new(total_cap)),
             per_vm: Mutex::new(HashMap::new()),
         }
     }
 
-    /// A place for a connection of `vm`, or `None` if its share or the
-    /// total is taken.
-    pub fn admit(&self, vm: &str) -> Option<HandshakeTicket> {
+    /// A place for a connection of `vm`, or which limit is reached.
+    pub fn admit(&self, vm: &str) -> Result<HandshakeTicket, Full> {
         let share = self
             .per_vm
             .lock()
@@ -44,9 +55,15 @@ impl HandshakeGate {
             .entry(vm.to_string())
             .or_insert_with(|| Arc::new(Semaphore::new(self.per_vm_cap)))
             .clone();
-        let vm_permit = share.try_acquire_owned().ok()?;
-        let total = self.total.clone().try_acquire_owned().ok()?;
-        Some(HandshakeTicket {
+        let vm_permit = share
+            .try_acquire_owned()
+            .map_err(|_| Full::Vm(self.per_vm_cap))?;
+        let total = self
+            .total
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Full::Total(self.total_cap))?;
+        Ok(HandshakeTicket {
             _total: total,
             _vm: vm_permit,
         })
@@ -70,20 +87,28 @@ mod tests {
         let gate = HandshakeGate::new(2, 3);
         let a1 = gate.admit("a");
         let a2 = gate.admit("a");
-        assert!(a1.is_some() && a2.is_some());
-        assert!(gate.admit("a").is_none(), "a's share is taken");
+        assert!(a1.is_ok() && a2.is_ok());
+        assert_eq!(
+            gate.admit("a").err(),
+            Some(Full::Vm(2)),
+            "a's share is taken"
+        );
         let b1 = gate.admit("b");
-        assert!(b1.is_some(), "b has its own share");
-        assert!(gate.admit("c").is_none(), "the total is taken");
+        assert!(b1.is_ok(), "b has its own share");
+        assert_eq!(
+            gate.admit("c").err(),
+            Some(Full::Total(3)),
+            "the total is taken"
+        );
         drop(a1);
         let c1 = gate.admit("c");
-        assert!(c1.is_some(), "a freed place serves another VM");
-        assert!(gate.admit("a").is_none(), "the total is taken again");
+        assert!(c1.is_ok(), "a freed place serves another VM");
+        assert!(gate.admit("a").is_err(), "the total is taken again");
         drop(b1);
-        assert!(gate.admit("a").is_some());
+        assert!(gate.admit("a").is_ok());
         let gate = HandshakeGate::new(1, 10);
         let _b = gate.admit("b");
-        assert!(gate.admit("b").is_none(), "b's one place is taken");
-        assert!(gate.admit("a").is_some(), "other VMs are not affected");
+        assert!(gate.admit("b").is_err(), "b's one place is taken");
+        assert!(gate.admit("a").is_ok(), "other VMs are not affected");
     }
 }

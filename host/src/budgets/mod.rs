@@ -1,11 +1,17 @@
 //! What one VM may make the host spend, each with its budget: connections
 //! in the handshake ([`gate`]), bulk store work ([`bulk`]), staged upload
 //! bytes ([`staging`]), updates that can only become conflict versions
-//! ([`conflict_rate`]) and the quota charge of uploads in flight
-//! ([`quota_charges`]).
+//! ([`conflict_rate`]), the quota charge of uploads in flight
+//! ([`quota_charges`]), control requests per second ([`request_rate`])
+//! and notices and new sessions per minute ([`rate`]); and how reaching
+//! one is reported ([`report`]: a metric and a rate-limited
+//! `budget_exceeded` event).
 
 pub mod bulk;
 pub mod conflict_rate;
 pub mod gate;
 pub mod quota_charges;
+pub mod rate;
+pub mod report;
+pub mod request_rate;
 pub mod staging;

@@ -1,13 +1,17 @@
 //! Staged bytes: chunks uploads have stored and not yet committed.
 //! [`Staging`] owns their budgets (per upload its announced size, per VM,
-//! per user, in all, and a free-space floor on the store's filesystem),
-//! the `uve_staged_bytes` gauge, and the reclaimer thread. Each upload
+//! per user, in all, and a free-space floor on the filesystem where
+//! uploads stage, which refuses a VM over its share first; see [`room`]),
+//! their metrics, and the reclaimer thread. Each upload
 //! holds a [`Stage`]: its commit publishes it; an upload that ends any
 //! other way (abort, idle expiry, closed or replaced connection, a failed
 //! commit) drops it, and the reclaimer deletes its chunks within moments
 //! and gives the bytes back to the budgets.
 
+pub mod room;
+
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -15,18 +19,33 @@ use uve_protocol::manifest::Hash;
 
 use crate::state::metrics::{self, Metrics};
 use crate::store::{StageId, UifStore};
+use room::{Cap, Room};
 
 /// The staged-byte budgets (see `host/API.md`, *Budgets*).
 #[derive(Debug, Clone, Copy)]
 pub struct StagingLimits {
     /// Bytes one VM's uploads may have staged.
-    pub per_vm: u64,
+    pub per_vm: Cap,
     /// Bytes one user's uploads may have staged.
-    pub per_user: u64,
+    pub per_user: Cap,
     /// Bytes all uploads may have staged.
     pub total: u64,
-    /// Free bytes the store's filesystem keeps beyond what is staged.
+    /// Free bytes the staging filesystem keeps beyond what is staged.
     pub min_free: u64,
+    /// The staging room (free space beyond `min_free`, plus what is
+    /// staged) is divided into this many shares.
+    pub shares: u64,
+    /// Test-only: the staging filesystem is taken to be this large and to
+    /// hold nothing but staged chunks, instead of asking it.
+    pub simulated_free: Option<u64>,
+}
+
+impl StagingLimits {
+    /// The most one upload can ever stage, whatever the free space: an
+    /// announced size above it is refused at `UpdateBegin` (`TooLarge`).
+    pub fn stage_limit(&self) -> u64 {
+        self.per_vm.floor().min(self.per_user.floor())
+    }
 }
 
 /// Which budget refused a chunk.
@@ -42,6 +61,8 @@ pub enum StagingBudget {
     Total,
     /// `store_min_free_bytes`.
     FreeSpace,
+    /// `staging_shares`: the VM is over its share while free space is low.
+    Share,
 }
 
 impl StagingBudget {
@@ -53,13 +74,26 @@ impl StagingBudget {
             StagingBudget::PerUser => "max_staged_bytes_per_user",
             StagingBudget::Total => "max_staged_bytes",
             StagingBudget::FreeSpace => "store_min_free_bytes",
+            StagingBudget::Share => "staging_shares",
+        }
+    }
+
+    /// The counter of its refusals.
+    fn counter(self, m: &Metrics) -> Option<&AtomicU64> {
+        match self {
+            StagingBudget::Upload => None,
+            StagingBudget::PerVm => Some(&m.staged_per_vm_refused),
+            StagingBudget::PerUser => Some(&m.staged_per_user_refused),
+            StagingBudget::Total => Some(&m.staged_all_refused),
+            StagingBudget::FreeSpace => Some(&m.staging_free_space_refused),
+            StagingBudget::Share => Some(&m.staging_share_refused),
         }
     }
 }
 
 /// A chunk refused by a staging budget.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("staging {len} more bytes would exceed {} ({limit} bytes)", .budget.name())]
+#[error("{}", self.describe())]
 pub struct StagingRefused {
     /// The budget.
     pub budget: StagingBudget,
@@ -67,6 +101,18 @@ pub struct StagingRefused {
     pub limit: u64,
     /// The chunk's length.
     pub len: u64,
+}
+
+impl StagingRefused {
+    fn describe(&self) -> String {
+        let (len, limit, name) = (self.len, self.limit, self.budget.name());
+        match self.budget {
+            StagingBudget::Share => format!(
+                "staging {len} more bytes refused: the VM is over its share of the staging room ({limit} bytes, {name}) and free space is low"
+            ),
+            _ => format!("staging {len} more bytes would exceed {name} ({limit} bytes)"),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -118,6 +164,9 @@ struct Reclaim {
 /// The daemon's staged bytes and their reclaimer.
 pub struct Staging {
     limits: StagingLimits,
+    /// One share of the staging room as last measured (`u64::MAX`: not
+    /// measured yet).
+    share: AtomicU64,
     counts: Mutex<Counts>,
     metrics: Arc<Metrics>,
     reclaim: Mutex<Option<mpsc::Sender<Job>>>,
@@ -133,6 +182,7 @@ impl Staging {
         let (tx, rx) = mpsc::channel::<Job>();
         let staging = Arc::new(Staging {
             limits,
+            share: AtomicU64::new(u64::MAX),
             counts: Mutex::new(Counts::default()),
             metrics,
             reclaim: Mutex::new(Some(tx)),
@@ -202,45 +252,70 @@ impl Staging {
         }
     }
 
-    /// The free-space floor: `Err` if staging `len` more bytes would leave
-    /// the store's filesystem (as `free` reports it) below it.
-    pub fn check_free(&self, free: Option<u64>, len: u64) -> Result<(), StagingRefused> {
-        match free {
-            Some(free) if free < self.limits.min_free.saturating_add(len) => Err(StagingRefused {
-                budget: StagingBudget::FreeSpace,
-                limit: self.limits.min_free,
-                len,
-            }),
-            _ => Ok(()),
+    /// One share of the staging room as last measured.
+    fn share(&self) -> Option<u64> {
+        match self.share.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            s => Some(s),
+        }
+    }
+
+    /// The free-space floor for a chunk of `len` bytes `vm` has reserved
+    /// (see [`Room::check`]), with the staging filesystem's free bytes as
+    /// `free` reports them (`None`: unknown, no floor). Records the share
+    /// and the free space it saw.
+    fn check_free(&self, vm: &str, free: Option<u64>, len: u64) -> Result<(), StagingRefused> {
+        let l = self.limits;
+        let (staged, vm_staged) = {
+            let c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+            (c.total, c.per_vm.get(vm).copied().unwrap_or(0))
+        };
+        let room = match (l.simulated_free, free) {
+            (Some(size), _) => Room::simulated(size, staged, l.min_free, l.shares),
+            (None, Some(free)) => Room::measured(free, len, staged, l.min_free, l.shares),
+            (None, None) => return Ok(()),
+        };
+        self.share.store(room.share, Ordering::Relaxed);
+        let m = &self.metrics;
+        m.staging_share_bytes.store(room.share, Ordering::Relaxed);
+        m.staging_free_bytes
+            .store(room.after.saturating_add(len), Ordering::Relaxed);
+        room.check(vm_staged, len, l.min_free)
+            .inspect_err(|e| self.count_refusal(e.budget))
+    }
+
+    fn count_refusal(&self, budget: StagingBudget) {
+        metrics::add(&self.metrics.staging_refused, 1);
+        if let Some(c) = budget.counter(&self.metrics) {
+            metrics::add(c, 1);
         }
     }
 
     fn charge(&self, vm: &str, user: &str, len: u64) -> Result<(), StagingRefused> {
+        let (l, share) = (self.limits, self.share());
         let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        let l = self.limits;
         let over = [
             (StagingBudget::Total, c.total, l.total),
             (
                 StagingBudget::PerVm,
                 c.per_vm.get(vm).copied().unwrap_or(0),
-                l.per_vm,
+                l.per_vm.limit(share),
             ),
             (
                 StagingBudget::PerUser,
                 c.per_user.get(user).copied().unwrap_or(0),
-                l.per_user,
+                l.per_user.limit(share),
             ),
         ]
         .into_iter()
         .find(|(_, used, limit)| used.saturating_add(len) > *limit);
         if let Some((budget, _, limit)) = over {
-            metrics::add(&self.metrics.staging_refused, 1);
+            drop(c);
+            self.count_refusal(budget);
             return Err(StagingRefused { budget, limit, len });
         }
         c.add(vm, user, len);
-        self.metrics
-            .staged_bytes
-            .store(c.total, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.staged_bytes.store(c.total, Ordering::Relaxed);
         Ok(())
     }
 
@@ -250,9 +325,7 @@ impl Staging {
         }
         let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
         c.sub(vm, user, n);
-        self.metrics
-            .staged_bytes
-            .store(c.total, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.staged_bytes.store(c.total, Ordering::Relaxed);
     }
 }
 
@@ -298,12 +371,20 @@ impl Stage {
         &self.id
     }
 
+    /// The free-space floor for a chunk of `len` bytes reserved here, with
+    /// the staging filesystem's free bytes as the store reports them (on
+    /// the thread that writes the chunk: the figure is a system call).
+    /// On `Err`, follow with [`unreserve`](Self::unreserve).
+    pub fn check_free(&self, free: Option<u64>, len: u64) -> Result<(), StagingRefused> {
+        self.staging.check_free(&self.vm, free, len)
+    }
+
     /// Charges `len` bytes for a chunk about to be staged, or refuses it.
     /// Follow with [`staged`](Self::staged) or [`unreserve`](Self::unreserve).
     pub fn reserve(&self, len: u64) -> Result<(), StagingRefused> {
         let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if st.bytes + st.reserved + len > self.announced {
-            metrics::add(&self.staging.metrics.staging_refused, 1);
+            self.staging.count_refusal(StagingBudget::Upload);
             return Err(StagingRefused {
                 budget: StagingBudget::Upload,
                 limit: self.announced,

@@ -1,8 +1,9 @@
 //! Wiring and lifetime of the daemon: open the data directory (one daemon
-//! per directory, enforced with `flock`), recover the store, load registry
-//! and leases, start listeners and the API, and on SIGTERM/SIGINT shut down
-//! gracefully: stop accepting, refuse new updates, let commits in flight
-//! finish, say `Goodbye` to every agent, exit.
+//! per directory, enforced with `flock`), recover the store, load registry,
+//! leases and the event journal, start listeners and the API, and on
+//! SIGTERM/SIGINT shut down gracefully: stop accepting, refuse new updates,
+//! let commits in flight finish, say `Goodbye` to every agent, close the
+//! event journal, exit.
 
 pub mod notify;
 
@@ -17,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::host::Host;
-use crate::state::events::Event;
+use crate::state::events::{Event, Events};
 use crate::state::leases::Leases;
 use crate::state::registry::Registry;
 #[cfg(feature = "s3")]
@@ -45,8 +46,9 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
     }
 }
 
-/// Opens the UIF store the configuration names: S3 when `[s3]` is set,
-/// else the local store under `<data_dir>/store`.
+/// Opens the UIF store the configuration names: S3 when `[s3]` is set
+/// (uploads staging under `<data_dir>/store/staging`), else the local
+/// store under `<data_dir>/store`.
 fn open_store(config: &Config, data: &Path) -> anyhow::Result<Arc<dyn UifStore>> {
     match &config.s3 {
         None => Ok(Arc::new(
@@ -56,7 +58,9 @@ fn open_store(config: &Config, data: &Path) -> anyhow::Result<Arc<dyn UifStore>>
         #[cfg(feature = "s3")]
         Some(s3) => {
             let grace = Duration::from_secs(config.gc_grace_secs);
-            let store = S3Store::open(s3, config.store_policy(), grace)
+            // Uploads stage on local disk, where the local store would.
+            let staging = data.join("store").join("staging");
+            let store = S3Store::open(s3, config.store_policy(), grace, &staging)
                 .with_context(|| format!("open the S3 UIF store (bucket {:?})", s3.bucket))?;
             Ok(Arc::new(store))
         }
@@ -77,7 +81,16 @@ pub fn open(config: Config) -> anyhow::Result<(Arc<ApiState>, File)> {
     let store = open_store(&config, &data)?;
     let registry = Registry::load(&data, &tmp, config.port)?.with_local_cid(config.allow_local_cid);
     let leases = Leases::load(&data, &tmp)?;
-    let host = Arc::new(Host::new(config, tmp, store, registry, leases));
+    let max_age = Some(config.event_journal_max_age_secs);
+    let events = Events::open(
+        &data,
+        &tmp,
+        config.event_ring,
+        config.event_journal,
+        max_age,
+    )
+    .context("open the event journal")?;
+    let host = Arc::new(Host::new(config, tmp, store, registry, leases).with_events(events));
     Ok((
         Arc::new(ApiState {
             host,
@@ -143,6 +156,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Ok(_) => {}
         Err(_) => tracing::warn!("API server did not stop in time"),
     }
+    // The journal's last batch and its clean-shutdown mark (numbering
+    // then continues exactly at the next start).
+    let closing = host.clone();
+    let _ = tokio::task::spawn_blocking(move || closing.events().close()).await;
     tracing::info!("stopped");
     Ok(())
 }

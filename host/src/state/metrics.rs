@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use uve_protocol::link::LinkStats;
 
 /// Daemon counters.
 #[derive(Default)]
@@ -40,7 +42,7 @@ pub struct Metrics {
     /// vsock CID, or its listener): a guest whose CID changed (libvirt's
     /// `auto='yes'`) and was not registered again shows up here.
     pub unknown_peers_refused: AtomicU64,
-    /// Bulk store jobs refused because their VM had `MAX_QUEUED_PER_VM`
+    /// Bulk store jobs refused because their VM had `bulk_queue_per_vm`
     /// queued (answered `Busy`).
     pub bulk_queue_refused: AtomicU64,
     /// Connections cut off because the VM stopped reading.
@@ -53,12 +55,51 @@ pub struct Metrics {
     pub staged_reclaimed_bytes: AtomicU64,
     /// Chunks refused by a staging budget.
     pub staging_refused: AtomicU64,
+    /// Of those, by `max_staged_bytes_per_vm`.
+    pub staged_per_vm_refused: AtomicU64,
+    /// Of those, by `max_staged_bytes_per_user`.
+    pub staged_per_user_refused: AtomicU64,
+    /// Of those, by `max_staged_bytes`.
+    pub staged_all_refused: AtomicU64,
+    /// Of those, by the free-space floor (`store_min_free_bytes`).
+    pub staging_free_space_refused: AtomicU64,
+    /// Of those, because the VM was over its share while free space was
+    /// low (`staging_shares`).
+    pub staging_share_refused: AtomicU64,
+    /// One share of the staging room, as last measured (gauge).
+    pub staging_share_bytes: AtomicU64,
+    /// Free bytes of the staging filesystem, as last measured (gauge).
+    pub staging_free_bytes: AtomicU64,
     /// Updates refused by `conflict_updates_per_hour`.
     pub conflict_updates_refused: AtomicU64,
+    /// Control requests a VM made past `max_control_requests_per_sec`
+    /// (each waited before it was read).
+    pub control_requests_throttled: AtomicU64,
     /// Lease holders' updates refused over the user's quota.
     pub quota_refused: AtomicU64,
     /// Conflict versions refused over their writer's bound.
     pub conflict_quota_refused: AtomicU64,
+    /// `UnexpectedDisconnect` notices refused by `notices_per_minute`.
+    pub notices_refused: AtomicU64,
+    /// New sessions refused by `session_starts_per_minute`.
+    pub session_starts_refused: AtomicU64,
+    /// New sessions refused by `max_sessions_per_vm`.
+    pub sessions_refused: AtomicU64,
+    /// `UnexpectedDisconnect` notices refused because the VM has no
+    /// business with the user (`NotAssigned`).
+    pub notices_not_ours: AtomicU64,
+    /// Notice ids forgotten by a VM's de-duplication memory
+    /// (`notice_ids_per_vm`).
+    pub notice_ids_forgotten: AtomicU64,
+    /// `UpdateBegin`s refused by `max_uploads_per_vm`.
+    pub uploads_refused: AtomicU64,
+    /// Connections closed because the VM announced a frame over `max_frame`.
+    pub frames_too_large: AtomicU64,
+    /// Requests that waited for a `max_inflight` slot of their connection.
+    pub inflight_waits: AtomicU64,
+    /// Waits of the VMs' links for their byte budgets
+    /// (`link_inbound_bytes`, `link_outbound_bytes`).
+    pub link: Arc<LinkStats>,
     per_user: Mutex<BTreeMap<String, (u64, u64)>>,
 }
 
@@ -69,7 +110,7 @@ pub fn add(c: &AtomicU64, n: u64) {
 
 /// The daemon-wide metrics: name, type, help text, counter.
 #[allow(clippy::type_complexity)]
-const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 23] = [
+const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 41] = [
     ("uve_connections", "gauge", "Agent connections open", |m| {
         &m.connections
     }),
@@ -154,7 +195,7 @@ const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 23] = [
     (
         "uve_bulk_queue_refused_total",
         "counter",
-        "Bulk store jobs (chunk fetches, uploads) refused because their VM had 512 queued; answered Busy",
+        "Bulk store jobs (chunk fetches, uploads) refused because their VM had bulk_queue_per_vm queued; answered Busy",
         |m| &m.bulk_queue_refused,
     ),
     (
@@ -178,14 +219,62 @@ const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 23] = [
     (
         "uve_staging_refused_total",
         "counter",
-        "Chunks refused because a staging budget (max_staged_bytes_per_vm, _per_user, max_staged_bytes, store_min_free_bytes) was reached",
+        "Chunks refused because a staging budget (max_staged_bytes_per_vm, _per_user, max_staged_bytes, store_min_free_bytes, staging_shares, the upload's announced size) was reached",
         |m| &m.staging_refused,
+    ),
+    (
+        "uve_staged_per_vm_refused_total",
+        "counter",
+        "Chunks refused because their VM had max_staged_bytes_per_vm staged",
+        |m| &m.staged_per_vm_refused,
+    ),
+    (
+        "uve_staged_per_user_refused_total",
+        "counter",
+        "Chunks refused because their user had max_staged_bytes_per_user staged",
+        |m| &m.staged_per_user_refused,
+    ),
+    (
+        "uve_staged_all_refused_total",
+        "counter",
+        "Chunks refused because all uploads had max_staged_bytes staged",
+        |m| &m.staged_all_refused,
+    ),
+    (
+        "uve_staging_free_space_refused_total",
+        "counter",
+        "Chunks refused because the staging filesystem was down to store_min_free_bytes",
+        |m| &m.staging_free_space_refused,
+    ),
+    (
+        "uve_staging_share_refused_total",
+        "counter",
+        "Chunks refused because their VM was over its share of the staging room (staging_shares) while less than a share was free above store_min_free_bytes",
+        |m| &m.staging_share_refused,
+    ),
+    (
+        "uve_staging_share_bytes",
+        "gauge",
+        "One share of the staging room (free space above store_min_free_bytes plus staged bytes, divided by staging_shares), as last measured",
+        |m| &m.staging_share_bytes,
+    ),
+    (
+        "uve_staging_free_bytes",
+        "gauge",
+        "Free bytes of the filesystem where uploads stage, as last measured",
+        |m| &m.staging_free_bytes,
     ),
     (
         "uve_conflict_updates_refused_total",
         "counter",
         "Updates refused because a VM without the user's current lease reached conflict_updates_per_hour",
         |m| &m.conflict_updates_refused,
+    ),
+    (
+        "uve_control_requests_throttled_total",
+        "counter",
+        "Control requests read late because their VM passed max_control_requests_per_sec",
+        |m| &m.control_requests_throttled,
     ),
     (
         "uve_quota_refused_total",
@@ -204,6 +293,66 @@ const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 23] = [
         "counter",
         "Connections cut off because the VM took no frame within write_deadline_ms (it stopped reading)",
         |m| &m.stalled_cut_off,
+    ),
+    (
+        "uve_notices_refused_total",
+        "counter",
+        "UnexpectedDisconnect notices answered Busy because their VM reached notices_per_minute (the agent retries)",
+        |m| &m.notices_refused,
+    ),
+    (
+        "uve_session_starts_refused_total",
+        "counter",
+        "New sessions answered Busy because their VM reached session_starts_per_minute (the agent announces them again)",
+        |m| &m.session_starts_refused,
+    ),
+    (
+        "uve_sessions_refused_total",
+        "counter",
+        "New sessions refused because their VM had max_sessions_per_vm open",
+        |m| &m.sessions_refused,
+    ),
+    (
+        "uve_notices_not_ours_total",
+        "counter",
+        "UnexpectedDisconnect notices refused because the VM has no session of that user and never served them",
+        |m| &m.notices_not_ours,
+    ),
+    (
+        "uve_notice_ids_forgotten_total",
+        "counter",
+        "Disconnect-notice ids forgotten by their VM's de-duplication memory (notice_ids_per_vm)",
+        |m| &m.notice_ids_forgotten,
+    ),
+    (
+        "uve_uploads_refused_total",
+        "counter",
+        "UpdateBegin refused because the connection had max_uploads_per_vm uploads open",
+        |m| &m.uploads_refused,
+    ),
+    (
+        "uve_frames_too_large_total",
+        "counter",
+        "Connections closed because the VM announced a frame larger than max_frame",
+        |m| &m.frames_too_large,
+    ),
+    (
+        "uve_inflight_waits_total",
+        "counter",
+        "Requests that waited for one of their connection's max_inflight slots (backpressure)",
+        |m| &m.inflight_waits,
+    ),
+    (
+        "uve_link_inbound_waits_total",
+        "counter",
+        "Times a VM's link stopped reading because its unanswered requests reached link_inbound_bytes (backpressure)",
+        |m| &m.link.inbound_waits,
+    ),
+    (
+        "uve_link_outbound_waits_total",
+        "counter",
+        "Times an answer to a VM waited because its queued answers reached link_outbound_bytes (backpressure)",
+        |m| &m.link.outbound_waits,
     ),
 ];
 

@@ -1,6 +1,7 @@
-//! Sessions open on each VM as the agents report them, and de-duplication
-//! of unexpected-disconnect notices by `(vm, id)` (bounded memory: the last
-//! `NOTICE_MEMORY` ids per VM).
+//! Sessions open on each VM as the agents report them (at most
+//! `max_sessions_per_vm` per VM), and de-duplication of
+//! unexpected-disconnect notices by `(vm, id)` (bounded memory: the last
+//! `notice_ids_per_vm` ids per VM).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, PoisonError};
@@ -9,12 +10,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::now_ms;
 
-/// Notice ids remembered per VM for de-duplication.
-const NOTICE_MEMORY: usize = 4096;
-
-/// Sessions one VM may have open at once; a `SessionStarted` beyond is
-/// refused (a desktop VM serves a handful).
-pub const MAX_SESSIONS_PER_VM: usize = 256;
+/// What [`Sessions::first_notice`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoticeSeen {
+    /// The id was seen before: a redelivery.
+    Repeat,
+    /// The first time; `forgot` if the VM's oldest remembered id was
+    /// forgotten to make room.
+    First {
+        /// An older id was forgotten.
+        forgot: bool,
+    },
+}
 
 /// An open session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,18 +54,48 @@ struct Data {
 }
 
 /// Session table.
-#[derive(Default)]
 pub struct Sessions {
+    max_per_vm: usize,
+    notice_ids: usize,
     data: Mutex<Data>,
 }
 
+impl Default for Sessions {
+    /// The defaults: 256 sessions and 4096 notice ids per VM.
+    fn default() -> Self {
+        Sessions::new(256, 4096)
+    }
+}
+
 impl Sessions {
+    /// A table allowing `max_per_vm` open sessions per VM and remembering
+    /// `notice_ids` notice ids per VM (each at least 1).
+    pub fn new(max_per_vm: usize, notice_ids: usize) -> Self {
+        Sessions {
+            max_per_vm: max_per_vm.max(1),
+            notice_ids: notice_ids.max(1),
+            data: Mutex::new(Data::default()),
+        }
+    }
+
+    /// Sessions one VM may have open.
+    pub fn max_per_vm(&self) -> usize {
+        self.max_per_vm
+    }
+
+    /// True if `session` is open on `vm`.
+    pub fn is_open(&self, vm: &str, session: &str) -> bool {
+        self.lock()
+            .open
+            .contains_key(&(vm.to_string(), session.to_string()))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Data> {
         self.data.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Records a session (idempotent): `Some(true)` if it was new, `None`
-    /// if `vm` already has [`MAX_SESSIONS_PER_VM`] open.
+    /// if `vm` already has its maximum open.
     pub fn started(&self, vm: &str, session: &str, user: &str, ua: Option<String>) -> Option<bool> {
         let key = (vm.to_string(), session.to_string());
         let mut d = self.lock();
@@ -70,7 +107,7 @@ impl Sessions {
             .range((vm.to_string(), String::new())..)
             .take_while(|((v, _), _)| v == vm)
             .count();
-        if open_on_vm >= MAX_SESSIONS_PER_VM {
+        if open_on_vm >= self.max_per_vm {
             return None;
         }
         d.open.insert(
@@ -101,20 +138,31 @@ impl Sessions {
             .remove(&(vm.to_string(), session.to_string()))
     }
 
-    /// True the first time notice `id` from `vm` is seen.
-    pub fn first_notice(&self, vm: &str, id: u64) -> bool {
+    /// True if notice `id` from `vm` was seen (and is still remembered).
+    pub fn notice_seen(&self, vm: &str, id: u64) -> bool {
+        self.lock()
+            .seen
+            .get(vm)
+            .is_some_and(|s| s.ids.contains(&id))
+    }
+
+    /// Whether notice `id` from `vm` is seen for the first time.
+    pub fn first_notice(&self, vm: &str, id: u64) -> NoticeSeen {
+        let cap = self.notice_ids;
         let mut d = self.lock();
         let seen = d.seen.entry(vm.to_string()).or_default();
         if !seen.ids.insert(id) {
-            return false;
+            return NoticeSeen::Repeat;
         }
         seen.order.push_back(id);
-        if seen.order.len() > NOTICE_MEMORY
+        let mut forgot = false;
+        if seen.order.len() > cap
             && let Some(old) = seen.order.pop_front()
         {
             seen.ids.remove(&old);
+            forgot = true;
         }
-        true
+        NoticeSeen::First { forgot }
     }
 
     /// Removes and returns every session of `vm`; with `lost`, remembers
@@ -172,9 +220,22 @@ mod tests {
         assert_eq!(s.started("vm1", "s1", "alice", None), Some(false));
         assert_eq!(s.started("vm2", "s1", "bob", None), Some(true));
         assert!(s.has_user("vm1", "alice"));
-        assert!(s.first_notice("vm1", 7));
-        assert!(!s.first_notice("vm1", 7));
-        assert!(s.first_notice("vm2", 7));
+        let first = NoticeSeen::First { forgot: false };
+        assert_eq!(s.first_notice("vm1", 7), first);
+        assert_eq!(s.first_notice("vm1", 7), NoticeSeen::Repeat);
+        assert_eq!(s.first_notice("vm2", 7), first);
+        let small = Sessions::new(2, 2);
+        assert_eq!(small.first_notice("vm1", 1), first);
+        assert_eq!(small.first_notice("vm1", 2), first);
+        assert_eq!(
+            small.first_notice("vm1", 3),
+            NoticeSeen::First { forgot: true }
+        );
+        assert_eq!(
+            small.first_notice("vm1", 1),
+            NoticeSeen::First { forgot: true },
+            "1 was forgotten"
+        );
         assert_eq!(s.drain_vm("vm1", true).len(), 1);
         assert!(s.take_lost("vm1", "alice"));
         assert!(!s.take_lost("vm1", "alice"));
@@ -185,8 +246,8 @@ mod tests {
 
     #[test]
     fn sessions_per_vm_are_capped() {
-        let s = Sessions::default();
-        for i in 0..MAX_SESSIONS_PER_VM {
+        let s = Sessions::new(256, 16);
+        for i in 0..256 {
             assert_eq!(
                 s.started("vm1", &format!("s{i}"), "alice", None),
                 Some(true)

@@ -50,6 +50,10 @@ use super::{
 };
 use crate::store::durable;
 
+/// Commits promoting at most this many chunks fsync each one instead of
+/// the whole filesystem.
+const SMALL_PROMOTE: usize = 32;
+
 /// A UIF store in a local directory.
 pub struct LocalStore {
     root: PathBuf,
@@ -155,6 +159,9 @@ impl LocalStore {
         if staged.is_empty() {
             return Ok(());
         }
+        if staged.len() <= SMALL_PROMOTE {
+            return self.promote_each(staged, from);
+        }
         durable::sync_filesystem(&self.root)
             .map_err(|e| StoreError::io("sync staged chunks", e))?;
         for hash in staged {
@@ -170,6 +177,38 @@ impl LocalStore {
             }
         }
         durable::sync_filesystem(&self.root).map_err(|e| StoreError::io("sync promoted chunks", e))
+    }
+
+    /// [`promote`](Self::promote) of a few chunks: each file fsynced, then
+    /// renamed, then each directory it went to fsynced — so a small commit
+    /// never waits for what other uploads have written and not yet synced
+    /// (a `syncfs` would).
+    fn promote_each(&self, staged: &[Hash], from: impl Fn(&Hash) -> PathBuf) -> StoreResult<()> {
+        let mut dirs = HashSet::new();
+        for hash in staged {
+            let src = from(hash);
+            let dest = self.chunk_path(hash);
+            match fs::File::open(&src).and_then(|f| f.sync_all()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound && dest.is_file() => continue,
+                Err(e) => return Err(StoreError::io("sync staged chunk", e)),
+            }
+            if let Some(dir) = dest.parent() {
+                fs::create_dir_all(dir).map_err(|e| StoreError::io("create chunk directory", e))?;
+                dirs.insert(dir.to_path_buf());
+            }
+            match fs::rename(&src, &dest) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound && dest.is_file() => {}
+                Err(e) => return Err(StoreError::io("promote staged chunk", e)),
+            }
+        }
+        // A new chunks/xx directory must be durable in chunks/ too.
+        dirs.insert(self.root.join("chunks"));
+        for dir in dirs {
+            durable::sync_dir(&dir).map_err(|e| StoreError::io("sync chunk directory", e))?;
+        }
+        Ok(())
     }
 
     fn chunk_path(&self, hash: &Hash) -> PathBuf {
@@ -215,7 +254,11 @@ impl LocalStore {
     }
 
     fn write_state(&self, user: &str, state: &UserState) -> StoreResult<()> {
-        let path = self.user_dir(user).join("state.json");
+        let dir = self.user_dir(user);
+        // A quota override may come before the user's first version.
+        fs::create_dir_all(&dir)
+            .map_err(|e| StoreError::io(format!("create {}", dir.display()), e))?;
+        let path = dir.join("state.json");
         let bytes = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Corrupt {
             path: path.display().to_string(),
             why: e.to_string(),
@@ -378,8 +421,7 @@ impl UifStore for LocalStore {
     }
 
     fn free_bytes(&self) -> Option<u64> {
-        let st = nix::sys::statvfs::statvfs(&self.root).ok()?;
-        Some(st.blocks_available().saturating_mul(st.fragment_size()))
+        free_bytes_at(&self.root)
     }
 
     fn read_chunk(&self, hash: &Hash) -> StoreResult<Vec<u8>> {
@@ -545,6 +587,13 @@ impl UifStore for LocalStore {
     fn policy(&self) -> &StorePolicy {
         &self.policy
     }
+}
+
+/// Free bytes an unprivileged writer has on the filesystem holding `path`
+/// (`statvfs`), if it can be read.
+pub(super) fn free_bytes_at(path: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    Some(st.blocks_available().saturating_mul(st.fragment_size()))
 }
 
 /// The hash a staged chunk file is named by, if its bytes match it.

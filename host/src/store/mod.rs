@@ -19,10 +19,12 @@
 //! - **GC** removes chunk files referenced by no retained version, not
 //!   pinned by an upload in flight, and older than a grace period.
 //! - **Staging:** a VM's upload stores its chunks in a stage of its own
-//!   ([`StageId`]), invisible to every other upload and never swept by GC;
-//!   its commit publishes them, anything else discards them at once. So an
-//!   abandoned upload's bytes go within seconds without racing another
-//!   upload (here or on another host of a shared store) that reuses a chunk.
+//!   ([`StageId`]) on the host's local disk (the S3 store too), invisible
+//!   to every other upload and never swept by GC; its commit publishes them
+//!   (S3: one PUT per chunk, to its content key), anything else discards
+//!   them at once. So an abandoned upload's bytes go within seconds, and
+//!   discarding deletes only the stage's own files, never a stored chunk
+//!   another upload (here or on another host of a shared store) reuses.
 //!
 //! Stores: [`LocalStore`] (a directory), `S3Store` (feature `s3`) and, for
 //! tests and the fuzz targets only (feature `fuzzing`), [`MemStore`].
@@ -531,7 +533,8 @@ pub trait UifStore: Send + Sync + 'static {
     /// and empties the stage. A hash not staged there must already be
     /// stored (else `MissingChunk`).
     fn publish(&self, stage: &StageId, hashes: &[Hash]) -> StoreResult<()>;
-    /// Deletes the stage and the chunks `hashes` staged in it.
+    /// Deletes the stage and the chunks `hashes` staged in it (never a
+    /// stored chunk).
     fn discard(&self, stage: &StageId, hashes: &[Hash]) -> StoreResult<()>;
     /// What a new version of `user` charged to `charge` will be counted
     /// with (the bound and the retained versions that share it).
@@ -543,8 +546,9 @@ pub trait UifStore: Send + Sync + 'static {
     /// respect to other writers: deleting an old version (never the head;
     /// its chunks go at the next GC) or setting the quota override.
     fn edit_user(&self, user: &str, edit: UserEdit) -> StoreResult<()>;
-    /// Free bytes on the filesystem holding the chunks, if the store can
-    /// tell (a local directory can; an object store cannot).
+    /// Free bytes on the filesystem where uploads stage, if the store can
+    /// tell (the local store's directory; the S3 store's local staging
+    /// directory).
     fn free_bytes(&self) -> Option<u64> {
         None
     }

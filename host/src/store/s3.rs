@@ -5,9 +5,14 @@
 //! <prefix>/chunks/<64 hex>            chunk bytes: content-addressed, immutable
 //! <prefix>/users/<user>/head.json     head object: head, next number, retained versions
 //! <prefix>/users/<user>/m/<64 hex>    manifest (postcard), keyed by its manifest digest
-//! <prefix>/staging/<stage>/<64 hex>  one upload's chunks until its commit (see `stage`)
+//! <prefix>/staging/…                 stages of hosts before local staging (swept by GC)
 //! <prefix>/selftest/<nonce>           start-up self-test objects (deleted after)
 //! ```
+//!
+//! **Staging.** An upload's chunks wait on the host's local disk (see
+//! `stage`) and are PUT once, to their content keys, by its commit: the
+//! bucket never holds a chunk of an abandoned upload, and reclaiming one
+//! never deletes an object.
 //!
 //! **Commit point.** Chunks and manifests are written first with plain
 //! PUTs under content-derived keys (idempotent; a racing writer can only
@@ -44,6 +49,7 @@ mod selftest;
 mod stage;
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -84,6 +90,8 @@ pub struct S3Store {
     /// Whether `If-Match` wants the ETag in quotes (found by the self-test).
     quote_etag: bool,
     pins: Arc<PinTable>,
+    /// Local directory of the uploads' stages (see `stage`).
+    staging: PathBuf,
     /// Chunks known to exist, with the newest `Last-Modified` seen (ms).
     known: Mutex<HashMap<Hash, u64>>,
     manifests: Mutex<HashMap<Hash, Arc<Manifest>>>,
@@ -109,10 +117,20 @@ impl S3Store {
     /// Connects to the bucket, runs the conditional-write self-test and
     /// returns the store. `gc_grace` is the GC grace period of every host
     /// sharing the bucket (chunks younger than half of it are reused
-    /// without a check).
-    pub fn open(config: &S3Config, policy: StorePolicy, gc_grace: Duration) -> StoreResult<Self> {
+    /// without a check). Uploads stage in the local directory `staging`,
+    /// which belongs to this store alone: it is emptied here.
+    pub fn open(
+        config: &S3Config,
+        policy: StorePolicy,
+        gc_grace: Duration,
+        staging: &std::path::Path,
+    ) -> StoreResult<Self> {
         if config.bucket.is_empty() {
             return Err(remote("s3 configuration", "`bucket` is required"));
+        }
+        let cleared = Self::open_staging(staging)?;
+        if cleared > 0 {
+            tracing::info!(cleared, "removed upload stages of an earlier run");
         }
         // reqwest is built without a default crypto provider (see Cargo.toml).
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -155,6 +173,7 @@ impl S3Store {
             concurrency: config.concurrency.unwrap_or(32).max(1),
             quote_etag: true,
             pins: Arc::new(PinTable::default()),
+            staging: staging.to_path_buf(),
             known: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
             nonce: AtomicU64::new(0),
@@ -545,8 +564,14 @@ impl UifStore for S3Store {
         self.publish_stage(stage, hashes)
     }
 
-    fn discard(&self, stage: &StageId, hashes: &[Hash]) -> StoreResult<()> {
-        self.discard_stage(stage, hashes)
+    fn discard(&self, stage: &StageId, _hashes: &[Hash]) -> StoreResult<()> {
+        self.discard_stage(stage)
+    }
+
+    /// The free space of the local staging directory's filesystem: the
+    /// bucket has no such figure, and staging is what fills the disk.
+    fn free_bytes(&self) -> Option<u64> {
+        super::local::free_bytes_at(&self.staging)
     }
 
     fn gc(&self, grace: Duration) -> StoreResult<GcReport> {

@@ -6,15 +6,19 @@
 //! its slot until its answer is queued on the link (so a VM that stops
 //! reading stalls its own requests, never the host's memory), and the tasks
 //! of a connection end with it: only a commit already running completes.
+//! Control requests past `max_control_requests_per_sec` wait before they
+//! are read (`budgets::request_rate`).
 //! Every `upload_idle_ms / 4` it drops the connection's idle uploads.
 
 use std::sync::Arc;
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use uve_protocol::link::Incoming;
 use uve_protocol::message::{ErrorCode, Request, Response, WireError};
 
+use crate::budgets::report::Budget;
+use crate::budgets::request_rate::RequestRate;
 use crate::wire::uve5::{Handled, VmConnection, notices, retrieve, update};
 
 /// Runs until the link closes.
@@ -26,20 +30,30 @@ pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>
     let cancel = CancellationToken::new();
     let _cancel_on_exit = cancel.clone().drop_guard();
     let idle = conn.host().config().upload_idle_ms.max(1);
+    let mut rate = RequestRate::new(conn.host().config().max_control_requests_per_sec);
     let mut sweep = tokio::time::interval(std::time::Duration::from_millis((idle / 4).max(1)));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = tokio::select! {
             next = incoming.recv() => next,
             _ = sweep.tick() => {
-                let n = update::expire_idle(&conn, std::time::Duration::from_millis(idle));
-                crate::state::metrics::add(&conn.host().metrics().uploads_expired, n as u64);
+                expire_idle(&conn, idle);
                 continue;
             }
         };
         let Some(Incoming { request, responder }) = next else {
             break;
         };
+        if !is_bulk(&request)
+            && let Some(wait) = rate.take()
+        {
+            // Past its rate: nothing more is read from this VM meanwhile.
+            crate::state::metrics::add(&conn.host().metrics().control_requests_throttled, 1);
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = conn.host().shutdown().cancelled() => {}
+            }
+        }
         let answer: Handled = match request {
             Request::UpdateBegin(b) => update::begin(&conn, b),
             Request::UpdatePage {
@@ -54,7 +68,7 @@ pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>
             Request::SessionEnded { session } => notices::ended(&conn, &session),
             Request::UnexpectedDisconnect(n) => notices::disconnect(&conn, n),
             other => {
-                let Ok(permit) = permits.clone().acquire_owned().await else {
+                let Some(permit) = slot(&conn, &permits).await else {
                     break;
                 };
                 let chunk_guard = match &other {
@@ -82,6 +96,37 @@ pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>
         };
         let _ = responder.send(flatten(answer)).await;
     }
+}
+
+/// One of the connection's `max_inflight` slots; waiting for one is
+/// backpressure, not a refusal: counted, no event. `None` if closed.
+async fn slot(conn: &VmConnection, permits: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+    if let Ok(p) = permits.clone().try_acquire_owned() {
+        return Some(p);
+    }
+    crate::state::metrics::add(&conn.host().metrics().inflight_waits, 1);
+    permits.clone().acquire_owned().await.ok()
+}
+
+/// Drops the connection's uploads idle for `idle_ms`, each reported
+/// (`upload_idle_ms`).
+fn expire_idle(conn: &VmConnection, idle_ms: u64) {
+    let n = update::expire_idle(conn, std::time::Duration::from_millis(idle_ms));
+    for _ in 0..n {
+        conn.host()
+            .refused(Budget::UploadIdle, conn.vm(), None, idle_ms);
+    }
+}
+
+/// Chunk transfers: bounded by the bulk pool, not the control rate.
+fn is_bulk(r: &Request) -> bool {
+    matches!(
+        r,
+        Request::ChunkFetch { .. }
+            | Request::ChunkUpload { .. }
+            | Request::ChunkDelta(_)
+            | Request::BlockSignatures { .. }
+    )
 }
 
 fn flatten(h: Handled) -> Response {

@@ -16,7 +16,8 @@ use uve_protocol::link::{self, LinkEnd};
 use uve_protocol::message::{ErrorCode, Hello, Limits, Reject, Welcome};
 use uve_protocol::transport::{BoxStream, Endpoint, Listener, Peer};
 
-use crate::budgets::gate::HandshakeTicket;
+use crate::budgets::gate::{Full, HandshakeTicket};
+use crate::budgets::report::Budget;
 use crate::host::Host;
 use crate::state::conns::{ConnEntry, ConnSummary};
 use crate::state::events::{DisconnectSource, Event};
@@ -166,10 +167,17 @@ async fn admit(
     vm: String,
     peer: Peer,
 ) -> Option<(Accepted, tokio::sync::OwnedRwLockReadGuard<()>)> {
-    let Some(ticket) = host.handshakes().admit(&vm) else {
-        add(&host.metrics().handshakes_refused, 1);
-        tracing::debug!(?peer, vm, "all handshake places taken; connection closed");
-        return None;
+    let ticket = match host.handshakes().admit(&vm) {
+        Ok(t) => t,
+        Err(full) => {
+            let (budget, limit) = match full {
+                Full::Vm(n) => (Budget::MaxHandshakesPerVm, n),
+                Full::Total(n) => (Budget::MaxHandshakes, n),
+            };
+            host.refused(budget, &vm, None, limit as u64);
+            tracing::debug!(?peer, vm, "handshake places taken; connection closed");
+            return None;
+        }
     };
     // Numbered in accept order: the latest connection of a VM wins.
     let conn_id = host.conns().next_id();
@@ -256,7 +264,8 @@ async fn serve(
     let config = host
         .config()
         .link_config(welcome.heartbeat_ms, welcome.max_frame);
-    let (handle, incoming) = link::spawn(reader, writer.into_inner(), config);
+    let stats = host.metrics().link.clone();
+    let (handle, incoming) = link::spawn_counted(reader, writer.into_inner(), config, stats);
     let summary = summary(conn_id, &hello, welcome.protocol);
     let installed = host.conns().install(
         &vm,
@@ -289,9 +298,18 @@ async fn serve(
     let dispatcher = tokio::spawn(dispatch::run(conn, incoming));
     let end = handle.closed().await;
     dispatcher.abort();
-    if matches!(end, LinkEnd::WriteStalled(_)) {
-        add(&host.metrics().stalled_cut_off, 1);
-        tracing::warn!(vm, conn_id, %end, "VM cut off");
+    match &end {
+        LinkEnd::WriteStalled(d) => {
+            let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+            host.refused(Budget::WriteDeadline, &vm, None, ms);
+            tracing::warn!(vm, conn_id, %end, "VM cut off");
+        }
+        LinkEnd::Oversize(_) => {
+            let max = u64::from(welcome.max_frame);
+            host.refused(Budget::MaxFrame, &vm, None, max);
+            tracing::warn!(vm, conn_id, %end, "VM cut off");
+        }
+        _ => {}
     }
     host.metrics()
         .connections

@@ -13,8 +13,16 @@ use super::Backend;
 use crate::common::rgw::{self, Rgw};
 use crate::common::{HostProc, TestAgent, listed, noise};
 
-/// The S3 store on the RGW: two handles per location, as two hosts hold.
-pub struct S3<'a>(pub &'a Rgw);
+/// The S3 store on the RGW: two handles per location, as two hosts hold,
+/// each with its own local staging directory under `.1`.
+pub struct S3<'a>(pub &'a Rgw, pub tempfile::TempDir);
+
+impl<'a> S3<'a> {
+    /// The backend on `rgw`.
+    pub fn new(rgw: &'a Rgw) -> Self {
+        S3(rgw, tempfile::tempdir().unwrap())
+    }
+}
 
 impl Backend for S3<'_> {
     fn name(&self) -> &str {
@@ -27,8 +35,9 @@ impl Backend for S3<'_> {
         grace: Duration,
     ) -> (Arc<dyn UifStore>, Arc<dyn UifStore>) {
         let cfg = rgw::config(self.0, location);
-        let a = S3Store::open(&cfg, policy.clone(), grace).unwrap();
-        let b = S3Store::open(&cfg, policy, grace).unwrap();
+        let stage = |host: &str| self.1.path().join(location).join(host);
+        let a = S3Store::open(&cfg, policy.clone(), grace, &stage("a")).unwrap();
+        let b = S3Store::open(&cfg, policy, grace, &stage("b")).unwrap();
         (Arc::new(a), Arc::new(b))
     }
 }
@@ -196,9 +205,16 @@ pub async fn missing_bucket_is_a_clear_error(rgw: &Rgw) {
     assert!(err.to_string().contains("NoSuchBucket"), "{err}");
 }
 
-/// An S3 store on `cfg` with the default policy and an hour's GC grace.
+/// An S3 store on `cfg` with the default policy, an hour's GC grace and a
+/// staging directory of its own.
 pub fn open(cfg: &S3Config) -> StoreResult<S3Store> {
-    S3Store::open(cfg, StorePolicy::default(), Duration::from_secs(3600))
+    let dir = tempfile::tempdir().unwrap();
+    S3Store::open(
+        cfg,
+        StorePolicy::default(),
+        Duration::from_secs(3600),
+        dir.path(),
+    )
 }
 
 /// [`open`] on `cfg` (off the runtime), which must fail (`expected` says

@@ -20,6 +20,8 @@ pub enum LinkEnd {
     DeadPeer(Duration),
     /// The peer sent a frame we could not accept; the reason is logged.
     BadFrame(String),
+    /// The peer announced a frame larger than the negotiated limit.
+    Oversize(String),
     /// Writing to the socket failed.
     WriteFailed(String),
     /// The peer took no frame for this long: it stopped reading.
@@ -40,7 +42,7 @@ impl std::fmt::Display for LinkEnd {
             LinkEnd::Local => f.write_str("closed locally"),
             LinkEnd::PeerClosed => f.write_str("peer closed the connection"),
             LinkEnd::DeadPeer(d) => write!(f, "peer silent for {d:?}"),
-            LinkEnd::BadFrame(e) => write!(f, "bad frame from peer: {e}"),
+            LinkEnd::BadFrame(e) | LinkEnd::Oversize(e) => write!(f, "bad frame from peer: {e}"),
             LinkEnd::WriteFailed(e) => write!(f, "write failed: {e}"),
             LinkEnd::WriteStalled(d) => write!(f, "peer stopped reading: no frame taken in {d:?}"),
         }

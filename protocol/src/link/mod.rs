@@ -100,26 +100,54 @@ struct Queued {
     _budget: Option<OwnedSemaphorePermit>,
 }
 
+/// How often links had to wait for their byte budgets: a counter each, which
+/// the owner of the links may share between them (the host sums all its
+/// VMs' links in its metrics).
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    /// Requests read while `max_inbound_bytes` was taken: the reader
+    /// waited for answers before reading on.
+    pub inbound_waits: AtomicU64,
+    /// Frames queued while their queue's `max_outbound_bytes` was taken:
+    /// the sender waited for the writer.
+    pub outbound_waits: AtomicU64,
+}
+
 /// A byte budget: a semaphore of bytes and its size. A frame takes
 /// `min(len, cap)` so that one frame larger than the budget still passes.
 struct Budget {
     bytes: Arc<Semaphore>,
     cap: usize,
+    /// Where a wait for it is counted.
+    stats: Arc<LinkStats>,
+    inbound: bool,
 }
 
 impl Budget {
-    fn new(cap: usize) -> Self {
+    fn new(cap: usize, stats: Arc<LinkStats>, inbound: bool) -> Self {
         let cap = cap.clamp(1, Semaphore::MAX_PERMITS);
         Budget {
             bytes: Arc::new(Semaphore::new(cap)),
             cap,
+            stats,
+            inbound,
         }
     }
 
-    /// Takes `len` bytes of the budget, waiting until they are free or the
-    /// link is cancelled (`None`).
+    /// Takes `len` bytes of the budget, waiting (counted in the link's
+    /// [`LinkStats`]) until they are free or the link is cancelled
+    /// (`None`).
     async fn take(&self, len: usize, cancel: &CancellationToken) -> Option<OwnedSemaphorePermit> {
         let n = u32::try_from(len.clamp(1, self.cap)).unwrap_or(u32::MAX);
+        if let Ok(p) = self.bytes.clone().try_acquire_many_owned(n) {
+            return Some(p);
+        }
+        let waits = if self.inbound {
+            &self.stats.inbound_waits
+        } else {
+            &self.stats.outbound_waits
+        };
+        waits.fetch_add(1, Ordering::Relaxed);
         tokio::select! {
             p = self.bytes.clone().acquire_many_owned(n) => p.ok(),
             () = cancel.cancelled() => None,
@@ -391,6 +419,20 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    spawn_counted(reader, writer, config, Arc::default())
+}
+
+/// [`spawn`], counting the link's waits for its byte budgets in `stats`.
+pub fn spawn_counted<R, W>(
+    reader: FrameReader<R>,
+    writer: W,
+    config: LinkConfig,
+    stats: Arc<LinkStats>,
+) -> (LinkHandle, mpsc::Receiver<Incoming>)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (control_tx, control_rx) = mpsc::channel(config.control_queue.max(1));
     let (bulk_tx, bulk_rx) = mpsc::channel(config.bulk_queue.max(1));
     let (incoming_tx, incoming_rx) = mpsc::channel(config.incoming_queue.max(1));
@@ -402,9 +444,9 @@ where
         cancel: CancellationToken::new(),
         end: watch::channel(None).0,
         max_frame: config.max_frame,
-        outbound_control: Budget::new(config.max_outbound_bytes),
-        outbound_bulk: Budget::new(config.max_outbound_bytes),
-        inbound: Budget::new(config.max_inbound_bytes),
+        outbound_control: Budget::new(config.max_outbound_bytes, stats.clone(), false),
+        outbound_bulk: Budget::new(config.max_outbound_bytes, stats.clone(), false),
+        inbound: Budget::new(config.max_inbound_bytes, stats, true),
     });
     let reader = reader.map_decoder(LinkCodec);
     tokio::spawn(read_loop(reader, shared.clone(), incoming_tx, config));
@@ -466,6 +508,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Err(_) => break LinkEnd::DeadPeer(dead_after),
             Ok(None) => break LinkEnd::PeerClosed,
             Ok(Some(Err(FrameError::Io(e)))) if is_reset(&e) => break LinkEnd::PeerClosed,
+            Ok(Some(Err(e @ FrameError::Oversize { .. }))) => {
+                break LinkEnd::Oversize(e.to_string());
+            }
             Ok(Some(Err(e))) => break LinkEnd::BadFrame(e.to_string()),
             Ok(Some(Ok(Inbound::Frame(frame)))) => frame,
             Ok(Some(Ok(Inbound::BadName { what, id, error }))) => {

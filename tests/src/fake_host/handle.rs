@@ -58,6 +58,10 @@ pub(super) fn handle(state: &Mutex<HostState>, req: Request) -> Response {
             st.uploads.remove(&upload);
             Response::Ok
         }
+        Request::SessionStarted { .. } if st.busy_session_starts > 0 => {
+            st.busy_session_starts -= 1;
+            err(ErrorCode::Busy, "over session_starts_per_minute")
+        }
         Request::SessionStarted { session, .. } => {
             st.sessions_started.push(session.into());
             Response::Ok

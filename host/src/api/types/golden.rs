@@ -502,3 +502,12 @@ fn queries_are_written_and_read_as_before() {
 fn q<T: Serialize>(t: &T) -> String {
     serde_urlencoded::to_string(t).unwrap()
 }
+
+#[test]
+fn a_quota_body_must_say_its_quota_even_if_null() {
+    assert!(serde_json::from_str::<QuotaBody>("{}").is_err());
+    assert_eq!(
+        serde_json::from_str::<QuotaBody>(r#"{"quota_bytes": null}"#).unwrap(),
+        QuotaBody { quota_bytes: None }
+    );
+}

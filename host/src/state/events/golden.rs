@@ -450,3 +450,39 @@ fn error_codes_are_written_as_before() {
         );
     }
 }
+
+/// Which kinds the durable journal keeps, and whose share of the ring and
+/// the journal each kind takes: the VM its JSON names in `vm`, or the
+/// share of events naming none. Pinned for every sample, so a new kind
+/// states both.
+#[test]
+fn every_kind_has_its_share_and_journal_rule() {
+    const JOURNALLED: [&str; 6] = [
+        "update_refused",
+        "conflict",
+        "budget_exceeded",
+        "handover_failed",
+        "vm_lost",
+        "unexpected_disconnect",
+    ];
+    let mut journalled = Vec::new();
+    for (event, want) in samples() {
+        let kind = want["kind"].as_str().unwrap().to_string();
+        assert_eq!(
+            event.vm(),
+            want["vm"].as_str(),
+            "the share of {kind} is the VM it names"
+        );
+        if event.journalled() {
+            journalled.push(kind.clone());
+        }
+        assert_eq!(
+            event.journalled(),
+            JOURNALLED.contains(&kind.as_str()),
+            "{kind}"
+        );
+    }
+    journalled.sort();
+    journalled.dedup();
+    assert_eq!(journalled.len(), JOURNALLED.len(), "{journalled:?}");
+}

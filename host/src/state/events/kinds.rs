@@ -299,6 +299,60 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// The VM whose share of the ring and the journal this event takes
+    /// (see [`super::fair`]): the VM it names in `vm` (for `commit` and
+    /// `conflict` the VM that sent the update). Events that name no VM
+    /// (`import`, `rollback`, `gc`, `unassigned`) share one of their own.
+    pub fn vm(&self) -> Option<&str> {
+        match self {
+            Event::VmRegistered { vm }
+            | Event::VmUnregistered { vm, .. }
+            | Event::VmConnected { vm, .. }
+            | Event::VmDisconnected { vm, .. }
+            | Event::VmLost { vm, .. }
+            | Event::SessionStarted { vm, .. }
+            | Event::SessionEnded { vm, .. }
+            | Event::UnexpectedDisconnect { vm, .. }
+            | Event::Retrieve { vm, .. }
+            | Event::UpdateRefused { vm, .. }
+            | Event::BudgetExceeded { vm, .. }
+            | Event::Assigned { vm, .. }
+            | Event::UserReleased { vm, .. }
+            | Event::HandoverFailed { vm, .. }
+            | Event::HandoverTimeout { vm, .. }
+            | Event::UaDeployed { vm, .. }
+            | Event::UaRolledBack { vm, .. }
+            | Event::UaDeleted { vm, .. }
+            | Event::SessionSuspended { vm, .. }
+            | Event::SessionResumed { vm, .. }
+            | Event::MonitorGranted { vm, .. }
+            | Event::MonitorRevoked { vm, .. } => Some(vm),
+            Event::Commit { update, .. } | Event::Conflict { update, .. } => Some(&update.vm),
+            Event::Unassigned { .. }
+            | Event::Import { .. }
+            | Event::Rollback { .. }
+            | Event::Gc(_) => None,
+        }
+    }
+
+    /// True for the events an operator must act on, which the durable
+    /// journal keeps across floods and restarts: `update_refused` (bytes
+    /// preserved in a guest), `conflict`, `budget_exceeded`,
+    /// `handover_failed`, `vm_lost` and `unexpected_disconnect`.
+    pub fn journalled(&self) -> bool {
+        matches!(
+            self,
+            Event::UpdateRefused { .. }
+                | Event::Conflict { .. }
+                | Event::BudgetExceeded { .. }
+                | Event::HandoverFailed { .. }
+                | Event::VmLost { .. }
+                | Event::UnexpectedDisconnect { .. }
+        )
+    }
+}
+
 /// The fields `commit` and `conflict` share: what the update was.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpdateFields {

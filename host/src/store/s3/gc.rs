@@ -73,7 +73,8 @@ impl S3Store {
         report.bytes_freed = bytes;
         report.spared += candidates.len() as u64 - deleted;
         // Manifests no head object names (pruned versions, a crashed
-        // commit), stages of uploads a crashed host left, self-test leftovers.
+        // commit), stages hosts of earlier versions kept in the bucket,
+        // self-test leftovers.
         let mut stale = Vec::new();
         for (user, keep) in &manifests {
             for meta in self.list(&format!("users/{user}/m"))? {

@@ -1,99 +1,140 @@
-//! Per-upload stages on the shared store: `<prefix>/staging/<stage>/<64 hex>`
-//! objects, written by one upload only, copied under `chunks/` by its
-//! commit and deleted by its commit or its end. Stages a crashed host left
-//! behind are swept by GC once older than the grace period.
+//! Per-upload stages of the S3 store, on the host's local disk:
+//! `<staging dir>/<stage>/<64 hex>` files, written by one upload only. The
+//! bucket sees no chunk of an upload before its commit: `publish` PUTs each
+//! staged chunk once, to its content key, and deletes the stage; `discard`
+//! (an abandoned upload) deletes the local files and never touches the
+//! bucket, so it cannot take a chunk another upload, on this host or
+//! another, is about to reference. The staging directory belongs to one
+//! store: what a crashed or killed process left there is deleted at open.
+
+use std::path::{Path, PathBuf};
 
 use futures_util::{StreamExt, stream};
-use object_store::path::Path;
+use object_store::path::Path as Key;
 use object_store::{ObjectStoreExt, PutPayload};
 use uve_protocol::manifest::Hash;
 
 use super::{S3Store, remote};
-use crate::store::{StageId, StoreError, StoreResult, check_chunk, now_ms};
+use crate::store::{StageId, StoreError, StoreResult, check_chunk, durable, now_ms};
+
+/// What publishing one chunk takes.
+enum Publish {
+    /// PUT the staged file to the chunk's key.
+    Staged(PathBuf),
+    /// Not staged here: it must be stored already (a HEAD tells).
+    Stored,
+}
 
 impl S3Store {
-    fn stage_key(&self, stage: &StageId, hash: &Hash) -> Path {
-        self.key(&format!("staging/{}/{}", stage.as_str(), hash.to_hex()))
+    /// Prepares `dir` as this store's staging directory: created if
+    /// missing, emptied of the stages of an earlier run. Returns how many
+    /// entries were removed.
+    pub(super) fn open_staging(dir: &Path) -> StoreResult<usize> {
+        durable::clear_dir(dir)
+            .map_err(|e| StoreError::io(format!("prepare staging directory {}", dir.display()), e))
     }
 
-    /// `UifStore::stage_chunk`: one PUT under the stage (none if the chunk
-    /// is known to be stored and fresh).
+    fn stage_dir(&self, stage: &StageId) -> PathBuf {
+        self.staging.join(stage.as_str())
+    }
+
+    /// `UifStore::stage_chunk`: one local file, no request (none at all if
+    /// the chunk is known to be stored and fresh).
     pub(super) fn put_staged(&self, stage: &StageId, hash: &Hash, data: &[u8]) -> StoreResult<u64> {
         check_chunk(hash, data)?;
         if self.known_fresh(hash) {
             return Ok(0);
         }
-        let key = self.stage_key(stage, hash);
-        let payload = PutPayload::from(data.to_vec());
-        let s3 = self.s3.clone();
-        self.block_on(async move { s3.put(&key, payload).await })
-            .map_err(|e| remote("stage chunk", e))?;
+        let dir = self.stage_dir(stage);
+        let path = dir.join(hash.to_hex());
+        if path.is_file() {
+            return Ok(0);
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create stage directory", e))?;
+        // No fsync: the bucket holds the chunk durably once `publish` has
+        // PUT it; a crash before that loses the upload, which the agent
+        // retries.
+        durable::write_unsynced(&dir, &path, data).map_err(|e| StoreError::io("stage chunk", e))?;
         Ok(data.len() as u64)
     }
 
-    /// `UifStore::publish`: a server-side copy of each staged chunk under
-    /// `chunks/` (a fresh `Last-Modified` there, as a PUT would give), then
-    /// the staged objects are deleted.
+    /// `UifStore::publish`: each chunk staged here is PUT once to its
+    /// content key (`concurrency` at a time; a fresh `Last-Modified` keeps
+    /// it from any host's GC until the commit references it); a chunk not
+    /// staged here must be stored already. Then the stage is deleted.
     pub(super) fn publish_stage(&self, stage: &StageId, hashes: &[Hash]) -> StoreResult<()> {
-        let s3 = self.s3.clone();
-        let jobs: Vec<(Hash, Path, Path)> = hashes
+        let dir = self.stage_dir(stage);
+        let jobs: Vec<(Hash, Key, Publish)> = hashes
             .iter()
-            .map(|h| (*h, self.stage_key(stage, h), self.chunk_key(h)))
+            .filter_map(|h| {
+                let file = dir.join(h.to_hex());
+                let how = if file.is_file() {
+                    Publish::Staged(file)
+                } else if self.known_fresh(h) {
+                    return None;
+                } else {
+                    Publish::Stored
+                };
+                Some((*h, self.chunk_key(h), how))
+            })
             .collect();
-        let results: Vec<StoreResult<Hash>> = self.block_on(
+        let s3 = self.s3.clone();
+        let results: Vec<StoreResult<(Hash, Option<u64>)>> = self.block_on(
             stream::iter(jobs)
-                .map(|(h, from, to)| {
+                .map(|(h, key, how)| {
                     let s3 = s3.clone();
                     async move {
-                        match s3.copy(&from, &to).await {
-                            Ok(()) => {}
-                            // Not staged here: it must be stored already.
-                            Err(object_store::Error::NotFound { .. }) => match s3.head(&to).await {
-                                Ok(_) => return Ok(h),
+                        match how {
+                            Publish::Staged(file) => {
+                                let data = tokio::fs::read(&file)
+                                    .await
+                                    .map_err(|e| StoreError::io("read staged chunk", e))?;
+                                s3.put(&key, PutPayload::from(data))
+                                    .await
+                                    .map_err(|e| remote(format!("publish {key}"), e))?;
+                                Ok((h, Some(now_ms())))
+                            }
+                            Publish::Stored => match s3.head(&key).await {
+                                Ok(m) => Ok((
+                                    h,
+                                    Some(
+                                        u64::try_from(m.last_modified.timestamp_millis())
+                                            .unwrap_or(0),
+                                    ),
+                                )),
                                 Err(object_store::Error::NotFound { .. }) => {
-                                    return Err(StoreError::MissingChunk(h));
+                                    Err(StoreError::MissingChunk(h))
                                 }
-                                Err(e) => return Err(remote(format!("check {to}"), e)),
+                                Err(e) => Err(remote(format!("check {key}"), e)),
                             },
-                            Err(e) => return Err(remote(format!("publish {from}"), e)),
                         }
-                        let _ = s3.delete(&from).await;
-                        Ok(h)
                     }
                 })
                 .buffer_unordered(self.concurrency)
                 .collect(),
         );
-        let now = now_ms();
         for r in results {
-            self.remember(r?, now);
+            if let (h, Some(modified)) = r? {
+                self.remember(h, modified);
+            }
+        }
+        if let Err(e) = self.remove_stage(stage) {
+            tracing::warn!(stage = stage.as_str(), error = %e, "published stage not removed");
         }
         Ok(())
     }
 
-    /// `UifStore::discard`: deletes the staged objects (a missing one is
-    /// fine: it was never written, or already deleted).
-    pub(super) fn discard_stage(&self, stage: &StageId, hashes: &[Hash]) -> StoreResult<()> {
-        let s3 = self.s3.clone();
-        let keys: Vec<Path> = hashes.iter().map(|h| self.stage_key(stage, h)).collect();
-        let results: Vec<Result<(), object_store::Error>> = self.block_on(
-            stream::iter(keys)
-                .map(|key| {
-                    let s3 = s3.clone();
-                    async move {
-                        match s3.delete(&key).await {
-                            Err(object_store::Error::NotFound { .. }) => Ok(()),
-                            r => r,
-                        }
-                    }
-                })
-                .buffer_unordered(self.concurrency)
-                .collect(),
-        );
-        results
-            .into_iter()
-            .collect::<Result<Vec<()>, _>>()
-            .map(|_| ())
-            .map_err(|e| remote("delete an upload's stage", e))
+    /// `UifStore::discard`: deletes the stage's local files. Nothing in the
+    /// bucket is touched.
+    pub(super) fn discard_stage(&self, stage: &StageId) -> StoreResult<()> {
+        self.remove_stage(stage)
+            .map_err(|e| StoreError::io("delete an upload's stage", e))
+    }
+
+    fn remove_stage(&self, stage: &StageId) -> std::io::Result<()> {
+        match std::fs::remove_dir_all(self.stage_dir(stage)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 }

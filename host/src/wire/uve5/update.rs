@@ -31,6 +31,7 @@ pub use pages::page;
 
 use super::{Handled, VmConnection};
 use crate::budgets::conflict_rate::Admit;
+use crate::budgets::report::Budget;
 use crate::budgets::staging::{Stage, StagingBudget, StagingRefused};
 use crate::host::wire_store_error;
 use crate::state::events::Event;
@@ -196,6 +197,9 @@ fn open_upload(conn: &VmConnection, b: UpdateBegin) -> Handled {
     check_conflict_rate(conn, &b)?;
     let mut st = conn.state();
     if st.uploads.len() >= cfg.max_uploads_per_vm {
+        drop(st);
+        let limit = cfg.max_uploads_per_vm as u64;
+        host.refused(Budget::MaxUploadsPerVm, conn.vm(), Some(&b.user), limit);
         return Err(bad(
             ErrorCode::Busy,
             "too many uploads open on this connection",
@@ -225,8 +229,7 @@ fn check_sizes(
     h: &uve_protocol::manifest::ManifestHeader,
 ) -> Result<(), WireError> {
     use ErrorCode::TooLarge;
-    let staging = cfg.staging_limits();
-    let stage_limit = staging.per_vm.min(staging.per_user);
+    let stage_limit = cfg.staging_limits().stage_limit();
     let (size, chunks) = (h.size, u64::from(h.chunk_count));
     let refused = if size > cfg.max_uif_size {
         let limit = cfg.max_uif_size;
@@ -371,10 +374,9 @@ where
     // The job owns a reference to the stage: it cannot be reclaimed while
     // the chunk is being written, even if this handler is cancelled.
     let stage = up.stage.clone();
-    let staging = host.staging().clone();
     let stored = host
         .store_call_bulk(conn.vm(), move |s| {
-            if let Err(e) = staging.check_free(s.free_bytes(), len) {
+            if let Err(e) = stage.check_free(s.free_bytes(), len) {
                 stage.unreserve(len);
                 return Ok(Err(Refusal::Budget(e)));
             }
