@@ -368,6 +368,53 @@ async fn a_refused_page_can_be_sent_again_corrected() {
     assert!(back == data, "the committed UIF came back different");
 }
 
+/// A commit refused after its stage was published (here: chunks missing)
+/// leaves the upload open; a chunk staged in it afterwards is still
+/// reclaimed when the upload ends, so its bytes are not charged to the VM
+/// (nor left on disk) until a restart. (Found by the `host_requests` fuzz
+/// target.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_staged_after_a_failed_commit_is_reclaimed() {
+    let (host, _, agent) = HostProc::with_agent("", "bad", &["alice"]).await;
+    let (grant, _) = agent.retrieve("alice", "s1").await.unwrap();
+    let l = begin_alice(&agent, grant.version, grant.lease, &noise(300_000, 43))
+        .await
+        .unwrap();
+    assert!(l.missing.len() >= 2, "{} chunks missing", l.missing.len());
+    let e = agent
+        .request(Request::UpdateCommit { upload: l.upload })
+        .await
+        .expect_err("a commit with chunks missing");
+    assert_eq!(e.remote_code(), Some(ErrorCode::BadRequest), "{e}");
+    let c = l.manifest.chunks[l.missing[0]];
+    let r = agent
+        .request(Request::ChunkUpload {
+            upload: l.upload,
+            hash: c.hash,
+            data: l.bytes[&c.hash].clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, Response::Ok);
+    assert_eq!(host.metric("uve_staged_bytes").await, u64::from(c.len));
+    let r = agent
+        .request(Request::UpdateAbort { upload: l.upload })
+        .await
+        .unwrap();
+    assert_eq!(r, Response::Ok);
+    let reclaimed = until_async(Duration::from_secs(10), || async {
+        (host.metric("uve_staged_bytes").await == 0).then_some(())
+    })
+    .await;
+    assert!(reclaimed.is_some(), "the chunk's bytes stay charged");
+    let stages = std::fs::read_dir(host.data.join("store/staging"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .count();
+    assert_eq!(stages, 0, "the stage is left on disk");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_notices_for_another_vms_user_are_refused() {
     use uve_protocol::message::DisconnectNotice;

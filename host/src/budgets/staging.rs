@@ -337,14 +337,12 @@ struct StageState {
     bytes: u64,
     /// Bytes charged for chunks being written now.
     reserved: u64,
-    /// Published by a commit: nothing left to reclaim.
-    published: bool,
     /// A refusal of this stage was reported already.
     refusal_reported: bool,
 }
 
-/// One upload's stage, charged to its VM and user; reclaimed when dropped
-/// unless published.
+/// One upload's stage, charged to its VM and user; when dropped, what it
+/// holds that no commit published is reclaimed.
 pub struct Stage {
     id: StageId,
     vm: String,
@@ -448,7 +446,6 @@ impl Stage {
     /// frees its bytes in the budgets.
     pub fn published(&self) {
         let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        st.published = true;
         st.hashes.clear();
         let n = std::mem::take(&mut st.bytes);
         drop(st);
@@ -459,7 +456,9 @@ impl Stage {
 impl Drop for Stage {
     fn drop(&mut self) {
         let st = std::mem::take(self.state.get_mut().unwrap_or_else(PoisonError::into_inner));
-        if st.published || (st.hashes.is_empty() && st.reserved == 0) {
+        // What was published is not here any more; a chunk staged after a
+        // publish (the commit failed later and the upload went on) is.
+        if st.hashes.is_empty() && st.reserved == 0 {
             return;
         }
         let r = Reclaim {
