@@ -137,6 +137,7 @@ async fn list_page(
                     Listed {
                         len: c.len,
                         awaited: !here,
+                        signed: false,
                     },
                 );
                 true
