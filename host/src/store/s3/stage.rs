@@ -78,40 +78,23 @@ impl S3Store {
                 Some((*h, self.chunk_key(h), how))
             })
             .collect();
-        let s3 = self.s3.clone();
+        let (s3, started, n) = (self.s3.clone(), std::time::Instant::now(), jobs.len());
+        // Each PUT is a task of its own: signing hashes the payload, CPU
+        // work that one task driving them all would do on one thread.
         let results: Vec<StoreResult<(Hash, Option<u64>)>> = self.block_on(
             stream::iter(jobs)
                 .map(|(h, key, how)| {
-                    let s3 = s3.clone();
-                    async move {
-                        match how {
-                            Publish::Staged(file) => {
-                                let data = tokio::fs::read(&file)
-                                    .await
-                                    .map_err(|e| StoreError::io("read staged chunk", e))?;
-                                s3.put(&key, PutPayload::from(data))
-                                    .await
-                                    .map_err(|e| remote(format!("publish {key}"), e))?;
-                                Ok((h, Some(now_ms())))
-                            }
-                            Publish::Stored => match s3.head(&key).await {
-                                Ok(m) => Ok((
-                                    h,
-                                    Some(
-                                        u64::try_from(m.last_modified.timestamp_millis())
-                                            .unwrap_or(0),
-                                    ),
-                                )),
-                                Err(object_store::Error::NotFound { .. }) => {
-                                    Err(StoreError::MissingChunk(h))
-                                }
-                                Err(e) => Err(remote(format!("check {key}"), e)),
-                            },
-                        }
-                    }
+                    let task = tokio::spawn(publish_one(s3.clone(), h, key, how));
+                    async move { task.await.map_err(|e| remote("publish a chunk", e))? }
                 })
                 .buffer_unordered(self.concurrency)
                 .collect(),
+        );
+        tracing::debug!(
+            stage = stage.as_str(),
+            chunks = n,
+            elapsed_ms = started.elapsed().as_millis(),
+            "stage published"
         );
         for r in results {
             if let (h, Some(modified)) = r? {
@@ -136,5 +119,34 @@ impl S3Store {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
+    }
+}
+
+/// Publishes one chunk (see [`S3Store::publish_stage`]): the chunk and its
+/// `Last-Modified` (ms) as now known.
+async fn publish_one(
+    s3: std::sync::Arc<object_store::aws::AmazonS3>,
+    h: Hash,
+    key: Key,
+    how: Publish,
+) -> StoreResult<(Hash, Option<u64>)> {
+    match how {
+        Publish::Staged(file) => {
+            let data = tokio::fs::read(&file)
+                .await
+                .map_err(|e| StoreError::io("read staged chunk", e))?;
+            s3.put(&key, PutPayload::from(data))
+                .await
+                .map_err(|e| remote(format!("publish {key}"), e))?;
+            Ok((h, Some(now_ms())))
+        }
+        Publish::Stored => match s3.head(&key).await {
+            Ok(m) => Ok((
+                h,
+                Some(u64::try_from(m.last_modified.timestamp_millis()).unwrap_or(0)),
+            )),
+            Err(object_store::Error::NotFound { .. }) => Err(StoreError::MissingChunk(h)),
+            Err(e) => Err(remote(format!("check {key}"), e)),
+        },
     }
 }

@@ -78,6 +78,10 @@ struct UploadState {
     signed: HashSet<u32>,
     /// Deltas whose rebuilt chunk did not match its hash.
     bad_deltas: u32,
+    /// Chunks given base signatures that then came whole, and that came
+    /// as deltas (see `block_delta::deltas_pay`).
+    signed_whole: u32,
+    deltas: u32,
     uploaded: u64,
     pins: Vec<ChunkPins>,
     /// Chunks of the base version (loaded with the first page): present
@@ -97,6 +101,8 @@ struct Listed {
     /// Reported missing and not stored by this upload yet: only such a
     /// chunk may be asked about or sent as a delta.
     awaited: bool,
+    /// Its base bytes' signatures were offered.
+    signed: bool,
 }
 
 fn bad(code: ErrorCode, msg: impl std::fmt::Display) -> WireError {
@@ -342,7 +348,7 @@ pub async fn chunk(conn: &VmConnection, upload: u64, hash: Hash, data: Vec<u8>) 
         })
         .await?;
     let Ok(()) = staged;
-    mark_stored(&up, &hash);
+    mark_stored(&up, &hash, false);
     conn.host().metrics().chunk_uploaded(&up.begin.user, n);
     Ok(Response::Ok)
 }
@@ -429,12 +435,19 @@ fn staging_refused(conn: &VmConnection, up: &Upload, e: &StagingRefused) -> Wire
     bad(code, e)
 }
 
-/// Counts a chunk stored by this upload; it is no longer awaited.
-fn mark_stored(up: &Upload, hash: &Hash) {
+/// Counts a chunk stored by this upload (`delta`: rebuilt from a block
+/// delta); it is no longer awaited.
+fn mark_stored(up: &Upload, hash: &Hash, delta: bool) {
     let mut st = up.state.lock().unwrap_or_else(PoisonError::into_inner);
     st.uploaded += 1;
-    if let Some(l) = st.listed.get_mut(hash) {
+    let signed = st.listed.get_mut(hash).is_some_and(|l| {
         l.awaited = false;
+        l.signed
+    });
+    if delta {
+        st.deltas += 1;
+    } else if signed {
+        st.signed_whole += 1;
     }
 }
 

@@ -4,6 +4,8 @@
 //! `ChunkDelta` rebuilds a chunk from those base bytes (only ever the
 //! upload's own base version, at the chunk's own offset) and the blocks
 //! sent, and stores it through the same checked put as a whole chunk.
+//! An upload whose chunks keep coming whole after their signatures (a
+//! rewritten file) gets no more base reads ([`deltas_pay`]).
 
 use std::sync::PoisonError;
 
@@ -20,6 +22,10 @@ use crate::wire::uve5::{Handled, VmConnection};
 /// the host refuses further deltas of that upload (each costs a base bytes
 /// read, for a few bytes from the agent; an honest agent sees none).
 const MAX_BAD_DELTAS: u32 = 16;
+
+/// Chunks given signatures that must come whole before an upload's deltas
+/// are judged (see [`deltas_pay`]).
+const DELTA_PROBE: u32 = 64;
 
 /// Base reads one `BlockSignatures` request keeps queued on the bulk
 /// threads at once.
@@ -45,6 +51,7 @@ pub async fn signatures(conn: &VmConnection, upload: u64, indices: Vec<u32>) -> 
     let ranges: Vec<(u64, u32, Option<Vec<BasePart>>)> = {
         let mut guard = up.state.lock().unwrap_or_else(PoisonError::into_inner);
         let st = &mut *guard;
+        let pays = deltas_pay(st.signed_whole, st.deltas);
         let mut ranges = Vec::with_capacity(indices.len());
         for &i in &indices {
             let (Some(c), Some(at)) = (st.chunks.get(i as usize), st.starts.get(i as usize)) else {
@@ -60,7 +67,11 @@ pub async fn signatures(conn: &VmConnection, upload: u64, indices: Vec<u32>) -> 
                     format!("chunk {i} was not reported missing, or was asked about already"),
                 ));
             }
-            ranges.push((*at, c.len, base.covering(*at, c.len)));
+            let parts = base.covering(*at, c.len).filter(|_| pays);
+            if let (Some(_), Some(l)) = (&parts, st.listed.get_mut(&c.hash)) {
+                l.signed = true;
+            }
+            ranges.push((*at, c.len, parts));
         }
         ranges
     };
@@ -104,6 +115,16 @@ pub async fn signatures(conn: &VmConnection, upload: u64, indices: Vec<u32>) -> 
         }
     }
     Ok(Response::BlockSignatures(out))
+}
+
+/// Whether an upload's block deltas still pay for the base reads their
+/// signatures cost: once `DELTA_PROBE` chunks given signatures came whole
+/// and fewer than one in eight came as deltas (a rewritten file: nothing
+/// of the base is left to reuse), its further signatures are `None`
+/// without a read. On a remote store each read is a GET: a full rewrite
+/// would read the whole base version to send nothing less.
+fn deltas_pay(signed_whole: u32, deltas: u32) -> bool {
+    signed_whole < DELTA_PROBE || deltas.saturating_mul(8) >= signed_whole
 }
 
 /// The base version's bytes `[at, at + len)` from the chunks covering them
@@ -196,7 +217,7 @@ pub async fn chunk_delta(conn: &VmConnection, d: ChunkDelta) -> Handled {
             format!("the base of chunk {hash} cannot be read ({e}); send it whole"),
         ));
     }
-    mark_stored(&up, &hash);
+    mark_stored(&up, &hash, true);
     conn.host().metrics().chunk_uploaded(&up.begin.user, n);
     metrics::add(&conn.host().metrics().chunk_deltas, 1);
     Ok(Response::Ok)
@@ -233,4 +254,25 @@ fn awaited(up: &Upload, d: &ChunkDelta) -> Result<(u64, u32, u32), WireError> {
         ));
     }
     Ok((*at, c.len, st.bad_deltas))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DELTA_PROBE, deltas_pay};
+
+    #[test]
+    fn deltas_stop_paying_once_signed_chunks_keep_coming_whole() {
+        assert!(deltas_pay(0, 0));
+        assert!(
+            deltas_pay(DELTA_PROBE - 1, 0),
+            "judged only after the probe"
+        );
+        assert!(!deltas_pay(DELTA_PROBE, 0), "a rewritten file");
+        assert!(
+            deltas_pay(DELTA_PROBE, DELTA_PROBE / 8),
+            "one in eight pays"
+        );
+        assert!(!deltas_pay(10 * DELTA_PROBE, DELTA_PROBE));
+        assert!(deltas_pay(u32::MAX, u32::MAX), "no overflow");
+    }
 }

@@ -151,6 +151,7 @@ async fn list_page(
                 Listed {
                     len: c.len,
                     awaited: !here,
+                    signed: false,
                 },
             );
             fresh.push(*c);
