@@ -182,5 +182,11 @@ mod tests {
         integral_numbers(&mut edge);
         assert!(edge[0].is_f64(), "2^64 fits no u64: {edge}");
         assert_eq!(edge[1], json!(0));
+        // Parsed from text exactly (serde_json's `float_roundtrip`): a
+        // fast parse read this one as ...025.5 and refused a valid body.
+        let mut text: serde_json::Value =
+            serde_json::from_str(r#"{"q": 3727463563781026.0}"#).unwrap();
+        integral_numbers(&mut text);
+        assert_eq!(text, json!({"q": 3_727_463_563_781_026_u64}));
     }
 }
