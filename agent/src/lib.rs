@@ -17,7 +17,8 @@
 //!    (UA processes).
 //! 5. [`uif`] (retrieve, update, materialise) above [`stores`], which own
 //!    their persistence: sessions, notices, grants, UAs, spool, preserved
-//!    copies, the chunk cache.
+//!    copies, the chunk cache; [`disk`], the profile disk's block side
+//!    (the working copy and the NBD server that serves it).
 //! 6. [`link`]: the host connection as a handle and a watch.
 //! 7. [`base`]: the leaves (`fsutil`, `passwd`, `nofollow`, `archive`,
 //!    `logfilter`, `fault`); [`config`], the configuration every layer reads; and
@@ -29,6 +30,7 @@ pub mod base;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod disk;
 pub mod flush;
 pub mod lifecycle;
 pub mod link;

@@ -191,6 +191,13 @@ pub fn sync(f: &File) -> io::Result<()> {
     f.sync_all()
 }
 
+/// Makes an open file's data durable (`fdatasync`): what a block device's
+/// FLUSH asks of its backing file.
+pub fn sync_data(f: &File) -> io::Result<()> {
+    assert_off_runtime("sync_data");
+    f.sync_data()
+}
+
 /// Writes every filesystem's dirty pages (`sync(2)`): what reaches a file
 /// image mounted through a loop device, whose pages only a global sync
 /// flushes. Takes seconds under many dirty pages.
