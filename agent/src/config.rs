@@ -15,7 +15,7 @@
 //! shutdown_flush_secs = 20         # SIGTERM: how long to try flushing
 //!
 //! [uif]
-//! mode = "file"                    # or "directory"
+//! mode = "file"                    # or "directory", "disk"
 //! path = "/var/lib/uve-agent/uif/{user}.img"
 //! attach = ["/usr/local/sbin/uif-attach", "{path}", "{user}"]
 //! detach = ["/usr/local/sbin/uif-detach", "{path}", "{user}"]
@@ -24,6 +24,15 @@
 //!                                  # template such as "/home/{user}"
 //! owner = "passwd"                 # or "1000:1000"
 //! exclude = [".cache", "*.tmp"]
+//!
+//! [disk]                           # mode = "disk": a profile disk (ext4)
+//! size_mib = 8192                  # size of a new disk (sparse)
+//! mkfs_options = []                # extra mkfs.ext4 arguments
+//! mount_options = "noatime"        # added to nosuid,nodev
+//! logout_grace_secs = 10           # then the user's processes are killed
+//! reattach_timeout_secs = 120      # the device waits for a restarted agent
+//! reserve_mib = 0                  # free space needed to mount; 0 = room
+//!                                  # for the disk to grow to its size
 //!
 //! [users]
 //! fold_case = false                # true: `Alice` and `alice` are one user
@@ -69,6 +78,9 @@ pub enum UifMode {
     File,
     /// The UIF is a tar archive unpacked into the user's home.
     Directory,
+    /// The UIF is a disk image (ext4) the agent serves to the kernel over
+    /// NBD and mounts as the user's home (the `[disk]` section).
+    Disk,
 }
 
 /// What to do when a retrieve fails at login.
@@ -181,6 +193,43 @@ pub struct Config {
     pub uif: UifConfig,
     /// How user names are read.
     pub users: UsersConfig,
+    /// Profile disks (`[uif] mode = "disk"`).
+    pub disk: DiskConfig,
+}
+
+/// The `[disk]` section: profile disks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Size of a new disk, in MiB (sparse: it costs what the user's files
+    /// take).
+    pub size_mib: u64,
+    /// Extra `mkfs.ext4` arguments for a new disk.
+    pub mkfs_options: Vec<String>,
+    /// Extra mount options (`nosuid,nodev` are always set).
+    pub mount_options: String,
+    /// At logout, how long the user's processes may keep the home busy
+    /// before they are killed.
+    pub logout_grace_secs: u64,
+    /// After the agent dies, how long the kernel keeps the device (and
+    /// the mounted home) waiting for the restarted agent.
+    pub reattach_timeout_secs: u64,
+    /// Free space the backing filesystem must have before a disk is
+    /// mounted, in MiB; 0 means room for the disk to grow to its full size.
+    pub reserve_mib: u64,
+}
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        DiskConfig {
+            size_mib: 8192,
+            mkfs_options: Vec::new(),
+            mount_options: String::new(),
+            logout_grace_secs: 10,
+            reattach_timeout_secs: 120,
+            reserve_mib: 0,
+        }
+    }
 }
 
 /// The `[users]` section.
@@ -208,6 +257,7 @@ impl Default for Config {
             shutdown_flush_secs: 20,
             uif: UifConfig::default(),
             users: UsersConfig::default(),
+            disk: DiskConfig::default(),
         }
     }
 }
@@ -294,16 +344,18 @@ impl Config {
     }
 
     /// The image path of `user`'s UIF in file mode; in directory mode the
-    /// tar archive kept in the state dir.
+    /// tar archive kept in the state dir; in disk mode the disk's working
+    /// copy there.
     pub fn uif_path(&self, user: &str) -> PathBuf {
         match self.uif.mode {
             UifMode::File => PathBuf::from(self.uif.path.replace("{user}", user)),
             UifMode::Directory => self.state_dir.join("uif").join(format!("{user}.tar")),
+            UifMode::Disk => self.state_dir.join("uif").join(format!("{user}.disk")),
         }
     }
 
     /// The home directory of `user` (whose entry is `account`) in
-    /// directory mode.
+    /// directory and disk modes.
     pub fn home_path(&self, user: &str, account: Option<&Account>) -> PathBuf {
         match (self.uif.home.as_str(), account) {
             ("passwd", Some(a)) => a.home.clone(),

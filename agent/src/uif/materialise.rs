@@ -73,6 +73,13 @@ pub async fn attach(
             let owner = cfg.owner(account);
             super::blocking(move || unpack_home(&archive, &home, owner)).await
         }
+        UifMode::Disk => {
+            let (disk, user) = (cfg.disk.clone(), user.to_string());
+            let (image, home) = (cfg.uif_path(&user), cfg.home_path(&user, account));
+            let owner = cfg.owner(account);
+            super::blocking(move || super::disk_home::attach(&disk, &user, &image, &home, owner))
+                .await
+        }
     }
 }
 
@@ -95,6 +102,15 @@ pub async fn detach(
             let excludes = cfg.uif.exclude.clone();
             let owner = cfg.owner(account);
             super::blocking(move || pack_home(&home, &archive, &excludes, owner)).await
+        }
+        UifMode::Disk => {
+            let (disk, user) = (cfg.disk.clone(), user.to_string());
+            let home = cfg.home_path(&user, account);
+            let owner = cfg.owner(account);
+            super::blocking(move || {
+                super::disk_home::detach(&disk, &user, &home, owner, keep_attached)
+            })
+            .await
         }
     }
 }

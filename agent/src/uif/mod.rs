@@ -4,6 +4,7 @@
 //! live in the stores beneath: the chunk cache, the spool and the
 //! preserved copies ([`crate::stores`]).
 
+pub mod disk_home;
 pub mod materialise;
 pub mod retrieve;
 pub mod update;
@@ -43,6 +44,10 @@ pub enum UifError {
     /// Packing or unpacking a home directory failed.
     #[error(transparent)]
     Archive(#[from] crate::base::archive::ArchiveError),
+    /// A profile disk could not be made, checked, served, mounted or
+    /// unmounted (disk mode).
+    #[error("profile disk: {0}")]
+    Disk(String),
     /// A task of the agent's own failed (panicked or was cancelled).
     #[error("agent task failed: {0}")]
     Task(String),

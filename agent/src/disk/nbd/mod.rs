@@ -17,6 +17,7 @@
 //! whole backing file durable).
 
 pub mod handshake;
+pub mod kernel;
 pub mod transmit;
 pub mod wire;
 
@@ -233,4 +234,103 @@ fn accept_loop(listener: &UnixListener, export: &Arc<Export>, stop: &AtomicBool,
                 .remove(&id);
         }
     }
+}
+
+/// A device served to the kernel: `/dev/nbd<index>`, whose requests a
+/// thread of this process serves on its end of a socket pair.
+pub struct KernelDevice {
+    index: u32,
+    ours: UnixStream,
+    serving: Option<JoinHandle<()>>,
+}
+
+impl KernelDevice {
+    /// Serves `export` as a new `/dev/nbdN` (the kernel picks N).
+    pub fn attach(
+        export: Arc<Export>,
+        how: &kernel::Attach,
+    ) -> Result<KernelDevice, kernel::KernelError> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let serving = serve_kernel_end(ours.try_clone()?, export)?;
+        let theirs = std::os::fd::OwnedFd::from(theirs);
+        match kernel::connect(&theirs, how) {
+            Ok(index) => Ok(KernelDevice {
+                index,
+                ours,
+                serving: Some(serving),
+            }),
+            Err(e) => {
+                let _ = ours.shutdown(std::net::Shutdown::Both);
+                let _ = serving.join();
+                Err(e)
+            }
+        }
+    }
+
+    /// Serves `export` again as `/dev/nbd<index>`, whose connection died
+    /// with an earlier agent process (`NBD_CMD_RECONFIGURE`).
+    pub fn reattach(index: u32, export: Arc<Export>) -> Result<KernelDevice, kernel::KernelError> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let serving = serve_kernel_end(ours.try_clone()?, export)?;
+        let theirs = std::os::fd::OwnedFd::from(theirs);
+        match kernel::reconfigure(index, &theirs) {
+            Ok(()) => Ok(KernelDevice {
+                index,
+                ours,
+                serving: Some(serving),
+            }),
+            Err(e) => {
+                let _ = ours.shutdown(std::net::Shutdown::Both);
+                let _ = serving.join();
+                Err(e)
+            }
+        }
+    }
+
+    /// The device's number N (`/dev/nbdN`).
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The device's path.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/dev/nbd{}", self.index))
+    }
+
+    /// Disconnects the device (unmount it first): the kernel sends its
+    /// last requests and `NBD_CMD_DISC`, then frees the device.
+    pub fn detach(mut self) -> Result<(), kernel::KernelError> {
+        let r = kernel::disconnect(self.index);
+        if r.is_err() {
+            let _ = self.ours.shutdown(std::net::Shutdown::Both);
+        }
+        if let Some(t) = self.serving.take() {
+            let _ = t.join();
+        }
+        r
+    }
+}
+
+fn serve_kernel_end(mut stream: UnixStream, export: Arc<Export>) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("uve-nbd-kernel".into())
+        .spawn(move || {
+            if !mark_io_flusher() {
+                tracing::warn!(
+                    "NBD kernel device served without PR_SET_IO_FLUSHER (no CAP_SYS_RESOURCE)"
+                );
+            }
+            let mut buf = vec![0u8; MAX_PAYLOAD as usize];
+            match transmit::serve(
+                &mut stream,
+                export.device.as_ref(),
+                export.read_only,
+                &mut buf,
+            ) {
+                Ok(ended) => {
+                    tracing::debug!(?ended, export = %export.name, "kernel NBD connection done")
+                }
+                Err(e) => tracing::warn!(export = %export.name, "kernel NBD connection ended: {e}"),
+            }
+        })
 }

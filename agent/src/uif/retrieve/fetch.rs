@@ -38,6 +38,10 @@ pub(super) async fn fill(
         let dest = dest.to_path_buf();
         let manifest = manifest.clone();
         blocking(move || {
+            // Full length at once: chunks of zeroes are then left as holes
+            // ([`write_chunk`]), so a mostly empty disk image stays sparse.
+            out.set_len(manifest.header.size)
+                .map_err(|e| UifError::at("size", &dest, e))?;
             let cache = cache::ChunkCache::open(&dest, previous, trusted);
             reuse_cached(&out, &cache, &manifest)
         })
@@ -45,6 +49,15 @@ pub(super) async fn fill(
     };
     let fetched = fetch_missing(link, user, out, wanted, order, parallel).await?;
     Ok((fetched, reused))
+}
+
+/// Writes a chunk at `off` of a file already at its full length; a chunk
+/// of zeroes is not written (the hole there reads as zeroes).
+fn write_chunk(out: &File, data: &[u8], off: u64) -> std::io::Result<()> {
+    if data.iter().all(|&b| b == 0) {
+        return Ok(());
+    }
+    out.write_all_at(data, off)
 }
 
 /// Fetches the chunks in `order` (`parallel` requests in flight), verifies
@@ -128,8 +141,7 @@ fn write_fetched(
             )));
         }
         for off in wanted.get(&c.hash).map(Vec::as_slice).unwrap_or_default() {
-            out.write_all_at(&data, *off)
-                .map_err(|e| UifError::io("write fetched chunk", e))?;
+            write_chunk(out, &data, *off).map_err(|e| UifError::io("write fetched chunk", e))?;
             unflushed += u64::from(c.len);
         }
         if unflushed >= fsutil::WRITEBACK_STEP {
@@ -164,7 +176,7 @@ fn reuse_cached(
         }
         match cache.get(&c.hash).filter(|d| d.len() == c.len as usize) {
             Some(data) => {
-                out.write_all_at(&data, off)
+                write_chunk(out, &data, off)
                     .map_err(|e| UifError::io("write retrieved chunk", e))?;
                 unflushed += u64::from(c.len);
                 reused += 1;

@@ -1,0 +1,182 @@
+//! Disk mode end to end: the real `uve-host` on this machine, the real
+//! static `uve-agent` in QEMU guests whose kernel has `nbd` and `ext4`
+//! loaded. The agent makes the profile disk at the first login, serves it
+//! to the kernel over NBD (netlink), mounts it as the home, and at logout
+//! unmounts it and uploads the image; a second VM mounts the same files.
+//! A disk that `e2fsck -p` cannot repair is refused, never mounted.
+//!
+//! Run: `cargo nextest run -p uve-e2e -E 'test(disk)'`.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use uve_e2e::host::HostDaemon;
+use uve_e2e::ingredients::Ingredients;
+use uve_e2e::initramfs::{EXT4_DISK_MODULES, Initramfs};
+use uve_e2e::scenario::{RunDir, begin, step};
+use uve_e2e::vm::Vm;
+use uve_protocol::testdata::noise;
+
+const AGENT_DISK_MODE: &str = r#"
+host = "vsock:2:7075"
+[uif]
+mode = "disk"
+[disk]
+size_mib = 64
+mount_options = "noatime"
+"#;
+
+/// e2fsprogs programs the agent runs in the guest.
+const E2FSPROGS: &[&str] = &["mkfs.ext4", "e2fsck", "resize2fs"];
+
+fn boot(ing: &Ingredients, run: &RunDir, name: &str) -> Vm {
+    let dir = run.sub(name);
+    let mut img = Initramfs::new(ing).expect("initramfs");
+    img.modules(EXT4_DISK_MODULES)
+        .expect("ext4 modules")
+        .modules(&["drivers/block/nbd.ko"])
+        .expect("nbd module");
+    for tool in E2FSPROGS {
+        let from = Ingredients::require_tool("disk", tool, "e2fsprogs").expect("e2fsprogs");
+        img.dynamic_exec(&from, &format!("sbin/{tool}"))
+            .expect(tool);
+    }
+    if let Ok(conf) = std::fs::read("/etc/mke2fs.conf") {
+        img.file("etc/mke2fs.conf", &conf).expect("mke2fs.conf");
+    }
+    img.file("etc/uve-agent.toml", AGENT_DISK_MODE.as_bytes())
+        .expect("config");
+    let initrd = img
+        .build(&dir.join("initramfs.cpio.gz"))
+        .expect("build initramfs");
+    let mut vm = Vm::boot(ing, name, &dir, &initrd).expect("boot");
+    let t = vm
+        .wait_ready(Duration::from_secs(120))
+        .expect("guest ready");
+    eprintln!("{name}: guest ready after {t:?}");
+    vm
+}
+
+/// The line of `/proc/mounts` for `/home/alice`, if mounted.
+fn home_mount(vm: &Vm) -> Option<String> {
+    let (_, mounts) = vm.sh("cat /proc/mounts");
+    mounts
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("/home/alice"))
+        .map(str::to_string)
+}
+
+/// `debugfs -R "cat <path>"` on an image exported from the store.
+fn debugfs_cat(image: &Path, path: &str) -> Vec<u8> {
+    let debugfs = Ingredients::require_tool("disk", "debugfs", "e2fsprogs").expect("debugfs");
+    let out = Command::new(debugfs)
+        .args(["-R", &format!("cat {path}")])
+        .arg(image)
+        .output()
+        .expect("debugfs");
+    assert!(
+        out.status.success(),
+        "debugfs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[test]
+fn disk_mode_first_login_mounts_and_the_files_follow_the_user() {
+    let Some((ing, run, mut t)) =
+        begin("disk_mode_first_login_mounts_and_the_files_follow_the_user")
+    else {
+        return;
+    };
+    let host = HostDaemon::start(&ing, run.path(), "").expect("host");
+    for name in ["vm-a", "vm-b"] {
+        host.add_vm(name, &run.sub(name).join("v.sock"));
+    }
+    host.ok(&["assign", "alice", "vm-a"]);
+    let a = boot(&ing, &run, "vm-a");
+    host.must_connect("vm-a", Duration::from_secs(60));
+    step("vm-a up", &mut t);
+
+    // --- first login: a new ext4 disk, served over NBD, mounted as home.
+    a.ok("uve-agent login --user alice --session s1");
+    let line = home_mount(&a).expect("/home/alice is not mounted after the first login");
+    assert!(
+        line.starts_with("/dev/nbd"),
+        "home not on an NBD device: {line}"
+    );
+    assert!(line.contains(" ext4 "), "home is not ext4: {line}");
+    for opt in ["nosuid", "nodev", "noatime"] {
+        assert!(line.contains(opt), "home mounted without {opt}: {line}");
+    }
+    assert_eq!(a.ok("stat -c %u:%g /home/alice").trim(), "1000:1000");
+    step("first login: disk made and mounted", &mut t);
+
+    // --- the user writes; logout unmounts and commits the image.
+    a.ok("su alice -s /bin/sh -c 'mkdir /home/alice/docs && echo hello from A > /home/alice/docs/note.txt'");
+    let blob = noise(700_000, 5);
+    a.put("/home/alice/docs/blob.bin", &blob);
+    a.ok("uve-agent logout --session s1");
+    assert_eq!(
+        home_mount(&a),
+        None,
+        "the home is still mounted after logout"
+    );
+    let v1 = host.head("alice");
+    let image = run.path().join("alice-v1.disk");
+    std::fs::write(&image, host.export("alice", v1, run.path())).unwrap();
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 64 << 20);
+    let fsck = Command::new(Ingredients::require_tool("disk", "e2fsck", "e2fsprogs").unwrap())
+        .args(["-n", "-f"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "the committed disk is not a clean ext4: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    assert_eq!(debugfs_cat(&image, "/docs/note.txt"), b"hello from A\n");
+    assert_eq!(debugfs_cat(&image, "/docs/blob.bin"), blob);
+    step(
+        "logout: unmounted, committed a clean ext4 with the files",
+        &mut t,
+    );
+
+    // --- the user moves to vm-b: the same files, byte-identical.
+    host.ok(&["assign", "alice", "vm-b"]);
+    let b = boot(&ing, &run, "vm-b");
+    host.must_connect("vm-b", Duration::from_secs(60));
+    b.ok("uve-agent login --user alice --session s2");
+    assert!(home_mount(&b).is_some(), "vm-b did not mount the disk");
+    assert_eq!(b.ok("cat /home/alice/docs/note.txt"), "hello from A\n");
+    assert_eq!(
+        b.get("/home/alice/docs/blob.bin").expect("blob on vm-b"),
+        blob
+    );
+    b.ok("su alice -s /bin/sh -c 'echo and from B >> /home/alice/docs/note.txt'");
+    b.ok("uve-agent logout --session s2");
+    let v2 = host.head("alice");
+    assert!(v2 > v1, "vm-b's logout committed nothing");
+    step("vm-b: same files, logout commits", &mut t);
+
+    // --- a damaged disk is refused, never mounted.
+    let mut bad = host.export("alice", v2, run.path());
+    // The superblock (at 1 KiB) overwritten: no ext4 magic anywhere e2fsck -p
+    // may use without asking.
+    bad[1024..2048].fill(0xa5);
+    let bad_path = run.path().join("alice-bad.disk");
+    std::fs::write(&bad_path, &bad).unwrap();
+    host.import("alice", &bad_path);
+    let (code, out) = b.sh("uve-agent login --user alice --session s3");
+    assert_ne!(code, 0, "a damaged disk was accepted: {out}");
+    assert!(
+        out.contains("e2fsck"),
+        "the refusal does not say why: {out}"
+    );
+    assert_eq!(home_mount(&b), None, "a damaged disk was mounted");
+    step("damaged disk refused", &mut t);
+}
