@@ -9,7 +9,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -101,9 +101,43 @@ fn disk_mode_first_login_mounts_and_the_files_follow_the_user() {
     host.must_connect("vm-a", Duration::from_secs(60));
     step("vm-a up", &mut t);
 
-    // --- first login: a new ext4 disk, served over NBD, mounted as home.
+    first_login_makes_and_mounts_the_disk(&a);
+    step("first login: disk made and mounted", &mut t);
+
+    let (v1, blob) = logout_commits_a_clean_ext4(&host, &a, &run);
+    step(
+        "logout: unmounted, committed a clean ext4 with the files",
+        &mut t,
+    );
+
+    // --- the user moves to vm-b: the same files, byte-identical.
+    host.ok(&["assign", "alice", "vm-b"]);
+    let b = boot(&ing, &run, "vm-b");
+    host.must_connect("vm-b", Duration::from_secs(60));
+    b.ok("uve-agent login --user alice --session s2");
+    assert!(home_mount(&b).is_some(), "vm-b did not mount the disk");
+    assert_eq!(b.ok("cat /home/alice/docs/note.txt"), "hello from A\n");
+    assert_eq!(
+        b.get("/home/alice/docs/blob.bin").expect("blob on vm-b"),
+        blob
+    );
+    b.ok("su alice -s /bin/sh -c 'echo and from B >> /home/alice/docs/note.txt'");
+    step("vm-b: same files", &mut t);
+
+    let image2 = agent_killed_mid_session_reattaches(&host, &b, &run, v1);
+    step(
+        "agent killed mid-session: re-attached, logout commits",
+        &mut t,
+    );
+
+    damaged_disk_and_no_room_are_refused(&host, &b, &run, &image2);
+    step("damaged disk and no room: refused", &mut t);
+}
+
+/// First login: a new ext4 disk, served over NBD, mounted as the home.
+fn first_login_makes_and_mounts_the_disk(a: &Vm) {
     a.ok("uve-agent login --user alice --session s1");
-    let line = home_mount(&a).expect("/home/alice is not mounted after the first login");
+    let line = home_mount(a).expect("/home/alice is not mounted after the first login");
     assert!(
         line.starts_with("/dev/nbd"),
         "home not on an NBD device: {line}"
@@ -113,15 +147,17 @@ fn disk_mode_first_login_mounts_and_the_files_follow_the_user() {
         assert!(line.contains(opt), "home mounted without {opt}: {line}");
     }
     assert_eq!(a.ok("stat -c %u:%g /home/alice").trim(), "1000:1000");
-    step("first login: disk made and mounted", &mut t);
+}
 
-    // --- the user writes; logout unmounts and commits the image.
+/// The user writes; logout unmounts and commits the image, a clean ext4
+/// holding the files. Returns the version and the blob written.
+fn logout_commits_a_clean_ext4(host: &HostDaemon, a: &Vm, run: &RunDir) -> (u64, Vec<u8>) {
     a.ok("su alice -s /bin/sh -c 'mkdir /home/alice/docs && echo hello from A > /home/alice/docs/note.txt'");
     let blob = noise(700_000, 5);
     a.put("/home/alice/docs/blob.bin", &blob);
     a.ok("uve-agent logout --session s1");
     assert_eq!(
-        home_mount(&a),
+        home_mount(a),
         None,
         "the home is still mounted after logout"
     );
@@ -141,32 +177,52 @@ fn disk_mode_first_login_mounts_and_the_files_follow_the_user() {
     );
     assert_eq!(debugfs_cat(&image, "/docs/note.txt"), b"hello from A\n");
     assert_eq!(debugfs_cat(&image, "/docs/blob.bin"), blob);
-    step(
-        "logout: unmounted, committed a clean ext4 with the files",
-        &mut t,
-    );
+    (v1, blob)
+}
 
-    // --- the user moves to vm-b: the same files, byte-identical.
-    host.ok(&["assign", "alice", "vm-b"]);
-    let b = boot(&ing, &run, "vm-b");
-    host.must_connect("vm-b", Duration::from_secs(60));
-    b.ok("uve-agent login --user alice --session s2");
-    assert!(home_mount(&b).is_some(), "vm-b did not mount the disk");
-    assert_eq!(b.ok("cat /home/alice/docs/note.txt"), "hello from A\n");
+/// The agent dies during the session: once a new agent serves the device
+/// again the mount works (a write reaches the disk), and the logout
+/// commits. Returns the committed image's path.
+fn agent_killed_mid_session_reattaches(
+    host: &HostDaemon,
+    b: &Vm,
+    run: &RunDir,
+    v1: u64,
+) -> PathBuf {
+    b.ok("kill -9 $(pidof uve-agent)");
+    b.ok("uve-agent run --config /etc/uve-agent.toml >/dev/ttyS0 2>&1 </dev/null &");
+    b.ok("n=0; until uve-agent status >/dev/null 2>&1; do n=$((n+1)); [ $n -lt 100 ] || exit 1; sleep 0.2; done");
+    b.ok("su alice -s /bin/sh -c 'echo after the restart > /home/alice/docs/restart.txt' && sync");
     assert_eq!(
-        b.get("/home/alice/docs/blob.bin").expect("blob on vm-b"),
-        blob
+        b.ok("cat /home/alice/docs/restart.txt"),
+        "after the restart\n"
     );
-    b.ok("su alice -s /bin/sh -c 'echo and from B >> /home/alice/docs/note.txt'");
     b.ok("uve-agent logout --session s2");
+    assert_eq!(
+        home_mount(b),
+        None,
+        "the home is still mounted after logout"
+    );
     let v2 = host.head("alice");
     assert!(v2 > v1, "vm-b's logout committed nothing");
-    step("vm-b: same files, logout commits", &mut t);
+    let image = run.path().join("alice-v2.disk");
+    std::fs::write(&image, host.export("alice", v2, run.path())).unwrap();
+    assert_eq!(
+        debugfs_cat(&image, "/docs/note.txt"),
+        b"hello from A\nand from B\n"
+    );
+    assert_eq!(
+        debugfs_cat(&image, "/docs/restart.txt"),
+        b"after the restart\n"
+    );
+    image
+}
 
-    // --- a damaged disk is refused, never mounted.
-    let mut bad = host.export("alice", v2, run.path());
-    // The superblock (at 1 KiB) overwritten: no ext4 magic anywhere e2fsck -p
-    // may use without asking.
+/// A damaged disk (the superblock overwritten: nothing `e2fsck -p` may
+/// repair without asking) is refused and never mounted; so is a good
+/// disk when the backing filesystem lacks the room asked for.
+fn damaged_disk_and_no_room_are_refused(host: &HostDaemon, b: &Vm, run: &RunDir, good: &Path) {
+    let mut bad = std::fs::read(good).unwrap();
     bad[1024..2048].fill(0xa5);
     let bad_path = run.path().join("alice-bad.disk");
     std::fs::write(&bad_path, &bad).unwrap();
@@ -177,6 +233,15 @@ fn disk_mode_first_login_mounts_and_the_files_follow_the_user() {
         out.contains("e2fsck"),
         "the refusal does not say why: {out}"
     );
-    assert_eq!(home_mount(&b), None, "a damaged disk was mounted");
-    step("damaged disk refused", &mut t);
+    assert_eq!(home_mount(b), None, "a damaged disk was mounted");
+
+    host.import("alice", good);
+    b.ok("echo 'reserve_mib = 1000000' >> /etc/uve-agent.toml && kill -HUP $(pidof uve-agent) && sleep 1");
+    let (code, out) = b.sh("uve-agent login --user alice --session s4");
+    assert_ne!(code, 0, "a disk was mounted without the reserve: {out}");
+    assert!(
+        out.contains("no room for the disk of alice"),
+        "the refusal does not say why: {out}"
+    );
+    assert_eq!(home_mount(b), None, "a disk was mounted without room");
 }

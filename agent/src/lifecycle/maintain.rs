@@ -9,6 +9,7 @@ use uve_protocol::names::SessionId;
 use super::Lifecycle;
 use crate::base::fsutil;
 use crate::supervise::UaExited;
+use crate::uif::materialise;
 
 impl Lifecycle {
     /// Flushes every attached UIF with `cause` without detaching it.
@@ -66,7 +67,11 @@ impl Lifecycle {
             self.supervisor.adopt(self.table.sessions());
             Vec::new()
         };
+        let cfg = self.config.get();
         for user in self.table.attached() {
+            if !rebooted && let Err(e) = materialise::reattach(&cfg, &user).await {
+                tracing::error!(%user, "UIF found attached at start: {e}");
+            }
             let open = self.table.sessions_of(&user);
             if !rebooted && !open.is_empty() {
                 continue;

@@ -35,6 +35,7 @@ use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
 
 use super::UifError;
+use crate::base::fsutil;
 use crate::config::DiskConfig;
 use crate::disk::device::BlockDevice;
 use crate::disk::nbd::kernel::Attach;
@@ -43,6 +44,13 @@ use crate::disk::working_copy::WorkingCopy;
 
 /// The devices served, by user.
 static SERVED: Mutex<Option<HashMap<String, KernelDevice>>> = Mutex::new(None);
+
+/// The file beside the working copy that names its device while it is
+/// served (`<image>.nbd`, holding N of `/dev/nbdN`), so that a restarted
+/// agent can serve it again.
+fn index_file(image: &Path) -> PathBuf {
+    fsutil::sibling(image, ".nbd")
+}
 
 /// After the grace period and the kill, how long the unmount keeps trying.
 const AFTER_KILL: Duration = Duration::from_secs(5);
@@ -245,6 +253,10 @@ pub fn attach(
             "cannot serve the disk of {user} to the kernel: {e}"
         ))
     })?;
+    if let Err(e) = fsutil::atomic_write(&index_file(image), dev.index().to_string().as_bytes()) {
+        let _ = dev.detach();
+        return Err(UifError::at("record the device of", image, e));
+    }
     let mounted = wait_for_device(dev.index()).and_then(|()| mount(cfg, &dev.path(), home, owner));
     if let Err(e) = mounted {
         let _ = dev.detach();
@@ -361,6 +373,7 @@ fn unmount_until(home: &Path, until: Instant) -> Result<(), Errno> {
 pub fn detach(
     cfg: &DiskConfig,
     user: &str,
+    image: &Path,
     home: &Path,
     owner: Option<(u32, u32)>,
     keep_attached: bool,
@@ -404,7 +417,52 @@ pub fn detach(
         // Unmounted: every write reached the image through a FLUSH.
         tracing::warn!(%user, "disconnecting the profile disk's device: {e}");
     }
+    match std::fs::remove_file(index_file(image)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            tracing::warn!(%user, "removing the profile disk's device record: {e}");
+        }
+        _ => {}
+    }
     Ok(())
+}
+
+/// After an agent restart within the same boot: serves `user`'s disk
+/// again on the device the previous agent process served it on (whose
+/// mounted home has been waiting, `reattach_timeout_secs` at most).
+/// `Ok(false)` when no device was recorded for it.
+pub fn reattach(user: &str, image: &Path) -> Result<bool, UifError> {
+    let record = index_file(image);
+    let index = match std::fs::read_to_string(&record) {
+        Ok(s) => s
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| disk_err(format!("{} does not name a device", record.display())))?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            tracing::info!(%user, "no profile disk device recorded: nothing to serve again");
+            return Ok(false);
+        }
+        Err(e) => return Err(UifError::at("read", &record, e)),
+    };
+    tracing::info!(%user, index, "serving the profile disk again after an agent restart");
+    let copy = WorkingCopy::open(image).map_err(|e| UifError::at("open", image, e))?;
+    let export = Arc::new(Export {
+        name: user.to_string(),
+        device: Arc::new(copy),
+        read_only: false,
+    });
+    let dev = KernelDevice::reattach(index, export).map_err(|e| {
+        disk_err(format!(
+            "cannot serve the disk of {user} again on /dev/nbd{index} (the kernel gives up \
+             after reattach_timeout_secs): {e}"
+        ))
+    })?;
+    tracing::info!(%user, device = %dev.path().display(), "profile disk served again after an agent restart");
+    SERVED
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get_or_insert_with(HashMap::new)
+        .insert(user.to_string(), dev);
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -105,14 +105,25 @@ pub async fn detach(
         }
         UifMode::Disk => {
             let (disk, user) = (cfg.disk.clone(), user.to_string());
-            let home = cfg.home_path(&user, account);
+            let (image, home) = (cfg.uif_path(&user), cfg.home_path(&user, account));
             let owner = cfg.owner(account);
             super::blocking(move || {
-                super::disk_home::detach(&disk, &user, &home, owner, keep_attached)
+                super::disk_home::detach(&disk, &user, &image, &home, owner, keep_attached)
             })
             .await
         }
     }
+}
+
+/// After an agent restart within the same boot: takes up again what the
+/// previous agent process served for `user` (disk mode: the profile
+/// disk's device, whose home stayed mounted). Nothing in the other modes.
+pub async fn reattach(cfg: &Config, user: &str) -> Result<(), UifError> {
+    if cfg.uif.mode != UifMode::Disk {
+        return Ok(());
+    }
+    let (user, image) = (user.to_string(), cfg.uif_path(user));
+    super::blocking(move || super::disk_home::reattach(&user, &image).map(drop)).await
 }
 
 fn errno_at(what: &str, path: &Path) -> impl FnOnce(Errno) -> UifError {
