@@ -44,6 +44,23 @@ pub struct ChunkParams {
     pub max: u32,
 }
 
+impl ChunkParams {
+    /// Fixed-size blocks of `block` bytes (the last one may be shorter):
+    /// profile disks, whose blocks stay in place, so that a block's index
+    /// is its offset ÷ `block` ([`crate::defs::DISK_BLOCK`]).
+    pub fn fixed(block: u32) -> Self {
+        ChunkParams {
+            min: block,
+            avg: block,
+            max: block,
+        }
+    }
+
+    fn is_fixed(self) -> bool {
+        self.min == self.max
+    }
+}
+
 impl Default for ChunkParams {
     fn default() -> Self {
         ChunkParams {
@@ -61,6 +78,15 @@ impl Default for ChunkParams {
 fn cut_points(buf: &[u8], params: ChunkParams, eof: bool, out: &mut Vec<u32>) -> usize {
     out.clear();
     let mut used = 0usize;
+    if params.is_fixed() {
+        let block = params.max.max(1) as usize;
+        while buf.len() - used >= block || (eof && used < buf.len()) {
+            let len = (buf.len() - used).min(block);
+            out.push(u32::try_from(len).unwrap_or(params.max));
+            used += len;
+        }
+        return used;
+    }
     for c in FastCDC::new(buf, params.min, params.avg, params.max) {
         let at_end = c.offset + c.length == buf.len();
         if at_end && !eof && c.length < params.max as usize {
@@ -250,6 +276,11 @@ pub fn chunk_file(path: &std::path::Path) -> io::Result<Manifest> {
     chunk_stream(std::fs::File::open(path)?, |_, _| Ok(()))
 }
 
+/// [`chunk_file`] with explicit parameters (profile disks: fixed blocks).
+pub fn chunk_file_with(path: &std::path::Path, params: ChunkParams) -> io::Result<Manifest> {
+    chunk_stream_with(std::fs::File::open(path)?, params, |_, _| Ok(()))
+}
+
 /// True if `data` is the chunk `expected` describes (length and hash).
 pub fn chunk_matches(expected: &ChunkRef, data: &[u8]) -> bool {
     data.len() == expected.len as usize && Hash::of(data) == expected.hash
@@ -271,6 +302,26 @@ mod tests {
             self.0 = &self.0[n..];
             Ok(n)
         }
+    }
+
+    #[test]
+    fn fixed_blocks_cut_at_every_block_and_end_with_the_rest() {
+        let data = crate::testdata::noise(3 * 65536 + 100, 3);
+        let m = chunk_stream_with(&data[..], ChunkParams::fixed(65536), |_, _| Ok(())).unwrap();
+        let lens: Vec<u32> = m.chunks.iter().map(|c| c.len).collect();
+        assert_eq!(lens, [65536, 65536, 65536, 100]);
+        // A stream longer than the cutter's buffer: still every block.
+        let big = crate::testdata::noise(9 << 20, 4);
+        let m = chunk_stream_with(
+            &big[..],
+            ChunkParams::fixed(crate::defs::DISK_BLOCK),
+            |_, _| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(m.chunks.len(), (9 << 20) / crate::defs::DISK_BLOCK as usize);
+        assert!(m.chunks.iter().all(|c| c.len == crate::defs::DISK_BLOCK));
+        assert_eq!(m.header.size, 9 << 20);
+        m.validate().unwrap();
     }
 
     #[test]

@@ -165,6 +165,13 @@ fn logout_commits_a_clean_ext4(host: &HostDaemon, a: &Vm, run: &RunDir) -> (u64,
     let image = run.path().join("alice-v1.disk");
     std::fs::write(&image, host.export("alice", v1, run.path())).unwrap();
     assert_eq!(std::fs::metadata(&image).unwrap().len(), 64 << 20);
+    // Fixed 256 KiB blocks, not content-defined chunks.
+    let list = host.ok(&["versions", "alice"]);
+    let head = list["versions"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["version"].as_u64() == Some(v1)))
+        .expect("the head in the version list");
+    assert_eq!(head["chunk_count"].as_u64(), Some(256), "{head}");
     let fsck = Command::new(Ingredients::require_tool("disk", "e2fsck", "e2fsprogs").unwrap())
         .args(["-n", "-f"])
         .arg(&image)

@@ -215,7 +215,14 @@ impl Flusher {
         let cfg = self.config.get();
         self.take_back(&cfg, user, session, keep_attached).await?;
         let path = cfg.uif_path(user);
-        let manifest = self.chunk(user, &path).await?;
+        let params = match cfg.uif.mode {
+            // A disk's blocks stay in place: fixed blocks, not content cuts.
+            crate::config::UifMode::Disk => {
+                uve_protocol::chunker::ChunkParams::fixed(uve_protocol::defs::DISK_BLOCK)
+            }
+            _ => uve_protocol::chunker::ChunkParams::default(),
+        };
+        let manifest = self.chunk(user, &path, params).await?;
         if rec.base_digest == Some(manifest.header.digest) {
             // Older pending snapshots of this file (never committed) are
             // superseded by its current content, which the host already has.
@@ -308,12 +315,13 @@ impl Flusher {
     }
 
     /// The manifest of the UIF file at `path`: the recorded one while the
-    /// file's stamp still vouches for it, else chunked afresh (and
-    /// recorded with a new stamp).
+    /// file's stamp still vouches for it, else chunked afresh with `params`
+    /// (and recorded with a new stamp).
     async fn chunk(
         &self,
         user: &str,
         path: &std::path::Path,
+        params: uve_protocol::chunker::ChunkParams,
     ) -> Result<uve_protocol::manifest::Manifest, FlushError> {
         let (p2, state_dir, u2) = (path.to_path_buf(), self.state_dir.clone(), user.to_string());
         blocking(move || {
@@ -331,7 +339,7 @@ impl Flusher {
             // what was chunked.
             let started = std::time::Instant::now();
             let id = cache::settled_id(&p2);
-            let m = uve_protocol::chunker::chunk_file(&p2)
+            let m = uve_protocol::chunker::chunk_file_with(&p2, params)
                 .map_err(|e| UifError::at("chunk", &p2, e))?;
             tracing::info!(
                 user = u2,
