@@ -38,17 +38,20 @@ use super::UifError;
 use crate::base::fsutil;
 use crate::config::DiskConfig;
 use crate::disk::device::BlockDevice;
-use crate::disk::nbd::kernel::Attach;
-use crate::disk::nbd::{Export, KernelDevice};
+use crate::disk::front_end::{Disk, FrontEnd, Presented};
+use crate::disk::nbd::NbdKernel;
 use crate::disk::working_copy::WorkingCopy;
 
 /// The devices served, by user.
-static SERVED: Mutex<Option<HashMap<String, KernelDevice>>> = Mutex::new(None);
+static SERVED: Mutex<Option<HashMap<String, Box<dyn Presented>>>> = Mutex::new(None);
+
+/// The block front end disks are presented through.
+static FRONT_END: NbdKernel = NbdKernel;
 
 /// The file beside the working copy that names its device while it is
-/// served (`<image>.nbd`, holding N of `/dev/nbdN`), so that a restarted
-/// agent can serve it again.
-fn index_file(image: &Path) -> PathBuf {
+/// served (`<image>.nbd`: the front end's [`Presented::record`], N of
+/// `/dev/nbdN`), so that a restarted agent can serve it again.
+fn record_file(image: &Path) -> PathBuf {
     fsutil::sibling(image, ".nbd")
 }
 
@@ -180,27 +183,6 @@ fn check_room(user: &str, image: &Path, size: u64, reserve_mib: u64) -> Result<(
     Ok(())
 }
 
-/// Waits for `/sys/block/nbdN` to show the device's size.
-fn wait_for_device(index: u32) -> Result<(), UifError> {
-    let size = PathBuf::from(format!("/sys/block/nbd{index}/size"));
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let ready = std::fs::read_to_string(&size)
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .is_some_and(|n| n > 0);
-        if ready && Path::new(&format!("/dev/nbd{index}")).exists() {
-            return Ok(());
-        }
-        if Instant::now() > until {
-            return Err(disk_err(format!(
-                "/dev/nbd{index} did not appear within 10 s"
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Makes `user`'s disk (the UIF at `image`) the home at `home`, owned by
 /// `owner` (root when none is known).
 pub fn attach(
@@ -236,30 +218,26 @@ pub fn attach(
     check_filesystem(user, image, false)?;
     let copy = WorkingCopy::open(image).map_err(|e| UifError::at("open", image, e))?;
     check_room(user, image, copy.size(), cfg.reserve_mib)?;
-    let export = Arc::new(Export {
+    let disk = Disk {
         name: user.to_string(),
         device: Arc::new(copy),
-        read_only: false,
-    });
-    let how = Attach {
-        size: export.device.size(),
-        block_size: 4096,
-        flags: export.flags(),
-        request_timeout: Duration::ZERO,
-        dead_conn_timeout: Duration::from_secs(cfg.reattach_timeout_secs),
+        reattach_timeout: Duration::from_secs(cfg.reattach_timeout_secs),
     };
-    let dev = KernelDevice::attach(export, &how).map_err(|e| {
+    let dev = FRONT_END.present(disk).map_err(|e| {
         disk_err(format!(
             "cannot serve the disk of {user} to the kernel: {e}"
         ))
     })?;
-    if let Err(e) = fsutil::atomic_write(&index_file(image), dev.index().to_string().as_bytes()) {
-        let _ = dev.detach();
+    if let Err(e) = fsutil::atomic_write(&record_file(image), dev.record().as_bytes()) {
+        let _ = dev.withdraw();
         return Err(UifError::at("record the device of", image, e));
     }
-    let mounted = wait_for_device(dev.index()).and_then(|()| mount(cfg, &dev.path(), home, owner));
+    let mounted = dev
+        .wait_ready(Duration::from_secs(10))
+        .map_err(|e| disk_err(e.to_string()))
+        .and_then(|()| mount(cfg, &dev.path(), home, owner));
     if let Err(e) = mounted {
-        let _ = dev.detach();
+        let _ = dev.withdraw();
         return Err(e);
     }
     tracing::info!(%user, device = %dev.path().display(), home = %home.display(), "profile disk mounted");
@@ -412,12 +390,12 @@ pub fn detach(
         .as_mut()
         .and_then(|m| m.remove(user));
     if let Some(dev) = dev
-        && let Err(e) = dev.detach()
+        && let Err(e) = dev.withdraw()
     {
         // Unmounted: every write reached the image through a FLUSH.
         tracing::warn!(%user, "disconnecting the profile disk's device: {e}");
     }
-    match std::fs::remove_file(index_file(image)) {
+    match std::fs::remove_file(record_file(image)) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => {
             tracing::warn!(%user, "removing the profile disk's device record: {e}");
         }
@@ -431,29 +409,26 @@ pub fn detach(
 /// mounted home has been waiting, `reattach_timeout_secs` at most).
 /// `Ok(false)` when no device was recorded for it.
 pub fn reattach(user: &str, image: &Path) -> Result<bool, UifError> {
-    let record = index_file(image);
-    let index = match std::fs::read_to_string(&record) {
-        Ok(s) => s
-            .trim()
-            .parse::<u32>()
-            .map_err(|_| disk_err(format!("{} does not name a device", record.display())))?,
+    let record = record_file(image);
+    let recorded = match std::fs::read_to_string(&record) {
+        Ok(s) => s,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             tracing::info!(%user, "no profile disk device recorded: nothing to serve again");
             return Ok(false);
         }
         Err(e) => return Err(UifError::at("read", &record, e)),
     };
-    tracing::info!(%user, index, "serving the profile disk again after an agent restart");
     let copy = WorkingCopy::open(image).map_err(|e| UifError::at("open", image, e))?;
-    let export = Arc::new(Export {
+    let disk = Disk {
         name: user.to_string(),
         device: Arc::new(copy),
-        read_only: false,
-    });
-    let dev = KernelDevice::reattach(index, export).map_err(|e| {
+        reattach_timeout: Duration::ZERO,
+    };
+    let dev = FRONT_END.represent(&recorded, disk).map_err(|e| {
         disk_err(format!(
-            "cannot serve the disk of {user} again on /dev/nbd{index} (the kernel gives up \
-             after reattach_timeout_secs): {e}"
+            "cannot serve the disk of {user} again (device {}; the kernel gives up after \
+             reattach_timeout_secs): {e}",
+            recorded.trim()
         ))
     })?;
     tracing::info!(%user, device = %dev.path().display(), "profile disk served again after an agent restart");

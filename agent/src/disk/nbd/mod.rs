@@ -32,6 +32,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::disk::device::BlockDevice;
+use crate::disk::front_end::{Disk, FrontEnd, FrontEndError, Presented};
 pub use transmit::Ended;
 use wire::tflag;
 
@@ -333,4 +334,78 @@ fn serve_kernel_end(mut stream: UnixStream, export: Arc<Export>) -> io::Result<J
                 Err(e) => tracing::warn!(export = %export.name, "kernel NBD connection ended: {e}"),
             }
         })
+}
+
+/// The kernel's `nbd` driver as a [`FrontEnd`]: each disk a
+/// [`KernelDevice`] whose record is its index N.
+pub struct NbdKernel;
+
+fn export_of(disk: Disk) -> (Arc<Export>, Duration) {
+    let export = Arc::new(Export {
+        name: disk.name,
+        device: disk.device,
+        read_only: false,
+    });
+    (export, disk.reattach_timeout)
+}
+
+impl FrontEnd for NbdKernel {
+    fn present(&self, disk: Disk) -> Result<Box<dyn Presented>, FrontEndError> {
+        let (export, reattach_timeout) = export_of(disk);
+        let how = kernel::Attach {
+            size: export.device.size(),
+            block_size: 4096,
+            flags: export.flags(),
+            request_timeout: Duration::ZERO,
+            dead_conn_timeout: reattach_timeout,
+        };
+        let dev = KernelDevice::attach(export, &how).map_err(|e| FrontEndError(e.to_string()))?;
+        Ok(Box::new(dev))
+    }
+
+    fn represent(&self, record: &str, disk: Disk) -> Result<Box<dyn Presented>, FrontEndError> {
+        let index = record
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| FrontEndError(format!("{record:?} names no NBD device")))?;
+        let (export, _) = export_of(disk);
+        let dev =
+            KernelDevice::reattach(index, export).map_err(|e| FrontEndError(e.to_string()))?;
+        Ok(Box::new(dev))
+    }
+}
+
+impl Presented for KernelDevice {
+    fn path(&self) -> PathBuf {
+        KernelDevice::path(self)
+    }
+
+    fn wait_ready(&self, limit: Duration) -> Result<(), FrontEndError> {
+        let size = PathBuf::from(format!("/sys/block/nbd{}/size", self.index));
+        let until = std::time::Instant::now() + limit;
+        loop {
+            let ready = std::fs::read_to_string(&size)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .is_some_and(|n| n > 0);
+            if ready && KernelDevice::path(self).exists() {
+                return Ok(());
+            }
+            if std::time::Instant::now() > until {
+                return Err(FrontEndError(format!(
+                    "/dev/nbd{} did not appear within {limit:?}",
+                    self.index
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn record(&self) -> String {
+        self.index.to_string()
+    }
+
+    fn withdraw(self: Box<Self>) -> Result<(), FrontEndError> {
+        self.detach().map_err(|e| FrontEndError(e.to_string()))
+    }
 }
