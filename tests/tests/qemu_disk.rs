@@ -124,7 +124,7 @@ fn disk_mode_first_login_mounts_and_the_files_follow_the_user() {
     b.ok("su alice -s /bin/sh -c 'echo and from B >> /home/alice/docs/note.txt'");
     step("vm-b: same files", &mut t);
 
-    let image2 = agent_killed_mid_session_reattaches(&host, &b, &run, v1);
+    let image2 = agent_killed_mid_session_reattaches(&host, &b, &run, (v1, &blob));
     step(
         "agent killed mid-session: re-attached, logout commits",
         &mut t,
@@ -194,7 +194,7 @@ fn agent_killed_mid_session_reattaches(
     host: &HostDaemon,
     b: &Vm,
     run: &RunDir,
-    v1: u64,
+    (v1, blob): (u64, &[u8]),
 ) -> PathBuf {
     b.ok("kill -9 $(pidof uve-agent)");
     b.ok("uve-agent run --config /etc/uve-agent.toml >/dev/ttyS0 2>&1 </dev/null &");
@@ -204,6 +204,11 @@ fn agent_killed_mid_session_reattaches(
         b.ok("cat /home/alice/docs/restart.txt"),
         "after the restart\n"
     );
+    assert_eq!(
+        b.ok("cat /sys/block/nbd0/queue/max_sectors_kb").trim(),
+        "4096"
+    );
+    b.ok("rm /home/alice/docs/blob.bin");
     b.ok("uve-agent logout --session s2");
     assert_eq!(
         home_mount(b),
@@ -221,6 +226,14 @@ fn agent_killed_mid_session_reattaches(
     assert_eq!(
         debugfs_cat(&image, "/docs/restart.txt"),
         b"after the restart\n"
+    );
+    // The deleted blob's blocks were trimmed at logout: none of its bytes
+    // is left in the committed image.
+    let bytes = std::fs::read(&image).unwrap();
+    let piece = &blob[4096..8192];
+    assert!(
+        !bytes.windows(piece.len()).step_by(4096).any(|w| w == piece),
+        "the deleted file's blocks were not trimmed"
     );
     image
 }

@@ -332,6 +332,29 @@ fn kill_processes_of(uid: u32) -> usize {
     killed
 }
 
+/// Trims the mounted filesystem (`syncfs`, then `fstrim`): the blocks of deleted files
+/// become holes in the working copy, so they read as zeroes, cost no
+/// space and upload as the one zero block. A failure only costs that.
+fn trim(user: &str, home: &Path) {
+    // Blocks freed by a delete are free for the trim only once the
+    // journal has committed the delete: sync the filesystem first.
+    match std::fs::File::open(home) {
+        Ok(dir) => {
+            if let Err(e) = nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) {
+                tracing::warn!(%user, "syncfs of the home: {e}");
+            }
+        }
+        Err(e) => tracing::warn!(%user, "open the home to sync it: {e}"),
+    }
+    let mut c = Command::new(tool("fstrim"));
+    c.arg(home);
+    match run(c) {
+        Ok((0, _)) => {}
+        Ok((code, tail)) => tracing::warn!(%user, code, "fstrim of the home failed: {tail}"),
+        Err(e) => tracing::warn!(%user, "fstrim of the home: {e}"),
+    }
+}
+
 /// Unmounts `home`, retrying while busy until `until`.
 fn unmount_until(home: &Path, until: Instant) -> Result<(), Errno> {
     loop {
@@ -371,6 +394,7 @@ pub fn detach(
         // detach (or a crash) left it.
         return Ok(());
     }
+    trim(user, home);
     let grace = Instant::now() + Duration::from_secs(cfg.logout_grace_secs);
     if let Err(Errno::EBUSY) = unmount_until(home, grace)
         && let Some((uid, _)) = owner.filter(|(uid, _)| *uid != 0)

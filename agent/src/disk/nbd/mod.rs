@@ -389,6 +389,12 @@ impl Presented for KernelDevice {
                 .and_then(|s| s.trim().parse::<u64>().ok())
                 .is_some_and(|n| n > 0);
             if ready && KernelDevice::path(self).exists() {
+                // Requests no larger than this server takes (the driver's
+                // own limit is 32 MiB).
+                let limit = format!("/sys/block/nbd{}/queue/max_sectors_kb", self.index);
+                if let Err(e) = std::fs::write(&limit, (MAX_PAYLOAD / 1024).to_string()) {
+                    tracing::warn!("{limit}: {e}");
+                }
                 return Ok(());
             }
             if std::time::Instant::now() > until {
