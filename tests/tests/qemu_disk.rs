@@ -116,6 +116,14 @@ fn disk_mode_first_login_mounts_and_the_files_follow_the_user() {
     host.must_connect("vm-b", Duration::from_secs(60));
     b.ok("uve-agent login --user alice --session s2");
     assert!(home_mount(&b).is_some(), "vm-b did not mount the disk");
+    // A second session of the same user shares the mount; ending it
+    // leaves the first session's home mounted.
+    b.ok("uve-agent login --user alice --session s2b");
+    b.ok("uve-agent logout --session s2b");
+    assert!(
+        home_mount(&b).is_some(),
+        "ending a second session unmounted the home"
+    );
     assert_eq!(b.ok("cat /home/alice/docs/note.txt"), "hello from A\n");
     assert_eq!(
         b.get("/home/alice/docs/blob.bin").expect("blob on vm-b"),
