@@ -1,7 +1,7 @@
 //! Directory-mode unpack and pack against a hostile user: a real process
 //! running as the home's unprivileged owner (uid 54321) keeps swapping the
-//! directories and files under `<home>.uve-new`, the home and
-//! `<home>.uve-old` for symlinks into a root-owned sentinel tree outside
+//! directories and files under `.<name>.uve-new`, the home and
+//! `.<name>.uve-old` for symlinks into a root-owned sentinel tree outside
 //! the home, and tries to hard-link the sentinel's root-only secret, while
 //! the agent unpacks (login) and packs (logout). Nothing outside the home
 //! may change, and the secret may never reach the host.
@@ -331,9 +331,10 @@ fn racer_process() {
     // SAFETY: getuid has no preconditions.
     assert_ne!(unsafe { libc::getuid() }, 0, "the racer must not be root");
     let sibling = |suffix: &str| {
-        let mut s = home.as_os_str().to_os_string();
+        let mut s = std::ffi::OsString::from(".");
+        s.push(home.file_name().unwrap());
         s.push(suffix);
-        PathBuf::from(s)
+        home.with_file_name(s)
     };
     let (new, old) = (sibling(".uve-new"), sibling(".uve-old"));
     let start = Instant::now();

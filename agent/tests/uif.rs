@@ -133,10 +133,20 @@ fn directory_mode_round_trip_with_owner_and_excludes() {
         ]
     );
 
-    // Wipe the home; the next login restores it byte for byte.
+    // Wipe the home; the next login restores it byte for byte. Beside it,
+    // the home of a user whose valid name ends as the agent's working
+    // names once did (`<user>.uve-old`) must survive the unpack.
     std::fs::remove_dir_all(&home).unwrap();
+    let neighbour = dir.path().join("home").join(format!("{user}.uve-old"));
+    std::fs::create_dir_all(&neighbour).unwrap();
+    std::fs::write(neighbour.join("keep.txt"), b"not yours\n").unwrap();
     agent.ok(&["login", "--user", &user, "--session", "d2"]);
     home_restored(&home, &big, root);
+    assert_eq!(
+        std::fs::read(neighbour.join("keep.txt")).unwrap(),
+        b"not yours\n",
+        "the unpack touched another user's home"
+    );
     std::fs::write(home.join("notes.txt"), b"milk bought\n").unwrap();
     agent.ok(&["logout", "--session", "d2"]);
     let tar = host.with(|h| h.head_bytes(&user).unwrap());

@@ -294,6 +294,16 @@ pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// `<dir>/.<name><suffix>` for `path` = `<dir>/<name>`: a working name
+/// beside `path` that starts with `.`, which no valid user name may, so it
+/// can never be another user's home or file.
+pub fn hidden_sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
 /// Creates `dir` and its parents with mode 0700 if missing.
 pub fn ensure_dir(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;

@@ -6,7 +6,7 @@
 //! Directory mode never follows a symlink and never acts on a path after
 //! checking it, although the user (or a process of theirs left over after
 //! logout) owns the home and can change it at any time:
-//! - **unpack** goes into a fresh sibling `<home>.uve-new` that root
+//! - **unpack** goes into a fresh sibling `.<name>.uve-new` that root
 //!   creates with mode 0700 and keeps owning until the archive is fully
 //!   unpacked (fd-relative, ownership and modes set on descriptors, see
 //!   [`crate::base::archive`]); only then is it chowned to the user and renamed
@@ -132,7 +132,7 @@ fn errno_at(what: &str, path: &Path) -> impl FnOnce(Errno) -> UifError {
 
 /// Refuses a home whose parent directory others could rearrange: it must
 /// belong to root (or to us) and, if group- or world-writable, be sticky.
-/// The renames of `<home>.uve-new` and `<home>.uve-old` rely on it.
+/// The renames of `.<name>.uve-new` and `.<name>.uve-old` rely on it.
 fn check_home_parent(parent: &Path) -> Result<(), UifError> {
     let dir = nofollow::open_dir(parent).map_err(errno_at("open", parent))?;
     let st = nofollow::stat(dir.as_fd()).map_err(errno_at("stat", parent))?;
@@ -152,7 +152,7 @@ fn check_home_parent(parent: &Path) -> Result<(), UifError> {
     }
 }
 
-/// Removes `path` (a leftover `<home>.uve-new`, or a moved-aside home)
+/// Removes `path` (a leftover `.<name>.uve-new`, or a moved-aside home)
 /// without following it. A directory is first locked (its top chowned to
 /// root, mode 0700: the user's processes can no longer enter it) so a
 /// leftover process of the user can hardly keep changing it while it is
@@ -190,11 +190,13 @@ fn discard_tree(path: &Path) -> Result<(), UifError> {
     std::fs::rename(path, &trash).map_err(|e| UifError::at("move aside", path, e))
 }
 
-/// Unpacks into `<home>.uve-new` (root's, mode 0700, until it is whole;
+/// Unpacks into `.<name>.uve-new` beside the home (root's, mode 0700, until it is whole;
 /// then chowned to `owner`), then swaps it in place of `home`.
 fn unpack_home(archive: &Path, home: &Path, owner: Option<(u32, u32)>) -> Result<(), UifError> {
-    let new = crate::base::fsutil::sibling(home, ".uve-new");
-    let old = crate::base::fsutil::sibling(home, ".uve-old");
+    // Hidden names (`.alice.uve-new`): `bob.uve-old` is a valid user name,
+    // whose home these must never be.
+    let new = crate::base::fsutil::hidden_sibling(home, ".uve-new");
+    let old = crate::base::fsutil::hidden_sibling(home, ".uve-old");
     if let Some(parent) = home.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| UifError::at("create", parent, e))?;
         check_home_parent(parent)?;
