@@ -53,8 +53,13 @@ impl Rig {
     }
 
     fn image_bytes(&self, at: u64, len: usize) -> Vec<u8> {
-        let all = std::fs::read(&self.image).unwrap();
-        all[at as usize..at as usize + len].to_vec()
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len];
+        std::fs::File::open(&self.image)
+            .unwrap()
+            .read_exact_at(&mut buf, at)
+            .unwrap();
+        buf
     }
 }
 

@@ -251,31 +251,28 @@ impl KernelDevice {
         export: Arc<Export>,
         how: &kernel::Attach,
     ) -> Result<KernelDevice, kernel::KernelError> {
-        let (ours, theirs) = UnixStream::pair()?;
-        let serving = serve_kernel_end(ours.try_clone()?, export)?;
-        let theirs = std::os::fd::OwnedFd::from(theirs);
-        match kernel::connect(&theirs, how) {
-            Ok(index) => Ok(KernelDevice {
-                index,
-                ours,
-                serving: Some(serving),
-            }),
-            Err(e) => {
-                let _ = ours.shutdown(std::net::Shutdown::Both);
-                let _ = serving.join();
-                Err(e)
-            }
-        }
+        Self::hand_over(export, |theirs| kernel::connect(theirs, how))
     }
 
     /// Serves `export` again as `/dev/nbd<index>`, whose connection died
     /// with an earlier agent process (`NBD_CMD_RECONFIGURE`).
     pub fn reattach(index: u32, export: Arc<Export>) -> Result<KernelDevice, kernel::KernelError> {
+        Self::hand_over(export, |theirs| {
+            kernel::reconfigure(index, theirs).map(|()| index)
+        })
+    }
+
+    /// Starts serving our end of a new socket pair, then hands the other
+    /// end to the kernel with `give` (which answers the device's index);
+    /// if the kernel refuses, the serving thread is stopped.
+    fn hand_over(
+        export: Arc<Export>,
+        give: impl FnOnce(&std::os::fd::OwnedFd) -> Result<u32, kernel::KernelError>,
+    ) -> Result<KernelDevice, kernel::KernelError> {
         let (ours, theirs) = UnixStream::pair()?;
         let serving = serve_kernel_end(ours.try_clone()?, export)?;
-        let theirs = std::os::fd::OwnedFd::from(theirs);
-        match kernel::reconfigure(index, &theirs) {
-            Ok(()) => Ok(KernelDevice {
+        match give(&std::os::fd::OwnedFd::from(theirs)) {
+            Ok(index) => Ok(KernelDevice {
                 index,
                 ours,
                 serving: Some(serving),
