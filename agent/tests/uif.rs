@@ -423,6 +423,25 @@ fn warm_login_patches_only_the_changed_chunks_in_place() {
 }
 
 #[test]
+fn a_patch_that_zeroes_a_region_leaves_no_old_bytes_there() {
+    // Another VM zeroed 1 MiB in the middle: the new version's chunks
+    // there are all zeroes, and the file still holds the old bytes at
+    // those offsets. The patch must write (or punch) the zeroes.
+    let (_dir, host, agent, img, base) = settled("zed", 4 << 20, 47);
+    let ino = inode(&img);
+    let mut next = base.clone();
+    next[1 << 20..2 << 20].fill(0);
+    patched_login(&agent, &host, ("zed", "z1"), &next);
+    assert_eq!(inode(&img), ino, "patched in place");
+    let now = std::fs::read(&img).unwrap();
+    assert!(
+        now == next,
+        "the zeroed region reads as zeroes after the patch"
+    );
+    agent.ok(&["logout", "--session", "z1"]);
+}
+
+#[test]
 fn a_file_changed_behind_the_agents_back_is_not_patched() {
     let (_dir, host, agent, img, base) = settled("tom", 2 << 20, 43);
     // Someone writes into the detached image: same size, one byte.

@@ -287,6 +287,39 @@ pub fn start_writeback(f: &File) -> io::Result<()> {
 /// Bytes written between two [`start_writeback`] calls.
 pub const WRITEBACK_STEP: u64 = 16 << 20;
 
+/// A buffer of zeroes for [`zero_range`]'s fallback.
+static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// Makes `len` bytes of `file` at `offset` read as zeroes without changing
+/// its length: `fallocate` with `how` (`PUNCH_HOLE` frees the blocks,
+/// `ZERO_RANGE` keeps them allocated), or writing zeroes where the
+/// filesystem supports neither.
+pub fn zero_range(
+    file: &File,
+    how: rustix::fs::FallocateFlags,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    match rustix::fs::fallocate(
+        file,
+        how | rustix::fs::FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    ) {
+        Ok(()) => return Ok(()),
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut done = 0u64;
+    while done < len {
+        let n = usize::try_from(len - done).map_or(ZEROES.len(), |n| n.min(ZEROES.len()));
+        file.write_all_at(&ZEROES[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
 /// `path` with `suffix` appended to its file name.
 pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();

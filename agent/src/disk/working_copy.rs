@@ -13,9 +13,6 @@ use rustix::fs::FallocateFlags;
 use super::device::BlockDevice;
 use crate::base::fsutil;
 
-/// Zeroes written where the backing filesystem cannot punch holes.
-static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
-
 /// A disk backed by a sparse file.
 pub struct WorkingCopy {
     file: File,
@@ -57,22 +54,8 @@ impl WorkingCopy {
         })
     }
 
-    fn fallocate_or_zero(&self, flags: FallocateFlags, offset: u64, len: u64) -> io::Result<()> {
-        match rustix::fs::fallocate(&self.file, flags | FallocateFlags::KEEP_SIZE, offset, len) {
-            Ok(()) => Ok(()),
-            Err(e) if e == rustix::io::Errno::OPNOTSUPP => self.zero_by_writing(offset, len),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    fn zero_by_writing(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut done = 0u64;
-        while done < len {
-            let n = usize::try_from(len - done).map_or(ZEROES.len(), |n| n.min(ZEROES.len()));
-            self.file.write_all_at(&ZEROES[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+    fn fallocate_or_zero(&self, how: FallocateFlags, offset: u64, len: u64) -> io::Result<()> {
+        fsutil::zero_range(&self.file, how, offset, len)
     }
 }
 

@@ -52,10 +52,12 @@ pub(super) async fn fill(
 }
 
 /// Writes a chunk at `off` of a file already at its full length; a chunk
-/// of zeroes is not written (the hole there reads as zeroes).
-fn write_chunk(out: &File, data: &[u8], off: u64) -> std::io::Result<()> {
+/// of zeroes becomes a hole (punched: a file patched in place may hold
+/// other bytes there), so a mostly empty disk image stays sparse.
+pub(super) fn write_chunk(out: &File, data: &[u8], off: u64) -> std::io::Result<()> {
     if data.iter().all(|&b| b == 0) {
-        return Ok(());
+        let len = data.len() as u64;
+        return fsutil::zero_range(out, rustix::fs::FallocateFlags::PUNCH_HOLE, off, len);
     }
     out.write_all_at(data, off)
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 use uve_protocol::manifest::{ChunkRef, Hash, Manifest};
 use uve_protocol::names::UserName;
 
-use super::fetch::fetch_missing;
+use super::fetch::{fetch_missing, write_chunk};
 use super::{RELOCATE_BUDGET, record};
 use crate::base::fsutil;
 use crate::link::HostLink;
@@ -112,8 +112,7 @@ pub(super) async fn patch(
                 .map_err(|e| UifError::at("mark patch of", &dest, e))?;
             for (data, places) in &moved {
                 for off in places {
-                    out.write_all_at(data, *off)
-                        .map_err(|e| UifError::at("patch", &dest, e))?;
+                    write_chunk(&out, data, *off).map_err(|e| UifError::at("patch", &dest, e))?;
                 }
             }
             out.set_len(size)
