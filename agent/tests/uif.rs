@@ -423,6 +423,40 @@ fn warm_login_patches_only_the_changed_chunks_in_place() {
 }
 
 #[test]
+fn zero_blocks_are_never_fetched_and_stay_holes() {
+    let (dir, host, agent) = hooked();
+    let mut data = noise(4 << 20, 49);
+    data[1 << 20..(5 << 19) + 300_000].fill(0);
+    host.with(|h| h.seed("zoe", &data));
+    let m = uve_protocol::chunker::chunk_stream(&data[..], |_, _| Ok(())).unwrap();
+    let zero_blocks = m.chunks.iter().filter(|c| c.is_zero_block()).count();
+    assert!(zero_blocks >= 2, "{zero_blocks} zero blocks in the seed");
+    let others: std::collections::HashSet<_> = m
+        .chunks
+        .iter()
+        .filter(|c| !c.is_zero_block())
+        .map(|c| c.hash)
+        .collect();
+    agent.ok(&["login", "--user", "zoe", "--session", "z0"]);
+    assert_eq!(
+        host.with(|h| h.chunk_fetches),
+        others.len(),
+        "every chunk but the zero block fetched once"
+    );
+    let img = uif(dir.path(), "zoe");
+    assert!(std::fs::read(&img).unwrap() == data, "retrieved bytes");
+    let held = std::fs::metadata(&img).unwrap().blocks() * 512;
+    let holes = (zero_blocks as u64) * u64::from(uve_protocol::manifest::ZERO_BLOCK.len);
+    // st_blocks also counts the extent tree's blocks: 16 KiB of slack.
+    assert!(
+        held <= data.len() as u64 - holes + (16 << 10),
+        "the {zero_blocks} zero blocks are holes: {held} bytes held of {}",
+        data.len()
+    );
+    agent.ok(&["logout", "--session", "z0"]);
+}
+
+#[test]
 fn a_patch_that_zeroes_a_region_leaves_no_old_bytes_there() {
     // Another VM zeroed 1 MiB in the middle: the new version's chunks
     // there are all zeroes, and the file still holds the old bytes at

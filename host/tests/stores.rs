@@ -20,7 +20,7 @@ use common::{manifest_of, noise};
 use uve_host::store::{
     CommitOutcome, LocalStore, StageId, StoreError, StorePolicy, UifStore, UserEdit, VersionKind,
 };
-use uve_protocol::manifest::{Hash, Manifest};
+use uve_protocol::manifest::{Hash, Manifest, ZERO_BLOCK};
 use uve_protocol::message::Version;
 
 #[path = "stores/abandon.rs"]
@@ -294,6 +294,10 @@ fn gc_sweeps_only_unreferenced_old_unpinned_chunks(b: &dyn Backend) {
     // A shared (S3) store never sweeps younger than its configured grace,
     // whatever `gc` is asked: 1 s here.
     let s = b.open_pair("gc", policy(1), Duration::from_secs(1)).0;
+    assert!(
+        s.has_chunk(&ZERO_BLOCK.hash).unwrap(),
+        "the zero block is held from the moment the store opens"
+    );
     let (d1, d2) = (noise(200_000, 20), noise(200_000, 21));
     let m1 = put_all(s.as_ref(), &d1);
     let v1 = committed(s.commit("dave", &m1, None, true, "vm:a").unwrap());
@@ -328,6 +332,11 @@ fn gc_sweeps_only_unreferenced_old_unpinned_chunks(b: &dyn Backend) {
     let r = s.gc(Duration::ZERO).unwrap();
     assert_eq!(r.deleted, 1, "{r:?}");
     assert!(read_all(s.as_ref(), "dave", 2) == d2, "head intact");
+    let zero = s.read_chunk(&ZERO_BLOCK.hash).unwrap();
+    assert!(
+        zero.len() == ZERO_BLOCK.len as usize && zero.iter().all(|&b| b == 0),
+        "no version refers to the zero block, and GC keeps it"
+    );
 }
 
 /// Whatever the interleaving of a reuse of an old unreferenced chunk and a

@@ -23,7 +23,7 @@ use std::sync::mpsc;
 use fastcdc::v2020::FastCDC;
 
 use crate::defs::{AVG_CHUNK, MAX_CHUNK, MIN_CHUNK};
-use crate::manifest::{ChunkRef, DigestBuilder, Hash, Manifest, ManifestHeader};
+use crate::manifest::{ChunkRef, DigestBuilder, Hash, Manifest, ManifestHeader, ZERO_BLOCK};
 
 /// Size of each read buffer; must be at least twice `MAX_CHUNK`.
 const BUF_SIZE: usize = 4 << 20;
@@ -167,10 +167,7 @@ impl<R: Read> Chunker<R> {
         self.next_cut += 1;
         let data = &self.buf[self.start..self.start + len as usize];
         self.start += len as usize;
-        let chunk = ChunkRef {
-            hash: Hash::of(data),
-            len,
-        };
+        let chunk = chunk_ref(data, len);
         self.digest.push(&chunk);
         Ok(Some((chunk, data)))
     }
@@ -254,10 +251,7 @@ pub fn chunk_stream_with<R: Read + Send>(
             for &len in &block.cuts {
                 let data = &block.buf[off..off + len as usize];
                 off += len as usize;
-                let chunk = ChunkRef {
-                    hash: Hash::of(data),
-                    len,
-                };
+                let chunk = chunk_ref(data, len);
                 each(&chunk, data)?;
                 digest.push(&chunk);
                 chunks.push(chunk);
@@ -281,6 +275,19 @@ pub fn chunk_file_with(path: &std::path::Path, params: ChunkParams) -> io::Resul
     chunk_stream_with(std::fs::File::open(path)?, params, |_, _| Ok(()))
 }
 
+/// The ref of the chunk `data` (`len` bytes). The zero block (most of a profile disk)
+/// is recognised without hashing it: a scan for a non-zero byte is many
+/// times faster than BLAKE3.
+fn chunk_ref(data: &[u8], len: u32) -> ChunkRef {
+    if len == ZERO_BLOCK.len && data.iter().all(|&b| b == 0) {
+        return ZERO_BLOCK;
+    }
+    ChunkRef {
+        hash: Hash::of(data),
+        len,
+    }
+}
+
 /// True if `data` is the chunk `expected` describes (length and hash).
 pub fn chunk_matches(expected: &ChunkRef, data: &[u8]) -> bool {
     data.len() == expected.len as usize && Hash::of(data) == expected.hash
@@ -302,6 +309,20 @@ mod tests {
             self.0 = &self.0[n..];
             Ok(n)
         }
+    }
+
+    #[test]
+    fn zero_blocks_are_recognised_with_the_hash_they_have() {
+        let block = crate::defs::DISK_BLOCK as usize;
+        let mut data = vec![0u8; 4 * block];
+        data[block + 7] = 1;
+        let m = chunk_stream_with(&data[..], ChunkParams::fixed(block as u32), |c, d| {
+            assert_eq!(c.hash, Hash::of(d));
+            Ok(())
+        })
+        .unwrap();
+        let zero: Vec<bool> = m.chunks.iter().map(ChunkRef::is_zero_block).collect();
+        assert_eq!(zero, [true, false, true, true]);
     }
 
     #[test]

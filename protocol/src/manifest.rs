@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-use crate::defs::{CHUNK_REF_MAX_WIRE, MAX_CHUNK, PAGE_OVERHEAD};
+use crate::defs::{CHUNK_REF_MAX_WIRE, DISK_BLOCK, MAX_CHUNK, PAGE_OVERHEAD};
 
 /// A BLAKE3-256 hash (of a chunk, or of a whole UIF).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -74,6 +74,25 @@ pub struct ChunkRef {
     pub hash: Hash,
     /// Length of the chunk in bytes (1..=`MAX_CHUNK`).
     pub len: u32,
+}
+
+/// The zero block: BLAKE3 of [`DISK_BLOCK`] zero bytes. Profile disks
+/// are mostly zero blocks; every store holds this chunk from the moment
+/// it opens and never collects it, so an agent never uploads it, and an
+/// agent never fetches it (it leaves a hole, which reads as zeroes).
+pub const ZERO_BLOCK: ChunkRef = ChunkRef {
+    hash: Hash([
+        134, 187, 43, 82, 26, 16, 97, 45, 90, 29, 56, 32, 79, 172, 79, 166, 50, 70, 109, 24, 102,
+        20, 77, 138, 106, 126, 58, 252, 5, 12, 231, 174,
+    ]),
+    len: DISK_BLOCK,
+};
+
+impl ChunkRef {
+    /// True for [`ZERO_BLOCK`].
+    pub fn is_zero_block(&self) -> bool {
+        *self == ZERO_BLOCK
+    }
 }
 
 /// Domain-separation prefix of the manifest digest.
@@ -277,6 +296,18 @@ pub fn page_count(chunk_count: u32, max_frame: u32) -> u32 {
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_zero_block_is_the_hash_of_a_disk_block_of_zeroes() {
+        let zeroes = vec![0u8; DISK_BLOCK as usize];
+        assert_eq!(ZERO_BLOCK.hash, Hash::of(&zeroes));
+        assert!(ZERO_BLOCK.is_zero_block());
+        let shorter = ChunkRef {
+            hash: Hash::of(&zeroes[1..]),
+            len: DISK_BLOCK - 1,
+        };
+        assert!(!shorter.is_zero_block());
+    }
     use crate::defs::DEFAULT_MAX_FRAME;
 
     fn manifest(n: u32) -> Manifest {

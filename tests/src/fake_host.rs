@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use uve_protocol::FrameCodec;
 use uve_protocol::handshake::{self, HostOffer};
 use uve_protocol::link::{self, Incoming, LinkConfig, LinkError, LinkHandle};
-use uve_protocol::manifest::{ChunkRef, Hash, Manifest};
+use uve_protocol::manifest::{ChunkRef, Hash, Manifest, ZERO_BLOCK};
 use uve_protocol::message::{
     ErrorCode, Limits, Request, Response, UpdateBegin, UpdateCause, Version,
 };
@@ -212,7 +212,11 @@ impl TestHost {
         };
         let host = TestHost {
             dir: dir.to_path_buf(),
-            state: Arc::new(Mutex::new(HostState::default())),
+            state: Arc::new(Mutex::new(HostState {
+                // Every store holds the zero block (as uve-host's do).
+                chunks: HashMap::from([(ZERO_BLOCK.hash, vec![0; ZERO_BLOCK.len as usize])]),
+                ..HostState::default()
+            })),
             rt,
             link: Arc::new(Mutex::new(None)),
             stop: Mutex::new(None),

@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use uve_protocol::defs::MAX_CHUNK;
-use uve_protocol::manifest::{Hash, Manifest};
+use uve_protocol::manifest::{Hash, Manifest, ZERO_BLOCK};
 use uve_protocol::message::Version;
 use uve_protocol::names;
 
@@ -95,6 +95,7 @@ impl LocalStore {
         for user in store.users()? {
             store.remove_orphans(&user)?;
         }
+        super::keep_zero_block(&store)?;
         Ok(store)
     }
 
@@ -554,6 +555,7 @@ impl UifStore for LocalStore {
                 referenced.extend(m.chunks.iter().map(|c| c.hash));
             }
         }
+        referenced.insert(ZERO_BLOCK.hash);
         let now = SystemTime::now();
         let mut report = GcReport::default();
         for (path, hash) in self.chunk_files() {

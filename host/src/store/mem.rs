@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use uve_protocol::manifest::{Hash, Manifest};
+use uve_protocol::manifest::{Hash, Manifest, ZERO_BLOCK};
 use uve_protocol::message::Version;
 use uve_protocol::names;
 
@@ -104,7 +104,7 @@ impl MemStore {
     /// An empty store with `policy`, one bulk thread and no free-space
     /// figure.
     pub fn new(policy: StorePolicy) -> Self {
-        MemStore {
+        let store = MemStore {
             policy,
             pins: Arc::new(PinTable::default()),
             bulk_threads: 1,
@@ -112,7 +112,10 @@ impl MemStore {
             data: Mutex::new(Data::default()),
             fail: AtomicU32::new(0),
             failed: AtomicU64::new(0),
-        }
+        };
+        // No fault is injected yet: this cannot fail.
+        let _ = super::keep_zero_block(&store);
+        store
     }
 
     /// A store that starts with what this one holds now (chunk bytes
@@ -404,6 +407,7 @@ impl UifStore for MemStore {
             .values()
             .flat_map(|u| u.manifests.values())
             .flat_map(|m| m.chunks.iter().map(|c| c.hash))
+            .chain([ZERO_BLOCK.hash])
             .collect();
         let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
         let now = now_ms();
@@ -501,7 +505,12 @@ mod tests {
         s.discard(&two, &[b.hash]).unwrap();
         assert!(!s.has_chunk(&b.hash).unwrap());
         let held = s.held();
-        assert_eq!((held.chunks, held.chunk_bytes), (1, 1000));
+        let zero = u64::from(ZERO_BLOCK.len);
+        assert_eq!(
+            (held.chunks, held.chunk_bytes),
+            (2, 1000 + zero),
+            "the zero block and a"
+        );
         assert_eq!((held.stages, held.staged_bytes), (0, 0));
     }
 
@@ -565,7 +574,8 @@ mod tests {
         let report = s.gc(Duration::ZERO).unwrap();
         assert_eq!(
             (report.referenced, report.spared, report.deleted),
-            (1, 1, 1)
+            (2, 1, 1),
+            "a and the zero block referenced, b pinned, c deleted"
         );
         assert_eq!(report.bytes_freed, 300);
         drop(pins);
@@ -576,7 +586,8 @@ mod tests {
 
     #[test]
     fn injected_failures_fail_exactly_the_next_operations() {
-        let s = MemStore::new(StorePolicy::default()).with_capacity(10_000);
+        let zero = u64::from(ZERO_BLOCK.len);
+        let s = MemStore::new(StorePolicy::default()).with_capacity(zero + 10_000);
         let (a, da) = chunk(1000, 7);
         s.fail_next(2);
         assert!(matches!(

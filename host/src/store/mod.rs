@@ -55,7 +55,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use uve_protocol::defs::MAX_CHUNK;
-use uve_protocol::manifest::{Hash, Manifest};
+use uve_protocol::manifest::{Hash, Manifest, ZERO_BLOCK};
 use uve_protocol::message::Version;
 use uve_protocol::names;
 
@@ -567,6 +567,16 @@ pub trait UifStore: Send + Sync + 'static {
             .map_or(2, |n| n.get() * 2)
             .clamp(2, 16)
     }
+}
+
+/// Stores the zero block ([`ZERO_BLOCK`]) unless `store` holds it: every
+/// store holds it from the moment it opens, and GC never collects it, so
+/// no agent ever uploads it.
+pub(crate) fn keep_zero_block(store: &impl UifStore) -> StoreResult<()> {
+    if !store.has_chunk(&ZERO_BLOCK.hash)? {
+        store.put_chunk(&ZERO_BLOCK.hash, &vec![0u8; ZERO_BLOCK.len as usize])?;
+    }
+    Ok(())
 }
 
 /// Milliseconds since the Unix epoch, now (one definition for both peers).

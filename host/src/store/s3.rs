@@ -179,6 +179,7 @@ impl S3Store {
             nonce: AtomicU64::new(0),
         };
         store.quote_etag = store.self_test()?;
+        super::keep_zero_block(&store)?;
         tracing::info!(
             bucket = config.bucket,
             prefix = store.prefix,

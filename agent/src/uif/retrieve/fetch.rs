@@ -172,6 +172,11 @@ fn reuse_cached(
             unflushed = 0;
             let _ = fsutil::start_writeback(out);
         }
+        if c.is_zero_block() {
+            // Never fetched: the new file's hole reads as zeroes.
+            reused += 1;
+            continue;
+        }
         if let Some(places) = wanted.get_mut(&c.hash) {
             places.push(off);
             continue;

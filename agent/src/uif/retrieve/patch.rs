@@ -7,7 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use uve_protocol::manifest::{ChunkRef, Hash, Manifest};
+use uve_protocol::manifest::{ChunkRef, Hash, Manifest, ZERO_BLOCK};
 use uve_protocol::names::UserName;
 
 use super::fetch::{fetch_missing, write_chunk};
@@ -24,8 +24,9 @@ pub(super) struct PatchPlan {
     wanted: HashMap<Hash, Vec<u64>>,
     /// Fetch order (distinct hashes).
     order: Vec<ChunkRef>,
-    /// Chunks found in the file at another offset, read before any write:
-    /// (bytes, offsets in the new version).
+    /// Chunks found in the file at another offset, read before any write,
+    /// and the zero block (never fetched): (bytes, offsets in the new
+    /// version).
     moved: Vec<(Vec<u8>, Vec<u64>)>,
     /// Chunks already in place.
     in_place: usize,
@@ -44,9 +45,14 @@ pub(super) fn plan_patch(prev: &Manifest, next: &Manifest, dest: &Path) -> Optio
     let mut plan = PatchPlan::default();
     let mut moved: HashMap<Hash, (u64, u32, Vec<u64>)> = HashMap::new();
     let mut moved_bytes = 0u64;
+    let mut zeroed = Vec::new();
     for (off, c) in next.offsets() {
         if at.get(&off) == Some(c) {
             plan.in_place += 1;
+        } else if c.is_zero_block() {
+            // Never fetched: punched as a hole where the file holds
+            // other bytes.
+            zeroed.push(off);
         } else if let Some(places) = plan.wanted.get_mut(&c.hash) {
             places.push(off);
         } else if let Some((_, _, places)) = moved.get_mut(&c.hash) {
@@ -61,6 +67,9 @@ pub(super) fn plan_patch(prev: &Manifest, next: &Manifest, dest: &Path) -> Optio
             plan.wanted.insert(c.hash, vec![off]);
             plan.order.push(*c);
         }
+    }
+    if !zeroed.is_empty() {
+        plan.moved.push((vec![0; ZERO_BLOCK.len as usize], zeroed));
     }
     if !moved.is_empty() {
         let file = File::open(dest).ok()?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
-use uve_protocol::manifest::Hash;
+use uve_protocol::manifest::{Hash, ZERO_BLOCK};
 
 use super::{S3Store, remote};
 use crate::store::{GcReport, StoreResult, UifStore, now_ms};
@@ -96,7 +96,7 @@ impl S3Store {
 
     /// Every chunk or manifest referred to by some retained version.
     fn mark(&self) -> StoreResult<Marked> {
-        let mut chunks = HashSet::new();
+        let mut chunks = HashSet::from([ZERO_BLOCK.hash]);
         let mut manifests = HashMap::new();
         for user in self.users()? {
             let state = self.read_head(&user)?.state;
