@@ -114,8 +114,20 @@ fn disk_mode_first_login_mounts_and_the_files_follow_the_user() {
     host.ok(&["assign", "alice", "vm-b"]);
     let b = boot(&ing, &run, "vm-b");
     host.must_connect("vm-b", Duration::from_secs(60));
-    b.ok("uve-agent login --user alice --session s2");
+    let login = b.ok("uve-agent login --user alice --session s2");
     assert!(home_mount(&b).is_some(), "vm-b did not mount the disk");
+    // Only the distinct blocks that hold data are fetched: the zero
+    // blocks (most of the disk) never cross the link.
+    let v1_image = std::fs::read(run.path().join("alice-v1.disk")).unwrap();
+    let data_blocks: std::collections::HashSet<&[u8]> = v1_image
+        .chunks(256 << 10)
+        .filter(|b| b.iter().any(|&x| x != 0))
+        .collect();
+    assert!(
+        login.contains(&format!("({} chunks fetched", data_blocks.len())),
+        "{} distinct data blocks in the disk: {login}",
+        data_blocks.len()
+    );
     // A second session of the same user shares the mount; ending it
     // leaves the first session's home mounted.
     b.ok("uve-agent login --user alice --session s2b");
@@ -140,6 +152,9 @@ fn disk_mode_first_login_mounts_and_the_files_follow_the_user() {
 
     damaged_disk_and_no_room_are_refused(&host, &b, &run, &image2);
     step("damaged disk and no room: refused", &mut t);
+
+    others_working_copies_make_room(&host, &b);
+    step("no room: another user's working copy evicted", &mut t);
 }
 
 /// First login: a new ext4 disk, served over NBD, mounted as the home.
@@ -272,4 +287,88 @@ fn damaged_disk_and_no_room_are_refused(host: &HostDaemon, b: &Vm, run: &RunDir,
         "the refusal does not say why: {out}"
     );
     assert_eq!(home_mount(b), None, "a disk was mounted without room");
+}
+
+/// One number printed by a guest command.
+fn number(vm: &Vm, cmd: &str) -> u64 {
+    let out = vm.ok(cmd);
+    out.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{cmd}: {out}"))
+}
+
+/// Bytes free (for the agent, not only root) on the filesystem of `dir`.
+fn free_bytes(vm: &Vm, dir: &str) -> u64 {
+    let (_, fs) = vm.sh(&format!("stat -f -c '%a %S' {dir}"));
+    let f: Vec<u64> = fs
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    assert_eq!(f.len(), 2, "stat -f: {fs}");
+    f[0] * f[1]
+}
+
+/// The filesystem of the working copies lacks the room a new disk needs,
+/// and alice's working copy (left by her refused login) would make it
+/// (a ballast file takes the rest): bob's login removes it and mounts his
+/// disk. Then carol's login finds only bob's attached disk, which is
+/// never removed: refused. Last, the agent is stopped (SIGTERM, no
+/// systemd: taken for a system shutdown): bob's disk is unmounted and
+/// uploaded.
+fn others_working_copies_make_room(host: &HostDaemon, b: &Vm) {
+    let uif = "/var/lib/uve-agent/uif";
+    assert!(
+        b.sh(&format!("test -f {uif}/alice.disk")).0 == 0,
+        "alice's working copy"
+    );
+    let held = number(b, &format!("stat -c %b {uif}/alice.disk")) * 512;
+    let free = free_bytes(b, uif);
+    // The disk fits only with half of alice's copy: the rest is ballast.
+    let size: u64 = 16 << 20;
+    let ballast = free - size + held / 2;
+    b.ok(&format!(
+        "head -c {ballast} /dev/zero > /var/lib/uve-agent/ballast && \
+         sed -i -e '/^reserve_mib/d' -e 's/^size_mib = .*/size_mib = 16/' \
+         /etc/uve-agent.toml && kill -HUP $(pidof uve-agent) && sleep 1"
+    ));
+    for user in ["bob", "carol"] {
+        host.ok(&["assign", user, "vm-b"]);
+    }
+    let out = b.ok("uve-agent login --user bob --session e1");
+    assert!(out.contains("new user"), "{out}");
+    let (_, mounts) = b.sh("cat /proc/mounts");
+    assert!(
+        mounts.lines().any(|l| l.contains(" /home/bob ext4 ")),
+        "bob's disk is not mounted: {mounts}"
+    );
+    assert_ne!(
+        b.sh(&format!("test -e {uif}/alice.disk")).0,
+        0,
+        "alice's working copy was not removed"
+    );
+    // Short of room again, with bob's attached disk the only copy there.
+    let free = free_bytes(b, uif);
+    b.ok(&format!(
+        "head -c {} /dev/zero > /var/lib/uve-agent/ballast2",
+        free - size + (1 << 20)
+    ));
+    let (code, out) = b.sh("uve-agent login --user carol --session e2");
+    assert_ne!(code, 0, "carol's disk fits only by removing bob's: {out}");
+    assert!(out.contains("no room for the disk of carol"), "{out}");
+    assert_eq!(
+        b.sh(&format!("test -f {uif}/bob.disk")).0,
+        0,
+        "bob's attached disk was removed"
+    );
+    assert!(b.ok("cat /proc/mounts").contains(" /home/bob ext4 "));
+
+    // The agent's stop at a shutdown releases bob's disk.
+    b.ok("rm /var/lib/uve-agent/ballast* && echo from bob > /home/bob/note");
+    b.ok("kill -TERM $(pidof uve-agent); for i in $(seq 100); do pidof uve-agent || break; sleep 0.2; done; ! pidof uve-agent");
+    assert!(
+        !b.ok("cat /proc/mounts").contains(" /home/bob "),
+        "the agent's stop left bob's home mounted"
+    );
+    // bob's login was a new user's: a head now is the stop's upload.
+    assert!(host.head("bob") > 0);
 }

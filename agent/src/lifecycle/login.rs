@@ -224,6 +224,9 @@ impl Lifecycle {
             return Ok(Attached::AlreadyAttached);
         }
         let cfg = self.config.get();
+        self.make_room_for_disk(guard, &cfg)
+            .await
+            .map_err(uif_err(user))?;
         let (mut rec, attached) = self.obtain_uif(guard, &cfg, session).await?;
         rec.account = account;
         materialise::attach(&cfg, user, rec.account.as_ref(), session, rec.temporary)

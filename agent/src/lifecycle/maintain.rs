@@ -8,12 +8,31 @@ use uve_protocol::names::SessionId;
 
 use super::Lifecycle;
 use crate::base::fsutil;
+use crate::config::UifMode;
 use crate::supervise::UaExited;
-use crate::uif::materialise;
+use crate::uif::{blocking, disk_home, materialise};
 
 impl Lifecycle {
     /// Flushes every attached UIF with `cause` without detaching it.
+    /// Profile disks are the exception (a mounted disk's image is live):
+    /// checkpoints leave them alone, and a shutdown of the system releases
+    /// them as a logout does (unmount, upload or spool), while any other
+    /// stop of the agent (a restart, an upgrade) leaves them served for
+    /// the next agent process, which serves them again.
     async fn flush_attached(&self, cause: UpdateCause, fallback_session: &'static str) {
+        let disks = self.config.get().uif.mode == UifMode::Disk;
+        let release_disks = disks
+            && cause == UpdateCause::Shutdown
+            && blocking(|| Ok(disk_home::system_stopping()))
+                .await
+                .unwrap_or(true);
+        if disks && !release_disks {
+            tracing::info!(
+                ?cause,
+                "profile disks stay mounted and served (uploaded at logout, VM switch or system shutdown)"
+            );
+            return;
+        }
         for user in self.table.attached() {
             let guard = self.locks.lock(&user).await;
             let session = self
@@ -22,7 +41,11 @@ impl Lifecycle {
                 .first()
                 .cloned()
                 .unwrap_or_else(|| SessionId::literal(fallback_session));
-            match self.flusher.flush(&guard, &session, cause, true).await {
+            match self
+                .flusher
+                .flush(&guard, &session, cause, !release_disks)
+                .await
+            {
                 Ok(o) => tracing::info!(%user, ?cause, "flush: {o}"),
                 Err(e) => tracing::warn!(%user, ?cause, "flush failed: {e}"),
             }

@@ -16,6 +16,7 @@ mod end;
 mod login;
 mod maintain;
 mod preserved;
+mod room;
 mod status;
 #[cfg(test)]
 mod tests;

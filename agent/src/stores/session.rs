@@ -377,6 +377,23 @@ impl UserLocks {
     }
 }
 
+impl UserLocks {
+    /// `user`'s lock if nobody holds it now (never waits).
+    pub fn try_lock(&self, user: &UserName) -> Option<UserGuard> {
+        let lock = self
+            .locks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(user.clone())
+            .or_default()
+            .clone();
+        Some(UserGuard {
+            user: user.clone(),
+            _guard: lock.try_lock_owned().ok()?,
+        })
+    }
+}
+
 /// Holding one user's lock: functions that require the lock take one.
 pub struct UserGuard {
     user: UserName,

@@ -55,6 +55,36 @@ fn record_file(image: &Path) -> PathBuf {
     fsutil::sibling(image, ".nbd")
 }
 
+/// True if a device is recorded for the disk at `image`: it is served
+/// (by this agent, or by one that died and whose successor will serve it
+/// again), so its working copy is in use.
+pub fn has_device_record(image: &Path) -> bool {
+    record_file(image).exists()
+}
+
+/// Whether the system is shutting down (systemd's state is `stopping`):
+/// then the agent's stop releases the mounted disks as logouts do; any
+/// other stop (a restart, an upgrade) leaves them served, and the next
+/// agent process serves them again. Without systemd, or when `systemctl`
+/// cannot tell, the stop is taken for a shutdown (the user's work is
+/// uploaded rather than left behind a device nobody may serve again).
+pub fn system_stopping() -> bool {
+    if !Path::new("/run/systemd/system").exists() {
+        return true;
+    }
+    match Command::new("systemctl").arg("is-system-running").output() {
+        Ok(out) => {
+            let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            tracing::info!(%state, "system state at the agent's stop");
+            state == "stopping"
+        }
+        Err(e) => {
+            tracing::warn!("systemctl is-system-running: {e}; taking the stop for a shutdown");
+            true
+        }
+    }
+}
+
 /// After the grace period and the kill, how long the unmount keeps trying.
 const AFTER_KILL: Duration = Duration::from_secs(5);
 
@@ -156,20 +186,46 @@ fn check_filesystem(user: &str, image: &Path, force: bool) -> Result<(), UifErro
     }
 }
 
-/// Refuses to mount when the backing filesystem of `image` cannot take
-/// the disk's growth (or the reserve).
-fn check_room(user: &str, image: &Path, size: u64, reserve_mib: u64) -> Result<(), UifError> {
-    let dir = image.parent().unwrap_or(Path::new("/"));
+/// What the backing filesystem of a disk has, and what the disk needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    /// Bytes free for the agent on the filesystem of the disk's image.
+    pub free: u64,
+    /// Bytes the disk may still take: its size less what its image holds
+    /// already, or the configured reserve.
+    pub need: u64,
+}
+
+/// The room for the disk at `image` (which need not exist yet) of `size`
+/// bytes.
+pub fn room(image: &Path, size: u64, reserve_mib: u64) -> Result<Room, UifError> {
+    // The nearest directory that exists (before a first retrieve, the
+    // working copies' directory may not).
+    let dir = image
+        .ancestors()
+        .skip(1)
+        .find(|d| d.is_dir())
+        .unwrap_or(Path::new("/"));
     let st = nix::sys::statvfs::statvfs(dir).map_err(|e| UifError::at("statvfs", dir, e.into()))?;
     let free = st.blocks_available().saturating_mul(st.fragment_size());
-    let held = std::fs::metadata(image)
-        .map(|m| m.blocks() * 512)
-        .map_err(|e| UifError::at("stat", image, e))?;
+    let held = match std::fs::metadata(image) {
+        Ok(m) => m.blocks() * 512,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(UifError::at("stat", image, e)),
+    };
     let need = if reserve_mib == 0 {
         size.saturating_sub(held)
     } else {
         reserve_mib << 20
     };
+    Ok(Room { free, need })
+}
+
+/// Refuses to mount when the backing filesystem of `image` cannot take
+/// the disk's growth (or the reserve).
+fn check_room(user: &str, image: &Path, size: u64, reserve_mib: u64) -> Result<(), UifError> {
+    let Room { free, need } = room(image, size, reserve_mib)?;
+    let dir = image.parent().unwrap_or(Path::new("/"));
     if free < need {
         return Err(disk_err(format!(
             "no room for the disk of {user}: {} has {} MiB free, the disk may grow by {} MiB \
