@@ -354,6 +354,18 @@ impl Config {
         }
     }
 
+    /// How this mode's UIF files are cut into chunks: a profile disk in
+    /// fixed blocks ([`uve_protocol::defs::DISK_BLOCK`]: its blocks stay
+    /// in place), the other modes by content.
+    pub fn chunk_params(&self) -> uve_protocol::chunker::ChunkParams {
+        match self.uif.mode {
+            UifMode::Disk => {
+                uve_protocol::chunker::ChunkParams::fixed(uve_protocol::defs::DISK_BLOCK)
+            }
+            UifMode::File | UifMode::Directory => uve_protocol::chunker::ChunkParams::default(),
+        }
+    }
+
     /// The home directory of `user` (whose entry is `account`) in
     /// directory and disk modes.
     pub fn home_path(&self, user: &str, account: Option<&Account>) -> PathBuf {

@@ -94,8 +94,9 @@ impl Flusher {
             self.state_dir.clone(),
             entry.user.clone(),
         );
+        let params = self.config.get().chunk_params();
         let fresh = blocking(move || {
-            let m = uve_protocol::chunker::chunk_file(&path)
+            let m = uve_protocol::chunker::chunk_file_with(&path, params)
                 .map_err(|e| UifError::at("chunk", &path, e))?;
             if earlier_boot {
                 cache::forget(&state_dir, &user);
@@ -233,8 +234,10 @@ impl Flusher {
     /// Re-journals `entry` from its file, with no base (conflict only).
     async fn unverified(&self, entry: &SpoolEntry) -> Result<(Manifest, SpoolEntry), FlushOutcome> {
         let path = entry.file.clone();
+        let params = self.config.get().chunk_params();
         let chunked = blocking(move || {
-            uve_protocol::chunker::chunk_file(&path).map_err(|e| UifError::at("chunk", &path, e))
+            uve_protocol::chunker::chunk_file_with(&path, params)
+                .map_err(|e| UifError::at("chunk", &path, e))
         })
         .await;
         match chunked {

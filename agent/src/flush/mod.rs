@@ -215,13 +215,7 @@ impl Flusher {
         let cfg = self.config.get();
         self.take_back(&cfg, user, session, keep_attached).await?;
         let path = cfg.uif_path(user);
-        let params = match cfg.uif.mode {
-            // A disk's blocks stay in place: fixed blocks, not content cuts.
-            crate::config::UifMode::Disk => {
-                uve_protocol::chunker::ChunkParams::fixed(uve_protocol::defs::DISK_BLOCK)
-            }
-            _ => uve_protocol::chunker::ChunkParams::default(),
-        };
+        let params = cfg.chunk_params();
         let manifest = self.chunk(user, &path, params).await?;
         if rec.base_digest == Some(manifest.header.digest) {
             // Older pending snapshots of this file (never committed) are

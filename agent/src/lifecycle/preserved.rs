@@ -68,8 +68,10 @@ impl Lifecycle {
             .await
             .ok_or_else(|| uif_err(&user)(UifError::NotConnected))?;
         let path = copy.bytes.clone();
+        let params = self.config.get().chunk_params();
         let manifest = blocking(move || {
-            uve_protocol::chunker::chunk_file(&path).map_err(|e| UifError::at("chunk", &path, e))
+            uve_protocol::chunker::chunk_file_with(&path, params)
+                .map_err(|e| UifError::at("chunk", &path, e))
         })
         .await
         .map_err(uif_err(&user))?;

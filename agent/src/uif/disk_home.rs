@@ -17,7 +17,8 @@
 //! then killing them; the unmount flushes the filesystem through the
 //! device into the image; then the device is disconnected, and the image
 //! is a consistent UIF to upload. A mounted disk is not uploaded by
-//! checkpoints (a live image would be torn).
+//! checkpoints (a live image would be torn); the agent's stop releases it
+//! only when the system is shutting down ([`system_stopping`]).
 //!
 //! The devices this process serves are in one process-wide table, as the
 //! kernel's devices are.
