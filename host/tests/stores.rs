@@ -99,6 +99,48 @@ fn policy_with(set: impl FnOnce(&mut StorePolicy)) -> StorePolicy {
     p
 }
 
+/// An update re-delivered after a crash lost its commit's answer (same
+/// bytes, same base, same origin as the head) is answered as that head,
+/// and stores nothing; anything else stale is still a conflict version.
+fn a_redelivered_update_is_answered_as_its_commit(b: &dyn Backend) {
+    let s = b.open("redeliver", policy(10));
+    let (d1, d2) = (noise(200_000, 41), noise(200_000, 42));
+    let m1 = put_all(s.as_ref(), &d1);
+    let v1 = committed(s.commit("erin", &m1, None, true, "vm:a").unwrap());
+    let m2 = put_all(s.as_ref(), &d2);
+    let v2 = committed(s.commit("erin", &m2, Some(v1), true, "vm:a").unwrap());
+    for lease_ok in [true, false] {
+        assert_eq!(
+            s.commit("erin", &m2, Some(v1), lease_ok, "vm:a").unwrap(),
+            CommitOutcome::Redelivered(v2),
+            "lease ok: {lease_ok}"
+        );
+    }
+    assert_eq!(s.versions("erin").unwrap().len(), 2, "nothing stored");
+    assert!(
+        matches!(
+            s.commit("erin", &m2, Some(v1), true, "vm:b").unwrap(),
+            CommitOutcome::Conflict { .. }
+        ),
+        "another VM's same bytes are its own conflict"
+    );
+    assert!(
+        matches!(
+            s.commit("erin", &m1, Some(v1), true, "vm:a").unwrap(),
+            CommitOutcome::Conflict { .. }
+        ),
+        "other bytes from the same base"
+    );
+    assert!(
+        matches!(
+            s.commit("erin", &m2, None, true, "vm:a").unwrap(),
+            CommitOutcome::Conflict { .. }
+        ),
+        "the same bytes from another base"
+    );
+    assert_eq!(s.head("erin").unwrap(), Some(v2));
+}
+
 fn cas_commits_and_keeps_conflicts(b: &dyn Backend) {
     let s = b.open("cas", policy(10));
     let (d1, d2) = (noise(300_000, 1), noise(300_000, 2));
@@ -601,6 +643,7 @@ fn run_suite(b: &dyn Backend, race_rounds: u32) {
     let t = Instant::now();
     stages_are_private_until_published(b);
     cas_commits_and_keeps_conflicts(b);
+    a_redelivered_update_is_answered_as_its_commit(b);
     refuses_bad_input(b);
     quota_bounds_what_a_user_holds(b);
     history_is_pruned_and_rollback_makes_a_new_head(b);

@@ -122,6 +122,29 @@ async fn cas_conflict_keeps_both_versions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_redelivered_after_its_commit_is_answered_as_that_commit() {
+    // The agent crashed after the host committed and before it recorded
+    // the answer: its spool sends the same bytes from the same base again.
+    let (host, _, agent) = HostProc::with_agent("", "vm1", &["alice"]).await;
+    let (g, _) = agent.retrieve("alice", "s1").await.unwrap();
+    let a = noise(400_000, 6);
+    let first = agent
+        .update("alice", "s1", None, g.lease, &a)
+        .await
+        .unwrap();
+    assert_eq!(first.answer, Response::Committed { version: 1 });
+    let again = agent
+        .update("alice", "s1", None, g.lease, &a)
+        .await
+        .unwrap();
+    assert_eq!(again.answer, Response::Committed { version: 1 });
+    let v = host.versions("alice").await;
+    assert_eq!(listed(&v, "kind"), vec![(1, "committed".to_string())]);
+    assert_eq!(host.metric("uve_conflicts_total").await, 0);
+    assert_eq!(host.metric("uve_commits_total").await, 1, "one commit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unassigned_user_is_refused_and_nothing_is_read() {
     let (host, [p1, p2]) = HostProc::with_vms("", ["vm1", "vm2"], &[("alice", "vm1")]).await;
     let owner = TestAgent::connect(&p1).await.unwrap();

@@ -107,7 +107,7 @@ pub async fn import(
         .await?;
     drop(spooled);
     let version = match outcome {
-        CommitOutcome::Committed(v) => v,
+        CommitOutcome::Committed(v) | CommitOutcome::Redelivered(v) => v,
         CommitOutcome::Conflict { kept_as, .. } => kept_as,
     };
     crate::state::metrics::add(&host.metrics().commits, 1);

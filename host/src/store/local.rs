@@ -502,8 +502,13 @@ impl UifStore for LocalStore {
         let lock = self.user_locks.get(user);
         let _user = lock.lock().unwrap_or_else(PoisonError::into_inner);
         let mut state = self.read_state(user)?;
+        if let Some(v) = state.redelivered(new) {
+            return Ok(CommitOutcome::Redelivered(v));
+        }
         let (outcome, mut pruned) = state.add_version(&self.policy, new);
-        let (CommitOutcome::Committed(v) | CommitOutcome::Conflict { kept_as: v, .. }) = outcome;
+        let (CommitOutcome::Committed(v)
+        | CommitOutcome::Redelivered(v)
+        | CommitOutcome::Conflict { kept_as: v, .. }) = outcome;
         pruned.extend(quota::fit(
             &self.policy,
             user,

@@ -285,8 +285,13 @@ impl UifStore for MemStore {
         let user = d.users.get(new.user).unwrap_or(&empty);
         // Changed on a copy: a version the quota refuses leaves no trace.
         let mut state = user.state.clone();
+        if let Some(v) = state.redelivered(new) {
+            return Ok(CommitOutcome::Redelivered(v));
+        }
         let (outcome, mut pruned) = state.add_version(&self.policy, new);
-        let (CommitOutcome::Committed(v) | CommitOutcome::Conflict { kept_as: v, .. }) = outcome;
+        let (CommitOutcome::Committed(v)
+        | CommitOutcome::Redelivered(v)
+        | CommitOutcome::Conflict { kept_as: v, .. }) = outcome;
         pruned.extend(quota::fit(
             &self.policy,
             new.user,

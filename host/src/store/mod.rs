@@ -246,6 +246,26 @@ pub(crate) fn user_names(names: impl Iterator<Item = String>) -> Vec<String> {
 }
 
 impl UserState {
+    /// The head, if `new` would not become head and the head already is
+    /// `new`: committed from the same base by the same origin with the
+    /// same digest (see [`CommitOutcome::Redelivered`]).
+    pub(crate) fn redelivered(&self, new: &NewVersion<'_>) -> Option<Version> {
+        let head = self.head?;
+        if new.rule.admits(self.head) {
+            return None;
+        }
+        self.versions
+            .iter()
+            .find(|v| v.version == head)
+            .filter(|v| {
+                v.kind == VersionKind::Committed
+                    && v.base == new.base
+                    && v.origin == new.origin
+                    && v.digest == new.manifest.header.digest.to_hex()
+            })
+            .map(|v| v.version)
+    }
+
     /// Records `new` as the next version (head or conflict by its rule)
     /// and prunes by `policy`. Returns the outcome and the versions pruned
     /// (whose manifests the store may delete once the new state is
@@ -432,6 +452,10 @@ pub struct VersionInfo {
 pub enum CommitOutcome {
     /// The version is the new head.
     Committed(Version),
+    /// The head already is this update: the same bytes, from the same
+    /// base, by the same origin (an update re-delivered after a crash
+    /// lost the commit's answer). Nothing was stored.
+    Redelivered(Version),
     /// Compare-and-swap failed; the upload is kept as a conflict version.
     Conflict {
         /// Number of the conflict version.
@@ -520,7 +544,9 @@ pub trait UifStore: Send + Sync + 'static {
             rule: HeadRule::Always,
         };
         match self.add_version(&new)? {
-            CommitOutcome::Committed(v) | CommitOutcome::Conflict { kept_as: v, .. } => Ok(v),
+            CommitOutcome::Committed(v)
+            | CommitOutcome::Redelivered(v)
+            | CommitOutcome::Conflict { kept_as: v, .. } => Ok(v),
         }
     }
     /// Stores a chunk in `stage` only, after checking `hash ==

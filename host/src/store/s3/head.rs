@@ -103,10 +103,14 @@ impl S3Store {
             let Head { mut state, tag } = self.read_head(user)?;
             let protected = self.referenced(user, &state)?;
             self.secure_chunks(manifest, &protected)?;
+            if let Some(v) = state.redelivered(new) {
+                return Ok(CommitOutcome::Redelivered(v));
+            }
             let nonce = self.next_nonce();
             let (outcome, _) = state.add_version(&self.policy, new);
-            let (CommitOutcome::Committed(v) | CommitOutcome::Conflict { kept_as: v, .. }) =
-                outcome;
+            let (CommitOutcome::Committed(v)
+            | CommitOutcome::Redelivered(v)
+            | CommitOutcome::Conflict { kept_as: v, .. }) = outcome;
             // Over the quota: refused before the head changes (manifests
             // are content-addressed; the one written above goes with GC).
             quota::fit(&self.policy, user, &mut state, v, manifest, |i| {

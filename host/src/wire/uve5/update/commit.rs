@@ -99,6 +99,18 @@ async fn commit_upload(conn: &VmConnection, up: &Arc<Upload>, upload: u64) -> Ha
             host.emit(Event::Commit { update, version });
             Response::Committed { version }
         }
+        CommitOutcome::Redelivered(version) => {
+            // Its commit was answered before (the agent lost the answer):
+            // the same answer again, and no second event.
+            tracing::info!(
+                vm = conn.vm(),
+                user = %b.user,
+                version,
+                "update re-delivered after its commit: answered as version {version}"
+            );
+            host.sessions().clear_lost(conn.vm(), &b.user);
+            Response::Committed { version }
+        }
         CommitOutcome::Conflict { kept_as, head } => {
             metrics::add(&host.metrics().conflicts, 1);
             host.emit(Event::Conflict {
