@@ -92,9 +92,20 @@ async fn commit_upload(conn: &VmConnection, up: &Arc<Upload>, upload: u64) -> Ha
         chunks: m.header.chunk_count,
         chunks_uploaded: uploaded,
     };
-    Ok(match outcome {
+    Ok(answer(conn, &b.user, update, outcome))
+}
+
+/// The answer to a decided commit, with its metric and event.
+fn answer(
+    conn: &VmConnection,
+    user: &uve_protocol::names::UserName,
+    update: UpdateFields,
+    outcome: CommitOutcome,
+) -> Response {
+    let host = conn.host();
+    match outcome {
         CommitOutcome::Committed(version) => {
-            host.sessions().clear_lost(conn.vm(), &b.user);
+            host.sessions().clear_lost(conn.vm(), user);
             metrics::add(&host.metrics().commits, 1);
             host.emit(Event::Commit { update, version });
             Response::Committed { version }
@@ -104,11 +115,11 @@ async fn commit_upload(conn: &VmConnection, up: &Arc<Upload>, upload: u64) -> Ha
             // the same answer again, and no second event.
             tracing::info!(
                 vm = conn.vm(),
-                user = %b.user,
+                %user,
                 version,
                 "update re-delivered after its commit: answered as version {version}"
             );
-            host.sessions().clear_lost(conn.vm(), &b.user);
+            host.sessions().clear_lost(conn.vm(), user);
             Response::Committed { version }
         }
         CommitOutcome::Conflict { kept_as, head } => {
@@ -120,7 +131,7 @@ async fn commit_upload(conn: &VmConnection, up: &Arc<Upload>, upload: u64) -> Ha
             });
             Response::Conflict { kept_as, head }
         }
-    })
+    }
 }
 
 /// True if an update under the current lease may be based on `base`: the
