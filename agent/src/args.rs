@@ -18,6 +18,11 @@ pub struct Cli {
     /// Control socket (overrides the configuration).
     #[arg(long, global = true)]
     pub socket: Option<PathBuf>,
+    /// How long a verb waits for the agent's answer, in seconds. The wait
+    /// ends (exit code 75); the agent's work does not: a logout the agent
+    /// started still commits or spools (see `uve-agent status`).
+    #[arg(long, global = true, default_value_t = 600, value_name = "SECS")]
+    pub timeout: u64,
     /// What to do.
     #[command(subcommand)]
     pub verb: Verb,

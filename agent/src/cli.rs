@@ -30,12 +30,40 @@ pub fn call(socket: &Path, req: &ControlRequest) -> anyhow::Result<ControlRespon
     serde_json::from_str(answer.trim()).context("malformed answer from the agent")
 }
 
-/// Runs a verb: prints the outcome, returns the process exit code.
-pub fn run(socket: &Path, req: ControlRequest, json: bool) -> anyhow::Result<i32> {
+/// Exit code of a verb whose answer did not come within `--timeout`
+/// (`EX_TEMPFAIL`).
+pub const EXIT_NO_ANSWER: i32 = 75;
+
+/// Runs a verb, waiting at most `timeout` for the answer: prints the
+/// outcome, returns the process exit code.
+pub fn run(
+    socket: &Path,
+    req: ControlRequest,
+    json: bool,
+    timeout: std::time::Duration,
+) -> anyhow::Result<i32> {
     let is_check = matches!(req, ControlRequest::MonitorCheck { .. });
     let is_status = matches!(req, ControlRequest::Status);
     let is_list = matches!(req, ControlRequest::PreservedList);
-    let resp = call(socket, &req)?;
+    // The call on a thread of its own: the wait ends at the timeout, even
+    // in connect(2) on a full backlog; the process exits, the agent's work
+    // on the request goes on.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (path, request) = (socket.to_path_buf(), req.clone());
+    std::thread::spawn(move || {
+        let _ = tx.send(call(&path, &request));
+    });
+    let resp = match rx.recv_timeout(timeout) {
+        Ok(answer) => answer?,
+        Err(_) => {
+            eprintln!(
+                "uve-agent: no answer from the agent within {}s; it goes on with the request \
+                 (see `uve-agent status`)",
+                timeout.as_secs()
+            );
+            return Ok(EXIT_NO_ANSWER);
+        }
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&resp)?);
     } else if is_status {
@@ -104,6 +132,10 @@ fn print_status(resp: &ControlResponse) {
         );
     }
     println!("attached UIFs: {}", s.attached.join(", "));
+    let Some(s) = &s.vm else {
+        println!("(the VM-wide figures are shown to root only)");
+        return;
+    };
     for ua in &s.uas {
         println!(
             "UA {}: current {}, previous {}",

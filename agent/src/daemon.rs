@@ -151,7 +151,10 @@ async fn serve(
     tasks.spawn(outbox::run(lifecycle.clone(), stop.clone()));
     tasks.spawn(ua_exits(lifecycle.clone(), exits, stop.clone()));
     let control_stop = CancellationToken::new();
-    let control = Arc::new(Control { backend });
+    let control = Arc::new(Control {
+        backend,
+        admission: Arc::default(),
+    });
     tasks.spawn(control.serve(listener, control_stop.clone()));
     if checkpoint > 0 {
         tasks.spawn(checkpoints(lifecycle.clone(), checkpoint, stop.clone()));

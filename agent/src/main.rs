@@ -56,7 +56,12 @@ fn real_main() -> anyhow::Result<i32> {
         Some(s) => s,
         None => Config::load(cli.config.as_deref())?.control_socket,
     };
-    cli::run(&socket, req, json)
+    cli::run(
+        &socket,
+        req,
+        json,
+        std::time::Duration::from_secs(cli.timeout),
+    )
 }
 
 /// Logs to stderr, filtered by `UVE_LOG` ([`uve_agent::base::logfilter`]);

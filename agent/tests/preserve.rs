@@ -324,6 +324,39 @@ fn as_uid(agent: &AgentProc, uid: u32, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `uid`'s status lists only its session `mine` and nothing VM-wide,
+/// which root's shows.
+fn status_shows_only_its_own(agent: &AgentProc, uid: u32, mine: &str) {
+    // Its own status only.
+    let out = as_uid(agent, uid, &["status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sessions: Vec<&str> = v["status"]["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["session"].as_str().unwrap())
+        .collect();
+    assert_eq!(sessions, [mine]);
+    // Nothing VM-wide: no UA list, spool, notice, grant or preserved count.
+    for field in [
+        "uas",
+        "spooled_updates",
+        "pending_notices",
+        "monitor_grants",
+        "preserved",
+        "preserved_bytes",
+    ] {
+        assert!(v["status"].get(field).is_none(), "{field} shown: {v}");
+        assert!(
+            agent.status().get(field).is_some(),
+            "{field} hidden from root"
+        );
+    }
+    let out = as_uid(agent, uid, &["status"]);
+    assert!(text(&out).contains("shown to root only"), "{}", text(&out));
+}
+
 #[test]
 fn the_control_socket_serves_each_caller_by_uid() {
     if common::skip_unless_root("the_control_socket_serves_each_caller_by_uid") {
@@ -351,17 +384,7 @@ fn the_control_socket_serves_each_caller_by_uid() {
             "{said}"
         );
     };
-    // Its own status only.
-    let out = as_uid(&agent, nobody, &["status", "--json"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let sessions: Vec<&str> = v["status"]["sessions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["session"].as_str().unwrap())
-        .collect();
-    assert_eq!(sessions, ["sn"]);
+    status_shows_only_its_own(&agent, nobody, "sn");
     // Another user's session: refused, naming the rule.
     let rule = "may act only on its own sessions";
     denied(
@@ -406,4 +429,59 @@ fn the_control_socket_serves_each_caller_by_uid() {
     // Root may do everything.
     agent.ok(&["logout", "--session", "sd"]);
     assert!(agent.sessions().is_empty());
+}
+
+/// A client program run as another uid: opens 64 connections to the
+/// agent's socket, sends nothing, prints how many were answered at once
+/// with a refusal, then holds the rest open until stdin closes.
+const HOLDER: &str = r#"
+import select, socket, sys
+held, refused = [], 0
+for _ in range(64):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sys.argv[1])
+    held.append(s)
+for s in held:
+    if select.select([s], [], [], 1.0)[0] and b"at most" in s.recv(4096):
+        refused += 1
+print(refused, flush=True)
+sys.stdin.read()
+"#;
+
+#[test]
+fn one_uid_cannot_hold_the_control_socket() {
+    if common::skip_unless_root("one_uid_cannot_hold_the_control_socket") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _host = TestHost::start(dir.path());
+    let agent = start_agent(
+        dir.path(),
+        &file_cfg(dir.path(), "control_socket_mode = \"0666\""),
+    );
+    agent.wait_connected();
+    let mut holder = Command::new("/usr/bin/python3")
+        .args(["-c", HOLDER])
+        .arg(&agent.socket)
+        .uid(65534)
+        .gid(65534)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    // All but the uid's 4 slots were refused at once, naming the budget.
+    assert_eq!(line.trim(), "60", "refused at once");
+    // While nobody holds its 4 connections idle, root is served.
+    agent.ok(&["login", "--user", "nobody", "--session", "h1"]);
+    agent.ok(&["logout", "--session", "h1"]);
+    assert_eq!(agent.status()["control_refused"], 60);
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
 }

@@ -538,6 +538,32 @@ fn a_patch_marker_left_by_a_crash_forces_a_full_retrieve() {
 }
 
 #[test]
+fn a_verb_that_times_out_ends_its_wait_and_the_logout_still_commits() {
+    let (dir, host) = host_in_tempdir();
+    // The detach hook takes 3 s: longer than the verb's --timeout.
+    let cfg = format!(
+        "[uif]\nmode = \"file\"\npath = \"{0}/uif/{{user}}.img\"\ndetach = [\"/bin/sleep\", \"3\"]\n",
+        dir.path().display()
+    );
+    let agent = connected_agent(dir.path(), &cfg);
+    agent.ok(&["login", "--user", "tim", "--session", "t1"]);
+    let mine = noise(300_000, 51);
+    std::fs::write(uif(dir.path(), "tim"), &mine).unwrap();
+    let out = agent.cli(&["--timeout", "1", "logout", "--session", "t1"]);
+    assert_eq!(out.status.code(), Some(75), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no answer from the agent within 1s"));
+    must("the logout's commit", LONG, || {
+        host.with(|h| (h.head_bytes("tim") == Some(mine.clone())).then_some(()))
+    });
+    must("the session ended", LONG, || {
+        (agent.status()["sessions"]
+            .as_array()
+            .is_some_and(Vec::is_empty))
+        .then_some(())
+    });
+}
+
+#[test]
 fn logout_of_an_unchanged_uif_commits_nothing() {
     let (dir, host, agent) = hooked();
     let data = noise(1 << 20, 59);

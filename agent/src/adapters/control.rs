@@ -8,8 +8,9 @@
 //! disconnect, ask `monitor-check` about it and see it in `status`; anyone
 //! else is refused with the rule that refused them. The socket's file mode
 //! (`control_socket_mode`, default 0600) is a second fence, no longer the
-//! only one. At most [`MAX_CLIENTS`] connections are served at once, and a
-//! request line must arrive within [`REQUEST_LIMIT`].
+//! only one. Connections are admitted by uid ([`super::admission`]: root
+//! always, any other uid a few at once); a request line must arrive within
+//! [`REQUEST_LIMIT`], and the answer be taken within [`ANSWER_LIMIT`].
 //!
 //! Request: `{"op":"login","user":"alice","session":"s1","ua":null}`,
 //! `{"op":"logout","session":"s1"}`, `{"op":"disconnect","session":"s1",
@@ -32,6 +33,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use super::Backend;
+use super::admission::Admission;
 use crate::flush::FlushOutcome;
 use crate::lifecycle::{Ended, LoginReport};
 pub use crate::lifecycle::{SessionStatus, StatusReport, UaStatus};
@@ -40,11 +42,11 @@ use crate::stores::preserve::PreservedCopy;
 /// Longest request line accepted.
 const MAX_LINE: u64 = 64 * 1024;
 
-/// Control connections served at once; more wait in the kernel's backlog.
-pub const MAX_CLIENTS: usize = 64;
-
 /// How long a client may take to send its request line.
 pub const REQUEST_LIMIT: Duration = Duration::from_secs(10);
+
+/// How long writing the answer may take (a client that stops reading).
+pub const ANSWER_LIMIT: Duration = Duration::from_secs(10);
 
 /// A request from a local client.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -214,30 +216,48 @@ pub fn bind(path: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> 
 pub struct Control {
     /// The lifecycle, the grants and the task tracker.
     pub backend: Backend,
+    /// The connections each uid holds.
+    pub admission: Arc<Admission>,
 }
 
 impl Control {
-    /// Accepts control connections until `stop` is cancelled, at most
-    /// [`MAX_CLIENTS`] at once.
+    /// Accepts control connections until `stop` is cancelled, each
+    /// admitted by its caller's uid ([`Admission`]).
     pub async fn serve(
         self: Arc<Self>,
         listener: tokio::net::UnixListener,
         stop: tokio_util::sync::CancellationToken,
     ) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
         loop {
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                return;
-            };
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 () = stop.cancelled() => return,
             };
             match accepted {
                 Ok((stream, _)) => {
+                    let caller = match stream.peer_cred() {
+                        Ok(c) => Caller { uid: c.uid() },
+                        Err(e) => {
+                            tracing::warn!("control client without credentials, refused: {e}");
+                            continue;
+                        }
+                    };
+                    let slot = match self.admission.admit(caller.uid) {
+                        Ok(slot) => slot,
+                        Err(why) => {
+                            tracing::warn!(uid = caller.uid, "control connection refused: {why}");
+                            // A fresh socket's buffer takes the line at once;
+                            // nothing waits on a client that does not read.
+                            if let Ok(mut bytes) = serde_json::to_vec(&failure(why)) {
+                                bytes.push(b'\n');
+                                let _ = stream.try_write(&bytes);
+                            }
+                            continue;
+                        }
+                    };
                     let me = self.clone();
                     self.backend.tasks.spawn(async move {
-                        me.client(stream).await;
+                        me.client(stream, caller).await;
                         drop(slot);
                     });
                 }
@@ -265,15 +285,9 @@ impl Caller {
 }
 
 impl Control {
-    /// Serves one connection: credentials, one request, one answer.
-    async fn client(&self, stream: UnixStream) {
-        let caller = match stream.peer_cred() {
-            Ok(c) => Caller { uid: c.uid() },
-            Err(e) => {
-                tracing::warn!("control client without credentials, refused: {e}");
-                return;
-            }
-        };
+    /// Serves one admitted connection of `caller`: one request, one
+    /// answer.
+    async fn client(&self, stream: UnixStream, caller: Caller) {
         let (r, mut w) = stream.into_split();
         let mut line = String::new();
         let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_LINE));
@@ -295,7 +309,15 @@ impl Control {
         };
         if let Ok(mut bytes) = serde_json::to_vec(&response) {
             bytes.push(b'\n');
-            let _ = w.write_all(&bytes).await;
+            if tokio::time::timeout(ANSWER_LIMIT, w.write_all(&bytes))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    uid = caller.uid,
+                    "control client did not take its answer within {ANSWER_LIMIT:?}"
+                );
+            }
         }
     }
 
@@ -414,11 +436,14 @@ impl Control {
     }
 
     /// The status `caller` may see: everything for root, only their own
-    /// sessions and UIF for anyone else.
+    /// sessions and UIF for anyone else (nothing VM-wide).
     fn report(&self, caller: Caller) -> StatusReport {
         let visible = |user: &str| caller.is_root() || self.uid_of(user) == Some(caller.uid);
-        let mut report = self.backend.lifecycle.status(visible);
-        report.monitor_grants = self.backend.grants.count();
+        let mut report = self.backend.lifecycle.status(visible, caller.is_root());
+        if let Some(vm) = &mut report.vm {
+            vm.monitor_grants = self.backend.grants.count();
+            vm.control_refused = self.admission.refused();
+        }
         report
     }
 }

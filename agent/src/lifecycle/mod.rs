@@ -24,7 +24,7 @@ mod uas;
 
 pub use end::Ended;
 pub use login::{Attached, LoginReport};
-pub use status::{SessionStatus, StatusReport, UaStatus};
+pub use status::{SessionStatus, StatusReport, UaStatus, VmWide};
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -21,6 +21,15 @@ pub struct StatusReport {
     pub sessions: Vec<SessionStatus>,
     /// Users with an attached UIF.
     pub attached: Vec<UserName>,
+    /// What concerns the whole VM: shown to root only (`None`, and absent
+    /// from the JSON, for anyone else).
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmWide>,
+}
+
+/// The VM-wide part of [`StatusReport`] (root only).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VmWide {
     /// Deployed UAs.
     pub uas: Vec<UaStatus>,
     /// Updates in the offline spool.
@@ -36,6 +45,10 @@ pub struct StatusReport {
     /// Bytes held by preserved copies.
     #[serde(default)]
     pub preserved_bytes: u64,
+    /// Control connections refused by the per-uid budget since the agent
+    /// started (filled in by the control socket).
+    #[serde(default)]
+    pub control_refused: u64,
 }
 
 /// One session in [`StatusReport`].
@@ -68,11 +81,15 @@ impl Lifecycle {
     }
 
     /// The local status, showing only the sessions and UIFs of users for
-    /// whom `visible` is true.
-    pub fn status(&self, visible: impl Fn(&str) -> bool) -> StatusReport {
+    /// whom `visible` is true, and the VM-wide figures if `vm_wide`.
+    pub fn status(&self, visible: impl Fn(&str) -> bool, vm_wide: bool) -> StatusReport {
         let conn = self.link.current();
         let table = self.table.snapshot();
-        let preserved = self.flusher.preserved().list();
+        let preserved = if vm_wide {
+            self.flusher.preserved().list()
+        } else {
+            Vec::new()
+        };
         StatusReport {
             connected: conn.is_some(),
             vm_id: conn.map(|c| c.welcome.vm_id),
@@ -90,12 +107,15 @@ impl Lifecycle {
                 })
                 .collect(),
             attached: table.uifs.keys().filter(|u| visible(u)).cloned().collect(),
-            uas: self.uas.list(),
-            spooled_updates: self.flusher.pending_updates(),
-            pending_notices: self.notices.count(),
-            monitor_grants: 0,
-            preserved: preserved.len(),
-            preserved_bytes: preserved.iter().map(|c| c.size).sum(),
+            vm: vm_wide.then(|| VmWide {
+                uas: self.uas.list(),
+                spooled_updates: self.flusher.pending_updates(),
+                pending_notices: self.notices.count(),
+                monitor_grants: 0,
+                preserved: preserved.len(),
+                preserved_bytes: preserved.iter().map(|c| c.size).sum(),
+                control_refused: 0,
+            }),
         }
     }
 
