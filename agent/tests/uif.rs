@@ -564,6 +564,31 @@ fn a_verb_that_times_out_ends_its_wait_and_the_logout_still_commits() {
 }
 
 #[test]
+fn an_expired_upload_is_started_again_then_spooled_never_preserved() {
+    let (dir, host, agent) = hooked();
+    let img = uif(dir.path(), "exa");
+    // Expired twice: the third start commits.
+    agent.ok(&["login", "--user", "exa", "--session", "x1"]);
+    let first = noise(300_000, 52);
+    std::fs::write(&img, &first).unwrap();
+    host.with(|h| h.expire_uploads = 2);
+    let out = agent.ok(&["logout", "--session", "x1"]);
+    assert!(out.contains("committed as version"), "{out}");
+    assert!(host.with(|h| h.head_bytes("exa")) == Some(first));
+    // Expired at every start: spooled (not preserved), delivered later.
+    agent.ok(&["login", "--user", "exa", "--session", "x2"]);
+    let second = noise(300_000, 53);
+    std::fs::write(&img, &second).unwrap();
+    host.with(|h| h.expire_uploads = 3);
+    let out = agent.ok(&["logout", "--session", "x2"]);
+    assert!(out.contains("spooled"), "{out}");
+    assert_eq!(agent.status()["preserved"], 0);
+    must("the spooled update's commit", LONG, || {
+        host.with(|h| (h.head_bytes("exa") == Some(second.clone())).then_some(()))
+    });
+}
+
+#[test]
 fn logout_of_an_unchanged_uif_commits_nothing() {
     let (dir, host, agent) = hooked();
     let data = noise(1 << 20, 59);

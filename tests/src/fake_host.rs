@@ -127,6 +127,10 @@ pub struct HostState {
     pub delta_bytes: u64,
     /// `BlockSignatures` requests answered.
     pub signature_requests: usize,
+    /// Forget this many next uploads at their next chunk upload, as
+    /// uve-host does with an upload idle too long: the chunk is answered
+    /// `NotFound`.
+    pub expire_uploads: usize,
     /// Refuse this many next deltas with `NotFound` (base unreadable).
     pub refuse_deltas: usize,
     /// Refuse this many next signature requests with `Internal`.

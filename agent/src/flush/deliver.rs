@@ -16,8 +16,15 @@ use crate::stores::spool::SpoolEntry;
 use crate::uif::update::{self, UpdateOutcome};
 use crate::uif::{UifError, blocking};
 
+/// Times an update is started (`UpdateBegin`) on one connection when the
+/// host expires its upload (idle too long: a slow disk, a stalled read);
+/// after that it stays spooled and the outbox retries it later.
+pub const UPLOAD_ATTEMPTS: u32 = 3;
+
 impl Flusher {
-    /// Uploads one update; removes its spool entry once the host took it,
+    /// Uploads one update (again from `UpdateBegin` if the host expired
+    /// the upload, [`UPLOAD_ATTEMPTS`] in all; then it stays spooled);
+    /// removes its spool entry once the host took it,
     /// or once its bytes are preserved after a final refusal.
     pub(super) async fn deliver_entry(
         &self,
@@ -47,6 +54,13 @@ impl Flusher {
         };
         let mut result =
             update::upload(&c.link, &entry.file, manifest, begin.clone(), stamped).await;
+        for attempt in 2..=UPLOAD_ATTEMPTS {
+            if !matches!(result, Err(UifError::UploadExpired(_))) {
+                break;
+            }
+            tracing::info!(user = %entry.user, id = entry.id, attempt, "starting the update again");
+            result = update::upload(&c.link, &entry.file, manifest, begin.clone(), stamped).await;
+        }
         if matches!(result, Err(UifError::Changed)) && !live_checkpoint {
             result = self
                 .resend_changed(c, entry, begin, earlier_boot, &mut digest)

@@ -37,6 +37,10 @@ pub enum UifError {
     /// The attach or detach hook failed.
     #[error("hook failed: {0}")]
     Hook(String),
+    /// The host no longer knows the upload this link opened: it expired it
+    /// (idle too long). The update is started again.
+    #[error("the host expired upload {0}")]
+    UploadExpired(u64),
     /// The UIF file no longer matches the manifest it was chunked into
     /// (it is still attached and was written to since).
     #[error("the UIF file changed after it was chunked")]

@@ -81,6 +81,14 @@ pub async fn upload(
     let deltas = link.protocol() >= PROTOCOL_BLOCK_DELTA && base.is_some();
     match send_body(link, &f, manifest, upload, stamped, started, deltas).await {
         Ok(outcome) => Ok(outcome),
+        // Uploads belong to the connection that opened them: on a live
+        // link, `NotFound` for this one means the host expired it.
+        Err(UifError::Link(LinkError::Remote(e)))
+            if e.code == ErrorCode::NotFound && !link.is_closed() =>
+        {
+            tracing::warn!(upload, "the host expired the upload: {e}");
+            Err(UifError::UploadExpired(upload))
+        }
         Err(e) => {
             if !link.is_closed() {
                 let _ = link

@@ -143,6 +143,9 @@ fn update_page(
 }
 
 fn chunk_upload(st: &mut HostState, upload: u64, hash: Hash, data: Vec<u8>) -> Response {
+    if st.expire_uploads > 0 && st.uploads.remove(&upload).is_some() {
+        st.expire_uploads -= 1;
+    }
     if !st.uploads.contains_key(&upload) {
         return err(ErrorCode::NotFound, "upload");
     }
