@@ -485,3 +485,34 @@ fn one_uid_cannot_hold_the_control_socket() {
     drop(holder.stdin.take());
     holder.wait().unwrap();
 }
+
+#[test]
+fn the_owner_override_grants_no_authority_over_other_sessions() {
+    if common::skip_unless_root("the_owner_override_grants_no_authority_over_other_sessions") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _host = TestHost::start(dir.path());
+    // Every user's files belong to 65534 (nobody): that gives nobody no
+    // say over daemon's session.
+    let cfg = format!(
+        "control_socket_mode = \"0666\"\n[uif]\nmode = \"file\"\npath = \"{}/uif/{{user}}.img\"\nowner = \"65534:65534\"\n",
+        dir.path().display()
+    );
+    let agent = start_agent(dir.path(), &cfg);
+    agent.wait_connected();
+    agent.ok(&["login", "--user", "nobody", "--session", "on"]);
+    agent.ok(&["login", "--user", "daemon", "--session", "od"]);
+    let out = as_uid(&agent, 65534, &["logout", "--session", "od"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("may act only on its own sessions"),
+        "{}",
+        text(&out)
+    );
+    status_shows_only_its_own(&agent, 65534, "on");
+    let out = as_uid(&agent, 65534, &["logout", "--session", "on"]);
+    assert!(out.status.success(), "its own session: {}", text(&out));
+    agent.ok(&["logout", "--session", "od"]);
+}

@@ -321,9 +321,10 @@ impl Control {
         }
     }
 
-    /// The uid that owns `user`'s files on this VM, if any.
+    /// `user`'s uid on this VM (their entry's, never the `uif.owner`
+    /// override), if any.
     fn uid_of(&self, user: &str) -> Option<u32> {
-        self.backend.lifecycle.owner_of(user).map(|(uid, _)| uid)
+        self.backend.lifecycle.uid_of(user)
     }
 
     /// True if `caller` is the user of `session`.

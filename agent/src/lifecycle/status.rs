@@ -72,12 +72,13 @@ pub struct SessionStatus {
 pub type UaStatus = UaInfo;
 
 impl Lifecycle {
-    /// The uid and gid that own `user`'s files on this VM: the `uif.owner`
-    /// override, else the user's entry as it was at login; `None` if
-    /// neither names one (no UIF attached, or no entry).
-    pub fn owner_of(&self, user: &str) -> Option<(u32, u32)> {
-        let account = self.table.uif(user).and_then(|r| r.account);
-        self.config.get().owner(account.as_ref())
+    /// The uid of `user` on this VM: their user-database entry's, as it
+    /// was at login; `None` without one (no UIF attached, or a user the
+    /// database does not know). Never the `uif.owner` override, which may
+    /// map every user to one uid: the override decides who owns the
+    /// files, not who may act on a user's sessions.
+    pub fn uid_of(&self, user: &str) -> Option<u32> {
+        self.table.uif(user).and_then(|r| r.account).map(|a| a.uid)
     }
 
     /// The local status, showing only the sessions and UIFs of users for
