@@ -164,6 +164,89 @@ fn directory_mode_round_trip_with_owner_and_excludes() {
     assert!(found);
 }
 
+/// The pid of the first child of `parent` whose command line holds
+/// `needle`, stopped with SIGSTOP (polled for up to 60 s) once it has made
+/// itself non-dumpable (which it must).
+fn stop_child(parent: u32, needle: &'static str) -> std::thread::JoinHandle<Option<i32>> {
+    std::thread::spawn(move || {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::time::Instant::now() < until {
+            for e in std::fs::read_dir("/proc").unwrap().flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+                    continue;
+                };
+                let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                // `pid (comm) S ppid ...`: the state, then the parent.
+                let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+                let ppid = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                    .and_then(|p| p.parse::<u32>().ok());
+                let ppid_ok = ppid == Some(parent);
+                if ppid_ok && String::from_utf8_lossy(&cmd).contains(needle) {
+                    // Once it has made itself non-dumpable, its /proc
+                    // files belong to root, not to the user it runs as.
+                    let owner = || std::fs::metadata(e.path().join("stat")).map(|m| m.uid());
+                    while owner().is_ok_and(|uid| uid != 0) {
+                        std::thread::yield_now();
+                    }
+                    assert_eq!(owner().ok(), Some(0), "the pack child stayed dumpable");
+                    // SAFETY: kill has no memory preconditions.
+                    unsafe { libc::kill(pid, libc::SIGSTOP) };
+                    return Some(pid);
+                }
+            }
+        }
+        None
+    })
+}
+
+#[test]
+fn a_stopped_pack_child_is_killed_within_seconds_and_the_home_kept() {
+    if common::skip_unless_root("a_stopped_pack_child_is_killed_within_seconds_and_the_home_kept") {
+        return;
+    }
+    let (dir, host) = host_in_tempdir();
+    let cfg = format!(
+        "[uif]\nmode = \"directory\"\nhome = \"{}/home/{{user}}\"\n",
+        dir.path().display()
+    );
+    let agent = start_agent(dir.path(), &cfg);
+    agent.wait_connected();
+    agent.ok(&["login", "--user", "nobody", "--session", "p1"]);
+    // Enough files that the pack runs long enough to be caught.
+    let home = dir.path().join("home/nobody");
+    for d in 0..100 {
+        let sub = home.join(format!("d{d}"));
+        std::fs::create_dir(&sub).unwrap();
+        for f in 0..200 {
+            std::fs::write(sub.join(format!("f{f}")), noise(2048, d * 1000 + f)).unwrap();
+        }
+    }
+    let stopper = stop_child(agent.pid().unwrap(), "pack-home");
+    let out = agent.cli(&["logout", "--session", "p1"]);
+    assert!(stopper.join().unwrap().is_some(), "no pack-home child seen");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("was stopped for more than"), "{said}");
+    assert!(
+        host.with(|h| h.head_bytes("nobody")).is_none(),
+        "nothing committed"
+    );
+    let files: usize = (0..100)
+        .map(|d| {
+            std::fs::read_dir(home.join(format!("d{d}")))
+                .unwrap()
+                .count()
+        })
+        .sum();
+    assert_eq!(files, 20_000, "the home is left as it was");
+}
+
 /// Files, a symlink and excluded paths in `home`; returns the big file's
 /// bytes.
 fn fill_home(home: &std::path::Path) -> Vec<u8> {

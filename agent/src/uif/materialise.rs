@@ -46,8 +46,12 @@ use crate::config::{Config, UifMode};
 /// Longest a hook may run.
 const HOOK_LIMIT: Duration = Duration::from_secs(120);
 
-/// The pack child is killed when its archive has not grown for this long
-/// (stopped, or stuck on an unresponsive file system)...
+/// The pack child is killed when it has been stopped (its user sent it
+/// `SIGSTOP`, or a debugger holds it) for this long...
+const PACK_STOPPED: Duration = Duration::from_secs(5);
+
+/// ...or its archive has not grown for this long (stuck on an
+/// unresponsive file system)...
 const PACK_STALL: Duration = Duration::from_secs(300);
 
 /// ...or when it has run this long in all.
@@ -401,14 +405,26 @@ fn pack_command(
     cmd
 }
 
-/// Waits for the pack child, killing it when the archive `out` stops
-/// growing for [`PACK_STALL`] or the pack runs past [`PACK_LIMIT`].
+/// True if process `pid` is stopped (`T`) or stopped by a tracer (`t`).
+fn is_stopped(pid: u32) -> bool {
+    // `pid (comm) S ...`: the state follows the last `)`.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|c| c == 'T' || c == 't')
+    })
+}
+
+/// Waits for the pack child, killing it when it stays stopped for
+/// [`PACK_STOPPED`], its archive `out` stops growing for [`PACK_STALL`],
+/// or the pack runs past [`PACK_LIMIT`].
 fn wait_pack_child(
     child: &mut std::process::Child,
     out: &File,
 ) -> Result<std::process::ExitStatus, String> {
     let start = Instant::now();
     let (mut size, mut grew) = (0u64, Instant::now());
+    let mut stopped_since: Option<Instant> = None;
     loop {
         match child.try_wait() {
             Ok(Some(status)) => return Ok(status),
@@ -422,6 +438,19 @@ fn wait_pack_child(
         let now_size = out.metadata().map(|m| m.len()).unwrap_or(size);
         if now_size != size {
             (size, grew) = (now_size, Instant::now());
+        }
+        stopped_since = if is_stopped(child.id()) {
+            stopped_since.or_else(|| Some(Instant::now()))
+        } else {
+            None
+        };
+        if stopped_since.is_some_and(|t| t.elapsed() > PACK_STOPPED) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "pack-home was stopped for more than {PACK_STOPPED:?} (SIGSTOP by its user, or \
+                 a debugger); killed. The home is left as it is"
+            ));
         }
         if grew.elapsed() > PACK_STALL || start.elapsed() > PACK_LIMIT {
             let _ = child.kill();
@@ -518,6 +547,10 @@ async fn run_hook(
 /// walk never follows symlinks either way.
 pub fn pack_child(home: &Path, excludes: &[String]) -> anyhow::Result<()> {
     use anyhow::Context;
+    // Not dumpable: its user may not ptrace it (and so make it write any
+    // archive for root to unpack) nor read its memory. Set here, after
+    // exec, which resets the flag for a binary that is not setuid.
+    nix::sys::prctl::set_dumpable(false).context("PR_SET_DUMPABLE")?;
     let _ = tracing_subscriber::fmt()
         .with_writer(io::stderr)
         .with_ansi(false)
