@@ -168,6 +168,15 @@ fn directory_mode_round_trip_with_owner_and_excludes() {
 /// `needle`, stopped with SIGSTOP (polled for up to 60 s) once it has made
 /// itself non-dumpable (which it must).
 fn stop_child(parent: u32, needle: &'static str) -> std::thread::JoinHandle<Option<i32>> {
+    stop_child_in(parent, needle, None)
+}
+
+/// [`stop_child`], of a child working in `cwd` if given.
+fn stop_child_in(
+    parent: u32,
+    needle: &'static str,
+    cwd: Option<PathBuf>,
+) -> std::thread::JoinHandle<Option<i32>> {
     std::thread::spawn(move || {
         let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while std::time::Instant::now() < until {
@@ -182,7 +191,10 @@ fn stop_child(parent: u32, needle: &'static str) -> std::thread::JoinHandle<Opti
                     .rsplit_once(')')
                     .and_then(|(_, rest)| rest.split_whitespace().nth(1))
                     .and_then(|p| p.parse::<u32>().ok());
-                let ppid_ok = ppid == Some(parent);
+                let ppid_ok = ppid == Some(parent)
+                    && cwd.as_ref().is_none_or(|c| {
+                        std::fs::read_link(e.path().join("cwd")).ok().as_ref() == Some(c)
+                    });
                 if ppid_ok && String::from_utf8_lossy(&cmd).contains(needle) {
                     // Once it has made itself non-dumpable, its /proc
                     // files belong to root, not to the user it runs as.
@@ -214,15 +226,8 @@ fn a_stopped_pack_child_is_killed_within_seconds_and_the_home_kept() {
     let agent = start_agent(dir.path(), &cfg);
     agent.wait_connected();
     agent.ok(&["login", "--user", "nobody", "--session", "p1"]);
-    // Enough files that the pack runs long enough to be caught.
     let home = dir.path().join("home/nobody");
-    for d in 0..100 {
-        let sub = home.join(format!("d{d}"));
-        std::fs::create_dir(&sub).unwrap();
-        for f in 0..200 {
-            std::fs::write(sub.join(format!("f{f}")), noise(2048, d * 1000 + f)).unwrap();
-        }
-    }
+    many_files(&home);
     let stopper = stop_child(agent.pid().unwrap(), "pack-home");
     let out = agent.cli(&["logout", "--session", "p1"]);
     assert!(stopper.join().unwrap().is_some(), "no pack-home child seen");
@@ -245,6 +250,67 @@ fn a_stopped_pack_child_is_killed_within_seconds_and_the_home_kept() {
         })
         .sum();
     assert_eq!(files, 20_000, "the home is left as it was");
+}
+
+/// 20,000 small files in `home` (20 MiB): a pack of it runs long enough
+/// for a test to catch its child.
+fn many_files(home: &Path) {
+    for d in 0..100 {
+        let sub = home.join(format!("d{d}"));
+        std::fs::create_dir(&sub).unwrap();
+        for f in 0..200 {
+            std::fs::write(sub.join(format!("f{f}")), noise(2048, d * 1000 + f)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn one_users_stopped_pack_child_costs_no_other_user_the_shutdown_flush() {
+    if common::skip_unless_root(
+        "one_users_stopped_pack_child_costs_no_other_user_the_shutdown_flush",
+    ) {
+        return;
+    }
+    let (dir, host) = host_in_tempdir();
+    // A shutdown budget shorter than the 5 s a stopped child is given:
+    // only a flush that does not wait behind daemon's commits nobody's.
+    let cfg = format!(
+        "shutdown_flush_secs = 3\n[uif]\nmode = \"directory\"\nhome = \"{}/home/{{user}}\"\n",
+        dir.path().display()
+    );
+    let mut agent = start_agent(dir.path(), &cfg);
+    agent.wait_connected();
+    // daemon comes first in name order, the order flushes once ran in.
+    for (user, session) in [("daemon", "f1"), ("nobody", "f2")] {
+        agent.ok(&["login", "--user", user, "--session", session]);
+    }
+    let homes = dir.path().join("home");
+    many_files(&homes.join("daemon"));
+    std::fs::write(homes.join("nobody/notes.txt"), b"nobody's work\n").unwrap();
+    let stopper = stop_child_in(
+        agent.pid().unwrap(),
+        "pack-home",
+        Some(homes.join("daemon")),
+    );
+    // The shutdown flush (SIGTERM): daemon's pack child is stopped.
+    agent.terminate();
+    assert!(
+        stopper.join().unwrap().is_some(),
+        "no pack-home child of daemon seen"
+    );
+    let tar = host
+        .with(|h| h.head_bytes("nobody"))
+        .expect("nobody's work was not committed");
+    assert!(tar_names(&tar).contains(&"notes.txt".to_string()));
+    assert!(host.with(|h| h.head_bytes("daemon")).is_none());
+    let files: usize = (0..100)
+        .map(|d| {
+            std::fs::read_dir(homes.join(format!("daemon/d{d}")))
+                .unwrap()
+                .count()
+        })
+        .sum();
+    assert_eq!(files, 20_000, "daemon's home is left as it was");
 }
 
 /// Files, a symlink and excluded paths in `home`; returns the big file's

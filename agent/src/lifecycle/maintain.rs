@@ -12,6 +12,10 @@ use crate::config::UifMode;
 use crate::supervise::UaExited;
 use crate::uif::{blocking, disk_home, materialise};
 
+/// Users whose UIFs a checkpoint or the shutdown flush uploads at once
+/// (uve-host's default uploads per VM).
+pub const FLUSH_PARALLEL: usize = 4;
+
 impl Lifecycle {
     /// Flushes every attached UIF with `cause` without detaching it.
     /// Profile disks are the exception (a mounted disk's image is live):
@@ -33,23 +37,36 @@ impl Lifecycle {
             );
             return;
         }
-        for user in self.table.attached() {
-            let guard = self.locks.lock(&user).await;
-            let session = self
-                .table
-                .sessions_of(&user)
-                .first()
-                .cloned()
-                .unwrap_or_else(|| SessionId::literal(fallback_session));
-            match self
-                .flusher
-                .flush(&guard, &session, cause, !release_disks)
-                .await
-            {
-                Ok(o) => tracing::info!(%user, ?cause, "flush: {o}"),
-                Err(e) => tracing::warn!(%user, ?cause, "flush failed: {e}"),
+        // Every user at once, [`FLUSH_PARALLEL`] flushing: a user whose
+        // lock is held (a stalled logout) or whose flush is slow never
+        // holds the others back, and the host's uploads per VM bound the
+        // rest.
+        let flushing = tokio::sync::Semaphore::new(FLUSH_PARALLEL);
+        let users = self.table.attached();
+        futures_util::future::join_all(users.into_iter().map(|user| {
+            let flushing = &flushing;
+            async move {
+                let guard = self.locks.lock(&user).await;
+                let Ok(_permit) = flushing.acquire().await else {
+                    return;
+                };
+                let session = self
+                    .table
+                    .sessions_of(&user)
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| SessionId::literal(fallback_session));
+                match self
+                    .flusher
+                    .flush(&guard, &session, cause, !release_disks)
+                    .await
+                {
+                    Ok(o) => tracing::info!(%user, ?cause, "flush: {o}"),
+                    Err(e) => tracing::warn!(%user, ?cause, "flush failed: {e}"),
+                }
             }
-        }
+        }))
+        .await;
     }
 
     /// Periodic checkpoint: uploads every attached UIF without detaching it.
