@@ -8,7 +8,9 @@
 //! refused, nothing is ever written through one), files are created fresh
 //! (`O_EXCL`), ownership and modes are set on the opened descriptors
 //! (`lchown` only for symlinks), setuid/setgid bits are dropped, and — for
-//! UA bundles — links may not point outside the tree.
+//! UA bundles — links may not point outside the tree. Before any of that,
+//! [`bounds`] refuses an archive whose headers would make the unpacker
+//! allocate without bound (a long name or PAX header of a gigabyte).
 //!
 //! Packing walks the tree the same way ([`crate::base::nofollow`]): directories
 //! are listed through their descriptors, every entry is `fstatat`ed
@@ -22,6 +24,7 @@
 //! while packing are skipped with a warning. Packing is deterministic
 //! (sorted, no owner ids) so an unchanged home yields identical chunks.
 
+mod bounds;
 mod exclude;
 mod pack;
 mod unpack;

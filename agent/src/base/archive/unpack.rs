@@ -169,6 +169,7 @@ pub fn unpack_into(
     if file.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
         return Ok(0);
     }
+    super::bounds::check(&file)?;
     let mut ar = tar::Archive::new(file);
     let mut parents = Parents {
         root,
