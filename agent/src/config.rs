@@ -13,6 +13,8 @@
 //! fetch_parallel = 12              # ChunkFetch requests in flight
 //! max_ua_bundle = 268435456        # refuse larger UA bundles
 //! shutdown_flush_secs = 20         # SIGTERM: how long to try flushing
+//! state_floor_mib = 256            # a pack never leaves less free on the
+//!                                  # state filesystem (directory mode)
 //!
 //! [uif]
 //! mode = "file"                    # or "directory", "disk"
@@ -189,6 +191,10 @@ pub struct Config {
     pub max_ua_bundle: u64,
     /// How long SIGTERM waits for the host to take the final flushes.
     pub shutdown_flush_secs: u64,
+    /// MiB a directory-mode pack always leaves free on the state
+    /// filesystem: a pack that would go below is stopped, its temp archive
+    /// removed and the logout refused (the home stays as it is).
+    pub state_floor_mib: u64,
     /// UIF materialisation.
     pub uif: UifConfig,
     /// How user names are read.
@@ -255,6 +261,7 @@ impl Default for Config {
             fetch_parallel: 12,
             max_ua_bundle: 256 << 20,
             shutdown_flush_secs: 20,
+            state_floor_mib: 256,
             uif: UifConfig::default(),
             users: UsersConfig::default(),
             disk: DiskConfig::default(),

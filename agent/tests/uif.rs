@@ -13,6 +13,7 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use common::{
     AgentProc, LONG, TestHost, connected_agent, host_in_tempdir, must, noise, start_agent, uif,
@@ -311,6 +312,83 @@ fn one_users_stopped_pack_child_costs_no_other_user_the_shutdown_flush() {
         })
         .sum();
     assert_eq!(files, 20_000, "daemon's home is left as it was");
+}
+
+/// A size-limited tmpfs mounted for a test, unmounted when dropped.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(at: PathBuf, mib: u64) -> SmallFs {
+        std::fs::create_dir_all(&at).unwrap();
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0755"),
+                "tmpfs",
+            ])
+            .arg(&at)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount a tmpfs on {}", at.display());
+        SmallFs(at)
+    }
+
+    fn used(&self) -> u64 {
+        let st = nix::sys::statvfs::statvfs(&self.0).unwrap();
+        (st.blocks() - st.blocks_free()) * st.fragment_size()
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_home_that_packs_past_the_state_floor_is_refused_and_leaves_nothing() {
+    if common::skip_unless_root(
+        "a_home_that_packs_past_the_state_floor_is_refused_and_leaves_nothing",
+    ) {
+        return;
+    }
+    let (dir, host) = host_in_tempdir();
+    // The agent's state on a 96 MiB filesystem of its own, 32 MiB floor.
+    let small = SmallFs::mount(dir.path().join("state"), 96);
+    let cfg = format!(
+        "state_floor_mib = 32\n[uif]\nmode = \"directory\"\nhome = \"{}/home/{{user}}\"\n",
+        dir.path().display()
+    );
+    let agent = start_agent(dir.path(), &cfg);
+    agent.wait_connected();
+    agent.ok(&["login", "--user", "nobody", "--session", "b1"]);
+    agent.ok(&["login", "--user", "daemon", "--session", "b2"]);
+    // nobody's 70 GiB sparse file (costs nothing in the home).
+    let home = dir.path().join("home/nobody");
+    let big = std::fs::File::create(home.join("x")).unwrap();
+    big.set_len(70 << 30).unwrap();
+    std::fs::write(home.join("notes.txt"), b"keep me\n").unwrap();
+    let before = small.used();
+    let (code, said) = agent.said(&["logout", "--session", "b1"]);
+    assert_ne!(code, 0, "{said}");
+    assert!(
+        said.contains("packs to more than the state filesystem can take"),
+        "{said}"
+    );
+    assert!(
+        small.used() <= before + (1 << 20),
+        "the stopped pack left bytes in the state"
+    );
+    assert_eq!(std::fs::read(home.join("notes.txt")).unwrap(), b"keep me\n");
+    assert_eq!(std::fs::metadata(home.join("x")).unwrap().len(), 70 << 30);
+    // Another user's logout works afterwards.
+    std::fs::write(dir.path().join("home/daemon/todo.txt"), b"daemon's work\n").unwrap();
+    agent.ok(&["logout", "--session", "b2"]);
+    assert!(host.with(|h| h.head_bytes("daemon")).is_some());
+    drop(agent);
+    drop(small);
 }
 
 /// Files, a symlink and excluded paths in `home`; returns the big file's

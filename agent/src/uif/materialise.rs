@@ -105,7 +105,8 @@ pub async fn detach(
             let home = cfg.home_path(user, account);
             let excludes = cfg.uif.exclude.clone();
             let owner = cfg.owner(account);
-            super::blocking(move || pack_home(&home, &archive, &excludes, owner)).await
+            let floor = cfg.state_floor_mib << 20;
+            super::blocking(move || pack_home(&home, &archive, &excludes, owner, floor)).await
         }
         UifMode::Disk => {
             let (disk, user) = (cfg.disk.clone(), user.to_string());
@@ -263,6 +264,7 @@ fn pack_home(
     archive: &Path,
     excludes: &[String],
     owner: Option<(u32, u32)>,
+    floor: u64,
 ) -> Result<(), UifError> {
     if let Some(dir) = archive.parent() {
         crate::base::fsutil::ensure_dir(dir).map_err(|e| UifError::at("create", dir, e))?;
@@ -294,7 +296,7 @@ fn pack_home(
         .map_err(|e| UifError::at("create a new", archive, e))?;
     match owner {
         Some((uid, gid)) if uid != 0 => {
-            pack_as_owner(home, &home_dir, out.file(), excludes, uid, gid)?;
+            pack_as_owner(home, &home_dir, out.file(), excludes, (uid, gid), floor)?;
         }
         // No unprivileged owner: nobody but root owns the files; the walk
         // is the same, only in-process.
@@ -323,8 +325,8 @@ fn pack_as_owner(
     home_dir: &OwnedFd,
     out: &File,
     excludes: &[String],
-    uid: u32,
-    gid: u32,
+    (uid, gid): (u32, u32),
+    floor: u64,
 ) -> Result<(), UifError> {
     let what = format!("pack {} as uid {uid}", home.display());
     let fail = |why: String| UifError::io(&what, io::Error::other(why));
@@ -354,7 +356,7 @@ fn pack_as_owner(
             return Err(UifError::io("start stderr reader", e));
         }
     }
-    let status = wait_pack_child(&mut child, out).map_err(fail)?;
+    let status = wait_pack_child(&mut child, out, floor).map_err(fail)?;
     // The reader ends at EOF, right after the child exits.
     let _ = done_rx.recv_timeout(Duration::from_secs(2));
     if status.success() {
@@ -405,6 +407,12 @@ fn pack_command(
     cmd
 }
 
+/// Bytes free for unprivileged writers on the filesystem of `f`.
+fn free_bytes(f: &File) -> Option<u64> {
+    let st = nix::sys::statvfs::fstatvfs(f).ok()?;
+    Some(st.blocks_available().saturating_mul(st.fragment_size()))
+}
+
 /// True if process `pid` is stopped (`T`) or stopped by a tracer (`t`).
 fn is_stopped(pid: u32) -> bool {
     // `pid (comm) S ...`: the state follows the last `)`.
@@ -415,12 +423,14 @@ fn is_stopped(pid: u32) -> bool {
     })
 }
 
-/// Waits for the pack child, killing it when it stays stopped for
-/// [`PACK_STOPPED`], its archive `out` stops growing for [`PACK_STALL`],
-/// or the pack runs past [`PACK_LIMIT`].
+/// Waits for the pack child, killing it when its archive `out` would
+/// leave less than `floor` bytes free on the state filesystem, it stays
+/// stopped for [`PACK_STOPPED`], the archive stops growing for
+/// [`PACK_STALL`], or the pack runs past [`PACK_LIMIT`].
 fn wait_pack_child(
     child: &mut std::process::Child,
     out: &File,
+    floor: u64,
 ) -> Result<std::process::ExitStatus, String> {
     let start = Instant::now();
     let (mut size, mut grew) = (0u64, Instant::now());
@@ -444,6 +454,21 @@ fn wait_pack_child(
         } else {
             None
         };
+        if let Some(free) = free_bytes(out)
+            && free < floor
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "the home packs to more than the state filesystem can take: the archive reached \
+                 {} MiB with {} MiB left free (state_floor_mib = {}); stopped, nothing of it \
+                 kept, the home left as it is. Large files count at full size, a sparse file's \
+                 holes too",
+                size >> 20,
+                free >> 20,
+                floor >> 20
+            ));
+        }
         if stopped_since.is_some_and(|t| t.elapsed() > PACK_STOPPED) {
             let _ = child.kill();
             let _ = child.wait();
