@@ -176,6 +176,7 @@ pub fn seed() -> &'static Seed {
             if user == "alice" {
                 base = Some(match outcome {
                     uve_host::store::CommitOutcome::Committed(v)
+                    | uve_host::store::CommitOutcome::Redelivered(v)
                     | uve_host::store::CommitOutcome::Conflict { kept_as: v, .. } => v,
                 });
             }
