@@ -14,7 +14,8 @@
 //! max_ua_bundle = 268435456        # refuse larger UA bundles
 //! shutdown_flush_secs = 20         # SIGTERM: how long to try flushing
 //! state_floor_mib = 256            # a pack never leaves less free on the
-//!                                  # state filesystem (directory mode)
+//!                                  # state filesystem (directory mode;
+//!                                  # at most a tenth of it)
 //!
 //! [uif]
 //! mode = "file"                    # or "directory", "disk"
@@ -192,8 +193,9 @@ pub struct Config {
     /// How long SIGTERM waits for the host to take the final flushes.
     pub shutdown_flush_secs: u64,
     /// MiB a directory-mode pack always leaves free on the state
-    /// filesystem: a pack that would go below is stopped, its temp archive
-    /// removed and the logout refused (the home stays as it is).
+    /// filesystem (at most a tenth of that filesystem): a pack that would
+    /// go below is stopped, its temp archive removed and the logout
+    /// refused (the home stays as it is).
     pub state_floor_mib: u64,
     /// UIF materialisation.
     pub uif: UifConfig,

@@ -16,7 +16,8 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{
-    LONG, TestHost, file_agent, file_cfg, host_in_tempdir, logged_in, must, noise, start_agent, uif,
+    LONG, TestHost, file_agent, file_cfg, host_in_tempdir, logged_in, must, noise, start_agent,
+    start_agent_with_env, uif,
 };
 use uve_e2e::names::valid;
 use uve_protocol::message::{Request, Response, UpdateCause};
@@ -385,4 +386,49 @@ fn sessions_from_a_previous_boot_are_reported_and_flushed() {
     assert!(agent.sessions().is_empty());
     let c = host.last_commit();
     assert_eq!(c.cause, UpdateCause::Disconnect);
+}
+
+/// The agent SIGKILLed at each instant of a logout (the session marked
+/// ending; the update chunked and spooled; the host's commit answer
+/// arrived but not recorded), restarted, and the logout retried as a PAM
+/// hook would: the work becomes the head exactly once, with no conflict
+/// version, and the retried logout reports that commit.
+#[test]
+fn a_logout_cut_by_a_crash_at_any_step_commits_exactly_once() {
+    for (i, point) in ["logout-ending", "flush-journalled", "flush-committed"]
+        .into_iter()
+        .enumerate()
+    {
+        let (dir, host) = host_in_tempdir();
+        let fault = format!("{point}=1");
+        let mut agent = start_agent_with_env(
+            dir.path(),
+            &file_cfg(dir.path(), ""),
+            &[("UVE_AGENT_FAULTS", fault.as_str())],
+        );
+        agent.wait_connected();
+        agent.ok(&["login", "--user", "kit", "--session", "k1"]);
+        let mine = noise(300_000, 70 + i as u64);
+        std::fs::write(uif(dir.path(), "kit"), &mine).unwrap();
+        let cut = agent.cli(&["logout", "--session", "k1"]);
+        assert!(!cut.status.success(), "{point}: the logout was not cut");
+        // The restarted agent runs without the fault.
+        agent.env.clear();
+        agent.restart_connected();
+        let out = agent.ok(&["logout", "--session", "k1"]);
+        assert!(out.contains("committed as version"), "{point}: {out}");
+        must("the head", LONG, || {
+            host.with(|h| (h.head_bytes("kit") == Some(mine.clone())).then_some(()))
+        });
+        agent.wait_spool_empty();
+        let (commits, conflicts) = host.with(|h| {
+            let of_kit = h.commits.iter().filter(|c| c.user == "kit");
+            (
+                of_kit.clone().filter(|c| !c.conflict).count(),
+                of_kit.filter(|c| c.conflict).count(),
+            )
+        });
+        assert_eq!((commits, conflicts), (1, 0), "{point}: commits, conflicts");
+        assert!(agent.sessions().is_empty(), "{point}: the session ended");
+    }
 }

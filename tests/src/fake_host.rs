@@ -91,6 +91,8 @@ pub struct HostState {
     pub sessions_ended: Vec<String>,
     /// Every commit decided.
     pub commits: Vec<Commit>,
+    /// Updates answered as the commit they repeat (no version stored).
+    pub redelivered: usize,
     /// Connections handshaken.
     pub connections: usize,
     /// Users this VM is not assigned (retrieve and update refused).

@@ -2,7 +2,11 @@
 //! the agent where the next N passes fail as a real failure there would,
 //! e.g. `UVE_AGENT_FAULTS="upload-read=2"`: the next two reads of a chunk
 //! being uploaded fail with `EIO`. Read once at the first check; unset (as
-//! in production) every point passes. Points: `upload-read`.
+//! in production) every point passes. Points: `upload-read`; and where
+//! [`crash_at`] kills the agent (a crash test's instants of a logout):
+//! `logout-ending` (the session is marked ending), `flush-journalled`
+//! (the update is chunked and spooled), `flush-committed` (the host's
+//! commit answer arrived, nothing of it recorded yet).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock, PoisonError};
@@ -32,5 +36,14 @@ pub fn hit(name: &str) -> bool {
             true
         }
         _ => false,
+    }
+}
+
+/// Kills the agent with SIGKILL when point `name` is armed: a crash at
+/// exactly that instant, for the crash tests.
+pub fn crash_at(name: &str) {
+    if hit(name) {
+        tracing::error!(point = name, "injected crash: SIGKILL");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
 }

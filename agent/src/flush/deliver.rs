@@ -68,6 +68,7 @@ impl Flusher {
         }
         match result {
             Ok(UpdateOutcome::Committed(v)) => {
+                crate::base::fault::crash_at("flush-committed");
                 self.spool.remove(entry.id).await;
                 // A UIF still attached (checkpoint, shutdown) is now based
                 // on v. Not durable: its next flush then looks changed and

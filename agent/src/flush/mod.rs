@@ -34,7 +34,7 @@ use crate::uif::{UifError, UserUifError, blocking, materialise, uif_err};
 
 /// How long a flush waits for a connection before leaving the update in
 /// the spool.
-const FLUSH_CONNECT_WAIT: Duration = Duration::from_secs(3);
+pub const FLUSH_CONNECT_WAIT: Duration = Duration::from_secs(3);
 
 /// Why a flush failed before its update was journalled (nothing was
 /// spooled: the UIF stays where it is, attached).
@@ -243,6 +243,7 @@ impl Flusher {
         let live_checkpoint = keep_attached && cause == UpdateCause::Checkpoint;
         if !live_checkpoint {
             self.journal(&entry, &manifest).await?;
+            crate::base::fault::crash_at("flush-journalled");
         }
         if !keep_attached {
             // Not durable: the update is journalled already, so the bytes

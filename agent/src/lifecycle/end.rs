@@ -8,15 +8,26 @@ use uve_protocol::names::{SessionId, UserName};
 use super::{Lifecycle, LifecycleError};
 use crate::base::fsutil;
 use crate::flush::FlushOutcome;
+use std::sync::PoisonError;
+
 use crate::stores::session::{NotDurable, UserGuard};
 
 impl Lifecycle {
     /// Ends a session by logout: stops its UA, flushes the UIF if it was
     /// the user's last session, announces the end.
+    ///
+    /// A logout of a session that an earlier logout (or one a restarted
+    /// agent finished) has ended reports that logout's outcome.
     pub async fn logout(&self, session: &SessionId) -> Result<Ended, LifecycleError> {
-        let user = self.session_user(session)?;
+        let user = match self.session_user(session) {
+            Ok(u) => u,
+            Err(e) => return self.earlier_end(session).ok_or(e),
+        };
         let guard = self.locks.lock(&user).await;
-        self.session_user(session)?;
+        if let Err(e) = self.session_user(session) {
+            // Another logout of it finished while this one waited.
+            return self.earlier_end(session).ok_or(e);
+        }
         self.supervisor.stop(session).await;
         let ended = self
             .end_session(&guard, session, UpdateCause::Logout)
@@ -103,7 +114,7 @@ impl Lifecycle {
 
     /// Journals `SessionEnded` for `sessions` and tries to deliver it now;
     /// the outbox retries whatever is left after a reconnect.
-    async fn announce_end(&self, guard: &UserGuard, sessions: &[SessionId]) {
+    pub(super) async fn announce_end(&self, guard: &UserGuard, sessions: &[SessionId]) {
         if sessions.is_empty() {
             return;
         }
@@ -124,26 +135,99 @@ impl Lifecycle {
     }
 
     /// Removes `session`; flushes the user's UIF if it was their last one.
-    async fn end_session(
+    pub(super) async fn end_session(
         &self,
         guard: &UserGuard,
         session: &SessionId,
         cause: UpdateCause,
     ) -> Result<Ended, LifecycleError> {
         let user = guard.user();
+        let others = self
+            .table
+            .sessions_of(user)
+            .iter()
+            .filter(|s| *s != session)
+            .count();
         // A table that cannot be written does not keep the user's work
         // from the host: the flush runs all the same, and the error is
         // reported beside its outcome.
-        let (others, table) = match self.table.end(guard, session).await {
-            Ok(n) => (n, None),
-            Err(e) => (self.table.sessions_of(user).len(), Some(e)),
+        if others > 0 {
+            let table = self.table.end(guard, session).await.err();
+            let outcome =
+                FlushOutcome::Nothing(format!("{user} has {others} other open session(s)"));
+            return Ok(self.remember_end(session, outcome, table));
+        }
+        // The session ends only once its UIF is committed, spooled or
+        // preserved; until then it is marked ending, and a restarted agent
+        // finishes the logout (`recover_at_start`).
+        let marked = self.table.mark_ending(guard, session).await.err();
+        crate::base::fault::crash_at("logout-ending");
+        let outcome = match self.flusher.flush(guard, session, cause, false).await? {
+            // Detached already, its update spooled (an agent that died
+            // after journalling it): that update is this logout's work.
+            FlushOutcome::Nothing(_) if self.flusher.spooled_for(user) > 0 => {
+                self.deliver_spooled_now(guard).await
+            }
+            other => other,
         };
-        let outcome = if others > 0 {
-            FlushOutcome::Nothing(format!("{user} has {others} other open session(s)"))
-        } else {
-            self.flusher.flush(guard, session, cause, false).await?
-        };
-        Ok(Ended { outcome, table })
+        let table = self.table.end(guard, session).await.err().or(marked);
+        Ok(self.remember_end(session, outcome, table))
+    }
+
+    /// Delivers the spooled updates of `guard`'s user now (waiting a
+    /// little for the host after a restart); what became of them.
+    async fn deliver_spooled_now(&self, guard: &UserGuard) -> FlushOutcome {
+        let user = guard.user();
+        if let Some(c) = self.link.wait(crate::flush::FLUSH_CONNECT_WAIT).await
+            && let Some(v) = self.flusher.deliver_user_spool(guard, &c).await
+            && self.flusher.spooled_for(user) == 0
+        {
+            return FlushOutcome::Committed(v);
+        }
+        FlushOutcome::Spooled(format!(
+            "an update of {user} is spooled; delivered when the host takes it"
+        ))
+    }
+
+    /// Keeps the outcome of `session`'s end for a retried logout of it
+    /// ([`RECENT_ENDS`] at most), and returns it.
+    fn remember_end(
+        &self,
+        session: &SessionId,
+        outcome: FlushOutcome,
+        table: Option<NotDurable>,
+    ) -> Ended {
+        let mut recent = self
+            .recent_ends
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if recent.len() >= RECENT_ENDS {
+            recent.pop_front();
+        }
+        recent.push_back((session.clone(), outcome.clone()));
+        Ended {
+            outcome,
+            table,
+            earlier: false,
+        }
+    }
+
+    /// How an earlier logout ended `session`, if one did since the agent
+    /// started.
+    fn earlier_end(&self, session: &str) -> Option<Ended> {
+        let recent = self
+            .recent_ends
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        recent
+            .iter()
+            .rev()
+            .find(|(s, _)| s.as_str() == session)
+            .map(|(_, outcome)| Ended {
+                outcome: outcome.clone(),
+                table: None,
+                earlier: true,
+            })
     }
 }
 
@@ -156,10 +240,18 @@ pub struct Ended {
     pub outcome: FlushOutcome,
     /// The table error, if its write failed.
     pub table: Option<NotDurable>,
+    /// An earlier logout of the session ended it; this is its outcome.
+    pub earlier: bool,
 }
+
+/// Ends of sessions remembered for retried logouts.
+pub const RECENT_ENDS: usize = 256;
 
 impl std::fmt::Display for Ended {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.earlier {
+            f.write_str("already ended by an earlier logout: ")?;
+        }
         write!(f, "{}", self.outcome)?;
         if let Some(e) = &self.table {
             write!(f, "; WARNING: {e}; it is repaired at the next start")?;

@@ -149,6 +149,7 @@ impl Lifecycle {
             ua: ua.cloned(),
             started: fsutil::now_ms(),
             ua_process: None,
+            ending: false,
         };
         if let Err(e) = self.table.open(&guard, record.clone()).await {
             // Nothing of this login is left recorded: the session is not

@@ -69,6 +69,35 @@ impl Lifecycle {
         .await;
     }
 
+    /// After an agent restart within the same boot: finishes every logout
+    /// the previous agent process had under way (sessions marked ending),
+    /// in the background, each holding its user's lock from before this
+    /// returns, so nothing else of that user runs first. The outcome is
+    /// what a retried logout of the session reports.
+    async fn finish_logouts(self: &std::sync::Arc<Self>) {
+        let ending: Vec<_> = self
+            .table
+            .sessions()
+            .into_iter()
+            .filter(|s| s.ending)
+            .collect();
+        for rec in ending {
+            let guard = self.locks.lock(&rec.user).await;
+            let me = self.clone();
+            self.spawn(async move {
+                me.supervisor.stop(&rec.session).await;
+                match me.end_session(&guard, &rec.session, UpdateCause::Logout).await {
+                    Ok(ended) => {
+                        me.announce_end(&guard, std::slice::from_ref(&rec.session))
+                            .await;
+                        tracing::info!(user = %rec.user, session = %rec.session, "logout under way at the restart, finished: {ended}");
+                    }
+                    Err(e) => tracing::error!(user = %rec.user, session = %rec.session, "logout under way at the restart: {e}"),
+                }
+            });
+        }
+    }
+
     /// Periodic checkpoint: uploads every attached UIF without detaching it.
     pub async fn checkpoint(&self) {
         self.flush_attached(UpdateCause::Checkpoint, "checkpoint")
@@ -108,6 +137,9 @@ impl Lifecycle {
             Vec::new()
         };
         let cfg = self.config.get();
+        if !rebooted {
+            self.finish_logouts().await;
+        }
         for user in self.table.attached() {
             if !rebooted && let Err(e) = materialise::reattach(&cfg, &user).await {
                 tracing::error!(%user, "UIF found attached at start: {e}");

@@ -32,10 +32,10 @@ use std::sync::Arc;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use uve_protocol::names::NameError;
+use uve_protocol::names::{NameError, SessionId};
 
 use crate::config::{Config, SharedConfig};
-use crate::flush::{FlushError, Flusher};
+use crate::flush::{FlushError, FlushOutcome, Flusher};
 use crate::link::LinkWatch;
 use crate::stores::notices::Journal;
 use crate::stores::session::{NotDurable, SessionRecord, SessionTable, UserLocks};
@@ -114,6 +114,8 @@ pub struct Lifecycle {
     /// Background work (flushes after a VM restart, UA exits), joined at
     /// shutdown.
     tasks: TaskTracker,
+    /// The outcomes of the latest session ends, for retried logouts.
+    recent_ends: std::sync::Mutex<std::collections::VecDeque<(SessionId, FlushOutcome)>>,
 }
 
 impl Lifecycle {
@@ -162,6 +164,7 @@ impl Lifecycle {
             kick,
             reannounce: std::sync::atomic::AtomicBool::new(false),
             tasks: tasks.clone(),
+            recent_ends: std::sync::Mutex::default(),
         };
         (Arc::new(lifecycle), exits)
     }

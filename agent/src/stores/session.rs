@@ -44,6 +44,10 @@ pub struct SessionRecord {
     /// watching it.
     #[serde(default)]
     pub ua_process: Option<UaProcess>,
+    /// Its logout is under way: the session ends once the UIF is
+    /// committed, spooled or preserved, and a restarted agent finishes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ending: bool,
 }
 
 /// A supervised UA process, named so that a recycled pid is not mistaken
@@ -253,6 +257,22 @@ impl SessionTable {
         self.durable(change.await)
     }
 
+    /// Durably marks `session` (of the user whose lock `guard` holds) as
+    /// ending: its logout is under way.
+    pub async fn mark_ending(&self, guard: &UserGuard, session: &str) -> Result<(), NotDurable> {
+        self.durable(
+            self.file
+                .change(|t| {
+                    if let Some(r) = t.sessions.get_mut(session)
+                        && r.user == *guard.user()
+                    {
+                        r.ending = true;
+                    }
+                })
+                .await,
+        )
+    }
+
     /// Ends every session (a VM restart ended them). Only at startup,
     /// before any other intent runs.
     pub async fn end_all(&self) -> Result<(), NotDurable> {
@@ -419,6 +439,7 @@ mod tests {
             ua: None,
             started: 1,
             ua_process: None,
+            ending: false,
         }
     }
 

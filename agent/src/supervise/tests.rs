@@ -20,6 +20,7 @@ fn record(session: &'static str) -> SessionRecord {
         ua: Some(UaName::literal("desk")),
         started: 0,
         ua_process: None,
+        ending: false,
     }
 }
 

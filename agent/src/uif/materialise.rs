@@ -407,10 +407,15 @@ fn pack_command(
     cmd
 }
 
-/// Bytes free for unprivileged writers on the filesystem of `f`.
-fn free_bytes(f: &File) -> Option<u64> {
+/// Bytes free for unprivileged writers on the filesystem of `f`, and the
+/// floor a pack must leave there: `floor`, but at most a tenth of the
+/// filesystem (a small VM's state filesystem may be smaller than the
+/// configured floor).
+fn free_and_floor(f: &File, floor: u64) -> Option<(u64, u64)> {
     let st = nix::sys::statvfs::fstatvfs(f).ok()?;
-    Some(st.blocks_available().saturating_mul(st.fragment_size()))
+    let free = st.blocks_available().saturating_mul(st.fragment_size());
+    let size = st.blocks().saturating_mul(st.fragment_size());
+    Some((free, floor.min(size / 10)))
 }
 
 /// True if process `pid` is stopped (`T`) or stopped by a tracer (`t`).
@@ -454,16 +459,16 @@ fn wait_pack_child(
         } else {
             None
         };
-        if let Some(free) = free_bytes(out)
+        if let Some((free, floor)) = free_and_floor(out, floor)
             && free < floor
         {
             let _ = child.kill();
             let _ = child.wait();
             return Err(format!(
                 "the home packs to more than the state filesystem can take: the archive reached \
-                 {} MiB with {} MiB left free (state_floor_mib = {}); stopped, nothing of it \
-                 kept, the home left as it is. Large files count at full size, a sparse file's \
-                 holes too",
+                 {} MiB with {} MiB left free (the floor: {} MiB, state_floor_mib or a tenth of \
+                 the filesystem); stopped, nothing of it kept, the home left as it is. Large \
+                 files count at full size, a sparse file's holes too",
                 size >> 20,
                 free >> 20,
                 floor >> 20

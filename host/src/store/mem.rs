@@ -539,6 +539,12 @@ mod tests {
         assert_eq!(commit(&s, &m, None), CommitOutcome::Committed(1));
         assert_eq!(
             commit(&s, &m, None),
+            CommitOutcome::Redelivered(1),
+            "the head's own bytes, base and origin again: its commit"
+        );
+        let other = Manifest::from_chunks(vec![a, a]);
+        assert_eq!(
+            commit(&s, &other, None),
             CommitOutcome::Conflict {
                 kept_as: 2,
                 head: Some(1)

@@ -240,10 +240,27 @@ fn commit(st: &mut HostState, upload: u64) -> Response {
         return err(ErrorCode::BadRequest, "chunks missing");
     }
     let user = up.begin.user.clone();
+    let head = st.heads.get(user.as_str()).copied();
+    // As uve-host: the head already is this update (same bytes from the
+    // same base: a re-delivery after the agent lost the commit's answer).
+    if let Some(h) = head
+        && head != up.begin.base
+        && st
+            .versions
+            .get(&(user.to_string(), h))
+            .map(|v| v.header.digest)
+            == Some(m.header.digest)
+        && st
+            .commits
+            .iter()
+            .any(|c| c.user == user.as_str() && c.version == h && c.base == up.begin.base)
+    {
+        st.redelivered += 1;
+        return Response::Committed { version: h };
+    }
     st.next_version += 1;
     let v = st.next_version;
     st.versions.insert((user.to_string(), v), m);
-    let head = st.heads.get(user.as_str()).copied();
     let lease_ok = st.leases.get(user.as_str()).copied().unwrap_or(0) == up.begin.lease;
     let ok = head == up.begin.base && (lease_ok || head.is_none());
     st.commits.push(Commit {
