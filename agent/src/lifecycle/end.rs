@@ -240,7 +240,8 @@ pub struct Ended {
     pub outcome: FlushOutcome,
     /// The table error, if its write failed.
     pub table: Option<NotDurable>,
-    /// An earlier logout of the session ended it; this is its outcome.
+    /// An earlier end of the session (a logout, a disconnect, or one a
+    /// restarted agent finished) ended it; this is its outcome.
     pub earlier: bool,
 }
 
@@ -250,7 +251,7 @@ pub const RECENT_ENDS: usize = 256;
 impl std::fmt::Display for Ended {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.earlier {
-            f.write_str("already ended by an earlier logout: ")?;
+            f.write_str("already ended earlier: ")?;
         }
         write!(f, "{}", self.outcome)?;
         if let Some(e) = &self.table {
