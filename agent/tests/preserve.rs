@@ -324,6 +324,20 @@ fn as_uid(agent: &AgentProc, uid: u32, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// A file-mode agent (with `uif_extra` in its `[uif]` section) whose
+/// control socket every user reaches: its mode is widened and only the
+/// agent's checks stand between them and other users' sessions. Connected
+/// to its fake host.
+fn shared_socket_agent(uif_extra: &str) -> (tempfile::TempDir, TestHost, AgentProc) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let host = TestHost::start(dir.path());
+    let cfg = file_cfg(dir.path(), "control_socket_mode = \"0666\"") + uif_extra;
+    let agent = start_agent(dir.path(), &cfg);
+    agent.wait_connected();
+    (dir, host, agent)
+}
+
 /// `uid`'s status lists only its session `mine` and nothing VM-wide,
 /// which root's shows.
 fn status_shows_only_its_own(agent: &AgentProc, uid: u32, mine: &str) {
@@ -362,16 +376,7 @@ fn the_control_socket_serves_each_caller_by_uid() {
     if common::skip_unless_root("the_control_socket_serves_each_caller_by_uid") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    // Other users must reach the socket: its mode is widened and only the
-    // agent's checks stand between them and other users' sessions.
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let _host = TestHost::start(dir.path());
-    let agent = start_agent(
-        dir.path(),
-        &file_cfg(dir.path(), "control_socket_mode = \"0666\""),
-    );
-    agent.wait_connected();
+    let (_dir, _host, agent) = shared_socket_agent("");
     // Two users every Debian system has: nobody (65534) and daemon (1).
     agent.ok(&["login", "--user", "nobody", "--session", "sn"]);
     agent.ok(&["login", "--user", "daemon", "--session", "sd"]);
@@ -453,14 +458,7 @@ fn one_uid_cannot_hold_the_control_socket() {
     if common::skip_unless_root("one_uid_cannot_hold_the_control_socket") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let _host = TestHost::start(dir.path());
-    let agent = start_agent(
-        dir.path(),
-        &file_cfg(dir.path(), "control_socket_mode = \"0666\""),
-    );
-    agent.wait_connected();
+    let (_dir, _host, agent) = shared_socket_agent("");
     let mut holder = Command::new("/usr/bin/python3")
         .args(["-c", HOLDER])
         .arg(&agent.socket)
@@ -491,17 +489,9 @@ fn the_owner_override_grants_no_authority_over_other_sessions() {
     if common::skip_unless_root("the_owner_override_grants_no_authority_over_other_sessions") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let _host = TestHost::start(dir.path());
     // Every user's files belong to 65534 (nobody): that gives nobody no
     // say over daemon's session.
-    let cfg = format!(
-        "control_socket_mode = \"0666\"\n[uif]\nmode = \"file\"\npath = \"{}/uif/{{user}}.img\"\nowner = \"65534:65534\"\n",
-        dir.path().display()
-    );
-    let agent = start_agent(dir.path(), &cfg);
-    agent.wait_connected();
+    let (_dir, _host, agent) = shared_socket_agent("owner = \"65534:65534\"\n");
     agent.ok(&["login", "--user", "nobody", "--session", "on"]);
     agent.ok(&["login", "--user", "daemon", "--session", "od"]);
     let out = as_uid(&agent, 65534, &["logout", "--session", "od"]);

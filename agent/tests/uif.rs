@@ -167,12 +167,8 @@ fn directory_mode_round_trip_with_owner_and_excludes() {
 
 /// The pid of the first child of `parent` whose command line holds
 /// `needle`, stopped with SIGSTOP (polled for up to 60 s) once it has made
-/// itself non-dumpable (which it must).
-fn stop_child(parent: u32, needle: &'static str) -> std::thread::JoinHandle<Option<i32>> {
-    stop_child_in(parent, needle, None)
-}
-
-/// [`stop_child`], of a child working in `cwd` if given.
+/// itself non-dumpable (which it must); only one working in `cwd` if
+/// given.
 fn stop_child_in(
     parent: u32,
     needle: &'static str,
@@ -220,16 +216,13 @@ fn a_stopped_pack_child_is_killed_within_seconds_and_the_home_kept() {
         return;
     }
     let (dir, host) = host_in_tempdir();
-    let cfg = format!(
-        "[uif]\nmode = \"directory\"\nhome = \"{}/home/{{user}}\"\n",
-        dir.path().display()
-    );
+    let cfg = directory_cfg(dir.path(), "");
     let agent = start_agent(dir.path(), &cfg);
     agent.wait_connected();
     agent.ok(&["login", "--user", "nobody", "--session", "p1"]);
     let home = dir.path().join("home/nobody");
     many_files(&home);
-    let stopper = stop_child(agent.pid().unwrap(), "pack-home");
+    let stopper = stop_child_in(agent.pid().unwrap(), "pack-home", None);
     let out = agent.cli(&["logout", "--session", "p1"]);
     assert!(stopper.join().unwrap().is_some(), "no pack-home child seen");
     let said = format!(
@@ -243,14 +236,16 @@ fn a_stopped_pack_child_is_killed_within_seconds_and_the_home_kept() {
         host.with(|h| h.head_bytes("nobody")).is_none(),
         "nothing committed"
     );
-    let files: usize = (0..100)
-        .map(|d| {
-            std::fs::read_dir(home.join(format!("d{d}")))
-                .unwrap()
-                .count()
-        })
-        .sum();
-    assert_eq!(files, 20_000, "the home is left as it was");
+    assert_eq!(files_in(&home), 20_000, "the home is left as it was");
+}
+
+/// A directory-mode configuration with homes under `dir/home`, after the
+/// top-level lines `top`.
+fn directory_cfg(dir: &Path, top: &str) -> String {
+    format!(
+        "{top}[uif]\nmode = \"directory\"\nhome = \"{}/home/{{user}}\"\n",
+        dir.display()
+    )
 }
 
 /// 20,000 small files in `home` (20 MiB): a pack of it runs long enough
@@ -265,6 +260,17 @@ fn many_files(home: &Path) {
     }
 }
 
+/// The files [`many_files`] made that are still in `home`.
+fn files_in(home: &Path) -> usize {
+    (0..100)
+        .map(|d| {
+            std::fs::read_dir(home.join(format!("d{d}")))
+                .unwrap()
+                .count()
+        })
+        .sum()
+}
+
 #[test]
 fn one_users_stopped_pack_child_costs_no_other_user_the_shutdown_flush() {
     if common::skip_unless_root(
@@ -275,10 +281,7 @@ fn one_users_stopped_pack_child_costs_no_other_user_the_shutdown_flush() {
     let (dir, host) = host_in_tempdir();
     // A shutdown budget shorter than the 5 s a stopped child is given:
     // only a flush that does not wait behind daemon's commits nobody's.
-    let cfg = format!(
-        "shutdown_flush_secs = 3\n[uif]\nmode = \"directory\"\nhome = \"{}/home/{{user}}\"\n",
-        dir.path().display()
-    );
+    let cfg = directory_cfg(dir.path(), "shutdown_flush_secs = 3\n");
     let mut agent = start_agent(dir.path(), &cfg);
     agent.wait_connected();
     // daemon comes first in name order, the order flushes once ran in.
@@ -304,14 +307,11 @@ fn one_users_stopped_pack_child_costs_no_other_user_the_shutdown_flush() {
         .expect("nobody's work was not committed");
     assert!(tar_names(&tar).contains(&"notes.txt".to_string()));
     assert!(host.with(|h| h.head_bytes("daemon")).is_none());
-    let files: usize = (0..100)
-        .map(|d| {
-            std::fs::read_dir(homes.join(format!("daemon/d{d}")))
-                .unwrap()
-                .count()
-        })
-        .sum();
-    assert_eq!(files, 20_000, "daemon's home is left as it was");
+    assert_eq!(
+        files_in(&homes.join("daemon")),
+        20_000,
+        "daemon's home is left as it was"
+    );
 }
 
 /// A size-limited tmpfs mounted for a test, unmounted when dropped.
@@ -357,10 +357,7 @@ fn a_home_that_packs_past_the_state_floor_is_refused_and_leaves_nothing() {
     let (dir, host) = host_in_tempdir();
     // The agent's state on a 96 MiB filesystem of its own, 32 MiB floor.
     let small = SmallFs::mount(dir.path().join("state"), 96);
-    let cfg = format!(
-        "state_floor_mib = 32\n[uif]\nmode = \"directory\"\nhome = \"{}/home/{{user}}\"\n",
-        dir.path().display()
-    );
+    let cfg = directory_cfg(dir.path(), "state_floor_mib = 32\n");
     let agent = start_agent(dir.path(), &cfg);
     agent.wait_connected();
     agent.ok(&["login", "--user", "nobody", "--session", "b1"]);

@@ -381,35 +381,29 @@ pub struct UserLocks {
 }
 
 impl UserLocks {
+    /// The lock of `user` (made at first use).
+    fn of(&self, user: &UserName) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(user.clone())
+            .or_default()
+            .clone()
+    }
+
     /// Waits for `user`'s lock.
     pub async fn lock(&self, user: &UserName) -> UserGuard {
-        let lock = self
-            .locks
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(user.clone())
-            .or_default()
-            .clone();
         UserGuard {
             user: user.clone(),
-            _guard: lock.lock_owned().await,
+            _guard: self.of(user).lock_owned().await,
         }
     }
-}
 
-impl UserLocks {
     /// `user`'s lock if nobody holds it now (never waits).
     pub fn try_lock(&self, user: &UserName) -> Option<UserGuard> {
-        let lock = self
-            .locks
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(user.clone())
-            .or_default()
-            .clone();
         Some(UserGuard {
             user: user.clone(),
-            _guard: lock.try_lock_owned().ok()?,
+            _guard: self.of(user).try_lock_owned().ok()?,
         })
     }
 }
