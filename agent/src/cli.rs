@@ -155,4 +155,10 @@ fn print_status(resp: &ControlResponse) {
             crate::stores::preserve::human_size(s.preserved_bytes)
         );
     }
+    if s.held > 0 {
+        println!(
+            "HELD refused updates (over the preserved area's budget; their users cannot log in here): {}; see `uve-agent preserved list`",
+            s.held
+        );
+    }
 }

@@ -16,6 +16,10 @@
 //! state_floor_mib = 256            # a pack never leaves less free on the
 //!                                  # state filesystem (directory mode;
 //!                                  # at most a tenth of it)
+//! preserved_mib = 0                # refused updates kept aside, all users
+//!                                  # (0 = half the state filesystem)
+//! preserved_per_user_mib = 0       # one user's share (0 = a quarter);
+//!                                  # over it the bytes are held in place
 //!
 //! [uif]
 //! mode = "file"                    # or "directory", "disk"
@@ -197,6 +201,14 @@ pub struct Config {
     /// go below is stopped, its temp archive removed and the logout
     /// refused (the home stays as it is).
     pub state_floor_mib: u64,
+    /// MiB the preserved copies of refused updates may hold together; 0:
+    /// half the state filesystem. A refused update over it (or over one
+    /// user's share) is held in place instead, and that user's logins on
+    /// this VM are refused until root resolves it.
+    pub preserved_mib: u64,
+    /// MiB one user's preserved copies may hold together; 0: a quarter of
+    /// the state filesystem.
+    pub preserved_per_user_mib: u64,
     /// UIF materialisation.
     pub uif: UifConfig,
     /// How user names are read.
@@ -264,6 +276,8 @@ impl Default for Config {
             max_ua_bundle: 256 << 20,
             shutdown_flush_secs: 20,
             state_floor_mib: 256,
+            preserved_mib: 0,
+            preserved_per_user_mib: 0,
             uif: UifConfig::default(),
             users: UsersConfig::default(),
             disk: DiskConfig::default(),

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::{
-    AgentProc, LONG, TestHost, file_agent, file_cfg, host_in_tempdir, must, noise, start_agent,
-    start_agent_with_env, uif,
+    AgentProc, LONG, TestHost, connected_agent, file_agent, file_cfg, host_in_tempdir, must, noise,
+    start_agent, start_agent_with_env, uif,
 };
 use uve_protocol::message::ErrorCode;
 
@@ -187,6 +187,65 @@ fn directory_mode_refusal_preserves_the_packed_home() {
     agent.ok(&["preserved", "push", "--id", id]);
     let c = host.last_commit();
     assert_eq!(host.with(|h| h.version_bytes("dora", c.version)), Some(tar));
+}
+
+#[test]
+fn a_refusal_over_the_users_preserved_share_is_held_and_blocks_only_that_users_logins() {
+    let (dir, host) = host_in_tempdir();
+    let agent = connected_agent(
+        dir.path(),
+        &file_cfg(dir.path(), "preserved_per_user_mib = 1"),
+    );
+    let seed = noise(512 << 10, 5);
+    let v1 = host.with(|h| h.seed("hana", &seed));
+    agent.ok(&["login", "--user", "hana", "--session", "h1"]);
+    let img = uif(dir.path(), "hana");
+    let work = noise(2 << 20, 8);
+    std::fs::write(&img, &work).unwrap();
+    host.with(|h| h.refuse_updates = Some(ErrorCode::QuotaExceeded));
+    let out = agent.cli(&["logout", "--session", "h1"]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("REFUSED")
+            && said.contains("HELD")
+            && said.contains("preserved_per_user_mib"),
+        "{said}"
+    );
+    let copy = preserved(&agent).pop().expect("a held copy");
+    assert_eq!(copy["bytes"].as_str().unwrap(), img.to_str().unwrap());
+    assert!(copy["held"].as_str().unwrap().contains("share"), "{copy}");
+    assert_eq!(agent.status()["held"], 1);
+    assert_eq!(agent.status()["preserved"], 0);
+    assert_eq!(std::fs::read(&img).unwrap(), work, "held where she left it");
+    // Her next login is refused with the way out; her bytes stay.
+    host.with(|h| h.refuse_updates = None);
+    let out = agent.cli(&["login", "--user", "hana", "--session", "h2"]);
+    let said = text(&out);
+    let id = copy["id"].as_str().unwrap();
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("overwrite unsaved work") && said.contains(id),
+        "{said}"
+    );
+    assert_eq!(std::fs::read(&img).unwrap(), work);
+    // Other users are not held back.
+    agent.ok(&["login", "--user", "ivo", "--session", "i1"]);
+    agent.ok(&["logout", "--session", "i1"]);
+    // Root pushes it once the cause is fixed: a conflict version with her
+    // bytes, the head unchanged; then she logs in to the head.
+    let said = agent.ok(&["preserved", "push", "--id", id]);
+    assert!(said.contains("conflict version"), "{said}");
+    let c = host.last_commit();
+    assert!(c.conflict && c.user == "hana", "{c:?}");
+    assert_eq!(
+        host.with(|h| h.version_bytes("hana", c.version)),
+        Some(work)
+    );
+    assert_eq!(agent.status()["held"], 0);
+    let said = agent.ok(&["login", "--user", "hana", "--session", "h3"]);
+    assert!(said.contains(&format!("retrieved version {v1}")), "{said}");
+    assert_eq!(std::fs::read(&img).unwrap(), seed);
 }
 
 #[test]
@@ -360,6 +419,7 @@ fn status_shows_only_its_own(agent: &AgentProc, uid: u32, mine: &str) {
         "monitor_grants",
         "preserved",
         "preserved_bytes",
+        "held",
     ] {
         assert!(v["status"].get(field).is_none(), "{field} shown: {v}");
         assert!(

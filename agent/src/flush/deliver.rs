@@ -2,7 +2,8 @@
 //! after a reconnect — and deciding, by the host's answer, what happens to
 //! its bytes: committed or kept as a conflict (the entry goes), a
 //! transient failure (the entry stays), a final refusal (the bytes move
-//! to the preserved area first, then the entry goes).
+//! to the preserved area first, or are held in place when it has no room
+//! for them, then the entry goes).
 
 use uve_protocol::manifest::{Hash, Manifest};
 use uve_protocol::message::{UpdateBegin, UpdateCause, Version, WireError};
@@ -10,7 +11,7 @@ use uve_protocol::message::{UpdateBegin, UpdateCause, Version, WireError};
 use super::{FlushOutcome, Flusher, Kept};
 use crate::link::Connected;
 use crate::stores::cache;
-use crate::stores::preserve::Refused;
+use crate::stores::preserve::{Budget, Refused};
 use crate::stores::session::UserGuard;
 use crate::stores::spool::SpoolEntry;
 use crate::uif::update::{self, UpdateOutcome};
@@ -146,10 +147,11 @@ impl Flusher {
 
     /// The host refused `entry` for good: moves its bytes into the
     /// preserved area (or leaves them where a session still has them
-    /// attached), then drops the entry. If the bytes cannot be moved, the
-    /// entry stays in the spool, so no retrieve may overwrite its file
-    /// (logins of the user fail with "pending update" until it is
-    /// resolved).
+    /// attached; or holds them in place when the area's budget has no
+    /// room: see [`crate::stores::preserve`]), then drops the entry. If
+    /// the bytes cannot be moved, the entry stays in the spool, so no
+    /// retrieve may overwrite its file (logins of the user fail with
+    /// "pending update" until it is resolved).
     async fn keep_refused(&self, entry: &SpoolEntry, refusal: WireError) -> FlushOutcome {
         let attached = self.table.uif(&entry.user).is_some()
             && self.config.get().uif_path(&entry.user) == entry.file;
@@ -167,6 +169,7 @@ impl Flusher {
             entry.clone(),
             refusal.clone(),
         );
+        let cfg = self.config.get();
         let kept = blocking(move || {
             let what = Refused {
                 user: &e2.user,
@@ -176,21 +179,34 @@ impl Flusher {
                 file: &e2.file,
                 refusal: &r2,
             };
-            let copy = preserved
-                .keep(&what)
-                .map_err(|e| UifError::at("preserve", &e2.file, e))?;
-            // The file the cache describes is gone.
+            let size = std::fs::symlink_metadata(&e2.file)
+                .map_err(|e| UifError::at("preserve", &e2.file, e))?
+                .len();
+            let kept = match preserved.no_room(&e2.user, size, preserved_budget(&cfg, &state_dir)) {
+                None => Kept::Preserved(Box::new(
+                    preserved
+                        .keep(&what)
+                        .map_err(|e| UifError::at("preserve", &e2.file, e))?,
+                )),
+                Some(why) => {
+                    let at = held_at(&cfg, &e2.user, &e2.file);
+                    Kept::Held(Box::new(
+                        preserved
+                            .hold(&what, &at, why)
+                            .map_err(|e| UifError::at("hold", &e2.file, e))?,
+                    ))
+                }
+            };
+            // The file the cache describes is gone (or must never be
+            // trusted as a cache of a committed version).
             cache::forget(&state_dir, &e2.user);
-            Ok(copy)
+            Ok(kept)
         })
         .await;
         match kept {
-            Ok(copy) => {
+            Ok(kept) => {
                 self.spool.remove(entry.id).await;
-                FlushOutcome::Refused {
-                    refusal,
-                    kept: Kept::Preserved(copy),
-                }
+                FlushOutcome::Refused { refusal, kept }
             }
             Err(e) => {
                 tracing::error!(user = %entry.user, id = entry.id, "cannot preserve refused update, keeping it spooled: {e}");
@@ -288,5 +304,31 @@ impl Flusher {
                 return;
             }
         }
+    }
+}
+
+/// The preserved area's budget under `cfg`, on the filesystem of
+/// `state_dir` (its size decides the defaults).
+fn preserved_budget(cfg: &crate::config::Config, state_dir: &std::path::Path) -> Budget {
+    let fs_size = nix::sys::statvfs::statvfs(state_dir)
+        .map(|st| st.blocks().saturating_mul(st.fragment_size()))
+        .unwrap_or(0);
+    Budget::new(cfg.preserved_mib, cfg.preserved_per_user_mib, fs_size)
+}
+
+/// Where a refused update of `user` whose bytes are `file` is held in
+/// place: the file itself, except in directory mode, where the home it
+/// was packed from holds the same bytes (the archive is removed), unless
+/// the home is not there as a directory.
+fn held_at(cfg: &crate::config::Config, user: &str, file: &std::path::Path) -> std::path::PathBuf {
+    if cfg.uif.mode != crate::config::UifMode::Directory {
+        return file.to_path_buf();
+    }
+    let account = crate::base::accounts::lookup(user).ok();
+    let home = cfg.home_path(user, account.as_ref());
+    if std::fs::symlink_metadata(&home).is_ok_and(|m| m.is_dir()) {
+        home
+    } else {
+        file.to_path_buf()
     }
 }

@@ -116,10 +116,14 @@ impl Flusher {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kept {
     /// Moved into the preserved area.
-    Preserved(PreservedCopy),
+    Preserved(Box<PreservedCopy>),
     /// Still at the UIF path, which is still attached to a session (a
     /// shutdown flush): the session's next flush sends them again.
     InPlace(PathBuf),
+    /// Over the preserved area's budget: held where the user left them
+    /// (see [`crate::stores::preserve`]); the user's logins on this VM are
+    /// refused until root pushes or deletes the copy.
+    Held(Box<PreservedCopy>),
 }
 
 /// What a flush achieved.
@@ -183,6 +187,17 @@ impl std::fmt::Display for FlushOutcome {
                         f,
                         "the UIF stays attached at {}; the session's next flush sends it again",
                         p.display()
+                    ),
+                    Kept::Held(c) => write!(
+                        f,
+                        "the UIF ({}) could not be set aside ({}), so it is HELD where it is, at {}; \
+                         {}'s logins on this VM are refused until root runs \
+                         `uve-agent preserved push --id {}` once the cause is fixed",
+                        human_size(c.size),
+                        c.held.as_deref().unwrap_or_default(),
+                        c.bytes.display(),
+                        c.user,
+                        c.id
                     ),
                 }
             }
@@ -452,7 +467,7 @@ mod tests {
         assert_eq!(std::fs::read(&copy.bytes).unwrap(), data);
         assert!(!rig.uif("ben").exists());
         assert_eq!(f.spool.count(), 0);
-        assert_eq!(f.preserved.list(), vec![copy]);
+        assert_eq!(f.preserved.list(), vec![*copy]);
     }
 
     #[tokio::test]

@@ -224,6 +224,11 @@ impl Lifecycle {
         if self.table.uif(user).is_some() {
             return Ok(Attached::AlreadyAttached);
         }
+        // A refused update held in place sits where the retrieve would
+        // write: never overwrite it.
+        if let Some(held) = self.flusher.preserved().held_for(user) {
+            return Err(LifecycleError::Held(held.describe()));
+        }
         let cfg = self.config.get();
         self.make_room_for_disk(guard, &cfg)
             .await

@@ -73,6 +73,10 @@ pub enum LifecycleError {
     /// Journalling failed.
     #[error("cannot journal: {0}")]
     Journal(std::io::Error),
+    /// The user's last update was refused and is held in place (over the
+    /// preserved area's budget): a retrieve would overwrite it.
+    #[error("refused: a login now would overwrite unsaved work on this VM: {0}")]
+    Held(String),
     /// No preserved copy has this id.
     #[error("no preserved copy {0} (see `uve-agent preserved list`)")]
     NoSuchPreserved(String),

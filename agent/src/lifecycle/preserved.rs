@@ -2,16 +2,17 @@
 //! control socket: list, export, delete, and push to the host as a
 //! conflict version once the operator fixed the cause.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use uve_protocol::message::{UpdateBegin, UpdateCause};
 
 use super::{Lifecycle, LifecycleError};
+use crate::config::UifMode;
 use crate::flush::FlushOutcome;
 use crate::stores::preserve::PreservedCopy;
 use crate::uif::update::{self, UpdateOutcome};
-use crate::uif::{UifError, blocking, uif_err};
+use crate::uif::{UifError, blocking, materialise, uif_err};
 
 impl Lifecycle {
     /// Every preserved copy, oldest first.
@@ -50,6 +51,8 @@ impl Lifecycle {
     /// `None`, so it can never replace the user's head; a user without
     /// any version yet gets it as their first). Removes the copy once the
     /// host took it, unless `keep`. A refusal leaves the copy as it is.
+    /// A copy held in place in a home (directory mode) is packed again
+    /// first, as a logout would.
     pub async fn push_preserved(
         &self,
         id: &str,
@@ -67,11 +70,13 @@ impl Lifecycle {
             .wait(wait)
             .await
             .ok_or_else(|| uif_err(&user)(UifError::NotConnected))?;
-        let path = copy.bytes.clone();
+        let path = self.pushable(&copy).await?;
+        let packed = path != copy.bytes;
         let params = self.config.get().chunk_params();
+        let at = path.clone();
         let manifest = blocking(move || {
-            uve_protocol::chunker::chunk_file_with(&path, params)
-                .map_err(|e| UifError::at("chunk", &path, e))
+            uve_protocol::chunker::chunk_file_with(&at, params)
+                .map_err(|e| UifError::at("chunk", &at, e))
         })
         .await
         .map_err(uif_err(&user))?;
@@ -83,7 +88,7 @@ impl Lifecycle {
             header: manifest.header,
             cause: UpdateCause::Spooled,
         };
-        let outcome = update::upload(&c.link, &copy.bytes, &manifest, begin, None)
+        let outcome = update::upload(&c.link, &path, &manifest, begin, None)
             .await
             .map_err(uif_err(&user))?;
         let outcome = match outcome {
@@ -91,6 +96,9 @@ impl Lifecycle {
             UpdateOutcome::Conflict { kept_as, head } => FlushOutcome::Conflict { kept_as, head },
         };
         tracing::info!(%user, id, "preserved copy pushed: {outcome}");
+        if packed {
+            let _ = std::fs::remove_file(&path);
+        }
         if !keep {
             let (preserved, id) = (preserved.clone(), id.to_string());
             blocking(move || {
@@ -102,5 +110,32 @@ impl Lifecycle {
             .map_err(uif_err(&user))?;
         }
         Ok(outcome)
+    }
+
+    /// The file to send for `copy`: its bytes, or for a copy held in place
+    /// in a home, that home packed into the user's archive path.
+    async fn pushable(&self, copy: &PreservedCopy) -> Result<PathBuf, LifecycleError> {
+        let held_home =
+            copy.held.is_some() && std::fs::symlink_metadata(&copy.bytes).is_ok_and(|m| m.is_dir());
+        if !held_home {
+            return Ok(copy.bytes.clone());
+        }
+        let user = &copy.user;
+        let cfg = self.config.get();
+        if cfg.uif.mode != UifMode::Directory {
+            return Err(uif_err(user)(UifError::io(
+                format!("push held copy {}", copy.id),
+                std::io::Error::other(format!(
+                    "it is held in the home {}, but uif.mode is no longer \"directory\": copy the files from there",
+                    copy.bytes.display()
+                )),
+            ))
+            .into());
+        }
+        let (_, account) = self.identify(user).await?;
+        materialise::detach(&cfg, user, account.as_ref(), &copy.session, false)
+            .await
+            .map_err(uif_err(user))?;
+        Ok(cfg.uif_path(user))
     }
 }

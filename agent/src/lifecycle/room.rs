@@ -5,7 +5,7 @@
 //! fits. They are caches of committed versions: that user's next login
 //! here fetches every data block again, nothing else is lost. Never
 //! removed: a disk attached on this VM, one with a pending (spooled)
-//! update, one whose device is recorded as served, one whose user has a
+//! update, one held in place as a refused update, one whose device is recorded as served, one whose user has a
 //! lifecycle running (the user's lock is held). The login then checks the
 //! room itself (and refuses with the figures if it still lacks it).
 
@@ -92,6 +92,7 @@ impl Lifecycle {
             };
             if self.table.uif(&c.user).is_some()
                 || self.flusher.spooled_for(&c.user) > 0
+                || self.flusher.preserved().held_for(&c.user).is_some()
                 || disk_home::has_device_record(&c.path)
             {
                 continue;

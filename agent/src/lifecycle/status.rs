@@ -45,6 +45,11 @@ pub struct VmWide {
     /// Bytes held by preserved copies.
     #[serde(default)]
     pub preserved_bytes: u64,
+    /// Refused updates held in place (over the preserved area's budget):
+    /// their users' logins on this VM are refused until root resolves
+    /// them. Not counted in `preserved`.
+    #[serde(default)]
+    pub held: usize,
     /// Control connections refused by the per-uid budget since the agent
     /// started (filled in by the control socket).
     #[serde(default)]
@@ -113,8 +118,13 @@ impl Lifecycle {
                 spooled_updates: self.flusher.pending_updates(),
                 pending_notices: self.notices.count(),
                 monitor_grants: 0,
-                preserved: preserved.len(),
-                preserved_bytes: preserved.iter().map(|c| c.size).sum(),
+                preserved: preserved.iter().filter(|c| c.held.is_none()).count(),
+                preserved_bytes: preserved
+                    .iter()
+                    .filter(|c| c.held.is_none())
+                    .map(|c| c.size)
+                    .sum(),
+                held: preserved.iter().filter(|c| c.held.is_some()).count(),
                 control_refused: 0,
             }),
         }

@@ -143,3 +143,124 @@ async fn a_restart_flushes_and_detaches_a_uif_no_session_holds() {
     assert_eq!(commits, 1, "kim's work was sent");
     assert_eq!(std::fs::read(rig.uif("kim")).unwrap(), b"kim's work");
 }
+
+/// `rig`'s configuration with `f` applied, put in force.
+fn reconfigure(rig: &Rig, f: impl FnOnce(&mut crate::config::Config)) {
+    let mut cfg = (*rig.lifecycle.config()).clone();
+    f(&mut cfg);
+    rig.lifecycle.reload(cfg);
+}
+
+#[tokio::test]
+async fn a_refusal_over_the_users_share_is_held_in_place_and_no_login_overwrites_it() {
+    use crate::flush::Kept;
+    use uve_protocol::testdata::noise;
+    let rig = Rig::new();
+    let lc = &rig.lifecycle;
+    reconfigure(&rig, |c| c.preserved_per_user_mib = 1);
+    rig.refuse_updates(Some(uve_protocol::ErrorCode::QuotaExceeded));
+    // The first refused update fits kim's 1 MiB share: set aside.
+    rig.login_and_write("kim", "k1", &noise(600_000, 1)).await;
+    let out = lc.logout(&name("k1")).await.unwrap().outcome;
+    assert!(
+        matches!(
+            &out,
+            FlushOutcome::Refused {
+                kept: Kept::Preserved(_),
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    // The second does not: held at the UIF path, the logout says so.
+    let second = noise(600_000, 2);
+    rig.login_and_write("kim", "k2", &second).await;
+    let out = lc.logout(&name("k2")).await.unwrap().outcome;
+    let said = out.to_string();
+    let FlushOutcome::Refused {
+        kept: Kept::Held(held),
+        ..
+    } = out
+    else {
+        panic!("not held: {out:?}");
+    };
+    assert!(
+        said.contains("HELD") && said.contains("preserved push"),
+        "{said}"
+    );
+    assert_eq!(held.bytes, rig.uif("kim"));
+    assert!(held.held.as_deref().unwrap().contains("share"), "{held:?}");
+    assert_eq!(std::fs::read(rig.uif("kim")).unwrap(), second);
+    assert_eq!(lc.flusher.spooled_for("kim"), 0, "not retried for ever");
+    // No login of kim may retrieve over the held bytes.
+    let err = lc.login("kim", &name("k3"), None).await.unwrap_err();
+    assert!(matches!(err, LifecycleError::Held(_)), "{err}");
+    assert!(err.to_string().contains(&held.id), "{err}");
+    assert_eq!(std::fs::read(rig.uif("kim")).unwrap(), second);
+    // Another user's refusal still fits their own share.
+    rig.login_and_write("lou", "l1", &noise(600_000, 3)).await;
+    let out = lc.logout(&name("l1")).await.unwrap().outcome;
+    assert!(
+        matches!(
+            &out,
+            FlushOutcome::Refused {
+                kept: Kept::Preserved(_),
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    // Root fixes the cause and pushes the held copy: kim logs in again.
+    rig.refuse_updates(None);
+    let uploads = rig.count(|r| matches!(r, Request::UpdateBegin(_)));
+    let pushed = lc.push_preserved(&held.id, false).await.unwrap();
+    assert_eq!(pushed, FlushOutcome::Committed(COMMITTED));
+    assert_eq!(
+        rig.count(|r| matches!(r, Request::UpdateBegin(_))),
+        uploads + 1
+    );
+    assert!(lc.flusher.preserved().held_for("kim").is_none());
+    lc.login("kim", &name("k4"), None).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_held_home_keeps_its_files_drops_the_archive_and_is_packed_again_to_push() {
+    use crate::flush::Kept;
+    let rig = Rig::new();
+    let lc = &rig.lifecycle;
+    let homes = rig.state().parent().unwrap().join("homes");
+    std::fs::create_dir_all(&homes).unwrap();
+    reconfigure(&rig, |c| {
+        c.uif.mode = crate::config::UifMode::Directory;
+        c.uif.home = format!("{}/{{user}}", homes.display());
+        c.preserved_per_user_mib = 1;
+    });
+    rig.refuse_updates(Some(uve_protocol::ErrorCode::QuotaExceeded));
+    lc.login("max", &name("m1"), None).await.unwrap();
+    let work = uve_protocol::testdata::noise(2_000_000, 4);
+    std::fs::write(homes.join("max/thesis.odt"), &work).unwrap();
+    let out = lc.logout(&name("m1")).await.unwrap().outcome;
+    let FlushOutcome::Refused {
+        kept: Kept::Held(held),
+        ..
+    } = out
+    else {
+        panic!("not held: {out:?}");
+    };
+    assert_eq!(held.bytes, homes.join("max"));
+    let archive = lc.config().uif_path("max");
+    assert!(!archive.exists(), "the archive's space is given back");
+    assert_eq!(lc.flusher.preserved().list(), vec![(*held).clone()]);
+    let err = lc.login("max", &name("m2"), None).await.unwrap_err();
+    assert!(matches!(err, LifecycleError::Held(_)), "{err}");
+    assert_eq!(std::fs::read(homes.join("max/thesis.odt")).unwrap(), work);
+    // Export cannot copy a directory; push packs the home again.
+    let to = rig.state().parent().unwrap().join("export");
+    assert!(lc.export_preserved(&held.id, &to).await.is_err());
+    rig.refuse_updates(None);
+    let pushed = lc.push_preserved(&held.id, false).await.unwrap();
+    assert_eq!(pushed, FlushOutcome::Committed(COMMITTED));
+    assert!(!archive.exists());
+    assert!(lc.flusher.preserved().list().is_empty());
+    assert_eq!(std::fs::read(homes.join("max/thesis.odt")).unwrap(), work);
+}

@@ -19,6 +19,16 @@
 //! `uve-agent preserved push` (once the host took it) or `preserved
 //! delete` remove one. Copies keep their disk space until then; when the
 //! disk is full, retrieves fail with an error instead of reclaiming it.
+//!
+//! The area has a budget ([`Budget`]: all copies together, and one user's
+//! share, so that one user's refusals cannot take the room another's
+//! would need). A refused update that does not fit is **held in place**
+//! instead: its bytes stay where the user left them (the image at the UIF
+//! path; in directory mode the home, whose temporary archive is removed),
+//! and a record with `held` saying why marks them. While a user has a
+//! held copy, their logins on this VM are refused, because a retrieve
+//! would overwrite the held bytes; `preserved push` or `preserved delete`
+//! resolves it.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -54,13 +64,22 @@ pub struct PreservedCopy {
     pub origin: PathBuf,
     /// When they were preserved (Unix ms).
     pub created: u64,
+    /// Set when the copy did not fit the preserved area's budget: the
+    /// bytes are held in place at `bytes` (the UIF path, or the home in
+    /// directory mode, a directory) and this says why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
 }
 
 impl PreservedCopy {
     /// One line for people: what, whose, why, where.
     pub fn describe(&self) -> String {
-        format!(
-            "preserved copy {} of {}'s UIF ({}, from session {}) at {}; the host refused it: {:?}: {}",
+        let what = match &self.held {
+            None => "preserved copy",
+            Some(_) => "held copy",
+        };
+        let mut line = format!(
+            "{what} {} of {}'s UIF ({}, from session {}) at {}; the host refused it: {:?}: {}",
             self.id,
             self.user,
             human_size(self.size),
@@ -68,7 +87,45 @@ impl PreservedCopy {
             self.bytes.display(),
             self.code,
             self.reason
-        )
+        );
+        if let Some(why) = &self.held {
+            line.push_str(&format!(
+                "; held in place, not preserved ({why}): logins of {} on this VM are refused \
+                 until root runs `uve-agent preserved push --id {}` (once the cause is fixed) \
+                 or `preserved delete --id {}` (discarding these bytes)",
+                self.user, self.id, self.id
+            ));
+        }
+        line
+    }
+}
+
+/// How many bytes the preserved area may hold (held copies count for
+/// nothing: their bytes are where they would be anyway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// All copies together.
+    pub all: u64,
+    /// One user's copies together.
+    pub per_user: u64,
+}
+
+impl Budget {
+    /// The budget from the configured MiB (0: the default share of the
+    /// state filesystem, `fs_size` bytes: half for all copies, a quarter
+    /// for one user's).
+    pub fn new(all_mib: u64, per_user_mib: u64, fs_size: u64) -> Budget {
+        let or = |mib: u64, share: u64| {
+            if mib == 0 {
+                fs_size / share
+            } else {
+                mib.saturating_mul(1 << 20)
+            }
+        };
+        Budget {
+            all: or(all_mib, 2),
+            per_user: or(per_user_mib, 4),
+        }
     }
 }
 
@@ -119,26 +176,50 @@ impl Preserved {
         }
     }
 
+    /// Why `size` more bytes of `user` do not fit `budget`, or `None`
+    /// when they do.
+    pub fn no_room(&self, user: &str, size: u64, budget: Budget) -> Option<String> {
+        let kept = self.list();
+        let sum = |mine: bool| -> u64 {
+            kept.iter()
+                .filter(|c| c.held.is_none() && (!mine || c.user == user))
+                .map(|c| c.size)
+                .sum()
+        };
+        let (all, theirs) = (sum(false), sum(true));
+        if theirs.saturating_add(size) > budget.per_user {
+            Some(format!(
+                "{user}'s preserved copies hold {} and this one is {}: over one user's share of \
+                 {} (preserved_per_user_mib)",
+                human_size(theirs),
+                human_size(size),
+                human_size(budget.per_user)
+            ))
+        } else if all.saturating_add(size) > budget.all {
+            Some(format!(
+                "the preserved copies on this VM hold {} and this one is {}: over their budget \
+                 of {} (preserved_mib)",
+                human_size(all),
+                human_size(size),
+                human_size(budget.all)
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Whether `user` has a copy held in place (their logins must not
+    /// retrieve over it).
+    pub fn held_for(&self, user: &str) -> Option<PreservedCopy> {
+        self.for_user(user).into_iter().find(|c| c.held.is_some())
+    }
+
     /// Moves the refused update's file into the preserved area (see the
     /// module header for the order of writes) and returns its record.
     pub fn keep(&self, what: &Refused<'_>) -> io::Result<PreservedCopy> {
-        fsutil::ensure_dir(&self.dir)?;
-        let raw = fsutil::random_u64();
-        let id = format!("{raw:016x}");
-        let size = std::fs::symlink_metadata(what.file)?.len();
-        let mut copy = PreservedCopy {
-            id: id.clone(),
-            user: what.user.clone(),
-            session: what.session.clone(),
-            cause: what.cause,
-            base: what.base,
-            code: what.refusal.code,
-            reason: what.refusal.message.clone(),
-            size,
-            bytes: self.dir.join(format!("{id}.uif")),
-            origin: what.file.to_path_buf(),
-            created: fsutil::now_ms(),
-        };
+        let mut copy = self.record(what)?;
+        let id = copy.id.clone();
+        copy.bytes = self.dir.join(format!("{id}.uif"));
         fsutil::write_json(&self.record_path(&id), &copy)?;
         match std::fs::rename(what.file, &copy.bytes) {
             Ok(()) => {}
@@ -158,10 +239,56 @@ impl Preserved {
             user = %what.user,
             id,
             bytes = %copy.bytes.display(),
-            size,
+            size = copy.size,
             "update refused for good; its bytes are preserved"
         );
         Ok(copy)
+    }
+
+    /// Records the refused update as held in place at `at` (the UIF file
+    /// itself, or the home the archive was packed from) because of `why`;
+    /// then, if `at` is not the UIF file, removes that file (the archive:
+    /// the home holds the same bytes). The record is durable first.
+    pub fn hold(&self, what: &Refused<'_>, at: &Path, why: String) -> io::Result<PreservedCopy> {
+        let mut copy = self.record(what)?;
+        copy.bytes = at.to_path_buf();
+        copy.held = Some(why);
+        fsutil::write_json(&self.record_path(&copy.id), &copy)?;
+        if at != what.file {
+            std::fs::remove_file(what.file)?;
+            fsutil::sync_parent(what.file)?;
+        }
+        tracing::error!(
+            user = %what.user,
+            id = copy.id,
+            bytes = %copy.bytes.display(),
+            size = copy.size,
+            why = copy.held.as_deref().unwrap_or_default(),
+            "update refused for good and over the preserved area's budget: held in place; \
+             the user's logins on this VM are refused until it is pushed or deleted"
+        );
+        Ok(copy)
+    }
+
+    /// A new record (not yet written) for `what`, with a fresh id.
+    fn record(&self, what: &Refused<'_>) -> io::Result<PreservedCopy> {
+        fsutil::ensure_dir(&self.dir)?;
+        let id = format!("{:016x}", fsutil::random_u64());
+        let size = std::fs::symlink_metadata(what.file)?.len();
+        Ok(PreservedCopy {
+            id,
+            user: what.user.clone(),
+            session: what.session.clone(),
+            cause: what.cause,
+            base: what.base,
+            code: what.refusal.code,
+            reason: what.refusal.message.clone(),
+            size,
+            bytes: PathBuf::new(),
+            origin: what.file.to_path_buf(),
+            created: fsutil::now_ms(),
+            held: None,
+        })
     }
 
     /// Every copy whose bytes exist, oldest first.
@@ -173,7 +300,10 @@ impl Preserved {
             .filter_map(Result::ok)
             .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
             .filter_map(|e| fsutil::read_json::<PreservedCopy>(&e.path()).ok().flatten())
-            .filter(|c| std::fs::symlink_metadata(&c.bytes).is_ok_and(|m| m.is_file()))
+            .filter(|c| {
+                std::fs::symlink_metadata(&c.bytes)
+                    .is_ok_and(|m| m.is_file() || (c.held.is_some() && m.is_dir()))
+            })
             .collect();
         out.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
         out
@@ -189,13 +319,17 @@ impl Preserved {
         self.list().into_iter().find(|c| c.id == id)
     }
 
-    /// Deletes copy `id`: its bytes, then its record.
+    /// Deletes copy `id`: its bytes, then its record. A held copy's bytes
+    /// are the user's own UIF file or home: only its record goes (the
+    /// user's next login retrieves over them).
     pub fn remove(&self, id: &str) -> io::Result<()> {
         let copy = self
             .get(id)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such preserved copy"))?;
-        std::fs::remove_file(&copy.bytes)?;
-        fsutil::sync_parent(&copy.bytes)?;
+        if copy.held.is_none() {
+            std::fs::remove_file(&copy.bytes)?;
+            fsutil::sync_parent(&copy.bytes)?;
+        }
         std::fs::remove_file(self.record_path(id))?;
         fsutil::sync_parent(&self.record_path(id))
     }
@@ -206,6 +340,12 @@ impl Preserved {
         let copy = self
             .get(id)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such preserved copy"))?;
+        if !std::fs::symlink_metadata(&copy.bytes)?.is_file() {
+            return Err(io::Error::other(format!(
+                "copy {id} is held in place in the home {}: copy the files from there",
+                copy.bytes.display()
+            )));
+        }
         let mut src = std::fs::File::open(&copy.bytes)?;
         let mut out = fsutil::create_private(to)?;
         let n = io::copy(&mut src, &mut out)?;
@@ -255,6 +395,58 @@ mod tests {
         p.remove(&copy.id).unwrap();
         assert!(p.list().is_empty());
         assert!(!copy.bytes.exists());
+    }
+
+    #[test]
+    fn the_budget_bounds_each_user_and_all_and_held_copies_count_for_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Preserved::new(&dir.path().join("state"));
+        let refusal = WireError::new(ErrorCode::QuotaExceeded, "over quota");
+        let keep = |user: &'static str, len: usize, held: bool| {
+            let uif = dir.path().join(format!("{user}-{len}.img"));
+            std::fs::write(&uif, vec![7u8; len]).unwrap();
+            let what = Refused {
+                user: &UserName::literal(user),
+                session: &SessionId::literal("s"),
+                cause: UpdateCause::Logout,
+                base: None,
+                file: &uif,
+                refusal: &refusal,
+            };
+            if held {
+                p.hold(&what, &uif, "test".into()).unwrap()
+            } else {
+                p.keep(&what).unwrap()
+            }
+        };
+        let budget = Budget {
+            all: 1000,
+            per_user: 600,
+        };
+        keep("ann", 500, false);
+        let why = p.no_room("ann", 101, budget).unwrap();
+        assert!(why.contains("share"), "{why}");
+        assert_eq!(p.no_room("ann", 100, budget), None);
+        assert_eq!(p.no_room("bob", 500, budget), None);
+        keep("bob", 450, false);
+        let why = p.no_room("cyd", 51, budget).unwrap();
+        assert!(why.contains("preserved_mib"), "{why}");
+        // A held copy stays where it is: it takes no room of the area,
+        // and deleting it drops the record only.
+        let held = keep("cyd", 5000, true);
+        assert_eq!(p.no_room("cyd", 50, budget), None);
+        assert_eq!(p.held_for("cyd"), Some(held.clone()));
+        p.remove(&held.id).unwrap();
+        assert!(held.bytes.exists(), "the user's bytes stay");
+        assert_eq!(p.held_for("cyd"), None);
+        assert_eq!(
+            Budget::new(0, 0, 4 << 30),
+            Budget {
+                all: 2 << 30,
+                per_user: 1 << 30
+            }
+        );
+        assert_eq!(Budget::new(3, 1, 4 << 30).per_user, 1 << 20);
     }
 
     #[test]
