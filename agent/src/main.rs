@@ -30,7 +30,7 @@ fn real_main() -> anyhow::Result<i32> {
             return daemon::run(cli.config.as_deref(), cli.socket).map(|()| 0);
         }
         Verb::PackHome { home, exclude } => {
-            return uve_agent::uif::materialise::pack_child(&home, &exclude).map(|()| 0);
+            return uve_agent::uif::home_pack::pack_child(&home, &exclude).map(|()| 0);
         }
         Verb::Login { user, session, ua } => (ControlRequest::Login { user, session, ua }, false),
         Verb::Logout { session } => (ControlRequest::Logout { session }, false),

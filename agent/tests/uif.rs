@@ -13,7 +13,7 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 use common::{
     AgentProc, LONG, TestHost, connected_agent, host_in_tempdir, must, noise, start_agent, uif,
@@ -237,6 +237,70 @@ fn a_stopped_pack_child_is_killed_within_seconds_and_the_home_kept() {
         "nothing committed"
     );
     assert_eq!(files_in(&home), 20_000, "the home is left as it was");
+}
+
+#[test]
+fn four_stopped_pack_children_hold_no_thread_another_login_needs() {
+    if common::skip_unless_root("four_stopped_pack_children_hold_no_thread_another_login_needs") {
+        return;
+    }
+    let (dir, _host) = host_in_tempdir();
+    let agent = start_agent(dir.path(), &directory_cfg(dir.path(), ""));
+    agent.wait_connected();
+    // As many users as the agent has blocking threads (4): each stops
+    // the child that packs their home at logout.
+    let users = ["daemon", "bin", "sys", "nobody"];
+    let homes = dir.path().join("home");
+    for user in users {
+        agent.ok(&["login", "--user", user, "--session", &format!("{user}-1")]);
+        many_files(&homes.join(user));
+    }
+    let logouts: Vec<Output> = std::thread::scope(|s| {
+        let stoppers: Vec<_> = users
+            .iter()
+            .map(|u| stop_child_in(agent.pid().unwrap(), "pack-home", Some(homes.join(u))))
+            .collect();
+        let running: Vec<_> = users
+            .iter()
+            .map(|u| {
+                let agent = &agent;
+                s.spawn(move || agent.cli(&["logout", "--session", &format!("{u}-1")]))
+            })
+            .collect();
+        let stopped: Vec<i32> = stoppers
+            .into_iter()
+            .map(|t| t.join().unwrap().expect("a pack-home child of each user"))
+            .collect();
+        // Another user's login needs the blocking threads (retrieve,
+        // fsync): it goes through while all four children are still
+        // stopped, none killed yet (that comes 5 s after each stop).
+        agent.ok(&["login", "--user", "zed", "--session", "z1"]);
+        for pid in &stopped {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(')')
+                .map(|(_, r)| r.trim_start().chars().next());
+            assert_eq!(
+                state,
+                Some(Some('T')),
+                "pack child {pid} no longer stopped when the login finished: {stat}"
+            );
+        }
+        running.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    for (user, out) in users.iter().zip(&logouts) {
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && said.contains("was stopped for more than"),
+            "{user}: {said}"
+        );
+        assert_eq!(
+            files_in(&homes.join(user)),
+            20_000,
+            "{user}'s home is left as it was"
+        );
+    }
+    agent.ok(&["logout", "--session", "z1"]);
 }
 
 /// A directory-mode configuration with homes under `dir/home`, after the

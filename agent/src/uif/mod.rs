@@ -1,10 +1,12 @@
 //! User Image Files in the guest: retrieving a version from the host
 //! ([`retrieve`]), uploading a new version ([`update`]) and making the UIF
-//! appear to the user ([`materialise`]). The bytes they keep between runs
+//! appear to the user ([`materialise`], a directory-mode home packed by
+//! [`home_pack`]). The bytes they keep between runs
 //! live in the stores beneath: the chunk cache, the spool and the
 //! preserved copies ([`crate::stores`]).
 
 pub mod disk_home;
+pub mod home_pack;
 pub mod materialise;
 pub mod retrieve;
 pub mod update;
