@@ -20,6 +20,9 @@
 //!                                  # (0 = half the state filesystem)
 //! preserved_per_user_mib = 0       # one user's share (0 = a quarter);
 //!                                  # over it the bytes are held in place
+//! cache_mib = 0                    # working copies of users not logged
+//!                                  # in here (0 = a quarter of the state
+//!                                  # filesystem); LRU beyond it removed
 //!
 //! [uif]
 //! mode = "file"                    # or "directory", "disk"
@@ -209,6 +212,11 @@ pub struct Config {
     /// MiB one user's preserved copies may hold together; 0: a quarter of
     /// the state filesystem.
     pub preserved_per_user_mib: u64,
+    /// MiB the working copies of users with no session on this VM may
+    /// keep (caches that make their next login here warm); 0: a quarter
+    /// of the state filesystem. Trimmed after each logout, least recently
+    /// used first.
+    pub cache_mib: u64,
     /// UIF materialisation.
     pub uif: UifConfig,
     /// How user names are read.
@@ -278,6 +286,7 @@ impl Default for Config {
             state_floor_mib: 256,
             preserved_mib: 0,
             preserved_per_user_mib: 0,
+            cache_mib: 0,
             uif: UifConfig::default(),
             users: UsersConfig::default(),
             disk: DiskConfig::default(),
@@ -363,6 +372,16 @@ impl Config {
         match self.owner_override() {
             Ok(Some(ids)) => Some(ids),
             _ => account.map(|a| (a.uid, a.gid)),
+        }
+    }
+
+    /// The cache budget in bytes on a state filesystem of `fs_size`
+    /// bytes (`cache_mib`, or a quarter of it when 0).
+    pub fn cache_budget(&self, fs_size: u64) -> u64 {
+        if self.cache_mib == 0 {
+            fs_size / 4
+        } else {
+            self.cache_mib.saturating_mul(1 << 20)
         }
     }
 

@@ -35,6 +35,7 @@ impl Lifecycle {
         self.announce_end(&guard, std::slice::from_ref(session))
             .await;
         tracing::info!(%user, %session, "logout: {ended}");
+        self.keep_cache_in_budget().await;
         Ok(ended)
     }
 
@@ -70,6 +71,7 @@ impl Lifecycle {
             .end_session(&guard, session, UpdateCause::Disconnect)
             .await?;
         tracing::warn!(%user, %session, reason, "unexpected disconnect: {ended}");
+        self.keep_cache_in_budget().await;
         Ok(ended)
     }
 
@@ -105,6 +107,7 @@ impl Lifecycle {
         };
         self.announce_end(&guard, &sessions).await;
         tracing::info!(%user, "released: {outcome}");
+        self.keep_cache_in_budget().await;
         match outcome {
             FlushOutcome::Committed(v) => Some(v),
             FlushOutcome::Nothing(_) | FlushOutcome::Unchanged(_) => spooled,
@@ -124,6 +127,14 @@ impl Lifecycle {
         let _ = self.table.mark_ended(guard, sessions).await;
         if let Some(c) = self.link.current() {
             self.deliver_ended(&c).await;
+        }
+    }
+
+    /// After a session's end: the working copies of users not logged in
+    /// here back within the cache budget (see [`super::room`]).
+    async fn keep_cache_in_budget(&self) {
+        if let Err(e) = self.trim_cache().await {
+            tracing::warn!("cannot trim the working copies to the cache budget: {e}");
         }
     }
 

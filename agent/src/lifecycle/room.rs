@@ -1,13 +1,24 @@
-//! Room for a profile disk: when the filesystem that holds the disks'
-//! working copies lacks what a login's disk needs (its growth to
-//! `[disk] size_mib`, or `reserve_mib`), the working copies other users
-//! left on this VM are removed, least recently used first, until it
-//! fits. They are caches of committed versions: that user's next login
-//! here fetches every data block again, nothing else is lost. Never
-//! removed: a disk attached on this VM, one with a pending (spooled)
-//! update, one held in place as a refused update, one whose device is recorded as served, one whose user has a
-//! lifecycle running (the user's lock is held). The login then checks the
-//! room itself (and refuses with the figures if it still lacks it).
+//! The working copies other users left on this VM: caches of committed
+//! versions, which make their next login here warm (only changed chunks
+//! or blocks are fetched). Two rules bound them, both by removing the
+//! least recently used copies first (by the last write: the logout or
+//! retrieve that left them):
+//!
+//! - **the cache budget** (`cache_mib`, default a quarter of the state
+//!   filesystem): after a logout, the copies of users with no session here
+//!   are trimmed to it;
+//! - **room for a profile disk**: when the filesystem that holds the disks
+//!   lacks what a login's disk needs (its growth to `[disk] size_mib`, or
+//!   `reserve_mib`), copies are removed until it fits; the login then
+//!   checks the room itself (and refuses with the figures if it still
+//!   lacks it).
+//!
+//! A removed copy costs its user a cold login here, nothing else. In file
+//! mode only images the agent keeps a cache record of count as copies
+//! (the image directory may hold other files). Never removed: a copy attached on this VM, one with a pending (spooled)
+//! update, one held in place as a refused update, one whose disk device
+//! is recorded as served, one whose user has a lifecycle running (the
+//! user's lock is held).
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -20,9 +31,6 @@ use crate::stores::cache;
 use crate::stores::session::UserGuard;
 use crate::uif::{UifError, blocking, disk_home};
 
-/// Suffix of a disk's working copy in `<state>/uif`.
-const DISK_SUFFIX: &str = ".disk";
-
 /// A working copy that could be removed.
 struct Cached {
     user: UserName,
@@ -31,9 +39,27 @@ struct Cached {
     held: u64,
 }
 
-/// The disks' working copies in `dir`, least recently used first (the
-/// last write: the logout or retrieve that left them).
-fn cached_disks(dir: &Path) -> Vec<Cached> {
+/// Where `cfg`'s working copies are: their directory, and the parts of a
+/// file name before and after the user's name. `None` when the UIF path
+/// template puts `{user}` anywhere but once in the file name (the copies
+/// cannot be listed).
+fn copies_of(cfg: &Config) -> Option<(PathBuf, String, String)> {
+    let template = match cfg.uif.mode {
+        UifMode::File => PathBuf::from(&cfg.uif.path),
+        UifMode::Directory | UifMode::Disk => cfg.uif_path("{user}"),
+    };
+    let dir = template.parent()?;
+    let name = template.file_name()?.to_str()?;
+    if dir.to_string_lossy().contains("{user}") || name.matches("{user}").count() != 1 {
+        return None;
+    }
+    let (before, after) = name.split_once("{user}")?;
+    Some((dir.to_path_buf(), before.to_string(), after.to_string()))
+}
+
+/// The working copies in `dir` named `<before><user><after>`, least
+/// recently used first.
+fn cached_copies(dir: &Path, before: &str, after: &str) -> Vec<Cached> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -41,7 +67,9 @@ fn cached_disks(dir: &Path) -> Vec<Cached> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            let user = UserName::new(name.strip_suffix(DISK_SUFFIX)?).ok()?;
+            let user = name.strip_prefix(before)?.strip_suffix(after)?;
+            // Temp files (`.<name>…`) are no one's copy.
+            let user = UserName::new(user).ok().filter(|u| !u.starts_with('.'))?;
             let meta = e.path().symlink_metadata().ok()?;
             if !meta.is_file() {
                 return None;
@@ -77,24 +105,97 @@ impl Lifecycle {
         if room.free >= room.need {
             return Ok(());
         }
-        let mut short = room.need - room.free;
-        let dir = image.parent().unwrap_or(Path::new("/")).to_path_buf();
-        let candidates = blocking(move || Ok(cached_disks(&dir))).await?;
-        for c in candidates {
-            if short == 0 {
+        let freed = self.evict(cfg, room.need - room.free).await?;
+        if freed > 0 {
+            tracing::warn!(
+                user = %guard.user(),
+                freed_mib = freed >> 20,
+                "no room for the profile disk: removed the least recently used working \
+                 copies of other users (their next login here fetches them again)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Trims the working copies of users not logged in here to the cache
+    /// budget (`cache_mib`), least recently used first. Returns the bytes
+    /// removed.
+    pub(super) async fn trim_cache(&self) -> Result<u64, UifError> {
+        let cfg = self.config.get();
+        let Some((dir, ..)) = copies_of(&cfg) else {
+            return Ok(0);
+        };
+        let fs_size = blocking(move || {
+            let at = dir
+                .ancestors()
+                .find(|d| d.is_dir())
+                .unwrap_or(Path::new("/"));
+            let st = nix::sys::statvfs::statvfs(at)
+                .map_err(|e| UifError::at("statvfs", at, e.into()))?;
+            Ok(st.blocks().saturating_mul(st.fragment_size()))
+        })
+        .await?;
+        let budget = cfg.cache_budget(fs_size);
+        let cached: u64 = self.removable(&cfg).await?.iter().map(|c| c.held).sum();
+        if cached <= budget {
+            return Ok(0);
+        }
+        let freed = self.evict(&cfg, cached - budget).await?;
+        tracing::info!(
+            cached_mib = cached >> 20,
+            budget_mib = budget >> 20,
+            freed_mib = freed >> 20,
+            "working copies of users not logged in here trimmed to the cache budget \
+             (cache_mib; their next login here fetches them again)"
+        );
+        Ok(freed)
+    }
+
+    /// The working copies that may go now, least recently used first (a
+    /// snapshot: [`Lifecycle::evict`] checks each again under its user's
+    /// lock).
+    async fn removable(&self, cfg: &Config) -> Result<Vec<Cached>, UifError> {
+        let Some((dir, before, after)) = copies_of(cfg) else {
+            return Ok(Vec::new());
+        };
+        // File mode's images may sit in a directory the operator shares
+        // with other files: only those the agent keeps a cache record of
+        // are its copies.
+        let recorded_only = cfg.uif.mode == UifMode::File;
+        let state_dir = self.state_dir.clone();
+        let all = blocking(move || {
+            let mut all = cached_copies(&dir, &before, &after);
+            if recorded_only {
+                all.retain(|c| cache::manifest_path(&state_dir, &c.user).exists());
+            }
+            Ok(all)
+        })
+        .await?;
+        Ok(all.into_iter().filter(|c| self.may_remove(c)).collect())
+    }
+
+    /// Whether nothing but a cache is at `c` now (see the module header).
+    fn may_remove(&self, c: &Cached) -> bool {
+        self.table.uif(&c.user).is_none()
+            && self.flusher.spooled_for(&c.user) == 0
+            && self.flusher.preserved().held_for(&c.user).is_none()
+            && !disk_home::has_device_record(&c.path)
+    }
+
+    /// Removes working copies, least recently used first, until `short`
+    /// bytes are freed or none is left that may go. Returns the bytes
+    /// freed.
+    async fn evict(&self, cfg: &Config, short: u64) -> Result<u64, UifError> {
+        let mut freed = 0u64;
+        for c in self.removable(cfg).await? {
+            if freed >= short {
                 break;
             }
-            if c.user == *guard.user() {
-                continue;
-            }
+            // A user whose lock is held has a lifecycle running: skipped.
             let Some(victim) = self.locks.try_lock(&c.user) else {
                 continue;
             };
-            if self.table.uif(&c.user).is_some()
-                || self.flusher.spooled_for(&c.user) > 0
-                || self.flusher.preserved().held_for(&c.user).is_some()
-                || disk_home::has_device_record(&c.path)
-            {
+            if !self.may_remove(&c) {
                 continue;
             }
             let (path, state_dir, user) = (c.path.clone(), self.state_dir.clone(), c.user.clone());
@@ -107,18 +208,12 @@ impl Lifecycle {
             drop(victim);
             match removed {
                 Ok(()) => {
-                    tracing::warn!(
-                        user = %guard.user(),
-                        evicted = %c.user,
-                        freed_mib = c.held >> 20,
-                        "no room for the profile disk: removed the least recently used \
-                         working copy of another user (its next login here fetches it again)"
-                    );
-                    short = short.saturating_sub(c.held);
+                    tracing::info!(evicted = %c.user, mib = c.held >> 20, "working copy removed");
+                    freed = freed.saturating_add(c.held);
                 }
-                Err(e) => tracing::warn!(evicted = %c.user, "making room: {e}"),
+                Err(e) => tracing::warn!(evicted = %c.user, "removing a working copy: {e}"),
             }
         }
-        Ok(())
+        Ok(freed)
     }
 }

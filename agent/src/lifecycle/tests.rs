@@ -264,3 +264,38 @@ async fn a_held_home_keeps_its_files_drops_the_archive_and_is_packed_again_to_pu
     assert!(lc.flusher.preserved().list().is_empty());
     assert_eq!(std::fs::read(homes.join("max/thesis.odt")).unwrap(), work);
 }
+
+#[tokio::test]
+async fn working_copies_of_logged_out_users_are_trimmed_to_the_cache_budget_lru_first() {
+    use uve_protocol::testdata::noise;
+    let rig = Rig::new();
+    let lc = &rig.lifecycle;
+    reconfigure(&rig, |c| c.cache_mib = 1);
+    // ned's update stays spooled (the host is busy for it): never evicted.
+    rig.login_and_write("ned", "n1", &noise(600_000, 1)).await;
+    rig.refuse_updates(Some(uve_protocol::ErrorCode::Busy));
+    let out = lc.logout(&name("n1")).await.unwrap().outcome;
+    assert!(matches!(out, FlushOutcome::Spooled(_)), "{out:?}");
+    rig.refuse_updates(None);
+    // opal stays logged in: never evicted.
+    rig.login_and_write("opal", "o1", &noise(600_000, 2)).await;
+    for (i, user) in ["pia", "quin", "ray"].into_iter().enumerate() {
+        let session = format!("{user}1");
+        rig.login_and_write(user, &session, &noise(400_000, 3 + i as u64))
+            .await;
+        let out = lc.logout(&name(&session)).await.unwrap().outcome;
+        assert_eq!(out, FlushOutcome::Committed(COMMITTED));
+    }
+    // After ray's logout the three copies (1.2 MB) were over the 1 MiB
+    // budget: pia's, the least recently used, went with her manifest, and
+    // that was enough.
+    let manifest = |u: &str| crate::stores::cache::manifest_path(rig.state(), u).exists();
+    assert!(!rig.uif("pia").exists() && !manifest("pia"));
+    assert!(rig.uif("quin").exists() && manifest("quin"));
+    assert!(rig.uif("ray").exists());
+    assert!(rig.uif("ned").exists(), "a spooled update's file stays");
+    assert!(rig.uif("opal").exists(), "an attached UIF stays");
+    // pia's next login is cold, and works.
+    let said = lc.login("pia", &name("pia2"), None).await.unwrap();
+    assert!(said.to_string().contains("new user"), "{said}");
+}
