@@ -113,7 +113,7 @@ impl Flusher {
 }
 
 /// Where the bytes of an update the host refused for good are.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Kept {
     /// Moved into the preserved area.
     Preserved(Box<PreservedCopy>),
@@ -126,8 +126,9 @@ pub enum Kept {
     Held(Box<PreservedCopy>),
 }
 
-/// What a flush achieved.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a flush achieved (serialisable: the latest session ends are kept
+/// across agent restarts for retried logouts).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FlushOutcome {
     /// The update is the user's new head.
     Committed(Version),

@@ -8,6 +8,9 @@ use uve_protocol::names::{SessionId, UserName};
 use super::{Lifecycle, LifecycleError};
 use crate::base::fsutil;
 use crate::flush::FlushOutcome;
+use crate::uif::{UifError, blocking};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::sync::PoisonError;
 
 use crate::stores::session::{NotDurable, UserGuard};
@@ -166,7 +169,7 @@ impl Lifecycle {
             let table = self.table.end(guard, session).await.err();
             let outcome =
                 FlushOutcome::Nothing(format!("{user} has {others} other open session(s)"));
-            return Ok(self.remember_end(session, outcome, table));
+            return Ok(self.remember_end(session, outcome, table).await);
         }
         // The session ends only once its UIF is committed, spooled or
         // preserved; until then it is marked ending, and a restarted agent
@@ -182,7 +185,7 @@ impl Lifecycle {
             other => other,
         };
         let table = self.table.end(guard, session).await.err().or(marked);
-        Ok(self.remember_end(session, outcome, table))
+        Ok(self.remember_end(session, outcome, table).await)
     }
 
     /// Delivers the spooled updates of `guard`'s user now (waiting a
@@ -201,21 +204,35 @@ impl Lifecycle {
     }
 
     /// Keeps the outcome of `session`'s end for a retried logout of it
-    /// ([`RECENT_ENDS`] at most), and returns it.
-    fn remember_end(
+    /// ([`RECENT_ENDS`] at most, also on disk: a retry may come after an
+    /// agent restart), and returns it.
+    async fn remember_end(
         &self,
         session: &SessionId,
         outcome: FlushOutcome,
         table: Option<NotDurable>,
     ) -> Ended {
-        let mut recent = self
-            .recent_ends
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if recent.len() >= RECENT_ENDS {
-            recent.pop_front();
+        let snapshot = {
+            let mut recent = self
+                .recent_ends
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if recent.len() >= RECENT_ENDS {
+                recent.pop_front();
+            }
+            recent.push_back((session.clone(), outcome.clone()));
+            recent.clone()
+        };
+        let path = recent_ends_path(&self.state_dir);
+        let written = blocking(move || {
+            fsutil::write_json(&path, &snapshot).map_err(|e| UifError::at("write", &path, e))
+        })
+        .await;
+        if let Err(e) = written {
+            // The outcome stands; only a retry after a restart would not
+            // find it.
+            tracing::warn!(%session, "the end is remembered in memory only: {e}");
         }
-        recent.push_back((session.clone(), outcome.clone()));
         Ended {
             outcome,
             table,
@@ -258,6 +275,31 @@ pub struct Ended {
 
 /// Ends of sessions remembered for retried logouts.
 pub const RECENT_ENDS: usize = 256;
+
+/// Where the latest ends are kept across restarts.
+fn recent_ends_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("recent-ends.json")
+}
+
+/// The latest ends an earlier agent process recorded (none when the file
+/// is missing or unreadable: then a retried logout of one of them says
+/// `no open session`, and its outcome stands as it was).
+pub(super) fn load_recent_ends(state_dir: &Path) -> VecDeque<(SessionId, FlushOutcome)> {
+    let path = recent_ends_path(state_dir);
+    match fsutil::read_json::<VecDeque<(SessionId, FlushOutcome)>>(&path) {
+        Ok(Some(mut ends)) => {
+            while ends.len() > RECENT_ENDS {
+                ends.pop_front();
+            }
+            ends
+        }
+        Ok(None) => VecDeque::new(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "ignoring the recorded session ends: {e}");
+            VecDeque::new()
+        }
+    }
+}
 
 impl std::fmt::Display for Ended {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -118,7 +118,8 @@ pub struct Lifecycle {
     /// Background work (flushes after a VM restart, UA exits), joined at
     /// shutdown.
     tasks: TaskTracker,
-    /// The outcomes of the latest session ends, for retried logouts.
+    /// The outcomes of the latest session ends, for retried logouts (also
+    /// in `<state>/recent-ends.json`, so they outlive a restart).
     recent_ends: std::sync::Mutex<std::collections::VecDeque<(SessionId, FlushOutcome)>>,
 }
 
@@ -168,7 +169,7 @@ impl Lifecycle {
             kick,
             reannounce: std::sync::atomic::AtomicBool::new(false),
             tasks: tasks.clone(),
-            recent_ends: std::sync::Mutex::default(),
+            recent_ends: std::sync::Mutex::new(end::load_recent_ends(&cfg.state_dir)),
         };
         (Arc::new(lifecycle), exits)
     }

@@ -299,3 +299,23 @@ async fn working_copies_of_logged_out_users_are_trimmed_to_the_cache_budget_lru_
     let said = lc.login("pia", &name("pia2"), None).await.unwrap();
     assert!(said.to_string().contains("new user"), "{said}");
 }
+
+#[tokio::test]
+async fn a_logout_retried_after_an_agent_restart_reports_the_earlier_end() {
+    let mut rig = Rig::new();
+    rig.login_and_write("sid", "s1", b"sid's work").await;
+    let first = rig.lifecycle.logout(&name("s1")).await.unwrap();
+    assert_eq!(first.outcome, FlushOutcome::Committed(COMMITTED));
+    // The answer never reached the PAM hook: the agent died and came back.
+    rig.restart();
+    let again = rig.lifecycle.logout(&name("s1")).await.unwrap();
+    assert!(again.earlier, "{again}");
+    assert_eq!(again.outcome, FlushOutcome::Committed(COMMITTED));
+    assert!(
+        again.to_string().starts_with("already ended earlier"),
+        "{again}"
+    );
+    // A session that never was is still no open session.
+    let err = rig.lifecycle.logout(&name("s9")).await.unwrap_err();
+    assert!(matches!(err, LifecycleError::NoSuchSession(_)), "{err}");
+}
