@@ -66,6 +66,9 @@ pub fn run(config_path: Option<&Path>, socket: Option<PathBuf>) -> anyhow::Resul
     // Before the runtime's threads exist; moves the agent into its leaf
     // cgroup under a delegated unit.
     let cgroups = Cgroups::settle();
+    if let Some(pack) = cgroups.pack_base() {
+        crate::uif::home_pack::use_cgroups(pack.to_path_buf());
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(4)

@@ -32,6 +32,13 @@ const UA_DIR: &str = "ua";
 /// delegation, under systemd too: still adopted from there).
 const ROOT_DIR: &str = "uve-agent";
 
+/// Under a delegated unit: the parent of the per-user cgroups of the
+/// children that pack directory-mode homes (`<unit>/pack/<user>`).
+const PACK_DIR: &str = "pack";
+
+/// In the root layout: the same parent, beside the UAs'.
+const ROOT_PACK_DIR: &str = "uve-agent-pack";
+
 /// The layout [`Cgroups::settle`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Layout {
@@ -49,6 +56,8 @@ pub struct Cgroups {
     mount: PathBuf,
     /// The parent of the UA cgroups, if cgroups are used.
     base: Option<PathBuf>,
+    /// The parent of the pack children's per-user cgroups, if used.
+    pack: Option<PathBuf>,
 }
 
 impl Cgroups {
@@ -57,6 +66,7 @@ impl Cgroups {
         Cgroups {
             mount: PathBuf::from(MOUNT),
             base: None,
+            pack: None,
         }
     }
 
@@ -79,7 +89,7 @@ impl Cgroups {
     /// process's `/proc/self/cgroup` text `own`, and the delegation test
     /// `delegated`.
     fn settle_at(mount: &Path, own: &str, delegated: &dyn Fn(&Path) -> bool) -> Cgroups {
-        let base = match layout(mount, own, delegated) {
+        let (base, pack) = match layout(mount, own, delegated) {
             Layout::Delegated(unit) => {
                 let leaf = unit.join(SUPERVISOR);
                 // Writing 0 to a cgroup's cgroup.procs moves the writer.
@@ -98,23 +108,31 @@ impl Cgroups {
                         "cannot move the agent into its leaf, staying in the unit's root: {e}"
                     ),
                 }
-                Some(unit.join(UA_DIR))
+                (Some(unit.join(UA_DIR)), Some(unit.join(PACK_DIR)))
             }
-            Layout::Root => Some(mount.join(ROOT_DIR)),
+            Layout::Root => (Some(mount.join(ROOT_DIR)), Some(mount.join(ROOT_PACK_DIR))),
             Layout::Signals(why) => {
                 tracing::info!("UAs without cgroups (suspend by SIGSTOP/SIGCONT): {why}");
-                None
+                (None, None)
             }
         };
         Cgroups {
             mount: mount.to_path_buf(),
             base,
+            pack,
         }
     }
 
     /// The parent of the UA cgroups, if cgroups are used.
     pub fn base(&self) -> Option<&Path> {
         self.base.as_deref()
+    }
+
+    /// The parent of the per-user cgroups that directory-mode pack
+    /// children run in, if cgroups are used (see
+    /// [`crate::uif::home_pack`]).
+    pub fn pack_base(&self) -> Option<&Path> {
+        self.pack.as_deref()
     }
 
     /// Creates the cgroup of `session`'s UA; `None` if cgroups are not used
@@ -247,6 +265,7 @@ mod tests {
         );
         let cg = Cgroups::settle_at(m, &own, &delegated_unit(m));
         assert_eq!(cg.base(), Some(m.join(UNIT).join("ua").as_path()));
+        assert_eq!(cg.pack_base(), Some(m.join(UNIT).join("pack").as_path()));
         assert!(m.join(UNIT).join("supervisor").is_dir(), "the agent's leaf");
         // Already in the leaf (DelegateSubgroup=supervisor, or a second
         // start): the same unit.
@@ -268,6 +287,7 @@ mod tests {
         }
         let cg = Cgroups::settle_at(m, &own, &|_: &Path| false);
         assert_eq!(cg.base(), None);
+        assert_eq!(cg.pack_base(), None);
         assert_eq!(cg.create("s1"), None);
         assert!(!m.join(UNIT).join("supervisor").exists(), "nothing written");
         // Some other delegated unit's leaf named supervisor is not ours.
@@ -291,6 +311,7 @@ mod tests {
         assert_eq!(layout(m, "0::/\n", &|_: &Path| false), Layout::Root);
         let cg = Cgroups::settle_at(m, "0::/\n", &|_: &Path| false);
         assert_eq!(cg.base(), Some(m.join("uve-agent").as_path()));
+        assert_eq!(cg.pack_base(), Some(m.join("uve-agent-pack").as_path()));
     }
 
     #[test]

@@ -13,6 +13,12 @@
 //! no unprivileged uid to run as (and no unprivileged user owns the
 //! unpacked files), so the same walk runs in the daemon.
 //!
+//! Where the agent has cgroups (see [`crate::supervise::Cgroups`]), the
+//! child runs in a cgroup of the agent's own per user,
+//! `<agent's cgroup>/pack/<user>` — not in the user's logind session,
+//! which logind may kill at logout, and not among the agent's own
+//! processes — and a kill goes to the whole cgroup (`cgroup.kill`).
+//!
 //! The daemon watches the child from its async runtime, holding no
 //! blocking thread while it runs (the agent has only four, which every
 //! fsync needs): a child its user stopped, one that stops writing, runs
@@ -54,12 +60,61 @@ const PACK_POLL: Duration = Duration::from_millis(10);
 /// Lines of the pack child's stderr kept for an error message.
 const STDERR_TAIL_LINES: usize = 10;
 
+/// The parent of the pack children's per-user cgroups, once the daemon
+/// has found its cgroup layout (none: the children stay in the agent's).
+static PACK_CGROUPS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Makes every later pack child run in `<base>/<user>` (the daemon calls
+/// it once at start, when it has cgroups).
+pub fn use_cgroups(base: PathBuf) {
+    let _ = PACK_CGROUPS.set(base);
+}
+
+/// A pack child's cgroup: entered right after the spawn, removed (once
+/// empty) when dropped.
+struct PackCgroup(PathBuf);
+
+impl PackCgroup {
+    /// Moves `pid` into `<base>/<user>`, creating it; `None` (with a
+    /// warning: the child then runs in the agent's cgroup) if that fails.
+    fn enter(base: &Path, user: &str, pid: u32) -> Option<PackCgroup> {
+        let dir = base.join(user);
+        let moved = std::fs::create_dir_all(&dir).and_then(|()| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join("cgroup.procs"))?
+                .write_all(pid.to_string().as_bytes())
+        });
+        match moved {
+            Ok(()) => Some(PackCgroup(dir)),
+            Err(e) => {
+                tracing::warn!(cgroup = %dir.display(), "pack child left in the agent's cgroup: {e}");
+                None
+            }
+        }
+    }
+
+    /// Kills every process in it.
+    fn kill(&self) {
+        let _ = std::fs::write(self.0.join("cgroup.kill"), b"1");
+    }
+}
+
+impl Drop for PackCgroup {
+    fn drop(&mut self) {
+        // Empty once the child is reaped; a cgroup the kernel still counts
+        // as populated for a moment is removed at that user's next pack.
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 /// Packs `home` into `archive` (temp + rename, so the previous archive,
 /// which is also the chunk cache, stays intact until the new one is
 /// whole): as `owner` in a `pack-home` child, or in-process when no
 /// unprivileged owner is known (see the module header). `floor`: bytes
 /// the pack leaves free on the archive's filesystem.
 pub(super) async fn pack_home(
+    user: &str,
     home: PathBuf,
     archive: PathBuf,
     excludes: Vec<String>,
@@ -79,17 +134,21 @@ pub(super) async fn pack_home(
     };
     let what = format!("pack {} as uid {uid}", home.display());
     let fail = |why: String| UifError::io(&what, io::Error::other(why));
-    let (h2, a2) = (home.clone(), archive.clone());
+    let (h2, a2, u2) = (home.clone(), archive.clone(), user.to_string());
     // On an error `out` is dropped, and its temp file with it.
-    let (mut started, out) = blocking(move || {
+    let (mut started, out, cgroup) = blocking(move || {
         let (home_dir, out) = open_for_pack(&h2, &a2)?;
         let started = start_child(&h2, &home_dir, out.file(), &excludes, (uid, gid))?;
-        Ok((started, out))
+        let cgroup = PACK_CGROUPS
+            .get()
+            .and_then(|base| PackCgroup::enter(base, &u2, started.child.id()));
+        Ok((started, out, cgroup))
     })
     .await?;
-    let status = watch(&mut started.child, out.file(), floor)
+    let status = watch(&mut started.child, cgroup.as_ref(), out.file(), floor)
         .await
         .map_err(fail)?;
+    drop(cgroup);
     // The reader ends at EOF, right after the child exits.
     let _ = tokio::time::timeout(Duration::from_secs(2), started.stderr_done).await;
     if !status.success() {
@@ -267,9 +326,16 @@ fn is_stopped(pid: u32) -> bool {
     })
 }
 
-/// Kills and reaps `child` (it is dead at once: SIGKILL), then gives
-/// `why` as the error.
-fn killed(child: &mut Child, why: String) -> Result<ExitStatus, String> {
+/// Kills and reaps `child` (it is dead at once: SIGKILL), with anything
+/// else in its cgroup, then gives `why` as the error.
+fn killed(
+    child: &mut Child,
+    cgroup: Option<&PackCgroup>,
+    why: String,
+) -> Result<ExitStatus, String> {
+    if let Some(cg) = cgroup {
+        cg.kill();
+    }
     let _ = child.kill();
     let _ = child.wait();
     Err(why)
@@ -281,7 +347,12 @@ fn killed(child: &mut Child, why: String) -> Result<ExitStatus, String> {
 /// would leave less than `floor` bytes free on the state filesystem, it
 /// stays stopped for [`PACK_STOPPED`], the archive stops growing for
 /// [`PACK_STALL`], or the pack runs past [`PACK_LIMIT`].
-async fn watch(child: &mut Child, out: &File, floor: u64) -> Result<ExitStatus, String> {
+async fn watch(
+    child: &mut Child,
+    cgroup: Option<&PackCgroup>,
+    out: &File,
+    floor: u64,
+) -> Result<ExitStatus, String> {
     let start = Instant::now();
     let (mut size, mut grew) = (0u64, Instant::now());
     let mut stopped_since: Option<Instant> = None;
@@ -292,7 +363,7 @@ async fn watch(child: &mut Child, out: &File, floor: u64) -> Result<ExitStatus, 
         match child.try_wait() {
             Ok(Some(status)) => return Ok(status),
             Ok(None) => {}
-            Err(e) => return killed(child, format!("wait for pack-home: {e}")),
+            Err(e) => return killed(child, cgroup, format!("wait for pack-home: {e}")),
         }
         let now_size = out.metadata().map(|m| m.len()).unwrap_or(size);
         if now_size != size {
@@ -308,6 +379,7 @@ async fn watch(child: &mut Child, out: &File, floor: u64) -> Result<ExitStatus, 
         {
             return killed(
                 child,
+                cgroup,
                 format!(
                     "the home packs to more than the state filesystem can take: the archive \
                      reached {} MiB with {} MiB left free (the floor: {} MiB, state_floor_mib or \
@@ -322,6 +394,7 @@ async fn watch(child: &mut Child, out: &File, floor: u64) -> Result<ExitStatus, 
         if stopped_since.is_some_and(|t| t.elapsed() > PACK_STOPPED) {
             return killed(
                 child,
+                cgroup,
                 format!(
                     "pack-home was stopped for more than {PACK_STOPPED:?} (SIGSTOP by its user, \
                      or a debugger); killed. The home is left as it is"
@@ -331,6 +404,7 @@ async fn watch(child: &mut Child, out: &File, floor: u64) -> Result<ExitStatus, 
         if grew.elapsed() > PACK_STALL || start.elapsed() > PACK_LIMIT {
             return killed(
                 child,
+                cgroup,
                 format!(
                     "pack-home made no progress for {:?} (or ran longer than {PACK_LIMIT:?}); \
                      killed",
@@ -411,4 +485,33 @@ pub fn pack_child(home: &Path, excludes: &[String]) -> anyhow::Result<()> {
     let (mut w, _count) = archive::pack_to(dir.as_fd(), w, &excludes)?;
     w.flush().context("write archive")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_pack_child_enters_its_users_cgroup_and_a_kill_goes_to_the_cgroup() {
+        // A fake cgroup2 directory: the kernel makes cgroup.procs at mkdir.
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().join("pack");
+        std::fs::create_dir_all(base.join("ann")).unwrap();
+        std::fs::write(base.join("ann/cgroup.procs"), "").unwrap();
+        let cg = PackCgroup::enter(&base, "ann", 4242).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(base.join("ann/cgroup.procs")).unwrap(),
+            "4242"
+        );
+        cg.kill();
+        assert_eq!(
+            std::fs::read_to_string(base.join("ann/cgroup.kill")).unwrap(),
+            "1"
+        );
+        // Where no cgroup can be made the child stays in the agent's.
+        let file = t.path().join("not-a-dir");
+        std::fs::write(&file, "").unwrap();
+        assert!(PackCgroup::enter(&file, "bob", 1).is_none());
+    }
 }

@@ -78,7 +78,7 @@ pub async fn detach(
             let excludes = cfg.uif.exclude.clone();
             let owner = cfg.owner(account);
             let floor = cfg.state_floor_mib << 20;
-            super::home_pack::pack_home(home, archive, excludes, owner, floor).await
+            super::home_pack::pack_home(user, home, archive, excludes, owner, floor).await
         }
         UifMode::Disk => {
             let (disk, user) = (cfg.disk.clone(), user.to_string());
