@@ -462,4 +462,41 @@ fn directory_mode_switch_and_rogue_guest() {
     // them to A and they displaced A's agent for a moment: it must be back.
     wait_connected(&host, "vm-a");
     step("rogue guest contained", &mut t);
+
+    pack_child_runs_in_its_users_cgroup(&b);
+    step("pack child in its user's cgroup", &mut t);
+}
+
+/// bob's pack child (at a logout on `vm`) runs in the agent's own cgroup
+/// for bob (the guest's agent sits in the root cgroup: `/uve-agent-pack/<user>`),
+/// not among the agent's processes; the cgroup goes when the pack ends.
+fn pack_child_runs_in_its_users_cgroup(b: &Vm) {
+    b.ok("uve-agent login --user bob --session b2");
+    b.ok(
+        "mkdir -p /home/bob/many && i=0; while [ $i -lt 3000 ]; do echo $i > /home/bob/many/f$i; \
+         i=$((i+1)); done; chown -R 1001:1001 /home/bob",
+    );
+    // `pack-hom[e]`: the pattern does not match this shell's own command
+    // line. The agent moves the child right after the spawn: the loop
+    // looks until it is seen there (or the pack is over).
+    let seen = b.ok(
+        "(uve-agent logout --session b2 > /tmp/b2.out 2>&1 &); n=0; last=unseen; \
+         while [ $n -lt 3000 ]; do \
+         for f in $(grep -l 'pack-hom[e]' /proc/[0-9]*/cmdline 2>/dev/null); do \
+         c=$(cat ${f%/cmdline}/cgroup 2>/dev/null); [ -n \"$c\" ] && last=$c; done; \
+         [ \"$last\" = 0::/uve-agent-pack/bob ] && break; n=$((n+1)); done; echo $last | head -c 200",
+    );
+    assert_eq!(
+        seen.trim(),
+        "0::/uve-agent-pack/bob",
+        "the pack child's cgroup"
+    );
+    assert!(
+        wait_for(Duration::from_secs(120), || b
+            .ok("cat /tmp/b2.out")
+            .contains("committed")),
+        "bob's logout did not commit: {}",
+        b.ok("cat /tmp/b2.out")
+    );
+    b.ok("test ! -e /sys/fs/cgroup/uve-agent-pack/bob");
 }
