@@ -5,18 +5,47 @@
 //! answered first under a multi-GiB transfer.
 //!
 //! Fairness: each VM has its own queue, and the threads serve the VMs with
-//! queued work round-robin, one job at a time: a VM that floods bulk work
-//! delays another VM's job by at most one job per busy VM, never by its
-//! whole backlog. A VM may have at most `bulk_queue_per_vm` jobs queued
+//! queued work one job at a time, the VM that used the bulk threads least
+//! lately first: each VM's usage is the time its jobs took, halved every
+//! [`USAGE_HALF_LIFE`]; ties go round-robin. A VM that floods bulk work
+//! (or stages upload after upload) builds up usage and waits behind a VM
+//! whose logout or login comes in a burst; it is still served whenever it
+//! is the least used of those waiting, and its usage fades while it waits,
+//! so it never starves. A VM's job waits at most for the jobs already
+//! running, never for another VM's backlog. A VM may have at most `bulk_queue_per_vm` jobs queued
 //! (more are refused; the dispatcher's `max_inflight` keeps a well-behaved
 //! agent far below it). A job whose requester has gone (its connection
 //! closed or was replaced, so the handler was dropped) is skipped, not run.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 /// Nice value of the bulk threads (the async workers keep 0).
 pub const BULK_NICE: i32 = 10;
+
+/// A VM's recorded bulk usage halves in this time.
+pub const USAGE_HALF_LIFE: Duration = Duration::from_secs(1);
+
+/// Usage entries kept before the faded ones are dropped.
+const USAGE_ENTRIES: usize = 1024;
+
+/// The bulk time a VM's jobs took lately.
+#[derive(Clone, Copy)]
+struct Usage {
+    /// Nanoseconds of bulk work, as of `at`.
+    ns: f64,
+    at: Instant,
+}
+
+impl Usage {
+    /// The usage faded to `now`.
+    fn at(self, now: Instant) -> f64 {
+        let halves =
+            now.saturating_duration_since(self.at).as_secs_f64() / USAGE_HALF_LIFE.as_secs_f64();
+        self.ns * 0.5f64.powf(halves)
+    }
+}
 
 /// One unit of bulk work. It returns without doing anything if its
 /// requester is gone (see [`BulkPool::submit`]).
@@ -33,22 +62,54 @@ pub enum Refused {
 #[derive(Default)]
 struct Queues {
     per_vm: HashMap<String, VecDeque<BulkJob>>,
-    /// VMs with queued work, in the order they are served next.
+    /// VMs with queued work, in round-robin order (for ties).
     ring: VecDeque<String>,
+    /// Each VM's recent bulk time.
+    usage: HashMap<String, Usage>,
     closed: bool,
 }
 
 impl Queues {
-    fn pop(&mut self) -> Option<BulkJob> {
-        let vm = self.ring.pop_front()?;
+    /// The next job: of the VM with queued work that used the bulk
+    /// threads least lately (the first in the ring among equals).
+    fn pop(&mut self) -> Option<(String, BulkJob)> {
+        let now = Instant::now();
+        let used = |vm: &String| self.usage.get(vm).map_or(0.0, |u| u.at(now));
+        let (at, _) = self
+            .ring
+            .iter()
+            .enumerate()
+            .map(|(i, vm)| (i, used(vm)))
+            .fold(None::<(usize, f64)>, |best, (i, u)| match best {
+                Some((_, b)) if b <= u => best,
+                _ => Some((i, u)),
+            })?;
+        let vm = self.ring.remove(at)?;
         let queue = self.per_vm.get_mut(&vm)?;
         let job = queue.pop_front();
         if queue.is_empty() {
             self.per_vm.remove(&vm);
         } else {
-            self.ring.push_back(vm);
+            self.ring.push_back(vm.clone());
         }
-        job
+        job.map(|j| (vm, j))
+    }
+
+    /// Records that a job of `vm` took `took`.
+    fn charge(&mut self, vm: &str, took: Duration) {
+        let now = Instant::now();
+        let before = self.usage.get(vm).map_or(0.0, |u| u.at(now));
+        self.usage.insert(
+            vm.to_string(),
+            Usage {
+                ns: before + took.as_nanos() as f64,
+                at: now,
+            },
+        );
+        if self.usage.len() > USAGE_ENTRIES {
+            // A microsecond or less left: as good as none.
+            self.usage.retain(|_, u| u.at(now) > 1_000.0);
+        }
     }
 }
 
@@ -150,15 +211,22 @@ fn bulk_thread(shared: &Shared) {
                 if q.closed {
                     return;
                 }
-                if let Some(job) = q.pop() {
-                    break job;
+                if let Some(next) = q.pop() {
+                    break next;
                 }
                 q = shared.ready.wait(q).unwrap_or_else(PoisonError::into_inner);
             }
         };
+        let (vm, job) = job;
+        let started = Instant::now();
         // A panicking store call loses only its answer (the caller sees an
         // error), not the thread.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+        shared
+            .queues
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .charge(&vm, started.elapsed());
     }
 }
 
@@ -186,7 +254,7 @@ mod tests {
         }
         push(&mut q, "good", 0);
         push(&mut q, "other", 0);
-        while let Some(job) = q.pop() {
+        while let Some((_, job)) = q.pop() {
             job();
         }
         assert_eq!(
@@ -194,6 +262,53 @@ mod tests {
             ["flood0", "good0", "other0", "flood1", "flood2", "flood3"]
         );
         assert!(q.per_vm.is_empty() && q.ring.is_empty());
+    }
+
+    #[test]
+    fn the_vm_that_used_the_threads_least_lately_goes_first_and_usage_fades() {
+        let mut q = Queues::default();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let push = |q: &mut Queues, vm: &str, n: u32| {
+            let o = order.clone();
+            let tag = format!("{vm}{n}");
+            let job: BulkJob = Box::new(move || o.lock().unwrap().push(tag));
+            let mine = q.per_vm.entry(vm.to_string()).or_default();
+            mine.push_back(job);
+            if mine.len() == 1 {
+                q.ring.push_back(vm.to_string());
+            }
+        };
+        // The stager has used the threads for a second lately, the other
+        // for a millisecond; the newcomer not at all.
+        q.charge("stager", Duration::from_secs(1));
+        q.charge("other", Duration::from_millis(1));
+        for n in 0..3 {
+            push(&mut q, "stager", n);
+        }
+        push(&mut q, "other", 0);
+        push(&mut q, "good", 0);
+        push(&mut q, "good", 1);
+        let run = |q: &mut Queues, took: Duration| {
+            let (vm, job) = q.pop().unwrap();
+            job();
+            q.charge(&vm, took);
+        };
+        // good's jobs each take 0.1 ms: still below the others; other's
+        // millisecond puts it before the stager's second.
+        for _ in 0..3 {
+            run(&mut q, Duration::from_micros(100));
+        }
+        assert_eq!(*order.lock().unwrap(), ["good0", "good1", "other0"]);
+        // Alone, the stager is served at once.
+        run(&mut q, Duration::from_millis(10));
+        assert_eq!(order.lock().unwrap().last().unwrap(), "stager0");
+        // Usage fades: half after one half-life.
+        let u = Usage {
+            ns: 1e9,
+            at: Instant::now() - USAGE_HALF_LIFE,
+        };
+        let faded = u.at(Instant::now());
+        assert!((0.45e9..0.5e9).contains(&faded), "{faded}");
     }
 
     #[test]
