@@ -303,6 +303,51 @@ fn four_stopped_pack_children_hold_no_thread_another_login_needs() {
     agent.ok(&["logout", "--session", "z1"]);
 }
 
+#[test]
+fn a_refused_home_over_the_users_share_is_held_in_the_home_and_pushed_from_it() {
+    if common::skip_unless_root(
+        "a_refused_home_over_the_users_share_is_held_in_the_home_and_pushed_from_it",
+    ) {
+        return;
+    }
+    let (dir, host) = host_in_tempdir();
+    let cfg = directory_cfg(dir.path(), "preserved_per_user_mib = 1\n");
+    let agent = start_agent(dir.path(), &cfg);
+    agent.wait_connected();
+    agent.ok(&["login", "--user", "daemon", "--session", "h1"]);
+    let home = dir.path().join("home/daemon");
+    let work = noise(2 << 20, 31);
+    std::fs::write(home.join("report.bin"), &work).unwrap();
+    host.with(|h| h.refuse_updates = Some(uve_protocol::message::ErrorCode::QuotaExceeded));
+    let out = agent.cli(&["logout", "--session", "h1"]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success() && said.contains("HELD"), "{said}");
+    // The home, daemon's own and packed in this boot, holds the bytes; the
+    // root-owned archive's space is given back.
+    assert!(said.contains(home.to_str().unwrap()), "{said}");
+    assert!(!dir.path().join("state/uif/daemon.tar").exists());
+    assert_eq!(std::fs::read(home.join("report.bin")).unwrap(), work);
+    let refused = agent.cli(&["login", "--user", "daemon", "--session", "h2"]);
+    assert!(!refused.status.success());
+    assert_eq!(std::fs::read(home.join("report.bin")).unwrap(), work);
+    // Pushed once the cause is fixed: the home packed again, as daemon.
+    host.with(|h| h.refuse_updates = None);
+    let list = agent.ok(&["preserved", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let id = v["preserved"][0]["id"].as_str().unwrap().to_string();
+    agent.ok(&["preserved", "push", "--id", &id]);
+    let tar = host
+        .with(|h| h.head_bytes("daemon"))
+        .expect("the held home was not pushed");
+    assert!(tar_names(&tar).contains(&"report.bin".to_string()));
+    agent.ok(&["login", "--user", "daemon", "--session", "h3"]);
+    assert_eq!(std::fs::read(home.join("report.bin")).unwrap(), work);
+}
+
 /// A directory-mode configuration with homes under `dir/home`, after the
 /// top-level lines `top`.
 fn directory_cfg(dir: &Path, top: &str) -> String {

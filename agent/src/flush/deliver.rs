@@ -9,6 +9,7 @@ use uve_protocol::manifest::{Hash, Manifest};
 use uve_protocol::message::{UpdateBegin, UpdateCause, Version, WireError};
 
 use super::{FlushOutcome, Flusher, Kept};
+use crate::base::fsutil;
 use crate::link::Connected;
 use crate::stores::cache;
 use crate::stores::preserve::{Budget, Refused};
@@ -189,7 +190,7 @@ impl Flusher {
                         .map_err(|e| UifError::at("preserve", &e2.file, e))?,
                 )),
                 Some(why) => {
-                    let at = held_at(&cfg, &e2.user, &e2.file);
+                    let at = held_at(&cfg, &e2);
                     Kept::Held(Box::new(
                         preserved
                             .hold(&what, &at, why)
@@ -206,6 +207,22 @@ impl Flusher {
         match kept {
             Ok(kept) => {
                 self.spool.remove(entry.id).await;
+                if let Kept::Held(copy) = &kept
+                    && copy.bytes != entry.file
+                {
+                    // The home stands in for the archive: its space goes
+                    // back, now that no spool entry names it.
+                    let archive = entry.file.clone();
+                    let removed = blocking(move || {
+                        std::fs::remove_file(&archive)
+                            .and_then(|()| fsutil::sync_parent(&archive))
+                            .map_err(|e| UifError::at("remove", &archive, e))
+                    })
+                    .await;
+                    if let Err(e) = removed {
+                        tracing::warn!(user = %entry.user, "the held home's archive stays: {e}");
+                    }
+                }
                 FlushOutcome::Refused { refusal, kept }
             }
             Err(e) => {
@@ -316,19 +333,26 @@ fn preserved_budget(cfg: &crate::config::Config, state_dir: &std::path::Path) ->
     Budget::new(cfg.preserved_mib, cfg.preserved_per_user_mib, fs_size)
 }
 
-/// Where a refused update of `user` whose bytes are `file` is held in
-/// place: the file itself, except in directory mode, where the home it
-/// was packed from holds the same bytes (the archive is removed), unless
-/// the home is not there as a directory.
-fn held_at(cfg: &crate::config::Config, user: &str, file: &std::path::Path) -> std::path::PathBuf {
-    if cfg.uif.mode != crate::config::UifMode::Directory {
-        return file.to_path_buf();
+/// Where the refused update `entry` is held in place: its file itself,
+/// except in directory mode, where the home it was packed from holds the
+/// same bytes (and the archive can go) — but only when that is provably
+/// the home packed: packed in this boot (no home recreated since), the
+/// user found in the user database, and the home a directory (not a
+/// symlink) owned by the user the pack ran as. Otherwise the archive
+/// itself is held.
+fn held_at(cfg: &crate::config::Config, entry: &SpoolEntry) -> std::path::PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let file = entry.file.clone();
+    if cfg.uif.mode != crate::config::UifMode::Directory || entry.boot != fsutil::kernel_boot() {
+        return file;
     }
-    let account = crate::base::accounts::lookup(user).ok();
-    let home = cfg.home_path(user, account.as_ref());
-    if std::fs::symlink_metadata(&home).is_ok_and(|m| m.is_dir()) {
-        home
-    } else {
-        file.to_path_buf()
+    let Ok(account) = crate::base::accounts::lookup(&entry.user) else {
+        return file;
+    };
+    let home = cfg.home_path(&entry.user, Some(&account));
+    let owner = cfg.owner(Some(&account)).map(|(uid, _)| uid);
+    match std::fs::symlink_metadata(&home) {
+        Ok(m) if m.is_dir() && owner == Some(m.uid()) => home,
+        _ => file,
     }
 }

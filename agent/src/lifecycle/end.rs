@@ -212,6 +212,7 @@ impl Lifecycle {
         outcome: FlushOutcome,
         table: Option<NotDurable>,
     ) -> Ended {
+        let writing = self.ends_written.lock().await;
         let snapshot = {
             let mut recent = self
                 .recent_ends
@@ -221,13 +222,17 @@ impl Lifecycle {
                 recent.pop_front();
             }
             recent.push_back((session.clone(), outcome.clone()));
-            recent.clone()
+            RecentEnds {
+                boot: fsutil::kernel_boot(),
+                ends: recent.clone(),
+            }
         };
         let path = recent_ends_path(&self.state_dir);
         let written = blocking(move || {
             fsutil::write_json(&path, &snapshot).map_err(|e| UifError::at("write", &path, e))
         })
         .await;
+        drop(writing);
         if let Err(e) = written {
             // The outcome stands; only a retry after a restart would not
             // find it.
@@ -281,19 +286,29 @@ fn recent_ends_path(state_dir: &Path) -> PathBuf {
     state_dir.join("recent-ends.json")
 }
 
-/// The latest ends an earlier agent process recorded (none when the file
-/// is missing or unreadable: then a retried logout of one of them says
-/// `no open session`, and its outcome stands as it was).
+/// The file of the latest ends: of this boot only (session ids may come
+/// again after a reboot).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RecentEnds {
+    boot: Option<String>,
+    ends: VecDeque<(SessionId, FlushOutcome)>,
+}
+
+/// The latest ends an earlier agent process of this boot recorded (none
+/// when the file is missing, of another boot, or unreadable: then a
+/// retried logout of one of them says `no open session`, and its outcome
+/// stands as it was).
 pub(super) fn load_recent_ends(state_dir: &Path) -> VecDeque<(SessionId, FlushOutcome)> {
     let path = recent_ends_path(state_dir);
-    match fsutil::read_json::<VecDeque<(SessionId, FlushOutcome)>>(&path) {
-        Ok(Some(mut ends)) => {
+    match fsutil::read_json::<RecentEnds>(&path) {
+        Ok(Some(file)) if file.boot.is_some() && file.boot == fsutil::kernel_boot() => {
+            let mut ends = file.ends;
             while ends.len() > RECENT_ENDS {
                 ends.pop_front();
             }
             ends
         }
-        Ok(None) => VecDeque::new(),
+        Ok(_) => VecDeque::new(),
         Err(e) => {
             tracing::warn!(path = %path.display(), "ignoring the recorded session ends: {e}");
             VecDeque::new()

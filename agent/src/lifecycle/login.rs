@@ -224,11 +224,7 @@ impl Lifecycle {
         if self.table.uif(user).is_some() {
             return Ok(Attached::AlreadyAttached);
         }
-        // A refused update held in place sits where the retrieve would
-        // write: never overwrite it.
-        if let Some(held) = self.flusher.preserved().held_for(user) {
-            return Err(LifecycleError::Held(held.describe()));
-        }
+        self.refuse_if_held(user).await?;
         let cfg = self.config.get();
         self.make_room_for_disk(guard, &cfg)
             .await
@@ -291,6 +287,24 @@ impl Lifecycle {
         }
     }
 
+    /// Fails the login when `user` has a refused update held in place: it
+    /// sits where the retrieve (or a temporary UIF, or an unpack) would
+    /// write. Fails closed when the preserved area cannot be read.
+    async fn refuse_if_held(&self, user: &UserName) -> Result<(), LifecycleError> {
+        let (preserved, u) = (self.flusher.preserved().clone(), user.to_string());
+        let held = blocking(move || {
+            preserved
+                .held_for(&u)
+                .map_err(|e| UifError::io("read the preserved records", e))
+        })
+        .await
+        .map_err(uif_err(user))?;
+        match held {
+            Some(h) => Err(LifecycleError::Held(h.describe())),
+            None => Ok(()),
+        }
+    }
+
     /// Retrieves the user's UIF (delivering any pending update of theirs
     /// first), or falls back to an empty temporary UIF if configured.
     async fn obtain_uif(
@@ -326,6 +340,7 @@ impl Lifecycle {
                 if cfg.on_retrieve_failure == RetrieveFailure::Temporary
                     && self.flusher.spooled_for(user) == 0 =>
             {
+                self.refuse_if_held(user).await?;
                 tracing::error!(%user, "retrieve failed, continuing on a temporary UIF: {e}");
                 let (d2, state_dir, u2) = (dest.clone(), self.state_dir.clone(), user.to_string());
                 blocking(move || {
@@ -372,6 +387,8 @@ impl Lifecycle {
                 return Ok(Err(UifError::NotConnected));
             };
             let _ = self.flusher.deliver_user_spool(guard, &c).await;
+            // Delivering may have ended in a refusal held in place.
+            self.refuse_if_held(user).await?;
             let retry_possible = tokio::time::Instant::now() + RETRY_PAUSE < deadline;
             if self.flusher.spooled_for(user) > 0 {
                 if c.link.is_closed() && retry_possible {

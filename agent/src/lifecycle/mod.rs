@@ -121,6 +121,9 @@ pub struct Lifecycle {
     /// The outcomes of the latest session ends, for retried logouts (also
     /// in `<state>/recent-ends.json`, so they outlive a restart).
     recent_ends: std::sync::Mutex<std::collections::VecDeque<(SessionId, FlushOutcome)>>,
+    /// Held while the recent ends are written: each write's snapshot is
+    /// taken under it, so the last write is the newest.
+    ends_written: tokio::sync::Mutex<()>,
 }
 
 impl Lifecycle {
@@ -170,6 +173,7 @@ impl Lifecycle {
             reannounce: std::sync::atomic::AtomicBool::new(false),
             tasks: tasks.clone(),
             recent_ends: std::sync::Mutex::new(end::load_recent_ends(&cfg.state_dir)),
+            ends_written: tokio::sync::Mutex::new(()),
         };
         (Arc::new(lifecycle), exits)
     }

@@ -12,7 +12,7 @@ use crate::config::UifMode;
 use crate::flush::FlushOutcome;
 use crate::stores::preserve::PreservedCopy;
 use crate::uif::update::{self, UpdateOutcome};
-use crate::uif::{UifError, blocking, materialise, uif_err};
+use crate::uif::{UifError, blocking, home_pack, uif_err};
 
 impl Lifecycle {
     /// Every preserved copy, oldest first.
@@ -132,10 +132,19 @@ impl Lifecycle {
             ))
             .into());
         }
+        // The home held, as the pack at logout ran: as its owner.
         let (_, account) = self.identify(user).await?;
-        materialise::detach(&cfg, user, account.as_ref(), &copy.session, false)
-            .await
-            .map_err(uif_err(user))?;
-        Ok(cfg.uif_path(user))
+        let archive = cfg.uif_path(user);
+        home_pack::pack_home(
+            user,
+            copy.bytes.clone(),
+            archive.clone(),
+            cfg.uif.exclude.clone(),
+            cfg.owner(account.as_ref()),
+            cfg.state_floor_mib << 20,
+        )
+        .await
+        .map_err(uif_err(user))?;
+        Ok(archive)
     }
 }

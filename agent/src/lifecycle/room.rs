@@ -14,11 +14,14 @@
 //!   lacks it).
 //!
 //! A removed copy costs its user a cold login here, nothing else. In file
-//! mode only images the agent keeps a cache record of count as copies
-//! (the image directory may hold other files). Never removed: a copy attached on this VM, one with a pending (spooled)
-//! update, one held in place as a refused update, one whose disk device
-//! is recorded as served, one whose user has a lifecycle running (the
-//! user's lock is held).
+//! mode only images still exactly as the agent stamped them at their last
+//! flush or retrieve in this boot count as copies (the image directory may
+//! hold other files, and a process of the user may have written the image
+//! since). Never removed: a copy attached on this VM, one with a pending (spooled)
+//! update, one held in place as a refused update (or any, while the held
+//! records cannot be read), one whose disk device is recorded as served,
+//! one whose user has a lifecycle running (the user's lock is held; a
+//! removal keeps that lock until the file is gone).
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -153,40 +156,42 @@ impl Lifecycle {
 
     /// The working copies that may go now, least recently used first (a
     /// snapshot: [`Lifecycle::evict`] checks each again under its user's
-    /// lock).
+    /// lock). None when the held copies cannot be listed (fail closed).
     async fn removable(&self, cfg: &Config) -> Result<Vec<Cached>, UifError> {
         let Some((dir, before, after)) = copies_of(cfg) else {
             return Ok(Vec::new());
         };
-        // File mode's images may sit in a directory the operator shares
-        // with other files: only those the agent keeps a cache record of
-        // are its copies.
-        let recorded_only = cfg.uif.mode == UifMode::File;
-        let state_dir = self.state_dir.clone();
+        let file_mode = cfg.uif.mode == UifMode::File;
+        let (state_dir, preserved) = (self.state_dir.clone(), self.flusher.preserved().clone());
         let all = blocking(move || {
+            let Ok(held) = preserved.held() else {
+                return Ok(Vec::new());
+            };
             let mut all = cached_copies(&dir, &before, &after);
-            if recorded_only {
-                all.retain(|c| cache::manifest_path(&state_dir, &c.user).exists());
-            }
+            all.retain(|c| {
+                !held.iter().any(|h| h.user == c.user)
+                    && !disk_home::has_device_record(&c.path)
+                    && (!file_mode || unwritten_since_flush(&state_dir, c))
+            });
             Ok(all)
         })
         .await?;
-        Ok(all.into_iter().filter(|c| self.may_remove(c)).collect())
+        Ok(all.into_iter().filter(|c| self.detached(c)).collect())
     }
 
-    /// Whether nothing but a cache is at `c` now (see the module header).
-    fn may_remove(&self, c: &Cached) -> bool {
-        self.table.uif(&c.user).is_none()
-            && self.flusher.spooled_for(&c.user) == 0
-            && self.flusher.preserved().held_for(&c.user).is_none()
-            && !disk_home::has_device_record(&c.path)
+    /// Whether `c`'s user has no UIF attached here and nothing spooled.
+    fn detached(&self, c: &Cached) -> bool {
+        self.table.uif(&c.user).is_none() && self.flusher.spooled_for(&c.user) == 0
     }
 
     /// Removes working copies, least recently used first, until `short`
     /// bytes are freed or none is left that may go. Returns the bytes
-    /// freed.
+    /// freed. Each removal holds its user's lock until the file is gone,
+    /// also when this future is dropped half way (the lock moves into the
+    /// blocking task): a login of that user waits for it.
     async fn evict(&self, cfg: &Config, short: u64) -> Result<u64, UifError> {
         let mut freed = 0u64;
+        let file_mode = cfg.uif.mode == UifMode::File;
         for c in self.removable(cfg).await? {
             if freed >= short {
                 break;
@@ -195,25 +200,43 @@ impl Lifecycle {
             let Some(victim) = self.locks.try_lock(&c.user) else {
                 continue;
             };
-            if !self.may_remove(&c) {
+            if !self.detached(&c) {
                 continue;
             }
             let (path, state_dir, user) = (c.path.clone(), self.state_dir.clone(), c.user.clone());
+            let preserved = self.flusher.preserved().clone();
             let removed = blocking(move || {
+                let _victim = victim;
+                // Checked again under the lock, on this side of the await.
+                if !matches!(preserved.held_for(&user), Ok(None))
+                    || disk_home::has_device_record(&path)
+                    || (file_mode && !cache::unchanged_since_stamped(&state_dir, &user, &path))
+                {
+                    return Ok(false);
+                }
                 // The manifest first: a copy without one is never trusted.
                 cache::forget(&state_dir, &user);
-                std::fs::remove_file(&path).map_err(|e| UifError::at("remove", &path, e))
+                std::fs::remove_file(&path).map_err(|e| UifError::at("remove", &path, e))?;
+                Ok(true)
             })
             .await;
-            drop(victim);
             match removed {
-                Ok(()) => {
+                Ok(true) => {
                     tracing::info!(evicted = %c.user, mib = c.held >> 20, "working copy removed");
                     freed = freed.saturating_add(c.held);
                 }
+                Ok(false) => {}
                 Err(e) => tracing::warn!(evicted = %c.user, "removing a working copy: {e}"),
             }
         }
         Ok(freed)
     }
+}
+
+/// File mode: whether `c` is still what the agent stamped at its last
+/// flush or retrieve in this boot (an image the user's processes wrote
+/// since is not a cache; one from an earlier boot is not known to be).
+fn unwritten_since_flush(state_dir: &Path, c: &Cached) -> bool {
+    cache::manifest_path(state_dir, &c.user).exists()
+        && cache::unchanged_since_stamped(state_dir, &c.user, &c.path)
 }

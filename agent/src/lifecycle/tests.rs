@@ -219,12 +219,12 @@ async fn a_refusal_over_the_users_share_is_held_in_place_and_no_login_overwrites
         rig.count(|r| matches!(r, Request::UpdateBegin(_))),
         uploads + 1
     );
-    assert!(lc.flusher.preserved().held_for("kim").is_none());
+    assert!(lc.flusher.preserved().held_for("kim").unwrap().is_none());
     lc.login("kim", &name("k4"), None).await.unwrap();
 }
 
 #[tokio::test]
-async fn a_held_home_keeps_its_files_drops_the_archive_and_is_packed_again_to_push() {
+async fn a_held_update_of_a_user_the_database_does_not_know_keeps_its_archive() {
     use crate::flush::Kept;
     let rig = Rig::new();
     let lc = &rig.lifecycle;
@@ -247,22 +247,43 @@ async fn a_held_home_keeps_its_files_drops_the_archive_and_is_packed_again_to_pu
     else {
         panic!("not held: {out:?}");
     };
-    assert_eq!(held.bytes, homes.join("max"));
+    // Nothing proves this home is the one packed (no entry in the user
+    // database, so no owner to check): the archive itself is held.
     let archive = lc.config().uif_path("max");
-    assert!(!archive.exists(), "the archive's space is given back");
-    assert_eq!(lc.flusher.preserved().list(), vec![(*held).clone()]);
+    assert_eq!(held.bytes, archive);
+    assert!(archive.exists());
     let err = lc.login("max", &name("m2"), None).await.unwrap_err();
     assert!(matches!(err, LifecycleError::Held(_)), "{err}");
     assert_eq!(std::fs::read(homes.join("max/thesis.odt")).unwrap(), work);
-    // Export cannot copy a directory; push packs the home again.
-    let to = rig.state().parent().unwrap().join("export");
-    assert!(lc.export_preserved(&held.id, &to).await.is_err());
     rig.refuse_updates(None);
     let pushed = lc.push_preserved(&held.id, false).await.unwrap();
     assert_eq!(pushed, FlushOutcome::Committed(COMMITTED));
-    assert!(!archive.exists());
     assert!(lc.flusher.preserved().list().is_empty());
-    assert_eq!(std::fs::read(homes.join("max/thesis.odt")).unwrap(), work);
+    lc.login("max", &name("m3"), None).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_refusal_held_while_a_login_delivers_the_spool_stops_that_login() {
+    use uve_protocol::testdata::noise;
+    let rig = Rig::new();
+    let lc = &rig.lifecycle;
+    reconfigure(&rig, |c| c.preserved_per_user_mib = 1);
+    // Spooled while the host is busy.
+    let work = noise(2_000_000, 5);
+    rig.login_and_write("ola", "o1", &work).await;
+    rig.refuse_updates(Some(uve_protocol::ErrorCode::Busy));
+    let out = lc.logout(&name("o1")).await.unwrap().outcome;
+    assert!(matches!(out, FlushOutcome::Spooled(_)), "{out:?}");
+    // The next login delivers it first: refused for good, over ola's
+    // share, so held at the very path the retrieve would write.
+    rig.refuse_updates(Some(uve_protocol::ErrorCode::QuotaExceeded));
+    let err = lc.login("ola", &name("o2"), None).await.unwrap_err();
+    assert!(matches!(err, LifecycleError::Held(_)), "{err}");
+    assert_eq!(
+        std::fs::read(rig.uif("ola")).unwrap(),
+        work,
+        "not retrieved over"
+    );
 }
 
 #[tokio::test]

@@ -206,6 +206,21 @@ pub fn trusted(state_dir: &Path, user: &str, file: &Path, manifest: &Manifest) -
     stamped_id(state_dir, user, manifest).is_some_and(|id| FileId::of(file) == Some(id))
 }
 
+/// True if `file` is still exactly what `user`'s stamp vouched for when it
+/// was taken in this boot (no interrupted patch, same identity and size):
+/// nothing has written it since. Whatever the manifest.
+pub fn unchanged_since_stamped(state_dir: &Path, user: &str, file: &Path) -> bool {
+    if patch_marker_path(state_dir, user).exists() {
+        return false;
+    }
+    let Ok(Some(stamp)) = fsutil::read_json::<Stamp>(&stamp_path(state_dir, user)) else {
+        return false;
+    };
+    stamp.boot.is_some()
+        && stamp.boot == fsutil::kernel_boot()
+        && FileId::of(file) == Some(stamp.file)
+}
+
 /// The identity a file must still have to hold `manifest`, per the stamp
 /// of `user` (no interrupted patch, stamp of this manifest's digest).
 /// Whoever reads the file compares it with the file's identity after

@@ -208,10 +208,36 @@ impl Preserved {
         }
     }
 
-    /// Whether `user` has a copy held in place (their logins must not
-    /// retrieve over it).
-    pub fn held_for(&self, user: &str) -> Option<PreservedCopy> {
-        self.for_user(user).into_iter().find(|c| c.held.is_some())
+    /// `user`'s copy held in place, if any (their logins must not
+    /// retrieve over it, nothing may evict it). Fails closed: an error
+    /// when the area cannot be listed (an unreadable record is skipped
+    /// with a warning: whose it is cannot be told).
+    pub fn held_for(&self, user: &str) -> io::Result<Option<PreservedCopy>> {
+        Ok(self.held()?.into_iter().find(|c| c.user == user))
+    }
+
+    /// Every copy held in place; an error when the area cannot be listed.
+    pub fn held(&self) -> io::Result<Vec<PreservedCopy>> {
+        let rd = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut held = Vec::new();
+        for e in rd {
+            let path = e?.path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            match fsutil::read_json::<PreservedCopy>(&path) {
+                Ok(Some(c)) if c.held.is_some() => held.push(c),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(record = %path.display(), "unreadable preserved record: {e}")
+                }
+            }
+        }
+        Ok(held)
     }
 
     /// Moves the refused update's file into the preserved area (see the
@@ -245,19 +271,16 @@ impl Preserved {
         Ok(copy)
     }
 
-    /// Records the refused update as held in place at `at` (the UIF file
-    /// itself, or the home the archive was packed from) because of `why`;
-    /// then, if `at` is not the UIF file, removes that file (the archive:
-    /// the home holds the same bytes). The record is durable first.
+    /// Records, durably, the refused update as held in place at `at` (the
+    /// UIF file itself, or the home the archive was packed from) because
+    /// of `why`. An archive the home stands in for is the caller's to
+    /// remove, after the spool entry (a crash between leaves the archive,
+    /// never an entry without its file).
     pub fn hold(&self, what: &Refused<'_>, at: &Path, why: String) -> io::Result<PreservedCopy> {
         let mut copy = self.record(what)?;
         copy.bytes = at.to_path_buf();
         copy.held = Some(why);
         fsutil::write_json(&self.record_path(&copy.id), &copy)?;
-        if at != what.file {
-            std::fs::remove_file(what.file)?;
-            fsutil::sync_parent(what.file)?;
-        }
         tracing::error!(
             user = %what.user,
             id = copy.id,
@@ -435,10 +458,10 @@ mod tests {
         // and deleting it drops the record only.
         let held = keep("cyd", 5000, true);
         assert_eq!(p.no_room("cyd", 50, budget), None);
-        assert_eq!(p.held_for("cyd"), Some(held.clone()));
+        assert_eq!(p.held_for("cyd").unwrap(), Some(held.clone()));
         p.remove(&held.id).unwrap();
         assert!(held.bytes.exists(), "the user's bytes stay");
-        assert_eq!(p.held_for("cyd"), None);
+        assert_eq!(p.held_for("cyd").unwrap(), None);
         assert_eq!(
             Budget::new(0, 0, 4 << 30),
             Budget {

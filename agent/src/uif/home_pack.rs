@@ -113,7 +113,7 @@ impl Drop for PackCgroup {
 /// whole): as `owner` in a `pack-home` child, or in-process when no
 /// unprivileged owner is known (see the module header). `floor`: bytes
 /// the pack leaves free on the archive's filesystem.
-pub(super) async fn pack_home(
+pub async fn pack_home(
     user: &str,
     home: PathBuf,
     archive: PathBuf,
@@ -139,16 +139,23 @@ pub(super) async fn pack_home(
     let (mut started, out, cgroup) = blocking(move || {
         let (home_dir, out) = open_for_pack(&h2, &a2)?;
         let started = start_child(&h2, &home_dir, out.file(), &excludes, (uid, gid))?;
+        // Never pid 0: written to cgroup.procs, it would move the agent.
         let cgroup = PACK_CGROUPS
             .get()
-            .and_then(|base| PackCgroup::enter(base, &u2, started.child.id()));
+            .zip(started.child.as_ref())
+            .and_then(|(base, child)| PackCgroup::enter(base, &u2, child.id()));
         Ok((started, out, cgroup))
     })
     .await?;
-    let status = watch(&mut started.child, cgroup.as_ref(), out.file(), floor)
-        .await
-        .map_err(fail)?;
-    drop(cgroup);
+    // Dropped before the child is reaped (this future cancelled, or a
+    // child that will not die), it kills the child and reaps it on a
+    // thread of its own.
+    let mut running = Running {
+        child: started.child.take(),
+        cgroup,
+    };
+    let status = watch(&mut running, out.file(), floor).await.map_err(fail)?;
+    drop(running);
     // The reader ends at EOF, right after the child exits.
     let _ = tokio::time::timeout(Duration::from_secs(2), started.stderr_done).await;
     if !status.success() {
@@ -209,9 +216,9 @@ fn pack_in_process(home: &OwnedFd, out: &File, excludes: &[String]) -> Result<()
     Ok(())
 }
 
-/// A running pack child and the reader of its stderr.
+/// A started pack child and the reader of its stderr.
 struct Started {
-    child: Child,
+    child: Option<Child>,
     /// The last lines of its stderr.
     tail: Arc<Mutex<VecDeque<String>>>,
     /// Completes when the stderr reader has seen EOF.
@@ -261,7 +268,7 @@ fn start_child(
         }
     }
     Ok(Started {
-        child,
+        child: Some(child),
         tail,
         stderr_done,
     })
@@ -326,18 +333,76 @@ fn is_stopped(pid: u32) -> bool {
     })
 }
 
-/// Kills and reaps `child` (it is dead at once: SIGKILL), with anything
-/// else in its cgroup, then gives `why` as the error.
-fn killed(
-    child: &mut Child,
-    cgroup: Option<&PackCgroup>,
-    why: String,
-) -> Result<ExitStatus, String> {
-    if let Some(cg) = cgroup {
-        cg.kill();
+/// A pack child being watched, and its cgroup. Dropped while the child
+/// is not reaped, it kills it (and its cgroup) and reaps it on a thread
+/// of its own, so neither a cancelled pack nor a child stuck in the
+/// kernel holds the runtime.
+struct Running {
+    child: Option<Child>,
+    cgroup: Option<PackCgroup>,
+}
+
+impl Running {
+    /// The child's exit status once it has exited (then it is reaped).
+    fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(None);
+        };
+        let status = child.try_wait()?;
+        if status.is_some() {
+            self.child = None;
+        }
+        Ok(status)
     }
-    let _ = child.kill();
-    let _ = child.wait();
+
+    /// The child's pid (0 once reaped).
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// SIGKILL to the child and everything in its cgroup.
+    fn kill(&mut self) {
+        if let Some(cg) = &self.cgroup {
+            cg.kill();
+        }
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        self.kill();
+        let cgroup = self.cgroup.take();
+        let reaped = std::thread::Builder::new()
+            .name("pack-home-reap".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let _ = child.kill();
+                let _ = child.wait();
+                drop(cgroup);
+            });
+        if let Err(e) = reaped {
+            tracing::warn!("cannot reap a killed pack child (it stays a zombie): {e}");
+        }
+    }
+}
+
+/// Kills the child (and its cgroup), waits up to a second for it to be
+/// reaped without blocking the runtime (one stuck in the kernel is left
+/// to [`Running`]'s drop), then gives `why` as the error.
+async fn killed(running: &mut Running, why: String) -> Result<ExitStatus, String> {
+    running.kill();
+    for _ in 0..100 {
+        if !matches!(running.try_wait(), Ok(None)) || running.child.is_none() {
+            break;
+        }
+        tokio::time::sleep(PACK_POLL).await;
+    }
     Err(why)
 }
 
@@ -347,12 +412,7 @@ fn killed(
 /// would leave less than `floor` bytes free on the state filesystem, it
 /// stays stopped for [`PACK_STOPPED`], the archive stops growing for
 /// [`PACK_STALL`], or the pack runs past [`PACK_LIMIT`].
-async fn watch(
-    child: &mut Child,
-    cgroup: Option<&PackCgroup>,
-    out: &File,
-    floor: u64,
-) -> Result<ExitStatus, String> {
+async fn watch(running: &mut Running, out: &File, floor: u64) -> Result<ExitStatus, String> {
     let start = Instant::now();
     let (mut size, mut grew) = (0u64, Instant::now());
     let mut stopped_since: Option<Instant> = None;
@@ -360,16 +420,16 @@ async fn watch(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match child.try_wait() {
+        match running.try_wait() {
             Ok(Some(status)) => return Ok(status),
             Ok(None) => {}
-            Err(e) => return killed(child, cgroup, format!("wait for pack-home: {e}")),
+            Err(e) => return killed(running, format!("wait for pack-home: {e}")).await,
         }
         let now_size = out.metadata().map(|m| m.len()).unwrap_or(size);
         if now_size != size {
             (size, grew) = (now_size, Instant::now());
         }
-        stopped_since = if is_stopped(child.id()) {
+        stopped_since = if is_stopped(running.pid()) {
             stopped_since.or_else(|| Some(Instant::now()))
         } else {
             None
@@ -378,8 +438,7 @@ async fn watch(
             && free < floor
         {
             return killed(
-                child,
-                cgroup,
+                running,
                 format!(
                     "the home packs to more than the state filesystem can take: the archive \
                      reached {} MiB with {} MiB left free (the floor: {} MiB, state_floor_mib or \
@@ -389,28 +448,29 @@ async fn watch(
                     free >> 20,
                     floor >> 20
                 ),
-            );
+            )
+            .await;
         }
         if stopped_since.is_some_and(|t| t.elapsed() > PACK_STOPPED) {
             return killed(
-                child,
-                cgroup,
+                running,
                 format!(
                     "pack-home was stopped for more than {PACK_STOPPED:?} (SIGSTOP by its user, \
                      or a debugger); killed. The home is left as it is"
                 ),
-            );
+            )
+            .await;
         }
         if grew.elapsed() > PACK_STALL || start.elapsed() > PACK_LIMIT {
             return killed(
-                child,
-                cgroup,
+                running,
                 format!(
                     "pack-home made no progress for {:?} (or ran longer than {PACK_LIMIT:?}); \
                      killed",
                     grew.elapsed().min(PACK_STALL)
                 ),
-            );
+            )
+            .await;
         }
     }
 }
