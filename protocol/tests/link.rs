@@ -297,3 +297,69 @@ async fn waits_for_the_inbound_byte_budget_are_counted() {
         call.await.unwrap().expect("answered");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_reserving_bulk_budget_holds_no_more_for_a_peer_that_does_not_read() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use uve_protocol::codec::encode_frame;
+    use uve_protocol::message::Frame;
+    const CHUNK: usize = 256 << 10;
+    let (mut raw, b) = UnixStream::pair().expect("pair");
+    let mut c = cfg(60_000);
+    c.max_outbound_bytes = 2 * (CHUNK + 64);
+    let (_hb, mut b_in) = start(b, c);
+    // The peer sends ten fetches and never reads an answer.
+    for id in 1..=10u64 {
+        let frame = Frame::Request {
+            id,
+            body: Request::ChunkFetch {
+                user: "alice".to_string().try_into().unwrap(),
+                hash: Hash::of(b"x"),
+            },
+        };
+        raw.write_all(&encode_frame(&frame, DEFAULT_MAX_FRAME).unwrap())
+            .await
+            .unwrap();
+    }
+    // The server reads a chunk only once its answer has room.
+    let read = Arc::new(AtomicUsize::new(0));
+    for _ in 0..10 {
+        let mut inc = b_in.recv().await.expect("a fetch");
+        let read = read.clone();
+        tokio::spawn(async move {
+            if inc.responder.reserve_bulk(CHUNK + 64).await.is_err() {
+                return;
+            }
+            read.fetch_add(1, Ordering::SeqCst);
+            let _ = inc.responder.send(Response::Chunk(vec![7; CHUNK])).await;
+        });
+    }
+    let two = tokio::time::timeout(Duration::from_secs(10), async {
+        while read.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(two.is_ok(), "the budget's two chunks were never read");
+    // Nothing more while the peer reads nothing: the socket buffer holds
+    // less than one chunk, so both stay queued or half written.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(read.load(Ordering::SeqCst), 2);
+    // The peer reads: the rest follow.
+    let drain = tokio::spawn(async move {
+        let mut buf = vec![0u8; 1 << 20];
+        while tokio::io::AsyncReadExt::read(&mut raw, &mut buf)
+            .await
+            .unwrap_or(0)
+            > 0
+        {}
+    });
+    let all = tokio::time::timeout(Duration::from_secs(10), async {
+        while read.load(Ordering::SeqCst) < 10 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(all.is_ok(), "reading on did not free the budget");
+    drain.abort();
+}

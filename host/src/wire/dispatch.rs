@@ -21,6 +21,10 @@ use crate::budgets::report::Budget;
 use crate::budgets::request_rate::RequestRate;
 use crate::wire::uve5::{Handled, VmConnection, notices, retrieve, update};
 
+/// The bulk outbound bytes a `ChunkFetch` reserves before its chunk is
+/// read: the largest chunk and its frame's header.
+const FETCH_FRAME: usize = uve_protocol::defs::MAX_CHUNK as usize + 64;
+
 /// Runs until the link closes.
 pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>) {
     let permits = Arc::new(Semaphore::new(
@@ -80,7 +84,18 @@ pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>
                 };
                 let conn = conn.clone();
                 let cancel = cancel.clone();
+                let mut responder = responder;
                 tokio::spawn(async move {
+                    // A chunk is read only once the link has room to send
+                    // it: a VM that reads its answers slowly (or not at
+                    // all) holds at most its link's bulk outbound budget
+                    // in chunk bytes, however many fetches it has in flight.
+                    if matches!(other, Request::ChunkFetch { .. }) {
+                        tokio::select! {
+                            r = responder.reserve_bulk(FETCH_FRAME) => if r.is_err() { return },
+                            () = cancel.cancelled() => return,
+                        }
+                    }
                     // A commit runs to its end: its outcome is the user's.
                     let cancellable = !matches!(other, Request::UpdateCommit { .. });
                     let answer = tokio::select! {

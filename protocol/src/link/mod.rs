@@ -195,6 +195,37 @@ impl Shared {
         self.enqueue_bytes(bytes, frame.is_bulk()).await
     }
 
+    /// Queues bulk `frame` on the bulk queue with the budget `reserved`
+    /// already holds, taking what the frame needs beyond it.
+    async fn enqueue_reserved(
+        &self,
+        frame: &Frame,
+        mut reserved: OwnedSemaphorePermit,
+    ) -> Result<(), LinkError> {
+        let bytes = encode_frame(frame, self.max_frame)?.freeze();
+        let need = bytes.len().clamp(1, self.outbound_bulk.cap);
+        if need > reserved.num_permits() {
+            let Some(more) = self
+                .outbound_bulk
+                .take(need - reserved.num_permits(), &self.cancel)
+                .await
+            else {
+                return Err(LinkError::Closed(self.end_reason()));
+            };
+            reserved.merge(more);
+        } else if let Some(spare) = reserved.split(reserved.num_permits() - need) {
+            drop(spare);
+        }
+        let item = Queued {
+            bytes,
+            _budget: Some(reserved),
+        };
+        tokio::select! {
+            sent = self.bulk.send(item) => sent.map_err(|_| LinkError::Closed(self.end_reason())),
+            () = self.cancel.cancelled() => Err(LinkError::Closed(self.end_reason())),
+        }
+    }
+
     /// Queues an encoded frame (header included) on the bulk or control
     /// queue, within that queue's byte budget.
     async fn enqueue_bytes(&self, bytes: Bytes, bulk: bool) -> Result<(), LinkError> {
@@ -359,15 +390,41 @@ pub struct Responder {
     id: u64,
     shared: Option<Arc<Shared>>,
     _budget: Option<OwnedSemaphorePermit>,
+    /// Bulk outbound budget taken ahead by [`Responder::reserve_bulk`].
+    reserved: Option<OwnedSemaphorePermit>,
 }
 
 impl Responder {
+    /// Takes `len` bytes of the link's bulk outbound budget *before* the
+    /// answer exists (waiting, as a send would, while the peer has not
+    /// taken what was sent before): a server that reads a chunk only once
+    /// this returns holds, per link, no more chunk bytes than that budget
+    /// however many requests are in flight. [`send`](Self::send) then uses
+    /// the reservation (taking more if the frame is larger); an answer
+    /// that is not bulk releases it.
+    pub async fn reserve_bulk(&mut self, len: usize) -> Result<(), LinkError> {
+        let Some(shared) = self.shared.as_ref() else {
+            return Ok(());
+        };
+        let permit = shared
+            .outbound_bulk
+            .take(len, &shared.cancel)
+            .await
+            .ok_or_else(|| LinkError::Closed(shared.end_reason()))?;
+        self.reserved = Some(permit);
+        Ok(())
+    }
+
     /// Sends the response.
     pub async fn send(mut self, body: Response) -> Result<(), LinkError> {
         let Some(shared) = self.shared.take() else {
             return Ok(());
         };
-        shared.enqueue(&Frame::Response { id: self.id, body }).await
+        let frame = Frame::Response { id: self.id, body };
+        match self.reserved.take() {
+            Some(reserved) if frame.is_bulk() => shared.enqueue_reserved(&frame, reserved).await,
+            _ => shared.enqueue(&frame).await,
+        }
     }
 
     /// Sends an error response.
@@ -532,6 +589,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         id,
                         shared: Some(shared.clone()),
                         _budget: Some(budget),
+                        reserved: None,
                     },
                 };
                 tokio::select! {
