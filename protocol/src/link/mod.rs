@@ -190,19 +190,25 @@ impl Shared {
         self.end.borrow().clone().unwrap_or(LinkEnd::Local)
     }
 
-    async fn enqueue(&self, frame: &Frame) -> Result<(), LinkError> {
-        let bytes = encode_frame(frame, self.max_frame)?.freeze();
-        self.enqueue_bytes(bytes, frame.is_bulk()).await
+    /// Encodes `frame` and queues it; the frame itself (a chunk's bytes)
+    /// is dropped before any wait, so only the encoded copy is held while
+    /// it waits for its queue's budget.
+    async fn enqueue(&self, frame: Frame) -> Result<(), LinkError> {
+        let bytes = encode_frame(&frame, self.max_frame)?.freeze();
+        let bulk = frame.is_bulk();
+        drop(frame);
+        self.enqueue_bytes(bytes, bulk).await
     }
 
     /// Queues bulk `frame` on the bulk queue with the budget `reserved`
     /// already holds, taking what the frame needs beyond it.
     async fn enqueue_reserved(
         &self,
-        frame: &Frame,
+        frame: Frame,
         mut reserved: OwnedSemaphorePermit,
     ) -> Result<(), LinkError> {
-        let bytes = encode_frame(frame, self.max_frame)?.freeze();
+        let bytes = encode_frame(&frame, self.max_frame)?.freeze();
+        drop(frame);
         let need = bytes.len().clamp(1, self.outbound_bulk.cap);
         if need > reserved.num_permits() {
             let Some(more) = self
@@ -263,7 +269,7 @@ impl LinkHandle {
             if self.shared.cancel.is_cancelled() {
                 return Err(LinkError::Closed(self.shared.end_reason()));
             }
-            self.shared.enqueue(&Frame::Request { id, body }).await
+            self.shared.enqueue(Frame::Request { id, body }).await
         })
         .await
     }
@@ -338,7 +344,7 @@ impl LinkHandle {
         let frame = Frame::Goodbye(Goodbye {
             reason: reason.to_string(),
         });
-        if self.shared.enqueue(&frame).await.is_err() {
+        if self.shared.enqueue(frame).await.is_err() {
             return;
         }
         // The writer closes the link after writing a Goodbye; bound the wait.
@@ -422,8 +428,8 @@ impl Responder {
         };
         let frame = Frame::Response { id: self.id, body };
         match self.reserved.take() {
-            Some(reserved) if frame.is_bulk() => shared.enqueue_reserved(&frame, reserved).await,
-            _ => shared.enqueue(&frame).await,
+            Some(reserved) if frame.is_bulk() => shared.enqueue_reserved(frame, reserved).await,
+            _ => shared.enqueue(frame).await,
         }
     }
 
@@ -529,7 +535,7 @@ async fn refuse_bad_name(
     match what {
         Carrier::Request => {
             let body = Response::Error(WireError::new(ErrorCode::InvalidName, error));
-            shared.enqueue(&Frame::Response { id, body }).await
+            shared.enqueue(Frame::Response { id, body }).await
         }
         Carrier::Response => {
             let waiter = shared
@@ -611,7 +617,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
             }
             Frame::Heartbeat { seq } => {
-                if shared.enqueue(&Frame::HeartbeatAck { seq }).await.is_err() {
+                if shared.enqueue(Frame::HeartbeatAck { seq }).await.is_err() {
                     break shared.end_reason();
                 }
             }
