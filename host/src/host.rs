@@ -69,6 +69,8 @@ pub struct Host {
     quota_charges: QuotaCharges,
     /// Bounds `UnexpectedDisconnect` notices per VM and minute.
     notice_rate: PerVmRate,
+    /// Control requests per VM and second.
+    request_rate: crate::budgets::request_rate::RequestRate,
     /// Bounds new sessions per VM and minute.
     session_rate: PerVmRate,
     /// Rate-limits the `budget_exceeded` events.
@@ -110,6 +112,8 @@ impl Host {
         let sessions = Sessions::new(config.max_sessions_per_vm, config.notice_ids_per_vm);
         let notice_rate = PerVmRate::new(config.notices_per_minute);
         let session_rate = PerVmRate::new(config.session_starts_per_minute);
+        let request_rate =
+            crate::budgets::request_rate::RequestRate::new(config.max_control_requests_per_sec);
         let reports = Reports::new(Duration::from_secs(config.budget_event_interval_secs));
         let bulk = BulkPool::start(bulk_threads, config.bulk_queue_per_vm);
         Host {
@@ -130,6 +134,7 @@ impl Host {
             conflict_rate,
             quota_charges: QuotaCharges::new(),
             notice_rate,
+            request_rate,
             session_rate,
             reports,
             commits: AtomicUsize::new(0),
@@ -222,6 +227,12 @@ impl Host {
     /// Bounds `UnexpectedDisconnect` notices per VM and minute.
     pub fn notice_rate(&self) -> &PerVmRate {
         &self.notice_rate
+    }
+
+    /// Bounds control requests per VM and second (over all of the VM's
+    /// connections).
+    pub fn request_rate(&self) -> &crate::budgets::request_rate::RequestRate {
+        &self.request_rate
     }
 
     /// Bounds new sessions per VM and minute.

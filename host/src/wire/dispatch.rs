@@ -18,7 +18,6 @@ use uve_protocol::link::Incoming;
 use uve_protocol::message::{ErrorCode, Request, Response, WireError};
 
 use crate::budgets::report::Budget;
-use crate::budgets::request_rate::RequestRate;
 use crate::wire::uve5::{Handled, VmConnection, notices, retrieve, update};
 
 /// The bulk outbound bytes a `ChunkFetch` reserves before its chunk is
@@ -34,7 +33,6 @@ pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>
     let cancel = CancellationToken::new();
     let _cancel_on_exit = cancel.clone().drop_guard();
     let idle = conn.host().config().upload_idle_ms.max(1);
-    let mut rate = RequestRate::new(conn.host().config().max_control_requests_per_sec);
     let mut sweep = tokio::time::interval(std::time::Duration::from_millis((idle / 4).max(1)));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -49,7 +47,7 @@ pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>
             break;
         };
         if !is_bulk(&request)
-            && let Some(wait) = rate.take()
+            && let Some(wait) = conn.host().request_rate().take(conn.vm())
         {
             // Past its rate: nothing more is read from this VM meanwhile.
             crate::state::metrics::add(&conn.host().metrics().control_requests_throttled, 1);
