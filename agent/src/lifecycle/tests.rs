@@ -151,6 +151,20 @@ fn reconfigure(rig: &Rig, f: impl FnOnce(&mut crate::config::Config)) {
     rig.lifecycle.reload(cfg);
 }
 
+/// `out` is a refusal whose bytes were set aside as a preserved copy.
+fn assert_preserved(out: &FlushOutcome) {
+    assert!(
+        matches!(
+            out,
+            FlushOutcome::Refused {
+                kept: crate::flush::Kept::Preserved(_),
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_refusal_over_the_users_share_is_held_in_place_and_no_login_overwrites_it() {
     use crate::flush::Kept;
@@ -162,16 +176,7 @@ async fn a_refusal_over_the_users_share_is_held_in_place_and_no_login_overwrites
     // The first refused update fits kim's 1 MiB share: set aside.
     rig.login_and_write("kim", "k1", &noise(600_000, 1)).await;
     let out = lc.logout(&name("k1")).await.unwrap().outcome;
-    assert!(
-        matches!(
-            &out,
-            FlushOutcome::Refused {
-                kept: Kept::Preserved(_),
-                ..
-            }
-        ),
-        "{out:?}"
-    );
+    assert_preserved(&out);
     // The second does not: held at the UIF path, the logout says so.
     let second = noise(600_000, 2);
     rig.login_and_write("kim", "k2", &second).await;
@@ -200,16 +205,7 @@ async fn a_refusal_over_the_users_share_is_held_in_place_and_no_login_overwrites
     // Another user's refusal still fits their own share.
     rig.login_and_write("lou", "l1", &noise(600_000, 3)).await;
     let out = lc.logout(&name("l1")).await.unwrap().outcome;
-    assert!(
-        matches!(
-            &out,
-            FlushOutcome::Refused {
-                kept: Kept::Preserved(_),
-                ..
-            }
-        ),
-        "{out:?}"
-    );
+    assert_preserved(&out);
     // Root fixes the cause and pushes the held copy: kim logs in again.
     rig.refuse_updates(None);
     let uploads = rig.count(|r| matches!(r, Request::UpdateBegin(_)));

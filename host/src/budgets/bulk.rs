@@ -70,6 +70,16 @@ struct Queues {
 }
 
 impl Queues {
+    /// Queues `job` behind `vm`'s others (the VM joins the ring with its
+    /// first queued job).
+    fn push(&mut self, vm: &str, job: BulkJob) {
+        let mine = self.per_vm.entry(vm.to_string()).or_default();
+        mine.push_back(job);
+        if mine.len() == 1 {
+            self.ring.push_back(vm.to_string());
+        }
+    }
+
     /// The next job: of the VM with queued work that used the bulk
     /// threads least lately (the first in the ring among equals).
     fn pop(&mut self) -> Option<(String, BulkJob)> {
@@ -166,14 +176,13 @@ impl BulkPool {
             .queues
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let mine = q.per_vm.entry(vm.to_string()).or_default();
-        if mine.len() >= self.per_vm {
+        if q.per_vm
+            .get(vm)
+            .is_some_and(|mine| mine.len() >= self.per_vm)
+        {
             return Err(Refused::QueueFull);
         }
-        mine.push_back(job);
-        if mine.len() == 1 {
-            q.ring.push_back(vm.to_string());
-        }
+        q.push(vm, job);
         drop(q);
         self.shared.ready.notify_one();
         Ok(())
@@ -235,20 +244,17 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
+    /// A job that records `<vm><n>` in `order` when it runs.
+    fn tagged(order: &Arc<Mutex<Vec<String>>>, vm: &str, n: u32) -> BulkJob {
+        let (o, tag) = (order.clone(), format!("{vm}{n}"));
+        Box::new(move || o.lock().unwrap().push(tag))
+    }
+
     #[test]
     fn vms_are_served_round_robin_not_in_arrival_order() {
         let mut q = Queues::default();
         let order = Arc::new(Mutex::new(Vec::new()));
-        let push = |q: &mut Queues, vm: &str, n: u32| {
-            let o = order.clone();
-            let tag = format!("{vm}{n}");
-            let job: BulkJob = Box::new(move || o.lock().unwrap().push(tag));
-            let mine = q.per_vm.entry(vm.to_string()).or_default();
-            mine.push_back(job);
-            if mine.len() == 1 {
-                q.ring.push_back(vm.to_string());
-            }
-        };
+        let push = |q: &mut Queues, vm: &str, n: u32| q.push(vm, tagged(&order, vm, n));
         for n in 0..4 {
             push(&mut q, "flood", n);
         }
@@ -268,16 +274,7 @@ mod tests {
     fn the_vm_that_used_the_threads_least_lately_goes_first_and_usage_fades() {
         let mut q = Queues::default();
         let order = Arc::new(Mutex::new(Vec::new()));
-        let push = |q: &mut Queues, vm: &str, n: u32| {
-            let o = order.clone();
-            let tag = format!("{vm}{n}");
-            let job: BulkJob = Box::new(move || o.lock().unwrap().push(tag));
-            let mine = q.per_vm.entry(vm.to_string()).or_default();
-            mine.push_back(job);
-            if mine.len() == 1 {
-                q.ring.push_back(vm.to_string());
-            }
-        };
+        let push = |q: &mut Queues, vm: &str, n: u32| q.push(vm, tagged(&order, vm, n));
         // The stager has used the threads for a second lately, the other
         // for a millisecond; the newcomer not at all.
         q.charge("stager", Duration::from_secs(1));
