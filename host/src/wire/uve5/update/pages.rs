@@ -21,8 +21,11 @@ pub async fn page(conn: &VmConnection, upload: u64, page: u32, chunks: Vec<Chunk
     let up = get(conn, upload)?;
     list_page(conn, &up, page, chunks).await.inspect_err(|e| {
         if e.code == ErrorCode::QuotaExceeded {
-            // Final: its stage and quota charge go at once.
+            // Final: its stage and quota charge go at once (the charge
+            // explicitly: another handler of this upload may still hold it
+            // for a moment, and the agent's next logout must not see it).
             conn.state().uploads.remove(&upload);
+            quota_check::end_charge(&up);
         }
         refused(conn, &up.begin, e);
     })
