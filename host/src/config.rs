@@ -139,6 +139,12 @@ pub struct Config {
     pub gc_grace_secs: u64,
     /// Interval of the automatic GC, seconds; 0 disables it. Default 86400.
     pub gc_interval_secs: u64,
+    /// Interval of the automatic scrub of the local store (every chunk
+    /// read and checked against its hash), seconds; 0 disables it.
+    /// Default 604800 (a week).
+    pub scrub_interval_secs: u64,
+    /// How fast a scrub reads, MiB/s; 0 = no limit. Default 64.
+    pub scrub_mib_per_sec: u64,
     /// How long a retrieve waits for the previous VM's release, ms. Default 30000.
     pub handover_timeout_ms: u64,
     /// Time limit of UVE-2 requests to agents, ms. Default 30000.
@@ -226,6 +232,8 @@ impl Default for Config {
             conflict_max_age_secs: 30 * 24 * 3600,
             gc_grace_secs: 3600,
             gc_interval_secs: 86_400,
+            scrub_interval_secs: 604_800,
+            scrub_mib_per_sec: 64,
             handover_timeout_ms: 30_000,
             uve2_timeout_ms: 30_000,
             handshake_timeout_ms: 10_000,

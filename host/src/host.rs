@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -23,13 +23,13 @@ use crate::budgets::report::{Budget, Reports};
 use crate::budgets::staging::Staging;
 use crate::config::Config;
 use crate::state::conns::Conns;
-use crate::state::events::Events;
+use crate::state::events::{Event, Events};
 use crate::state::handover::Handovers;
 use crate::state::leases::Leases;
 use crate::state::metrics::{Metrics, add};
 use crate::state::registry::Registry;
 use crate::state::sessions::Sessions;
-use crate::store::{StoreError, StoreResult, UifStore};
+use crate::store::{ScrubReport, StoreError, StoreResult, UifStore};
 
 /// Shared daemon state.
 pub struct Host {
@@ -78,6 +78,8 @@ pub struct Host {
     commits: AtomicUsize,
     commits_idle: Notify,
     bulk: BulkPool,
+    /// A scrub is running.
+    scrubbing: AtomicBool,
 }
 
 /// Marks a commit in flight; shutdown waits for all of them.
@@ -140,6 +142,7 @@ impl Host {
             commits: AtomicUsize::new(0),
             commits_idle: Notify::new(),
             bulk,
+            scrubbing: AtomicBool::new(false),
         }
     }
 
@@ -320,6 +323,40 @@ impl Host {
         })?
     }
 
+    /// Scrubs the store (`UifStore::scrub`) at `mib_per_sec` (default
+    /// `scrub_mib_per_sec`), one scrub at a time (a second one is
+    /// [`StoreError::Busy`]); stops early at shutdown. Emits `scrub` and
+    /// counts `uve_chunks_scrubbed_total` / `uve_chunks_corrupt_total`.
+    pub async fn scrub(&self, mib_per_sec: Option<u64>) -> StoreResult<ScrubReport> {
+        if self.scrubbing.swap(true, Ordering::AcqRel) {
+            return Err(StoreError::Busy("a scrub is running".into()));
+        }
+        let rate = mib_per_sec
+            .unwrap_or(self.config.scrub_mib_per_sec)
+            .saturating_mul(1 << 20);
+        let stop = self.shutdown.clone();
+        let result = self
+            .store_call(move |s| s.scrub(rate, &|| stop.is_cancelled()))
+            .await;
+        self.scrubbing.store(false, Ordering::Release);
+        let report = result?;
+        self.metrics
+            .chunks_scrubbed
+            .fetch_add(report.scanned, Ordering::Relaxed);
+        self.metrics
+            .chunks_corrupt
+            .fetch_add(report.corrupt, Ordering::Relaxed);
+        if report.corrupt > 0 {
+            tracing::error!(
+                corrupt = report.corrupt,
+                damaged = report.damaged.len() as u64 + report.damaged_more,
+                "scrub found corrupt chunks"
+            );
+        }
+        self.emit(Event::Scrub(report.clone()));
+        Ok(report)
+    }
+
     /// Runs a blocking store operation off the async workers.
     pub async fn store_call<T, F>(&self, f: F) -> StoreResult<T>
     where
@@ -363,7 +400,9 @@ pub fn wire_store_error(e: &StoreError) -> WireError {
     let code = match e {
         StoreError::InvalidName(_) => ErrorCode::InvalidName,
         StoreError::NoSuchVersion { .. } => ErrorCode::NotFound,
-        StoreError::MissingChunk(_) | StoreError::HeadVersion { .. } => ErrorCode::BadRequest,
+        StoreError::MissingChunk(_)
+        | StoreError::HeadVersion { .. }
+        | StoreError::Unsupported(_) => ErrorCode::BadRequest,
         StoreError::BadChunk(_) => ErrorCode::BadChunk,
         StoreError::BadManifest(uve_protocol::manifest::ManifestError::Digest) => {
             ErrorCode::BadDigest

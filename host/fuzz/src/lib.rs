@@ -266,6 +266,7 @@ pub fn config(k: &Knobs) -> Config {
         conflict_keep: 2,
         conflict_updates_per_hour: k.conflict_per_hour,
         gc_interval_secs: 0,
+        scrub_interval_secs: 0,
         handover_timeout_ms: 1_000,
         event_ring: 256,
         ..Config::default()

@@ -81,9 +81,10 @@ impl From<StoreError> for ApiError {
         match &e {
             StoreError::InvalidName(_) => Self::new(ApiErrorCode::InvalidName, e),
             StoreError::NoSuchVersion { .. } => Self::not_found(e),
-            StoreError::MissingChunk(_) | StoreError::BadChunk(_) | StoreError::BadManifest(_) => {
-                Self::bad_request(e)
-            }
+            StoreError::MissingChunk(_)
+            | StoreError::BadChunk(_)
+            | StoreError::BadManifest(_)
+            | StoreError::Unsupported(_) => Self::bad_request(e),
             StoreError::QuotaExceeded { .. } => Self::new(ApiErrorCode::QuotaExceeded, e),
             StoreError::HeadVersion { .. } => Self::new(ApiErrorCode::Conflict, e),
             StoreError::Contended { .. } | StoreError::Busy(_) => {

@@ -108,6 +108,7 @@ pub fn routes() -> Routes {
         .add(Get, "/v1/users/{user}/versions/{v}/export", users::export)
         .add(Post, "/v1/users/{user}/rollback", users::rollback)
         .add(Post, "/v1/gc", users::gc)
+        .add(Post, "/v1/scrub", users::scrub)
         .add(Get, "/v1/events", feed::events)
         .add(Get, "/metrics", feed::metrics)
         .add(Post, "/v1/vms/{id}/ua", agent_ops::deploy)

@@ -23,7 +23,9 @@ pub use crate::state::events::Recorded as EventLine;
 pub use crate::state::leases::{Granted, UserLease};
 pub use crate::state::registry::VmSpec;
 pub use crate::state::sessions::SessionRec;
-pub use crate::store::{GcReport, Holdings, OriginHoldings, VersionInfo, VersionKind};
+pub use crate::store::{
+    DamagedVersion, GcReport, Holdings, OriginHoldings, ScrubReport, VersionInfo, VersionKind,
+};
 pub use crate::wire::uve2::switch::AssignOutcome;
 
 /// The machine-readable code of an error answer.
@@ -318,6 +320,15 @@ pub struct GcQuery {
     /// Spare unreferenced chunks younger than this (default: configured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grace_secs: Option<u64>,
+}
+
+/// Query of `POST /v1/scrub`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubQuery {
+    /// Read at most this fast, MiB/s (default: `scrub_mib_per_sec`; 0 = no
+    /// limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mib_per_sec: Option<u64>,
 }
 
 /// Query of `GET /v1/events`.

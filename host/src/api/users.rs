@@ -16,7 +16,8 @@ use super::ApiState;
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::spool::spool;
 use super::types::{
-    GcQuery, GcReport, ImportQuery, Imported, RollbackBody, RolledBack, UserRow, VersionList,
+    GcQuery, GcReport, ImportQuery, Imported, RollbackBody, RolledBack, ScrubQuery, ScrubReport,
+    UserRow, VersionList,
 };
 use super::{ApiError, ApiResult, name};
 use crate::state::events::Event;
@@ -191,6 +192,16 @@ pub async fn rollback(
         version: head,
         copied_from: to,
     }))
+}
+
+/// `POST /v1/scrub[?mib_per_sec=]`: reads every chunk of the store and
+/// checks it (see `UifStore::scrub`); answers when it is done.
+pub async fn scrub(
+    State(d): State<Arc<ApiState>>,
+    ApiQuery(q): ApiQuery<ScrubQuery>,
+) -> ApiResult<Json<ScrubReport>> {
+    let report = d.host.scrub(q.mib_per_sec).await?;
+    Ok(Json(report))
 }
 
 /// `POST /v1/gc[?grace_secs=]`.

@@ -87,6 +87,14 @@ pub enum Cmd {
         #[arg(long)]
         grace_secs: Option<u64>,
     },
+    /// Read every chunk of the store and check it against its hash; a
+    /// damaged chunk is moved to corrupt/ and the versions that refer to it
+    /// are listed.
+    Scrub {
+        /// Read at most this fast, MiB/s (default: daemon's; 0 = no limit).
+        #[arg(long)]
+        mib_per_sec: Option<u64>,
+    },
     /// Print events (JSON lines): those retained in memory and in the
     /// durable journal (which keeps the ones an operator must act on across
     /// floods and restarts), in order.

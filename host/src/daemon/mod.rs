@@ -118,6 +118,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if host.config().gc_interval_secs > 0 {
         tokio::spawn(periodic_gc(host.clone()));
     }
+    if host.config().scrub_interval_secs > 0 {
+        tokio::spawn(periodic_scrub(host.clone()));
+    }
     let api_stop = CancellationToken::new();
     let api_path = host.config().api_socket();
     let api_listener = api::bind(&api_path)?;
@@ -178,6 +181,26 @@ async fn periodic_gc(host: Arc<Host>) {
                 host.emit(Event::Gc(report));
             }
             Err(e) => tracing::warn!(error = %e, "periodic GC failed"),
+        }
+    }
+}
+
+/// Scrubs the store every `scrub_interval_secs` until shutdown (a store
+/// that verifies every read answers `Unsupported`: then never again).
+async fn periodic_scrub(host: Arc<Host>) {
+    let every = Duration::from_secs(host.config().scrub_interval_secs);
+    loop {
+        tokio::select! {
+            () = host.shutdown().cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        match host.scrub(None).await {
+            Ok(_) => {}
+            Err(crate::store::StoreError::Unsupported(why)) => {
+                tracing::info!("no periodic scrub: {why}");
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "periodic scrub failed"),
         }
     }
 }

@@ -77,6 +77,10 @@ pub struct Metrics {
     pub control_requests_throttled: AtomicU64,
     /// Lease holders' updates refused over the user's quota.
     pub quota_refused: AtomicU64,
+    /// Chunk files read and checked by scrubs.
+    pub chunks_scrubbed: AtomicU64,
+    /// Chunk files a scrub found corrupt (moved to `corrupt/`).
+    pub chunks_corrupt: AtomicU64,
     /// Conflict versions refused over their writer's bound.
     pub conflict_quota_refused: AtomicU64,
     /// `UnexpectedDisconnect` notices refused by `notices_per_minute`.
@@ -110,7 +114,7 @@ pub fn add(c: &AtomicU64, n: u64) {
 
 /// The daemon-wide metrics: name, type, help text, counter.
 #[allow(clippy::type_complexity)]
-const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 41] = [
+const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 43] = [
     ("uve_connections", "gauge", "Agent connections open", |m| {
         &m.connections
     }),
@@ -275,6 +279,18 @@ const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 41] = [
         "counter",
         "Control requests read late because their VM passed max_control_requests_per_sec",
         |m| &m.control_requests_throttled,
+    ),
+    (
+        "uve_chunks_scrubbed_total",
+        "counter",
+        "Chunk files read and checked against their hash by scrubs",
+        |m| &m.chunks_scrubbed,
+    ),
+    (
+        "uve_chunks_corrupt_total",
+        "counter",
+        "Chunk files a scrub found not to match their hash (moved to corrupt/)",
+        |m| &m.chunks_corrupt,
     ),
     (
         "uve_quota_refused_total",

@@ -140,6 +140,9 @@ pub enum StoreError {
     /// caller retries later.
     #[error("busy: {0}; try again")]
     Busy(String),
+    /// The store does not do this.
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// Filesystem error.
     #[error("{context}: {source}")]
     Io {
@@ -480,6 +483,39 @@ pub struct GcReport {
     pub bytes_freed: u64,
 }
 
+/// A retained version that refers to a corrupt chunk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DamagedVersion {
+    /// The user.
+    pub user: String,
+    /// The version.
+    pub version: Version,
+}
+
+/// Damaged versions a [`ScrubReport`] lists at most.
+pub const DAMAGED_LISTED: usize = 64;
+
+/// What a scrub found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubReport {
+    /// Chunk files read.
+    pub scanned: u64,
+    /// Bytes read.
+    pub bytes: u64,
+    /// Chunk files whose bytes did not match their hash: moved out of the
+    /// store (to `corrupt/`), so that the next upload holding the same
+    /// content stores it again.
+    pub corrupt: u64,
+    /// Retained versions that refer to a corrupt chunk (at most
+    /// [`DAMAGED_LISTED`]); a retrieve of one fails until the chunk is
+    /// stored again.
+    pub damaged: Vec<DamagedVersion>,
+    /// Damaged versions beyond those listed.
+    pub damaged_more: u64,
+    /// False when the scrub stopped before the end (the host shut down).
+    pub complete: bool,
+}
+
 /// A content-addressed, versioned UIF store. Blocking: call from
 /// `spawn_blocking` in async code.
 pub trait UifStore: Send + Sync + 'static {
@@ -580,6 +616,16 @@ pub trait UifStore: Send + Sync + 'static {
     }
     /// Deletes unreferenced, unpinned chunks older than `grace`.
     fn gc(&self, grace: Duration) -> StoreResult<GcReport>;
+    /// Reads every stored chunk and checks it against its hash, reading
+    /// at most `bytes_per_sec` (0: no limit) and stopping early once
+    /// `stop` says so. What protects a store that does not verify on read
+    /// against bit rot. Stores that verify every read (S3) do not scrub.
+    fn scrub(&self, bytes_per_sec: u64, stop: &dyn Fn() -> bool) -> StoreResult<ScrubReport> {
+        let _ = (bytes_per_sec, stop);
+        Err(StoreError::Unsupported(
+            "this store verifies every chunk it reads; it has nothing to scrub",
+        ))
+    }
     /// Protects chunks from GC until the returned guard is dropped.
     fn pin(&self, hashes: &[Hash]) -> ChunkPins;
     /// The store's retention and quota policy.

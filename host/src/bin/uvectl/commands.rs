@@ -11,7 +11,7 @@ use uve_host::api::types::{
     SessionAction, SessionActionDone, SessionRec, SessionsQuery, UaCurrent, UaDeleteQuery,
     UaDeleted, UaDeployed, UserRow, VmDetail, VmInfo, VmRemoveQuery, VmStatus,
 };
-use uve_host::api::types::{QuotaBody, VersionDeleted};
+use uve_host::api::types::{QuotaBody, ScrubQuery, ScrubReport, VersionDeleted};
 use uve_host::args::uvectl::{MonitorCmd, UaCmd, UserCmd, VmCmd};
 
 use crate::output::{self, answer, object, rows};
@@ -156,6 +156,13 @@ pub async fn gc(c: &ApiClient, grace_secs: Option<u64>, raw: bool) -> anyhow::Re
     let path = with_query("/v1/gc", &GcQuery { grace_secs })?;
     let a = c.call(Method::POST, &path, client::empty()).await?;
     Ok(answer(&a, raw, object::<GcReport>))
+}
+
+/// `uvectl scrub [--mib-per-sec N]`.
+pub async fn scrub(c: &ApiClient, mib_per_sec: Option<u64>, raw: bool) -> anyhow::Result<u8> {
+    let path = with_query("/v1/scrub", &ScrubQuery { mib_per_sec })?;
+    let a = c.call(Method::POST, &path, client::empty()).await?;
+    Ok(answer(&a, raw, object::<ScrubReport>))
 }
 
 /// Shows the answer of an import (the body was streamed by `transfer`).

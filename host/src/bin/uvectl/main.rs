@@ -72,6 +72,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         } => transfer::export(c, &user, version, output).await,
         Cmd::Rollback { user, version } => commands::rollback(c, &user, version, raw).await,
         Cmd::Gc { grace_secs } => commands::gc(c, grace_secs, raw).await,
+        Cmd::Scrub { mib_per_sec } => commands::scrub(c, mib_per_sec, raw).await,
         Cmd::Events { since, follow } => transfer::events(c, since, follow).await,
         Cmd::Metrics => transfer::metrics(c).await,
         Cmd::Ua(cmd) => commands::ua(c, cmd, raw).await,

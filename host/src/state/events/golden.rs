@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use uve_protocol::message::{ErrorCode, UpdateCause};
 
 use super::{DisconnectSource, Event, Recorded, UpdateFields};
-use crate::store::GcReport;
+use crate::store::{DamagedVersion, GcReport, ScrubReport};
 
 /// Index of each kind; the match has no wildcard, so a new kind does not
 /// compile until it is listed here, and the test then wants a sample.
@@ -43,9 +43,10 @@ fn index(e: &Event) -> usize {
         Event::MonitorGranted { .. } => 25,
         Event::MonitorRevoked { .. } => 26,
         Event::BudgetExceeded { .. } => 27,
+        Event::Scrub(_) => 28,
     }
 }
-const KINDS: usize = 28;
+const KINDS: usize = 29;
 
 fn s(x: &str) -> String {
     x.to_string()
@@ -237,6 +238,12 @@ fn uifs() -> Vec<(Event, Value)> {
             },
             json!({"kind": "rollback", "user": "alice", "from_version": 1, "version": 3}),
         ),
+    ]
+}
+
+/// The store's own runs (no VM).
+fn store_runs() -> Vec<(Event, Value)> {
+    vec![
         (
             Event::Gc(GcReport {
                 scanned: 5,
@@ -247,6 +254,22 @@ fn uifs() -> Vec<(Event, Value)> {
             }),
             json!({"kind": "gc", "scanned": 5, "referenced": 3, "spared": 1, "deleted": 1,
                    "bytes_freed": 100}),
+        ),
+        (
+            Event::Scrub(ScrubReport {
+                scanned: 5,
+                bytes: 1000,
+                corrupt: 1,
+                damaged: vec![DamagedVersion {
+                    user: s("alice"),
+                    version: 2,
+                }],
+                damaged_more: 0,
+                complete: true,
+            }),
+            json!({"kind": "scrub", "scanned": 5, "bytes": 1000, "corrupt": 1,
+                   "damaged": [{"user": "alice", "version": 2}], "damaged_more": 0,
+                   "complete": true}),
         ),
     ]
 }
@@ -351,7 +374,15 @@ fn agents() -> Vec<(Event, Value)> {
 
 /// One sample of every kind and its JSON (without `seq` and `at_ms`).
 pub(crate) fn samples() -> Vec<(Event, Value)> {
-    [vms(), sessions(), uifs(), switches(), agents()].concat()
+    [
+        vms(),
+        sessions(),
+        uifs(),
+        store_runs(),
+        switches(),
+        agents(),
+    ]
+    .concat()
 }
 
 #[test]
@@ -457,7 +488,9 @@ fn error_codes_are_written_as_before() {
 /// states both.
 #[test]
 fn every_kind_has_its_share_and_journal_rule() {
-    const JOURNALLED: [&str; 6] = [
+    // `scrub` only when it found a corrupt chunk (the sample did).
+    const JOURNALLED: [&str; 7] = [
+        "scrub",
         "update_refused",
         "conflict",
         "budget_exceeded",
@@ -485,4 +518,5 @@ fn every_kind_has_its_share_and_journal_rule() {
     journalled.sort();
     journalled.dedup();
     assert_eq!(journalled.len(), JOURNALLED.len(), "{journalled:?}");
+    assert!(!Event::Scrub(ScrubReport::default()).journalled());
 }

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use uve_protocol::message::{ErrorCode, UpdateCause, Version};
 
-use crate::store::GcReport;
+use crate::store::{GcReport, ScrubReport};
 
 /// An operator event. Serialised as a JSON object whose `kind` names the
 /// variant in snake case (`vm_lost`, `update_refused`, ...).
@@ -232,6 +232,9 @@ pub enum Event {
     },
     /// A garbage collection ran (API or periodic).
     Gc(GcReport),
+    /// A scrub of the store ran (API or periodic); journalled when it
+    /// found a corrupt chunk.
+    Scrub(ScrubReport),
     /// A UA was deployed or updated on a VM.
     UaDeployed {
         /// The VM.
@@ -332,15 +335,20 @@ impl Event {
             Event::Unassigned { .. }
             | Event::Import { .. }
             | Event::Rollback { .. }
-            | Event::Gc(_) => None,
+            | Event::Gc(_)
+            | Event::Scrub(_) => None,
         }
     }
 
     /// True for the events an operator must act on, which the durable
     /// journal keeps across floods and restarts: `update_refused` (bytes
     /// preserved in a guest), `conflict`, `budget_exceeded`,
-    /// `handover_failed`, `vm_lost` and `unexpected_disconnect`.
+    /// `handover_failed`, `vm_lost`, `unexpected_disconnect`, and a
+    /// `scrub` that found a corrupt chunk.
     pub fn journalled(&self) -> bool {
+        if let Event::Scrub(r) = self {
+            return r.corrupt > 0;
+        }
         matches!(
             self,
             Event::UpdateRefused { .. }
