@@ -309,12 +309,13 @@ fn scale_rows(cli: &Cli, bins: &uve_e2e::binaries::Binaries) -> Result<Vec<Row>,
         .map_err(|e| vec![Row::text("scale", format!("failed: {e}"), "", "")])
 }
 
-/// The hostile benchmark, in a short-named directory under /tmp (Unix
-/// socket paths); a failed good VM is one row saying why, and `Err`.
+/// The hostile benchmark, in a short-named directory under `--work` or
+/// /tmp (Unix socket paths are limited to 108 bytes: keep `--work` short);
+/// a failed good VM is one row saying why, and `Err`.
 fn hostile_rows(cli: &Cli, bins: &uve_e2e::binaries::Binaries) -> Result<Vec<Row>, Vec<Row>> {
     let dir = tempfile::Builder::new()
         .prefix("uh-")
-        .tempdir_in("/tmp")
+        .tempdir_in(cli.work.as_deref().unwrap_or(Path::new("/tmp")))
         .expect("hostile dir");
     let p = hostile::Params {
         good: cli.vms,
