@@ -120,6 +120,10 @@ pub struct Config {
     /// and when less than a share is left above the floor, a VM over its
     /// share gets `Busy` while the others still stage. Default 8.
     pub staging_shares: u64,
+    /// Bytes a second the VMs staging heavily (more than about 5.5 MB/s
+    /// lately) may stage together while another VM has bulk work; 0 = no
+    /// limit. Default 64 MiB.
+    pub heavy_staging_bytes_per_sec: u64,
     /// Test-only: the staging filesystem is taken to be this large and to
     /// hold nothing but staged chunks (free = this − staged) instead of
     /// asking it. Default: none (the real figure).
@@ -225,6 +229,7 @@ impl Default for Config {
             max_staged_bytes: 256 << 30,
             store_min_free_bytes: 2 << 30,
             staging_shares: 8,
+            heavy_staging_bytes_per_sec: 64 << 20,
             test_staging_free_bytes: None,
             history_keep: 10,
             conflict_keep: 10,
@@ -312,6 +317,7 @@ impl Config {
             total: self.max_staged_bytes,
             min_free: self.store_min_free_bytes,
             shares: self.staging_shares.max(1),
+            heavy_per_sec: self.heavy_staging_bytes_per_sec,
             simulated_free: self.test_staging_free_bytes,
         }
     }

@@ -292,6 +292,7 @@ impl Host {
         T: Send + 'static,
         F: FnOnce(&dyn UifStore) -> StoreResult<T> + Send + 'static,
     {
+        self.staging.active(vm);
         let store = self.store.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: BulkJob = Box::new(move || {

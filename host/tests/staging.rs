@@ -220,3 +220,69 @@ async fn a_vm_over_its_share_leaves_another_vms_logout_committing() {
     assert_eq!(host.metric("uve_staging_refused_total").await, 1);
     assert_eq!(host.count_events("budget_exceeded").await, 1);
 }
+
+/// A VM staging heavily is never slowed alone on the host; while another
+/// VM has bulk work (logins fetching chunks) it shares
+/// `heavy_staging_bytes_per_sec` with the other heavy VMs, and both
+/// VMs' work completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heavy_stager_is_slowed_only_while_a_light_vm_works() {
+    let (host, [big_path, small_path]) = HostProc::with_vms(
+        "heavy_staging_bytes_per_sec = 16777216\n",
+        ["big", "small"],
+        &[("alice", "big"), ("bob", "small")],
+    )
+    .await;
+    let throttled = "uve_heavy_staging_throttled_total";
+    let big = host.connect_agent(&big_path, "big").await;
+    big.retrieve("alice", "s1").await.unwrap();
+    // Alone: 24 MiB at full speed, nothing read late.
+    assert_committed(
+        &big.update_from_lease("alice", &noise(24 << 20, 1))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(host.metric(throttled).await, 0, "alone, never slowed");
+
+    // Bob's VM logs in and out over and over (bulk work: chunk fetches
+    // and a few staged chunks) while alice's VM stages 24 MiB more.
+    let small = host.connect_agent(&small_path, "small").await;
+    small.retrieve("bob", "s2").await.unwrap();
+    assert_committed(
+        &small
+            .update_from_lease("bob", &noise(2 << 20, 2))
+            .await
+            .unwrap(),
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let logins = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let (_, bytes) = small.retrieve("bob", &format!("r{n}")).await.unwrap();
+                assert_eq!(bytes.len(), 2 << 20);
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    assert_committed(
+        &big.update_from_lease("alice", &noise(24 << 20, 3))
+            .await
+            .unwrap(),
+    );
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let logins = logins.await.unwrap();
+    assert!(logins > 1, "bob's logins went on ({logins})");
+    assert!(
+        host.metric(throttled).await > 0,
+        "slowed while bob's VM worked"
+    );
+    // 16 MiB of the 24 past the first 8 and a quarter second's burst go
+    // at 16 MiB/s at most.
+    assert!(took >= Duration::from_millis(500), "{took:?}");
+}

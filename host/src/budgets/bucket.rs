@@ -48,11 +48,18 @@ impl TokenBucket {
     /// Takes a token at `now`, borrowing it if none is left: then the wait
     /// until the borrowed token would have been there.
     pub fn take_or_wait(&mut self, now: Instant) -> Option<Duration> {
-        if self.try_take(now) {
+        self.take_n_or_wait(1.0, now)
+    }
+
+    /// [`take_or_wait`](Self::take_or_wait) of `n` tokens at once.
+    pub fn take_n_or_wait(&mut self, n: f64, now: Instant) -> Option<Duration> {
+        self.refill(now);
+        if self.tokens >= n {
+            self.tokens -= n;
             return None;
         }
-        let wait = (1.0 - self.tokens) / self.per_sec;
-        self.tokens -= 1.0;
+        let wait = (n - self.tokens) / self.per_sec;
+        self.tokens -= n;
         Some(Duration::from_secs_f64(wait))
     }
 }

@@ -8,17 +8,20 @@
 //! commit) drops it, and the reclaimer deletes its chunks within moments
 //! and gives the bytes back to the budgets.
 
+pub mod intake;
 pub mod room;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use uve_protocol::manifest::Hash;
 
 use crate::state::metrics::{self, Metrics};
 use crate::store::{StageId, UifStore};
+use intake::Intake;
 use room::{Cap, Room};
 
 /// The staged-byte budgets (see `host/API.md`, *Budgets*).
@@ -35,6 +38,9 @@ pub struct StagingLimits {
     /// The staging room (free space beyond `min_free`, plus what is
     /// staged) is divided into this many shares.
     pub shares: u64,
+    /// Bytes a second the heavy VMs share while a light one works (see
+    /// [`intake`]; 0: no limit).
+    pub heavy_per_sec: u64,
     /// Test-only: the staging filesystem is taken to be this large and to
     /// hold nothing but staged chunks, instead of asking it.
     pub simulated_free: Option<u64>,
@@ -170,6 +176,8 @@ pub struct Staging {
     counts: Mutex<Counts>,
     metrics: Arc<Metrics>,
     reclaim: Mutex<Option<mpsc::Sender<Job>>>,
+    /// How fast heavy VMs stage while light ones work.
+    intake: Mutex<Intake>,
 }
 
 impl Staging {
@@ -186,6 +194,7 @@ impl Staging {
             counts: Mutex::new(Counts::default()),
             metrics,
             reclaim: Mutex::new(Some(tx)),
+            intake: Mutex::new(Intake::new(limits.heavy_per_sec)),
         });
         let weak = Arc::downgrade(&staging);
         let spawned = std::thread::Builder::new()
@@ -216,6 +225,22 @@ impl Staging {
                 .unwrap_or_else(PoisonError::into_inner) = None;
         }
         staging
+    }
+
+    fn intake(&self) -> std::sync::MutexGuard<'_, Intake> {
+        self.intake.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records that `vm` has bulk work now (see [`intake`]).
+    pub fn active(&self, vm: &str) {
+        self.intake().active(vm, Instant::now());
+    }
+
+    /// Records that `vm` is about to stage `bytes`; the wait before its
+    /// chunk is read, if it stages heavily while a light VM works (see
+    /// [`intake`]).
+    pub fn intake_wait(&self, vm: &str, bytes: u64) -> Option<std::time::Duration> {
+        self.intake().take(vm, bytes, Instant::now())
     }
 
     /// Drops `garbage` on the reclaimer thread (here if there is none).

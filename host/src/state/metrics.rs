@@ -77,6 +77,9 @@ pub struct Metrics {
     pub control_requests_throttled: AtomicU64,
     /// Lease holders' updates refused over the user's quota.
     pub quota_refused: AtomicU64,
+    /// Chunks of heavily staging VMs read late while a light VM worked
+    /// (`heavy_staging_bytes_per_sec`).
+    pub heavy_staging_throttled: AtomicU64,
     /// Chunk files read and checked by scrubs.
     pub chunks_scrubbed: AtomicU64,
     /// Chunk files a scrub found corrupt (moved to `corrupt/`).
@@ -114,7 +117,7 @@ pub fn add(c: &AtomicU64, n: u64) {
 
 /// The daemon-wide metrics: name, type, help text, counter.
 #[allow(clippy::type_complexity)]
-const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 43] = [
+const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 44] = [
     ("uve_connections", "gauge", "Agent connections open", |m| {
         &m.connections
     }),
@@ -279,6 +282,12 @@ const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 43] = [
         "counter",
         "Control requests read late because their VM passed max_control_requests_per_sec",
         |m| &m.control_requests_throttled,
+    ),
+    (
+        "uve_heavy_staging_throttled_total",
+        "counter",
+        "Chunks read late because their VM staged heavily while another VM had bulk work (heavy_staging_bytes_per_sec)",
+        |m| &m.heavy_staging_throttled,
     ),
     (
         "uve_chunks_scrubbed_total",

@@ -56,6 +56,17 @@ pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>
                 () = conn.host().shutdown().cancelled() => {}
             }
         }
+        if let Some(bytes) = staged_bytes(&request)
+            && let Some(wait) = conn.host().staging().intake_wait(conn.vm(), bytes)
+        {
+            // This VM stages heavily while a light one works: nothing more
+            // is read from it meanwhile (backpressure, not a refusal).
+            crate::state::metrics::add(&conn.host().metrics().heavy_staging_throttled, 1);
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = conn.host().shutdown().cancelled() => {}
+            }
+        }
         let answer: Handled = match request {
             Request::UpdateBegin(b) => update::begin(&conn, b),
             Request::UpdatePage {
@@ -140,6 +151,16 @@ fn is_bulk(r: &Request) -> bool {
             | Request::ChunkDelta(_)
             | Request::BlockSignatures { .. }
     )
+}
+
+/// The bytes a request asks the host to stage (its chunk, or its delta's
+/// blocks).
+fn staged_bytes(r: &Request) -> Option<u64> {
+    match r {
+        Request::ChunkUpload { data, .. } => Some(data.len() as u64),
+        Request::ChunkDelta(d) => Some(d.blocks.iter().map(|b| b.data.len() as u64).sum()),
+        _ => None,
+    }
 }
 
 fn flatten(h: Handled) -> Response {

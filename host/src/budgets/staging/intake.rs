@@ -1,0 +1,168 @@
+//! How fast the host stages chunks for the VMs that stage heavily while
+//! other VMs have bulk work (`heavy_staging_bytes_per_sec`).
+//!
+//! The staging budgets bound what a VM holds, not what its staging costs
+//! the others meanwhile: bytes received, copied into the page cache,
+//! written back and, if the upload is dropped, deleted. Measured with ten
+//! VMs staging 64 MiB uploads beside ten VMs logging in and out (4 MiB
+//! UIFs): the good VMs' logins and logouts took 2–3.5 times as long while
+//! the bulk threads were mostly idle — they waited for the other VMs'
+//! bytes in flight, which the bulk pool's order does not reach.
+//!
+//! So a VM is *heavy* while the bytes it staged lately (halving every
+//! [`HALF_LIFE`]) exceed [`HEAVY_BYTES`], about 5.5 MB/s kept up; a
+//! logout's burst of a few MiB is not. While some VM that is not heavy
+//! had bulk work within [`CONTENTION`], the heavy VMs together stage at
+//! most the configured rate (one bucket, a quarter second's worth as
+//! burst): the host reads their next chunk later, so their other requests
+//! wait with it. Nothing is refused. Alone on the host — one large
+//! logout, or several — a heavy VM stages at full speed.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::budgets::bucket::TokenBucket;
+
+/// A VM's recently staged bytes halve in this time.
+pub const HALF_LIFE: Duration = Duration::from_secs(1);
+
+/// Recently staged bytes past which a VM is heavy.
+pub const HEAVY_BYTES: f64 = 8.0 * 1024.0 * 1024.0;
+
+/// How recent a light VM's bulk work must be for the rate to apply.
+pub const CONTENTION: Duration = Duration::from_secs(1);
+
+/// VMs tracked before the faded ones are dropped.
+const ENTRIES: usize = 1024;
+
+/// Bytes staged, as of `at`.
+#[derive(Clone, Copy)]
+struct Recent {
+    bytes: f64,
+    at: Instant,
+}
+
+impl Recent {
+    fn at(self, now: Instant) -> f64 {
+        let halves = now.saturating_duration_since(self.at).as_secs_f64() / HALF_LIFE.as_secs_f64();
+        self.bytes * 0.5f64.powf(halves)
+    }
+}
+
+/// The VMs' recent staging and the heavy VMs' shared bucket.
+pub struct Intake {
+    per_sec: f64,
+    recent: HashMap<String, Recent>,
+    heavy: Option<TokenBucket>,
+    /// The two VMs that last had bulk work while not heavy (distinct;
+    /// the newest first), and when: whether *another* VM works is then
+    /// known for any VM.
+    light: [Option<(String, Instant)>; 2],
+}
+
+impl Intake {
+    /// The heavy VMs share `per_sec` bytes a second under contention (0:
+    /// no limit).
+    pub fn new(per_sec: u64) -> Self {
+        Intake {
+            per_sec: per_sec as f64,
+            recent: HashMap::new(),
+            heavy: None,
+            light: [None, None],
+        }
+    }
+
+    fn recent(&self, vm: &str, now: Instant) -> f64 {
+        self.recent.get(vm).map_or(0.0, |r| r.at(now))
+    }
+
+    /// Records that `vm` has bulk work now.
+    pub fn active(&mut self, vm: &str, now: Instant) {
+        if self.recent(vm, now) > HEAVY_BYTES {
+            return;
+        }
+        match &mut self.light[0] {
+            Some((last, at)) if last == vm => *at = now,
+            _ => {
+                self.light[1] = self.light[0].take();
+                self.light[0] = Some((vm.to_string(), now));
+            }
+        }
+    }
+
+    /// Whether a light VM other than `vm` had bulk work lately.
+    fn others_work(&self, vm: &str, now: Instant) -> bool {
+        self.light
+            .iter()
+            .flatten()
+            .any(|(other, at)| other != vm && now.saturating_duration_since(*at) < CONTENTION)
+    }
+
+    /// Records that `vm` is about to stage `bytes`; the wait before the
+    /// host reads on (`None`: at once).
+    pub fn take(&mut self, vm: &str, bytes: u64, now: Instant) -> Option<Duration> {
+        let before = self.recent(vm, now);
+        self.recent.insert(
+            vm.to_string(),
+            Recent {
+                bytes: before + bytes as f64,
+                at: now,
+            },
+        );
+        if self.recent.len() > ENTRIES {
+            self.recent.retain(|_, r| r.at(now) >= 1.0);
+        }
+        if self.per_sec <= 0.0 || before <= HEAVY_BYTES || !self.others_work(vm, now) {
+            return None;
+        }
+        let per_sec = self.per_sec;
+        self.heavy
+            .get_or_insert_with(|| TokenBucket::full(per_sec / 4.0, per_sec, now))
+            .take_n_or_wait(bytes as f64, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn heavy_vms_share_the_rate_only_while_a_light_vm_works() {
+        let t0 = Instant::now();
+        let mut i = Intake::new(64 * MIB);
+        // Alone, a VM stages as fast as it sends (its own bulk work while
+        // it was light does not count as another's).
+        i.active("big", t0);
+        assert!((0..100).all(|_| i.take("big", MIB, t0).is_none()));
+        i.active("big", t0);
+        // A light VM's bulk work: the heavy VMs now share 64 MiB/s, a
+        // quarter second's worth at once.
+        i.active("good", t0);
+        let mut free = 0;
+        while i.take("big", MIB, t0).is_none() {
+            free += 1;
+        }
+        assert_eq!(free, 16, "16 MiB of burst, the 17th MiB waits");
+        // Another VM is light for its first 8 MiB, then shares the same
+        // (empty) bucket.
+        let light = (0..100)
+            .take_while(|_| i.take("other", MIB, t0).is_none())
+            .count();
+        assert_eq!(light, 9);
+        // A logout's burst of a few MiB is never slowed.
+        assert!((0..8).all(|_| i.take("good", MIB, t0).is_none()));
+        // The heavy VM's own work does not count as a light VM's.
+        let later = t0 + CONTENTION * 2;
+        i.active("big", later);
+        assert_eq!(i.take("big", MIB, later), None, "no light VM lately");
+        // What it staged fades: half a minute later it is light again.
+        let much_later = t0 + HALF_LIFE * 30;
+        i.active("good", much_later);
+        assert_eq!(i.take("big", MIB, much_later), None);
+        let mut off = Intake::new(0);
+        off.active("good", t0);
+        assert!((0..100).all(|_| off.take("big", MIB, t0).is_none()));
+    }
+}
