@@ -46,27 +46,7 @@ pub async fn run(conn: Arc<VmConnection>, mut incoming: mpsc::Receiver<Incoming>
         let Some(Incoming { request, responder }) = next else {
             break;
         };
-        if !is_bulk(&request)
-            && let Some(wait) = conn.host().request_rate().take(conn.vm())
-        {
-            // Past its rate: nothing more is read from this VM meanwhile.
-            crate::state::metrics::add(&conn.host().metrics().control_requests_throttled, 1);
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                () = conn.host().shutdown().cancelled() => {}
-            }
-        }
-        if let Some(bytes) = staged_bytes(&request)
-            && let Some(wait) = conn.host().staging().intake_wait(conn.vm(), bytes)
-        {
-            // This VM stages heavily while a light one works: nothing more
-            // is read from it meanwhile (backpressure, not a refusal).
-            crate::state::metrics::add(&conn.host().metrics().heavy_staging_throttled, 1);
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                () = conn.host().shutdown().cancelled() => {}
-            }
-        }
+        pace(&conn, &request).await;
         let answer: Handled = match request {
             Request::UpdateBegin(b) => update::begin(&conn, b),
             Request::UpdatePage {
@@ -151,6 +131,28 @@ fn is_bulk(r: &Request) -> bool {
             | Request::ChunkDelta(_)
             | Request::BlockSignatures { .. }
     )
+}
+
+/// Waits before `request` is handled when its VM is past its control
+/// request rate, or stages heavily while a light VM works: nothing more
+/// is read from that VM meanwhile (backpressure, not a refusal).
+async fn pace(conn: &VmConnection, request: &Request) {
+    let host = conn.host();
+    let wait = if is_bulk(request) {
+        staged_bytes(request)
+            .and_then(|bytes| host.staging().intake_wait(conn.vm(), bytes))
+            .inspect(|_| crate::state::metrics::add(&host.metrics().heavy_staging_throttled, 1))
+    } else {
+        host.request_rate()
+            .take(conn.vm())
+            .inspect(|_| crate::state::metrics::add(&host.metrics().control_requests_throttled, 1))
+    };
+    if let Some(wait) = wait {
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = host.shutdown().cancelled() => {}
+        }
+    }
 }
 
 /// The bytes a request asks the host to stage (its chunk, or its delta's
