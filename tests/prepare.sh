@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares (once) and caches the ingredients of the QEMU end-to-end suite
 # under target/e2e-cache (inside the repo, never elsewhere):
-#   - apt packages: qemu-system-x86, busybox-static, cpio
+#   - apt packages: qemu-system-x86, qemu-utils (qemu-io for agent/tests/nbd.rs), busybox-static, cpio
 #   - Debian's current 6.1 kernel package, unpacked (not installed), and an
 #     uncompressed vmlinux extracted from its bzImage (boots ~7 s faster
 #     under TCG than the compressed image)
@@ -16,15 +16,20 @@ cache="$repo/target/e2e-cache"
 mkdir -p "$cache"
 log() { printf 'prepare: %s\n' "$*" >&2; }
 
-need=()
-for p in qemu-system-x86 busybox-static cpio xz-utils; do
-  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  log "installing ${need[*]}"
+# qemu-utils (qemu-io) serves agent/tests/nbd.rs. Installing
+# qemu-system-x86 removes a qemu-utils of another QEMU version (a machine
+# image may ship one from backports): a second pass installs the matching
+# one again.
+for pass in 1 2; do
+  need=()
+  for p in qemu-system-x86 qemu-utils busybox-static cpio xz-utils; do
+    dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+  done
+  [ ${#need[@]} -gt 0 ] || break
+  log "installing ${need[*]} (pass $pass)"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+done
 
 if [ ! -s "$cache/kernel/vmlinux" ]; then
   pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')

@@ -29,6 +29,7 @@ const PROGRAMS: [(&str, &[&str], Nested); 3] = [
             "export",
             "rollback",
             "gc",
+            "scrub",
             "events",
             "metrics",
             "ua",
