@@ -78,8 +78,8 @@ pub struct Host {
     commits: AtomicUsize,
     commits_idle: Notify,
     bulk: BulkPool,
-    /// A scrub is running.
-    scrubbing: AtomicBool,
+    /// A scrub is running (cleared by the blocking task that runs it).
+    scrubbing: Arc<AtomicBool>,
 }
 
 /// Marks a commit in flight; shutdown waits for all of them.
@@ -142,7 +142,7 @@ impl Host {
             commits: AtomicUsize::new(0),
             commits_idle: Notify::new(),
             bulk,
-            scrubbing: AtomicBool::new(false),
+            scrubbing: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -335,12 +335,18 @@ impl Host {
         let rate = mib_per_sec
             .unwrap_or(self.config.scrub_mib_per_sec)
             .saturating_mul(1 << 20);
-        let stop = self.shutdown.clone();
-        let result = self
-            .store_call(move |s| s.scrub(rate, &|| stop.is_cancelled()))
-            .await;
-        self.scrubbing.store(false, Ordering::Release);
-        let report = result?;
+        let (stop, running) = (self.shutdown.clone(), self.scrubbing.clone());
+        // The flag is cleared where the scrub ends, on its blocking
+        // thread: an API client that hangs up drops this future, not the
+        // scrub, and must neither leave the flag set nor let a second
+        // scrub start beside the first.
+        let report = self
+            .store_call(move |s| {
+                let report = s.scrub(rate, &|| stop.is_cancelled());
+                running.store(false, Ordering::Release);
+                report
+            })
+            .await?;
         self.metrics
             .chunks_scrubbed
             .fetch_add(report.scanned, Ordering::Relaxed);

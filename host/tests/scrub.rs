@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use common::{HostProc, noise};
 use hyper::Method;
 use serde_json::json;
-use uve_protocol::manifest::{Hash, ZERO_BLOCK};
+use uve_protocol::manifest::ZERO_BLOCK;
 
 /// The chunk files under `<store>/chunks/`, but the zero block's.
 fn chunk_files(store: &Path) -> Vec<PathBuf> {
@@ -89,7 +89,6 @@ async fn a_damaged_chunk_is_found_moved_out_and_stored_again_by_the_next_upload(
         .call(Method::POST, "/v1/scrub?mib_per_sec=0", json!({}))
         .await;
     assert_eq!(again["corrupt"], 0, "{again}");
-    assert!(Hash::from_hex(&hash).is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

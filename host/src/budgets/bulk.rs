@@ -21,6 +21,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::fading::Fading;
+
 /// Nice value of the bulk threads (the async workers keep 0).
 pub const BULK_NICE: i32 = 10;
 
@@ -29,23 +31,6 @@ pub const USAGE_HALF_LIFE: Duration = Duration::from_secs(1);
 
 /// Usage entries kept before the faded ones are dropped.
 const USAGE_ENTRIES: usize = 1024;
-
-/// The bulk time a VM's jobs took lately.
-#[derive(Clone, Copy)]
-struct Usage {
-    /// Nanoseconds of bulk work, as of `at`.
-    ns: f64,
-    at: Instant,
-}
-
-impl Usage {
-    /// The usage faded to `now`.
-    fn at(self, now: Instant) -> f64 {
-        let halves =
-            now.saturating_duration_since(self.at).as_secs_f64() / USAGE_HALF_LIFE.as_secs_f64();
-        self.ns * 0.5f64.powf(halves)
-    }
-}
 
 /// One unit of bulk work. It returns without doing anything if its
 /// requester is gone (see [`BulkPool::submit`]).
@@ -59,14 +44,25 @@ pub enum Refused {
     QueueFull,
 }
 
-#[derive(Default)]
 struct Queues {
     per_vm: HashMap<String, VecDeque<BulkJob>>,
     /// VMs with queued work, in round-robin order (for ties).
     ring: VecDeque<String>,
-    /// Each VM's recent bulk time.
-    usage: HashMap<String, Usage>,
+    /// Each VM's recent bulk time (ns).
+    usage: Fading,
     closed: bool,
+}
+
+impl Default for Queues {
+    fn default() -> Self {
+        Queues {
+            per_vm: HashMap::new(),
+            ring: VecDeque::new(),
+            // A microsecond or less left: as good as none.
+            usage: Fading::new(USAGE_HALF_LIFE, USAGE_ENTRIES, 1_000.0),
+            closed: false,
+        }
+    }
 }
 
 impl Queues {
@@ -84,7 +80,7 @@ impl Queues {
     /// threads least lately (the first in the ring among equals).
     fn pop(&mut self) -> Option<(String, BulkJob)> {
         let now = Instant::now();
-        let used = |vm: &String| self.usage.get(vm).map_or(0.0, |u| u.at(now));
+        let used = |vm: &String| self.usage.get(vm, now);
         let (at, _) = self
             .ring
             .iter()
@@ -107,19 +103,7 @@ impl Queues {
 
     /// Records that a job of `vm` took `took`.
     fn charge(&mut self, vm: &str, took: Duration) {
-        let now = Instant::now();
-        let before = self.usage.get(vm).map_or(0.0, |u| u.at(now));
-        self.usage.insert(
-            vm.to_string(),
-            Usage {
-                ns: before + took.as_nanos() as f64,
-                at: now,
-            },
-        );
-        if self.usage.len() > USAGE_ENTRIES {
-            // A microsecond or less left: as good as none.
-            self.usage.retain(|_, u| u.at(now) > 1_000.0);
-        }
+        self.usage.add(vm, took.as_nanos() as f64, Instant::now());
     }
 }
 
@@ -300,11 +284,9 @@ mod tests {
         run(&mut q, Duration::from_millis(10));
         assert_eq!(order.lock().unwrap().last().unwrap(), "stager0");
         // Usage fades: half after one half-life.
-        let u = Usage {
-            ns: 1e9,
-            at: Instant::now() - USAGE_HALF_LIFE,
-        };
-        let faded = u.at(Instant::now());
+        let mut u = Fading::new(USAGE_HALF_LIFE, USAGE_ENTRIES, 0.0);
+        u.add("vm", 1e9, Instant::now() - USAGE_HALF_LIFE);
+        let faded = u.get("vm", Instant::now());
         assert!((0.45e9..0.5e9).contains(&faded), "{faded}");
     }
 

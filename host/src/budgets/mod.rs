@@ -5,11 +5,13 @@
 //! ([`quota_charges`]), control requests per second ([`request_rate`])
 //! and notices and new sessions per minute ([`rate`]); and how reaching
 //! one is reported ([`report`]: a metric and a rate-limited
-//! `budget_exceeded` event).
+//! `budget_exceeded` event). Two mechanisms are shared: the token bucket
+//! ([`bucket`]) and per-VM amounts that fade ([`fading`]).
 
 pub mod bucket;
 pub mod bulk;
 pub mod conflict_rate;
+pub mod fading;
 pub mod gate;
 pub mod quota_charges;
 pub mod rate;

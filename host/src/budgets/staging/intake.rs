@@ -18,10 +18,10 @@
 //! wait with it. Nothing is refused. Alone on the host — one large
 //! logout, or several — a heavy VM stages at full speed.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::budgets::bucket::TokenBucket;
+use crate::budgets::fading::Fading;
 
 /// A VM's recently staged bytes halve in this time.
 pub const HALF_LIFE: Duration = Duration::from_secs(1);
@@ -35,24 +35,11 @@ pub const CONTENTION: Duration = Duration::from_secs(1);
 /// VMs tracked before the faded ones are dropped.
 const ENTRIES: usize = 1024;
 
-/// Bytes staged, as of `at`.
-#[derive(Clone, Copy)]
-struct Recent {
-    bytes: f64,
-    at: Instant,
-}
-
-impl Recent {
-    fn at(self, now: Instant) -> f64 {
-        let halves = now.saturating_duration_since(self.at).as_secs_f64() / HALF_LIFE.as_secs_f64();
-        self.bytes * 0.5f64.powf(halves)
-    }
-}
-
 /// The VMs' recent staging and the heavy VMs' shared bucket.
 pub struct Intake {
     per_sec: f64,
-    recent: HashMap<String, Recent>,
+    /// Bytes each VM staged lately.
+    recent: Fading,
     heavy: Option<TokenBucket>,
     /// The two VMs that last had bulk work while not heavy (distinct;
     /// the newest first), and when: whether *another* VM works is then
@@ -66,19 +53,15 @@ impl Intake {
     pub fn new(per_sec: u64) -> Self {
         Intake {
             per_sec: per_sec as f64,
-            recent: HashMap::new(),
+            recent: Fading::new(HALF_LIFE, ENTRIES, 1.0),
             heavy: None,
             light: [None, None],
         }
     }
 
-    fn recent(&self, vm: &str, now: Instant) -> f64 {
-        self.recent.get(vm).map_or(0.0, |r| r.at(now))
-    }
-
     /// Records that `vm` has bulk work now.
     pub fn active(&mut self, vm: &str, now: Instant) {
-        if self.recent(vm, now) > HEAVY_BYTES {
+        if self.recent.get(vm, now) > HEAVY_BYTES {
             return;
         }
         match &mut self.light[0] {
@@ -101,17 +84,7 @@ impl Intake {
     /// Records that `vm` is about to stage `bytes`; the wait before the
     /// host reads on (`None`: at once).
     pub fn take(&mut self, vm: &str, bytes: u64, now: Instant) -> Option<Duration> {
-        let before = self.recent(vm, now);
-        self.recent.insert(
-            vm.to_string(),
-            Recent {
-                bytes: before + bytes as f64,
-                at: now,
-            },
-        );
-        if self.recent.len() > ENTRIES {
-            self.recent.retain(|_, r| r.at(now) >= 1.0);
-        }
+        let before = self.recent.add(vm, bytes as f64, now);
         if self.per_sec <= 0.0 || before <= HEAVY_BYTES || !self.others_work(vm, now) {
             return None;
         }
