@@ -1,8 +1,12 @@
-//! The local store's scrub against the real daemon: a chunk file damaged
-//! on disk is found, moved out of the store and its versions named; the
+//! The local store's scrub against the real daemon: a chunk damaged in
+//! its pack on disk is found, moved out of the store and its versions named; the
 //! next upload holding the same content stores it again, and the damaged
 //! version retrieves byte-identical after that.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
 
 mod common;
 
@@ -13,20 +17,60 @@ use hyper::Method;
 use serde_json::json;
 use uve_protocol::manifest::ZERO_BLOCK;
 
-/// The chunk files under `<store>/chunks/`, but the zero block's.
-fn chunk_files(store: &Path) -> Vec<PathBuf> {
-    let zero = ZERO_BLOCK.hash.to_hex();
+/// A chunk in a pack file of the store.
+struct Stored {
+    pack: PathBuf,
+    hash: String,
+    /// Offset of the chunk's bytes in the pack.
+    at: u64,
+    len: usize,
+}
+
+/// The chunks the store's sealed packs hold (`<store>/packs/*.pack`, read
+/// by their format: "UVEPACK1", entries of hash, u32 length and bytes,
+/// then the index and a 56-byte trailer naming where the index starts).
+fn stored_chunks(store: &Path) -> Vec<Stored> {
     let mut out = Vec::new();
-    for prefix in std::fs::read_dir(store.join("chunks")).unwrap() {
-        for f in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
-            let path = f.unwrap().path();
-            if path.file_name().unwrap().to_str().unwrap() != zero {
-                out.push(path);
-            }
+    let mut packs: Vec<PathBuf> = std::fs::read_dir(store.join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    packs.sort();
+    for pack in packs {
+        let b = std::fs::read(&pack).unwrap();
+        assert_eq!(&b[..8], b"UVEPACK1");
+        let trailer = &b[b.len() - 56..];
+        assert_eq!(&trailer[48..], b"UVEPIDX1");
+        let index_at = u64::from_le_bytes(trailer[8..16].try_into().unwrap()) as usize;
+        let mut at = 8;
+        while at < index_at {
+            let hash = uve_protocol::manifest::Hash(b[at..at + 32].try_into().unwrap());
+            let len = u32::from_le_bytes(b[at + 32..at + 36].try_into().unwrap()) as usize;
+            out.push(Stored {
+                pack: pack.clone(),
+                hash: hash.to_hex(),
+                at: (at + 36) as u64,
+                len,
+            });
+            at += 36 + len;
         }
     }
-    out.sort();
     out
+}
+
+/// Flips one bit of a stored chunk on disk; returns the damaged bytes.
+fn flip(c: &Stored) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&c.pack)
+        .unwrap();
+    let mut bytes = vec![0u8; c.len];
+    f.read_exact_at(&mut bytes, c.at).unwrap();
+    bytes[c.len / 2] ^= 0x10;
+    f.write_all_at(&bytes, c.at).unwrap();
+    bytes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,8 +81,12 @@ async fn a_damaged_chunk_is_found_moved_out_and_stored_again_by_the_next_upload(
     let data = noise(3 << 20, 7);
     alice.update_from_lease("alice", &data).await.unwrap();
     let store = host.api_socket().parent().unwrap().join("store");
-    let files = chunk_files(&store);
-    assert!(files.len() > 10, "{} chunk files", files.len());
+    let zero = ZERO_BLOCK.hash.to_hex();
+    let chunks: Vec<Stored> = stored_chunks(&store)
+        .into_iter()
+        .filter(|c| c.hash != zero)
+        .collect();
+    assert!(chunks.len() > 10, "{} chunks", chunks.len());
 
     // A clean store: everything read, nothing found.
     let (s, clean) = host
@@ -47,15 +95,14 @@ async fn a_damaged_chunk_is_found_moved_out_and_stored_again_by_the_next_upload(
     assert_eq!(s, 200, "{clean}");
     assert_eq!(clean["corrupt"], 0, "{clean}");
     assert_eq!(clean["complete"], true);
-    // Every chunk file, the zero block's too.
-    assert_eq!(clean["scanned"], files.len() as u64 + 1, "{clean}");
+    // Every chunk, the zero block too.
+    assert_eq!(clean["scanned"], chunks.len() as u64 + 1, "{clean}");
 
     // One bit flips on the disk.
-    let victim = &files[files.len() / 2];
-    let mut bytes = std::fs::read(victim).unwrap();
-    bytes[100] ^= 0x10;
-    std::fs::write(victim, &bytes).unwrap();
-    let hash = victim.file_name().unwrap().to_str().unwrap().to_string();
+    let victim = &chunks[chunks.len() / 2];
+    let bytes = flip(victim);
+    let hash = victim.hash.clone();
+    let held = |hash: &str| stored_chunks(&store).iter().any(|c| c.hash == hash);
 
     let (s, found) = host.call(Method::POST, "/v1/scrub", json!({})).await;
     assert_eq!(s, 200, "{found}");
@@ -65,7 +112,7 @@ async fn a_damaged_chunk_is_found_moved_out_and_stored_again_by_the_next_upload(
         json!([{"user": "alice", "version": 1}]),
         "{found}"
     );
-    assert!(!victim.exists(), "the damaged file left the store");
+    assert!(!held(&hash), "the damaged chunk left the store's packs");
     assert_eq!(
         std::fs::read(store.join("corrupt").join(&hash)).unwrap(),
         bytes,
@@ -80,7 +127,7 @@ async fn a_damaged_chunk_is_found_moved_out_and_stored_again_by_the_next_upload(
     bob.retrieve("bob", "s2").await.unwrap();
     let healed = bob.update_from_lease("bob", &data).await.unwrap();
     assert_eq!(healed.missing, 1, "only the damaged chunk is sent again");
-    assert!(store.join("chunks").join(&hash[..2]).join(&hash).is_file());
+    assert!(held(&hash), "stored again");
     assert!(
         host.export("alice", 1).await == data,
         "alice's v1 is whole again"
@@ -96,18 +143,22 @@ async fn a_damaged_zero_block_is_stored_again_at_once() {
     let host = HostProc::temp("").await;
     let store = host.api_socket().parent().unwrap().join("store");
     let zero = ZERO_BLOCK.hash.to_hex();
-    // Stored at open as a loose chunk (no commit has referred to it yet).
-    let path = store.join("staging").join(&zero);
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[0] = 1;
-    std::fs::write(&path, &bytes).unwrap();
+    let find = || {
+        stored_chunks(&store)
+            .into_iter()
+            .find(|c| c.hash == zero)
+            .expect("the zero block is stored at open")
+    };
+    flip(&find());
     let (s, found) = host
         .call(Method::POST, "/v1/scrub?mib_per_sec=0", json!({}))
         .await;
     assert_eq!(s, 200, "{found}");
     assert_eq!(found["corrupt"], 1, "{found}");
     assert_eq!(found["damaged"], json!([]));
-    let back = std::fs::read(&path).unwrap();
+    let whole = find();
+    let pack = std::fs::read(&whole.pack).unwrap();
+    let back = &pack[whole.at as usize..whole.at as usize + whole.len];
     assert_eq!(back.len(), ZERO_BLOCK.len as usize);
     assert!(
         back.iter().all(|b| *b == 0),

@@ -37,12 +37,16 @@ async fn send_missing(agent: &TestAgent, l: &Listed) -> Result<u64, ErrorCode> {
     Ok(sent)
 }
 
-/// Entries under the local store's `staging/` that are upload stages.
+/// Entries under the local store's `staging/` that are upload stages
+/// (unsealed packs `<stage>.<n>.pack`; `loose.<n>.pack` holds imports).
 fn stages_on_disk(data: &Path) -> usize {
     std::fs::read_dir(data.join("store/staging"))
         .unwrap()
         .flatten()
-        .filter(|e| e.path().is_dir())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.ends_with(".pack") && !name.starts_with("loose.")
+        })
         .count()
 }
 

@@ -43,8 +43,8 @@ pub fn write_atomic(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> io::Result<()>
 }
 
 /// Writes `bytes` to `dest` through a temp file in `tmp_dir` and a rename,
-/// **without** fsync: the caller makes a batch of such files durable at
-/// once with [`sync_filesystem`] before anything refers to them.
+/// **without** fsync: for files a crash may lose (the S3 store's local
+/// stages).
 pub fn write_unsynced(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = temp_path(tmp_dir);
     let result = (|| {
@@ -62,9 +62,8 @@ pub fn write_unsynced(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> io::Result<(
 
 /// Starts writing `f`'s dirty pages back without waiting for them
 /// (`POSIX_FADV_DONTNEED` writes back asynchronously, then drops the pages
-/// already clean). A commit's `syncfs` then finds little left to flush, so
-/// one VM staging a lot of chunks does not make every other VM's commit
-/// wait for its bytes. Advice only: an error changes nothing.
+/// already clean), so that one VM staging a lot of chunks leaves little
+/// for anyone else's sync to flush. Advice only: an error changes nothing.
 fn start_writeback(f: &File) {
     use std::os::fd::AsRawFd;
     let _ = nix::fcntl::posix_fadvise(
@@ -73,14 +72,6 @@ fn start_writeback(f: &File) {
         0,
         nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
     );
-}
-
-/// `syncfs(2)` on the filesystem holding `path`: makes every write and
-/// rename made so far on it durable, in one call instead of one fsync per
-/// file (16 k chunk files per GiB would cost 16 k journal commits).
-pub fn sync_filesystem(path: &Path) -> io::Result<()> {
-    let f = File::open(path)?;
-    nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)).map_err(io::Error::from)
 }
 
 /// Removes every entry of `dir` (creating it if absent); used at startup to

@@ -1,13 +1,13 @@
 //! [`LocalStore`]: the UIF store over a local directory.
 //!
 //! ```text
-//! <root>/chunks/<2 hex>/<64 hex>     chunk bytes
+//! <root>/packs/<16 hex>.pack         sealed packs of chunks (see `pack`)
 //! <root>/users/<user>/state.json     head, next version number, retained versions
 //! <root>/users/<user>/v/<n>          manifest of version n (postcard)
-//! <root>/staging/<64 hex>             chunks stored outside an upload (import); verified at open
-//! <root>/staging/<stage>/<64 hex>     one upload's chunks until its commit
+//! <root>/staging/<stage>.<n>.pack        one upload's chunks until its commit (unsealed)
+//! <root>/staging/loose.<n>.pack     chunks stored outside an upload (imports, the zero block)
 //! <root>/tmp/                        temp files; emptied at open
-//! <root>/corrupt/<64 hex>            chunk files a scrub found damaged (see `scrub`)
+//! <root>/corrupt/<64 hex>            chunk bytes a scrub found damaged (see `scrub`)
 //! ```
 //!
 //! The commit point of a version is the atomic replacement of `state.json`:
@@ -15,34 +15,41 @@
 //! A crash before the state write leaves an orphan manifest that recovery
 //! deletes; the old head stays intact.
 //!
-//! Chunks are written before either, in two steps, so that a GiB of
-//! uploads costs two `syncfs` calls instead of 32 k fsyncs: an uploaded
-//! chunk lands in `staging/` without fsync; the commit that first refers
-//! to it syncs the filesystem, renames it into `chunks/` and syncs again,
-//! and only then writes the manifest. A file under `chunks/` is therefore
-//! always complete and durable; `staging/` may hold torn files after an OS
-//! crash, so at open every staged file is checked against its hash and
-//! kept only if intact.
+//! Chunks are made durable before either, a pack at a time: an upload's
+//! chunks are appended to its own unsealed pack under `staging/` without
+//! fsync; its publish *seals* that pack (index and trailer appended, one
+//! fsync), renames it into `packs/` and fsyncs that directory, so a GiB of
+//! uploads costs two fsyncs where it cost 16 k file creations. Only then
+//! are the chunks in the in-memory [`Index`] every reader and upload
+//! consults, so a file under `packs/` is always sealed and durable. A
+//! stage's chunks are private to it until then; anything but a publish
+//! deletes the stage's pack at once. Chunks stored outside an upload
+//! (imports) go to the loose pack, stored from the moment they are
+//! written, sealed by the first commit that refers to them.
 //!
-//! A VM's upload stages under its own directory (`staging/<stage>/`):
-//! its commit renames those chunks into `chunks/` as above, anything else
-//! deletes the directory at once. The stages of uploads a crash or restart
-//! interrupted give their intact chunks to `staging/` at open, so the
-//! agent's retry resends only what was lost; GC takes the rest after its
-//! grace.
+//! At open, unsealed packs an interrupted run left under `staging/` give
+//! their intact chunks (each checked against its hash, up to the first
+//! torn one) to a sealed pack, so an agent's retry resends only what was
+//! lost; GC takes the rest after its grace. A store of the earlier layout
+//! (one file per chunk under `chunks/`) is migrated in place at open.
+//!
+//! GC drops unreferenced chunks from the index and rewrites (repacks) a
+//! pack once at most half its bytes are live; small old packs are merged.
+//! See `repack`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io::{ErrorKind, Read};
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
-use uve_protocol::defs::MAX_CHUNK;
-use uve_protocol::manifest::{Hash, Manifest, ZERO_BLOCK};
+use uve_protocol::manifest::{Hash, Manifest};
 use uve_protocol::message::Version;
 use uve_protocol::names;
 
+use self::index::{Index, PackFiles};
+use self::pack::{PackWriter, read_entry};
 use super::locks::NamedLocks;
 use super::{
     Charge, ChunkPins, CommitOutcome, GcReport, Holdings, NewVersion, PinTable, QuotaBase,
@@ -51,52 +58,86 @@ use super::{
 };
 use crate::store::durable;
 
-/// Commits promoting at most this many chunks fsync each one instead of
-/// the whole filesystem.
-const SMALL_PROMOTE: usize = 32;
+/// Dedup hits remembered for GC's grace before the oldest are forgotten.
+const TOUCHED_KEPT: usize = 1 << 16;
 
 /// A UIF store in a local directory.
 pub struct LocalStore {
     root: PathBuf,
     tmp: PathBuf,
     staging: PathBuf,
+    packs_dir: PathBuf,
     policy: StorePolicy,
     /// Serialises commits per user (read-modify-write of `state.json`).
     user_locks: NamedLocks<Mutex<()>>,
-    /// Writers (chunk puts, commits) share it; GC takes it exclusively, so
-    /// a sweep never races a version being made visible.
+    /// Writers (chunk puts, publishes, commits) share it; GC takes it
+    /// exclusively to decide what is dead, so that decision never races a
+    /// version being made visible.
     gc_lock: RwLock<()>,
     pins: Arc<PinTable>,
+    /// Where every stored chunk is.
+    index: RwLock<Index>,
+    /// Open pack files.
+    files: PackFiles,
+    /// The pack of chunks stored outside an upload, until a commit (or GC,
+    /// a scrub) seals it. Its chunks count as stored.
+    loose: Mutex<Option<PackWriter>>,
+    /// The unsealed pack of each upload in flight.
+    /// (`None` once published or discarded: a late chunk opens it again.)
+    stages: Mutex<HashMap<String, Stage>>,
+    /// When an upload last found a stored chunk present (a dedup hit):
+    /// GC's grace covers it from then, as a fresh write would.
+    touched: Mutex<HashMap<Hash, SystemTime>>,
+    /// One repack at a time (GC, scrub).
+    repacking: Mutex<()>,
+}
+
+/// An upload's unsealed pack.
+type Stage = Arc<Mutex<Option<PackWriter>>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl LocalStore {
     /// Opens (creating if needed) a store at `root` and recovers from a
-    /// crash: temp files are deleted, manifests no state names are deleted.
-    /// A state file that cannot be read is an error, never silently reset.
+    /// crash: temp files are deleted, unsealed packs give their intact
+    /// chunks to a sealed one, manifests no state names are deleted, a
+    /// store of the earlier one-file-per-chunk layout is migrated. A state
+    /// file that cannot be read is an error, never silently reset.
     pub fn open(root: &Path, policy: StorePolicy) -> StoreResult<Self> {
+        let packs_dir = root.join("packs");
+        for d in [&packs_dir, &root.join("users"), &root.join("staging")] {
+            fs::create_dir_all(d)
+                .map_err(|e| StoreError::io(format!("create {}", d.display()), e))?;
+        }
         let store = LocalStore {
             root: root.to_path_buf(),
             tmp: root.join("tmp"),
             staging: root.join("staging"),
+            index: RwLock::new(Index::load(&packs_dir)?),
+            files: PackFiles::new(packs_dir.clone()),
+            packs_dir,
             policy,
             user_locks: NamedLocks::default(),
             gc_lock: RwLock::new(()),
             pins: Arc::new(PinTable::default()),
+            loose: Mutex::new(None),
+            stages: Mutex::new(HashMap::new()),
+            touched: Mutex::new(HashMap::new()),
+            repacking: Mutex::new(()),
         };
-        for d in [root.join("chunks"), root.join("users")] {
-            fs::create_dir_all(&d)
-                .map_err(|e| StoreError::io(format!("create {}", d.display()), e))?;
-        }
         let cleared = durable::clear_dir(&store.tmp)
             .map_err(|e| StoreError::io("clear store temp directory", e))?
-            + store.verify_staging()?;
+            + store.adopt_leftovers()?;
         if cleared > 0 {
-            tracing::info!(cleared, "removed temp leftovers of an earlier run");
+            tracing::info!(cleared, "removed torn or temp leftovers of an earlier run");
         }
         for user in store.users()? {
             store.remove_orphans(&user)?;
         }
         super::keep_zero_block(&store)?;
+        store.seal_loose()?;
         Ok(store)
     }
 
@@ -108,114 +149,144 @@ impl LocalStore {
         self.user_dir(user).join("v").join(v.to_string())
     }
 
-    /// Keeps the staged chunks of interrupted uploads that are intact (so a
-    /// retry need not resend them) and deletes the rest: after an OS crash
-    /// a never-synced file may be short or empty. The stages of uploads the
-    /// last run left open give their intact chunks to `staging/` (where GC
-    /// takes them after its grace unless a commit refers to them) and go.
-    /// Returns how many files went.
-    fn verify_staging(&self) -> StoreResult<usize> {
-        fs::create_dir_all(&self.staging)
-            .map_err(|e| StoreError::io("create staging directory", e))?;
-        let entries =
-            fs::read_dir(&self.staging).map_err(|e| StoreError::io("list staging directory", e))?;
-        let mut removed = 0;
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                removed += self.adopt_stage(&path);
-            } else if staged_hash(&path).is_none() {
-                let _ = fs::remove_file(&path);
-                removed += 1;
-            }
-        }
-        Ok(removed)
+    /// A fresh unsealed pack under `staging/`, named `<what>.<id>.pack`.
+    fn new_writer(&self, what: &str) -> StoreResult<PackWriter> {
+        let path = self
+            .staging
+            .join(format!("{what}.{}.pack", StageId::fresh().as_str()));
+        PackWriter::create(&path).map_err(|e| StoreError::io("create a pack", e))
     }
 
-    /// Moves the intact chunks of a dead upload's stage to `staging/` and
-    /// deletes the stage; returns how many files were not kept.
-    fn adopt_stage(&self, dir: &Path) -> usize {
-        let mut dropped = 0;
-        for f in fs::read_dir(dir).into_iter().flatten().flatten() {
-            let kept = staged_hash(&f.path())
-                .is_some_and(|h| fs::rename(f.path(), self.staged_path(&h)).is_ok());
-            if !kept {
-                dropped += 1;
-            }
+    /// Seals `w` into `packs/` (one fsync of the pack, one of the
+    /// directory) and indexes its chunks. An empty pack is deleted.
+    fn install(&self, w: PackWriter) -> StoreResult<()> {
+        if w.entries().is_empty() {
+            return w
+                .abandon()
+                .map_err(|e| StoreError::io("delete an empty pack", e));
         }
-        let _ = fs::remove_dir_all(dir);
-        dropped
-    }
-
-    fn staged_path(&self, hash: &Hash) -> PathBuf {
-        self.staging.join(hash.to_hex())
-    }
-
-    fn stage_dir(&self, stage: &StageId) -> PathBuf {
-        self.staging.join(stage.as_str())
-    }
-
-    /// Makes staged chunks (at `from(hash)`) durable and moves them under
-    /// `chunks/`.
-    fn promote(&self, staged: &[Hash], from: impl Fn(&Hash) -> PathBuf) -> StoreResult<()> {
-        if staged.is_empty() {
-            return Ok(());
-        }
-        if staged.len() <= SMALL_PROMOTE {
-            return self.promote_each(staged, from);
-        }
-        durable::sync_filesystem(&self.root)
-            .map_err(|e| StoreError::io("sync staged chunks", e))?;
-        for hash in staged {
-            let dest = self.chunk_path(hash);
-            if let Some(dir) = dest.parent() {
-                fs::create_dir_all(dir).map_err(|e| StoreError::io("create chunk directory", e))?;
+        let id = self
+            .index
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .reserve_id();
+        let mtime = w.last_write();
+        let src = w.path().to_path_buf();
+        let entries = match w.seal(&self.files.path(id)) {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = fs::remove_file(&src);
+                return Err(StoreError::io("seal a pack", e));
             }
-            match fs::rename(from(hash), &dest) {
-                Ok(()) => {}
-                // A concurrent commit promoted it first.
-                Err(e) if e.kind() == ErrorKind::NotFound && dest.is_file() => {}
-                Err(e) => return Err(StoreError::io("promote staged chunk", e)),
-            }
-        }
-        durable::sync_filesystem(&self.root).map_err(|e| StoreError::io("sync promoted chunks", e))
-    }
-
-    /// [`promote`](Self::promote) of a few chunks: each file fsynced, then
-    /// renamed, then each directory it went to fsynced — so a small commit
-    /// never waits for what other uploads have written and not yet synced
-    /// (a `syncfs` would).
-    fn promote_each(&self, staged: &[Hash], from: impl Fn(&Hash) -> PathBuf) -> StoreResult<()> {
-        let mut dirs = HashSet::new();
-        for hash in staged {
-            let src = from(hash);
-            let dest = self.chunk_path(hash);
-            match fs::File::open(&src).and_then(|f| f.sync_all()) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::NotFound && dest.is_file() => continue,
-                Err(e) => return Err(StoreError::io("sync staged chunk", e)),
-            }
-            if let Some(dir) = dest.parent() {
-                fs::create_dir_all(dir).map_err(|e| StoreError::io("create chunk directory", e))?;
-                dirs.insert(dir.to_path_buf());
-            }
-            match fs::rename(&src, &dest) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::NotFound && dest.is_file() => {}
-                Err(e) => return Err(StoreError::io("promote staged chunk", e)),
-            }
-        }
-        // A new chunks/xx directory must be durable in chunks/ too.
-        dirs.insert(self.root.join("chunks"));
-        for dir in dirs {
-            durable::sync_dir(&dir).map_err(|e| StoreError::io("sync chunk directory", e))?;
-        }
+        };
+        durable::sync_dir(&self.packs_dir).map_err(|e| StoreError::io("sync packs/", e))?;
+        self.index
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add(id, &entries, mtime);
         Ok(())
     }
 
-    fn chunk_path(&self, hash: &Hash) -> PathBuf {
-        let hex = hash.to_hex();
-        self.root.join("chunks").join(&hex[..2]).join(hex)
+    /// Seals the loose pack, if it holds anything.
+    pub(super) fn seal_loose(&self) -> StoreResult<()> {
+        // Held across the seal: a reader that finds the loose pack gone
+        // then finds its chunks indexed.
+        let mut loose = lock(&self.loose);
+        match loose.take() {
+            Some(w) => self.install(w),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the chunk is indexed or in the loose pack.
+    fn stored(&self, hash: &Hash) -> bool {
+        lock(&self.loose)
+            .as_ref()
+            .is_some_and(|w| w.get(hash).is_some())
+            || self
+                .index
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .chunks
+                .contains_key(hash)
+    }
+
+    /// Checks that every chunk of `hashes` is stored (else `MissingChunk`)
+    /// and seals the loose pack if any of them is only there, so that
+    /// what a version names is durable before it is committed. Called
+    /// under the GC lock (read).
+    fn ensure_stored(&self, hashes: impl Iterator<Item = Hash>) -> StoreResult<()> {
+        let mut seen = HashSet::new();
+        let mut loose = false;
+        for h in hashes {
+            if !seen.insert(h) {
+                continue;
+            }
+            let indexed = self
+                .index
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .chunks
+                .contains_key(&h);
+            if indexed {
+                continue;
+            }
+            if lock(&self.loose)
+                .as_ref()
+                .is_some_and(|w| w.get(&h).is_some())
+            {
+                loose = true;
+            } else if !self.stored(&h) {
+                return Err(StoreError::MissingChunk(h));
+            }
+        }
+        if loose { self.seal_loose() } else { Ok(()) }
+    }
+
+    /// Remembers a dedup hit for GC's grace.
+    fn touch(&self, hash: &Hash) {
+        let now = SystemTime::now();
+        let mut touched = lock(&self.touched);
+        if touched.len() >= TOUCHED_KEPT {
+            let hour = Duration::from_secs(3600);
+            touched.retain(|_, t| now.duration_since(*t).is_ok_and(|age| age < hour));
+        }
+        touched.insert(*hash, now);
+    }
+
+    /// The unsealed pack of `stage` (created on its first chunk).
+    fn stage_writer(&self, stage: &StageId) -> Stage {
+        lock(&self.stages)
+            .entry(stage.as_str().to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Reads an indexed chunk, or `None` if it is not indexed.
+    fn read_indexed(&self, hash: &Hash) -> StoreResult<Option<Vec<u8>>> {
+        // A repack may move the chunk between the lookup and the open.
+        for _ in 0..3 {
+            let loc = self
+                .index
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .chunks
+                .get(hash)
+                .copied();
+            let Some(loc) = loc else {
+                return Ok(None);
+            };
+            match self.files.get(loc.pack) {
+                Ok(f) => {
+                    return read_entry(&f, loc.entry(*hash))
+                        .map(Some)
+                        .map_err(|e| StoreError::io("read chunk", e));
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(StoreError::io("open a pack", e)),
+            }
+        }
+        Ok(None)
     }
 
     /// Reads and checks version `version`'s manifest file (whether the
@@ -304,121 +375,89 @@ impl LocalStore {
         durable::write_atomic(&self.tmp, &self.manifest_path(user, v), &bytes)
             .map_err(|e| StoreError::io("write manifest", e))
     }
-
-    /// If the chunk is stored (under `chunks/` or `staging/`), refreshes
-    /// its mtime so that a concurrent GC's grace period covers it, and
-    /// says so. Called under the GC lock (read).
-    fn refresh_stored(&self, hash: &Hash) -> bool {
-        let stored = [self.chunk_path(hash), self.staged_path(hash)]
-            .into_iter()
-            .find(|p| p.is_file());
-        if let Some(path) = &stored {
-            let _ = fs::File::options()
-                .append(true)
-                .open(path)
-                .and_then(|f| f.set_modified(SystemTime::now()));
-        }
-        stored.is_some()
-    }
-
-    fn chunk_files(&self) -> Vec<(PathBuf, Hash)> {
-        let mut out = Vec::new();
-        let Ok(prefixes) = fs::read_dir(self.root.join("chunks")) else {
-            return out;
-        };
-        for prefix in prefixes.flatten() {
-            let Ok(files) = fs::read_dir(prefix.path()) else {
-                continue;
-            };
-            for f in files.flatten() {
-                if let Some(h) = f.file_name().to_str().and_then(Hash::from_hex) {
-                    out.push((f.path(), h));
-                }
-            }
-        }
-        // Staged chunks of uploads that never committed are swept too.
-        if let Ok(files) = fs::read_dir(&self.staging) {
-            for f in files.flatten() {
-                if let Some(h) = f.file_name().to_str().and_then(Hash::from_hex) {
-                    out.push((f.path(), h));
-                }
-            }
-        }
-        out
-    }
 }
 
 impl UifStore for LocalStore {
     fn has_chunk(&self, hash: &Hash) -> StoreResult<bool> {
-        for path in [self.chunk_path(hash), self.staged_path(hash)] {
-            match fs::metadata(&path) {
-                Ok(m) if m.is_file() => return Ok(true),
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(StoreError::io("stat chunk", e)),
-            }
-        }
-        Ok(false)
+        Ok(self.stored(hash))
     }
 
     fn put_chunk(&self, hash: &Hash, data: &[u8]) -> StoreResult<()> {
         check_chunk(hash, data)?;
         let _gc = self.gc_lock.read().unwrap_or_else(PoisonError::into_inner);
-        if self.refresh_stored(hash) {
+        if self.stored(hash) {
+            self.touch(hash);
             return Ok(());
         }
-        // Made durable by the commit that first refers to it (`promote`).
-        durable::write_unsynced(&self.tmp, &self.staged_path(hash), data)
-            .map_err(|e| StoreError::io("write chunk", e))
+        let mut loose = lock(&self.loose);
+        if loose.is_none() {
+            *loose = Some(self.new_writer("loose")?);
+        }
+        if let Some(w) = loose.as_mut() {
+            // Made durable by the commit that first refers to it.
+            w.append(hash, data)
+                .map_err(|e| StoreError::io("write chunk", e))?;
+        }
+        Ok(())
     }
 
     fn stage_chunk(&self, stage: &StageId, hash: &Hash, data: &[u8]) -> StoreResult<u64> {
         check_chunk(hash, data)?;
         let _gc = self.gc_lock.read().unwrap_or_else(PoisonError::into_inner);
-        // An upload's pin keeps a stored chunk from GC; the fresh mtime
-        // keeps it from a GC that listed it before the pin.
-        if self.refresh_stored(hash) {
+        // An upload's pin keeps a stored chunk from GC; the touch keeps it
+        // from a GC that decided before the pin.
+        if self.stored(hash) {
+            self.touch(hash);
             return Ok(0);
         }
-        let dir = self.stage_dir(stage);
-        let path = dir.join(hash.to_hex());
-        if path.is_file() {
-            return Ok(0);
+        let stage_pack = self.stage_writer(stage);
+        let mut w = lock(&stage_pack);
+        if w.is_none() {
+            *w = Some(self.new_writer(stage.as_str())?);
         }
-        fs::create_dir_all(&dir).map_err(|e| StoreError::io("create stage directory", e))?;
+        let Some(w) = w.as_mut() else {
+            return Ok(0);
+        };
         // Made durable by the commit's `publish`.
-        durable::write_unsynced(&self.tmp, &path, data)
+        let appended = w
+            .append(hash, data)
             .map_err(|e| StoreError::io("write chunk", e))?;
-        Ok(data.len() as u64)
+        Ok(if appended { data.len() as u64 } else { 0 })
     }
 
     fn publish(&self, stage: &StageId, hashes: &[Hash]) -> StoreResult<()> {
         let _gc = self.gc_lock.read().unwrap_or_else(PoisonError::into_inner);
-        let dir = self.stage_dir(stage);
-        let mut staged = Vec::with_capacity(hashes.len());
-        for h in hashes {
-            if dir.join(h.to_hex()).is_file() {
-                staged.push(*h);
-            } else if !self.chunk_path(h).is_file() && !self.staged_path(h).is_file() {
-                return Err(StoreError::MissingChunk(*h));
-            }
+        let Some(stage_pack) = lock(&self.stages).get(stage.as_str()).cloned() else {
+            return self.ensure_stored(hashes.iter().copied());
+        };
+        // Waits for a chunk of the stage still being appended.
+        let mut w = lock(&stage_pack);
+        let missing = hashes
+            .iter()
+            .find(|h| w.as_ref().is_none_or(|w| w.get(h).is_none()) && !self.stored(h))
+            .copied();
+        if let Some(h) = missing {
+            return Err(StoreError::MissingChunk(h));
         }
-        self.promote(&staged, |h| dir.join(h.to_hex()))?;
-        match fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != ErrorKind::NotFound => {
-                tracing::warn!(stage = stage.as_str(), error = %e, "published stage not removed");
-            }
-            _ => {}
+        lock(&self.stages).remove(stage.as_str());
+        if let Some(w) = w.take() {
+            self.install(w)?;
         }
-        Ok(())
+        drop(w);
+        // Loose chunks it names are sealed too.
+        self.ensure_stored(hashes.iter().copied())
     }
 
     fn discard(&self, stage: &StageId, _hashes: &[Hash]) -> StoreResult<()> {
-        match fs::remove_dir_all(self.stage_dir(stage)) {
-            Err(e) if e.kind() != ErrorKind::NotFound => {
-                Err(StoreError::io("delete an upload's stage", e))
-            }
-            _ => Ok(()),
+        let Some(stage_pack) = lock(&self.stages).remove(stage.as_str()) else {
+            return Ok(());
+        };
+        let taken = lock(&stage_pack).take();
+        match taken {
+            Some(w) => w
+                .abandon()
+                .map_err(|e| StoreError::io("delete an upload's stage", e)),
+            None => Ok(()),
         }
     }
 
@@ -427,32 +466,20 @@ impl UifStore for LocalStore {
     }
 
     fn read_chunk(&self, hash: &Hash) -> StoreResult<Vec<u8>> {
-        let f = match fs::File::open(self.chunk_path(hash)) {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                match fs::File::open(self.staged_path(hash)) {
-                    Ok(f) => f,
-                    Err(e) if e.kind() == ErrorKind::NotFound => {
-                        return Err(StoreError::MissingChunk(*hash));
-                    }
-                    Err(e) => return Err(StoreError::io("open chunk", e)),
-                }
+        // Loose first: a seal moves its chunks to the index under this
+        // lock, so a chunk is always found in one or the other.
+        {
+            let loose = lock(&self.loose);
+            if let Some((w, e)) = loose.as_ref().and_then(|w| w.get(hash).map(|e| (w, e))) {
+                return w.read(e).map_err(|e| StoreError::io("read chunk", e));
             }
-            Err(e) => return Err(StoreError::io("open chunk", e)),
-        };
-        let mut data = Vec::with_capacity(64 * 1024);
-        f.take(u64::from(MAX_CHUNK) + 1)
-            .read_to_end(&mut data)
-            .map_err(|e| StoreError::io("read chunk", e))?;
-        // Not hashed again: every file here was checked against its hash
-        // before it was written, and is complete (renamed into place after
-        // its write; a staged file torn by an OS crash is dropped at open).
-        // Bit rot is the scrub's business (`scrub`), and the agent checks
-        // every chunk it receives.
-        if data.len() > MAX_CHUNK as usize {
-            return Err(StoreError::BadChunk(*hash));
         }
-        Ok(data)
+        // Not hashed again: every chunk was checked against its hash
+        // before it was written, and a pack is sealed (fsynced) before it
+        // is indexed. Bit rot is the scrub's business (`scrub`), and the
+        // agent checks every chunk it receives.
+        self.read_indexed(hash)?
+            .ok_or(StoreError::MissingChunk(*hash))
     }
 
     fn head(&self, user: &str) -> StoreResult<Option<Version>> {
@@ -494,19 +521,7 @@ impl UifStore for LocalStore {
         new.check()?;
         let (user, manifest) = (new.user, new.manifest);
         let _gc = self.gc_lock.read().unwrap_or_else(PoisonError::into_inner);
-        let mut staged = Vec::new();
-        let mut seen = HashSet::new();
-        for c in &manifest.chunks {
-            if !seen.insert(c.hash) || self.chunk_path(&c.hash).is_file() {
-                continue;
-            }
-            if self.staged_path(&c.hash).is_file() {
-                staged.push(c.hash);
-            } else {
-                return Err(StoreError::MissingChunk(c.hash));
-            }
-        }
-        self.promote(&staged, |h| self.staged_path(h))?;
+        self.ensure_stored(manifest.chunks.iter().map(|c| c.hash))?;
         let lock = self.user_locks.get(user);
         let _user = lock.lock().unwrap_or_else(PoisonError::into_inner);
         let mut state = self.read_state(user)?;
@@ -560,39 +575,7 @@ impl UifStore for LocalStore {
     }
 
     fn gc(&self, grace: Duration) -> StoreResult<GcReport> {
-        let _gc = self.gc_lock.write().unwrap_or_else(PoisonError::into_inner);
-        let mut referenced: HashSet<Hash> = HashSet::new();
-        for user in self.users()? {
-            for v in self.versions(&user)? {
-                let m = self.manifest(&user, v.version)?;
-                referenced.extend(m.chunks.iter().map(|c| c.hash));
-            }
-        }
-        referenced.insert(ZERO_BLOCK.hash);
-        let now = SystemTime::now();
-        let mut report = GcReport::default();
-        for (path, hash) in self.chunk_files() {
-            report.scanned += 1;
-            if referenced.contains(&hash) {
-                report.referenced += 1;
-                continue;
-            }
-            let meta = fs::metadata(&path).ok();
-            let young = meta
-                .as_ref()
-                .and_then(|m| m.modified().ok())
-                .and_then(|t| now.duration_since(t).ok())
-                .is_none_or(|age| age < grace);
-            if young || self.pins.is_pinned(&hash) {
-                report.spared += 1;
-                continue;
-            }
-            if fs::remove_file(&path).is_ok() {
-                report.deleted += 1;
-                report.bytes_freed += meta.map_or(0, |m| m.len());
-            }
-        }
-        Ok(report)
+        self.collect(grace)
     }
 
     fn scrub(&self, bytes_per_sec: u64, stop: &dyn Fn() -> bool) -> StoreResult<ScrubReport> {
@@ -615,17 +598,10 @@ pub(super) fn free_bytes_at(path: &Path) -> Option<u64> {
     Some(st.blocks_available().saturating_mul(st.fragment_size()))
 }
 
-/// The hash a staged chunk file is named by, if its bytes match it.
-fn staged_hash(path: &Path) -> Option<Hash> {
-    let h = path.file_name()?.to_str().and_then(Hash::from_hex)?;
-    let f = fs::File::open(path).ok()?;
-    let mut data = Vec::new();
-    f.take(u64::from(MAX_CHUNK) + 1)
-        .read_to_end(&mut data)
-        .ok()?;
-    check_chunk(&h, &data).is_ok().then_some(h)
-}
-
+mod index;
+mod migrate;
+mod pack;
+mod repack;
 mod scrub;
 #[cfg(test)]
 mod tests;

@@ -16,7 +16,7 @@
 //!   and, apart, of each origin's conflict versions
 //!   (`conflict_quota_bytes`), so a writer without the lease never makes
 //!   the lease holder's logout fail (`quota`).
-//! - **GC** removes chunk files referenced by no retained version, not
+//! - **GC** removes chunks referenced by no retained version, not
 //!   pinned by an upload in flight, and older than a grace period.
 //! - **Staging:** a VM's upload stores its chunks in a stage of its own
 //!   ([`StageId`]) on the host's local disk (the S3 store too), invisible
@@ -471,15 +471,16 @@ pub enum CommitOutcome {
 /// What a garbage collection did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcReport {
-    /// Chunk files examined.
+    /// Stored chunks examined.
     pub scanned: u64,
-    /// Chunk files still referenced.
+    /// Chunks still referenced.
     pub referenced: u64,
-    /// Unreferenced chunk files spared because they are young or pinned.
+    /// Unreferenced chunks spared because they are young or pinned.
     pub spared: u64,
-    /// Chunk files deleted.
+    /// Chunks deleted.
     pub deleted: u64,
-    /// Bytes freed.
+    /// Bytes of the chunks deleted (the local store frees a pack's dead
+    /// bytes on disk once at most half of it is live).
     pub bytes_freed: u64,
 }
 
