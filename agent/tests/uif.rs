@@ -755,6 +755,46 @@ fn warm_login_patches_only_the_changed_chunks_in_place() {
     agent.ok(&["logout", "--session", "p2"]);
 }
 
+/// After a block-aligned insertion or deletion (4 KiB inserted at 1 MiB,
+/// 8 KiB removed at 5 MiB) the file is shifted in place (`fallocate`) and
+/// only the chunks around the change are fetched, though the chunks after
+/// it moved by more than the relocation budget; an insertion of 1,000
+/// bytes (not whole blocks) still rewrites the file.
+#[test]
+fn a_block_aligned_insertion_or_deletion_shifts_the_file_in_place() {
+    let (_dir, host, agent, img, base) = settled("ins", 24 << 20, 43);
+    let ino = inode(&img);
+    let mut next = base[..1 << 20].to_vec();
+    next.extend_from_slice(&noise(4096, 44));
+    next.extend_from_slice(&base[1 << 20..]);
+    let (_, fetched) = patched_login(&agent, &host, ("ins", "i1"), &next);
+    assert!(
+        fetched <= 3,
+        "fetched {fetched} chunks for a 4 KiB insertion"
+    );
+    assert!(std::fs::read(&img).unwrap() == next, "inserted bytes");
+    assert_eq!(inode(&img), ino, "shifted in place");
+    agent.ok(&["logout", "--session", "i1"]);
+
+    let mut shorter = next[..5 << 20].to_vec();
+    shorter.extend_from_slice(&next[(5 << 20) + 8192..]);
+    let (_, fetched) = patched_login(&agent, &host, ("ins", "i2"), &shorter);
+    assert!(
+        fetched <= 3,
+        "fetched {fetched} chunks for an 8 KiB deletion"
+    );
+    assert!(std::fs::read(&img).unwrap() == shorter, "collapsed bytes");
+    assert_eq!(inode(&img), ino, "shifted in place");
+    agent.ok(&["logout", "--session", "i2"]);
+
+    let mut odd = noise(1000, 45);
+    odd.extend_from_slice(&shorter);
+    host.with(|h| h.seed("ins", &odd));
+    let out = agent.ok(&["login", "--user", "ins", "--session", "i3"]);
+    assert_rewritten(&out, &img, &odd, ino);
+    agent.ok(&["logout", "--session", "i3"]);
+}
+
 #[test]
 fn zero_blocks_are_never_fetched_and_stay_holes() {
     let (dir, host, agent) = hooked();

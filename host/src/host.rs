@@ -243,6 +243,13 @@ impl Host {
         &self.session_rate
     }
 
+    /// Drops what the rate budgets keep of `vm` (it was removed).
+    pub fn forget_rates(&self, vm: &str) {
+        self.request_rate.forget(vm);
+        self.notice_rate.forget(vm);
+        self.session_rate.forget(vm);
+    }
+
     /// The counters.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics

@@ -9,7 +9,11 @@
 //!   a small change costs in proportion to the change. Chunks that moved are
 //!   read from the file before anything is written (up to
 //!   [`RELOCATE_BUDGET`]; beyond, e.g. after an insertion near the start,
-//!   the whole file changes anyway and is rewritten). A durable marker
+//!   the whole file changes anyway and is rewritten). When the versions'
+//!   sizes differ by whole filesystem blocks, the range where they first
+//!   differ is inserted or collapsed first (`fallocate`, ext4 and XFS), so
+//!   that after a block-aligned insertion or deletion the rest of the file
+//!   is in place again; a filesystem that cannot gets the file rewritten. A durable marker
 //!   ([`cache::begin_patch`]) is set before the first write and removed once
 //!   the file, its manifest and its new stamp are durable: a retrieve that
 //!   finds it (crash, dropped connection mid-patch) treats the file as
@@ -224,7 +228,8 @@ impl Target<'_> {
             return Ok(None);
         };
         let t = Instant::now();
-        let (fetched, reused) = patch(
+        let shift = plan.shift();
+        let Some((fetched, reused)) = patch(
             self.link,
             self.state_dir,
             self.user,
@@ -233,7 +238,15 @@ impl Target<'_> {
             plan,
             self.parallel,
         )
-        .await?;
+        .await?
+        else {
+            tracing::info!(
+                user = %self.user,
+                ?shift,
+                "the file's filesystem cannot insert or collapse a range: rewriting the UIF file"
+            );
+            return Ok(None);
+        };
         tracing::info!(
             user = %self.user,
             version,
@@ -241,6 +254,7 @@ impl Target<'_> {
             patch_ms = t.elapsed().as_millis(),
             fetched,
             reused,
+            shifted = ?shift,
             "retrieve: patched the file in place"
         );
         Ok(Some((fetched, reused)))

@@ -115,6 +115,7 @@ pub async fn remove(
         .map_err(RegistryError::from)?;
     d.listeners.stop(&id);
     d.host.handshakes().forget(&id);
+    d.host.forget_rates(&id);
     // A VM registered later under this id inherits no lease.
     if let Err(e) = d.host.leases().forget_vm(&id).durable().await {
         tracing::error!(

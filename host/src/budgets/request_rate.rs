@@ -49,6 +49,23 @@ impl RequestRate {
             .or_insert_with(|| TokenBucket::full(rate, rate, now))
             .take_or_wait(now)
     }
+
+    /// Forgets `vm` (the VM was removed).
+    pub fn forget(&self, vm: &str) {
+        self.buckets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(vm);
+    }
+
+    /// VMs with a bucket.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.buckets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
 }
 
 #[cfg(test)]
@@ -75,6 +92,14 @@ mod tests {
         }
         // Half a second refilled 50, two of which the waits above bought.
         assert_eq!(free, 48);
+        // A removed VM's bucket goes with it.
+        r.forget("vm1");
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            r.take_at("vm1", later),
+            None,
+            "a VM added again starts full"
+        );
         let off = RequestRate::new(0);
         assert!((0..10_000).all(|_| off.take("vm1").is_none()));
     }

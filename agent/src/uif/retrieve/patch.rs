@@ -28,52 +28,122 @@ pub(super) struct PatchPlan {
     /// and the zero block (never fetched): (bytes, offsets in the new
     /// version).
     moved: Vec<(Vec<u8>, Vec<u64>)>,
-    /// Chunks already in place.
+    /// Chunks already in place (after the shift, if any).
+    in_place: usize,
+    /// A range to insert or collapse before anything is written.
+    shift: Option<Shift>,
+}
+
+impl PatchPlan {
+    /// The range the patch inserts or collapses first, if any.
+    pub(super) fn shift(&self) -> Option<Shift> {
+        self.shift
+    }
+}
+
+/// A range of whole filesystem blocks inserted into the file
+/// (`FALLOC_FL_INSERT_RANGE`) or collapsed out of it
+/// (`FALLOC_FL_COLLAPSE_RANGE`) before a patch writes, so that the chunks
+/// after an insertion or a deletion are in place again instead of moved:
+/// the filesystem moves extents, not bytes. ext4 and XFS do it; elsewhere
+/// the patch falls back to rewriting the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Shift {
+    /// Where (a multiple of the filesystem's block size).
+    at: u64,
+    /// How many bytes (a multiple of the block size).
+    len: u64,
+    /// Inserted (the new version is longer) or collapsed.
+    insert: bool,
+}
+
+/// Where the chunks of a layout sit: offset → chunk.
+type Layout = Vec<(u64, ChunkRef)>;
+
+/// A [`PatchPlan`] before the moved chunks are read.
+#[derive(Default)]
+struct Classified {
+    wanted: HashMap<Hash, Vec<u64>>,
+    order: Vec<ChunkRef>,
+    /// hash → (offset in the file now, length, offsets in the new version)
+    moved: HashMap<Hash, (u64, u32, Vec<u64>)>,
+    zeroed: Vec<u64>,
     in_place: usize,
 }
 
 /// Plans patching `dest` (which holds `prev`) into `next`; `None` if more
 /// than [`RELOCATE_BUDGET`] bytes moved (then rewriting is as cheap and
-/// needs no memory). Moved chunks are read and verified here, before the
-/// file is touched; one that does not verify is fetched instead.
+/// needs no memory). When the versions' sizes differ by whole filesystem
+/// blocks, a [`Shift`] where they first differ is planned too, and kept if
+/// it leaves more chunks in place. Moved chunks are read and verified
+/// here, before the file is touched; one that does not verify is fetched
+/// instead.
 pub(super) fn plan_patch(prev: &Manifest, next: &Manifest, dest: &Path) -> Option<PatchPlan> {
-    let at: HashMap<u64, ChunkRef> = prev.offsets().map(|(off, c)| (off, *c)).collect();
-    let anywhere: HashMap<Hash, (u64, u32)> = prev
-        .offsets()
-        .map(|(off, c)| (c.hash, (off, c.len)))
+    let held: Layout = prev.offsets().map(|(off, c)| (off, *c)).collect();
+    let plain = classify(&held, &held, next);
+    let shift = shift_for(prev, next, dest);
+    let shifted = shift.and_then(|s| classify(&shifted(&held, s), &held, next));
+    let (c, shift) = match (plain, shifted) {
+        (Some(p), Some(s)) if s.in_place > p.in_place => (s, shift),
+        (None, Some(s)) => (s, shift),
+        (Some(p), _) => (p, None),
+        (None, None) => return None,
+    };
+    read_moved(c, shift, dest)
+}
+
+/// Sorts `next`'s chunks into in place (where `at` has them), moved
+/// (found in `anywhere`, the file as it is now) or to fetch; `None` past
+/// the relocation budget.
+fn classify(at: &Layout, anywhere: &Layout, next: &Manifest) -> Option<Classified> {
+    let at: HashMap<u64, ChunkRef> = at.iter().copied().collect();
+    let anywhere: HashMap<Hash, (u64, u32)> = anywhere
+        .iter()
+        .map(|(off, c)| (c.hash, (*off, c.len)))
         .collect();
-    let mut plan = PatchPlan::default();
-    let mut moved: HashMap<Hash, (u64, u32, Vec<u64>)> = HashMap::new();
+    let mut out = Classified::default();
     let mut moved_bytes = 0u64;
-    let mut zeroed = Vec::new();
     for (off, c) in next.offsets() {
         if at.get(&off) == Some(c) {
-            plan.in_place += 1;
+            out.in_place += 1;
         } else if c.is_zero_block() {
             // Never fetched: punched as a hole where the file holds
             // other bytes.
-            zeroed.push(off);
-        } else if let Some(places) = plan.wanted.get_mut(&c.hash) {
+            out.zeroed.push(off);
+        } else if let Some(places) = out.wanted.get_mut(&c.hash) {
             places.push(off);
-        } else if let Some((_, _, places)) = moved.get_mut(&c.hash) {
+        } else if let Some((_, _, places)) = out.moved.get_mut(&c.hash) {
             places.push(off);
         } else if let Some(&(from, len)) = anywhere.get(&c.hash).filter(|(_, l)| *l == c.len) {
             moved_bytes += u64::from(len);
             if moved_bytes > RELOCATE_BUDGET {
                 return None;
             }
-            moved.insert(c.hash, (from, len, vec![off]));
+            out.moved.insert(c.hash, (from, len, vec![off]));
         } else {
-            plan.wanted.insert(c.hash, vec![off]);
-            plan.order.push(*c);
+            out.wanted.insert(c.hash, vec![off]);
+            out.order.push(*c);
         }
     }
-    if !zeroed.is_empty() {
-        plan.moved.push((vec![0; ZERO_BLOCK.len as usize], zeroed));
+    Some(out)
+}
+
+/// Reads the moved chunks (from the file as it is now) into the plan.
+fn read_moved(c: Classified, shift: Option<Shift>, dest: &Path) -> Option<PatchPlan> {
+    let mut plan = PatchPlan {
+        wanted: c.wanted,
+        order: c.order,
+        moved: Vec::new(),
+        in_place: c.in_place,
+        shift,
+    };
+    if !c.zeroed.is_empty() {
+        plan.moved
+            .push((vec![0; ZERO_BLOCK.len as usize], c.zeroed));
     }
-    if !moved.is_empty() {
+    if !c.moved.is_empty() {
         let file = File::open(dest).ok()?;
-        for (hash, (from, len, places)) in moved {
+        for (hash, (from, len, places)) in c.moved {
             let mut buf = vec![0u8; len as usize];
             let ok = file.read_exact_at(&mut buf, from).is_ok() && Hash::of(&buf) == hash;
             if ok {
@@ -87,8 +157,71 @@ pub(super) fn plan_patch(prev: &Manifest, next: &Manifest, dest: &Path) -> Optio
     Some(plan)
 }
 
+/// The shift that would put `prev`'s chunks after the first change where
+/// `next` has them: when the sizes differ by whole blocks of `dest`'s
+/// filesystem, that many bytes inserted or collapsed at the block where
+/// the versions' chunks first differ.
+fn shift_for(prev: &Manifest, next: &Manifest, dest: &Path) -> Option<Shift> {
+    let (old, new) = (prev.header.size, next.header.size);
+    let block = nix::sys::statvfs::statvfs(dest).ok()?.block_size();
+    let len = old.abs_diff(new);
+    if len == 0 || block == 0 || len % block != 0 {
+        return None;
+    }
+    let same = prev
+        .offsets()
+        .zip(next.offsets())
+        .take_while(|((a, x), (b, y))| a == b && x == y)
+        .last()
+        .map_or(0, |((off, c), _)| off + u64::from(c.len));
+    let at = same - same % block;
+    let insert = new > old;
+    // An insertion starts inside the file; a collapse ends before its end.
+    let fits = if insert { at < old } else { at + len < old };
+    fits.then_some(Shift { at, len, insert })
+}
+
+/// Where `held`'s chunks are once `s` is applied; chunks it cuts are gone.
+fn shifted(held: &Layout, s: Shift) -> Layout {
+    held.iter()
+        .filter_map(|&(off, c)| {
+            if off + u64::from(c.len) <= s.at {
+                Some((off, c))
+            } else if s.insert && off >= s.at {
+                Some((off + s.len, c))
+            } else if !s.insert && off >= s.at + s.len {
+                Some((off - s.len, c))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+/// Applies `s` to `out`. `Ok(false)`: the filesystem cannot (not ext4 or
+/// XFS, or a mode that forbids it); the file is unchanged.
+fn apply_shift(out: &File, s: Shift) -> std::io::Result<bool> {
+    use nix::fcntl::FallocateFlags;
+    use std::os::fd::AsRawFd;
+    let mode = if s.insert {
+        FallocateFlags::FALLOC_FL_INSERT_RANGE
+    } else {
+        FallocateFlags::FALLOC_FL_COLLAPSE_RANGE
+    };
+    let (Ok(at), Ok(len)) = (i64::try_from(s.at), i64::try_from(s.len)) else {
+        return Ok(false);
+    };
+    match nix::fcntl::fallocate(out.as_raw_fd(), mode, at, len) {
+        Ok(()) => Ok(true),
+        Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::EINVAL) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Patches `dest` into `manifest` following `plan`, behind the patch
-/// marker. Returns (chunks fetched, chunks reused).
+/// marker. Returns (chunks fetched, chunks reused), or `None` when the
+/// plan's shift is not possible on this filesystem (nothing written: the
+/// caller rewrites the file).
 pub(super) async fn patch(
     link: &HostLink,
     state_dir: &Path,
@@ -97,12 +230,13 @@ pub(super) async fn patch(
     manifest: &Manifest,
     plan: PatchPlan,
     parallel: usize,
-) -> Result<(usize, usize), UifError> {
+) -> Result<Option<(usize, usize)>, UifError> {
     let PatchPlan {
         wanted,
         order,
         moved,
         in_place,
+        shift,
     } = plan;
     let reused = in_place + moved.len();
     let size = manifest.header.size;
@@ -119,6 +253,11 @@ pub(super) async fn patch(
                 .map_err(|e| UifError::at("open", &dest, e))?;
             cache::begin_patch(&state_dir, &user)
                 .map_err(|e| UifError::at("mark patch of", &dest, e))?;
+            if let Some(s) = shift
+                && !apply_shift(&out, s).map_err(|e| UifError::at("shift", &dest, e))?
+            {
+                return Ok(None);
+            }
             for (data, places) in &moved {
                 for off in places {
                     write_chunk(&out, data, *off).map_err(|e| UifError::at("patch", &dest, e))?;
@@ -126,9 +265,12 @@ pub(super) async fn patch(
             }
             out.set_len(size)
                 .map_err(|e| UifError::at("resize", &dest, e))?;
-            Ok(out)
+            Ok(Some(out))
         })
         .await?
+    };
+    let Some(out) = out else {
+        return Ok(None);
     };
     let fetched = fetch_missing(link, user, &out, wanted, order, parallel).await?;
     let dest2 = dest.to_path_buf();
@@ -151,7 +293,7 @@ pub(super) async fn patch(
         manifest.clone(),
     );
     blocking(move || record(&sd, &u, &d, &m)).await?;
-    Ok((fetched, reused))
+    Ok(Some((fetched, reused)))
 }
 
 #[cfg(test)]
@@ -214,6 +356,37 @@ mod tests {
             );
         }
         assert!(p.order.len() <= 2, "{} fetched", p.order.len());
+    }
+
+    #[test]
+    fn a_block_aligned_insertion_or_deletion_is_planned_as_a_shift() {
+        // Past the relocation budget: without a shift, a rewrite.
+        let prev = noise(24 << 20, 9);
+        let mut next = prev[..1 << 20].to_vec();
+        next.extend_from_slice(&noise(4096, 10));
+        next.extend_from_slice(&prev[1 << 20..]);
+        let (p, next_m) = plan(&prev, &next);
+        let p = p.expect("a plan");
+        let s = p.shift.expect("a shift");
+        assert!(s.insert && s.len == 4096, "{s:?}");
+        assert!(s.at <= 1 << 20 && s.at % 4096 == 0, "{s:?}");
+        assert!(
+            p.in_place + 4 >= next_m.chunks.len(),
+            "{} of {} in place",
+            p.in_place,
+            next_m.chunks.len()
+        );
+        let mut shorter = prev[..2 << 20].to_vec();
+        shorter.extend_from_slice(&prev[(2 << 20) + 8192..]);
+        let (p, next_m) = plan(&prev, &shorter);
+        let p = p.expect("a plan");
+        let s = p.shift.expect("a shift");
+        assert!(!s.insert && s.len == 8192 && s.at <= 2 << 20, "{s:?}");
+        assert!(p.in_place + 4 >= next_m.chunks.len());
+        // Not whole blocks: no shift, and too much moved to patch.
+        let mut odd = noise(1000, 11);
+        odd.extend_from_slice(&prev);
+        assert!(plan(&prev, &odd).0.is_none());
     }
 
     #[test]
