@@ -124,6 +124,10 @@ pub struct Config {
     /// lately) may stage together while another VM has bulk work; 0 = no
     /// limit. Default 64 MiB.
     pub heavy_staging_bytes_per_sec: u64,
+    /// Bytes a second the VMs fetching chunks heavily (more than about
+    /// 5.5 MB/s lately, counted at 64 KiB a chunk) may fetch together
+    /// while another VM has bulk work; 0 = no limit. Default 128 MiB.
+    pub heavy_fetch_bytes_per_sec: u64,
     /// Test-only: the staging filesystem is taken to be this large and to
     /// hold nothing but staged chunks (free = this − staged) instead of
     /// asking it. Default: none (the real figure).
@@ -230,6 +234,7 @@ impl Default for Config {
             store_min_free_bytes: 2 << 30,
             staging_shares: 8,
             heavy_staging_bytes_per_sec: 64 << 20,
+            heavy_fetch_bytes_per_sec: 128 << 20,
             test_staging_free_bytes: None,
             history_keep: 10,
             conflict_keep: 10,

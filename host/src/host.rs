@@ -6,9 +6,9 @@
 //! `host.commit_guard()`). Nothing here knows about sockets or HTTP.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +17,7 @@ use uve_protocol::message::{ErrorCode, WireError};
 use crate::budgets::bulk::{BulkJob, BulkPool, Refused};
 use crate::budgets::conflict_rate::ConflictRate;
 use crate::budgets::gate::HandshakeGate;
+use crate::budgets::heavy::HeavyShare;
 use crate::budgets::quota_charges::QuotaCharges;
 use crate::budgets::rate::PerVmRate;
 use crate::budgets::report::{Budget, Reports};
@@ -30,6 +31,10 @@ use crate::state::metrics::{Metrics, add};
 use crate::state::registry::Registry;
 use crate::state::sessions::Sessions;
 use crate::store::{ScrubReport, StoreError, StoreResult, UifStore};
+
+/// What a chunk fetch counts for in `heavy_fetch_bytes_per_sec` (the
+/// average chunk; its length is known only once it is read).
+pub const FETCH_COUNTED: u64 = 64 << 10;
 
 /// Shared daemon state.
 pub struct Host {
@@ -67,6 +72,8 @@ pub struct Host {
     conflict_rate: ConflictRate,
     /// What the users' own uploads in flight add to what they hold.
     quota_charges: QuotaCharges,
+    /// How fast VMs fetching chunks heavily go while others work.
+    fetches: Mutex<HeavyShare>,
     /// Bounds `UnexpectedDisconnect` notices per VM and minute.
     notice_rate: PerVmRate,
     /// Control requests per VM and second.
@@ -118,6 +125,7 @@ impl Host {
             crate::budgets::request_rate::RequestRate::new(config.max_control_requests_per_sec);
         let reports = Reports::new(Duration::from_secs(config.budget_event_interval_secs));
         let bulk = BulkPool::start(bulk_threads, config.bulk_queue_per_vm);
+        let fetches = Mutex::new(HeavyShare::new(config.heavy_fetch_bytes_per_sec));
         Host {
             config,
             tmp,
@@ -136,6 +144,7 @@ impl Host {
             conflict_rate,
             quota_charges: QuotaCharges::new(),
             notice_rate,
+            fetches,
             request_rate,
             session_rate,
             reports,
@@ -243,6 +252,18 @@ impl Host {
         &self.session_rate
     }
 
+    fn fetches(&self) -> std::sync::MutexGuard<'_, HeavyShare> {
+        self.fetches.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records that `vm` is about to fetch a chunk; the wait before it is
+    /// read, if `vm` fetches heavily while a light VM works (see
+    /// [`crate::budgets::heavy`]). A chunk counts as [`FETCH_COUNTED`]
+    /// bytes: its length is known only once it is read.
+    pub fn fetch_wait(&self, vm: &str) -> Option<Duration> {
+        self.fetches().take(vm, FETCH_COUNTED, Instant::now())
+    }
+
     /// Drops what the rate budgets keep of `vm` (it was removed).
     pub fn forget_rates(&self, vm: &str) {
         self.request_rate.forget(vm);
@@ -300,6 +321,7 @@ impl Host {
         F: FnOnce(&dyn UifStore) -> StoreResult<T> + Send + 'static,
     {
         self.staging.active(vm);
+        self.fetches().active(vm, Instant::now());
         let store = self.store.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: BulkJob = Box::new(move || {

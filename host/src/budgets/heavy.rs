@@ -1,32 +1,36 @@
-//! How fast the host stages chunks for the VMs that stage heavily while
-//! other VMs have bulk work (`heavy_staging_bytes_per_sec`).
+//! How fast the VMs that move bulk bytes heavily go while other VMs have
+//! bulk work: one share for the bytes VMs stage (`heavy_staging_bytes_per_sec`,
+//! used by `staging`), one for the chunks they fetch
+//! (`heavy_fetch_bytes_per_sec`, used by the host's dispatcher).
 //!
-//! The staging budgets bound what a VM holds, not what its staging costs
+//! The other budgets bound what a VM holds, not what its traffic costs
 //! the others meanwhile: bytes received, copied into the page cache,
-//! written back and, if the upload is dropped, deleted. Measured with ten
-//! VMs staging 64 MiB uploads beside ten VMs logging in and out (4 MiB
-//! UIFs): the good VMs' logins and logouts took 2–3.5 times as long while
-//! the bulk threads were mostly idle — they waited for the other VMs'
-//! bytes in flight, which the bulk pool's order does not reach.
+//! written back (staging), or read, framed and sent (fetching). Measured
+//! with ten VMs staging 64 MiB uploads beside ten VMs logging in and out
+//! (4 MiB UIFs): the good VMs' logins and logouts took 2–3.5 times as long
+//! while the bulk threads were mostly idle — they waited for the other
+//! VMs' bytes in flight, which the bulk pool's order does not reach. Ten
+//! VMs fetching chunks as fast as they could cost the good VMs 1.7–2.4
+//! times their time the same way (CPU on the host's runtime threads).
 //!
-//! So a VM is *heavy* while the bytes it staged lately (halving every
-//! [`HALF_LIFE`]) exceed [`HEAVY_BYTES`], about 5.5 MB/s kept up; a
-//! logout's burst of a few MiB is not. While some VM that is not heavy
-//! had bulk work within [`CONTENTION`], the heavy VMs together stage at
-//! most the configured rate (one bucket, a quarter second's worth as
-//! burst): the host reads their next chunk later, so their other requests
-//! wait with it. Nothing is refused. Alone on the host — one large
-//! logout, or several — a heavy VM stages at full speed.
+//! So a VM is *heavy* in a share while the bytes it moved lately (halving
+//! every [`HALF_LIFE`]) exceed [`HEAVY_BYTES`], about 5.5 MB/s kept up; a
+//! login's or logout's burst of a few MiB is not. While some VM that is
+//! not heavy had bulk work within [`CONTENTION`], the heavy VMs together
+//! move at most the share's rate (one bucket, a quarter second's worth as
+//! burst): the host reads their next request later, so their other
+//! requests wait with it. Nothing is refused. Alone on the host — one
+//! large login or logout, or several — a heavy VM goes at full speed.
 
 use std::time::{Duration, Instant};
 
 use crate::budgets::bucket::TokenBucket;
 use crate::budgets::fading::Fading;
 
-/// A VM's recently staged bytes halve in this time.
+/// A VM's recently moved bytes halve in this time.
 pub const HALF_LIFE: Duration = Duration::from_secs(1);
 
-/// Recently staged bytes past which a VM is heavy.
+/// Recently moved bytes past which a VM is heavy.
 pub const HEAVY_BYTES: f64 = 8.0 * 1024.0 * 1024.0;
 
 /// How recent a light VM's bulk work must be for the rate to apply.
@@ -35,10 +39,11 @@ pub const CONTENTION: Duration = Duration::from_secs(1);
 /// VMs tracked before the faded ones are dropped.
 const ENTRIES: usize = 1024;
 
-/// The VMs' recent staging and the heavy VMs' shared bucket.
-pub struct Intake {
+/// The VMs' recent bulk bytes in one direction and the heavy VMs' shared
+/// bucket.
+pub struct HeavyShare {
     per_sec: f64,
-    /// Bytes each VM staged lately.
+    /// Bytes each VM moved lately.
     recent: Fading,
     heavy: Option<TokenBucket>,
     /// The two VMs that last had bulk work while not heavy (distinct;
@@ -47,11 +52,11 @@ pub struct Intake {
     light: [Option<(String, Instant)>; 2],
 }
 
-impl Intake {
+impl HeavyShare {
     /// The heavy VMs share `per_sec` bytes a second under contention (0:
     /// no limit).
     pub fn new(per_sec: u64) -> Self {
-        Intake {
+        HeavyShare {
             per_sec: per_sec as f64,
             recent: Fading::new(HALF_LIFE, ENTRIES, 1.0),
             heavy: None,
@@ -81,7 +86,7 @@ impl Intake {
             .any(|(other, at)| other != vm && now.saturating_duration_since(*at) < CONTENTION)
     }
 
-    /// Records that `vm` is about to stage `bytes`; the wait before the
+    /// Records that `vm` is about to move `bytes`; the wait before the
     /// host reads on (`None`: at once).
     pub fn take(&mut self, vm: &str, bytes: u64, now: Instant) -> Option<Duration> {
         let before = self.recent.add(vm, bytes as f64, now);
@@ -104,7 +109,7 @@ mod tests {
     #[test]
     fn heavy_vms_share_the_rate_only_while_a_light_vm_works() {
         let t0 = Instant::now();
-        let mut i = Intake::new(64 * MIB);
+        let mut i = HeavyShare::new(64 * MIB);
         // Alone, a VM stages as fast as it sends (its own bulk work while
         // it was light does not count as another's).
         i.active("big", t0);
@@ -134,7 +139,7 @@ mod tests {
         let much_later = t0 + HALF_LIFE * 30;
         i.active("good", much_later);
         assert_eq!(i.take("big", MIB, much_later), None);
-        let mut off = Intake::new(0);
+        let mut off = HeavyShare::new(0);
         off.active("good", t0);
         assert!((0..100).all(|_| off.take("big", MIB, t0).is_none()));
     }

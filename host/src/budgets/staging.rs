@@ -8,7 +8,6 @@
 //! commit) drops it, and the reclaimer deletes its chunks within moments
 //! and gives the bytes back to the budgets.
 
-pub mod intake;
 pub mod room;
 
 use std::collections::{HashMap, HashSet};
@@ -19,9 +18,9 @@ use std::time::Instant;
 
 use uve_protocol::manifest::Hash;
 
+use super::heavy::HeavyShare;
 use crate::state::metrics::{self, Metrics};
 use crate::store::{StageId, UifStore};
-use intake::Intake;
 use room::{Cap, Room};
 
 /// The staged-byte budgets (see `host/API.md`, *Budgets*).
@@ -39,7 +38,7 @@ pub struct StagingLimits {
     /// staged) is divided into this many shares.
     pub shares: u64,
     /// Bytes a second the heavy VMs share while a light one works (see
-    /// [`intake`]; 0: no limit).
+    /// [`super::heavy`]; 0: no limit).
     pub heavy_per_sec: u64,
     /// Test-only: the staging filesystem is taken to be this large and to
     /// hold nothing but staged chunks, instead of asking it.
@@ -177,7 +176,7 @@ pub struct Staging {
     metrics: Arc<Metrics>,
     reclaim: Mutex<Option<mpsc::Sender<Job>>>,
     /// How fast heavy VMs stage while light ones work.
-    intake: Mutex<Intake>,
+    intake: Mutex<HeavyShare>,
 }
 
 impl Staging {
@@ -194,7 +193,7 @@ impl Staging {
             counts: Mutex::new(Counts::default()),
             metrics,
             reclaim: Mutex::new(Some(tx)),
-            intake: Mutex::new(Intake::new(limits.heavy_per_sec)),
+            intake: Mutex::new(HeavyShare::new(limits.heavy_per_sec)),
         });
         let weak = Arc::downgrade(&staging);
         let spawned = std::thread::Builder::new()
@@ -227,18 +226,18 @@ impl Staging {
         staging
     }
 
-    fn intake(&self) -> std::sync::MutexGuard<'_, Intake> {
+    fn intake(&self) -> std::sync::MutexGuard<'_, HeavyShare> {
         self.intake.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records that `vm` has bulk work now (see [`intake`]).
+    /// Records that `vm` has bulk work now (see [`super::heavy`]).
     pub fn active(&self, vm: &str) {
         self.intake().active(vm, Instant::now());
     }
 
     /// Records that `vm` is about to stage `bytes`; the wait before its
     /// chunk is read, if it stages heavily while a light VM works (see
-    /// [`intake`]).
+    /// [`super::heavy`]).
     pub fn intake_wait(&self, vm: &str, bytes: u64) -> Option<std::time::Duration> {
         self.intake().take(vm, bytes, Instant::now())
     }

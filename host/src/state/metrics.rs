@@ -80,6 +80,9 @@ pub struct Metrics {
     /// Chunks of heavily staging VMs read late while a light VM worked
     /// (`heavy_staging_bytes_per_sec`).
     pub heavy_staging_throttled: AtomicU64,
+    /// Chunk fetches of heavily fetching VMs read late while a light VM
+    /// worked (`heavy_fetch_bytes_per_sec`).
+    pub heavy_fetch_throttled: AtomicU64,
     /// Chunk files read and checked by scrubs.
     pub chunks_scrubbed: AtomicU64,
     /// Chunk files a scrub found corrupt (moved to `corrupt/`).
@@ -117,7 +120,7 @@ pub fn add(c: &AtomicU64, n: u64) {
 
 /// The daemon-wide metrics: name, type, help text, counter.
 #[allow(clippy::type_complexity)]
-const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 44] = [
+const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 45] = [
     ("uve_connections", "gauge", "Agent connections open", |m| {
         &m.connections
     }),
@@ -288,6 +291,12 @@ const ROWS: [(&str, &str, &str, fn(&Metrics) -> &AtomicU64); 44] = [
         "counter",
         "Chunks read late because their VM staged heavily while another VM had bulk work (heavy_staging_bytes_per_sec)",
         |m| &m.heavy_staging_throttled,
+    ),
+    (
+        "uve_heavy_fetch_throttled_total",
+        "counter",
+        "Chunk fetches read late because their VM fetched heavily while another VM had bulk work (heavy_fetch_bytes_per_sec)",
+        |m| &m.heavy_fetch_throttled,
     ),
     (
         "uve_chunks_scrubbed_total",

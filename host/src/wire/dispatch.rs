@@ -134,11 +134,15 @@ fn is_bulk(r: &Request) -> bool {
 }
 
 /// Waits before `request` is handled when its VM is past its control
-/// request rate, or stages heavily while a light VM works: nothing more
-/// is read from that VM meanwhile (backpressure, not a refusal).
+/// request rate, or stages or fetches heavily while a light VM works:
+/// nothing more is read from that VM meanwhile (backpressure, not a
+/// refusal).
 async fn pace(conn: &VmConnection, request: &Request) {
     let host = conn.host();
-    let wait = if is_bulk(request) {
+    let wait = if matches!(request, Request::ChunkFetch { .. }) {
+        host.fetch_wait(conn.vm())
+            .inspect(|_| crate::state::metrics::add(&host.metrics().heavy_fetch_throttled, 1))
+    } else if is_bulk(request) {
         staged_bytes(request)
             .and_then(|bytes| host.staging().intake_wait(conn.vm(), bytes))
             .inspect(|_| crate::state::metrics::add(&host.metrics().heavy_staging_throttled, 1))
