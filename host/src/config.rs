@@ -125,7 +125,7 @@ pub struct Config {
     /// limit. Default 64 MiB.
     pub heavy_staging_bytes_per_sec: u64,
     /// Bytes a second the VMs fetching chunks heavily (more than about
-    /// 5.5 MB/s lately, counted at 64 KiB a chunk) may fetch together
+    /// 22 MB/s lately, counted at 64 KiB a chunk) may fetch together
     /// while another VM has bulk work; 0 = no limit. Default 128 MiB.
     pub heavy_fetch_bytes_per_sec: u64,
     /// Test-only: the staging filesystem is taken to be this large and to

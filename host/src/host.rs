@@ -125,7 +125,10 @@ impl Host {
             crate::budgets::request_rate::RequestRate::new(config.max_control_requests_per_sec);
         let reports = Reports::new(Duration::from_secs(config.budget_event_interval_secs));
         let bulk = BulkPool::start(bulk_threads, config.bulk_queue_per_vm);
-        let fetches = Mutex::new(HeavyShare::new(config.heavy_fetch_bytes_per_sec));
+        let fetches = Mutex::new(HeavyShare::new(
+            config.heavy_fetch_bytes_per_sec,
+            crate::budgets::heavy::HEAVY_FETCHED,
+        ));
         Host {
             config,
             tmp,
@@ -320,8 +323,10 @@ impl Host {
         T: Send + 'static,
         F: FnOnce(&dyn UifStore) -> StoreResult<T> + Send + 'static,
     {
-        self.staging.active(vm);
-        self.fetches().active(vm, Instant::now());
+        let now = Instant::now();
+        let (staging, fetching) = (self.staging.is_heavy(vm), self.fetches().is_heavy(vm, now));
+        self.staging.active(vm, fetching);
+        self.fetches().active(vm, now, staging);
         let store = self.store.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: BulkJob = Box::new(move || {

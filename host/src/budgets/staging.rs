@@ -193,7 +193,10 @@ impl Staging {
             counts: Mutex::new(Counts::default()),
             metrics,
             reclaim: Mutex::new(Some(tx)),
-            intake: Mutex::new(HeavyShare::new(limits.heavy_per_sec)),
+            intake: Mutex::new(HeavyShare::new(
+                limits.heavy_per_sec,
+                super::heavy::HEAVY_STAGED,
+            )),
         });
         let weak = Arc::downgrade(&staging);
         let spawned = std::thread::Builder::new()
@@ -231,8 +234,13 @@ impl Staging {
     }
 
     /// Records that `vm` has bulk work now (see [`super::heavy`]).
-    pub fn active(&self, vm: &str) {
-        self.intake().active(vm, Instant::now());
+    pub fn active(&self, vm: &str, heavy_elsewhere: bool) {
+        self.intake().active(vm, Instant::now(), heavy_elsewhere);
+    }
+
+    /// Whether `vm` stages heavily now (see [`super::heavy`]).
+    pub fn is_heavy(&self, vm: &str) -> bool {
+        self.intake().is_heavy(vm, Instant::now())
     }
 
     /// Records that `vm` is about to stage `bytes`; the wait before its
