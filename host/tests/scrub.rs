@@ -165,3 +165,38 @@ async fn a_damaged_zero_block_is_stored_again_at_once() {
         "the zero block is whole again"
     );
 }
+
+/// The periodic scrub counts from the last complete one, kept in
+/// `<data_dir>/scrubbed_at` across restarts: a host restarted more often
+/// than `scrub_interval_secs` still scrubs on time, and one that has just
+/// scrubbed does not scrub again at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_periodic_scrub_counts_from_the_last_one_across_restarts() {
+    let fresh = HostProc::temp("").await;
+    let fresh_stamp = fresh.api_socket().parent().unwrap().join("scrubbed_at");
+    let written = uve_e2e::poll::until_async(std::time::Duration::from_secs(5), || async {
+        std::fs::read_to_string(&fresh_stamp).ok()
+    })
+    .await;
+    assert!(written.is_some(), "a first start sets the clock");
+    drop(fresh);
+
+    let dir = tempfile::tempdir().unwrap();
+    let stamp = dir.path().join("scrubbed_at");
+    let two_hours_ago = uve_protocol::defs::now_ms() - 7_200_000;
+    std::fs::write(&stamp, two_hours_ago.to_string()).unwrap();
+    let config = "scrub_interval_secs = 3600";
+    let host = HostProc::start(dir.path(), config).await;
+    let event = host.wait_event("scrub", |_| true).await;
+    assert_eq!(event["complete"], true, "{event}");
+    let moved = uve_e2e::poll::until_async(std::time::Duration::from_secs(5), || async {
+        let at: u64 = std::fs::read_to_string(&stamp).ok()?.trim().parse().ok()?;
+        (at > two_hours_ago).then_some(at)
+    })
+    .await;
+    assert!(moved.is_some(), "the stamp moves to the scrub's end");
+    drop(host);
+    let host = HostProc::start(dir.path(), config).await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(host.count_events("scrub").await, 0, "just scrubbed");
+}

@@ -186,15 +186,36 @@ async fn periodic_gc(host: Arc<Host>) {
 }
 
 /// Scrubs the store every `scrub_interval_secs` until shutdown (a store
-/// that verifies every read answers `Unsupported`: then never again).
+/// that verifies every read answers `Unsupported`: then never again). The
+/// time of the last complete scrub is kept in `<data_dir>/scrubbed_at`
+/// (milliseconds since the epoch; written at the first start when
+/// absent), so a host restarted more often than the interval still
+/// scrubs on time.
 async fn periodic_scrub(host: Arc<Host>) {
     let every = Duration::from_secs(host.config().scrub_interval_secs);
+    let stamp = host.config().data_dir.join("scrubbed_at");
+    let last = match std::fs::read_to_string(&stamp) {
+        Ok(text) => text.trim().parse::<u64>().ok(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(path = %stamp.display(), error = %e, "last scrub time unreadable: counting from now");
+            None
+        }
+    };
+    let now = crate::store::now_ms();
+    let last = last.unwrap_or_else(|| {
+        write_stamp(&host, &stamp, now);
+        now
+    });
+    let mut wait = every.saturating_sub(Duration::from_millis(now.saturating_sub(last)));
     loop {
         tokio::select! {
             () = host.shutdown().cancelled() => return,
-            () = tokio::time::sleep(every) => {}
+            () = tokio::time::sleep(wait) => {}
         }
+        wait = every;
         match host.scrub(None).await {
+            Ok(report) if report.complete => write_stamp(&host, &stamp, crate::store::now_ms()),
             Ok(_) => {}
             Err(crate::store::StoreError::Unsupported(why)) => {
                 tracing::info!("no periodic scrub: {why}");
@@ -202,6 +223,16 @@ async fn periodic_scrub(host: Arc<Host>) {
             }
             Err(e) => tracing::warn!(error = %e, "periodic scrub failed"),
         }
+    }
+}
+
+/// Records when the last complete scrub ended (a failure to is logged:
+/// the next start then scrubs an interval after it starts).
+fn write_stamp(host: &Host, stamp: &std::path::Path, at_ms: u64) {
+    if let Err(e) =
+        crate::store::durable::write_atomic(host.tmp(), stamp, at_ms.to_string().as_bytes())
+    {
+        tracing::warn!(path = %stamp.display(), error = %e, "last scrub time not saved");
     }
 }
 
