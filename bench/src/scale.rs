@@ -91,11 +91,18 @@ async fn timed(
 /// announced first (`SessionStarted`; the host accepts notices only for
 /// sessions the sending VM has announced), then a ping about every second
 /// and one unexpected-disconnect notice of that session at a random moment.
-async fn control_loop(h: LinkHandle, i: usize, phase: Duration, samples: Arc<Mutex<Samples>>) {
+/// `tag` names the phase (its sessions are its own).
+async fn control_loop(
+    h: LinkHandle,
+    (i, tag): (usize, &'static str),
+    phase: Duration,
+    samples: Arc<Mutex<Samples>>,
+) {
     let start = Instant::now();
-    let mut rng = data::Rng::new(i as u64 + 1);
+    let seed = if tag == "s" { 0 } else { 1 << 32 };
+    let mut rng = data::Rng::new(seed + i as u64 + 1);
     let started = Request::SessionStarted {
-        session: valid(&format!("s{i}")),
+        session: valid(&format!("{tag}{i}")),
         user: valid(&format!("user{i}")),
         ua: Some(valid("desk")),
     };
@@ -113,7 +120,7 @@ async fn control_loop(h: LinkHandle, i: usize, phase: Duration, samples: Arc<Mut
             noticed = true;
             let n = DisconnectNotice {
                 id: rng.next(),
-                session: valid(&format!("s{i}")),
+                session: valid(&format!("{tag}{i}")),
                 user: valid(&format!("user{i}")),
                 ua: Some(valid("desk")),
                 reason: "simulated UA crash".into(),
@@ -315,15 +322,17 @@ struct HostFigures {
     alive: usize,
 }
 
-/// Connects every agent, runs the control and bulk loops for the phase
-/// while sampling the host's RSS, and measures the host (`pid`).
+/// Connects every agent, runs the control loops (and, with `bulk`, the
+/// bulk loops) for the phase while sampling the host's RSS, and measures
+/// the host (`pid`).
 fn measured_phase(
     root: &Path,
     p: &Params,
-    pid: u32,
-    idle_rss: u64,
+    (pid, idle_rss): (u32, u64),
+    bulk: bool,
     samples: &Arc<Mutex<Samples>>,
 ) -> Result<HostFigures, String> {
+    let tag = if bulk { "s" } else { "q" };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -339,8 +348,8 @@ fn measured_phase(
         let t0 = Instant::now();
         let mut tasks = JoinSet::new();
         for (i, h) in handles.iter().enumerate() {
-            tasks.spawn(control_loop(h.clone(), i, p.phase, samples.clone()));
-            if i < p.bulk_agents {
+            tasks.spawn(control_loop(h.clone(), (i, tag), p.phase, samples.clone()));
+            if bulk && i < p.bulk_agents {
                 tasks.spawn(bulk_loop(h.clone(), i, p.bulk_size, p.phase, samples.clone()));
             }
         }
@@ -390,10 +399,29 @@ pub fn run(bins: &Binaries, work: &Path, p: &Params) -> Result<Vec<Row>, String>
     let pid = host.pid().ok_or("host not running")?;
     let idle_rss = sys::status_kib(pid, "VmRSS").unwrap_or(0);
 
+    // The same control traffic without the bulk load first: the
+    // baseline of the latencies under load.
+    let quiet = Arc::new(Mutex::new(Samples::default()));
+    measured_phase(&root, p, (pid, idle_rss), false, &quiet)?;
+    let mut q = quiet.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(first) = q.errors.first() {
+        return Err(format!(
+            "{} requests failed without the bulk load, first: {first}",
+            q.errors.len()
+        ));
+    }
     let samples = Arc::new(Mutex::new(Samples::default()));
-    let f = measured_phase(&root, p, pid, idle_rss, &samples)?;
+    let f = measured_phase(&root, p, (pid, idle_rss), true, &samples)?;
     let mut s = samples.lock().unwrap_or_else(PoisonError::into_inner);
-    let rows = result_rows(p, &f, &mut s);
+    let mut rows = result_rows(p, &f, &mut s);
+    rows.insert(
+        5,
+        against_quiet("ping round trip", &mut s.ping_us, &mut q.ping_us),
+    );
+    rows.insert(
+        6,
+        against_quiet("disconnect notice ack", &mut s.notice_us, &mut q.notice_us),
+    );
     if let Some(first) = s.errors.first() {
         // A figure built on failed requests is no figure: the run fails.
         return Err(format!(
@@ -430,6 +458,18 @@ fn latency_row(what: &str, samples: &mut [u64]) -> Row {
         ),
         "goal p99",
         "< 10",
+    )
+}
+
+/// The p99 of `loaded` against the same without the bulk load (`quiet`),
+/// in ms (the goal: at most 10 times).
+fn against_quiet(what: &str, loaded: &mut [u64], quiet: &mut [u64]) -> Row {
+    Row::new(
+        format!("{what} p99 under the bulk load (ms)"),
+        percentile(loaded, 0.99),
+        "the same without it",
+        percentile(quiet, 0.99),
+        false,
     )
 }
 
