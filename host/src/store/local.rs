@@ -231,14 +231,13 @@ impl LocalStore {
             if indexed {
                 continue;
             }
-            if lock(&self.loose)
-                .as_ref()
-                .is_some_and(|w| w.get(&h).is_some())
-            {
-                loose = true;
-            } else if !self.stored(&h) {
+            // In the loose pack (or put there since the look above, or
+            // sealed meanwhile): seal it, so that nothing a commit names
+            // is only in an unsynced file.
+            if !self.stored(&h) {
                 return Err(StoreError::MissingChunk(h));
             }
+            loose = true;
         }
         if loose { self.seal_loose() } else { Ok(()) }
     }
@@ -250,6 +249,11 @@ impl LocalStore {
         if touched.len() >= TOUCHED_KEPT {
             let hour = Duration::from_secs(3600);
             touched.retain(|_, t| now.duration_since(*t).is_ok_and(|age| age < hour));
+            // Still half full: forget them all (pins still cover uploads),
+            // so that pruning stays rare.
+            if touched.len() >= TOUCHED_KEPT / 2 {
+                touched.clear();
+            }
         }
         touched.insert(*hash, now);
     }
@@ -413,6 +417,18 @@ impl UifStore for LocalStore {
         let stage_pack = self.stage_writer(stage);
         let mut w = lock(&stage_pack);
         if w.is_none() {
+            // Published or discarded since `stage_writer`: a chunk of an
+            // upload that has ended is not taken (its pack would be
+            // nobody's).
+            let current = lock(&self.stages)
+                .get(stage.as_str())
+                .is_some_and(|s| Arc::ptr_eq(s, &stage_pack));
+            if !current {
+                return Err(StoreError::Busy(format!(
+                    "upload stage {} has ended",
+                    stage.as_str()
+                )));
+            }
             *w = Some(self.new_writer(stage.as_str())?);
         }
         let Some(w) = w.as_mut() else {

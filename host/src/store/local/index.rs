@@ -88,7 +88,7 @@ impl Index {
                 .and_then(|m| m.modified())
                 .unwrap_or_else(|_| SystemTime::now());
             index.add(id, &chunks, mtime);
-            index.next_id = index.next_id.max(id + 1);
+            index.next_id = index.next_id.max(id.saturating_add(1));
         }
         Ok(index)
     }
@@ -111,7 +111,7 @@ impl Index {
             });
         }
         self.packs.insert(id, PackInfo { data_bytes, mtime });
-        self.next_id = self.next_id.max(id + 1);
+        self.next_id = self.next_id.max(id.saturating_add(1));
     }
 
     /// The indexed chunks grouped by pack.

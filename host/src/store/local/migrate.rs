@@ -13,10 +13,8 @@
 //! one (never made durable) is deleted.
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use uve_protocol::defs::MAX_CHUNK;
 use uve_protocol::manifest::Hash;
 
 use super::LocalStore;
@@ -100,7 +98,7 @@ impl LocalStore {
     /// sealed; returns how many were dropped.
     fn migrate(&self, files: &[(PathBuf, Origin)]) -> StoreResult<usize> {
         let mut dropped = 0;
-        let mut w = self.new_writer("migrate")?;
+        let mut w = self.new_writer("migrate")?.temporary();
         let mut batch = Vec::new();
         for (path, origin) in files {
             let Some(hash) = path
@@ -112,23 +110,25 @@ impl LocalStore {
                 dropped += 1;
                 continue;
             };
-            let Some(data) = read_checked(path, &hash) else {
+            let data = fs::read(path)
+                .map_err(|e| StoreError::io(format!("migrate {}", path.display()), e))?;
+            if check_chunk(&hash, &data).is_err() {
                 dropped += 1;
                 if *origin == Origin::Stored {
                     tracing::error!(chunk = %hash, "corrupt chunk file: moved to corrupt/");
-                    self.keep_corrupt(&hash, path);
+                    self.keep_corrupt(&hash, path)?;
                 } else {
                     let _ = fs::remove_file(path);
                 }
                 continue;
-            };
+            }
             w.append(&hash, &data)
                 .map_err(|e| StoreError::io("write a migrated chunk", e))?;
             batch.push(path.clone());
             if w.data_bytes() >= MIGRATE_PACK {
                 self.install(w)?;
                 remove_all(&mut batch);
-                w = self.new_writer("migrate")?;
+                w = self.new_writer("migrate")?.temporary();
             }
         }
         self.install(w)?;
@@ -136,24 +136,14 @@ impl LocalStore {
         Ok(dropped)
     }
 
-    /// Moves a damaged chunk file to `corrupt/` for the operator.
-    fn keep_corrupt(&self, hash: &Hash, path: &Path) {
+    /// Moves a damaged chunk file to `corrupt/` for the operator (an
+    /// error stops the open: the file is never deleted).
+    fn keep_corrupt(&self, hash: &Hash, path: &Path) -> StoreResult<()> {
         let dir = self.root.join("corrupt");
-        let _ = fs::create_dir_all(&dir);
-        if fs::rename(path, dir.join(hash.to_hex())).is_err() {
-            let _ = fs::remove_file(path);
-        }
+        fs::create_dir_all(&dir).map_err(|e| StoreError::io("create corrupt/", e))?;
+        fs::rename(path, dir.join(hash.to_hex()))
+            .map_err(|e| StoreError::io("move a corrupt chunk file to corrupt/", e))
     }
-}
-
-/// The file's bytes if they match `hash`.
-fn read_checked(path: &Path, hash: &Hash) -> Option<Vec<u8>> {
-    let f = fs::File::open(path).ok()?;
-    let mut data = Vec::new();
-    f.take(u64::from(MAX_CHUNK) + 1)
-        .read_to_end(&mut data)
-        .ok()?;
-    check_chunk(hash, &data).is_ok().then_some(data)
 }
 
 fn remove_all(batch: &mut Vec<PathBuf>) {

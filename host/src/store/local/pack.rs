@@ -62,6 +62,17 @@ pub(super) struct PackWriter {
     /// mtime, the age GC's grace is measured from.
     last_write: SystemTime,
     written_back: u64,
+    /// Deleted if dropped unsealed (a repack's or migration's copy; an
+    /// upload's pack stays for the next open to adopt).
+    temporary: bool,
+}
+
+impl Drop for PackWriter {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
 }
 
 impl PackWriter {
@@ -81,7 +92,14 @@ impl PackWriter {
             by_hash: HashMap::new(),
             last_write: SystemTime::now(),
             written_back: 0,
+            temporary: false,
         })
+    }
+
+    /// Makes the pack one that is deleted if dropped before it is sealed.
+    pub(super) fn temporary(mut self) -> PackWriter {
+        self.temporary = true;
+        self
     }
 
     /// Takes over a pack its writer left unsealed (a crash, a restart):
@@ -104,6 +122,7 @@ impl PackWriter {
             by_hash,
             last_write,
             written_back: 0,
+            temporary: false,
         })
     }
 
@@ -173,7 +192,7 @@ impl PackWriter {
 
     /// Appends the index and trailer, fsyncs the file once and renames it
     /// to `dest`. The caller fsyncs `dest`'s directory.
-    pub(super) fn seal(self, dest: &Path) -> io::Result<Vec<Entry>> {
+    pub(super) fn seal(mut self, dest: &Path) -> io::Result<Vec<Entry>> {
         let mut index = Vec::with_capacity(self.entries.len() * INDEX_ENTRY);
         for e in &self.entries {
             index.extend_from_slice(&e.hash.0);
@@ -186,11 +205,14 @@ impl PackWriter {
         trailer.extend_from_slice(blake3::hash(&index).as_bytes());
         trailer.extend_from_slice(TRAILER_MAGIC);
         index.extend_from_slice(&trailer);
+        // A failed append may have left bytes past the last chunk.
+        self.file.set_len(self.len)?;
         self.file.write_all_at(&index, self.len)?;
         self.file.sync_all()?;
         self.file.set_modified(self.last_write)?;
         fs::rename(&self.path, dest)?;
-        Ok(self.entries)
+        self.temporary = false;
+        Ok(std::mem::take(&mut self.entries))
     }
 
     /// Deletes the unsealed pack.
@@ -226,7 +248,10 @@ pub(super) fn read_index(file: &File) -> io::Result<Result<Vec<Entry>, String>> 
     let index_at = u64_at(&trailer, 8);
     let index_len = count.checked_mul(INDEX_ENTRY as u64);
     if index_at < MAGIC.len() as u64
-        || index_len.and_then(|l| l.checked_add(index_at + TRAILER)) != Some(len)
+        || index_len
+            .and_then(|l| l.checked_add(index_at))
+            .and_then(|l| l.checked_add(TRAILER))
+            != Some(len)
     {
         return Ok(Err("index bounds do not match the file".into()));
     }
@@ -248,7 +273,10 @@ pub(super) fn read_index(file: &File) -> io::Result<Result<Vec<Entry>, String>> 
         if e.len > MAX_CHUNK || e.offset < MAGIC.len() as u64 + ENTRY_HEAD {
             return Ok(Err(format!("index entry of {} out of bounds", e.hash)));
         }
-        if e.offset + u64::from(e.len) > index_at {
+        if e.offset
+            .checked_add(u64::from(e.len))
+            .is_none_or(|end| end > index_at)
+        {
             return Ok(Err(format!("index entry of {} past the chunks", e.hash)));
         }
         entries.push(e);

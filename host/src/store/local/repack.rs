@@ -28,7 +28,7 @@ use uve_protocol::manifest::{Hash, ZERO_BLOCK};
 use super::index::{Loc, PackInfo};
 use super::pack::read_entry;
 use super::{LocalStore, lock};
-use crate::store::{GcReport, StoreError, StoreResult, UifStore, durable};
+use crate::store::{GcReport, StoreError, StoreResult, UifStore, check_chunk, durable};
 
 /// Packs smaller than this (bytes of chunks) are merged once GC finds
 /// [`MERGE_AT_LEAST`] of them older than its grace.
@@ -113,7 +113,7 @@ impl LocalStore {
                 .max()
         };
         live.sort_by_key(|(_, l)| (l.pack, l.offset));
-        let mut w = self.new_writer("repack")?;
+        let mut w = self.new_writer("repack")?.temporary();
         for (h, loc) in &live {
             let f = self
                 .files
@@ -121,13 +121,24 @@ impl LocalStore {
                 .map_err(|e| StoreError::io("open a pack to repack", e))?;
             let data = read_entry(&f, loc.entry(*h))
                 .map_err(|e| StoreError::io("read a chunk to repack", e))?;
+            // Checked as it is copied (a scrub's work for free): a damaged
+            // chunk is not carried into the new pack, so it goes missing
+            // and the next upload of that content stores it again.
+            if check_chunk(h, &data).is_err() {
+                tracing::error!(chunk = %h, pack = loc.pack, "corrupt chunk found while repacking: dropped");
+                self.keep_damaged(h, &data)?;
+                continue;
+            }
             w.append(h, &data)
                 .map_err(|e| StoreError::io("write a repacked chunk", e))?;
         }
         if let Some(t) = mtime {
             w.set_last_write(t);
         }
-        let moved: HashMap<Hash, Loc> = live.into_iter().collect();
+        let moved: HashMap<Hash, Loc> = live
+            .into_iter()
+            .filter(|(h, _)| w.get(h).is_some())
+            .collect();
         let new_id = if w.entries().is_empty() {
             w.abandon()
                 .map_err(|e| StoreError::io("delete an empty pack", e))?;
@@ -173,18 +184,21 @@ impl LocalStore {
         durable::sync_dir(&self.packs_dir).map_err(|e| StoreError::io("sync packs/", e))
     }
 
-    /// Forgets pack `id` and deletes its file.
+    /// Forgets pack `id` and deletes its file (the file first: a reader
+    /// that opens it after its name is gone gets `NotFound` and looks the
+    /// chunk up again, and no cached descriptor keeps the space).
     fn delete_pack(&self, id: u64) -> StoreResult<()> {
         self.index
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .packs
             .remove(&id);
-        self.files.forget(id);
-        match fs::remove_file(self.files.path(id)) {
+        let removed = match fs::remove_file(self.files.path(id)) {
             Err(e) if e.kind() != ErrorKind::NotFound => Err(StoreError::io("delete a pack", e)),
             _ => Ok(()),
-        }
+        };
+        self.files.forget(id);
+        removed
     }
 }
 

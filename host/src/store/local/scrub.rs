@@ -110,7 +110,7 @@ impl LocalStore {
     }
 
     /// Keeps a damaged chunk's bytes in `corrupt/` for the operator.
-    fn keep_damaged(&self, hash: &Hash, data: &[u8]) -> StoreResult<()> {
+    pub(super) fn keep_damaged(&self, hash: &Hash, data: &[u8]) -> StoreResult<()> {
         let dir = self.root.join("corrupt");
         fs::create_dir_all(&dir).map_err(|e| StoreError::io("create corrupt/", e))?;
         fs::write(dir.join(hash.to_hex()), data)

@@ -318,3 +318,44 @@ fn gc_repacks_dead_space_while_readers_read() {
     assert_eq!(read_all(&s, "bob", va + 1), b, "the same after a reopen");
     assert!(!s.has_chunk(&ma.chunks[0].hash).unwrap());
 }
+
+/// A repack checks what it copies: a damaged live chunk is not carried
+/// into the new pack (it goes missing, its bytes kept in `corrupt/`).
+#[test]
+fn a_repack_drops_a_damaged_chunk_it_copies() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let s = LocalStore::open(dir.path(), policy_keep(1)).unwrap();
+    let (a, b) = (noise(600_000, 13), noise(600_000, 14));
+    let (ma, mb) = (put(&s, &a), put(&s, &b));
+    let va = match s.commit("dan", &ma, None, true, "t").unwrap() {
+        CommitOutcome::Committed(v) => v,
+        o => panic!("{o:?}"),
+    };
+    s.commit("dan", &mb, Some(va), true, "t").unwrap();
+    let victim = mb.chunks[1].hash;
+    let loc = s.index.read().unwrap().chunks[&victim];
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(s.files.path(loc.pack))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    f.read_exact_at(&mut byte, loc.offset + 5).unwrap();
+    f.write_all_at(&[byte[0] ^ 1], loc.offset + 5).unwrap();
+    drop(f);
+    // v1's chunks are dead: the shared pack is at most half live, so GC
+    // repacks it, copying v2's chunks.
+    s.gc(Duration::ZERO).unwrap();
+    assert!(
+        !s.has_chunk(&victim).unwrap(),
+        "the damaged chunk is missing"
+    );
+    assert!(dir.path().join("corrupt").join(victim.to_hex()).is_file());
+    for c in mb.chunks.iter().filter(|c| c.hash != victim) {
+        assert!(s.has_chunk(&c.hash).unwrap());
+    }
+    // The next upload of that content stores it again.
+    put(&s, &b);
+    assert_eq!(read_all(&s, "dan", va + 1), b);
+}
