@@ -1,6 +1,8 @@
 //! The token bucket the rate budgets share (`conflict_rate`, `rate`,
 //! `request_rate`): `burst` tokens at most, refilled at `per_sec`.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// One token bucket.
@@ -61,5 +63,37 @@ impl TokenBucket {
         let wait = (n - self.tokens) / self.per_sec;
         self.tokens -= n;
         Some(Duration::from_secs_f64(wait))
+    }
+}
+
+/// A token bucket per VM, made on the VM's first use (the per-VM rate
+/// budgets keep theirs here).
+#[derive(Default)]
+pub struct VmBuckets(Mutex<HashMap<String, TokenBucket>>);
+
+impl VmBuckets {
+    /// Runs `f` on `vm`'s bucket, made by `new` if `vm` has none yet.
+    pub fn with<T>(
+        &self,
+        vm: &str,
+        new: impl FnOnce() -> TokenBucket,
+        f: impl FnOnce(&mut TokenBucket) -> T,
+    ) -> T {
+        let mut buckets = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        f(buckets.entry(vm.to_string()).or_insert_with(new))
+    }
+
+    /// Forgets `vm`'s bucket (the VM was removed).
+    pub fn forget(&self, vm: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(vm);
+    }
+
+    /// VMs with a bucket.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
 }

@@ -5,16 +5,14 @@
 //! announced again), so nothing the protocol promises is lost, while a
 //! flooding VM adds at most its rate of events.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
-use super::bucket::TokenBucket;
+use super::bucket::{TokenBucket, VmBuckets};
 
 /// Token buckets per VM.
 pub struct PerVmRate {
     per_minute: u32,
-    buckets: Mutex<HashMap<String, TokenBucket>>,
+    buckets: VmBuckets,
 }
 
 impl PerVmRate {
@@ -22,7 +20,7 @@ impl PerVmRate {
     pub fn new(per_minute: u32) -> Self {
         PerVmRate {
             per_minute,
-            buckets: Mutex::new(HashMap::new()),
+            buckets: VmBuckets::default(),
         }
     }
 
@@ -41,19 +39,16 @@ impl PerVmRate {
             return true;
         }
         let burst = f64::from(self.per_minute);
-        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-        buckets
-            .entry(vm.to_string())
-            .or_insert_with(|| TokenBucket::full(burst, burst / 60.0, now))
-            .try_take(now)
+        self.buckets.with(
+            vm,
+            || TokenBucket::full(burst, burst / 60.0, now),
+            |b| b.try_take(now),
+        )
     }
 
     /// Forgets `vm` (the VM was removed).
     pub fn forget(&self, vm: &str) {
-        self.buckets
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(vm);
+        self.buckets.forget(vm);
     }
 }
 

@@ -8,17 +8,15 @@
 //! does not refill it. Chunk transfers are bounded by the bulk pool
 //! instead (`bulk`).
 
-use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::bucket::TokenBucket;
+use super::bucket::{TokenBucket, VmBuckets};
 
 /// A bucket per VM: `per_sec` tokens a second, holding at most a second's
 /// worth. Rate 0 means no limit.
 pub struct RequestRate {
     per_sec: u32,
-    buckets: Mutex<HashMap<String, TokenBucket>>,
+    buckets: VmBuckets,
 }
 
 impl RequestRate {
@@ -26,7 +24,7 @@ impl RequestRate {
     pub fn new(per_sec: u32) -> Self {
         RequestRate {
             per_sec,
-            buckets: Mutex::new(HashMap::new()),
+            buckets: VmBuckets::default(),
         }
     }
 
@@ -42,29 +40,16 @@ impl RequestRate {
             return None;
         }
         let rate = f64::from(self.per_sec);
-        self.buckets
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(vm.to_string())
-            .or_insert_with(|| TokenBucket::full(rate, rate, now))
-            .take_or_wait(now)
+        self.buckets.with(
+            vm,
+            || TokenBucket::full(rate, rate, now),
+            |b| b.take_or_wait(now),
+        )
     }
 
     /// Forgets `vm` (the VM was removed).
     pub fn forget(&self, vm: &str) {
-        self.buckets
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(vm);
-    }
-
-    /// VMs with a bucket.
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.buckets
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.buckets.forget(vm);
     }
 }
 
@@ -94,7 +79,7 @@ mod tests {
         assert_eq!(free, 48);
         // A removed VM's bucket goes with it.
         r.forget("vm1");
-        assert_eq!(r.len(), 1);
+        assert_eq!(r.buckets.len(), 1);
         assert_eq!(
             r.take_at("vm1", later),
             None,

@@ -101,15 +101,20 @@ impl Index {
 
     /// Adds a sealed pack's chunks (those not indexed already).
     pub(super) fn add(&mut self, id: u64, entries: &[Entry], mtime: SystemTime) {
-        let mut data_bytes = 0;
         for e in entries {
-            data_bytes += u64::from(e.len);
             self.chunks.entry(e.hash).or_insert(Loc {
                 pack: id,
                 offset: e.offset,
                 len: e.len,
             });
         }
+        self.add_pack(id, entries, mtime);
+    }
+
+    /// Records a sealed pack holding `entries` (its chunks are indexed by
+    /// the caller).
+    pub(super) fn add_pack(&mut self, id: u64, entries: &[Entry], mtime: SystemTime) {
+        let data_bytes = entries.iter().map(|e| u64::from(e.len)).sum();
         self.packs.insert(id, PackInfo { data_bytes, mtime });
         self.next_id = self.next_id.max(id.saturating_add(1));
     }

@@ -172,7 +172,7 @@ impl PackWriter {
 
     /// Bytes of chunks (without entry heads).
     pub(super) fn data_bytes(&self) -> u64 {
-        self.entries.iter().map(|e| u64::from(e.len)).sum()
+        self.len - MAGIC.len() as u64 - ENTRY_HEAD * self.entries.len() as u64
     }
 
     /// When the last chunk was appended.

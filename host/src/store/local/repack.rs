@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use uve_protocol::manifest::{Hash, ZERO_BLOCK};
 
-use super::index::{Loc, PackInfo};
+use super::index::Loc;
 use super::pack::read_entry;
 use super::{LocalStore, lock};
 use crate::store::{GcReport, StoreError, StoreResult, UifStore, check_chunk, durable};
@@ -162,9 +162,7 @@ impl LocalStore {
                 .chunks
                 .retain(|h, l| !old.contains(&l.pack) || moved.contains_key(h));
             if let Some((id, entries)) = &new_id {
-                let data_bytes = entries.iter().map(|e| u64::from(e.len)).sum();
-                let mtime = mtime.unwrap_or_else(SystemTime::now);
-                index.packs.insert(*id, PackInfo { data_bytes, mtime });
+                index.add_pack(*id, entries, mtime.unwrap_or_else(SystemTime::now));
                 for e in entries {
                     if let Some(l) = index.chunks.get_mut(&e.hash)
                         && old.contains(&l.pack)
